@@ -1,0 +1,290 @@
+"""The privacy engine: one private step = plan, budget check, clipped sums, noisy release.
+
+Step flow (``PrivacyEngine.step``)::
+
+    plan = policy.plan(public context)           # clip C_g and noise s_g per group
+    event = policy.event(plan)                   # what the accountant will be charged
+    budget filter: refuse before anything runs if ledger + event would exceed (eps, delta)
+    for each physical chunk of the logical Poisson batch:
+        forward, backward of sum_b loss_b         # hooks record layer inputs and output grads
+        clip per sample and group, add to sums    # ghost norms or materialized per rule
+    update = policy.release(sums, plan, noise)   # e.g. (sum + N(0, s_g^2)) / E[B]
+    ledger.record(event)                          # charged before the update exists anywhere
+    optimizer.step(update)
+
+Normalization is by the expected batch size ``E[B] = q N`` (public), never the realized one.
+An empty Poisson batch still takes a (pure-noise) step and is charged.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from accountants import Budget, BudgetExceeded, BudgetFilter, Event, Ledger, get_accountant
+
+from .batching import batch_len, batch_slice
+from .clipping import clip_and_sum
+from .grad_sample import GradCapture
+from .groups import group_parameters
+from .losses import LossFn, causal_lm_loss
+from .noise import GaussianNoise
+from .policies import Policy, StepContext, StepPlan, StepSums
+
+
+@dataclass
+class StepReport:
+    """What a step did.  ``loss`` and ``batch_size`` are statistics of private data: show them to
+    the data owner, do not publish them (the DP guarantee covers the model and the ledger)."""
+
+    step: int
+    batch_size: int
+    loss: float
+    noise_multiplier: float
+    clip: dict[str, float]
+    update_norm: float
+    nonfinite: int
+    seconds: float
+    event: Event
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class PrivacyEngine:
+    """Private training of ``model`` with ``optimizer`` under a clipping and noise ``policy``.
+
+    ``sample_rate`` and ``dataset_size`` must describe the Poisson sampling that produces the
+    batches passed to :meth:`step` (see :class:`dptrain.PoissonSampler`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        policy: Policy,
+        sample_rate: float,
+        dataset_size: int,
+        loss_fn: LossFn = causal_lm_loss,
+        grouping: str = "flat",
+        accountant: str = "rdp",
+        budget: Budget | None = None,
+        ledger: Ledger | None = None,
+        max_physical_batch_size: int | None = None,
+        noise: GaussianNoise | None = None,
+        ghost: bool = True,
+    ) -> None:
+        if dataset_size <= 0:
+            raise ValueError(
+                "dataset_size must be positive: the sample rate is undefined for an empty dataset"
+            )
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if max_physical_batch_size is not None and max_physical_batch_size < 1:
+            raise ValueError("max_physical_batch_size must be >= 1")
+        self.model = model
+        self.optimizer = optimizer
+        self.policy = policy
+        self.sample_rate = sample_rate
+        self.dataset_size = dataset_size
+        self.expected_batch_size = sample_rate * dataset_size
+        self.loss_fn = loss_fn
+        self.max_physical_batch_size = max_physical_batch_size
+        self.noise = noise or GaussianNoise(0)
+        self.ghost = ghost
+
+        names = group_parameters(model, grouping)
+        by_name = dict(model.named_parameters())
+        self.grouping = grouping
+        self.groups = {g: [by_name[n] for n in ns] for g, ns in names.items()}
+        self.group_of = {p: g for g, ps in self.groups.items() for p in ps}
+        self.params = [p for ps in self.groups.values() for p in ps]
+        _check_optimizer(optimizer, self.params)
+
+        self.capture = GradCapture(model)
+        self.capture.attach()
+        policy.bind(
+            list(self.groups), sample_rate=sample_rate, expected_batch_size=self.expected_batch_size
+        )
+
+        self.accountant = get_accountant(accountant)
+        if policy.adaptive and not self.accountant.adaptive_valid:
+            raise ValueError(
+                f"policy '{policy.name}' chooses noise from data, so its budget must be guarded by an "
+                f"accountant valid under adaptive composition; '{accountant}' is not. Use accountant: rdp"
+            )
+        self.budget = budget
+        self.filter = BudgetFilter(budget, self.accountant) if budget is not None else None
+        self.ledger = ledger if ledger is not None else Ledger()
+        self.steps_taken = self.ledger.total_steps
+        self.last_update_norms: dict[str, float] | None = None
+        self._eps_cache: tuple[int, float] | None = None
+
+    # -- planning and budget -------------------------------------------------------------
+
+    def context(self) -> StepContext:
+        return StepContext(
+            step=self.steps_taken,
+            sample_rate=self.sample_rate,
+            expected_batch_size=self.expected_batch_size,
+            epsilon_spent=self.epsilon() if self.budget else math.nan,
+            budget_epsilon=self.budget.epsilon if self.budget else None,
+            delta=self.budget.delta if self.budget else None,
+            last_update_norms=self.last_update_norms,
+        )
+
+    def next_plan(self) -> tuple[StepPlan, Event]:
+        plan = self.policy.plan(self.context())
+        return plan, self.policy.event(plan)
+
+    def epsilon(self, delta: float | None = None) -> float:
+        """Epsilon spent so far at ``delta`` (default: the budget's), by this engine's accountant."""
+        if delta is None:
+            if self.budget is None:
+                raise ValueError("no budget set: pass delta explicitly")
+            delta = self.budget.delta
+        key = (self.ledger.total_steps, delta)
+        if self._eps_cache is None or self._eps_cache[0] != key:
+            eps = self.accountant.epsilon(self.ledger.events, delta) if self.ledger.events else 0.0
+            self._eps_cache = (key, eps)
+        return self._eps_cache[1]
+
+    def remaining_steps(self) -> int | None:
+        """How many steps of the next plan still fit the budget (None without a budget)."""
+        if self.filter is None:
+            return None
+        _, event = self.next_plan()
+        return self.filter.max_steps(self.ledger, event)
+
+    # -- the step ------------------------------------------------------------------------
+
+    def _chunks(self, batch: Any, n: int) -> Iterator[Any]:
+        size = self.max_physical_batch_size or max(n, 1)
+        for start in range(0, n, size):
+            yield batch_slice(batch, start, min(start + size, n))
+
+    def step(self, batch: Any) -> StepReport:
+        """One private step on a logical (Poisson) batch; raises BudgetExceeded before touching
+        data if the step would exceed the budget."""
+        t0 = time.perf_counter()
+        plan, event = self.next_plan()
+        if self.filter is not None and not self.filter.allows(self.ledger, event):
+            raise BudgetExceeded(
+                f"the next step (q={event.sample_rate:.4g}, sigma={event.noise_multiplier:.4g}) would "
+                f"exceed the budget epsilon={self.budget.epsilon} at delta={self.budget.delta} "
+                f"(spent {self.epsilon():.4f} after {self.ledger.total_steps} steps). Fix: raise the "
+                "budget in a new run, or stop here: the model so far is covered by the ledger."
+            )
+        n = batch_len(batch) if batch is not None else 0
+        clipped: dict[nn.Parameter, Tensor] = {}
+        loss_sum, nonfinite = 0.0, 0
+        self.optimizer.zero_grad(set_to_none=True)
+        if n > 0:
+            self.capture.active = True
+            try:
+                for chunk in self._chunks(batch, n):
+                    losses = self.loss_fn(self.model, chunk)
+                    if losses.dim() != 1 or losses.shape[0] != batch_len(chunk):
+                        raise ValueError(
+                            f"loss_fn must return one loss per sample, shape ({batch_len(chunk)},); "
+                            f"got {tuple(losses.shape)}. Use reduction='none'."
+                        )
+                    losses.sum().backward()
+                    result = clip_and_sum(
+                        self.capture,
+                        self.capture.take(),
+                        self.group_of,
+                        plan.clip,
+                        ghost=self.ghost,
+                    )
+                    for p, s in result.sums.items():
+                        clipped[p] = clipped[p] + s if p in clipped else s
+                    nonfinite += result.nonfinite
+                    finite = torch.isfinite(losses.detach())
+                    loss_sum += float(losses.detach()[finite].sum())
+                    if not self.policy.needs_raw_sums:
+                        self.optimizer.zero_grad(set_to_none=True)
+            finally:
+                self.capture.active = False
+                self.capture.uses.clear()
+        for p in self.params:
+            if p not in clipped:
+                clipped[p] = torch.zeros_like(p)
+        raw = None
+        if self.policy.needs_raw_sums:
+            raw = {
+                p: torch.nan_to_num(p.grad, 0.0, 0.0, 0.0)
+                if p.grad is not None
+                else torch.zeros_like(p)
+                for p in self.params
+            }
+        sums = StepSums(
+            clipped=clipped,
+            raw=raw,
+            group_of=self.group_of,
+            expected_batch_size=self.expected_batch_size,
+        )
+        update = self.policy.release(sums, plan, self.noise)
+        self.ledger.record(event)  # charged before the noisy update reaches the model
+        for p in self.params:
+            p.grad = update[p].to(p.dtype)
+        self.optimizer.step()
+        norms = {
+            g: float(torch.sqrt(sum(update[p].pow(2).sum() for p in ps)))
+            for g, ps in self.groups.items()
+        }
+        self.optimizer.zero_grad(set_to_none=True)
+        self.last_update_norms = norms
+        self.steps_taken += 1
+        report = StepReport(
+            step=self.steps_taken,
+            batch_size=n,
+            loss=loss_sum / max(n - nonfinite, 1) if n else math.nan,
+            noise_multiplier=plan.noise_multiplier,
+            clip=dict(plan.clip),
+            update_norm=math.sqrt(sum(v**2 for v in norms.values())),
+            nonfinite=nonfinite,
+            seconds=time.perf_counter() - t0,
+            event=event,
+        )
+        self.policy.observe({"step": report.step, "update_norms": norms, "plan": plan})
+        return report
+
+    # -- state ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Privacy state for checkpoints (model and optimizer are saved by the caller)."""
+        return {
+            "ledger": self.ledger.to_dict(),
+            "policy": self.policy.state_dict(),
+            "noise": self.noise.state_dict(),
+            "steps_taken": self.steps_taken,
+            "last_update_norms": self.last_update_norms,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ledger = Ledger.from_dict(state["ledger"])
+        self.policy.load_state_dict(state["policy"])
+        self.noise.load_state_dict(state["noise"])
+        self.steps_taken = state["steps_taken"]
+        self.last_update_norms = state.get("last_update_norms")
+        self._eps_cache = None
+
+    def detach(self) -> None:
+        """Remove the hooks; the model is an ordinary module again."""
+        self.capture.detach()
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+    in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    missing = [p for p in params if id(p) not in in_opt]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} trainable parameters are not in the optimizer: pass "
+            "[p for p in model.parameters() if p.requires_grad] to it, or freeze them"
+        )

@@ -1,0 +1,37 @@
+"""Clipping and noise policies behind one interface, looked up by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .base import NoiseFn, Policy, StepContext, StepPlan, StepSums
+from .static import StaticPolicy
+
+POLICIES: dict[str, Callable[..., Policy]] = {}
+
+
+def register_policy(name: str, factory: Callable[..., Policy]) -> None:
+    """Make ``factory(**options)`` available as ``policy: <name>`` in recipes and the API."""
+    POLICIES[name] = factory
+
+
+def make_policy(name: str, **options: Any) -> Policy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy '{name}': choose one of {', '.join(sorted(POLICIES))}")
+    return POLICIES[name](**options)
+
+
+register_policy("static", StaticPolicy)
+
+__all__ = [
+    "POLICIES",
+    "NoiseFn",
+    "Policy",
+    "StaticPolicy",
+    "StepContext",
+    "StepPlan",
+    "StepSums",
+    "make_policy",
+    "register_policy",
+]

@@ -1,0 +1,119 @@
+"""The policy interface: how a step is clipped, noised and accounted.
+
+A policy is consulted twice per step:
+
+1. ``plan(context)`` before any private data is touched, returning a :class:`StepPlan`
+   (clip threshold ``C_g`` and Gaussian noise std ``s_g`` per parameter group).  Its
+   ``event`` is what the accountant is charged; the budget filter sees it before the step.
+2. ``release(sums, plan, noise)`` turns the clipped sums into the gradient handed to the
+   optimizer.  This is the only place private data meets the policy.
+
+Privacy contract of a plan: adding or removing one sample changes group ``g``'s clipped sum
+by at most ``C_g`` in L2; adding ``N(0, s_g^2 I)`` to each group is one Gaussian mechanism
+with noise multiplier ``sigma_eff = 1 / sqrt(sum_g (C_g / s_g)^2)``, Poisson-subsampled at
+the engine's sample rate.  Policies whose analysis differs (hidden state, adaptivity)
+override :meth:`Policy.event`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from accountants import Event
+
+NoiseFn = Callable[[Tensor, float], Tensor]  # (like, std) -> N(0, std^2) shaped like `like`
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Per-group clip thresholds ``C_g`` and noise standard deviations ``s_g`` (sum units)."""
+
+    clip: dict[str, float]
+    noise_std: dict[str, float]
+
+    @property
+    def noise_multiplier(self) -> float:
+        """``sigma_eff = 1 / sqrt(sum_g (C_g / s_g)^2)``; 0 if some group is noiseless."""
+        total = 0.0
+        for g, c in self.clip.items():
+            s = self.noise_std[g]
+            if s <= 0:
+                return 0.0 if c > 0 else math.inf
+            if math.isinf(c):
+                return 0.0
+            total += (c / s) ** 2
+        return math.inf if total == 0 else 1.0 / math.sqrt(total)
+
+
+@dataclass
+class StepContext:
+    """What a policy may look at when planning: public or already released quantities only."""
+
+    step: int
+    sample_rate: float
+    expected_batch_size: float
+    epsilon_spent: float
+    budget_epsilon: float | None
+    delta: float | None
+    last_update_norms: dict[str, float] | None = None  # per group, of the released update
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepSums:
+    """The private inputs of a release: clipped sums, and raw sums when a policy asks."""
+
+    clipped: dict[nn.Parameter, Tensor]
+    raw: dict[nn.Parameter, Tensor] | None
+    group_of: dict[nn.Parameter, str]
+    expected_batch_size: float
+
+
+class Policy(ABC):
+    """Base class of clipping and noise policies (see the module docstring)."""
+
+    name: str = "policy"
+    needs_raw_sums: bool = False  # whether release() reads unclipped gradient sums
+    adaptive: bool = False  # whether plans depend on data (then only adaptive-valid accountants may guard the budget)
+
+    def bind(
+        self, groups: Sequence[str], *, sample_rate: float, expected_batch_size: float
+    ) -> None:
+        """Called once by the engine with the group names and the public sampling constants."""
+        self.groups = list(groups)
+        self.sample_rate = sample_rate
+        self.expected_batch_size = expected_batch_size
+
+    @abstractmethod
+    def plan(self, context: StepContext) -> StepPlan: ...
+
+    def event(self, plan: StepPlan) -> Event:
+        """The accountant event charged for a step taken under ``plan``."""
+        return Event(sample_rate=self.sample_rate, noise_multiplier=plan.noise_multiplier)
+
+    def release(self, sums: StepSums, plan: StepPlan, noise: NoiseFn) -> dict[nn.Parameter, Tensor]:
+        """DP-SGD: ``(sum_b clip(g_b) + N(0, s_g^2 I)) / E[B]`` per parameter."""
+        out = {}
+        for p, s in sums.clipped.items():
+            std = plan.noise_std[sums.group_of[p]]
+            out[p] = (s + noise(s, std)) / sums.expected_batch_size
+        return out
+
+    def observe(self, report: dict[str, Any]) -> None:
+        """Called after each step with released quantities (metrics of the noisy update)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able summary for run metadata."""
+        return {"name": self.name}

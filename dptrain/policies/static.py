@@ -1,0 +1,72 @@
+"""Static DP-SGD (Abadi et al. 2016): fixed clipping and fixed noise.
+
+With ``G`` groups and total threshold ``C``, each group is clipped at ``C_g = C / sqrt(G)``
+(flat clipping is ``G = 1``), so a sample moves the concatenated clipped sum by at most ``C``.
+Every group receives noise of std ``sigma * C``: one Gaussian mechanism with noise multiplier
+``sigma`` (``sum_g (C_g / (sigma C))^2 = 1 / sigma^2``).  Accountant event per step:
+Poisson-subsampled Gaussian ``(q, sigma)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from .base import Policy, StepContext, StepPlan
+
+
+class StaticPolicy(Policy):
+    """Fixed clip ``C`` (split evenly over groups) and fixed noise multiplier ``sigma``."""
+
+    name = "static"
+
+    def __init__(
+        self,
+        clip: float = 1.0,
+        noise_multiplier: float = 1.0,
+        group_clip: dict[str, float] | None = None,
+    ) -> None:
+        if not clip > 0:
+            raise ValueError(f"clip must be > 0, got {clip}")
+        if noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        self.clip = float(clip)
+        self.noise_multiplier = float(noise_multiplier)
+        self.group_clip = dict(group_clip or {})
+
+    def bind(
+        self, groups: Sequence[str], *, sample_rate: float, expected_batch_size: float
+    ) -> None:
+        super().bind(groups, sample_rate=sample_rate, expected_batch_size=expected_batch_size)
+        unknown = set(self.group_clip) - set(self.groups)
+        if unknown:
+            raise ValueError(
+                f"group_clip names unknown groups {sorted(unknown)}; the groups are {self.groups}"
+            )
+        if self.group_clip:
+            missing = [g for g in self.groups if g not in self.group_clip]
+            rest = self.clip**2 - sum(c**2 for c in self.group_clip.values())
+            if missing and rest <= 0:
+                raise ValueError(
+                    "group_clip uses up the whole clip norm; raise clip or list every group"
+                )
+            each = math.sqrt(rest / len(missing)) if missing else 0.0
+            self._clip = {g: self.group_clip.get(g, each) for g in self.groups}
+            self.clip = math.sqrt(sum(c**2 for c in self._clip.values()))
+        else:
+            each = self.clip / math.sqrt(len(self.groups))
+            self._clip = dict.fromkeys(self.groups, each)
+        std = self.noise_multiplier * self.clip
+        self._plan = StepPlan(clip=self._clip, noise_std=dict.fromkeys(self.groups, std))
+
+    def plan(self, context: StepContext) -> StepPlan:
+        return self._plan
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "clip": self.clip,
+            "noise_multiplier": self.noise_multiplier,
+            "group_clip": self._clip if len(self._clip) > 1 else None,
+        }

@@ -1,0 +1,85 @@
+"""Shared test utilities: tiny models and the explicit per-example reference loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dptrain.batching import batch_len, batch_slice
+
+
+def loop_per_sample_grads(
+    model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], batch: Any
+) -> dict[nn.Parameter, Tensor]:
+    """The reference: one backward per example, gradients stacked."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows: list[list[Tensor]] = []
+    for b in range(batch_len(batch)):
+        for p in params:
+            p.grad = None
+        loss = loss_fn(model, batch_slice(batch, b, b + 1)).sum()
+        loss.backward()
+        rows.append(
+            [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        )
+    for p in params:
+        p.grad = None
+    return {p: torch.stack([r[i] for r in rows]) for i, p in enumerate(params)}
+
+
+def assert_close_rel(actual: Tensor, expected: Tensor, rtol: float = 1e-5, what: str = "") -> None:
+    """|actual - expected| <= rtol * max|expected| (+ a tiny absolute floor)."""
+    scale = expected.abs().max().item()
+    err = (actual - expected).abs().max().item()
+    assert err <= rtol * scale + 1e-12, f"{what}: max error {err:.3e} vs scale {scale:.3e}"
+
+
+def tiny_gpt2(vocab: int = 61, layers: int = 2, width: int = 16, seed: int = 0) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_positions=32,
+        n_embd=width,
+        n_layer=layers,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(cfg).double().eval()
+
+
+def tiny_llama(vocab: int = 61, layers: int = 2, width: int = 16, seed: int = 0) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg).double().eval()
+
+
+def lm_batch(
+    vocab: int, batch: int, length: int, seed: int = 0, ragged: bool = True
+) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if ragged and length > 2:
+        for b in range(batch):
+            k = int(torch.randint(2, length + 1, (1,), generator=g))
+            mask[b, k:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,184 @@
+"""Every per-sample rule against the explicit per-example loop (hypothesis over shapes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from dptrain.clipping import per_sample_grads
+from dptrain.grad_sample import FuncRule, GradCapture, UnsupportedLayerError
+
+from .helpers import assert_close_rel, loop_per_sample_grads
+
+torch.set_default_dtype(torch.float64)
+
+
+def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, r = batch
+    out = model(x)
+    dims = tuple(range(1, out.dim()))
+    return (out * r).sum(dims) + 0.1 * out.pow(2).sum(dims)
+
+
+def check_module(module: nn.Module, x: torch.Tensor, seed: int = 0) -> None:
+    module = module.double()
+    if torch.is_floating_point(x):
+        x = x.double()
+    with torch.no_grad():
+        out_shape = module(x).shape
+    r = torch.randn(out_shape, generator=torch.Generator().manual_seed(seed))
+    batch = (x, r)
+    cap = GradCapture(module)
+    cap.attach()
+    cap.active = True
+    cap.batch_size = x.shape[0]
+    _loss(module, batch).sum().backward()
+    uses = cap.take()
+    cap.active = False
+    got = per_sample_grads(cap, uses)
+    ref = loop_per_sample_grads(module, _loss, batch)
+    assert set(got) == set(ref), "a trainable parameter is missing"
+    for p, expected in ref.items():
+        assert_close_rel(got[p], expected, what=f"per-sample grad {tuple(p.shape)}")
+    # ghost norms and weighted sums agree with the (already checked) materialized ones, per use
+    coef = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(seed + 1))
+    for use in uses:
+        rule = cap.rule(use.module)
+        mat = rule.per_sample(use)
+        for local, n2 in rule.norm_sq(use).items():
+            assert_close_rel(n2, mat[local].flatten(1).pow(2).sum(1), what=f"norm {local}")
+        for local, s in rule.weighted_sum(use, dict.fromkeys(mat, coef)).items():
+            assert_close_rel(s, torch.einsum("b,b...->...", coef, mat[local]), what=f"sum {local}")
+    cap.detach()
+
+
+shapes = st.tuples(
+    st.integers(1, 4),  # batch, including 1
+    st.integers(1, 5),  # sequence length
+    st.integers(1, 6),  # d_in
+    st.integers(1, 6),  # d_out
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shapes, st.booleans(), st.booleans())
+def test_linear(shape, bias, seq):
+    b, t, d_in, d_out = shape
+    x = torch.randn(b, t, d_in) if seq else torch.randn(b, d_in)
+    check_module(nn.Linear(d_in, d_out, bias=bias), x)
+
+
+def test_linear_extra_axes():
+    check_module(nn.Linear(3, 2), torch.randn(2, 3, 4, 3))
+
+
+@settings(max_examples=20, deadline=None)
+@given(shapes, st.sampled_from([None, 0]))
+def test_embedding(shape, padding_idx):
+    b, t, vocab, d = shape
+    vocab += 1
+    ids = torch.randint(0, vocab, (b, t))
+    check_module(nn.Embedding(vocab, d, padding_idx=padding_idx), ids)
+
+
+@settings(max_examples=20, deadline=None)
+@given(shapes, st.booleans())
+def test_layernorm(shape, affine_bias):
+    b, t, d, _ = shape
+    ln = nn.LayerNorm(d, bias=affine_bias)
+    with torch.no_grad():
+        ln.weight.normal_()
+    check_module(ln, torch.randn(b, t, d))
+
+
+def test_layernorm_2d_shape():
+    check_module(nn.LayerNorm((3, 4)), torch.randn(2, 5, 3, 4))
+
+
+@settings(max_examples=15, deadline=None)
+@given(shapes)
+def test_rmsnorm(shape):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    b, t, d, _ = shape
+    for norm in (nn.RMSNorm(d), LlamaRMSNorm(d)):
+        with torch.no_grad():
+            norm.weight.normal_()
+        check_module(norm, torch.randn(b, t, d))
+
+
+@settings(max_examples=15, deadline=None)
+@given(shapes)
+def test_hf_conv1d(shape):
+    from transformers.pytorch_utils import Conv1D
+
+    b, t, d_in, d_out = shape
+    check_module(Conv1D(d_out, d_in), torch.randn(b, t, d_in))
+
+
+def test_groupnorm():
+    check_module(nn.GroupNorm(2, 4), torch.randn(3, 4, 5))
+
+
+@settings(max_examples=10, deadline=None)
+@given(shapes)
+def test_lora_linear(shape):
+    from peft import LoraConfig, get_peft_model
+
+    b, t, d_in, d_out = shape
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(d_in, d_out), nn.Tanh(), nn.Linear(d_out, 3))
+    model = get_peft_model(
+        base, LoraConfig(r=2, target_modules=["0", "2"], lora_dropout=0.0, init_lora_weights=False)
+    )
+    check_module(model, torch.randn(b, t, d_in))
+
+
+class Scaled(nn.Module):
+    """A layer no rule knows: elementwise scale and shift with a nonlinearity."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(d))
+        self.shift = nn.Parameter(torch.randn(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x * self.scale) + self.shift
+
+
+def test_fallback_custom_layer():
+    model = nn.Sequential(nn.Linear(3, 4), Scaled(4))
+    cap = GradCapture(model)
+    assert cap.fallback_layers == ["1"]
+    assert isinstance(cap.rule(model[1]), FuncRule)
+    check_module(model, torch.randn(3, 2, 3))
+
+
+def test_fallback_conv2d():
+    check_module(nn.Conv2d(2, 3, 3), torch.randn(2, 2, 5, 5))
+
+
+def test_layer_called_twice_and_shared_weights():
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.Tanh(), lin)  # same parameters used twice
+    check_module(model, torch.randn(3, 2, 4))
+
+
+def test_batchnorm_is_refused_with_fix():
+    with pytest.raises(UnsupportedLayerError, match="GroupNorm"):
+        GradCapture(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
+
+
+def test_unknown_layer_without_fallback_names_layer():
+    with pytest.raises(UnsupportedLayerError, match=r"'1' \(Scaled\)"):
+        GradCapture(nn.Sequential(nn.Linear(3, 4), Scaled(4)), fallback=False)
+
+
+def test_frozen_layers_are_not_hooked():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    cap = GradCapture(model)
+    assert [n for n, _, _ in cap.layers] == ["1"]
