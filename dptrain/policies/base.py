@@ -107,6 +107,7 @@ class Policy(ABC):
 
     def observe(self, report: dict[str, Any]) -> None:
         """Called after each step with released quantities (metrics of the noisy update)."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {}
