@@ -93,6 +93,21 @@ class Policy(ABC):
     @abstractmethod
     def plan(self, context: StepContext) -> StepPlan: ...
 
+    def calibrate(
+        self, target_epsilon: float, delta: float, steps: int, sample_rate: float, accountant: str
+    ) -> float:
+        """Set and return the smallest noise multiplier meeting (target_epsilon, delta) over
+        ``steps`` steps; the default assumes one Poisson-subsampled Gaussian event per step."""
+        from accountants import calibrate_noise
+
+        self.noise_multiplier = calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant)
+        return self.noise_multiplier
+
+    def planned_event(self, sample_rate: float) -> Event | None:
+        """The per-step event when it is fixed in advance (lets a run check its budget before
+        loading the model); None for policies that plan adaptively."""
+        return None
+
     def event(self, plan: StepPlan) -> Event:
         """The accountant event charged for a step taken under ``plan``."""
         return Event(sample_rate=self.sample_rate, noise_multiplier=plan.noise_multiplier)

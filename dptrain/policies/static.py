@@ -13,6 +13,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from accountants import Event
+
 from .base import Policy, StepContext, StepPlan
 
 
@@ -24,15 +26,15 @@ class StaticPolicy(Policy):
     def __init__(
         self,
         clip: float = 1.0,
-        noise_multiplier: float = 1.0,
+        noise_multiplier: float | None = None,
         group_clip: dict[str, float] | None = None,
     ) -> None:
         if not clip > 0:
             raise ValueError(f"clip must be > 0, got {clip}")
-        if noise_multiplier < 0:
+        if noise_multiplier is not None and noise_multiplier < 0:
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
         self.clip = float(clip)
-        self.noise_multiplier = float(noise_multiplier)
+        self.noise_multiplier = noise_multiplier  # None until calibrated
         self.group_clip = dict(group_clip or {})
 
     def bind(
@@ -57,8 +59,13 @@ class StaticPolicy(Policy):
         else:
             each = self.clip / math.sqrt(len(self.groups))
             self._clip = dict.fromkeys(self.groups, each)
+        if self.noise_multiplier is None:
+            raise ValueError("set noise_multiplier, or call calibrate() with a target epsilon, before binding")
         std = self.noise_multiplier * self.clip
         self._plan = StepPlan(clip=self._clip, noise_std=dict.fromkeys(self.groups, std))
+
+    def planned_event(self, sample_rate: float) -> Event:
+        return Event(sample_rate=sample_rate, noise_multiplier=self.noise_multiplier)
 
     def plan(self, context: StepContext) -> StepPlan:
         return self._plan

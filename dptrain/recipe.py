@@ -1,0 +1,274 @@
+"""Recipes: one YAML file describes a whole run, validated by a typed schema.
+
+Errors name the key and the fix.  Checks that need the dataset size (``delta < 1/N``) run
+right after the data is read, still before any model is loaded (:func:`check_against_data`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .groups import GROUPINGS
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the key and the fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    name: str = Field(description="smollm2-135m, tiny-gpt2, tiny-llama, or a local Hugging Face model directory")
+    dtype: Literal["float32", "float64", "bfloat16"] = "float32"
+
+
+class LoraSection(Section):
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+
+class DataSection(Section):
+    path: str = Field(description="bundled:clinic_notes, or a .jsonl / .csv / .txt file")
+    format: Literal["jsonl", "csv", "txt"] | None = None
+    text_field: str = "text"
+    max_length: int = Field(128, ge=2)
+    validation_fraction: float = Field(0.05, gt=0, lt=1)
+    validation_path: str | None = None
+    max_records: int | None = Field(None, ge=1)
+    max_validation_records: int | None = Field(256, ge=1)
+
+
+class TrainingSection(Section):
+    steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    batch_size: float | None = Field(None, gt=0, description="expected logical (Poisson) batch size")
+    sample_rate: float | None = Field(None, gt=0, le=1)
+    physical_batch_size: int = Field(8, ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    eval_every: int = Field(0, ge=0)
+    checkpoint_every: int = Field(25, ge=1)
+    log_every: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> TrainingSection:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of training.steps and training.epochs")
+        if (self.batch_size is None) == (self.sample_rate is None):
+            raise ValueError("set exactly one of training.batch_size and training.sample_rate")
+        return self
+
+
+class PolicySection(Section):
+    """``name`` picks the policy; the remaining keys are that policy's options."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    name: str = "static"
+    grouping: str = "flat"
+    clip: float = Field(1.0, gt=0)
+    noise_multiplier: float | None = Field(None, ge=0)
+
+    @field_validator("grouping")
+    @classmethod
+    def _grouping(cls, v: str) -> str:
+        if v not in GROUPINGS:
+            raise ValueError(f"choose one of {', '.join(GROUPINGS)}")
+        return v
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class PrivacySection(Section):
+    epsilon: float = Field(8.0, gt=0, description="the budget; also the calibration target")
+    delta: float | None = Field(None, gt=0, lt=1, description="default: 1 / (10 N)")
+    accountant: Literal["rdp", "prv", "pld"] = "rdp"
+    secure_noise: bool = False
+
+
+class Recipe(Section):
+    name: str = "run"
+    seed: int = 0
+    output_dir: str | None = None
+    model: ModelSection
+    lora: LoraSection | None = None
+    data: DataSection
+    training: TrainingSection
+    policy: PolicySection = Field(default_factory=PolicySection)
+    privacy: PrivacySection = Field(default_factory=PrivacySection)
+    audit: dict[str, Any] | None = None
+
+    def run_dir(self, override: str | Path | None = None) -> Path:
+        return Path(override or self.output_dir or Path("runs") / self.name)
+
+    def fingerprint(self, ignore: tuple[str, ...] = RESUMABLE_KEYS) -> str:
+        """Hash of everything that must match for a resume."""
+        d = self.model_dump(mode="json")
+        for dotted in ignore:
+            section, key = dotted.split(".")
+            d.get(section, {}).pop(key, None)
+        d.pop("output_dir", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Keys a resumed run may change without becoming a different run.
+RESUMABLE_KEYS = ("training.steps", "training.epochs", "training.checkpoint_every", "training.log_every", "training.eval_every")
+
+POLICY_SCHEMAS: dict[str, type[BaseModel]] = {}
+
+
+def register_policy_schema(name: str, schema: type[BaseModel]) -> None:
+    """Options a policy accepts in ``policy:`` beyond name, grouping, clip and noise_multiplier."""
+    POLICY_SCHEMAS[name] = schema
+
+
+def _known_keys(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _friendly(err: ValidationError, source: str) -> RecipeError:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            parent = _section_model(e["loc"][:-1])
+            key = str(e["loc"][-1])
+            close = difflib.get_close_matches(key, _known_keys(parent), n=1) if parent else []
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            known = ", ".join(_known_keys(parent)) if parent else ""
+            lines.append(f"{loc}: unknown key.{hint} Known keys here: {known}")
+        elif kind == "missing":
+            lines.append(f"{loc}: required key is missing")
+        else:
+            got = e.get("input")
+            got_s = f" (got {got!r})" if not isinstance(got, dict) else ""
+            lines.append(f"{loc}: {e['msg']}{got_s}")
+    return RecipeError(f"invalid recipe {source}:\n  " + "\n  ".join(lines))
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    model: Any = Recipe
+    for part in loc:
+        field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", None)
+        if args:
+            ann = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), ann)
+        model = ann
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def parse_recipe(data: dict[str, Any], source: str = "<dict>") -> Recipe:
+    """Validate a recipe dict (including the chosen policy's options)."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"invalid recipe {source}: the top level must be a mapping of sections")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        raise _friendly(err, source) from None
+    _check_policy(recipe, source)
+    return recipe
+
+
+def _check_policy(recipe: Recipe, source: str) -> None:
+    from .policies import POLICIES
+
+    name = recipe.policy.name
+    if name not in POLICIES:
+        close = difflib.get_close_matches(name, list(POLICIES), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise RecipeError(f"invalid recipe {source}:\n  policy.name: unknown policy '{name}'.{hint} Known: {', '.join(sorted(POLICIES))}")
+    schema = POLICY_SCHEMAS.get(name)
+    extra = recipe.policy.options
+    if schema is None:
+        if extra:
+            raise RecipeError(
+                f"invalid recipe {source}:\n  policy.{next(iter(extra))}: unknown key for policy "
+                f"'{name}'. Known keys: name, grouping, clip, noise_multiplier"
+            )
+        return
+    try:
+        schema.model_validate(extra)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            loc = "policy." + ".".join(str(x) for x in e["loc"])
+            if e["type"] == "extra_forbidden":
+                known = ", ".join(["name", "grouping", "clip", "noise_multiplier", *schema.model_fields])
+                lines.append(f"{loc}: unknown key for policy '{name}'. Known keys: {known}")
+            else:
+                lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+        raise RecipeError(f"invalid recipe {source}:\n  " + "\n  ".join(lines)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe; ``overrides`` are ``section.key=value`` strings (YAML values)."""
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise RecipeError(f"override '{item}' must look like section.key=value")
+        dotted, value = item.split("=", 1)
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return parse_recipe(data, str(path))
+
+
+def default_delta(n: int) -> float:
+    """``1 / (10 N)``, well below the ``1 / N`` at which (eps, delta)-DP stops protecting anyone."""
+    return 1.0 / (10.0 * n)
+
+
+def check_against_data(recipe: Recipe, n: int) -> tuple[float, float, int]:
+    """Resolve (sample_rate, delta, steps) for a training set of ``n`` records, or raise."""
+    t = recipe.training
+    if n < 2:
+        raise RecipeError(
+            f"data.path: the training set has {n} record(s); DP training needs a dataset "
+            "(the sample rate is undefined otherwise). Fix: point data.path at more records."
+        )
+    q = t.sample_rate if t.sample_rate is not None else t.batch_size / n
+    if q > 1:
+        raise RecipeError(
+            f"training.batch_size: {t.batch_size} exceeds the {n} training records (sample rate "
+            f"{q:.3g} > 1). Fix: lower training.batch_size below {n}."
+        )
+    delta = recipe.privacy.delta if recipe.privacy.delta is not None else default_delta(n)
+    if delta >= 1.0 / n:
+        raise RecipeError(
+            f"privacy.delta: {delta:g} is not below 1/N = {1.0 / n:g} (N = {n} records); such a "
+            f"delta allows publishing a whole record. Fix: set privacy.delta below {1.0 / n:.2g}, "
+            f"e.g. {default_delta(n):.2g}."
+        )
+    steps = t.steps if t.steps is not None else max(1, math.ceil(t.epochs / q))
+    return q, delta, steps
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

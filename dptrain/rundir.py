@@ -1,0 +1,182 @@
+"""The run directory: resolved recipe, metadata, metrics, ledger, checkpoints, final model.
+
+Layout::
+
+    recipe.yaml          the resolved recipe (calibrated noise, sample rate, delta filled in)
+    run.json             metadata: privacy parameters, accountant, noise generator, status
+    metrics.jsonl        one JSON object per logged step (private statistics: do not publish)
+    ledger.json          the privacy ledger, written before any model state that it covers
+    checkpoints/step-00000100.pt   model/adapter, optimizer, sampler, engine (ledger, policy, noise)
+    final/               adapter (peft) or model, loadable with transformers / peft
+
+Every file is written atomically: to a temporary name in the same directory, flushed and
+fsynced, then renamed over the target, so a crash leaves the old file or the new, never half.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FORMAT = "dptrain-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or run directory that cannot be used; the message names the file and the fix."""
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], *, binary: bool = False) -> None:
+    """Write through ``write(file)`` to a temp file beside ``path``, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True, default=str))
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); it may be corrupted") from None
+
+
+class RunDir:
+    """Paths and atomic writers of one run directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    recipe = property(lambda self: self.path / "recipe.yaml")
+    meta = property(lambda self: self.path / "run.json")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    ledger = property(lambda self: self.path / "ledger.json")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    final = property(lambda self: self.path / "final")
+
+    def exists(self) -> bool:
+        return self.meta.exists()
+
+    def read_meta(self) -> dict[str, Any]:
+        return read_json(self.meta)
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        write_json(self.meta, meta)
+
+    def update_meta(self, **changes: Any) -> dict[str, Any]:
+        meta = self.read_meta() if self.meta.exists() else {}
+        meta.update(changes)
+        self.write_meta(meta)
+        return meta
+
+    # -- metrics ---------------------------------------------------------------------------
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+            f.flush()
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop records of steps beyond ``after_step`` (replayed after a resume)."""
+        if not self.metrics.exists():
+            return
+        keep = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if rec.get("step", 0) <= after_step:
+                keep.append(line)
+        atomic_write(self.metrics, lambda f: f.write("".join(x + "\n" for x in keep)))
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics.exists():
+            return []
+        out = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def checkpoint_files(self) -> list[Path]:
+        if not self.checkpoints.exists():
+            return []
+        return sorted(self.checkpoints.glob("step-*.pt"))
+
+    def save_checkpoint(self, step: int, state: dict[str, Any], *, keep: int = 2) -> Path:
+        state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step, **state}
+        path = self.checkpoints / f"step-{step:08d}.pt"
+        atomic_write(path, lambda f: torch.save(state, f), binary=True)
+        for old in self.checkpoint_files()[:-keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_checkpoint(self, fingerprint: str | None = None) -> dict[str, Any] | None:
+        """The newest readable checkpoint (older ones are tried if the newest is corrupt)."""
+        errors = []
+        for path in reversed(self.checkpoint_files()):
+            try:
+                state = load_checkpoint_file(path)
+            except CheckpointError as err:
+                errors.append(str(err))
+                continue
+            if fingerprint is not None and state.get("fingerprint") != fingerprint:
+                raise CheckpointError(
+                    f"{path} was written by a different recipe (fingerprint {state.get('fingerprint')} "
+                    f"vs {fingerprint}). Fix: resume with the recipe that started this run "
+                    f"({self.recipe}), or start a new run in another output_dir."
+                )
+            return state
+        if errors:
+            raise CheckpointError("no usable checkpoint:\n  " + "\n  ".join(errors))
+        return None
+
+
+def load_checkpoint_file(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {err}); it is corrupted or not a checkpoint") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a dptrain checkpoint (foreign file)")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {state.get('version')}, this dptrain reads {CHECKPOINT_VERSION}")
+    return state

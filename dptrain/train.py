@@ -1,0 +1,381 @@
+"""``dptrain train``: a whole private fine-tuning run from a recipe, resumable.
+
+Order of work: validate the recipe, read the data, resolve (q, delta, steps, noise) and check
+the budget -- all before the model is loaded -- then train with checkpoints, and finish with
+the final adapter/model, perplexities and the (epsilon, delta) guarantee.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from accountants import Budget, BudgetFilter, Ledger, get_accountant
+
+from .data import LMExamples, TextDataset, load_texts, split, tokenize
+from .engine import BudgetExceeded, PrivacyEngine
+from .losses import causal_lm_loss, perplexity
+from .models import load_model_and_tokenizer
+from .noise import GaussianNoise
+from .policies import Policy, make_policy
+from .recipe import Recipe, RecipeError, check_against_data, dump_recipe
+from .rundir import CheckpointError, RunDir, atomic_write
+from .sampling import PoissonSampler
+
+
+@dataclass
+class Prepared:
+    """Everything resolved before the model is loaded."""
+
+    recipe: Recipe
+    run: RunDir
+    train_texts: TextDataset
+    val_texts: TextDataset
+    sample_rate: float
+    delta: float
+    steps: int
+    policy: Policy
+    ledger: Ledger
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def read_data(recipe: Recipe) -> tuple[TextDataset, TextDataset]:
+    d = recipe.data
+    texts = load_texts(d.path, text_field=d.text_field, format=d.format)
+    if d.validation_path:
+        train = texts
+        val = load_texts(d.validation_path, text_field=d.text_field, format=d.format)
+    else:
+        train, val = split(texts, d.validation_fraction, recipe.seed)
+    if d.max_records is not None:
+        train = TextDataset(texts=train.texts[: d.max_records], ids=train.ids[: d.max_records])
+    if d.max_validation_records is not None:
+        val = TextDataset(texts=val.texts[: d.max_validation_records], ids=val.ids[: d.max_validation_records])
+    return train, val
+
+
+def build_policy(recipe: Recipe) -> Policy:
+    p = recipe.policy
+    return make_policy(p.name, clip=p.clip, noise_multiplier=p.noise_multiplier, **p.options)
+
+
+def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool = False) -> Prepared:
+    """Validate everything that can be validated without the model."""
+    run = RunDir(recipe.run_dir(run_dir))
+    if resume:
+        if not run.exists():
+            raise CheckpointError(f"cannot resume: {run.path} is not a run directory (no run.json)")
+        meta = run.read_meta()
+        if meta.get("fingerprint") != recipe.fingerprint():
+            raise CheckpointError(
+                f"{run.path} was written by a different recipe: {_recipe_diff(run, recipe)}. "
+                "Fix: resume with the recipe that started the run, or start a new run in another output_dir."
+            )
+    elif run.exists():
+        raise RecipeError(
+            f"output directory {run.path} already holds a run. Fix: resume it with "
+            f"--resume {run.path}, or choose another output_dir / --output."
+        )
+    train_texts, val_texts = read_data(recipe)
+    q, delta, steps = check_against_data(recipe, len(train_texts))
+    policy = build_policy(recipe)
+    acc = recipe.privacy.accountant
+    if getattr(policy, "noise_multiplier", 0) is None:
+        sigma = policy.calibrate(recipe.privacy.epsilon, delta, steps, q, acc)
+        log(f"calibrated noise multiplier {sigma:.4f} for epsilon={recipe.privacy.epsilon} at delta={delta:.3g} over {steps} steps ({acc})")
+    ledger = Ledger.load(run.ledger) if resume and run.ledger.exists() else Ledger()
+    budget = Budget(recipe.privacy.epsilon, delta)
+    fil = BudgetFilter(budget, acc)
+    event = policy.planned_event(q)
+    if event is not None:
+        fits = fil.max_steps(ledger, event)
+        if fits == 0:
+            spent = fil.spent(ledger) if ledger.events else 0.0
+            raise RecipeError(
+                f"privacy.epsilon: the budget ({budget.epsilon}, {delta:.3g}) is already spent "
+                f"(epsilon {spent:.4f} after {ledger.total_steps} steps; one more step of "
+                f"q={q:.4g}, sigma={event.noise_multiplier:.4g} would exceed it). Fix: start a new "
+                "run with fresh data or accept a larger epsilon in a new run."
+            )
+        if fits < steps - ledger.total_steps:
+            log(f"warning: the budget fits {fits} more steps of {steps - ledger.total_steps} planned; the run will stop there")
+    return Prepared(recipe, run, train_texts, val_texts, q, delta, steps, policy, ledger)
+
+
+def _recipe_diff(run: RunDir, recipe: Recipe) -> str:
+    import yaml
+
+    try:
+        old = yaml.safe_load(run.recipe.read_text())
+    except Exception:  # noqa: BLE001
+        return "its recipe.yaml is unreadable"
+    new = recipe.model_dump(mode="json")
+    diffs = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section), new.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                if a.get(k) != b.get(k):
+                    diffs.append(f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
+        elif a != b and section != "output_dir":
+            diffs.append(f"{section}: {a!r} -> {b!r}")
+    return "; ".join(diffs[:8]) or "fingerprints differ"
+
+
+def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    t = recipe.training
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def build_model(recipe: Recipe) -> tuple[torch.nn.Module, Any]:
+    dtype = getattr(torch, recipe.model.dtype)
+    with torch.random.fork_rng():
+        torch.manual_seed(recipe.seed)
+        model, tok = load_model_and_tokenizer(recipe.model.name, dtype=dtype)
+        if recipe.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            cfg = LoraConfig(
+                r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+                target_modules=list(recipe.lora.target_modules),
+            )
+            model = get_peft_model(model, cfg)
+    model.train()
+    return model, tok
+
+
+def eval_batches(examples: LMExamples, size: int) -> list[dict[str, torch.Tensor]]:
+    return [examples.batch(list(range(i, min(i + size, len(examples))))) for i in range(0, len(examples), size)]
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("dptrain", "torch", "transformers", "peft", "dp-accounting", "prv-accountant"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    epsilon: float
+    delta: float
+    accountant: str
+    perplexity_before: float
+    perplexity_after: float
+    stopped_by_budget: bool
+
+
+def train(
+    recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool = False, progress: bool = True,
+    max_steps_this_session: int | None = None,
+) -> RunResult:
+    """Run (or resume) a recipe; see the module docstring."""
+    prep = prepare(recipe, run_dir, resume=resume)
+    run, q, delta = prep.run, prep.sample_rate, prep.delta
+    torch.manual_seed(recipe.seed)
+    run.path.mkdir(parents=True, exist_ok=True)
+    fingerprint = recipe.fingerprint()
+    if not resume:
+        atomic_write(run.recipe, lambda f: f.write(dump_recipe(recipe)))
+
+    log(f"loading model {recipe.model.name} ...")
+    t0 = time.perf_counter()
+    model, tokenizer = build_model(recipe)
+    log(f"model ready in {time.perf_counter() - t0:.1f}s")
+    d = recipe.data
+    train_ex = tokenize(prep.train_texts, tokenizer, d.max_length)
+    val_ex = tokenize(prep.val_texts, tokenizer, d.max_length)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(recipe, params)
+    noise = GaussianNoise(recipe.seed + 1, secure=recipe.privacy.secure_noise)
+    engine = PrivacyEngine(
+        model, optimizer, policy=prep.policy, sample_rate=q, dataset_size=len(train_ex),
+        loss_fn=causal_lm_loss, grouping=recipe.policy.grouping, accountant=recipe.privacy.accountant,
+        budget=Budget(recipe.privacy.epsilon, delta), max_physical_batch_size=recipe.training.physical_batch_size,
+        noise=noise,
+    )
+    sampler = PoissonSampler(len(train_ex), q, seed=recipe.seed)
+    val_batches = eval_batches(val_ex, recipe.training.physical_batch_size)
+    accountant = get_accountant(recipe.privacy.accountant)
+
+    if resume:
+        state = run.load_checkpoint(fingerprint)
+        if state is not None:
+            _restore(state, model, optimizer, sampler, engine)
+            log(f"resumed {run.path} at step {engine.steps_taken} (epsilon {engine.epsilon():.4f})")
+        run.truncate_metrics(engine.steps_taken)
+        meta = run.read_meta()
+        ppl_before = meta["perplexity_before"]
+    else:
+        log(f"validation perplexity before training ({len(val_ex)} records) ...")
+        ppl_before = perplexity(model, val_batches)
+        meta = {
+            "name": recipe.name,
+            "fingerprint": fingerprint,
+            "status": "running",
+            "dataset_size": len(train_ex),
+            "validation_size": len(val_ex),
+            "truncated_records": getattr(train_ex, "truncated", None),
+            "sample_rate": q,
+            "expected_batch_size": q * len(train_ex),
+            "delta": delta,
+            "epsilon_budget": recipe.privacy.epsilon,
+            "accountant": recipe.privacy.accountant,
+            "planned_steps": prep.steps,
+            "policy": prep.policy.describe(),
+            "grouping": recipe.policy.grouping,
+            "groups": list(engine.groups),
+            "noise_generator": noise.description,
+            "perplexity_before": ppl_before,
+            "fallback_layers": engine.capture.fallback_layers,
+            "versions": _versions(),
+        }
+        run.write_meta(meta)
+        engine.ledger.save(run.ledger)
+
+    def checkpoint() -> None:
+        # ledger first: the ledger on disk never covers fewer steps than a saved model
+        engine.ledger.save(run.ledger)
+        run.save_checkpoint(
+            engine.steps_taken,
+            {
+                "fingerprint": fingerprint,
+                "model": trainable_state(model),
+                "optimizer": optimizer.state_dict(),
+                "sampler": sampler.state_dict(),
+                "engine": engine.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+            },
+        )
+
+    stopped_by_budget = False
+    total = prep.steps
+    start = engine.steps_taken
+    end = total if max_steps_this_session is None else min(total, start + max_steps_this_session)
+    bar = tqdm(total=total, initial=start, desc="private steps", unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    t_train = time.perf_counter()
+    try:
+        while engine.steps_taken < end:
+            idx = sampler.sample()
+            batch = train_ex.batch(idx)
+            try:
+                report = engine.step(batch)
+            except BudgetExceeded as err:
+                stopped_by_budget = True
+                bar.write(f"stopping: {err}")
+                break
+            eps = engine.epsilon()
+            record = {
+                "step": report.step, "loss": report.loss, "batch_size": report.batch_size,
+                "epsilon": eps, "noise_multiplier": report.noise_multiplier,
+                "update_norm": report.update_norm, "nonfinite": report.nonfinite, "seconds": report.seconds,
+            }
+            if recipe.training.eval_every and report.step % recipe.training.eval_every == 0:
+                record["val_perplexity"] = perplexity(model, val_batches)
+            if report.step % recipe.training.log_every == 0:
+                run.log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{report.loss:.3f}", eps=f"{eps:.3f}", B=report.batch_size)
+            if report.step % recipe.training.checkpoint_every == 0:
+                checkpoint()
+    finally:
+        bar.close()
+    train_seconds = time.perf_counter() - t_train
+    checkpoint()
+    finished = engine.steps_taken >= total or stopped_by_budget
+    eps = engine.epsilon()
+    ppl_after = perplexity(model, val_batches)
+    if finished:
+        _save_final(model, tokenizer, run.final)
+    meta.update(
+        status="finished" if finished else "paused",
+        steps=engine.steps_taken,
+        epsilon=eps,
+        epsilon_by_accountant={
+            name: get_accountant(name).epsilon(engine.ledger.events, delta) if engine.ledger.events else 0.0
+            for name in ("rdp", "prv", "pld") if name != accountant.name
+        } | {accountant.name: eps},
+        guarantee_accountant=accountant.name,
+        stopped_by_budget=stopped_by_budget,
+        perplexity_after=ppl_after,
+        train_seconds=meta.get("train_seconds", 0.0) + train_seconds,
+    )
+    run.write_meta(meta)
+    result = RunResult(run.path, engine.steps_taken, eps, delta, accountant.name, ppl_before, ppl_after, stopped_by_budget)
+    _print_summary(result, meta)
+    engine.detach()
+    return result
+
+
+def _restore(state: dict[str, Any], model, optimizer, sampler, engine) -> None:
+    names = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in state["model"].items():
+            if n not in names:
+                raise CheckpointError(f"checkpoint has parameter {n} that the model lacks: a different model or LoRA config")
+            names[n].copy_(t)
+    optimizer.load_state_dict(state["optimizer"])
+    sampler.load_state_dict(state["sampler"])
+    engine.load_state_dict(state["engine"])
+    torch.set_rng_state(state["torch_rng"])
+
+
+def _save_final(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
+    """Write the adapter (peft) or full model plus tokenizer, atomically as a directory."""
+    import shutil
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=path.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if path.exists():
+        old = path.with_name(".final-old")
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(path)
+
+
+def _print_summary(r: RunResult, meta: dict[str, Any]) -> None:
+    others = ", ".join(f"{k} {v:.3f}" for k, v in meta["epsilon_by_accountant"].items() if k != r.accountant)
+    lines = [
+        "",
+        f"run directory       {r.run_dir}",
+        f"steps               {r.steps}{' (stopped at the budget)' if r.stopped_by_budget else ''}",
+        f"val perplexity      {r.perplexity_before:.3f} -> {r.perplexity_after:.3f}",
+        f"privacy guarantee   ({r.epsilon:.4f}, {r.delta:.3g})-DP for each training record",
+        f"accountant          {r.accountant} (the guarantee rests on it); cross-check: {others}",
+        f"final model         {r.run_dir / 'final'}" if meta["status"] == "finished" else "status              paused",
+    ]
+    print("\n".join(lines), flush=True)
+    if not math.isfinite(r.epsilon):
+        print("warning: epsilon is infinite: this run has no privacy guarantee", flush=True)
