@@ -119,7 +119,7 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 def load_model_and_tokenizer(
     spec: str,
     *,
-    cache_dir: Path | None = None,
+    cache_dir: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Resolve ``spec`` to ``(model, tokenizer)``; see the module docstring for the forms."""

@@ -39,7 +39,7 @@ class SequenceTooLongError(ValueError):
 class LMExamples(Dataset):
     """Padded token tensors, one row per record.
 
-    ``examples[i]`` gives one unpadded example; ``examples[[i, j]]`` or
+    ``examples[i]`` gives one unpadded example; ``examples[[i, j]]``, ``examples[a:b]`` or
     ``examples.batch(index_tensor)`` a padded batch trimmed to its longest sequence.
     """
 
@@ -73,12 +73,16 @@ class LMExamples(Dataset):
                 "attention_mask": self.attention_mask[i, :n],
                 "labels": ids.clone(),
             }
+        if isinstance(index, slice):
+            index = range(len(self))[index]
         return self.batch(index)
 
     def batch(self, indices: torch.Tensor | Sequence[int]) -> dict[str, torch.Tensor]:
         """``{"input_ids", "attention_mask", "labels"}`` for ``indices``, trimmed to the
         longest sequence among them; ``labels`` is ``input_ids`` with ``-100`` on padding."""
-        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        idx = torch.as_tensor(
+            list(indices) if isinstance(indices, range) else indices, dtype=torch.long
+        ).reshape(-1)
         if idx.numel() == 0:
             empty = torch.zeros((0, 0), dtype=torch.long)
             return {"input_ids": empty, "attention_mask": empty.clone(), "labels": empty.clone()}

@@ -70,6 +70,8 @@ def test_batch_trims_and_masks_labels() -> None:
     assert torch.equal(b["labels"] == IGNORE_INDEX, b["attention_mask"] == 0)
     assert ex[torch.tensor([0])]["input_ids"].shape == (1, 9)
     assert ex[[2, 0]]["input_ids"].shape == (2, 9)
+    assert ex[1:3]["input_ids"].shape == (2, 4)
+    assert ex[5:]["input_ids"].shape == (0, 0)
     assert all(v.dtype == torch.long for v in b.values())
 
 
