@@ -1,0 +1,228 @@
+import json
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dptrain.data.loading import DataError, TextDataset, load_texts, split
+
+
+def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
+    p = tmp_path / name
+    if isinstance(content, bytes):
+        p.write_bytes(content)
+    else:
+        p.write_text(content, encoding="utf-8", newline="")
+    return p
+
+
+# -- JSONL --------------------------------------------------------------------------------
+
+
+def test_jsonl_basic_and_ids(tmp_path: Path) -> None:
+    p = write(tmp_path, "d.jsonl", '{"id": "a", "text": "hello"}\n\n{"id": 7, "text": "world"}\n')
+    ds = load_texts(p)
+    assert ds.texts == ["hello", "world"] and ds.ids == ["a", "7"] and len(ds) == 2
+
+
+def test_jsonl_custom_field_missing_id_crlf_bom_and_unicode_separator(tmp_path: Path) -> None:
+    rows = ['{"body": "x\\ny", "k": 1}', '{"body": "a\u2028b"}']
+    p = write(tmp_path, "d.ndjson", ("\ufeff" + "\r\n".join(rows) + "\r\n").encode())
+    ds = load_texts(p, text_field="body")
+    assert ds.texts == ["x\ny", "a\u2028b"]
+    assert ds.ids == ["line-1", "line-2"]
+
+
+def test_jsonl_missing_field_lists_available(tmp_path: Path) -> None:
+    p = write(tmp_path, "d.jsonl", '{"text": "ok"}\n{"id": "r2", "body": "x", "meta": 1}\n')
+    with pytest.raises(
+        DataError, match=r"d\.jsonl:2: no field 'text'.*available fields: id, body, meta"
+    ):
+        load_texts(p)
+
+
+def test_jsonl_bad_json_names_line(tmp_path: Path) -> None:
+    p = write(tmp_path, "d.jsonl", '{"text": "a"}\n{"text": "b"\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: invalid JSON"):
+        load_texts(p)
+
+
+@pytest.mark.parametrize(
+    ("line", "msg"),
+    [("[1, 2]", "expected a JSON object"), ('{"text": 3}', "is int, expected a string")],
+)
+def test_jsonl_wrong_types(tmp_path: Path, line: str, msg: str) -> None:
+    p = write(tmp_path, "d.jsonl", '{"text": "a"}\n' + line + "\n")
+    with pytest.raises(DataError, match=msg):
+        load_texts(p)
+
+
+def test_undecodable_bytes_name_line(tmp_path: Path) -> None:
+    p = write(tmp_path, "d.jsonl", b'{"text": "a"}\n{"text": "b"}\n{"text": "\xff\xfe"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:3: not valid UTF-8"):
+        load_texts(p)
+
+
+def test_duplicate_ids_rejected_unless_id_field_none(tmp_path: Path) -> None:
+    p = write(tmp_path, "d.jsonl", '{"id": 1, "text": "a"}\n{"id": 1, "text": "b"}\n')
+    with pytest.raises(DataError, match="duplicate record id '1'"):
+        load_texts(p)
+    assert load_texts(p, id_field=None).ids == ["line-1", "line-2"]
+
+
+# -- CSV / TSV ----------------------------------------------------------------------------
+
+
+def test_csv_column_multiline_and_ids(tmp_path: Path) -> None:
+    p = write(tmp_path, "d.csv", 'id,note,x\nr1,"line one\nline two",1\n,plain,2\n\n')
+    ds = load_texts(p, text_field="note")
+    assert ds.texts == ["line one\nline two", "plain"]
+    assert ds.ids == ["r1", "row-2"]
+
+
+def test_csv_missing_column_lists_available(tmp_path: Path) -> None:
+    p = write(tmp_path, "d.csv", "id,body\n1,x\n")
+    with pytest.raises(DataError, match="no column 'text'; available columns: id, body"):
+        load_texts(p)
+
+
+def test_csv_ragged_row(tmp_path: Path) -> None:
+    p = write(tmp_path, "d.csv", "id,text\n1,a\n2,b,extra\n")
+    with pytest.raises(DataError, match=r"d\.csv:3: 3 columns, header has 2"):
+        load_texts(p)
+
+
+def test_tsv_and_explicit_format(tmp_path: Path) -> None:
+    p = write(tmp_path, "d.tsv", "text\tid\nhello, world\tA\n")
+    assert load_texts(p).texts == ["hello, world"]
+    q = write(tmp_path, "d.data", "text\tid\nhi\tB\n")
+    assert load_texts(q, format="tsv").ids == ["B"]
+
+
+# -- plain text ---------------------------------------------------------------------------
+
+
+def test_txt_one_record_per_nonempty_line(tmp_path: Path) -> None:
+    p = write(tmp_path, "d.txt", "first  \n\n  \nsecond\r\nthird")
+    ds = load_texts(p)
+    assert ds.texts == ["first", "second", "third"]
+    assert ds.ids == ["line-1", "line-4", "line-5"]
+
+
+def test_paragraphs(tmp_path: Path) -> None:
+    p = write(tmp_path, "d.txt", "\na\nb\n\n\nc\n  \nd\ne\n")
+    ds = load_texts(p, format="paragraphs")
+    assert ds.texts == ["a\nb", "c", "d\ne"]
+    assert ds.ids == ["para-2", "para-6", "para-8"]
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="data file not found"):
+        load_texts(tmp_path / "nope.jsonl")
+
+
+def test_directory_and_unknown_suffix_and_format(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="is a directory"):
+        load_texts(tmp_path)
+    p = write(tmp_path, "d.parquet", "x")
+    with pytest.raises(DataError, match=r"cannot infer the format.*jsonl, csv, tsv, txt"):
+        load_texts(p)
+    with pytest.raises(DataError, match="unknown format 'xml'"):
+        load_texts(p, format="xml")
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("e.jsonl", ""),
+        ("e.jsonl", "\n \n"),
+        ("e.csv", "id,text\n"),
+        ("e.txt", "\n\n"),
+        ("e.csv", ""),
+    ],
+)
+def test_empty_dataset(tmp_path: Path, name: str, content: str) -> None:
+    p = write(tmp_path, name, content)
+    with pytest.raises(DataError, match=r"no records|empty file"):
+        load_texts(p)
+
+
+# -- bundled ------------------------------------------------------------------------------
+
+
+def test_bundled_and_fixed_split() -> None:
+    full = load_texts("bundled:clinic_notes")
+    train = load_texts("bundled:clinic_notes:train")
+    val = load_texts("bundled:clinic_notes:validation")
+    assert (len(full), len(train), len(val)) == (4500, 4050, 450)
+    assert set(train.ids).isdisjoint(val.ids)
+    assert set(train.ids) | set(val.ids) == set(full.ids)
+    assert val.ids == split(full, 0.1, 0)[1].ids
+
+
+@pytest.mark.parametrize("spec", ["bundled:nope", "bundled:clinic_notes:test", "bundled:"])
+def test_bad_bundled_name(spec: str) -> None:
+    with pytest.raises(DataError, match="clinic_notes"):
+        load_texts(spec)
+
+
+# -- split --------------------------------------------------------------------------------
+
+
+def make(n: int) -> TextDataset:
+    return TextDataset([f"text {i}" for i in range(n)], [f"id{i}" for i in range(n)])
+
+
+def test_split_sizes_order_and_determinism() -> None:
+    ds = make(101)
+    tr, va = split(ds, 0.2, seed=3)
+    assert (len(tr), len(va)) == (81, 20)
+    assert tr.ids == sorted(tr.ids, key=lambda s: int(s[2:]))  # original order kept
+    assert split(ds, 0.2, seed=3)[1].ids == va.ids
+    assert split(ds, 0.2, seed=4)[1].ids != va.ids
+    for t, i in zip(va.texts, va.ids, strict=True):
+        assert t == f"text {i[2:]}"
+
+
+def test_split_independent_of_file_order() -> None:
+    ds = make(60)
+    order = list(range(60))
+    random.Random(0).shuffle(order)
+    shuffled = ds.subset(order)
+    assert set(split(shuffled, 0.25, 9)[1].ids) == set(split(ds, 0.25, 9)[1].ids)
+
+
+def test_split_edge_cases() -> None:
+    assert len(split(make(10), 0.0, 0)[1]) == 0
+    assert len(split(make(3), 0.01, 0)[1]) == 1  # at least one when fraction > 0
+    assert len(split(make(1), 0.5, 0)[0]) == 1  # train never empty
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match="validation_fraction"):
+            split(make(5), bad, 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 300), frac=st.floats(0.0, 0.99), seed=st.integers(0, 2**31))
+def test_split_is_partition(n: int, frac: float, seed: int) -> None:
+    ds = make(n)
+    tr, va = split(ds, frac, seed)
+    assert len(tr) + len(va) == n
+    assert sorted(tr.ids + va.ids) == sorted(ds.ids)
+    if n >= 2:
+        assert len(tr) >= 1
+
+
+def test_textdataset_length_mismatch() -> None:
+    with pytest.raises(ValueError):
+        TextDataset(["a"], [])
+
+
+def test_jsonl_written_by_json_dumps_roundtrip(tmp_path: Path) -> None:
+    recs = [{"id": f"r{i}", "text": f'Patient {i}\nnote "quoted" é'} for i in range(5)]
+    p = write(tmp_path, "d.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
+    assert load_texts(p).texts == [r["text"] for r in recs]
