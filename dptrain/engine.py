@@ -188,6 +188,7 @@ class PrivacyEngine:
             self.capture.active = True
             try:
                 for chunk in self._chunks(batch, n):
+                    self.capture.batch_size = batch_len(chunk)
                     losses = self.loss_fn(self.model, chunk)
                     if losses.dim() != 1 or losses.shape[0] != batch_len(chunk):
                         raise ValueError(

@@ -1,0 +1,234 @@
+"""The private step against the explicit loop, virtual batches, sampling, noise and budget."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from accountants import Budget, BudgetExceeded, get_accountant
+from dptrain.engine import PrivacyEngine
+from dptrain.losses import causal_lm_loss, classification_loss
+from dptrain.noise import GaussianNoise
+from dptrain.policies import StaticPolicy
+from dptrain.sampling import PoissonSampler
+
+from .helpers import assert_close_rel, lm_batch, loop_per_sample_grads, tiny_gpt2, tiny_llama
+
+
+def lora(model, targets):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    return get_peft_model(model, LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
+
+
+def make(model, *, sigma=0.0, clip=0.1, n=3, q=1.0, grouping="flat", opt="sgd", loss=causal_lm_loss, **kw):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = {
+        "sgd": lambda: torch.optim.SGD(params, lr=1.0),
+        "adam": lambda: torch.optim.Adam(params, lr=1e-2),
+        "adamw": lambda: torch.optim.AdamW(params, lr=1e-2),
+    }[opt]()
+    return PrivacyEngine(
+        model, optimizer, policy=StaticPolicy(clip=clip, noise_multiplier=sigma), sample_rate=q,
+        dataset_size=n, loss_fn=loss, grouping=grouping, **kw,
+    )
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def expected_step(model, batch, clip, groups_of):
+    """Mean over the batch of per-example gradients clipped per group (the SGD lr=1 step)."""
+    ref = loop_per_sample_grads(model, causal_lm_loss, batch)
+    names = {p: n for n, p in model.named_parameters()}
+    sq = {}
+    for p, g in ref.items():
+        k = groups_of(names[p])
+        sq[k] = sq.get(k, 0) + g.flatten(1).pow(2).sum(1)
+    out = {}
+    for p, g in ref.items():
+        k = groups_of(names[p])
+        c = (clip[k] / (sq[k].sqrt() + 1e-6)).clamp(max=1)
+        out[names[p]] = torch.einsum("b,b...->...", c, g) / g.shape[0]
+    return out
+
+
+@pytest.mark.parametrize("build", [lambda: lora(tiny_gpt2(), ["c_attn"]), lambda: lora(tiny_llama(), ["q_proj", "v_proj"]), tiny_gpt2])
+def test_noise_free_step_is_mean_of_clipped_per_example_grads(build):
+    model = build()
+    batch = lm_batch(61, 3, 6, seed=3)
+    want = expected_step(model, batch, {"all": 0.1}, lambda n: "all")
+    before = snapshot(model)
+    engine = make(model, clip=0.1, n=3, q=1.0)
+    engine.step(batch)
+    after = snapshot(model)
+    for name, delta in want.items():
+        assert_close_rel(before[name] - after[name], delta, what=name)
+
+
+def test_per_layer_clipping_matches_loop():
+    from dptrain.groups import layer_of
+
+    model = lora(tiny_llama(), ["q_proj", "v_proj"])
+    batch = lm_batch(61, 4, 5, seed=4)
+    engine = make(model, clip=0.2, n=4, q=1.0, grouping="per_layer")
+    g = len(engine.groups)
+    assert g == 4  # 2 layers x {q_proj, v_proj}, each LoRA module one group
+    want = expected_step(model, batch, {k: 0.2 / math.sqrt(g) for k in engine.groups}, layer_of)
+    before = snapshot(model)
+    engine.step(batch)
+    after = snapshot(model)
+    for name, delta in want.items():
+        assert_close_rel(before[name] - after[name], delta, what=name)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_virtual_batches_equal_one_pass(chunk):
+    batch = lm_batch(61, 5, 6, seed=5)
+    results = []
+    for physical in (None, chunk):
+        model = lora(tiny_gpt2(), ["c_attn", "c_proj"])
+        engine = make(model, sigma=1.0, clip=0.1, n=50, q=0.1, max_physical_batch_size=physical, noise=GaussianNoise(7))
+        engine.step(batch)
+        results.append(snapshot(model))
+    for name in results[0]:
+        assert_close_rel(results[1][name], results[0][name], rtol=1e-9, what=name)
+
+
+def test_empty_batch_takes_a_charged_noise_step():
+    model = lora(tiny_gpt2(), ["c_attn"])
+    engine = make(model, sigma=2.0, clip=0.5, n=100, q=0.01, noise=GaussianNoise(0))
+    before = snapshot(model)
+    empty = {k: v[:0] for k, v in lm_batch(61, 1, 4).items()}
+    report = engine.step(empty)
+    after = snapshot(model)
+    assert report.batch_size == 0 and engine.ledger.total_steps == 1
+    moved = torch.cat([(before[n] - after[n]).flatten() for n in before])
+    # pure noise of std sigma * C / E[B] per coordinate (SGD lr = 1)
+    assert moved.abs().sum() > 0
+    assert moved.std().item() == pytest.approx(2.0 * 0.5 / 1.0, rel=0.2)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam", "adamw"])
+def test_optimizers_and_determinism(opt):
+    runs = []
+    for _ in range(2):
+        model = lora(tiny_llama(), ["q_proj"])
+        engine = make(model, sigma=1.0, clip=1.0, n=20, q=0.25, opt=opt, noise=GaussianNoise(3))
+        sampler = PoissonSampler(20, 0.25, seed=11)
+        data = lm_batch(61, 20, 6, seed=0)
+        for _ in range(3):
+            idx = sampler.sample()
+            engine.step({k: v[idx] for k, v in data.items()})
+        runs.append(snapshot(model))
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name])
+
+
+def test_budget_refuses_before_the_step():
+    model = lora(tiny_gpt2(), ["c_attn"])
+    budget = Budget(epsilon=1.0, delta=1e-5)
+    engine = make(model, sigma=1.0, clip=1.0, n=100, q=0.1, budget=budget)
+    batch = lm_batch(61, 10, 5)
+    fits = engine.remaining_steps()
+    assert fits is not None and 0 < fits < 50
+    for _ in range(fits):
+        engine.step(batch)
+    assert engine.epsilon() <= 1.0
+    before = snapshot(model)
+    with pytest.raises(BudgetExceeded, match="exceed the budget"):
+        engine.step(batch)
+    assert engine.ledger.total_steps == fits
+    after = snapshot(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    acc = get_accountant("rdp")
+    assert acc.epsilon(engine.ledger.events, 1e-5) <= 1.0
+
+
+def test_poisson_sampler_statistics_and_resume():
+    s = PoissonSampler(1000, 0.05, seed=1)
+    sizes = [len(s.sample()) for _ in range(200)]
+    assert abs(sum(sizes) / 200 - 50) < 3
+    assert len(set(sizes)) > 5  # variable batch size
+    state = s.state_dict()
+    a = [s.sample() for _ in range(3)]
+    t = PoissonSampler(1000, 0.05, seed=999)
+    t.load_state_dict(state)
+    b = [t.sample() for _ in range(3)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    with pytest.raises(ValueError, match="same data"):
+        PoissonSampler(999, 0.05).load_state_dict(state)
+    with pytest.raises(ValueError, match="empty"):
+        PoissonSampler(0, 0.1)
+
+
+def test_secure_noise_is_unseeded_and_gaussian():
+    noise = GaussianNoise(None, secure=True)
+    assert "urandom" in noise.description
+    x = torch.zeros(200_000)
+    a, b = noise(x, 2.0), noise(x, 2.0)
+    assert not torch.equal(a, b)
+    assert a.mean().abs() < 0.03 and a.std().item() == pytest.approx(2.0, rel=0.02)
+    kurt = ((a / a.std()) ** 4).mean().item()
+    assert kurt == pytest.approx(3.0, rel=0.05)
+
+
+def test_nonfinite_sample_is_dropped_not_poisoning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    x[1, 0] = float("nan")
+    y = torch.tensor([0, 1, 0, 1])
+    engine = make(model, clip=1.0, n=4, q=1.0, loss=classification_loss)
+    before = snapshot(model)
+    report = engine.step((x, y))
+    after = snapshot(model)
+    assert report.nonfinite == 1
+    assert all(torch.isfinite(after[n]).all() for n in after)
+    # equals the step on the three finite samples, still divided by E[B] = 4
+    model2 = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    model2.load_state_dict({k: v for k, v in zip(model2.state_dict(), before.values(), strict=True)})
+    keep = torch.tensor([0, 2, 3])
+    engine2 = make(model2, clip=1.0, n=4, q=1.0, loss=classification_loss)
+    engine2.step((x[keep], y[keep]))
+    for (n, a), b in zip(after.items(), snapshot(model2).values(), strict=True):
+        assert_close_rel(a, b, rtol=1e-9, what=n)
+
+
+def test_plain_module_classifier_learns():
+    torch.manual_seed(0)
+    n = 512
+    x = torch.randn(n, 10)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 2))
+    params = list(model.parameters())
+    engine = PrivacyEngine(
+        model, torch.optim.SGD(params, lr=0.5), policy=StaticPolicy(clip=1.0, noise_multiplier=0.5),
+        sample_rate=64 / n, dataset_size=n, loss_fn=classification_loss, budget=Budget(8.0, 1e-4),
+    )
+    sampler = PoissonSampler(n, 64 / n, seed=0)
+    for _ in range(60):
+        idx = sampler.sample()
+        engine.step((x[idx], y[idx]))
+    acc = (model(x).argmax(1) == y).float().mean().item()
+    assert acc > 0.85
+    assert 0 < engine.epsilon() <= 8.0
+
+
+def test_loss_fn_must_be_per_sample():
+    model = nn.Linear(3, 2)
+    engine = make(model, n=4, q=1.0, loss=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]))
+    with pytest.raises(ValueError, match="one loss per sample"):
+        engine.step((torch.randn(4, 3), torch.tensor([0, 1, 0, 1])))
+
+
+def test_optimizer_missing_params_is_an_error():
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="not in the optimizer"):
+        PrivacyEngine(model, torch.optim.SGD([model.weight], lr=1), policy=StaticPolicy(noise_multiplier=1.0),
+                      sample_rate=0.1, dataset_size=10)
