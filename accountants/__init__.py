@@ -1,1 +1,45 @@
-"""accountants."""
+"""Privacy accounting for dptrain: the ledger, RDP / PRV / PLD accountants, the budget filter,
+and noise calibration.
+
+All accountants report upper bounds on epsilon (never estimates) for add/remove-one
+neighbouring datasets and Poisson-subsampled Gaussian steps (see :class:`Event`).
+"""
+
+from .base import (
+    Accountant,
+    UnsupportedEventError,
+    available_accountants,
+    get_accountant,
+    register_accountant,
+)
+from .budget import UNLIMITED, Budget, BudgetExceeded, BudgetFilter
+from .calibrate import calibrate_noise, calibrate_steps
+from .ledger import POISSON_GAUSSIAN, Event, Ledger, LedgerError, LedgerNotFoundError
+from .pld import PldAccountant
+from .prv import PrvAccountant, PrvFallbackWarning
+from .rdp import ADAPTIVE_ORDERS, RDP_ORDERS, RdpAccountant
+
+__all__ = [
+    "ADAPTIVE_ORDERS",
+    "POISSON_GAUSSIAN",
+    "RDP_ORDERS",
+    "UNLIMITED",
+    "Accountant",
+    "Budget",
+    "BudgetExceeded",
+    "BudgetFilter",
+    "Event",
+    "Ledger",
+    "LedgerError",
+    "LedgerNotFoundError",
+    "PldAccountant",
+    "PrvAccountant",
+    "PrvFallbackWarning",
+    "RdpAccountant",
+    "UnsupportedEventError",
+    "available_accountants",
+    "calibrate_noise",
+    "calibrate_steps",
+    "get_accountant",
+    "register_accountant",
+]

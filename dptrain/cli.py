@@ -11,8 +11,15 @@ COMMAND_MODULES = (
     "dptrain.commands.privacy",
 )
 
-# Errors a user can fix; printed as one message, without a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError, KeyError)
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user can fix: printed as one message naming the fix, without a traceback."""
+    from accountants import BudgetExceeded, LedgerError
+
+    from .grad_sample import UnsupportedLayerError
+    from .rundir import CheckpointError
+
+    return (ValueError, FileNotFoundError, BudgetExceeded, LedgerError, CheckpointError, UnsupportedLayerError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,23 +27,27 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dptrain",
         description="Differentially private training, accounting and auditing.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``dptrain`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
+        return exit_.code if isinstance(exit_.code, int) else 2
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted: the last checkpoint and its ledger are intact; resume with --resume", file=sys.stderr)
+        print("interrupted: the last checkpoint and its ledger are intact; continue with --resume RUN_DIR", file=sys.stderr)
         return 130
-    except USER_ERRORS as err:
-        if getattr(args, "debug", False):
+    except user_errors() as err:
+        if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,140 @@
+"""Calibration: the noise (or the number of steps) that meets a target (epsilon, delta).
+
+``epsilon(sigma)`` of ``steps`` Poisson-subsampled Gaussian steps is non-increasing in sigma, so
+the smallest admissible sigma is found by keeping a bracket ``lo < sigma* <= hi`` where
+``epsilon(hi) <= target`` has been *evaluated* and ``epsilon(lo) > target``, and shrinking it
+until ``hi / lo <= 1 + tol``.  Probes use the secant of ``log epsilon`` against ``log sigma``
+(falling back to geometric bisection when the bracket stops halving), and the answer is
+``hi``: rounded up, never down.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from .base import Accountant, check_delta, get_accountant
+from .budget import Budget, BudgetFilter
+from .ledger import Event, Ledger
+
+SIGMA_MIN = 1e-4
+SIGMA_MAX = 1e6
+
+
+def _accountant(accountant: str | Accountant) -> Accountant:
+    return get_accountant(accountant) if isinstance(accountant, str) else accountant
+
+
+def _check(target_epsilon: float, sample_rate: float, steps: int) -> None:
+    if not (0 < target_epsilon < math.inf):
+        raise ValueError(f"target_epsilon must be positive and finite, got {target_epsilon!r}")
+    if not (0 < sample_rate <= 1):
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+
+
+def smallest_sigma(
+    eps: Callable[[float], float], target: float, *, tol: float, start: float = 1.0
+) -> float:
+    """Smallest sigma (to relative ``tol``, rounded up) with ``eps(sigma) <= target`` for a
+    non-increasing ``eps``; ValueError if none below :data:`SIGMA_MAX`."""
+    hi, lo = start, None
+    f_hi = eps(hi)
+    while not f_hi <= target:  # find an admissible sigma
+        lo, f_lo = hi, f_hi
+        hi *= 4
+        if hi > SIGMA_MAX:
+            raise ValueError(
+                f"no noise multiplier up to {SIGMA_MAX:g} reaches epsilon <= {target}; "
+                "raise the target epsilon or delta, or lower the sample rate or steps"
+            )
+        f_hi = eps(hi)
+    if lo is None:  # find an inadmissible sigma below
+        lo = hi
+        while True:
+            lo /= 4
+            if lo < SIGMA_MIN:
+                return hi  # epsilon <= target even at negligible noise
+            f_lo = eps(lo)
+            if not f_lo <= target:
+                break
+            hi, f_hi = lo, f_lo
+    points = [(lo, f_lo), (hi, f_hi)]
+    stalled = 0
+    while hi / lo > 1 + tol:  # eps(lo) > target >= eps(hi)
+        ratio = hi / lo
+        c = math.sqrt(lo * hi)
+        if stalled < 2:  # secant in log-log through the two points with eps nearest target
+            near = sorted(
+                (p for p in points if 0 < p[1] < math.inf),
+                key=lambda p: abs(math.log(p[1] / target)),
+            )[:2]
+            if len(near) == 2 and near[0][0] != near[1][0] and near[0][1] != near[1][1]:
+                (s1, f1), (s2, f2) = near
+                slope = math.log(f1 / f2) / math.log(s2 / s1)
+                if slope > 0:  # just above the estimated crossing
+                    c = s1 * (f1 / target) ** (1 / slope) * (1 + tol / 4)
+        c = min(max(c, lo * (1 + tol / 8)), hi / (1 + tol / 8))
+        f_c = eps(c)
+        points.append((c, f_c))
+        if f_c <= target:
+            hi, f_hi = c, f_c
+            below = hi / (1 + 0.9 * tol)  # try to close the bracket from below at once
+            if stalled < 2 and below > lo:
+                f_b = eps(below)
+                points.append((below, f_b))
+                if f_b <= target:
+                    hi, f_hi = below, f_b
+                else:
+                    lo, f_lo = below, f_b
+        else:
+            lo, f_lo = c, f_c
+        stalled = 0 if (hi / lo) ** 2 <= ratio else stalled + 1  # bisect when not halving
+    return hi
+
+
+def calibrate_noise(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str | Accountant = "rdp",
+    *,
+    tol: float = 1e-3,
+) -> float:
+    """Smallest noise multiplier sigma whose epsilon(delta) <= target (bisection on the monotone
+    epsilon(sigma)).  The returned sigma satisfies the target (rounded up, never down) and
+    ``sigma / (1 + tol)`` does not."""
+    _check(target_epsilon, sample_rate, steps)
+    delta = check_delta(delta)
+    if not (0 < tol < 1):
+        raise ValueError(f"tol must be in (0, 1), got {tol!r}")
+    acc = _accountant(accountant)
+
+    def eps(sigma: float) -> float:
+        return acc.epsilon([Event(sample_rate, sigma, steps)], delta)
+
+    start = 1.0
+    if acc.name != "rdp":  # RDP overestimates epsilon, so its sigma is a near admissible start
+        start = smallest_sigma(
+            lambda s: get_accountant("rdp").epsilon([Event(sample_rate, s, steps)], delta),
+            target_epsilon,
+            tol=0.05,
+        )
+    return smallest_sigma(eps, target_epsilon, tol=tol, start=start)
+
+
+def calibrate_steps(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    noise_multiplier: float,
+    accountant: str | Accountant = "rdp",
+) -> int:
+    """Most steps of (sample_rate, noise_multiplier) whose epsilon(delta) <= target
+    (``accountants.budget.UNLIMITED`` if the steps cost nothing)."""
+    _check(target_epsilon, sample_rate, 1)
+    budget = Budget(target_epsilon, delta)
+    fil = BudgetFilter(budget, _accountant(accountant))
+    return fil.max_steps(Ledger(), Event(sample_rate, noise_multiplier))

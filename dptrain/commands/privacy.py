@@ -1,0 +1,362 @@
+"""``dptrain epsilon`` and ``dptrain calibrate``: privacy accounting from the command line.
+
+    dptrain epsilon --sample-rate 0.01 --noise-multiplier 1.0 --steps 1000 --delta 1e-5
+    dptrain epsilon --sample-rate 0.01 --phase 1.0:500 --phase 2.0:500 --delta 1e-5 --json
+    dptrain epsilon --run runs/my-run                # ledger.json, delta from run.json
+    dptrain calibrate --epsilon 8 --delta 1e-5 --sample-rate 0.01 --steps 1000 --accountant prv
+
+Each handler returns an exit code: 0 on success, 2 on bad input (with a message on stderr that
+names the flag and the fix; no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from accountants import (
+    Event,
+    Ledger,
+    LedgerError,
+    calibrate_noise,
+    get_accountant,
+)
+
+ACCOUNTANTS = ("rdp", "prv", "pld")
+
+
+class _InputError(Exception):
+    """Bad command-line input; the message names the flag and the fix."""
+
+
+# -- argument types (argparse reports "argument --flag: message" and exits with 2) -----------
+
+
+def _number(text: str, flag_hint: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; {flag_hint}") from None
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"NaN is not allowed; {flag_hint}")
+    return value
+
+
+def sample_rate(text: str) -> float:
+    value = _number(text, "give the Poisson sampling rate q in (0, 1], e.g. 0.01")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"{text} is outside (0, 1]; give the Poisson sampling rate q = expected batch size / "
+            "dataset size, e.g. 0.01"
+        )
+    return value
+
+
+def noise_multiplier(text: str) -> float:
+    value = _number(text, "give sigma = noise std / clipping norm, e.g. 1.0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text} is negative; give sigma >= 0 (noise std / clipping norm), e.g. 1.0"
+        )
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give e.g. 1000") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not positive; give at least 1")
+    return value
+
+
+def delta_value(text: str) -> float:
+    value = _number(text, "give delta in (0, 1), e.g. 1e-5 (below 1 / dataset size)")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text} is outside (0, 1); give delta in (0, 1), e.g. 1e-5 (below 1 / dataset size)"
+        )
+    return value
+
+
+def epsilon_value(text: str) -> float:
+    value = _number(text, "give the target epsilon, e.g. 8")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive finite epsilon; e.g. 8")
+    return value
+
+
+def tolerance(text: str) -> float:
+    value = _number(text, "give a relative tolerance, e.g. 1e-3")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is outside (0, 1); e.g. 1e-3")
+    return value
+
+
+def phase(text: str) -> tuple[float, int, float | None]:
+    """``NOISE:STEPS`` or ``NOISE:STEPS:RATE``."""
+    parts = text.split(":")
+    usage = "expected NOISE:STEPS or NOISE:STEPS:RATE, e.g. --phase 1.0:500 or 1.0:500:0.01"
+    if len(parts) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"{text!r}: {usage}")
+    try:
+        sigma = noise_multiplier(parts[0])
+        steps = positive_int(parts[1])
+        rate = sample_rate(parts[2]) if len(parts) == 3 else None
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err} ({usage})") from None
+    return sigma, steps, rate
+
+
+# -- registration ------------------------------------------------------------------------------
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``epsilon`` and ``calibrate`` subcommands to an argparse subparsers object."""
+    eps = subparsers.add_parser(
+        "epsilon",
+        help="epsilon spent by a training schedule or a run's ledger",
+        description=(
+            "Epsilon at --delta of Poisson-subsampled Gaussian steps: one phase "
+            "(--noise-multiplier/--steps), several (--phase, repeatable), or a run's ledger "
+            "(--run). Reported values are upper bounds."
+        ),
+    )
+    eps.add_argument("--sample-rate", type=sample_rate, metavar="Q", help="Poisson sampling rate")
+    eps.add_argument("--noise-multiplier", type=noise_multiplier, metavar="SIGMA")
+    eps.add_argument("--steps", type=positive_int, metavar="N")
+    eps.add_argument(
+        "--phase",
+        type=phase,
+        action="append",
+        metavar="NOISE:STEPS[:RATE]",
+        help="a phase of STEPS steps at noise NOISE (and sampling rate RATE, default "
+        "--sample-rate); repeat for a heterogeneous schedule",
+    )
+    eps.add_argument("--run", type=Path, metavar="RUN_DIR", help="read RUN_DIR/ledger.json")
+    eps.add_argument(
+        "--delta", type=delta_value, help="target delta (with --run: default from run.json)"
+    )
+    eps.add_argument(
+        "--accountant",
+        choices=ACCOUNTANTS,
+        default=None,
+        help="rdp (default; with --run: the run's accountant), prv or pld",
+    )
+    eps.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="report epsilon valid under fully adaptive composition (rdp only)",
+    )
+    eps.add_argument("--json", action="store_true", help="print one JSON object")
+    eps.set_defaults(func=run_epsilon)
+
+    cal = subparsers.add_parser(
+        "calibrate",
+        help="smallest noise multiplier meeting a target (epsilon, delta)",
+        description="Smallest noise multiplier whose epsilon at --delta is at most --epsilon "
+        "after --steps steps at --sample-rate (rounded up to relative --tol).",
+    )
+    cal.add_argument("--epsilon", type=epsilon_value, required=True, help="target epsilon")
+    cal.add_argument("--delta", type=delta_value, required=True)
+    cal.add_argument("--sample-rate", type=sample_rate, required=True, metavar="Q")
+    cal.add_argument("--steps", type=positive_int, required=True, metavar="N")
+    cal.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp")
+    cal.add_argument("--tol", type=tolerance, default=1e-3, help="relative tolerance on sigma")
+    cal.add_argument("--json", action="store_true", help="print one JSON object")
+    cal.set_defaults(func=run_calibrate)
+
+
+# -- handlers ----------------------------------------------------------------------------------
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"dptrain {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _json_number(x: float) -> float | str:
+    return x if math.isfinite(x) else "inf"
+
+
+def _events_from_flags(args: argparse.Namespace) -> list[Event]:
+    if args.phase:
+        if args.noise_multiplier is not None or args.steps is not None:
+            raise _InputError(
+                "--phase cannot be combined with --noise-multiplier/--steps; give the whole "
+                "schedule as --phase NOISE:STEPS entries"
+            )
+        events = []
+        for sigma, steps, rate in args.phase:
+            rate = rate if rate is not None else args.sample_rate
+            if rate is None:
+                raise _InputError(
+                    "--phase without a RATE needs --sample-rate; add --sample-rate Q or write "
+                    "the phase as NOISE:STEPS:RATE"
+                )
+            events.append(Event(rate, sigma, steps))
+        return events
+    missing = [
+        flag
+        for flag, value in (
+            ("--sample-rate", args.sample_rate),
+            ("--noise-multiplier", args.noise_multiplier),
+            ("--steps", args.steps),
+        )
+        if value is None
+    ]
+    if missing:
+        raise _InputError(
+            f"missing {', '.join(missing)}; give --sample-rate, --noise-multiplier and --steps, "
+            "or --phase NOISE:STEPS entries, or --run RUN_DIR"
+        )
+    return [Event(args.sample_rate, args.noise_multiplier, args.steps)]
+
+
+def _read_run(args: argparse.Namespace) -> tuple[list[Event], float | None, str | None]:
+    run: Path = args.run
+    if args.phase or args.noise_multiplier is not None or args.steps is not None:
+        raise _InputError(
+            "--run reads the schedule from the run's ledger; drop --phase/--noise-multiplier/"
+            "--steps"
+        )
+    if not run.is_dir():
+        raise _InputError(f"--run {run}: no such run directory; pass the run's output directory")
+    try:
+        ledger = Ledger.load(run / "ledger.json")
+    except LedgerError as err:
+        raise _InputError(
+            f"--run {run}: {err}. Fix: point --run at a run directory whose ledger.json was "
+            "written by dptrain (a run that has not started has no ledger)"
+        ) from None
+    delta: float | None = None
+    accountant = None
+    meta_path = run / "run.json"
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise _InputError(
+                f"--run {run}: {meta_path} is not valid JSON ({err}); repair it or pass --delta"
+            ) from None
+        meta = meta if isinstance(meta, dict) else {}
+        accountant = meta.get("accountant")
+        value = meta.get("delta")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1:
+            delta = float(value)
+        elif value is not None and args.delta is None:
+            raise _InputError(
+                f"--run {run}: run.json has delta={value!r}, not a number in (0, 1); "
+                "pass --delta explicitly"
+            )
+    if accountant not in ACCOUNTANTS:
+        accountant = None
+    return ledger.events, delta, accountant
+
+
+def _describe(e: Event) -> str:
+    return f"q={e.sample_rate:g} sigma={e.noise_multiplier:g} steps={e.steps}"
+
+
+def _print_table(rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def run_epsilon(args: argparse.Namespace) -> int:
+    """Handler of ``dptrain epsilon``."""
+    try:
+        run_accountant = None
+        if args.run is not None:
+            events, run_delta, run_accountant = _read_run(args)
+            delta = args.delta if args.delta is not None else run_delta
+            if delta is None:
+                raise _InputError(
+                    f"--run {args.run}: run.json has no delta; pass --delta (e.g. 1e-5)"
+                )
+        else:
+            events = _events_from_flags(args)
+            if args.delta is None:
+                raise _InputError("missing --delta; give the target delta, e.g. --delta 1e-5")
+            delta = args.delta
+        name = args.accountant or run_accountant or "rdp"
+        if args.adaptive and name != "rdp":
+            raise _InputError(
+                f"--adaptive needs --accountant rdp ({name} is not valid under adaptive "
+                "composition)"
+            )
+    except _InputError as err:
+        return _fail("epsilon", str(err))
+
+    accountant = get_accountant(name)
+    if args.adaptive:
+        epsilon = accountant.adaptive_epsilon(events, delta)  # type: ignore[attr-defined]
+    else:
+        epsilon = accountant.epsilon(events, delta) if events else 0.0
+    steps = sum(e.steps for e in events)
+    if args.json:
+        out = {
+            "epsilon": _json_number(epsilon),
+            "delta": delta,
+            "accountant": name,
+            "adaptive": bool(args.adaptive),
+            "steps": steps,
+            "events": [e.to_dict() for e in events],
+        }
+        if args.run is not None:
+            out["run"] = str(args.run)
+        print(json.dumps(out))
+    else:
+        rows = [("accountant", name + (" (adaptive)" if args.adaptive else ""))]
+        if args.run is not None:
+            rows.append(("run", str(args.run)))
+        rows += [(f"phase {i + 1}", _describe(e)) for i, e in enumerate(events)]
+        rows += [("steps", str(steps)), ("delta", f"{delta:g}"), ("epsilon", f"{epsilon:.4f}")]
+        _print_table(rows)
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """Handler of ``dptrain calibrate``."""
+    try:
+        sigma = calibrate_noise(
+            args.epsilon, args.delta, args.sample_rate, args.steps, args.accountant, tol=args.tol
+        )
+    except ValueError as err:
+        return _fail("calibrate", str(err))
+    achieved = get_accountant(args.accountant).epsilon(
+        [Event(args.sample_rate, sigma, args.steps)], args.delta
+    )
+    out = {
+        "noise_multiplier": sigma,
+        "epsilon": achieved,
+        "target_epsilon": args.epsilon,
+        "delta": args.delta,
+        "sample_rate": args.sample_rate,
+        "steps": args.steps,
+        "accountant": args.accountant,
+        "tol": args.tol,
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        _print_table(
+            [
+                ("noise multiplier", f"{sigma:.6g}"),
+                ("epsilon", f"{achieved:.4f} (target {args.epsilon:g})"),
+                ("delta", f"{args.delta:g}"),
+                ("sample rate", f"{args.sample_rate:g}"),
+                ("steps", str(args.steps)),
+                ("accountant", args.accountant),
+            ]
+        )
+    return 0
+
+
+__all__ = ["register", "run_calibrate", "run_epsilon"]
