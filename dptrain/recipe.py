@@ -23,6 +23,10 @@ class RecipeError(ValueError):
     """A recipe that cannot run; the message names the key and the fix."""
 
 
+# Keys a resumed run may change without becoming a different run.
+RESUMABLE_KEYS = ("training.steps", "training.epochs", "training.checkpoint_every", "training.log_every", "training.eval_every")
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -126,8 +130,6 @@ class Recipe(Section):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# Keys a resumed run may change without becoming a different run.
-RESUMABLE_KEYS = ("training.steps", "training.epochs", "training.checkpoint_every", "training.log_every", "training.eval_every")
 
 POLICY_SCHEMAS: dict[str, type[BaseModel]] = {}
 
