@@ -308,6 +308,13 @@ class PrvAccountant:
                 _, _, upper = acc.compute_delta(epsilon=epsilon, num_self_compositions=n)
             if not math.isfinite(upper):
                 raise FloatingPointError(f"PRV returned delta bound {upper}")
+            events = [Event(q, s, c) for (_, q, s), c in counts.items()]
+            reference = self._pld.delta(events, epsilon)
+            if upper < reference * (1 - GUARD_TOLERANCE):
+                raise ArithmeticError(
+                    f"PRV delta bound {upper:.6g} is more than {GUARD_TOLERANCE:.0%} below the "
+                    f"pessimistic PLD {reference:.6g}"
+                )
             return min(1.0, max(0.0, float(upper)))
         except _LIBRARY_ERRORS as err:
             self._fallback(err, "delta")

@@ -184,3 +184,25 @@ def test_budget_validation() -> None:
         BudgetFilter((1.0, DELTA))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown accountant"):
         BudgetFilter(Budget(1.0, DELTA), "moments")
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    budget=st.floats(min_value=0.5, max_value=4.0),
+    proposals=st.lists(
+        st.tuples(
+            st.builds(
+                lambda m, steps: Event(m[0], m[1], steps),
+                st.sampled_from([(0.01, 1.0), (0.05, 2.0), (1.0, 20.0)]),
+                st.integers(min_value=1, max_value=300),
+            ),
+            st.sampled_from(["as_is", "fill", "fill+1"]),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_pld_filter_never_allows_exceeding(
+    budget: float, proposals: list[tuple[Event, str]]
+) -> None:
+    _simulate(BudgetFilter(Budget(budget, DELTA), "pld"), proposals)

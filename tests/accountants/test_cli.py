@@ -65,6 +65,12 @@ def test_epsilon_adaptive(capsys) -> None:
     assert code == 2 and "--adaptive" in err
 
 
+def test_epsilon_infinite_and_free(capsys) -> None:
+    args = ["epsilon", "--sample-rate", "0.01", "--steps", "10", "--delta", "1e-5"]
+    assert run_json(capsys, *args, "--noise-multiplier", "0")["epsilon"] == "inf"  # strict JSON
+    assert run_json(capsys, *args, "--noise-multiplier", "inf")["epsilon"] == 0.0
+
+
 def test_epsilon_human_table(capsys) -> None:
     code, out, _ = run(
         capsys, "epsilon", "--sample-rate", "0.01", "--noise-multiplier", "1", "--steps", "1000",
