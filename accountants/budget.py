@@ -14,6 +14,14 @@ is non-decreasing in the step count.  Ledgers are append-only, so a prefix is id
 interpolating search on ``k -> epsilon(prefix + [e x k])``; the RDP accountant evaluates that
 by vector arithmetic on its RDP curve (one conversion per probe), the PRV/PLD ones recompose.
 
+Why counting down is sound even for numerically computed bounds: the filter only certifies
+``epsilon(prefix + [e x M]) <= budget`` at the cached ``M``; for any ``k <= M`` the *true*
+epsilon of ``prefix + [e x k]`` is at most the true epsilon at ``M`` (composition with more
+steps cannot leak less), which is at most the accountant's upper bound at ``M``.  So every
+state the filter allows is within budget.  The accountant's *reported* number at ``k < M`` is
+also within budget whenever it is non-decreasing in ``k``: exactly so for RDP, and for PLD and
+PRV by construction of their discretizations (see those modules).
+
 ``adaptive=True`` guards a data-dependent schedule: it needs an accountant with
 ``adaptive_valid`` and uses its ``adaptive_epsilon`` (for RDP: the union-bound conversion, see
 :mod:`accountants.rdp`).

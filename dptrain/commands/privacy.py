@@ -128,8 +128,13 @@ def register(subparsers: Any) -> None:
         ),
     )
     eps.add_argument("--sample-rate", type=sample_rate, metavar="Q", help="Poisson sampling rate")
-    eps.add_argument("--noise-multiplier", type=noise_multiplier, metavar="SIGMA")
-    eps.add_argument("--steps", type=positive_int, metavar="N")
+    eps.add_argument(
+        "--noise-multiplier",
+        type=noise_multiplier,
+        metavar="SIGMA",
+        help="noise std / clipping norm (inf: no privacy cost)",
+    )
+    eps.add_argument("--steps", type=positive_int, metavar="N", help="number of steps")
     eps.add_argument(
         "--phase",
         type=phase,
