@@ -119,7 +119,9 @@ class PrivacyEngine:
                 f"accountant valid under adaptive composition; '{accountant}' is not. Use accountant: rdp"
             )
         self.budget = budget
-        self.filter = BudgetFilter(budget, self.accountant) if budget is not None else None
+        self.filter = (
+            BudgetFilter(budget, self.accountant, adaptive=policy.adaptive) if budget is not None else None
+        )
         self.ledger = ledger if ledger is not None else Ledger()
         self.steps_taken = self.ledger.total_steps
         self.last_update_norms: dict[str, float] | None = None
@@ -143,14 +145,16 @@ class PrivacyEngine:
         return plan, self.policy.event(plan)
 
     def epsilon(self, delta: float | None = None) -> float:
-        """Epsilon spent so far at ``delta`` (default: the budget's), by this engine's accountant."""
+        """Epsilon spent so far at ``delta`` (default: the budget's), by this engine's accountant;
+        for adaptive policies, the conversion valid under fully adaptive composition."""
         if delta is None:
             if self.budget is None:
                 raise ValueError("no budget set: pass delta explicitly")
             delta = self.budget.delta
         key = (self.ledger.total_steps, delta)
         if self._eps_cache is None or self._eps_cache[0] != key:
-            eps = self.accountant.epsilon(self.ledger.events, delta) if self.ledger.events else 0.0
+            measure = self.accountant.adaptive_epsilon if self.policy.adaptive else self.accountant.epsilon
+            eps = measure(self.ledger.events, delta) if self.ledger.events else 0.0
             self._eps_cache = (key, eps)
         return self._eps_cache[1]
 
