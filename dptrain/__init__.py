@@ -1,1 +1,45 @@
-"""dptrain."""
+"""dptrain: differentially private training and fine-tuning of PyTorch models and LLMs.
+
+Python API in a few lines::
+
+    engine = dptrain.PrivacyEngine(model, optimizer, policy=dptrain.StaticPolicy(clip=1.0,
+        noise_multiplier=1.0), sample_rate=q, dataset_size=n, budget=dptrain.Budget(8.0, 1e-5))
+    sampler = dptrain.PoissonSampler(n, q, seed=0)
+    for _ in range(steps):
+        engine.step(collate(sampler.sample()))
+    print(engine.epsilon())
+"""
+
+from accountants import Budget, BudgetExceeded, Event, Ledger, calibrate_noise, get_accountant
+
+from .engine import PrivacyEngine, StepReport
+from .grad_sample import UnsupportedLayerError, register_rule
+from .losses import causal_lm_loss, classification_loss, perplexity
+from .noise import GaussianNoise
+from .policies import Policy, StaticPolicy, StepPlan, make_policy, register_policy
+from .sampling import PoissonSampler
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Budget",
+    "BudgetExceeded",
+    "Event",
+    "GaussianNoise",
+    "Ledger",
+    "PoissonSampler",
+    "Policy",
+    "PrivacyEngine",
+    "StaticPolicy",
+    "StepPlan",
+    "StepReport",
+    "UnsupportedLayerError",
+    "calibrate_noise",
+    "causal_lm_loss",
+    "classification_loss",
+    "get_accountant",
+    "make_policy",
+    "perplexity",
+    "register_policy",
+    "register_rule",
+]

@@ -19,7 +19,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .grad_sample import UnsupportedLayerError
     from .rundir import CheckpointError
 
-    return (ValueError, FileNotFoundError, BudgetExceeded, LedgerError, CheckpointError, UnsupportedLayerError)
+    return (
+        ValueError,
+        FileNotFoundError,
+        BudgetExceeded,
+        LedgerError,
+        CheckpointError,
+        UnsupportedLayerError,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted: the last checkpoint and its ledger are intact; continue with --resume RUN_DIR", file=sys.stderr)
+        print(
+            "interrupted: the last checkpoint and its ledger are intact; continue with --resume RUN_DIR",
+            file=sys.stderr,
+        )
         return 130
     except user_errors() as err:
         if args.debug:

@@ -120,7 +120,9 @@ class PrivacyEngine:
             )
         self.budget = budget
         self.filter = (
-            BudgetFilter(budget, self.accountant, adaptive=policy.adaptive) if budget is not None else None
+            BudgetFilter(budget, self.accountant, adaptive=policy.adaptive)
+            if budget is not None
+            else None
         )
         self.ledger = ledger if ledger is not None else Ledger()
         self.steps_taken = self.ledger.total_steps
@@ -153,7 +155,11 @@ class PrivacyEngine:
             delta = self.budget.delta
         key = (self.ledger.total_steps, delta)
         if self._eps_cache is None or self._eps_cache[0] != key:
-            measure = self.accountant.adaptive_epsilon if self.policy.adaptive else self.accountant.epsilon
+            measure = (
+                self.accountant.adaptive_epsilon
+                if self.policy.adaptive
+                else self.accountant.epsilon
+            )
             eps = measure(self.ledger.events, delta) if self.ledger.events else 0.0
             self._eps_cache = (key, eps)
         return self._eps_cache[1]

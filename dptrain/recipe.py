@@ -24,7 +24,13 @@ class RecipeError(ValueError):
 
 
 # Keys a resumed run may change without becoming a different run.
-RESUMABLE_KEYS = ("training.steps", "training.epochs", "training.checkpoint_every", "training.log_every", "training.eval_every")
+RESUMABLE_KEYS = (
+    "training.steps",
+    "training.epochs",
+    "training.checkpoint_every",
+    "training.log_every",
+    "training.eval_every",
+)
 
 
 class Section(BaseModel):
@@ -32,7 +38,9 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    name: str = Field(description="smollm2-135m, tiny-gpt2, tiny-llama, or a local Hugging Face model directory")
+    name: str = Field(
+        description="smollm2-135m, tiny-gpt2, tiny-llama, or a local Hugging Face model directory"
+    )
     dtype: Literal["float32", "float64", "bfloat16"] = "float32"
 
 
@@ -57,7 +65,9 @@ class DataSection(Section):
 class TrainingSection(Section):
     steps: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)
-    batch_size: float | None = Field(None, gt=0, description="expected logical (Poisson) batch size")
+    batch_size: float | None = Field(
+        None, gt=0, description="expected logical (Poisson) batch size"
+    )
     sample_rate: float | None = Field(None, gt=0, le=1)
     physical_batch_size: int = Field(8, ge=1)
     optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
@@ -130,7 +140,6 @@ class Recipe(Section):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-
 POLICY_SCHEMAS: dict[str, type[BaseModel]] = {}
 
 
@@ -197,7 +206,9 @@ def _check_policy(recipe: Recipe, source: str) -> None:
     if name not in POLICIES:
         close = difflib.get_close_matches(name, list(POLICIES), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise RecipeError(f"invalid recipe {source}:\n  policy.name: unknown policy '{name}'.{hint} Known: {', '.join(sorted(POLICIES))}")
+        raise RecipeError(
+            f"invalid recipe {source}:\n  policy.name: unknown policy '{name}'.{hint} Known: {', '.join(sorted(POLICIES))}"
+        )
     schema = POLICY_SCHEMAS.get(name)
     extra = recipe.policy.options
     if schema is None:
@@ -214,7 +225,9 @@ def _check_policy(recipe: Recipe, source: str) -> None:
         for e in err.errors():
             loc = "policy." + ".".join(str(x) for x in e["loc"])
             if e["type"] == "extra_forbidden":
-                known = ", ".join(["name", "grouping", "clip", "noise_multiplier", *schema.model_fields])
+                known = ", ".join(
+                    ["name", "grouping", "clip", "noise_multiplier", *schema.model_fields]
+                )
                 lines.append(f"{loc}: unknown key for policy '{name}'. Known keys: {known}")
             else:
                 lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")

@@ -173,10 +173,14 @@ class RunDir:
 def load_checkpoint_file(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file
-        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {err}); it is corrupted or not a checkpoint") from None
+    except Exception as err:
+        raise CheckpointError(
+            f"{path} cannot be read ({type(err).__name__}: {err}); it is corrupted or not a checkpoint"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a dptrain checkpoint (foreign file)")
     if state.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {state.get('version')}, this dptrain reads {CHECKPOINT_VERSION}")
+        raise CheckpointError(
+            f"{path} has checkpoint version {state.get('version')}, this dptrain reads {CHECKPOINT_VERSION}"
+        )
     return state

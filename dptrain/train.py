@@ -44,6 +44,8 @@ class Prepared:
     steps: int
     policy: Policy
     ledger: Ledger
+    calibrated_noise_multiplier: float | None
+    checkpoint: dict[str, Any] | None
 
 
 def log(msg: str) -> None:
@@ -61,7 +63,9 @@ def read_data(recipe: Recipe) -> tuple[TextDataset, TextDataset]:
     if d.max_records is not None:
         train = TextDataset(texts=train.texts[: d.max_records], ids=train.ids[: d.max_records])
     if d.max_validation_records is not None:
-        val = TextDataset(texts=val.texts[: d.max_validation_records], ids=val.ids[: d.max_validation_records])
+        val = TextDataset(
+            texts=val.texts[: d.max_validation_records], ids=val.ids[: d.max_validation_records]
+        )
     return train, val
 
 
@@ -91,10 +95,16 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
     q, delta, steps = check_against_data(recipe, len(train_texts))
     policy = build_policy(recipe)
     acc = recipe.privacy.accountant
+    if resume and getattr(policy, "noise_multiplier", 0) is None:
+        # a resumed run keeps the noise it was calibrated with, whatever its new length
+        policy.noise_multiplier = meta.get("calibrated_noise_multiplier")
     if getattr(policy, "noise_multiplier", 0) is None:
         sigma = policy.calibrate(recipe.privacy.epsilon, delta, steps, q, acc)
-        log(f"calibrated noise multiplier {sigma:.4f} for epsilon={recipe.privacy.epsilon} at delta={delta:.3g} over {steps} steps ({acc})")
-    ledger = Ledger.load(run.ledger) if resume and run.ledger.exists() else Ledger()
+        log(
+            f"calibrated noise multiplier {sigma:.4f} for epsilon={recipe.privacy.epsilon} at delta={delta:.3g} over {steps} steps ({acc})"
+        )
+    checkpoint = run.load_checkpoint(recipe.fingerprint()) if resume else None
+    ledger = Ledger.from_dict(checkpoint["engine"]["ledger"]) if checkpoint else Ledger()
     budget = Budget(recipe.privacy.epsilon, delta)
     fil = BudgetFilter(budget, acc)
     event = policy.planned_event(q)
@@ -109,8 +119,29 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
                 "run with fresh data or accept a larger epsilon in a new run."
             )
         if fits < steps - ledger.total_steps:
-            log(f"warning: the budget fits {fits} more steps of {steps - ledger.total_steps} planned; the run will stop there")
-    return Prepared(recipe, run, train_texts, val_texts, q, delta, steps, policy, ledger)
+            log(
+                f"warning: the budget fits {fits} more steps of {steps - ledger.total_steps} planned; the run will stop there"
+            )
+    if (
+        getattr(policy, "noise_multiplier", None) is not None
+        and recipe.policy.noise_multiplier is None
+    ):
+        prepared_sigma = policy.noise_multiplier
+    else:
+        prepared_sigma = None
+    return Prepared(
+        recipe,
+        run,
+        train_texts,
+        val_texts,
+        q,
+        delta,
+        steps,
+        policy,
+        ledger,
+        prepared_sigma,
+        checkpoint,
+    )
 
 
 def _recipe_diff(run: RunDir, recipe: Recipe) -> str:
@@ -118,7 +149,7 @@ def _recipe_diff(run: RunDir, recipe: Recipe) -> str:
 
     try:
         old = yaml.safe_load(run.recipe.read_text())
-    except Exception:  # noqa: BLE001
+    except Exception:
         return "its recipe.yaml is unreadable"
     new = recipe.model_dump(mode="json")
     diffs = []
@@ -151,7 +182,9 @@ def build_model(recipe: Recipe) -> tuple[torch.nn.Module, Any]:
             from peft import LoraConfig, get_peft_model
 
             cfg = LoraConfig(
-                r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+                r=recipe.lora.r,
+                lora_alpha=recipe.lora.alpha,
+                lora_dropout=recipe.lora.dropout,
                 target_modules=list(recipe.lora.target_modules),
             )
             model = get_peft_model(model, cfg)
@@ -160,7 +193,10 @@ def build_model(recipe: Recipe) -> tuple[torch.nn.Module, Any]:
 
 
 def eval_batches(examples: LMExamples, size: int) -> list[dict[str, torch.Tensor]]:
-    return [examples.batch(list(range(i, min(i + size, len(examples))))) for i in range(0, len(examples), size)]
+    return [
+        examples.batch(list(range(i, min(i + size, len(examples)))))
+        for i in range(0, len(examples), size)
+    ]
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -192,7 +228,11 @@ class RunResult:
 
 
 def train(
-    recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool = False, progress: bool = True,
+    recipe: Recipe,
+    run_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
     max_steps_this_session: int | None = None,
 ) -> RunResult:
     """Run (or resume) a recipe; see the module docstring."""
@@ -215,9 +255,16 @@ def train(
     optimizer = make_optimizer(recipe, params)
     noise = GaussianNoise(recipe.seed + 1, secure=recipe.privacy.secure_noise)
     engine = PrivacyEngine(
-        model, optimizer, policy=prep.policy, sample_rate=q, dataset_size=len(train_ex),
-        loss_fn=causal_lm_loss, grouping=recipe.policy.grouping, accountant=recipe.privacy.accountant,
-        budget=Budget(recipe.privacy.epsilon, delta), max_physical_batch_size=recipe.training.physical_batch_size,
+        model,
+        optimizer,
+        policy=prep.policy,
+        sample_rate=q,
+        dataset_size=len(train_ex),
+        loss_fn=causal_lm_loss,
+        grouping=recipe.policy.grouping,
+        accountant=recipe.privacy.accountant,
+        budget=Budget(recipe.privacy.epsilon, delta),
+        max_physical_batch_size=recipe.training.physical_batch_size,
         noise=noise,
     )
     sampler = PoissonSampler(len(train_ex), q, seed=recipe.seed)
@@ -225,9 +272,8 @@ def train(
     accountant = get_accountant(recipe.privacy.accountant)
 
     if resume:
-        state = run.load_checkpoint(fingerprint)
-        if state is not None:
-            _restore(state, model, optimizer, sampler, engine)
+        if prep.checkpoint is not None:
+            _restore(prep.checkpoint, model, optimizer, sampler, engine)
             log(f"resumed {run.path} at step {engine.steps_taken} (epsilon {engine.epsilon():.4f})")
         run.truncate_metrics(engine.steps_taken)
         meta = run.read_meta()
@@ -249,6 +295,7 @@ def train(
             "accountant": recipe.privacy.accountant,
             "planned_steps": prep.steps,
             "policy": prep.policy.describe(),
+            "calibrated_noise_multiplier": prep.calibrated_noise_multiplier,
             "grouping": recipe.policy.grouping,
             "groups": list(engine.groups),
             "noise_generator": noise.description,
@@ -278,8 +325,17 @@ def train(
     total = prep.steps
     start = engine.steps_taken
     end = total if max_steps_this_session is None else min(total, start + max_steps_this_session)
-    bar = tqdm(total=total, initial=start, desc="private steps", unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=start,
+        desc="private steps",
+        unit="step",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     t_train = time.perf_counter()
+    eps_shown = engine.epsilon()
     try:
         while engine.steps_taken < end:
             idx = sampler.sample()
@@ -290,15 +346,22 @@ def train(
                 stopped_by_budget = True
                 bar.write(f"stopping: {err}")
                 break
-            eps = engine.epsilon()
+            logging = report.step % recipe.training.log_every == 0 or report.step == end
+            eps = engine.epsilon() if logging else eps_shown
+            eps_shown = eps
             record = {
-                "step": report.step, "loss": report.loss, "batch_size": report.batch_size,
-                "epsilon": eps, "noise_multiplier": report.noise_multiplier,
-                "update_norm": report.update_norm, "nonfinite": report.nonfinite, "seconds": report.seconds,
+                "step": report.step,
+                "loss": report.loss,
+                "batch_size": report.batch_size,
+                "epsilon": eps,
+                "noise_multiplier": report.noise_multiplier,
+                "update_norm": report.update_norm,
+                "nonfinite": report.nonfinite,
+                "seconds": report.seconds,
             }
             if recipe.training.eval_every and report.step % recipe.training.eval_every == 0:
                 record["val_perplexity"] = perplexity(model, val_batches)
-            if report.step % recipe.training.log_every == 0:
+            if logging:
                 run.log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{report.loss:.3f}", eps=f"{eps:.3f}", B=report.batch_size)
@@ -318,16 +381,29 @@ def train(
         steps=engine.steps_taken,
         epsilon=eps,
         epsilon_by_accountant={
-            name: get_accountant(name).epsilon(engine.ledger.events, delta) if engine.ledger.events else 0.0
-            for name in ("rdp", "prv", "pld") if name != accountant.name
-        } | {accountant.name: eps},
+            name: get_accountant(name).epsilon(engine.ledger.events, delta)
+            if engine.ledger.events
+            else 0.0
+            for name in ("rdp", "prv", "pld")
+            if name != accountant.name
+        }
+        | {accountant.name: eps},
         guarantee_accountant=accountant.name,
         stopped_by_budget=stopped_by_budget,
         perplexity_after=ppl_after,
         train_seconds=meta.get("train_seconds", 0.0) + train_seconds,
     )
     run.write_meta(meta)
-    result = RunResult(run.path, engine.steps_taken, eps, delta, accountant.name, ppl_before, ppl_after, stopped_by_budget)
+    result = RunResult(
+        run.path,
+        engine.steps_taken,
+        eps,
+        delta,
+        accountant.name,
+        ppl_before,
+        ppl_after,
+        stopped_by_budget,
+    )
     _print_summary(result, meta)
     engine.detach()
     return result
@@ -338,7 +414,9 @@ def _restore(state: dict[str, Any], model, optimizer, sampler, engine) -> None:
     with torch.no_grad():
         for n, t in state["model"].items():
             if n not in names:
-                raise CheckpointError(f"checkpoint has parameter {n} that the model lacks: a different model or LoRA config")
+                raise CheckpointError(
+                    f"checkpoint has parameter {n} that the model lacks: a different model or LoRA config"
+                )
             names[n].copy_(t)
     optimizer.load_state_dict(state["optimizer"])
     sampler.load_state_dict(state["sampler"])
@@ -366,7 +444,9 @@ def _save_final(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
 
 
 def _print_summary(r: RunResult, meta: dict[str, Any]) -> None:
-    others = ", ".join(f"{k} {v:.3f}" for k, v in meta["epsilon_by_accountant"].items() if k != r.accountant)
+    others = ", ".join(
+        f"{k} {v:.3f}" for k, v in meta["epsilon_by_accountant"].items() if k != r.accountant
+    )
     lines = [
         "",
         f"run directory       {r.run_dir}",
@@ -374,7 +454,9 @@ def _print_summary(r: RunResult, meta: dict[str, Any]) -> None:
         f"val perplexity      {r.perplexity_before:.3f} -> {r.perplexity_after:.3f}",
         f"privacy guarantee   ({r.epsilon:.4f}, {r.delta:.3g})-DP for each training record",
         f"accountant          {r.accountant} (the guarantee rests on it); cross-check: {others}",
-        f"final model         {r.run_dir / 'final'}" if meta["status"] == "finished" else "status              paused",
+        f"final model         {r.run_dir / 'final'}"
+        if meta["status"] == "finished"
+        else "status              paused",
     ]
     print("\n".join(lines), flush=True)
     if not math.isfinite(r.epsilon):

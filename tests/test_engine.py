@@ -25,7 +25,9 @@ def lora(model, targets):
     return get_peft_model(model, LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
 
 
-def make(model, *, sigma=0.0, clip=0.1, n=3, q=1.0, grouping="flat", opt="sgd", loss=causal_lm_loss, **kw):
+def make(
+    model, *, sigma=0.0, clip=0.1, n=3, q=1.0, grouping="flat", opt="sgd", loss=causal_lm_loss, **kw
+):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = {
         "sgd": lambda: torch.optim.SGD(params, lr=1.0),
@@ -33,8 +35,14 @@ def make(model, *, sigma=0.0, clip=0.1, n=3, q=1.0, grouping="flat", opt="sgd", 
         "adamw": lambda: torch.optim.AdamW(params, lr=1e-2),
     }[opt]()
     return PrivacyEngine(
-        model, optimizer, policy=StaticPolicy(clip=clip, noise_multiplier=sigma), sample_rate=q,
-        dataset_size=n, loss_fn=loss, grouping=grouping, **kw,
+        model,
+        optimizer,
+        policy=StaticPolicy(clip=clip, noise_multiplier=sigma),
+        sample_rate=q,
+        dataset_size=n,
+        loss_fn=loss,
+        grouping=grouping,
+        **kw,
     )
 
 
@@ -58,7 +66,14 @@ def expected_step(model, batch, clip, groups_of):
     return out
 
 
-@pytest.mark.parametrize("build", [lambda: lora(tiny_gpt2(), ["c_attn"]), lambda: lora(tiny_llama(), ["q_proj", "v_proj"]), tiny_gpt2])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: lora(tiny_gpt2(), ["c_attn"]),
+        lambda: lora(tiny_llama(), ["q_proj", "v_proj"]),
+        tiny_gpt2,
+    ],
+)
 def test_noise_free_step_is_mean_of_clipped_per_example_grads(build):
     model = build()
     batch = lm_batch(61, 3, 6, seed=3)
@@ -93,7 +108,15 @@ def test_virtual_batches_equal_one_pass(chunk):
     results = []
     for physical in (None, chunk):
         model = lora(tiny_gpt2(), ["c_attn", "c_proj"])
-        engine = make(model, sigma=1.0, clip=0.1, n=50, q=0.1, max_physical_batch_size=physical, noise=GaussianNoise(7))
+        engine = make(
+            model,
+            sigma=1.0,
+            clip=0.1,
+            n=50,
+            q=0.1,
+            max_physical_batch_size=physical,
+            noise=GaussianNoise(7),
+        )
         engine.step(batch)
         results.append(snapshot(model))
     for name in results[0]:
@@ -192,7 +215,9 @@ def test_nonfinite_sample_is_dropped_not_poisoning():
     assert all(torch.isfinite(after[n]).all() for n in after)
     # equals the step on the three finite samples, still divided by E[B] = 4
     model2 = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-    model2.load_state_dict({k: v for k, v in zip(model2.state_dict(), before.values(), strict=True)})
+    model2.load_state_dict(
+        {k: v for k, v in zip(model2.state_dict(), before.values(), strict=True)}
+    )
     keep = torch.tensor([0, 2, 3])
     engine2 = make(model2, clip=1.0, n=4, q=1.0, loss=classification_loss)
     engine2.step((x[keep], y[keep]))
@@ -208,8 +233,13 @@ def test_plain_module_classifier_learns():
     model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 2))
     params = list(model.parameters())
     engine = PrivacyEngine(
-        model, torch.optim.SGD(params, lr=0.5), policy=StaticPolicy(clip=1.0, noise_multiplier=1.0),
-        sample_rate=64 / n, dataset_size=n, loss_fn=classification_loss, budget=Budget(8.0, 1e-4),
+        model,
+        torch.optim.SGD(params, lr=0.5),
+        policy=StaticPolicy(clip=1.0, noise_multiplier=1.0),
+        sample_rate=64 / n,
+        dataset_size=n,
+        loss_fn=classification_loss,
+        budget=Budget(8.0, 1e-4),
     )
     sampler = PoissonSampler(n, 64 / n, seed=0)
     for _ in range(60):
@@ -230,5 +260,10 @@ def test_loss_fn_must_be_per_sample():
 def test_optimizer_missing_params_is_an_error():
     model = nn.Linear(3, 2)
     with pytest.raises(ValueError, match="not in the optimizer"):
-        PrivacyEngine(model, torch.optim.SGD([model.weight], lr=1), policy=StaticPolicy(noise_multiplier=1.0),
-                      sample_rate=0.1, dataset_size=10)
+        PrivacyEngine(
+            model,
+            torch.optim.SGD([model.weight], lr=1),
+            policy=StaticPolicy(noise_multiplier=1.0),
+            sample_rate=0.1,
+            dataset_size=10,
+        )

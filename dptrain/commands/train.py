@@ -13,9 +13,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "validation perplexity before and after, and the final (epsilon, delta).",
     )
     p.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run in RUN_DIR with its ledger")
-    p.add_argument("--output", metavar="RUN_DIR", help="run directory (default: recipe output_dir or runs/<name>)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key, e.g. --set training.steps=10")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a stopped run in RUN_DIR with its ledger"
+    )
+    p.add_argument(
+        "--output",
+        metavar="RUN_DIR",
+        help="run directory (default: recipe output_dir or runs/<name>)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set training.steps=10",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

@@ -100,7 +100,9 @@ class Policy(ABC):
         ``steps`` steps; the default assumes one Poisson-subsampled Gaussian event per step."""
         from accountants import calibrate_noise
 
-        self.noise_multiplier = calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant)
+        self.noise_multiplier = calibrate_noise(
+            target_epsilon, delta, sample_rate, steps, accountant
+        )
         return self.noise_multiplier
 
     def planned_event(self, sample_rate: float) -> Event | None:

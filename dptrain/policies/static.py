@@ -60,7 +60,9 @@ class StaticPolicy(Policy):
             each = self.clip / math.sqrt(len(self.groups))
             self._clip = dict.fromkeys(self.groups, each)
         if self.noise_multiplier is None:
-            raise ValueError("set noise_multiplier, or call calibrate() with a target epsilon, before binding")
+            raise ValueError(
+                "set noise_multiplier, or call calibrate() with a target epsilon, before binding"
+            )
         std = self.noise_multiplier * self.clip
         self._plan = StepPlan(clip=self._clip, noise_std=dict.fromkeys(self.groups, std))
 

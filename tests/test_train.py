@@ -1,0 +1,150 @@
+"""Whole runs of the tiny recipe: run directory, resume after SIGKILL, budget stop, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from accountants import Ledger, get_accountant
+from dptrain.cli import main
+from dptrain.recipe import parse_recipe
+from dptrain.rundir import RunDir
+from dptrain.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(tmp_path: Path, name: str = "r", **sections) -> Path:
+    d = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+    d["lora"] = {"r": 2, "alpha": 4, "target_modules": ["c_attn"]}
+    d["output_dir"] = str(tmp_path / name)
+    for section, values in sections.items():
+        d[section].update(values)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def test_train_writes_a_complete_run_dir(tmp_path, capsys):
+    recipe = tiny(tmp_path)
+    assert main(["train", str(recipe), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "privacy guarantee" in out and "accountant          rdp" in out and "val perplexity" in out
+    )
+    run = RunDir(tmp_path / "r")
+    meta = run.read_meta()
+    assert meta["status"] == "finished" and meta["steps"] == 8
+    assert 0 < meta["epsilon"] <= 8.0
+    assert meta["guarantee_accountant"] == "rdp"
+    assert "torch.Generator" in meta["noise_generator"]
+    ledger = Ledger.load(run.ledger)
+    assert ledger.total_steps == 8
+    assert get_accountant("rdp").epsilon(ledger.events, meta["delta"]) == pytest.approx(
+        meta["epsilon"]
+    )
+    assert len(run.read_metrics()) == 8
+    assert run.checkpoint_files()
+    # the final adapter loads with peft
+    from peft import PeftModel
+
+    from dptrain.models import load_model_and_tokenizer
+
+    base, _ = load_model_and_tokenizer("tiny-gpt2")
+    model = PeftModel.from_pretrained(base, run.final)
+    state = torch.load(run.checkpoint_files()[-1], weights_only=True)["model"]
+    loaded = dict(model.named_parameters())
+    for name, value in state.items():
+        assert torch.equal(loaded[name].detach(), value), name
+    # dptrain epsilon --run reads the ledger
+    assert main(["epsilon", "--run", str(run.path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["epsilon"] == pytest.approx(meta["epsilon"])
+
+
+def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(RunDir(run_dir).checkpoint_files()[-1], weights_only=True)["model"]
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
+    steps = 30
+    killed = tiny(tmp_path, "killed", training={"steps": steps, "checkpoint_every": 4})
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "dptrain.cli", "train", str(killed), "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 10:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # lands somewhere inside a step or a checkpoint write
+    proc.wait()
+    partial = Ledger.load(tmp_path / "killed" / "ledger.json").total_steps
+    assert 0 < partial < steps
+    resumed = parse_recipe(yaml.safe_load(killed.read_text()))
+    train(resumed, tmp_path / "killed", resume=True, progress=False)
+
+    whole = tiny(tmp_path, "whole", training={"steps": steps, "checkpoint_every": 4})
+    train(parse_recipe(yaml.safe_load(whole.read_text())), progress=False)
+
+    a, b = RunDir(tmp_path / "killed"), RunDir(tmp_path / "whole")
+    assert Ledger.load(a.ledger).to_dict() == Ledger.load(b.ledger).to_dict()
+    assert a.read_meta()["epsilon"] == b.read_meta()["epsilon"]
+    sa, sb = _final_state(a.path), _final_state(b.path)
+    assert all(torch.equal(sa[k], sb[k]) for k in sb)
+    assert [m["step"] for m in a.read_metrics()] == list(range(1, steps + 1))
+
+
+def test_budget_stops_the_run_cleanly(tmp_path, capsys):
+    recipe = tiny(
+        tmp_path,
+        policy={"noise_multiplier": 1.0},
+        privacy={"epsilon": 2.0},
+        training={"steps": 500},
+    )
+    assert main(["train", str(recipe), "--no-progress"]) == 0
+    meta = RunDir(tmp_path / "r").read_meta()
+    assert meta["stopped_by_budget"] and meta["steps"] < 500
+    assert meta["epsilon"] <= 2.0
+    assert "the budget fits" in capsys.readouterr().err
+    # resuming a spent run is refused before the model is loaded
+    assert main(["train", str(recipe), "--resume", str(tmp_path / "r")]) == 2
+    assert "already spent" in capsys.readouterr().err
+
+
+def test_existing_run_and_different_recipe_are_refused(tmp_path, capsys):
+    recipe = tiny(tmp_path, training={"steps": 2})
+    assert main(["train", str(recipe), "--no-progress"]) == 0
+    assert main(["train", str(recipe), "--no-progress"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    other = tiny(tmp_path, "other", training={"lr": 0.5})
+    assert main(["train", str(other), "--resume", str(tmp_path / "r")]) == 2
+    assert "training.lr" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_falls_back_or_fails_clearly(tmp_path, capsys):
+    recipe = tiny(
+        tmp_path, training={"steps": 8, "checkpoint_every": 2}, policy={"noise_multiplier": 1.0}
+    )
+    assert main(["train", str(recipe), "--no-progress"]) == 0
+    run = RunDir(tmp_path / "r")
+    files = run.checkpoint_files()
+    files[-1].write_bytes(b"garbage")
+    state = run.load_checkpoint()
+    assert state["step"] == int(files[0].stem.split("-")[1])
+    for f in files:
+        f.write_bytes(b"garbage")
+    assert (
+        main(["train", str(recipe), "--resume", str(run.path), "--set", "training.steps=10"]) == 2
+    )
+    assert "corrupted or not a checkpoint" in capsys.readouterr().err
