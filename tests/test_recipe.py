@@ -90,7 +90,7 @@ def test_delta_must_be_below_one_over_n():
 
 def test_batch_larger_than_data_and_tiny_data():
     recipe = parse_recipe(base())
-    with pytest.raises(RecipeError, match="training.batch_size"):
+    with pytest.raises(RecipeError, match=r"training\.batch_size"):
         check_against_data(recipe, 10)
     with pytest.raises(RecipeError, match="needs a dataset"):
         check_against_data(recipe, 1)
@@ -101,7 +101,7 @@ def test_overrides(tmp_path):
     path.write_text(yaml.safe_dump(base()))
     recipe = load_recipe(path, ["training.steps=3", "policy.clip=0.5"])
     assert recipe.training.steps == 3 and recipe.policy.clip == 0.5
-    with pytest.raises(RecipeError, match="section.key=value"):
+    with pytest.raises(RecipeError, match=r"section\.key=value"):
         load_recipe(path, ["nonsense"])
 
 
