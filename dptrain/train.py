@@ -188,6 +188,7 @@ def build_model(recipe: Recipe) -> tuple[torch.nn.Module, Any]:
                 target_modules=list(recipe.lora.target_modules),
             )
             model = get_peft_model(model, cfg)
+    model.to(dtype)  # adapters are created in torch's default dtype; keep one dtype throughout
     model.train()
     return model, tok
 

@@ -13,7 +13,15 @@ from dptrain.grad_sample import FuncRule, GradCapture, UnsupportedLayerError
 
 from .helpers import assert_close_rel, loop_per_sample_grads
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Exactness checks run in float64; restore the default afterwards for other tests."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
