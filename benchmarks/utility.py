@@ -34,20 +34,42 @@ SETUPS: dict[str, dict[str, Any]] = {
     "small": {
         "model": {"name": "tiny-gpt2:n_layer=2,n_embd=128,vocab=2048"},
         "lora": None,
-        "data": {"path": "bundled:clinic_notes", "max_length": 64, "validation_fraction": 0.1,
-                 "max_validation_records": 200},
-        "training": {"steps": 200, "batch_size": 128, "physical_batch_size": 64, "optimizer": "adamw",
-                     "lr": 0.003, "eval_every": 20, "checkpoint_every": 1000},
+        "data": {
+            "path": "bundled:clinic_notes",
+            "max_length": 64,
+            "validation_fraction": 0.1,
+            "max_validation_records": 200,
+        },
+        "training": {
+            "steps": 200,
+            "batch_size": 128,
+            "physical_batch_size": 64,
+            "optimizer": "adamw",
+            "lr": 0.003,
+            "eval_every": 20,
+            "checkpoint_every": 1000,
+        },
         "privacy": {"epsilon": 8.0, "accountant": "prv"},
     },
     # SmolLM2-135M + LoRA: a benchmark, tens of minutes per run on 2 cores
     "smollm": {
         "model": {"name": "smollm2-135m"},
         "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
-        "data": {"path": "bundled:clinic_notes", "max_length": 64, "validation_fraction": 0.1,
-                 "max_validation_records": 64},
-        "training": {"steps": 150, "batch_size": 32, "physical_batch_size": 16, "optimizer": "adamw",
-                     "lr": 0.003, "eval_every": 15, "checkpoint_every": 1000},
+        "data": {
+            "path": "bundled:clinic_notes",
+            "max_length": 64,
+            "validation_fraction": 0.1,
+            "max_validation_records": 64,
+        },
+        "training": {
+            "steps": 150,
+            "batch_size": 32,
+            "physical_batch_size": 16,
+            "optimizer": "adamw",
+            "lr": 0.003,
+            "eval_every": 15,
+            "checkpoint_every": 1000,
+        },
         "privacy": {"epsilon": 8.0, "delta": 1.0e-5, "accountant": "prv"},
     },
 }
@@ -81,7 +103,11 @@ def run_one(recipe_dict: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     result = train(parse_recipe(recipe_dict), progress=False)
     wall = time.perf_counter() - t0
-    curve = [(m["step"], m["epsilon"], m["val_perplexity"]) for m in RunDir(out).read_metrics() if "val_perplexity" in m]
+    curve = [
+        (m["step"], m["epsilon"], m["val_perplexity"])
+        for m in RunDir(out).read_metrics()
+        if "val_perplexity" in m
+    ]
     return {
         "perplexity": result.perplexity_after,
         "perplexity_before": result.perplexity_before,
@@ -121,7 +147,9 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             reach = [first_step_reaching(r["curve"], static_final) for r in rs]
             entry["updates_to_static_final"] = [x for x in reach]
             entry["updates_to_static_final_mean"] = (
-                statistics.mean(x for x in reach if x is not None) if any(x is not None for x in reach) else None
+                statistics.mean(x for x in reach if x is not None)
+                if any(x is not None for x in reach)
+                else None
             )
         out[policy] = entry
     return out
@@ -139,7 +167,13 @@ def plot(setup: str, runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
             if not r["curve"]:
                 continue
             _, eps, ppl = zip(*r["curve"], strict=True)
-            ax.plot(eps, ppl, label=policy if i == 0 else None, color=f"C{list(runs).index(policy)}", alpha=0.8)
+            ax.plot(
+                eps,
+                ppl,
+                label=policy if i == 0 else None,
+                color=f"C{list(runs).index(policy)}",
+                alpha=0.8,
+            )
     ax.set_xlabel("epsilon spent")
     ax.set_ylabel("validation perplexity")
     ax.set_yscale("log")
@@ -153,7 +187,11 @@ def plot(setup: str, runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--setup", choices=[*SETUPS, "all"], default="small")
-    ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated, from: " + ", ".join(POLICIES))
+    ap.add_argument(
+        "--policies",
+        default=",".join(POLICIES),
+        help="comma-separated, from: " + ", ".join(POLICIES),
+    )
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="a tenth of the steps (smoke run)")
     ap.add_argument("--out", default=str(RESULTS / "utility.json"))
@@ -172,15 +210,26 @@ def main(argv: list[str] | None = None) -> int:
                 rdir = RESULTS / "runs" / f"{setup}-{policy}-{seed}"
                 print(f"[{setup}] {policy} seed {seed} ...", flush=True)
                 r = run_one(recipe_for(setup, policy, seed, rdir, args.quick))
-                print(f"    perplexity {r['perplexity']:.3f}  epsilon {r['epsilon']:.3f}  {r['wall_seconds']:.0f}s", flush=True)
+                print(
+                    f"    perplexity {r['perplexity']:.3f}  epsilon {r['epsilon']:.3f}  {r['wall_seconds']:.0f}s",
+                    flush=True,
+                )
                 runs.setdefault(policy, []).append(r)
         summary = summarize(runs)
         results[setup] = {**results.get(setup, {}), **summary}
         plot(setup, runs, RESULTS / f"utility_{setup}.png")
         for policy, e in summary.items():
-            print(f"{setup:8s} {policy:15s} ppl {e['perplexity_mean']:.3f} ± {e['perplexity_std']:.3f}  eps {e['epsilon']:.3f}")
+            print(
+                f"{setup:8s} {policy:15s} ppl {e['perplexity_mean']:.3f} ± {e['perplexity_std']:.3f}  eps {e['epsilon']:.3f}"
+            )
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(results, indent=2, default=lambda x: None if isinstance(x, float) and not math.isfinite(x) else x))
+    out_path.write_text(
+        json.dumps(
+            results,
+            indent=2,
+            default=lambda x: None if isinstance(x, float) and not math.isfinite(x) else x,
+        )
+    )
     print(f"wrote {out_path}")
     return 0
 

@@ -14,7 +14,6 @@ from dptrain.grad_sample import FuncRule, GradCapture, UnsupportedLayerError
 from .helpers import assert_close_rel, loop_per_sample_grads
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     """Exactness checks run in float64; restore the default afterwards for other tests."""
