@@ -2,7 +2,8 @@
 and noise calibration.
 
 All accountants report upper bounds on epsilon (never estimates) for add/remove-one
-neighbouring datasets and Poisson-subsampled Gaussian steps (see :class:`Event`).
+neighbouring datasets and Poisson-subsampled Gaussian steps (see :class:`Event`); the RDP
+accountant also accounts error-feedback (DiceSGD) steps (:mod:`accountants.error_feedback`).
 """
 
 from .base import (
@@ -14,6 +15,7 @@ from .base import (
 )
 from .budget import UNLIMITED, Budget, BudgetExceeded, BudgetFilter
 from .calibrate import calibrate_noise, calibrate_steps
+from .error_feedback import ERROR_FEEDBACK, error_feedback_event
 from .ledger import POISSON_GAUSSIAN, Event, Ledger, LedgerError, LedgerNotFoundError
 from .pld import PldAccountant
 from .prv import PrvAccountant, PrvFallbackWarning
@@ -21,6 +23,7 @@ from .rdp import ADAPTIVE_ORDERS, RDP_ORDERS, RdpAccountant
 
 __all__ = [
     "ADAPTIVE_ORDERS",
+    "ERROR_FEEDBACK",
     "POISSON_GAUSSIAN",
     "RDP_ORDERS",
     "UNLIMITED",
@@ -40,6 +43,7 @@ __all__ = [
     "available_accountants",
     "calibrate_noise",
     "calibrate_steps",
+    "error_feedback_event",
     "get_accountant",
     "register_accountant",
 ]

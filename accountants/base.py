@@ -106,9 +106,12 @@ def check_events(
         if not isinstance(e, Event):
             raise TypeError(f"expected accountants.Event, got {type(e).__name__}: {e!r}")
         if e.kind not in supported:
+            from .rdp import rdp_kinds
+
+            fix = "use accountant 'rdp'" if e.kind in rdp_kinds() else "use an accountant that does"
             raise UnsupportedEventError(
                 f"the {accountant!r} accountant does not support events of kind {e.kind!r} "
-                f"(supported: {', '.join(supported)}); use an accountant that does"
+                f"(supported: {', '.join(supported)}); {fix}"
             )
     return out
 

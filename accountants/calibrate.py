@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from .base import Accountant, check_delta, get_accountant
 from .budget import Budget, BudgetFilter
-from .ledger import Event, Ledger
+from .ledger import POISSON_GAUSSIAN, Event, Ledger, Params
 
 SIGMA_MIN = 1e-4
 SIGMA_MAX = 1e6
@@ -102,23 +102,26 @@ def calibrate_noise(
     accountant: str | Accountant = "rdp",
     *,
     tol: float = 1e-3,
+    kind: str = POISSON_GAUSSIAN,
+    params: Params | dict[str, float] = (),
 ) -> float:
     """Smallest noise multiplier sigma whose epsilon(delta) <= target (bisection on the monotone
     epsilon(sigma)).  The returned sigma satisfies the target (rounded up, never down) and
-    ``sigma / (1 + tol)`` does not."""
+    ``sigma / (1 + tol)`` does not.  ``kind`` and ``params`` select another event kind whose
+    epsilon is non-increasing in sigma (e.g. ``error_feedback``)."""
     _check(target_epsilon, sample_rate, steps)
     delta = check_delta(delta)
     if not (0 < tol < 1):
         raise ValueError(f"tol must be in (0, 1), got {tol!r}")
     acc = _accountant(accountant)
 
-    def eps(sigma: float) -> float:
-        return acc.epsilon([Event(sample_rate, sigma, steps)], delta)
+    def eps(sigma: float, acc: Accountant = acc) -> float:
+        return acc.epsilon([Event(sample_rate, sigma, steps, kind, params)], delta)
 
     start = 1.0
     if acc.name != "rdp":  # RDP overestimates epsilon, so its sigma is a near admissible start
         start = smallest_sigma(
-            lambda s: get_accountant("rdp").epsilon([Event(sample_rate, s, steps)], delta),
+            lambda s: eps(s, get_accountant("rdp")),
             target_epsilon,
             tol=0.05,
         )

@@ -1,12 +1,13 @@
 """The privacy ledger: an ordered, append-only record of the mechanisms a run has executed.
 
-An :class:`Event` is one *kind* of step repeated ``steps`` times.  The only kind implemented
-today is ``"poisson_gaussian"``: the Gaussian mechanism with L2 sensitivity 1 and noise
+An :class:`Event` is one *kind* of step repeated ``steps`` times.  The basic kind is
+``"poisson_gaussian"``: the Gaussian mechanism with L2 sensitivity 1 and noise
 ``N(0, sigma^2)`` applied to a Poisson subsample in which each record is included
-independently with probability ``q`` (add/remove-one neighbouring datasets).  Other kinds may
-be added later; each accountant states which kinds it supports and rejects the rest by name.
+independently with probability ``q`` (add/remove-one neighbouring datasets).  Other kinds
+(e.g. ``"error_feedback"``, :mod:`accountants.error_feedback`) may carry extra named
+``params``; each accountant states which kinds it supports and rejects the rest by name.
 
-The ledger merges consecutive events with equal ``(kind, q, sigma)`` by adding their steps, so
+The ledger merges consecutive events with equal ``(kind, q, sigma[, params])`` by adding their steps, so
 a run of a thousand identical steps is one entry.  It only ever grows: ``record`` appends an
 entry or adds steps to the last one, which lets budget filters cache work per ledger prefix.
 """
@@ -27,6 +28,9 @@ POISSON_GAUSSIAN = "poisson_gaussian"
 LEDGER_FORMAT = "dptrain.ledger"
 LEDGER_VERSION = 1
 _EVENT_KEYS = frozenset({"kind", "sample_rate", "noise_multiplier", "steps"})
+_OPTIONAL_KEYS = frozenset({"params"})
+
+Params = tuple[tuple[str, float], ...]
 
 
 class LedgerError(ValueError):
@@ -50,13 +54,15 @@ class Event:
     ``steps`` times.
 
     ``sigma = inf`` is a step without privacy cost; ``sigma = 0`` a step with infinite cost.
-    ``kind`` names the mechanism; accountants raise for kinds they do not support.
+    ``kind`` names the mechanism; accountants raise for kinds they do not support.  ``params``
+    are the extra real parameters of kinds that need them (a mapping, stored sorted by name).
     """
 
     sample_rate: float  # q in (0, 1]; q == 1 means no subsampling (full batch)
     noise_multiplier: float  # sigma >= 0 (inf = no privacy cost; 0 = infinite cost)
     steps: int = 1
     kind: str = POISSON_GAUSSIAN
+    params: Params = ()
 
     def __post_init__(self) -> None:
         q = _as_float(self.sample_rate, "sample_rate")
@@ -80,35 +86,52 @@ class Event:
         object.__setattr__(self, "sample_rate", q)
         object.__setattr__(self, "noise_multiplier", sigma)
         object.__setattr__(self, "steps", steps)
+        object.__setattr__(self, "params", _as_params(self.params))
 
     @property
-    def key(self) -> tuple[str, float, float]:
-        """What identifies the mechanism, without the repetition count: (kind, q, sigma)."""
-        return (self.kind, self.sample_rate, self.noise_multiplier)
+    def key(self) -> tuple:
+        """What identifies the mechanism, without the repetition count: (kind, q, sigma), and
+        the params for kinds that have them."""
+        base = (self.kind, self.sample_rate, self.noise_multiplier)
+        return (*base, self.params) if self.params else base
+
+    def param(self, name: str) -> float:
+        """The value of one of ``params``; ValueError naming the kind if it is missing."""
+        for key, value in self.params:
+            if key == name:
+                return value
+        raise ValueError(f"an event of kind {self.kind!r} needs the parameter {name!r}")
 
     def with_steps(self, steps: int) -> Event:
         """The same mechanism repeated ``steps`` times."""
-        return Event(self.sample_rate, self.noise_multiplier, steps, self.kind)
+        return Event(self.sample_rate, self.noise_multiplier, steps, self.kind, self.params)
 
     def to_dict(self) -> dict[str, Any]:
         sigma: float | str = self.noise_multiplier
         if math.isinf(sigma):
             sigma = "inf"  # strict JSON has no infinity
-        return {
+        out: dict[str, Any] = {
             "kind": self.kind,
             "sample_rate": self.sample_rate,
             "noise_multiplier": sigma,
             "steps": self.steps,
         }
+        if self.params:
+            out["params"] = dict(self.params)
+        return out
 
     @classmethod
     def from_dict(cls, d: Any) -> Event:
         if not isinstance(d, dict):
             raise LedgerError(f"an event must be a JSON object, got {type(d).__name__}")
-        if set(d) != _EVENT_KEYS:
+        if not _EVENT_KEYS <= set(d) <= _EVENT_KEYS | _OPTIONAL_KEYS:
             raise LedgerError(
-                f"an event must have exactly the keys {sorted(_EVENT_KEYS)}, got {sorted(d)}"
+                f"an event must have exactly the keys {sorted(_EVENT_KEYS)} (and optionally "
+                f"{sorted(_OPTIONAL_KEYS)}), got {sorted(d)}"
             )
+        params = d.get("params", {})
+        if not isinstance(params, dict):
+            raise LedgerError(f"event params must be a JSON object, got {params!r}")
         sigma = d["noise_multiplier"]
         if sigma in ("inf", "Infinity"):
             sigma = math.inf
@@ -116,14 +139,33 @@ class Event:
         if isinstance(steps, bool) or not isinstance(steps, int):
             raise LedgerError(f"event steps must be an integer, got {steps!r}")
         try:
-            return cls(d["sample_rate"], sigma, steps, d["kind"])
+            return cls(d["sample_rate"], sigma, steps, d["kind"], tuple(params.items()))
         except (TypeError, ValueError) as err:
             raise LedgerError(f"invalid event {d!r}: {err}") from None
 
 
+def _as_params(params: Any) -> Params:
+    """``params`` (a mapping or (name, value) pairs) as name-sorted (str, float) pairs."""
+    pairs = []
+    for item in params.items() if isinstance(params, dict) else params:
+        try:
+            name, value = item
+        except (TypeError, ValueError):
+            raise TypeError(f"params must map names to numbers, got {params!r}") from None
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"param names must be non-empty strings, got {name!r}")
+        value = _as_float(value, f"param {name!r}")
+        if math.isnan(value):
+            raise ValueError(f"param {name!r} is NaN")
+        pairs.append((name, value))
+    if len({name for name, _ in pairs}) != len(pairs):
+        raise ValueError(f"duplicate param names in {params!r}")
+    return tuple(sorted(pairs))
+
+
 class Ledger:
-    """Ordered list of events. Consecutive events with equal (kind, q, sigma) are merged by
-    adding steps.  Append-only: entries before the last never change."""
+    """Ordered list of events. Consecutive events with equal (kind, q, sigma, params) are merged
+    by adding steps.  Append-only: entries before the last never change."""
 
     def __init__(self, events: list[Event] | None = None) -> None:
         self._events: list[Event] = []
@@ -131,7 +173,7 @@ class Ledger:
             self.record(e)
 
     def record(self, event: Event) -> None:
-        """Append ``event``, merging it into the last entry when (kind, q, sigma) match."""
+        """Append ``event``, merging it into the last entry when its mechanism (key) matches."""
         if not isinstance(event, Event):
             raise TypeError(f"record() takes an Event, got {type(event).__name__}")
         if self._events and self._events[-1].key == event.key:

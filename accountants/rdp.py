@@ -34,6 +34,10 @@ coarser order set :data:`ADAPTIVE_ORDERS` (|Lambda| = 25, so the union bound cos
 log(25) / (alpha - 1) in epsilon), and without the KL shortcut (not a pointwise bound).
 ``epsilon`` (non-adaptive) is the right number when the schedule of (q, sigma) does not depend
 on private data; use ``adaptive_epsilon`` / ``BudgetFilter(..., adaptive=True)`` when it does.
+
+Event kinds.  Besides ``poisson_gaussian``, any kind whose per-step RDP curve is known can be
+accounted: :func:`register_rdp_kind` maps a kind to ``(event, orders) -> per-step RDP`` (an
+upper bound at every order).  :mod:`accountants.error_feedback` registers ``error_feedback``.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ import numpy as np
 from dp_accounting.rdp import rdp_privacy_accountant as _dp_rdp
 
 from .base import check_delta, check_epsilon, check_events, merge_consecutive
-from .ledger import Event
+from .ledger import POISSON_GAUSSIAN, Event
 
 RDP_ORDERS: tuple[float, ...] = tuple(
     [round(1 + k / 20, 10) for k in range(1, 20)]
@@ -96,6 +100,24 @@ def _step_rdp(q: float, sigma: float, orders: tuple[float, ...]) -> np.ndarray:
             logger.removeFilter(_ABSL_FILTER)
     out.setflags(write=False)
     return out
+
+
+StepRdp = Callable[[Event, tuple[float, ...]], np.ndarray]
+
+_KINDS: dict[str, StepRdp] = {
+    POISSON_GAUSSIAN: lambda e, orders: _step_rdp(e.sample_rate, e.noise_multiplier, orders)
+}
+
+
+def register_rdp_kind(kind: str, step_rdp: StepRdp) -> None:
+    """Let the RDP accountant compose events of ``kind``: ``step_rdp(event, orders)`` must return
+    an upper bound on one step's RDP at each order (valid for both neighbouring directions)."""
+    _KINDS[kind] = step_rdp
+
+
+def rdp_kinds() -> tuple[str, ...]:
+    """The event kinds the RDP accountant supports."""
+    return tuple(_KINDS)
 
 
 @functools.lru_cache(maxsize=64)
@@ -174,11 +196,11 @@ class RdpAccountant:
     def step_rdp(self, event: Event, *, adaptive: bool = False) -> np.ndarray:
         """RDP of one step of ``event`` at each order."""
         orders = self.adaptive_orders if adaptive else self.orders
-        return _step_rdp(event.sample_rate, event.noise_multiplier, orders)
+        return _KINDS[event.kind](event, orders)
 
     def rdp(self, events: Sequence[Event], *, adaptive: bool = False) -> np.ndarray:
         """The RDP curve ``sum_i steps_i r(q_i, sigma_i)`` of the merged events, left to right."""
-        events = merge_consecutive(check_events(events, self.name))
+        events = merge_consecutive(check_events(events, self.name, _KINDS))
         orders = self.adaptive_orders if adaptive else self.orders
         total = np.zeros(len(orders))
         for e in events:
@@ -215,7 +237,7 @@ class RdpAccountant:
         orders = self.adaptive_orders if adaptive else self.orders
         convert = adaptive_epsilon_from_rdp if adaptive else epsilon_from_rdp
         base = self.rdp(prefix, adaptive=adaptive)
-        step = self.step_rdp(check_events([event], self.name)[0], adaptive=adaptive)
+        step = self.step_rdp(check_events([event], self.name, _KINDS)[0], adaptive=adaptive)
 
         def f(k: int) -> float:
             return convert(orders, base if k == 0 else base + k * step, delta)
