@@ -16,7 +16,14 @@ from .engine import PrivacyEngine, StepReport
 from .grad_sample import UnsupportedLayerError, register_rule
 from .losses import causal_lm_loss, classification_loss, perplexity
 from .noise import GaussianNoise
-from .policies import Policy, StaticPolicy, StepPlan, make_policy, register_policy
+from .policies import (
+    ErrorFeedbackPolicy,
+    Policy,
+    StaticPolicy,
+    StepPlan,
+    make_policy,
+    register_policy,
+)
 from .sampling import PoissonSampler
 
 __version__ = "0.1.0"
@@ -24,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Budget",
     "BudgetExceeded",
+    "ErrorFeedbackPolicy",
     "Event",
     "GaussianNoise",
     "Ledger",

@@ -87,6 +87,12 @@ class PrivacyEngine:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if max_physical_batch_size is not None and max_physical_batch_size < 1:
             raise ValueError("max_physical_batch_size must be >= 1")
+        if policy.accountants is not None and accountant not in policy.accountants:
+            raise ValueError(
+                f"policy '{policy.name}' is accounted by its own analysis, implemented by the "
+                f"{' / '.join(policy.accountants)} accountant only; got '{accountant}'. "
+                f"Use accountant='{policy.accountants[0]}'"
+            )
         self.model = model
         self.optimizer = optimizer
         self.policy = policy
@@ -102,6 +108,7 @@ class PrivacyEngine:
         by_name = dict(model.named_parameters())
         self.grouping = grouping
         self.groups = {g: [by_name[n] for n in ns] for g, ns in names.items()}
+        self.names = {by_name[n]: n for ns in names.values() for n in ns}
         self.group_of = {p: g for g, ps in self.groups.items() for p in ps}
         self.params = [p for ps in self.groups.values() for p in ps]
         _check_optimizer(optimizer, self.params)
@@ -239,6 +246,8 @@ class PrivacyEngine:
             raw=raw,
             group_of=self.group_of,
             expected_batch_size=self.expected_batch_size,
+            names=self.names,
+            nonfinite=nonfinite,
         )
         update = self.policy.release(sums, plan, self.noise)
         self.ledger.record(event)  # charged before the noisy update reaches the model

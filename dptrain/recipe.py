@@ -209,6 +209,13 @@ def _check_policy(recipe: Recipe, source: str) -> None:
         raise RecipeError(
             f"invalid recipe {source}:\n  policy.name: unknown policy '{name}'.{hint} Known: {', '.join(sorted(POLICIES))}"
         )
+    allowed = getattr(POLICIES[name], "accountants", None)
+    if allowed is not None and recipe.privacy.accountant not in allowed:
+        raise RecipeError(
+            f"invalid recipe {source}:\n  privacy.accountant: policy '{name}' is accounted by its "
+            f"own analysis, which only the {' / '.join(allowed)} accountant implements (got "
+            f"'{recipe.privacy.accountant}'). Fix: set privacy.accountant: {allowed[0]}"
+        )
     schema = POLICY_SCHEMAS.get(name)
     extra = recipe.policy.options
     if schema is None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from accountants import Budget, BudgetFilter, Ledger, get_accountant
+from accountants import Budget, BudgetFilter, Ledger, UnsupportedEventError, get_accountant
 
 from .data import LMExamples, TextDataset, load_texts, split, tokenize
 from .engine import BudgetExceeded, PrivacyEngine
@@ -382,9 +382,7 @@ def train(
         steps=engine.steps_taken,
         epsilon=eps,
         epsilon_by_accountant={
-            name: get_accountant(name).epsilon(engine.ledger.events, delta)
-            if engine.ledger.events
-            else 0.0
+            name: _cross_check(name, engine.ledger, delta)
             for name in ("rdp", "prv", "pld")
             if name != accountant.name
         }
@@ -408,6 +406,14 @@ def train(
     _print_summary(result, meta)
     engine.detach()
     return result
+
+
+def _cross_check(name: str, ledger: Ledger, delta: float) -> float | None:
+    """Epsilon of the ledger by another accountant; None if it cannot account these events."""
+    try:
+        return get_accountant(name).epsilon(ledger.events, delta) if ledger.events else 0.0
+    except UnsupportedEventError:
+        return None
 
 
 def _restore(state: dict[str, Any], model, optimizer, sampler, engine) -> None:
@@ -446,7 +452,9 @@ def _save_final(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
 
 def _print_summary(r: RunResult, meta: dict[str, Any]) -> None:
     others = ", ".join(
-        f"{k} {v:.3f}" for k, v in meta["epsilon_by_accountant"].items() if k != r.accountant
+        f"{k} {v:.3f}" if v is not None else f"{k} n/a"
+        for k, v in meta["epsilon_by_accountant"].items()
+        if k != r.accountant
     )
     lines = [
         "",

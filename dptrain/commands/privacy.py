@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from accountants import (
+    POISSON_GAUSSIAN,
     Event,
     Ledger,
     LedgerError,
+    UnsupportedEventError,
     calibrate_noise,
     get_accountant,
 )
@@ -265,7 +267,12 @@ def _read_run(args: argparse.Namespace) -> tuple[list[Event], float | None, str 
 
 
 def _describe(e: Event) -> str:
-    return f"q={e.sample_rate:g} sigma={e.noise_multiplier:g} steps={e.steps}"
+    kind = (
+        ""
+        if e.kind == POISSON_GAUSSIAN
+        else f" ({e.kind} " + " ".join(f"{k}={v:g}" for k, v in e.params) + ")"
+    )
+    return f"q={e.sample_rate:g} sigma={e.noise_multiplier:g} steps={e.steps}{kind}"
 
 
 def _print_table(rows: list[tuple[str, str]]) -> None:
@@ -300,10 +307,13 @@ def run_epsilon(args: argparse.Namespace) -> int:
         return _fail("epsilon", str(err))
 
     accountant = get_accountant(name)
-    if args.adaptive:
-        epsilon = accountant.adaptive_epsilon(events, delta)  # type: ignore[attr-defined]
-    else:
-        epsilon = accountant.epsilon(events, delta) if events else 0.0
+    try:
+        if args.adaptive:
+            epsilon = accountant.adaptive_epsilon(events, delta)  # type: ignore[attr-defined]
+        else:
+            epsilon = accountant.epsilon(events, delta) if events else 0.0
+    except UnsupportedEventError as err:
+        return _fail("epsilon", f"--accountant {name}: {err}")
     steps = sum(e.steps for e in events)
     if args.json:
         out = {

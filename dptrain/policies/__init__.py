@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ..recipe import register_policy_schema
 from .base import NoiseFn, Policy, StepContext, StepPlan, StepSums
+from .error_feedback import ErrorFeedbackOptions, ErrorFeedbackPolicy
 from .static import StaticPolicy
 
 POLICIES: dict[str, Callable[..., Policy]] = {}
@@ -23,9 +25,12 @@ def make_policy(name: str, **options: Any) -> Policy:
 
 
 register_policy("static", StaticPolicy)
+register_policy("error_feedback", ErrorFeedbackPolicy)
+register_policy_schema("error_feedback", ErrorFeedbackOptions)
 
 __all__ = [
     "POLICIES",
+    "ErrorFeedbackPolicy",
     "NoiseFn",
     "Policy",
     "StaticPolicy",

@@ -73,6 +73,8 @@ class StepSums:
     raw: dict[nn.Parameter, Tensor] | None
     group_of: dict[nn.Parameter, str]
     expected_batch_size: float
+    names: dict[nn.Parameter, str] | None = None  # parameter names (keys of stateful policies)
+    nonfinite: int = 0  # samples dropped for a non-finite gradient (their raw sums are lost)
 
 
 class Policy(ABC):
@@ -81,6 +83,7 @@ class Policy(ABC):
     name: str = "policy"
     needs_raw_sums: bool = False  # whether release() reads unclipped gradient sums
     adaptive: bool = False  # whether plans depend on data (then only adaptive-valid accountants may guard the budget)
+    accountants: tuple[str, ...] | None = None  # accountants able to account its events (None: all)
 
     def bind(
         self, groups: Sequence[str], *, sample_rate: float, expected_batch_size: float

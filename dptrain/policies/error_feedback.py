@@ -1,0 +1,166 @@
+"""Error-feedback clipping: DiceSGD (Zhang, Bu, Wu & Hong, ICLR 2024) as a policy.
+
+Per step, in the units of the clipped sum (``S = qN`` the expected batch size)::
+
+    F      = clip(E, C2)                                 one vector over all trainable parameters
+    update = (sum_b clip(g_b, C1) + F + N(0, s^2 I)) / S      s = sigma * C1 in every group
+    E     <- E + sum_b g_b - sum_b clip(g_b, C1) - F     the hidden error state, never released
+
+``clip(g_b, C1)`` is flat or per group exactly as in the static policy (``C_g = C1 / sqrt(G)``).
+The error gives back, at most ``C2`` per step, what clipping took away, which removes
+clipping's constant bias.  ``error_clip`` (C2) is in the units of ``clip``: a norm before the
+division by ``S`` (the paper's mean-unit C2 is ``error_clip / S``).  ``error_clip = 0`` is
+exactly the static policy.
+
+Privacy contract.  ``E`` depends on *unclipped* gradients, and a record's influence on it
+persists after the record was sampled, so a step is charged as the ``error_feedback`` event
+``(q, sigma, rho = 2 C2 / C1)`` of :mod:`accountants.error_feedback` (theorem and proof there):
+a Poisson-subsampled Gaussian for the clipped sum plus a *non-subsampled* Gaussian of
+sensitivity ``2 C2`` for the feedback.  Only the RDP accountant implements it
+(``accountants = ("rdp",)``); calibration finds the sigma that meets a target epsilon under it.
+The error buffer is kept in checkpoints (keyed by parameter name, restored exactly on resume),
+which, like all checkpoints, are for the data owner only.
+
+Non-finite samples.  The engine drops them from the clipped sum but cannot remove them from the
+raw (autograd) sum, which it zeroes where it is not finite, losing the other samples' raw
+gradients there.  On such a step the error takes no new clipping residual (``E <- E - F``);
+``E`` is also kept finite.  Neither affects privacy: the bound uses only ``||F|| <= C2``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from accountants import ERROR_FEEDBACK, Event, calibrate_noise, error_feedback_event
+from accountants.error_feedback import FEEDBACK, feedback_sensitivity
+
+from .base import NoiseFn, StepPlan, StepSums
+from .static import StaticPolicy
+
+
+class ErrorFeedbackOptions(BaseModel):
+    """Recipe keys of ``policy: error_feedback`` beyond name, grouping, clip, noise_multiplier."""
+
+    model_config = ConfigDict(extra="forbid")
+    error_clip: float = Field(
+        ge=0,
+        allow_inf_nan=False,
+        description="C2: norm of the fed-back error per step, in the units of clip (C1). Its "
+        "privacy cost is that of a full-batch Gaussian of sensitivity 2*C2: keep it near "
+        "sample_rate * clip",
+    )
+
+
+class ErrorFeedbackPolicy(StaticPolicy):
+    """DiceSGD: clip at ``clip`` (C1), feed back the clipping error clipped at ``error_clip`` (C2)."""
+
+    name = "error_feedback"
+    needs_raw_sums = True
+    accountants = ("rdp",)
+
+    def __init__(
+        self,
+        clip: float = 1.0,
+        noise_multiplier: float | None = None,
+        group_clip: dict[str, float] | None = None,
+        *,
+        error_clip: float,
+    ) -> None:
+        super().__init__(clip, noise_multiplier, group_clip)
+        if not (error_clip >= 0 and math.isfinite(error_clip)):
+            raise ValueError(f"error_clip must be finite and >= 0, got {error_clip}")
+        self.error_clip = float(error_clip)
+        self.error: dict[str, Tensor] = {}  # E by parameter name, sum units
+
+    @property
+    def feedback(self) -> float:
+        """``rho = 2 C2 / C1``, the fed-back error's sensitivity in units of the clip norm."""
+        return feedback_sensitivity(self.clip, self.error_clip)
+
+    # -- accounting --------------------------------------------------------------------------
+
+    def calibrate(
+        self, target_epsilon: float, delta: float, steps: int, sample_rate: float, accountant: str
+    ) -> float:
+        """The smallest sigma meeting the target under the error-feedback bound (RDP only)."""
+        if accountant not in self.accountants:
+            raise ValueError(
+                f"the {self.name} policy is accounted by its own RDP analysis; calibrate with "
+                f"accountant 'rdp', not {accountant!r}"
+            )
+        self.noise_multiplier = calibrate_noise(
+            target_epsilon,
+            delta,
+            sample_rate,
+            steps,
+            accountant,
+            kind=ERROR_FEEDBACK,
+            params={FEEDBACK: self.feedback},
+        )
+        return self.noise_multiplier
+
+    def planned_event(self, sample_rate: float) -> Event:
+        return error_feedback_event(sample_rate, self.noise_multiplier, self.feedback)
+
+    def event(self, plan: StepPlan) -> Event:
+        return error_feedback_event(self.sample_rate, plan.noise_multiplier, self.feedback)
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def release(self, sums: StepSums, plan: StepPlan, noise: NoiseFn) -> dict[nn.Parameter, Tensor]:
+        if sums.raw is None or sums.names is None:
+            raise RuntimeError("the error_feedback policy needs raw sums and parameter names")
+        error = {p: self._buffer(p, sums.names[p]) for p in sums.clipped}
+        unknown = set(self.error) - set(sums.names.values())
+        if unknown:
+            raise ValueError(
+                f"the error state has parameters the model lacks ({sorted(unknown)[:3]}): it "
+                "comes from another model or LoRA configuration"
+            )
+        norm = math.sqrt(sum(float(e.to(torch.float64).pow(2).sum()) for e in error.values()))
+        scale = min(1.0, self.error_clip / (norm + 1e-6))
+        out = {}
+        for p, clipped in sums.clipped.items():
+            fed = error[p] * scale
+            released = clipped.to(fed.dtype) + fed  # at least float32, so that ||F|| <= C2
+            out[p] = (released + noise(released, plan.noise_std[sums.group_of[p]])) / (
+                sums.expected_batch_size
+            )
+            residual = 0.0 if sums.nonfinite else sums.raw[p] - clipped
+            e = error[p] - fed + residual
+            big = torch.finfo(e.dtype).max
+            self.error[sums.names[p]] = torch.nan_to_num(e, nan=0.0, posinf=big, neginf=-big)
+        return out
+
+    def _buffer(self, p: nn.Parameter, name: str) -> Tensor:
+        dtype = torch.promote_types(p.dtype, torch.float32)
+        e = self.error.get(name)
+        if e is None:
+            return torch.zeros(p.shape, dtype=dtype, device=p.device)
+        if e.shape != p.shape:
+            raise ValueError(
+                f"the error state of {name} has shape {tuple(e.shape)}, the parameter "
+                f"{tuple(p.shape)}: the checkpoint comes from another model or LoRA configuration"
+            )
+        return e.to(device=p.device, dtype=dtype)
+
+    # -- state -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"error": {n: e.detach().cpu().clone() for n, e in self.error.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.error = {n: e.clone() for n, e in state.get("error", {}).items()}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "error_clip": self.error_clip,
+            "feedback_sensitivity": self.feedback,
+            "accounting": "error_feedback (RDP; accountants.error_feedback)",
+        }

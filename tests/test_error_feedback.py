@@ -1,0 +1,237 @@
+"""The error_feedback (DiceSGD) policy: the recursion against an explicit per-example loop, its
+worst case, non-finite samples, state and resume, recipe and API validation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from accountants import ERROR_FEEDBACK, Ledger
+from dptrain.engine import PrivacyEngine
+from dptrain.losses import causal_lm_loss, classification_loss
+from dptrain.noise import GaussianNoise
+from dptrain.policies import ErrorFeedbackPolicy, StaticPolicy, make_policy
+from dptrain.recipe import RecipeError, parse_recipe
+from dptrain.rundir import RunDir
+from dptrain.train import train
+
+from .helpers import assert_close_rel, lm_batch, loop_per_sample_grads, tiny_gpt2
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def lora_gpt2():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    return get_peft_model(
+        tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False)
+    )
+
+
+def engine_for(model, policy, *, n, q=1.0, loss=causal_lm_loss, **kw):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return PrivacyEngine(
+        model,
+        torch.optim.SGD(params, lr=1.0),
+        policy=policy,
+        sample_rate=q,
+        dataset_size=n,
+        loss_fn=loss,
+        **kw,
+    )
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def clip_vec(parts: dict, c: float) -> dict:
+    norm = math.sqrt(sum(float(v.pow(2).sum()) for v in parts.values()))
+    scale = min(1.0, c / (norm + 1e-6))
+    return {k: v * scale for k, v in parts.items()}
+
+
+@pytest.mark.parametrize("c2", [0.02, 10.0])  # feedback clipped, and not
+def test_noise_free_steps_follow_the_dicesgd_recursion(c2):
+    """Three SGD(lr=1) steps against the recursion written out per example: clipped per-example
+    gradients, E fed back clipped at C2, E += sum g - sum clip(g) - F, divided by E[B] = qN."""
+    model = lora_gpt2()
+    c1, q, n = 0.05, 0.5, 8
+    engine = engine_for(model, ErrorFeedbackPolicy(c1, 0.0, error_clip=c2), n=n, q=q)
+    names = {p: name for name, p in model.named_parameters() if p.requires_grad}
+    error = {name: torch.zeros_like(p) for p, name in names.items()}
+    for step in range(3):
+        batch = lm_batch(61, 4, 6, seed=10 + step)
+        per = {names[p]: g for p, g in loop_per_sample_grads(model, causal_lm_loss, batch).items()}
+        norms = sum(g.flatten(1).pow(2).sum(1) for g in per.values()).sqrt()
+        coef = (c1 / (norms + 1e-6)).clamp(max=1)
+        clipped = {k: torch.einsum("b,b...->...", coef, g) for k, g in per.items()}
+        raw = {k: g.sum(0) for k, g in per.items()}
+        fed = clip_vec(error, c2)
+        want = {k: (clipped[k] + fed[k]) / (q * n) for k in per}
+        error = {k: error[k] + raw[k] - clipped[k] - fed[k] for k in per}
+        before = snapshot(model)
+        engine.step(batch)
+        after = snapshot(model)
+        for k in want:
+            assert_close_rel(before[k] - after[k], want[k], rtol=1e-6, what=f"step {step} {k}")
+    fed_norm = math.sqrt(sum(float(e.pow(2).sum()) for e in error.values()))
+    assert (fed_norm > c2) == (c2 < 1)  # the first case really clips the feedback
+    for k, e in engine.policy.error.items():
+        assert_close_rel(e, error[k], rtol=1e-6, what=f"error {k}")
+
+
+def test_error_clip_zero_is_the_static_policy_bit_for_bit():
+    results = []
+    for policy in (StaticPolicy(0.1, 1.0), ErrorFeedbackPolicy(0.1, 1.0, error_clip=0.0)):
+        model = lora_gpt2()
+        engine = engine_for(model, policy, n=40, q=0.1, noise=GaussianNoise(3))
+        for step in range(2):
+            engine.step(lm_batch(61, 4, 6, seed=step))
+        results.append(snapshot(model))
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_worst_case_released_sums_differ_by_c1_plus_2c2():
+    """The tightness example of accountants.error_feedback, run on the policy: records clipped
+    along -u, plus a canary with a huge gradient along u.  After the first step, the released
+    sums (q = 1, no noise) differ by exactly (C1 + 2 C2) u, so no bound can charge less."""
+    c1, c2, d, n = 1.0, 0.3, 3, 5
+    u = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    rows = {
+        "without": -5.0 * u.repeat(n, 1),
+        "with": torch.cat([-5.0 * u.repeat(n, 1), 1e6 * u[None]]),
+    }
+    released = {}
+    for label, x in rows.items():
+        model = nn.Linear(d, 1, bias=False).double()
+        nn.init.zeros_(model.weight)
+        engine = engine_for(
+            model,
+            ErrorFeedbackPolicy(c1, 0.0, error_clip=c2),
+            n=n,  # the same public normalization in both worlds
+            loss=lambda m, b: m(b).squeeze(-1),  # per-sample gradient = its row of x
+        )
+        sums = []
+        for _ in range(4):
+            before = model.weight.detach().clone()
+            engine.step(x)
+            sums.append((before - model.weight.detach()).flatten() * n)
+        released[label] = torch.stack(sums)
+    diff = released["with"] - released["without"]
+    assert torch.allclose(diff[0], c1 * u, atol=1e-6)
+    assert torch.allclose(diff[1:], (c1 + 2 * c2) * u.expand(3, d), atol=1e-6)
+
+
+def test_nonfinite_sample_does_not_poison_the_error():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64) * 10
+    y = torch.tensor([0, 1, 0, 1])
+    policy = ErrorFeedbackPolicy(0.1, 0.0, error_clip=0.05)
+    engine = engine_for(model, policy, n=4, loss=classification_loss)
+    engine.step((x, y))
+    before = {k: e.clone() for k, e in policy.error.items()}
+    fed = clip_vec(before, 0.05)
+    x_bad = x.clone()
+    x_bad[1, 0] = float("nan")
+    report = engine.step((x_bad, y))
+    assert report.nonfinite == 1
+    for k, e in policy.error.items():  # no new residual on this step: E <- E - F
+        assert torch.isfinite(e).all()
+        assert_close_rel(e, before[k] - fed[k], rtol=1e-12, what=k)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_error_state_is_keyed_by_name_and_checked_on_load():
+    model = lora_gpt2()
+    policy = ErrorFeedbackPolicy(0.05, 0.0, error_clip=0.01)
+    engine = engine_for(model, policy, n=4)
+    engine.step(lm_batch(61, 4, 6))
+    state = engine.state_dict()["policy"]
+    assert set(state["error"]) == {n for n, p in model.named_parameters() if p.requires_grad}
+    fresh = ErrorFeedbackPolicy(0.05, 0.0, error_clip=0.01)
+    fresh.load_state_dict(state)
+    assert all(torch.equal(fresh.state_dict()["error"][k], v) for k, v in state["error"].items())
+    bad = {"error": {k: v[..., :1] for k, v in state["error"].items()}}
+    other = ErrorFeedbackPolicy(0.05, 0.0, error_clip=0.01)
+    other.load_state_dict(bad)
+    with pytest.raises(ValueError, match="another model or LoRA"):
+        engine_for(lora_gpt2(), other, n=4).step(lm_batch(61, 2, 6))
+
+
+def test_events_calibration_and_accountant_checks():
+    policy = make_policy("error_feedback", clip=2.0, noise_multiplier=None, error_clip=0.1)
+    assert policy.feedback == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="accountant 'rdp'"):
+        policy.calibrate(4.0, 1e-5, 100, 0.05, "prv")
+    sigma = policy.calibrate(4.0, 1e-5, 100, 0.05, "rdp")
+    static = StaticPolicy(2.0).calibrate(4.0, 1e-5, 100, 0.05, "rdp")
+    assert sigma > static
+    event = policy.planned_event(0.05)
+    assert event.kind == ERROR_FEEDBACK and event.noise_multiplier == sigma
+    from accountants import get_accountant
+
+    assert get_accountant("rdp").epsilon([event.with_steps(100)], 1e-5) <= 4.0
+    with pytest.raises(ValueError, match="accountant='rdp'"):
+        engine_for(lora_gpt2(), policy, n=4, accountant="pld")
+    with pytest.raises(ValueError, match="error_clip"):
+        ErrorFeedbackPolicy(1.0, 1.0, error_clip=-1.0)
+
+
+def tiny_recipe(tmp_path: Path, name: str, **policy) -> dict:
+    d = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+    d["lora"] = {"r": 2, "alpha": 4, "target_modules": ["c_attn"]}
+    d["output_dir"] = str(tmp_path / name)
+    d["policy"] = {"name": "error_feedback", "clip": 1.0, "error_clip": 0.04, **policy}
+    d["training"].update(steps=6, checkpoint_every=2)
+    d["data"].update(max_records=160, max_validation_records=8)
+    return d
+
+
+def test_recipe_validation(tmp_path):
+    d = tiny_recipe(tmp_path, "r")
+    assert parse_recipe(d).policy.options == {"error_clip": 0.04}
+    with pytest.raises(
+        RecipeError,
+        match=r"Fix: set privacy\.accountant: rdp",
+    ):
+        parse_recipe({**d, "privacy": {"accountant": "prv"}})
+    for bad, match in [({"error_clip": -1}, "error_clip"), ({"error_clp": 1}, "error_clp")]:
+        policy = {k: v for k, v in d["policy"].items() if k != "error_clip"} | bad
+        with pytest.raises(RecipeError, match=match):
+            parse_recipe({**d, "policy": policy})
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """Stop after 4 steps, lose the step-4 checkpoint (as a kill before it was written would),
+    resume from step 2: the run ends exactly where an uninterrupted one does, error state
+    included."""
+    cut = parse_recipe(tiny_recipe(tmp_path, "cut", noise_multiplier=1.0))
+    train(cut, progress=False, max_steps_this_session=4)
+    run = RunDir(tmp_path / "cut")
+    assert [int(f.stem.split("-")[1]) for f in run.checkpoint_files()] == [2, 4]
+    run.checkpoint_files()[-1].unlink()
+    train(cut, tmp_path / "cut", resume=True, progress=False)
+    train(parse_recipe(tiny_recipe(tmp_path, "whole", noise_multiplier=1.0)), progress=False)
+
+    a, b = RunDir(tmp_path / "cut"), RunDir(tmp_path / "whole")
+    la, lb = Ledger.load(a.ledger), Ledger.load(b.ledger)
+    assert la == lb and la.total_steps == 6 and la.events[0].kind == ERROR_FEEDBACK
+    assert a.read_meta()["epsilon"] == b.read_meta()["epsilon"]
+    sa = torch.load(a.checkpoint_files()[-1], weights_only=True)
+    sb = torch.load(b.checkpoint_files()[-1], weights_only=True)
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sb["model"])
+    ea, eb = sa["engine"]["policy"]["error"], sb["engine"]["policy"]["error"]
+    assert ea and all(torch.equal(ea[k], eb[k]) for k in eb)
+    assert any(e.abs().sum() > 0 for e in eb.values())
+    meta = b.read_meta()
+    assert (
+        meta["policy"]["name"] == "error_feedback" and meta["epsilon_by_accountant"]["prv"] is None
+    )
