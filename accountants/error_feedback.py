@@ -50,7 +50,8 @@ whether or not z is in the batch; z's gradient is unbounded, so it can saturate 
 record with a huge gradient along u, among records clipped along -u, makes ``F`` equal
 ``C2 u`` instead of ``-C2 u``: at q = 1 the released sums then differ by exactly
 ``(C1 + 2 C2) u`` at every step after the first, which is the bound above
-(``tests/accountants/test_error_feedback.py`` runs this attack on the policy).  The feedback's
+(``tests/test_error_feedback.py`` runs this on the policy; :func:`canary_attack_epsilon` turns
+the attack into an epsilon lower bound for q < 1).  The feedback's
 cost is therefore that of a full-batch Gaussian mechanism of sensitivity 2 C2 per step, while
 DP-SGD's clipped part costs about ``q^2`` as much: the noise must grow roughly like
 ``(2 q C1 + 2 C2) / (2 q C1)`` times DP-SGD's, so error feedback is affordable only for
@@ -81,6 +82,7 @@ import math
 
 import numpy as np
 from scipy.special import gammaln, logsumexp
+from scipy.stats import binom, norm
 
 from .ledger import Event
 from .rdp import _step_rdp, register_rdp_kind
@@ -167,6 +169,29 @@ def error_feedback_rdp(event: Event, orders: tuple[float, ...]) -> np.ndarray:
     if not (rho >= 0 and math.isfinite(rho)):
         raise ValueError(f"{FEEDBACK} must be finite and >= 0, got {rho!r}")
     return _ef_step_rdp(event.sample_rate, event.noise_multiplier, rho, tuple(orders))
+
+
+def canary_attack_epsilon(
+    q: float, steps: int, s: float, c1: float, c2: float, delta: float
+) -> float:
+    """Epsilon lower bound of DiceSGD from one test: records with zero gradient, plus a canary z
+    whose gradient along u is so large that once sampled it saturates the fed-back error at
+    C2 u for the rest of training.  Projected on u and summed over steps, the released sums are
+    N(0, T s^2) without z and N(C1 K + C2 (T - 1 - tau), T s^2) with it (tau: z's first step,
+    K: its number of steps).  Any threshold test bounds epsilon from below."""
+    means, weights = [0.0], [(1 - q) ** steps]
+    for tau in range(steps):
+        rest = steps - 1 - tau
+        k = np.arange(rest + 1)
+        means.extend(c1 * (1 + k) + c2 * rest)
+        weights.extend((1 - q) ** tau * q * binom.pmf(k, rest, q))
+    m, w = np.array(means), np.array(weights)
+    sd = s * math.sqrt(steps)
+    t = np.linspace(0, m.max() + 8 * sd, 600)[:, None]
+    log_fpr = norm.logsf(t[:, 0] / sd)
+    tpr = (w[None, :] * norm.sf((t - m[None, :]) / sd)).sum(1)
+    ok = tpr > delta
+    return float(np.max(np.log(tpr[ok] - delta) - log_fpr[ok], initial=0.0))
 
 
 register_rdp_kind(ERROR_FEEDBACK, error_feedback_rdp)

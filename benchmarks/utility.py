@@ -3,9 +3,11 @@
     python benchmarks/utility.py                       # small setup, all registered policies, 3 seeds
     python benchmarks/utility.py --setup smollm --seeds 2
     python benchmarks/utility.py --policies static --quick
+    python benchmarks/utility.py --policies static,error_feedback --set privacy.accountant=rdp --jobs 6
 
 For every (setup, policy, seed) a recipe is built from ``SETUPS[setup]`` plus
-``POLICIES[policy]`` and run with :func:`dptrain.train.train` at the same (epsilon, delta),
+``POLICIES[policy]`` (then the ``--set section.key=value`` overrides, for every policy) and run
+with :func:`dptrain.train.train` at the same (epsilon, delta),
 evaluating validation perplexity every ``eval_every`` steps.  Results go to
 ``benchmarks/results/utility.json`` shaped ``{setup: {policy: {...}}}`` and a plot of
 perplexity against epsilon spent to ``benchmarks/results/utility_<setup>.png``.
@@ -17,10 +19,12 @@ import argparse
 import copy
 import json
 import math
+import multiprocessing as mp
 import shutil
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -78,30 +82,49 @@ SETUPS: dict[str, dict[str, Any]] = {
 # themselves here once registered in dptrain.policies.
 POLICIES: dict[str, dict[str, Any]] = {
     "static": {"name": "static", "clip": 1.0},
+    # DiceSGD; its own RDP analysis needs privacy.accountant=rdp. error_clip (C2) costs like a
+    # full-batch Gaussian of sensitivity 2*C2 per step: keep it near sample_rate * clip.
+    "error_feedback": {"name": "error_feedback", "clip": 1.0, "error_clip": 0.02},
 }
 
 
-def recipe_for(setup: str, policy: str, seed: int, out: Path, quick: bool) -> dict[str, Any]:
+def recipe_for(
+    setup: str, policy: str, seed: int, out: Path, quick: bool, sets: list[str] = ()
+) -> dict[str, Any]:
+    import yaml
+
     d = copy.deepcopy(SETUPS[setup])
     d["name"] = f"{setup}-{policy}-{seed}"
     d["seed"] = seed
     d["output_dir"] = str(out)
     d["policy"] = copy.deepcopy(POLICIES[policy])
+    for item in sets:  # SECTION.KEY=VALUE, or POLICY:SECTION.KEY=VALUE for one policy only
+        dotted, value = item.split("=", 1)
+        only, _, dotted = dotted.rpartition(":")
+        if only and only != policy:
+            continue
+        section, key = dotted.split(".", 1)
+        d.setdefault(section, {})[key] = yaml.safe_load(value)
     if quick:
         d["training"]["steps"] = max(4, d["training"]["steps"] // 10)
         d["training"]["eval_every"] = max(1, d["training"]["eval_every"] // 10)
     return d
 
 
-def run_one(recipe_dict: dict[str, Any]) -> dict[str, Any]:
+def run_one(recipe_dict: dict[str, Any], threads: int = 0) -> dict[str, Any]:
+    import torch
+
     from dptrain.recipe import parse_recipe
     from dptrain.rundir import RunDir
     from dptrain.train import train
 
+    if threads:
+        torch.set_num_threads(threads)
     out = Path(recipe_dict["output_dir"])
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     result = train(parse_recipe(recipe_dict), progress=False)
+    meta = RunDir(out).read_meta()
     wall = time.perf_counter() - t0
     curve = [
         (m["step"], m["epsilon"], m["val_perplexity"])
@@ -116,7 +139,13 @@ def run_one(recipe_dict: dict[str, Any]) -> dict[str, Any]:
         "steps": result.steps,
         "wall_seconds": wall,
         "curve": curve,
+        "accountant": result.accountant,
+        "policy": meta["policy"],
     }
+
+
+def run_dir(setup: str, policy: str, seed: int, tag: str = "") -> Path:
+    return RESULTS / "runs" / f"{setup}-{policy}{tag}-{seed}"
 
 
 def first_step_reaching(curve: list[tuple[int, float, float]], target: float) -> int | None:
@@ -142,6 +171,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "seeds": len(rs),
             "steps": rs[0]["steps"],
             "wall_seconds_mean": statistics.mean(r["wall_seconds"] for r in rs),
+            "accountant": rs[0].get("accountant"),
+            "policy": rs[0].get("policy"),
         }
         if static_final is not None:
             reach = [first_step_reaching(r["curve"], static_final) for r in rs]
@@ -193,7 +224,18 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated, from: " + ", ".join(POLICIES),
     )
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a recipe key for every run, e.g. privacy.accountant=rdp, or for one policy, "
+        "e.g. error_feedback:policy.error_clip=0.01 (repeatable)",
+    )
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
     ap.add_argument("--quick", action="store_true", help="a tenth of the steps (smoke run)")
+    ap.add_argument("--tag", default="", help="suffix of run directories and plot (variants)")
     ap.add_argument("--out", default=str(RESULTS / "utility.json"))
     args = ap.parse_args(argv)
     setups = list(SETUPS) if args.setup == "all" else [args.setup]
@@ -204,20 +246,36 @@ def main(argv: list[str] | None = None) -> int:
     out_path = Path(args.out)
     results: dict[str, Any] = json.loads(out_path.read_text()) if out_path.exists() else {}
     for setup in setups:
+        jobs = [
+            (
+                policy,
+                seed,
+                recipe_for(
+                    setup,
+                    policy,
+                    seed,
+                    run_dir(setup, policy, seed, args.tag),
+                    args.quick,
+                    args.set,
+                ),
+            )
+            for policy in policies
+            for seed in range(args.seeds)
+        ]
         runs: dict[str, list[dict[str, Any]]] = {}
-        for policy in policies:
-            for seed in range(args.seeds):
-                rdir = RESULTS / "runs" / f"{setup}-{policy}-{seed}"
-                print(f"[{setup}] {policy} seed {seed} ...", flush=True)
-                r = run_one(recipe_for(setup, policy, seed, rdir, args.quick))
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(run_one, recipe, args.threads) for _, _, recipe in jobs]
+            for (policy, seed, _), future in zip(jobs, futures, strict=True):
+                r = future.result()
                 print(
-                    f"    perplexity {r['perplexity']:.3f}  epsilon {r['epsilon']:.3f}  {r['wall_seconds']:.0f}s",
+                    f"[{setup}] {policy} seed {seed}: perplexity {r['perplexity']:.3f}  "
+                    f"epsilon {r['epsilon']:.3f}  {r['wall_seconds']:.0f}s",
                     flush=True,
                 )
                 runs.setdefault(policy, []).append(r)
         summary = summarize(runs)
         results[setup] = {**results.get(setup, {}), **summary}
-        plot(setup, runs, RESULTS / f"utility_{setup}.png")
+        plot(setup, runs, RESULTS / f"utility_{setup}{args.tag}.png")
         for policy, e in summary.items():
             print(
                 f"{setup:8s} {policy:15s} ppl {e['perplexity_mean']:.3f} ± {e['perplexity_std']:.3f}  eps {e['epsilon']:.3f}"

@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-from scipy.stats import binom, norm
 
 from accountants import (
     ERROR_FEEDBACK,
@@ -20,7 +19,12 @@ from accountants import (
     error_feedback_event,
     get_accountant,
 )
-from accountants.error_feedback import FEEDBACK, _ef_step_rdp, subsampled_gaussian_rdp_int
+from accountants.error_feedback import (
+    FEEDBACK,
+    _ef_step_rdp,
+    canary_attack_epsilon,
+    subsampled_gaussian_rdp_int,
+)
 from accountants.rdp import ADAPTIVE_ORDERS, RDP_ORDERS, _step_rdp
 
 DELTA = 1e-5
@@ -86,27 +90,6 @@ def test_split_grid_is_near_the_optimum():
     assert np.all(ours <= fine * 1.01)
 
 
-def _canary_attack_epsilon(q: float, steps: int, s: float, c1: float, c2: float, delta: float):
-    """Epsilon lower bound of DiceSGD from one test: records with zero gradient, plus a canary z
-    whose gradient along u is so large that once sampled it saturates the fed-back error at
-    C2 u for the rest of training.  Projected on u and summed over steps, the released sums are
-    N(0, T s^2) without z and N(C1 K + C2 (T - 1 - tau), T s^2) with it (tau: z's first step,
-    K: its number of steps).  Any threshold test bounds epsilon from below."""
-    means, weights = [0.0], [(1 - q) ** steps]
-    for tau in range(steps):
-        rest = steps - 1 - tau
-        k = np.arange(rest + 1)
-        means.extend(c1 * (1 + k) + c2 * rest)
-        weights.extend((1 - q) ** tau * q * binom.pmf(k, rest, q))
-    m, w = np.array(means), np.array(weights)
-    sd = s * math.sqrt(steps)
-    t = np.linspace(0, m.max() + 8 * sd, 600)[:, None]
-    fpr = norm.sf(t[:, 0] / sd)
-    tpr = (w[None, :] * norm.sf((t - m[None, :]) / sd)).sum(1)
-    ok = (tpr > delta) & (fpr > 0)
-    return float(np.max(np.log((tpr[ok] - delta) / fpr[ok]), initial=0.0))
-
-
 def test_bound_holds_against_the_canary_attack_and_the_papers_code_rule_does_not():
     """The released sums of this attack are exactly those of the policy (tests/test_error_feedback
     checks the saturation); our epsilon must dominate any lower bound, while DP-SGD noise scaled
@@ -116,9 +99,9 @@ def test_bound_holds_against_the_canary_attack_and_the_papers_code_rule_does_not
         target, DELTA, q, steps, "rdp", kind=ERROR_FEEDBACK, params={FEEDBACK: 2 * ratio}
     )
     assert ef_epsilon(q, ours, 2 * ratio, steps) <= target
-    assert _canary_attack_epsilon(q, steps, ours, 1.0, ratio, DELTA) <= target
+    assert canary_attack_epsilon(q, steps, ours, 1.0, ratio, DELTA) <= target
     code_rule = calibrate_noise(target, DELTA, q, steps, "rdp") * math.sqrt(1 + 2 * ratio)
-    assert _canary_attack_epsilon(q, steps, code_rule, 1.0, ratio, DELTA) > 3 * target
+    assert canary_attack_epsilon(q, steps, code_rule, 1.0, ratio, DELTA) > 3 * target
 
 
 def test_adaptive_conversion_and_budget_filter_accept_the_kind():
