@@ -26,7 +26,17 @@ def lora(model, targets):
 
 
 def make(
-    model, *, sigma=0.0, clip=0.1, n=3, q=1.0, grouping="flat", opt="sgd", loss=causal_lm_loss, **kw
+    model,
+    *,
+    sigma=0.0,
+    clip=0.1,
+    n=3,
+    q=1.0,
+    grouping="flat",
+    opt="sgd",
+    loss=causal_lm_loss,
+    policy=None,
+    **kw,
 ):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = {
@@ -37,7 +47,7 @@ def make(
     return PrivacyEngine(
         model,
         optimizer,
-        policy=StaticPolicy(clip=clip, noise_multiplier=sigma),
+        policy=policy or StaticPolicy(clip=clip, noise_multiplier=sigma),
         sample_rate=q,
         dataset_size=n,
         loss_fn=loss,

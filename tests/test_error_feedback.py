@@ -12,7 +12,6 @@ import yaml
 from torch import nn
 
 from accountants import ERROR_FEEDBACK, Ledger
-from dptrain.engine import PrivacyEngine
 from dptrain.losses import causal_lm_loss, classification_loss
 from dptrain.noise import GaussianNoise
 from dptrain.policies import ErrorFeedbackPolicy, StaticPolicy, make_policy
@@ -21,34 +20,17 @@ from dptrain.rundir import RunDir
 from dptrain.train import train
 
 from .helpers import assert_close_rel, lm_batch, loop_per_sample_grads, tiny_gpt2
+from .test_engine import lora, make, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def lora_gpt2():
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(1)
-    return get_peft_model(
-        tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False)
-    )
+    return lora(tiny_gpt2(), ["c_attn"])
 
 
 def engine_for(model, policy, *, n, q=1.0, loss=causal_lm_loss, **kw):
-    params = [p for p in model.parameters() if p.requires_grad]
-    return PrivacyEngine(
-        model,
-        torch.optim.SGD(params, lr=1.0),
-        policy=policy,
-        sample_rate=q,
-        dataset_size=n,
-        loss_fn=loss,
-        **kw,
-    )
-
-
-def snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return make(model, policy=policy, n=n, q=q, loss=loss, **kw)
 
 
 def clip_vec(parts: dict, c: float) -> dict:
