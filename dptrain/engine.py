@@ -147,6 +147,7 @@ class PrivacyEngine:
             budget_epsilon=self.budget.epsilon if self.budget else None,
             delta=self.budget.delta if self.budget else None,
             last_update_norms=self.last_update_norms,
+            ledger=self.ledger,
         )
 
     def next_plan(self) -> tuple[StepPlan, Event]:
@@ -199,6 +200,7 @@ class PrivacyEngine:
             )
         n = batch_len(batch) if batch is not None else 0
         clipped: dict[nn.Parameter, Tensor] = {}
+        within: dict[str, list[Tensor]] = {}
         loss_sum, nonfinite = 0.0, 0
         self.optimizer.zero_grad(set_to_none=True)
         if n > 0:
@@ -222,6 +224,8 @@ class PrivacyEngine:
                     )
                     for p, s in result.sums.items():
                         clipped[p] = clipped[p] + s if p in clipped else s
+                    for g, norm in result.norms.items():
+                        within.setdefault(g, []).append(norm <= plan.clip[g])
                     nonfinite += result.nonfinite
                     finite = torch.isfinite(losses.detach())
                     loss_sum += float(losses.detach()[finite].sum())
@@ -248,6 +252,7 @@ class PrivacyEngine:
             expected_batch_size=self.expected_batch_size,
             names=self.names,
             nonfinite=nonfinite,
+            within_clip={g: torch.cat(ts) for g, ts in within.items()},
         )
         update = self.policy.release(sums, plan, self.noise)
         self.ledger.record(event)  # charged before the noisy update reaches the model
@@ -272,7 +277,8 @@ class PrivacyEngine:
             seconds=time.perf_counter() - t0,
             event=event,
         )
-        self.policy.observe({"step": report.step, "update_norms": norms, "plan": plan})
+        extra = self.policy.observe({"step": report.step, "update_norms": norms, "plan": plan})
+        report.extra.update(extra or {})
         return report
 
     # -- state ---------------------------------------------------------------------------

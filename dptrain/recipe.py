@@ -60,6 +60,20 @@ class DataSection(Section):
     validation_path: str | None = None
     max_records: int | None = Field(None, ge=1)
     max_validation_records: int | None = Field(256, ge=1)
+    public_fraction: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="share of the training records declared public (not protected)",
+    )
+    public_path: str | None = Field(None, description="a file of public (not protected) records")
+    max_public_records: int | None = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _one_public(self) -> DataSection:
+        if self.public_fraction is not None and self.public_path is not None:
+            raise ValueError("set at most one of data.public_fraction and data.public_path")
+        return self
 
 
 class TrainingSection(Section):

@@ -25,7 +25,7 @@ from .engine import BudgetExceeded, PrivacyEngine
 from .losses import causal_lm_loss, perplexity
 from .models import load_model_and_tokenizer
 from .noise import GaussianNoise
-from .policies import Policy, make_policy
+from .policies import Policy, RunContext, make_policy
 from .recipe import Recipe, RecipeError, check_against_data, dump_recipe
 from .rundir import CheckpointError, RunDir, atomic_write
 from .sampling import PoissonSampler
@@ -46,6 +46,7 @@ class Prepared:
     ledger: Ledger
     calibrated_noise_multiplier: float | None
     checkpoint: dict[str, Any] | None
+    public_texts: TextDataset | None = None
 
 
 def log(msg: str) -> None:
@@ -67,6 +68,31 @@ def read_data(recipe: Recipe) -> tuple[TextDataset, TextDataset]:
             texts=val.texts[: d.max_validation_records], ids=val.ids[: d.max_validation_records]
         )
     return train, val
+
+
+def read_public(recipe: Recipe, train: TextDataset) -> tuple[TextDataset, TextDataset | None]:
+    """``(private, public)``: the split the recipe declares public (``data.public_fraction`` of
+    the training records, removed from them, or ``data.public_path``); the DP guarantee covers
+    only the private records."""
+    d = recipe.data
+    if d.public_fraction is not None:
+        train, public = split(train, d.public_fraction, -1 - recipe.seed)
+    elif d.public_path is not None:
+        public = load_texts(d.public_path, text_field=d.text_field, format=d.format)
+        shared = set(public.texts) & set(train.texts)
+        if shared:
+            raise RecipeError(
+                f"data.public_path: {len(shared)} of its records are also private training "
+                "records; public data must not contain protected records. Fix: remove them, or "
+                "use data.public_fraction to carve a public split out of the training data."
+            )
+    else:
+        return train, None
+    if d.max_public_records is not None:
+        public = TextDataset(
+            texts=public.texts[: d.max_public_records], ids=public.ids[: d.max_public_records]
+        )
+    return train, public
 
 
 def build_policy(recipe: Recipe) -> Policy:
@@ -92,8 +118,15 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
             f"--resume {run.path}, or choose another output_dir / --output."
         )
     train_texts, val_texts = read_data(recipe)
+    train_texts, public_texts = read_public(recipe, train_texts)
     q, delta, steps = check_against_data(recipe, len(train_texts))
     policy = build_policy(recipe)
+    if policy.needs_public_data and public_texts is None:
+        raise RecipeError(
+            f"policy.name: policy '{policy.name}' evaluates the model on public data. Fix: set "
+            "data.public_fraction (e.g. 0.02: that share of the records is declared public and "
+            "left out of private training) or data.public_path (a file of public records)."
+        )
     acc = recipe.privacy.accountant
     if resume and getattr(policy, "noise_multiplier", 0) is None:
         # a resumed run keeps the noise it was calibrated with, whatever its new length
@@ -141,6 +174,7 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
         ledger,
         prepared_sigma,
         checkpoint,
+        public_texts,
     )
 
 
@@ -268,6 +302,11 @@ def train(
         max_physical_batch_size=recipe.training.physical_batch_size,
         noise=noise,
     )
+    public_batches = None
+    if prep.public_texts is not None:
+        public_ex = tokenize(prep.public_texts, tokenizer, d.max_length)
+        public_batches = eval_batches(public_ex, recipe.training.physical_batch_size)
+    prep.policy.attach(RunContext(model, prep.steps, recipe.seed, public_batches))
     sampler = PoissonSampler(len(train_ex), q, seed=recipe.seed)
     val_batches = eval_batches(val_ex, recipe.training.physical_batch_size)
     accountant = get_accountant(recipe.privacy.accountant)
@@ -294,6 +333,8 @@ def train(
             "delta": delta,
             "epsilon_budget": recipe.privacy.epsilon,
             "accountant": recipe.privacy.accountant,
+            "adaptive": prep.policy.adaptive,
+            "public_records": len(prep.public_texts) if prep.public_texts is not None else 0,
             "planned_steps": prep.steps,
             "policy": prep.policy.describe(),
             "calibrated_noise_multiplier": prep.calibrated_noise_multiplier,
@@ -359,6 +400,7 @@ def train(
                 "update_norm": report.update_norm,
                 "nonfinite": report.nonfinite,
                 "seconds": report.seconds,
+                **report.extra,
             }
             if recipe.training.eval_every and report.step % recipe.training.eval_every == 0:
                 record["val_perplexity"] = perplexity(model, val_batches)
@@ -377,6 +419,10 @@ def train(
     ppl_after = perplexity(model, val_batches)
     if finished:
         _save_final(model, tokenizer, run.final)
+    if prep.policy.adaptive:  # what a non-adaptive schedule of the same noise would report
+        meta["epsilon_non_adaptive"] = (
+            accountant.epsilon(engine.ledger.events, delta) if engine.ledger.events else 0.0
+        )
     meta.update(
         status="finished" if finished else "paused",
         steps=engine.steps_taken,
@@ -384,10 +430,11 @@ def train(
         epsilon_by_accountant={
             name: _cross_check(name, engine.ledger, delta)
             for name in ("rdp", "prv", "pld")
-            if name != accountant.name
+            if name != accountant.name and not prep.policy.adaptive  # others are not valid
         }
         | {accountant.name: eps},
         guarantee_accountant=accountant.name,
+        guarantee=_guarantee(prep, accountant.name),
         stopped_by_budget=stopped_by_budget,
         perplexity_after=ppl_after,
         train_seconds=meta.get("train_seconds", 0.0) + train_seconds,
@@ -404,6 +451,8 @@ def train(
         stopped_by_budget,
     )
     _print_summary(result, meta)
+    for note in prep.policy.describe().get("notes", []):
+        print(f"note                {note}", flush=True)
     engine.detach()
     return result
 
@@ -450,12 +499,34 @@ def _save_final(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
         tmp.rename(path)
 
 
+def _guarantee(prep: Prepared, accountant: str) -> str:
+    """What the reported (epsilon, delta) rests on, and whom it protects."""
+    if prep.policy.adaptive:
+        text = (
+            f"{accountant} privacy filter valid under fully adaptive composition (noise chosen "
+            "from released and public data; Feldman & Zrnic 2021, union bound over RDP orders)"
+        )
+    else:
+        text = f"{accountant} accountant"
+    if prep.public_texts is not None:
+        text += (
+            f"; covers the {len(prep.train_texts)} private training records, not the "
+            f"{len(prep.public_texts)} records declared public"
+        )
+    return text
+
+
 def _print_summary(r: RunResult, meta: dict[str, Any]) -> None:
     others = ", ".join(
         f"{k} {v:.3f}" if v is not None else f"{k} n/a"
         for k, v in meta["epsilon_by_accountant"].items()
         if k != r.accountant
     )
+    if meta.get("adaptive"):
+        others = (
+            f"non-adaptive rdp {meta['epsilon_non_adaptive']:.3f} (not valid for this run: "
+            "its noise was chosen from data)"
+        )
     lines = [
         "",
         f"run directory       {r.run_dir}",
@@ -463,6 +534,7 @@ def _print_summary(r: RunResult, meta: dict[str, Any]) -> None:
         f"val perplexity      {r.perplexity_before:.3f} -> {r.perplexity_after:.3f}",
         f"privacy guarantee   ({r.epsilon:.4f}, {r.delta:.3g})-DP for each training record",
         f"accountant          {r.accountant} (the guarantee rests on it); cross-check: {others}",
+        f"guarantee           {meta['guarantee']}",
         f"final model         {r.run_dir / 'final'}"
         if meta["status"] == "finished"
         else "status              paused",

@@ -158,7 +158,8 @@ def register(subparsers: Any) -> None:
     eps.add_argument(
         "--adaptive",
         action="store_true",
-        help="report epsilon valid under fully adaptive composition (rdp only)",
+        help="report epsilon valid under fully adaptive composition (rdp only; the default "
+        "for --run of a run whose policy chose its noise from data)",
     )
     eps.add_argument("--json", action="store_true", help="print one JSON object")
     eps.set_defaults(func=run_epsilon)
@@ -225,7 +226,9 @@ def _events_from_flags(args: argparse.Namespace) -> list[Event]:
     return [Event(args.sample_rate, args.noise_multiplier, args.steps)]
 
 
-def _read_run(args: argparse.Namespace) -> tuple[list[Event], float | None, str | None]:
+def _read_run(
+    args: argparse.Namespace,
+) -> tuple[list[Event], float | None, str | None, bool]:
     run: Path = args.run
     if args.phase or args.noise_multiplier is not None or args.steps is not None:
         raise _InputError(
@@ -243,6 +246,7 @@ def _read_run(args: argparse.Namespace) -> tuple[list[Event], float | None, str 
         ) from None
     delta: float | None = None
     accountant = None
+    adaptive = False  # a run whose noise was chosen from data reports the adaptive conversion
     meta_path = run / "run.json"
     if meta_path.exists():
         try:
@@ -253,6 +257,7 @@ def _read_run(args: argparse.Namespace) -> tuple[list[Event], float | None, str 
             ) from None
         meta = meta if isinstance(meta, dict) else {}
         accountant = meta.get("accountant")
+        adaptive = meta.get("adaptive") is True
         value = meta.get("delta")
         if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1:
             delta = float(value)
@@ -263,7 +268,7 @@ def _read_run(args: argparse.Namespace) -> tuple[list[Event], float | None, str 
             )
     if accountant not in ACCOUNTANTS:
         accountant = None
-    return ledger.events, delta, accountant
+    return ledger.events, delta, accountant, adaptive
 
 
 def _describe(e: Event) -> str:
@@ -286,7 +291,8 @@ def run_epsilon(args: argparse.Namespace) -> int:
     try:
         run_accountant = None
         if args.run is not None:
-            events, run_delta, run_accountant = _read_run(args)
+            events, run_delta, run_accountant, run_adaptive = _read_run(args)
+            args.adaptive = args.adaptive or run_adaptive
             delta = args.delta if args.delta is not None else run_delta
             if delta is None:
                 raise _InputError(

@@ -6,8 +6,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ..recipe import register_policy_schema
-from .base import NoiseFn, Policy, StepContext, StepPlan, StepSums
+from .base import NoiseFn, Policy, RunContext, StepContext, StepPlan, StepSums
 from .error_feedback import ErrorFeedbackOptions, ErrorFeedbackPolicy
+from .rl import RLOptions, make_rl_policy
 from .static import StaticPolicy
 
 POLICIES: dict[str, Callable[..., Policy]] = {}
@@ -27,12 +28,15 @@ def make_policy(name: str, **options: Any) -> Policy:
 register_policy("static", StaticPolicy)
 register_policy("error_feedback", ErrorFeedbackPolicy)
 register_policy_schema("error_feedback", ErrorFeedbackOptions)
+register_policy("rl", make_rl_policy)
+register_policy_schema("rl", RLOptions)
 
 __all__ = [
     "POLICIES",
     "ErrorFeedbackPolicy",
     "NoiseFn",
     "Policy",
+    "RunContext",
     "StaticPolicy",
     "StepContext",
     "StepPlan",

@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from accountants import Event
+from accountants import Event, Ledger
 
 NoiseFn = Callable[[Tensor, float], Tensor]  # (like, std) -> N(0, std^2) shaped like `like`
 
@@ -63,6 +63,7 @@ class StepContext:
     delta: float | None
     last_update_norms: dict[str, float] | None = None  # per group, of the released update
     extra: dict[str, Any] = field(default_factory=dict)
+    ledger: Ledger | None = None  # the events charged so far (public: a function of past plans)
 
 
 @dataclass
@@ -75,6 +76,18 @@ class StepSums:
     expected_batch_size: float
     names: dict[nn.Parameter, str] | None = None  # parameter names (keys of stateful policies)
     nonfinite: int = 0  # samples dropped for a non-finite gradient (their raw sums are lost)
+    # per group, per sample of the batch: was ||grad_b|_g|| <= C_g (private; release only noised)
+    within_clip: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class RunContext:
+    """What a run hands a policy once the model exists (see :meth:`Policy.attach`)."""
+
+    model: nn.Module
+    planned_steps: int
+    seed: int = 0
+    public_batches: list[Any] | None = None  # batches of a split the recipe declares public
 
 
 class Policy(ABC):
@@ -84,6 +97,7 @@ class Policy(ABC):
     needs_raw_sums: bool = False  # whether release() reads unclipped gradient sums
     adaptive: bool = False  # whether plans depend on data (then only adaptive-valid accountants may guard the budget)
     accountants: tuple[str, ...] | None = None  # accountants able to account its events (None: all)
+    needs_public_data: bool = False  # whether attach() needs a public split (data.public_*)
 
     def bind(
         self, groups: Sequence[str], *, sample_rate: float, expected_batch_size: float
@@ -125,8 +139,14 @@ class Policy(ABC):
             out[p] = (s + noise(s, std)) / sums.expected_batch_size
         return out
 
-    def observe(self, report: dict[str, Any]) -> None:
-        """Called after each step with released quantities (metrics of the noisy update)."""
+    def attach(self, run: RunContext) -> None:
+        """Called by ``dptrain train`` after the engine is built and before a checkpoint is
+        restored, for policies that evaluate the model on public data or learn across steps."""
+        return None
+
+    def observe(self, report: dict[str, Any]) -> dict[str, float] | None:
+        """Called after each step with released quantities (metrics of the noisy update); may
+        return metrics to log with the step (released or public quantities only)."""
         return None
 
     def state_dict(self) -> dict[str, Any]:

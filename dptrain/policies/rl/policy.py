@@ -1,0 +1,468 @@
+"""The ``rl`` policy: per-group clipping and noise set by an online SAC agent (RLDP).
+
+See :mod:`dptrain.policies.rl` for the decision process and the privacy contract.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from accountants import Ledger
+from accountants.rdp import RdpAccountant
+
+from ...losses import perplexity
+from ...recipe import RecipeError
+from ..base import NoiseFn, Policy, RunContext, StepContext, StepPlan, StepSums
+from .control import (
+    Pacer,
+    Released,
+    Setting,
+    action_dim,
+    bands_of,
+    count_cost,
+    count_steps,
+    decode,
+    effective_sigma,
+    grid_index,
+    grid_sigma,
+    observation,
+    reward,
+)
+from .options import RLConfig
+
+
+@dataclass(frozen=True)
+class RLPlan(StepPlan):
+    """A step plan that may also release each band's centred unclipped count with noise of std
+    ``count_std``; ``noise_multiplier`` is then the composed mechanism's."""
+
+    count_std: float | None = None
+    count_bands: int = 0
+
+    @property
+    def noise_multiplier(self) -> float:
+        return effective_sigma(
+            super().noise_multiplier, count_cost(self.count_bands, self.count_std)
+        )
+
+
+class RLPolicy(Policy):
+    """Clip thresholds per group and the noise multiplier, chosen every ``rl.every`` steps by
+    a SAC agent trained online from released and public quantities only."""
+
+    name = "rl"
+    adaptive = True
+    needs_public_data = True
+
+    def __init__(
+        self,
+        clip: float = 1.0,
+        noise_multiplier: float | None = None,
+        rl: RLConfig | dict[str, Any] | None = None,
+    ) -> None:
+        if not clip > 0:
+            raise ValueError(f"clip must be > 0, got {clip}")
+        self.cfg = rl if isinstance(rl, RLConfig) else RLConfig.model_validate(rl or {})
+        if self.cfg.init_from is not None:
+            from ...rundir import RunDir
+
+            if not RunDir(self.cfg.init_from).exists():
+                raise RecipeError(
+                    f"policy.rl.init_from: {self.cfg.init_from} is not a run directory (no "
+                    "run.json). Fix: point it at the output directory of an earlier rl run."
+                )
+        self.clip = float(clip)
+        self.noise_multiplier = noise_multiplier  # sigma_ref; calibrated if None
+        self.driver = "agent"  # or "env": a PrivateTrainingEnv makes the decisions
+        self._run: RunContext | None = None
+        self._agent: Any = None
+        self._ledger: Ledger | None = None
+        self._budget: tuple[float, float] | None = None  # (epsilon, delta)
+        self._step = 0
+        self._action: np.ndarray | None = None
+        self._setting: Setting | None = None
+        self._last: dict[str, Any] | None = None  # obs, loss, spent at the last decision
+        self._loss0: float | None = None
+        self._released: Released | None = None
+        self._dims: dict[str, int] | None = None
+        self._warm: dict[str, Any] | None = None
+
+    # -- set-up --------------------------------------------------------------------------
+
+    def calibrate(
+        self, target_epsilon: float, delta: float, steps: int, sample_rate: float, accountant: str
+    ) -> float:
+        """``sigma_ref``: the constant noise multiplier whose ``steps`` steps spend exactly the
+        budget under the adaptive RDP filter (count releases not included)."""
+        if accountant != "rdp":
+            raise RecipeError(
+                f"privacy.accountant: policy rl chooses its noise from released data, so only an "
+                f"accountant valid under fully adaptive composition may guard its budget; "
+                f"'{accountant}' is not. Fix: set privacy.accountant: rdp (adaptive RDP filter)."
+            )
+        pacer = Pacer(sample_rate, target_epsilon, delta, 0.0)
+        self.noise_multiplier = pacer.sigma([], steps, 0)
+        return self.noise_multiplier
+
+    def bind(self, groups, *, sample_rate: float, expected_batch_size: float) -> None:
+        super().bind(groups, sample_rate=sample_rate, expected_batch_size=expected_batch_size)
+        if self.noise_multiplier is None:
+            raise ValueError(
+                "set noise_multiplier (sigma_ref), or call calibrate() with a target epsilon, "
+                "before binding"
+            )
+        self.bands = bands_of(self.groups, self.cfg.bands)
+        self.band_of = {g: b for b, band in enumerate(self.bands) for g in band}
+        frac = self.cfg.clip_fraction_noise
+        self.count_std = None if frac is None else frac * expected_batch_size
+        self._released = Released.empty(len(self.bands))
+
+    def attach(self, run: RunContext) -> None:
+        if not run.public_batches:
+            raise ValueError(
+                "policy rl needs public batches for its reward (RunContext.public_batches); "
+                "in a recipe set data.public_fraction or data.public_path"
+            )
+        self._run = run
+
+    @property
+    def planned_steps(self) -> int:
+        if self._run is None:
+            raise RuntimeError("RLPolicy.attach(RunContext(...)) must be called before training")
+        return self._run.planned_steps
+
+    @property
+    def agent(self) -> Any:
+        """The SAC agent, built on first use (and warm-started from ``rl.init_from``)."""
+        if self._agent is None:
+            self._agent = self._make_agent(warm_start=True)
+        return self._agent
+
+    def _make_agent(self, *, warm_start: bool) -> Any:
+        from .agent import SacAgent
+        from .env import PrivateTrainingEnv
+
+        seed = self.cfg.seed if self.cfg.seed is not None else self._run.seed if self._run else 0
+        agent = SacAgent(PrivateTrainingEnv(self), self.cfg, seed)
+        if warm_start and self.cfg.init_from is not None:
+            self._warm = _warm_start(agent, self.cfg.init_from)
+        return agent
+
+    # -- planning ------------------------------------------------------------------------
+
+    def plan(self, context: StepContext) -> StepPlan:
+        if context.budget_epsilon is None or context.delta is None or context.ledger is None:
+            raise ValueError(
+                "policy rl paces its noise against the privacy budget: give the PrivacyEngine "
+                "a budget=Budget(epsilon, delta)"
+            )
+        self._ledger, self._budget = context.ledger, (context.budget_epsilon, context.delta)
+        self._step = context.step
+        if self._action is None:  # the first decision of a fresh run
+            if self.driver == "agent":
+                self._decide()
+            else:
+                self.apply(np.zeros(action_dim(len(self.bands)), dtype=np.float32))
+        if self._setting is None:
+            self._setting = self._materialize()
+        s, k, T = context.step + 1, self.cfg.every, self.planned_steps
+        counted = self.count_std is not None and (s % k == 0 or s == T)
+        st = self._setting
+        return RLPlan(
+            clip=dict(st.clip),
+            noise_std=dict.fromkeys(self.groups, st.sigma * st.clip_total),
+            count_std=self.count_std if counted else None,
+            count_bands=len(self.bands) if counted else 0,
+        )
+
+    def apply(self, action: np.ndarray) -> None:
+        """Take ``action`` (in [-1, 1]^A) for the coming interval."""
+        self._action = np.clip(np.asarray(action, dtype=np.float32), -1.0, 1.0)
+        self._setting = self._materialize() if self._budget is not None else None
+
+    def _pacer(self) -> Pacer:
+        eps, delta = self._budget
+        return Pacer(self.sample_rate, eps, delta, count_cost(len(self.bands), self.count_std))
+
+    def _counted(self, after: int, through: int) -> int:
+        return 0 if self.count_std is None else count_steps(after, through, self.cfg.every)
+
+    def _pace(self) -> float:
+        """Constant sigma that spends the rest of the budget over the remaining steps."""
+        t, T = self._step, self.planned_steps
+        if T <= t:
+            return self.noise_multiplier
+        try:
+            return self._pacer().sigma(
+                self._ledger.events, T - t, self._counted(t, T), hint=self.noise_multiplier
+            )
+        except ValueError:  # the budget is spent: the filter will refuse the next step
+            return self.noise_multiplier * self.cfg.noise_range
+
+    def _floor(self, pace: float) -> float:
+        """Least sigma for the coming interval that leaves the steps after it at noise no
+        more than ``noise_range`` times the current pace (the whole interval, if it is the last)."""
+        t, T = self._step, self.planned_steps
+        end = min(t + self.cfg.every, T)
+        if end >= T:
+            return pace
+        tail = (T - end, self._counted(end, T), grid_sigma(grid_index(pace * self.cfg.noise_range)))
+        try:
+            return self._pacer().sigma(
+                self._ledger.events, end - t, self._counted(t, end), hint=pace, tail=tail
+            )
+        except ValueError:
+            return pace
+
+    def _materialize(self) -> Setting:
+        if not self.cfg.pacing:
+            return decode(
+                self._action,
+                base_sigma=self.noise_multiplier,
+                clip=self.clip,
+                bands=self.bands,
+                cfg=self.cfg,
+            )
+        pace = self._pace()
+        st = decode(self._action, base_sigma=pace, clip=self.clip, bands=self.bands, cfg=self.cfg)
+        if st.sigma < pace:
+            st = Setting(max(st.sigma, self._floor(pace)), st.clip_total, st.clip)
+        return st
+
+    # -- the private release -------------------------------------------------------------
+
+    def release(self, sums: StepSums, plan: StepPlan, noise: NoiseFn) -> dict[nn.Parameter, Tensor]:
+        out = super().release(sums, plan, noise)
+        fraction = None
+        if isinstance(plan, RLPlan) and plan.count_std is not None:
+            centred = torch.zeros(len(self.bands), dtype=torch.float64)
+            for b, band in enumerate(self.bands):
+                flags = [sums.within_clip[g] for g in band if g in sums.within_clip]
+                if flags:
+                    inside = torch.stack(flags).all(0)
+                    centred[b] = float(inside.sum()) - inside.numel() / 2
+            noisy = centred + noise(centred, plan.count_std).to(torch.float64)
+            fraction = (noisy / sums.expected_batch_size + 0.5).numpy()
+        self._record(out, plan, sums, fraction)  # released values only from here on
+        return out
+
+    def _record(self, out, plan: StepPlan, sums: StepSums, fraction: np.ndarray | None) -> None:
+        if self._dims is None:
+            self._dims = {g: 0 for g in self.groups}
+            for p, t in out.items():
+                self._dims[sums.group_of[p]] += t.numel()
+        n = len(self.bands)
+        energy, expected = np.zeros(n), np.zeros(n)
+        with torch.no_grad():
+            for p, u in out.items():
+                energy[self.band_of[sums.group_of[p]]] += float(u.double().pow(2).sum())
+        for g, d in self._dims.items():
+            expected[self.band_of[g]] += d * (plan.noise_std[g] / sums.expected_batch_size) ** 2
+        rel = self._released
+        rel.energy_ratio = rel.energy_ratio + energy / np.maximum(expected, 1e-30)
+        rel.steps += 1
+        rel.spend += (self.noise_multiplier / plan.noise_multiplier) ** 2 / self.planned_steps
+        if fraction is not None:
+            rel.fraction = fraction
+
+    # -- decisions -----------------------------------------------------------------------
+
+    def observe(self, report: dict[str, Any]) -> dict[str, float] | None:
+        self._step = report["step"]
+        if self.driver != "agent":
+            return None
+        if self._step % self.cfg.every == 0 or self._step == self.planned_steps:
+            return self._decide()
+        return None
+
+    def steps_to_decision(self) -> int:
+        k = self.cfg.every
+        return max(0, min(k - self._step % k, self.planned_steps - self._step))
+
+    def _decide(self) -> dict[str, float]:
+        prev, prev_action = self._last, self._action
+        obs, r, done, metrics = self.end_interval()
+        agent = self.agent
+        if prev is not None:
+            agent.add(prev["obs"], prev_action, r, obs, done)
+            agent.update()
+            metrics["rl_ent_coef"] = agent.ent_coef()
+        if not done:
+            self.apply(agent.act(obs))
+            metrics["rl_next_sigma"] = self._setting.sigma
+            metrics["rl_next_clip"] = self._setting.clip_total
+        return metrics
+
+    def _spent(self) -> float:
+        if self._ledger is None or not self._ledger.events:
+            return 0.0
+        return RdpAccountant().adaptive_epsilon(self._ledger.events, self._budget[1])
+
+    def _public_loss(self) -> float:
+        with torch.no_grad():
+            return math.log(perplexity(self._run.model, self._run.public_batches))
+
+    def observation(self) -> np.ndarray:
+        """The current state (computed now if no decision was made yet)."""
+        if self._last is None:
+            self.end_interval()
+        return self._last["obs"].copy()
+
+    def end_interval(self) -> tuple[np.ndarray, float | None, bool, dict[str, float]]:
+        """Close the interval: the new state, the reward of the last action, whether the run
+        is over, and metrics to log.  Reads only public data and released quantities."""
+        loss, spent = self._public_loss(), self._spent()
+        if self._loss0 is None:
+            self._loss0 = loss
+        budget = self._budget[0] if self._budget else math.inf
+        st = self._setting or Setting(self.noise_multiplier, self.clip, {})
+        prev = self._last
+        prev_action = (
+            self._action if self._action is not None else np.zeros(action_dim(len(self.bands)))
+        )
+        obs = observation(
+            step=self._step,
+            planned=self.planned_steps,
+            spent=spent,
+            budget=budget,
+            loss=loss,
+            loss0=self._loss0,
+            prev_loss=None if prev is None else prev["loss"],
+            sigma=st.sigma,
+            sigma_ref=self.noise_multiplier,
+            clip_total=st.clip_total,
+            clip=self.clip,
+            released=self._released,
+            prev_action=prev_action,
+        )
+        r = None
+        if prev is not None:
+            r = reward(
+                prev_loss=prev["loss"],
+                loss=loss,
+                loss0=self._loss0,
+                spend=self._released.spend,
+                cfg=self.cfg,
+            )
+        self._last = {"obs": obs, "loss": loss, "spent": spent}
+        self._released = Released.empty(len(self.bands))
+        metrics = {"rl_public_loss": loss} | ({} if r is None else {"rl_reward": r})
+        return obs.copy(), r, self._step >= self.planned_steps, metrics
+
+    # -- state ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        rel, st, last = self._released, self._setting, self._last
+        state: dict[str, Any] = {
+            "sigma_ref": self.noise_multiplier,
+            "step": self._step,
+            "action": None if self._action is None else torch.from_numpy(self._action.copy()),
+            "setting": None
+            if st is None
+            else {"sigma": st.sigma, "clip_total": st.clip_total, "clip": dict(st.clip)},
+            "last": None
+            if last is None
+            else {
+                "obs": torch.from_numpy(last["obs"].copy()),
+                "loss": last["loss"],
+                "spent": last["spent"],
+            },
+            "loss0": self._loss0,
+            "released": None
+            if rel is None
+            else {
+                "energy_ratio": torch.from_numpy(rel.energy_ratio.copy()),
+                "steps": rel.steps,
+                "spend": rel.spend,
+                "fraction": None if rel.fraction is None else torch.from_numpy(rel.fraction.copy()),
+            },
+            "warm": self._warm,
+            "agent": None,
+        }
+        if self.driver == "agent" and self._run is not None:
+            state["agent"] = self.agent.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.noise_multiplier = state["sigma_ref"]
+        self._step = state["step"]
+        self._action = None if state["action"] is None else state["action"].numpy().copy()
+        s = state["setting"]
+        self._setting = None if s is None else Setting(s["sigma"], s["clip_total"], dict(s["clip"]))
+        last = state["last"]
+        self._last = (
+            None
+            if last is None
+            else {"obs": last["obs"].numpy().copy(), "loss": last["loss"], "spent": last["spent"]}
+        )
+        self._loss0 = state["loss0"]
+        rel = state["released"]
+        if rel is not None:
+            self._released = Released(
+                rel["energy_ratio"].numpy().copy(),
+                rel["steps"],
+                None if rel["fraction"] is None else rel["fraction"].numpy().copy(),
+                rel["spend"],
+            )
+        self._warm = state["warm"]
+        if state["agent"] is not None and self.driver == "agent":
+            if self._agent is None:
+                self._agent = self._make_agent(warm_start=False)
+            self._agent.load_state_dict(state["agent"])
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "clip": self.clip,
+            "noise_multiplier_ref": self.noise_multiplier,
+            "bands": [len(b) for b in getattr(self, "bands", [])],
+            "rl": self.cfg.model_dump(),
+        }
+        if self._warm is not None:
+            out["warm_start"] = {k: v for k, v in self._warm.items() if k != "ledger"}
+            out["notes"] = [self._warm_note()]
+        return out
+
+    def _warm_note(self) -> str:
+        w = self._warm
+        text = (
+            f"the agent was warm-started from {w['run']} (epsilon {w['epsilon']} at delta "
+            f"{w['delta']}): it is a function of that run's released outputs, so records private "
+            "to both runs are covered only by their composition"
+        )
+        if self._ledger is not None and self._budget is not None:
+            events = Ledger.from_dict(w["ledger"]).events + self._ledger.events
+            both = RdpAccountant().adaptive_epsilon(events, self._budget[1])
+            text += f": epsilon {both:.4f} at delta {self._budget[1]:.3g} (adaptive RDP)"
+        return text
+
+
+def _warm_start(agent: Any, run_dir: str) -> dict[str, Any]:
+    """Load the agent of the run in ``run_dir``; returns what the report must say about it."""
+    from ...rundir import RunDir
+
+    src = RunDir(run_dir)
+    state = src.load_checkpoint()
+    policy = (state or {}).get("engine", {}).get("policy", {})
+    if not isinstance(policy, dict) or policy.get("agent") is None:
+        raise RecipeError(
+            f"policy.rl.init_from: {run_dir} has no checkpoint with an rl agent. Fix: point it at "
+            "a run trained with policy rl that saved at least one checkpoint."
+        )
+    try:
+        agent.load_state_dict(policy["agent"], rng=False)
+    except ValueError as err:
+        raise RecipeError(f"policy.rl.init_from: {run_dir}: {err}") from None
+    meta = src.read_meta()
+    return {
+        "run": str(src.path),
+        "epsilon": meta.get("epsilon"),
+        "delta": meta.get("delta"),
+        "ledger": Ledger.load(src.ledger).to_dict(),
+    }

@@ -1,0 +1,262 @@
+"""The rl policy: a real gymnasium env, no leak from private data into the agent's state, the
+adaptive budget filter against an overspending agent, resume and warm start of the SAC agent."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from accountants import Budget, Event, get_accountant
+from dptrain.batching import batch_slice
+from dptrain.cli import main
+from dptrain.engine import BudgetExceeded, PrivacyEngine
+from dptrain.policies import RunContext
+from dptrain.policies.rl import PrivateTrainingEnv, RLPolicy
+from dptrain.recipe import RecipeError, parse_recipe
+from dptrain.rundir import RunDir
+from dptrain.sampling import PoissonSampler
+from dptrain.train import prepare, train
+
+from .helpers import lm_batch, tiny_gpt2
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 61
+
+
+class Run:
+    """A PrivacyEngine with an RLPolicy on a tiny GPT-2 and a Poisson-sampled private set."""
+
+    def __init__(
+        self, rl: dict, *, data_seed: int = 0, eps: float = 4.0, steps: int = 8, noise=None
+    ):
+        torch.manual_seed(0)
+        self.model = tiny_gpt2(vocab=VOCAB, layers=1, width=8).train()  # float64
+        self.data = lm_batch(VOCAB, 40, 8, seed=data_seed)
+        self.policy = RLPolicy(clip=1.0, noise_multiplier=None, rl={"every": 2, **rl})
+        q = 0.2
+        self.policy.calibrate(eps, 1e-3, steps, q, "rdp")
+        opt = torch.optim.AdamW(self.model.parameters(), lr=1e-2)
+        self.engine = PrivacyEngine(
+            self.model,
+            opt,
+            policy=self.policy,
+            sample_rate=q,
+            dataset_size=40,
+            grouping="per_layer",
+            budget=Budget(eps, 1e-3),
+            noise=noise,
+        )
+        public = [lm_batch(VOCAB, 6, 8, seed=99)]
+        self.policy.attach(RunContext(self.model, steps, seed=3, public_batches=public))
+        self.sampler = PoissonSampler(40, q, seed=data_seed)
+
+    def advance(self, n: int) -> int:
+        for i in range(n):
+            idx = self.sampler.sample().tolist()
+            batch = (
+                batch_slice(self.data, 0, 0)
+                if not idx
+                else {k: v[idx] for k, v in self.data.items()}
+            )
+            try:
+                self.engine.step(batch)
+            except BudgetExceeded:
+                return i
+        return n
+
+
+def test_env_passes_the_gymnasium_checker_and_sac_learn_drives_it():
+    from gymnasium.utils.env_checker import check_env
+    from stable_baselines3 import SAC
+
+    run = Run({}, steps=60, eps=50.0)
+    env = PrivateTrainingEnv(run.policy, run.advance)
+    check_env(env, skip_close_check=True)  # that check re-makes the env by id: it wraps a live run
+    before = run.engine.steps_taken
+    SAC(
+        "MlpPolicy",
+        env,
+        learning_starts=1,
+        batch_size=4,
+        policy_kwargs={"net_arch": [8]},
+        device="cpu",
+    ).learn(total_timesteps=2)
+    assert run.engine.steps_taken == before + 2 * run.policy.cfg.every
+
+
+class ForcedRelease:
+    """'Noise' that makes the k-th release equal a fixed vector whatever the data (up to
+    float64 rounding of ``sum + (target - sum)``)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, like: torch.Tensor, std: float) -> torch.Tensor:
+        g = torch.Generator().manual_seed(1000 + self.calls)
+        self.calls += 1
+        target = torch.randn(like.shape, generator=g, dtype=torch.float64) * 0.3
+        return (target - like.double()).to(like.dtype)
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+def test_agent_state_depends_on_private_data_only_through_released_outputs():
+    """Two runs on different private data whose released outputs (noisy update, noisy counts)
+    are forced equal: the agent sees the same states and rewards and takes the same actions."""
+    runs = [Run({}, data_seed=s, noise=ForcedRelease(), eps=20.0) for s in (0, 1)]
+    private = []
+    for r in runs:
+        seen = []
+        release = r.policy.release
+
+        def spy(sums, plan, noise, release=release, seen=seen):
+            seen.append([s.clone() for s in sums.clipped.values()])
+            return release(sums, plan, noise)
+
+        r.policy.release = spy
+        r.advance(6)
+        private.append(seen)
+    # the private inputs differ ...
+    assert any(
+        not torch.equal(a, b)
+        for s0, s1 in zip(*private, strict=True)
+        for a, b in zip(s0, s1, strict=True)
+    )
+    # ... the states, rewards and actions do not
+    buf = [r.policy.agent.sac.replay_buffer for r in runs]
+    assert buf[0].pos == buf[1].pos == 3  # decisions after steps 2, 4, 6
+    for field in ("observations", "next_observations", "actions", "rewards"):
+        np.testing.assert_allclose(getattr(buf[0], field), getattr(buf[1], field), atol=1e-6)
+    np.testing.assert_allclose(runs[0].policy._last["obs"], runs[1].policy._last["obs"], atol=1e-6)
+    sigmas = [[e.noise_multiplier for e in r.engine.ledger.events] for r in runs]
+    np.testing.assert_allclose(*sigmas, rtol=1e-9)
+
+
+def test_an_overspending_agent_is_stopped_at_the_budget_by_the_adaptive_filter():
+    eps = 3.0
+    run = Run({"pacing": False, "noise_range": 1.5}, eps=eps, steps=40)
+    env = PrivateTrainingEnv(run.policy, run.advance)
+    assert run.engine.filter.adaptive and run.engine.accountant.name == "rdp"
+    env.reset(seed=0)
+    greedy = np.ones(env.action_space.shape, dtype=np.float32)
+    greedy[0] = -1.0  # least noise, largest clip
+    terminated, steps = False, 0
+    while not terminated:
+        _, _, terminated, _, info = env.step(greedy)
+        steps += info["private_steps"]
+    assert info["stopped_by_budget"] and 0 < steps < 40
+    spent = run.engine.epsilon()
+    assert spent <= eps
+    assert spent == pytest.approx(
+        get_accountant("rdp").adaptive_epsilon(run.engine.ledger.events, 1e-3)
+    )
+    _, event = run.engine.next_plan()
+    assert not run.engine.filter.allows(run.engine.ledger, event)  # the next step would exceed
+    with pytest.raises(BudgetExceeded):
+        run.engine.step(batch_slice(run.data, 0, 4))
+
+
+def test_pacing_finishes_the_planned_steps_within_budget_whatever_the_agent_does():
+    eps = 3.0
+    run = Run({"noise_range": 2.0}, eps=eps, steps=12)
+    env = PrivateTrainingEnv(run.policy, run.advance)
+    env.reset()
+    terminated = False
+    while not terminated:
+        _, _, terminated, _, info = env.step(-np.ones(env.action_space.shape, np.float32))
+    assert not info["stopped_by_budget"] and run.engine.steps_taken == 12
+    assert run.engine.epsilon() <= eps
+
+
+# -- dptrain train: recipes, reports, resume, warm start ---------------------------------------
+
+
+def recipe(tmp_path: Path, name: str, **changes) -> dict:
+    d = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+    d["output_dir"] = str(tmp_path / name)
+    d["data"].update(max_records=120, max_length=24, public_fraction=0.05, max_public_records=8)
+    d["training"].update(steps=8, batch_size=8, checkpoint_every=4)
+    d["policy"] = {"name": "rl", "grouping": "per_layer", "rl": {"every": 2, "batch_size": 8}}
+    for section, values in changes.items():
+        d[section].update(values)
+    return d
+
+
+def _agent_state(run_dir: Path) -> dict:
+    state = torch.load(RunDir(run_dir).checkpoint_files()[-1], weights_only=True)
+    return state["engine"]["policy"]["agent"], state["model"]
+
+
+def test_resume_continues_the_same_agent_and_the_report_names_the_adaptive_filter(tmp_path, capsys):
+    full = train(parse_recipe(recipe(tmp_path, "full")), progress=False)
+    out = capsys.readouterr().out
+    assert "adaptive composition" in out and "records declared public" in out
+    meta = RunDir(full.run_dir).read_meta()
+    assert meta["adaptive"] and "adaptive composition" in meta["guarantee"]
+    assert meta["epsilon"] <= 8.0 and meta["steps"] == 8
+    ledger_events = json.loads((full.run_dir / "ledger.json").read_text())["events"]
+    assert len({e["noise_multiplier"] for e in ledger_events}) > 1  # the agent varied the noise
+    assert main(["epsilon", "--run", str(full.run_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["adaptive"] and report["epsilon"] == pytest.approx(meta["epsilon"])
+
+    d = recipe(tmp_path, "split")
+    train(parse_recipe(d), progress=False, max_steps_this_session=4)
+    train(parse_recipe(d), tmp_path / "split", resume=True, progress=False)
+    (a_agent, a_model), (b_agent, b_model) = (
+        _agent_state(full.run_dir),
+        _agent_state(tmp_path / "split"),
+    )
+    assert a_agent["num_timesteps"] == b_agent["num_timesteps"] == 4
+    for k, v in a_agent["networks"].items():
+        assert torch.equal(v, b_agent["networks"][k]), k
+    for k, v in a_agent["buffer"].items():
+        assert torch.equal(torch.as_tensor(v), torch.as_tensor(b_agent["buffer"][k])), k
+    for k, v in a_model.items():
+        assert torch.equal(v, b_model[k]), k
+
+    # warm start: a new run's agent starts as the finished run's agent
+    warm = recipe(tmp_path, "warm", policy={"rl": {"every": 2, "init_from": str(full.run_dir)}})
+    prep = prepare(parse_recipe(warm))
+    policy = prep.policy
+    policy.bind(list("abcde"), sample_rate=0.1, expected_batch_size=8)
+    policy.attach(RunContext(torch.nn.Linear(1, 1), 8, public_batches=[{}]))
+    loaded = policy.agent.state_dict()
+    for k, v in a_agent["networks"].items():
+        assert torch.equal(v, loaded["networks"][k]), k
+    assert loaded["buffer"]["observations"].shape[0] == 4
+    note = policy.describe()["notes"][0]
+    assert str(full.run_dir) in note and "composition" in note
+
+
+def test_recipe_errors_name_the_key_and_the_fix(tmp_path):
+    with pytest.raises(RecipeError, match=r"privacy\.accountant.*adaptive"):
+        prepare(parse_recipe(recipe(tmp_path, "a", privacy={"accountant": "prv"})))
+    no_public = recipe(tmp_path, "b")
+    del no_public["data"]["public_fraction"]
+    with pytest.raises(RecipeError, match="public_fraction"):
+        prepare(parse_recipe(no_public))
+    with pytest.raises(RecipeError, match=r"policy\.rl\.evry"):
+        parse_recipe(recipe(tmp_path, "c", policy={"rl": {"evry": 3}}))
+    with pytest.raises(RecipeError, match="init_from"):
+        prepare(parse_recipe(recipe(tmp_path, "d", policy={"rl": {"init_from": str(tmp_path)}})))
+
+
+def test_count_release_is_charged_as_one_gaussian_mechanism():
+    run = Run({"clip_fraction_noise": 0.1}, eps=20.0)
+    ctx = run.engine.context()
+    plan = run.policy.plan(copy.copy(ctx))  # step 0 of every=2: no count release
+    assert plan.noise_multiplier == pytest.approx(run.policy._setting.sigma)
+    ctx.step = 1  # the interval's last step releases B counts of sensitivity 1/2
+    counted = run.policy.plan(ctx)
+    nb, s_c = len(run.policy.bands), 0.1 * run.engine.expected_batch_size
+    sigma = run.policy._setting.sigma
+    assert counted.noise_multiplier == pytest.approx((sigma**-2 + nb * (0.5 / s_c) ** 2) ** -0.5)
+    assert run.policy.event(counted) == Event(0.2, counted.noise_multiplier)
