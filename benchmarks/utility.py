@@ -85,6 +85,15 @@ POLICIES: dict[str, dict[str, Any]] = {
     # DiceSGD; its own RDP analysis needs privacy.accountant=rdp. error_clip (C2) costs like a
     # full-batch Gaussian of sensitivity 2*C2 per step: keep it near sample_rate * clip.
     "error_feedback": {"name": "error_feedback", "clip": 1.0, "error_clip": 0.02},
+    # RL-controlled per-layer clips and noise (SAC); see OVERRIDES
+    "rl": {"name": "rl", "clip": 1.0, "grouping": "per_layer", "rl": {"every": 5}},
+}
+
+# Sections a contender needs changed (before --set): rl chooses its noise from data, so only the
+# adaptive RDP filter may guard its budget, and its reward reads a public split (2% of the
+# training records, declared public and left out of its private training set).
+OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
+    "rl": {"privacy": {"accountant": "rdp"}, "data": {"public_fraction": 0.02}},
 }
 
 
@@ -98,6 +107,8 @@ def recipe_for(
     d["seed"] = seed
     d["output_dir"] = str(out)
     d["policy"] = copy.deepcopy(POLICIES[policy])
+    for section, values in OVERRIDES.get(policy, {}).items():
+        d[section].update(values)
     for item in sets:  # SECTION.KEY=VALUE, or POLICY:SECTION.KEY=VALUE for one policy only
         dotted, value = item.split("=", 1)
         only, _, dotted = dotted.rpartition(":")

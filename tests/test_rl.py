@@ -165,13 +165,13 @@ def test_an_overspending_agent_is_stopped_at_the_budget_by_the_adaptive_filter()
 
 def test_pacing_finishes_the_planned_steps_within_budget_whatever_the_agent_does():
     eps = 3.0
-    run = Run({"noise_range": 2.0}, eps=eps, steps=12)
+    run = Run({"noise_range": 2.0}, eps=eps, steps=8)
     env = PrivateTrainingEnv(run.policy, run.advance)
     env.reset()
     terminated = False
     while not terminated:
         _, _, terminated, _, info = env.step(-np.ones(env.action_space.shape, np.float32))
-    assert not info["stopped_by_budget"] and run.engine.steps_taken == 12
+    assert not info["stopped_by_budget"] and run.engine.steps_taken == 8
     assert run.engine.epsilon() <= eps
 
 
@@ -182,7 +182,7 @@ def recipe(tmp_path: Path, name: str, **changes) -> dict:
     d = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
     d["output_dir"] = str(tmp_path / name)
     d["data"].update(max_records=120, max_length=24, public_fraction=0.05, max_public_records=8)
-    d["training"].update(steps=8, batch_size=8, checkpoint_every=4)
+    d["training"].update(steps=6, batch_size=8, checkpoint_every=3)
     d["policy"] = {"name": "rl", "grouping": "per_layer", "rl": {"every": 2, "batch_size": 8}}
     for section, values in changes.items():
         d[section].update(values)
@@ -200,7 +200,7 @@ def test_resume_continues_the_same_agent_and_the_report_names_the_adaptive_filte
     assert "adaptive composition" in out and "records declared public" in out
     meta = RunDir(full.run_dir).read_meta()
     assert meta["adaptive"] and "adaptive composition" in meta["guarantee"]
-    assert meta["epsilon"] <= 8.0 and meta["steps"] == 8
+    assert meta["epsilon"] <= 8.0 and meta["steps"] == 6
     ledger_events = json.loads((full.run_dir / "ledger.json").read_text())["events"]
     assert len({e["noise_multiplier"] for e in ledger_events}) > 1  # the agent varied the noise
     assert main(["epsilon", "--run", str(full.run_dir), "--json"]) == 0
@@ -208,13 +208,13 @@ def test_resume_continues_the_same_agent_and_the_report_names_the_adaptive_filte
     assert report["adaptive"] and report["epsilon"] == pytest.approx(meta["epsilon"])
 
     d = recipe(tmp_path, "split")
-    train(parse_recipe(d), progress=False, max_steps_this_session=4)
+    train(parse_recipe(d), progress=False, max_steps_this_session=3)
     train(parse_recipe(d), tmp_path / "split", resume=True, progress=False)
     (a_agent, a_model), (b_agent, b_model) = (
         _agent_state(full.run_dir),
         _agent_state(tmp_path / "split"),
     )
-    assert a_agent["num_timesteps"] == b_agent["num_timesteps"] == 4
+    assert a_agent["num_timesteps"] == b_agent["num_timesteps"] == 3
     for k, v in a_agent["networks"].items():
         assert torch.equal(v, b_agent["networks"][k]), k
     for k, v in a_agent["buffer"].items():
@@ -227,11 +227,11 @@ def test_resume_continues_the_same_agent_and_the_report_names_the_adaptive_filte
     prep = prepare(parse_recipe(warm))
     policy = prep.policy
     policy.bind(list("abcde"), sample_rate=0.1, expected_batch_size=8)
-    policy.attach(RunContext(torch.nn.Linear(1, 1), 8, public_batches=[{}]))
+    policy.attach(RunContext(torch.nn.Linear(1, 1), 6, public_batches=[{}]))
     loaded = policy.agent.state_dict()
     for k, v in a_agent["networks"].items():
         assert torch.equal(v, loaded["networks"][k]), k
-    assert loaded["buffer"]["observations"].shape[0] == 4
+    assert loaded["buffer"]["observations"].shape[0] == 3
     note = policy.describe()["notes"][0]
     assert str(full.run_dir) in note and "composition" in note
 
