@@ -435,6 +435,7 @@ def train(
         | {accountant.name: eps},
         guarantee_accountant=accountant.name,
         guarantee=_guarantee(prep, accountant.name),
+        policy=prep.policy.describe(),
         stopped_by_budget=stopped_by_budget,
         perplexity_after=ppl_after,
         train_seconds=meta.get("train_seconds", 0.0) + train_seconds,

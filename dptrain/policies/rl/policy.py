@@ -130,6 +130,8 @@ class RLPolicy(Policy):
                 "in a recipe set data.public_fraction or data.public_path"
             )
         self._run = run
+        if self.cfg.init_from is not None and self._warm is None:
+            self._warm = _warm_info(self.cfg.init_from)
 
     @property
     def planned_steps(self) -> int:
@@ -151,7 +153,7 @@ class RLPolicy(Policy):
         seed = self.cfg.seed if self.cfg.seed is not None else self._run.seed if self._run else 0
         agent = SacAgent(PrivateTrainingEnv(self), self.cfg, seed)
         if warm_start and self.cfg.init_from is not None:
-            self._warm = _warm_start(agent, self.cfg.init_from)
+            _warm_start(agent, self.cfg.init_from)
         return agent
 
     # -- planning ------------------------------------------------------------------------
@@ -443,12 +445,11 @@ class RLPolicy(Policy):
         return text
 
 
-def _warm_start(agent: Any, run_dir: str) -> dict[str, Any]:
-    """Load the agent of the run in ``run_dir``; returns what the report must say about it."""
+def _warm_start(agent: Any, run_dir: str) -> None:
+    """Load the agent of the run in ``run_dir`` (networks, optimizers, replay buffer)."""
     from ...rundir import RunDir
 
-    src = RunDir(run_dir)
-    state = src.load_checkpoint()
+    state = RunDir(run_dir).load_checkpoint()
     policy = (state or {}).get("engine", {}).get("policy", {})
     if not isinstance(policy, dict) or policy.get("agent") is None:
         raise RecipeError(
@@ -459,6 +460,13 @@ def _warm_start(agent: Any, run_dir: str) -> dict[str, Any]:
         agent.load_state_dict(policy["agent"], rng=False)
     except ValueError as err:
         raise RecipeError(f"policy.rl.init_from: {run_dir}: {err}") from None
+
+
+def _warm_info(run_dir: str) -> dict[str, Any]:
+    """What the report must say about a warm start: the source run and its ledger."""
+    from ...rundir import RunDir
+
+    src = RunDir(run_dir)
     meta = src.read_meta()
     return {
         "run": str(src.path),
