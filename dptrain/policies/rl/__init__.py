@@ -15,7 +15,9 @@ in model order; one group per layer / LoRA module with ``grouping: per_layer``):
 so ``sigma_eff = 1 / sqrt(sum_g (C_g / s_g)^2) = sigma`` whatever the allocation.  With
 ``rl.pacing`` (default) ``sigma_base`` is the constant sigma that would spend exactly the rest
 of the budget over the remaining planned steps (a = 0 is "on pace", like static DP-SGD), and
-the last interval never goes below it, so a run spends its budget by its last planned step;
+an interval may spend no more than leaves the steps after it at noise <= noise_range times the
+current pace (the last interval: no more than the rest), so a run always completes its planned
+steps within budget whatever the agent does (grid: sigma is rounded up to powers of 1.01);
 without pacing ``sigma_base = sigma_ref``, the calibrated constant, and an agent that spends
 early is stopped by the budget filter.
 
