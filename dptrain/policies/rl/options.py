@@ -13,7 +13,7 @@ class RLConfig(BaseModel):
     every: int = Field(5, ge=1, description="private steps per agent decision (k)")
     # action bounds
     noise_range: float = Field(
-        1.5, ge=1, description="sigma = paced sigma * noise_range**a (a in [-1, 1])"
+        1.2, ge=1, description="sigma = paced sigma * noise_range**a (a in [-1, 1])"
     )
     clip_range: float = Field(4.0, ge=1, description="total clip = policy.clip * clip_range**a")
     allocation_range: float = Field(
@@ -34,7 +34,7 @@ class RLConfig(BaseModel):
         "decision, charged to the ledger); null: not released",
     )
     # reward
-    privacy_penalty: float = Field(0.1, ge=0, description="lambda: reward lost per budget spent")
+    privacy_penalty: float = Field(1.0, ge=0, description="lambda: reward lost per budget spent")
     reward_scale: float = Field(100.0, gt=0)
     # SAC
     gamma: float = Field(0.9, ge=0, le=1)
@@ -49,7 +49,7 @@ class RLConfig(BaseModel):
         None, gt=0, description="fixed entropy coefficient; null: tuned (SAC auto, from 0.05)"
     )
     explore_std: float = Field(
-        0.3, gt=0, le=1, description="initial exploration std of the untrained actor"
+        0.1, gt=0, le=1, description="initial exploration std of the untrained actor"
     )
     deterministic: bool = Field(False, description="act with the actor's mean (no exploration)")
     seed: int | None = Field(None, description="agent seed; default: the recipe's seed")
