@@ -104,18 +104,18 @@ NOISE, CLIP, LR, DATASET = 1.0, 1.0, 1e-4, 10_000
 
 def build_model(setup: dict[str, Any], device: torch.device, seed: int) -> tuple[nn.Module, str]:
     """The setup's model on ``device`` (train mode) and a note on its weights."""
-    from dptrain.models import load_model_and_tokenizer
+    from dptrain.models import SMOLLM2, cache_root, load_model_and_tokenizer
 
     note = "pretrained"
-    if setup["model"] == "smollm2-135m":
-        try:
-            model, _ = load_model_and_tokenizer("smollm2-135m")
-        except Exception as e:  # no cached weights and no network: same architecture
+    if setup["model"] == SMOLLM2:
+        if (cache_root() / "models" / SMOLLM2 / "config.json").is_file():
+            model, _ = load_model_and_tokenizer(SMOLLM2)
+        else:  # not cached here (e.g. a GPU machine without network): same architecture
             from transformers import LlamaConfig, LlamaForCausalLM
 
             torch.manual_seed(seed)
             model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_ARCH))
-            note = f"random weights, same architecture ({type(e).__name__})"
+            note = "random weights, same architecture (pretrained weights not cached)"
     else:
         model, _ = load_model_and_tokenizer(f"{setup['model']},seed={seed}")
         note = "random init"
@@ -157,9 +157,9 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
 # -- contenders: each returns a step function -----------------------------------------------
 
 
-def nonprivate(model: nn.Module, batch: dict) -> Callable[[], None]:
-    opt = torch.optim.AdamW(_trainable(model), lr=LR)
-
+def _mean_loss_step(
+    model: nn.Module, opt: torch.optim.Optimizer, batch: dict
+) -> Callable[[], None]:
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         per_sample_loss(model, batch).mean().backward()
@@ -167,6 +167,10 @@ def nonprivate(model: nn.Module, batch: dict) -> Callable[[], None]:
         opt.zero_grad(set_to_none=True)
 
     return step
+
+
+def nonprivate(model: nn.Module, batch: dict) -> Callable[[], None]:
+    return _mean_loss_step(model, torch.optim.AdamW(_trainable(model), lr=LR), batch)
 
 
 def _opacus(model: nn.Module, batch: dict, mode: str) -> Callable[[], None]:
@@ -185,14 +189,7 @@ def _opacus(model: nn.Module, batch: dict, mode: str) -> Callable[[], None]:
     }
     if mode == "hooks":
         gsm, opt, _ = OpacusEngine().make_private(module=model, grad_sample_mode="hooks", **common)
-
-        def step() -> None:
-            opt.zero_grad(set_to_none=True)
-            per_sample_loss(gsm, batch).mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        return step
+        return _mean_loss_step(gsm, opt, batch)
 
     crit = nn.CrossEntropyLoss(ignore_index=-100)
     gsm, opt, crit, _ = OpacusEngine().make_private(
@@ -260,7 +257,7 @@ FACTORIES: dict[str, Callable[[nn.Module, dict], Callable[[], None]]] = {
 
 
 class Meter:
-    """Wall time and peak memory growth (bytes) of one call."""
+    """Wall time, process CPU time (all threads) and peak memory growth (bytes) of one call."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
@@ -273,7 +270,7 @@ class Meter:
                     return int(line.split()[1]) * 1024
         return 0
 
-    def __call__(self, fn: Callable[[], None]) -> tuple[float, int]:
+    def __call__(self, fn: Callable[[], None]) -> tuple[float, float, int]:
         gc.collect()
         if self.cuda:
             torch.cuda.synchronize()
@@ -283,13 +280,13 @@ class Meter:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current resident set
             base = self._status("VmRSS:")
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
         if self.cuda:
             torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         peak = torch.cuda.max_memory_allocated() if self.cuda else self._status("VmHWM:")
-        return dt, peak - base
+        return dt, cpu, peak - base
 
 
 def run_setup(
@@ -316,13 +313,15 @@ def run_setup(
                 traceback.print_exc()
     meter = Meter(device)
     times: dict[str, list[float]] = {c: [] for c in steps_of}
+    cpus: dict[str, list[float]] = {c: [] for c in steps_of}
     mems: dict[str, list[int]] = {c: [] for c in steps_of}
     order = list(steps_of)
     for i in range(steps):
         k = i % len(order) if order else 0
         for c in order[k:] + order[:k]:
-            dt, mem = meter(steps_of[c])
+            dt, cpu, mem = meter(steps_of[c])
             times[c].append(dt)
+            cpus[c].append(cpu)
             mems[c].append(mem)
         print(
             f"  [{name}] step {i + 1}/{steps}: "
@@ -333,6 +332,7 @@ def run_setup(
         c: {
             "median_s": statistics.median(times[c]),
             "step_s": times[c],
+            "median_cpu_s": statistics.median(cpus[c]),
             "peak_mem_mb": statistics.median(mems[c]) / 2**20,
         }
         for c in order
@@ -360,6 +360,8 @@ def ratios(r: dict[str, dict[str, float]]) -> dict[str, float | None]:
         "dptrain_over_opacus": ratio("dptrain", "opacus-hooks", "median_s"),
         "dptrain_over_opacus_ghost": ratio("dptrain", "opacus-ghost", "median_s"),
         "opacus_over_nonprivate": ratio("opacus-hooks", "nonprivate", "median_s"),
+        "cpu_dp_over_nonprivate": ratio("dptrain", "nonprivate", "median_cpu_s"),
+        "cpu_dptrain_over_opacus": ratio("dptrain", "opacus-hooks", "median_cpu_s"),
         "mem_dp_over_nonprivate": ratio("dptrain", "nonprivate", "peak_mem_mb"),
         "mem_dptrain_over_opacus": ratio("dptrain", "opacus-hooks", "peak_mem_mb"),
         "mem_dptrain_over_opacus_ghost": ratio("dptrain", "opacus-ghost", "peak_mem_mb"),
@@ -394,11 +396,14 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 def print_table(device: str, results: dict[str, Any]) -> None:
     print(f"\nstep time (median) and peak step memory on {device}")
-    head = f"{'setup':10s} {'contender':22s} {'step s':>9s} {'peak MB':>9s}"
+    head = f"{'setup':10s} {'contender':22s} {'step s':>9s} {'cpu s':>9s} {'peak MB':>9s}"
     print(head + "\n" + "-" * len(head))
     for name, r in results.items():
         for c, v in r["contenders"].items():
-            print(f"{name:10s} {c:22s} {v['median_s']:9.3f} {v['peak_mem_mb']:9.0f}")
+            print(
+                f"{name:10s} {c:22s} {v['median_s']:9.3f} {v['median_cpu_s']:9.3f} "
+                f"{v['peak_mem_mb']:9.0f}"
+            )
         for c, why in r["not_applicable"].items():
             print(f"{name:10s} {c:22s} {'n/a':>9s}  ({why[:60]})")
     print("\nratios (dptrain = static policy; targets from the issue)")

@@ -19,7 +19,16 @@ from dptrain.policies import StaticPolicy
 
 from .helpers import assert_close_rel, lm_batch, loop_per_sample_grads, tiny_gpt2, tiny_llama
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True, scope="module")
+def _float64():
+    """Exactness checks in float64, restored afterwards (a process-wide default must not leak
+    into other test modules, e.g. the resume-equals-uninterrupted comparison)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
 
 dims = st.integers(1, 5)
 
@@ -274,3 +283,27 @@ def test_ghost_mode_is_validated():
             dataset_size=10,
             ghost="sometimes",
         )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["auto", "always"])
+def test_cuda_matches_the_loop(mode):
+    """The same exactness on a GPU (fused layers, ghost norms, cross terms, device noise)."""
+    from dptrain.noise import GaussianNoise
+
+    for build in (tiny_gpt2, lambda: _lora(tiny_llama(), ["q_proj", "v_proj"])):
+        model = build().cuda()
+        batch = {k: v.cuda() for k, v in lm_batch(61, 3, 6, seed=5).items()}
+        cap, uses = _capture_uses(model, causal_lm_loss, batch, 3)
+        ref, total, want = _loop_clipped(model, causal_lm_loss, batch, 0.05)
+        result = clip_and_sum(cap, uses, dict.fromkeys(ref, "all"), {"all": 0.05}, ghost=mode)
+        assert_close_rel(result.norms["all"], total, what="norms")
+        for p, w in want.items():
+            assert_close_rel(result.sums[p], w, what="clipped")
+        cap.detach()
+    a, b = GaussianNoise(3), GaussianNoise(3)
+    like = torch.zeros(1000, device="cuda")
+    x = a(like, 1.0)
+    assert x.device.type == "cuda" and torch.equal(x, b(like, 1.0))
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a(like, 1.0), b(like, 1.0))
