@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .outer import Outer
-from .rules import FusedRule, Use, _flat, _ParamFree, register_rule
+from .rules import FusedRule, Use, _flat, register_rule
 
 
 class LoraPairRule(FusedRule):
@@ -65,7 +65,7 @@ class LoraPairRule(FusedRule):
         use, xa = capture.record(module, x if x.dtype == a.dtype else x.to(a.dtype), params)
         b = module.lora_B[name].weight
         use.cache.update(A=a.detach(), B=b.detach(), scale=module.scaling[name])
-        delta = _ParamFree.apply(self, use, xa, *params.values())
+        delta = self.run(use, xa, params)
         return (result + delta).to(result.dtype)
 
     def compute(self, use: Use) -> Tensor:

@@ -170,6 +170,10 @@ class FusedRule(Rule):
         if params is None:
             return None
         use, x = capture.record(module, args[0], params)
+        return self.run(use, x, params)
+
+    def run(self, use: Use, x: Tensor, params: dict[str, nn.Parameter]) -> Tensor:
+        """``compute(use)`` as an autograd node of ``x`` and ``params`` (see :class:`_ParamFree`)."""
         return _ParamFree.apply(self, use, x, *params.values())
 
 
