@@ -14,10 +14,14 @@ median peak memory of a step:
 * ``opacus-ghost``: Opacus ghost clipping, where it applies (not with tied weights);
 * ``dptrain``: :class:`dptrain.PrivacyEngine` with the static policy (``ghost="auto"``);
 
-all with AdamW, clip 1 and noise multiplier 1.  Peak memory is the growth over the step: on
-CUDA the allocator's peak above what was allocated before the step; on CPU the peak resident
-set (VmHWM, reset before each step) above the resident set before it, with glibc returning
-large blocks to the system at once (``M_MMAP_THRESHOLD``) so that freed memory is not counted.
+all with AdamW, clip 1 and noise multiplier 1.  Times are wall-clock (CPU time of the process
+is recorded beside them, steadier on a shared machine).  Peak memory is the growth over a
+step, measured in separate untimed rounds after the timed ones: on CUDA the allocator's peak
+above what was allocated before the step; on CPU the peak resident set (VmHWM, reset before
+the step) above the resident set before it, with glibc told to return freed blocks of 64 KiB
+or more to the system at once (``M_MMAP_THRESHOLD``, ``malloc_trim``) so that memory cached
+by the allocator is not counted.  Timed rounds run with glibc's steady-state thresholds (32
+MiB), since mapping every block afresh would slow all contenders.
 
 Results go to ``benchmarks/results/step_time.json`` under the device they were measured on
 (runs on other devices are kept).  SmolLM2-135M uses its pretrained weights when they are
@@ -41,26 +45,31 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results"
 
-
-def _return_freed_memory_at_once() -> None:
-    """glibc: serve blocks >= 64 KiB by mmap, so ``free`` lowers the resident set at once."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (also switches off its dynamic growth)
-        libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD
-    except OSError:  # pragma: no cover - not glibc
-        pass
+try:
+    _LIBC: Any = ctypes.CDLL("libc.so.6")
+except OSError:  # pragma: no cover - not glibc
+    _LIBC = None
 
 
-_return_freed_memory_at_once()
+def _malloc_mode(exact: bool) -> None:
+    """glibc: ``exact`` serves blocks >= 64 KiB by mmap and trims at once, so the resident set
+    follows live memory; otherwise the thresholds glibc reaches in a steady training loop."""
+    if _LIBC is None:
+        return
+    size = 64 * 1024 if exact else 32 * 2**20
+    _LIBC.mallopt(-3, size)  # M_MMAP_THRESHOLD
+    _LIBC.mallopt(-1, size if exact else 2 * size)  # M_TRIM_THRESHOLD
+    if exact:
+        _LIBC.malloc_trim(0)
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 SMOLLM2_ARCH = {  # SmolLM2-135M(-Instruct): used with random weights where none are cached
     "hidden_size": 576,
@@ -97,6 +106,7 @@ TARGETS = {  # from the issue; ratios of medians from one run
 
 CONTENDERS = ["nonprivate", "opacus-hooks", "opacus-ghost", "dptrain"]
 NOISE, CLIP, LR, DATASET = 1.0, 1.0, 1e-4, 10_000
+MEMORY_ROUNDS = 2  # untimed steps per contender for peak memory (their maximum is reported)
 
 
 # -- models and data ----------------------------------------------------------------------
@@ -257,7 +267,7 @@ FACTORIES: dict[str, Callable[[nn.Module, dict], Callable[[], None]]] = {
 
 
 class Meter:
-    """Wall time, process CPU time (all threads) and peak memory growth (bytes) of one call."""
+    """Wall time, process CPU time (all threads) or peak memory growth of one call."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
@@ -270,23 +280,36 @@ class Meter:
                     return int(line.split()[1]) * 1024
         return 0
 
-    def __call__(self, fn: Callable[[], None]) -> tuple[float, float, int]:
+    def time(self, fn: Callable[[], None]) -> tuple[float, float]:
+        """Wall and process CPU seconds of ``fn()``."""
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn()
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    def memory(self, fn: Callable[[], None]) -> int:
+        """Peak memory growth (bytes) while ``fn()`` runs."""
         gc.collect()
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        else:
+            fn()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base
+        _malloc_mode(exact=True)
+        try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current resident set
             base = self._status("VmRSS:")
-        c0, t0 = time.process_time(), time.perf_counter()
-        fn()
-        if self.cuda:
-            torch.cuda.synchronize()
-        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-        peak = torch.cuda.max_memory_allocated() if self.cuda else self._status("VmHWM:")
-        return dt, cpu, peak - base
+            fn()
+            return self._status("VmHWM:") - base
+        finally:
+            _malloc_mode(exact=False)
 
 
 def run_setup(
@@ -319,21 +342,23 @@ def run_setup(
     for i in range(steps):
         k = i % len(order) if order else 0
         for c in order[k:] + order[:k]:
-            dt, cpu, mem = meter(steps_of[c])
+            dt, cpu = meter.time(steps_of[c])
             times[c].append(dt)
             cpus[c].append(cpu)
-            mems[c].append(mem)
         print(
             f"  [{name}] step {i + 1}/{steps}: "
             + "  ".join(f"{c} {times[c][-1]:.3f}s" for c in order),
             flush=True,
         )
+    for _ in range(MEMORY_ROUNDS):
+        for c in order:
+            mems[c].append(meter.memory(steps_of[c]))
     result["contenders"] = {
         c: {
             "median_s": statistics.median(times[c]),
             "step_s": times[c],
             "median_cpu_s": statistics.median(cpus[c]),
-            "peak_mem_mb": statistics.median(mems[c]) / 2**20,
+            "peak_mem_mb": max(mems[c]) / 2**20,
         }
         for c in order
     }
@@ -449,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--profile", metavar="SETUP", help="profile one step of each contender instead")
     ap.add_argument("--out", default=str(RESULTS / "step_time.json"))
     args = ap.parse_args(argv)
@@ -461,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in setups if s not in SETUPS] + [c for c in contenders if c not in FACTORIES]
     if bad:
         ap.error(f"unknown setups/contenders {bad}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _malloc_mode(exact=False)
     torch.manual_seed(args.seed)
     if args.profile:
         for c in contenders:

@@ -29,7 +29,8 @@ def _detach(x: Any) -> Any:
 
 
 class GradCapture:
-    """Hooks on every module owning trainable parameters; collects :class:`Use` records."""
+    """Records every use of the layers holding trainable parameters (fused rules wrap the
+    layer's ``forward``, other rules use forward hooks); collects :class:`Use` records."""
 
     def __init__(self, model: nn.Module, *, fallback: bool = True) -> None:
         self.model = model
