@@ -5,21 +5,30 @@ For groups ``G`` with thresholds ``C_g``, sample ``b`` contributes
 ``c_gb = min(1, C_g / (||grad_b restricted to g|| + 1e-6))``.  The clipped group sum thus has
 L2 sensitivity ``C_g`` under adding or removing one sample.
 
-Norms come from ghost norms where a rule says they are cheaper, otherwise from materialized
-per-sample gradients.  Parameters used by several layers (tied embeddings) are always
-materialized, as the norm of a sum is not the sum of norms.  A sample whose gradient is not
+Each parameter's per-sample norm comes either from ghost norms of its factorized gradients
+(with the cross terms between every pair of its uses, so tied embeddings stay exact) or from
+materialized per-sample gradients, whichever :func:`~dptrain.grad_sample.outer.prefer_ghost`
+finds cheaper (``ghost="auto"``).  Ghosted parameters get their clipped sum as one contraction
+``L^T diag(c) R`` (book-keeping: no second backward pass).  A sample whose gradient is not
 finite contributes nothing (coefficient 0), which keeps the sensitivity bound.
+
+``raw=True`` also returns ``sum_b grad_b[p]`` over the finite samples (unclipped), for policies
+that read raw sums (error feedback): the fused layers never fill ``p.grad``.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from .grad_sample import GradCapture, Use, trainable
+from .grad_sample import GradCapture, Outer, Use
+from .grad_sample.outer import norm_sq, prefer_ghost
+
+GhostMode = Literal["auto", "always", "never"]
 
 
 @dataclass
@@ -29,50 +38,78 @@ class ClippedSums:
     sums: dict[nn.Parameter, Tensor]  # sum_b c_{g(p) b} grad_b[p]
     norms: dict[str, Tensor]  # per group, per sample: ||grad_b|_g|| before clipping
     nonfinite: int  # samples dropped for a non-finite gradient
+    raw: dict[nn.Parameter, Tensor] | None = None  # sum_b grad_b[p] over finite samples
+    ghosted: int = 0  # parameters whose norms were ghost norms
+
+
+def ghost_mode(ghost: bool | str) -> GhostMode:
+    """``True``/``"auto"``: choose per parameter by cost; ``"always"``: ghost every factorized
+    parameter; ``False``/``"never"``: materialize every per-sample gradient."""
+    mode = {True: "auto", False: "never"}.get(ghost, ghost)  # type: ignore[call-overload]
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"ghost must be True, False, 'auto', 'always' or 'never', got {ghost!r}")
+    return mode
 
 
 def _batch_size(uses: list[Use]) -> int:
     return uses[0].grad.shape[0] if uses else 0
 
 
+def _mask(keep: Tensor, t: Tensor) -> Tensor:
+    return torch.where(keep.view((-1,) + (1,) * (t.dim() - 1)), t, 0.0)
+
+
+@torch.no_grad()
 def clip_and_sum(
     capture: GradCapture,
     uses: list[Use],
     group_of: dict[nn.Parameter, str],
     clip: dict[str, float],
     *,
-    ghost: bool = True,
+    ghost: bool | str = "auto",
+    raw: bool = False,
 ) -> ClippedSums:
     """Clip every sample's gradient per group at ``clip[group]`` and sum over samples."""
+    mode = ghost_mode(ghost)
     batch = _batch_size(uses)
-    uses_of: dict[nn.Parameter, int] = defaultdict(int)
+    parts: dict[nn.Parameter, list[tuple[Use, str]]] = defaultdict(list)
     for use in uses:
-        for p in trainable(use.module).values():
-            uses_of[p] += 1
+        for local, p in use.params.items():
+            parts[p].append((use, local))
+
+    def factors(use: Use) -> dict[str, Outer] | None:
+        if "outer" not in use.cache:
+            use.cache["outer"] = capture.rule(use.module).outer(use)
+        return use.cache["outer"]
+
+    def per_sample(use: Use) -> dict[str, Tensor]:
+        if "per_sample" not in use.cache:
+            use.cache["per_sample"] = capture.rule(use.module).per_sample(use)
+        return use.cache["per_sample"]
 
     sq: dict[str, Tensor] = {}
+    ghosted: dict[nn.Parameter, list[Outer]] = {}
     materialized: dict[nn.Parameter, Tensor] = {}
-    ghost_uses: list[Use] = []
 
     def add_sq(group: str, value: Tensor) -> None:
         sq[group] = sq[group] + value if group in sq else value
 
-    for use in uses:
-        rule = capture.rule(use.module)
-        params = trainable(use.module)
-        if not params:
+    for p, items in parts.items():
+        fs = [(factors(u) or {}).get(local) for u, local in items]
+        if (
+            mode != "never"
+            and all(f is not None for f in fs)
+            and (mode == "always" or prefer_ghost(fs))
+        ):
+            add_sq(group_of[p], norm_sq(fs))
+            ghosted[p] = fs
             continue
-        solo = all(uses_of[p] == 1 for p in params.values())
-        if ghost and solo and rule.ghost_cheaper(use):
-            for local, n2 in rule.norm_sq(use).items():
-                add_sq(group_of[params[local]], n2.to(torch.float32))
-            ghost_uses.append(use)
-        else:
-            for local, gs in rule.per_sample(use).items():
-                p = params[local]
-                materialized[p] = materialized[p] + gs if p in materialized else gs
-    for p, gs in materialized.items():
-        add_sq(group_of[p], gs.flatten(1).to(torch.float32).pow(2).sum(1))
+        total = None
+        for (u, local), f in zip(items, fs, strict=True):
+            g = f.materialize() if f is not None else per_sample(u)[local]
+            total = g if total is None else total + g
+        materialized[p] = total
+        add_sq(group_of[p], total.flatten(1).to(torch.float32).pow(2).sum(1))
 
     device = next(iter(group_of)).device if group_of else torch.device("cpu")
     zero = torch.zeros(batch, device=device)
@@ -90,41 +127,37 @@ def clip_and_sum(
         )
         coef[g] = torch.where(finite, k, torch.zeros_like(k))
 
-    if nonfinite:  # zero the offending samples so that 0 * nan does not poison the sum
-        keep = finite
-        for use in ghost_uses:
-            shape = (-1,) + (1,) * (use.grad.dim() - 1)
-            use.grad = torch.where(keep.view(shape), use.grad, 0.0)
-            a = use.args[0]
-            if torch.is_floating_point(a):
-                use.args = (
-                    torch.where(keep.view((-1,) + (1,) * (a.dim() - 1)), a, 0.0),
-                    *use.args[1:],
-                )
-        for p, gs in materialized.items():
-            materialized[p] = torch.where(keep.view((-1,) + (1,) * (gs.dim() - 1)), gs, 0.0)
+    if nonfinite:  # zero the offending samples so that 0 * nan does not poison the sums
+        ghosted = {p: [f.keep(finite) for f in fs] for p, fs in ghosted.items()}
+        materialized = {p: _mask(finite, g) for p, g in materialized.items()}
 
     sums: dict[nn.Parameter, Tensor] = {}
-
-    def add_sum(p: nn.Parameter, value: Tensor) -> None:
-        sums[p] = sums[p] + value if p in sums else value
-
-    for use in ghost_uses:
-        params = trainable(use.module)
-        local_coef = {local: coef[group_of[p]] for local, p in params.items()}
-        for local, s in capture.rule(use.module).weighted_sum(use, local_coef).items():
-            add_sum(params[local], s)
+    raws: dict[nn.Parameter, Tensor] | None = {} if raw else None
+    ones = finite.to(torch.float32)
+    for p, fs in ghosted.items():
+        sums[p] = sum_over(fs, coef[group_of[p]])
+        if raws is not None:
+            raws[p] = sum_over(fs, ones)
     for p, gs in materialized.items():
-        add_sum(p, torch.einsum("b,b...->...", coef[group_of[p]].to(gs.dtype), gs))
-    return ClippedSums(sums=sums, norms=norms, nonfinite=nonfinite)
+        sums[p] = torch.einsum("b,b...->...", coef[group_of[p]].to(gs.dtype), gs)
+        if raws is not None:
+            raws[p] = gs.sum(0)
+    return ClippedSums(sums=sums, norms=norms, nonfinite=nonfinite, raw=raws, ghosted=len(ghosted))
 
 
+def sum_over(factors: list[Outer], coef: Tensor) -> Tensor:
+    total = factors[0].weighted_sum(coef)
+    for f in factors[1:]:
+        total = total + f.weighted_sum(coef)
+    return total
+
+
+@torch.no_grad()
 def per_sample_grads(capture: GradCapture, uses: list[Use]) -> dict[nn.Parameter, Tensor]:
     """Materialized per-sample gradients ``{param: (B, *shape)}`` summed over every use."""
     out: dict[nn.Parameter, Tensor] = {}
     for use in uses:
-        params = trainable(use.module)
         for local, gs in capture.rule(use.module).per_sample(use).items():
-            p = params[local]
+            p = use.params[local]
             out[p] = out[p] + gs if p in out else gs
     return out

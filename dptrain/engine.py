@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from accountants import Budget, BudgetExceeded, BudgetFilter, Event, Ledger, get_accountant
 
 from .batching import batch_len, batch_slice
-from .clipping import clip_and_sum
+from .clipping import clip_and_sum, ghost_mode
 from .grad_sample import GradCapture
 from .groups import group_parameters
 from .losses import LossFn, causal_lm_loss
@@ -77,7 +77,7 @@ class PrivacyEngine:
         ledger: Ledger | None = None,
         max_physical_batch_size: int | None = None,
         noise: GaussianNoise | None = None,
-        ghost: bool = True,
+        ghost: bool | str = "auto",
     ) -> None:
         if dataset_size <= 0:
             raise ValueError(
@@ -102,7 +102,7 @@ class PrivacyEngine:
         self.loss_fn = loss_fn
         self.max_physical_batch_size = max_physical_batch_size
         self.noise = noise or GaussianNoise(0)
-        self.ghost = ghost
+        self.ghost = ghost_mode(ghost)  # per-sample norms: "auto" (by cost), "always", "never"
 
         names = group_parameters(model, grouping)
         by_name = dict(model.named_parameters())
@@ -201,6 +201,7 @@ class PrivacyEngine:
         n = batch_len(batch) if batch is not None else 0
         clipped: dict[nn.Parameter, Tensor] = {}
         within: dict[str, list[Tensor]] = {}
+        raw_sums: dict[nn.Parameter, Tensor] = {}
         loss_sum, nonfinite = 0.0, 0
         self.optimizer.zero_grad(set_to_none=True)
         if n > 0:
@@ -221,16 +222,18 @@ class PrivacyEngine:
                         self.group_of,
                         plan.clip,
                         ghost=self.ghost,
+                        raw=self.policy.needs_raw_sums,
                     )
                     for p, s in result.sums.items():
                         clipped[p] = clipped[p] + s if p in clipped else s
                     for g, norm in result.norms.items():
                         within.setdefault(g, []).append(norm <= plan.clip[g])
+                    for p, s in (result.raw or {}).items():
+                        raw_sums[p] = raw_sums[p] + s if p in raw_sums else s
                     nonfinite += result.nonfinite
                     finite = torch.isfinite(losses.detach())
                     loss_sum += float(losses.detach()[finite].sum())
-                    if not self.policy.needs_raw_sums:
-                        self.optimizer.zero_grad(set_to_none=True)
+                    self.optimizer.zero_grad(set_to_none=True)
             finally:
                 self.capture.active = False
                 self.capture.uses.clear()
@@ -238,13 +241,8 @@ class PrivacyEngine:
             if p not in clipped:
                 clipped[p] = torch.zeros_like(p)
         raw = None
-        if self.policy.needs_raw_sums:
-            raw = {
-                p: torch.nan_to_num(p.grad, 0.0, 0.0, 0.0)
-                if p.grad is not None
-                else torch.zeros_like(p)
-                for p in self.params
-            }
+        if self.policy.needs_raw_sums:  # unclipped sums over the samples with finite gradients
+            raw = {p: raw_sums.get(p, torch.zeros_like(p)) for p in self.params}
         sums = StepSums(
             clipped=clipped,
             raw=raw,

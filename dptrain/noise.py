@@ -24,6 +24,7 @@ class GaussianNoise:
         self.secure = secure
         self.seed = seed
         self.generator = torch.Generator()
+        self._device_generators: dict[str, torch.Generator] = {}
         if not secure:
             self.generator.manual_seed(int(seed if seed is not None else torch.seed()))
 
@@ -39,17 +40,38 @@ class GaussianNoise:
         if self.secure:
             z = _secure_normal(like.numel())
             return torch.from_numpy(z).to(like.dtype).view_as(like).to(like.device) * std
-        z = torch.randn(like.shape, generator=self.generator, dtype=torch.float32)
+        gen = self._generator(like.device)
+        z = torch.randn(like.shape, generator=gen, dtype=torch.float32, device=gen.device)
         return (z * std).to(like.dtype).to(like.device)
 
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The CPU generator, or for an accelerator one on it (drawing there avoids a copy per
+        parameter), seeded once from the CPU generator so that runs stay reproducible."""
+        if device.type == "cpu":
+            return self.generator
+        key = str(device)
+        if key not in self._device_generators:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(int(torch.randint(2**62, (1,), generator=self.generator)))
+            self._device_generators[key] = gen
+        return self._device_generators[key]
+
     def state_dict(self) -> dict[str, Any]:
-        return {"secure": self.secure, "seed": self.seed, "state": self.generator.get_state()}
+        state = {"secure": self.secure, "seed": self.seed, "state": self.generator.get_state()}
+        if self._device_generators:
+            state["device_states"] = {k: g.get_state() for k, g in self._device_generators.items()}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["secure"] != self.secure:
             raise ValueError("checkpoint noise mode (secure or seeded) differs from this run's")
         if not self.secure:
             self.generator.set_state(state["state"])
+            self._device_generators = {}
+            for key, s in state.get("device_states", {}).items():
+                gen = torch.Generator(device=torch.device(key))
+                gen.set_state(s)
+                self._device_generators[key] = gen
 
 
 def _secure_normal(n: int) -> np.ndarray:

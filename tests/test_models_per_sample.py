@@ -68,7 +68,11 @@ def test_whole_model_per_sample_grads(case, batch_size, length):
 
 
 def test_frozen_base_is_free():
+    from peft.tuners.lora import LoraLayer
+
     model = lora(tiny_llama(), ["q_proj"])
     cap = GradCapture(model)
-    hooked = {n for n, _, _ in cap.layers}
-    assert hooked and all("lora_" in n for n in hooked)
+    hooked = {n: m for n, m, _ in cap.layers}
+    # the LoRA leaves, and the adapted layers for the A/B pair rule; never a frozen base layer
+    assert hooked and all("lora_" in n or isinstance(m, LoraLayer) for n, m in hooked.items())
+    assert not any(n.endswith("base_layer") for n in hooked)

@@ -9,21 +9,31 @@ Every rule can
 
 * ``per_sample``: materialize per-sample gradients ``{param: (B, *shape)}``;
 * ``weighted_sum``: return ``sum_b coef[b] * grad_b`` for each parameter (the clipped sum);
-* optionally ``norm_sq`` without materializing (ghost norms), when ``ghost_cheaper`` says so.
+* ``norm_sq``: squared per-sample norms.
 
-The defaults derive ``weighted_sum`` from ``per_sample``; rules override where a cheaper
-contraction exists.  Only parameters with ``requires_grad`` are returned: frozen ones cost nothing.
+Rules whose gradients are sums of outer products (Linear, HF Conv1D, Embedding, the LoRA A/B
+pair) return them factorized (``outer``, see :mod:`.outer`): then norms come without
+materializing (ghost norms), cross terms between uses of one weight are exact, and the clipped
+sum is one contraction.  They also *fuse* their forward (``fused_call``): the layer runs inside
+an autograd function whose backward records ``g`` and returns only the input gradient, so
+autograd never computes the (discarded) ordinary parameter gradient.  Only parameters with
+``requires_grad`` are returned: frozen ones cost nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .outer import Outer, inner
+
+if TYPE_CHECKING:
+    from .capture import GradCapture
 
 
 @dataclass
@@ -36,6 +46,11 @@ class Use:
     kwargs: dict[str, Any]
     grad: Tensor | None = None
     cache: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, nn.Parameter] = field(default_factory=dict)  # trainable, by local name
+
+    def __post_init__(self) -> None:
+        if not self.params:
+            self.params = trainable(self.module)
 
     @property
     def input(self) -> Tensor:
@@ -55,26 +70,114 @@ def _flat(t: Tensor) -> Tensor:
 class Rule:
     """Base rule: subclasses implement ``per_sample``; the rest follows."""
 
+    def params(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        """The trainable parameters whose per-sample gradients this rule gives for ``module``."""
+        return trainable(module)
+
     def per_sample(self, use: Use) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def ghost_cheaper(self, use: Use) -> bool:
-        """Whether ``norm_sq`` + ``weighted_sum`` beat materializing for this use."""
-        return False
+    def outer(self, use: Use) -> dict[str, Outer] | None:
+        """Factorized per-sample gradients, or None where the rule has no such form."""
+        return None
+
+    def fused_call(
+        self, capture: GradCapture, module: nn.Module, args: tuple, kwargs: dict
+    ) -> Tensor | None:
+        """Run ``module`` recording its use without parameter gradients, or None to decline
+        (then the call runs normally and forward hooks record it)."""
+        return None
 
     def norm_sq(self, use: Use) -> dict[str, Tensor]:
-        """Squared per-sample gradient norms ``{param: (B,)}`` without materializing."""
+        """Squared per-sample gradient norms ``{param: (B,)}`` (ghost norms where factorized)."""
+        factors = self.outer(use)
+        if factors is not None:
+            return {n: inner(f, f) for n, f in factors.items()}
         return {n: g.flatten(1).pow(2).sum(1) for n, g in self.per_sample(use).items()}
 
     def weighted_sum(self, use: Use, coef: dict[str, Tensor]) -> dict[str, Tensor]:
         """``sum_b coef[name][b] * grad_b[name]`` for every trainable parameter."""
+        factors = self.outer(use)
+        if factors is not None:
+            return {n: f.weighted_sum(coef[n]) for n, f in factors.items()}
         return {
             n: torch.einsum("b,b...->...", coef[n].to(g.dtype), g)
             for n, g in self.per_sample(use).items()
         }
 
 
-class LinearRule(Rule):
+class _ParamFree(torch.autograd.Function):
+    """``y = rule.compute(use)`` with autograd off inside; backward stores ``dL/dy`` in the use
+    and returns only the input gradient.  Parameters are inputs (so that ``y`` requires grad)
+    but get ``None``: their gradients are formed from the use, clipped, by the engine."""
+
+    @staticmethod
+    def forward(ctx: Any, rule: FusedRule, use: Use, x: Tensor, *params: Tensor) -> Tensor:
+        ctx.rule, ctx.use, ctx.n = rule, use, len(params)
+        ctx.version = x._version
+        return rule.compute(use)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        use = ctx.use
+        if use.input._version != ctx.version:
+            raise RuntimeError(
+                f"the input of layer '{use.name}' was modified in place after the forward pass, "
+                "so its per-sample gradients would be wrong. Fix: avoid in-place operations on "
+                "activations (e.g. use relu(x) rather than relu_(x)) while training privately."
+            )
+        use.grad = g if use.grad is None else use.grad + g
+        gx = ctx.rule.input_grad(use) if ctx.needs_input_grad[2] else None
+        return (None, None, gx, *([None] * ctx.n))
+
+
+class FusedRule(Rule):
+    """A rule with factorized gradients whose layer runs as a :class:`_ParamFree` function."""
+
+    hook_fallback = True  # record a declined call with forward-hook semantics
+
+    def supports(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
+        return not kwargs and len(args) == 1 and isinstance(args[0], Tensor)
+
+    def fusable(
+        self, module: nn.Module, args: tuple, kwargs: dict
+    ) -> dict[str, nn.Parameter] | None:
+        """The trainable parameters if this call can be fused, else None."""
+        if (
+            getattr(module, "_hf_hook", None) is not None  # accelerate moves tensors in forward
+            or not self.supports(module, args, kwargs)
+            or torch.is_autocast_enabled(args[0].device.type)
+        ):
+            return None
+        return self.params(module) or None
+
+    def compute(self, use: Use) -> Tensor:
+        """The layer's output from ``use.input`` (autograd is off)."""
+        raise NotImplementedError
+
+    def input_grad(self, use: Use) -> Tensor | None:
+        """``dL/dx`` from ``use.grad``."""
+        raise NotImplementedError
+
+    def per_sample(self, use: Use) -> dict[str, Tensor]:
+        return {n: f.materialize() for n, f in self.outer(use).items()}
+
+    def fused_call(
+        self, capture: GradCapture, module: nn.Module, args: tuple, kwargs: dict
+    ) -> Tensor | None:
+        params = self.fusable(module, args, kwargs)
+        if params is None:
+            return None
+        use, x = capture.record(module, args[0], params)
+        return self.run(use, x, params)
+
+    def run(self, use: Use, x: Tensor, params: dict[str, nn.Parameter]) -> Tensor:
+        """``compute(use)`` as an autograd node of ``x`` and ``params`` (see :class:`_ParamFree`)."""
+        return _ParamFree.apply(self, use, x, *params.values())
+
+
+class LinearRule(FusedRule):
     """``y = a W^T + bias``: per-sample ``dW_b = sum_t g_bt a_bt^T``, ``dbias_b = sum_t g_bt``.
 
     Ghost norm (Li et al. 2022): ``||dW_b||^2 = sum_{t,s} (a_bt . a_bs)(g_bt . g_bs)``, costing
@@ -83,55 +186,27 @@ class LinearRule(Rule):
 
     transposed = False  # HF Conv1D stores W as (in, out)
 
-    def _ag(self, use: Use) -> tuple[Tensor, Tensor]:
-        return _flat(use.input), _flat(use.grad)
-
-    def _weight(self, a: Tensor, g: Tensor) -> Tensor:
-        if self.transposed:
-            return torch.einsum("bti,bto->bio", a, g)
-        return torch.einsum("bto,bti->boi", g, a)
-
-    def per_sample(self, use: Use) -> dict[str, Tensor]:
-        a, g = self._ag(use)
-        params = trainable(use.module)
-        out = {}
-        if "weight" in params:
-            out["weight"] = self._weight(a, g)
-        if "bias" in params:
-            out["bias"] = g.sum(1)
-        return out
-
-    def ghost_cheaper(self, use: Use) -> bool:
+    def outer(self, use: Use) -> dict[str, Outer]:
         a, g = _flat(use.input), _flat(use.grad)
-        t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
-        return t * (d_in + d_out) < d_in * d_out
-
-    def norm_sq(self, use: Use) -> dict[str, Tensor]:
-        a, g = self._ag(use)
-        params = trainable(use.module)
         out = {}
-        if "weight" in params:
-            if a.shape[1] == 1:
-                out["weight"] = a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
-            else:
-                out["weight"] = (
-                    torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))
-                ).sum((1, 2))
-        if "bias" in params:
-            out["bias"] = g.sum(1).pow(2).sum(1)
+        if "weight" in use.params:
+            w = use.params["weight"]
+            out["weight"] = Outer(a, g, w.shape[0]) if self.transposed else Outer(g, a, w.shape[0])
+        if "bias" in use.params:
+            out["bias"] = Outer(g, None, g.shape[-1])
         return out
 
-    def weighted_sum(self, use: Use, coef: dict[str, Tensor]) -> dict[str, Tensor]:
-        a, g = self._ag(use)
-        params = trainable(use.module)
-        out = {}
-        if "weight" in params:
-            gw = g * coef["weight"].to(g.dtype)[:, None, None]
-            a2, g2 = a.reshape(-1, a.shape[-1]), gw.reshape(-1, gw.shape[-1])
-            out["weight"] = a2.T @ g2 if self.transposed else g2.T @ a2
-        if "bias" in params:
-            out["bias"] = coef["bias"].to(g.dtype) @ g.sum(1)
-        return out
+    def compute(self, use: Use) -> Tensor:
+        m = use.module
+        if self.transposed:
+            x = use.input
+            y = torch.addmm(m.bias, x.reshape(-1, x.shape[-1]), m.weight)
+            return y.view(*x.shape[:-1], m.weight.shape[1])
+        return F.linear(use.input, m.weight, m.bias)
+
+    def input_grad(self, use: Use) -> Tensor:
+        w = use.module.weight
+        return use.grad @ (w.T if self.transposed else w)
 
 
 class Conv1DRule(LinearRule):
@@ -139,8 +214,11 @@ class Conv1DRule(LinearRule):
 
     transposed = True
 
+    def supports(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
+        return super().supports(module, args, kwargs) and module.bias is not None
 
-class EmbeddingRule(Rule):
+
+class EmbeddingRule(FusedRule):
     """``y_t = W[id_t]``: per-sample ``dW_b = sum_t onehot(id_bt) g_bt^T``.
 
     Ghost norm: ``||dW_b||^2 = sum_{t,s} [id_bt = id_bs] (g_bt . g_bs)``; rows at ``padding_idx``
@@ -154,42 +232,29 @@ class EmbeddingRule(Rule):
                 "batch; build it with the defaults for private training"
             )
 
-    def _ids_grad(self, use: Use) -> tuple[Tensor, Tensor]:
+    def outer(self, use: Use) -> dict[str, Outer]:
+        if "weight" not in use.params:
+            return {}
         self._check(use.module)
         ids = use.input.reshape(use.input.shape[0], -1)
         g = _flat(use.grad)
         pad = use.module.padding_idx
         if pad is not None:
             g = g * (ids != pad).unsqueeze(-1).to(g.dtype)
-        return ids, g
+        return {"weight": Outer(ids, g, use.module.num_embeddings)}
 
-    def per_sample(self, use: Use) -> dict[str, Tensor]:
-        if "weight" not in trainable(use.module):
-            return {}
-        ids, g = self._ids_grad(use)
-        b, t, d = g.shape
-        out = torch.zeros(b, use.module.num_embeddings, d, dtype=g.dtype, device=g.device)
-        out.scatter_add_(1, ids.unsqueeze(-1).expand(b, t, d), g)
-        return {"weight": out}
+    def supports(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
+        return (
+            super().supports(module, args, kwargs)
+            and module.max_norm is None  # renormalizes rows in place: leave it to autograd
+            and not (module.scale_grad_by_freq or module.sparse)
+        )
 
-    def ghost_cheaper(self, use: Use) -> bool:
-        return True
+    def compute(self, use: Use) -> Tensor:
+        return F.embedding(use.input, use.module.weight, use.module.padding_idx)
 
-    def norm_sq(self, use: Use) -> dict[str, Tensor]:
-        if "weight" not in trainable(use.module):
-            return {}
-        ids, g = self._ids_grad(use)
-        same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(g.dtype)
-        return {"weight": (same * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))}
-
-    def weighted_sum(self, use: Use, coef: dict[str, Tensor]) -> dict[str, Tensor]:
-        if "weight" not in trainable(use.module):
-            return {}
-        ids, g = self._ids_grad(use)
-        gw = (g * coef["weight"].to(g.dtype)[:, None, None]).reshape(-1, g.shape[-1])
-        out = torch.zeros_like(use.module.weight)
-        out.index_add_(0, ids.reshape(-1), gw)
-        return {"weight": out}
+    def input_grad(self, use: Use) -> None:
+        return None
 
 
 class NormRule(Rule):

@@ -1,0 +1,163 @@
+"""Per-sample gradients kept as sums of outer products, and the algebra on them.
+
+Linear, HF Conv1D, Embedding and LoRA A/B layers all give, for sample ``b``, a weight gradient
+
+    G_b = sum_t L_bt R_bt^T          (m x n; a vector parameter has G_b = sum_t L_bt)
+
+with ``L`` and ``R`` the layer's output gradients and inputs (in the weight's layout) and ``t``
+running over the sequence.  An :class:`Outer` keeps ``(L, R)``; ``L`` may be *indices* (an
+Embedding: ``L_bt = onehot(id_bt)``).  From factors alone we get, exactly:
+
+* inner products ``<G_b, G'_b> = sum_{t,s} (L_bt . L'_bs)(R_bt . R'_bs)`` (ghost norms, Li et al.
+  2022), also between two *uses* of one weight: a tied Embedding/LM head gives the cross term
+  ``sum_{t,s} g_s[id_t] (e_t . a_s)``;
+* the weighted sum ``sum_b c_b G_b = L^T diag(c) R`` as one contraction (book-keeping, Bu et al.
+  2023), the clipped sum without per-sample gradients;
+* materialized ``G_b`` when that is cheaper.
+
+Cost per sample: ghost norms of uses ``i, j`` take ``T_i T_j (m + n)`` multiply-adds and
+``T_i T_j`` memory; materializing takes ``T m n`` multiply-adds and ``m n`` memory.
+:func:`prefer_ghost` picks the cheaper (the ``T^2`` vs ``m n`` trade-off).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def is_index(t: Tensor) -> bool:
+    return not (torch.is_floating_point(t) or torch.is_complex(t))
+
+
+@dataclass
+class Outer:
+    """``G_b = sum_t left_bt right_bt^T`` (``right`` None: ``G_b = sum_t left_bt``).
+
+    ``left``: (B, T, m) values or (B, T) row indices into ``m`` rows; ``right``: (B, T, n).
+    """
+
+    left: Tensor
+    right: Tensor | None
+    m: int
+
+    @property
+    def batch(self) -> int:
+        return self.left.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.left.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.m,) if self.right is None else (self.m, self.right.shape[-1])
+
+    def materialize(self) -> Tensor:
+        """Per-sample gradients, (B, m, n) or (B, m)."""
+        if self.right is None:
+            return self.left.sum(1)
+        if is_index(self.left):
+            b, t, n = self.right.shape
+            out = self.right.new_zeros(b, self.m, n)
+            return out.scatter_add_(1, self.left.unsqueeze(-1).expand(b, t, n), self.right)
+        return torch.bmm(self.left.transpose(1, 2), self.right)
+
+    def weighted_sum(self, coef: Tensor) -> Tensor:
+        """``sum_b coef_b G_b`` as one contraction over batch and sequence."""
+        if self.right is None:
+            return coef.to(self.left.dtype) @ self.left.sum(1)
+        n = self.right.shape[-1]
+        if is_index(self.left):
+            r = (self.right * coef.to(self.right.dtype)[:, None, None]).reshape(-1, n)
+            return r.new_zeros(self.m, n).index_add_(0, self.left.reshape(-1), r)
+        left, right = self.left, self.right
+        if self.m <= n:  # scale the smaller factor
+            left = left * coef.to(left.dtype)[:, None, None]
+        else:
+            right = right * coef.to(right.dtype)[:, None, None]
+        return left.reshape(-1, self.m).T @ right.reshape(-1, n)
+
+    def keep(self, mask: Tensor) -> Outer:
+        """The same factors with samples outside ``mask`` zeroed (so 0 * nan never happens)."""
+
+        def zero(t: Tensor | None) -> Tensor | None:
+            if t is None or is_index(t):
+                return t
+            return torch.where(mask.view(-1, *([1] * (t.dim() - 1))), t, 0.0)
+
+        left = zero(self.left)
+        right = zero(self.right)
+        return Outer(left, right, self.m)
+
+
+def gram(x: Tensor, y: Tensor) -> Tensor:
+    """``(B, Tx, Ty)`` of dot products ``x_bt . y_bs``; index factors act as one-hot rows."""
+    xi, yi = is_index(x), is_index(y)
+    if xi and yi:
+        return x.unsqueeze(2) == y.unsqueeze(1)
+    if xi:  # y[b, s, x[b, t]]
+        return torch.gather(y, 2, x.unsqueeze(1).expand(-1, y.shape[1], -1)).transpose(1, 2)
+    if yi:
+        return gram(y, x).transpose(1, 2)
+    return torch.bmm(x, y.transpose(1, 2))
+
+
+def inner(f: Outer, g: Outer) -> Tensor:
+    """``<G_b, G'_b>`` for every sample, from factors only (float32, shape (B,))."""
+    if f.right is None or g.right is None:
+        if f.right is not None or g.right is not None or is_index(f.left) or is_index(g.left):
+            raise ValueError("inner product of a vector and a matrix gradient")
+        return (f.left.sum(1).float() * g.left.sum(1).float()).sum(1)
+    if f.length == 1 and g.length == 1 and not (is_index(f.left) or is_index(g.left)):
+        lr = (f.left[:, 0].float() * g.left[:, 0].float()).sum(1)
+        return lr * (f.right[:, 0].float() * g.right[:, 0].float()).sum(1)
+    left = gram(f.left, g.left)
+    right = gram(f.right, g.right)
+    if left.dtype == torch.bool:
+        return torch.where(left, right, 0.0).float().sum((1, 2))
+    return (left * right).float().sum((1, 2))
+
+
+def norm_sq(factors: list[Outer]) -> Tensor:
+    """``||sum_i G_i,b||^2`` for uses ``i`` of one parameter, with all cross terms."""
+    total = inner(factors[0], factors[0])
+    for i, f in enumerate(factors):
+        if i:
+            total = total + inner(f, f)
+        for g in factors[:i]:
+            total = total + 2 * inner(f, g)
+    return total
+
+
+def _dim(t: Tensor) -> int:
+    return 1 if is_index(t) else t.shape[-1]
+
+
+def ghost_cost(factors: list[Outer]) -> int:
+    """Multiply-adds per sample of :func:`norm_sq` (Gram matrices of left and right factors)."""
+    cost = 0
+    for i, f in enumerate(factors):
+        for g in factors[: i + 1]:
+            per_pair = _dim(f.left) + (0 if f.right is None else _dim(f.right))
+            cost += f.length * g.length * per_pair
+    return cost
+
+
+def prefer_ghost(factors: list[Outer]) -> bool:
+    """Ghost norms when their multiply-adds, ``sum_{i<=j} T_i T_j (m + n)``, are fewer than those
+    of materializing, ``sum_i T_i m n`` (Li et al. 2022's ``T^2`` against ``m n`` per use).
+
+    Materializing is never cheaper than that count: its batched products have a short inner
+    axis ``T`` and write ``B m n`` values, while the ghost path's weighted sum is one long
+    contraction that replaces the ordinary parameter gradient (measured in
+    ``benchmarks/step_time.py``).  It also needs ``B m n`` memory against ghost's ``B T^2``.
+    Vector parameters (biases) are summed directly: ``||sum_t L_bt||`` costs ``T m``.
+    """
+    f = factors[0]
+    if f.right is None:
+        return False
+    m, n = f.shape
+    return ghost_cost(factors) < sum(g.length for g in factors) * m * n

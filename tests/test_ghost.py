@@ -1,0 +1,309 @@
+"""Ghost norms, cross terms of tied weights, the LoRA pair rule, fused layers and raw sums,
+each against materialized per-sample gradients and the explicit per-example loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from dptrain.clipping import clip_and_sum, per_sample_grads
+from dptrain.engine import PrivacyEngine
+from dptrain.grad_sample import GradCapture, Outer
+from dptrain.grad_sample.lora import LoraPairRule
+from dptrain.grad_sample.outer import inner, norm_sq, prefer_ghost
+from dptrain.losses import causal_lm_loss
+from dptrain.policies import StaticPolicy
+
+from .helpers import assert_close_rel, lm_batch, loop_per_sample_grads, tiny_gpt2, tiny_llama
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float64():
+    """Exactness checks in float64, restored afterwards (a process-wide default must not leak
+    into other test modules, e.g. the resume-equals-uninterrupted comparison)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+dims = st.integers(1, 5)
+
+
+def _factor(kind: str, b: int, t: int, m: int, n: int, g: torch.Generator) -> Outer:
+    if kind == "index":
+        return Outer(torch.randint(0, m, (b, t), generator=g), torch.randn(b, t, n, generator=g), m)
+    if kind == "vector":
+        return Outer(torch.randn(b, t, m, generator=g), None, m)
+    return Outer(torch.randn(b, t, m, generator=g), torch.randn(b, t, n, generator=g), m)
+
+
+@settings(max_examples=40, deadline=None)
+@given(dims, dims, dims, dims, dims, st.sampled_from(["dense", "index", "vector"]), st.data())
+def test_outer_algebra_matches_materialized(b, t1, t2, m, n, kind, data):
+    """inner products (incl. index x dense cross terms), norms and weighted sums from factors."""
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 10**6)))
+    f = _factor(kind, b, t1, m, n, g)
+    other = "vector" if kind == "vector" else data.draw(st.sampled_from(["dense", "index"]))
+    h = _factor(other, b, t2, m, n, g)
+    mf, mh = f.materialize(), h.materialize()
+    if kind == "index":  # one-hot rows: scatter equals the explicit sum of outer products
+        onehot = nn.functional.one_hot(f.left, m).to(f.right.dtype)
+        assert_close_rel(mf, torch.einsum("btm,btn->bmn", onehot, f.right), what="scatter")
+    assert_close_rel(inner(f, h), (mf * mh).flatten(1).sum(1).float(), what="inner")
+    both = mf + mh
+    assert_close_rel(norm_sq([f, h]), both.flatten(1).pow(2).sum(1).float(), what="norm_sq")
+    coef = torch.rand(b, generator=g)
+    assert_close_rel(f.weighted_sum(coef), torch.einsum("b,b...->...", coef, mf), what="sum")
+    keep = torch.rand(b, generator=g) > 0.5
+    kept = f.keep(keep).materialize()
+    assert_close_rel(kept, mf * keep.view(-1, *[1] * (mf.dim() - 1)), what="keep")
+
+
+def test_cost_rule_is_the_t2_vs_mn_trade_off():
+    lora_a = Outer(torch.zeros(4, 128, 8), torch.zeros(4, 128, 576), 8)  # r x d_in, long T
+    wide = Outer(torch.zeros(4, 16, 1024), torch.zeros(4, 16, 1024), 1024)
+    bias = Outer(torch.zeros(4, 16, 1024), None, 1024)
+    assert not prefer_ghost([lora_a])  # T (m + n) > m n: materialize
+    assert prefer_ghost([wide])  # T (m + n) < m n: ghost
+    assert not prefer_ghost([bias])  # vectors are summed directly
+
+
+class TiedLM(nn.Module):
+    """Embedding and output layer sharing one weight (GPT-2 / Llama style), plus a layer used
+    twice: every cross-term path (index x dense, index x index, dense x dense)."""
+
+    def __init__(self, vocab: int, width: int, padding_idx: int | None) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width, padding_idx=padding_idx)
+        self.mix = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids) + self.emb(ids.flip(1))  # the embedding used twice
+        h = torch.tanh(self.mix(torch.tanh(self.mix(h))))  # a linear layer used twice
+        return self.head(h)
+
+
+def _seq_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    ids, target = batch
+    logits = model(ids)
+    return nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none").mean(1)
+
+
+def _loop_clipped(model, loss, batch, clip):
+    ref = loop_per_sample_grads(model, loss, batch)
+    total = sum(g.flatten(1).pow(2).sum(1) for g in ref.values()).sqrt()
+    c = (clip / (total + 1e-6)).clamp(max=1)
+    return ref, total, {p: torch.einsum("b,b...->...", c, g) for p, g in ref.items()}
+
+
+def _capture_uses(model, loss, batch, b):
+    cap = GradCapture(model)
+    cap.attach()
+    cap.active, cap.batch_size = True, b
+    loss(model, batch).sum().backward()
+    cap.active = False
+    return cap, cap.take()
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    st.integers(1, 4),  # batch, including 1
+    st.integers(1, 6),  # sequence length
+    st.integers(2, 9),  # vocab
+    st.integers(1, 5),  # width
+    st.sampled_from([None, 0]),
+    st.sampled_from(["always", "auto", "never"]),
+)
+def test_tied_weights_and_repeated_layers_exact(b, t, vocab, width, pad, mode):
+    torch.manual_seed(b * 100 + t)
+    model = TiedLM(vocab, width, pad)
+    batch = (torch.randint(0, vocab, (b, t)), torch.randint(0, vocab, (b, t)))
+    cap, uses = _capture_uses(model, _seq_loss, batch, b)
+    assert all(p.grad is None for p in model.parameters())  # fused: no ordinary gradients
+    ref, total, want = _loop_clipped(model, _seq_loss, batch, 0.3)
+    group_of = dict.fromkeys(ref, "all")
+    result = clip_and_sum(cap, uses, group_of, {"all": 0.3}, ghost=mode, raw=True)
+    if mode == "always":
+        assert result.ghosted == len(ref)  # tied weight and repeated layer ghosted too
+    assert_close_rel(result.norms["all"], total, what="norms")
+    for p, w in want.items():
+        assert_close_rel(result.sums[p], w, what=f"clipped {tuple(p.shape)}")
+        assert_close_rel(result.raw[p], ref[p].sum(0), what=f"raw {tuple(p.shape)}")
+    cap.detach()
+
+
+@pytest.mark.parametrize("mode", ["always", "never"])
+@pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_whole_models_in_every_ghost_mode(build, mode):
+    """Tied wte/lm_head of real models: ghost with cross terms, or materialized, equals the loop."""
+    model = build()
+    batch = lm_batch(61, 3, 6, seed=7)
+    cap, uses = _capture_uses(model, causal_lm_loss, batch, 3)
+    ref, total, want = _loop_clipped(model, causal_lm_loss, batch, 0.05)
+    result = clip_and_sum(cap, uses, dict.fromkeys(ref, "all"), {"all": 0.05}, ghost=mode)
+    assert_close_rel(result.norms["all"], total, what="norms")
+    names = {p: n for n, p in model.named_parameters()}
+    for p, w in want.items():
+        assert_close_rel(result.sums[p], w, what=names[p])
+    cap.detach()
+
+
+def _lora(model, targets, **kw):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    cfg = LoraConfig(r=3, target_modules=targets, lora_dropout=0.0, init_lora_weights=False, **kw)
+    return get_peft_model(model, cfg)
+
+
+@pytest.mark.parametrize(
+    "build,pair",
+    [
+        (lambda: _lora(tiny_llama(), ["q_proj", "v_proj"], lora_alpha=6), True),
+        (lambda: _lora(tiny_gpt2(), ["c_attn"]), True),  # Conv1D base (fan_in_fan_out)
+        (lambda: _lora(tiny_llama(), ["q_proj"], lora_bias=True), False),  # falls back to leaves
+    ],
+    ids=["llama-pair", "gpt2-pair", "lora-bias-leaves"],
+)
+def test_lora_pair_rule(build, pair):
+    model = build()
+    batch = lm_batch(61, 3, 7, seed=2)
+    cap, uses = _capture_uses(model, causal_lm_loss, batch, 3)
+    pairs = [u for u in uses if isinstance(cap.rule(u.module), LoraPairRule)]
+    assert bool(pairs) == pair
+    if pair:  # one use per adapted layer, holding both A and B
+        assert len(pairs) == len(uses) and all(set(u.params) == {"lora_A", "lora_B"} for u in uses)
+    assert all(p.grad is None for p in model.parameters() if p.requires_grad)
+    ref = loop_per_sample_grads(model, causal_lm_loss, batch)
+    got = per_sample_grads(cap, uses)
+    assert set(got) == set(ref)
+    for p, g in ref.items():
+        assert_close_rel(got[p], g, what="per-sample")
+    for mode in ("always", "never"):
+        total = sum(g.flatten(1).pow(2).sum(1) for g in ref.values()).sqrt()
+        result = clip_and_sum(cap, uses, dict.fromkeys(ref, "all"), {"all": 0.01}, ghost=mode)
+        assert_close_rel(result.norms["all"], total, what=f"norms ({mode})")
+    cap.detach()
+
+
+def test_lora_pair_with_frozen_a_records_only_b():
+    model = _lora(tiny_llama(), ["q_proj"])
+    for n, p in model.named_parameters():
+        if "lora_A" in n:
+            p.requires_grad_(False)
+    batch = lm_batch(61, 2, 5, seed=3)
+    cap, uses = _capture_uses(model, causal_lm_loss, batch, 2)
+    assert uses and all(set(u.params) == {"lora_B"} for u in uses)
+    ref = loop_per_sample_grads(model, causal_lm_loss, batch)
+    got = per_sample_grads(cap, uses)
+    for p, g in ref.items():
+        assert_close_rel(got[p], g, what="lora_B")
+    cap.detach()
+
+
+def test_detach_restores_modules():
+    model = _lora(tiny_gpt2(), ["c_attn"])
+    batch = lm_batch(61, 2, 5)
+    with torch.no_grad():
+        before = model(input_ids=batch["input_ids"]).logits
+    cap = GradCapture(model)
+    cap.attach()
+    cap.detach()
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=batch["input_ids"]).logits, before)
+
+
+def test_in_place_change_of_a_recorded_input_is_an_error():
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            out = self.b(h)
+            h.mul_(2)  # corrupts b's recorded input
+            return out
+
+    model = InPlace()
+    cap = GradCapture(model)
+    cap.attach()
+    cap.active, cap.batch_size = True, 2
+    with pytest.raises(RuntimeError, match="modified in place"):
+        model(torch.randn(2, 3)).sum().backward()
+
+
+class RawSumPolicy(StaticPolicy):
+    """Static DP-SGD that also reads the raw (unclipped) sums, as error feedback does."""
+
+    needs_raw_sums = True
+
+    def release(self, sums, plan, noise):
+        self.seen_raw = {p: r.clone() for p, r in sums.raw.items()}
+        return super().release(sums, plan, noise)
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_engine_gives_raw_sums_to_policies_that_need_them(chunk):
+    """Fused layers never fill p.grad: raw sums come from the rules, over finite samples."""
+    model = _lora(tiny_llama(), ["q_proj", "v_proj"])
+    batch = lm_batch(61, 5, 6, seed=9)
+    ref = loop_per_sample_grads(model, causal_lm_loss, batch)
+    policy = RawSumPolicy(clip=0.01, noise_multiplier=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine = PrivacyEngine(
+        model,
+        torch.optim.SGD(params, lr=0.0),
+        policy=policy,
+        sample_rate=1.0,
+        dataset_size=5,
+        max_physical_batch_size=chunk,
+    )
+    engine.step(batch)
+    assert set(policy.seen_raw) == set(ref)
+    for p, g in ref.items():
+        assert_close_rel(policy.seen_raw[p], g.sum(0), what="raw sum")
+
+
+def test_ghost_mode_is_validated():
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="ghost must be"):
+        PrivacyEngine(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            policy=StaticPolicy(noise_multiplier=1.0),
+            sample_rate=0.1,
+            dataset_size=10,
+            ghost="sometimes",
+        )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["auto", "always"])
+def test_cuda_matches_the_loop(mode):
+    """The same exactness on a GPU (fused layers, ghost norms, cross terms, device noise)."""
+    from dptrain.noise import GaussianNoise
+
+    for build in (tiny_gpt2, lambda: _lora(tiny_llama(), ["q_proj", "v_proj"])):
+        model = build().cuda()
+        batch = {k: v.cuda() for k, v in lm_batch(61, 3, 6, seed=5).items()}
+        cap, uses = _capture_uses(model, causal_lm_loss, batch, 3)
+        ref, total, want = _loop_clipped(model, causal_lm_loss, batch, 0.05)
+        result = clip_and_sum(cap, uses, dict.fromkeys(ref, "all"), {"all": 0.05}, ghost=mode)
+        assert_close_rel(result.norms["all"], total, what="norms")
+        for p, w in want.items():
+            assert_close_rel(result.sums[p], w, what="clipped")
+        cap.detach()
+    a, b = GaussianNoise(3), GaussianNoise(3)
+    like = torch.zeros(1000, device="cuda")
+    x = a(like, 1.0)
+    assert x.device.type == "cuda" and torch.equal(x, b(like, 1.0))
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a(like, 1.0), b(like, 1.0))
