@@ -29,9 +29,10 @@ from torch import Tensor, nn
 
 from accountants import Budget, BudgetExceeded, BudgetFilter, Event, Ledger, get_accountant
 
+from . import distributed
 from .batching import batch_len, batch_slice
 from .clipping import clip_and_sum, ghost_mode
-from .grad_sample import GradCapture
+from .grad_sample import FuncRule, GradCapture, UnsupportedLayerError, trainable
 from .groups import group_parameters
 from .losses import LossFn, causal_lm_loss
 from .noise import GaussianNoise
@@ -52,6 +53,7 @@ class StepReport:
     nonfinite: int
     seconds: float
     event: Event
+    applied: bool = True  # False: the released update was not finite and was skipped (charged)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -134,6 +136,7 @@ class PrivacyEngine:
         self.ledger = ledger if ledger is not None else Ledger()
         self.steps_taken = self.ledger.total_steps
         self.last_update_norms: dict[str, float] | None = None
+        self._fallback_checked = not self.capture.fallback_layers
         self._eps_cache: tuple[int, float] | None = None
 
     # -- planning and budget -------------------------------------------------------------
@@ -188,10 +191,14 @@ class PrivacyEngine:
 
     def step(self, batch: Any) -> StepReport:
         """One private step on a logical (Poisson) batch; raises BudgetExceeded before touching
-        data if the step would exceed the budget."""
+        data if the step would exceed the budget.  Under ``torch.distributed``, ``batch`` is
+        this rank's shard of the global batch (see :mod:`dptrain.distributed`)."""
         t0 = time.perf_counter()
-        plan, event = self.next_plan()
-        if self.filter is not None and not self.filter.allows(self.ledger, event):
+        main = distributed.is_main()
+        plan, event = self.next_plan() if main else (None, None)
+        allowed = self.filter is None or self.filter.allows(self.ledger, event) if main else None
+        plan, event, allowed = distributed.broadcast_object((plan, event, allowed))
+        if not allowed:
             raise BudgetExceeded(
                 f"the next step (q={event.sample_rate:.4g}, sigma={event.noise_multiplier:.4g}) would "
                 f"exceed the budget epsilon={self.budget.epsilon} at delta={self.budget.delta} "
@@ -216,9 +223,13 @@ class PrivacyEngine:
                             f"got {tuple(losses.shape)}. Use reduction='none'."
                         )
                     losses.sum().backward()
+                    uses = self.capture.take()
+                    if not self._fallback_checked:
+                        check_fallback(self.capture, uses)
+                        self._fallback_checked = True
                     result = clip_and_sum(
                         self.capture,
-                        self.capture.take(),
+                        uses,
                         self.group_of,
                         plan.clip,
                         ghost=self.ghost,
@@ -243,6 +254,10 @@ class PrivacyEngine:
         raw = None
         if self.policy.needs_raw_sums:  # unclipped sums over the samples with finite gradients
             raw = {p: raw_sums.get(p, torch.zeros_like(p)) for p in self.params}
+        if distributed.world_size() > 1:
+            n, loss_sum, nonfinite, clipped, raw = self._all_reduce(
+                n, loss_sum, nonfinite, clipped, raw
+            )
         sums = StepSums(
             clipped=clipped,
             raw=raw,
@@ -252,11 +267,26 @@ class PrivacyEngine:
             nonfinite=nonfinite,
             within_clip={g: torch.cat(ts) for g, ts in within.items()},
         )
-        update = self.policy.release(sums, plan, self.noise)
+        if main:
+            update = self.policy.release(sums, plan, self.noise)  # noise added once, on rank 0
+        else:
+            update = {p: torch.zeros_like(p) for p in self.params}
+        if distributed.world_size() > 1:
+            update = dict(
+                zip(
+                    self.params,
+                    distributed.broadcast_tensors([update[p] for p in self.params]),
+                    strict=True,
+                )
+            )
         self.ledger.record(event)  # charged before the noisy update reaches the model
-        for p in self.params:
-            p.grad = update[p].to(p.dtype)
-        self.optimizer.step()
+        # A released update that is not finite (diverged parameters, overflow) is not applied;
+        # the decision reads only the released update, so it is post-processing.
+        applied = all(bool(torch.isfinite(update[p]).all()) for p in self.params)
+        if applied:
+            for p in self.params:
+                p.grad = update[p].to(p.dtype)
+            self.optimizer.step()
         norms = {
             g: float(torch.sqrt(sum(update[p].pow(2).sum() for p in ps)))
             for g, ps in self.groups.items()
@@ -272,12 +302,30 @@ class PrivacyEngine:
             clip=dict(plan.clip),
             update_norm=math.sqrt(sum(v**2 for v in norms.values())),
             nonfinite=nonfinite,
+            applied=applied,
             seconds=time.perf_counter() - t0,
             event=event,
         )
-        extra = self.policy.observe({"step": report.step, "update_norms": norms, "plan": plan})
-        report.extra.update(extra or {})
+        if main:
+            extra = self.policy.observe({"step": report.step, "update_norms": norms, "plan": plan})
+            report.extra.update(extra or {})
         return report
+
+    def _all_reduce(self, n, loss_sum, nonfinite, clipped, raw):
+        """Sum the clipped (and raw) sums and the batch statistics over ranks."""
+        stats = torch.tensor([float(n), loss_sum, float(nonfinite)], dtype=torch.float64)
+        tensors = (
+            [stats]
+            + [clipped[p] for p in self.params]
+            + ([raw[p] for p in self.params] if raw else [])
+        )
+        reduced = distributed.all_reduce_sum(tensors)
+        k = len(self.params)
+        stats = reduced[0]
+        clipped = dict(zip(self.params, reduced[1 : 1 + k], strict=True))
+        if raw is not None:
+            raw = dict(zip(self.params, reduced[1 + k :], strict=True))
+        return int(stats[0]), float(stats[1]), int(stats[2]), clipped, raw
 
     # -- state ---------------------------------------------------------------------------
 
@@ -302,6 +350,31 @@ class PrivacyEngine:
     def detach(self) -> None:
         """Remove the hooks; the model is an ordinary module again."""
         self.capture.detach()
+
+
+def check_fallback(capture: GradCapture, uses: list) -> None:
+    """The torch.func fallback assumes a layer treats samples independently; verify it once:
+    its per-sample gradients must sum to the batch gradient autograd computed."""
+    counts: dict[nn.Parameter, int] = {}
+    for use in uses:
+        for p in trainable(use.module).values():
+            counts[p] = counts.get(p, 0) + 1
+    for use in uses:
+        if not isinstance(capture.rule(use.module), FuncRule):
+            continue
+        params = trainable(use.module)
+        for local, per in capture.rule(use.module).per_sample(use).items():
+            p = params[local]
+            if counts[p] != 1 or p.grad is None:
+                continue
+            if not torch.allclose(
+                per.sum(0), p.grad, rtol=1e-4, atol=1e-6 * (1 + float(p.grad.abs().max()))
+            ):
+                raise UnsupportedLayerError(
+                    f"layer '{use.name}' ({type(use.module).__name__}) has no per-sample rule and its "
+                    "output for one sample depends on other samples, so per-sample gradients do not "
+                    "exist. Fix: make the layer act on each sample independently, or freeze it."
+                )
 
 
 def _check_optimizer(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:

@@ -102,6 +102,19 @@ class RunDir:
         self.write_meta(meta)
         return meta
 
+    def clean_partial(self) -> list[Path]:
+        """Remove temporary files left by writes that a crash interrupted (never the targets)."""
+        stale = [p for p in self.path.rglob(".*.tmp") if p.is_file()]
+        stale += [p for p in self.path.glob(".final-*") if p.is_dir()]
+        for p in stale:
+            if p.is_dir():
+                import shutil
+
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        return stale
+
     # -- metrics ---------------------------------------------------------------------------
 
     def log(self, record: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from accountants import Budget, BudgetFilter, Ledger, UnsupportedEventError, get_accountant
 
+from . import distributed
 from .data import LMExamples, TextDataset, load_texts, split, tokenize
 from .engine import BudgetExceeded, PrivacyEngine
 from .losses import causal_lm_loss, perplexity
@@ -50,7 +51,9 @@ class Prepared:
 
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """Progress messages to stderr, from rank 0 only."""
+    if distributed.is_main():
+        print(msg, file=sys.stderr, flush=True)
 
 
 def read_data(recipe: Recipe) -> tuple[TextDataset, TextDataset]:
@@ -270,20 +273,33 @@ def train(
     progress: bool = True,
     max_steps_this_session: int | None = None,
 ) -> RunResult:
-    """Run (or resume) a recipe; see the module docstring."""
+    """Run (or resume) a recipe; see the module docstring.  Under torchrun (``WORLD_SIZE`` > 1)
+    every rank runs this; rank 0 alone writes the run directory (see dptrain.distributed)."""
+    distributed.init_from_env()
+    main = distributed.is_main()
     prep = prepare(recipe, run_dir, resume=resume)
+    if distributed.world_size() > 1 and prep.policy.adaptive:
+        raise RecipeError(
+            f"policy '{recipe.policy.name}' plans from each step's released outputs on one "
+            "process; under --nproc the ranks would clip at different thresholds. Fix: run it "
+            "with --nproc 1, or use policy static or error_feedback across processes."
+        )
+    distributed.barrier()  # every rank has validated the run directory before rank 0 writes
     run, q, delta = prep.run, prep.sample_rate, prep.delta
     torch.manual_seed(recipe.seed)
-    run.path.mkdir(parents=True, exist_ok=True)
     fingerprint = recipe.fingerprint()
-    if not resume:
-        atomic_write(run.recipe, lambda f: f.write(dump_recipe(recipe)))
+    if main:
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.clean_partial()
+        if not resume:
+            atomic_write(run.recipe, lambda f: f.write(dump_recipe(recipe)))
 
     log(f"loading model {recipe.model.name} ...")
     t0 = time.perf_counter()
     model, tokenizer = build_model(recipe)
     log(f"model ready in {time.perf_counter() - t0:.1f}s")
     d = recipe.data
+    check_context(model, d.max_length)
     train_ex = tokenize(prep.train_texts, tokenizer, d.max_length)
     val_ex = tokenize(prep.val_texts, tokenizer, d.max_length)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -315,12 +331,13 @@ def train(
         if prep.checkpoint is not None:
             _restore(prep.checkpoint, model, optimizer, sampler, engine)
             log(f"resumed {run.path} at step {engine.steps_taken} (epsilon {engine.epsilon():.4f})")
-        run.truncate_metrics(engine.steps_taken)
+        if main:
+            run.truncate_metrics(engine.steps_taken)
         meta = run.read_meta()
         ppl_before = meta["perplexity_before"]
     else:
         log(f"validation perplexity before training ({len(val_ex)} records) ...")
-        ppl_before = perplexity(model, val_batches)
+        ppl_before = perplexity(model, val_batches) if main else math.nan
         meta = {
             "name": recipe.name,
             "fingerprint": fingerprint,
@@ -344,11 +361,15 @@ def train(
             "perplexity_before": ppl_before,
             "fallback_layers": engine.capture.fallback_layers,
             "versions": _versions(),
+            "world_size": distributed.world_size(),
         }
-        run.write_meta(meta)
-        engine.ledger.save(run.ledger)
+        if main:
+            run.write_meta(meta)
+            engine.ledger.save(run.ledger)
 
     def checkpoint() -> None:
+        if not main:
+            return
         # ledger first: the ledger on disk never covers fewer steps than a saved model
         engine.ledger.save(run.ledger)
         run.save_checkpoint(
@@ -372,21 +393,23 @@ def train(
         initial=start,
         desc="private steps",
         unit="step",
-        disable=not progress,
+        disable=not progress or not main,
         file=sys.stderr,
         dynamic_ncols=True,
     )
     t_train = time.perf_counter()
     eps_shown = engine.epsilon()
+    nonfinite = meta.get("nonfinite_samples", 0)
+    skipped = meta.get("skipped_steps", 0)
     try:
         while engine.steps_taken < end:
-            idx = sampler.sample()
+            idx = distributed.shard(sampler.sample())  # same global batch on every rank
             batch = train_ex.batch(idx)
             try:
                 report = engine.step(batch)
             except BudgetExceeded as err:
                 stopped_by_budget = True
-                bar.write(f"stopping: {err}")
+                log(f"stopping: {err}")
                 break
             logging = report.step % recipe.training.log_every == 0 or report.step == end
             eps = engine.epsilon() if logging else eps_shown
@@ -399,12 +422,19 @@ def train(
                 "noise_multiplier": report.noise_multiplier,
                 "update_norm": report.update_norm,
                 "nonfinite": report.nonfinite,
+                "applied": report.applied,
                 "seconds": report.seconds,
                 **report.extra,
             }
-            if recipe.training.eval_every and report.step % recipe.training.eval_every == 0:
+            nonfinite += report.nonfinite
+            skipped += not report.applied
+            if (
+                main
+                and recipe.training.eval_every
+                and report.step % recipe.training.eval_every == 0
+            ):
                 record["val_perplexity"] = perplexity(model, val_batches)
-            if logging:
+            if main and logging:
                 run.log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{report.loss:.3f}", eps=f"{eps:.3f}", B=report.batch_size)
@@ -416,8 +446,8 @@ def train(
     checkpoint()
     finished = engine.steps_taken >= total or stopped_by_budget
     eps = engine.epsilon()
-    ppl_after = perplexity(model, val_batches)
-    if finished:
+    ppl_after = perplexity(model, val_batches) if main else math.nan
+    if finished and main:
         _save_final(model, tokenizer, run.final)
     if prep.policy.adaptive:  # what a non-adaptive schedule of the same noise would report
         meta["epsilon_non_adaptive"] = (
@@ -438,9 +468,12 @@ def train(
         policy=prep.policy.describe(),
         stopped_by_budget=stopped_by_budget,
         perplexity_after=ppl_after,
+        nonfinite_samples=nonfinite,
+        skipped_steps=skipped,
         train_seconds=meta.get("train_seconds", 0.0) + train_seconds,
     )
-    run.write_meta(meta)
+    if main:
+        run.write_meta(meta)
     result = RunResult(
         run.path,
         engine.steps_taken,
@@ -451,10 +484,12 @@ def train(
         ppl_after,
         stopped_by_budget,
     )
-    _print_summary(result, meta)
-    for note in prep.policy.describe().get("notes", []):
-        print(f"note                {note}", flush=True)
+    if main:
+        _print_summary(result, meta)
+        for note in prep.policy.describe().get("notes", []):
+            print(f"note                {note}", flush=True)
     engine.detach()
+    distributed.barrier()
     return result
 
 
@@ -464,6 +499,17 @@ def _cross_check(name: str, ledger: Ledger, delta: float) -> float | None:
         return get_accountant(name).epsilon(ledger.events, delta) if ledger.events else 0.0
     except UnsupportedEventError:
         return None
+
+
+def check_context(model: torch.nn.Module, max_length: int) -> None:
+    """Refuse sequences longer than the model's context before any step runs."""
+    cfg = getattr(model, "config", None)
+    ctx = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    if ctx is not None and max_length > ctx:
+        raise RecipeError(
+            f"data.max_length: {max_length} tokens exceeds the model's context of {ctx} tokens. "
+            f"Fix: set data.max_length to at most {ctx} (longer records are truncated)."
+        )
 
 
 def _restore(state: dict[str, Any], model, optimizer, sampler, engine) -> None:

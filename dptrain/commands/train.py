@@ -1,8 +1,10 @@
-"""``dptrain train RECIPE [--resume RUN_DIR]``."""
+"""``dptrain train RECIPE [--resume RUN_DIR] [--nproc N]``."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,14 +31,48 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="override a recipe key, e.g. --set training.steps=10",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="data-parallel processes on this machine (torchrun; gloo on CPU, NCCL on GPUs)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.nproc < 1:
+        raise ValueError("--nproc must be at least 1")
+    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _launch(args)
     from ..recipe import load_recipe
     from ..train import train
 
     recipe = load_recipe(args.recipe, args.set)
     run_dir = args.resume or args.output
     train(recipe, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Re-run this command under torchrun with ``args.nproc`` processes on this machine."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    argv = [args.recipe, *(f"--set={s}" for s in args.set)]
+    if args.resume:
+        argv += ["--resume", args.resume]
+    if args.output:
+        argv += ["--output", args.output]
+    if args.no_progress:
+        argv.append("--no-progress")
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    try:
+        torchrun(
+            ["--standalone", f"--nproc-per-node={args.nproc}", "-m", "dptrain.cli", "train", *argv]
+        )
+    except ChildFailedError as err:
+        print(f"error: a training process failed:\n{err}", file=sys.stderr)
+        return 1
     return 0

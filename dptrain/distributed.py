@@ -1,0 +1,99 @@
+"""Data-parallel private training over ``torch.distributed`` (gloo on CPU, NCCL on GPUs).
+
+Contract: every rank draws the same global Poisson batch (same sampler seed) and processes
+only its shard of it (records ``i`` with ``i mod W == rank``), so the union over ranks is
+exactly one Poisson sample of the whole dataset at rate ``q``.  Per step:
+
+1. rank 0 plans the step and checks the budget; the plan and the decision are broadcast;
+2. each rank clips its samples per group and sums them; the sums are all-reduced (SUM), so
+   every rank holds ``sum_b clip(g_b)`` over the global batch;
+3. rank 0 alone runs the policy's release (adding the Gaussian noise exactly once) and
+   broadcasts the update; every rank applies the same update, so parameters stay identical;
+4. every rank records the same event; rank 0 alone writes the ledger and checkpoints.
+
+The mechanism, its sensitivity and its accountant event are those of one process on the
+global batch: privacy does not depend on the number of ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env() -> bool:
+    """Join the process group described by torchrun's environment (``WORLD_SIZE`` > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return True
+
+
+def shard(indices: Tensor) -> Tensor:
+    """This rank's part of a global batch of record indices."""
+    w = world_size()
+    return indices if w == 1 else indices[indices % w == rank()]
+
+
+def _flat(tensors: list[Tensor]) -> Tensor:
+    """One contiguous buffer in the widest floating dtype among ``tensors``."""
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.cat([t.reshape(-1).to(dtype) for t in tensors]).contiguous()
+
+
+def _unflat(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+    out, i = [], 0
+    for t in like:
+        out.append(flat[i : i + t.numel()].view_as(t).to(t.dtype))
+        i += t.numel()
+    return out
+
+
+def all_reduce_sum(tensors: list[Tensor]) -> list[Tensor]:
+    """Element-wise sums over ranks, in one collective."""
+    if world_size() == 1 or not tensors:
+        return tensors
+    flat = _flat(tensors)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    return _unflat(flat, tensors)
+
+
+def broadcast_tensors(tensors: list[Tensor], src: int = 0) -> list[Tensor]:
+    """Rank ``src``'s tensors on every rank (shapes must agree)."""
+    if world_size() == 1 or not tensors:
+        return tensors
+    flat = _flat(tensors)
+    dist.broadcast(flat, src=src)
+    return _unflat(flat, tensors)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,165 @@
+"""Bad input gets a clear error naming the cause and the fix, and loses nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from accountants import Ledger
+from dptrain import PrivacyEngine, StaticPolicy, UnsupportedLayerError
+from dptrain.cli import main
+from dptrain.losses import classification_loss
+from dptrain.rundir import RunDir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def recipe(tmp_path: Path, **sections) -> Path:
+    d = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+    d["lora"] = {"r": 2, "alpha": 4, "target_modules": ["c_attn"]}
+    d["output_dir"] = str(tmp_path / "run")
+    for section, values in sections.items():
+        d[section].update(values)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def fails(capsys, *argv: str) -> str:
+    assert main(list(argv)) == 2
+    return capsys.readouterr().err
+
+
+def test_empty_dataset(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    err = fails(capsys, "train", str(recipe(tmp_path, data={"path": str(empty)})), "--no-progress")
+    assert "empty" in err.lower() and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_tiny_dataset(tmp_path, capsys):
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"id": "a", "text": "only record"}\n')
+    path = recipe(tmp_path, data={"path": str(one), "validation_path": str(one)})
+    assert "needs a dataset" in fails(capsys, "train", str(path), "--no-progress")
+
+
+def test_sequences_longer_than_the_context(tmp_path, capsys):
+    err = fails(
+        capsys, "train", str(recipe(tmp_path, data={"max_length": 100_000})), "--no-progress"
+    )
+    assert "data.max_length" in err and "context" in err
+
+
+def test_missing_data_file(tmp_path, capsys):
+    err = fails(capsys, "train", str(recipe(tmp_path, data={"path": str(tmp_path / "nope.jsonl")})))
+    assert "nope.jsonl" in err
+
+
+def test_foreign_checkpoint(tmp_path, capsys):
+    path = recipe(tmp_path, training={"steps": 2}, policy={"noise_multiplier": 1.0})
+    assert main(["train", str(path), "--no-progress"]) == 0
+    run = RunDir(tmp_path / "run")
+    for f in run.checkpoint_files():
+        torch.save({"weights": torch.zeros(2)}, f)  # someone else's file
+    err = fails(capsys, "train", str(path), "--resume", str(run.path), "--set", "training.steps=4")
+    assert "not a dptrain checkpoint" in err
+    assert Ledger.load(run.ledger).total_steps == 2  # nothing lost
+
+
+class Mixer(nn.Module):
+    """A custom layer that mixes samples: no per-sample gradient exists."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x * self.w + (x * self.w).mean(0, keepdim=True)
+
+
+def _engine(model):
+    return PrivacyEngine(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        policy=StaticPolicy(noise_multiplier=1.0),
+        sample_rate=0.5,
+        dataset_size=10,
+        loss_fn=classification_loss,
+    )
+
+
+def test_layers_without_per_sample_gradients_are_named():
+    with pytest.raises(UnsupportedLayerError, match=r"'1' \(BatchNorm1d\).*Fix"):
+        _engine(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
+    engine = _engine(nn.Sequential(nn.Linear(3, 3), Mixer()))  # unknown layer: torch.func fallback
+    with pytest.raises(
+        UnsupportedLayerError, match=r"'1' \(Mixer\).*depends on other samples.*Fix"
+    ):
+        engine.step((torch.randn(4, 3), torch.tensor([0, 1, 2, 0])))
+    assert engine.ledger.total_steps == 0
+
+
+def test_nan_losses_are_counted_charged_and_contained():
+    """A sample whose loss is NaN contributes nothing; the step still adds noise and is charged.
+
+    Skipping the whole step instead would let one record decide whether the step happens,
+    which no sensitivity bound covers."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    engine = PrivacyEngine(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        policy=StaticPolicy(clip=1.0, noise_multiplier=1.0),
+        sample_rate=0.5,
+        dataset_size=8,
+        loss_fn=classification_loss,
+    )
+    x = torch.randn(4, 4)
+    x[0] = float("inf")
+    report = engine.step((x, torch.tensor([0, 1, 0, 1])))
+    assert report.nonfinite == 1
+    assert engine.ledger.total_steps == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_secure_noise_is_honoured_and_stated(tmp_path):
+    finals = []
+    for name in ("a", "b"):
+        d = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+        d["lora"] = {"r": 2, "alpha": 4, "target_modules": ["c_attn"]}
+        d["output_dir"] = str(tmp_path / name)
+        d["training"]["steps"] = 2
+        d["privacy"]["secure_noise"] = True
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(yaml.safe_dump(d))
+        assert main(["train", str(p), "--no-progress"]) == 0
+        run = RunDir(tmp_path / name)
+        assert "urandom" in run.read_meta()["noise_generator"]
+        finals.append(torch.load(run.checkpoint_files()[-1], weights_only=True)["model"])
+    # same seed, same data, same batches: only the unseeded secure noise can differ
+    assert any(not torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+
+
+def test_a_non_finite_released_update_is_skipped_but_charged():
+    """Diverged parameters give a non-finite released update: it is not applied (a decision
+    on released values only), the step is counted and its privacy charged."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    engine = PrivacyEngine(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        policy=StaticPolicy(clip=1.0, noise_multiplier=float("inf")),
+        sample_rate=0.5,
+        dataset_size=8,
+        loss_fn=classification_loss,
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    report = engine.step((torch.randn(4, 4), torch.tensor([0, 1, 0, 1])))
+    assert not report.applied and engine.ledger.total_steps == 1 and engine.steps_taken == 1
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))

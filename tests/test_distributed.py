@@ -1,0 +1,138 @@
+"""Data-parallel private training with 2 CPU processes (gloo) against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+
+from dptrain import distributed
+from dptrain.engine import PrivacyEngine
+from dptrain.noise import GaussianNoise
+from dptrain.policies import StaticPolicy
+from dptrain.sampling import PoissonSampler
+
+from .helpers import assert_close_rel, lm_batch, tiny_gpt2
+
+ROOT = Path(__file__).resolve().parents[1]
+N, Q, STEPS = 24, 0.5, 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    return get_peft_model(
+        tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False)
+    )
+
+
+def _train(sigma: float) -> tuple[dict[str, torch.Tensor], float, list[dict]]:
+    """STEPS private steps on Poisson batches of a fixed dataset; this rank's shard only."""
+    model = _model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine = PrivacyEngine(
+        model,
+        torch.optim.SGD(params, lr=0.5),
+        policy=StaticPolicy(clip=0.1, noise_multiplier=sigma),
+        sample_rate=Q,
+        dataset_size=N,
+        noise=GaussianNoise(5),
+    )
+    data = lm_batch(61, N, 6, seed=2)
+    sampler = PoissonSampler(N, Q, seed=3)
+    for _ in range(STEPS):
+        idx = distributed.shard(sampler.sample())
+        engine.step({k: v[idx] for k, v in data.items()})
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return state, engine.epsilon(1e-5), engine.ledger.to_dict()["events"]
+
+
+def _worker(rank: int, world: int, port: int, sigma: float, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        state, eps, events = _train(sigma)
+        torch.save({"state": state, "eps": eps, "events": events}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_two(tmp_path: Path, sigma: float) -> list[dict]:
+    out = str(tmp_path / f"rank-sigma{sigma}")
+    mp.spawn(_worker, args=(2, _free_port(), sigma, out), nprocs=2, join=True)
+    return [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.0])
+def test_two_ranks_match_one_process(tmp_path, sigma):
+    ranks = _run_two(tmp_path, sigma)
+    single, eps, events = _train(sigma)
+    for name, value in single.items():
+        # every rank ends each step with identical parameters
+        assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name
+        # equal to one process on the same global batches (up to summation order)
+        assert_close_rel(ranks[0]["state"][name], value, rtol=1e-5, what=name)
+    assert ranks[0]["events"] == ranks[1]["events"] == events
+    assert ranks[0]["eps"] == ranks[1]["eps"] == eps
+
+
+def test_shard_partitions_the_global_batch(monkeypatch):
+    idx = torch.tensor([0, 3, 4, 7, 9, 10])
+    parts = []
+    for r in range(3):
+        monkeypatch.setattr(distributed, "world_size", lambda: 3)
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        parts.append(distributed.shard(idx))
+    assert sorted(torch.cat(parts).tolist()) == idx.tolist()
+    assert all(
+        set(a.tolist()).isdisjoint(b.tolist()) for i, a in enumerate(parts) for b in parts[i + 1 :]
+    )
+
+
+def test_cli_nproc_2_equals_single_process_epsilon(tmp_path):
+    d = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+    d["lora"] = {"r": 2, "alpha": 4, "target_modules": ["c_attn"]}
+    d["training"]["steps"] = 4
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(d))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "dptrain.cli", "train", str(recipe), "--no-progress"]
+    subprocess.run(
+        [*cmd, "--nproc", "2", "--output", str(tmp_path / "two")],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    subprocess.run(
+        [*cmd, "--output", str(tmp_path / "one")],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    two = json.loads((tmp_path / "two" / "run.json").read_text())
+    one = json.loads((tmp_path / "one" / "run.json").read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert two["epsilon"] == one["epsilon"] and two["steps"] == one["steps"] == 4
+    assert (tmp_path / "two" / "ledger.json").read_text() == (
+        tmp_path / "one" / "ledger.json"
+    ).read_text()
