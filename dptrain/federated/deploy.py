@@ -220,21 +220,23 @@ class LoopbackFederation:
 
 
 def _stop(proc: subprocess.Popen, sig: int) -> None:
-    """Signal the process group ``proc`` leads (it and its children), then make sure."""
-    for s in (sig, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, s)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=10)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    try:  # children that outlived their leader
-        os.killpg(proc.pid, signal.SIGKILL)
+    """Signal the process group ``proc`` leads (it and its children), escalate to SIGKILL,
+    and wait until no process of the group is left."""
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=10)
     except ProcessLookupError:
         pass
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # children that outlived their leader
+        except ProcessLookupError:
+            break
+        proc.poll()
+        time.sleep(0.1)
 
 
 def deploy(

@@ -145,9 +145,8 @@ def run_server(grid: Grid, recipe: FederatedRecipe, run: RunDir) -> dict[str, An
         perplexity_after=history.get(f.rounds, math.nan),
         perplexity_by_round=history,
         client_epsilon={str(k): v for k, v in sorted(strategy.epsilon.items())},
-        client_dp_epsilon=strategy.reports[f.rounds].client_dp_epsilon
-        if f.rounds in strategy.reports
-        else None,
+        client_delta={str(k): v for k, v in sorted(strategy.delta.items())},
+        client_dp_epsilon=strategy.ledger_epsilon(),
         train_seconds=time.perf_counter() - t0,
     )
     _print_summary(run, meta)
@@ -155,13 +154,16 @@ def run_server(grid: Grid, recipe: FederatedRecipe, run: RunDir) -> dict[str, An
 
 
 def _print_summary(run: RunDir, meta: dict[str, Any]) -> None:
-    eps = ", ".join(f"client {k}: {v:.4f}" for k, v in meta["client_epsilon"].items())
+    eps = ", ".join(
+        f"client {k}: ({v:.4f}, {meta['client_delta'].get(k, float('nan')):.3g})"
+        for k, v in meta["client_epsilon"].items()
+    )
     lines = [
         "",
         f"run directory       {run.path}",
         f"strategy            {meta['strategy']}, {meta['clients']} clients, {meta['rounds']} rounds",
         f"val perplexity      {meta['perplexity_before']:.3f} -> {meta['perplexity_after']:.3f}",
-        f"privacy per client  epsilon over all rounds ({meta['accountant']}): {eps or 'none reported'}",
+        f"privacy per client  (epsilon, delta) over all rounds ({meta['accountant']}): {eps or 'none'}",
         f"final adapter       {run.final}",
     ]
     if meta.get("client_dp_epsilon") is not None:

@@ -74,6 +74,7 @@ class LoraFedAvg(FedAvg):
         self.sent: list[int] = []
         self.node_client: dict[int, int] = {}
         self.epsilon: dict[int, float] = {}  # last epsilon each client reported
+        self.delta: dict[int, float] = {}
         self.reports: dict[int, RoundReport] = {}
 
     # -- sending ---------------------------------------------------------------------------
@@ -130,6 +131,8 @@ class LoraFedAvg(FedAvg):
             self.node_client[node] = cid
             self.epsilon[cid] = float(m["epsilon"])
             entry = {"epsilon": float(m["epsilon"]), "steps": int(m["steps"])}
+            if "delta" in m:
+                entry["delta"] = self.delta[cid] = float(m["delta"])
             if int(m["declined"]):
                 entry.update(status="declined", reason=str(msg.content["status"]["reason"]))
             else:
@@ -152,9 +155,7 @@ class LoraFedAvg(FedAvg):
             mean = self._private_mean(updates)
             p, sigma = self.client_dp.sample_rate, self.client_dp.noise_multiplier
             self.ledger.record(Event(sample_rate=p, noise_multiplier=sigma))
-            report.client_dp_epsilon = get_accountant(self.accountant).epsilon(
-                self.ledger.events, self.client_dp.delta
-            )
+            report.client_dp_epsilon = self.ledger_epsilon()
         elif len(updates) < self.min_clients:
             report.note = (
                 f"{len(updates)} update(s), fewer than min_clients={self.min_clients}: "
@@ -166,6 +167,14 @@ class LoraFedAvg(FedAvg):
         self.current = self.spec.merge(self.current, mean)
         report.aggregated = True
         return ArrayRecord(self.current), MetricRecord({"updates": len(updates)})
+
+    def ledger_epsilon(self) -> float | None:
+        """Client-level epsilon of the rounds so far (None without client-level DP)."""
+        if self.client_dp is None:
+            return None
+        if not self.ledger.events:
+            return 0.0
+        return get_accountant(self.accountant).epsilon(self.ledger.events, self.client_dp.delta)
 
     def _private_mean(self, updates: list[RecordDict]) -> State:
         """``g + (sum_k clip(u_k - g, C) + N(0, (sigma C)^2)) / (p K)`` over the sent factors."""

@@ -1,0 +1,42 @@
+"""The deployment path: a Flower SuperLink and two SuperNodes as separate processes on
+127.0.0.1, the app submitted with ``flwr run``, two rounds; every process is stopped after."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from accountants import Ledger
+from dptrain.federated.deploy import LoopbackFederation, write_app
+from dptrain.recipe import parse_recipe
+from dptrain.rundir import RunDir
+
+from .conftest import tiny_recipe
+
+
+@pytest.mark.slow
+def test_superlink_and_two_supernodes_on_loopback_complete_two_rounds(tmp_path):
+    d = tiny_recipe(tmp_path, federated={"clients": 2, "min_clients": 2, "round_timeout": 240})
+    recipe = parse_recipe(d)
+    run = RunDir(tmp_path / "run")
+    states = [tmp_path / "states" / f"client-{k}" for k in range(2)]
+    app = write_app(recipe, tmp_path / "app", run.path)
+    with LoopbackFederation(2, tmp_path / "flower", states) as federation:
+        groups = [federation.superlink.pid, *(p.pid for p in federation.supernodes.values())]
+        done = federation.run(app, timeout=420)
+    logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in federation.logs.glob("*.log"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + logs
+    assert "round 2/2: global validation perplexity" in done.stdout
+    for pgid in groups:  # the SuperLink, the SuperNodes and their app processes are gone
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pgid, 0)
+
+    meta = run.read_meta()
+    assert meta["status"] == "finished" and set(meta["client_epsilon"]) == {"0", "1"}
+    rounds = run.read_metrics()
+    assert [m["round"] for m in rounds] == [1, 2] and all(m["updates"] == 2 for m in rounds)
+    for k, state in enumerate(states):  # each client kept its own ledger in its state-dir
+        assert Ledger.load(state / "ledger.json").total_steps == 2 * 3
+        assert rounds[-1]["clients"][str(k)]["status"] == "trained"
+    assert (run.final / "adapter_model.safetensors").exists()
