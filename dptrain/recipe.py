@@ -255,8 +255,11 @@ def _check_policy(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"invalid recipe {source}:\n  " + "\n  ".join(lines)) from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe; ``overrides`` are ``section.key=value`` strings (YAML values)."""
+def load_recipe(
+    path: str | Path, overrides: list[str] | None = None, command: str | None = None
+) -> Recipe:
+    """Read a YAML recipe; ``overrides`` are ``section.key=value`` strings (YAML values).
+    With ``command``, a recipe of another kind is an error naming the command that runs it."""
     path = Path(path)
     if not path.exists():
         raise RecipeError(f"recipe file not found: {path}")
@@ -273,7 +276,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = yaml.safe_load(value)
-    return parse_recipe(data, str(path))
+    recipe = parse_recipe(data, str(path))
+    if command is not None and recipe.command != command:
+        raise RecipeError(
+            f"{path} is a {recipe.command} recipe, not a {command} one: run it with "
+            f"`dptrain {recipe.command} {path}`"
+        )
+    return recipe
 
 
 def default_delta(n: int) -> float:

@@ -47,15 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..recipe import RecipeError, load_recipe
+    from ..recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.set)
-    if recipe.command != "federated":
-        raise RecipeError(
-            f"{args.recipe} has no federated section: run it with `dptrain {recipe.command} "
-            f"{args.recipe}`, or add a federated section (see recipes/federated.yaml)"
-        )
+    recipe = load_recipe(args.recipe, args.set, command="federated")
     if not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a "loading weights" bar per client and round
         logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's convergence notes
     if args.app_dir:
         from ..federated.deploy import write_app

@@ -33,15 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..recipe import RecipeError, load_recipe
+    from ..recipe import load_recipe
     from ..train import train
 
-    recipe = load_recipe(args.recipe, args.set)
-    if recipe.command != "train":
-        raise RecipeError(
-            f"{args.recipe} is a {recipe.command} recipe: run it with "
-            f"`dptrain {recipe.command} {args.recipe}`"
-        )
+    recipe = load_recipe(args.recipe, args.set, command="train")
     run_dir = args.resume or args.output
     train(recipe, run_dir, resume=bool(args.resume), progress=not args.no_progress)
     return 0

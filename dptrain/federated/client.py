@@ -40,7 +40,7 @@ from flwr.clientapp.typing import Mod
 
 from accountants import Budget, BudgetExceeded, BudgetFilter, Ledger
 
-from ..data import TextDataset, load_texts, tokenize
+from ..data import LMExamples, TextDataset, load_texts, tokenize
 from ..engine import PrivacyEngine
 from ..noise import GaussianNoise
 from ..policies import Policy
@@ -53,6 +53,7 @@ from .partition import partition
 from .recipe import FederatedRecipe
 
 MODEL_LOCK = threading.Lock()  # model construction seeds torch's global RNG
+_EXAMPLES: dict[tuple, LMExamples] = {}
 
 
 def derive_seed(*parts: Any) -> int:
@@ -208,7 +209,9 @@ def train_round(
         load_lora_state(model, msg.content["arrays"].to_torch_state_dict())
         for name, p in model.named_parameters():
             p.requires_grad_(strategy.trainable(name))
-        examples = tokenize(plan.data, tokenizer, recipe.data.max_length)
+        key = (recipe.model_dump_json(), client, cfg.get("data-path"))
+        examples = _EXAMPLES.get(key) or tokenize(plan.data, tokenizer, recipe.data.max_length)
+        _EXAMPLES[key] = examples  # a simulation's clients tokenize once, not every round
         params = [p for p in model.parameters() if p.requires_grad]
         engine = PrivacyEngine(
             model,

@@ -4,15 +4,19 @@
 from __future__ import annotations
 
 import os
+import tomllib
 
 import pytest
+import yaml
+from flwr.common.config import validate_config
 
 from accountants import Ledger
+from dptrain.cli import main
 from dptrain.federated.deploy import LoopbackFederation, write_app
 from dptrain.recipe import parse_recipe
 from dptrain.rundir import RunDir
 
-from .conftest import tiny_recipe
+from .conftest import tiny_recipe, write_recipe
 
 
 @pytest.mark.slow
@@ -40,3 +44,15 @@ def test_superlink_and_two_supernodes_on_loopback_complete_two_rounds(tmp_path):
         assert Ledger.load(state / "ledger.json").total_steps == 2 * 3
         assert rounds[-1]["clients"][str(k)]["status"] == "trained"
     assert (run.final / "adapter_model.safetensors").exists()
+
+
+def test_app_dir_is_a_valid_flower_app_carrying_the_recipe(tmp_path, capsys):
+    path = write_recipe(tmp_path, tiny_recipe(tmp_path))
+    assert main(["federated", str(path), "--app-dir", str(tmp_path / "app")]) == 0
+    assert "flower-supernode" in capsys.readouterr().out
+    config = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())
+    ok, errors, _ = validate_config(config, check_module=True, project_dir=tmp_path / "app")
+    assert ok, errors
+    settings = config["tool"]["flwr"]["app"]["config"]
+    assert settings["output-dir"] == str((tmp_path / "run").resolve())
+    assert parse_recipe(yaml.safe_load(settings["recipe"])) == parse_recipe(tiny_recipe(tmp_path))

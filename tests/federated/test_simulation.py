@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from accountants import Event, Ledger, get_accountant
 from dptrain.cli import main
@@ -17,7 +18,7 @@ from dptrain.federated import simulate
 from dptrain.recipe import RecipeError, parse_recipe
 from dptrain.rundir import RunDir
 
-from .conftest import tiny_recipe, write_recipe
+from .conftest import ROOT, tiny_recipe, write_recipe
 
 
 def ledger_of(run: RunDir, client: int, root=None) -> Ledger:
@@ -64,7 +65,7 @@ def test_cli_runs_a_simulation_and_writes_a_run_dir(tmp_path, capsys):
 
 def entry_size(run: RunDir, k: int) -> int:
     """Client k's record count, as the recipe's split gives it."""
-    recipe = parse_recipe(__import__("yaml").safe_load(run.recipe.read_text()))
+    recipe = parse_recipe(yaml.safe_load(run.recipe.read_text()))
     return len(client_module.client_datasets(recipe)[k])
 
 
@@ -189,3 +190,5 @@ def test_federated_recipe_errors_are_clear(tmp_path, capsys):
     path = write_recipe(tmp_path, tiny_recipe(tmp_path))
     assert main(["train", str(path)]) == 2
     assert "dptrain federated" in capsys.readouterr().err
+    assert main(["federated", str(ROOT / "recipes" / "tiny.yaml")]) == 2
+    assert "dptrain train" in capsys.readouterr().err
