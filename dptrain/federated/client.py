@@ -63,32 +63,34 @@ def derive_seed(*parts: Any) -> int:
 
 
 @functools.lru_cache(maxsize=4)
-def _split(recipe_json: str) -> tuple[list[TextDataset], TextDataset]:
+def _train_validation(recipe_json: str) -> tuple[TextDataset, TextDataset]:
+    return read_data(FederatedRecipe.model_validate_json(recipe_json))
+
+
+@functools.lru_cache(maxsize=4)
+def _partition(recipe_json: str) -> list[TextDataset]:
     recipe = FederatedRecipe.model_validate_json(recipe_json)
-    train, val = read_data(recipe)
     f = recipe.federated
-    min_size = max(2, int(recipe.training.batch_size or 1))
-    parts = partition(
-        train,
+    return partition(
+        _train_validation(recipe_json)[0],
         f.clients,
         path=recipe.data.path,
         by=f.partition.by,
         alpha=f.partition.alpha,
         seed=recipe.seed,
-        min_size=min_size,
+        min_size=max(2, int(recipe.training.batch_size or 1)),
         format=recipe.data.format,
     )
-    return parts, val
 
 
 def client_datasets(recipe: FederatedRecipe) -> list[TextDataset]:
     """Every client's training records (the recipe's non-IID split; cached per recipe)."""
-    return _split(recipe.model_dump_json())[0]
+    return _partition(recipe.model_dump_json())
 
 
 def validation_dataset(recipe: FederatedRecipe) -> TextDataset:
     """The held-out records the server reports perplexity on."""
-    return _split(recipe.model_dump_json())[1]
+    return _train_validation(recipe.model_dump_json())[1]
 
 
 @dataclass

@@ -253,7 +253,7 @@ def deploy(
 
         raise RecipeError(f"output directory {run_path} already holds a run; choose another")
     f = recipe.federated
-    work = run_path.parent / f".{run_path.name}-flower"
+    work = run_path / "flower"  # the app, Flower's home and the processes' logs
     state_root = Path(f.state_dir) if f.state_dir else run_path / "clients"
     states = [state_root / f"client-{k}" for k in range(f.clients)]
     app = write_app(recipe, work / "app", run_path)

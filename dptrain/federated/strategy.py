@@ -80,14 +80,16 @@ class LoraFedAvg(FedAvg):
     # -- sending ---------------------------------------------------------------------------
 
     def _nodes(self, grid: Grid, server_round: int) -> list[int]:
-        """Connected nodes; before the first round, wait (up to the round timeout) for all
-        expected clients, then go on with at least ``min_clients``."""
-        deadline = time.monotonic() + (self.round_timeout if server_round == 1 else 0)
+        """Connected nodes.  Before the first round, wait up to ``round_timeout`` for all
+        expected clients; later rounds wait (as long) only for ``min_clients``."""
+        start = time.monotonic()
         while True:
             nodes = sorted(grid.get_node_ids())
-            if len(nodes) >= self.expected_clients or (
-                len(nodes) >= self.min_clients and time.monotonic() >= deadline
-            ):
+            waited = time.monotonic() - start
+            enough = len(nodes) >= (
+                self.expected_clients if server_round == 1 else self.min_clients
+            )
+            if enough or waited >= self.round_timeout:
                 return nodes
             time.sleep(0.2)
 
