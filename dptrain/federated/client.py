@@ -170,6 +170,54 @@ def _reply(msg: Message, metrics: dict[str, Any], **records: Any) -> Message:
     return Message(RecordDict({"metrics": MetricRecord(metrics), **records}), reply_to=msg)
 
 
+def _decline(msg: Message, public: dict[str, Any], epsilon: float, reason: str) -> Message:
+    metrics = {**public, "declined": 1, "epsilon": epsilon, "steps": 0}
+    return _reply(msg, metrics, status=ConfigRecord({"reason": reason}))
+
+
+def _over_budget(plan: ClientPlan, ledger: Ledger, filt: BudgetFilter) -> str | None:
+    """Why the round's local steps do not fit the budget, or None if they do (policies that
+    plan adaptively are stopped by the engine's own filter instead)."""
+    event = plan.policy.planned_event(plan.sample_rate)
+    if event is None:
+        return None
+    fits = filt.max_steps(ledger, event)
+    if fits >= plan.local_steps:
+        return None
+    spent = filt.spent(ledger) if ledger.events else 0.0
+    return (
+        f"budget: {plan.local_steps} more local steps (q={plan.sample_rate:.4g}, "
+        f"sigma={event.noise_multiplier:.4g}) would exceed epsilon={plan.epsilon:g} at "
+        f"delta={plan.delta:.3g}; spent {spent:.4f} after {ledger.total_steps} steps, "
+        f"{fits} more fit"
+    )
+
+
+def _local_steps(
+    engine: PrivacyEngine,
+    sampler: PoissonSampler,
+    examples: LMExamples,
+    steps: int,
+    state: ClientState,
+) -> int:
+    """Up to ``steps`` private steps; the ledger is saved after each.  Returns steps taken."""
+    taken = 0
+    try:
+        for _ in range(steps):
+            try:
+                engine.step(examples.batch(sampler.sample()))
+            except BudgetExceeded:
+                break
+            engine.ledger.save(state.ledger_path)
+            taken += 1
+    finally:
+        engine.detach()
+    engine_state = engine.state_dict()
+    engine_state.pop("ledger")  # ledger.json is the authoritative copy
+    state.save_engine({"engine": engine_state, "sampler": sampler.state_dict()})
+    return taken
+
+
 def train_round(
     msg: Message, context: Context, recipe: FederatedRecipe, state_root: str | Path
 ) -> Message:
@@ -179,32 +227,20 @@ def train_round(
     plan = plan_client(recipe, client, data_path=cfg.get("data-path"), epsilon=cfg.get("epsilon"))
     state = ClientState(cfg.get("state-dir") or Path(state_root) / f"client-{client}")
     strategy = get_strategy(recipe.federated.strategy)
-    q, steps, policy = plan.sample_rate, plan.local_steps, plan.policy
     budget = Budget(plan.epsilon, plan.delta)
     public = {
         "client": client,
         "num-examples": len(plan.data),
-        "sample-rate": q,
+        "sample-rate": plan.sample_rate,
         "delta": plan.delta,
-        "noise-multiplier": float(getattr(policy, "noise_multiplier", float("nan"))),
+        "noise-multiplier": float(getattr(plan.policy, "noise_multiplier", float("nan"))),
     }
     with state.lock():
         ledger = state.ledger()
-        filt = BudgetFilter(budget, recipe.privacy.accountant, adaptive=policy.adaptive)
-        spent = filt.spent(ledger) if ledger.events else 0.0
-        event = policy.planned_event(q)
-        fits = filt.max_steps(ledger, event) if event is not None else steps
-        if fits < steps:
-            reason = (
-                f"budget: {steps} more local steps (q={q:.4g}, sigma={event.noise_multiplier:.4g}) "
-                f"would exceed epsilon={plan.epsilon:g} at delta={plan.delta:.3g}; spent "
-                f"{spent:.4f} after {ledger.total_steps} steps, {fits} more fit"
-            )
-            return _reply(
-                msg,
-                {**public, "declined": 1, "epsilon": spent, "steps": 0},
-                status=ConfigRecord({"reason": reason}),
-            )
+        filt = BudgetFilter(budget, recipe.privacy.accountant, adaptive=plan.policy.adaptive)
+        reason = _over_budget(plan, ledger, filt)
+        if reason is not None:
+            return _decline(msg, public, filt.spent(ledger) if ledger.events else 0.0, reason)
 
         with MODEL_LOCK:
             model, tokenizer = build_model(recipe)
@@ -218,8 +254,8 @@ def train_round(
         engine = PrivacyEngine(
             model,
             make_optimizer(recipe, params),
-            policy=policy,
-            sample_rate=q,
+            policy=plan.policy,
+            sample_rate=plan.sample_rate,
             dataset_size=len(examples),
             grouping=recipe.policy.grouping,
             accountant=recipe.privacy.accountant,
@@ -230,34 +266,18 @@ def train_round(
                 derive_seed(recipe.seed, client, "noise"), secure=recipe.privacy.secure_noise
             ),
         )
-        sampler = PoissonSampler(len(examples), q, seed=derive_seed(recipe.seed, client, "batches"))
+        sampler = PoissonSampler(
+            len(examples), plan.sample_rate, seed=derive_seed(recipe.seed, client, "batches")
+        )
         saved = state.load_engine()
-        if saved is not None:
-            steps_so_far = {"ledger": ledger.to_dict(), "steps_taken": ledger.total_steps}
-            engine.load_state_dict({**saved["engine"], **steps_so_far})
+        if saved is not None:  # continue the noise, sampler and policy streams
+            so_far = {"ledger": ledger.to_dict(), "steps_taken": ledger.total_steps}
+            engine.load_state_dict({**saved["engine"], **so_far})
             sampler.load_state_dict(saved["sampler"])
-        taken = 0
-        try:
-            for _ in range(steps):
-                try:
-                    engine.step(examples.batch(sampler.sample()))
-                except BudgetExceeded:
-                    break
-                engine.ledger.save(state.ledger_path)
-                taken += 1
-        finally:
-            engine.detach()
-        engine_state = engine.state_dict()
-        engine_state.pop("ledger")
-        state.save_engine({"engine": engine_state, "sampler": sampler.state_dict()})
+        taken = _local_steps(engine, sampler, examples, plan.local_steps, state)
         eps = engine.epsilon()
     if taken == 0:
-        reason = f"budget: no local step fits epsilon={plan.epsilon:g} (spent {eps:.4f})"
-        return _reply(
-            msg,
-            {**public, "declined": 1, "epsilon": eps, "steps": 0},
-            status=ConfigRecord({"reason": reason}),
-        )
+        return _decline(msg, public, eps, f"budget: no local step fits epsilon={plan.epsilon:g}")
     trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     return _reply(
         msg,
