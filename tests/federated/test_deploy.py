@@ -7,11 +7,13 @@ import os
 import tomllib
 
 import pytest
+import torch
 import yaml
 from flwr.common.config import validate_config
 
 from accountants import Ledger
 from dptrain.cli import main
+from dptrain.federated import simulate
 from dptrain.federated.deploy import LoopbackFederation, write_app
 from dptrain.recipe import parse_recipe
 from dptrain.rundir import RunDir
@@ -44,6 +46,13 @@ def test_superlink_and_two_supernodes_on_loopback_complete_two_rounds(tmp_path):
         assert Ledger.load(state / "ledger.json").total_steps == 2 * 3
         assert rounds[-1]["clients"][str(k)]["status"] == "trained"
     assert (run.final / "adapter_model.safetensors").exists()
+    # the same recipe simulated in-process ends with the same global adapter
+    simulate(parse_recipe({**d, "output_dir": str(tmp_path / "sim")}))
+    final = torch.load(run.checkpoint_files()[-1], weights_only=True)["adapters"]
+    simulated = RunDir(tmp_path / "sim")
+    same = torch.load(simulated.checkpoint_files()[-1], weights_only=True)["adapters"]
+    for name, value in final.items():
+        torch.testing.assert_close(same[name], value, rtol=1e-4, atol=1e-6)
 
 
 def test_app_dir_is_a_valid_flower_app_carrying_the_recipe(tmp_path, capsys):
