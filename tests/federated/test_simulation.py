@@ -21,22 +21,31 @@ from dptrain.rundir import RunDir
 from .conftest import ROOT, tiny_recipe, write_recipe
 
 
+def rdp_epsilon(ledger: Ledger, delta: float) -> float:
+    return get_accountant("rdp").epsilon(ledger.events, delta)
+
+
 def ledger_of(run: RunDir, client: int, root=None) -> Ledger:
     return Ledger.load((root or run.path / "clients") / f"client-{client}" / "ledger.json")
 
 
 def test_cli_runs_a_simulation_and_writes_a_run_dir(tmp_path, capsys):
     recipe = write_recipe(tmp_path, tiny_recipe(tmp_path))
-    assert main(["federated", str(recipe)]) == 0
+    client_dp = "federated.client_dp={clip: 0.5, noise_multiplier: 2.0, delta: 0.01}"
+    assert main(["federated", str(recipe), "--set", client_dp]) == 0
     out = capsys.readouterr().out
     assert "before training: global validation perplexity" in out
     for r in (1, 2):
         assert f"round {r}/2: global validation perplexity" in out
     assert "client 2: epsilon" in out and "privacy per client" in out
+    assert "client-level DP: epsilon" in out
 
     run = RunDir(tmp_path / "run")
     meta = run.read_meta()
     assert meta["status"] == "finished" and meta["strategy"] == "fedsvd"
+    server_ledger = Ledger.load(run.ledger)  # client-level DP: one event per round
+    assert server_ledger.events == [Event(1.0, 2.0, 2)]
+    assert meta["client_dp_epsilon"] == pytest.approx(rdp_epsilon(server_ledger, 0.01))
     rounds = run.read_metrics()
     assert [m["round"] for m in rounds] == [1, 2] and all(m["aggregated"] for m in rounds)
     rdp = get_accountant("rdp")
@@ -131,7 +140,7 @@ class CrashingEngine(client_module.PrivacyEngine):
 
 
 def test_crashed_and_silent_clients_do_not_stop_the_round_and_rejoin(tmp_path, monkeypatch):
-    timeout = 12.0
+    timeout = 20.0  # ample for a tiny round on 2 idle cores; the silent client sleeps past it
     monkeypatch.setattr(client_module, "PrivacyEngine", CrashingEngine)
 
     def faults(msg, context, call_next):  # a Flower mod around the ClientApp
