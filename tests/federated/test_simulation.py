@@ -15,8 +15,10 @@ from accountants import Event, Ledger, get_accountant
 from dptrain.cli import main
 from dptrain.federated import client as client_module
 from dptrain.federated import simulate
+from dptrain.federated.lora import lora_state
 from dptrain.recipe import RecipeError, parse_recipe
 from dptrain.rundir import RunDir
+from dptrain.train import build_model
 
 from .conftest import ROOT, tiny_recipe, write_recipe
 
@@ -93,7 +95,12 @@ def test_ledger_persists_across_rounds_and_restarts_and_rounds_over_budget_are_d
             training={"sample_rate": q, "batch_size": None},
             policy={"noise_multiplier": sigma},
             privacy={"epsilon": budget, "delta": delta},
-            federated={"clients": 2, "min_clients": 1, "state_dir": str(states)},
+            federated={
+                "clients": 2,
+                "min_clients": 1,
+                "state_dir": str(states),
+                "strategy": "ffa_lora",
+            },
         )
         del d["training"]["batch_size"]
         return parse_recipe(d)
@@ -119,6 +126,10 @@ def test_ledger_persists_across_rounds_and_restarts_and_rounds_over_budget_are_d
         torch.load(p, weights_only=True)["adapters"] for p in second.checkpoint_files()
     )
     assert all(torch.equal(before[n], after[n]) for n in before)
+    # FFA-LoRA: every A is still the model's random initialization; B has moved
+    initial = lora_state(build_model(recipe("first"))[0])
+    for name, value in after.items():
+        assert torch.equal(value, initial[name]) == (".lora_A." in name), name
 
 
 class _Faults(threading.local):
@@ -151,7 +162,8 @@ def test_crashed_and_silent_clients_do_not_stop_the_round_and_rejoin(tmp_path, m
             time.sleep(timeout + 2)  # answers only after the round has moved on
         return call_next(msg, context)
 
-    d = tiny_recipe(tmp_path, federated={"clients": 4, "min_clients": 2, "round_timeout": timeout})
+    federated = {"clients": 4, "min_clients": 2, "round_timeout": timeout, "strategy": "dp_lora"}
+    d = tiny_recipe(tmp_path, federated=federated)
     simulate(parse_recipe(d), mods=[faults])
     run = RunDir(tmp_path / "run")
     r1, r2 = run.read_metrics()
