@@ -11,8 +11,9 @@ at the recipe's per-client (epsilon, delta), so every strategy spends the same b
 seed moves the split, the adapters' initialization, batches and noise.
 
 Writes ``benchmarks/results/federated.json`` shaped ``{strategy: {perplexity_mean,
-perplexity_std, perplexity, epsilon, delta, curve_mean, ...}}`` (``epsilon``: each client's
-final epsilon, the largest over seeds) and ``benchmarks/results/federated.png`` (global
+perplexity_std, perplexity, epsilon, delta, curve_mean, minus_fedsvd, ...}}`` (``epsilon``:
+each client's final epsilon, the largest over seeds; ``minus_fedsvd``: per-seed perplexity
+difference to FedSVD on the same split) and ``benchmarks/results/federated.png`` (global
 validation perplexity per round, mean and range over seeds).
 """
 
@@ -39,20 +40,25 @@ STRATEGIES = ("fedsvd", "ffa_lora", "dp_lora")
 def run_one(recipe_path: Path, overrides: list[str], out: Path) -> dict[str, Any]:
     from dptrain.federated import simulate
     from dptrain.recipe import load_recipe
-    from dptrain.rundir import RunDir
 
     shutil.rmtree(out, ignore_errors=True)
-    recipe = load_recipe(recipe_path, overrides)
     t0 = time.perf_counter()
-    meta = simulate(recipe, out)
+    simulate(load_recipe(recipe_path, overrides), out)
+    return {**read_run(out), "wall_seconds": time.perf_counter() - t0}
+
+
+def read_run(out: Path) -> dict[str, Any]:
+    """A finished run's figures, from its run directory."""
+    from dptrain.rundir import RunDir
+
+    meta = RunDir(out).read_meta()
     rounds = RunDir(out).read_metrics()
-    deltas = {k: v["delta"] for m in rounds for k, v in m["clients"].items() if "delta" in v}
     return {
         "perplexity": meta["perplexity_after"],
         "curve": [meta["perplexity_before"]] + [m["val_perplexity"] for m in rounds],
         "epsilon": meta["client_epsilon"],
-        "delta": deltas,
-        "wall_seconds": time.perf_counter() - t0,
+        "delta": meta["client_delta"],
+        "wall_seconds": meta["train_seconds"],
     }
 
 
@@ -77,6 +83,18 @@ def summarize(runs: list[dict[str, Any]], seeds: list[int], command: str) -> dic
     }
 
 
+def add_paired(results: dict[str, Any], reference: str = "fedsvd") -> None:
+    """Per-seed differences to ``reference`` (same seed = same split, same client data)."""
+    if reference not in results:
+        return
+    ref = results[reference]["perplexity"]
+    for strategy, r in results.items():
+        if strategy != reference:
+            diff = [a - b for a, b in zip(r["perplexity"], ref, strict=True)]
+            r[f"minus_{reference}"] = diff
+            r[f"minus_{reference}_mean"] = statistics.mean(diff)
+
+
 def plot(results: dict[str, Any], path: Path, title: str) -> None:
     import matplotlib
 
@@ -88,6 +106,7 @@ def plot(results: dict[str, Any], path: Path, title: str) -> None:
         x = list(range(len(r["curve_mean"])))
         ax.plot(x, r["curve_mean"], marker="o", color=f"C{i}", label=strategy)
         ax.fill_between(x, r["curve_min"], r["curve_max"], color=f"C{i}", alpha=0.15)
+    ax.set_xticks(x)
     ax.set_xlabel("round")
     ax.set_ylabel("global validation perplexity")
     ax.set_title(title, fontsize=9)
@@ -105,6 +124,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--quick", action="store_true", help="tiny recipe, one seed")
     ap.add_argument("--out", default=str(RESULTS / "federated.json"))
+    ap.add_argument(
+        "--from-runs", action="store_true", help="summarize existing run directories, no training"
+    )
     args = ap.parse_args()
     recipe = Path(ROOT / "recipes" / "federated_tiny.yaml" if args.quick else args.recipe)
     seeds = list(range(1 if args.quick else args.seeds))
@@ -120,23 +142,27 @@ def main() -> None:
         for seed in seeds:
             print(f"== {strategy} seed {seed}", flush=True)
             overrides = [*args.set, f"federated.strategy={strategy}", f"seed={seed}"]
-            r = run_one(recipe, overrides, workdir / f"{strategy}-seed{seed}")
+            out = workdir / f"{strategy}-seed{seed}"
+            r = read_run(out) if args.from_runs else run_one(recipe, overrides, out)
             print(
                 f"   final perplexity {r['perplexity']:.3f} ({r['wall_seconds']:.0f} s)", flush=True
             )
             runs.append(r)
         results[strategy] = summarize(runs, seeds, command)
+    add_paired(results)
     print()
     for strategy, r in results.items():
         eps = ", ".join(f"{k}: {v:.3f}" for k, v in r["epsilon"].items())
+        paired = r.get("minus_fedsvd_mean")
+        vs = f", vs fedsvd on the same seed {paired:+.3f}" if paired is not None else ""
         print(
             f"{strategy:9s} perplexity {r['perplexity_mean']:.3f} ± {r['perplexity_std']:.3f}"
-            f"  epsilon per client {eps}"
+            f"  epsilon per client {eps}{vs}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    title = f"{recipe.name} {' '.join(args.set)}, {len(seeds)} seeds".strip()
+    title = ", ".join([recipe.name, *args.set, f"{len(seeds)} seeds (mean and range)"])
     plot(results, out.with_suffix(".png"), title)
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
