@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -130,6 +131,8 @@ class PrivacySection(Section):
 
 
 class Recipe(Section):
+    command: ClassVar[str] = "train"  # the dptrain subcommand that runs this kind of recipe
+
     name: str = "run"
     seed: int = 0
     output_dir: str | None = None
@@ -166,13 +169,27 @@ def _known_keys(model: type[BaseModel]) -> list[str]:
     return list(model.model_fields)
 
 
-def _friendly(err: ValidationError, source: str) -> RecipeError:
+# Recipe kinds beyond `dptrain train`: a top-level section that marks the kind -> its schema
+# ("module:Class", imported when a recipe with that section is parsed).
+RECIPE_KINDS: dict[str, str] = {"federated": "dptrain.federated.recipe:FederatedRecipe"}
+
+
+def recipe_schema(data: dict[str, Any]) -> type[Recipe]:
+    """The schema for a recipe dict: a registered kind if its marker section is present."""
+    for section, ref in RECIPE_KINDS.items():
+        if section in data:
+            module, name = ref.split(":")
+            return getattr(importlib.import_module(module), name)
+    return Recipe
+
+
+def _friendly(err: ValidationError, source: str, root: type[BaseModel] = Recipe) -> RecipeError:
     lines = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
         kind = e["type"]
         if kind == "extra_forbidden":
-            parent = _section_model(e["loc"][:-1])
+            parent = _section_model(e["loc"][:-1], root)
             key = str(e["loc"][-1])
             close = difflib.get_close_matches(key, _known_keys(parent), n=1) if parent else []
             hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -187,8 +204,8 @@ def _friendly(err: ValidationError, source: str) -> RecipeError:
     return RecipeError(f"invalid recipe {source}:\n  " + "\n  ".join(lines))
 
 
-def _section_model(loc: tuple) -> type[BaseModel] | None:
-    model: Any = Recipe
+def _section_model(loc: tuple, root: type[BaseModel] = Recipe) -> type[BaseModel] | None:
+    model: Any = root
     for part in loc:
         field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
         if field is None:
@@ -201,14 +218,18 @@ def _section_model(loc: tuple) -> type[BaseModel] | None:
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
-def parse_recipe(data: dict[str, Any], source: str = "<dict>") -> Recipe:
-    """Validate a recipe dict (including the chosen policy's options)."""
+def parse_recipe(
+    data: dict[str, Any], source: str = "<dict>", schema: type[Recipe] | None = None
+) -> Recipe:
+    """Validate a recipe dict (including the chosen policy's options); ``schema`` defaults to
+    the kind its sections mark (see :data:`RECIPE_KINDS`)."""
     if not isinstance(data, dict):
         raise RecipeError(f"invalid recipe {source}: the top level must be a mapping of sections")
+    schema = schema or recipe_schema(data)
     try:
-        recipe = Recipe.model_validate(data)
+        recipe = schema.model_validate(data)
     except ValidationError as err:
-        raise _friendly(err, source) from None
+        raise _friendly(err, source, schema) from None
     _check_policy(recipe, source)
     return recipe
 
@@ -255,8 +276,11 @@ def _check_policy(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"invalid recipe {source}:\n  " + "\n  ".join(lines)) from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe; ``overrides`` are ``section.key=value`` strings (YAML values)."""
+def load_recipe(
+    path: str | Path, overrides: list[str] | None = None, command: str | None = None
+) -> Recipe:
+    """Read a YAML recipe; ``overrides`` are ``section.key=value`` strings (YAML values).
+    With ``command``, a recipe of another kind is an error naming the command that runs it."""
     path = Path(path)
     if not path.exists():
         raise RecipeError(f"recipe file not found: {path}")
@@ -273,7 +297,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = yaml.safe_load(value)
-    return parse_recipe(data, str(path))
+    recipe = parse_recipe(data, str(path))
+    if command is not None and recipe.command != command:
+        raise RecipeError(
+            f"{path} is a {recipe.command} recipe, not a {command} one: run it with "
+            f"`dptrain {recipe.command} {path}`"
+        )
+    return recipe
 
 
 def default_delta(n: int) -> float:

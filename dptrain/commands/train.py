@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from ..recipe import load_recipe
     from ..train import train
 
-    recipe = load_recipe(args.recipe, args.set)
+    recipe = load_recipe(args.recipe, args.set, command="train")
     run_dir = args.resume or args.output
     train(recipe, run_dir, resume=bool(args.resume), progress=not args.no_progress)
     return 0

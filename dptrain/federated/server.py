@@ -1,0 +1,182 @@
+"""The federated server: a Flower ``ServerApp`` that runs :class:`LoraFedAvg` for a recipe and
+writes a run directory like ``dptrain train``'s.
+
+Run directory::
+
+    recipe.yaml        the recipe
+    run.json           strategy, clients, rounds, perplexities, each client's last epsilon
+    metrics.jsonl      one line per round: global validation perplexity, each client's
+                       status (trained / declined + reason / failed + reason) and epsilon
+    ledger.json        client-level DP ledger (only with federated.client_dp)
+    checkpoints/       global adapters after each round (step-<round>.pt)
+    final/             the final global adapter and tokenizer, loadable with peft
+    clients/           client state directories in a simulation (ledger.json per client)
+
+The server evaluates the global model on the held-out validation split after every round;
+that split never trains anything and steers nothing (it is reported, as in ``dptrain train``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from ..data import tokenize
+from ..losses import perplexity
+from ..recipe import RecipeError, dump_recipe
+from ..rundir import RunDir, atomic_write
+from ..train import _save_final, _versions, build_model, eval_batches
+from .client import MODEL_LOCK, validation_dataset
+from .lora import load_lora_state, lora_state
+from .recipe import FederatedRecipe
+from .strategy import LoraFedAvg, RoundReport
+
+
+def start_run(recipe: FederatedRecipe, run_dir: str | Path | None = None) -> RunDir:
+    """Create the run directory (refusing one that already holds a run)."""
+    run = RunDir(recipe.run_dir(run_dir))
+    if run.exists():
+        raise RecipeError(
+            f"output directory {run.path} already holds a run. Fix: choose another "
+            "output_dir / --output (client ledgers persist in federated.state_dir)."
+        )
+    run.path.mkdir(parents=True, exist_ok=True)
+    atomic_write(run.recipe, lambda f: f.write(dump_recipe(recipe)))
+    f = recipe.federated
+    run.write_meta(
+        {
+            "name": recipe.name,
+            "kind": "federated",
+            "fingerprint": recipe.fingerprint(),
+            "status": "running",
+            "strategy": f.strategy,
+            "clients": f.clients,
+            "rounds": f.rounds,
+            "min_clients": f.min_clients,
+            "epsilon_budget_per_client": recipe.privacy.epsilon,
+            "accountant": recipe.privacy.accountant,
+            "client_dp": f.client_dp.model_dump() if f.client_dp else None,
+            "versions": _versions(),
+        }
+    )
+    return run
+
+
+def _round_lines(report: RoundReport | None, strategy: LoraFedAvg, clients: int) -> list[str]:
+    if report is None:
+        return []
+    lines = []
+    for cid in range(clients):
+        name, entry = f"client {cid}", report.clients.get(cid)
+        if entry is not None and entry["status"] == "trained":
+            lines.append(f"  {name}: epsilon {entry['epsilon']:.4f} ({entry['steps']} local steps)")
+        elif entry is not None:
+            lines.append(f"  {name}: epsilon {entry['epsilon']:.4f}, declined: {entry['reason']}")
+        elif name in report.failures:
+            last = strategy.epsilon.get(cid)
+            known = f"epsilon {last:.4f} as last reported, " if last is not None else ""
+            lines.append(f"  {name}: {known}failed: {report.failures[name]}")
+        else:
+            lines.append(f"  {name}: not sampled")
+    lines += [f"  {who}: failed: {why}" for who, why in report.failures.items() if "node" in who]
+    if report.note:
+        lines.append(f"  note: {report.note}")
+    if report.client_dp_epsilon is not None:
+        lines.append(f"  client-level DP: epsilon {report.client_dp_epsilon:.4f}")
+    return lines
+
+
+def run_server(grid: Grid, recipe: FederatedRecipe, run: RunDir) -> dict[str, Any]:
+    """The ServerApp's work: rounds of :class:`LoraFedAvg`, a global evaluation after each,
+    checkpoints and the final adapter; returns the run's metadata."""
+    f = recipe.federated
+    strategy = LoraFedAvg(recipe)
+    with MODEL_LOCK:
+        model, tokenizer = build_model(recipe)
+    initial = strategy.spec.init(lora_state(model))
+    val = tokenize(validation_dataset(recipe), tokenizer, recipe.data.max_length)
+    batches = eval_batches(val, recipe.training.physical_batch_size)
+    history: dict[int, float] = {}
+    t0 = time.perf_counter()
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        state = dict(arrays.to_torch_state_dict())
+        load_lora_state(model, state)
+        ppl = history[server_round] = perplexity(model, batches)
+        report = strategy.reports.get(server_round)
+        head = "before training" if server_round == 0 else f"round {server_round}/{f.rounds}"
+        lines = [f"{head}: global validation perplexity {ppl:.3f}"]
+        print("\n".join(lines + _round_lines(report, strategy, f.clients)), flush=True)
+        if report is not None:
+            run.log(
+                {
+                    "round": server_round,
+                    "val_perplexity": ppl,
+                    "clients": {str(k): v for k, v in report.clients.items()},
+                    "failures": report.failures,
+                    "updates": report.updates,
+                    "aggregated": report.aggregated,
+                    "note": report.note,
+                    "client_dp_epsilon": report.client_dp_epsilon,
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+            if strategy.client_dp is not None:
+                strategy.ledger.save(run.ledger)
+            run.save_checkpoint(server_round, {"round": server_round, "adapters": state})
+        return MetricRecord({"perplexity": ppl})
+
+    strategy.start(
+        grid,
+        ArrayRecord(initial),
+        num_rounds=f.rounds,
+        timeout=f.round_timeout,
+        evaluate_fn=evaluate,
+    )
+    _save_final(model, tokenizer, run.final)
+    meta = run.update_meta(
+        status="finished",
+        perplexity_before=history.get(0, math.nan),
+        perplexity_after=history.get(f.rounds, math.nan),
+        perplexity_by_round=history,
+        client_epsilon={str(k): v for k, v in sorted(strategy.epsilon.items())},
+        client_delta={str(k): v for k, v in sorted(strategy.delta.items())},
+        client_dp_epsilon=strategy.ledger_epsilon(),
+        train_seconds=time.perf_counter() - t0,
+    )
+    _print_summary(run, meta)
+    return meta
+
+
+def _print_summary(run: RunDir, meta: dict[str, Any]) -> None:
+    eps = ", ".join(
+        f"client {k}: ({v:.4f}, {meta['client_delta'].get(k, float('nan')):.3g})"
+        for k, v in meta["client_epsilon"].items()
+    )
+    lines = [
+        "",
+        f"run directory       {run.path}",
+        f"strategy            {meta['strategy']}, {meta['clients']} clients, {meta['rounds']} rounds",
+        f"val perplexity      {meta['perplexity_before']:.3f} -> {meta['perplexity_after']:.3f}",
+        f"privacy per client  (epsilon, delta) over all rounds ({meta['accountant']}): {eps or 'none'}",
+        f"final adapter       {run.final}",
+    ]
+    if meta.get("client_dp_epsilon") is not None:
+        lines.insert(5, f"client-level DP     epsilon {meta['client_dp_epsilon']:.4f}")
+    print("\n".join(lines), flush=True)
+
+
+def make_server_app(recipe: FederatedRecipe, run: RunDir) -> ServerApp:
+    """A Flower ``ServerApp`` running :func:`run_server` for ``recipe`` into ``run``."""
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_server(grid, recipe, run)
+
+    return app

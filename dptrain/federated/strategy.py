@@ -1,0 +1,197 @@
+"""The server strategy: Flower's message-based FedAvg, specialised to LoRA adapters.
+
+Per round: every connected client is sent the global adapters (Poisson-sampled at
+``client_dp.sample_rate`` when client-level DP is on); replies are sorted into updates,
+declines (with the client's reason) and failures (errors, or no reply within
+``round_timeout``); if at least ``min_clients`` updates arrived, their weighted mean (by
+record count) goes through the strategy's server step (:mod:`dptrain.federated.lora`),
+otherwise the global adapters are kept.  The server step is post-processing of DP outputs.
+
+Client-level DP (optional, ``federated.client_dp``): each client's update ``u_k - g`` is
+clipped to L2 norm ``C`` (over all the factors it sends), the clipped updates are summed,
+``N(0, (sigma C)^2)`` noise is added to each coordinate and the sum is divided by the
+expected number of sampled clients ``p K`` (public); clients are Poisson-sampled with
+probability ``p`` per round.  Adding or removing one client moves the sum by at most ``C``,
+so each round is one Poisson-subsampled Gaussian event ``(p, sigma)`` on the server's own
+ledger, whatever the replies: the noisy mean is released even when few clients answer,
+and ``min_clients`` does not apply.  This epsilon is reported, not enforced.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from accountants import Event, Ledger, get_accountant
+
+from ..noise import GaussianNoise
+from .client import derive_seed
+from .lora import State, get_strategy
+from .recipe import FederatedRecipe
+
+
+@dataclass
+class RoundReport:
+    """What happened in one round, for the log, the metrics and the tests."""
+
+    round: int
+    clients: dict[int, dict[str, Any]] = field(default_factory=dict)  # by client id
+    failures: dict[str, str] = field(default_factory=dict)  # who -> reason
+    updates: int = 0
+    aggregated: bool = False
+    note: str = ""
+    client_dp_epsilon: float | None = None
+
+
+class LoraFedAvg(FedAvg):
+    """FedAvg over LoRA adapters with the recipe's server step (see the module docstring)."""
+
+    def __init__(self, recipe: FederatedRecipe) -> None:
+        f = recipe.federated
+        super().__init__(min_train_nodes=f.min_clients, min_available_nodes=f.min_clients)
+        self.spec = get_strategy(f.strategy)
+        self.expected_clients = f.clients
+        self.min_clients = f.min_clients
+        self.round_timeout = f.round_timeout
+        self.client_dp = f.client_dp
+        self.accountant = recipe.privacy.accountant
+        self.rng = np.random.default_rng(derive_seed(recipe.seed, "server", "sampling"))
+        self.noise = GaussianNoise(
+            derive_seed(recipe.seed, "server", "noise"), secure=recipe.privacy.secure_noise
+        )
+        self.ledger = Ledger()  # client-level DP events (one per round)
+        self.current: State = {}
+        self.sent: list[int] = []
+        self.node_client: dict[int, int] = {}
+        self.epsilon: dict[int, float] = {}  # last epsilon each client reported
+        self.delta: dict[int, float] = {}
+        self.reports: dict[int, RoundReport] = {}
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def _nodes(self, grid: Grid, server_round: int) -> list[int]:
+        """Connected nodes.  Before the first round, wait up to ``round_timeout`` for all
+        expected clients; later rounds wait (as long) only for ``min_clients``."""
+        start = time.monotonic()
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            waited = time.monotonic() - start
+            enough = len(nodes) >= (
+                self.expected_clients if server_round == 1 else self.min_clients
+            )
+            if enough or waited >= self.round_timeout:
+                return nodes
+            time.sleep(0.2)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.current = dict(arrays.to_torch_state_dict())
+        nodes = self._nodes(grid, server_round)
+        if self.client_dp is not None and self.client_dp.sample_rate < 1:
+            nodes = [n for n in nodes if self.rng.random() < self.client_dp.sample_rate]
+        self.sent = nodes
+        config["server-round"] = server_round
+        content = RecordDict({"arrays": arrays, "config": config})
+        return [
+            Message(content, dst_node_id=n, message_type=MessageType.TRAIN, ttl=self.round_timeout)
+            for n in nodes
+        ]
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []  # the server evaluates the global model itself (see server.py)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> None:
+        return None
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def _sort(self, report: RoundReport, replies: Iterable[Message]) -> list[RecordDict]:
+        updates, answered = [], set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            answered.add(node)
+            if msg.has_error():
+                who = self.node_client.get(node)
+                name = f"client {who}" if who is not None else f"node {node}"
+                report.failures[name] = msg.error.reason or f"error code {msg.error.code}"
+                continue
+            m = msg.content["metrics"]
+            cid = int(m["client"])
+            self.node_client[node] = cid
+            self.epsilon[cid] = float(m["epsilon"])
+            entry = {"epsilon": float(m["epsilon"]), "steps": int(m["steps"])}
+            if "delta" in m:
+                entry["delta"] = self.delta[cid] = float(m["delta"])
+            if int(m["declined"]):
+                entry.update(status="declined", reason=str(msg.content["status"]["reason"]))
+            else:
+                entry["status"] = "trained"
+                updates.append(msg.content)
+            report.clients[cid] = entry
+        for node in set(self.sent) - answered:
+            who = self.node_client.get(node)
+            name = f"client {who}" if who is not None else f"node {node}"
+            report.failures[name] = f"no reply within {self.round_timeout:g} s"
+        return updates
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        report = self.reports[server_round] = RoundReport(server_round)
+        updates = self._sort(report, replies)
+        report.updates = len(updates)
+        if self.client_dp is not None:
+            mean = self._private_mean(updates)
+            p, sigma = self.client_dp.sample_rate, self.client_dp.noise_multiplier
+            self.ledger.record(Event(sample_rate=p, noise_multiplier=sigma))
+            report.client_dp_epsilon = self.ledger_epsilon()
+        elif len(updates) < self.min_clients:
+            report.note = (
+                f"{len(updates)} update(s), fewer than min_clients={self.min_clients}: "
+                "the global adapters are kept"
+            )
+            return None, MetricRecord({"updates": len(updates)})
+        else:
+            mean = dict(aggregate_arrayrecords(updates, "num-examples").to_torch_state_dict())
+        self.current = self.spec.merge(self.current, mean)
+        report.aggregated = True
+        return ArrayRecord(self.current), MetricRecord({"updates": len(updates)})
+
+    def ledger_epsilon(self) -> float | None:
+        """Client-level epsilon of the rounds so far (None without client-level DP)."""
+        if self.client_dp is None:
+            return None
+        if not self.ledger.events:
+            return 0.0
+        return get_accountant(self.accountant).epsilon(self.ledger.events, self.client_dp.delta)
+
+    def _private_mean(self, updates: list[RecordDict]) -> State:
+        """``g + (sum_k clip(u_k - g, C) + N(0, (sigma C)^2)) / (p K)`` over the sent factors."""
+        assert self.client_dp is not None
+        c, sigma = self.client_dp.clip, self.client_dp.noise_multiplier
+        keys = [k for k in self.current if self.spec.trainable(k)]
+        total = {k: torch.zeros_like(self.current[k]) for k in keys}
+        for content in updates:
+            u = content["arrays"].to_torch_state_dict()
+            delta = {k: u[k].to(self.current[k].dtype) - self.current[k] for k in keys}
+            norm = math.sqrt(sum(float(d.pow(2).sum()) for d in delta.values()))
+            scale = min(1.0, c / norm) if norm > 0 else 1.0
+            for k in keys:
+                total[k] += scale * delta[k]
+        denom = self.client_dp.sample_rate * self.expected_clients
+        return {
+            k: self.current[k] + (total[k] + self.noise(total[k], sigma * c)) / denom for k in keys
+        }

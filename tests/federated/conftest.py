@@ -1,0 +1,26 @@
+"""Shared helpers: the tiny federated recipe as a dict, written where a test wants it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny_recipe(tmp_path: Path, name: str = "run", **sections: dict[str, Any]) -> dict[str, Any]:
+    """recipes/federated_tiny.yaml with its output in ``tmp_path/name`` and ``sections``
+    merged in (``federated={"rounds": 3}`` updates that section)."""
+    d = yaml.safe_load((ROOT / "recipes" / "federated_tiny.yaml").read_text())
+    d["output_dir"] = str(tmp_path / name)
+    for section, values in sections.items():
+        d[section] = {**(d.get(section) or {}), **values}
+    return d
+
+
+def write_recipe(tmp_path: Path, d: dict[str, Any], name: str = "recipe") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path

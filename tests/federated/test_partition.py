@@ -1,0 +1,59 @@
+"""The non-IID split: seeded, disjoint, complete, skewed by kind; clear errors."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from dptrain.data import DataError, load_texts, split
+from dptrain.federated.partition import partition, record_labels, split_indices
+
+
+def test_dirichlet_split_by_kind_is_seeded_disjoint_complete_and_skewed():
+    train, _ = split(load_texts("bundled:clinic_notes"), 0.1, 0)
+    kinds = record_labels("bundled:clinic_notes", "kind", train.ids)
+    assert set(kinds) == {
+        "clinic_note",
+        "portal_message",
+        "support_ticket",
+        "referral_letter",
+        "lab_notice",
+    }
+    parts = split_indices(len(train), 3, labels=kinds, alpha=0.3, seed=7, min_size=16)
+    again = split_indices(len(train), 3, labels=kinds, alpha=0.3, seed=7, min_size=16)
+    assert parts == again != split_indices(len(train), 3, labels=kinds, alpha=0.3, seed=8)
+    flat = [i for p in parts for i in p]
+    assert sorted(flat) == list(range(len(train)))  # every record on exactly one client
+    assert min(len(p) for p in parts) >= 16
+
+    # non-IID: some kind's share differs a lot between clients; the IID split keeps them close
+    def kind_shares(ps):
+        out = []
+        for p in ps:
+            c = Counter(kinds[i] for i in p)
+            out.append({k: c[k] / len(p) for k in set(kinds)})
+        return out
+
+    skewed = kind_shares(parts)
+    iid = kind_shares(split_indices(len(train), 3, labels=None, alpha=1.0, seed=7))
+
+    def spread(shares):  # the largest gap between clients' shares of one kind
+        return max(max(s[k] for s in shares) - min(s[k] for s in shares) for k in shares[0])
+
+    assert spread(skewed) > 0.2 > 0.1 > spread(iid)
+    datasets = partition(
+        train, 3, path="bundled:clinic_notes", by="kind", alpha=0.3, seed=7, min_size=16
+    )
+    assert [d.ids for d in datasets] == [[train.ids[i] for i in p] for p in parts]
+
+
+def test_split_errors_name_the_fix(tmp_path):
+    with pytest.raises(DataError, match=r"federated\.clients"):
+        split_indices(5, 3, labels=None, alpha=1.0, seed=0, min_size=2)
+    with pytest.raises(DataError, match=r"raise federated\.partition\.alpha"):
+        split_indices(40, 4, labels=["a"] * 40, alpha=0.001, seed=0, min_size=9)
+    f = tmp_path / "notes.jsonl"
+    f.write_text('{"id": "1", "text": "a"}\n{"id": "2", "text": "b"}\n')
+    with pytest.raises(DataError, match="no field 'kind'"):
+        record_labels(str(f), "kind", ["1", "2"])

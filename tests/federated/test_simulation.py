@@ -1,0 +1,215 @@
+"""In-process Flower simulations of tiny models: the CLI end to end, client ledgers across
+rounds and restarts, declining over budget, and faults (a crash mid-round, a client that
+does not answer in time)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+import yaml
+
+from accountants import Event, Ledger, get_accountant
+from dptrain.cli import main
+from dptrain.federated import client as client_module
+from dptrain.federated import simulate
+from dptrain.federated.lora import lora_state
+from dptrain.recipe import RecipeError, parse_recipe
+from dptrain.rundir import RunDir
+from dptrain.train import build_model
+
+from .conftest import ROOT, tiny_recipe, write_recipe
+
+
+def rdp_epsilon(ledger: Ledger, delta: float) -> float:
+    return get_accountant("rdp").epsilon(ledger.events, delta)
+
+
+def ledger_of(run: RunDir, client: int, root=None) -> Ledger:
+    return Ledger.load((root or run.path / "clients") / f"client-{client}" / "ledger.json")
+
+
+def test_cli_runs_a_simulation_and_writes_a_run_dir(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, tiny_recipe(tmp_path))
+    client_dp = "federated.client_dp={clip: 0.5, noise_multiplier: 2.0, delta: 0.01}"
+    assert main(["federated", str(recipe), "--set", client_dp]) == 0
+    out = capsys.readouterr().out
+    assert "before training: global validation perplexity" in out
+    for r in (1, 2):
+        assert f"round {r}/2: global validation perplexity" in out
+    assert "client 2: epsilon" in out and "privacy per client" in out
+    assert "client-level DP: epsilon" in out
+
+    run = RunDir(tmp_path / "run")
+    meta = run.read_meta()
+    assert meta["status"] == "finished" and meta["strategy"] == "fedsvd"
+    server_ledger = Ledger.load(run.ledger)  # client-level DP: one event per round
+    assert server_ledger.events == [Event(1.0, 2.0, 2)]
+    assert meta["client_dp_epsilon"] == pytest.approx(rdp_epsilon(server_ledger, 0.01))
+    rounds = run.read_metrics()
+    assert [m["round"] for m in rounds] == [1, 2] and all(m["aggregated"] for m in rounds)
+    rdp = get_accountant("rdp")
+    for k in range(3):
+        ledger = ledger_of(run, k)
+        assert ledger.total_steps == 2 * 3  # epsilon is over all rounds
+        entry = rounds[-1]["clients"][str(k)]
+        delta = 1 / (10 * entry_size(run, k))
+        assert entry["epsilon"] == pytest.approx(rdp.epsilon(ledger.events, delta))
+        assert entry["epsilon"] <= 8.0 and meta["client_epsilon"][str(k)] == entry["epsilon"]
+    # the global FedSVD adapter: A has orthonormal rows; the final adapter loads with peft
+    state = torch.load(run.checkpoint_files()[-1], weights_only=True)["adapters"]
+    for name, a in state.items():
+        if ".lora_A." in name:
+            torch.testing.assert_close(a @ a.T, torch.eye(a.shape[0]), atol=1e-5, rtol=0)
+    from peft import PeftModel
+
+    from dptrain.models import load_model_and_tokenizer
+
+    base, _ = load_model_and_tokenizer("tiny-gpt2")
+    model = PeftModel.from_pretrained(base, run.final)
+    loaded = dict(model.named_parameters())
+    for name, value in state.items():
+        assert torch.equal(loaded[name].detach(), value), name
+
+
+def entry_size(run: RunDir, k: int) -> int:
+    """Client k's record count, as the recipe's split gives it."""
+    recipe = parse_recipe(yaml.safe_load(run.recipe.read_text()))
+    return len(client_module.client_datasets(recipe)[k])
+
+
+def test_ledger_persists_across_rounds_and_restarts_and_rounds_over_budget_are_declined(tmp_path):
+    # equal q and delta for every client; noise fixed: the budget fits exactly 9 local steps
+    q, sigma, delta = 0.1, 1.0, 1e-4
+    rdp = get_accountant("rdp")
+    eps = [rdp.epsilon([Event(q, sigma, n)], delta) for n in (9, 10)]
+    budget = (eps[0] + eps[1]) / 2
+    states = tmp_path / "client-states"
+
+    def recipe(name: str):
+        d = tiny_recipe(
+            tmp_path,
+            name,
+            training={"sample_rate": q, "batch_size": None},
+            policy={"noise_multiplier": sigma},
+            privacy={"epsilon": budget, "delta": delta},
+            federated={
+                "clients": 2,
+                "min_clients": 1,
+                "state_dir": str(states),
+                "strategy": "ffa_lora",
+            },
+        )
+        del d["training"]["batch_size"]
+        return parse_recipe(d)
+
+    simulate(recipe("first"))  # rounds 1-2: 6 steps each
+    for k in range(2):
+        assert Ledger.load(states / f"client-{k}" / "ledger.json").total_steps == 6
+
+    simulate(recipe("second"))  # a restart: round 1 fits (9 steps), round 2 does not
+    second = RunDir(tmp_path / "second")
+    r1, r2 = second.read_metrics()
+    assert r1["aggregated"] and all(c["status"] == "trained" for c in r1["clients"].values())
+    assert not r2["aggregated"] and "global adapters are kept" in r2["note"]
+    for k in range(2):
+        entry = r2["clients"][str(k)]
+        assert entry["status"] == "declined"
+        assert "would exceed epsilon" in entry["reason"] and "0 more fit" in entry["reason"]
+        ledger = Ledger.load(states / f"client-{k}" / "ledger.json")
+        assert ledger.total_steps == 9  # nothing charged for the declined round
+        assert entry["epsilon"] == pytest.approx(eps[0]) and entry["epsilon"] <= budget
+    # a declined round leaves the global model as it was
+    before, after = (
+        torch.load(p, weights_only=True)["adapters"] for p in second.checkpoint_files()
+    )
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    # FFA-LoRA: every A is still the model's random initialization; B has moved
+    initial = lora_state(build_model(recipe("first"))[0])
+    for name, value in after.items():
+        assert torch.equal(value, initial[name]) == (".lora_A." in name), name
+
+
+class _Faults(threading.local):
+    crash_after: int | None = None
+
+
+FAULTS = _Faults()
+
+
+class CrashingEngine(client_module.PrivacyEngine):
+    """A PrivacyEngine that dies after ``FAULTS.crash_after`` steps on this thread."""
+
+    def step(self, batch):
+        if FAULTS.crash_after is not None:
+            if FAULTS.crash_after == 0:
+                raise RuntimeError("simulated crash mid-round")
+            FAULTS.crash_after -= 1
+        return super().step(batch)
+
+
+def test_crashed_and_silent_clients_do_not_stop_the_round_and_rejoin(tmp_path, monkeypatch):
+    timeout = 20.0  # ample for a tiny round on 2 idle cores; the silent client sleeps past it
+    monkeypatch.setattr(client_module, "PrivacyEngine", CrashingEngine)
+
+    def faults(msg, context, call_next):  # a Flower mod around the ClientApp
+        client = int(context.node_config["partition-id"])
+        first = int(msg.content["config"]["server-round"]) == 1
+        FAULTS.crash_after = 2 if first and client == 1 else None
+        if first and client == 2:
+            time.sleep(timeout + 2)  # answers only after the round has moved on
+        return call_next(msg, context)
+
+    federated = {"clients": 4, "min_clients": 2, "round_timeout": timeout, "strategy": "dp_lora"}
+    d = tiny_recipe(tmp_path, federated=federated)
+    simulate(parse_recipe(d), mods=[faults])
+    run = RunDir(tmp_path / "run")
+    r1, r2 = run.read_metrics()
+    assert r1["aggregated"] and r1["updates"] == 2  # clients 0 and 3: enough (min_clients 2)
+    assert "simulated crash mid-round" in r1["failures"]["node " + node_of(r1, r2, 1)]
+    assert "no reply" in r1["failures"]["node " + node_of(r1, r2, 2)]
+    assert r2["aggregated"] and r2["updates"] == 4  # both rejoin in round 2
+    steps = {k: ledger_of(run, k).total_steps for k in range(4)}
+    # the crashed client's ledger holds exactly the 2 steps it took, then round 2's 3;
+    # the late client trained round 1 after the server moved on: charged all the same
+    assert steps == {0: 6, 1: 2 + 3, 2: 3 + 3, 3: 6}
+    assert r2["clients"]["1"]["epsilon"] == pytest.approx(
+        get_accountant("rdp").epsilon(ledger_of(run, 1).events, r2_delta(run, 1))
+    )
+
+
+def node_of(r1: dict, r2: dict, client: int) -> str:
+    """The node id a failed client had (failures before a client's first reply name nodes)."""
+    unnamed = [w.split()[1] for w in r1["failures"] if w.startswith("node ")]
+    assert len(unnamed) == 2, r1["failures"]
+    reasons = {n: r1["failures"][f"node {n}"] for n in unnamed}
+    key = "simulated crash" if client == 1 else "no reply"
+    return next(n for n, why in reasons.items() if key in why)
+
+
+def r2_delta(run: RunDir, k: int) -> float:
+    return 1 / (10 * entry_size(run, k))
+
+
+def test_federated_recipe_errors_are_clear(tmp_path, capsys):
+    d = tiny_recipe(tmp_path)
+    d["federated"]["rouns"] = 3
+    with pytest.raises(RecipeError, match=r"federated.rouns: unknown key.*Did you mean 'rounds'"):
+        parse_recipe(d)
+    d = tiny_recipe(tmp_path, federated={"min_clients": 5})
+    with pytest.raises(RecipeError, match="min_clients"):
+        parse_recipe(d)
+    d = tiny_recipe(tmp_path, federated={"strategy": "fedsdv"})
+    with pytest.raises(RecipeError, match=r"federated\.strategy"):
+        parse_recipe(d)
+    d = tiny_recipe(tmp_path)
+    d["lora"] = None
+    with pytest.raises(RecipeError, match="lora"):
+        parse_recipe(d)
+    path = write_recipe(tmp_path, tiny_recipe(tmp_path))
+    assert main(["train", str(path)]) == 2
+    assert "dptrain federated" in capsys.readouterr().err
+    assert main(["federated", str(ROOT / "recipes" / "tiny.yaml")]) == 2
+    assert "dptrain train" in capsys.readouterr().err

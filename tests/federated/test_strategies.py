@@ -1,0 +1,207 @@
+"""Server-side math: FedSVD re-factorization, FFA and DP-LoRA merges, the Flower strategy's
+sorting of replies (updates, declines, failures), min_clients, and client-level DP."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.supercore.task_identity import TaskIdentity
+
+from dptrain.federated.lora import (
+    get_strategy,
+    load_lora_state,
+    lora_state,
+    orthonormal_rows,
+    pairs,
+    refactorize,
+)
+from dptrain.federated.recipe import FederatedRecipe
+from dptrain.federated.strategy import LoraFedAvg
+from dptrain.recipe import parse_recipe
+
+from .conftest import tiny_recipe
+
+A, B = "m.q.lora_A.default.weight", "m.q.lora_B.default.weight"
+A2, B2 = "m.v.lora_A.default.weight", "m.v.lora_B.default.weight"
+
+
+def adapters(seed: int = 0, r: int = 3, d_in: int = 7, d_out: int = 5) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        A: torch.randn(r, d_in, generator=g, dtype=torch.float64),
+        B: torch.randn(d_out, r, generator=g, dtype=torch.float64),
+        A2: torch.randn(r, d_in, generator=g, dtype=torch.float64),
+        B2: torch.randn(d_out, r, generator=g, dtype=torch.float64),
+    }
+
+
+def truncated_svd(m: torch.Tensor, r: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    return u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
+
+
+def test_refactorize_is_the_rank_r_svd_with_orthonormal_a():
+    g = torch.Generator().manual_seed(1)
+    for r, d_in, d_out in [(3, 7, 5), (2, 16, 16), (4, 6, 9)]:
+        a = torch.randn(r, d_in, generator=g, dtype=torch.float64)
+        b = torch.randn(d_out, r, generator=g, dtype=torch.float64)
+        a_new, b_new = refactorize(a, b)
+        assert a_new.shape == a.shape and b_new.shape == b.shape  # peft: A (r, in), B (out, r)
+        torch.testing.assert_close(b_new @ a_new, truncated_svd(b @ a, r))
+        torch.testing.assert_close(b_new @ a_new, b @ a)  # rank(B A) <= r: nothing is lost
+        torch.testing.assert_close(a_new @ a_new.T, torch.eye(r, dtype=torch.float64))
+        # B' carries the singular values: its columns are orthogonal with norms S
+        s = torch.linalg.svdvals(b @ a)[:r]
+        torch.testing.assert_close(b_new.T @ b_new, torch.diag(s**2))
+
+
+def test_fedsvd_merge_averages_b_then_refactorizes():
+    spec = get_strategy("fedsvd")
+    assert spec.trains == ("B",) and not spec.trainable(A) and spec.trainable(B)
+    g0 = spec.init(adapters(0))
+    for a, b in pairs(g0):  # A starts orthonormal, B at zero
+        torch.testing.assert_close(g0[a] @ g0[a].T, torch.eye(3, dtype=torch.float64))
+        assert not g0[b].any()
+    clients = [adapters(s) for s in (1, 2, 3)]
+    weights = np.array([10.0, 30.0, 60.0])
+    mean_b = {
+        k: sum(w * c[k] for w, c in zip(weights / weights.sum(), clients, strict=True))
+        for k in (B, B2)
+    }
+    new = spec.merge(g0, mean_b)
+    for a, b in ((A, B), (A2, B2)):
+        target = truncated_svd(mean_b[b] @ g0[a], 3)
+        torch.testing.assert_close(new[b] @ new[a], target)
+        torch.testing.assert_close(new[a] @ new[a].T, torch.eye(3, dtype=torch.float64))
+
+
+def test_orthonormal_rows_spans_the_same_rows():
+    a = adapters(4)[A]
+    q = orthonormal_rows(a)
+    torch.testing.assert_close(q @ q.T, torch.eye(3, dtype=torch.float64))
+    # projecting a's rows onto span(q) changes nothing
+    torch.testing.assert_close(a @ q.T @ q, a)
+
+
+def test_ffa_keeps_a_and_dp_lora_averages_both():
+    g0 = adapters(0)
+    ffa, dp = get_strategy("ffa_lora"), get_strategy("dp_lora")
+    assert ffa.init(g0) == g0 and ffa.trainable(B) and not ffa.trainable(A)
+    mean = {B: torch.ones(5, 3, dtype=torch.float64)}
+    new = ffa.merge(g0, mean)
+    assert torch.equal(new[A], g0[A]) and torch.equal(new[B], mean[B])
+    assert dp.trainable(A) and dp.trainable(B)
+    both = {A: torch.zeros(3, 7, dtype=torch.float64), B: mean[B]}
+    new = dp.merge(g0, both)
+    assert torch.equal(new[A], both[A]) and torch.equal(new[B2], g0[B2])
+
+
+def test_lora_state_round_trip_on_a_peft_model():
+    from peft import LoraConfig, get_peft_model
+
+    from dptrain.models import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer("tiny-gpt2")
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"]))
+    state = get_strategy("fedsvd").init(lora_state(model))
+    load_lora_state(model, state)
+    for name, value in lora_state(model).items():
+        assert torch.equal(value, state[name])
+    with pytest.raises(ValueError, match="does not fit the model"):
+        load_lora_state(model, {**state, "nope.lora_A.default.weight": torch.zeros(1)})
+
+
+# -- the Flower strategy ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def task_identity():
+    """Flower stamps message metadata with the process's task identity."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def strategy_for(tmp_path, **federated) -> LoraFedAvg:
+    d = tiny_recipe(tmp_path)
+    d["federated"].update(federated)
+    recipe = parse_recipe(d)
+    assert isinstance(recipe, FederatedRecipe)
+    return LoraFedAvg(recipe)
+
+
+def request(node: int) -> Message:
+    return Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+
+
+def update(node: int, client: int, arrays: dict, n: int) -> Message:
+    metrics = {"client": client, "num-examples": n, "epsilon": 1.0, "steps": 3, "declined": 0}
+    content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=request(node))
+
+
+def decline(node: int, client: int, reason: str) -> Message:
+    metrics = {"client": client, "num-examples": 9, "epsilon": 7.9, "steps": 0, "declined": 1}
+    content = RecordDict(
+        {"metrics": MetricRecord(metrics), "status": ConfigRecord({"reason": reason})}
+    )
+    return Message(content, reply_to=request(node))
+
+
+def test_strategy_sorts_replies_and_respects_min_clients(tmp_path, task_identity):
+    s = strategy_for(tmp_path, strategy="ffa_lora", clients=4, min_clients=2)
+    g0 = {k: v.float() for k, v in adapters(0).items()}
+    s.current, s.sent = g0, [11, 12, 13, 14]
+    b1, b2 = torch.ones(5, 3), 3 * torch.ones(5, 3)
+    replies = [
+        update(11, 0, {B: b1, B2: b1}, n=10),
+        decline(12, 1, "budget: 3 more local steps would exceed epsilon=8"),
+        Message(Error(code=3, reason="RuntimeError: simulated crash"), reply_to=request(13)),
+    ]  # node 14 never answers
+    arrays, _ = s.aggregate_train(1, replies)
+    report = s.reports[1]
+    assert arrays is None and not report.aggregated and "min_clients=2" in report.note
+    assert report.clients[1]["status"] == "declined" and "budget" in report.clients[1]["reason"]
+    assert "simulated crash" in report.failures["node 13"]
+    assert "no reply" in report.failures["node 14"]
+    assert s.epsilon == {0: 1.0, 1: 7.9}
+
+    replies = [update(11, 0, {B: b1, B2: b1}, n=10), update(14, 3, {B: b2, B2: b2}, n=30)]
+    arrays, _ = s.aggregate_train(2, replies)
+    new = arrays.to_torch_state_dict()
+    torch.testing.assert_close(new[B], 2.5 * torch.ones(5, 3))  # weighted by record counts
+    assert torch.equal(new[A], g0[A])  # FFA: A never moves
+    assert "no reply" in s.reports[2].failures["client 1"]  # known by now from its decline
+
+
+def test_client_level_dp_clips_each_update_and_charges_one_event_per_round(tmp_path, task_identity):
+    dp = {"clip": 0.5, "noise_multiplier": 1e-9, "sample_rate": 1.0, "delta": 1e-3}
+    s = strategy_for(tmp_path, strategy="dp_lora", clients=2, min_clients=2, client_dp=dp)
+    g0 = {k: torch.zeros_like(v).float() for k, v in adapters(0).items()}
+    s.current, s.sent = g0, [1, 2]
+    big = {k: torch.full_like(v, 10.0) for k, v in g0.items()}
+    small = {k: torch.full_like(v, 0.001) for k, v in g0.items()}  # same direction, norm < C
+    arrays, _ = s.aggregate_train(1, [update(1, 0, big, 5), update(2, 1, small, 5)])
+    new = arrays.to_torch_state_dict()
+    total = {k: new[k] * 2 for k in new}  # undo the mean over p K = 2 clients
+    norm = math.sqrt(sum(float(v.pow(2).sum()) for v in total.values()))
+    small_norm = 0.001 * math.sqrt(sum(v.numel() for v in g0.values()))
+    assert norm == pytest.approx(0.5 + small_norm, rel=1e-4)  # big clipped to 0.5, small kept
+    assert s.ledger.total_steps == 1 and s.reports[1].client_dp_epsilon > 0
+    # the noisy mean is released even when nobody answers: the event is still charged
+    s.aggregate_train(2, [])
+    assert s.ledger.total_steps == 2
+    assert s.reports[2].client_dp_epsilon > s.reports[1].client_dp_epsilon
