@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from accountants import Budget, BudgetFilter, Ledger, get_accountant
 
 from .data import LMExamples, TextDataset, load_texts, split, tokenize
+from .data.canaries import insert_canaries, write_manifest
 from .engine import BudgetExceeded, PrivacyEngine
 from .losses import causal_lm_loss, perplexity
 from .models import load_model_and_tokenizer
@@ -53,6 +54,14 @@ def log(msg: str) -> None:
 
 
 def read_data(recipe: Recipe) -> tuple[TextDataset, TextDataset]:
+    train, val, _ = split_data(recipe)
+    return train, val
+
+
+def split_data(recipe: Recipe) -> tuple[TextDataset, TextDataset, TextDataset]:
+    """``(train, validation, unused)``: ``train`` ends with the included canary records (if the
+    recipe has ``data.canaries``); ``unused`` holds the records cut by ``max_records`` or
+    ``max_validation_records``, never trained on (an audit's extra non-members)."""
     d = recipe.data
     texts = load_texts(d.path, text_field=d.text_field, format=d.format)
     if d.validation_path:
@@ -60,13 +69,19 @@ def read_data(recipe: Recipe) -> tuple[TextDataset, TextDataset]:
         val = load_texts(d.validation_path, text_field=d.text_field, format=d.format)
     else:
         train, val = split(texts, d.validation_fraction, recipe.seed)
+    unused = TextDataset([], [])
     if d.max_records is not None:
+        unused = train.subset(list(range(d.max_records, len(train))))
         train = TextDataset(texts=train.texts[: d.max_records], ids=train.ids[: d.max_records])
     if d.max_validation_records is not None:
+        rest = val.subset(list(range(d.max_validation_records, len(val))))
+        unused = TextDataset(unused.texts + rest.texts, unused.ids + rest.ids)
         val = TextDataset(
             texts=val.texts[: d.max_validation_records], ids=val.ids[: d.max_validation_records]
         )
-    return train, val
+    if d.canaries is not None:
+        train = insert_canaries(train, d.canaries, recipe.seed)
+    return train, val, unused
 
 
 def build_policy(recipe: Recipe) -> Policy:
@@ -243,6 +258,9 @@ def train(
     fingerprint = recipe.fingerprint()
     if not resume:
         atomic_write(run.recipe, lambda f: f.write(dump_recipe(recipe)))
+        if recipe.data.canaries is not None:
+            path = write_manifest(run.path, recipe.data.canaries, recipe.seed)
+            log(f"inserted audit canaries; their secrets are in {path} (keep it private)")
 
     log(f"loading model {recipe.model.name} ...")
     t0 = time.perf_counter()
@@ -406,6 +424,10 @@ def train(
     )
     _print_summary(result, meta)
     engine.detach()
+    if finished and recipe.audit is not None and recipe.audit.after_training:
+        from attacks.audit import audit_run
+
+        audit_run(run.path, recipe.audit, progress=progress)
     return result
 
 
