@@ -9,6 +9,7 @@ import sys
 COMMAND_MODULES = (
     "dptrain.commands.train",
     "dptrain.commands.privacy",
+    "dptrain.commands.audit",
 )
 
 
