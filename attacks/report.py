@@ -65,12 +65,25 @@ def verdict(s: dict[str, Any]) -> tuple[str, list[str]]:
             f"(the most {b['canaries']} canaries can show is {_eps(b['ceiling'])})."
         )
     if c.get("exposure_by_repetitions"):
-        top = max(c["exposure_by_repetitions"].items(), key=lambda kv: int(kv[0]))
+        k, bits = max(c["exposure_by_repetitions"].items(), key=lambda kv: int(kv[0]))
+        rank = 2 ** max(c["max_exposure"] - bits, 0.0)
         words.append(
-            f"Canaries repeated {top[0]} times have exposure {top[1]:.1f} bits of at most "
-            f"{c['max_exposure']:.1f} (an unseen secret has about {c['random_exposure']:.1f}); "
-            f"an attacker who knows the template needs about 2^{max(c['max_exposure'] - top[1], 0):.1f} "
-            "guesses to find such a secret."
+            f"Canaries {'never inserted' if k == '0' else f'repeated {k} times'} have exposure "
+            f"{bits:.1f} bits of at most {c['max_exposure']:.1f} (an unseen secret has about "
+            f"{c['random_exposure']:.1f}): "
+            + (
+                "the model ranks such a secret first among all candidates, so an attacker who "
+                "knows the template reads it off the model."
+                if rank < 1.5
+                else f"an attacker who knows the template needs about {rank:,.0f} guesses of "
+                f"{c['secret_space']:,} to find such a secret."
+            )
+        )
+    stated = s["claim"].get("run_json_epsilon")
+    if isinstance(stated, int | float) and not math.isclose(stated, eps, rel_tol=1e-3):
+        words.append(
+            f"Note: run.json reports epsilon {_eps(stated)}, but the ledger gives {_eps(eps)}; "
+            "the audit compares against the ledger."
         )
     if not s["privacy_guarantee"]:
         return "none", [
@@ -79,9 +92,14 @@ def verdict(s: dict[str, Any]) -> tuple[str, list[str]]:
             *words,
         ]
     if s["privacy_bug_suspected"]:
+        over = [
+            {"one_run": "the one-run bound", "clopper_pearson": "the Clopper-Pearson bound"}[k]
+            for k, b in bounds.items()
+            if b["epsilon"] > eps
+        ]
         return "bug", [
-            f"LIKELY PRIVACY BUG: the audit shows, at {conf:.0%} confidence, that this training "
-            f"is not ({_eps(lower)}, {delta:.3g})-DP, yet the accountant claims "
+            f"LIKELY PRIVACY BUG: {' and '.join(over)} show, at {conf:.0%} confidence, that this "
+            f"training is not ({_eps(lower)}, {delta:.3g})-DP, yet the accountant claims "
             f"({_eps(eps)}, {delta:.3g})-DP. The ledger under-reports what training did (noise, "
             "sampling or clipping), or the implementation leaks more than its analysis allows. "
             "Do not release this model; investigate the run.",
@@ -194,9 +212,16 @@ def _histograms(attacks: dict[str, dict[str, Any]], is_member: np.ndarray) -> st
             color="#1f77b4",
             label="non-members",
             density=True,
+            histtype="stepfilled",
         )
         ax.hist(
-            sc[is_member], bins=bins, alpha=0.55, color="#d62728", label="members", density=True
+            sc[is_member],
+            bins=bins,
+            alpha=0.55,
+            color="#d62728",
+            label="members",
+            density=True,
+            histtype="stepfilled",
         )
         ax.set_title(a["label"], fontsize=9)
         ax.tick_params(labelsize=7)
@@ -275,7 +300,7 @@ def _attack_table(s: dict[str, Any]) -> str:
         "<th>ε ≥ (Clopper-Pearson)</th></tr>"
         + rows
         + "</table>"
-        + (f"<p class=note>Not run: <ul class=note>{skipped}</ul></p>" if skipped else "")
+        + (f"<div class=note>Not run:<ul>{skipped}</ul></div>" if skipped else "")
     )
 
 
@@ -356,8 +381,14 @@ def write_report(
         f"models: {html.escape(s['reference_models'])}.</p>",
         _attack_table(s),
         f"<img src='{figures['roc']}' alt='ROC curves'>",
-        "<p class=note>Dashed: the best any attack can do against a run that really is "
-        f"({_eps(s['accountant_epsilon'])}, {s['delta']:.3g})-DP. With "
+        "<p class=note>"
+        + (
+            "Dashed: the best any attack can do against a run that really is "
+            f"({_eps(s['accountant_epsilon'])}, {s['delta']:.3g})-DP. "
+            if math.isfinite(s["accountant_epsilon"])
+            else "No dashed DP limit: this run has no guarantee. "
+        )
+        + "With "
         f"{s['records']['n_non_members']} non-members, false positive rates below "
         f"{1 / s['records']['n_non_members']:.2%} cannot be resolved (TPR at FPR 0.1% then means "
         "TPR with no false positive at all).</p>",

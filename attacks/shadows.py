@@ -140,7 +140,7 @@ def shadow_models(
                 f"({len(inside)} records, {srecipe.training.steps} steps) in {path}"
             )
             with contextlib.redirect_stdout(sys.stderr):
-                train(srecipe, path, resume=resume, progress=progress)
+                train(srecipe, path, resume=resume, progress=progress, cross_check=False)
             shutil.rmtree(shadow_run.checkpoints, ignore_errors=True)
         shadows.append(Shadow(path, srecipe, {pool.ids[i] for i in inside}))
     return shadows
