@@ -81,7 +81,7 @@ def test_epsilon_from_rates():
     eps, n = 1.0, 200
     q = math.exp(eps) / (1 + math.exp(eps))
     rng = np.random.default_rng(1)
-    tp, fp = rng.binomial(n, q, 2000), rng.binomial(n, 1 - q, 2000)
+    tp, fp = rng.binomial(n, q, 1000), rng.binomial(n, 1 - q, 1000)
     lb = np.array(
         [epsilon_from_rates(int(a), n, int(b), n, 0.0, 0.95) for a, b in zip(tp, fp, strict=True)]
     )
