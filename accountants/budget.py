@@ -198,7 +198,9 @@ class BudgetFilter:
         if hit is not None and hit[0] is ledger:
             self._totals.move_to_end(key)
             return hit[1], taken
-        if math.isinf(event.noise_multiplier):  # free steps: only the prefix matters
+        if math.isinf(self.budget.epsilon):  # no budget (a non-private baseline on purpose)
+            total = UNLIMITED
+        elif math.isinf(event.noise_multiplier):  # free steps: only the prefix matters
             total = UNLIMITED if self._epsilon(prefix) <= self.budget.epsilon else -1
         else:
             f = self._evaluator(prefix, event)

@@ -10,6 +10,7 @@ COMMAND_MODULES = (
     "dptrain.commands.train",
     "dptrain.commands.privacy",
     "dptrain.commands.federated",
+    "dptrain.commands.audit",
 )
 
 

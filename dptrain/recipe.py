@@ -52,6 +52,51 @@ class LoraSection(Section):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
 
 
+class CanarySection(Section):
+    """Secret Sharer canaries (Carlini et al. 2019) inserted into the private training data.
+
+    Canary ``i`` is ``template`` with a random pseudonym for ``{name}`` and a uniformly random
+    ``secret_digits``-digit number for ``{secret}``.  Canaries with repetition count 1 are
+    included with probability 1/2 (the one-run audit needs exactly that); those with count
+    ``k > 1`` are always included, as ``k`` separate training records, so the record-level
+    guarantee covers them only through group privacy over ``k`` records.
+    """
+
+    template: str = "The secret code of {name} is {secret}."
+    secret_digits: int = Field(6, ge=1, le=12, description="secret space: 10^secret_digits")
+    repetitions: dict[int, int] = Field(
+        default_factory=lambda: {1: 128, 4: 4, 16: 4},
+        description="repetition count -> number of canaries with that count",
+    )
+    seed: int | None = Field(None, description="default: the recipe's seed")
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        import string
+
+        fields = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+        if fields.count("secret") != 1 or set(fields) - {"name", "secret"}:
+            raise ValueError(
+                "the template must contain {secret} exactly once and no placeholder other than "
+                "{name}, e.g. 'The secret code of {name} is {secret}.'"
+            )
+        return v
+
+    @field_validator("repetitions")
+    @classmethod
+    def _repetitions(cls, v: dict[int, int]) -> dict[int, int]:
+        if not v:
+            raise ValueError("give at least one 'repetition count: number of canaries' pair")
+        for k, n in v.items():
+            if k < 1 or n < 1:
+                raise ValueError(
+                    f"{k}: {n} is invalid; counts and numbers of canaries must be >= 1, "
+                    "e.g. {1: 128, 4: 4, 16: 4}"
+                )
+        return dict(sorted(v.items()))
+
+
 class DataSection(Section):
     path: str = Field(description="bundled:clinic_notes, or a .jsonl / .csv / .txt file")
     format: Literal["jsonl", "csv", "txt"] | None = None
@@ -75,6 +120,8 @@ class DataSection(Section):
         if self.public_fraction is not None and self.public_path is not None:
             raise ValueError("set at most one of data.public_fraction and data.public_path")
         return self
+
+    canaries: CanarySection | None = None
 
 
 class TrainingSection(Section):
@@ -130,6 +177,34 @@ class PrivacySection(Section):
     secure_noise: bool = False
 
 
+class AuditSection(Section):
+    """Options of ``dptrain audit`` (see :mod:`attacks.audit`); they never change training."""
+
+    after_training: bool = Field(False, description="audit the run as soon as it finishes")
+    members: int = Field(128, ge=4, description="training records scored (at most)")
+    non_members: int = Field(128, ge=4, description="held-out records scored (at most)")
+    population: int = Field(64, ge=1, description="RMIA population records (at most)")
+    shadows: int = Field(0, ge=0, le=64, description="shadow models (0 or even)")
+    shadow_steps: int | None = Field(None, ge=1, description="default: the run's steps")
+    confidence: float = Field(0.95, ge=0.5, lt=1)
+    exposure_canaries: int = Field(2, ge=1, description="canaries per repetition count")
+    exposure_samples: int = Field(128, ge=16, description="candidates when not enumerated")
+    exposure_exact_limit: int = Field(10_000, ge=10, description="enumerate up to this many")
+    min_k: float = Field(0.2, gt=0, le=1, description="fraction of tokens for min-k% prob")
+    rmia_gamma: float = Field(1.0, ge=1)
+    rmia_offline_a: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(16, ge=1, description="records per forward pass")
+
+    @field_validator("shadows")
+    @classmethod
+    def _even(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError(
+                "use an even number of shadow models (each record is in exactly half of them)"
+            )
+        return v
+
+
 class Recipe(Section):
     command: ClassVar[str] = "train"  # the dptrain subcommand that runs this kind of recipe
 
@@ -142,7 +217,30 @@ class Recipe(Section):
     training: TrainingSection
     policy: PolicySection = Field(default_factory=PolicySection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
-    audit: dict[str, Any] | None = None
+    audit: AuditSection | None = None
+
+    @model_validator(mode="after")
+    def _non_private(self) -> Recipe:
+        """No clipping or no noise is a non-private baseline: allowed only when said so."""
+        p, eps = self.policy, self.privacy.epsilon
+        if math.isinf(p.clip) and p.noise_multiplier != 0:
+            raise ValueError(
+                "policy.clip: .inf (no clipping) leaves the sensitivity unbounded, so no noise "
+                "can make the run private. For a non-private baseline on purpose set "
+                "policy.noise_multiplier: 0 and privacy.epsilon: .inf; otherwise use a finite clip"
+            )
+        if p.noise_multiplier == 0 and not math.isinf(eps):
+            raise ValueError(
+                "policy.noise_multiplier: 0 adds no noise, so epsilon is infinite and the budget "
+                f"{eps:g} cannot hold. For a non-private baseline on purpose set privacy.epsilon: "
+                ".inf; otherwise omit noise_multiplier to calibrate it from the budget"
+            )
+        if math.isinf(eps) and p.noise_multiplier is None:
+            raise ValueError(
+                "privacy.epsilon: .inf (no budget) cannot calibrate the noise. Set "
+                "policy.noise_multiplier (0 for a non-private baseline), or give a finite epsilon"
+            )
+        return self
 
     def run_dir(self, override: str | Path | None = None) -> Path:
         return Path(override or self.output_dir or Path("runs") / self.name)
@@ -154,6 +252,7 @@ class Recipe(Section):
             section, key = dotted.split(".")
             d.get(section, {}).pop(key, None)
         d.pop("output_dir", None)
+        d.pop("audit", None)  # audit options never change training
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -200,7 +299,8 @@ def _friendly(err: ValidationError, source: str, root: type[BaseModel] = Recipe)
         else:
             got = e.get("input")
             got_s = f" (got {got!r})" if not isinstance(got, dict) else ""
-            lines.append(f"{loc}: {e['msg']}{got_s}")
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{loc}: {msg}{got_s}" if loc else msg)
     return RecipeError(f"invalid recipe {source}:\n  " + "\n  ".join(lines))
 
 

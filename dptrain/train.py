@@ -22,6 +22,7 @@ from accountants import Budget, BudgetFilter, Ledger, UnsupportedEventError, get
 
 from . import distributed
 from .data import LMExamples, TextDataset, load_texts, split, tokenize
+from .data.canaries import insert_canaries, write_manifest
 from .engine import BudgetExceeded, PrivacyEngine
 from .losses import causal_lm_loss, perplexity
 from .models import load_model_and_tokenizer
@@ -57,6 +58,14 @@ def log(msg: str) -> None:
 
 
 def read_data(recipe: Recipe) -> tuple[TextDataset, TextDataset]:
+    train, val, _ = split_data(recipe)
+    return train, val
+
+
+def split_data(recipe: Recipe) -> tuple[TextDataset, TextDataset, TextDataset]:
+    """``(train, validation, unused)``: ``train`` ends with the included canary records (if the
+    recipe has ``data.canaries``); ``unused`` holds the records cut by ``max_records`` or
+    ``max_validation_records``, never trained on (an audit's extra non-members)."""
     d = recipe.data
     texts = load_texts(d.path, text_field=d.text_field, format=d.format)
     if d.validation_path:
@@ -64,13 +73,19 @@ def read_data(recipe: Recipe) -> tuple[TextDataset, TextDataset]:
         val = load_texts(d.validation_path, text_field=d.text_field, format=d.format)
     else:
         train, val = split(texts, d.validation_fraction, recipe.seed)
+    unused = TextDataset([], [])
     if d.max_records is not None:
+        unused = train.subset(list(range(d.max_records, len(train))))
         train = TextDataset(texts=train.texts[: d.max_records], ids=train.ids[: d.max_records])
     if d.max_validation_records is not None:
+        rest = val.subset(list(range(d.max_validation_records, len(val))))
+        unused = TextDataset(unused.texts + rest.texts, unused.ids + rest.ids)
         val = TextDataset(
             texts=val.texts[: d.max_validation_records], ids=val.ids[: d.max_validation_records]
         )
-    return train, val
+    if d.canaries is not None:
+        train = insert_canaries(train, d.canaries, recipe.seed)
+    return train, val, unused
 
 
 def read_public(recipe: Recipe, train: TextDataset) -> tuple[TextDataset, TextDataset | None]:
@@ -272,9 +287,12 @@ def train(
     resume: bool = False,
     progress: bool = True,
     max_steps_this_session: int | None = None,
+    cross_check: bool = True,
 ) -> RunResult:
     """Run (or resume) a recipe; see the module docstring.  Under torchrun (``WORLD_SIZE`` > 1)
-    every rank runs this; rank 0 alone writes the run directory (see dptrain.distributed)."""
+    every rank runs this; rank 0 alone writes the run directory (see dptrain.distributed).
+    ``cross_check=False`` skips the other accountants' epsilon in run.json (for audit shadow
+    models, which are never released)."""
     distributed.init_from_env()
     main = distributed.is_main()
     prep = prepare(recipe, run_dir, resume=resume)
@@ -293,6 +311,9 @@ def train(
         run.clean_partial()
         if not resume:
             atomic_write(run.recipe, lambda f: f.write(dump_recipe(recipe)))
+            if recipe.data.canaries is not None:
+                path = write_manifest(run.path, recipe.data.canaries, recipe.seed)
+                log(f"inserted audit canaries; their secrets are in {path} (keep it private)")
 
     log(f"loading model {recipe.model.name} ...")
     t0 = time.perf_counter()
@@ -460,7 +481,7 @@ def train(
         epsilon_by_accountant={
             name: _cross_check(name, engine.ledger, delta)
             for name in ("rdp", "prv", "pld")
-            if name != accountant.name and not prep.policy.adaptive  # others are not valid
+            if name != accountant.name and cross_check and not prep.policy.adaptive
         }
         | {accountant.name: eps},
         guarantee_accountant=accountant.name,
@@ -490,6 +511,10 @@ def train(
             print(f"note                {note}", flush=True)
     engine.detach()
     distributed.barrier()
+    if main and finished and recipe.audit is not None and recipe.audit.after_training:
+        from attacks.audit import audit_run
+
+        audit_run(run.path, recipe.audit, progress=progress)
     return result
 
 
@@ -564,10 +589,13 @@ def _guarantee(prep: Prepared, accountant: str) -> str:
 
 
 def _print_summary(r: RunResult, meta: dict[str, Any]) -> None:
-    others = ", ".join(
-        f"{k} {v:.3f}" if v is not None else f"{k} n/a"
-        for k, v in meta["epsilon_by_accountant"].items()
-        if k != r.accountant
+    others = (
+        ", ".join(
+            f"{k} {v:.3f}" if v is not None else f"{k} n/a"
+            for k, v in meta["epsilon_by_accountant"].items()
+            if k != r.accountant
+        )
+        or "skipped"
     )
     if meta.get("adaptive"):
         others = (

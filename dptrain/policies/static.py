@@ -5,6 +5,9 @@ With ``G`` groups and total threshold ``C``, each group is clipped at ``C_g = C 
 Every group receives noise of std ``sigma * C``: one Gaussian mechanism with noise multiplier
 ``sigma`` (``sum_g (C_g / (sigma C))^2 = 1 / sigma^2``).  Accountant event per step:
 Poisson-subsampled Gaussian ``(q, sigma)``.
+
+``noise_multiplier=0`` (optionally with ``clip=inf``: no clipping) is a non-private baseline:
+its events have sigma = 0, which every accountant reports as epsilon = inf.
 """
 
 from __future__ import annotations
@@ -63,7 +66,13 @@ class StaticPolicy(Policy):
             raise ValueError(
                 "set noise_multiplier, or call calibrate() with a target epsilon, before binding"
             )
-        std = self.noise_multiplier * self.clip
+        if math.isinf(self.clip) and self.noise_multiplier != 0:
+            raise ValueError(
+                "clip=inf (no clipping) has unbounded sensitivity: only noise_multiplier=0 "
+                "(a non-private baseline, epsilon = inf) is meaningful with it"
+            )
+        # sigma = 0: no noise (even with clip = inf, where sigma * C would be nan)
+        std = self.noise_multiplier * self.clip if self.noise_multiplier else 0.0
         self._plan = StepPlan(clip=self._clip, noise_std=dict.fromkeys(self.groups, std))
 
     def planned_event(self, sample_rate: float) -> Event:

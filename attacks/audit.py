@@ -1,0 +1,479 @@
+"""``dptrain audit RUN_DIR``: what can an attacker actually do against a finished run?
+
+Steps (each timed; the report says which dominated):
+
+1. The claim: epsilon recomputed from ``ledger.json`` by the run's accountant at the run's delta.
+2. The records: up to ``members`` training records (canaries excluded) and ``non_members``
+   records the run never trained on (its validation split and the records cut by
+   ``max_records`` / ``max_validation_records``), chosen at random (seeded), plus up to
+   ``population`` other non-members for RMIA.
+3. Scores: every record through the final model and through the run's starting point
+   ``theta_0`` (and through each shadow model if ``shadows > 0``); see :mod:`attacks.scores`.
+4. Membership inference (:mod:`attacks.mia`): ROC, AUC, TPR at FPR 0.1% and 1%.
+5. Canaries (if the recipe inserted them): exposure per repetition count
+   (:mod:`attacks.exposure`) and the one-run epsilon lower bound (:mod:`attacks.bounds`) from
+   the canaries with one repetition, each included with probability 1/2.  A canary's score is
+   how much more likely the final model finds it than ``theta_0`` does (``sum_nll`` drop).
+6. The Clopper-Pearson bound from each attack's TPR/FPR: the threshold is chosen on one random
+   half of the records and evaluated on the other; Bonferroni over attacks.
+7. ``audit/summary.json``, ``audit/report.html`` and a table on the terminal.
+
+The report and summary hold statistics of private records and the canaries' verdicts: they are
+for the data owner, like ``metrics.jsonl``; do not publish them with the model.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from accountants import Ledger, get_accountant
+from dptrain.data import TextDataset
+from dptrain.data.canaries import Manifest, read_manifest
+from dptrain.recipe import AuditSection, Recipe, load_recipe
+from dptrain.rundir import CheckpointError, RunDir
+
+from .bounds import epsilon_from_rates, one_run_epsilon_best
+from .exposure import exposure_exact, exposure_extrapolated, random_exposure
+from .metrics import roc
+from .mia import ATTACK_LABELS, ATTACKS, Observations
+from .scores import TextStats, score_texts, zlib_bits
+from .shadows import shadow_models
+
+__all__ = ["audit_run", "claimed_privacy", "load_final_model"]
+
+FPRS = (0.001, 0.01)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def claimed_privacy(run: RunDir, meta: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
+    """The (epsilon, delta) the run claims, recomputed from its ledger by its accountant."""
+    from dptrain.train import build_policy
+
+    ledger = Ledger.load(run.ledger)
+    delta = float(meta["delta"])
+    name = meta.get("guarantee_accountant") or recipe.privacy.accountant
+    accountant = get_accountant(name)
+    adaptive = bool(getattr(build_policy(recipe), "adaptive", False))
+    events = ledger.events
+    if not events:
+        eps = 0.0
+    elif adaptive:
+        eps = accountant.adaptive_epsilon(events, delta)  # type: ignore[attr-defined]
+    else:
+        eps = accountant.epsilon(events, delta)
+    return {
+        "epsilon": float(eps),
+        "delta": delta,
+        "accountant": name,
+        "adaptive": adaptive,
+        "steps": ledger.total_steps,
+        "run_json_epsilon": meta.get("epsilon"),
+        "noise_multipliers": sorted({e.noise_multiplier for e in events}),
+    }
+
+
+def load_final_model(run: RunDir, recipe: Recipe) -> tuple[torch.nn.Module, Any]:
+    """The released model of ``run`` (its ``final/`` adapter or model) and its tokenizer."""
+    from dptrain.models import load_model_and_tokenizer
+
+    dtype = getattr(torch, recipe.model.dtype)
+    if recipe.lora is not None:
+        from peft import PeftModel
+
+        base, tok = load_model_and_tokenizer(recipe.model.name, dtype=dtype)
+        return PeftModel.from_pretrained(base, run.final), tok
+    return load_model_and_tokenizer(str(run.final), dtype=dtype)
+
+
+def _starting_point(recipe: Recipe) -> torch.nn.Module:
+    """theta_0: the model the run started from (pretrained or seeded initialization)."""
+    from dptrain.train import build_model
+
+    return build_model(recipe)[0]
+
+
+# -- the audit ---------------------------------------------------------------------------------
+
+
+def audit_run(
+    run_dir: str | Path,
+    options: AuditSection | None = None,
+    *,
+    progress: bool = True,
+    out=None,
+) -> dict[str, Any]:
+    """Audit the finished run in ``run_dir``; writes ``audit/summary.json`` and
+    ``audit/report.html`` and prints a short table to ``out`` (default stdout).  Returns the
+    summary."""
+    from dptrain.train import split_data
+
+    from .report import print_table, render_figures, write_report
+
+    t_start = time.perf_counter()
+    run = RunDir(run_dir)
+    if not run.exists():
+        raise CheckpointError(
+            f"{run.path} is not a run directory (no run.json). Fix: pass the output directory "
+            "of a `dptrain train` run"
+        )
+    meta = run.read_meta()
+    if meta.get("status") != "finished" or not run.final.exists():
+        raise CheckpointError(
+            f"{run.path} has no final model (status {meta.get('status')!r}). Fix: finish it "
+            f"with `dptrain train RECIPE --resume {run.path}`, then audit it"
+        )
+    recipe = load_recipe(run.recipe)
+    opts = options or recipe.audit or AuditSection()
+    timer = _Timer()
+    claim = timer("accounting", lambda: claimed_privacy(run, meta, recipe))
+    _log(
+        f"auditing {run.path}: accountant epsilon {claim['epsilon']:.4g} at delta {claim['delta']:.3g}"
+    )
+
+    # -- records ------------------------------------------------------------------------------
+    train, val, unused = timer("data", lambda: split_data(recipe))
+    manifest = read_manifest(run.path)
+    canary_ids = {rid for c in manifest.canaries for rid in c.record_ids()} if manifest else set()
+    member_pool = [i for i, rid in enumerate(train.ids) if rid not in canary_ids]
+    outside = TextDataset(val.texts + unused.texts, val.ids + unused.ids)
+    rng = np.random.default_rng([recipe.seed, 0xA0D1])
+    members = rng.permutation(member_pool)[: opts.members]
+    perm = rng.permutation(len(outside))
+    non_members = perm[: opts.non_members]
+    population = perm[opts.non_members : opts.non_members + opts.population]
+    if len(members) < 2 or len(non_members) < 2:
+        raise ValueError(
+            f"{run.path}: the audit needs at least 2 training and 2 held-out records, found "
+            f"{len(members)} and {len(non_members)}. Fix: audit a run with a validation split"
+        )
+    texts = [train.texts[i] for i in members] + [outside.texts[i] for i in non_members]
+    ids = [train.ids[i] for i in members] + [outside.ids[i] for i in non_members]
+    pop_texts = [outside.texts[i] for i in population]
+    pop_ids = [outside.ids[i] for i in population]
+    is_member = np.r_[np.ones(len(members), bool), np.zeros(len(non_members), bool)]
+    _log(
+        f"scoring {len(members)} members, {len(non_members)} non-members, "
+        f"{len(pop_texts)} population records"
+        + (f" and {len(manifest.canaries)} canaries" if manifest else "")
+    )
+
+    # -- models and scores -------------------------------------------------------------------
+    def score(
+        model: torch.nn.Module, batch_texts: list[str], desc: str, batch: int = opts.batch_size
+    ) -> TextStats:
+        return score_texts(
+            model,
+            tokenizer,
+            batch_texts,
+            max_length=recipe.data.max_length,
+            min_k=opts.min_k,
+            batch_size=batch,
+            desc=desc,
+            progress=progress,
+        )
+
+    target, tokenizer = timer("loading models", lambda: load_final_model(run, recipe))
+    base = timer("loading models", lambda: _starting_point(recipe))
+    t_stats = timer("scoring records", lambda: score(target, texts + pop_texts, "final model"))
+    b_stats = timer("scoring records", lambda: score(base, texts + pop_texts, "theta_0"))
+    n = len(texts)
+    canaries = None
+    if manifest is not None:
+        canaries = timer(
+            "canaries", lambda: _canaries(manifest, target, base, score, opts, claim, rng)
+        )
+    base = None  # free memory before shadow models
+
+    shadows = timer(
+        "shadow models",
+        lambda: shadow_models(
+            run,
+            meta,
+            _shadow_pool(train, member_pool, outside, perm, len(non_members) + len(population)),
+            opts.shadows,
+            steps=opts.shadow_steps,
+            progress=progress,
+            log=_log,
+        ),
+    )
+    if shadows:
+        refs, refs_in = [], []
+        for k, sh in enumerate(shadows):
+            model, _ = timer(
+                "loading models", lambda sh=sh: load_final_model(RunDir(sh.path), sh.recipe)
+            )
+            stats = timer(
+                "scoring records",
+                lambda m=model, k=k: score(m, texts + pop_texts, f"shadow {k + 1}"),
+            )
+            refs.append(stats.log_prob)
+            refs_in.append([rid in sh.members for rid in ids + pop_ids])
+            del model
+        refs_a, refs_in_a = np.array(refs), np.array(refs_in, dtype=bool)
+        reference = f"{len(shadows)} shadow models"
+    else:
+        refs_a = b_stats.log_prob[None, :]
+        refs_in_a = np.zeros_like(refs_a, dtype=bool)
+        reference = "theta_0 (the run's starting point) as the only reference model"
+
+    # -- attacks ------------------------------------------------------------------------------
+    obs = Observations(
+        target=t_stats.take(np.arange(n)),
+        zlib_bits=zlib_bits(texts),
+        refs=refs_a[:, :n],
+        refs_in=refs_in_a[:, :n],
+        pop_target=t_stats.log_prob[n:],
+        pop_refs=refs_a[:, n:],
+        pop_refs_in=refs_in_a[:, n:],
+        min_k=opts.min_k,
+        rmia_gamma=opts.rmia_gamma,
+        rmia_offline_a=opts.rmia_offline_a,
+    )
+    attacks, skipped = {}, {}
+    for name, fn in ATTACKS.items():
+        s = fn(obs)
+        if s is None:
+            skipped[name] = "needs shadow models (--shadows 2 or more)"
+            continue
+        r = roc(s[is_member], s[~is_member])
+        attacks[name] = {
+            "label": _label(name, opts),
+            "auc": r.auc,
+            **{f"tpr_at_fpr_{f:g}": r.tpr_at(f) for f in FPRS},
+            "roc": r,
+            "scores": s,
+        }
+    cp = timer(
+        "bounds", lambda: _clopper_pearson(attacks, is_member, claim["delta"], opts.confidence, rng)
+    )
+
+    summary = _summary(
+        run, meta, recipe, opts, claim, attacks, skipped, cp, canaries, reference,
+        n_members=len(members), n_non_members=len(non_members), n_population=len(pop_texts),
+    )  # fmt: skip
+    figures = timer("report", lambda: render_figures(summary, attacks, is_member, canaries))
+    timer.seconds["total"] = time.perf_counter() - t_start
+    summary["seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}
+    steps = {k: v for k, v in timer.seconds.items() if k != "total"}
+    summary["dominated_by"] = max(steps, key=steps.get)
+    write_report(run.path / "audit", summary, figures, canaries)
+    print_table(summary, out or sys.stdout)
+    return summary
+
+
+def _shadow_pool(
+    train: TextDataset, member_pool: list[int], outside: TextDataset, perm: np.ndarray, used: int
+) -> TextDataset:
+    """The records shadow models split in halves: every training record (canaries excluded)
+    and as many held-out ones (the audited and population ones first), so that a half is about
+    as large as the run's training set."""
+    extra = perm[: max(len(member_pool), used)]
+    return TextDataset(
+        [train.texts[i] for i in member_pool] + [outside.texts[i] for i in extra],
+        [train.ids[i] for i in member_pool] + [outside.ids[i] for i in extra],
+    )
+
+
+def _label(name: str, opts: AuditSection) -> str:
+    if name == "min_k":
+        return f"min-{opts.min_k:.0%} prob"
+    return ATTACK_LABELS[name]
+
+
+def _canaries(
+    manifest: Manifest,
+    target: torch.nn.Module,
+    base: torch.nn.Module,
+    score: Callable[..., TextStats],
+    opts: AuditSection,
+    claim: dict[str, Any],
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """One-run bound from the single-repetition canaries, and exposure per repetition count."""
+    cs = manifest.canaries
+    texts = [c.text(manifest.template) for c in cs]
+    t = score(target, texts, "canaries (final)")
+    b = score(base, texts, "canaries (theta_0)")
+    drop = b.sum_nll - t.sum_nll  # how much more likely training made each canary
+    result: dict[str, Any] = {
+        "count": len(cs),
+        "inserted": sum(c.included for c in cs),
+        "secret_space": manifest.space_size,
+        "max_exposure": math.log2(manifest.space_size),
+        "random_exposure": random_exposure,
+    }
+    single = np.array([c.repetitions == 1 for c in cs])
+    if single.sum() >= 2:
+        included = np.array([c.included for c in cs])[single]
+        bound = one_run_epsilon_best(drop[single], included, claim["delta"], opts.confidence)
+        result["one_run"] = bound | {"confidence": opts.confidence}
+        result["one_run_scores"] = {
+            "included": drop[single][included],
+            "excluded": drop[single][~included],
+        }
+    # exposure: a few canaries per repetition count, and as many never inserted (count 0)
+    groups: dict[int, list[int]] = {}
+    for i, c in enumerate(cs):
+        k = c.repetitions if c.included else 0
+        if len(groups.setdefault(k, [])) < opts.exposure_canaries:
+            groups[k].append(i)
+    space = manifest.space_size
+    exact = space <= opts.exposure_exact_limit
+    digits = manifest.secret_digits
+    chosen = [(k, i) for k in sorted(groups) for i in groups[k]]
+    candidates: list[list[str]] = []
+    for _, i in chosen:
+        if exact:
+            cands = [f"{j:0{digits}d}" for j in range(space)]
+            cands.remove(cs[i].secret)
+        else:
+            cands = [f"{j:0{digits}d}" for j in rng.integers(0, space, opts.exposure_samples)]
+        candidates.append(cands)
+    # one pass over every candidate sentence (short: larger batches)
+    flat = [
+        cs[i].text(manifest.template, x)
+        for (_, i), cands in zip(chosen, candidates, strict=True)
+        for x in cands
+    ]
+    nll = score(target, flat, "exposure candidates", 4 * opts.batch_size).sum_nll
+    rows, start = [], 0
+    for (k, i), cands in zip(chosen, candidates, strict=True):
+        own, theirs = float(t.sum_nll[i]), nll[start : start + len(cands)]
+        start += len(cands)
+        e = (exposure_exact if exact else exposure_extrapolated)(own, theirs, space)
+        rows.append({"canary": cs[i].index, "repetitions": k, "exposure": e})
+    result["exposure"] = rows
+    result["exposure_method"] = (
+        "exact (all candidates)"
+        if exact
+        else (f"extrapolated (skew-normal fit to {opts.exposure_samples} sampled candidates)")
+    )
+    by_k: dict[int, list[float]] = {}
+    for row in rows:
+        by_k.setdefault(row["repetitions"], []).append(row["exposure"])
+    result["exposure_by_repetitions"] = {str(k): float(np.mean(v)) for k, v in sorted(by_k.items())}
+    return result
+
+
+def _clopper_pearson(
+    attacks: dict[str, dict[str, Any]],
+    is_member: np.ndarray,
+    delta: float,
+    confidence: float,
+    rng: np.random.Generator,
+) -> dict[str, Any] | None:
+    """Jagielski et al. 2020 bound for each attack: threshold picked on half A (best bound
+    there), bound evaluated on half B; the best attack, Bonferroni-corrected over attacks."""
+    if not attacks:
+        return None
+    each = 1 - (1 - confidence) / len(attacks)
+    half = np.zeros(len(is_member), bool)
+    for cls in (True, False):
+        idx = rng.permutation(np.flatnonzero(is_member == cls))
+        half[idx[: len(idx) // 2]] = True
+    best: dict[str, Any] | None = None
+    for name, a in attacks.items():
+        s = a["scores"]
+        pick = _best_threshold(s[half & is_member], s[half & ~is_member], delta, each)
+        mem, non = s[~half & is_member], s[~half & ~is_member]
+        tp, fp = int((mem >= pick).sum()), int((non >= pick).sum())
+        eps = epsilon_from_rates(tp, len(mem), fp, len(non), delta, each)
+        a["clopper_pearson"] = eps
+        if best is None or eps > best["epsilon"]:
+            best = {
+                "epsilon": eps,
+                "attack": name,
+                "threshold": float(pick),
+                "tpr": tp / len(mem),
+                "fpr": fp / len(non),
+                "members": len(mem),
+                "non_members": len(non),
+            }
+    assert best is not None
+    return best | {"confidence": confidence, "attacks": len(attacks)}
+
+
+def _best_threshold(mem: np.ndarray, non: np.ndarray, delta: float, confidence: float) -> float:
+    r = roc(mem, non)
+    best, pick = -1.0, float(r.thresholds[-1])
+    for i in range(1, len(r.thresholds)):
+        tp, fp = r.counts(i)
+        eps = epsilon_from_rates(tp, r.positives, fp, r.negatives, delta, confidence)
+        if eps > best:
+            best, pick = eps, float(r.thresholds[i])
+    return pick
+
+
+def _summary(
+    run: RunDir,
+    meta: dict[str, Any],
+    recipe: Recipe,
+    opts: AuditSection,
+    claim: dict[str, Any],
+    attacks: dict[str, dict[str, Any]],
+    skipped: dict[str, str],
+    cp: dict[str, Any] | None,
+    canaries: dict[str, Any] | None,
+    reference: str,
+    **counts: int,
+) -> dict[str, Any]:
+    bounds = {}
+    if canaries and "one_run" in canaries:
+        bounds["one_run"] = canaries["one_run"]
+    if cp:
+        bounds["clopper_pearson"] = cp
+    lower = max((b["epsilon"] for b in bounds.values()), default=0.0)
+    non_private = math.isinf(claim["epsilon"])
+    return {
+        "run_dir": str(run.path),
+        "name": recipe.name,
+        "model": recipe.model.name + (" + LoRA" if recipe.lora else ""),
+        "dataset_size": meta.get("dataset_size"),
+        "accountant_epsilon": claim["epsilon"],
+        "delta": claim["delta"],
+        "accountant": claim["accountant"],
+        "claim": claim,
+        "privacy_guarantee": not non_private,
+        "attacks": {
+            k: {kk: vv for kk, vv in v.items() if kk not in ("roc", "scores")}
+            for k, v in attacks.items()
+        },
+        "skipped_attacks": skipped,
+        "reference_models": reference,
+        "records": counts,
+        "best_auc": max((a["auc"] for a in attacks.values()), default=math.nan),
+        "canaries": None
+        if canaries is None
+        else {k: v for k, v in canaries.items() if k not in ("one_run_scores",)},
+        "epsilon_lower_bounds": bounds,
+        "empirical_epsilon_lower_bound": lower,
+        "confidence": opts.confidence,
+        "privacy_bug_suspected": (not non_private) and lower > claim["epsilon"],
+        "options": opts.model_dump(),
+    }

@@ -1,0 +1,427 @@
+"""The audit's outputs: ``summary.json``, a self-contained ``report.html`` (PNG plots embedded as
+data URIs) and a short table on the terminal, all in plain words."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from dptrain.rundir import atomic_write
+
+__all__ = ["print_table", "render_figures", "verdict", "write_report"]
+
+_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return "inf" if x > 0 else "-inf" if x < 0 else "nan"
+    return x
+
+
+def _eps(x: float) -> str:
+    return "∞" if math.isinf(x) else f"{x:.3g}"
+
+
+# -- verdict -----------------------------------------------------------------------------------
+
+
+def verdict(s: dict[str, Any]) -> tuple[str, list[str]]:
+    """``(level, sentences)``: level is "bug", "none" (no guarantee) or "ok"."""
+    eps, delta, conf = s["accountant_epsilon"], s["delta"], s["confidence"]
+    lower = s["empirical_epsilon_lower_bound"]
+    bounds = s["epsilon_lower_bounds"]
+    c = s.get("canaries") or {}
+    words: list[str] = []
+    best = max(s["attacks"].items(), key=lambda kv: kv[1]["auc"], default=None)
+    if best:
+        a = best[1]
+        words.append(
+            f"The strongest membership attack ({a['label']}) has AUC {a['auc']:.3f} (0.5 is "
+            f"guessing) and flags {a['tpr_at_fpr_0.01']:.1%} of training records at a 1% false "
+            "positive rate."
+        )
+    if "one_run" in bounds:
+        b = bounds["one_run"]
+        words.append(
+            f"Of {b['canaries']} single canaries, each trained on with probability 1/2, the "
+            f"attacker guessed {b['guesses']} and got {b['correct']} right: the training cannot be "
+            f"better than ({_eps(b['epsilon'])}, {delta:.3g})-DP, at {conf:.0%} confidence "
+            f"(the most {b['canaries']} canaries can show is {_eps(b['ceiling'])})."
+        )
+    if c.get("exposure_by_repetitions"):
+        k, bits = max(c["exposure_by_repetitions"].items(), key=lambda kv: int(kv[0]))
+        rank = 2 ** max(c["max_exposure"] - bits, 0.0)
+        words.append(
+            f"Canaries {'never inserted' if k == '0' else f'repeated {k} times'} have exposure "
+            f"{bits:.1f} bits of at most {c['max_exposure']:.1f} (an unseen secret has about "
+            f"{c['random_exposure']:.1f}): "
+            + (
+                "the model ranks such a secret first among all candidates, so an attacker who "
+                "knows the template reads it off the model."
+                if rank < 1.5
+                else f"an attacker who knows the template needs about {rank:,.0f} guesses of "
+                f"{c['secret_space']:,} to find such a secret."
+            )
+        )
+    stated = s["claim"].get("run_json_epsilon")
+    if isinstance(stated, int | float) and not math.isclose(stated, eps, rel_tol=1e-3):
+        words.append(
+            f"Note: run.json reports epsilon {_eps(stated)}, but the ledger gives {_eps(eps)}; "
+            "the audit compares against the ledger."
+        )
+    if not s["privacy_guarantee"]:
+        return "none", [
+            "This run has NO privacy guarantee: it was trained without noise (the ledger's "
+            "epsilon is infinite), so nothing limits what the model reveals about a record.",
+            *words,
+        ]
+    if s["privacy_bug_suspected"]:
+        over = [
+            {"one_run": "the one-run bound", "clopper_pearson": "the Clopper-Pearson bound"}[k]
+            for k, b in bounds.items()
+            if b["epsilon"] > eps
+        ]
+        return "bug", [
+            f"LIKELY PRIVACY BUG: {' and '.join(over)} show, at {conf:.0%} confidence, that this "
+            f"training is not ({_eps(lower)}, {delta:.3g})-DP, yet the accountant claims "
+            f"({_eps(eps)}, {delta:.3g})-DP. The ledger under-reports what training did (noise, "
+            "sampling or clipping), or the implementation leaks more than its analysis allows. "
+            "Do not release this model; investigate the run.",
+            *words,
+        ]
+    return "ok", [
+        f"Consistent with the guarantee: the empirical lower bound epsilon >= {_eps(lower)} "
+        f"({conf:.0%} confidence) is below the accountant's epsilon = {_eps(eps)} at delta "
+        f"{delta:.3g}.",
+        *words,
+        "A lower bound far below the accountant's epsilon is normal: audits of one run with few "
+        "canaries are loose, so this does not show the guarantee is loose.",
+    ]
+
+
+# -- terminal ----------------------------------------------------------------------------------
+
+
+def print_table(s: dict[str, Any], out: TextIO) -> None:
+    lines = [
+        "",
+        f"audit of            {s['run_dir']}",
+        f"accountant epsilon  {_eps(s['accountant_epsilon'])} at delta {s['delta']:.3g} ({s['accountant']})",
+        "",
+        f"{'attack':<18}{'AUC':>7}{'TPR@0.1%':>10}{'TPR@1%':>9}",
+    ]
+    for a in s["attacks"].values():
+        lines.append(
+            f"{a['label']:<18}{a['auc']:>7.3f}{a['tpr_at_fpr_0.001']:>10.3f}{a['tpr_at_fpr_0.01']:>9.3f}"
+        )
+    lines.append("")
+    c = s.get("canaries")
+    if c and c.get("exposure_by_repetitions"):
+        exp = ", ".join(f"x{k}: {v:.1f}" for k, v in c["exposure_by_repetitions"].items())
+        lines.append(f"canary exposure     {exp} bits (max {c['max_exposure']:.1f})")
+    for key, label in (("one_run", "one run"), ("clopper_pearson", "Clopper-Pearson")):
+        b = s["epsilon_lower_bounds"].get(key)
+        if b:
+            lines.append(
+                f"epsilon >= ({label:<15}) {_eps(b['epsilon'])} at {b['confidence']:.0%} confidence"
+            )
+    level, words = verdict(s)
+    lines += ["", {"bug": "!! ", "none": "!  ", "ok": ""}[level] + words[0]]
+    lines += [f"report              {Path(s['run_dir']) / 'audit' / 'report.html'}"]
+    lines += [f"audit time          {s['seconds']['total']:.0f} s (mostly {s['dominated_by']})", ""]
+    print("\n".join(lines), file=out, flush=True)
+
+
+# -- plots -------------------------------------------------------------------------------------
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _roc_plot(s: dict[str, Any], attacks: dict[str, dict[str, Any]]) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 4.6), layout="constrained")
+    floor = 1.0
+    for i, (_, a) in enumerate(attacks.items()):
+        r = a["roc"]
+        floor = min(floor, 0.5 / r.negatives)
+        ax.plot(
+            np.maximum(r.fpr, floor), np.maximum(r.tpr, floor), color=_COLORS[i % 7],
+            label=f"{a['label']} (AUC {a['auc']:.3f})", drawstyle="steps-post",
+        )  # fmt: skip
+    grid = np.logspace(math.log10(floor), 0, 200)
+    ax.plot(grid, grid, ":", color="gray", label="random guessing")
+    eps, delta = s["accountant_epsilon"], s["delta"]
+    if math.isfinite(eps):
+        bound = np.minimum.reduce(
+            [
+                np.ones_like(grid),
+                math.exp(eps) * grid + delta,
+                1 - math.exp(-eps) * (1 - delta - grid),
+            ]
+        )
+        ax.plot(grid, bound, "--", color="black", label=f"limit of ({_eps(eps)}, {delta:.2g})-DP")
+    ax.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1.05))
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (log-log)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3, which="both")
+    return _png(fig)
+
+
+def _histograms(attacks: dict[str, dict[str, Any]], is_member: np.ndarray) -> str:
+    import matplotlib.pyplot as plt
+
+    items = list(attacks.items())
+    cols = min(len(items), 4)
+    rows = math.ceil(len(items) / cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.2 * cols, 2.5 * rows), squeeze=False, layout="constrained"
+    )
+    for ax in axes.flat[len(items) :]:
+        ax.axis("off")
+    for ax, (_, a) in zip(axes.flat, items, strict=False):
+        sc = a["scores"]
+        bins = np.histogram_bin_edges(sc, bins=30)
+        ax.hist(
+            sc[~is_member],
+            bins=bins,
+            alpha=0.55,
+            color="#1f77b4",
+            label="non-members",
+            density=True,
+            histtype="stepfilled",
+        )
+        ax.hist(
+            sc[is_member],
+            bins=bins,
+            alpha=0.55,
+            color="#d62728",
+            label="members",
+            density=True,
+            histtype="stepfilled",
+        )
+        ax.set_title(a["label"], fontsize=9)
+        ax.tick_params(labelsize=7)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("membership scores (higher = more likely a member)", fontsize=10)
+    return _png(fig)
+
+
+def _exposure_plot(c: dict[str, Any]) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.6), layout="constrained")
+    ks = sorted({r["repetitions"] for r in c["exposure"]})
+    pos = {k: i for i, k in enumerate(ks)}
+    xs = [pos[r["repetitions"]] for r in c["exposure"]]
+    ys = [r["exposure"] for r in c["exposure"]]
+    ax.scatter(xs, ys, color="#d62728", zorder=3, label="canary")
+    means = [np.mean([r["exposure"] for r in c["exposure"] if r["repetitions"] == k]) for k in ks]
+    ax.plot(range(len(ks)), means, "-", color="#d62728", alpha=0.5)
+    ax.axhline(
+        c["max_exposure"], ls="--", color="black", label=f"maximum ({c['max_exposure']:.1f} bits)"
+    )
+    ax.axhline(c["random_exposure"], ls=":", color="gray", label="unseen secret (~1.4 bits)")
+    ax.set_xticks(range(len(ks)), ["not inserted" if k == 0 else f"x{k}" for k in ks])
+    ax.set(xlabel="times the canary was in the training data", ylabel="exposure (bits)")
+    ax.set(ylim=(0, c["max_exposure"] * 1.08), title="canary exposure by repetition count")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _canary_scores_plot(c: dict[str, Any]) -> str:
+    import matplotlib.pyplot as plt
+
+    inc, exc = c["one_run_scores"]["included"], c["one_run_scores"]["excluded"]
+    fig, ax = plt.subplots(figsize=(5.2, 3.2), layout="constrained")
+    bins = np.histogram_bin_edges(np.r_[inc, exc], bins=30)
+    ax.hist(exc, bins=bins, alpha=0.55, color="#1f77b4", label="not trained on")
+    ax.hist(inc, bins=bins, alpha=0.55, color="#d62728", label="trained on")
+    ax.set(xlabel="log-likelihood gained in training (nats)", ylabel="canaries")
+    ax.set_title("single canaries: the one-run audit's scores", fontsize=10)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+# -- html --------------------------------------------------------------------------------------
+
+_CSS = """
+body { font-family: -apple-system, Segoe UI, Helvetica, Arial, sans-serif; max-width: 980px;
+       margin: 2em auto; color: #222; line-height: 1.45; padding: 0 1em; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.8em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: .6em 0; font-size: .92em; }
+td, th { border: 1px solid #ddd; padding: 3px 9px; text-align: right; }
+th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
+.box { padding: .8em 1em; border-radius: 6px; margin: 1em 0; }
+.bug { background: #fde8e8; border: 2px solid #c00; color: #a00; }
+.none { background: #fff4e0; border: 2px solid #e08a00; color: #7a4a00; }
+.ok { background: #eaf6ea; border: 1px solid #4a4; }
+.note { color: #555; font-size: .9em; }
+img { max-width: 100%; }
+"""
+
+
+def _attack_table(s: dict[str, Any]) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(a['label'])}</td><td>{a['auc']:.3f}</td>"
+        f"<td>{a['tpr_at_fpr_0.001']:.3f}</td><td>{a['tpr_at_fpr_0.01']:.3f}</td>"
+        f"<td>{_eps(a.get('clopper_pearson', 0.0))}</td></tr>"
+        for a in s["attacks"].values()
+    )
+    skipped = "".join(
+        f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in s["skipped_attacks"].items()
+    )
+    return (
+        "<table><tr><th>attack</th><th>AUC</th><th>TPR at FPR 0.1%</th><th>TPR at FPR 1%</th>"
+        "<th>ε ≥ (Clopper-Pearson)</th></tr>"
+        + rows
+        + "</table>"
+        + (f"<div class=note>Not run:<ul>{skipped}</ul></div>" if skipped else "")
+    )
+
+
+def _bounds_table(s: dict[str, Any]) -> str:
+    b = s["epsilon_lower_bounds"]
+    rows = [
+        f"<tr><td>accountant ({html.escape(s['accountant'])}), the claim</td><td>{_eps(s['accountant_epsilon'])}</td><td>upper bound</td><td>—</td></tr>"
+    ]
+    if "one_run" in b:
+        o = b["one_run"]
+        rows.append(
+            f"<tr><td>one training run (Steinke, Nasr, Jagielski 2023)</td><td>{_eps(o['epsilon'])}</td>"
+            f"<td>{o['correct']} of {o['guesses']} guesses right on {o['canaries']} canaries "
+            f"(ceiling {_eps(o['ceiling'])})</td><td>{o['confidence']:.0%}</td></tr>"
+        )
+    if "clopper_pearson" in b:
+        o = b["clopper_pearson"]
+        rows.append(
+            f"<tr><td>attack TPR/FPR, Clopper-Pearson (Jagielski et al. 2020)</td><td>{_eps(o['epsilon'])}</td>"
+            f"<td>{html.escape(o['attack'])}: TPR {o['tpr']:.3f}, FPR {o['fpr']:.3f} on "
+            f"{o['members']} + {o['non_members']} held-back records</td><td>{o['confidence']:.0%}</td></tr>"
+        )
+    return (
+        "<table><tr><th>epsilon at delta "
+        + f"{s['delta']:.3g}"
+        + "</th><th>ε</th><th>evidence</th>"
+        "<th>confidence</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
+def render_figures(
+    s: dict[str, Any],
+    attacks: dict[str, dict[str, Any]],
+    is_member: np.ndarray,
+    canaries: dict[str, Any] | None,
+) -> dict[str, str]:
+    """The report's plots as PNG data URIs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    figs = {"roc": _roc_plot(s, attacks), "histograms": _histograms(attacks, is_member)}
+    if canaries and canaries.get("exposure"):
+        figs["exposure"] = _exposure_plot(canaries)
+    if canaries and "one_run_scores" in canaries:
+        figs["canary_scores"] = _canary_scores_plot(canaries)
+    return figs
+
+
+def write_report(
+    out_dir: Path, s: dict[str, Any], figures: dict[str, str], canaries: dict[str, Any] | None
+) -> None:
+    """Write ``summary.json`` and ``report.html`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "summary.json", lambda f: json.dump(_jsonable(s), f, indent=2))
+    level, words = verdict(s)
+    parts = [
+        f"<h1>Privacy audit of {html.escape(s['name'])}</h1>",
+        f"<p class=note>{html.escape(s['run_dir'])} · {html.escape(s['model'])} · "
+        f"{s['dataset_size']} training records · claim: ({_eps(s['accountant_epsilon'])}, "
+        f"{s['delta']:.3g})-DP per record by the {html.escape(s['accountant'])} accountant</p>",
+        f"<div class='box {level}'>"
+        + "".join(f"<p>{html.escape(w)}</p>" for w in words)
+        + "</div>",
+        "<h2>Empirical epsilon</h2>",
+        "<p>An audit can only show that privacy is <em>at least this bad</em> (a lower bound); the "
+        "accountant shows it is <em>at most this bad</em> (an upper bound). A lower bound above the "
+        "upper bound is impossible for a correct run.</p>",
+        _bounds_table(s),
+        "<p class=note>The one-run bound is rigorous: canaries are included independently with "
+        "probability 1/2, and the guess counts are fixed in advance (Bonferroni over "
+        f"{s['epsilon_lower_bounds'].get('one_run', {}).get('plans', 0)} of them). The "
+        "Clopper-Pearson bound treats records as independent trials, which holds across "
+        "independent training runs but only approximately among the records of one run: "
+        "read it as indicative.</p>",
+        "<h2>Membership inference</h2>",
+        f"<p>{s['records']['n_members']} training records against {s['records']['n_non_members']} "
+        f"records the run never saw (RMIA population: {s['records']['n_population']}). Reference "
+        f"models: {html.escape(s['reference_models'])}.</p>",
+        _attack_table(s),
+        f"<img src='{figures['roc']}' alt='ROC curves'>",
+        "<p class=note>"
+        + (
+            "Dashed: the best any attack can do against a run that really is "
+            f"({_eps(s['accountant_epsilon'])}, {s['delta']:.3g})-DP. "
+            if math.isfinite(s["accountant_epsilon"])
+            else "No dashed DP limit: this run has no guarantee. "
+        )
+        + "With "
+        f"{s['records']['n_non_members']} non-members, false positive rates below "
+        f"{1 / s['records']['n_non_members']:.2%} cannot be resolved (TPR at FPR 0.1% then means "
+        "TPR with no false positive at all).</p>",
+        f"<img src='{figures['histograms']}' alt='score histograms'>",
+    ]
+    if canaries:
+        parts += [
+            "<h2>Canaries</h2>",
+            f"<p>{canaries['count']} secret canaries, {canaries['inserted']} of them inserted into "
+            f"the training data (single canaries with probability 1/2, repeated ones always). Secret space: {canaries['secret_space']:,} "
+            f"numbers, so exposure is at most {canaries['max_exposure']:.1f} bits. Exposure method: "
+            f"{html.escape(canaries.get('exposure_method', ''))}.</p>",
+        ]
+        if "exposure" in figures:
+            parts.append(f"<img src='{figures['exposure']}' alt='exposure by repetition count'>")
+        if "canary_scores" in figures:
+            parts.append(f"<img src='{figures['canary_scores']}' alt='canary scores'>")
+        parts.append(
+            "<p class=note>A canary inserted k times is k training records: the per-record "
+            "guarantee protects it only through group privacy (roughly k times epsilon), so "
+            "exposure growing with k is expected even for a private run. The one-run bound uses "
+            "only single canaries.</p>"
+        )
+    secs = ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds"].items() if k != "total")
+    parts += [
+        "<h2>About this report</h2>",
+        f"<p class=note>Audit time {s['seconds']['total']:.0f} s ({secs}). This report holds "
+        "statistics of private training records and the canary answers: keep it with the private "
+        "data, like <code>metrics.jsonl</code> and <code>canaries.secret.json</code>; do not "
+        "publish it with the model.</p>",
+    ]
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Privacy audit</title>"
+        f"<style>{_CSS}</style></head><body>" + "\n".join(parts) + "</body></html>"
+    )
+    atomic_write(out_dir / "report.html", lambda f: f.write(page))

@@ -1,0 +1,61 @@
+"""``dptrain audit RUN_DIR``: membership inference, canary exposure and empirical epsilon."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "audit",
+        help="attack a finished run: membership inference, canaries, empirical epsilon",
+        description="Attack a finished run and compare what the attacks achieve with the "
+        "accountant's epsilon. Writes RUN_DIR/audit/report.html and summary.json. Options "
+        "default to the recipe's audit section, then to a quick audit.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the output directory of `dptrain train`")
+    p.add_argument("--members", type=int, help="training records to score (default 128)")
+    p.add_argument("--non-members", type=int, help="held-out records to score (default 128)")
+    p.add_argument("--population", type=int, help="RMIA population records (default 64)")
+    p.add_argument(
+        "--shadows",
+        type=int,
+        help="shadow models trained by the run's recipe on random halves of the data (even; "
+        "cached in RUN_DIR/audit/shadows; default 0: theta_0 is the reference model)",
+    )
+    p.add_argument("--shadow-steps", type=int, help="steps per shadow model (default: the run's)")
+    p.add_argument("--confidence", type=float, help="confidence of the lower bounds (default 0.95)")
+    p.add_argument("--exposure-samples", type=int, help="candidates per canary when extrapolating")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from attacks.audit import audit_run
+    from dptrain.recipe import AuditSection, RecipeError, load_recipe
+    from dptrain.rundir import RunDir
+
+    run_dir = RunDir(args.run_dir)
+    base = AuditSection()
+    if run_dir.recipe.exists():
+        base = load_recipe(run_dir.recipe).audit or base
+    flags = {
+        "members": args.members,
+        "non_members": args.non_members,
+        "population": args.population,
+        "shadows": args.shadows,
+        "shadow_steps": args.shadow_steps,
+        "confidence": args.confidence,
+        "exposure_samples": args.exposure_samples,
+    }
+    changes = {k: v for k, v in flags.items() if v is not None}
+    try:
+        options = AuditSection.model_validate(base.model_dump() | changes)
+    except ValueError as err:
+        msg = "; ".join(
+            f"--{'-'.join(str(x) for x in e['loc']).replace('_', '-')}: {e['msg']}"
+            for e in getattr(err, "errors", lambda: [])()
+        )
+        raise RecipeError(f"invalid audit option: {msg or err}") from None
+    audit_run(run_dir.path, options, progress=not args.no_progress)
+    return 0

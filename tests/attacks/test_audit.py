@@ -1,0 +1,157 @@
+"""Whole audits of tiny runs: a non-private run with canaries, the same run with a ledger that
+under-reports on purpose, and a DP run at epsilon 1 audited right after training."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from accountants import Event, Ledger
+from attacks.audit import audit_run
+from dptrain.cli import main
+from dptrain.recipe import parse_recipe
+from dptrain.rundir import RunDir
+from dptrain.train import train
+
+TINY = "tiny-llama:num_hidden_layers=1,hidden_size=32,intermediate_size=64,vocab=512"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared machine the thread pool
+    spinning against other processes makes every small matmul many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_recipe(out: Path, *, private: bool, canaries=None, steps: int = 60, **audit):
+    d = {
+        "name": out.name,
+        "output_dir": str(out),
+        "model": {"name": TINY},
+        "data": {
+            "path": "bundled:clinic_notes",
+            "max_length": 40,
+            "max_records": 32,
+            "max_validation_records": 8,
+            "canaries": {"secret_digits": 2, "repetitions": canaries or {1: 128, 8: 2}},
+        },
+        # 60 steps at q ~ 0.29: each record is seen ~ 17 times, enough to memorize without noise
+        "training": {
+            "steps": steps,
+            "batch_size": 32,
+            "physical_batch_size": 64,
+            "lr": 0.02,
+            "checkpoint_every": 1000,
+            "log_every": 20,
+        },
+        # sigma = 10 spends epsilon ~ 1 here (given, not calibrated: calibration costs seconds)
+        "policy": {"clip": 1.0, "noise_multiplier": 10.0}
+        if private
+        else {"clip": math.inf, "noise_multiplier": 0},
+        "privacy": {"epsilon": 1.0 if private else math.inf, "delta": 1e-6},
+        "audit": {"members": 32, "non_members": 64, "population": 32, **audit},
+    }
+    return parse_recipe(d)
+
+
+@pytest.fixture(scope="module")
+def non_private(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("audit") / "nonprivate"
+    train(tiny_recipe(out, private=False), progress=False)
+    return out
+
+
+def _strict_json(path: Path) -> dict:
+    def refuse(name: str) -> None:
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_non_private_run_shows_memorization_in_plain_words(non_private):
+    table = io.StringIO()
+    s = audit_run(non_private, progress=False, out=table)
+    assert not s["privacy_guarantee"] and math.isinf(s["accountant_epsilon"])
+    assert s["best_auc"] > 0.95
+    c = s["canaries"]
+    assert c["max_exposure"] == pytest.approx(math.log2(100))
+    assert c["exposure_by_repetitions"]["8"] > 0.9 * c["max_exposure"]  # the secret is out
+    assert c["exposure_by_repetitions"]["0"] < 3.0  # canaries never trained on stay hidden
+    one_run = s["epsilon_lower_bounds"]["one_run"]
+    assert one_run["canaries"] == 128 and one_run["confidence"] == 0.95
+    # far above what a DP run at epsilon 1 may show (its bound must stay below 1)
+    assert one_run["epsilon"] > 2.0
+    assert one_run["correct"] >= 0.95 * one_run["guesses"]
+    # outputs: strict JSON, self-contained HTML with embedded PNGs, a terminal table
+    summary = _strict_json(non_private / "audit" / "summary.json")
+    for key in ("accountant_epsilon", "delta", "empirical_epsilon_lower_bound", "confidence"):
+        assert key in summary
+    assert summary["accountant_epsilon"] == "inf"
+    for a in summary["attacks"].values():
+        assert {"auc", "tpr_at_fpr_0.001", "tpr_at_fpr_0.01"} <= set(a)
+    page = (non_private / "audit" / "report.html").read_text()
+    assert "NO privacy guarantee" in page and "class='box none'" in page
+    assert len(re.findall(r"src='data:image/png;base64,", page)) == 4
+    assert not re.search(r"(src|href)=['\"]?https?:", page)
+    out = table.getvalue()
+    assert "LiRA offline" in out and "epsilon >= (one run" in out and "NO privacy guarantee" in out
+
+
+def test_a_ledger_that_under_reports_is_flagged_in_red(non_private, tmp_path):
+    run = tmp_path / "lying"
+    shutil.copytree(non_private, run, ignore=shutil.ignore_patterns("audit"))
+    meta = RunDir(run).read_meta()
+    Ledger([Event(meta["sample_rate"], 30.0, meta["steps"])]).save(run / "ledger.json")
+    s = audit_run(run, progress=False, out=io.StringIO())
+    assert s["privacy_guarantee"] and s["accountant_epsilon"] < 1.0
+    assert s["privacy_bug_suspected"]
+    assert s["empirical_epsilon_lower_bound"] > s["accountant_epsilon"]
+    page = (run / "audit" / "report.html").read_text()
+    assert "class='box bug'" in page and "LIKELY PRIVACY BUG" in page
+
+
+def test_dp_run_audited_after_training_stays_below_its_epsilon(tmp_path, capsys):
+    out = tmp_path / "dp"
+    recipe = tiny_recipe(
+        out, private=True, canaries={1: 64, 4: 1}, steps=20, after_training=True, shadows=2,
+        shadow_steps=5, members=16, non_members=32, population=16,
+    )  # fmt: skip
+    result = train(recipe, progress=False)
+    assert 0.5 < result.epsilon <= 1.0
+    s = _strict_json(out / "audit" / "summary.json")  # written by the audit after training
+    assert s["accountant_epsilon"] == pytest.approx(result.epsilon)
+    assert s["empirical_epsilon_lower_bound"] <= s["accountant_epsilon"]
+    assert not s["privacy_bug_suspected"]
+    assert {"lira_online", "rmia_online"} <= set(s["attacks"])
+    assert "class='box ok'" in (out / "audit" / "report.html").read_text()
+    # shadow models are cached and reused by the next audit
+    adapters = sorted((out / "audit" / "shadows").glob("shadow-*/final/*.safetensors"))
+    assert len(adapters) == 2
+    stamps = [p.stat().st_mtime_ns for p in adapters]
+    capsys.readouterr()
+    again = audit_run(out, progress=False, out=io.StringIO())
+    assert "training shadow" not in capsys.readouterr().err
+    assert [p.stat().st_mtime_ns for p in adapters] == stamps
+    assert again["attacks"]["lira_online"]["auc"] == pytest.approx(
+        s["attacks"]["lira_online"]["auc"]
+    )
+
+
+def test_cli(non_private, tmp_path, capsys):
+    assert main(["audit", str(non_private), "--no-progress", "--members", "16"]) == 0
+    assert "audit of" in capsys.readouterr().out
+    assert _strict_json(non_private / "audit" / "summary.json")["records"]["n_members"] == 16
+    assert main(["audit", str(tmp_path / "nothing")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert main(["audit", str(non_private), "--shadows", "3"]) == 2
+    assert "--shadows" in capsys.readouterr().err
