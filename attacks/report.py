@@ -205,24 +205,12 @@ def _histograms(attacks: dict[str, dict[str, Any]], is_member: np.ndarray) -> st
     for ax, (_, a) in zip(axes.flat, items, strict=False):
         sc = a["scores"]
         bins = np.histogram_bin_edges(sc, bins=30)
-        ax.hist(
-            sc[~is_member],
-            bins=bins,
-            alpha=0.55,
-            color="#1f77b4",
-            label="non-members",
-            density=True,
-            histtype="stepfilled",
-        )
-        ax.hist(
-            sc[is_member],
-            bins=bins,
-            alpha=0.55,
-            color="#d62728",
-            label="members",
-            density=True,
-            histtype="stepfilled",
-        )
+        for mask, color, label in (
+            (~is_member, "#1f77b4", "non-members"),
+            (is_member, "#d62728", "members"),
+        ):
+            style = {"alpha": 0.55, "density": True, "histtype": "stepfilled"}
+            ax.hist(sc[mask], bins=bins, color=color, label=label, **style)
         ax.set_title(a["label"], fontsize=9)
         ax.tick_params(labelsize=7)
     axes.flat[0].legend(fontsize=7)
