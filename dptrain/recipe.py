@@ -119,6 +119,12 @@ class DataSection(Section):
     def _one_public(self) -> DataSection:
         if self.public_fraction is not None and self.public_path is not None:
             raise ValueError("set at most one of data.public_fraction and data.public_path")
+        if self.public_fraction is not None and self.canaries is not None:
+            raise ValueError(
+                "data.canaries with data.public_fraction: a canary could land in the public "
+                "split, which is not trained on, and the audit would count it as a member. "
+                "Fix: give the public records as data.public_path, or audit a run without them"
+            )
         return self
 
     canaries: CanarySection | None = None

@@ -243,6 +243,8 @@ def test_recipe_errors_name_the_key_and_the_fix(tmp_path):
     del no_public["data"]["public_fraction"]
     with pytest.raises(RecipeError, match="public_fraction"):
         prepare(parse_recipe(no_public))
+    with pytest.raises(RecipeError, match=r"canaries.*Fix: give the public records"):
+        parse_recipe(recipe(tmp_path, "e", data={"canaries": {}}))
     with pytest.raises(RecipeError, match=r"policy\.rl\.evry"):
         parse_recipe(recipe(tmp_path, "c", policy={"rl": {"evry": 3}}))
     with pytest.raises(RecipeError, match="init_from"):
