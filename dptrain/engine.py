@@ -282,7 +282,7 @@ class PrivacyEngine:
         self.ledger.record(event)  # charged before the noisy update reaches the model
         # A released update that is not finite (diverged parameters, overflow) is not applied;
         # the decision reads only the released update, so it is post-processing.
-        applied = all(bool(torch.isfinite(update[p]).all()) for p in self.params)
+        applied = bool(torch.stack([torch.isfinite(update[p]).all() for p in self.params]).all())
         if applied:
             for p in self.params:
                 p.grad = update[p].to(p.dtype)
