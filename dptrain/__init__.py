@@ -13,7 +13,7 @@ Python API in a few lines::
 from accountants import Budget, BudgetExceeded, Event, Ledger, calibrate_noise, get_accountant
 
 from .engine import PrivacyEngine, StepReport
-from .grad_sample import UnsupportedLayerError, register_rule
+from .grad_sample import UnsupportedLayerError, register_op, register_scope
 from .losses import causal_lm_loss, classification_loss, perplexity
 from .noise import GaussianNoise
 from .policies import (
@@ -48,6 +48,7 @@ __all__ = [
     "get_accountant",
     "make_policy",
     "perplexity",
+    "register_op",
     "register_policy",
-    "register_rule",
+    "register_scope",
 ]

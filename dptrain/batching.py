@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 
@@ -25,3 +26,14 @@ def batch_slice(batch: Any, start: int, stop: int) -> Any:
     if isinstance(batch, (tuple, list)):
         return type(batch)(batch_slice(v, start, stop) for v in batch)
     raise TypeError(f"cannot slice a batch of type {type(batch).__name__}")
+
+
+def batch_cat(a: Any, b: Any) -> Any:
+    """The samples of ``a`` followed by those of ``b`` (same structure)."""
+    if isinstance(a, Tensor):
+        return torch.cat([a, b])
+    if isinstance(a, dict):
+        return {k: batch_cat(v, b[k]) for k, v in a.items()}
+    if isinstance(a, (tuple, list)):
+        return type(a)(batch_cat(x, y) for x, y in zip(a, b, strict=True))
+    raise TypeError(f"cannot concatenate batches of type {type(a).__name__}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,7 @@ from accountants import Budget, BudgetExceeded, BudgetFilter, Event, Ledger, get
 from . import distributed
 from .batching import batch_len, batch_slice
 from .clipping import clip_and_sum, ghost_mode
-from .grad_sample import FuncRule, GradCapture, UnsupportedLayerError, trainable
+from .grad_sample import GradCapture, Recorded
 from .groups import group_parameters
 from .losses import LossFn, causal_lm_loss
 from .noise import GaussianNoise
@@ -136,7 +136,7 @@ class PrivacyEngine:
         self.ledger = ledger if ledger is not None else Ledger()
         self.steps_taken = self.ledger.total_steps
         self.last_update_norms: dict[str, float] | None = None
-        self._fallback_checked = not self.capture.fallback_layers
+        self._release_hooks: list[Callable[[int, dict[nn.Parameter, Tensor]], None]] = []
         self._eps_cache: tuple[int, float] | None = None
 
     # -- planning and budget -------------------------------------------------------------
@@ -156,6 +156,12 @@ class PrivacyEngine:
     def next_plan(self) -> tuple[StepPlan, Event]:
         plan = self.policy.plan(self.context())
         return plan, self.policy.event(plan)
+
+    def add_release_hook(self, fn: Callable[[int, dict[nn.Parameter, Tensor]], None]) -> None:
+        """Call ``fn(step, update)`` on the main rank with every released update (noised and
+        normalized: what the optimizer receives), after the ledger has recorded the step and
+        before the update is applied.  For audits that see every release."""
+        self._release_hooks.append(fn)
 
     def epsilon(self, delta: float | None = None) -> float:
         """Epsilon spent so far at ``delta`` (default: the budget's), by this engine's accountant;
@@ -189,10 +195,14 @@ class PrivacyEngine:
         for start in range(0, n, size):
             yield batch_slice(batch, start, min(start + size, n))
 
-    def step(self, batch: Any) -> StepReport:
+    def step(self, batch: Any, *, injected: dict[nn.Parameter, Tensor] | None = None) -> StepReport:
         """One private step on a logical (Poisson) batch; raises BudgetExceeded before touching
         data if the step would exceed the budget.  Under ``torch.distributed``, ``batch`` is
-        this rank's shard of the global batch (see :mod:`dptrain.distributed`)."""
+        this rank's shard of the global batch (see :mod:`dptrain.distributed`).
+
+        ``injected[p]`` (shape ``(m, *p.shape)``) gives the per-sample gradients of ``m`` more
+        samples of this batch (white-box audit canaries): they are clipped, summed and noised by
+        the same code as the batch's samples; parameters absent from it get zero for them."""
         t0 = time.perf_counter()
         main = distributed.is_main()
         plan, event = self.next_plan() if main else (None, None)
@@ -210,44 +220,31 @@ class PrivacyEngine:
         within: dict[str, list[Tensor]] = {}
         raw_sums: dict[nn.Parameter, Tensor] = {}
         loss_sum, nonfinite = 0.0, 0
+
+        def add(recorded: Recorded) -> None:
+            nonlocal nonfinite
+            result = clip_and_sum(
+                recorded, self.group_of, plan.clip, ghost=self.ghost, raw=self.policy.needs_raw_sums
+            )
+            for p, s in result.sums.items():
+                clipped[p] = clipped[p] + s if p in clipped else s
+            for g, norm in result.norms.items():
+                within.setdefault(g, []).append(norm <= plan.clip[g])
+            for p, s in (result.raw or {}).items():
+                raw_sums[p] = raw_sums[p] + s if p in raw_sums else s
+            nonfinite += result.nonfinite
+
         self.optimizer.zero_grad(set_to_none=True)
-        if n > 0:
-            self.capture.active = True
-            try:
-                for chunk in self._chunks(batch, n):
-                    self.capture.batch_size = batch_len(chunk)
-                    losses = self.loss_fn(self.model, chunk)
-                    if losses.dim() != 1 or losses.shape[0] != batch_len(chunk):
-                        raise ValueError(
-                            f"loss_fn must return one loss per sample, shape ({batch_len(chunk)},); "
-                            f"got {tuple(losses.shape)}. Use reduction='none'."
-                        )
-                    losses.sum().backward()
-                    uses = self.capture.take()
-                    if not self._fallback_checked:
-                        check_fallback(self.capture, uses)
-                        self._fallback_checked = True
-                    result = clip_and_sum(
-                        self.capture,
-                        uses,
-                        self.group_of,
-                        plan.clip,
-                        ghost=self.ghost,
-                        raw=self.policy.needs_raw_sums,
-                    )
-                    for p, s in result.sums.items():
-                        clipped[p] = clipped[p] + s if p in clipped else s
-                    for g, norm in result.norms.items():
-                        within.setdefault(g, []).append(norm <= plan.clip[g])
-                    for p, s in (result.raw or {}).items():
-                        raw_sums[p] = raw_sums[p] + s if p in raw_sums else s
-                    nonfinite += result.nonfinite
-                    finite = torch.isfinite(losses.detach())
-                    loss_sum += float(losses.detach()[finite].sum())
-                    self.optimizer.zero_grad(set_to_none=True)
-            finally:
-                self.capture.active = False
-                self.capture.uses.clear()
+        for chunk in self._chunks(batch, n) if n > 0 else ():
+            recorded, losses = self.capture.run(self.loss_fn, chunk)
+            add(recorded)
+            finite = torch.isfinite(losses.detach())
+            loss_sum += float(losses.detach()[finite].sum())
+            self.optimizer.zero_grad(set_to_none=True)
+        if injected:  # extra samples with given per-sample gradients, through the same clipping
+            m = next(iter(injected.values())).shape[0]
+            add(Recorded([], {p: g.to(p.dtype) for p, g in injected.items()}, m))
+            n += m
         for p in self.params:
             if p not in clipped:
                 clipped[p] = torch.zeros_like(p)
@@ -280,6 +277,9 @@ class PrivacyEngine:
                 )
             )
         self.ledger.record(event)  # charged before the noisy update reaches the model
+        if main:
+            for hook in self._release_hooks:
+                hook(self.steps_taken + 1, update)
         # A released update that is not finite (diverged parameters, overflow) is not applied;
         # the decision reads only the released update, so it is post-processing.
         applied = bool(torch.stack([torch.isfinite(update[p]).all() for p in self.params]).all())
@@ -350,31 +350,6 @@ class PrivacyEngine:
     def detach(self) -> None:
         """Remove the hooks; the model is an ordinary module again."""
         self.capture.detach()
-
-
-def check_fallback(capture: GradCapture, uses: list) -> None:
-    """The torch.func fallback assumes a layer treats samples independently; verify it once:
-    its per-sample gradients must sum to the batch gradient autograd computed."""
-    counts: dict[nn.Parameter, int] = {}
-    for use in uses:
-        for p in trainable(use.module).values():
-            counts[p] = counts.get(p, 0) + 1
-    for use in uses:
-        if not isinstance(capture.rule(use.module), FuncRule):
-            continue
-        params = trainable(use.module)
-        for local, per in capture.rule(use.module).per_sample(use).items():
-            p = params[local]
-            if counts[p] != 1 or p.grad is None:
-                continue
-            if not torch.allclose(
-                per.sum(0), p.grad, rtol=1e-4, atol=1e-6 * (1 + float(p.grad.abs().max()))
-            ):
-                raise UnsupportedLayerError(
-                    f"layer '{use.name}' ({type(use.module).__name__}) has no per-sample rule and its "
-                    "output for one sample depends on other samples, so per-sample gradients do not "
-                    "exist. Fix: make the layer act on each sample independently, or freeze it."
-                )
 
 
 def _check_optimizer(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:

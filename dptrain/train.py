@@ -380,7 +380,7 @@ def train(
             "groups": list(engine.groups),
             "noise_generator": noise.description,
             "perplexity_before": ppl_before,
-            "fallback_layers": engine.capture.fallback_layers,
+            "per_sample_rules": engine.capture.describe(),
             "versions": _versions(),
             "world_size": distributed.world_size(),
         }

@@ -95,13 +95,19 @@ def _engine(model):
 
 
 def test_layers_without_per_sample_gradients_are_named():
-    with pytest.raises(UnsupportedLayerError, match=r"'1' \(BatchNorm1d\).*Fix"):
-        _engine(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
-    engine = _engine(nn.Sequential(nn.Linear(3, 3), Mixer()))  # unknown layer: torch.func fallback
+    batch = (torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
+    for frozen in (False, True):  # a frozen BatchNorm in train mode mixes samples just the same
+        bn = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+        bn[1].requires_grad_(not frozen)
+        engine = _engine(bn)
+        with pytest.raises(UnsupportedLayerError, match=r"'1' \(BatchNorm1d\).*Fix.*eval mode"):
+            engine.step(batch)
+        assert engine.ledger.total_steps == 0
+    engine = _engine(nn.Sequential(nn.Linear(3, 3), Mixer()))  # a layer with no rule
     with pytest.raises(
         UnsupportedLayerError, match=r"'1' \(Mixer\).*depends on other samples.*Fix"
     ):
-        engine.step((torch.randn(4, 3), torch.tensor([0, 1, 2, 0])))
+        engine.step(batch)
     assert engine.ledger.total_steps == 0
 
 

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dptrain.clipping import per_sample_grads
-from dptrain.grad_sample import FuncRule, GradCapture, UnsupportedLayerError
+from dptrain.clipping import clip_and_sum, per_sample_grads
+from dptrain.grad_sample import GradCapture, UnsupportedLayerError
 
 from .helpers import assert_close_rel, loop_per_sample_grads
 
@@ -30,7 +30,7 @@ def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.T
     return (out * r).sum(dims) + 0.1 * out.pow(2).sum(dims)
 
 
-def check_module(module: nn.Module, x: torch.Tensor, seed: int = 0) -> None:
+def check_module(module: nn.Module, x: torch.Tensor, seed: int = 0) -> GradCapture:
     module = module.double()
     if torch.is_floating_point(x):
         x = x.double()
@@ -40,26 +40,24 @@ def check_module(module: nn.Module, x: torch.Tensor, seed: int = 0) -> None:
     batch = (x, r)
     cap = GradCapture(module)
     cap.attach()
-    cap.active = True
-    cap.batch_size = x.shape[0]
-    _loss(module, batch).sum().backward()
-    uses = cap.take()
-    cap.active = False
-    got = per_sample_grads(cap, uses)
+    recorded, _ = cap.run(_loss, batch)
+    got = per_sample_grads(recorded)
     ref = loop_per_sample_grads(module, _loss, batch)
     assert set(got) == set(ref), "a trainable parameter is missing"
     for p, expected in ref.items():
         assert_close_rel(got[p], expected, what=f"per-sample grad {tuple(p.shape)}")
-    # ghost norms and weighted sums agree with the (already checked) materialized ones, per use
-    coef = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(seed + 1))
-    for use in uses:
-        rule = cap.rule(use.module)
-        mat = rule.per_sample(use)
-        for local, n2 in rule.norm_sq(use).items():
-            assert_close_rel(n2, mat[local].flatten(1).pow(2).sum(1), what=f"norm {local}")
-        for local, s in rule.weighted_sum(use, dict.fromkeys(mat, coef)).items():
-            assert_close_rel(s, torch.einsum("b,b...->...", coef, mat[local]), what=f"sum {local}")
+    # ghost norms and book-keeping sums agree with the (already checked) materialized ones
+    norms = sum(g.flatten(1).pow(2).sum(1) for g in ref.values()).sqrt()
+    clip = 0.5 * float(norms.median()) + 1e-12
+    coef = (clip / (norms + 1e-6)).clamp(max=1)
+    for mode in ("always", "never"):
+        result = clip_and_sum(recorded, dict.fromkeys(ref, "all"), {"all": clip}, ghost=mode)
+        assert_close_rel(result.norms["all"], norms, what=f"norms ({mode})")
+        for p, g in ref.items():
+            want = torch.einsum("b,b...->...", coef, g)
+            assert_close_rel(result.sums[p], want, what=f"clipped sum ({mode})")
     cap.detach()
+    return cap
 
 
 shapes = st.tuples(
@@ -158,14 +156,15 @@ class Scaled(nn.Module):
 
 def test_fallback_custom_layer():
     model = nn.Sequential(nn.Linear(3, 4), Scaled(4))
-    cap = GradCapture(model)
-    assert cap.fallback_layers == ["1"]
-    assert isinstance(cap.rule(model[1]), FuncRule)
-    check_module(model, torch.randn(3, 2, 3))
+    cap = check_module(model, torch.randn(3, 2, 3))
+    rules = cap.describe()
+    assert rules["1.scale"] == rules["1.shift"] == "Scaled re-run per sample"
+    assert rules["0.weight"] == "linear"
 
 
-def test_fallback_conv2d():
-    check_module(nn.Conv2d(2, 3, 3), torch.randn(2, 2, 5, 5))
+def test_conv2d_rule():
+    cap = check_module(nn.Conv2d(2, 3, 3), torch.randn(2, 2, 5, 5))
+    assert cap.describe()["weight"] == "conv2d"
 
 
 def test_layer_called_twice_and_shared_weights():
@@ -174,18 +173,25 @@ def test_layer_called_twice_and_shared_weights():
     check_module(model, torch.randn(3, 2, 4))
 
 
-def test_batchnorm_is_refused_with_fix():
+@pytest.mark.parametrize("frozen", [False, True])
+def test_batchnorm_in_train_mode_is_refused_with_fix(frozen):
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).double()
+    model[1].requires_grad_(not frozen)
+    cap = GradCapture(model)
+    cap.attach()
+    batch = (torch.randn(4, 3), torch.randn(4, 3))
     with pytest.raises(UnsupportedLayerError, match="GroupNorm"):
-        GradCapture(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
+        cap.run(_loss, batch)
 
 
-def test_unknown_layer_without_fallback_names_layer():
-    with pytest.raises(UnsupportedLayerError, match=r"'1' \(Scaled\)"):
-        GradCapture(nn.Sequential(nn.Linear(3, 4), Scaled(4)), fallback=False)
+def test_batchnorm_in_eval_mode_is_exact():
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    model[1].eval()  # frozen statistics: each sample is normalized alone
+    check_module(model, torch.randn(4, 3))
 
 
 def test_frozen_layers_are_not_hooked():
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     model[0].requires_grad_(False)
     cap = GradCapture(model)
-    assert [n for n, _, _ in cap.layers] == ["1"]
+    assert [n for n, _ in cap.scopes] == ["1"]

@@ -39,12 +39,8 @@ def test_whole_model_per_sample_grads(case, batch_size, length):
     batch = lm_batch(61, batch_size, length, seed=batch_size)
     cap = GradCapture(model)
     cap.attach()
-    cap.active = True
-    cap.batch_size = batch_size
-    causal_lm_loss(model, batch).sum().backward()
-    uses = cap.take()
-    cap.active = False
-    got = per_sample_grads(cap, uses)
+    uses, _ = cap.run(causal_lm_loss, batch)
+    got = per_sample_grads(uses)
     ref = loop_per_sample_grads(model, causal_lm_loss, batch)
     names = {p: n for n, p in model.named_parameters()}
     assert set(got) == set(ref)
@@ -55,7 +51,7 @@ def test_whole_model_per_sample_grads(case, batch_size, length):
     group_of = {p: names[p].split(".")[-2] for p in ref}
     for groups in ({p: "all" for p in ref}, group_of):
         clip = {g: 0.05 for g in set(groups.values())}
-        result = clip_and_sum(cap, uses, groups, clip, ghost=True)
+        result = clip_and_sum(uses, groups, clip, ghost=True)
         sq = {}
         for p, g in ref.items():
             sq[groups[p]] = sq.get(groups[p], 0) + g.flatten(1).pow(2).sum(1)
@@ -72,7 +68,8 @@ def test_frozen_base_is_free():
 
     model = lora(tiny_llama(), ["q_proj"])
     cap = GradCapture(model)
-    hooked = {n: m for n, m, _ in cap.layers}
-    # the LoRA leaves, and the adapted layers for the A/B pair rule; never a frozen base layer
+    hooked = dict(cap.scopes)
+    # the LoRA leaves and the adapted layers (their forward may use adapter weights directly);
+    # never a frozen base layer
     assert hooked and all("lora_" in n or isinstance(m, LoraLayer) for n, m in hooked.items())
     assert not any(n.endswith("base_layer") for n in hooked)

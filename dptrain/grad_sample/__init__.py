@@ -1,20 +1,27 @@
-"""Vectorized per-sample gradients and norms, by layer rule (see :mod:`.rules`)."""
+"""Exact per-sample gradients and norms for every use of every trainable parameter.
 
-from . import lora as _lora  # noqa: F401  (registers the LoRA pair rule)
-from .capture import GradCapture, UnsupportedLayerError
-from .fallback import FuncRule
+:mod:`.capture` records uses (module hooks plus a torch-function mode inside hooked calls),
+:mod:`.plan` decides how each use is differentiated from two probe passes, :mod:`.ops` holds the
+rules of the torch functions that take parameters, :mod:`.local` re-runs module calls per
+sample, and :mod:`.outer` is the algebra of factorized gradients (ghost norms).
+"""
+
+from .capture import GradCapture, PlanMiss, Recorded, register_scope
+from .local import LocalRule
+from .ops import OPS, OpCall, OpRule, UnsupportedLayerError, Use, register_op
 from .outer import Outer
-from .rules import FusedRule, Rule, Use, find_rule, register_rule, trainable
 
 __all__ = [
-    "FuncRule",
-    "FusedRule",
+    "OPS",
     "GradCapture",
+    "LocalRule",
+    "OpCall",
+    "OpRule",
     "Outer",
-    "Rule",
+    "PlanMiss",
+    "Recorded",
     "UnsupportedLayerError",
     "Use",
-    "find_rule",
-    "register_rule",
-    "trainable",
+    "register_op",
+    "register_scope",
 ]

@@ -1,178 +1,750 @@
-"""Record every use of a trainable layer and its output gradient.
+"""Record every use of every trainable parameter, with the gradient that reaches it.
 
-Layers whose rule can *fuse* (Linear, Conv1D, Embedding, the LoRA pair) get their ``forward``
-wrapped while the capture is attached: during a recorded step the call runs through the rule's
-autograd function, which stores the output gradient in the :class:`Use` and skips the ordinary
-parameter gradient.  Other layers get a forward hook that stores the (detached) inputs and
-registers a hook on the output tensor, to which autograd hands the output gradient.
-Each call of a layer is its own :class:`Use`, so layers called several times per forward and
-parameters shared between layers (tied embeddings) are handled exactly.
+The capture never replaces a module's ``forward``.  Modules that own trainable parameters
+(and module classes registered with :func:`register_scope`, e.g. ``peft``'s LoRA layers, whose
+forward uses their children's parameters directly) get a forward pre-hook and a forward hook;
+while such a call runs, a ``TorchFunctionMode`` sees every torch function called inside it.  A
+call of a function whose arguments include a trainable parameter is routed as the plan says
+(:mod:`.plan`):
+
+* **fuse**: through a :class:`~.fused.Fused` node that records the call and its output gradient
+  (:mod:`.ops`);
+* **local**: with the parameters replaced by :class:`~.fused.Alias` nodes, and the enclosing
+  module call recorded with its inputs and output gradients, to be re-run per sample
+  (:mod:`.local`); uses of the same parameters recorded inside that call are superseded by it;
+* **direct**: unchanged: autograd reaches the parameter itself, and the per-sample gradients of
+  these parameters are the Jacobian rows of the per-sample losses (one vectorized backward).
+
+A hook on every trainable parameter sees any gradient that reaches it directly: for a parameter
+the plan does not differentiate directly, that means a use the plan did not foresee, and the
+chunk is probed again and redone before anything is released.  So every gradient path into
+every trainable parameter is accounted for exactly once.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
 
-from .fallback import FuncRule
-from .rules import CROSS_SAMPLE, FusedRule, Rule, Use, find_rule, trainable
+from ..batching import batch_cat, batch_len, batch_slice
+from .fused import Alias, Fused
+from .local import LocalCall, LocalRule
+from .ops import OPS, OpCall, UnsupportedLayerError, Use, mixes_samples
+from .plan import (
+    ROOT,
+    Decision,
+    OpRecord,
+    Plan,
+    ProbeLog,
+    ScopeKey,
+    ScopeRecord,
+    build_plan,
+)
+
+_SCOPES: list[type] = []
+_LOCAL = LocalRule()
 
 
-class UnsupportedLayerError(TypeError):
-    """A trainable layer for which no per-sample gradient exists or can be computed."""
+def register_scope(cls: type) -> None:
+    """Hook ``cls``'s calls even when it owns no trainable parameter itself (its forward uses
+    its children's parameters without calling them)."""
+    _SCOPES.append(cls)
 
 
-def _detach(x: Any) -> Any:
-    return torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, x)
+try:  # peft is a dependency, but keep the engine importable without it
+    from peft.tuners.lora.layer import LoraLayer
+
+    register_scope(LoraLayer)
+except ImportError:  # pragma: no cover
+    pass
+
+
+class PlanMiss(RuntimeError):
+    """The forward pass did something the plan did not foresee; probe again."""
+
+
+_META_ATTRS = {
+    "shape", "dtype", "device", "requires_grad", "is_cuda", "ndim", "layout", "is_leaf",
+    "grad_fn", "grad", "data", "_version", "names", "is_sparse", "is_quantized", "is_meta",
+}  # fmt: skip
+_META_FUNCS = {
+    torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.is_floating_point,
+    torch.Tensor.is_contiguous, torch.Tensor.element_size, torch.Tensor.data_ptr,
+    torch.Tensor.stride, torch.Tensor.storage_offset, torch.Tensor.is_complex,
+    torch.Tensor.__len__, torch.Tensor.__hash__, torch.Tensor.__eq__, torch.Tensor.nelement,
+    torch.Tensor.detach, torch.Tensor.get_device, torch.is_floating_point, torch.numel,
+}  # fmt: skip
+_DROPOUT = {
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+    F.feature_alpha_dropout,
+}
+_DROPOUT_RAW = {
+    torch.dropout,
+    torch.alpha_dropout,
+    torch.feature_alpha_dropout,
+    torch.feature_dropout,
+}
+_RANDOM_NAMES = {
+    "rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli", "normal",
+    "poisson", "multinomial", "randperm", "bernoulli_", "uniform_", "normal_", "exponential_",
+    "random_", "cauchy_", "geometric_", "log_normal_",
+}  # fmt: skip
+
+
+def _is_meta(func: Any) -> bool:
+    if func in _META_FUNCS:
+        return True
+    if getattr(func, "__name__", "") == "__get__":
+        return getattr(getattr(func, "__self__", None), "__name__", "") in _META_ATTRS
+    return False
+
+
+@dataclass
+class _Call:
+    """One call of a hooked module while it runs."""
+
+    module: nn.Module | None
+    name: str
+    key: ScopeKey
+    leaves: list[Any]
+    spec: Any
+    start: int
+    ops: int = 0
+    random: bool = False
+    aliased: bool = False
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, capture: GradCapture) -> None:
+        super().__init__()
+        self.capture = capture
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return self.capture._intercept(func, args, kwargs or {})
+
+
+@dataclass
+class Recorded:
+    """One chunk's recorded uses (superseded roles removed) and the per-sample gradients of the
+    directly differentiated parameters."""
+
+    uses: list[Use]
+    direct: dict[nn.Parameter, Tensor]
+    batch_size: int
 
 
 class GradCapture:
-    """Records every use of the layers holding trainable parameters (fused rules wrap the
-    layer's ``forward``, other rules use forward hooks); collects :class:`Use` records."""
+    """Records, for one chunk at a time, every use of the model's trainable parameters."""
 
-    def __init__(self, model: nn.Module, *, fallback: bool = True) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.layers: list[tuple[str, nn.Module, Rule]] = []
+        self.params = {id(p): p for p in model.parameters() if p.requires_grad}
+        self.param_names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+        self.scopes: list[tuple[str, nn.Module]] = []
+        for name, m in model.named_modules():
+            own = any(p.requires_grad for p in m.parameters(recurse=False))
+            if own or isinstance(m, tuple(_SCOPES)):
+                self.scopes.append((name, m))
+        self._scope_names = {id(m): n for n, m in self.scopes}
+        self.plan: Plan | None = None
+        self.active = False  # routing calls of this chunk's forward and backward
+        self.replaying = False  # extra backward passes: fused nodes record nothing
+        self.in_backward = False
+        self.batch_size = 0
         self.uses: list[Use] = []
-        self.active = False
-        self.batch_size: int | None = None  # set by the caller before each forward
+        self._locals: list[tuple[Use, int, int]] = []
+        self._counts: dict[int, int] = {}
+        self._probe: ProbeLog | None = None
+        self._unplanned: set[str] = set()
+        self._tls = threading.local()
+        self._all_names = {id(m): n or "<model>" for n, m in model.named_modules()}
+        self._mode = _Mode(self)
         self._handles: list[Any] = []
-        self._wrapped: list[tuple[nn.Module, Any]] = []
-        for name, module in model.named_modules():
-            rule = find_rule(module)
-            if not (rule.params(module) if rule is not None else trainable(module)):
-                continue
-            if isinstance(module, CROSS_SAMPLE):
-                raise UnsupportedLayerError(
-                    f"layer '{name}' ({type(module).__name__}) mixes samples within a batch, so "
-                    "per-sample gradients do not exist. Fix: replace it with GroupNorm or "
-                    "LayerNorm, or freeze it with requires_grad_(False)."
-                )
-            if rule is None:
-                if not fallback:
-                    raise UnsupportedLayerError(
-                        f"layer '{name}' ({type(module).__name__}) has trainable parameters but no "
-                        "per-sample gradient rule. Fix: freeze it, register a rule with "
-                        "dptrain.grad_sample.register_rule, or enable the torch.func fallback."
-                    )
-                rule = FuncRule()
-            self.layers.append((name, module, rule))
-        self._rules = {id(m): (n, r) for n, m, r in self.layers}
 
-    @property
-    def fallback_layers(self) -> list[str]:
-        """Names of layers handled by the ``torch.func`` fallback."""
-        return [n for n, _, r in self.layers if isinstance(r, FuncRule)]
+    # -- hooks ---------------------------------------------------------------------------------
 
     def attach(self) -> None:
-        if self._handles or self._wrapped:
+        if self._handles:
             return
-        for _, module, rule in self.layers:
-            if isinstance(rule, FusedRule):
-                self._wrap(module, rule)
-            else:
-                hook = module.register_forward_hook(self._forward_hook, with_kwargs=True)
-                self._handles.append(hook)
+        for _, m in self.scopes:
+            self._handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
+            self._handles.append(
+                m.register_forward_hook(self._post, with_kwargs=True, always_call=True)
+            )
+        for p in self.params.values():
+            self._handles.append(p.register_hook(self._make_param_hook(p)))
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for module, had in self._wrapped:
-            if had is None:
-                del module.forward
-            else:
-                module.forward = had
-        self._wrapped.clear()
         self.uses.clear()
 
+    def _make_param_hook(self, p: nn.Parameter) -> Callable[[Tensor], None]:
+        pid = id(p)
+
+        def hook(g: Tensor | None) -> None:
+            plan = self.plan
+            if g is None or not self.active or self.replaying:
+                return
+            if plan is None or pid not in plan.direct:
+                self._unplanned.add(self.param_names[pid])
+
+        return hook
+
     @property
-    def recording(self) -> bool:
-        return self.active and torch.is_grad_enabled()
+    def _stack(self) -> list[_Call]:
+        if not hasattr(self._tls, "stack"):
+            self._tls.stack = []
+            self._tls.entered = False
+        return self._tls.stack
 
-    def _wrap(self, module: nn.Module, rule: FusedRule) -> None:
-        """Route ``module``'s calls through ``rule.fused_call`` while recording."""
-        original = module.forward
-        self._wrapped.append((module, module.__dict__.get("forward")))
+    @property
+    def _recording(self) -> bool:
+        return self._probe is not None or (self.active and torch.is_grad_enabled())
 
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            if self.recording:
-                out = rule.fused_call(self, module, args, kwargs)
-                if out is not None:
-                    return out
-                out = original(*args, **kwargs)
-                if not rule.hook_fallback:  # e.g. the LoRA pair: its leaves record themselves
-                    return out
-                replaced = self._forward_hook(module, args, kwargs, out)
-                return out if replaced is None else replaced
-            return original(*args, **kwargs)
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._recording:
+            return
+        stack = self._stack
+        if not stack and not self._tls.entered:
+            self._mode.__enter__()
+            self._tls.entered = True
+        k = self._counts.get(id(module), 0)
+        self._counts[id(module)] = k + 1
+        leaves, spec = tree_flatten((args, kwargs))
+        name = self._scope_names.get(id(module), type(module).__name__)
+        stack.append(_Call(module, name, (id(module), k), leaves, spec, len(self.uses)))
 
-        module.forward = forward
+    def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        stack = self._stack
+        if not stack or stack[-1].module is not module:
+            return
+        call = stack.pop()
+        try:
+            if self._probe is not None:
+                self._log_scope(call, output)
+            elif call.aliased:
+                self._record_local(call, output)
+        finally:
+            if not stack and self._tls.entered:
+                self._tls.entered = False
+                self._mode.__exit__(None, None, None)
 
-    def record(
-        self, module: nn.Module, x: Tensor, params: dict[str, nn.Parameter]
-    ) -> tuple[Use, Tensor]:
-        """A new use of ``module`` on batch-first input ``x``, and ``x`` itself (a first axis of
-        1 is broadcast to the batch, so each sample gets its own gradient)."""
-        name, _ = self._rules[id(module)]
-        b = self.batch_size
-        if b is not None and x.shape[0] != b:
-            if x.dim() == 0 or x.shape[0] != 1:
-                self._not_batch_first(name, module, x.shape[0] if x.dim() else 0)
-            x = x.expand(b, *x.shape[1:])
-        use = Use(module=module, name=name, args=(x.detach(),), kwargs={}, params=params)
+    # -- the mode ------------------------------------------------------------------------------
+
+    def _intercept(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        stack = self._stack
+        if not stack or not self._recording:
+            return func(*args, **kwargs)
+        if self._probe is not None:
+            return self._probe_call(stack, func, args, kwargs)
+        if _is_meta(func):
+            return func(*args, **kwargs)
+        touched = self._touched(args, kwargs)
+        if not touched:
+            return func(*args, **kwargs)
+        return self._route(stack[-1], func, args, kwargs, touched)
+
+    def _touched(self, args: tuple, kwargs: dict) -> list[nn.Parameter]:
+        found: dict[int, nn.Parameter] = {}
+
+        def visit(v: Any) -> None:
+            if isinstance(v, Tensor):
+                if id(v) in self.params:
+                    found[id(v)] = v
+            elif isinstance(v, (list, tuple)):
+                for x in v:
+                    visit(x)
+
+        for v in args:
+            visit(v)
+        for v in kwargs.values():
+            visit(v)
+        return list(found.values())
+
+    def _route(self, call: _Call, func: Any, args: tuple, kwargs: dict, touched: list) -> Any:
+        key = (call.key, call.ops)
+        call.ops += 1
+        decision = self.plan.ops.get(key) if self.plan is not None else None
+        if decision is None:
+            if self.in_backward:  # a recomputation (checkpointing) beyond the planned forward
+                return func(*args, **kwargs)
+            raise PlanMiss(f"an unplanned use of {self._names(touched)} in '{call.name}'")
+        if decision.kind == "fuse":
+            return self._fuse(call, decision, func, args, kwargs)
+        if decision.kind == "local":
+            call.aliased = True
+            ids = {id(p) for p in touched}
+
+            def alias(v: Any) -> Any:
+                if isinstance(v, Tensor) and id(v) in ids:
+                    return Alias.apply(v)
+                if isinstance(v, (list, tuple)) and any(
+                    id(x) in ids for x in v if isinstance(x, Tensor)
+                ):
+                    return type(v)(alias(x) for x in v)
+                return v
+
+            return func(*[alias(a) for a in args], **{k: alias(v) for k, v in kwargs.items()})
+        return func(*args, **kwargs)
+
+    def _fuse(self, call: _Call, d: Decision, func: Any, args: tuple, kwargs: dict) -> Tensor:
+        op = d.rule.parse(args, kwargs, set(self.params))
+        if op is None:
+            raise PlanMiss(f"'{call.name}' called {d.rule.name} differently than planned")
+        d.rule.check(op)
+        x = op.input
+        if d.flat_leaf is not None:
+            base = call.leaves[d.flat_leaf]
+            if not _is_flat_view(x, base):
+                raise PlanMiss(f"'{call.name}': the flattened input is no longer a view")
+            op.view_shape = tuple(x.shape)
+            x = base
+        elif d.expand:
+            x = x.expand(self.batch_size, *x.shape[1:])
+        if x.shape[0] != self.batch_size:
+            raise PlanMiss(f"'{call.name}': {d.rule.name} sees a first axis of {x.shape[0]}")
+        op.args[d.rule.input] = x.detach()
+        params = {role: op.args[slot] for slot, role in op.slots.items()}
+        use = Use(d.rule, f"{call.name}:{d.rule.name}", op, params, seq=len(self.uses))
         self.uses.append(use)
-        return use, x
+        return Fused.apply(self, use, x, *params.values())
 
-    def _not_batch_first(self, name: str, module: nn.Module, first: int) -> None:
-        raise UnsupportedLayerError(
-            f"layer '{name}' ({type(module).__name__}) sees a first axis of {first}, "
-            f"not the batch size {self.batch_size}: its inputs are not batch-first, so per-sample "
-            "gradients cannot be attributed. Fix: keep the batch axis first through this "
-            "layer, or freeze it."
-        )
-
-    def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if not self.recording:
-            return None
-        out = output[0] if isinstance(output, (tuple, list)) else output
-        if not isinstance(out, Tensor) or not out.requires_grad:
-            return None
-        name, rule = self._rules[id(module)]
-        args = _detach(args)
-        replaced = None
-        b = self.batch_size
-        if b is not None and out.shape[0] != b:
-            if (
-                out.shape[0] != 1
-                or not args
-                or not isinstance(args[0], Tensor)
-                or args[0].shape[0] != 1
-            ):
-                self._not_batch_first(name, module, out.shape[0])
-            # A layer shared by the whole batch (e.g. position embeddings of shape (1, T, d))
-            # whose output is broadcast later: expand it so each sample gets its own gradient.
-            out = out.expand(b, *out.shape[1:])
-            args = (args[0].expand(b, *args[0].shape[1:]), *args[1:])
-            replaced = out if isinstance(output, Tensor) else type(output)((out, *output[1:]))
-        use = Use(
-            module=module, name=name, args=args, kwargs=_detach(kwargs), params=rule.params(module)
-        )
+    def _record_local(self, call: _Call, output: Any) -> None:
+        spec = self.plan.scopes.get(call.key) if self.plan is not None else None
+        if spec is None:
+            if self.in_backward:
+                return
+            raise PlanMiss(f"'{call.name}' was re-routed per sample without a plan")
+        out_leaves = tree_flatten(output)[0]
+        leaves = [x.detach() if isinstance(x, Tensor) else x for x in call.leaves]
+        local = LocalCall(call.module, leaves, call.spec, spec.in_axes, spec.out_axes)
+        params = {name: self.params[pid] for pid, name in spec.names.items()}
+        use = Use(_LOCAL, call.name, local, params, seq=len(self.uses))
+        use.grad = [None] * len(out_leaves)
+        use.cache["adopted"] = frozenset(spec.names)
+        for i, t in enumerate(out_leaves):
+            if isinstance(t, Tensor) and t.requires_grad:
+                t.register_hook(self._make_out_hook(use, i))
+        self._locals.append((use, call.start, len(self.uses)))
         self.uses.append(use)
 
-        def on_grad(grad: Tensor) -> None:
-            use.grad = grad.detach() if use.grad is None else use.grad + grad.detach()
+    def _make_out_hook(self, use: Use, i: int) -> Callable[[Tensor], None]:
+        def hook(g: Tensor) -> None:
+            if not self.replaying:
+                use.grad[i] = g.detach() if use.grad[i] is None else use.grad[i] + g.detach()
 
-        out.register_hook(on_grad)
-        return replaced
+        return hook
 
-    def rule(self, module: nn.Module) -> Rule:
-        return self._rules[id(module)][1]
+    # -- probing -------------------------------------------------------------------------------
 
-    def take(self) -> list[Use]:
-        """The uses recorded since the last call that received a gradient."""
-        uses = [u for u in self.uses if u.grad is not None]
+    def _probe_call(self, stack: list[_Call], func: Any, args: tuple, kwargs: dict) -> Any:
+        log = self._probe
+        name = getattr(func, "__name__", "")
+        if func in _DROPOUT or func in _DROPOUT_RAW or func is F.scaled_dot_product_attention:
+            args, kwargs, drew = _without_dropout(func, args, kwargs)
+            if drew:
+                for c in stack:
+                    c.random = True
+            return func(*args, **kwargs)
+        if name in _RANDOM_NAMES:
+            log.random = True
+            for c in stack:
+                c.random = True
+        mixing = mixes_samples(func, args, kwargs)
+        if mixing is not None:
+            log.mixing.append(f"layer {self._where()}: {mixing}")
+        if _is_meta(func):
+            return func(*args, **kwargs)
+        touched = self._touched(args, kwargs)
+        if not touched:
+            return func(*args, **kwargs)
+        call = stack[-1]
+        key = (call.key, call.ops)
+        call.ops += 1
+        rule = OPS.get(func)
+        op = rule.parse(args, kwargs, set(self.params)) if rule is not None else None
+        rec = OpRecord(key, func, frozenset(id(p) for p in touched), rule if op else None)
+        if op is not None:
+            try:
+                rule.check(op)
+            except UnsupportedLayerError as err:
+                raise UnsupportedLayerError(f"layer '{call.name}': {err}") from None
+            rec.input_shape = tuple(op.input.shape)
+            if rule.rowwise and op.input.dim() == 2:
+                rec.flat_leaf = _flat_leaf(op.input, call.leaves)
+        log.ops[key] = rec
+        out = func(*args, **kwargs)
+        if key in log.expand and isinstance(out, Tensor) and out.shape[:1] == (1,):
+            out = out.expand(log.batch_size, *out.shape[1:])
+        return out
+
+    def _where(self) -> str:
+        """The innermost module running now, as ``'name' (Class)`` (probes only)."""
+        path = getattr(self._tls, "modules", None)
+        if not path:
+            return "the loss function"
+        m = path[-1]
+        return f"'{self._all_names.get(id(m), '?')}' ({type(m).__name__})"
+
+    def _log_scope(self, call: _Call, output: Any) -> None:
+        outs = tree_flatten(output)[0]
+        rec = ScopeRecord(
+            call.key,
+            call.module,
+            [tuple(x.shape) if isinstance(x, Tensor) else None for x in call.leaves],
+            [tuple(x.shape) if isinstance(x, Tensor) else None for x in outs],
+            [isinstance(x, Tensor) and x.is_floating_point() for x in outs],
+            call.random,
+        )
+        self._probe.scopes[call.key] = rec
+
+    def _probe_forward(
+        self,
+        loss_fn: Callable,
+        batch: Any,
+        expand: frozenset = frozenset(),
+        outputs: list[tuple[nn.Module, Any]] | None = None,
+    ) -> tuple[ProbeLog, Tensor]:
+        log = ProbeLog(batch_len(batch), expand=expand)
+        versions = _buffer_versions(self.model)
+        self._probe, self._counts = log, {}
+        self._stack.clear()
+        self._stack.append(_Call(None, "the loss function", ROOT, [], None, 0))
+        self._tls.entered = True
+        self._tls.modules = []
+        hooks = _module_tracking(self._tls.modules, outputs)
+        try:
+            with self._mode, torch.no_grad():
+                losses = _per_sample_losses(loss_fn(self.model, batch), log.batch_size)
+        finally:
+            for h in hooks:
+                h.remove()
+            self._probe = None
+            self._stack.clear()
+            self._tls.entered = False
+            self._tls.modules = []
+        if log.mixing:
+            raise UnsupportedLayerError(
+                f"{log.mixing[0]} mixes the samples of a batch, so per-sample gradients do not "
+                "exist (and BatchNorm's statistics would come from private data without noise). "
+                "Fix: replace it with GroupNorm or LayerNorm, or put it in eval mode with frozen "
+                "statistics (model.eval() on those layers; statistics from pre-training)"
+            )
+        changed = [n for n, v in _buffer_versions(self.model).items() if versions.get(n) != v]
+        if changed:
+            raise UnsupportedLayerError(
+                f"the forward pass updates the buffers {', '.join(changed[:4])} from the data "
+                "(e.g. BatchNorm's running statistics in train mode): they would be computed "
+                "from private records without noise and saved with the model. Fix: use "
+                "GroupNorm or LayerNorm, or put those layers in eval mode with frozen statistics"
+            )
+        return log, losses
+
+    def probe(self, loss_fn: Callable, batch: Any) -> Plan:
+        """Probe ``batch`` (and it plus a copy of its first sample) and plan every use."""
+        b = batch_len(batch)
+        bigger = batch_cat(batch, batch_slice(batch, 0, 1))
+        notes: list[str] = []
+        with torch.random.fork_rng(devices=[]):
+            big, l_big = self._probe_forward(loss_fn, bigger)
+            expand = frozenset(
+                k
+                for k, r in big.ops.items()
+                if r.rule is not None
+                and r.input_shape
+                and r.input_shape[0] == 1
+                and r.flat_leaf is None
+            )
+            small, l_small = self._probe_forward(loss_fn, batch, expand)
+            random = big.random or small.random
+            ok = random or _close(l_small, l_big[:b])
+            if not ok and expand:
+                small, l_small = self._probe_forward(loss_fn, batch)
+                ok = _close(l_small, l_big[:b])
+                if ok:
+                    notes.append(
+                        "uses shared by the batch (leading axis 1) are not broadcast: the model's "
+                        "output changed when they were"
+                    )
+            if not ok:
+                where = self._locate_mixing(loss_fn, batch, bigger)
+                raise UnsupportedLayerError(
+                    f"a sample's loss changes when another sample joins its batch (by up to "
+                    f"{float((l_small - l_big[:b]).abs().max()):.3g}): {where} mixes the samples "
+                    "of a batch (its output for one sample depends on other samples), so "
+                    "per-sample gradients do not exist. Fix: make that layer act on each sample "
+                    "alone (e.g. LayerNorm or GroupNorm instead of a batch statistic)"
+                )
+        if random:
+            notes.append(
+                "the model draws random numbers other than dropout in its forward pass, so "
+                "sample independence could not be checked by comparing losses"
+            )
+        self.plan = build_plan(
+            small, big, verified=b >= 2 and not random, notes=notes, checkable=not random
+        )
+        return self.plan
+
+    def _locate_mixing(self, loss_fn: Callable, batch: Any, bigger: Any) -> str:
+        """The first module (in completion order) whose output for the first ``B`` samples
+        changes when a sample is added: the innermost layer that mixes samples."""
+        small: list[tuple[nn.Module, Any]] = []
+        big: list[tuple[nn.Module, Any]] = []
+        self._probe_forward(loss_fn, batch, outputs=small)
+        self._probe_forward(loss_fn, bigger, outputs=big)
+        b = batch_len(batch)
+        for (m, a), (m2, c) in zip(small, big, strict=False):
+            if m is not m2 or not (isinstance(a, Tensor) and isinstance(c, Tensor)):
+                break
+            from .plan import INVALID, batch_axis
+
+            axis = batch_axis(tuple(a.shape), tuple(c.shape), b)
+            if axis is None or axis == INVALID or not a.is_floating_point():
+                continue
+            if not _close(a, c.narrow(axis, 0, b)):
+                return f"layer '{self._all_names.get(id(m), '?')}' ({type(m).__name__})"
+        return "some layer"
+
+    # -- one chunk -----------------------------------------------------------------------------
+
+    def needs_probe(self, batch_size: int) -> bool:
+        plan = self.plan
+        return plan is None or (batch_size >= 2 and not plan.verified and plan.checkable)
+
+    def run(self, loss_fn: Callable, batch: Any) -> tuple[Recorded, Tensor]:
+        """Forward and backward of one chunk: its recorded uses and per-sample losses.  Probes
+        first when needed, and probes again and redoes the chunk once if the forward pass
+        strays from the plan."""
+        for attempt in range(2):
+            if self.needs_probe(batch_len(batch)) or attempt:
+                self.probe(loss_fn, batch)
+            try:
+                return self._run_once(loss_fn, batch)
+            except PlanMiss as miss:
+                if attempt:
+                    raise RuntimeError(
+                        f"dptrain could not plan the per-sample gradients of this model ({miss}). "
+                        "This is a bug in dptrain; please report it with the model's class."
+                    ) from None
+            finally:
+                self._reset()
+        raise AssertionError("unreachable")
+
+    def _reset(self) -> None:
+        self.active = self.in_backward = self.replaying = False
+        stack = self._stack
+        stack.clear()
+        if self._tls.entered:
+            self._tls.entered = False
+            self._mode.__exit__(None, None, None)
+
+    def _run_once(self, loss_fn: Callable, batch: Any) -> tuple[Recorded, Tensor]:
+        b = batch_len(batch)
+        self.uses, self._locals, self._counts, self._unplanned = [], [], {}, set()
+        self.batch_size, self.active = b, True
+        versions = _buffer_versions(self.model)
+        losses = _per_sample_losses(loss_fn(self.model, batch), b)
+        direct = self._direct_grads(losses)
+        self.in_backward, self._counts = True, {}  # recomputations (checkpointing) replay the plan
+        losses.sum().backward()
+        self.in_backward = False
+        changed = [n for n, v in _buffer_versions(self.model).items() if versions.get(n) != v]
+        if changed:
+            raise UnsupportedLayerError(
+                f"the buffers {', '.join(changed[:4])} were updated during a private step: they "
+                "would hold statistics of private records without noise. Fix: freeze them "
+                "(eval mode) or use layers without running statistics"
+            )
+        if self._unplanned:
+            raise PlanMiss(
+                f"unplanned direct gradients of {', '.join(sorted(self._unplanned)[:3])}"
+            )
+        return self._take(direct, b), losses
+
+    def _direct_grads(self, losses: Tensor) -> dict[nn.Parameter, Tensor]:
+        """Per-sample gradients of the directly differentiated parameters: the rows of the
+        Jacobian of the loss vector, ``d loss_b / d p`` (paths through fused and aliased nodes
+        excluded: those nodes give parameters no gradient)."""
+        params = [self.params[i] for i in sorted(self.plan.direct, key=list(self.params).index)]
+        if not params:
+            return {}
+        b = losses.shape[0]
+        self.replaying, self._counts = True, {}
+        try:
+            try:
+                eye = torch.eye(b, dtype=losses.dtype, device=losses.device)
+                rows = torch.autograd.grad(
+                    losses, params, eye, retain_graph=True, is_grads_batched=True, allow_unused=True
+                )
+            except RuntimeError:  # a backward without a batching rule: one sample at a time
+                per = [
+                    torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
+                    for i in range(b)
+                ]
+                rows = [
+                    torch.stack([r[j] if r[j] is not None else torch.zeros_like(p) for r in per])
+                    for j, p in enumerate(params)
+                ]
+        finally:
+            self.replaying = False
+        return {
+            p: (g.detach() if g is not None else p.new_zeros(b, *p.shape))
+            for p, g in zip(params, rows, strict=True)
+        }
+
+    def _take(self, direct: dict[nn.Parameter, Tensor], b: int) -> Recorded:
+        for local, start, end in self._locals:
+            adopted = local.cache["adopted"]
+            for use in self.uses[start:end]:
+                if use is not local:
+                    use.params = {r: p for r, p in use.params.items() if id(p) not in adopted}
+        uses = []
+        for u in self.uses:
+            has_grad = (
+                any(g is not None for g in u.grad)
+                if isinstance(u.grad, list)
+                else u.grad is not None
+            )
+            if u.params and has_grad:
+                uses.append(u)
         self.uses = []
-        return uses
+        return Recorded(uses, direct, b)
+
+    # -- reporting -----------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, str]:
+        """Parameter name -> how its per-sample gradient is formed under the current plan."""
+        out: dict[str, set[str]] = {n: set() for n in self.param_names.values()}
+        if self.plan is None:
+            return {n: "not planned yet" for n in out}
+        modules = {id(m): m for _, m in self.scopes}
+        for key, d in self.plan.ops.items():
+            for pid in d.touched:
+                if d.kind == "fuse":
+                    what = d.rule.name + (" (shared input, broadcast)" if d.expand else "")
+                elif d.kind == "local":
+                    m = modules.get(key[0][0])
+                    what = f"{type(m).__name__} re-run per sample"
+                else:
+                    what = "autograd, one backward per sample (slow)"
+                out[self.param_names[pid]].add(what)
+        return {n: ", ".join(sorted(v)) or "unused" for n, v in out.items()}
+
+    def _names(self, params: list[nn.Parameter]) -> str:
+        return ", ".join(self.param_names.get(id(p), "?") for p in params)
+
+
+def _is_flat_view(x: Tensor, base: Any) -> bool:
+    return (
+        isinstance(base, Tensor)
+        and base.dim() >= 2
+        and base.is_contiguous()
+        and x.shape[-1] == base.shape[-1]
+        and x.numel() == base.numel()
+        and x.data_ptr() == base.data_ptr()
+    )
+
+
+def _flat_leaf(x: Tensor, leaves: list[Any]) -> int | None:
+    for i, v in enumerate(leaves):
+        if isinstance(v, Tensor) and v.dim() >= 3 and _is_flat_view(x, v):
+            return i
+    return None
+
+
+def _module_tracking(path: list[nn.Module], outputs: list | None) -> list[Any]:
+    """Global module hooks keeping the stack of running modules (and, with ``outputs``, every
+    module's first output tensor in completion order)."""
+
+    def pre(module: nn.Module, args: Any) -> None:
+        path.append(module)
+
+    def post(module: nn.Module, args: Any, output: Any) -> None:
+        if path and path[-1] is module:
+            path.pop()
+        if outputs is not None:
+            leaves = [t for t in tree_flatten(output)[0] if isinstance(t, Tensor)]
+            outputs.append((module, leaves[0].detach() if leaves else None))
+
+    from torch.nn.modules.module import (
+        register_module_forward_hook,
+        register_module_forward_pre_hook,
+    )
+
+    return [
+        register_module_forward_pre_hook(pre),
+        register_module_forward_hook(post, always_call=True),
+    ]
+
+
+def _per_sample_losses(losses: Any, b: int) -> Tensor:
+    if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.shape[0] != b:
+        shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ValueError(
+            f"loss_fn must return one loss per sample, shape ({b},); got {shape}. "
+            "Use reduction='none'."
+        )
+    return losses
+
+
+def _buffer_versions(model: nn.Module) -> dict[str, int]:
+    return {n: b._version for n, b in model.named_buffers() if b is not None}
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    tol = {torch.float64: 1e-8, torch.float32: 1e-4}.get(a.dtype, 3e-2)
+    a, b = a.detach().double(), b.detach().double()
+    both = torch.isfinite(a) & torch.isfinite(b)
+    if not torch.equal(torch.isfinite(a), torch.isfinite(b)):
+        return False
+    return bool(((a - b).abs()[both] <= tol * (1 + b.abs()[both])).all())
+
+
+def _without_dropout(func: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict, bool]:
+    """The call with dropout switched off, and whether it would have drawn random numbers."""
+    args, kwargs = list(args), dict(kwargs)
+    if func is F.scaled_dot_product_attention:
+        p = kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)
+        if len(args) > 4:
+            args[4] = 0.0
+        else:
+            kwargs["dropout_p"] = 0.0
+        return tuple(args), kwargs, bool(p)
+    if func in _DROPOUT_RAW:  # (input, p, train)
+        p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+        train = args[2] if len(args) > 2 else kwargs.get("train", True)
+        if len(args) > 2:
+            args[2] = False
+        else:
+            kwargs["train"] = False
+        return tuple(args), kwargs, bool(p and train)
+    p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+    training = args[2] if len(args) > 2 else kwargs.get("training", True)
+    if len(args) > 2:
+        args[2] = False
+    else:
+        kwargs["training"] = False
+    return tuple(args), kwargs, bool(p and training)
+
+
+def detach_tree(x: Any) -> Any:
+    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, x)
+
+
+__all__ = ["GradCapture", "OpCall", "PlanMiss", "Recorded", "register_scope"]

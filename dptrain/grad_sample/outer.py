@@ -37,11 +37,18 @@ class Outer:
     """``G_b = sum_t left_bt right_bt^T`` (``right`` None: ``G_b = sum_t left_bt``).
 
     ``left``: (B, T, m) values or (B, T) row indices into ``m`` rows; ``right``: (B, T, n).
+    ``shape``: the parameter's shape when it is not (m, n) (a convolution's (m, c, k, ...)).
     """
 
     left: Tensor
     right: Tensor | None
     m: int
+    shape_: tuple[int, ...] | None = None
+
+    def __init__(
+        self, left: Tensor, right: Tensor | None, m: int, shape: tuple[int, ...] | None = None
+    ) -> None:
+        self.left, self.right, self.m, self.shape_ = left, right, m, shape
 
     @property
     def batch(self) -> int:
@@ -52,33 +59,40 @@ class Outer:
         return self.left.shape[1]
 
     @property
-    def shape(self) -> tuple[int, ...]:
+    def matrix_shape(self) -> tuple[int, ...]:
         return (self.m,) if self.right is None else (self.m, self.right.shape[-1])
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.shape_ or self.matrix_shape
+
     def materialize(self) -> Tensor:
-        """Per-sample gradients, (B, m, n) or (B, m)."""
+        """Per-sample gradients, (B, *shape)."""
         if self.right is None:
-            return self.left.sum(1)
-        if is_index(self.left):
+            out = self.left.sum(1)
+        elif is_index(self.left):
             b, t, n = self.right.shape
             out = self.right.new_zeros(b, self.m, n)
-            return out.scatter_add_(1, self.left.unsqueeze(-1).expand(b, t, n), self.right)
-        return torch.bmm(self.left.transpose(1, 2), self.right)
+            out = out.scatter_add_(1, self.left.unsqueeze(-1).expand(b, t, n), self.right)
+        else:
+            out = torch.bmm(self.left.transpose(1, 2), self.right)
+        return out.reshape(self.batch, *self.shape)
 
     def weighted_sum(self, coef: Tensor) -> Tensor:
         """``sum_b coef_b G_b`` as one contraction over batch and sequence."""
         if self.right is None:
-            return coef.to(self.left.dtype) @ self.left.sum(1)
+            return (coef.to(self.left.dtype) @ self.left.sum(1)).reshape(self.shape)
         n = self.right.shape[-1]
         if is_index(self.left):
             r = (self.right * coef.to(self.right.dtype)[:, None, None]).reshape(-1, n)
-            return r.new_zeros(self.m, n).index_add_(0, self.left.reshape(-1), r)
+            out = r.new_zeros(self.m, n).index_add_(0, self.left.reshape(-1), r)
+            return out.reshape(self.shape)
         left, right = self.left, self.right
         if self.m <= n:  # scale the smaller factor
             left = left * coef.to(left.dtype)[:, None, None]
         else:
             right = right * coef.to(right.dtype)[:, None, None]
-        return left.reshape(-1, self.m).T @ right.reshape(-1, n)
+        return (left.reshape(-1, self.m).T @ right.reshape(-1, n)).reshape(self.shape)
 
     def keep(self, mask: Tensor) -> Outer:
         """The same factors with samples outside ``mask`` zeroed (so 0 * nan never happens)."""
@@ -88,9 +102,22 @@ class Outer:
                 return t
             return torch.where(mask.view(-1, *([1] * (t.dim() - 1))), t, 0.0)
 
-        left = zero(self.left)
-        right = zero(self.right)
-        return Outer(left, right, self.m)
+        return Outer(zero(self.left), zero(self.right), self.m, self.shape_)
+
+    def select(self, index: Tensor) -> Outer:
+        """The factors of the samples at ``index``."""
+        right = None if self.right is None else self.right[index]
+        return Outer(self.left[index], right, self.m, self.shape_)
+
+
+NORM_DTYPE = torch.float64
+"""Ghost norms are formed in float64: their Gram products cancel (two tokens whose gradients
+nearly cancel make ``sum_{t,s}`` a difference of large terms), and a norm computed too small in
+float32 would scale that sample's contribution above the clip (see :mod:`dptrain.clipping`)."""
+
+
+def _wide(t: Tensor) -> Tensor:
+    return t if is_index(t) else t.to(NORM_DTYPE)
 
 
 def gram(x: Tensor, y: Tensor) -> Tensor:
@@ -106,19 +133,30 @@ def gram(x: Tensor, y: Tensor) -> Tensor:
 
 
 def inner(f: Outer, g: Outer) -> Tensor:
-    """``<G_b, G'_b>`` for every sample, from factors only (float32, shape (B,))."""
+    """``<G_b, G'_b>`` for every sample, from factors only (float64, shape (B,))."""
     if f.right is None or g.right is None:
         if f.right is not None or g.right is not None or is_index(f.left) or is_index(g.left):
             raise ValueError("inner product of a vector and a matrix gradient")
-        return (f.left.sum(1).float() * g.left.sum(1).float()).sum(1)
-    if f.length == 1 and g.length == 1 and not (is_index(f.left) or is_index(g.left)):
-        lr = (f.left[:, 0].float() * g.left[:, 0].float()).sum(1)
-        return lr * (f.right[:, 0].float() * g.right[:, 0].float()).sum(1)
-    left = gram(f.left, g.left)
-    right = gram(f.right, g.right)
+        return (_wide(f.left).sum(1) * _wide(g.left).sum(1)).sum(1)
+    fl, fr, gl, gr = _wide(f.left), _wide(f.right), _wide(g.left), _wide(g.right)
+    if f.length == 1 and g.length == 1 and not (is_index(fl) or is_index(gl)):
+        return (fl[:, 0] * gl[:, 0]).sum(1) * (fr[:, 0] * gr[:, 0]).sum(1)
+    left = gram(fl, gl)
+    right = gram(fr, gr)
     if left.dtype == torch.bool:
-        return torch.where(left, right, 0.0).float().sum((1, 2))
-    return (left * right).float().sum((1, 2))
+        return torch.where(left, right, 0.0).sum((1, 2))
+    return (left * right).sum((1, 2))
+
+
+def bound(f: Outer) -> Tensor:
+    """``S_b = sum_t ||L_bt|| ||R_bt||`` (float64, (B,)): ``||G_b|| <= S_b`` by the triangle
+    inequality.  ``S_b / ||G_b||`` measures how much a sample's tokens cancel."""
+    left = torch.ones(f.left.shape[:2], dtype=NORM_DTYPE, device=f.left.device)
+    if not is_index(f.left):
+        left = _wide(f.left).norm(dim=-1)
+    if f.right is None:
+        return left.sum(1)
+    return (left * _wide(f.right).norm(dim=-1)).sum(1)
 
 
 def norm_sq(factors: list[Outer]) -> Tensor:
@@ -159,5 +197,5 @@ def prefer_ghost(factors: list[Outer]) -> bool:
     f = factors[0]
     if f.right is None:
         return False
-    m, n = f.shape
+    m, n = f.matrix_shape
     return ghost_cost(factors) < sum(g.length for g in factors) * m * n

@@ -1,0 +1,579 @@
+"""Per-sample rules for the torch functions that take parameters, keyed by function.
+
+A trainable parameter reaches the loss only through calls of torch functions.  When a call is
+one of the functions registered here, with trainable parameters only in its weight/bias
+slots and its data input batch-first, the call runs as a fused node (:mod:`.fused`) that
+records the input and, in the backward pass, the output gradient ``g``; the per-sample
+gradients of its parameters then follow from ``(input, g)`` alone, because the loss is a sum
+over samples and ``g[b]`` depends on sample ``b`` only.  The function is identified by what it
+computes (``F.linear``, ``F.embedding``, ``conv2d``, ...), never by the class of the module that
+calls it, so subclasses with their own ``forward`` (scaled embeddings, positional embeddings
+that compute their own indices) are exact.
+
+Rules in closed form (sums of outer products, so ghost norms apply, see :mod:`.outer`):
+
+* ``linear``: ``dW_b = sum_t g_bt a_bt^T``, ``db_b = sum_t g_bt``;
+* ``addmm(bias, a, W)`` on a flattened ``(B*T, d)`` view of a batch-first input (Hugging Face
+  ``Conv1D``): the same with ``W`` stored as (in, out);
+* ``embedding``: ``dW_b = sum_t onehot(id_bt) g_bt^T`` (rows at ``padding_idx`` get nothing);
+* ``conv1d``/``conv2d`` with ``groups=1`` and numeric padding: ``dW_b = sum_l g_bl u_bl^T`` over
+  output positions ``l``, with ``u`` the unfolded input patches;
+* ``layer_norm``, ``rms_norm``, ``group_norm``: ``dw_b = sum g_b * n(a_b)``, ``db_b = sum g_b``
+  with ``n`` the function's own normalization.
+
+Every other registered function (transposed and 3-d convolutions, grouped convolutions,
+``instance_norm``, ``prelu``, ``embedding_bag`` on 2-d input) treats the samples of its batch
+independently, so its per-sample gradients are ``vmap`` over the samples of ``grad`` of the
+function itself: exact, with no rule to get wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import grad, vmap
+
+from .outer import Outer
+
+
+class UnsupportedLayerError(TypeError):
+    """A use of a trainable parameter whose per-sample gradient cannot be computed exactly."""
+
+
+@dataclass
+class OpCall:
+    """One call of a registered function: every argument by name, the data input's name, and
+    the slots that hold trainable parameters (slot -> role, e.g. ``"mat2" -> "weight"``)."""
+
+    rule: OpRule
+    args: dict[str, Any]
+    slots: dict[str, str]
+    view_shape: tuple[int, ...] | None = None  # set when the data input was a flattened view
+
+    @property
+    def input(self) -> Tensor:
+        """The batch-first data input (for a flattened ``(B*T, d)`` view, its (B, T, d) base)."""
+        return self.args[self.rule.input]
+
+    def as_called(self, x: Tensor) -> Tensor:
+        """``x`` in the shape the function was called with."""
+        return x if self.view_shape is None else x.reshape(self.view_shape)
+
+
+@dataclass
+class Use:
+    """One recorded use of trainable parameters, completed by its output gradient(s).
+
+    ``params`` maps a role (a function slot like ``"weight"``, or a parameter's qualified name
+    for a module-level use) to the parameter; superseded roles are removed from it."""
+
+    rule: Any
+    name: str
+    call: Any
+    params: dict[str, torch.nn.Parameter]
+    seq: int = 0
+    grad: Any = None
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def add_grad(self, g: Tensor) -> None:
+        self.grad = g if self.grad is None else self.grad + g
+
+
+class OpRule:
+    """A registered function: its argument names and defaults, data input and parameter slots.
+
+    Subclasses with a closed form implement ``outer`` (factorized gradients) and may override
+    ``input_grad``; the rest follows from calling the function itself."""
+
+    names: tuple[str, ...] = ()
+    defaults: ClassVar[dict[str, Any]] = {}
+    input: str = "input"
+    slots: ClassVar[dict[str, str]] = {"weight": "weight", "bias": "bias"}
+    rowwise = False  # acts on each row of a 2-d input alone (a flattened (B*T, d) view is fine)
+
+    def __init__(self, func: Callable[..., Tensor], name: str) -> None:
+        self.func = func
+        self.name = name
+
+    # -- parsing -------------------------------------------------------------------------------
+
+    def bind(self, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+        if len(args) > len(self.names) or set(kwargs) - set(self.names):
+            return None
+        bound = dict(self.defaults)
+        bound.update(zip(self.names, args, strict=False))
+        bound.update(kwargs)
+        if any(n not in bound for n in self.names):
+            return None
+        return bound
+
+    def parse(self, args: tuple, kwargs: dict, trainable: set[int]) -> OpCall | None:
+        """The call, if trainable parameters sit only in this function's parameter slots and the
+        data input is a tensor; None otherwise (then the call is handled another way)."""
+        bound = self.bind(args, kwargs)
+        if bound is None:
+            return None
+        slots: ClassVar[dict[str, str]] = {}
+        for name, value in bound.items():
+            if name in self.slots and isinstance(value, Tensor) and id(value) in trainable:
+                slots[name] = self.slots[name]
+            elif _holds_param(value, trainable):
+                return None
+            elif name != self.input and isinstance(value, Tensor) and value.requires_grad:
+                return None  # another differentiable input: the fused node returns dL/dx only
+        x = bound.get(self.input)
+        if not slots or not isinstance(x, Tensor) or x.dim() == 0 or not self.accepts(bound):
+            return None
+        return OpCall(self, bound, slots)
+
+    def accepts(self, args: dict[str, Any]) -> bool:
+        """Whether this call's options keep samples independent along the first axis."""
+        return True
+
+    def check(self, call: OpCall) -> None:
+        """Refuse, with the fix, a call that is batch-first but still not private."""
+
+    # -- forward and backward of the fused node --------------------------------------------------
+
+    def compute(self, call: OpCall, x: Tensor) -> Tensor:
+        """The function's output on data input ``x`` (parameters as constants)."""
+        args = dict(call.args)
+        args[self.input] = call.as_called(x)
+        return self.func(**args)
+
+    def closed_input_grad(self, call: OpCall) -> bool:
+        """Whether :meth:`input_grad` gives ``dL/dx`` for this call; otherwise the fused node
+        differentiates :meth:`compute` itself (see :mod:`.fused`)."""
+        return False
+
+    def input_grad(self, use: Use, g: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # -- per-sample gradients --------------------------------------------------------------------
+
+    def outer(self, use: Use) -> dict[str, Outer] | None:
+        return None
+
+    def per_sample(self, use: Use) -> dict[str, Tensor]:
+        """``{role: (B, *shape)}``: from the factors, or ``vmap`` of ``grad`` of the function."""
+        factors = self.outer(use)
+        if factors is not None:
+            return {r: f.materialize() for r, f in factors.items()}
+        call = use.call
+        roles = {slot: role for slot, role in call.slots.items() if role in use.params}
+        consts = {slot: use.params[role].detach() for slot, role in roles.items()}
+
+        def loss(p: dict[str, Tensor], xb: Tensor, gb: Tensor) -> Tensor:
+            args = dict(call.args)
+            args.update(p)
+            args[self.input] = xb.unsqueeze(0)
+            return (self.func(**args) * gb.unsqueeze(0)).sum()
+
+        out = vmap(grad(loss), in_dims=(None, 0, 0))(consts, call.input, use.grad)
+        return {roles[slot]: v for slot, v in out.items()}
+
+
+def _holds_param(value: Any, trainable: set[int]) -> bool:
+    if isinstance(value, Tensor):
+        return id(value) in trainable
+    if isinstance(value, (list, tuple)):
+        return any(_holds_param(v, trainable) for v in value)
+    return False
+
+
+def _flat(t: Tensor) -> Tensor:
+    """(B, ..., d) -> (B, T, d) with T the product of the middle axes (T = 1 for (B, d))."""
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+class Linear(OpRule):
+    """``y = a W^T + b``; ghost norm ``||dW_b||^2 = sum_{t,s} (a_bt . a_bs)(g_bt . g_bs)``."""
+
+    names = ("input", "weight", "bias")
+    defaults: ClassVar[dict[str, Any]] = {"bias": None}
+    rowwise = True
+
+    def outer(self, use: Use) -> dict[str, Outer]:
+        a = _flat(use.call.input)
+        g = use.grad.reshape(a.shape[0], a.shape[1], -1)
+        out = {}
+        if "weight" in use.params:
+            out["weight"] = Outer(g, a, g.shape[-1])
+        if "bias" in use.params:
+            out["bias"] = Outer(g, None, g.shape[-1])
+        return out
+
+    def compute(self, call: OpCall, x: Tensor) -> Tensor:
+        return F.linear(call.as_called(x), call.args["weight"], call.args["bias"])
+
+    def closed_input_grad(self, call: OpCall) -> bool:
+        return True
+
+    def input_grad(self, use: Use, g: Tensor) -> Tensor:
+        return g @ use.call.args["weight"].to(g.dtype)
+
+
+class AddMM(OpRule):
+    """``torch.addmm(bias, a, W)`` with ``W`` of shape (in, out) (Hugging Face ``Conv1D``)."""
+
+    names = ("input", "mat1", "mat2", "beta", "alpha")
+    defaults: ClassVar[dict[str, Any]] = {"beta": 1, "alpha": 1}
+    input = "mat1"
+    slots: ClassVar[dict[str, str]] = {"mat2": "weight", "input": "bias"}
+    rowwise = True
+
+    def accepts(self, args: dict[str, Any]) -> bool:
+        return args["beta"] == 1 and args["alpha"] == 1 and args["mat1"].dim() == 2
+
+    def outer(self, use: Use) -> dict[str, Outer]:
+        a = _flat(use.call.input)
+        g = use.grad.reshape(a.shape[0], a.shape[1], -1)
+        out = {}
+        if "weight" in use.params:
+            out["weight"] = Outer(a, g, a.shape[-1])
+        if "bias" in use.params:
+            out["bias"] = Outer(g, None, g.shape[-1])
+        return out
+
+    def compute(self, call: OpCall, x: Tensor) -> Tensor:
+        a = call.args
+        return torch.addmm(a["input"], x.reshape(-1, x.shape[-1]), a["mat2"])
+
+    def closed_input_grad(self, call: OpCall) -> bool:
+        return True
+
+    def input_grad(self, use: Use, g: Tensor) -> Tensor:
+        return g @ use.call.args["mat2"].to(g.dtype).T
+
+
+class Embedding(OpRule):
+    """``y_t = W[id_t]``; ghost norm ``||dW_b||^2 = sum_{t,s} [id_bt = id_bs] (g_bt . g_bs)``."""
+
+    names = (
+        "input",
+        "weight",
+        "padding_idx",
+        "max_norm",
+        "norm_type",
+        "scale_grad_by_freq",
+        "sparse",
+    )
+    defaults: ClassVar[dict[str, Any]] = {
+        "padding_idx": None,
+        "max_norm": None,
+        "norm_type": 2.0,
+        "scale_grad_by_freq": False,
+        "sparse": False,
+    }
+    slots: ClassVar[dict[str, str]] = {"weight": "weight"}
+
+    def check(self, call: OpCall) -> None:
+        a = call.args
+        if a["max_norm"] is not None:
+            raise UnsupportedLayerError(
+                "an embedding with max_norm renormalizes, in place and outside the noisy update, "
+                "the rows of the tokens in each private batch, so private data would change the "
+                "weights without noise. Fix: build the embedding with max_norm=None"
+            )
+        if a["scale_grad_by_freq"] or a["sparse"]:
+            raise UnsupportedLayerError(
+                "an embedding with scale_grad_by_freq=True or sparse=True couples the samples of "
+                "a batch. Fix: build it with the defaults for private training"
+            )
+
+    def outer(self, use: Use) -> dict[str, Outer]:
+        ids = use.call.input
+        ids = ids.reshape(ids.shape[0], -1)
+        g = _flat(use.grad)
+        pad = use.call.args["padding_idx"]
+        if pad is not None:
+            m = use.params["weight"].shape[0]
+            pad = pad if pad >= 0 else pad + m
+            g = g * (ids != pad).unsqueeze(-1).to(g.dtype)
+        return {"weight": Outer(ids, g, use.params["weight"].shape[0])}
+
+    def compute(self, call: OpCall, x: Tensor) -> Tensor:
+        return F.embedding(x, call.args["weight"], call.args["padding_idx"])
+
+    def closed_input_grad(self, call: OpCall) -> bool:
+        return True  # integer indices: no input gradient
+
+
+class Conv(OpRule):
+    """``conv{1,2,3}d``; with ``groups = 1`` and numeric padding (1-d and 2-d), in closed form
+    from unfolded patches ``u``: ``dW_b = sum_l g_bl u_bl^T`` (so ghost norms apply)."""
+
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    defaults: ClassVar[dict[str, Any]] = {
+        "bias": None,
+        "stride": 1,
+        "padding": 0,
+        "dilation": 1,
+        "groups": 1,
+    }
+
+    def __init__(self, func: Callable[..., Tensor], name: str, dims: int) -> None:
+        super().__init__(func, name)
+        self.dims = dims
+
+    def accepts(self, args: dict[str, Any]) -> bool:
+        return args["input"].dim() == self.dims + 2  # unbatched inputs are not batch-first
+
+    def _closed(self, call: OpCall) -> bool:
+        return (
+            self.dims in (1, 2)
+            and call.args["groups"] == 1
+            and not isinstance(call.args["padding"], str)
+        )
+
+    def _pair(self, v: Any) -> tuple[int, int]:
+        v = tuple(v) if isinstance(v, (tuple, list)) else (v,) * self.dims
+        return (1, *v) if self.dims == 1 else v  # a 1-d conv is a 2-d conv of height 1
+
+    def outer(self, use: Use) -> dict[str, Outer] | None:
+        call = use.call
+        if not self._closed(call):
+            return None
+        a, w = call.args, call.args["weight"]
+        x, g = call.input, use.grad
+        if self.dims == 1:
+            x, g = x.unsqueeze(2), g.unsqueeze(2)
+        kernel = w.shape[2:] if self.dims == 2 else (1, w.shape[2])
+        u = F.unfold(
+            x,
+            kernel,
+            dilation=self._pair(a["dilation"]),
+            padding=(0, *self._pair(a["padding"])[1:])
+            if self.dims == 1
+            else self._pair(a["padding"]),
+            stride=self._pair(a["stride"]),
+        )  # (B, C_in k, L)
+        g = g.flatten(2).transpose(1, 2)  # (B, L, C_out)
+        out = {}
+        if "weight" in use.params:
+            out["weight"] = Outer(g, u.transpose(1, 2), w.shape[0], shape=tuple(w.shape))
+        if "bias" in use.params:
+            out["bias"] = Outer(g, None, g.shape[-1])
+        return out
+
+    def closed_input_grad(self, call: OpCall) -> bool:
+        return not isinstance(call.args["padding"], str)
+
+    def input_grad(self, use: Use, g: Tensor) -> Tensor:
+        a = use.call.args
+        fn = {
+            1: torch.nn.grad.conv1d_input,
+            2: torch.nn.grad.conv2d_input,
+            3: torch.nn.grad.conv3d_input,
+        }
+        w = a["weight"]
+        return fn[self.dims](
+            use.call.input.shape,
+            w.to(g.dtype),
+            g,
+            a["stride"],
+            a["padding"],
+            a["dilation"],
+            a["groups"],
+        )
+
+
+class ConvTranspose(OpRule):
+    names = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+    defaults: ClassVar[dict[str, Any]] = {
+        "bias": None,
+        "stride": 1,
+        "padding": 0,
+        "output_padding": 0,
+        "groups": 1,
+        "dilation": 1,
+    }
+
+    def __init__(self, func: Callable[..., Tensor], name: str, dims: int) -> None:
+        super().__init__(func, name)
+        self.dims = dims
+
+    def accepts(self, args: dict[str, Any]) -> bool:
+        return args["input"].dim() == self.dims + 2
+
+
+class Norm(OpRule):
+    """Elementwise affine normalizations: ``y = w * n(a) + b`` per position, so
+    ``dw_b = sum g_b * n(a_b)`` and ``db_b = sum g_b`` over every axis but the parameter's."""
+
+    def normalized(self, call: OpCall) -> Tensor:
+        raise NotImplementedError
+
+    def param_axes(self, call: OpCall) -> int:
+        """How many trailing axes the parameters span (norm over the last axes)."""
+        return len(call.args["normalized_shape"])
+
+    def per_sample(self, use: Use) -> dict[str, Tensor]:
+        call, g = use.call, use.grad
+        k = self.param_axes(call)
+        axes = tuple(range(1, g.dim() - k))
+        out = {}
+        if "weight" in use.params:
+            out["weight"] = (
+                (g * self.normalized(call)).sum(axes) if axes else g * self.normalized(call)
+            )
+        if "bias" in use.params:
+            out["bias"] = g.sum(axes) if axes else g
+        return out
+
+
+class LayerNorm(Norm):
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    defaults: ClassVar[dict[str, Any]] = {"weight": None, "bias": None, "eps": 1e-5}
+
+    def normalized(self, call: OpCall) -> Tensor:
+        a = call.args
+        return F.layer_norm(call.input, a["normalized_shape"], eps=a["eps"])
+
+
+class RMSNorm(Norm):
+    names = ("input", "normalized_shape", "weight", "eps")
+    defaults: ClassVar[dict[str, Any]] = {"weight": None, "eps": None}
+    slots: ClassVar[dict[str, str]] = {"weight": "weight"}
+
+    def normalized(self, call: OpCall) -> Tensor:
+        a = call.args
+        return F.rms_norm(call.input, a["normalized_shape"], eps=a["eps"])
+
+
+class GroupNorm(Norm):
+    """``group_norm`` on (B, C, ...): the affine parameters act per channel."""
+
+    names = ("input", "num_groups", "weight", "bias", "eps")
+    defaults: ClassVar[dict[str, Any]] = {"weight": None, "bias": None, "eps": 1e-5}
+
+    def accepts(self, args: dict[str, Any]) -> bool:
+        return args["input"].dim() >= 2
+
+    def normalized(self, call: OpCall) -> Tensor:
+        return F.group_norm(call.input, call.args["num_groups"], eps=call.args["eps"])
+
+    def per_sample(self, use: Use) -> dict[str, Tensor]:
+        g = use.grad
+        axes = tuple(range(2, g.dim()))
+        out = {}
+        if "weight" in use.params:
+            n = self.normalized(use.call)
+            out["weight"] = (g * n).sum(axes) if axes else g * n
+        if "bias" in use.params:
+            out["bias"] = g.sum(axes) if axes else g
+        return out
+
+
+class InstanceNorm(OpRule):
+    names = (
+        "input",
+        "running_mean",
+        "running_var",
+        "weight",
+        "bias",
+        "use_input_stats",
+        "momentum",
+        "eps",
+    )
+    defaults: ClassVar[dict[str, Any]] = {
+        "running_mean": None,
+        "running_var": None,
+        "weight": None,
+        "bias": None,
+        "use_input_stats": True,
+        "momentum": 0.1,
+        "eps": 1e-5,
+    }
+
+    def accepts(self, args: dict[str, Any]) -> bool:
+        return args["input"].dim() >= 3
+
+
+class PReLU(OpRule):
+    names = ("input", "weight")
+    slots: ClassVar[dict[str, str]] = {"weight": "weight"}
+
+
+class EmbeddingBag(OpRule):
+    """Only the 2-d form (one bag per row) is batch-first; 1-d input with offsets is not."""
+
+    names = (
+        "input",
+        "weight",
+        "offsets",
+        "max_norm",
+        "norm_type",
+        "scale_grad_by_freq",
+        "mode",
+        "sparse",
+        "per_sample_weights",
+        "include_last_offset",
+        "padding_idx",
+    )
+    defaults: ClassVar[dict[str, Any]] = {
+        "offsets": None,
+        "max_norm": None,
+        "norm_type": 2,
+        "scale_grad_by_freq": False,
+        "mode": "mean",
+        "sparse": False,
+        "per_sample_weights": None,
+        "include_last_offset": False,
+        "padding_idx": None,
+    }
+    slots: ClassVar[dict[str, str]] = {"weight": "weight"}
+
+    def accepts(self, args: dict[str, Any]) -> bool:
+        return args["input"].dim() == 2 and args["offsets"] is None
+
+    def check(self, call: OpCall) -> None:
+        a = call.args
+        if a["max_norm"] is not None or a["scale_grad_by_freq"] or a["sparse"]:
+            raise UnsupportedLayerError(
+                "an embedding bag with max_norm, scale_grad_by_freq or sparse couples samples or "
+                "changes weights outside the noisy update. Fix: build it with the defaults"
+            )
+
+
+OPS: dict[Any, OpRule] = {}
+
+
+def register_op(func: Any, rule: OpRule) -> None:
+    """Make ``rule`` the per-sample rule of calls of ``func`` (a torch function)."""
+    OPS[func] = rule
+
+
+for _func, _rule in [
+    (F.linear, Linear(F.linear, "linear")),
+    (torch.addmm, AddMM(torch.addmm, "addmm")),
+    (F.embedding, Embedding(F.embedding, "embedding")),
+    (torch.conv1d, Conv(torch.conv1d, "conv1d", 1)),
+    (torch.conv2d, Conv(torch.conv2d, "conv2d", 2)),
+    (torch.conv3d, Conv(torch.conv3d, "conv3d", 3)),
+    (torch.conv_transpose1d, ConvTranspose(torch.conv_transpose1d, "conv_transpose1d", 1)),
+    (torch.conv_transpose2d, ConvTranspose(torch.conv_transpose2d, "conv_transpose2d", 2)),
+    (torch.conv_transpose3d, ConvTranspose(torch.conv_transpose3d, "conv_transpose3d", 3)),
+    (F.layer_norm, LayerNorm(F.layer_norm, "layer_norm")),
+    (F.rms_norm, RMSNorm(F.rms_norm, "rms_norm")),
+    (F.group_norm, GroupNorm(F.group_norm, "group_norm")),
+    (F.instance_norm, InstanceNorm(F.instance_norm, "instance_norm")),
+    (torch.prelu, PReLU(torch.prelu, "prelu")),
+    (F.embedding_bag, EmbeddingBag(F.embedding_bag, "embedding_bag")),
+]:
+    register_op(_func, _rule)
+
+
+# Functions whose output for one sample depends on the others while in this mode.
+def mixes_samples(func: Any, args: tuple, kwargs: dict) -> str | None:
+    """A description of the mixing if this call normalizes over the batch, else None."""
+    if func in (F.batch_norm, torch.batch_norm):
+        training = kwargs.get("training", args[5] if len(args) > 5 else False)
+        if training:
+            return "batch normalization with batch statistics (a BatchNorm layer in train mode)"
+    return None

@@ -1,0 +1,225 @@
+"""The probe and the plan: how each use of a trainable parameter gets its per-sample gradient.
+
+Before the first step (and whenever the model's structure differs from what was planned), the
+capture runs two forward passes without recording gradients: on the chunk's ``B`` samples and
+on the same samples plus a copy of the first (``B + 1``).  For every call of a torch function
+that touches a trainable parameter, and every call of a module that owns one, it logs the
+shapes of the inputs and outputs.  An axis that is ``B`` long in one probe and ``B + 1`` in the
+other is the batch axis; a tensor whose shape does not change has none (it is shared by the
+batch, like T5's relative-position buckets, whatever its length).  Nothing is inferred from a
+single shape, so a sequence as long as the batch is never taken for it.
+
+Each use then gets one of three treatments:
+
+* **fuse**: a registered function (:mod:`.ops`) on a batch-first input -- per-sample gradients
+  in closed form or by ``vmap`` of the function;
+* **local**: the innermost module call around the use re-run per sample (:mod:`.local`), when
+  every input and output of that call has an observed batch axis (or none), the call draws no
+  random numbers, and the parameters can be named inside that module;
+* **direct**: anything else (a use outside every module that owns parameters, a use shared by
+  the batch, a module call that cannot be re-run): per-sample gradients of these parameters are
+  Jacobian rows of the per-sample loss vector, one backward per sample (:mod:`.capture`).
+
+The probes also check what makes per-sample gradients meaningless: a function that normalizes
+over the batch in its current mode (BatchNorm in train mode, trainable or frozen), a buffer
+updated from the data during the forward pass (running statistics), and a per-sample loss
+that changes when other samples are added (any other layer that mixes samples, parameter-free
+or not).  Dropout is switched off in the probes so the losses can be compared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .ops import OpRule
+
+ROOT = ("root", 0)
+ScopeKey = tuple[Any, int]
+OpKey = tuple[ScopeKey, int]
+INVALID = -1
+
+
+@dataclass
+class OpRecord:
+    """What a probe saw of one parameter-touching function call."""
+
+    key: OpKey
+    func: Any
+    touched: frozenset[int]  # ids of the trainable parameters among its arguments
+    rule: OpRule | None  # the registered rule, if the call has its form
+    input_shape: tuple[int, ...] | None = None
+    flat_leaf: int | None = None  # a flattened view of this input leaf of the module call
+
+
+@dataclass
+class ScopeRecord:
+    """What a probe saw of one call of a module that owns trainable parameters."""
+
+    key: ScopeKey
+    module: nn.Module | None
+    in_shapes: list[tuple[int, ...] | None]
+    out_shapes: list[tuple[int, ...] | None] = field(default_factory=list)
+    out_grad: list[bool] = field(default_factory=list)
+    random: bool = False
+
+
+@dataclass
+class ProbeLog:
+    batch_size: int
+    ops: dict[OpKey, OpRecord] = field(default_factory=dict)
+    scopes: dict[ScopeKey, ScopeRecord] = field(default_factory=dict)
+    mixing: list[str] = field(default_factory=list)
+    random: bool = False  # random numbers other than dropout were drawn
+    expand: frozenset[OpKey] = frozenset()  # shared-input uses broadcast to the batch here
+
+
+@dataclass
+class Decision:
+    kind: str  # "fuse" | "local" | "direct"
+    touched: frozenset[int] = frozenset()
+    rule: OpRule | None = None
+    expand: bool = False  # a shared (1, ...) input broadcast to the batch (verified neutral)
+    flat_leaf: int | None = None
+
+
+@dataclass
+class LocalSpec:
+    """A module call re-run per sample: the parameters it covers and the batch axes."""
+
+    names: dict[int, str]  # parameter id -> qualified name inside the module
+    in_axes: list[int | None]
+    out_axes: list[int | None]
+
+
+@dataclass
+class Plan:
+    batch_size: int
+    ops: dict[OpKey, Decision]
+    scopes: dict[ScopeKey, LocalSpec]
+    direct: frozenset[int]
+    verified: bool  # sample independence was checked on distinct samples
+    notes: list[str] = field(default_factory=list)
+    checkable: bool = True  # False: the forward draws random numbers; losses cannot be compared
+
+
+def batch_axis(small: tuple[int, ...] | None, big: tuple[int, ...] | None, b: int) -> int | None:
+    """The axis that is ``b`` long at batch size ``b`` and ``b + 1`` at ``b + 1``; None when the
+    shape does not change (no batch axis); :data:`INVALID` otherwise."""
+    if small is None or big is None or len(small) != len(big):
+        return INVALID
+    if small == big:
+        return None
+    axes = [i for i, (s, t) in enumerate(zip(small, big, strict=True)) if s != t]
+    if len(axes) == 1 and small[axes[0]] == b and big[axes[0]] == b + 1:
+        return axes[0]
+    return INVALID
+
+
+def _local_axes(
+    small: ScopeRecord | None, big: ScopeRecord | None, b: int
+) -> tuple[list[int | None], list[int | None]] | None:
+    if small is None or big is None or small.module is None or small.random or big.random:
+        return None
+    if len(small.in_shapes) != len(big.in_shapes) or len(small.out_shapes) != len(big.out_shapes):
+        return None
+    in_axes = []
+    for s, t in zip(small.in_shapes, big.in_shapes, strict=True):
+        if s is None and t is None:
+            in_axes.append(None)  # not a tensor: passed as it is
+            continue
+        axis = batch_axis(s, t, b)
+        if axis == INVALID:
+            return None
+        in_axes.append(axis)
+    out_axes = []
+    for s, t, needs in zip(small.out_shapes, big.out_shapes, small.out_grad, strict=True):
+        axis = batch_axis(s, t, b) if s is not None else None
+        if needs and (axis is None or axis == INVALID):
+            return None  # a differentiable output shared by the batch: its gradient is summed
+        out_axes.append(axis if axis != INVALID else None)
+    return in_axes, out_axes
+
+
+def build_plan(
+    small: ProbeLog, big: ProbeLog, *, verified: bool, notes: list[str], checkable: bool = True
+) -> Plan:
+    """Decide every use seen in the probe at the step's batch size (``small``)."""
+    b = small.batch_size
+    ops: dict[OpKey, Decision] = {}
+    pending: dict[ScopeKey, list[OpRecord]] = {}
+    for key, rec in small.ops.items():
+        other = big.ops.get(key)
+        same = other is not None and other.func is rec.func and other.touched == rec.touched
+        if same and rec.rule is not None and key[0] != ROOT:
+            if rec.flat_leaf is not None or other.flat_leaf is not None:
+                s = (
+                    small.scopes[key[0]].in_shapes[rec.flat_leaf]
+                    if rec.flat_leaf is not None
+                    else None
+                )
+                t = (
+                    big.scopes[key[0]].in_shapes[other.flat_leaf]
+                    if other.flat_leaf is not None
+                    else None
+                )
+                if rec.flat_leaf == other.flat_leaf and batch_axis(s, t, b) == 0:
+                    ops[key] = Decision("fuse", rec.touched, rec.rule, flat_leaf=rec.flat_leaf)
+                    continue
+            else:
+                axis = batch_axis(rec.input_shape, other.input_shape, b)
+                if axis == 0:
+                    ops[key] = Decision("fuse", rec.touched, rec.rule)
+                    continue
+                if key in small.expand and axis is None and rec.input_shape[0] == 1:
+                    ops[key] = Decision("fuse", rec.touched, rec.rule, expand=True)
+                    continue
+        pending.setdefault(key[0], []).append(rec)
+
+    direct: set[int] = set()
+    local: dict[ScopeKey, tuple[set[int], tuple]] = {}
+    for scope, recs in pending.items():
+        touched = set().union(*(r.touched for r in recs))
+        srec = small.scopes.get(scope)
+        axes = None if scope == ROOT else _local_axes(srec, big.scopes.get(scope), b)
+        names = _names(srec.module) if srec is not None and srec.module is not None else {}
+        if axes is None or not touched <= set(names):
+            direct |= touched
+        else:
+            local[scope] = (touched, axes)
+    while True:  # a call touching a directly differentiated parameter is direct: to a fixpoint
+        grown = False
+        for scope, (touched, _) in local.items():
+            adopted = touched - direct
+            for rec in pending[scope]:
+                if not rec.touched <= adopted and not rec.touched <= direct:
+                    direct |= rec.touched
+                    grown = True
+        if not grown:
+            break
+    scopes: dict[ScopeKey, LocalSpec] = {}
+    for scope, (touched, (in_axes, out_axes)) in local.items():
+        adopted = touched - direct
+        if adopted:
+            names = _names(small.scopes[scope].module)
+            scopes[scope] = LocalSpec({i: names[i] for i in adopted}, in_axes, out_axes)
+    for scope, recs in pending.items():
+        spec = scopes.get(scope)
+        for rec in recs:
+            local_op = spec is not None and rec.touched <= set(spec.names)
+            ops[rec.key] = Decision("local" if local_op else "direct", rec.touched)
+    # fused calls inside a re-run module call on the parameters it covers: re-run too
+    for key, d in ops.items():
+        spec = scopes.get(key[0])
+        if d.kind == "fuse" and spec is not None and small.ops[key].touched <= set(spec.names):
+            ops[key] = Decision("local", d.touched)
+    return Plan(b, ops, scopes, frozenset(direct), verified, notes, checkable)
+
+
+def _names(module: nn.Module) -> dict[int, str]:
+    names: dict[int, str] = {}
+    for n, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), n)
+    return names
