@@ -224,6 +224,10 @@ class GradCapture:
             self._tls.entered = True
         k = self._counts.get(id(module), 0)
         self._counts[id(module)] = k + 1
+        if self._probe is None and (self.in_backward or self.replaying) and self.plan is not None:
+            # a recomputation (activation checkpointing) may run a segment more than once:
+            # its calls replay the planned forward's calls of this module in order
+            k %= self.plan.calls.get(id(module), 1)
         leaves, spec = tree_flatten((args, kwargs))
         name = self._scope_names.get(id(module), type(module).__name__)
         stack.append(_Call(module, name, (id(module), k), leaves, spec, len(self.uses)))
@@ -307,12 +311,11 @@ class GradCapture:
             raise PlanMiss(f"'{call.name}' called {d.rule.name} differently than planned")
         d.rule.check(op)
         x = op.input
-        if d.flat_leaf is not None:
-            base = call.leaves[d.flat_leaf]
-            if not _is_flat_view(x, base):
-                raise PlanMiss(f"'{call.name}': the flattened input is no longer a view")
+        if d.rows:  # a (B*T, ...) input, sample-major (observed in the probes)
+            if x.shape[0] % self.batch_size:
+                raise PlanMiss(f"'{call.name}': {x.shape[0]} rows for {self.batch_size} samples")
             op.view_shape = tuple(x.shape)
-            x = base
+            x = x.reshape(self.batch_size, -1, *x.shape[1:])
         elif d.expand:
             x = x.expand(self.batch_size, *x.shape[1:])
         if x.shape[0] != self.batch_size:
@@ -383,9 +386,12 @@ class GradCapture:
                 rule.check(op)
             except UnsupportedLayerError as err:
                 raise UnsupportedLayerError(f"layer '{call.name}': {err}") from None
-            rec.input_shape = tuple(op.input.shape)
-            if rule.rowwise and op.input.dim() == 2:
-                rec.flat_leaf = _flat_leaf(op.input, call.leaves)
+            x = op.input
+            rec.input_shape = tuple(x.shape)
+            n, b = x.shape[0], log.batch_size
+            if rule.rowwise and n != b and n % b == 0:
+                rows = x.detach().reshape(b, -1).double()
+                rec.rows = torch.stack([rows.sum(1), rows.square().sum(1)], 1)
         log.ops[key] = rec
         out = func(*args, **kwargs)
         if key in log.expand and isinstance(out, Tensor) and out.shape[:1] == (1,):
@@ -464,10 +470,7 @@ class GradCapture:
             expand = frozenset(
                 k
                 for k, r in big.ops.items()
-                if r.rule is not None
-                and r.input_shape
-                and r.input_shape[0] == 1
-                and r.flat_leaf is None
+                if r.rule is not None and r.input_shape and r.input_shape[0] == 1
             )
             small, l_small = self._probe_forward(loss_fn, batch, expand)
             random = big.random or small.random
@@ -646,24 +649,6 @@ class GradCapture:
 
     def _names(self, params: list[nn.Parameter]) -> str:
         return ", ".join(self.param_names.get(id(p), "?") for p in params)
-
-
-def _is_flat_view(x: Tensor, base: Any) -> bool:
-    return (
-        isinstance(base, Tensor)
-        and base.dim() >= 2
-        and base.is_contiguous()
-        and x.shape[-1] == base.shape[-1]
-        and x.numel() == base.numel()
-        and x.data_ptr() == base.data_ptr()
-    )
-
-
-def _flat_leaf(x: Tensor, leaves: list[Any]) -> int | None:
-    for i, v in enumerate(leaves):
-        if isinstance(v, Tensor) and v.dim() >= 3 and _is_flat_view(x, v):
-            return i
-    return None
 
 
 def _module_tracking(path: list[nn.Module], outputs: list | None) -> list[Any]:

@@ -53,8 +53,10 @@ class Fused(torch.autograd.Function):
                 "per-sample gradients would be wrong. Fix: avoid in-place operations on "
                 "activations (e.g. use relu(x) rather than relu_(x)) while training privately."
             )
-        if not ctx.capture.replaying:
-            use.add_grad(g)
+        if not ctx.capture.replaying:  # batch-first, also for a flattened (B*T, ...) call
+            use.add_grad(
+                g if use.call.view_shape is None else g.reshape(x.shape[0], -1, *g.shape[1:])
+            )
         gx = None
         if ctx.needs_input_grad[2]:
             if ctx.inner is not None:

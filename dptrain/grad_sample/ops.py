@@ -94,7 +94,7 @@ class OpRule:
     defaults: ClassVar[dict[str, Any]] = {}
     input: str = "input"
     slots: ClassVar[dict[str, str]] = {"weight": "weight", "bias": "bias"}
-    rowwise = False  # acts on each row of a 2-d input alone (a flattened (B*T, d) view is fine)
+    rowwise = False  # acts on each index of the first axis alone (a flattened (B*T, ...) is fine)
 
     def __init__(self, func: Callable[..., Tensor], name: str) -> None:
         self.func = func
@@ -271,6 +271,7 @@ class Embedding(OpRule):
         "sparse": False,
     }
     slots: ClassVar[dict[str, str]] = {"weight": "weight"}
+    rowwise = True
 
     def check(self, call: OpCall) -> None:
         a = call.args
@@ -428,6 +429,7 @@ class Norm(OpRule):
 
 
 class LayerNorm(Norm):
+    rowwise = True
     names = ("input", "normalized_shape", "weight", "bias", "eps")
     defaults: ClassVar[dict[str, Any]] = {"weight": None, "bias": None, "eps": 1e-5}
 
@@ -437,6 +439,7 @@ class LayerNorm(Norm):
 
 
 class RMSNorm(Norm):
+    rowwise = True
     names = ("input", "normalized_shape", "weight", "eps")
     defaults: ClassVar[dict[str, Any]] = {"weight": None, "eps": None}
     slots: ClassVar[dict[str, str]] = {"weight": "weight"}

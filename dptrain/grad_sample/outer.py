@@ -66,28 +66,41 @@ class Outer:
     def shape(self) -> tuple[int, ...]:
         return self.shape_ or self.matrix_shape
 
+    def _factors(self) -> tuple[Tensor, Tensor | None]:
+        """Both factors in one accumulation dtype: float32 at least (half-precision activations
+        and output gradients, e.g. under autocast, are summed in float32)."""
+        dtypes = [t.dtype for t in (self.left, self.right) if t is not None and not is_index(t)]
+        acc = dtypes[0]
+        for d in dtypes[1:]:
+            acc = torch.promote_types(acc, d)
+        if acc in (torch.float16, torch.bfloat16):
+            acc = torch.float32
+        cast = lambda t: t if t is None or is_index(t) else t.to(acc)  # noqa: E731
+        return cast(self.left), cast(self.right)
+
     def materialize(self) -> Tensor:
         """Per-sample gradients, (B, *shape)."""
-        if self.right is None:
-            out = self.left.sum(1)
-        elif is_index(self.left):
-            b, t, n = self.right.shape
-            out = self.right.new_zeros(b, self.m, n)
-            out = out.scatter_add_(1, self.left.unsqueeze(-1).expand(b, t, n), self.right)
+        left, right = self._factors()
+        if right is None:
+            out = left.sum(1)
+        elif is_index(left):
+            b, t, n = right.shape
+            out = right.new_zeros(b, self.m, n)
+            out = out.scatter_add_(1, left.unsqueeze(-1).expand(b, t, n), right)
         else:
-            out = torch.bmm(self.left.transpose(1, 2), self.right)
+            out = torch.bmm(left.transpose(1, 2), right)
         return out.reshape(self.batch, *self.shape)
 
     def weighted_sum(self, coef: Tensor) -> Tensor:
         """``sum_b coef_b G_b`` as one contraction over batch and sequence."""
-        if self.right is None:
-            return (coef.to(self.left.dtype) @ self.left.sum(1)).reshape(self.shape)
-        n = self.right.shape[-1]
-        if is_index(self.left):
-            r = (self.right * coef.to(self.right.dtype)[:, None, None]).reshape(-1, n)
-            out = r.new_zeros(self.m, n).index_add_(0, self.left.reshape(-1), r)
+        left, right = self._factors()
+        if right is None:
+            return (coef.to(left.dtype) @ left.sum(1)).reshape(self.shape)
+        n = right.shape[-1]
+        if is_index(left):
+            r = (right * coef.to(right.dtype)[:, None, None]).reshape(-1, n)
+            out = r.new_zeros(self.m, n).index_add_(0, left.reshape(-1), r)
             return out.reshape(self.shape)
-        left, right = self.left, self.right
         if self.m <= n:  # scale the smaller factor
             left = left * coef.to(left.dtype)[:, None, None]
         else:

@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from .ops import OpRule
 
@@ -51,7 +51,7 @@ class OpRecord:
     touched: frozenset[int]  # ids of the trainable parameters among its arguments
     rule: OpRule | None  # the registered rule, if the call has its form
     input_shape: tuple[int, ...] | None = None
-    flat_leaf: int | None = None  # a flattened view of this input leaf of the module call
+    rows: Tensor | None = None  # per-sample fingerprints of a flattened (B*T, ...) input
 
 
 @dataclass
@@ -82,7 +82,7 @@ class Decision:
     touched: frozenset[int] = frozenset()
     rule: OpRule | None = None
     expand: bool = False  # a shared (1, ...) input broadcast to the batch (verified neutral)
-    flat_leaf: int | None = None
+    rows: bool = False  # a (B*T, ...) input whose rows are sample-major (observed)
 
 
 @dataclass
@@ -103,6 +103,7 @@ class Plan:
     verified: bool  # sample independence was checked on distinct samples
     notes: list[str] = field(default_factory=list)
     checkable: bool = True  # False: the forward draws random numbers; losses cannot be compared
+    calls: dict[int, int] = field(default_factory=dict)  # module id -> calls per forward
 
 
 def batch_axis(small: tuple[int, ...] | None, big: tuple[int, ...] | None, b: int) -> int | None:
@@ -154,19 +155,9 @@ def build_plan(
         other = big.ops.get(key)
         same = other is not None and other.func is rec.func and other.touched == rec.touched
         if same and rec.rule is not None and key[0] != ROOT:
-            if rec.flat_leaf is not None or other.flat_leaf is not None:
-                s = (
-                    small.scopes[key[0]].in_shapes[rec.flat_leaf]
-                    if rec.flat_leaf is not None
-                    else None
-                )
-                t = (
-                    big.scopes[key[0]].in_shapes[other.flat_leaf]
-                    if other.flat_leaf is not None
-                    else None
-                )
-                if rec.flat_leaf == other.flat_leaf and batch_axis(s, t, b) == 0:
-                    ops[key] = Decision("fuse", rec.touched, rec.rule, flat_leaf=rec.flat_leaf)
+            if rec.rows is not None and other.rows is not None:
+                if _sample_major(rec, other, b):
+                    ops[key] = Decision("fuse", rec.touched, rec.rule, rows=True)
                     continue
             else:
                 axis = batch_axis(rec.input_shape, other.input_shape, b)
@@ -215,7 +206,23 @@ def build_plan(
         spec = scopes.get(key[0])
         if d.kind == "fuse" and spec is not None and small.ops[key].touched <= set(spec.names):
             ops[key] = Decision("local", d.touched)
-    return Plan(b, ops, scopes, frozenset(direct), verified, notes, checkable)
+    calls: dict[int, int] = {}
+    for mid, k in small.scopes:
+        if mid != ROOT[0]:
+            calls[mid] = max(calls.get(mid, 0), k + 1)
+    return Plan(b, ops, scopes, frozenset(direct), verified, notes, checkable, calls)
+
+
+def _sample_major(small: OpRecord, big: OpRecord, b: int) -> bool:
+    """Whether a flattened input holds each sample's rows together (sample-major), judged by
+    per-sample fingerprints: the first ``b`` blocks equal the smaller probe's, the extra block
+    equals its first sample's."""
+    n, m = small.input_shape[0], big.input_shape[0]
+    if n % b or m != n // b * (b + 1) or small.input_shape[1:] != big.input_shape[1:]:
+        return False
+    s, t = small.rows, big.rows
+    tol = 1e-6 * (1 + s.abs())
+    return bool(((t[:b] - s).abs() <= tol).all() and ((t[b] - s[0]).abs() <= tol[0]).all())
 
 
 def _names(module: nn.Module) -> dict[int, str]:
