@@ -380,7 +380,6 @@ def train(
             "groups": list(engine.groups),
             "noise_generator": noise.description,
             "perplexity_before": ppl_before,
-            "per_sample_rules": engine.capture.describe(),
             "versions": _versions(),
             "world_size": distributed.world_size(),
         }
@@ -432,6 +431,8 @@ def train(
                 stopped_by_budget = True
                 log(f"stopping: {err}")
                 break
+            if report.step == start + 1:
+                _report_plan(engine)
             logging = report.step % recipe.training.log_every == 0 or report.step == end
             eps = engine.epsilon() if logging else eps_shown
             eps_shown = eps
@@ -488,6 +489,7 @@ def train(
         guarantee=_guarantee(prep, accountant.name),
         policy=prep.policy.describe(),
         stopped_by_budget=stopped_by_budget,
+        per_sample_gradients=engine.capture.summary(),
         perplexity_after=ppl_after,
         nonfinite_samples=nonfinite,
         skipped_steps=skipped,
@@ -516,6 +518,21 @@ def train(
 
         audit_run(run.path, recipe.audit, progress=progress)
     return result
+
+
+def _report_plan(engine: PrivacyEngine) -> None:
+    """Say once which parameters take the exact but slow per-sample path, and why."""
+    summary = engine.capture.summary()
+    slow = summary["autograd_per_sample"]
+    if slow:
+        log(
+            f"note: {len(slow)} parameter(s) ({', '.join(slow[:3])}{', ...' if len(slow) > 3 else ''}) "
+            "are used in a way no per-sample rule covers (shared by the batch, or outside a "
+            "layer); their per-sample gradients take one backward pass per sample: exact, "
+            "slower. `dptrain check` shows the rule of every layer."
+        )
+    for note in summary["notes"]:
+        log(f"note: {note}")
 
 
 def _cross_check(name: str, ledger: Ledger, delta: float) -> float | None:

@@ -647,6 +647,17 @@ class GradCapture:
                 out[self.param_names[pid]].add(what)
         return {n: ", ".join(sorted(v)) or "unused" for n, v in out.items()}
 
+    def summary(self) -> dict[str, Any]:
+        """How many parameters each rule covers, and the parameters on the slow path."""
+        rules: dict[str, int] = {}
+        slow = []
+        for name, how in self.describe().items():
+            rules[how] = rules.get(how, 0) + 1
+            if "autograd" in how:
+                slow.append(name)
+        notes = list(self.plan.notes) if self.plan is not None else []
+        return {"rules": rules, "autograd_per_sample": slow, "notes": notes}
+
     def _names(self, params: list[nn.Parameter]) -> str:
         return ", ".join(self.param_names.get(id(p), "?") for p in params)
 

@@ -124,13 +124,24 @@ class Outer:
 
 
 NORM_DTYPE = torch.float64
-"""Ghost norms are formed in float64: their Gram products cancel (two tokens whose gradients
-nearly cancel make ``sum_{t,s}`` a difference of large terms), and a norm computed too small in
-float32 would scale that sample's contribution above the clip (see :mod:`dptrain.clipping`)."""
+"""Norms are reduced in float64.  Gram entries are dot products in the factors' precision
+(float32 at least); the cancellation that makes them inaccurate for a sample whose tokens nearly
+cancel is caught by :func:`bound` (see :mod:`dptrain.clipping`)."""
 
 
-def _wide(t: Tensor) -> Tensor:
-    return t if is_index(t) else t.to(NORM_DTYPE)
+def _acc(t: Tensor) -> Tensor:
+    """Index factors as they are; half-precision values in float32."""
+    if is_index(t) or t.dtype not in (torch.float16, torch.bfloat16):
+        return t
+    return t.float()
+
+
+def _pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    x, y = _acc(x), _acc(y)
+    if is_index(x) or is_index(y) or x.dtype == y.dtype:
+        return x, y
+    dt = torch.promote_types(x.dtype, y.dtype)
+    return x.to(dt), y.to(dt)
 
 
 def gram(x: Tensor, y: Tensor) -> Tensor:
@@ -150,15 +161,18 @@ def inner(f: Outer, g: Outer) -> Tensor:
     if f.right is None or g.right is None:
         if f.right is not None or g.right is not None or is_index(f.left) or is_index(g.left):
             raise ValueError("inner product of a vector and a matrix gradient")
-        return (_wide(f.left).sum(1) * _wide(g.left).sum(1)).sum(1)
-    fl, fr, gl, gr = _wide(f.left), _wide(f.right), _wide(g.left), _wide(g.right)
+        return (f.left.sum(1).to(NORM_DTYPE) * g.left.sum(1).to(NORM_DTYPE)).sum(1)
+    fl, gl = _pair(f.left, g.left)
+    fr, gr = _pair(f.right, g.right)
     if f.length == 1 and g.length == 1 and not (is_index(fl) or is_index(gl)):
-        return (fl[:, 0] * gl[:, 0]).sum(1) * (fr[:, 0] * gr[:, 0]).sum(1)
+        return (fl[:, 0] * gl[:, 0]).sum(1).to(NORM_DTYPE) * (fr[:, 0] * gr[:, 0]).sum(1).to(
+            NORM_DTYPE
+        )
     left = gram(fl, gl)
     right = gram(fr, gr)
     if left.dtype == torch.bool:
-        return torch.where(left, right, 0.0).sum((1, 2))
-    return (left * right).sum((1, 2))
+        return torch.where(left, right, 0.0).to(NORM_DTYPE).sum((1, 2))
+    return (left.to(NORM_DTYPE) * right.to(NORM_DTYPE)).sum((1, 2))
 
 
 def bound(f: Outer) -> Tensor:
@@ -166,10 +180,10 @@ def bound(f: Outer) -> Tensor:
     inequality.  ``S_b / ||G_b||`` measures how much a sample's tokens cancel."""
     left = torch.ones(f.left.shape[:2], dtype=NORM_DTYPE, device=f.left.device)
     if not is_index(f.left):
-        left = _wide(f.left).norm(dim=-1)
+        left = torch.linalg.vector_norm(_acc(f.left), dim=-1).to(NORM_DTYPE)
     if f.right is None:
         return left.sum(1)
-    return (left * _wide(f.right).norm(dim=-1)).sum(1)
+    return (left * torch.linalg.vector_norm(_acc(f.right), dim=-1).to(NORM_DTYPE)).sum(1)
 
 
 def norm_sq(factors: list[Outer]) -> Tensor:
