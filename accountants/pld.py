@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
+
 from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 
@@ -107,3 +109,15 @@ class PldAccountant:
         if acc is None:
             return 0.0
         return min(1.0, max(0.0, float(acc.get_delta(epsilon))))
+
+    def deltas(self, events: Sequence[Event], epsilons: Sequence[float]) -> np.ndarray:
+        """The privacy profile ``delta(epsilon)`` at each of ``epsilons`` (one composition):
+        upper bounds, the worse of the add and remove directions."""
+        eps = np.asarray(epsilons, dtype=float)
+        if eps.ndim != 1 or np.any(~np.isfinite(eps)) or np.any(eps < 0):
+            raise ValueError("epsilons must be a 1-d array of finite values >= 0")
+        acc = self._accountant(events)
+        if acc is None:
+            return np.zeros_like(eps)
+        values = np.asarray(acc._pld.get_delta_for_epsilon(eps), dtype=float)
+        return np.clip(values, 0.0, 1.0)

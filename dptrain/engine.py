@@ -8,8 +8,10 @@ Step flow (``PrivacyEngine.step``)::
     for each physical chunk of the logical Poisson batch:
         forward, backward of sum_b loss_b         # hooks record layer inputs and output grads
         clip per sample and group, add to sums    # ghost norms or materialized per rule
+    injected per-sample gradients (audit canaries) are clipped and summed as one more chunk
     update = policy.release(sums, plan, noise)   # e.g. (sum + N(0, s_g^2)) / E[B]
     ledger.record(event)                          # charged before the update exists anywhere
+    release hooks see the update                  # auditors (add_release_hook)
     optimizer.step(update)
 
 Normalization is by the expected batch size ``E[B] = q N`` (public), never the realized one.
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +39,8 @@ from .groups import group_parameters
 from .losses import LossFn, causal_lm_loss
 from .noise import GaussianNoise
 from .policies import Policy, StepContext, StepPlan, StepSums
+
+ReleaseHook = Callable[[int, dict[nn.Parameter, Tensor]], None]
 
 
 @dataclass
@@ -138,6 +142,7 @@ class PrivacyEngine:
         self.last_update_norms: dict[str, float] | None = None
         self._fallback_checked = not self.capture.fallback_layers
         self._eps_cache: tuple[int, float] | None = None
+        self._release_hooks: list[ReleaseHook] = []
 
     # -- planning and budget -------------------------------------------------------------
 
@@ -189,10 +194,21 @@ class PrivacyEngine:
         for start in range(0, n, size):
             yield batch_slice(batch, start, min(start + size, n))
 
-    def step(self, batch: Any) -> StepReport:
+    def add_release_hook(self, fn: ReleaseHook) -> None:
+        """Call ``fn(step, update)`` on the main rank with every released update (noised and
+        normalized: what the optimizer receives; ``step`` is ``StepReport.step``), after the
+        ledger has recorded the step and before the update is applied.  For auditors."""
+        self._release_hooks.append(fn)
+
+    def step(self, batch: Any, *, injected: dict[nn.Parameter, Tensor] | None = None) -> StepReport:
         """One private step on a logical (Poisson) batch; raises BudgetExceeded before touching
         data if the step would exceed the budget.  Under ``torch.distributed``, ``batch`` is
-        this rank's shard of the global batch (see :mod:`dptrain.distributed`)."""
+        this rank's shard of the global batch (see :mod:`dptrain.distributed`).
+
+        ``injected[p]`` (shape ``(m, *p.shape)``) are the per-sample gradients of ``m`` extra
+        samples of this step's batch (white-box audit canaries; a parameter missing from the
+        dict has zero gradient for them): they are clipped per group like every sample, added
+        to the clipped (and raw) sums and counted in the batch size."""
         t0 = time.perf_counter()
         main = distributed.is_main()
         plan, event = self.next_plan() if main else (None, None)
@@ -248,6 +264,17 @@ class PrivacyEngine:
             finally:
                 self.capture.active = False
                 self.capture.uses.clear()
+        if injected:
+            m, sums, raws, norms, bad = _clip_injected(
+                injected, self.groups, plan.clip, raw=self.policy.needs_raw_sums
+            )
+            n, nonfinite = n + m, nonfinite + bad
+            for p, s in sums.items():
+                clipped[p] = clipped[p] + s if p in clipped else s
+            for p, s in raws.items():
+                raw_sums[p] = raw_sums[p] + s if p in raw_sums else s
+            for g, norm in norms.items():
+                within.setdefault(g, []).append(norm <= plan.clip[g])
         for p in self.params:
             if p not in clipped:
                 clipped[p] = torch.zeros_like(p)
@@ -280,6 +307,9 @@ class PrivacyEngine:
                 )
             )
         self.ledger.record(event)  # charged before the noisy update reaches the model
+        if main:
+            for hook in self._release_hooks:
+                hook(self.steps_taken + 1, update)
         # A released update that is not finite (diverged parameters, overflow) is not applied;
         # the decision reads only the released update, so it is post-processing.
         applied = bool(torch.stack([torch.isfinite(update[p]).all() for p in self.params]).all())
@@ -350,6 +380,50 @@ class PrivacyEngine:
     def detach(self) -> None:
         """Remove the hooks; the model is an ordinary module again."""
         self.capture.detach()
+
+
+@torch.no_grad()
+def _clip_injected(
+    injected: dict[nn.Parameter, Tensor],
+    groups: dict[str, list[nn.Parameter]],
+    clip: dict[str, float],
+    *,
+    raw: bool,
+) -> tuple[int, dict[nn.Parameter, Tensor], dict[nn.Parameter, Tensor], dict[str, Tensor], int]:
+    """Clip injected per-sample gradients exactly as :func:`~dptrain.clipping.clip_and_sum`
+    clips the batch's: ``c_gb = min(1, C_g / (||g_b|_g|| + 1e-6))``, 0 for a sample whose
+    norm is not finite.  Returns ``(m, clipped sums, raw sums, norms per group, nonfinite)``."""
+    known = {p for ps in groups.values() for p in ps}
+    sizes = {t.shape[0] for t in injected.values()}
+    if len(sizes) != 1 or any(p not in known for p in injected):
+        raise ValueError(
+            "injected gradients must be given for trainable parameters of this engine, all "
+            f"with the same number of samples; got sample counts {sorted(sizes)}"
+        )
+    for p, t in injected.items():
+        if tuple(t.shape[1:]) != tuple(p.shape):
+            raise ValueError(f"injected[p] must have shape (m, *p.shape), got {tuple(t.shape)}")
+    m = sizes.pop()
+    device = next(iter(injected.values())).device
+    sq = {g: torch.zeros(m, device=device) for g in groups}
+    for g, ps in groups.items():
+        for p in ps:
+            if p in injected:
+                sq[g] = sq[g] + injected[p].flatten(1).to(torch.float32).pow(2).sum(1)
+    norms = {g: v.sqrt() for g, v in sq.items()}
+    finite = torch.stack([torch.isfinite(v) for v in norms.values()]).all(0)
+    sums, raws = {}, {}
+    for g, ps in groups.items():
+        c = clip[g]
+        k = torch.ones(m, device=device) if math.isinf(c) else (c / (norms[g] + 1e-6)).clamp(max=1)
+        k = torch.where(finite, k, torch.zeros_like(k))
+        for p in ps:
+            if p in injected:
+                gs = torch.where(finite.view((-1,) + (1,) * p.dim()), injected[p], 0.0)
+                sums[p] = torch.einsum("b,b...->...", k.to(gs.dtype), gs)
+                if raw:
+                    raws[p] = gs.sum(0)
+    return m, sums, raws, norms, int((~finite).sum())
 
 
 def check_fallback(capture: GradCapture, uses: list) -> None:
