@@ -291,7 +291,7 @@ def fdp_rejects(
 
 
 def fdp_gaussian_mu(
-    m: int, k: np.ndarray | int, v: np.ndarray | int, confidence: float, *, iters: int = 36
+    m: int, k: np.ndarray | int, v: np.ndarray | int, confidence: float, *, iters: int = 26
 ) -> np.ndarray:
     """Largest ``mu`` such that "mu'-GDP" is rejected for every ``mu' < mu``, at
     ``confidence`` (0 if even mu = 0, perfect privacy, is not rejected); vectorized."""
@@ -342,7 +342,7 @@ def fdp_tests(
     return np.stack([fdp_rejects(m, ks, right, g, beta).any(axis=0) for g in curves])
 
 
-def ledger_tradeoff(events: Sequence, *, grid: int = 2000) -> Tradeoff:
+def ledger_tradeoff(events: Sequence, *, grid: int = 1000) -> Tradeoff:
     """``g`` of the trade-off curve a ledger's events imply, from their privacy profile by the
     PLD accountant (pessimistic, so below the true curve): ``f(a) = max(0, max_eps
     max(1 - delta(eps) - e^eps a, e^-eps (1 - delta(eps) - a)))`` over a grid of eps >= 0.
@@ -350,13 +350,16 @@ def ledger_tradeoff(events: Sequence, *, grid: int = 2000) -> Tradeoff:
     approximation makes the curve less private: a rejection stays valid."""
     from accountants import PldAccountant
 
-    acc = PldAccountant()
-    top = 1.0
-    while acc.deltas(events, [top])[0] > 1e-14 and top < 1e4:
-        top *= 2
+    deltas = PldAccountant().profile(events)
+    top, last = 1.0, 1.0
+    while top < 512:  # up to where delta is negligible or only the mass at infinity is left
+        d_top = deltas([top])[0]
+        if d_top <= 1e-14 or d_top >= last * (1 - 1e-9):
+            break
+        top, last = 2 * top, d_top
     eps = np.linspace(0.0, top, grid)
-    d = acc.deltas(events, eps)
-    xs = np.unique(np.concatenate([[0.0], np.logspace(-16, 0, 3000), np.linspace(0, 1, 2001)]))
+    d = deltas(eps)
+    xs = np.unique(np.concatenate([[0.0], np.logspace(-16, 0, 2000), np.linspace(0, 1, 1001)]))
     gs = np.zeros(len(xs))
     for start in range(0, len(eps), 256):  # chunks bound the (x, eps) table
         e, de = eps[start : start + 256], d[start : start + 256]
