@@ -140,8 +140,8 @@ def whitebox_verdict(w: dict[str, Any]) -> tuple[str, list[str]]:
         f"{w['canaries']} white-box canaries ({w['members']} of them trained on, by secret coin), "
         "an auditor who sees every released update: "
         + (
-            f"the updates behave no more privately than noise {led['noise_factor']:.3g} times "
-            f"the recorded one, which the {w['accountant']} accountant charges epsilon "
+            f"the updates are less private than they would be with {led['noise_factor']:.3g} "
+            f"times the recorded noise, which the {w['accountant']} accountant charges epsilon "
             f"{_eps(led['epsilon'])}"
             if led["epsilon"] > 0
             else "no trade-off curve of the ledger's family is rejected"

@@ -13,7 +13,8 @@ implementation is not the mechanism its ledger describes.
 is a member with probability 1/2 (secret coin); members are records of the dataset, sampled
 by the same (Poisson, rate q) sampler as any record, and reach the engine through
 ``step(batch, injected=...)``, so clipping, grouping, noise and the release are production
-code.  An engine that leaves a group unclipped passes ``scale`` times more of it.  Where a
+code.  An engine that leaves a group unclipped passes ``scale`` (default 100) times more of
+it, enough to stand out of the background of unclipped records there.  Where a
 group has at least ``m`` coordinates, each canary gets its own (up to ``support``), so the
 canaries are exactly orthogonal and never blur each other's scores; in smaller groups their
 random supports overlap.
@@ -110,7 +111,7 @@ class Canaries:
         m: int,
         rng: np.random.Generator,
         *,
-        scale: float = 10.0,
+        scale: float = 100.0,
         support: int = 16,
     ) -> Canaries:
         if m < 2 or scale <= 1 or support < 1:
@@ -300,7 +301,7 @@ def whitebox_audit(
     records: Callable[[Tensor], Any] | None = None,
     n_records: int = 0,
     sampler: Callable[[int, float, np.random.Generator], Sampler] | None = None,
-    scale: float = 10.0,
+    scale: float = 100.0,
     support: int = 16,
     simulations: int = 32,
     log: Callable[[str], None] | None = None,
