@@ -293,7 +293,7 @@ def test_injected_samples_are_clipped_like_records_and_hooks_see_the_release(gro
         model = lora(tiny_llama(), ["q_proj", "v_proj"])
         engine = make(model, sigma=0.5, clip=0.05, n=3, grouping=grouping, noise=GaussianNoise(3))
         engine.add_release_hook(
-            lambda step, update, e=engine: seen.append(
+            lambda step, update, e=engine, mode=mode: seen.append(
                 (mode, step, e.ledger.total_steps, {p: u.clone() for p, u in update.items()})
             )
         )
