@@ -287,6 +287,15 @@ def audit_run(
     )  # fmt: skip
     if whitebox is not None:
         summary["whitebox"] = whitebox
+        led = whitebox["bounds"]["ledger"]
+        summary["epsilon_lower_bounds"]["whitebox"] = {
+            "epsilon": led["epsilon"],
+            "confidence": whitebox["confidence"],
+            "canaries": whitebox["canaries"],
+        }
+        summary["empirical_epsilon_lower_bound"] = max(
+            summary["empirical_epsilon_lower_bound"], led["epsilon"]
+        )
         summary["privacy_bug_suspected"] |= whitebox["privacy_bug_suspected"]
     figures = timer("report", lambda: render_figures(summary, attacks, is_member, canaries))
     timer.seconds["total"] = time.perf_counter() - t_start

@@ -105,7 +105,11 @@ def verdict(s: dict[str, Any]) -> tuple[str, list[str]]:
         ]
     if s["privacy_bug_suspected"]:
         over = [
-            {"one_run": "the one-run bound", "clopper_pearson": "the Clopper-Pearson bound"}[k]
+            {
+                "one_run": "the one-run bound",
+                "clopper_pearson": "the Clopper-Pearson bound",
+                "whitebox": "the white-box bound",
+            }[k]
             for k, b in bounds.items()
             if b["epsilon"] > eps
         ]

@@ -459,7 +459,6 @@ def audit_configuration(
         grouping=recipe.policy.grouping,
         accountant=meta.get("guarantee_accountant") or recipe.privacy.accountant,
         noise=GaussianNoise(secure=True),
-        ghost=False,
     )
     steps = int(meta["steps"])
     if log:
