@@ -25,8 +25,9 @@ Not valid under fully adaptive composition (``adaptive_valid = False``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import numpy as np
 from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 
@@ -107,3 +108,38 @@ class PldAccountant:
         if acc is None:
             return 0.0
         return min(1.0, max(0.0, float(acc.get_delta(epsilon))))
+
+    def profile(self, events: Sequence[Event]) -> Callable[[Sequence[float]], np.ndarray]:
+        """The privacy profile ``epsilons -> delta(epsilon)`` of ``events`` (composed once):
+        upper bounds, the worse of the add and remove directions, for epsilons >= 0.  Each
+        direction's ``delta(eps) = m_inf + sum_{l > eps} p_l (1 - e^(eps - l))`` is evaluated
+        from its discrete loss pmf by suffix sums (one pass for all epsilons)."""
+        acc = self._accountant(events)
+        pmfs = [] if acc is None else [acc._pld._pmf_remove, acc._pld._pmf_add]
+        tables = [_suffix_table(p.to_dense_pmf()) for p in pmfs]
+
+        def deltas(epsilons: Sequence[float]) -> np.ndarray:
+            eps = np.asarray(epsilons, dtype=float)
+            if eps.ndim != 1 or np.any(~np.isfinite(eps)) or np.any(eps < 0):
+                raise ValueError("epsilons must be a 1-d array of finite values >= 0")
+            out = np.zeros_like(eps)
+            for losses, upper, lower_log in tables:
+                k = np.searchsorted(losses, eps, side="right")  # first loss > eps
+                with np.errstate(divide="ignore"):
+                    d = upper[k] - np.exp(np.minimum(eps + lower_log[k], 700.0))
+                out = np.maximum(out, d)
+            return np.clip(out, 0.0, 1.0)
+
+        return deltas
+
+
+def _suffix_table(pmf) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Loss grid of a dense PLD pmf and, from each index on, ``m_inf + sum p`` and
+    ``log sum p e^-l`` (so the profile is ``upper - e^(eps + lower_log)``)."""
+    probs = np.asarray(pmf._probs, dtype=float)
+    losses = (np.arange(len(probs)) + pmf._lower_loss) * pmf._discretization
+    upper = np.append(np.cumsum(probs[::-1])[::-1], 0.0) + pmf._infinity_mass
+    with np.errstate(divide="ignore"):
+        terms = np.log(np.where(probs > 0, probs, 0.0)) - losses
+    lower_log = np.append(np.logaddexp.accumulate(terms[::-1])[::-1], -np.inf)
+    return losses, upper, lower_log

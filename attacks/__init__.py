@@ -1,11 +1,15 @@
 """Privacy audits of dptrain runs: membership inference (loss, zlib, min-k%, LiRA, RMIA),
-canary exposure, and empirical epsilon lower bounds (one-run, Clopper-Pearson).
+canary exposure, and empirical epsilon lower bounds (one-run, f-DP one-run, Clopper-Pearson);
+the white-box canary audit of a privacy configuration through the real engine.
 
-Entry point: :func:`attacks.audit.audit_run` (``dptrain audit RUN_DIR``)."""
+Entry points: :func:`attacks.audit.audit_run` (``dptrain audit RUN_DIR``) and
+:func:`attacks.whitebox.whitebox_audit` / :func:`attacks.whitebox.audit_configuration`."""
 
 from .bounds import (
+    ceilings,
     clopper_pearson,
     epsilon_from_rates,
+    fdp_audit,
     gaussian_epsilon,
     one_run_epsilon,
     one_run_epsilon_best,
@@ -19,10 +23,12 @@ __all__ = [
     "ATTACKS",
     "Observations",
     "Roc",
+    "ceilings",
     "clopper_pearson",
     "epsilon_from_rates",
     "exposure_exact",
     "exposure_extrapolated",
+    "fdp_audit",
     "gaussian_epsilon",
     "one_run_epsilon",
     "one_run_epsilon_best",

@@ -16,7 +16,10 @@ Steps (each timed; the report says which dominated):
    how much more likely the final model finds it than ``theta_0`` does (``sum_nll`` drop).
 6. The Clopper-Pearson bound from each attack's TPR/FPR: the threshold is chosen on one random
    half of the records and evaluated on the other; Bonferroni over attacks.
-7. ``audit/summary.json``, ``audit/report.html`` and a table on the terminal.
+7. With ``whitebox`` (``audit.whitebox: true``): the white-box canary audit of the run's
+   privacy configuration through the real engine (:mod:`attacks.whitebox`), also written to
+   ``audit/whitebox.json`` / ``whitebox.html``.
+8. ``audit/summary.json``, ``audit/report.html`` and a table on the terminal.
 
 The report and summary hold statistics of private records and the canaries' verdicts: they are
 for the data owner, like ``metrics.jsonl``; do not publish them with the model.
@@ -273,10 +276,27 @@ def audit_run(
         "bounds", lambda: _clopper_pearson(attacks, is_member, claim["delta"], opts.confidence, rng)
     )
 
+    whitebox = None
+    if opts.whitebox and claim["epsilon"] < math.inf:
+        from .whitebox import audit_configuration
+
+        whitebox = timer("white-box audit", lambda: audit_configuration(run.path, opts, log=_log))
     summary = _summary(
         run, meta, recipe, opts, claim, attacks, skipped, cp, canaries, reference,
         n_members=len(members), n_non_members=len(non_members), n_population=len(pop_texts),
     )  # fmt: skip
+    if whitebox is not None:
+        summary["whitebox"] = whitebox
+        led = whitebox["bounds"]["ledger"]
+        summary["epsilon_lower_bounds"]["whitebox"] = {
+            "epsilon": led["epsilon"],
+            "confidence": whitebox["confidence"],
+            "canaries": whitebox["canaries"],
+        }
+        summary["empirical_epsilon_lower_bound"] = max(
+            summary["empirical_epsilon_lower_bound"], led["epsilon"]
+        )
+        summary["privacy_bug_suspected"] |= whitebox["privacy_bug_suspected"]
     figures = timer("report", lambda: render_figures(summary, attacks, is_member, canaries))
     timer.seconds["total"] = time.perf_counter() - t_start
     summary["seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}

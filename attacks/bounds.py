@@ -14,6 +14,26 @@ rejected at level beta.  The guess count ``r`` must not be chosen after looking 
 answers; :func:`one_run_epsilon_best` tries a fixed list of guess counts with a Bonferroni
 correction.
 
+**f-DP in one run** (Mahloujifar, Melis, Chaudhuri 2024).  The same game, tested against a
+whole trade-off curve ``f`` (symmetric) instead of one (eps, delta) pair.  Write
+``g(x) = f(1 - x)``: under f-DP an event of probability ``x`` when a canary is in has
+probability at least ``g(x)`` when it is out, and vice versa.  With ``r = beta v / m``,
+``h = beta (k - v) / m`` (``k`` guesses) and, for ``i = v - 1, ..., 0``,
+
+    h' = max(h, g(r)),   r <- min(1, r + i / (k - i) (h' - h)),   h <- h'
+
+the hypothesis "f-DP" is rejected at level ``beta`` when ``r + h > k / m``
+(their Theorem for the game with abstention).  Against the Gaussian curves
+``g_mu(x) = Phi(Phi^-1(x) - mu)`` the rejected set of ``mu`` is an interval ``[0, mu_lo)``:
+the run is not ``mu``-GDP for any ``mu < mu_lo``, and ``eps(mu_lo, delta)`` of the GDP curve
+is the f-DP lower bound on epsilon (it assumes the run's curve is Gaussian; against the curve
+a ledger actually implies, :func:`ledger_tradeoff`, the test needs no such assumption).  At the
+same ``m`` it certifies more than the (eps, delta) bound (1.2 to 2 times in
+``benchmarks/audit.py planted``), and its ceiling is about twice as high.
+
+**The ceiling** of either bound is its value when every guess is right: the most ``m``
+canaries can show at the stated confidence, whatever the training did.
+
 **Attack rates** (Jagielski, Ullman, Oprea 2020).  (eps, delta)-DP bounds every test:
 ``TPR <= e^eps FPR + delta`` and ``1 - FPR <= e^eps (1 - TPR) + delta``.  With one-sided
 Clopper-Pearson bounds ``TPR_lo``, ``FPR_hi`` (each at ``(1 - confidence) / 2``),
@@ -31,19 +51,32 @@ known truth the one-run bound is tested against.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import optimize, special, stats
 
+Tradeoff = Callable[[np.ndarray], np.ndarray]
+"""``g(x) = f(1 - x)`` of a symmetric trade-off function ``f``, elementwise (non-decreasing)."""
+
 __all__ = [
+    "Tradeoff",
+    "ceilings",
     "clopper_pearson",
     "epsilon_from_rates",
+    "fdp_audit",
+    "fdp_gaussian_mu",
+    "fdp_rejects",
+    "fdp_tests",
     "gaussian_epsilon",
+    "gaussian_tradeoff",
     "guess_plans",
+    "ledger_tradeoff",
     "one_run_audit",
     "one_run_epsilon",
     "one_run_epsilon_best",
     "one_run_p_value",
+    "plan_counts",
 ]
 
 
@@ -137,6 +170,45 @@ def guess_plans(m: int) -> list[tuple[int, int]]:
     return plans
 
 
+def plan_counts(
+    scores: np.ndarray, included: np.ndarray
+) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """The guess plans of :func:`guess_plans` and, for each plan and trial, the right guesses
+    when the ``k_in`` highest scores are guessed included and the ``k_out`` lowest excluded:
+    ``(plans, right)`` with ``right`` of shape (plans, trials).  Scores are batched over a
+    leading axis of independent trials (higher = more likely included)."""
+    scores, included = np.atleast_2d(scores).astype(float), np.atleast_2d(included).astype(bool)
+    m = scores.shape[1]
+    if m == 0 or included.shape != scores.shape:
+        raise ValueError("need one inclusion bit per score and at least one canary")
+    if not np.isfinite(scores).all():
+        raise ValueError("canary scores must be finite")
+    plans = guess_plans(m)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranked = np.take_along_axis(included, order, axis=1)  # inclusion bits, best score first
+    right = np.stack(
+        [ranked[:, :a].sum(1) + (~ranked[:, m - b :]).sum(1) for a, b in plans]
+    ).astype(np.int64)
+    return plans, right
+
+
+def _best_plan(
+    plans: list[tuple[int, int]], right: np.ndarray, values: np.ndarray, key: str
+) -> dict[str, np.ndarray]:
+    """Per trial, the plan with the largest ``values`` (shape (plans, trials))."""
+    best = np.argmax(values, axis=0)
+    cols = np.arange(values.shape[1])
+    k_in = np.array([a for a, _ in plans])[best]
+    k_out = np.array([b for _, b in plans])[best]
+    return {
+        key: values[best, cols],
+        "guesses": k_in + k_out,
+        "correct": right[best, cols],
+        "guessed_in": k_in,
+        "guessed_out": k_out,
+    }
+
+
 def one_run_audit(
     scores: np.ndarray, included: np.ndarray, delta: float, confidence: float
 ) -> dict[str, np.ndarray]:
@@ -145,31 +217,14 @@ def one_run_audit(
     :func:`guess_plans`, each at ``confidence`` Bonferroni-corrected over the plans, so the
     reported bound holds at ``confidence`` overall.  Returns arrays ``epsilon``, ``guesses``
     (r), ``correct`` (v), ``guessed_in``, ``guessed_out``."""
-    scores, included = np.atleast_2d(scores).astype(float), np.atleast_2d(included).astype(bool)
-    trials, m = scores.shape
-    if m == 0 or included.shape != scores.shape:
-        raise ValueError("need one inclusion bit per score and at least one canary")
-    plans = guess_plans(m)
+    plans, right = plan_counts(scores, included)
+    m = np.atleast_2d(scores).shape[1]
     each = 1 - (1 - confidence) / len(plans)
-    order = np.argsort(-scores, axis=1, kind="stable")
-    ranked = np.take_along_axis(included, order, axis=1)  # inclusion bits, best score first
-    out = {
-        k: np.zeros(trials) for k in ("epsilon", "guesses", "correct", "guessed_in", "guessed_out")
-    }
+    eps = np.zeros(right.shape, dtype=float)
     for p, (k_in, k_out) in enumerate(plans):
-        right = ranked[:, :k_in].sum(1) + (~ranked[:, m - k_out :]).sum(1)
-        values, inverse = np.unique(right, return_inverse=True)
-        eps = np.atleast_1d(one_run_epsilon(m, k_in + k_out, values, delta, each))[inverse]
-        better = (eps > out["epsilon"]) | (p == 0)
-        for key, value in (
-            ("epsilon", eps),
-            ("guesses", k_in + k_out),
-            ("correct", right),
-            ("guessed_in", k_in),
-            ("guessed_out", k_out),
-        ):
-            out[key] = np.where(better, value, out[key])
-    return out
+        values, inverse = np.unique(right[p], return_inverse=True)
+        eps[p] = np.atleast_1d(one_run_epsilon(m, k_in + k_out, values, delta, each))[inverse]
+    return _best_plan(plans, right, eps, "epsilon")
 
 
 def one_run_epsilon_best(
@@ -180,8 +235,7 @@ def one_run_epsilon_best(
     res = one_run_audit(scores, included, delta, confidence)
     m = len(np.atleast_1d(scores))
     plans = guess_plans(m)
-    each = 1 - (1 - confidence) / len(plans)
-    ceiling = max(float(one_run_epsilon(m, a + b, a + b, delta, each)) for a, b in plans)
+    ceiling = ceilings(m, delta, confidence)["one_run"]
     out: dict[str, float | int] = {"epsilon": float(res["epsilon"][0])}
     out |= {k: int(res[k][0]) for k in ("guesses", "correct", "guessed_in", "guessed_out")}
     return out | {"canaries": m, "plans": len(plans), "ceiling": ceiling}
@@ -202,3 +256,133 @@ def gaussian_epsilon(mu: float, delta: float) -> float:
     while excess(hi) > 0:
         hi *= 2
     return float(optimize.brentq(excess, 0.0, hi, xtol=1e-12))
+
+
+# -- f-DP in one run (Mahloujifar, Melis, Chaudhuri 2024) ---------------------------------------
+
+
+def gaussian_tradeoff(mu: np.ndarray | float) -> Tradeoff:
+    """``g(x) = Phi(Phi^-1(x) - mu)``: the mu-GDP curve (``mu`` broadcast against ``x``)."""
+    mu = np.asarray(mu, dtype=float)
+    return lambda x: stats.norm.cdf(stats.norm.ppf(x) - mu)
+
+
+def fdp_rejects(
+    m: int, k: np.ndarray | int, v: np.ndarray | int, g: Tradeoff, beta: float
+) -> np.ndarray:
+    """Whether ``v`` right of ``k`` guesses over ``m`` canaries reject "f-DP" at level
+    ``beta`` (the recursion of the module docstring), vectorized over ``k`` and ``v``; ``g``
+    gets and returns arrays of their broadcast shape (per-entry curves are allowed)."""
+    k, v = np.broadcast_arrays(np.asarray(k, dtype=np.int64), np.asarray(v, dtype=np.int64))
+    if m < 1 or np.any(v < 0) or np.any(v > k) or np.any(k > m) or not 0 < beta < 1:
+        raise ValueError(f"need 0 <= v <= k <= m, m >= 1 and 0 < beta < 1 (m={m})")
+    k, v = k.astype(float), v.astype(float)
+    r, h = beta * v / m, beta * (k - v) / m
+    done = v <= 0
+    step = 0
+    while not done.all():  # each entry stops once h is a fixed point (few iterations)
+        i = v - 1 - step
+        h_new = np.maximum(h, g(r))
+        grown = h_new > h
+        r_new = np.minimum(r + i / np.maximum(k - i, 1.0) * (h_new - h), 1.0)
+        r, h = np.where(done, r, r_new), np.where(done, h, h_new)
+        done = done | ~grown | (i <= 0)
+        step += 1
+    return r + h > k / m
+
+
+def fdp_gaussian_mu(
+    m: int, k: np.ndarray | int, v: np.ndarray | int, confidence: float, *, iters: int = 26
+) -> np.ndarray:
+    """Largest ``mu`` such that "mu'-GDP" is rejected for every ``mu' < mu``, at
+    ``confidence`` (0 if even mu = 0, perfect privacy, is not rejected); vectorized."""
+    beta = 1 - confidence
+    k, v = np.broadcast_arrays(np.atleast_1d(k), np.atleast_1d(v))
+    hi = np.full(k.shape, 16.0)
+    if fdp_rejects(m, k, v, gaussian_tradeoff(hi), beta).any():
+        raise RuntimeError("f-DP search: mu = 16 rejected; raise the bracket")
+    lo = np.zeros(k.shape)
+    any_ = fdp_rejects(m, k, v, gaussian_tradeoff(lo), beta)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        rej = fdp_rejects(m, k, v, gaussian_tradeoff(mid), beta)
+        lo, hi = np.where(rej, mid, lo), np.where(rej, hi, mid)
+    return np.where(any_, lo, 0.0)
+
+
+def fdp_audit(
+    scores: np.ndarray, included: np.ndarray, delta: float, confidence: float
+) -> dict[str, np.ndarray]:
+    """The f-DP one-run bound against Gaussian curves, batched over trials like
+    :func:`one_run_audit` (same guess plans, Bonferroni over them): arrays ``mu``,
+    ``epsilon`` (of the mu-GDP curve at ``delta``), ``guesses``, ``correct``, ..."""
+    plans, right = plan_counts(scores, included)
+    m = np.atleast_2d(scores).shape[1]
+    each = 1 - (1 - confidence) / len(plans)
+    ks = np.array([a + b for a, b in plans])[:, None]
+    pairs = np.unique(np.stack(np.broadcast_arrays(ks, right), -1).reshape(-1, 2), axis=0)
+    mus = dict(
+        zip(map(tuple, pairs), fdp_gaussian_mu(m, pairs[:, 0], pairs[:, 1], each), strict=True)
+    )
+    mu = np.vectorize(lambda a, b: mus[(a, b)], otypes=[float])(*np.broadcast_arrays(ks, right))
+    out = _best_plan(plans, right, mu, "mu")
+    eps_of = {x: gaussian_epsilon(x, delta) if x > 0 else 0.0 for x in np.unique(out["mu"])}
+    out["epsilon"] = np.array([eps_of[x] for x in out["mu"]])
+    return out
+
+
+def fdp_tests(
+    scores: np.ndarray, included: np.ndarray, curves: Sequence[Tradeoff], confidence: float
+) -> np.ndarray:
+    """For each curve and trial: is "f-DP" rejected by some guess plan at ``confidence``
+    (Bonferroni over the plans)?  Shape (curves, trials)."""
+    plans, right = plan_counts(scores, included)
+    m = np.atleast_2d(scores).shape[1]
+    beta = (1 - confidence) / len(plans)
+    ks = np.broadcast_to(np.array([a + b for a, b in plans])[:, None], right.shape)
+    return np.stack([fdp_rejects(m, ks, right, g, beta).any(axis=0) for g in curves])
+
+
+def ledger_tradeoff(events: Sequence, *, grid: int = 1000) -> Tradeoff:
+    """``g`` of the trade-off curve a ledger's events imply, from their privacy profile by the
+    PLD accountant (pessimistic, so below the true curve): ``f(a) = max(0, max_eps
+    max(1 - delta(eps) - e^eps a, e^-eps (1 - delta(eps) - a)))`` over a grid of eps >= 0.
+    Evaluated at the largest grid point ``x_j <= x`` (``g`` is non-decreasing), so every
+    approximation makes the curve less private: a rejection stays valid."""
+    from accountants import PldAccountant
+
+    deltas = PldAccountant().profile(events)
+    top, last = 1.0, 1.0
+    while top < 512:  # up to where delta is negligible or only the mass at infinity is left
+        d_top = deltas([top])[0]
+        if d_top <= 1e-14 or d_top >= last * (1 - 1e-9):
+            break
+        top, last = 2 * top, d_top
+    eps = np.linspace(0.0, top, grid)
+    d = deltas(eps)
+    xs = np.unique(np.concatenate([[0.0], np.logspace(-16, 0, 2000), np.linspace(0, 1, 1001)]))
+    gs = np.zeros(len(xs))
+    for start in range(0, len(eps), 256):  # chunks bound the (x, eps) table
+        e, de = eps[start : start + 256], d[start : start + 256]
+        low = np.exp(-e)[None, :] * (xs[:, None] - de[None, :])
+        high = 1 - de[None, :] - np.exp(e)[None, :] * (1 - xs[:, None])
+        gs = np.maximum(gs, np.maximum(low, high).max(1))
+    gs = np.maximum.accumulate(np.clip(gs, 0.0, 1.0))
+
+    def g(x: np.ndarray) -> np.ndarray:
+        j = np.searchsorted(xs, np.clip(x, 0.0, 1.0), side="right") - 1
+        return gs[np.clip(j, 0, len(xs) - 1)]
+
+    return g
+
+
+def ceilings(m: int, delta: float, confidence: float) -> dict[str, float]:
+    """The most ``m`` canaries can show at ``confidence`` (every guess right, best plan):
+    ``one_run`` (Steinke et al.) and ``fdp`` (Gaussian f-DP, as epsilon at ``delta``) and
+    ``fdp_mu``."""
+    plans = guess_plans(m)
+    each = 1 - (1 - confidence) / len(plans)
+    ks = np.array([a + b for a, b in plans])
+    steinke = max(float(one_run_epsilon(m, int(k), int(k), delta, each)) for k in ks)
+    mu = float(fdp_gaussian_mu(m, ks, ks, each).max())
+    return {"one_run": steinke, "fdp": gaussian_epsilon(mu, delta), "fdp_mu": mu}

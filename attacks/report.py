@@ -15,7 +15,14 @@ import numpy as np
 
 from dptrain.rundir import atomic_write
 
-__all__ = ["print_table", "render_figures", "verdict", "write_report"]
+__all__ = [
+    "print_table",
+    "render_figures",
+    "verdict",
+    "whitebox_verdict",
+    "write_report",
+    "write_whitebox",
+]
 
 _COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
 
@@ -85,6 +92,11 @@ def verdict(s: dict[str, Any]) -> tuple[str, list[str]]:
             f"Note: run.json reports epsilon {_eps(stated)}, but the ledger gives {_eps(eps)}; "
             "the audit compares against the ledger."
         )
+    w = s.get("whitebox")
+    if w and w["privacy_bug_suspected"]:
+        return "bug", whitebox_verdict(w)[1] + words
+    if w:
+        words += whitebox_verdict(w)[1]
     if not s["privacy_guarantee"]:
         return "none", [
             "This run has NO privacy guarantee: it was trained without noise (the ledger's "
@@ -93,7 +105,11 @@ def verdict(s: dict[str, Any]) -> tuple[str, list[str]]:
         ]
     if s["privacy_bug_suspected"]:
         over = [
-            {"one_run": "the one-run bound", "clopper_pearson": "the Clopper-Pearson bound"}[k]
+            {
+                "one_run": "the one-run bound",
+                "clopper_pearson": "the Clopper-Pearson bound",
+                "whitebox": "the white-box bound",
+            }[k]
             for k, b in bounds.items()
             if b["epsilon"] > eps
         ]
@@ -113,6 +129,111 @@ def verdict(s: dict[str, Any]) -> tuple[str, list[str]]:
         "A lower bound far below the accountant's epsilon is normal: audits of one run with few "
         "canaries are loose, so this does not show the guarantee is loose.",
     ]
+
+
+def whitebox_verdict(w: dict[str, Any]) -> tuple[str, list[str]]:
+    """``(level, sentences)`` of a white-box audit (:mod:`attacks.whitebox`): "bug" or "ok"."""
+    b, c, conf = w["bounds"], w["ceiling"], w["confidence"]
+    claim, delta = w["claimed_epsilon"], w["delta"]
+    led = b["ledger"]
+    mech = (
+        f"Poisson-subsampled Gaussian steps at q={w['sample_rate']:.3g}, noise multiplier "
+        f"{w['noise_multiplier']:.3g}, {w['steps']} steps, {w['groups']} clip group(s)"
+    )
+    evidence = (
+        f"{w['canaries']} white-box canaries ({w['members']} of them trained on, by secret coin), "
+        "an auditor who sees every released update: "
+        + (
+            f"the updates are less private than they would be with {led['noise_factor']:.3g} "
+            f"times the recorded noise, which the {w['accountant']} accountant charges epsilon "
+            f"{_eps(led['epsilon'])}"
+            if led["epsilon"] > 0
+            else "no trade-off curve of the ledger's family is rejected"
+        )
+        + f"; the f-DP bound (Gaussian curve) is {_eps(b['fdp']['epsilon'])} and Steinke et "
+        f"al.'s {_eps(b['one_run']['epsilon'])}, at {conf:.0%} confidence."
+    )
+    reach = (
+        f"The most {w['canaries']} canaries can show is {_eps(c['ledger'])} (ledger curve), "
+        f"{_eps(c['fdp'])} (f-DP), {_eps(c['one_run'])} (Steinke et al.)"
+    )
+    p = w.get("perfect")
+    if p:
+        reach += (
+            f"; a perfect attacker on the exact claimed mechanism certifies {_eps(p['ledger'])} "
+            f"(median of {p['simulations']} simulated runs)"
+        )
+    words = [evidence, reach + "."]
+    if w["privacy_bug_suspected"]:
+        return "bug", [
+            f"LIKELY PRIVACY BUG (white-box audit): at {conf:.0%} confidence the released updates "
+            f"are less private than the mechanism the ledger records ({mech}): the f-DP test "
+            f"rejects the ledger's own trade-off curve, so the implementation leaks more than "
+            f"the claimed ({_eps(claim)}, {delta:.3g})-DP. Do not release this model; check "
+            "noise, clipping and sampling.",
+            *words,
+        ]
+    return "ok", [
+        f"White-box audit consistent with the ledger ({mech}): the empirical lower bound "
+        f"{_eps(led['epsilon'])} is below the claimed epsilon {_eps(claim)} at delta "
+        f"{delta:.3g}.",
+        *words,
+    ]
+
+
+def _whitebox_table(w: dict[str, Any]) -> str:
+    b, c, p = w["bounds"], w["ceiling"], w.get("perfect") or {}
+    names = {
+        "ledger": "f-DP, the ledger's own curve (verdict)",
+        "fdp": "f-DP, Gaussian curve (Mahloujifar et al. 2024)",
+        "one_run": "(ε, δ) one run (Steinke et al. 2023)",
+    }
+    rows = "".join(
+        f"<tr><td>{names[k]}</td><td>{_eps(b[k]['epsilon'])}</td><td>{_eps(c[k])}</td>"
+        f"<td>{_eps(p[k]) if k in p else '—'}</td></tr>"
+        for k in names
+    )
+    return (
+        f"<table><tr><th>bound at {w['confidence']:.0%} confidence</th><th>ε ≥</th>"
+        f"<th>ceiling ({w['canaries']} canaries)</th><th>perfect attacker (median)</th></tr>"
+        f"<tr><td>accountant ({html.escape(w['accountant'])}), the claim</td>"
+        f"<td>{_eps(w['claimed_epsilon'])} (upper bound)</td><td>—</td><td>—</td></tr>"
+        + rows
+        + "</table>"
+    )
+
+
+def whitebox_section(w: dict[str, Any]) -> str:
+    level, words = whitebox_verdict(w)
+    return (
+        "<h2>White-box audit of the privacy configuration</h2>"
+        f"<div class='box {level}'>"
+        + "".join(f"<p>{html.escape(x)}</p>" for x in words)
+        + "</div>"
+        + _whitebox_table(w)
+        + "<p class=note>The canaries are records whose per-sample gradients the auditor chose "
+        "(clipped in every group), each trained on with probability 1/2 and Poisson-sampled like "
+        "any record, injected into the run's own engine; the auditor scores each by the "
+        "likelihood ratio of the subsampled Gaussian mechanism on the released updates. This is "
+        "the threat model the accountant covers, so a bound above the claim is a bug, not a "
+        "loose analysis. The ceiling is what the canary count allows at this confidence whatever "
+        "training did; the perfect attacker shows what any attacker could certify against a "
+        "correct run with these canaries.</p>"
+    )
+
+
+def write_whitebox(out_dir: Path, w: dict[str, Any]) -> None:
+    """Write ``whitebox.json`` and a self-contained ``whitebox.html`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "whitebox.json", lambda f: json.dump(_jsonable(w), f, indent=2))
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>White-box privacy audit</title>"
+        f"<style>{_CSS}</style></head><body><h1>White-box privacy audit</h1>"
+        f"<p class=note>{html.escape(str(w.get('run_dir', '')))}</p>"
+        + whitebox_section(w)
+        + "</body></html>"
+    )
+    atomic_write(out_dir / "whitebox.html", lambda f: f.write(page))
 
 
 # -- terminal ----------------------------------------------------------------------------------
@@ -141,6 +262,13 @@ def print_table(s: dict[str, Any], out: TextIO) -> None:
             lines.append(
                 f"epsilon >= ({label:<15}) {_eps(b['epsilon'])} at {b['confidence']:.0%} confidence"
             )
+    w = s.get("whitebox")
+    if w:
+        lines.append(
+            f"epsilon >= (white box      ) {_eps(w['bounds']['ledger']['epsilon'])} "
+            f"(f-DP {_eps(w['bounds']['fdp']['epsilon'])}, ceiling {_eps(w['ceiling']['ledger'])}, "
+            f"{w['canaries']} canaries)"
+        )
     level, words = verdict(s)
     lines += ["", {"bug": "!! ", "none": "!  ", "ok": ""}[level] + words[0]]
     lines += [f"report              {Path(s['run_dir']) / 'audit' / 'report.html'}"]
@@ -400,6 +528,8 @@ def write_report(
             "exposure growing with k is expected even for a private run. The one-run bound uses "
             "only single canaries.</p>"
         )
+    if s.get("whitebox"):
+        parts.append(whitebox_section(s["whitebox"]))
     secs = ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds"].items() if k != "total")
     parts += [
         "<h2>About this report</h2>",

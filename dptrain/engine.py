@@ -242,7 +242,7 @@ class PrivacyEngine:
             loss_sum += float(losses.detach()[finite].sum())
             self.optimizer.zero_grad(set_to_none=True)
         if injected:  # extra samples with given per-sample gradients, through the same clipping
-            m = next(iter(injected.values())).shape[0]
+            m = _check_injected(injected, self.group_of)
             add(Recorded([], {p: g.to(p.dtype) for p, g in injected.items()}, m))
             n += m
         for p in self.params:
@@ -350,6 +350,20 @@ class PrivacyEngine:
     def detach(self) -> None:
         """Remove the hooks; the model is an ordinary module again."""
         self.capture.detach()
+
+
+def _check_injected(injected: dict[nn.Parameter, Tensor], group_of: dict) -> int:
+    """The number of injected samples, after checking their shapes name this engine's params."""
+    sizes = {t.shape[0] for t in injected.values()}
+    if len(sizes) != 1 or any(p not in group_of for p in injected):
+        raise ValueError(
+            "injected gradients must be given for trainable parameters of this engine, all "
+            f"with the same number of samples; got sample counts {sorted(sizes)}"
+        )
+    for p, t in injected.items():
+        if tuple(t.shape[1:]) != tuple(p.shape):
+            raise ValueError(f"injected[p] must have shape (m, *p.shape), got {tuple(t.shape)}")
+    return sizes.pop()
 
 
 def _check_optimizer(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:

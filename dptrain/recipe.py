@@ -200,6 +200,13 @@ class AuditSection(Section):
     rmia_gamma: float = Field(1.0, ge=1)
     rmia_offline_a: float = Field(1.0, gt=0, le=1)
     batch_size: int = Field(16, ge=1, description="records per forward pass")
+    whitebox: bool = Field(
+        False, description="white-box canary audit of the run's privacy configuration"
+    )
+    whitebox_canaries: int = Field(1000, ge=16, le=100_000, description="white-box canaries")
+    whitebox_simulations: int = Field(
+        32, ge=0, le=1000, description="simulated runs of the perfect attacker (0: none)"
+    )
 
     @field_validator("shadows")
     @classmethod

@@ -517,6 +517,13 @@ def train(
         from attacks.audit import audit_run
 
         audit_run(run.path, recipe.audit, progress=progress)
+    elif main and finished and recipe.audit is not None and recipe.audit.whitebox:
+        from attacks.report import whitebox_verdict
+        from attacks.whitebox import audit_configuration
+
+        w = audit_configuration(run.path, recipe.audit, log=log)
+        print(f"white-box audit      {whitebox_verdict(w)[1][0]}", flush=True)
+        print(f"report              {run.path / 'audit' / 'whitebox.html'}", flush=True)
     return result
 
 

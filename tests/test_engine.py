@@ -277,3 +277,39 @@ def test_optimizer_missing_params_is_an_error():
             sample_rate=0.1,
             dataset_size=10,
         )
+
+
+@pytest.mark.parametrize("grouping", ["flat", "per_layer"])
+def test_injected_samples_are_clipped_like_records_and_hooks_see_the_release(grouping):
+    """A record's per-sample gradient injected through ``step(..., injected=...)`` moves the
+    model exactly as the record itself does; the release hook sees the update the optimizer
+    applies (SGD lr = 1), after the ledger has charged the step."""
+    batch = lm_batch(61, 3, 6, seed=8)
+    model = lora(tiny_llama(), ["q_proj", "v_proj"])
+    grads = loop_per_sample_grads(model, causal_lm_loss, batch)
+    by_name = {n: grads[p] for n, p in model.named_parameters() if p in grads}
+    results, seen = [], []
+    for mode in ("records", "injected"):
+        model = lora(tiny_llama(), ["q_proj", "v_proj"])
+        engine = make(model, sigma=0.5, clip=0.05, n=3, grouping=grouping, noise=GaussianNoise(3))
+        engine.add_release_hook(
+            lambda step, update, e=engine, mode=mode: seen.append(
+                (mode, step, e.ledger.total_steps, {p: u.clone() for p, u in update.items()})
+            )
+        )
+        before = snapshot(model)
+        if mode == "records":
+            report = engine.step(batch)
+        else:
+            third = {p: by_name[n][2:] for n, p in model.named_parameters() if n in by_name}
+            report = engine.step({k: v[:2] for k, v in batch.items()}, injected=third)
+        assert report.batch_size == 3
+        after = snapshot(model)
+        results.append({n: before[n] - after[n] for n in before})
+        _, step, charged, update = seen[-1]
+        assert step == 1 and charged == 1
+        names = {p: n for n, p in model.named_parameters()}
+        for p, u in update.items():
+            assert_close_rel(u, results[-1][names[p]], rtol=1e-9, what=names[p])
+    for name in results[0]:
+        assert_close_rel(results[1][name], results[0][name], rtol=1e-7, what=name)

@@ -26,6 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shadow-steps", type=int, help="steps per shadow model (default: the run's)")
     p.add_argument("--confidence", type=float, help="confidence of the lower bounds (default 0.95)")
     p.add_argument("--exposure-samples", type=int, help="candidates per canary when extrapolating")
+    p.add_argument(
+        "--whitebox",
+        action="store_true",
+        help="also run the white-box canary audit of the run's privacy configuration",
+    )
+    p.add_argument("--whitebox-canaries", type=int, help="white-box canaries (default 1000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -47,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         "shadow_steps": args.shadow_steps,
         "confidence": args.confidence,
         "exposure_samples": args.exposure_samples,
+        "whitebox": True if args.whitebox else None,
+        "whitebox_canaries": args.whitebox_canaries,
     }
     changes = {k: v for k, v in flags.items() if v is not None}
     try:

@@ -124,7 +124,8 @@ def test_dp_run_audited_after_training_stays_below_its_epsilon(tmp_path, capsys)
     out = tmp_path / "dp"
     recipe = tiny_recipe(
         out, private=True, canaries={1: 64, 4: 1}, steps=20, after_training=True, shadows=2,
-        shadow_steps=5, members=16, non_members=32, population=16,
+        shadow_steps=5, members=16, non_members=32, population=16, whitebox=True,
+        whitebox_canaries=200, whitebox_simulations=4,
     )  # fmt: skip
     result = train(recipe, progress=False)
     assert 0.5 < result.epsilon <= 1.0
@@ -133,7 +134,14 @@ def test_dp_run_audited_after_training_stays_below_its_epsilon(tmp_path, capsys)
     assert s["empirical_epsilon_lower_bound"] <= s["accountant_epsilon"]
     assert not s["privacy_bug_suspected"]
     assert {"lira_online", "rmia_online"} <= set(s["attacks"])
-    assert "class='box ok'" in (out / "audit" / "report.html").read_text()
+    page = (out / "audit" / "report.html").read_text()
+    assert "class='box ok'" in page
+    # the white-box audit of the same configuration, beside the others
+    w = s["whitebox"]
+    assert w["canaries"] == 200 and w["steps"] == result.steps and not w["privacy_bug_suspected"]
+    assert w["claimed_epsilon"] == pytest.approx(result.epsilon, rel=1e-6)
+    assert "White-box audit of the privacy configuration" in page
+    assert (out / "audit" / "whitebox.json").exists()
     # shadow models are cached and reused by the next audit
     adapters = sorted((out / "audit" / "shadows").glob("shadow-*/final/*.safetensors"))
     assert len(adapters) == 2

@@ -1,5 +1,6 @@
-"""Empirical-epsilon bounds: Clopper-Pearson, Jagielski et al., and the one-run bound of
-Steinke, Nasr, Jagielski (2023) against mechanisms of known epsilon."""
+"""Empirical-epsilon bounds: Clopper-Pearson, Jagielski et al., the one-run bound of
+Steinke, Nasr, Jagielski (2023) and the f-DP one-run bound of Mahloujifar et al. (2024)
+against mechanisms of known epsilon."""
 
 from __future__ import annotations
 
@@ -10,10 +11,16 @@ import pytest
 from scipy import stats
 
 from attacks.bounds import (
+    ceilings,
     clopper_pearson,
     epsilon_from_rates,
+    fdp_audit,
+    fdp_gaussian_mu,
+    fdp_rejects,
     gaussian_epsilon,
+    gaussian_tradeoff,
     guess_plans,
+    ledger_tradeoff,
     one_run_audit,
     one_run_epsilon,
     one_run_epsilon_best,
@@ -140,3 +147,90 @@ def test_one_run_best_and_plans():
     assert best["epsilon"] == pytest.approx(best["ceiling"])
     blind = one_run_epsilon_best(np.zeros(128), included, 1e-6, 0.95)
     assert blind["epsilon"] < best["epsilon"]
+
+
+# -- f-DP in one run (Mahloujifar et al. 2024) ------------------------------------------------
+
+
+def identity(x):
+    return x
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+def test_fdp_perfect_privacy_all_right_has_p_value_two_to_the_minus_m(m):
+    """By hand: with g(x) = x (perfect privacy, each guess a fair coin) and all m guesses
+    right, the recursion gives r + h = 2^m beta, so it rejects exactly when beta > 2^-m,
+    the probability of guessing m fair coins."""
+    p = 2.0**-m
+    assert fdp_rejects(m, m, m, identity, min(p * 1.01, 0.99))
+    assert not fdp_rejects(m, m, m, identity, p * 0.99)
+
+
+def test_fdp_rejection_is_monotone_and_vectorized():
+    m, k = 500, 200
+    v = np.arange(0, k + 1, 10)
+    mu = fdp_gaussian_mu(m, k, v, 0.95)
+    assert np.all(np.diff(mu) >= -1e-9) and mu[0] == 0 and mu[-1] > 1  # more right, larger
+    # entry by entry, and per-entry curves, give the same answers as one batch
+    for vi, mi in zip(v[::5], mu[::5], strict=True):
+        assert fdp_gaussian_mu(m, k, int(vi), 0.95)[0] == pytest.approx(mi, abs=1e-6)
+    rej = fdp_rejects(m, k, v, gaussian_tradeoff(np.full(len(v), 0.8)), 0.05)
+    assert rej.tolist() == [bool(x > 0.8) for x in mu]
+    with pytest.raises(ValueError):
+        fdp_rejects(10, 5, 6, identity, 0.05)
+
+
+def test_ceilings_grow_with_canaries_and_shrink_with_confidence():
+    c = {m: ceilings(m, 1e-5, 0.95) for m in (100, 1000, 10000)}
+    for key in ("one_run", "fdp", "fdp_mu"):
+        assert c[100][key] < c[1000][key] < c[10000][key]
+    assert ceilings(1000, 1e-5, 0.99)["fdp"] < c[1000]["fdp"]
+    assert all(c[m]["fdp"] > c[m]["one_run"] for m in c)  # the f-DP ceiling is higher
+    # the ceiling is the bound of a perfect attack
+    scores = np.arange(1000.0)
+    best = fdp_audit(scores, scores >= 500, 1e-5, 0.95)
+    assert best["epsilon"][0] == pytest.approx(c[1000]["fdp"], rel=1e-6)
+
+
+@pytest.mark.parametrize("mu", [0.5, 1.0, 2.0])
+def test_fdp_bound_never_exceeds_the_truth_and_beats_steinke(mu):
+    """Exact mu-GDP mechanism per canary (y = mu [included] + N(0, 1), the optimal score):
+    the f-DP bound on mu stays below mu (and so its epsilon below the truth) in all but a
+    1 - confidence share of runs, and at equal m it certifies more than Steinke et al."""
+    m, delta, trials = 512, 1e-5, 400
+    rng = np.random.default_rng(11)
+    included = rng.random((trials, m)) < 0.5
+    y = mu * included + rng.standard_normal((trials, m))
+    fdp = fdp_audit(y, included, delta, 0.95)
+    steinke = one_run_audit(y, included, delta, 0.95)
+    assert np.mean(fdp["mu"] > mu) <= 0.05
+    assert np.mean(fdp["epsilon"] > gaussian_epsilon(mu, delta)) <= 0.05
+    assert np.median(fdp["epsilon"]) > 1.2 * np.median(steinke["epsilon"])
+    assert np.median(fdp["mu"]) > 0.3 * mu  # and it does detect the leakage
+
+
+def test_ledger_curve_of_a_gaussian_ledger_is_the_gaussian_curve_from_below():
+    """q = 1: two steps of noise 2 compose to the mu-GDP curve with mu = sqrt(2) / 2; the
+    curve from the PLD profile must never be above it (above = claims more privacy than
+    exists) and be close to it."""
+    from accountants import Event
+
+    g = ledger_tradeoff([Event(1.0, 2.0, 2)])
+    x = np.concatenate([np.logspace(-9, -1, 200), np.linspace(0.1, 0.999, 200)])
+    exact = gaussian_tradeoff(math.sqrt(2) / 2)(x)
+    assert np.all(g(x) <= exact * (1 + 1e-9) + 1e-12)
+    assert np.all(g(x) >= exact * 0.97 - 1e-4)
+
+
+def test_the_claimed_subsampled_mechanism_is_rarely_rejected_against_its_own_curve():
+    """Validity of the verdict's test: scores of the exact claimed mechanism (Poisson
+    q = 0.5, 4 steps) reject the ledger's own curve in at most ~ 1 - confidence of runs."""
+    from accountants import Event, get_accountant
+    from attacks.whitebox import LedgerFamily, perfect_scores
+
+    family = LedgerFamily([Event(0.5, 1.2, 4)], get_accountant("rdp"), 1e-5)
+    scores, included = perfect_scores(np.random.default_rng(5), 100, 400, 4, 0.5, 1 / 1.2)
+    assert np.mean(family.rejects(scores, included, 0, 0.95)) <= 0.05
+    # a quarter of the noise (DP-SGD at sigma 0.3) is caught by the same test
+    scores, included = perfect_scores(np.random.default_rng(6), 10, 400, 4, 0.5, 4 / 1.2)
+    assert family.rejects(scores, included, 0, 0.95).all()

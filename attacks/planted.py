@@ -1,0 +1,160 @@
+"""Planted privacy bugs: the audit's self-test (``python benchmarks/audit.py planted``).
+
+Each bug breaks the mechanism *behind the ledger's back*: the ledger records the correct
+Poisson-subsampled Gaussian steps (q, sigma) while training does something less private.
+
+* ``noise/2``, ``noise/4``: Gaussian noise of 1/2 or 1/4 of the recorded std.
+* ``unclipped``: one parameter group (``per_layer`` grouping) is not clipped; the ledger still
+  charges the clipped plan.
+* ``shuffle``: fixed-size batches of ``round(q N)`` records from a shuffle per epoch instead
+  of Poisson sampling (every record exactly once per epoch).
+
+The audited model is a two-layer MLP (64 -> 128 -> 64, 16.6k parameters, two groups of
+8.3k: each of ``m <= 8256`` canaries gets its own coordinates) trained on 32 random
+regression records through the real engine; the canaries join as injected per-sample
+gradients (:mod:`attacks.whitebox`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from accountants import calibrate_noise
+from attacks.whitebox import GRID_LOW, LedgerFamily, bounds_from_scores, perfect_scores
+from attacks.whitebox import whitebox_audit as audit
+from dptrain.engine import PrivacyEngine
+from dptrain.losses import mse_loss
+from dptrain.noise import GaussianNoise
+from dptrain.policies import StaticPolicy, StepPlan
+
+BUGS = ("none", "noise/2", "noise/4", "unclipped", "shuffle")
+
+
+class ScaledNoise:
+    """Noise of ``factor`` times the requested std (the bug ``noise/2``: factor 1/2)."""
+
+    def __init__(self, noise: GaussianNoise, factor: float) -> None:
+        self.noise, self.factor = noise, factor
+
+    def __call__(self, like: Tensor, std: float) -> Tensor:
+        return self.noise(like, std * self.factor)
+
+
+class UnclippedGroup(StaticPolicy):
+    """Static DP-SGD whose first group is not clipped; the ledger is charged the honest plan."""
+
+    def bind(self, groups, *, sample_rate: float, expected_batch_size: float) -> None:
+        super().bind(groups, sample_rate=sample_rate, expected_batch_size=expected_batch_size)
+        self.honest = self._plan
+        clip = dict(self._plan.clip)
+        clip[next(iter(clip))] = math.inf
+        self._plan = StepPlan(clip=clip, noise_std=dict(self.honest.noise_std))
+
+    def event(self, plan: StepPlan):
+        return super().event(self.honest)
+
+
+class FixedBatches:
+    """Shuffled fixed-size batches: a permutation per epoch cut into batches of ``size``."""
+
+    def __init__(self, n: int, q: float, rng: np.random.Generator) -> None:
+        self.n, self.size, self.rng = n, max(1, round(q * n)), rng
+        self.order: list[int] = []
+
+    def sample(self) -> Tensor:
+        if len(self.order) < self.size:
+            self.order = self.rng.permutation(self.n).tolist()
+        batch, self.order = self.order[: self.size], self.order[self.size :]
+        return torch.tensor(sorted(batch), dtype=torch.long)
+
+
+def mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 64))
+
+
+def run_one(
+    bug: str,
+    *,
+    epsilon: float,
+    q: float,
+    steps: int,
+    canaries: int,
+    seed: int,
+    delta: float = 1e-5,
+    confidence: float = 0.95,
+    records: int = 32,
+    accountant: str = "rdp",
+) -> dict[str, Any]:
+    """One white-box audit of a (possibly broken) run; the claim is always the honest plan."""
+    if bug not in BUGS:
+        raise ValueError(f"unknown bug {bug!r}: choose one of {', '.join(BUGS)}")
+    sigma = calibrate_noise(epsilon, delta, q, steps, accountant)
+    model = mlp(seed)
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(records, 64, generator=gen), torch.randn(records, 64, generator=gen)
+    policy = (UnclippedGroup if bug == "unclipped" else StaticPolicy)(
+        clip=1.0, noise_multiplier=sigma
+    )
+    noise = GaussianNoise(seed + 1)
+    factor = {"noise/2": 0.5, "noise/4": 0.25}.get(bug)
+    engine = PrivacyEngine(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        policy=policy,
+        sample_rate=q,
+        dataset_size=records + canaries,
+        loss_fn=mse_loss,
+        grouping="per_layer",
+        accountant=accountant,
+        noise=ScaledNoise(noise, factor) if factor else noise,
+    )
+    claim = getattr(policy, "honest", None)
+    result = audit(
+        engine,
+        steps,
+        canaries=canaries,
+        delta=delta,
+        confidence=confidence,
+        rng=np.random.default_rng([seed, 0x5EC2E7]),
+        claim=claim,
+        records=lambda idx: (x[idx], y[idx]),
+        n_records=records,
+        sampler=(lambda n, q_, rng: FixedBatches(n, q_, rng)) if bug == "shuffle" else None,
+        simulations=0,
+    )
+    return result | {"bug": bug, "seed": seed, "epsilon_target": epsilon}
+
+
+def perfect_reference(
+    *,
+    epsilon: float,
+    q: float,
+    steps: int,
+    canaries: int,
+    delta: float = 1e-5,
+    confidence: float = 0.95,
+    simulations: int = 32,
+    accountant: str = "rdp",
+) -> dict[str, float]:
+    """Medians of the bounds a perfect attacker on the exact claimed mechanism certifies."""
+    from accountants import Event, get_accountant
+
+    sigma = calibrate_noise(epsilon, delta, q, steps, accountant)
+    family = LedgerFamily([Event(q, sigma, steps)], get_accountant(accountant), delta)
+    rng = np.random.default_rng([int(epsilon * 100), steps, canaries])
+    res = bounds_from_scores(
+        *perfect_scores(rng, simulations, canaries, steps, q, 1 / sigma),
+        family,
+        delta,
+        confidence,
+    )
+    out = {k: float(np.median(res[k]["epsilon"])) for k in ("ledger", "fdp", "one_run")}
+    out["claim_rejected_share"] = float(np.mean(res["ledger"]["rejects_claim"]))
+    out["grid_floor_epsilon"] = family.epsilon(GRID_LOW)
+    return out

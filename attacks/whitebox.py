@@ -1,0 +1,482 @@
+"""White-box canary audit through the real :class:`~dptrain.engine.PrivacyEngine`.
+
+Threat model: the auditor sees every released update (what the optimizer receives, through
+:meth:`PrivacyEngine.add_release_hook`), knows everything but the secret coins, and plants
+``m`` canaries: records whose per-sample gradient is fixed and chosen by the auditor.  This is
+the adversary the accountant covers, so a lower bound above the claimed epsilon means the
+implementation is not the mechanism its ledger describes.
+
+**Canaries.**  Canary ``i`` has, in every parameter group ``g``, a random unit direction
+``v_ig`` and its gradient there is
+``scale * C_g * v_ig``: norm above ``C_g`` in every group, so a correct engine clips it to
+``c_i = (C_g v_ig)_g``, of total norm ``C = sqrt(sum_g C_g^2)`` (the sensitivity).  Each canary
+is a member with probability 1/2 (secret coin); members are records of the dataset, sampled
+by the same (Poisson, rate q) sampler as any record, and reach the engine through
+``step(batch, injected=...)``, so clipping, grouping, noise and the release are production
+code.  An engine that leaves a group unclipped passes ``scale`` (default 100) times more of
+it, enough to stand out of the background of unclipped records there.  Where a
+group has at least ``m`` coordinates, each canary gets its own (up to ``support``), so the
+canaries are exactly orthogonal and never blur each other's scores; in smaller groups their
+random supports overlap.
+
+**Score.**  With the claimed plan (clip ``C_g`` and noise std ``s_g`` per group, effective noise
+``sigma = 1 / sqrt(sum_g (C_g / s_g)^2)``) the whitened projection of a released sum ``D_t``
+
+    z_it = sigma * sum_g (C_g / s_g^2) <D_t|g, v_ig>
+
+is ``N(mu I_it, 1)`` with ``mu = 1 / sigma`` and ``I_it`` the canary's inclusion in step ``t``
+(other canaries and records add only near-orthogonal background).  Per step the
+likelihood ratio of "member" is ``1 - q + q exp(mu z - mu^2 / 2)``; the score is its log summed
+over steps, the Neyman-Pearson statistic of the exact subsampled Gaussian mechanism.
+
+**Bounds** (:mod:`attacks.bounds`): guess "member" for the top scores and "non-member" for the
+bottom ones (fixed plans, Bonferroni), then
+
+* ``ledger``: the f-DP one-run test against the trade-off curves of the run's own ledger with
+  every noise multiplier scaled by ``2^(j/16)``; the least private rejected curve has noise
+  ``sigma_lo`` and the run's accountant charges it ``epsilon``.  The verdict "likely privacy
+  bug" is the rejection of the claimed curve itself (``sigma_lo >= sigma``, equivalently that
+  epsilon above the claim), at the stated confidence: valid with no assumption on the curve.
+* ``fdp``: the same test against Gaussian curves (mu-GDP, as epsilon at delta), the figure the
+  literature reports; it assumes the run's curve is Gaussian.
+* ``one_run``: Steinke, Nasr, Jagielski's (eps, delta) bound.
+
+``ceiling``: each bound when every guess is right.  ``perfect``: the same bounds for an auditor
+of the exact claimed mechanism (simulated: the scores above without background), medians over
+simulated runs: what any attacker could certify with these ``m`` canaries; the ratio to it says
+how much of that this audit achieved.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from accountants import POISSON_GAUSSIAN, Event
+
+from .bounds import (
+    Tradeoff,
+    ceilings,
+    fdp_audit,
+    fdp_tests,
+    ledger_tradeoff,
+    one_run_audit,
+)
+
+__all__ = [
+    "Canaries",
+    "LedgerFamily",
+    "Sampler",
+    "bounds_from_scores",
+    "perfect_scores",
+    "whitebox_audit",
+]
+
+GRID = 16  # noise grid of the ledger-curve bound: 2^(1/16) (4.4%) apart
+GRID_LOW, GRID_HIGH = -96, 64  # sigma / 64 .. 16 sigma
+
+
+class Sampler(Protocol):
+    def sample(self) -> Tensor: ...
+
+
+# -- canaries ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Canaries:
+    """``m`` canaries: per group, coordinates ``index[g]`` (m, s_g) into the group's flattened
+    parameters and unit directions ``value[g]`` (m, s_g); ``scale`` times the group's clip is
+    each canary's gradient norm there."""
+
+    groups: dict[str, list[nn.Parameter]]
+    index: dict[str, Tensor]
+    value: dict[str, Tensor]
+    clip: dict[str, float]
+    scale: float
+
+    @classmethod
+    def draw(
+        cls,
+        groups: dict[str, list[nn.Parameter]],
+        clip: dict[str, float],
+        m: int,
+        rng: np.random.Generator,
+        *,
+        scale: float = 100.0,
+        support: int = 16,
+    ) -> Canaries:
+        if m < 2 or scale <= 1 or support < 1:
+            raise ValueError("need m >= 2 canaries, scale > 1 (so they are clipped), support >= 1")
+        if any(not math.isfinite(c) or c <= 0 for c in clip.values()):
+            raise ValueError("the claimed plan must clip every group at a finite threshold")
+        index, value = {}, {}
+        for g, ps in groups.items():
+            n = sum(p.numel() for p in ps)
+            if n >= m:  # disjoint coordinates: canaries exactly orthogonal to each other
+                s = min(support, n // m)
+                idx = rng.permutation(n)[: m * s].reshape(m, s)
+            elif support >= n:
+                s, idx = n, np.broadcast_to(np.arange(n), (m, n))
+            else:  # s distinct coordinates per canary
+                s = support
+                idx = np.concatenate(
+                    [
+                        np.argpartition(rng.random((min(256, m - a), n)), s, axis=1)[:, :s]
+                        for a in range(0, m, 256)
+                    ]
+                )
+            v = rng.standard_normal((m, s))
+            v /= np.linalg.norm(v, axis=1, keepdims=True)
+            index[g] = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
+            value[g] = torch.from_numpy(v)
+        return cls(groups, index, value, dict(clip), scale)
+
+    @property
+    def m(self) -> int:
+        return next(iter(self.index.values())).shape[0]
+
+    def gradients(self, which: Tensor) -> dict[nn.Parameter, Tensor]:
+        """Per-sample gradients ``{p: (len(which), *p.shape)}`` of canaries ``which``."""
+        out: dict[nn.Parameter, Tensor] = {}
+        k = len(which)
+        for g, ps in self.groups.items():
+            p0 = ps[0]
+            n = sum(p.numel() for p in ps)
+            flat = torch.zeros(k, n, dtype=p0.dtype)
+            flat.scatter_(
+                1,
+                self.index[g][which],
+                (self.value[g][which] * self.scale * self.clip[g]).to(p0.dtype),
+            )
+            start = 0
+            for p in ps:
+                out[p] = flat[:, start : start + p.numel()].reshape(k, *p.shape).to(p.device)
+                start += p.numel()
+        return out
+
+    def projections(
+        self, update: dict[nn.Parameter, Tensor], noise_std: dict[str, float], sigma: float
+    ) -> np.ndarray:
+        """``z_i = sigma sum_g (C_g / s_g^2) <D|g, v_ig>`` for a released sum ``D``."""
+        z = torch.zeros(self.m, dtype=torch.float64)
+        for g, ps in self.groups.items():
+            flat = torch.cat([update[p].detach().reshape(-1).to("cpu", torch.float64) for p in ps])
+            dots = (flat[self.index[g]] * self.value[g]).sum(1)
+            z += dots * (self.clip[g] / noise_std[g] ** 2)
+        return (z * sigma).numpy()
+
+
+# -- the ledger-curve family --------------------------------------------------------------------
+
+
+class LedgerFamily:
+    """Trade-off curves of a ledger with every noise multiplier scaled by ``2^(j/GRID)``,
+    computed once each (PLD, pessimistic), and their epsilon by the run's accountant."""
+
+    def __init__(self, events: Sequence[Event], accountant: Any, delta: float) -> None:
+        if any(e.kind != POISSON_GAUSSIAN for e in events):
+            raise ValueError(
+                "the white-box audit tests Poisson-subsampled Gaussian ledgers only (the static "
+                "policy); this ledger has other kinds of steps"
+            )
+        self.events = list(events)
+        self.accountant = accountant
+        self.delta = delta
+
+    def scaled(self, j: int) -> list[Event]:
+        f = 2.0 ** (j / GRID)
+        return [
+            Event(e.sample_rate, e.noise_multiplier * f, e.steps, e.kind, e.params)
+            for e in self.events
+        ]
+
+    def curve(self, j: int) -> Tradeoff:
+        return _curve(tuple(self.scaled(j)))
+
+    def epsilon(self, j: int) -> float:
+        return float(self.accountant.epsilon(self.scaled(j), self.delta))
+
+    def rejects(self, scores: np.ndarray, included: np.ndarray, j: int, confidence: float):
+        return fdp_tests(scores, included, [self.curve(j)], confidence)[0]
+
+    def bound(
+        self, scores: np.ndarray, included: np.ndarray, confidence: float
+    ) -> dict[str, np.ndarray]:
+        """Per trial: ``j`` of the least private rejected curve (bisection on the grid, the
+        rejected set being upward closed), its noise factor and epsilon (0: none rejected),
+        and whether the claimed curve (``j = 0``) is rejected."""
+        scores, included = np.atleast_2d(scores), np.atleast_2d(included)
+        n = len(scores)
+        claim = self.rejects(scores, included, 0, confidence)
+        lo = np.full(n, GRID_LOW - 1)  # not rejected (or below the grid)
+        hi = np.full(n, GRID_HIGH)  # rejected, if anything is
+        top = claim | self.rejects(scores, included, GRID_HIGH, confidence)
+        lo = np.where(claim, lo, 0)
+        hi = np.where(claim, 0, hi)
+        while True:
+            open_ = top & (hi - lo > 1)
+            if not open_.any():
+                break
+            mid = (lo + hi) // 2
+            for j in np.unique(mid[open_]):
+                sel = open_ & (mid == j)
+                rej = self.rejects(scores[sel], included[sel], int(j), confidence)
+                hi[sel] = np.where(rej, j, hi[sel])
+                lo[sel] = np.where(rej, lo[sel], j)
+        eps = {int(j): self.epsilon(int(j)) for j in np.unique(hi[top])}
+        return {
+            "j": np.where(top, hi, GRID_HIGH + 1),
+            "noise_factor": np.where(top, 2.0 ** (hi / GRID), math.inf),
+            "epsilon": np.array([eps[int(j)] if t else 0.0 for j, t in zip(hi, top, strict=True)]),
+            "rejects_claim": claim,
+            "saturated": top & (hi == GRID_LOW),
+        }
+
+
+@functools.lru_cache(maxsize=512)
+def _curve(events: tuple[Event, ...]) -> Tradeoff:
+    """Curves are deterministic functions of the events: shared by audits of one config."""
+    return ledger_tradeoff(events)
+
+
+# -- scores and bounds -------------------------------------------------------------------------
+
+
+def log_likelihood_ratio(z: np.ndarray, q: float, mu: float) -> np.ndarray:
+    """``log(1 - q + q exp(mu z - mu^2 / 2))`` elementwise (q = 1: ``mu z - mu^2 / 2``)."""
+    step = mu * z - mu * mu / 2
+    if q >= 1:
+        return step
+    return np.logaddexp(math.log1p(-q), math.log(q) + step)
+
+
+def perfect_scores(
+    rng: np.random.Generator, trials: int, m: int, steps: int, q: float, mu: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of the exact claimed mechanism (no background), ``trials`` independent runs."""
+    included = rng.random((trials, m)) < 0.5
+    scores = np.zeros((trials, m))
+    for _ in range(steps):
+        inside = included & (rng.random((trials, m)) < q)
+        scores += log_likelihood_ratio(mu * inside + rng.standard_normal((trials, m)), q, mu)
+    return scores, included
+
+
+def bounds_from_scores(
+    scores: np.ndarray, included: np.ndarray, family: LedgerFamily, delta: float, confidence: float
+) -> dict[str, dict[str, np.ndarray]]:
+    """The three bounds of the module docstring, batched over trials."""
+    return {
+        "ledger": family.bound(scores, included, confidence),
+        "fdp": fdp_audit(scores, included, delta, confidence),
+        "one_run": one_run_audit(scores, included, delta, confidence),
+    }
+
+
+def _first(d: dict[str, np.ndarray]) -> dict[str, Any]:
+    return {k: v[0].item() for k, v in d.items()}
+
+
+# -- the audit ---------------------------------------------------------------------------------
+
+
+def whitebox_audit(
+    engine: Any,
+    steps: int,
+    *,
+    canaries: int,
+    delta: float,
+    confidence: float = 0.95,
+    rng: np.random.Generator | None = None,
+    claim: Any = None,
+    records: Callable[[Tensor], Any] | None = None,
+    n_records: int = 0,
+    sampler: Callable[[int, float, np.random.Generator], Sampler] | None = None,
+    scale: float = 100.0,
+    support: int = 16,
+    simulations: int = 32,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``steps`` steps through ``engine`` with ``canaries`` white-box canaries (and,
+    if given, ``n_records`` records: ``records(indices)`` is a batch of them) and audit the
+    released updates; see the module docstring.  ``claim`` is the plan the run claims
+    (default: the engine's next plan); ``sampler(N, q, rng)`` replaces the Poisson sampler
+    (planted bugs only).  The engine must have no budget filter and a fixed plan."""
+    from dptrain.sampling import PoissonSampler
+
+    t0 = time.perf_counter()
+    rng = rng if rng is not None else np.random.default_rng()
+    if engine.ledger.total_steps or engine.filter is not None:
+        raise ValueError("the white-box audit needs a fresh engine without a budget")
+    plan, event = engine.next_plan()
+    claim = claim if claim is not None else plan
+    if engine.policy.adaptive or event.kind != POISSON_GAUSSIAN:
+        raise ValueError(
+            f"the white-box audit needs a fixed Poisson-subsampled Gaussian plan; policy "
+            f"'{engine.policy.name}' plans adaptively or is accounted by its own analysis. "
+            "Fix: audit the same clip, noise, sampling rate and steps with policy static"
+        )
+    sigma = claim.noise_multiplier
+    if not 0 < sigma < math.inf:
+        raise ValueError(
+            f"the claimed plan has noise multiplier {sigma}: there is no finite epsilon to audit"
+        )
+    q, mu = engine.sample_rate, 1.0 / sigma
+    cs = Canaries.draw(engine.groups, claim.clip, canaries, rng, scale=scale, support=support)
+    member = rng.random(canaries) < 0.5  # the secret coins
+    members = torch.from_numpy(np.flatnonzero(member))
+    total = n_records + len(members)
+    seed = int(rng.integers(2**62))
+    sample = sampler(total, q, rng) if sampler is not None else PoissonSampler(total, q, seed=seed)
+    score = np.zeros(canaries)
+    plain = np.zeros(canaries)
+    released = 0
+
+    def hook(step: int, update: dict[nn.Parameter, Tensor]) -> None:
+        nonlocal score, plain, released
+        sums = {p: u * engine.expected_batch_size for p, u in update.items()}
+        z = cs.projections(sums, claim.noise_std, sigma)
+        score += log_likelihood_ratio(z, q, mu)
+        plain += z
+        released += 1
+
+    engine.add_release_hook(hook)
+    inclusions = np.zeros(canaries, dtype=np.int64)
+    for t in range(steps):
+        idx = sample.sample()
+        data, canary = idx[idx < n_records], members[idx[idx >= n_records] - n_records]
+        inclusions[canary.numpy()] += 1
+        batch = records(data) if records is not None and len(data) else None
+        injected = cs.gradients(canary) if len(canary) else None
+        engine.step(batch, injected=injected)
+        if log and (t + 1) % max(1, steps // 4) == 0:
+            log(f"white-box audit: step {t + 1}/{steps}")
+    events = engine.ledger.events
+    claimed = float(engine.accountant.epsilon(events, delta))
+    family = LedgerFamily(events, engine.accountant, delta)
+    train_seconds = time.perf_counter() - t0
+
+    found = bounds_from_scores(score[None], member[None], family, delta, confidence)
+    plain_fdp = fdp_audit(plain[None], member[None], delta, confidence)
+    sims = perfect_scores(rng, simulations, canaries, steps, q, mu) if simulations else None
+    perfect = bounds_from_scores(*sims, family, delta, confidence) if sims else None
+    ceiling = ceilings(canaries, delta, confidence)
+    every = np.arange(canaries) % 2 == 0  # any split: with every guess right, only m matters
+    ceiling["ledger"] = float(
+        family.bound(every[None] * 1.0, every[None], confidence)["epsilon"][0]
+    )
+
+    out: dict[str, Any] = {
+        "threat_model": "white box: every released update seen, canary gradients chosen",
+        "canaries": canaries,
+        "members": int(member.sum()),
+        "mean_inclusions_per_member": float(inclusions[member].mean()) if member.any() else 0.0,
+        "steps": steps,
+        "released_updates": released,
+        "sample_rate": q,
+        "noise_multiplier": sigma,
+        "clip": dict(claim.clip),
+        "groups": len(claim.clip),
+        "canary_scale": scale,
+        "records": n_records,
+        "accountant": engine.accountant.name,
+        "delta": delta,
+        "confidence": confidence,
+        "claimed_epsilon": claimed,
+        "bounds": {k: _first(v) for k, v in found.items()},
+        "plain_sum_fdp_epsilon": float(plain_fdp["epsilon"][0]),
+        "ceiling": ceiling,
+        "privacy_bug_suspected": bool(found["ledger"]["rejects_claim"][0]),
+        "seconds": {"training": round(train_seconds, 2)},
+    }
+    if perfect is not None:
+        out["perfect"] = {
+            "simulations": simulations,
+            **{k: float(np.median(perfect[k]["epsilon"])) for k in ("ledger", "fdp", "one_run")},
+            "claim_rejected_share": float(np.mean(perfect["ledger"]["rejects_claim"])),
+        }
+        out["ratio_to_perfect"] = {
+            k: (out["bounds"][k]["epsilon"] / out["perfect"][k] if out["perfect"][k] > 0 else None)
+            for k in ("ledger", "fdp", "one_run")
+        }
+    out["seconds"]["total"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+# -- a finished run's own configuration ---------------------------------------------------------
+
+
+def audit_configuration(
+    run_dir: Any, options: Any = None, *, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """White-box audit of the privacy configuration of the finished run in ``run_dir``: a
+    fresh engine with the run's model (its starting point), grouping, clip, sampling rate,
+    noise, accountant and number of steps, trained on canaries only (the records' gradients
+    would only add background to the canaries' projections), with fresh OS randomness.
+    Writes ``audit/whitebox.json`` and ``audit/whitebox.html``; returns the result."""
+    from accountants import Ledger
+    from dptrain.noise import GaussianNoise
+    from dptrain.recipe import AuditSection, load_recipe
+    from dptrain.rundir import RunDir
+    from dptrain.train import build_model, build_policy, make_optimizer
+
+    from .report import write_whitebox
+
+    run = RunDir(run_dir)
+    meta = run.read_meta()
+    recipe = load_recipe(run.recipe)
+    opts = options or recipe.audit or AuditSection()
+    mechanisms = {e.key for e in Ledger.load(run.ledger).events}
+    if recipe.policy.name != "static" or len(mechanisms) != 1:
+        raise ValueError(
+            f"{run.path}: the white-box audit replays one fixed (q, sigma) plan of the static "
+            f"policy; this run has policy '{recipe.policy.name}' and {len(mechanisms)} kinds of "
+            "steps. Fix: audit a static run, or set audit.whitebox: false"
+        )
+    kind, q, sigma = next(iter(mechanisms))[:3]
+    if kind != POISSON_GAUSSIAN or not 0 < sigma < math.inf:
+        raise ValueError(f"{run.path}: no finite-epsilon Poisson Gaussian steps to audit")
+    policy = build_policy(recipe)
+    policy.noise_multiplier = sigma
+    model, _ = build_model(recipe)
+    from dptrain.engine import PrivacyEngine
+
+    engine = PrivacyEngine(
+        model,
+        make_optimizer(recipe, [p for p in model.parameters() if p.requires_grad]),
+        policy=policy,
+        sample_rate=q,
+        dataset_size=int(meta["dataset_size"]),
+        grouping=recipe.policy.grouping,
+        accountant=meta.get("guarantee_accountant") or recipe.privacy.accountant,
+        noise=GaussianNoise(secure=True),
+    )
+    steps = int(meta["steps"])
+    if log:
+        log(
+            f"white-box audit: {opts.whitebox_canaries} canaries, {steps} steps at q={q:.4g}, "
+            f"sigma={sigma:.4g}, {len(engine.groups)} groups"
+        )
+    result = whitebox_audit(
+        engine,
+        steps,
+        canaries=opts.whitebox_canaries,
+        delta=float(meta["delta"]),
+        confidence=opts.confidence,
+        simulations=opts.whitebox_simulations,
+        log=log,
+    )
+    result["run_dir"] = str(run.path)
+    result["run_epsilon"] = meta.get("epsilon")
+    engine.detach()
+    write_whitebox(run.path / "audit", result)
+    return result

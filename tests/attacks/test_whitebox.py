@@ -1,0 +1,160 @@
+"""White-box canary audit through the real engine: the canaries' gradients and scores, planted
+bugs found and correct runs not flagged, refusals, and ``audit.whitebox`` end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from accountants import Budget
+from attacks.planted import run_one
+from attacks.whitebox import Canaries, whitebox_audit
+from dptrain.engine import PrivacyEngine
+from dptrain.policies import StaticPolicy, make_policy
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def engine(policy=None, *, q=1.0, grouping="per_layer", **kw):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    return PrivacyEngine(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        policy=policy or StaticPolicy(clip=2.0, noise_multiplier=1.5),
+        sample_rate=q,
+        dataset_size=100,
+        grouping=grouping,
+        **kw,
+    )
+
+
+def test_canaries_are_clipped_orthogonal_and_their_scores_are_unit_normal():
+    eng = engine()
+    plan, _ = eng.next_plan()
+    m = 8  # fewer than every group's size: disjoint coordinates
+    cs = Canaries.draw(eng.groups, plan.clip, m, np.random.default_rng(0), scale=10.0, support=4)
+    grads = cs.gradients(torch.arange(m))
+    flat = {
+        g: torch.cat([grads[p].flatten(1) for p in ps], 1).double() for g, ps in eng.groups.items()
+    }
+    for g, f in flat.items():
+        assert torch.allclose(f.norm(dim=1), torch.full((m,), 10 * plan.clip[g]).double())
+        gram = f @ f.T
+        assert torch.allclose(gram - torch.diag(gram.diag()), torch.zeros(m, m).double())
+    # the clipped sum of canaries {0, 3}: their scores are mu = 1 / sigma, the others 0
+    sums = {p: torch.zeros_like(p) for p in eng.params}
+    for p in eng.params:
+        g = eng.group_of[p]
+        sums[p] = grads[p][[0, 3]].sum(0) / 10  # clipped to C_g: a tenth of the gradient
+    z = cs.projections(sums, plan.noise_std, plan.noise_multiplier)
+    want = np.zeros(m)
+    want[[0, 3]] = 1 / plan.noise_multiplier
+    np.testing.assert_allclose(z, want, atol=1e-6)
+    # pure noise of the claimed std projects to N(0, 1) scores
+    gen = torch.Generator().manual_seed(1)
+    zs = np.stack(
+        [
+            cs.projections(
+                {
+                    p: torch.randn(p.shape, generator=gen) * plan.noise_std[eng.group_of[p]]
+                    for p in eng.params
+                },
+                plan.noise_std,
+                plan.noise_multiplier,
+            )
+            for _ in range(400)
+        ]
+    )
+    assert abs(zs.mean()) < 0.05 and zs.std() == pytest.approx(1.0, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "bug,flagged", [("none", False), ("noise/4", True), ("unclipped", True), ("noise/2", True)]
+)
+def test_planted_bugs_are_flagged_and_a_correct_run_is_not(bug, flagged):
+    """Full-batch runs of the MLP through the real engine (32 records, 2 steps) claiming
+    epsilon 4: the verdict rests on the f-DP test of the ledger's own curve."""
+    canaries = 2000 if bug == "noise/2" else 1000
+    r = run_one(bug, epsilon=4.0, q=1.0, steps=2, canaries=canaries, seed=3)
+    assert r["privacy_bug_suspected"] is flagged
+    led = r["bounds"]["ledger"]
+    # the bound says the same: the claimed curve itself (grid point 0) is rejected or not
+    assert (led["epsilon"] >= r["claimed_epsilon"]) is flagged and (led["j"] <= 0) is flagged
+    assert r["claimed_epsilon"] == pytest.approx(4.0, rel=1e-3)
+    assert r["released_updates"] == 2 and r["mean_inclusions_per_member"] == 2.0
+    for key in ("ledger", "fdp", "one_run"):
+        assert 0 <= r["bounds"][key]["epsilon"] <= r["ceiling"][key] + 1e-9
+    if not flagged:
+        assert r["bounds"]["fdp"]["epsilon"] > 0.5  # the audit sees the canaries at all
+
+
+def test_shuffled_batches_take_every_member_at_most_once_per_epoch():
+    r = run_one("shuffle", epsilon=4.0, q=0.5, steps=4, canaries=400, seed=0)
+    # 2 epochs of 2 batches of round(N / 2): at most once per epoch (an odd N drops one)
+    assert 1.95 < r["mean_inclusions_per_member"] <= 2.0
+    ok = run_one("none", epsilon=4.0, q=0.5, steps=4, canaries=400, seed=0)
+    assert ok["mean_inclusions_per_member"] != 2.0  # Poisson: Binomial(4, 1/2) on average
+
+
+def test_perfect_attacker_and_ratio_are_reported():
+    eng = engine()
+    r = whitebox_audit(
+        eng, 2, canaries=300, delta=1e-5, rng=np.random.default_rng(2), simulations=8
+    )
+    p = r["perfect"]
+    assert p["simulations"] == 8 and p["claim_rejected_share"] <= 0.25
+    assert p["fdp"] > 0 and r["ratio_to_perfect"]["fdp"] == pytest.approx(
+        r["bounds"]["fdp"]["epsilon"] / p["fdp"]
+    )
+    assert r["ceiling"]["fdp"] > p["fdp"]
+
+
+def test_refusals_name_the_fix():
+    with pytest.raises(ValueError, match="fresh engine without a budget"):
+        whitebox_audit(engine(budget=Budget(8.0, 1e-5)), 1, canaries=100, delta=1e-5, simulations=0)
+    ef = make_policy("error_feedback", clip=1.0, noise_multiplier=2.0, error_clip=0.1)
+    with pytest.raises(ValueError, match="policy static"):
+        whitebox_audit(engine(ef), 1, canaries=100, delta=1e-5, simulations=0)
+    with pytest.raises(ValueError, match="no finite epsilon"):
+        whitebox_audit(
+            engine(StaticPolicy(clip=1.0, noise_multiplier=0.0)),
+            1,
+            canaries=100,
+            delta=1e-5,
+            simulations=0,
+        )
+
+
+def test_train_with_audit_whitebox_writes_the_report(tmp_path, capsys):
+    """``dptrain train recipes/tiny.yaml`` with ``audit.whitebox: true``: the white-box audit
+    of the run's own configuration runs after training and lands beside the run."""
+    from dptrain.cli import main
+
+    out = tmp_path / "tiny"
+    sets = ["audit.whitebox=true", "audit.whitebox_canaries=300", "audit.whitebox_simulations=4"]
+    args = ["train", "recipes/tiny.yaml", "--output", str(out), "--no-progress"]
+    code = main([*args, *(x for s in sets for x in ("--set", s))])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert "white-box audit" in stdout and "consistent with the ledger" in stdout
+    w = json.loads((out / "audit" / "whitebox.json").read_text())
+    meta = json.loads((out / "run.json").read_text())
+    assert w["claimed_epsilon"] == pytest.approx(meta["epsilon"], rel=1e-6)
+    assert w["steps"] == meta["steps"] and w["sample_rate"] == meta["sample_rate"]
+    assert w["canaries"] == 300 and not w["privacy_bug_suspected"]
+    assert 0 <= w["bounds"]["ledger"]["epsilon"] < w["claimed_epsilon"]
+    page = (out / "audit" / "whitebox.html").read_text()
+    assert "White-box audit" in page and "class='box ok'" in page and "ceiling" in page
+    assert math.isfinite(w["ceiling"]["fdp"])
