@@ -151,14 +151,15 @@ class Scaled(nn.Module):
         self.shift = nn.Parameter(torch.randn(d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(x * self.scale) + self.shift
+        return torch.tanh(x * self.scale.exp()) + self.shift
 
 
 def test_fallback_custom_layer():
     model = nn.Sequential(nn.Linear(3, 4), Scaled(4))
     cap = check_module(model, torch.randn(3, 2, 3))
     rules = cap.describe()
-    assert rules["1.scale"] == rules["1.shift"] == "Scaled re-run per sample"
+    assert rules["1.scale"] == "Scaled re-run per sample"  # through exp: no function rule
+    assert rules["1.shift"] == "add"  # a broadcast shift: the elementwise rule
     assert rules["0.weight"] == "linear"
 
 

@@ -320,11 +320,14 @@ class GradCapture:
             x = x.expand(self.batch_size, *x.shape[1:])
         if x.shape[0] != self.batch_size:
             raise PlanMiss(f"'{call.name}': {d.rule.name} sees a first axis of {x.shape[0]}")
-        op.args[d.rule.input] = x.detach()
+        op.args[op.data] = x.detach()
         params = {role: op.args[slot] for slot, role in op.slots.items()}
         use = Use(d.rule, f"{call.name}:{d.rule.name}", op, params, seq=len(self.uses))
         self.uses.append(use)
-        return Fused.apply(self, use, x, *params.values())
+        try:
+            return Fused.apply(self, use, x, *params.values())
+        except TypeError as err:  # inside an operator a TypeError would become NotImplemented
+            raise RuntimeError(f"'{call.name}': {d.rule.name} failed: {err}") from err
 
     def _record_local(self, call: _Call, output: Any) -> None:
         spec = self.plan.scopes.get(call.key) if self.plan is not None else None

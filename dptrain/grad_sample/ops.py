@@ -41,8 +41,11 @@ from torch.func import grad, vmap
 from .outer import Outer
 
 
-class UnsupportedLayerError(TypeError):
-    """A use of a trainable parameter whose per-sample gradient cannot be computed exactly."""
+class UnsupportedLayerError(ValueError):
+    """A use of a trainable parameter whose per-sample gradient cannot be computed exactly.
+
+    Not a ``TypeError``: Python's operators turn a ``TypeError`` raised inside ``x * w`` into
+    ``NotImplemented`` and retry the reflected operator, which would hide the refusal."""
 
 
 @dataclass
@@ -53,12 +56,13 @@ class OpCall:
     rule: OpRule
     args: dict[str, Any]
     slots: dict[str, str]
+    data: str = "input"  # the name of the batch-first data argument
     view_shape: tuple[int, ...] | None = None  # set when the data input was a flattened view
 
     @property
     def input(self) -> Tensor:
         """The batch-first data input (for a flattened ``(B*T, d)`` view, its (B, T, d) base)."""
-        return self.args[self.rule.input]
+        return self.args[self.data]
 
     def as_called(self, x: Tensor) -> Tensor:
         """``x`` in the shape the function was called with."""
@@ -129,7 +133,7 @@ class OpRule:
         x = bound.get(self.input)
         if not slots or not isinstance(x, Tensor) or x.dim() == 0 or not self.accepts(bound):
             return None
-        return OpCall(self, bound, slots)
+        return OpCall(self, bound, slots, self.input)
 
     def accepts(self, args: dict[str, Any]) -> bool:
         """Whether this call's options keep samples independent along the first axis."""
@@ -143,7 +147,7 @@ class OpRule:
     def compute(self, call: OpCall, x: Tensor) -> Tensor:
         """The function's output on data input ``x`` (parameters as constants)."""
         args = dict(call.args)
-        args[self.input] = call.as_called(x)
+        args[call.data] = call.as_called(x)
         return self.func(**args)
 
     def closed_input_grad(self, call: OpCall) -> bool:
@@ -171,7 +175,7 @@ class OpRule:
         def loss(p: dict[str, Tensor], xb: Tensor, gb: Tensor) -> Tensor:
             args = dict(call.args)
             args.update(p)
-            args[self.input] = xb.unsqueeze(0)
+            args[call.data] = xb.unsqueeze(0)
             return (self.func(**args) * gb.unsqueeze(0)).sum()
 
         out = vmap(grad(loss), in_dims=(None, 0, 0))(consts, call.input, use.grad)
@@ -544,6 +548,77 @@ class EmbeddingBag(OpRule):
             )
 
 
+class Elementwise(OpRule):
+    """``x * w``, ``x + a w``, ``x - w`` (either order) with ``w`` broadcast over ``x`` and not
+    over its batch axis (a scale or shift per feature: Llama's RMSNorm weight, layer scales):
+    ``dw_b`` is ``g_b * x_b`` (or ``+-a g_b``) summed over the axes ``w`` is broadcast along."""
+
+    names = ("input", "other", "alpha")
+    defaults: ClassVar[dict[str, Any]] = {"alpha": 1}
+    slots: ClassVar[dict[str, str]] = {"input": "weight", "other": "weight"}
+    rowwise = True
+
+    def __init__(self, func: Callable[..., Tensor], name: str, kind: str) -> None:
+        super().__init__(func, name)
+        self.kind = kind
+
+    def parse(self, args: tuple, kwargs: dict, trainable: set[int]) -> OpCall | None:
+        bound = self.bind(args, kwargs)
+        if bound is None or (self.kind == "mul" and "alpha" in kwargs):
+            return None
+        a, b = bound["input"], bound["other"]
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+            return None
+        pa, pb = id(a) in trainable, id(b) in trainable
+        if pa == pb or _holds_param(bound["alpha"], trainable):
+            return None
+        w, x = (a, b) if pa else (b, a)
+        if x.dim() == 0 or w.dim() > x.dim() or (w.dim() == x.dim() and w.shape[0] != 1):
+            return None  # the weight would span the batch axis
+        if torch.broadcast_shapes(w.shape, x.shape) != x.shape:
+            return None
+        return OpCall(
+            self, bound, {"input" if pa else "other": "weight"}, "other" if pa else "input"
+        )
+
+    def compute(self, call: OpCall, x: Tensor) -> Tensor:
+        a = dict(call.args)
+        a[call.data] = call.as_called(x)
+        if self.kind == "mul":
+            return torch.mul(a["input"], a["other"])
+        return self.func(a["input"], a["other"], alpha=a["alpha"])
+
+    def _scale(self, call: OpCall) -> tuple[float, float]:
+        """``(dy/dw scale, dy/dx scale)`` for add and sub."""
+        alpha = call.args["alpha"]
+        w_first = call.data == "other"
+        if self.kind == "add":
+            return (1.0, alpha) if w_first else (alpha, 1.0)
+        return (1.0, -alpha) if w_first else (-alpha, 1.0)
+
+    def closed_input_grad(self, call: OpCall) -> bool:
+        return True
+
+    def input_grad(self, use: Use, g: Tensor) -> Tensor:
+        call = use.call
+        x = call.input
+        if self.kind == "mul":
+            w = call.args["input" if call.data == "other" else "other"]
+            gx = g * w.to(g.dtype)
+        else:
+            gx = g * self._scale(call)[1]
+        return gx.sum_to_size(x.shape)
+
+    def per_sample(self, use: Use) -> dict[str, Tensor]:
+        call, g = use.call, use.grad
+        w = use.params["weight"]
+        full = g * call.input.to(g.dtype) if self.kind == "mul" else g * self._scale(call)[0]
+        b = full.shape[0]
+        lead = full.dim() - w.dim()
+        shape = (b,) + (1,) * (lead - 1) + tuple(w.shape)
+        return {"weight": full.sum_to_size(shape).reshape(b, *w.shape)}
+
+
 OPS: dict[Any, OpRule] = {}
 
 
@@ -568,6 +643,12 @@ for _func, _rule in [
     (F.instance_norm, InstanceNorm(F.instance_norm, "instance_norm")),
     (torch.prelu, PReLU(torch.prelu, "prelu")),
     (F.embedding_bag, EmbeddingBag(F.embedding_bag, "embedding_bag")),
+    (torch.mul, Elementwise(torch.mul, "mul", "mul")),
+    (torch.Tensor.mul, Elementwise(torch.mul, "mul", "mul")),
+    (torch.add, Elementwise(torch.add, "add", "add")),
+    (torch.Tensor.add, Elementwise(torch.add, "add", "add")),
+    (torch.sub, Elementwise(torch.sub, "sub", "sub")),
+    (torch.Tensor.sub, Elementwise(torch.sub, "sub", "sub")),
 ]:
     register_op(_func, _rule)
 
