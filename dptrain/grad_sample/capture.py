@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ..batching import batch_cat, batch_len, batch_slice
 from .fused import Alias, Fused
-from .local import LocalCall, LocalRule
+from .local import LocalCall, LocalRule, replays_exactly
 from .ops import OPS, OpCall, UnsupportedLayerError, Use, mixes_samples
 from .plan import (
     ROOT,
@@ -232,7 +232,7 @@ class GradCapture:
         name = self._scope_names.get(id(module), type(module).__name__)
         stack.append(_Call(module, name, (id(module), k), leaves, spec, len(self.uses)))
 
-    def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         stack = self._stack
         if not stack or stack[-1].module is not module:
             return
@@ -241,7 +241,7 @@ class GradCapture:
             if self._probe is not None:
                 self._log_scope(call, output)
             elif call.aliased:
-                self._record_local(call, output)
+                return self._record_local(call, output)
         finally:
             if not stack and self._tls.entered:
                 self._tls.entered = False
@@ -329,13 +329,20 @@ class GradCapture:
         except TypeError as err:  # inside an operator a TypeError would become NotImplemented
             raise RuntimeError(f"'{call.name}': {d.rule.name} failed: {err}") from err
 
-    def _record_local(self, call: _Call, output: Any) -> None:
+    def _record_local(self, call: _Call, output: Any) -> Any:
+        """Record the call to be re-run per sample; return its output with every differentiable
+        leaf behind a view, whose gradient is then what the caller sends back (an output that
+        also feeds another output, like an LSTM cell's ``c`` feeding ``h``, would otherwise
+        hand its hook the internal path too)."""
         spec = self.plan.scopes.get(call.key) if self.plan is not None else None
         if spec is None:
             if self.in_backward:
-                return
+                return None
             raise PlanMiss(f"'{call.name}' was re-routed per sample without a plan")
-        out_leaves = tree_flatten(output)[0]
+        out_leaves, out_spec = tree_flatten(output)
+        out_leaves = [
+            t.view_as(t) if isinstance(t, Tensor) and t.requires_grad else t for t in out_leaves
+        ]
         leaves = [x.detach() if isinstance(x, Tensor) else x for x in call.leaves]
         local = LocalCall(call.module, leaves, call.spec, spec.in_axes, spec.out_axes)
         params = {name: self.params[pid] for pid, name in spec.names.items()}
@@ -347,6 +354,7 @@ class GradCapture:
                 t.register_hook(self._make_out_hook(use, i))
         self._locals.append((use, call.start, len(self.uses)))
         self.uses.append(use)
+        return tree_unflatten(out_leaves, out_spec)
 
     def _make_out_hook(self, use: Use, i: int) -> Callable[[Tensor], None]:
         def hook(g: Tensor) -> None:
@@ -417,7 +425,7 @@ class GradCapture:
             [tuple(x.shape) if isinstance(x, Tensor) else None for x in call.leaves],
             [tuple(x.shape) if isinstance(x, Tensor) else None for x in outs],
             [isinstance(x, Tensor) and x.is_floating_point() for x in outs],
-            call.random,
+            call.random or not replays_exactly(call.module),
         )
         self._probe.scopes[call.key] = rec
 
@@ -430,6 +438,7 @@ class GradCapture:
     ) -> tuple[ProbeLog, Tensor]:
         log = ProbeLog(batch_len(batch), expand=expand)
         versions = _buffer_versions(self.model)
+        saved = {n: b.detach().clone() for n, b in self.model.named_buffers() if b is not None}
         self._probe, self._counts = log, {}
         self._stack.clear()
         self._stack.append(_Call(None, "the loss function", ROOT, [], None, 0))
@@ -437,11 +446,12 @@ class GradCapture:
         self._tls.modules = []
         hooks = _module_tracking(self._tls.modules, outputs)
         try:
-            with self._mode, torch.no_grad():
+            with self._mode, torch.enable_grad():  # the real step's code path (requires_grad)
                 losses = _per_sample_losses(loss_fn(self.model, batch), log.batch_size)
         finally:
             for h in hooks:
                 h.remove()
+            changed = _restore_buffers(self.model, saved, versions)  # a probe changes no state
             self._probe = None
             self._stack.clear()
             self._tls.entered = False
@@ -453,7 +463,6 @@ class GradCapture:
                 "Fix: replace it with GroupNorm or LayerNorm, or put it in eval mode with frozen "
                 "statistics (model.eval() on those layers; statistics from pre-training)"
             )
-        changed = [n for n, v in _buffer_versions(self.model).items() if versions.get(n) != v]
         if changed:
             raise UnsupportedLayerError(
                 f"the forward pass updates the buffers {', '.join(changed[:4])} from the data "
@@ -461,7 +470,7 @@ class GradCapture:
                 "from private records without noise and saved with the model. Fix: use "
                 "GroupNorm or LayerNorm, or put those layers in eval mode with frozen statistics"
             )
-        return log, losses
+        return log, losses.detach()
 
     def probe(self, loss_fn: Callable, batch: Any) -> Plan:
         """Probe ``batch`` (and it plus a copy of its first sample) and plan every use."""
@@ -489,8 +498,7 @@ class GradCapture:
             if not ok:
                 where = self._locate_mixing(loss_fn, batch, bigger)
                 raise UnsupportedLayerError(
-                    f"a sample's loss changes when another sample joins its batch (by up to "
-                    f"{float((l_small - l_big[:b]).abs().max()):.3g}): {where} mixes the samples "
+                    f"a sample's loss changes when another sample joins its batch: {where} mixes the samples "
                     "of a batch (its output for one sample depends on other samples), so "
                     "per-sample gradients do not exist. Fix: make that layer act on each sample "
                     "alone (e.g. LayerNorm or GroupNorm instead of a batch statistic)"
@@ -698,6 +706,19 @@ def _per_sample_losses(losses: Any, b: int) -> Tensor:
             "Use reduction='none'."
         )
     return losses
+
+
+def _restore_buffers(
+    model: nn.Module, saved: dict[str, Tensor], versions: dict[str, int]
+) -> list[str]:
+    """Put back every buffer a probe changed; the names of those buffers."""
+    changed = []
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            if b is not None and versions.get(n) != b._version:
+                changed.append(n)
+                b.copy_(saved[n])
+    return changed
 
 
 def _buffer_versions(model: nn.Module) -> dict[str, int]:

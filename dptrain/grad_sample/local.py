@@ -86,13 +86,17 @@ def _functional(module: nn.Module, theta: dict[str, Tensor], args: tuple, kwargs
 def _forward_of(module: nn.Module):
     if isinstance(module, nn.RNNBase):
         return _rnn
+    if isinstance(module, nn.RNNCellBase):
+        return _rnn_cell
     return _functional
 
 
 # -- recurrent layers, written out ----------------------------------------------------------------
 
 
-def _cell(mode: str, x: Tensor, state: Any, w_ih, w_hh, b_ih, b_hh, nonlinearity: str) -> Any:
+def _cell(
+    mode: str, x: Tensor, state: Any, w_ih, w_hh, b_ih, b_hh, nonlinearity: str, w_hr=None
+) -> Any:
     gi = x @ w_ih.T
     gh = state[0] @ w_hh.T if mode == "LSTM" else state @ w_hh.T
     if b_ih is not None:
@@ -102,7 +106,8 @@ def _cell(mode: str, x: Tensor, state: Any, w_ih, w_hh, b_ih, b_hh, nonlinearity
         _, c = state
         i, f, g, o = (gi + gh).chunk(4, -1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return (h if w_hr is None else h @ w_hr.T), c
     if mode == "GRU":
         ir, iz, in_ = gi.chunk(3, -1)
         hr, hz, hn = gh.chunk(3, -1)
@@ -124,9 +129,10 @@ def _rnn(module: nn.RNNBase, theta: dict[str, Tensor], args: tuple, kwargs: dict
     directions = 2 if m.bidirectional else 1
     b = x.shape[1]
     mode = m.mode
+    proj = getattr(m, "proj_size", 0)
     zeros = x.new_zeros(m.num_layers * directions, b, m.hidden_size)
     if mode == "LSTM":
-        h0, c0 = hx if hx is not None else (zeros, zeros)
+        h0, c0 = hx if hx is not None else (x.new_zeros(zeros.shape[:2] + (proj or m.hidden_size,)), zeros)
     else:
         h0, c0 = (hx if hx is not None else zeros), None
 
@@ -142,12 +148,15 @@ def _rnn(module: nn.RNNBase, theta: dict[str, Tensor], args: tuple, kwargs: dict
         for d in range(directions):
             sfx = f"_l{layer}" + ("_reverse" if d else "")
             w = [weight(f"{k}{sfx}") for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            w.append(getattr(m, "nonlinearity", "tanh"))
+            if proj:
+                w.append(weight(f"weight_hr{sfx}"))
             k = layer * directions + d
             state = (h0[k], c0[k]) if mode == "LSTM" else h0[k]
             steps = range(layer_in.shape[0] - 1, -1, -1) if d else range(layer_in.shape[0])
             seq = [None] * layer_in.shape[0]
             for t in steps:
-                state = _cell(mode, layer_in[t], state, *w, getattr(m, "nonlinearity", "tanh"))
+                state = _cell(mode, layer_in[t], state, *w)
                 seq[t] = state[0] if mode == "LSTM" else state
             outs.append(torch.stack(seq))
             h_n.append(state[0] if mode == "LSTM" else state)
@@ -159,15 +168,19 @@ def _rnn(module: nn.RNNBase, theta: dict[str, Tensor], args: tuple, kwargs: dict
     return (out, (h, torch.stack(c_n))) if mode == "LSTM" else (out, h)
 
 
-def rnn_supported(module: nn.Module) -> str | None:
-    """Why an RNN layer cannot be re-run per sample, or None."""
-    if not isinstance(module, nn.RNNBase):
-        return None
-    if getattr(module, "proj_size", 0):
-        return "LSTM with proj_size is not supported; use proj_size=0"
-    if module.dropout and module.training:
-        return (
-            "dropout between recurrent layers draws fresh randomness that a per-sample re-run "
-            "cannot reproduce; set dropout=0 on the RNN (dropout outside it is fine)"
-        )
-    return None
+def _rnn_cell(module: nn.RNNCellBase, theta: dict[str, Tensor], args: tuple, kwargs: dict) -> Any:
+    """``nn.RNNCell`` / ``nn.LSTMCell`` / ``nn.GRUCell`` forward as plain tensor operations."""
+    m = module
+    x = args[0] if args else kwargs["input"]
+    hx = args[1] if len(args) > 1 else kwargs.get("hx")
+    mode = {nn.LSTMCell: "LSTM", nn.GRUCell: "GRU"}.get(type(m), "RNN")
+    zeros = x.new_zeros(x.shape[0], m.hidden_size)
+    state = hx if hx is not None else ((zeros, zeros) if mode == "LSTM" else zeros)
+    w = [theta.get(k, getattr(m, k)) for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    return _cell(mode, x, state, *w, getattr(m, "nonlinearity", "tanh"))
+
+
+def replays_exactly(module: nn.Module) -> bool:
+    """Whether a re-run of this module reproduces its call: an RNN with dropout between its
+    layers draws randomness inside a fused kernel that a re-run cannot redraw."""
+    return not (isinstance(module, nn.RNNBase) and module.dropout and module.training)
