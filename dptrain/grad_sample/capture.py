@@ -711,13 +711,19 @@ def _per_sample_losses(losses: Any, b: int) -> Tensor:
 def _restore_buffers(
     model: nn.Module, saved: dict[str, Tensor], versions: dict[str, int]
 ) -> list[str]:
-    """Put back every buffer a probe changed; the names of those buffers."""
+    """Put back every buffer a probe changed; the names of those buffers.  Values are compared,
+    not version counters: kernels such as batch norm update running statistics in place
+    without bumping them."""
     changed = []
     with torch.no_grad():
         for n, b in model.named_buffers():
-            if b is not None and versions.get(n) != b._version:
+            if b is None or n not in saved:
+                continue
+            old = saved[n]
+            same = b.shape == old.shape and bool(((b == old) | (b != b) & (old != old)).all())
+            if versions.get(n) != b._version or not same:
                 changed.append(n)
-                b.copy_(saved[n])
+                b.copy_(old)
     return changed
 
 
