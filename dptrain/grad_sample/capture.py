@@ -331,9 +331,10 @@ class GradCapture:
 
     def _record_local(self, call: _Call, output: Any) -> Any:
         """Record the call to be re-run per sample; return its output with every differentiable
-        leaf behind a view, whose gradient is then what the caller sends back (an output that
-        also feeds another output, like an LSTM cell's ``c`` feeding ``h``, would otherwise
-        hand its hook the internal path too)."""
+        leaf replaced by a copy, whose gradient is then exactly what the caller sends back.  The
+        raw leaf would not do: one that also feeds another output (an LSTM cell's ``c`` feeding
+        ``h``) hands its hook the internal path too, and a hook on a view is lost when the
+        caller modifies it in place (Falcon's ``mlp_output += attention_output``)."""
         spec = self.plan.scopes.get(call.key) if self.plan is not None else None
         if spec is None:
             if self.in_backward:
@@ -341,7 +342,7 @@ class GradCapture:
             raise PlanMiss(f"'{call.name}' was re-routed per sample without a plan")
         out_leaves, out_spec = tree_flatten(output)
         out_leaves = [
-            t.view_as(t) if isinstance(t, Tensor) and t.requires_grad else t for t in out_leaves
+            t.clone() if isinstance(t, Tensor) and t.requires_grad else t for t in out_leaves
         ]
         leaves = [x.detach() if isinstance(x, Tensor) else x for x in call.leaves]
         local = LocalCall(call.module, leaves, call.spec, spec.in_axes, spec.out_axes)
