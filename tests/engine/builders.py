@@ -265,6 +265,68 @@ class BilinearNet(nn.Module):
         return self.head(torch.tanh(self.bil(x, x[:, :3] ** 2)))
 
 
+class ProjectedLSTM(nn.Module):
+    """An LSTM with ``proj_size`` (an extra recurrent projection weight), read through h_n."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(4, 5, proj_size=3, batch_first=True)
+        self.head = nn.Linear(3 + 5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, (h, c) = self.rnn(x)
+        return self.head(torch.cat([h[-1], c[-1]], 1))
+
+
+class CellLoop(nn.Module):
+    """An ``LSTMCell`` / ``GRUCell`` / ``RNNCell`` unrolled by hand: one layer called once per
+    time step."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.cell = getattr(nn, kind)(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, c = x.new_zeros(x.shape[0], 5), x.new_zeros(x.shape[0], 5)
+        for t in range(x.shape[1]):
+            if isinstance(self.cell, nn.LSTMCell):
+                h, c = self.cell(x[:, t], (h, c))
+            else:
+                h = self.cell(x[:, t], h)
+        return self.head(h)
+
+
+class MaskedAttention(nn.Module):
+    """``nn.MultiheadAttention`` with a key padding mask taken from the data (x[..., 0] < -1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask = x[..., 0] < -1.0
+        mask[:, 0] = False  # every sample keeps one key
+        y, _ = self.attn(x, x, x, key_padding_mask=mask, need_weights=False)
+        return self.head(y.mean(1))
+
+
+class Decoder(nn.Module):
+    """``nn.TransformerDecoderLayer`` with a causal mask, its memory a projection of the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mem = nn.Linear(8, 8)
+        self.layer = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1], dtype=x.dtype)
+        y = self.layer(x, torch.tanh(self.mem(x)), tgt_mask=causal, tgt_is_causal=True)
+        return self.head(y.mean(1))
+
+
 class BatchCenter(nn.Module):
     """A parameter-free layer that mixes samples: subtracts the batch mean."""
 
@@ -399,6 +461,12 @@ LAYER_CASES: dict[str, Case] = {
     "transformer-encoder-layer-seq-first-norm-first": Case(
         _seeded(lambda: Encoder(False, True)), regression((4, 8), 3), mse_loss
     ),
+    "mha-key-padding-mask": Case(_seeded(MaskedAttention), regression((4, 8), 3), mse_loss),
+    "transformer-decoder-layer": Case(_seeded(Decoder), regression((4, 8), 3), mse_loss),
+    "lstm-proj-size": Case(_seeded(ProjectedLSTM), regression((5, 4), 3), mse_loss),
+    "lstm-cell-loop": Case(_seeded(lambda: CellLoop("LSTMCell")), regression((5, 4), 3), mse_loss),
+    "gru-cell-loop": Case(_seeded(lambda: CellLoop("GRUCell")), regression((5, 4), 3), mse_loss),
+    "rnn-cell-loop": Case(_seeded(lambda: CellLoop("RNNCell")), regression((5, 4), 3), mse_loss),
     "own-param-next-to-linear": Case(
         _seeded(lambda: nn.Sequential(GainLinear(4, 5), nn.Tanh(), nn.Linear(5, 3))),
         regression((4,), 3),
@@ -738,33 +806,59 @@ def lora_targets(model: nn.Module) -> list[str] | None:
     return next((list(c) for c in _QV_NAMES if set(c) <= leaves), None)
 
 
-LORA_KINDS = ("qv", "all-linear", "embedding", "modules-to-save")
+LORA_KINDS = ("qv", "all-linear", "embedding", "modules-to-save", "dora")
 
 
 def with_lora(model: nn.Module, kind: str, task: str | None = None) -> nn.Module:
     """``qv``: peft's default targets; ``all-linear``; ``embedding``: q/v plus a LoRA on the
-    input embedding; ``modules-to-save``: q/v plus a trained copy of the input embedding."""
-    from peft import LoraConfig, get_peft_model
-
+    input embedding; ``modules-to-save``: q/v plus a trained copy of the input embedding;
+    ``dora``: q/v with DoRA (a trained magnitude vector per output)."""
     qv = lora_targets(model)
     if kind != "all-linear" and qv is None:
-        raise ValueError(f"peft has no default LoRA targets for {model.config.model_type}")
+        raise ValueError(f"no q/v LoRA targets known for {model.config.model_type}")
     emb = _embedding_name(model)
     targets: Any = {
         "qv": qv,
         "all-linear": "all-linear",
         "embedding": [*(qv or []), emb],
         "modules-to-save": qv,
+        "dora": qv,
     }[kind]
     save = [emb] if kind == "modules-to-save" else None
+    return peft_lora(model, targets, modules_to_save=save, task=task, use_dora=kind == "dora")
+
+
+def peft_lora(
+    model: nn.Module,
+    targets: Any,
+    *,
+    modules_to_save: list[str] | None = None,
+    task: str | None = None,
+    use_dora: bool = False,
+) -> nn.Module:
+    """peft LoRA, rank 2, random (not zero) B so that every adapter has a gradient."""
+    from peft import LoraConfig, get_peft_model
+
     torch.manual_seed(1)
     cfg = LoraConfig(
         r=2,
         lora_alpha=4,
         target_modules=targets,
-        modules_to_save=save,
+        modules_to_save=modules_to_save,
         lora_dropout=0.0,
         init_lora_weights=False,
         task_type=task,
+        use_dora=use_dora,
     )
     return get_peft_model(model, cfg).double().train()
+
+
+def _peft_case(case: Case, targets: list[str], use_dora: bool = False) -> Case:
+    return Case(lambda: peft_lora(case.build(), targets, use_dora=use_dora), case.batch, case.loss)
+
+
+# peft adapters on torch.nn layers (LoRA on Conv and Embedding, DoRA on Linear)
+LAYER_CASES["peft-lora-conv1d"] = _peft_case(LAYER_CASES["conv1d"], ["0", "2"])
+LAYER_CASES["peft-lora-conv2d"] = _peft_case(LAYER_CASES["conv2d"], ["0", "2"])
+LAYER_CASES["peft-lora-embedding"] = _peft_case(LAYER_CASES["embedding-padding-idx"], ["emb"])
+LAYER_CASES["peft-dora-linear"] = _peft_case(LAYER_CASES["layernorm"], ["0", "2"], use_dora=True)
