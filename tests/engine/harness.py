@@ -158,9 +158,9 @@ def _run_refusal(
         changed = [n for n, b in model.named_buffers() if not torch.equal(b, before[n])]
         why = _refusal_ok(e, case, model)
         if why is None and changed:
-            why = f"refused after the forward: buffers {changed} hold statistics of private data"
+            why = f"only after a forward that updated {changed} from private data"
         detail = f"{type(e).__name__}: {_first_line(e)}"
-        return Outcome("refused", detail if why is None else f"{detail} -- BAD: {why}", why is None)
+        return Outcome("refused", detail if why is None else f"{why}; {detail}", why is None)
     finally:
         check.close()
     return Outcome("accepted", "took the step without refusing", False)

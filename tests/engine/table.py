@@ -1,9 +1,10 @@
 """Render outcome files of the exactness matrix as the markdown table of EXACTNESS.md.
 
     DPTRAIN_EXACTNESS_JSON=main.json pytest tests/engine      # once per engine
-    python -m tests.engine.table "today's engine=main.json" "rewritten engine=new.json"
+    python -m tests.engine.table [--into tests/engine/EXACTNESS.md] "main=a.json" "new=b.json"
 
 Each argument is ``column title=path``; rows are the cases in the order of the first file.
+``--into FILE`` replaces everything after the line ``MARKER`` in FILE instead of printing.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import sys
 from collections import Counter
 
 STATUSES = ("pass", "wrong", "crash", "refused", "accepted")
+MARKER = "<!-- table: python -m tests.engine.table; do not edit below -->"
 
 
-def _cell(outcome: dict | None, limit: int = 150) -> str:
+def _cell(outcome: dict | None, limit: int = 120) -> str:
     """``pass (error)``, ``refused as required: ...``, or a bold failure."""
     if outcome is None:
         return "not run"
@@ -56,6 +58,9 @@ def render(columns: list[tuple[str, list[dict]]]) -> str:
 
 
 def main(argv: list[str]) -> int:
+    into = None
+    if argv[:1] == ["--into"] and len(argv) > 1:
+        into, argv = argv[1], argv[2:]
     if not argv or any("=" not in a for a in argv):
         print(__doc__, file=sys.stderr)
         return 2
@@ -64,7 +69,17 @@ def main(argv: list[str]) -> int:
         title, path = arg.split("=", 1)
         with open(path) as f:
             columns.append((title, json.load(f)))
-    sys.stdout.write(render(columns))
+    table = render(columns)
+    if into is None:
+        sys.stdout.write(table)
+        return 0
+    with open(into) as f:
+        text = f.read()
+    if MARKER not in text:
+        print(f"{into} has no line {MARKER}", file=sys.stderr)
+        return 2
+    with open(into, "w") as f:
+        f.write(text[: text.index(MARKER) + len(MARKER)] + "\n\n" + table)
     return 0
 
 
