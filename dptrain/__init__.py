@@ -12,6 +12,7 @@ Python API in a few lines::
 
 from accountants import Budget, BudgetExceeded, Event, Ledger, calibrate_noise, get_accountant
 
+from .diagnose import check_model
 from .engine import PrivacyEngine, StepReport
 from .grad_sample import UnsupportedLayerError, register_op, register_scope
 from .losses import causal_lm_loss, classification_loss, perplexity
@@ -44,6 +45,7 @@ __all__ = [
     "UnsupportedLayerError",
     "calibrate_noise",
     "causal_lm_loss",
+    "check_model",
     "classification_loss",
     "get_accountant",
     "make_policy",

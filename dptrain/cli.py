@@ -11,6 +11,7 @@ COMMAND_MODULES = (
     "dptrain.commands.privacy",
     "dptrain.commands.federated",
     "dptrain.commands.audit",
+    "dptrain.commands.check",
 )
 
 
