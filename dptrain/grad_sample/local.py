@@ -132,7 +132,11 @@ def _rnn(module: nn.RNNBase, theta: dict[str, Tensor], args: tuple, kwargs: dict
     proj = getattr(m, "proj_size", 0)
     zeros = x.new_zeros(m.num_layers * directions, b, m.hidden_size)
     if mode == "LSTM":
-        h0, c0 = hx if hx is not None else (x.new_zeros(zeros.shape[:2] + (proj or m.hidden_size,)), zeros)
+        h0, c0 = (
+            hx
+            if hx is not None
+            else (x.new_zeros((*zeros.shape[:2], proj or m.hidden_size)), zeros)
+        )
     else:
         h0, c0 = (hx if hx is not None else zeros), None
 
