@@ -83,3 +83,19 @@ def lm_batch(
             mask[b, k:] = 0
     labels = ids.masked_fill(mask == 0, -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def seeded_noise(seed: int):
+    """A reproducible noise source (``privacy.insecure_seed``): NOT private, for tests only."""
+    from dptrain.noise import GaussianNoise
+    from dptrain.secret import RunKey
+
+    return GaussianNoise(RunKey.from_insecure_seed(seed))
+
+
+def seeded_sampler(n: int, q: float, seed: int):
+    """A reproducible Poisson sampler over records ``"0" .. str(n - 1)`` (NOT private)."""
+    from dptrain.sampling import PoissonSampler
+    from dptrain.secret import RunKey
+
+    return PoissonSampler([str(i) for i in range(n)], q, RunKey.from_insecure_seed(seed))

@@ -13,13 +13,12 @@ from torch import nn
 
 from accountants import ERROR_FEEDBACK, Ledger
 from dptrain.losses import causal_lm_loss, classification_loss
-from dptrain.noise import GaussianNoise
 from dptrain.policies import ErrorFeedbackPolicy, StaticPolicy, make_policy
 from dptrain.recipe import RecipeError, parse_recipe
 from dptrain.rundir import RunDir
 from dptrain.train import train
 
-from .helpers import assert_close_rel, lm_batch, loop_per_sample_grads, tiny_gpt2
+from .helpers import assert_close_rel, lm_batch, loop_per_sample_grads, seeded_noise, tiny_gpt2
 from .test_engine import lora, make, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +72,7 @@ def test_error_clip_zero_is_the_static_policy_bit_for_bit():
     results = []
     for policy in (StaticPolicy(0.1, 1.0), ErrorFeedbackPolicy(0.1, 1.0, error_clip=0.0)):
         model = lora_gpt2()
-        engine = engine_for(model, policy, n=40, q=0.1, noise=GaussianNoise(3))
+        engine = engine_for(model, policy, n=40, q=0.1, noise=seeded_noise(3))
         for step in range(2):
             engine.step(lm_batch(61, 4, 6, seed=step))
         results.append(snapshot(model))

@@ -20,10 +20,9 @@ from dptrain.policies import RunContext
 from dptrain.policies.rl import PrivateTrainingEnv, RLPolicy
 from dptrain.recipe import RecipeError, parse_recipe
 from dptrain.rundir import RunDir
-from dptrain.sampling import PoissonSampler
 from dptrain.train import prepare, train
 
-from .helpers import lm_batch, tiny_gpt2
+from .helpers import lm_batch, seeded_sampler, tiny_gpt2
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 61
@@ -54,11 +53,11 @@ class Run:
         )
         public = [lm_batch(VOCAB, 6, 8, seed=99)]
         self.policy.attach(RunContext(self.model, steps, seed=3, public_batches=public))
-        self.sampler = PoissonSampler(40, q, seed=data_seed)
+        self.sampler = seeded_sampler(40, q, seed=data_seed)
 
     def advance(self, n: int) -> int:
         for i in range(n):
-            idx = self.sampler.sample().tolist()
+            idx = self.sampler.sample(self.engine.steps_taken).tolist()
             batch = (
                 batch_slice(self.data, 0, 0)
                 if not idx
