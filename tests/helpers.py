@@ -99,3 +99,14 @@ def seeded_sampler(n: int, q: float, seed: int):
     from dptrain.secret import RunKey
 
     return PoissonSampler([str(i) for i in range(n)], q, RunKey.from_insecure_seed(seed))
+
+
+def share_key(src_run: Any, dst_run: Any) -> None:
+    """Give the run directory ``dst_run`` (not started yet) the secret key of ``src_run``, so
+    that a second run draws the same coins and noise (to compare a resumed run with an
+    uninterrupted one)."""
+    from pathlib import Path
+
+    from dptrain.secret import KEY_FILE, RunKey
+
+    RunKey.read(Path(src_run) / KEY_FILE).write(Path(dst_run) / KEY_FILE)

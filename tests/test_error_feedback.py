@@ -18,7 +18,14 @@ from dptrain.recipe import RecipeError, parse_recipe
 from dptrain.rundir import RunDir
 from dptrain.train import train
 
-from .helpers import assert_close_rel, lm_batch, loop_per_sample_grads, seeded_noise, tiny_gpt2
+from .helpers import (
+    assert_close_rel,
+    lm_batch,
+    loop_per_sample_grads,
+    seeded_noise,
+    share_key,
+    tiny_gpt2,
+)
 from .test_engine import lora, make, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,6 +209,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert [int(f.stem.split("-")[1]) for f in run.checkpoint_files()] == [2, 4]
     run.checkpoint_files()[-1].unlink()
     train(cut, tmp_path / "cut", resume=True, progress=False)
+    share_key(tmp_path / "cut", tmp_path / "whole")  # the same secret coins and noise
     train(parse_recipe(tiny_recipe(tmp_path, "whole", **opts)), progress=False)
 
     a, b = RunDir(tmp_path / "cut"), RunDir(tmp_path / "whole")
