@@ -31,6 +31,8 @@ against attacks on the low-order bits of released floats beyond this (no snappin
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -79,6 +81,14 @@ def normals_from_words(words: np.ndarray) -> np.ndarray:
     return out.reshape(-1)
 
 
+def _trim(chunks: Iterator[np.ndarray], n: int) -> Iterator[np.ndarray]:
+    """``chunks`` cut to ``n`` values in all."""
+    left = n
+    for z in chunks:
+        yield z[:left]
+        left -= min(left, z.size)
+
+
 class GaussianNoise:
     """``noise(like, std)`` returns ``N(0, std^2)`` shaped like ``like``, from the keyed stream.
 
@@ -107,25 +117,43 @@ class GaussianNoise:
         self.step = int(step)
         self.block = 0
 
+    def _chunks(self, n: int) -> Iterator[np.ndarray]:
+        """The next ``n`` standard normals of this step, in float64 chunks of up to
+        ``2 * _CHUNK``, computed on up to ``torch.get_num_threads()`` threads (AES and numpy
+        release the GIL; each chunk's counter range is fixed in advance, so the values do not
+        depend on the thread count).  An odd ``n`` drops the last pair's second normal."""
+        pairs = (n + 1) // 2
+        jobs = [(self.block + 2 * d, min(_CHUNK, pairs - d)) for d in range(0, pairs, _CHUNK)]
+        self.block += 2 * pairs
+        self.pairs += pairs
+        step = self.step
+
+        def draw(job: tuple[int, int]) -> np.ndarray:
+            block, m = job
+            return normals_from_words(self._prf.run(step, block, 2 * m).reshape(m, 4))
+
+        workers = min(len(jobs), torch.get_num_threads())
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                chunks = pool.map(draw, jobs)
+                yield from _trim(chunks, n)
+        else:
+            yield from _trim(map(draw, jobs), n)
+
     def standard(self, n: int) -> np.ndarray:
         """The next ``n`` standard normals of this step (float64)."""
-        pairs = (n + 1) // 2
-        out = np.empty(2 * pairs, dtype=np.float64)
-        done = 0
-        while done < pairs:
-            m = min(_CHUNK, pairs - done)
-            words = self._prf.run(self.step, self.block, 2 * m).reshape(m, 4)
-            out[2 * done : 2 * (done + m)] = normals_from_words(words)
-            self.block += 2 * m
-            done += m
-        self.pairs += pairs
-        return out[:n]
+        return np.concatenate([np.empty(0), *self._chunks(n)])
 
     def __call__(self, like: Tensor, std: float) -> Tensor:
         if std == 0:
             return torch.zeros_like(like)
-        z = torch.from_numpy(self.standard(like.numel()) * std)
-        return z.to(like.dtype).view(like.shape).to(like.device)
+        out = torch.empty(like.numel(), dtype=like.dtype)  # drawn on the CPU, then moved
+        start = 0
+        for z in self._chunks(like.numel()):
+            np.multiply(z, std, out=z)
+            out[start : start + z.size] = torch.from_numpy(z)  # rounded to the dtype here
+            start += z.size
+        return out.view(like.shape).to(like.device)
 
     def truncation_delta(self, epsilon: float) -> float:
         return truncation_delta(epsilon, self.pairs)

@@ -128,6 +128,25 @@ def test_noise_is_a_function_of_key_and_step_and_resumes_exactly():
         assert k.hex() not in str(a.state_dict()) and k not in repr(a.state_dict()).encode()
 
 
+def test_noise_does_not_depend_on_the_thread_count():
+    like = torch.zeros(5_000_001)  # three chunks
+    before = torch.get_num_threads()
+    draws = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            noise = GaussianNoise(KEY)
+            noise.begin_step(3)
+            draws.append(noise(like, 1.5))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(draws[0], draws[1])
+    single = GaussianNoise(KEY)
+    single.begin_step(3)
+    z = single.standard(5_000_001)
+    assert torch.equal(torch.from_numpy(z * 1.5).float(), draws[0])
+
+
 def test_noise_moments_and_moderate_tail():
     """2e7 draws: mean, variance, kurtosis and P(|z| > 4) within binomial tolerance."""
     noise = GaussianNoise(KEY)
