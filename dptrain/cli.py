@@ -20,6 +20,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     from .grad_sample import UnsupportedLayerError
     from .rundir import CheckpointError
+    from .secret import RunKeyError
 
     return (
         ValueError,
@@ -27,6 +28,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         BudgetExceeded,
         LedgerError,
         CheckpointError,
+        RunKeyError,
         UnsupportedLayerError,
     )
 
