@@ -42,6 +42,7 @@ from dptrain.data import TextDataset
 from dptrain.data.canaries import Manifest, read_manifest
 from dptrain.recipe import AuditSection, Recipe, load_recipe
 from dptrain.rundir import CheckpointError, RunDir
+from dptrain.secret import run_key
 
 from .bounds import epsilon_from_rates, one_run_epsilon_best
 from .exposure import exposure_exact, exposure_extrapolated, random_exposure
@@ -75,7 +76,9 @@ class _Timer:
 
 
 def claimed_privacy(run: RunDir, meta: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
-    """The (epsilon, delta) the run claims, recomputed from its ledger by its accountant."""
+    """The (epsilon, delta) the run claims, recomputed from its ledger by its accountant; for a
+    policy that chose its noise from data, the privacy filter's budget (what it certifies),
+    with the filter's spend so far as ``spent``."""
     from dptrain.train import build_policy
 
     ledger = Ledger.load(run.ledger)
@@ -90,9 +93,15 @@ def claimed_privacy(run: RunDir, meta: dict[str, Any], recipe: Recipe) -> dict[s
         eps = accountant.adaptive_epsilon(events, delta)  # type: ignore[attr-defined]
     else:
         eps = accountant.epsilon(events, delta)
+    spent = float(eps)
+    if adaptive:
+        eps = max(spent, float(meta.get("epsilon_budget", recipe.privacy.epsilon)))
     return {
         "epsilon": float(eps),
+        "spent": spent,
         "delta": delta,
+        "delta_total": float(meta.get("delta_total", delta)),
+        "insecure_seed": meta.get("insecure_seed"),
         "accountant": name,
         "adaptive": adaptive,
         "steps": ledger.total_steps,
@@ -160,7 +169,8 @@ def audit_run(
     )
 
     # -- records ------------------------------------------------------------------------------
-    train, val, unused = timer("data", lambda: split_data(recipe))
+    key = run_key(run.path, recipe.privacy.insecure_seed, create=False)  # splits, canaries
+    train, val, unused = timer("data", lambda: split_data(recipe, key))
     manifest = read_manifest(run.path)
     canary_ids = {rid for c in manifest.canaries for rid in c.record_ids()} if manifest else set()
     member_pool = [i for i, rid in enumerate(train.ids) if rid not in canary_ids]

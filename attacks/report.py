@@ -49,7 +49,21 @@ def _eps(x: float) -> str:
 
 
 def verdict(s: dict[str, Any]) -> tuple[str, list[str]]:
-    """``(level, sentences)``: level is "bug", "none" (no guarantee) or "ok"."""
+    """``(level, sentences)``: level is "bug", "none" (no guarantee) or "ok"; a run with
+    ``privacy.insecure_seed`` is first said to have no guarantee against who knows it."""
+    level, words = _verdict(s)
+    seed = s["claim"].get("insecure_seed")
+    if seed is not None:
+        words.insert(
+            0,
+            f"This run used privacy.insecure_seed={seed}: its Poisson coins and noise follow from "
+            "that seed, so it has NO privacy guarantee against anyone who knows it (a test or "
+            "debugging run).",
+        )
+    return level, words
+
+
+def _verdict(s: dict[str, Any]) -> tuple[str, list[str]]:
     eps, delta, conf = s["accountant_epsilon"], s["delta"], s["confidence"]
     lower = s["empirical_epsilon_lower_bound"]
     bounds = s["epsilon_lower_bounds"]

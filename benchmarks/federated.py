@@ -8,7 +8,8 @@ Every (strategy, seed) runs the same federated recipe (same clients, non-IID spl
 local steps, optimizer) as an in-process Flower simulation; only ``federated.strategy`` and
 ``seed`` change.  Each client's noise is calibrated for its total local steps over all rounds
 at the recipe's per-client (epsilon, delta), so every strategy spends the same budget.  The
-seed moves the split, the adapters' initialization, batches and noise.
+seed moves the split and the adapters' initialization; every run's clients are new (fresh
+state directories and keys), so their batches and noise are fresh draws.
 
 Writes ``benchmarks/results/federated.json`` shaped ``{strategy: {perplexity_mean,
 perplexity_std, perplexity, epsilon, delta, curve_mean, minus_fedsvd, ...}}`` (``epsilon``:
@@ -42,8 +43,10 @@ def run_one(recipe_path: Path, overrides: list[str], out: Path) -> dict[str, Any
     from dptrain.recipe import load_recipe
 
     shutil.rmtree(out, ignore_errors=True)
+    clients = out.with_name(out.name + "-clients")  # every run is a new experiment: new clients
+    shutil.rmtree(clients, ignore_errors=True)
     t0 = time.perf_counter()
-    simulate(load_recipe(recipe_path, overrides), out)
+    simulate(load_recipe(recipe_path, [*overrides, f"federated.state_dir={clients}"]), out)
     return {**read_run(out), "wall_seconds": time.perf_counter() - t0}
 
 

@@ -61,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         dataset_size=n,
         budget=Budget(1e6, 1e-5),
     )
-    sampler = PoissonSampler(n, q, seed=0)
+    sampler = PoissonSampler([str(i) for i in range(n)], q)
     samples, t0 = [], time.perf_counter()
     for step in range(1, args.steps + 1):
-        engine.step(data.batch(sampler.sample()))
+        engine.step(data.batch(sampler.sample(engine.steps_taken)))
         if step % args.every == 0:
             engine.epsilon()
             torch.save(

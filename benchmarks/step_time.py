@@ -243,7 +243,7 @@ def dptrain_step(model: nn.Module, batch: dict, ghost: str = "auto") -> Callable
         sample_rate=b / DATASET,
         dataset_size=DATASET,
         loss_fn=per_sample_loss,
-        noise=dptrain.GaussianNoise(0),
+        noise=dptrain.GaussianNoise(),  # the keyed full-tailed sampler every run uses
         ghost=ghost,
     )
 

@@ -4,9 +4,9 @@ Python API in a few lines::
 
     engine = dptrain.PrivacyEngine(model, optimizer, policy=dptrain.StaticPolicy(clip=1.0,
         noise_multiplier=1.0), sample_rate=q, dataset_size=n, budget=dptrain.Budget(8.0, 1e-5))
-    sampler = dptrain.PoissonSampler(n, q, seed=0)
-    for _ in range(steps):
-        engine.step(collate(sampler.sample()))
+    sampler = dptrain.PoissonSampler(record_ids, q)   # keyed coins; a fresh secret key
+    for t in range(steps):
+        engine.step(collate(sampler.sample(t)))
     print(engine.epsilon())
 """
 
@@ -26,6 +26,7 @@ from .policies import (
     register_policy,
 )
 from .sampling import PoissonSampler
+from .secret import RunKey
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "PoissonSampler",
     "Policy",
     "PrivacyEngine",
+    "RunKey",
     "StaticPolicy",
     "StepPlan",
     "StepReport",

@@ -21,6 +21,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     from .grad_sample import UnsupportedLayerError
     from .rundir import CheckpointError
+    from .secret import RunKeyError
 
     return (
         ValueError,
@@ -28,6 +29,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         BudgetExceeded,
         LedgerError,
         CheckpointError,
+        RunKeyError,
         UnsupportedLayerError,
     )
 

@@ -103,7 +103,7 @@ class PrivacyEngine:
         self.expected_batch_size = sample_rate * dataset_size
         self.loss_fn = loss_fn
         self.max_physical_batch_size = max_physical_batch_size
-        self.noise = noise or GaussianNoise(0)
+        self.noise = noise if noise is not None else GaussianNoise()  # a fresh secret key
         self.ghost = ghost_mode(ghost)  # per-sample norms: "auto" (by cost), "always", "never"
 
         names = group_parameters(model, grouping)
@@ -265,6 +265,9 @@ class PrivacyEngine:
             within_clip={g: torch.cat(ts) for g, ts in within.items()},
         )
         if main:
+            begin = getattr(self.noise, "begin_step", None)
+            if begin is not None:  # step t's noise is a function of (key, t) only
+                begin(self.steps_taken)
             update = self.policy.release(sums, plan, self.noise)  # noise added once, on rank 0
         else:
             update = {p: torch.zeros_like(p) for p in self.params}

@@ -1,84 +1,185 @@
-"""Gaussian noise sources: a seeded ``torch.Generator`` (reproducible) or a secure one.
+"""Gaussian noise from the run key, with full tails and an exact truncation bound.
 
-The secure source draws uniforms from the operating system's CSPRNG (``os.urandom``: 53-bit
-uniforms in (0, 1]) and turns them into normals by Box-Muller in float64.  It cannot be replayed,
-so a resumed secure run continues with fresh noise.  Floating-point artifacts of sampling
-(Mironov 2012) are not addressed by either source.
+What is drawn.  Normals come in pairs by Box-Muller in float64 from four 64-bit words of the
+keyed stream (domain "noise"; AES-256 in counter mode, block ``step * 2^64 + j``)::
+
+    theta = 2 pi a 2^-53                       a: the top 53 bits of word 0
+    U     = 2^-(e+1) (1 + (f + 1) 2^-52)       f: the top 52 bits of word 1,
+                                               e: leading zeros of the 128 bits (word 2, word 3)
+    R     = sqrt(-2 ln U) = sqrt(2 ((e + 1) ln 2 - log1p((f + 1) 2^-52)))
+    (z1, z2) = (R cos theta, R sin theta)
+
+``U`` is uniform on (0, 1] with extended precision near 0: its exponent is geometric, as for
+a uniform real, down to ``2^-129``, so ``|z|`` reaches ``R_max = sqrt(258 ln 2) = 13.37``
+(float32 ``torch.randn`` on CPU stops at ``sqrt(48 ln 2) = 5.77``).  The counter of step ``t``
+is ``(t, j)``, so step ``t`` draws the same noise whether or not the run was interrupted, and
+on any device (the stream is computed on the CPU and moved to the parameter's device).
+
+Truncation bound.  With exact arithmetic on continuous uniforms the construction is the
+standard 2-D Gaussian except that ``U`` never falls in ``(0, 2^-129]``; that mass is moved
+into ``(2^-129, 2^-128]``.  The radius map is a bijection, so each pair is within total
+variation ``eta = 2^-129`` of ``N(0, I_2)``, and ``n`` pairs within ``n eta``.  A mechanism
+within total variation ``tau`` of an ``(eps, delta)``-DP one is ``(eps, delta + (1 + e^eps)
+tau)``-DP; :func:`truncation_delta` is that extra term, which runs add to their delta.
+
+Floating-point caveats (Mironov 2012).  The uniforms are discrete (53-bit angles, 52-bit
+mantissas), so the outputs lie on a discrete set and their fine structure differs from a
+Gaussian's; the noisy sum is then rounded to the parameter dtype.  We do not claim protection
+against attacks on the low-order bits of released floats beyond this (no snapping mechanism).
 """
 
 from __future__ import annotations
 
 import math
-import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .secret import RunKey
+
+ETA_PER_PAIR = 2.0**-129
+"""Total variation between one pair of this sampler (exact arithmetic) and ``N(0, I_2)``."""
+RADIUS_MAX = math.sqrt(258 * math.log(2))
+_CHUNK = 1 << 20  # pairs per batch of stream evaluation (32 MB of words)
+
+
+def truncation_delta(epsilon: float, pairs: int) -> float:
+    """``(1 + e^eps) * pairs * 2^-129``: the delta the noise sampler adds (see the module)."""
+    if pairs <= 0:
+        return 0.0
+    if not math.isfinite(epsilon):
+        return math.inf
+    return (1.0 + math.exp(min(epsilon, 700.0))) * pairs * ETA_PER_PAIR
+
+
+def _leading_zeros(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """Leading zeros of the 128-bit words ``hi * 2^64 + lo`` (0..128), exactly: from the
+    float64 exponent of ``hi >> 11`` (exact below 2^53); the rare words with ``hi < 2^11``
+    (probability 2^-53 each) are counted in Python."""
+    lead = (53 - np.frexp((hi >> np.uint64(11)).astype(np.float64))[1]).astype(np.float64)
+    for i in np.flatnonzero(hi < np.uint64(1 << 11)):
+        h = int(hi[i])
+        lead[i] = 64 - h.bit_length() if h else 128 - int(lo[i]).bit_length()
+    return lead
+
+
+def normals_from_words(words: np.ndarray) -> np.ndarray:
+    """``2 m`` standard normals from ``(m, 4)`` uint64 words (see the module docstring)."""
+    w = np.asarray(words, dtype=np.uint64).reshape(-1, 4)
+    lead = _leading_zeros(w[:, 2], w[:, 3])  # the exponent e, 0..128
+    angle = (w[:, 0] >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    frac = ((w[:, 1] >> np.uint64(12)).astype(np.float64) + 1.0) * 2.0**-52  # (0, 1]
+    radius = np.sqrt(2.0 * ((lead + 1) * math.log(2.0) - np.log1p(frac)))
+    theta = 2.0 * math.pi * angle
+    out = np.empty((w.shape[0], 2), dtype=np.float64)
+    np.multiply(radius, np.cos(theta), out=out[:, 0])
+    np.multiply(radius, np.sin(theta), out=out[:, 1])
+    return out.reshape(-1)
+
+
+def _trim(chunks: Iterator[np.ndarray], n: int) -> Iterator[np.ndarray]:
+    """``chunks`` cut to ``n`` values in all."""
+    left = n
+    for z in chunks:
+        yield z[:left]
+        left -= min(left, z.size)
+
 
 class GaussianNoise:
-    """``noise(like, std)`` returns ``N(0, std^2)`` shaped like ``like``."""
+    """``noise(like, std)`` returns ``N(0, std^2)`` shaped like ``like``, from the keyed stream.
 
-    def __init__(self, seed: int | None = 0, *, secure: bool = False) -> None:
-        self.secure = secure
-        self.seed = seed
-        self.generator = torch.Generator()
-        self._device_generators: dict[str, torch.Generator] = {}
-        if not secure:
-            self.generator.manual_seed(int(seed if seed is not None else torch.seed()))
+    The engine calls :meth:`begin_step` with the step number before a step's draws; draws
+    within a step continue the step's counter.  State (for checkpoints): the position in the
+    stream and the number of pairs drawn, never the key.
+    """
+
+    def __init__(self, key: RunKey | None = None) -> None:
+        self.key = key if key is not None else RunKey.generate()
+        self._prf = self.key.prf("noise")
+        self.step = 0
+        self.block = 0  # next block of this step
+        self.pairs = 0  # pairs drawn over the run (for the truncation bound)
 
     @property
     def description(self) -> str:
-        if self.secure:
-            return "os.urandom (OS CSPRNG) 53-bit uniforms -> Box-Muller, float64"
-        return f"torch.Generator (Mersenne Twister, CPU) seeded with {self.seed}"
+        return (
+            "AES-256-CTR stream of the run key -> Box-Muller in float64 with a 128-bit radius "
+            f"exponent (|z| up to {RADIUS_MAX:.2f}; truncation {ETA_PER_PAIR:.3g} per pair); "
+            + ("secure key" if self.key.secure else f"INSECURE seed {self.key.insecure_seed}")
+        )
+
+    def begin_step(self, step: int) -> None:
+        """Position the stream at step ``step``'s first block."""
+        self.step = int(step)
+        self.block = 0
+
+    def _chunks(self, n: int) -> Iterator[np.ndarray]:
+        """The next ``n`` standard normals of this step, in float64 chunks of up to
+        ``2 * _CHUNK``, computed on up to ``torch.get_num_threads()`` threads (AES and numpy
+        release the GIL; each chunk's counter range is fixed in advance, so the values do not
+        depend on the thread count).  An odd ``n`` drops the last pair's second normal."""
+        pairs = (n + 1) // 2
+        jobs = [(self.block + 2 * d, min(_CHUNK, pairs - d)) for d in range(0, pairs, _CHUNK)]
+        self.block += 2 * pairs
+        self.pairs += pairs
+        step = self.step
+
+        def draw(job: tuple[int, int]) -> np.ndarray:
+            block, m = job
+            return normals_from_words(self._prf.run(step, block, 2 * m).reshape(m, 4))
+
+        workers = min(len(jobs), torch.get_num_threads())
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                chunks = pool.map(draw, jobs)
+                yield from _trim(chunks, n)
+        else:
+            yield from _trim(map(draw, jobs), n)
+
+    def standard(self, n: int) -> np.ndarray:
+        """The next ``n`` standard normals of this step (float64)."""
+        return np.concatenate([np.empty(0), *self._chunks(n)])
 
     def __call__(self, like: Tensor, std: float) -> Tensor:
         if std == 0:
             return torch.zeros_like(like)
-        if self.secure:
-            z = _secure_normal(like.numel())
-            return torch.from_numpy(z).to(like.dtype).view_as(like).to(like.device) * std
-        gen = self._generator(like.device)
-        z = torch.randn(like.shape, generator=gen, dtype=torch.float32, device=gen.device)
-        return (z * std).to(like.dtype).to(like.device)
+        out = torch.empty(like.numel(), dtype=like.dtype)  # drawn on the CPU, then moved
+        start = 0
+        for z in self._chunks(like.numel()):
+            np.multiply(z, std, out=z)
+            out[start : start + z.size] = torch.from_numpy(z)  # rounded to the dtype here
+            start += z.size
+        return out.view(like.shape).to(like.device)
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        """The CPU generator, or for an accelerator one on it (drawing there avoids a copy per
-        parameter), seeded once from the CPU generator so that runs stay reproducible."""
-        if device.type == "cpu":
-            return self.generator
-        key = str(device)
-        if key not in self._device_generators:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(int(torch.randint(2**62, (1,), generator=self.generator)))
-            self._device_generators[key] = gen
-        return self._device_generators[key]
+    def truncation_delta(self, epsilon: float) -> float:
+        return truncation_delta(epsilon, self.pairs)
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"secure": self.secure, "seed": self.seed, "state": self.generator.get_state()}
-        if self._device_generators:
-            state["device_states"] = {k: g.get_state() for k, g in self._device_generators.items()}
-        return state
+        return {
+            "stream": "aes256-ctr-box-muller-v1",
+            "key_id": self.key.key_id,
+            "step": self.step,
+            "block": self.block,
+            "pairs": self.pairs,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["secure"] != self.secure:
-            raise ValueError("checkpoint noise mode (secure or seeded) differs from this run's")
-        if not self.secure:
-            self.generator.set_state(state["state"])
-            self._device_generators = {}
-            for key, s in state.get("device_states", {}).items():
-                gen = torch.Generator(device=torch.device(key))
-                gen.set_state(s)
-                self._device_generators[key] = gen
-
-
-def _secure_normal(n: int) -> np.ndarray:
-    """``n`` standard normals from ``os.urandom`` by Box-Muller."""
-    pairs = (n + 1) // 2
-    bits = np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64).reshape(2, pairs)
-    u = ((bits >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0**-53  # in (0, 1]
-    r = np.sqrt(-2.0 * np.log(u[0]))
-    theta = 2.0 * math.pi * u[1]
-    return np.concatenate([r * np.cos(theta), r * np.sin(theta)])[:n]
+        if state.get("stream") != "aes256-ctr-box-muller-v1":
+            raise ValueError(
+                "the checkpoint's noise comes from another generator (an older dptrain?); "
+                "resume it with the version that wrote it, or start a new run"
+            )
+        if state.get("key_id") != self.key.key_id:
+            raise ValueError(
+                "the checkpoint was written with another run key than this run's secret.key "
+                "(or insecure_seed); restore the run's own key file to resume"
+            )
+        self.step, self.block, self.pairs = (
+            int(state["step"]),
+            int(state["block"]),
+            int(state["pairs"]),
+        )

@@ -68,7 +68,17 @@ class CanarySection(Section):
         default_factory=lambda: {1: 128, 4: 4, 16: 4},
         description="repetition count -> number of canaries with that count",
     )
-    seed: int | None = Field(None, description="default: the recipe's seed")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_seed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "seed" in data:
+            raise ValueError(
+                "data.canaries.seed was removed: canary secrets and inclusion coins now derive "
+                "from the run's secret key, so nobody can regenerate them from the recipe. "
+                "Fix: delete the key (for a reproducible, NOT private run set privacy.insecure_seed)"
+            )
+        return data
 
     @field_validator("template")
     @classmethod
@@ -102,15 +112,23 @@ class DataSection(Section):
     format: Literal["jsonl", "csv", "txt"] | None = None
     text_field: str = "text"
     max_length: int = Field(128, ge=2)
-    validation_fraction: float = Field(0.05, gt=0, lt=1)
+    validation_fraction: float = Field(
+        0.05, gt=0, lt=1, description="each record is held out alone with this probability"
+    )
     validation_path: str | None = None
-    max_records: int | None = Field(None, ge=1)
+    max_records: int | None = Field(
+        None,
+        ge=1,
+        description="development knob: keep this many records (by keyed hash); the run then "
+        "also reports the 2-record group-privacy epsilon for neighbouring files",
+    )
     max_validation_records: int | None = Field(256, ge=1)
     public_fraction: float | None = Field(
         None,
         gt=0,
         lt=1,
-        description="share of the training records declared public (not protected)",
+        description="each training record is declared public (not protected) alone with this "
+        "probability",
     )
     public_path: str | None = Field(None, description="a file of public (not protected) records")
     max_public_records: int | None = Field(64, ge=1)
@@ -177,10 +195,31 @@ class PolicySection(Section):
 
 
 class PrivacySection(Section):
+    """The budget, and where the run's randomness comes from.
+
+    Every private random choice (Poisson coins, noise, splits, canaries) derives from a secret
+    run key drawn from the OS CSPRNG (:mod:`dptrain.secret`).  ``insecure_seed`` derives the key
+    from that integer instead: the run is reproducible and has NO privacy guarantee against
+    anyone who knows the seed (tests, debugging).
+    """
+
     epsilon: float = Field(8.0, gt=0, description="the budget; also the calibration target")
     delta: float | None = Field(None, gt=0, lt=1, description="default: 1 / (10 N)")
     accountant: Literal["rdp", "prv", "pld"] = "rdp"
-    secure_noise: bool = False
+    insecure_seed: int | None = Field(
+        None, description="reproducible randomness: NO guarantee against anyone knowing it"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "secure_noise" in data:
+            raise ValueError(
+                "privacy.secure_noise was removed: every run now draws its noise and its Poisson "
+                "coins from a secret per-run key (secure by default). Fix: delete the key; for a "
+                "reproducible, NOT private run set privacy.insecure_seed: <int>"
+            )
+        return data
 
 
 class AuditSection(Section):
@@ -222,7 +261,11 @@ class Recipe(Section):
     command: ClassVar[str] = "train"  # the dptrain subcommand that runs this kind of recipe
 
     name: str = "run"
-    seed: int = 0
+    seed: int = Field(
+        0,
+        description="non-private randomness only (initialization, dropout, the rl agent, audit "
+        "shadow splits); coins, noise, splits and canaries come from the run key",
+    )
     output_dir: str | None = None
     model: ModelSection
     lora: LoraSection | None = None

@@ -2,11 +2,13 @@
 
 Layout::
 
+    secret.key           the run key (mode 0600): every private random choice derives from it;
+                         never copied into any other file (see dptrain.secret)
     recipe.yaml          the resolved recipe (calibrated noise, sample rate, delta filled in)
     run.json             metadata: privacy parameters, accountant, noise generator, status
     metrics.jsonl        one JSON object per logged step (private statistics: do not publish)
     ledger.json          the privacy ledger, written before any model state that it covers
-    checkpoints/step-00000100.pt   model/adapter, optimizer, sampler, engine (ledger, policy, noise)
+    checkpoints/step-00000100.pt   model/adapter, optimizer, engine (ledger, policy, noise position)
     final/               adapter (peft) or model, loadable with transformers / peft
 
 Every file is written atomically: to a temporary name in the same directory, flushed and
@@ -82,6 +84,7 @@ class RunDir:
 
     recipe = property(lambda self: self.path / "recipe.yaml")
     meta = property(lambda self: self.path / "run.json")
+    key = property(lambda self: self.path / "secret.key")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     ledger = property(lambda self: self.path / "ledger.json")
     checkpoints = property(lambda self: self.path / "checkpoints")
@@ -89,6 +92,17 @@ class RunDir:
 
     def exists(self) -> bool:
         return self.meta.exists()
+
+    def started(self) -> bool:
+        """Whether anything of a run was ever written here beyond its recipe and key (a key
+        of a run that never took a step may be reused; any other must not be)."""
+        return (
+            self.meta.exists()
+            or self.ledger.exists()
+            or self.metrics.exists()
+            or bool(self.checkpoint_files())
+            or self.final.exists()
+        )
 
     def read_meta(self) -> dict[str, Any]:
         return read_json(self.meta)

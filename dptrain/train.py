@@ -3,6 +3,13 @@
 Order of work: validate the recipe, read the data, resolve (q, delta, steps, noise) and check
 the budget -- all before the model is loaded -- then train with checkpoints, and finish with
 the final adapter/model, perplexities and the (epsilon, delta) guarantee.
+
+Randomness.  Every private random choice -- the validation / public split, the canaries,
+step ``t``'s Poisson batch and noise -- is a function of the run key (``secret.key``, see
+:mod:`dptrain.secret`) and of ``t`` and the record ids only, so a resumed run draws what an
+uninterrupted one would and an adversary holding the recipe and ``run.json`` cannot replay it.
+``recipe.seed`` drives the non-private randomness (initialization, dropout).  The reported
+delta includes the noise sampler's truncation term (:func:`dptrain.noise.truncation_delta`).
 """
 
 from __future__ import annotations
@@ -23,14 +30,16 @@ from accountants import Budget, BudgetFilter, Ledger, UnsupportedEventError, get
 from . import distributed
 from .data import LMExamples, TextDataset, load_texts, split, tokenize
 from .data.canaries import insert_canaries, write_manifest
+from .data.loading import cap
 from .engine import BudgetExceeded, PrivacyEngine
 from .losses import causal_lm_loss, perplexity
 from .models import load_model_and_tokenizer
-from .noise import GaussianNoise
+from .noise import GaussianNoise, truncation_delta
 from .policies import Policy, RunContext, make_policy
 from .recipe import Recipe, RecipeError, check_against_data, dump_recipe
 from .rundir import CheckpointError, RunDir, atomic_write
 from .sampling import PoissonSampler
+from .secret import RunKey, RunKeyError
 
 
 @dataclass
@@ -49,6 +58,7 @@ class Prepared:
     calibrated_noise_multiplier: float | None
     checkpoint: dict[str, Any] | None
     public_texts: TextDataset | None = None
+    key: RunKey | None = None
 
 
 def log(msg: str) -> None:
@@ -57,44 +67,47 @@ def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def read_data(recipe: Recipe) -> tuple[TextDataset, TextDataset]:
-    train, val, _ = split_data(recipe)
+def read_data(recipe: Recipe, key: RunKey) -> tuple[TextDataset, TextDataset]:
+    train, val, _ = split_data(recipe, key)
     return train, val
 
 
-def split_data(recipe: Recipe) -> tuple[TextDataset, TextDataset, TextDataset]:
+def split_data(recipe: Recipe, key: RunKey) -> tuple[TextDataset, TextDataset, TextDataset]:
     """``(train, validation, unused)``: ``train`` ends with the included canary records (if the
     recipe has ``data.canaries``); ``unused`` holds the records cut by ``max_records`` or
-    ``max_validation_records``, never trained on (an audit's extra non-members)."""
+    ``max_validation_records``, never trained on (an audit's extra non-members).
+
+    The validation split is a per-record keyed decision (:func:`dptrain.data.split`), so
+    adding a record to the file changes the training set by at most that record.
+    ``max_records`` is a count, not a per-record decision: it keeps the records with the
+    lowest keyed hashes, so adding a record may swap one (see :func:`guarantee_numbers`)."""
     d = recipe.data
     texts = load_texts(d.path, text_field=d.text_field, format=d.format)
     if d.validation_path:
         train = texts
         val = load_texts(d.validation_path, text_field=d.text_field, format=d.format)
     else:
-        train, val = split(texts, d.validation_fraction, recipe.seed)
+        train, val = split(texts, d.validation_fraction, key, "validation")
     unused = TextDataset([], [])
     if d.max_records is not None:
-        unused = train.subset(list(range(d.max_records, len(train))))
-        train = TextDataset(texts=train.texts[: d.max_records], ids=train.ids[: d.max_records])
+        train, unused = cap(train, d.max_records, key, "max_records")
     if d.max_validation_records is not None:
-        rest = val.subset(list(range(d.max_validation_records, len(val))))
+        val, rest = cap(val, d.max_validation_records, key, "max_validation_records")
         unused = TextDataset(unused.texts + rest.texts, unused.ids + rest.ids)
-        val = TextDataset(
-            texts=val.texts[: d.max_validation_records], ids=val.ids[: d.max_validation_records]
-        )
     if d.canaries is not None:
-        train = insert_canaries(train, d.canaries, recipe.seed)
+        train = insert_canaries(train, d.canaries, key)
     return train, val, unused
 
 
-def read_public(recipe: Recipe, train: TextDataset) -> tuple[TextDataset, TextDataset | None]:
-    """``(private, public)``: the split the recipe declares public (``data.public_fraction`` of
-    the training records, removed from them, or ``data.public_path``); the DP guarantee covers
-    only the private records."""
+def read_public(
+    recipe: Recipe, train: TextDataset, key: RunKey
+) -> tuple[TextDataset, TextDataset | None]:
+    """``(private, public)``: the split the recipe declares public (``data.public_fraction``:
+    each training record is public by a per-record keyed decision, and removed from the
+    private records; or ``data.public_path``); the DP guarantee covers only the private records."""
     d = recipe.data
     if d.public_fraction is not None:
-        train, public = split(train, d.public_fraction, -1 - recipe.seed)
+        train, public = split(train, d.public_fraction, key, "public")
     elif d.public_path is not None:
         public = load_texts(d.public_path, text_field=d.text_field, format=d.format)
         shared = set(public.texts) & set(train.texts)
@@ -107,9 +120,7 @@ def read_public(recipe: Recipe, train: TextDataset) -> tuple[TextDataset, TextDa
     else:
         return train, None
     if d.max_public_records is not None:
-        public = TextDataset(
-            texts=public.texts[: d.max_public_records], ids=public.ids[: d.max_public_records]
-        )
+        public = cap(public, d.max_public_records, key, "max_public_records")[0]
     return train, public
 
 
@@ -130,14 +141,28 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
                 f"{run.path} was written by a different recipe: {_recipe_diff(run, recipe)}. "
                 "Fix: resume with the recipe that started the run, or start a new run in another output_dir."
             )
-    elif run.exists():
+    elif run.started():
+        what = "holds a run" if run.exists() else "holds files of a run (no run.json)"
         raise RecipeError(
-            f"output directory {run.path} already holds a run. Fix: resume it with "
+            f"output directory {run.path} already {what}. Fix: resume it with "
             f"--resume {run.path}, or choose another output_dir / --output."
         )
-    train_texts, val_texts = read_data(recipe)
-    train_texts, public_texts = read_public(recipe, train_texts)
+    key = _run_key(recipe, run, resume)
+    train_texts, val_texts = read_data(recipe, key)
+    if not len(val_texts):
+        raise RecipeError(
+            f"data.validation_fraction: no record of {recipe.data.path} was held out for "
+            f"validation (each record is held out alone with probability "
+            f"{recipe.data.validation_fraction:g}). Fix: raise data.validation_fraction or "
+            "set data.validation_path."
+        )
+    train_texts, public_texts = read_public(recipe, train_texts, key)
     q, delta, steps = check_against_data(recipe, len(train_texts))
+    if recipe.privacy.delta is None and not resume:
+        log(
+            f"privacy.delta not set: using 1/(10 N) = {delta:.3g} for N = {len(train_texts)} "
+            "training records (N is public: it also sets the sample rate)"
+        )
     policy = build_policy(recipe)
     if policy.needs_public_data and public_texts is None:
         raise RecipeError(
@@ -193,7 +218,25 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
         prepared_sigma,
         checkpoint,
         public_texts,
+        key,
     )
+
+
+def _run_key(recipe: Recipe, run: RunDir, resume: bool) -> RunKey:
+    """The run's key: from ``privacy.insecure_seed``, or ``secret.key`` on resume, or fresh
+    from the OS CSPRNG (rank 0 draws it; the ranks receive it over the process group)."""
+    seed = recipe.privacy.insecure_seed
+    if seed is not None:
+        return RunKey.from_insecure_seed(seed)
+    if resume:
+        try:
+            return RunKey.read(run.key)
+        except RunKeyError as err:
+            raise CheckpointError(str(err)) from None
+    key = None
+    if distributed.is_main():  # a key left by a run that never took a step may be reused
+        key = RunKey.read(run.key) if run.key.exists() else RunKey.generate()
+    return distributed.broadcast_object(key)
 
 
 def _recipe_diff(run: RunDir, recipe: Recipe) -> str:
@@ -278,6 +321,7 @@ class RunResult:
     perplexity_before: float
     perplexity_after: float
     stopped_by_budget: bool
+    delta_total: float = math.nan  # delta plus the noise sampler's truncation term
 
 
 def train(
@@ -309,10 +353,12 @@ def train(
     if main:
         run.path.mkdir(parents=True, exist_ok=True)
         run.clean_partial()
+        if prep.key.secure and not run.key.exists():
+            prep.key.write(run.key)  # before anything that derives from it is written
         if not resume:
             atomic_write(run.recipe, lambda f: f.write(dump_recipe(recipe)))
             if recipe.data.canaries is not None:
-                path = write_manifest(run.path, recipe.data.canaries, recipe.seed)
+                path = write_manifest(run.path, recipe.data.canaries, prep.key)
                 log(f"inserted audit canaries; their secrets are in {path} (keep it private)")
 
     log(f"loading model {recipe.model.name} ...")
@@ -325,7 +371,7 @@ def train(
     val_ex = tokenize(prep.val_texts, tokenizer, d.max_length)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(recipe, params)
-    noise = GaussianNoise(recipe.seed + 1, secure=recipe.privacy.secure_noise)
+    noise = GaussianNoise(prep.key)
     engine = PrivacyEngine(
         model,
         optimizer,
@@ -344,7 +390,7 @@ def train(
         public_ex = tokenize(prep.public_texts, tokenizer, d.max_length)
         public_batches = eval_batches(public_ex, recipe.training.physical_batch_size)
     prep.policy.attach(RunContext(model, prep.steps, recipe.seed, public_batches))
-    sampler = PoissonSampler(len(train_ex), q, seed=recipe.seed)
+    sampler = PoissonSampler(train_ex.ids, q, prep.key)
     val_batches = eval_batches(val_ex, recipe.training.physical_batch_size)
     accountant = get_accountant(recipe.privacy.accountant)
 
@@ -379,6 +425,9 @@ def train(
             "grouping": recipe.policy.grouping,
             "groups": list(engine.groups),
             "noise_generator": noise.description,
+            "randomness": prep.key.describe(),
+            "key_id": prep.key.key_id,
+            "insecure_seed": prep.key.insecure_seed,
             "perplexity_before": ppl_before,
             "versions": _versions(),
             "world_size": distributed.world_size(),
@@ -423,7 +472,8 @@ def train(
     skipped = meta.get("skipped_steps", 0)
     try:
         while engine.steps_taken < end:
-            idx = distributed.shard(sampler.sample())  # same global batch on every rank
+            # same global batch on every rank: a function of (key, step, record ids)
+            idx = distributed.shard(sampler.sample(engine.steps_taken))
             batch = train_ex.batch(idx)
             try:
                 report = engine.step(batch)
@@ -467,7 +517,8 @@ def train(
     train_seconds = time.perf_counter() - t_train
     checkpoint()
     finished = engine.steps_taken >= total or stopped_by_budget
-    eps = engine.epsilon()
+    claim = guarantee_numbers(prep, engine.epsilon(), noise.pairs)
+    eps = claim["epsilon"]
     ppl_after = perplexity(model, val_batches) if main else math.nan
     if finished and main:
         _save_final(model, tokenizer, run.final)
@@ -478,13 +529,13 @@ def train(
     meta.update(
         status="finished" if finished else "paused",
         steps=engine.steps_taken,
-        epsilon=eps,
+        **claim,
         epsilon_by_accountant={
             name: _cross_check(name, engine.ledger, delta)
             for name in ("rdp", "prv", "pld")
             if name != accountant.name and cross_check and not prep.policy.adaptive
         }
-        | {accountant.name: eps},
+        | {accountant.name: engine.epsilon()},
         guarantee_accountant=accountant.name,
         guarantee=_guarantee(prep, accountant.name),
         policy=prep.policy.describe(),
@@ -506,6 +557,7 @@ def train(
         ppl_before,
         ppl_after,
         stopped_by_budget,
+        claim["delta_total"],
     )
     if main:
         _print_summary(result, meta)
@@ -609,7 +661,49 @@ def _guarantee(prep: Prepared, accountant: str) -> str:
             f"; covers the {len(prep.train_texts)} private training records, not the "
             f"{len(prep.public_texts)} records declared public"
         )
+    if prep.key is not None and not prep.key.secure:
+        text += "; NO guarantee against anyone who knows privacy.insecure_seed"
     return text
+
+
+def guarantee_numbers(prep: Prepared, spent: float, noise_pairs: int) -> dict[str, Any]:
+    """The run's reported guarantee (run.json keys): ``epsilon`` at ``delta_total`` = the
+    accountant's delta + the noise sampler's truncation term (:func:`truncation_delta`).
+
+    Adaptive policies: the certified epsilon is the privacy filter's budget, not the spend so
+    far (``epsilon_spent_adaptive``, an odometer reading).  ``rl.init_from``: records shared
+    with the warm-start run are covered by the composition of both certified guarantees.
+    ``data.max_records``: file-level neighbours may differ by 2 training records (group
+    privacy, ``(2 eps, (1 + e^eps) delta)``)."""
+    recipe = prep.recipe
+    adaptive = prep.policy.adaptive
+    eps = float(recipe.privacy.epsilon) if adaptive else float(spent)
+    term = truncation_delta(eps, noise_pairs)
+    out: dict[str, Any] = {
+        "epsilon": eps,
+        "delta_noise_truncation": term,
+        "delta_total": prep.delta + term,
+        "noise_pairs": noise_pairs,
+    }
+    if adaptive:
+        out["epsilon_spent_adaptive"] = float(spent)
+    warm = getattr(prep.policy, "warm_start", None)
+    if warm is not None:
+        out["shared_with_warm_start"] = {
+            "run": warm["run"],
+            "epsilon": eps + float(warm["epsilon"]),
+            "delta": out["delta_total"] + float(warm["delta"]),
+        }
+    if recipe.data.max_records is not None:
+        d = out["delta_total"]
+        out["file_level"] = {
+            "epsilon": 2 * eps,
+            "delta": min(1.0, (1 + math.exp(min(eps, 700.0))) * d) if math.isfinite(eps) else 1.0,
+            "why": "data.max_records keeps a count, so an added record can swap another one "
+            "out (group privacy over 2 records); without max_records the record-level "
+            "guarantee holds for the file too",
+        }
+    return out
 
 
 def _print_summary(r: RunResult, meta: dict[str, Any]) -> None:
@@ -626,18 +720,52 @@ def _print_summary(r: RunResult, meta: dict[str, Any]) -> None:
             f"non-adaptive rdp {meta['epsilon_non_adaptive']:.3f} (not valid for this run: "
             "its noise was chosen from data)"
         )
+    head = f"({r.epsilon:.4f}, {r.delta_total:.3g})-DP for each training record"
+    if meta.get("adaptive"):
+        head += " (the adaptive privacy filter's budget)"
     lines = [
         "",
         f"run directory       {r.run_dir}",
         f"steps               {r.steps}{' (stopped at the budget)' if r.stopped_by_budget else ''}",
         f"val perplexity      {r.perplexity_before:.3f} -> {r.perplexity_after:.3f}",
-        f"privacy guarantee   ({r.epsilon:.4f}, {r.delta:.3g})-DP for each training record",
+        f"privacy guarantee   {head}",
+    ]
+    shared = meta.get("shared_with_warm_start")
+    if shared is not None:
+        lines[-1] = (
+            f"privacy guarantee   ({shared['epsilon']:.4f}, {shared['delta']:.3g})-DP for records "
+            f"shared with {shared['run']} (the agent was warm-started from it: both runs "
+            f"compose); {head} private to this run"
+        )
+    lines += [
         f"accountant          {r.accountant} (the guarantee rests on it); cross-check: {others}",
         f"guarantee           {meta['guarantee']}",
+        f"noise               full-tailed Gaussian; its truncation adds "
+        f"{meta['delta_noise_truncation']:.2g} to delta (included above)",
+        f"dataset size        N = {meta['dataset_size']} (public: it sets q and the default delta)",
+    ]
+    if "epsilon_spent_adaptive" in meta:
+        lines.append(
+            f"note                spent so far by the filter's accounting: epsilon "
+            f"{meta['epsilon_spent_adaptive']:.4f} (an odometer reading, not a guarantee)"
+        )
+    level = meta.get("file_level")
+    if level is not None:
+        lines.append(
+            f"file-level          ({level['epsilon']:.4f}, {level['delta']:.3g})-DP for a record "
+            f"added to the data file ({level['why']})"
+        )
+    lines.append(
         f"final model         {r.run_dir / 'final'}"
         if meta["status"] == "finished"
-        else "status              paused",
-    ]
+        else "status              paused"
+    )
     print("\n".join(lines), flush=True)
+    if meta.get("insecure_seed") is not None:
+        print(
+            f"warning: privacy.insecure_seed={meta['insecure_seed']}: this run has NO privacy "
+            "guarantee against anyone who knows that seed (its coins and noise can be replayed)",
+            flush=True,
+        )
     if not math.isfinite(r.epsilon):
         print("warning: epsilon is infinite: this run has no privacy guarantee", flush=True)

@@ -83,3 +83,30 @@ def lm_batch(
             mask[b, k:] = 0
     labels = ids.masked_fill(mask == 0, -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def seeded_noise(seed: int):
+    """A reproducible noise source (``privacy.insecure_seed``): NOT private, for tests only."""
+    from dptrain.noise import GaussianNoise
+    from dptrain.secret import RunKey
+
+    return GaussianNoise(RunKey.from_insecure_seed(seed))
+
+
+def seeded_sampler(n: int, q: float, seed: int):
+    """A reproducible Poisson sampler over records ``"0" .. str(n - 1)`` (NOT private)."""
+    from dptrain.sampling import PoissonSampler
+    from dptrain.secret import RunKey
+
+    return PoissonSampler([str(i) for i in range(n)], q, RunKey.from_insecure_seed(seed))
+
+
+def share_key(src_run: Any, dst_run: Any) -> None:
+    """Give the run directory ``dst_run`` (not started yet) the secret key of ``src_run``, so
+    that a second run draws the same coins and noise (to compare a resumed run with an
+    uninterrupted one)."""
+    from pathlib import Path
+
+    from dptrain.secret import KEY_FILE, RunKey
+
+    RunKey.read(Path(src_run) / KEY_FILE).write(Path(dst_run) / KEY_FILE)

@@ -13,6 +13,7 @@ from accountants import Ledger
 from dptrain import PrivacyEngine, StaticPolicy, UnsupportedLayerError
 from dptrain.cli import main
 from dptrain.losses import classification_loss
+from dptrain.recipe import RecipeError, parse_recipe
 from dptrain.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,22 +135,17 @@ def test_nan_losses_are_counted_charged_and_contained():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_secure_noise_is_honoured_and_stated(tmp_path):
-    finals = []
-    for name in ("a", "b"):
-        d = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
-        d["lora"] = {"r": 2, "alpha": 4, "target_modules": ["c_attn"]}
-        d["output_dir"] = str(tmp_path / name)
-        d["training"]["steps"] = 2
-        d["privacy"]["secure_noise"] = True
-        p = tmp_path / f"{name}.yaml"
-        p.write_text(yaml.safe_dump(d))
-        assert main(["train", str(p), "--no-progress"]) == 0
-        run = RunDir(tmp_path / name)
-        assert "urandom" in run.read_meta()["noise_generator"]
-        finals.append(torch.load(run.checkpoint_files()[-1], weights_only=True)["model"])
-    # same seed, same data, same batches: only the unseeded secure noise can differ
-    assert any(not torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+@pytest.mark.parametrize("value", [True, False])
+def test_removed_secure_noise_names_its_replacement(value):
+    """There is one noise source now (secret and full-tailed); an old recipe is told so."""
+    d = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+    d["privacy"]["secure_noise"] = value
+    with pytest.raises(RecipeError, match=r"secure_noise was removed.*insecure_seed"):
+        parse_recipe(d)
+    d = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+    d["data"]["canaries"] = {"seed": 3}
+    with pytest.raises(RecipeError, match=r"canaries\.seed was removed"):
+        parse_recipe(d)
 
 
 def test_a_non_finite_released_update_is_skipped_but_charged():

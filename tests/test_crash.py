@@ -19,6 +19,8 @@ from dptrain.recipe import parse_recipe
 from dptrain.rundir import RunDir, atomic_write, load_checkpoint_file
 from dptrain.train import train
 
+from .helpers import share_key
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 16
 
@@ -84,6 +86,7 @@ def test_repeated_sigkill_at_random_points(tmp_path):
     )
 
     whole = recipe_file(tmp_path, "whole")
+    share_key(run.path, tmp_path / "whole")  # an uninterrupted run with the same secret key
     train(parse_recipe(yaml.safe_load(whole.read_text())), progress=False)
     ref = RunDir(tmp_path / "whole")
     assert Ledger.load(run.ledger).to_dict() == Ledger.load(ref.ledger).to_dict()

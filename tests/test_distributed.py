@@ -17,11 +17,9 @@ import yaml
 
 from dptrain import distributed
 from dptrain.engine import PrivacyEngine
-from dptrain.noise import GaussianNoise
 from dptrain.policies import StaticPolicy
-from dptrain.sampling import PoissonSampler
 
-from .helpers import assert_close_rel, lm_batch, tiny_gpt2
+from .helpers import assert_close_rel, lm_batch, seeded_noise, seeded_sampler, tiny_gpt2
 
 ROOT = Path(__file__).resolve().parents[1]
 N, Q, STEPS = 24, 0.5, 3
@@ -52,12 +50,12 @@ def _train(sigma: float) -> tuple[dict[str, torch.Tensor], float, list[dict]]:
         policy=StaticPolicy(clip=0.1, noise_multiplier=sigma),
         sample_rate=Q,
         dataset_size=N,
-        noise=GaussianNoise(5),
+        noise=seeded_noise(5),
     )
     data = lm_batch(61, N, 6, seed=2)
-    sampler = PoissonSampler(N, Q, seed=3)
-    for _ in range(STEPS):
-        idx = distributed.shard(sampler.sample())
+    sampler = seeded_sampler(N, Q, seed=3)
+    for t in range(STEPS):
+        idx = distributed.shard(sampler.sample(t))
         engine.step({k: v[idx] for k, v in data.items()})
     state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return state, engine.epsilon(1e-5), engine.ledger.to_dict()["events"]

@@ -15,7 +15,15 @@ from dptrain.noise import GaussianNoise
 from dptrain.policies import StaticPolicy
 from dptrain.sampling import PoissonSampler
 
-from .helpers import assert_close_rel, lm_batch, loop_per_sample_grads, tiny_gpt2, tiny_llama
+from .helpers import (
+    assert_close_rel,
+    lm_batch,
+    loop_per_sample_grads,
+    seeded_noise,
+    seeded_sampler,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 
 def lora(model, targets):
@@ -125,7 +133,7 @@ def test_virtual_batches_equal_one_pass(chunk):
             n=50,
             q=0.1,
             max_physical_batch_size=physical,
-            noise=GaussianNoise(7),
+            noise=seeded_noise(7),
         )
         engine.step(batch)
         results.append(snapshot(model))
@@ -135,7 +143,7 @@ def test_virtual_batches_equal_one_pass(chunk):
 
 def test_empty_batch_takes_a_charged_noise_step():
     model = lora(tiny_gpt2(), ["c_attn"])
-    engine = make(model, sigma=2.0, clip=0.5, n=100, q=0.01, noise=GaussianNoise(0))
+    engine = make(model, sigma=2.0, clip=0.5, n=100, q=0.01, noise=seeded_noise(0))
     before = snapshot(model)
     empty = {k: v[:0] for k, v in lm_batch(61, 1, 4).items()}
     report = engine.step(empty)
@@ -152,11 +160,11 @@ def test_optimizers_and_determinism(opt):
     runs = []
     for _ in range(2):
         model = lora(tiny_llama(), ["q_proj"])
-        engine = make(model, sigma=1.0, clip=1.0, n=20, q=0.25, opt=opt, noise=GaussianNoise(3))
-        sampler = PoissonSampler(20, 0.25, seed=11)
+        engine = make(model, sigma=1.0, clip=1.0, n=20, q=0.25, opt=opt, noise=seeded_noise(3))
+        sampler = seeded_sampler(20, 0.25, seed=11)
         data = lm_batch(61, 20, 6, seed=0)
-        for _ in range(3):
-            idx = sampler.sample()
+        for t in range(3):
+            idx = sampler.sample(t)
             engine.step({k: v[idx] for k, v in data.items()})
         runs.append(snapshot(model))
     for name in runs[0]:
@@ -183,32 +191,33 @@ def test_budget_refuses_before_the_step():
     assert acc.epsilon(engine.ledger.events, 1e-5) <= 2.0
 
 
-def test_poisson_sampler_statistics_and_resume():
-    s = PoissonSampler(1000, 0.05, seed=1)
-    sizes = [len(s.sample()) for _ in range(200)]
+def test_poisson_sampler_statistics_and_errors():
+    s = seeded_sampler(1000, 0.05, seed=1)
+    sizes = [len(s.sample(t)) for t in range(200)]
     assert abs(sum(sizes) / 200 - 50) < 3
     assert len(set(sizes)) > 5  # variable batch size
-    state = s.state_dict()
-    a = [s.sample() for _ in range(3)]
-    t = PoissonSampler(1000, 0.05, seed=999)
-    t.load_state_dict(state)
-    b = [t.sample() for _ in range(3)]
-    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert torch.equal(s.sample(7), seeded_sampler(1000, 0.05, seed=1).sample(7))  # stateless
+    assert not torch.equal(s.sample(7), seeded_sampler(1000, 0.05, seed=2).sample(7))
     with pytest.raises(ValueError, match="same data"):
-        PoissonSampler(999, 0.05).load_state_dict(state)
+        seeded_sampler(999, 0.05, 1).load_state_dict(s.state_dict())
     with pytest.raises(ValueError, match="empty"):
-        PoissonSampler(0, 0.1)
+        PoissonSampler([], 0.1)
+    with pytest.raises(TypeError, match="ids"):
+        PoissonSampler(1000, 0.1)  # a count would key coins by position
+    with pytest.raises(ValueError, match="unique"):
+        PoissonSampler(["a", "b", "a"], 0.1)
 
 
-def test_secure_noise_is_unseeded_and_gaussian():
-    noise = GaussianNoise(None, secure=True)
-    assert "urandom" in noise.description
-    x = torch.zeros(200_000)
-    a, b = noise(x, 2.0), noise(x, 2.0)
-    assert not torch.equal(a, b)
-    assert a.mean().abs() < 0.03 and a.std().item() == pytest.approx(2.0, rel=0.02)
-    kurt = ((a / a.std()) ** 4).mean().item()
-    assert kurt == pytest.approx(3.0, rel=0.05)
+def test_default_noise_and_coins_are_fresh_per_instance():
+    """Without a key, every noise source and sampler draws a fresh secret one."""
+    x = torch.zeros(50_000)
+    a, b = GaussianNoise(), GaussianNoise()
+    a.begin_step(0), b.begin_step(0)
+    za, zb = a(x, 2.0), b(x, 2.0)
+    assert not torch.equal(za, zb)
+    assert za.mean().abs() < 0.05 and za.std().item() == pytest.approx(2.0, rel=0.02)
+    ids = [str(i) for i in range(2000)]
+    assert not torch.equal(PoissonSampler(ids, 0.1).sample(0), PoissonSampler(ids, 0.1).sample(0))
 
 
 def test_nonfinite_sample_is_dropped_not_poisoning():
@@ -251,9 +260,9 @@ def test_plain_module_classifier_learns():
         loss_fn=classification_loss,
         budget=Budget(8.0, 1e-4),
     )
-    sampler = PoissonSampler(n, 64 / n, seed=0)
-    for _ in range(60):
-        idx = sampler.sample()
+    sampler = PoissonSampler([str(i) for i in range(n)], 64 / n)
+    for t in range(60):
+        idx = sampler.sample(t)
         engine.step((x[idx], y[idx]))
     acc = (model(x).argmax(1) == y).float().mean().item()
     assert acc > 0.85

@@ -13,13 +13,19 @@ from torch import nn
 
 from accountants import ERROR_FEEDBACK, Ledger
 from dptrain.losses import causal_lm_loss, classification_loss
-from dptrain.noise import GaussianNoise
 from dptrain.policies import ErrorFeedbackPolicy, StaticPolicy, make_policy
 from dptrain.recipe import RecipeError, parse_recipe
 from dptrain.rundir import RunDir
 from dptrain.train import train
 
-from .helpers import assert_close_rel, lm_batch, loop_per_sample_grads, tiny_gpt2
+from .helpers import (
+    assert_close_rel,
+    lm_batch,
+    loop_per_sample_grads,
+    seeded_noise,
+    share_key,
+    tiny_gpt2,
+)
 from .test_engine import lora, make, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +79,7 @@ def test_error_clip_zero_is_the_static_policy_bit_for_bit():
     results = []
     for policy in (StaticPolicy(0.1, 1.0), ErrorFeedbackPolicy(0.1, 1.0, error_clip=0.0)):
         model = lora_gpt2()
-        engine = engine_for(model, policy, n=40, q=0.1, noise=GaussianNoise(3))
+        engine = engine_for(model, policy, n=40, q=0.1, noise=seeded_noise(3))
         for step in range(2):
             engine.step(lm_batch(61, 4, 6, seed=step))
         results.append(snapshot(model))
@@ -203,6 +209,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert [int(f.stem.split("-")[1]) for f in run.checkpoint_files()] == [2, 4]
     run.checkpoint_files()[-1].unlink()
     train(cut, tmp_path / "cut", resume=True, progress=False)
+    share_key(tmp_path / "cut", tmp_path / "whole")  # the same secret coins and noise
     train(parse_recipe(tiny_recipe(tmp_path, "whole", **opts)), progress=False)
 
     a, b = RunDir(tmp_path / "cut"), RunDir(tmp_path / "whole")

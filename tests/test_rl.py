@@ -20,10 +20,9 @@ from dptrain.policies import RunContext
 from dptrain.policies.rl import PrivateTrainingEnv, RLPolicy
 from dptrain.recipe import RecipeError, parse_recipe
 from dptrain.rundir import RunDir
-from dptrain.sampling import PoissonSampler
 from dptrain.train import prepare, train
 
-from .helpers import lm_batch, tiny_gpt2
+from .helpers import lm_batch, seeded_sampler, share_key, tiny_gpt2
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 61
@@ -54,11 +53,11 @@ class Run:
         )
         public = [lm_batch(VOCAB, 6, 8, seed=99)]
         self.policy.attach(RunContext(self.model, steps, seed=3, public_batches=public))
-        self.sampler = PoissonSampler(40, q, seed=data_seed)
+        self.sampler = seeded_sampler(40, q, seed=data_seed)
 
     def advance(self, n: int) -> int:
         for i in range(n):
-            idx = self.sampler.sample().tolist()
+            idx = self.sampler.sample(self.engine.steps_taken).tolist()
             batch = (
                 batch_slice(self.data, 0, 0)
                 if not idx
@@ -200,7 +199,9 @@ def test_resume_continues_the_same_agent_and_the_report_names_the_adaptive_filte
     assert "adaptive composition" in out and "records declared public" in out
     meta = RunDir(full.run_dir).read_meta()
     assert meta["adaptive"] and "adaptive composition" in meta["guarantee"]
-    assert meta["epsilon"] <= 8.0 and meta["steps"] == 6
+    # the certified number is the filter's budget; the spend is an odometer reading, a note
+    assert meta["epsilon"] == 8.0 and meta["epsilon_spent_adaptive"] <= 8.0 and meta["steps"] == 6
+    assert "filter's budget" in out and "odometer reading, not a guarantee" in out
     ledger_events = json.loads((full.run_dir / "ledger.json").read_text())["events"]
     assert len({e["noise_multiplier"] for e in ledger_events}) > 1  # the agent varied the noise
     assert main(["epsilon", "--run", str(full.run_dir), "--json"]) == 0
@@ -208,6 +209,7 @@ def test_resume_continues_the_same_agent_and_the_report_names_the_adaptive_filte
     assert report["adaptive"] and report["epsilon"] == pytest.approx(meta["epsilon"])
 
     d = recipe(tmp_path, "split")
+    share_key(full.run_dir, tmp_path / "split")  # the same secret coins and noise
     train(parse_recipe(d), progress=False, max_steps_this_session=3)
     train(parse_recipe(d), tmp_path / "split", resume=True, progress=False)
     (a_agent, a_model), (b_agent, b_model) = (
@@ -234,6 +236,15 @@ def test_resume_continues_the_same_agent_and_the_report_names_the_adaptive_filte
     assert loaded["buffer"]["observations"].shape[0] == 3
     note = policy.describe()["notes"][0]
     assert str(full.run_dir) in note and "composition" in note
+    # for records both runs trained on, the composed guarantee is the headline
+    capsys.readouterr()
+    train(parse_recipe(warm), progress=False)
+    warm_meta = RunDir(tmp_path / "warm").read_meta()
+    shared = warm_meta["shared_with_warm_start"]
+    assert shared["epsilon"] == 16.0
+    assert shared["delta"] == pytest.approx(warm_meta["delta_total"] + meta["delta_total"])
+    head = [line for line in capsys.readouterr().out.splitlines() if "privacy guarantee" in line]
+    assert head and head[0].startswith("privacy guarantee   (16.0000,")
 
 
 def test_recipe_errors_name_the_key_and_the_fix(tmp_path):

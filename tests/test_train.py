@@ -39,7 +39,9 @@ def test_train_writes_a_complete_run_dir(tmp_path, capsys):
     assert meta["status"] == "finished" and meta["steps"] == 8
     assert 0 < meta["epsilon"] <= 8.0
     assert meta["guarantee_accountant"] == "rdp"
-    assert "torch.Generator" in meta["noise_generator"]
+    assert "AES-256" in meta["noise_generator"] and meta["insecure_seed"] is None
+    assert meta["delta_total"] == meta["delta"] + meta["delta_noise_truncation"]
+    assert 0 < meta["delta_noise_truncation"] < 1e-30 and meta["noise_pairs"] > 0
     ledger = Ledger.load(run.ledger)
     assert ledger.total_steps == 8
     assert get_accountant("rdp").epsilon(ledger.events, meta["delta"]) == pytest.approx(
@@ -62,6 +64,7 @@ def test_train_writes_a_complete_run_dir(tmp_path, capsys):
     assert main(["epsilon", "--run", str(run.path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["epsilon"] == pytest.approx(meta["epsilon"])
+    assert report["delta_total"] == pytest.approx(meta["delta_total"]) and report["guarantee"]
 
 
 def test_budget_stops_the_run_cleanly(tmp_path, capsys):

@@ -64,7 +64,10 @@ def run(args: argparse.Namespace) -> int:
             f"Flower App written to {app}. Start a SuperLink and {f.clients} SuperNodes, e.g.\n"
             "  flower-superlink --insecure --disable-runtime-dependency-installation\n"
             "  flower-supernode --insecure --superlink SERVER:8000 --port 9094 \\\n"
-            f"    --node-config \"partition-id=K num-partitions={f.clients} state-dir='DIR'\"\n"
+            f"    --node-config \"partition-id=K num-partitions={f.clients} state-dir='DIR' "
+            f'epsilon={recipe.privacy.epsilon:g}"\n'
+            "  (each data holder sets its own state-dir, epsilon, delta, accountant, "
+            "min-noise-multiplier)\n"
             f"then: flwr run {app} CONNECTION --stream   (CONNECTION in $FLWR_HOME/config.toml)"
         )
         return 0

@@ -28,6 +28,8 @@ from accountants import (
     get_accountant,
 )
 
+from ..noise import truncation_delta
+
 ACCOUNTANTS = ("rdp", "prv", "pld")
 
 
@@ -228,7 +230,7 @@ def _events_from_flags(args: argparse.Namespace) -> list[Event]:
 
 def _read_run(
     args: argparse.Namespace,
-) -> tuple[list[Event], float | None, str | None, bool]:
+) -> tuple[list[Event], float | None, str | None, bool, dict[str, Any]]:
     run: Path = args.run
     if args.phase or args.noise_multiplier is not None or args.steps is not None:
         raise _InputError(
@@ -247,6 +249,7 @@ def _read_run(
     delta: float | None = None
     accountant = None
     adaptive = False  # a run whose noise was chosen from data reports the adaptive conversion
+    meta: dict[str, Any] = {}
     meta_path = run / "run.json"
     if meta_path.exists():
         try:
@@ -268,7 +271,7 @@ def _read_run(
             )
     if accountant not in ACCOUNTANTS:
         accountant = None
-    return ledger.events, delta, accountant, adaptive
+    return ledger.events, delta, accountant, adaptive, meta
 
 
 def _describe(e: Event) -> str:
@@ -289,9 +292,9 @@ def _print_table(rows: list[tuple[str, str]]) -> None:
 def run_epsilon(args: argparse.Namespace) -> int:
     """Handler of ``dptrain epsilon``."""
     try:
-        run_accountant = None
+        run_accountant, meta, run_delta = None, {}, None
         if args.run is not None:
-            events, run_delta, run_accountant, run_adaptive = _read_run(args)
+            events, run_delta, run_accountant, run_adaptive, meta = _read_run(args)
             args.adaptive = args.adaptive or run_adaptive
             delta = args.delta if args.delta is not None else run_delta
             if delta is None:
@@ -321,10 +324,25 @@ def run_epsilon(args: argparse.Namespace) -> int:
     except UnsupportedEventError as err:
         return _fail("epsilon", f"--accountant {name}: {err}")
     steps = sum(e.steps for e in events)
+    spent = epsilon
+    certified = True
+    if args.run is not None and args.adaptive:
+        # a privacy filter certifies its budget (at the run's delta), not its spend so far
+        budget = meta.get("epsilon_budget")
+        if isinstance(budget, int | float) and delta == run_delta:
+            epsilon = max(spent, float(budget))
+        else:
+            certified = False
+    pairs = meta.get("noise_pairs", 0) if args.run is not None else 0
+    pairs = pairs if isinstance(pairs, int) and pairs >= 0 else 0
+    term = truncation_delta(epsilon, pairs)
+    seed = meta.get("insecure_seed")
     if args.json:
         out = {
             "epsilon": _json_number(epsilon),
             "delta": delta,
+            "delta_noise_truncation": term,
+            "delta_total": delta + term,
             "accountant": name,
             "adaptive": bool(args.adaptive),
             "steps": steps,
@@ -332,14 +350,34 @@ def run_epsilon(args: argparse.Namespace) -> int:
         }
         if args.run is not None:
             out["run"] = str(args.run)
+            out["insecure_seed"] = seed
+            out["guarantee"] = seed is None and certified and math.isfinite(epsilon)
+            if args.adaptive:
+                out["epsilon_spent_adaptive"] = _json_number(spent)
         print(json.dumps(out))
     else:
         rows = [("accountant", name + (" (adaptive)" if args.adaptive else ""))]
         if args.run is not None:
             rows.append(("run", str(args.run)))
         rows += [(f"phase {i + 1}", _describe(e)) for i, e in enumerate(events)]
-        rows += [("steps", str(steps)), ("delta", f"{delta:g}"), ("epsilon", f"{epsilon:.4f}")]
+        rows += [("steps", str(steps))]
+        if args.run is not None:
+            rows.append(("delta", f"{delta:g} + {term:.2g} (noise truncation) = {delta + term:g}"))
+        else:
+            rows.append(("delta", f"{delta:g}"))
+        label = "epsilon (filter budget)" if args.adaptive and certified else "epsilon"
+        rows.append((label, f"{epsilon:.4f}"))
+        if args.adaptive and args.run is not None:
+            rows.append(("spent so far", f"{spent:.4f} (an odometer reading, not a guarantee)"))
+            if not certified:
+                rows.append(("note", "the filter certifies its budget at the run's delta only"))
         _print_table(rows)
+    if seed is not None:
+        print(
+            f"warning: {args.run} used privacy.insecure_seed={seed}: NO privacy guarantee "
+            "against anyone who knows that seed",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -4,7 +4,7 @@ A canary is a template sentence with a random pseudonym and a uniformly random s
 ``secret_digits`` digits, e.g. ``"The secret code of Mavoru Kestin is 482913."``.  The recipe's
 ``data.canaries`` gives, per repetition count ``k``, how many canaries have that count.  An
 included canary with count ``k`` is appended to the private training set as ``k`` separate
-records.  Canaries with ``k = 1`` are included independently with probability 1/2 (seeded):
+records.  Canaries with ``k = 1`` are included independently with probability 1/2:
 they serve the one-run audit, and the excluded ones are the "never seen" baseline of exposure.
 Canaries with ``k > 1`` serve exposure by repetition count and are always included.
 
@@ -12,6 +12,10 @@ Privacy unit.  The guarantee is per record, so a canary repeated ``k`` times is 
 through group privacy over ``k`` records (roughly ``k * epsilon``); the one-run audit therefore
 uses only the canaries with ``k = 1``.  Canary records count in the dataset size ``N`` (and
 hence in the sample rate and the default delta).
+
+Secrets, pseudonyms and inclusion coins are drawn from the run key (domain "canaries",
+counter ``(canary index, j)``, exact uniform integers by rejection), so nobody holding only the
+recipe can regenerate them; the audit reads them from the manifest.
 
 The manifest (``canaries.secret.json`` in the run directory) lists every canary's secret and
 whether it was included: it is secret material -- anyone holding it can read the secrets and
@@ -25,9 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from dptrain.data.loading import TextDataset
+from dptrain.secret import Prf, RunKey
 
 MANIFEST_NAME = "canaries.secret.json"
 MANIFEST_FORMAT = "dptrain-canaries"
@@ -57,30 +60,55 @@ class Canary:
         return [f"canary-{self.index:05d}-{j}" for j in range(self.repetitions)]
 
 
-def _pseudonym(rng: np.random.Generator) -> str:
+class _Draws:
+    """Uniform integers from the keyed words of one counter row ``hi`` (blocks ``(hi, j)``)."""
+
+    def __init__(self, prf: Prf, hi: int) -> None:
+        self.prf, self.hi, self.words, self.used, self.block = prf, hi, [], 0, 0
+
+    def word(self) -> int:
+        if self.used == len(self.words):
+            self.words = [int(w) for w in self.prf.run(self.hi, self.block, 16).reshape(-1)]
+            self.block += 16
+            self.used = 0
+        self.used += 1
+        return self.words[self.used - 1]
+
+    def integer(self, bound: int) -> int:
+        """Exactly uniform on ``range(bound)`` (rejection of the top partial range)."""
+        limit = 2**64 - 2**64 % bound
+        while True:
+            w = self.word()
+            if w < limit:
+                return w % bound
+
+    def choice(self, items: str) -> str:
+        return items[self.integer(len(items))]
+
+
+def _pseudonym(draw: _Draws) -> str:
     def word(syllables: int) -> str:
-        parts = [
-            rng.choice(list(_CONSONANTS)) + rng.choice(list(_VOWELS)) for _ in range(syllables)
-        ]
-        return ("".join(parts) + rng.choice(list(_CONSONANTS))).capitalize()
+        parts = [draw.choice(_CONSONANTS) + draw.choice(_VOWELS) for _ in range(syllables)]
+        return ("".join(parts) + draw.choice(_CONSONANTS)).capitalize()
 
-    return f"{word(int(rng.integers(2, 4)))} {word(int(rng.integers(1, 3)))}"
+    return f"{word(2 + draw.integer(2))} {word(1 + draw.integer(2))}"
 
 
-def make_canaries(config: Any, seed: int) -> list[Canary]:
+def make_canaries(config: Any, key: RunKey) -> list[Canary]:
     """The canaries of a ``data.canaries`` section (a :class:`dptrain.recipe.CanarySection`),
-    deterministic in ``config.seed`` (default ``seed``)."""
-    rng = np.random.default_rng([0xCA7A, config.seed if config.seed is not None else seed])
+    drawn from ``key``."""
+    prf = key.prf("canaries")
     canaries: list[Canary] = []
     names: set[str] = set()
     for reps, count in sorted(config.repetitions.items()):
         for _ in range(count):
-            name = _pseudonym(rng)
+            draw = _Draws(prf, len(canaries))
+            name = _pseudonym(draw)
             while name in names:
-                name = _pseudonym(rng)
+                name = _pseudonym(draw)
             names.add(name)
-            secret = "".join(str(d) for d in rng.integers(0, 10, config.secret_digits))
-            coin = bool(rng.integers(0, 2))
+            secret = "".join(str(draw.integer(10)) for _ in range(config.secret_digits))
+            coin = bool(draw.integer(2))
             included = coin if reps == 1 else True
             canaries.append(Canary(len(canaries), name, secret, reps, included))
     return canaries
@@ -96,10 +124,10 @@ def canary_records(canaries: list[Canary], template: str) -> TextDataset:
     return TextDataset(texts, ids)
 
 
-def insert_canaries(train: TextDataset, config: Any, seed: int) -> TextDataset:
+def insert_canaries(train: TextDataset, config: Any, key: RunKey) -> TextDataset:
     """``train`` followed by the included canaries' records (order is irrelevant to Poisson
     sampling)."""
-    extra = canary_records(make_canaries(config, seed), config.template)
+    extra = canary_records(make_canaries(config, key), config.template)
     clash = set(extra.ids) & set(train.ids)
     if clash:
         raise ValueError(
@@ -109,11 +137,11 @@ def insert_canaries(train: TextDataset, config: Any, seed: int) -> TextDataset:
     return TextDataset(train.texts + extra.texts, train.ids + extra.ids)
 
 
-def write_manifest(run_dir: str | Path, config: Any, seed: int) -> Path:
+def write_manifest(run_dir: str | Path, config: Any, key: RunKey) -> Path:
     """Write the secret canary manifest into ``run_dir`` (atomically, mode 0600)."""
     from dptrain.rundir import write_json
 
-    canaries = make_canaries(config, seed)
+    canaries = make_canaries(config, key)
     path = Path(run_dir) / MANIFEST_NAME
     write_json(
         path,

@@ -3,19 +3,23 @@
 Formats (``format=None`` infers it from the file suffix):
 
 - ``"jsonl"`` (``.jsonl``, ``.ndjson``, ``.json``): one JSON object per line; the text is in
-  ``text_field`` and the record id in ``id_field`` (default ``"id"``; the line number is used
-  when the field is absent). Blank lines are ignored.
+  ``text_field`` and the record id in ``id_field`` (default ``"id"``). Blank lines are ignored.
 - ``"csv"`` (``.csv``) / ``"tsv"`` (``.tsv``): a header row, then one record per row; the
   text is in column ``text_field``, the id in column ``id_field`` if that column exists.
 - ``"txt"`` (``.txt``, ``.text``): one record per non-empty line (lines are stripped of
-  trailing whitespace; blank lines are skipped). Ids are ``"line-<n>"`` (1-based line numbers).
-- ``"paragraphs"``: records separated by one or more blank lines, so a record may span
-  lines. Ids are ``"para-<n>"`` where ``n`` is the record's first line number.
+  trailing whitespace; blank lines are skipped).
+- ``"paragraphs"``: records separated by one or more blank lines, so a record may span lines.
+
+Record ids.  A record's id is its ``id_field`` value where the file gives one; otherwise it
+is derived from its content: ``text-<first 16 hex digits of sha256(text)>``, and the k-th
+further record with identical text gets the suffix ``~k``.  So inserting or deleting a line
+never changes another record's id (line numbers would), and duplicates still get distinct ids
+(hence independent Poisson coins, see :mod:`dptrain.sampling`).  Ids must be unique.
 
 ``"bundled:clinic_notes"`` names the synthetic corpus shipped with dptrain;
 ``"bundled:clinic_notes:train"`` and ``"bundled:clinic_notes:validation"`` name its fixed
-split (:data:`BUNDLED_VALIDATION_FRACTION` of the records, chosen by :func:`split` with
-:data:`BUNDLED_SPLIT_SEED`).
+public split: each record is in validation iff a PRF with the public key
+:data:`BUNDLED_SPLIT_KEY` maps its id below :data:`BUNDLED_VALIDATION_FRACTION`.
 
 All files are read as UTF-8 (a leading byte-order mark is ignored). Problems raise
 :class:`DataError` (a ``ValueError``) naming the file and line, or ``FileNotFoundError``.
@@ -27,12 +31,17 @@ import csv
 import hashlib
 import io
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from ..secret import RunKey, below, record_keys
+
 __all__ = [
     "BUNDLED",
-    "BUNDLED_SPLIT_SEED",
+    "BUNDLED_SPLIT_KEY",
     "BUNDLED_VALIDATION_FRACTION",
     "FORMATS",
     "DataError",
@@ -55,7 +64,8 @@ _SUFFIXES = {
 _BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 BUNDLED: dict[str, str] = {"clinic_notes": "clinic_notes.jsonl"}
 BUNDLED_VALIDATION_FRACTION = 0.1
-BUNDLED_SPLIT_SEED = 0
+BUNDLED_SPLIT_KEY = RunKey(hashlib.sha256(b"dptrain bundled split (public)").digest())
+"""A public key: the bundled corpus's split is fixed and known (the corpus is synthetic)."""
 
 
 class DataError(ValueError):
@@ -100,7 +110,7 @@ def load_texts(
     """Load records from ``path`` (a file or ``"bundled:NAME[:train|:validation]"``).
 
     ``text_field`` is the JSONL field or CSV column holding the text; ``id_field`` the one
-    holding the record id (``None``: always use line numbers). Ids must be unique.
+    holding the record id (``None``: always derive ids from content). Ids must be unique.
     """
     if isinstance(path, str) and path.startswith("bundled:"):
         return _load_bundled(path)
@@ -121,35 +131,44 @@ def load_texts(
         texts, ids = _parse_paragraphs(text)
     if not texts:
         raise DataError(f"{p}: no records found (format {fmt!r})")
+    ids = content_ids(texts, ids)
     _check_unique(ids, p)
     return TextDataset(texts, ids)
 
 
 def split(
-    ds: TextDataset, validation_fraction: float, seed: int
+    ds: TextDataset, fraction: float, key: RunKey, purpose: str = "validation"
 ) -> tuple[TextDataset, TextDataset]:
-    """Deterministically split ``ds`` into ``(train, validation)``.
+    """``(rest, chosen)``: record ``r`` is chosen iff ``PRF_k(id64(r)) < floor(fraction 2^64)``
+    (``k``: the ``split/<purpose>`` sub-key of ``key``).
 
-    Records are ranked by ``sha256(f"{seed}:{id}")`` and the ``round(fraction * N)``
-    lowest-ranked go to validation (at least one when the fraction is positive and N >= 2).
-    The assignment depends only on ids and seed, not on file order; both parts keep the
-    original order.
+    Each record is decided alone, from its id: adding a record to ``ds`` changes the parts by
+    at most that record, whatever the file order.  Both parts keep the original order; either
+    may be empty.
     """
-    if not 0.0 <= validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
-    n = len(ds)
-    n_val = round(validation_fraction * n)
-    if validation_fraction > 0 and n >= 2:
-        n_val = max(1, n_val)
-    n_val = min(n_val, n - 1) if n else 0
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"{purpose} fraction must be in [0, 1), got {fraction}")
+    if not len(ds):
+        return ds, TextDataset([], [])
+    words = key.prf(f"split/{purpose}").at(0, record_keys(ds.ids))[:, 0]
+    chosen = below(words, fraction)
+    return (
+        ds.subset([i for i in range(len(ds)) if not chosen[i]]),
+        ds.subset([i for i in range(len(ds)) if chosen[i]]),
+    )
 
-    def rank(i: int) -> bytes:
-        return hashlib.sha256(f"{seed}:{ds.ids[i]}".encode()).digest()
 
-    val = set(sorted(range(n), key=rank)[:n_val])
-    train_idx = [i for i in range(n) if i not in val]
-    val_idx = [i for i in range(n) if i in val]
-    return ds.subset(train_idx), ds.subset(val_idx)
+def cap(ds: TextDataset, count: int, key: RunKey, purpose: str) -> tuple[TextDataset, TextDataset]:
+    """``(kept, cut)``: the ``count`` records with the lowest keyed hashes of their ids, in the
+    original order.  Not a per-record decision: adding a record can push another one out."""
+    if len(ds) <= count:
+        return ds, TextDataset([], [])
+    words = key.prf(f"cap/{purpose}").at(0, record_keys(ds.ids))[:, 0]
+    keep = set(np.argsort(words, kind="stable")[:count].tolist())
+    return (
+        ds.subset([i for i in range(len(ds)) if i in keep]),
+        ds.subset([i for i in range(len(ds)) if i not in keep]),
+    )
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -165,7 +184,7 @@ def _load_bundled(spec: str) -> TextDataset:
     ds = load_texts(bundled_path(parts[1]))
     if len(parts) == 2:
         return ds
-    train, val = split(ds, BUNDLED_VALIDATION_FRACTION, BUNDLED_SPLIT_SEED)
+    train, val = split(ds, BUNDLED_VALIDATION_FRACTION, BUNDLED_SPLIT_KEY)
     return train if parts[2] == "train" else val
 
 
@@ -204,9 +223,9 @@ def _lines(text: str) -> list[str]:
 
 def _parse_jsonl(
     text: str, p: Path, text_field: str, id_field: str | None
-) -> tuple[list[str], list[str]]:
+) -> tuple[list[str], list[str | None]]:
     texts: list[str] = []
-    ids: list[str] = []
+    ids: list[str | None] = []
     for lineno, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
@@ -230,13 +249,13 @@ def _parse_jsonl(
             )
         texts.append(value)
         rid = obj.get(id_field) if id_field is not None else None
-        ids.append(str(rid) if rid is not None else f"line-{lineno}")
+        ids.append(str(rid) if rid is not None else None)
     return texts, ids
 
 
 def _parse_csv(
     text: str, p: Path, text_field: str, id_field: str | None, delimiter: str
-) -> tuple[list[str], list[str]]:
+) -> tuple[list[str], list[str | None]]:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = next(reader)
@@ -252,7 +271,7 @@ def _parse_csv(
     ti = header.index(text_field)
     ii = header.index(id_field) if id_field is not None and id_field in header else None
     texts: list[str] = []
-    ids: list[str] = []
+    ids: list[str | None] = []
     while True:
         try:
             row = next(reader)
@@ -265,36 +284,48 @@ def _parse_csv(
         if len(row) != len(header):
             raise DataError(f"{p}:{reader.line_num}: {len(row)} columns, header has {len(header)}")
         texts.append(row[ti])
-        ids.append(row[ii] if ii is not None and row[ii] != "" else f"row-{len(texts)}")
+        ids.append(row[ii] if ii is not None and row[ii] != "" else None)
     return texts, ids
 
 
-def _parse_lines(text: str) -> tuple[list[str], list[str]]:
+def _parse_lines(text: str) -> tuple[list[str], list[str | None]]:
     texts: list[str] = []
-    ids: list[str] = []
-    for lineno, line in enumerate(_lines(text), start=1):
+    ids: list[str | None] = []
+    for line in _lines(text):
         line = line.rstrip()
         if line.strip():
             texts.append(line)
-            ids.append(f"line-{lineno}")
+            ids.append(None)
     return texts, ids
 
 
-def _parse_paragraphs(text: str) -> tuple[list[str], list[str]]:
+def _parse_paragraphs(text: str) -> tuple[list[str], list[str | None]]:
     texts: list[str] = []
-    ids: list[str] = []
+    ids: list[str | None] = []
     current: list[str] = []
-    start = 0
-    for lineno, line in enumerate([*_lines(text), ""], start=1):
+    for line in [*_lines(text), ""]:
         if line.strip():
-            if not current:
-                start = lineno
             current.append(line.rstrip())
         elif current:
             texts.append("\n".join(current))
-            ids.append(f"para-{start}")
+            ids.append(None)
             current = []
     return texts, ids
+
+
+def content_ids(texts: list[str], ids: list[str | None]) -> list[str]:
+    """``ids`` with every missing one derived from the record's content (see the module
+    docstring): ``text-<sha256 prefix>``, then ``~1``, ``~2``, ... for further duplicates."""
+    seen: Counter[str] = Counter()
+    out = []
+    for text, rid in zip(texts, ids, strict=True):
+        if rid is None:
+            base = "text-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+            k = seen[base]
+            seen[base] += 1
+            rid = base if k == 0 else f"{base}~{k}"
+        out.append(rid)
+    return out
 
 
 def _check_unique(ids: list[str], p: Path) -> None:
@@ -303,6 +334,6 @@ def _check_unique(ids: list[str], p: Path) -> None:
         if rid in seen:
             raise DataError(
                 f"{p}: duplicate record id {rid!r} (records {seen[rid] + 1} and {i + 1}); ids "
-                "identify privacy units and must be unique (pass id_field=None to use line numbers)"
+                "identify privacy units and must be unique (pass id_field=None to derive ids from content)"
             )
         seen[rid] = i

@@ -4,15 +4,13 @@ as the simulation, configured from the run config instead of a Python object.
 Run config (``[tool.flwr.app.config]`` of the app's pyproject.toml, see
 :func:`dptrain.federated.deploy.write_app`): ``recipe`` (the recipe's YAML text) and
 ``output-dir`` (the server's run directory).  Node config of each SuperNode:
-``partition-id`` (which client of the recipe it is), ``num-partitions``, optionally
-``state-dir`` (where the client keeps its ledger; default ``<output-dir>/clients/client-<id>``),
-``data-path`` (the client's own records instead of its share of the recipe's data) and
-``epsilon`` (the client's own budget instead of the recipe's).
+``partition-id`` (which client of the recipe it is), ``num-partitions``, and the data
+holder's own settings -- ``state-dir`` and ``epsilon`` (required), ``delta``, ``accountant``,
+``min-noise-multiplier``, ``data-path``, ``client-config`` (see
+:mod:`dptrain.federated.holder`).  A client without them declines every round, saying why.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import yaml
 from flwr.app import Context, Message
@@ -44,5 +42,4 @@ def _server(grid: Grid, context: Context) -> None:
 
 @clientapp.train()
 def _train(msg: Message, context: Context) -> Message:
-    state_root = Path(str(context.run_config["output-dir"])) / "clients"
-    return train_round(msg, context, recipe_of(context), state_root)
+    return train_round(msg, context, recipe_of(context), None)  # settings: the node config

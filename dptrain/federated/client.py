@@ -1,24 +1,40 @@
-"""The federated client: local DP-SGD with the dptrain engine, and a ledger that persists.
+"""The federated client: local DP-SGD with the dptrain engine; the data holder owns its privacy.
 
-One ``train`` message = one round on one client::
+The client's own settings (:class:`~dptrain.federated.holder.ClientConfig`: its state
+directory -- ledger and run key --, budget ``(epsilon, delta)``, accountant and minimum noise
+multiplier) come from its node config or a local file, never from the server.  The server's recipe only *asks*: one ``train``
+message = one round on one client::
 
-    check the budget: do the round's T local steps fit (BudgetFilter on the persisted ledger)?
-        no  -> decline: reply {declined, reason, epsilon}, no adapter
+    refuse a request that is weaker than the client's own settings: another accountant, a
+        larger epsilon or delta, or a noise multiplier below the client's minimum
+        -> decline: reply {declined, reason, epsilon}, no adapter
+    check the budget: do the round's T local steps fit the client's own budget on its
+        persisted ledger (BudgetFilter)?  no -> decline with the reason
     build the model, load the global adapters, freeze what the strategy keeps fixed
-    T PrivacyEngine steps on Poisson batches of the client's own records; the ledger is
-        saved atomically after every step (so a crash leaves it covering every step taken)
+    T PrivacyEngine steps on Poisson batches of the client's own records; the ledger and the
+        engine state are saved atomically after every step (a crash leaves them covering
+        every step taken)
     reply with the trained factors (A and B, or B alone) and public metadata
 
 Privacy contract (per client, per record of that client): add/remove-one neighbouring
-datasets of the client's records; each local step is the engine's Poisson-subsampled
-Gaussian mechanism at the client's rate ``q_k = batch_size / N_k`` with the recipe's policy,
-charged to the client's ledger before its update exists.  The noise multiplier is calibrated
-once for the client's whole participation (``rounds * T`` steps) at its ``(epsilon, delta)``,
-and the budget filter refuses a round that would exceed it, so the epsilon reported is over
-all rounds, across restarts (the ledger lives in the client's state directory).  What leaves
-the client is the trained adapter (post-processing of the noisy steps) and public metadata:
-``N_k``, ``q_k``, ``sigma``, steps and epsilon, as ``dptrain train`` treats them.  Losses
-stay on the client.
+datasets of the client's records (their count ``N_k`` is public); each local step is the
+engine's Poisson-subsampled Gaussian mechanism at ``q_k = batch_size / N_k``, charged to the
+client's ledger before its update exists.  Coins and noise derive from the client's own run
+key (``<state dir>/secret.key``, mode 0600), which never leaves the client.  The noise
+multiplier is calibrated for the requested ``rounds * T`` steps at the requested budget, and
+the budget filter refuses a round that would exceed the client's *own* budget over its whole
+ledger -- across rounds, restarts and server runs (a new server run does not reset it).
+What leaves the client is the trained adapter (post-processing of the noisy steps) and public
+metadata: ``N_k``, ``q_k``, ``sigma``, steps, epsilon and delta (with the noise sampler's
+truncation term).  Losses stay on the client.  Step ``t`` of the client's lifetime (its
+ledger's step count) draws coins and noise at counter ``t``, so a lost ledger with a kept key
+would repeat noise: the client refuses to train then.
+
+Set-up of a simulation.  Without ``data-path`` a client trains on its share of the recipe's
+data: the held-out validation split and the non-IID partition are computed from a *public*
+set-up key derived from ``recipe.seed``, so the server and every client agree on them without
+sharing a secret and a new server run sees the same clients.  They stand in for data that
+separate holders would own; each client's guarantee is over its own records ``D_k``.
 """
 
 from __future__ import annotations
@@ -26,8 +42,9 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
+import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,29 +59,32 @@ from accountants import Budget, BudgetExceeded, BudgetFilter, Ledger
 
 from ..data import LMExamples, TextDataset, load_texts, tokenize
 from ..engine import PrivacyEngine
-from ..noise import GaussianNoise
+from ..noise import GaussianNoise, truncation_delta
 from ..policies import Policy
 from ..recipe import check_against_data
 from ..rundir import atomic_write
 from ..sampling import PoissonSampler
+from ..secret import KEY_FILE, RunKey, run_key
 from ..train import build_model, build_policy, make_optimizer, read_data
+from .holder import ClientConfig, ClientConfigError, Request, refusal
 from .lora import get_strategy, load_lora_state
 from .partition import partition
 from .recipe import FederatedRecipe
 
 MODEL_LOCK = threading.Lock()  # model construction seeds torch's global RNG
 _EXAMPLES: dict[tuple, LMExamples] = {}
+ClientConfigs = Callable[[Context], ClientConfig]
 
 
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from ``parts`` (distinct streams per client and purpose)."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+def setup_key(seed: int) -> RunKey:
+    """The public key of a simulation's set-up (validation split, partition): see the module."""
+    return RunKey(hashlib.sha256(f"dptrain federated set-up {seed} (public)".encode()).digest())
 
 
 @functools.lru_cache(maxsize=4)
 def _train_validation(recipe_json: str) -> tuple[TextDataset, TextDataset]:
-    return read_data(FederatedRecipe.model_validate_json(recipe_json))
+    recipe = FederatedRecipe.model_validate_json(recipe_json)
+    return read_data(recipe, setup_key(recipe.seed))
 
 
 @functools.lru_cache(maxsize=4)
@@ -80,6 +100,7 @@ def _partition(recipe_json: str) -> list[TextDataset]:
         seed=recipe.seed,
         min_size=max(2, int(recipe.training.batch_size or 1)),
         format=recipe.data.format,
+        text_field=recipe.data.text_field,
     )
 
 
@@ -95,28 +116,23 @@ def validation_dataset(recipe: FederatedRecipe) -> TextDataset:
 
 @dataclass
 class ClientPlan:
-    """A client's public training constants and its calibrated policy."""
+    """A client's public training constants, its calibrated policy and what the server asks."""
 
     client: int
     data: TextDataset
     sample_rate: float
-    delta: float
+    delta: float  # the client's own
     local_steps: int
-    epsilon: float
+    epsilon: float  # the client's own budget
     policy: Policy
+    request: Request
 
 
-def plan_client(
-    recipe: FederatedRecipe,
-    client: int,
-    *,
-    data_path: str | None = None,
-    epsilon: float | None = None,
-) -> ClientPlan:
-    """Resolve a client's data, sample rate, delta, steps per round and noise (calibrated for
-    all ``rounds * steps`` local steps at its budget)."""
-    if data_path:
-        data = load_texts(data_path, text_field=recipe.data.text_field)
+def plan_client(recipe: FederatedRecipe, client: int, own: ClientConfig) -> ClientPlan:
+    """Resolve a client's data, sample rate, steps per round and the noise the server's
+    recipe asks for (calibrated for all ``rounds * steps`` local steps at the asked budget)."""
+    if own.data_path:
+        data = load_texts(own.data_path, text_field=recipe.data.text_field)
     else:
         parts = client_datasets(recipe)
         if not 0 <= client < len(parts):
@@ -125,23 +141,33 @@ def plan_client(
                 f"{len(parts) - 1}); fix the SuperNode's --node-config or federated.clients"
             )
         data = parts[client]
-    q, delta, steps = check_against_data(recipe, len(data))
-    eps = recipe.privacy.epsilon if epsilon is None else float(epsilon)
+    q, asked_delta, steps = check_against_data(recipe, len(data))
     policy = build_policy(recipe)
-    if getattr(policy, "noise_multiplier", 0) is None:
+    sigma = getattr(policy, "noise_multiplier", math.nan)
+    if sigma is None:
         total = steps * recipe.federated.rounds
-        policy.calibrate(eps, delta, total, q, recipe.privacy.accountant)
-    return ClientPlan(client, data, q, delta, steps, eps, policy)
+        sigma = policy.calibrate(
+            recipe.privacy.epsilon, asked_delta, total, q, recipe.privacy.accountant
+        )
+    asked = Request(
+        float(recipe.privacy.epsilon),
+        asked_delta,
+        recipe.privacy.accountant,
+        None if policy.adaptive else float(sigma),
+    )
+    return ClientPlan(client, data, q, own.own_delta(len(data)), steps, own.epsilon, policy, asked)
 
 
 class ClientState:
-    """A client's state directory: ``ledger.json`` (authoritative, saved after every step),
-    ``engine.pt`` (policy state, noise and sampler generators, saved after each round)."""
+    """A client's state directory: ``secret.key`` (its run key, 0600), ``ledger.json``
+    (authoritative) and ``engine.pt`` (policy state, noise position), both saved after every
+    step."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.ledger_path = self.path / "ledger.json"
         self.engine_path = self.path / "engine.pt"
+        self.key_path = self.path / KEY_FILE
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -156,6 +182,22 @@ class ClientState:
 
     def ledger(self) -> Ledger:
         return Ledger.load(self.ledger_path) if self.ledger_path.exists() else Ledger()
+
+    def key(self, insecure_seed: int | None) -> RunKey:
+        """The client's own key (created on first use; see :func:`dptrain.secret.run_key`)."""
+        return run_key(self.path, insecure_seed, create=True)
+
+    def lost_ledger(self) -> str | None:
+        """Why training must not continue: the client trained before (its engine state
+        exists) but its ledger is gone -- the spent budget is unknown and, with the same key,
+        step counters would restart and repeat noise already released."""
+        if self.engine_path.exists() and not self.ledger_path.exists():
+            return (
+                f"{self.ledger_path} is missing although this client has trained before: its "
+                "spent budget is unknown. Fix: restore ledger.json from a backup (a new "
+                "state-dir starts a new budget only for new data)"
+            )
+        return None
 
     def load_engine(self) -> dict[str, Any] | None:
         if not self.engine_path.exists():
@@ -193,6 +235,16 @@ def _over_budget(plan: ClientPlan, ledger: Ledger, filt: BudgetFilter) -> str | 
     )
 
 
+def _noise_multiplier(policy: Policy) -> float:
+    sigma = getattr(policy, "noise_multiplier", None)
+    return float(sigma) if sigma is not None else math.nan
+
+
+def _pairs_per_step(engine: PrivacyEngine) -> int:
+    """Gaussian pairs one release draws (one noise tensor per trainable parameter)."""
+    return sum((p.numel() + 1) // 2 for p in engine.params)
+
+
 def _local_steps(
     engine: PrivacyEngine,
     sampler: PoissonSampler,
@@ -200,32 +252,39 @@ def _local_steps(
     steps: int,
     state: ClientState,
 ) -> int:
-    """Up to ``steps`` private steps; the ledger is saved after each.  Returns steps taken."""
+    """Up to ``steps`` private steps; the ledger, then the engine state, is saved after each
+    (the ledger never covers fewer steps than were taken).  Returns steps taken."""
     taken = 0
     try:
         for _ in range(steps):
             try:
-                engine.step(examples.batch(sampler.sample()))
+                engine.step(examples.batch(sampler.sample(engine.steps_taken)))
             except BudgetExceeded:
                 break
             engine.ledger.save(state.ledger_path)
+            engine_state = engine.state_dict()
+            engine_state.pop("ledger")  # ledger.json is the authoritative copy
+            state.save_engine({"engine": engine_state, "sampler": sampler.state_dict()})
             taken += 1
     finally:
         engine.detach()
-    engine_state = engine.state_dict()
-    engine_state.pop("ledger")  # ledger.json is the authoritative copy
-    state.save_engine({"engine": engine_state, "sampler": sampler.state_dict()})
     return taken
 
 
 def train_round(
-    msg: Message, context: Context, recipe: FederatedRecipe, state_root: str | Path
+    msg: Message, context: Context, recipe: FederatedRecipe, own: ClientConfig | None
 ) -> Message:
-    """Handle one ``train`` message (see the module docstring)."""
+    """Handle one ``train`` message (see the module docstring).  ``own`` is this client's
+    own settings; None: read them from the node config."""
     cfg = context.node_config
     client = int(cfg.get("partition-id", 0))
-    plan = plan_client(recipe, client, data_path=cfg.get("data-path"), epsilon=cfg.get("epsilon"))
-    state = ClientState(cfg.get("state-dir") or Path(state_root) / f"client-{client}")
+    if own is None:
+        try:
+            own = ClientConfig.from_node_config(cfg)
+        except ClientConfigError as err:
+            return _decline(msg, {"client": client}, 0.0, f"client settings: {err}")
+    plan = plan_client(recipe, client, own)
+    state = ClientState(own.state_dir)
     strategy = get_strategy(recipe.federated.strategy)
     budget = Budget(plan.epsilon, plan.delta)
     public = {
@@ -233,24 +292,31 @@ def train_round(
         "num-examples": len(plan.data),
         "sample-rate": plan.sample_rate,
         "delta": plan.delta,
-        "noise-multiplier": float(getattr(plan.policy, "noise_multiplier", float("nan"))),
+        "noise-multiplier": _noise_multiplier(plan.policy),
     }
     with state.lock():
         ledger = state.ledger()
-        filt = BudgetFilter(budget, recipe.privacy.accountant, adaptive=plan.policy.adaptive)
-        reason = _over_budget(plan, ledger, filt)
+        filt = BudgetFilter(budget, own.accountant, adaptive=plan.policy.adaptive)
+        spent = filt.spent(ledger) if ledger.events else 0.0
+        reason = (
+            refusal(plan.request, own, len(plan.data))
+            or state.lost_ledger()
+            or _over_budget(plan, ledger, filt)
+        )
         if reason is not None:
-            return _decline(msg, public, filt.spent(ledger) if ledger.events else 0.0, reason)
+            return _decline(msg, public, spent, reason)
 
+        key = state.key(own.insecure_seed)  # never leaves the client
         with MODEL_LOCK:
             model, tokenizer = build_model(recipe)
         load_lora_state(model, msg.content["arrays"].to_torch_state_dict())
         for name, p in model.named_parameters():
             p.requires_grad_(strategy.trainable(name))
-        key = (recipe.model_dump_json(), client, cfg.get("data-path"))
-        examples = _EXAMPLES.get(key) or tokenize(plan.data, tokenizer, recipe.data.max_length)
-        _EXAMPLES[key] = examples  # a simulation's clients tokenize once, not every round
+        cache = (recipe.model_dump_json(), client, own.data_path)
+        examples = _EXAMPLES.get(cache) or tokenize(plan.data, tokenizer, recipe.data.max_length)
+        _EXAMPLES[cache] = examples  # a simulation's clients tokenize once, not every round
         params = [p for p in model.parameters() if p.requires_grad]
+        noise = GaussianNoise(key)
         engine = PrivacyEngine(
             model,
             make_optimizer(recipe, params),
@@ -258,24 +324,25 @@ def train_round(
             sample_rate=plan.sample_rate,
             dataset_size=len(examples),
             grouping=recipe.policy.grouping,
-            accountant=recipe.privacy.accountant,
+            accountant=own.accountant,
             budget=budget,
             ledger=ledger,
             max_physical_batch_size=recipe.training.physical_batch_size,
-            noise=GaussianNoise(
-                derive_seed(recipe.seed, client, "noise"), secure=recipe.privacy.secure_noise
-            ),
+            noise=noise,
         )
-        sampler = PoissonSampler(
-            len(examples), plan.sample_rate, seed=derive_seed(recipe.seed, client, "batches")
-        )
+        sampler = PoissonSampler(examples.ids, plan.sample_rate, key)
         saved = state.load_engine()
-        if saved is not None:  # continue the noise, sampler and policy streams
+        if saved is not None:  # continue the noise position and the policy state
             so_far = {"ledger": ledger.to_dict(), "steps_taken": ledger.total_steps}
             engine.load_state_dict({**saved["engine"], **so_far})
             sampler.load_state_dict(saved["sampler"])
+            behind = ledger.total_steps - int(saved["engine"]["steps_taken"])
+            noise.pairs += max(behind, 0) * _pairs_per_step(engine)  # a crash between saves
+        elif ledger.total_steps:  # an older client state: count the pairs its steps drew
+            noise.pairs = ledger.total_steps * _pairs_per_step(engine)
         taken = _local_steps(engine, sampler, examples, plan.local_steps, state)
         eps = engine.epsilon()
+    public["delta"] = plan.delta + truncation_delta(eps, noise.pairs)
     if taken == 0:
         return _decline(msg, public, eps, f"budget: no local step fits epsilon={plan.epsilon:g}")
     trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
@@ -287,14 +354,15 @@ def train_round(
 
 
 def make_client_app(
-    recipe: FederatedRecipe, state_root: str | Path, mods: list[Mod] | None = None
+    recipe: FederatedRecipe, configs: ClientConfigs | None = None, mods: list[Mod] | None = None
 ) -> ClientApp:
-    """A Flower ``ClientApp`` running :func:`train_round` for ``recipe``; ``mods`` are
+    """A Flower ``ClientApp`` running :func:`train_round` for ``recipe``; ``configs`` gives
+    each client's own settings from its context (default: its node config); ``mods`` are
     Flower mods wrapped around it."""
     app = ClientApp(mods=list(mods or []))
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
-        return train_round(msg, context, recipe, state_root)
+        return train_round(msg, context, recipe, configs(context) if configs else None)
 
     return app

@@ -10,8 +10,10 @@ submits a Flower App (here: a directory holding only a pyproject.toml that names
 the SuperNodes on 127.0.0.1 (free ports, no TLS, nothing reachable from outside) and always
 stops every process it started, with its children.  On real machines, run the same
 commands by hand (see README): ``flower-superlink`` on the server, ``flower-supernode
---superlink HOST:PORT --node-config "partition-id=K num-partitions=N state-dir='...'"`` on
-each client, then ``flwr run``.
+--superlink HOST:PORT --node-config "partition-id=K num-partitions=N state-dir='...'
+epsilon=8.0"`` on each client (the data holder's own settings:
+:mod:`dptrain.federated.holder`), then ``flwr run``.  On the loopback federation one operator
+plays every data holder: client ``k`` gets the recipe's privacy section as its own settings.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from typing import IO, Any
 import tomli_w
 
 from ..recipe import dump_recipe
-from .recipe import FederatedRecipe
+from .holder import ClientConfig, simulated
+from .recipe import FederatedRecipe, client_state_root
 
 CONNECTION = "dptrain-loopback"
 STARTUP_TIMEOUT = 60.0
@@ -96,13 +99,16 @@ class LoopbackFederation:
     """A SuperLink and ``clients`` SuperNodes on 127.0.0.1, as separate processes.
 
     Use as a context manager; :meth:`close` stops every process group it started.
-    ``state_dirs[k]`` is client k's state directory (its ledger), kept across restarts.
+    ``configs[k]`` is client k's own settings (its state directory -- ledger and key -- is
+    kept across restarts), passed to its SuperNode as node config.
     """
 
-    def __init__(self, clients: int, workdir: str | Path, state_dirs: list[Path]) -> None:
+    def __init__(self, clients: int, workdir: str | Path, configs: list[ClientConfig]) -> None:
+        if len(configs) != clients:
+            raise ValueError(f"{clients} clients need {clients} client configs")
         self.clients = clients
         self.workdir = Path(workdir)
-        self.state_dirs = [Path(p) for p in state_dirs]
+        self.configs = list(configs)
         self.logs = self.workdir / "logs"
         self.env = flower_env(self.workdir / "flwr-home")
         self.port = free_port()
@@ -176,7 +182,7 @@ class LoopbackFederation:
 
     def start_client(self, k: int) -> None:
         """Start (or restart) client ``k``'s SuperNode."""
-        config = f"partition-id={k} num-partitions={self.clients} state-dir='{self.state_dirs[k]}'"
+        config = self.configs[k].node_config(k, self.clients)
         self.supernodes[k] = self._spawn(
             f"supernode-{k}",
             [
@@ -253,11 +259,11 @@ def deploy(
 
         raise RecipeError(f"output directory {run_path} already holds a run; choose another")
     f = recipe.federated
+    state_root = client_state_root(recipe, run_path)
     work = run_path / "flower"  # the app, Flower's home and the processes' logs
-    state_root = Path(f.state_dir) if f.state_dir else run_path / "clients"
-    states = [state_root / f"client-{k}" for k in range(f.clients)]
+    configs = [simulated(recipe, k, state_root) for k in range(f.clients)]
     app = write_app(recipe, work / "app", run_path)
     limit = timeout or (f.rounds + 1) * f.round_timeout + 120
-    with LoopbackFederation(f.clients, work, states) as federation:
+    with LoopbackFederation(f.clients, work, configs) as federation:
         done = federation.run(app, timeout=limit, stream=stream)
     return run_path, done

@@ -17,11 +17,19 @@ from ..data import DataError, TextDataset, bundled_path, load_texts
 MAX_DRAWS = 100
 
 
-def record_labels(path: str, field: str, ids: list[str], format: str | None = None) -> list[str]:
-    """The value of ``field`` for each record id in ``ids`` (read from the same data file)."""
+def record_labels(
+    path: str,
+    field: str,
+    ids: list[str],
+    format: str | None = None,
+    text_field: str = "text",
+) -> list[str]:
+    """The value of ``field`` for each record id in ``ids`` (read from the same data file;
+    ids are those :func:`load_texts` gives with ``text_field``, which may be content-derived)."""
     source = bundled_path(path.split(":")[1]) if path.startswith("bundled:") else path
-    table = load_texts(source, text_field=field, format=format)
-    by_id = dict(zip(table.ids, table.texts, strict=True))
+    records = load_texts(source, text_field=text_field, format=format)
+    table = load_texts(source, text_field=field, format=format, id_field=None)
+    by_id = dict(zip(records.ids, table.texts, strict=True))
     missing = [i for i in ids if i not in by_id]
     if missing:
         raise DataError(f"{path}: records {missing[:3]} have no field {field!r}")
@@ -76,9 +84,10 @@ def partition(
     seed: int,
     min_size: int = 2,
     format: str | None = None,
+    text_field: str = "text",
 ) -> list[TextDataset]:
     """The clients' datasets (see the module docstring)."""
-    labels = record_labels(path, by, train.ids, format) if by else None
+    labels = record_labels(path, by, train.ids, format, text_field) if by else None
     parts = split_indices(
         len(train), clients, labels=labels, alpha=alpha, seed=seed, min_size=min_size
     )

@@ -9,11 +9,12 @@ rounds.  ``lora`` is required: clients exchange LoRA adapters.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from ..recipe import LoraSection, Recipe, Section
+from ..recipe import LoraSection, Recipe, RecipeError, Section
 
 STRATEGIES = ("fedsvd", "ffa_lora", "dp_lora")
 
@@ -47,7 +48,9 @@ class FederatedSection(Section):
     partition: PartitionSection = Field(default_factory=PartitionSection)
     client_dp: ClientDPSection | None = None
     state_dir: str | None = Field(
-        None, description="where clients keep ledgers and state; default <run dir>/clients"
+        None,
+        description="where the simulated clients keep their ledgers and keys (client-k/); "
+        "required by simulate and deploy, outside every run directory: it outlives server runs",
     )
 
     @model_validator(mode="after")
@@ -65,3 +68,24 @@ class FederatedRecipe(Recipe):
 
     lora: LoraSection = Field(description="required: clients exchange LoRA adapters")
     federated: FederatedSection
+
+
+def client_state_root(recipe: FederatedRecipe, run_dir: str | Path) -> Path:
+    """``federated.state_dir``, checked: set, and not inside the server's run directory (a
+    new server run must never reset a client's ledger)."""
+    f = recipe.federated
+    if not f.state_dir:
+        raise RecipeError(
+            "federated.state_dir: not set. The simulated clients keep their privacy ledgers "
+            "and keys there, across server runs, so it must be chosen, not derived from the "
+            f"output directory. Fix: add e.g. state_dir: runs/{recipe.name}-clients to the "
+            "federated section (or --set federated.state_dir=DIR)"
+        )
+    root, run = Path(f.state_dir).resolve(), Path(run_dir).resolve()
+    if root == run or root.is_relative_to(run):
+        raise RecipeError(
+            f"federated.state_dir: {f.state_dir} is inside the run directory {run_dir}; a new "
+            "server run would start the clients with fresh ledgers. Fix: choose a directory "
+            "outside every run directory"
+        )
+    return root

@@ -3,6 +3,7 @@ writes a run directory like ``dptrain train``'s.
 
 Run directory::
 
+    secret.key         the server's run key (0600): client-level DP coins and noise
     recipe.yaml        the recipe
     run.json           strategy, clients, rounds, perplexities, each client's last epsilon
     metrics.jsonl      one line per round: global validation perplexity, each client's
@@ -10,7 +11,9 @@ Run directory::
     ledger.json        client-level DP ledger (only with federated.client_dp)
     checkpoints/       global adapters after each round (step-<round>.pt)
     final/             the final global adapter and tokenizer, loadable with peft
-    clients/           client state directories in a simulation (ledger.json per client)
+
+Client state (ledgers, keys) never lives here: each client keeps it in its own state
+directory (``federated.state_dir/client-k`` in a simulation), which outlives server runs.
 
 The server evaluates the global model on the held-out validation split after every round;
 that split never trains anything and steers nothing (it is reported, as in ``dptrain train``).
@@ -30,6 +33,7 @@ from ..data import tokenize
 from ..losses import perplexity
 from ..recipe import RecipeError, dump_recipe
 from ..rundir import RunDir, atomic_write
+from ..secret import RunKey, run_key
 from ..train import _save_final, _versions, build_model, eval_batches
 from .client import MODEL_LOCK, validation_dataset
 from .lora import load_lora_state, lora_state
@@ -46,6 +50,7 @@ def start_run(recipe: FederatedRecipe, run_dir: str | Path | None = None) -> Run
             "output_dir / --output (client ledgers persist in federated.state_dir)."
         )
     run.path.mkdir(parents=True, exist_ok=True)
+    key = server_key(recipe, run)
     atomic_write(run.recipe, lambda f: f.write(dump_recipe(recipe)))
     f = recipe.federated
     run.write_meta(
@@ -61,10 +66,17 @@ def start_run(recipe: FederatedRecipe, run_dir: str | Path | None = None) -> Run
             "epsilon_budget_per_client": recipe.privacy.epsilon,
             "accountant": recipe.privacy.accountant,
             "client_dp": f.client_dp.model_dump() if f.client_dp else None,
+            "randomness": key.describe(),
+            "insecure_seed": key.insecure_seed,
             "versions": _versions(),
         }
     )
     return run
+
+
+def server_key(recipe: FederatedRecipe, run: RunDir) -> RunKey:
+    """The server's own key (its client-level DP coins and noise), in its run directory."""
+    return run_key(run.path, recipe.privacy.insecure_seed, create=True)
 
 
 def _round_lines(report: RoundReport | None, strategy: LoraFedAvg, clients: int) -> list[str]:
@@ -95,7 +107,7 @@ def run_server(grid: Grid, recipe: FederatedRecipe, run: RunDir) -> dict[str, An
     """The ServerApp's work: rounds of :class:`LoraFedAvg`, a global evaluation after each,
     checkpoints and the final adapter; returns the run's metadata."""
     f = recipe.federated
-    strategy = LoraFedAvg(recipe)
+    strategy = LoraFedAvg(recipe, server_key(recipe, run))
     with MODEL_LOCK:
         model, tokenizer = build_model(recipe)
     initial = strategy.spec.init(lora_state(model))
@@ -147,6 +159,7 @@ def run_server(grid: Grid, recipe: FederatedRecipe, run: RunDir) -> dict[str, An
         client_epsilon={str(k): v for k, v in sorted(strategy.epsilon.items())},
         client_delta={str(k): v for k, v in sorted(strategy.delta.items())},
         client_dp_epsilon=strategy.ledger_epsilon(),
+        client_dp_delta=strategy.ledger_delta(),
         train_seconds=time.perf_counter() - t0,
     )
     _print_summary(run, meta)
@@ -167,7 +180,16 @@ def _print_summary(run: RunDir, meta: dict[str, Any]) -> None:
         f"final adapter       {run.final}",
     ]
     if meta.get("client_dp_epsilon") is not None:
-        lines.insert(5, f"client-level DP     epsilon {meta['client_dp_epsilon']:.4f}")
+        lines.insert(
+            5,
+            f"client-level DP     epsilon {meta['client_dp_epsilon']:.4f} at delta "
+            f"{meta['client_dp_delta']:.3g}",
+        )
+    if meta.get("insecure_seed") is not None:
+        lines.append(
+            f"warning: privacy.insecure_seed={meta['insecure_seed']}: NO privacy guarantee "
+            "against anyone who knows that seed (server and simulated clients)"
+        )
     print("\n".join(lines), flush=True)
 
 

@@ -33,7 +33,8 @@ from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
 from flwr.simulation import run_simulation
 
 from .client import make_client_app
-from .recipe import FederatedRecipe
+from .holder import ClientConfig, simulated
+from .recipe import FederatedRecipe, client_state_root
 from .server import make_server_app, start_run
 
 RAY_BACKEND_MODULE = "flwr.server.superlink.fleet.vce.backend.raybackend"
@@ -91,18 +92,28 @@ def simulate(
     *,
     mods: list[Mod] | None = None,
     verbose: bool = False,
+    clients: dict[int, ClientConfig] | None = None,
 ) -> dict[str, Any]:
     """Run ``recipe`` as an in-process Flower simulation; returns the run's metadata.
 
     One node per client (``partition-id`` = client index); ``mods`` are Flower mods around
     every ClientApp call (tests use them to inject faults).  Clients run on up to
-    ``clients`` threads, so a client that hangs does not hold up the others.
+    ``federated.clients`` threads, so a client that hangs does not hold up the others.  Client ``k``'s
+    own settings are ``clients[k]`` where given, else :func:`~dptrain.federated.holder.simulated`
+    (the recipe's privacy section, state in ``federated.state_dir/client-k``).
     """
-    run = start_run(recipe, run_dir)
+    run_path = recipe.run_dir(run_dir)
+    state_root = client_state_root(recipe, run_path)  # checked before the run dir is made
+    run = start_run(recipe, run_path)
     f = recipe.federated
-    state_root = Path(f.state_dir) if f.state_dir else run.path / "clients"
+    own = dict(clients or {})
+
+    def config(context: Context) -> ClientConfig:
+        k = int(context.node_config["partition-id"])
+        return own[k] if k in own else simulated(recipe, k, state_root)
+
     server_app = make_server_app(recipe, run)
-    client_app = make_client_app(recipe, state_root, mods)
+    client_app = make_client_app(recipe, config, mods)
     with in_process_backend(), flower_log_level(logging.INFO if verbose else logging.CRITICAL):
         run_simulation(
             server_app,

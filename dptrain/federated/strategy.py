@@ -14,7 +14,9 @@ expected number of sampled clients ``p K`` (public); clients are Poisson-sampled
 probability ``p`` per round.  Adding or removing one client moves the sum by at most ``C``,
 so each round is one Poisson-subsampled Gaussian event ``(p, sigma)`` on the server's own
 ledger, whatever the replies: the noisy mean is released even when few clients answer,
-and ``min_clients`` does not apply.  This epsilon is reported, not enforced.
+and ``min_clients`` does not apply.  This epsilon is reported, not enforced.  The client
+coins (node ``n`` joins round ``r`` iff ``PRF(k_coins, r, n) < p``) and the noise (counter
+``(r, block)``) come from the server's own run key (``<run dir>/secret.key``).
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from accountants import Event, Ledger, get_accountant
 
-from ..noise import GaussianNoise
-from .client import derive_seed
+from ..noise import GaussianNoise, truncation_delta
+from ..secret import RunKey, below
 from .lora import State, get_strategy
 from .recipe import FederatedRecipe
 
@@ -56,7 +58,7 @@ class RoundReport:
 class LoraFedAvg(FedAvg):
     """FedAvg over LoRA adapters with the recipe's server step (see the module docstring)."""
 
-    def __init__(self, recipe: FederatedRecipe) -> None:
+    def __init__(self, recipe: FederatedRecipe, key: RunKey | None = None) -> None:
         f = recipe.federated
         super().__init__(min_train_nodes=f.min_clients, min_available_nodes=f.min_clients)
         self.spec = get_strategy(f.strategy)
@@ -65,11 +67,11 @@ class LoraFedAvg(FedAvg):
         self.round_timeout = f.round_timeout
         self.client_dp = f.client_dp
         self.accountant = recipe.privacy.accountant
-        self.rng = np.random.default_rng(derive_seed(recipe.seed, "server", "sampling"))
-        self.noise = GaussianNoise(
-            derive_seed(recipe.seed, "server", "noise"), secure=recipe.privacy.secure_noise
-        )
+        key = key if key is not None else RunKey.generate()
+        self.coins = key.prf("client-coins")
+        self.noise = GaussianNoise(key)
         self.ledger = Ledger()  # client-level DP events (one per round)
+        self.rounds_released = 0
         self.current: State = {}
         self.sent: list[int] = []
         self.node_client: dict[int, int] = {}
@@ -99,7 +101,9 @@ class LoraFedAvg(FedAvg):
         self.current = dict(arrays.to_torch_state_dict())
         nodes = self._nodes(grid, server_round)
         if self.client_dp is not None and self.client_dp.sample_rate < 1:
-            nodes = [n for n in nodes if self.rng.random() < self.client_dp.sample_rate]
+            words = self.coins.at(server_round, np.array(nodes, dtype=np.uint64))[:, 0]
+            chosen = below(words, self.client_dp.sample_rate)
+            nodes = [n for n, c in zip(nodes, chosen, strict=True) if c]
         self.sent = nodes
         config["server-round"] = server_round
         content = RecordDict({"arrays": arrays, "config": config})
@@ -178,6 +182,13 @@ class LoraFedAvg(FedAvg):
             return 0.0
         return get_accountant(self.accountant).epsilon(self.ledger.events, self.client_dp.delta)
 
+    def ledger_delta(self) -> float | None:
+        """Client-level delta including the noise sampler's truncation term."""
+        eps = self.ledger_epsilon()
+        if eps is None or self.client_dp is None:
+            return None
+        return self.client_dp.delta + truncation_delta(eps, self.noise.pairs)
+
     def _private_mean(self, updates: list[RecordDict]) -> State:
         """``g + (sum_k clip(u_k - g, C) + N(0, (sigma C)^2)) / (p K)`` over the sent factors."""
         assert self.client_dp is not None
@@ -192,6 +203,8 @@ class LoraFedAvg(FedAvg):
             for k in keys:
                 total[k] += scale * delta[k]
         denom = self.client_dp.sample_rate * self.expected_clients
+        self.noise.begin_step(self.rounds_released)  # round r's noise: counter (r, block)
+        self.rounds_released += 1
         return {
             k: self.current[k] + (total[k] + self.noise(total[k], sigma * c)) / denom for k in keys
         }

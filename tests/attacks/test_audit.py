@@ -15,6 +15,7 @@ import torch
 
 from accountants import Event, Ledger
 from attacks.audit import audit_run
+from attacks.report import verdict
 from dptrain.cli import main
 from dptrain.recipe import parse_recipe
 from dptrain.rundir import RunDir
@@ -118,6 +119,10 @@ def test_a_ledger_that_under_reports_is_flagged_in_red(non_private, tmp_path):
     assert s["empirical_epsilon_lower_bound"] > s["accountant_epsilon"]
     page = (run / "audit" / "report.html").read_text()
     assert "class='box bug'" in page and "LIKELY PRIVACY BUG" in page
+    # a reproducible run's report says first that its seed voids the guarantee
+    level, words = verdict({**s, "claim": {**s["claim"], "insecure_seed": 7}})
+    assert level == "bug" and "insecure_seed=7" in words[0] and "NO privacy" in words[0]
+    assert "insecure_seed" not in " ".join(verdict(s)[1])
 
 
 def test_dp_run_audited_after_training_stays_below_its_epsilon(tmp_path, capsys):

@@ -12,7 +12,10 @@ from accountants import Budget, BudgetFilter, Event, Ledger, get_accountant
 from dptrain import PrivacyEngine, StaticPolicy
 from dptrain.data.canaries import make_canaries, read_manifest, write_manifest
 from dptrain.recipe import CanarySection, RecipeError, parse_recipe
+from dptrain.secret import RunKey
 from dptrain.train import split_data
+
+KEY = RunKey.from_insecure_seed(0)
 
 
 def recipe_dict(**sections):
@@ -26,10 +29,14 @@ def recipe_dict(**sections):
     return d
 
 
-def test_canaries_are_seeded_and_included_as_the_audit_needs():
+def test_canaries_come_from_the_key_and_are_included_as_the_audit_needs():
     cfg = CanarySection(secret_digits=4, repetitions={1: 400, 3: 5})
-    a, b = make_canaries(cfg, 0), make_canaries(cfg, 0)
-    assert a == b and make_canaries(cfg, 1) != a
+    a, b = make_canaries(cfg, KEY), make_canaries(cfg, RunKey.from_insecure_seed(0))
+    assert a == b and make_canaries(cfg, RunKey.from_insecure_seed(1)) != a
+    fresh = make_canaries(cfg, RunKey.generate())  # a secret key: nobody can regenerate these
+    assert [c.secret for c in fresh] != [c.secret for c in a]
+    digits = [int(d) for c in fresh + a for d in c.secret]
+    assert all(abs(digits.count(d) - len(digits) / 10) < 90 for d in range(10))  # uniform
     single = [c for c in a if c.repetitions == 1]
     assert len(single) == 400 and 160 < sum(c.included for c in single) < 240  # ~ Bernoulli(1/2)
     assert all(c.included for c in a if c.repetitions == 3)
@@ -40,13 +47,13 @@ def test_canaries_are_seeded_and_included_as_the_audit_needs():
 
 def test_split_data_inserts_each_repetition_as_a_record(tmp_path):
     recipe = parse_recipe(recipe_dict(data={"canaries": {"repetitions": {1: 10, 4: 2}}}))
-    train, val, unused = split_data(recipe)
-    canaries = make_canaries(recipe.data.canaries, recipe.seed)
+    train, val, unused = split_data(recipe, KEY)
+    canaries = make_canaries(recipe.data.canaries, KEY)
     records = sum(c.repetitions for c in canaries if c.included)
     assert len(train) == 50 + records
     assert train.ids[50:] == [rid for c in canaries if c.included for rid in c.record_ids()]
     assert not set(unused.ids) & set(train.ids) and not set(unused.ids) & set(val.ids)
-    path = write_manifest(tmp_path, recipe.data.canaries, recipe.seed)
+    path = write_manifest(tmp_path, recipe.data.canaries, KEY)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert "SECRET" in path.read_text()
     assert read_manifest(tmp_path).canaries == canaries

@@ -117,9 +117,9 @@ def test_real_tokenizer_on_bundled_validation() -> None:
     tok = build_tiny_tokenizer()
     val = load_texts("bundled:clinic_notes:validation")
     ex = tokenize(val, tok, max_length=128)
-    assert len(ex) == 450
-    assert 0 < ex.num_truncated < 450
-    assert ex.input_ids.shape == (450, 128)
+    assert len(ex) == len(val) > 300
+    assert 0 < ex.num_truncated < len(val)
+    assert ex.input_ids.shape == (len(val), 128)
     full = ex.lengths < 128
     eos = tok.eos_token_id
     rows = torch.nonzero(full).flatten()

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -6,7 +7,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dptrain.data.loading import DataError, TextDataset, load_texts, split
+from dptrain.data.loading import (
+    BUNDLED_SPLIT_KEY,
+    DataError,
+    TextDataset,
+    cap,
+    load_texts,
+    split,
+)
+from dptrain.secret import RunKey
+
+KEY = RunKey.from_insecure_seed(3)
+
+
+def cid(text: str) -> str:
+    """The id of a record without one: derived from its content."""
+    return "text-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
@@ -32,7 +48,7 @@ def test_jsonl_custom_field_missing_id_crlf_bom_and_unicode_separator(tmp_path: 
     p = write(tmp_path, "d.ndjson", ("\ufeff" + "\r\n".join(rows) + "\r\n").encode())
     ds = load_texts(p, text_field="body")
     assert ds.texts == ["x\ny", "a\u2028b"]
-    assert ds.ids == ["line-1", "line-2"]
+    assert ds.ids == [cid("x\ny"), cid("a\u2028b")]
 
 
 def test_jsonl_missing_field_lists_available(tmp_path: Path) -> None:
@@ -69,7 +85,18 @@ def test_duplicate_ids_rejected_unless_id_field_none(tmp_path: Path) -> None:
     p = write(tmp_path, "d.jsonl", '{"id": 1, "text": "a"}\n{"id": 1, "text": "b"}\n')
     with pytest.raises(DataError, match="duplicate record id '1'"):
         load_texts(p)
-    assert load_texts(p, id_field=None).ids == ["line-1", "line-2"]
+    assert load_texts(p, id_field=None).ids == [cid("a"), cid("b")]
+
+
+def test_content_ids_survive_insertions_and_duplicates_get_their_own(tmp_path: Path) -> None:
+    """Ids of records without one do not depend on line numbers, and the k-th further copy of
+    a text gets suffix ~k (so it has its own Poisson coins, not its twin's)."""
+    p = write(tmp_path, "a.txt", "alpha\nbeta\nalpha\ngamma\n")
+    ids = load_texts(p).ids
+    assert ids == [cid("alpha"), cid("beta"), cid("alpha") + "~1", cid("gamma")]
+    q = write(tmp_path, "b.txt", "new first line\nalpha\nbeta\nzeta\nalpha\ngamma\n")
+    assert set(load_texts(q).ids) - set(ids) == {cid("new first line"), cid("zeta")}
+    assert set(ids) <= set(load_texts(q).ids)
 
 
 # -- CSV / TSV ----------------------------------------------------------------------------
@@ -79,7 +106,7 @@ def test_csv_column_multiline_and_ids(tmp_path: Path) -> None:
     p = write(tmp_path, "d.csv", 'id,note,x\nr1,"line one\nline two",1\n,plain,2\n\n')
     ds = load_texts(p, text_field="note")
     assert ds.texts == ["line one\nline two", "plain"]
-    assert ds.ids == ["r1", "row-2"]
+    assert ds.ids == ["r1", cid("plain")]
 
 
 def test_csv_missing_column_lists_available(tmp_path: Path) -> None:
@@ -108,14 +135,14 @@ def test_txt_one_record_per_nonempty_line(tmp_path: Path) -> None:
     p = write(tmp_path, "d.txt", "first  \n\n  \nsecond\r\nthird")
     ds = load_texts(p)
     assert ds.texts == ["first", "second", "third"]
-    assert ds.ids == ["line-1", "line-4", "line-5"]
+    assert ds.ids == [cid("first"), cid("second"), cid("third")]
 
 
 def test_paragraphs(tmp_path: Path) -> None:
     p = write(tmp_path, "d.txt", "\na\nb\n\n\nc\n  \nd\ne\n")
     ds = load_texts(p, format="paragraphs")
     assert ds.texts == ["a\nb", "c", "d\ne"]
-    assert ds.ids == ["para-2", "para-6", "para-8"]
+    assert ds.ids == [cid("a\nb"), cid("c"), cid("d\ne")]
 
 
 # -- errors -------------------------------------------------------------------------------
@@ -159,10 +186,11 @@ def test_bundled_and_fixed_split() -> None:
     full = load_texts("bundled:clinic_notes")
     train = load_texts("bundled:clinic_notes:train")
     val = load_texts("bundled:clinic_notes:validation")
-    assert (len(full), len(train), len(val)) == (4500, 4050, 450)
+    assert len(full) == 4500 and len(train) + len(val) == 4500
+    assert abs(len(val) - 450) < 5 * (4500 * 0.1 * 0.9) ** 0.5  # per-record decisions at 0.1
     assert set(train.ids).isdisjoint(val.ids)
     assert set(train.ids) | set(val.ids) == set(full.ids)
-    assert val.ids == split(full, 0.1, 0)[1].ids
+    assert val.ids == split(full, 0.1, BUNDLED_SPLIT_KEY)[1].ids  # a public, fixed split
 
 
 @pytest.mark.parametrize("spec", ["bundled:nope", "bundled:clinic_notes:test", "bundled:"])
@@ -179,12 +207,13 @@ def make(n: int) -> TextDataset:
 
 
 def test_split_sizes_order_and_determinism() -> None:
-    ds = make(101)
-    tr, va = split(ds, 0.2, seed=3)
-    assert (len(tr), len(va)) == (81, 20)
+    ds = make(2000)
+    tr, va = split(ds, 0.2, KEY)
+    assert len(tr) + len(va) == 2000 and abs(len(va) - 400) < 5 * (2000 * 0.16) ** 0.5
     assert tr.ids == sorted(tr.ids, key=lambda s: int(s[2:]))  # original order kept
-    assert split(ds, 0.2, seed=3)[1].ids == va.ids
-    assert split(ds, 0.2, seed=4)[1].ids != va.ids
+    assert split(ds, 0.2, RunKey.from_insecure_seed(3))[1].ids == va.ids
+    assert split(ds, 0.2, RunKey.from_insecure_seed(4))[1].ids != va.ids
+    assert split(ds, 0.2, KEY, "public")[1].ids != va.ids  # an independent sub-key per purpose
     for t, i in zip(va.texts, va.ids, strict=True):
         assert t == f"text {i[2:]}"
 
@@ -194,27 +223,57 @@ def test_split_independent_of_file_order() -> None:
     order = list(range(60))
     random.Random(0).shuffle(order)
     shuffled = ds.subset(order)
-    assert set(split(shuffled, 0.25, 9)[1].ids) == set(split(ds, 0.25, 9)[1].ids)
+    assert set(split(shuffled, 0.25, KEY)[1].ids) == set(split(ds, 0.25, KEY)[1].ids)
 
 
 def test_split_edge_cases() -> None:
-    assert len(split(make(10), 0.0, 0)[1]) == 0
-    assert len(split(make(3), 0.01, 0)[1]) == 1  # at least one when fraction > 0
-    assert len(split(make(1), 0.5, 0)[0]) == 1  # train never empty
+    assert len(split(make(10), 0.0, KEY)[1]) == 0
+    assert len(split(TextDataset([], []), 0.5, KEY)[1]) == 0
     for bad in (-0.1, 1.0, 1.5):
-        with pytest.raises(ValueError, match="validation_fraction"):
-            split(make(5), bad, 0)
+        with pytest.raises(ValueError, match="validation fraction"):
+            split(make(5), bad, KEY)
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(0, 300), frac=st.floats(0.0, 0.99), seed=st.integers(0, 2**31))
-def test_split_is_partition(n: int, frac: float, seed: int) -> None:
+@given(
+    n=st.integers(0, 300),
+    frac=st.floats(0.0, 0.99),
+    seed=st.integers(0, 2**31),
+    at=st.floats(0.0, 1.0),
+)
+def test_adding_a_record_changes_each_part_by_at_most_that_record(
+    n: int, frac: float, seed: int, at: float
+) -> None:
+    """Neighbouring files give training sets that differ by at most the added record."""
+    key = RunKey.from_insecure_seed(seed)
     ds = make(n)
-    tr, va = split(ds, frac, seed)
-    assert len(tr) + len(va) == n
+    tr, va = split(ds, frac, key)
     assert sorted(tr.ids + va.ids) == sorted(ds.ids)
-    if n >= 2:
-        assert len(tr) >= 1
+    pos = int(at * n)
+    bigger = TextDataset(
+        [*ds.texts[:pos], "an added record", *ds.texts[pos:]],
+        [*ds.ids[:pos], "added", *ds.ids[pos:]],
+    )
+    tr2, va2 = split(bigger, frac, key)
+    assert set(tr2.ids) - {"added"} == set(tr.ids) and set(va2.ids) - {"added"} == set(va.ids)
+
+
+def test_cap_keeps_a_count_by_keyed_hash_and_may_swap_one_record() -> None:
+    """``cap`` is not per-record: adding a record can push another out (the run reports the
+    group-privacy epsilon for that case)."""
+    ds = make(200)
+    kept, cut = cap(ds, 50, KEY, "max_records")
+    assert len(kept) == 50 and len(cut) == 150 and sorted(kept.ids + cut.ids) == sorted(ds.ids)
+    assert kept.ids == [i for i in ds.ids if i in set(kept.ids)]  # original order
+    swaps = 0
+    for j in range(40):
+        bigger = TextDataset([*ds.texts, f"extra {j}"], [*ds.ids, f"extra{j}"])
+        k2 = set(cap(bigger, 50, KEY, "max_records")[0].ids)
+        diff = k2 ^ set(kept.ids)
+        assert diff in (set(), {f"extra{j}"} | (set(kept.ids) - k2))
+        assert len(diff) in (0, 2)
+        swaps += len(diff) == 2
+    assert 0 < swaps < 40  # about 50/201 of added records displace one
 
 
 def test_textdataset_length_mismatch() -> None:

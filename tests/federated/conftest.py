@@ -11,10 +11,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_recipe(tmp_path: Path, name: str = "run", **sections: dict[str, Any]) -> dict[str, Any]:
-    """recipes/federated_tiny.yaml with its output in ``tmp_path/name`` and ``sections``
-    merged in (``federated={"rounds": 3}`` updates that section)."""
+    """recipes/federated_tiny.yaml with its output in ``tmp_path/name``, client state in
+    ``tmp_path/clients`` and ``sections`` merged in (``federated={"rounds": 3}`` updates that
+    section)."""
     d = yaml.safe_load((ROOT / "recipes" / "federated_tiny.yaml").read_text())
     d["output_dir"] = str(tmp_path / name)
+    d["federated"]["state_dir"] = str(tmp_path / "clients")  # the clients' own, across runs
     for section, values in sections.items():
         d[section] = {**(d.get(section) or {}), **values}
     return d

@@ -15,6 +15,7 @@ from accountants import Ledger
 from dptrain.cli import main
 from dptrain.federated import simulate
 from dptrain.federated.deploy import LoopbackFederation, write_app
+from dptrain.federated.holder import simulated
 from dptrain.recipe import parse_recipe
 from dptrain.rundir import RunDir
 
@@ -24,11 +25,13 @@ from .conftest import tiny_recipe, write_recipe
 @pytest.mark.slow
 def test_superlink_and_two_supernodes_on_loopback_complete_two_rounds(tmp_path):
     d = tiny_recipe(tmp_path, federated={"clients": 2, "min_clients": 2, "round_timeout": 240})
+    d["privacy"]["insecure_seed"] = 11  # reproducible, to compare with the simulation below
     recipe = parse_recipe(d)
     run = RunDir(tmp_path / "run")
-    states = [tmp_path / "states" / f"client-{k}" for k in range(2)]
+    configs = [simulated(recipe, k, tmp_path / "states") for k in range(2)]
+    states = [c.state_dir for c in configs]
     app = write_app(recipe, tmp_path / "app", run.path)
-    with LoopbackFederation(2, tmp_path / "flower", states) as federation:
+    with LoopbackFederation(2, tmp_path / "flower", configs) as federation:
         groups = [federation.superlink.pid, *(p.pid for p in federation.supernodes.values())]
         done = federation.run(app, timeout=420)
     logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in federation.logs.glob("*.log"))
@@ -49,8 +52,8 @@ def test_superlink_and_two_supernodes_on_loopback_complete_two_rounds(tmp_path):
     # the same recipe simulated in-process ends with the same global adapter
     simulate(parse_recipe({**d, "output_dir": str(tmp_path / "sim")}))
     final = torch.load(run.checkpoint_files()[-1], weights_only=True)["adapters"]
-    simulated = RunDir(tmp_path / "sim")
-    same = torch.load(simulated.checkpoint_files()[-1], weights_only=True)["adapters"]
+    in_process = RunDir(tmp_path / "sim")
+    same = torch.load(in_process.checkpoint_files()[-1], weights_only=True)["adapters"]
     for name, value in final.items():
         torch.testing.assert_close(same[name], value, rtol=1e-4, atol=1e-6)
 

@@ -8,10 +8,11 @@ import pytest
 
 from dptrain.data import DataError, load_texts, split
 from dptrain.federated.partition import partition, record_labels, split_indices
+from dptrain.secret import RunKey
 
 
 def test_dirichlet_split_by_kind_is_seeded_disjoint_complete_and_skewed():
-    train, _ = split(load_texts("bundled:clinic_notes"), 0.1, 0)
+    train, _ = split(load_texts("bundled:clinic_notes"), 0.1, RunKey.from_insecure_seed(0))
     kinds = record_labels("bundled:clinic_notes", "kind", train.ids)
     assert set(kinds) == {
         "clinic_note",
@@ -57,3 +58,14 @@ def test_split_errors_name_the_fix(tmp_path):
     f.write_text('{"id": "1", "text": "a"}\n{"id": "2", "text": "b"}\n')
     with pytest.raises(DataError, match="no field 'kind'"):
         record_labels(str(f), "kind", ["1", "2"])
+
+
+def test_labels_follow_content_derived_ids(tmp_path):
+    """Records without an id field get content ids; their labels are found all the same."""
+    f = tmp_path / "notes.jsonl"
+    f.write_text(
+        '{"text": "a", "kind": "x"}\n{"text": "b", "kind": "y"}\n{"text": "a", "kind": "z"}\n'
+    )
+    ids = load_texts(str(f)).ids
+    assert ids[2] == ids[0] + "~1"
+    assert record_labels(str(f), "kind", [ids[2], ids[1], ids[0]]) == ["z", "y", "x"]

@@ -27,8 +27,9 @@ def rdp_epsilon(ledger: Ledger, delta: float) -> float:
     return get_accountant("rdp").epsilon(ledger.events, delta)
 
 
-def ledger_of(run: RunDir, client: int, root=None) -> Ledger:
-    return Ledger.load((root or run.path / "clients") / f"client-{client}" / "ledger.json")
+def ledger_of(root, client: int) -> Ledger:
+    """Client ``client``'s ledger in the clients' state root (never in a server run dir)."""
+    return Ledger.load(root / f"client-{client}" / "ledger.json")
 
 
 def test_cli_runs_a_simulation_and_writes_a_run_dir(tmp_path, capsys):
@@ -51,8 +52,9 @@ def test_cli_runs_a_simulation_and_writes_a_run_dir(tmp_path, capsys):
     rounds = run.read_metrics()
     assert [m["round"] for m in rounds] == [1, 2] and all(m["aggregated"] for m in rounds)
     rdp = get_accountant("rdp")
+    assert not (run.path / "clients").exists()  # client state is the clients', not the server's
     for k in range(3):
-        ledger = ledger_of(run, k)
+        ledger = ledger_of(tmp_path / "clients", k)
         assert ledger.total_steps == 2 * 3  # epsilon is over all rounds
         entry = rounds[-1]["clients"][str(k)]
         delta = 1 / (10 * entry_size(run, k))
@@ -171,12 +173,12 @@ def test_crashed_and_silent_clients_do_not_stop_the_round_and_rejoin(tmp_path, m
     assert "simulated crash mid-round" in r1["failures"]["node " + node_of(r1, r2, 1)]
     assert "no reply" in r1["failures"]["node " + node_of(r1, r2, 2)]
     assert r2["aggregated"] and r2["updates"] == 4  # both rejoin in round 2
-    steps = {k: ledger_of(run, k).total_steps for k in range(4)}
+    steps = {k: ledger_of(tmp_path / "clients", k).total_steps for k in range(4)}
     # the crashed client's ledger holds exactly the 2 steps it took, then round 2's 3;
     # the late client trained round 1 after the server moved on: charged all the same
     assert steps == {0: 6, 1: 2 + 3, 2: 3 + 3, 3: 6}
     assert r2["clients"]["1"]["epsilon"] == pytest.approx(
-        get_accountant("rdp").epsilon(ledger_of(run, 1).events, r2_delta(run, 1))
+        get_accountant("rdp").epsilon(ledger_of(tmp_path / "clients", 1).events, r2_delta(run, 1))
     )
 
 

@@ -53,8 +53,9 @@ B (1/2 / s_c)^2)^(-1/2)``, charged to the ledger before the update is applied.  
 function of earlier released outputs and public data only, i.e. chosen adaptively; the engine
 therefore guards the budget with the RDP privacy filter valid under fully adaptive composition
 (Feldman & Zrnic 2021; ``accountants.rdp``: per-order RDP sums, union bound over the orders),
-refuses the step that would exceed it, and ``dptrain train`` reports that epsilon and says the
-guarantee rests on that filter.  Only ``privacy.accountant: rdp`` is accepted.  The guarantee
+refuses the step that would exceed it.  The filter certifies its budget, so ``dptrain train``
+reports the budget ``privacy.epsilon`` as the guarantee and says it rests on that filter; the
+epsilon the filter's accounting has spent so far is an odometer reading, shown only as a note.  Only ``privacy.accountant: rdp`` is accepted.  The guarantee
 covers the private training records; the public split is not protected.  The recipe's
 ``privacy.epsilon`` is the budget (the filter's threshold) and defines ``sigma_ref``.
 
@@ -66,7 +67,8 @@ networks, optimizers, entropy coefficient, replay buffer and random streams and 
 state go into every checkpoint (``weights_only`` loadable), so a resume continues the same
 agent.  ``rl.init_from: RUN_DIR`` starts from that run's agent (networks, optimizers, buffer);
 the agent is a function of the source run's released outputs, so for records private to both
-runs the report gives the composed epsilon.
+runs the headline is the composition of both certified guarantees, ``(eps_1 + eps_2, delta_1 +
+delta_2)`` (basic composition, valid under adaptivity).
 """
 
 from __future__ import annotations

@@ -431,17 +431,28 @@ class RLPolicy(Policy):
             out["notes"] = [self._warm_note()]
         return out
 
+    @property
+    def warm_start(self) -> dict[str, Any] | None:
+        """The warm-start run's certified guarantee (run, epsilon, delta), or None."""
+        if self._warm is None:
+            return None
+        return {k: self._warm[k] for k in ("run", "epsilon", "delta")}
+
     def _warm_note(self) -> str:
         w = self._warm
         text = (
-            f"the agent was warm-started from {w['run']} (epsilon {w['epsilon']} at delta "
-            f"{w['delta']}): it is a function of that run's released outputs, so records private "
-            "to both runs are covered only by their composition"
+            f"the agent was warm-started from {w['run']} ((epsilon {w['epsilon']}, delta "
+            f"{w['delta']:.3g}) certified there): it is a function of that run's released "
+            "outputs, so records private to both runs are covered only by the composition of "
+            "both guarantees (the headline for those records)"
         )
         if self._ledger is not None and self._budget is not None:
             events = Ledger.from_dict(w["ledger"]).events + self._ledger.events
             both = RdpAccountant().adaptive_epsilon(events, self._budget[1])
-            text += f": epsilon {both:.4f} at delta {self._budget[1]:.3g} (adaptive RDP)"
+            text += (
+                f"; the filters' spend over both ledgers is epsilon {both:.4f} at delta "
+                f"{self._budget[1]:.3g} (an odometer reading, not a guarantee)"
+            )
         return text
 
 
@@ -470,7 +481,7 @@ def _warm_info(run_dir: str) -> dict[str, Any]:
     meta = src.read_meta()
     return {
         "run": str(src.path),
-        "epsilon": meta.get("epsilon"),
-        "delta": meta.get("delta"),
+        "epsilon": meta.get("epsilon"),  # the run's certified epsilon (its filter's budget)
+        "delta": meta.get("delta_total", meta.get("delta")),
         "ledger": Ledger.load(src.ledger).to_dict(),
     }

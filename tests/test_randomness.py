@@ -1,0 +1,235 @@
+"""The run key, the keyed PRF, full-tailed noise and Poisson coins that do not shift."""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+import dptrain.secret as secret
+from dptrain.noise import (
+    ETA_PER_PAIR,
+    RADIUS_MAX,
+    GaussianNoise,
+    normals_from_words,
+    truncation_delta,
+)
+from dptrain.sampling import PoissonSampler
+from dptrain.secret import RunKey, RunKeyError, below, record_keys, run_key, threshold
+
+KEY = RunKey.from_insecure_seed(0)
+
+
+def _binomial_ok(count: int, n: int, p: float, sds: float = 5.0) -> bool:
+    return abs(count - n * p) <= sds * math.sqrt(n * p * (1 - p))
+
+
+# -- the key ---------------------------------------------------------------------------------
+
+
+def test_key_file_is_0600_from_creation_written_once_and_read_back(tmp_path):
+    old = os.umask(0o000)  # the mode must not depend on the umask
+    try:
+        key = run_key(tmp_path, None, create=True)
+    finally:
+        os.umask(old)
+    path = tmp_path / secret.KEY_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert key.secure and RunKey.read(path).key_id == key.key_id
+    assert run_key(tmp_path, None, create=True).key_id == key.key_id  # read, not replaced
+    with pytest.raises(RunKeyError, match="written once"):
+        RunKey.generate().write(path)
+    assert [p.name for p in tmp_path.iterdir()] == [secret.KEY_FILE]  # no temporary left
+    raw = path.read_bytes().split(b"\n")[1].decode()
+    assert raw not in repr(key) and raw not in key.describe()
+
+
+def test_key_file_errors_name_the_fix(tmp_path):
+    with pytest.raises(RunKeyError, match="restore the file"):
+        RunKey.read(tmp_path / "secret.key")
+    path = RunKey.generate().write(tmp_path / "secret.key")
+    path.chmod(0o644)
+    with pytest.raises(RunKeyError, match="chmod 600"):
+        RunKey.read(path)
+    path.chmod(0o600)
+    path.write_bytes(b"not a key")
+    with pytest.raises(RunKeyError, match="not a dptrain run key"):
+        RunKey.read(path)
+
+
+def test_fresh_keys_differ_insecure_seeds_repeat_and_say_so():
+    assert RunKey.generate().key_id != RunKey.generate().key_id
+    a, b = RunKey.from_insecure_seed(3), RunKey.from_insecure_seed(3)
+    assert a.key_id == b.key_id != RunKey.from_insecure_seed(4).key_id
+    assert not a.secure and "NO privacy" in a.describe()
+    assert a.derive("coins") != a.derive("noise")  # independent sub-keys per purpose
+    assert a.child("client-0").key_id != a.child("client-1").key_id != a.key_id
+
+
+def test_prf_counter_run_equals_single_blocks_and_aes():
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    prf = KEY.prf("test")
+    lo = np.array([5, 6, 7, 2**64 - 1], dtype=np.uint64)
+    assert np.array_equal(prf.at(9, lo[:3]), prf.run(9, 5, 3))
+    enc = Cipher(algorithms.AES(KEY.derive("test")), modes.ECB()).encryptor()
+    block = enc.update((9).to_bytes(8, "big") + (2**64 - 1).to_bytes(8, "big"))
+    assert np.array_equal(prf.at(9, lo)[3], np.frombuffer(block, "<u8"))
+    with pytest.raises(ValueError, match="2\\^64"):
+        prf.run(0, 2**64 - 1, 2)  # would carry into the high word
+
+
+def test_thresholds_are_exact_and_never_above_p():
+    assert threshold(0.5) == 2**63 and threshold(1.0) == 2**64 and threshold(0.0) == 0
+    for p in (1e-9, 0.1, 1 / 3, 0.999):
+        t = threshold(p)
+        assert Fraction(t, 2**64) <= Fraction(p) < Fraction(t + 1, 2**64)
+    words = np.array([0, 2**63 - 1, 2**63, 2**64 - 1], dtype=np.uint64)
+    assert below(words, 0.5).tolist() == [True, True, False, False]
+    assert below(words, 1.0).all()
+
+
+def test_colliding_record_ids_are_an_error_naming_them(monkeypatch):
+    monkeypatch.setattr(secret, "id64", lambda rid: 7 if rid in ("b", "d") else hash(rid) % 99)
+    with pytest.raises(ValueError, match="'b' and 'd'"):
+        record_keys(["a", "b", "c", "d"])
+
+
+# -- noise -----------------------------------------------------------------------------------
+
+
+def test_noise_is_a_function_of_key_and_step_and_resumes_exactly():
+    like = torch.zeros(3001)
+    a = GaussianNoise(KEY)
+    draws = []
+    for t in range(4):
+        a.begin_step(t)
+        draws.append((a(like, 1.0), a(like[:10], 2.0)))
+    b = GaussianNoise(RunKey.from_insecure_seed(0))
+    b.begin_step(2)
+    assert torch.equal(b(like, 1.0), draws[2][0])  # step 2 alone, no replay of 0 and 1
+    c = GaussianNoise(RunKey.from_insecure_seed(0))
+    state = dict(a.state_dict(), step=1, block=0)
+    c.load_state_dict(state)
+    assert torch.equal(c(like, 1.0), draws[1][0]) and torch.equal(c(like[:10], 2.0), draws[1][1])
+    assert a.pairs == 4 * (1501 + 5)
+    assert not torch.equal(draws[0][0], draws[1][0])
+    other = GaussianNoise(RunKey.generate())
+    other.begin_step(0)
+    assert not torch.equal(other(like, 1.0), draws[0][0])  # another key: other noise
+    with pytest.raises(ValueError, match="another run key"):
+        other.load_state_dict(a.state_dict())
+    for k in (KEY.derive("noise"), bytes.fromhex(KEY._key.hex())):
+        assert k.hex() not in str(a.state_dict()) and k not in repr(a.state_dict()).encode()
+
+
+def test_noise_does_not_depend_on_the_thread_count():
+    like = torch.zeros(5_000_001)  # three chunks
+    before = torch.get_num_threads()
+    draws = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            noise = GaussianNoise(KEY)
+            noise.begin_step(3)
+            draws.append(noise(like, 1.5))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(draws[0], draws[1])
+    single = GaussianNoise(KEY)
+    single.begin_step(3)
+    z = single.standard(5_000_001)
+    assert torch.equal(torch.from_numpy(z * 1.5).float(), draws[0])
+
+
+def test_noise_moments_and_moderate_tail():
+    """2e7 draws: mean, variance, kurtosis and P(|z| > 4) within binomial tolerance."""
+    noise = GaussianNoise(KEY)
+    noise.begin_step(0)
+    z = noise.standard(20_000_000)
+    n = z.size
+    assert abs(z.mean()) < 5 / math.sqrt(n)
+    assert z.var() == pytest.approx(1.0, abs=5 * math.sqrt(2 / n))
+    assert (z**4).mean() == pytest.approx(3.0, abs=5 * math.sqrt(96 / n))
+    p4 = math.erfc(4 / math.sqrt(2))
+    assert _binomial_ok(int((np.abs(z) > 4).sum()), n, p4)
+
+
+def test_tail_beyond_six_sigma_has_the_gaussian_rate():
+    """P(|z| > 6) = 2 Phi(-6) = 1.97e-9, estimated by conditioning on the radius exponent.
+
+    The uniform ``U`` of Box-Muller has exponent ``e`` = leading zeros of words 2-3.  Shifting
+    word 2 right by 25 makes the top 25 of those 128 bits zero, i.e. draws exactly from the
+    sampler's conditional law given ``U < 2^-25`` (an event of probability 2^-25 that contains
+    every ``|z| > 6``: ``R^2 = -2 ln U``, ``6^2 > 50 ln 2``).  So P(|z1| > 6 | U < 2^-25) must be
+    2 Phi(-6) 2^25 = 0.0662.  Float32 Box-Muller (torch.randn on CPU: ``U >= 2^-24``, so
+    ``|z| <= 5.77``) has no such draws at all, and a sampler with any cut below ~10 sigma
+    would show a deficit here.
+    """
+    words = KEY.prf("noise").run(123, 0, 2 * 1_000_000).reshape(-1, 4).copy()
+    words[:, 2] >>= np.uint64(25)
+    z = normals_from_words(words).reshape(-1, 2)[:, 0]  # one per pair: independent
+    p = math.erfc(6 / math.sqrt(2)) * 2**25
+    assert _binomial_ok(int((np.abs(z) > 6).sum()), z.size, p)
+    # deeper: given U < 2^-64 (word 2 = 0), R^2 - 128 ln 2 is exponential with mean 2
+    words[:, 2] = 0
+    r2 = (normals_from_words(words).reshape(-1, 2) ** 2).sum(1)
+    excess = r2 - 128 * math.log(2)
+    assert excess.min() > -1e-9
+    for x in (1.0, 4.0, 12.0):
+        assert _binomial_ok(int((excess > x).sum()), excess.size, math.exp(-x / 2))
+
+
+def test_radius_reaches_the_bound_and_truncation_delta_is_exact():
+    extreme = np.zeros((1, 4), dtype=np.uint64)  # U = 2^-129 (1 + 2^-52): the smallest
+    z = normals_from_words(extreme)
+    assert z[0] == pytest.approx(RADIUS_MAX, rel=1e-12) and RADIUS_MAX > 13.3
+    assert ETA_PER_PAIR == 2.0**-129
+    assert truncation_delta(2.0, 10**9) == pytest.approx((1 + math.e**2) * 10**9 * 2.0**-129)
+    assert truncation_delta(2.0, 0) == 0.0 and truncation_delta(math.inf, 1) == math.inf
+    noise = GaussianNoise(KEY)
+    noise.begin_step(0)
+    noise(torch.zeros(7), 1.0)
+    assert noise.pairs == 4 and noise.truncation_delta(1.0) == truncation_delta(1.0, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_noise_is_the_cpu_stream_with_the_same_tail():
+    a, b = GaussianNoise(KEY), GaussianNoise(KEY)
+    a.begin_step(5), b.begin_step(5)
+    like = torch.zeros(4_000_000, device="cuda")
+    za = a(like, 1.0)
+    assert za.device.type == "cuda" and torch.equal(za.cpu(), b(like.cpu(), 1.0))
+    n = za.numel()
+    assert _binomial_ok(int((za.abs() > 4).sum()), n, math.erfc(4 / math.sqrt(2)))
+
+
+# -- coins -----------------------------------------------------------------------------------
+
+
+def test_neighbouring_datasets_batches_differ_by_exactly_the_added_record():
+    ids = [f"rec-{i}" for i in range(3000)]
+    bigger = [*ids[:1234], "added", *ids[1234:]]  # inserted in the middle of the file
+    a, b = PoissonSampler(ids, 0.05, KEY), PoissonSampler(bigger, 0.05, KEY)
+    seen_added = 0
+    for t in range(200):
+        sa = {ids[i] for i in a.sample(t).tolist()}
+        sb = {bigger[i] for i in b.sample(t).tolist()}
+        assert sb - sa <= {"added"} and sa == sb - {"added"}
+        seen_added += "added" in sb
+    assert 0 < seen_added < 30  # the added record has its own coins (~10 of 200 steps)
+
+
+def test_coin_rate_is_q_and_records_and_steps_are_independent():
+    ids = [f"r{i}" for i in range(20000)]
+    s = PoissonSampler(ids, 0.1, KEY)
+    masks = np.stack([s.mask(t) for t in range(20)])
+    assert _binomial_ok(int(masks.sum()), masks.size, 0.1)
+    both = masks[:, 0::2] & masks[:, 1::2]  # neighbouring records are independent
+    assert _binomial_ok(int(both.sum()), both.size, 0.01)
+    assert not np.array_equal(masks[0], masks[1])  # steps are independent
