@@ -85,7 +85,7 @@ GRID_LOW, GRID_HIGH = -96, 64  # sigma / 64 .. 16 sigma
 
 
 class Sampler(Protocol):
-    def sample(self) -> Tensor: ...
+    def sample(self, step: int) -> Tensor: ...
 
 
 # -- canaries ----------------------------------------------------------------------------------
@@ -335,8 +335,9 @@ def whitebox_audit(
     member = rng.random(canaries) < 0.5  # the secret coins
     members = torch.from_numpy(np.flatnonzero(member))
     total = n_records + len(members)
-    seed = int(rng.integers(2**62))
-    sample = sampler(total, q, rng) if sampler is not None else PoissonSampler(total, q, seed=seed)
+    # the coins are secret from the auditor (a fresh key), as in a run
+    ids = [str(i) for i in range(total)]
+    sample = sampler(total, q, rng) if sampler is not None else PoissonSampler(ids, q)
     score = np.zeros(canaries)
     plain = np.zeros(canaries)
     released = 0
@@ -352,7 +353,7 @@ def whitebox_audit(
     engine.add_release_hook(hook)
     inclusions = np.zeros(canaries, dtype=np.int64)
     for t in range(steps):
-        idx = sample.sample()
+        idx = sample.sample(t)
         data, canary = idx[idx < n_records], members[idx[idx >= n_records] - n_records]
         inclusions[canary.numpy()] += 1
         batch = records(data) if records is not None and len(data) else None
@@ -458,7 +459,7 @@ def audit_configuration(
         dataset_size=int(meta["dataset_size"]),
         grouping=recipe.policy.grouping,
         accountant=meta.get("guarantee_accountant") or recipe.privacy.accountant,
-        noise=GaussianNoise(secure=True),
+        noise=GaussianNoise(),  # a fresh secret key
     )
     steps = int(meta["steps"])
     if log:

@@ -14,6 +14,7 @@ from dptrain.losses import causal_lm_loss, classification_loss
 from dptrain.noise import GaussianNoise
 from dptrain.policies import StaticPolicy
 from dptrain.sampling import PoissonSampler
+from dptrain.secret import RunKey
 
 from .helpers import (
     assert_close_rel,
@@ -300,7 +301,14 @@ def test_injected_samples_are_clipped_like_records_and_hooks_see_the_release(gro
     results, seen = [], []
     for mode in ("records", "injected"):
         model = lora(tiny_llama(), ["q_proj", "v_proj"])
-        engine = make(model, sigma=0.5, clip=0.05, n=3, grouping=grouping, noise=GaussianNoise(3))
+        engine = make(
+            model,
+            sigma=0.5,
+            clip=0.05,
+            n=3,
+            grouping=grouping,
+            noise=GaussianNoise(RunKey.from_insecure_seed(3)),
+        )
         engine.add_release_hook(
             lambda step, update, e=engine, mode=mode: seen.append(
                 (mode, step, e.ledger.total_steps, {p: u.clone() for p, u in update.items()})
