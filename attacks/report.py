@@ -169,8 +169,9 @@ def whitebox_verdict(w: dict[str, Any]) -> tuple[str, list[str]]:
         words.append(
             f"Sampling check ({samp['members']} member canaries, {samp['steps']} steps): the "
             f"autocovariance of their projections within an epoch of 1/q steps has Z = "
-            f"{samp['z']:.2f} (p = {samp['p_value']:.3g}; Poisson sampling: standard normal; a "
-            f"shuffle per epoch would shift it by about {samp['shuffler_shift']:.1f})."
+            f"{samp['z']:.2f} (p = {samp['p_value']:.3g}, flagged below "
+            f"{1 - samp['confidence']:.2g}; Poisson sampling: standard normal; a shuffle per "
+            f"epoch would shift it by about {samp['shuffler_shift']:.1f})."
         )
     elif samp:
         words.append(f"Sampling check not applicable: {samp['reason']}.")
@@ -185,8 +186,8 @@ def whitebox_verdict(w: dict[str, Any]) -> tuple[str, list[str]]:
         )
     if samp.get("flagged"):
         bugs.append(
-            f"LIKELY PRIVACY BUG (white-box audit): not Poisson sampling. At {conf:.0%} "
-            "confidence the member canaries' inclusions are negatively correlated across the "
+            f"LIKELY PRIVACY BUG (white-box audit): not Poisson sampling. At "
+            f"{samp['confidence']:.2%} confidence the member canaries' inclusions are negatively correlated across the "
             "steps of an epoch (p = "
             f"{samp['p_value']:.3g}), as when records are taken once per epoch (a shuffle cut "
             "into batches) instead of independently with probability q at every step: the "

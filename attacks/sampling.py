@@ -25,10 +25,14 @@ independent with independent steps, so every term pairs two independent centered
 steps ``t != t - l``: ``E S = 0`` and, exactly, ``Var S = (M - 1) sum w_l^2 sigma_t^2
 sigma_t-l^2``, of which the denominator is an unbiased estimate (independent steps).  ``Z`` is
 then asymptotically standard normal, in ``M`` or in ``T`` (a martingale over steps); an epoch
-sampler pulls it down.  **Verdict**: flag "not Poisson sampling" when ``p = Phi(Z) < 1 -
-confidence``, a false alarm of probability ``1 - confidence`` (simulated in
-``tests/attacks/test_sampling.py``, from 8 members up).  The test needs no knowledge of ``mu``
-or of the noise scale, so noise or clipping bugs do not make it fire.
+sampler pulls it down.  **Verdict**: flag "not Poisson sampling" when ``p = Phi(Z) <
+alpha``, a false alarm of probability ``alpha`` (simulated in ``tests/attacks/test_sampling.py``,
+from 8 members up).  The audit's verdict is "likely bug" when the bound rejects the claim (a
+false alarm of at most ``1 - confidence``) *or* this check fires, so the check gets a share of
+that budget, ``alpha = SHARE (1 - confidence)`` (:func:`level`): a correct run is flagged with
+probability at most ``(1 + SHARE) (1 - confidence)`` (5.25% at 95%), the check's own false alarm
+being 0.25%.  The test needs no knowledge of ``mu`` or of the noise scale, so noise or clipping
+bugs do not make it fire.
 
 **Validity.**  The rows must be independent across members and their steps independent under
 Poisson sampling: the projections are taken only on groups where the canaries have disjoint
@@ -56,10 +60,16 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-__all__ = ["InclusionCheck", "epoch_kernel", "shuffler_shift"]
+__all__ = ["SHARE", "InclusionCheck", "epoch_kernel", "level", "shuffler_shift"]
 
 MAX_LAG = 1024  # longest lag summed (an epoch of 1/q steps, capped: memory M x MAX_LAG)
 MIN_MEMBERS = 8  # the normal approximation is checked by simulation from here up
+SHARE = 1 / 20  # the check's share of the audit's false-alarm budget 1 - confidence
+
+
+def level(confidence: float) -> float:
+    """Confidence of the check inside an audit at ``confidence``: ``1 - SHARE (1 - confidence)``."""
+    return 1 - SHARE * (1 - confidence)
 
 
 def epoch_kernel(q: float, steps: int) -> np.ndarray:

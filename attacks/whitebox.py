@@ -41,6 +41,12 @@ bottom ones (fixed plans, Bonferroni), then
   literature reports; it assumes the run's curve is Gaussian.
 * ``one_run``: Steinke, Nasr, Jagielski's (eps, delta) bound.
 
+``sampling`` (:mod:`attacks.sampling`): is the sampler Poisson?  Within an epoch of ``1/q``
+steps a member's projections are uncorrelated under Poisson sampling and negatively correlated
+when records are taken once per epoch, a departure no one-run bound can see (it lies in the
+curve's tails).  "Likely privacy bug" when the ledger bound rejects the claim or this check
+fires (at a twentieth of the false-alarm budget: together at most 1.05 (1 - confidence)).
+
 ``ceiling``: each bound when every guess is right.  ``perfect``: the same bounds for an auditor
 of the exact claimed mechanism (simulated: the scores above without background), medians over
 simulated runs: what any attacker could certify with these ``m`` canaries; the ratio to it says
@@ -70,7 +76,7 @@ from .bounds import (
     ledger_tradeoff,
     one_run_audit,
 )
-from .sampling import InclusionCheck
+from .sampling import SHARE, InclusionCheck, level
 
 __all__ = [
     "Canaries",
@@ -417,7 +423,7 @@ def whitebox_audit(
     )
     if apart:
         mu_apart = math.sqrt(sum((claim.clip[g] / claim.noise_std[g]) ** 2 for g in apart))
-        sampling = check.result(confidence, mu=mu_apart, control=control)
+        sampling = check.result(level(confidence), mu=mu_apart, control=control)
         sampling["groups"] = len(apart)
     else:
         sampling = {
@@ -451,6 +457,8 @@ def whitebox_audit(
         "sampling": sampling,
         "bound_rejects_claim": rejects,
         "privacy_bug_suspected": rejects or sampling["flagged"],
+        # either test may fire: the bound at 1 - confidence, the check at SHARE of it
+        "false_alarm_at_most": (1 - confidence) * (1 + (SHARE if apart else 0)),
         "seconds": {"training": round(train_seconds, 2)},
     }
     if perfect is not None:

@@ -114,7 +114,9 @@ def test_real_runs_only_the_shuffled_one_fails_the_sampling_check(bug, one_threa
         assert s["z"] < -4 and s["shuffler_shift"] < -4 and r["privacy_bug_suspected"]
         assert not r["bound_rejects_claim"]  # the bound cannot see it; the check does
     else:
-        assert s["z"] > -1.645
+        assert s["z"] > stats.norm.ppf(1 - s["confidence"])
+    assert s["confidence"] == pytest.approx(0.9975)  # a twentieth of the audit's 5%
+    assert r["false_alarm_at_most"] == pytest.approx(0.0525)
     assert abs(s["control_z"]) < 3  # non-members: no sampler touches them
     level, words = whitebox_verdict(r)
     text = " ".join(words)
