@@ -4,6 +4,7 @@
     python benchmarks/audit.py quickstart [--run runs/quickstart-audit]
     python benchmarks/audit.py planted [--seeds 5] [--setups full,subsampled,epoch] [--epsilons 2,4,8]
     python benchmarks/audit.py planted-table     # the README table from the results
+    python benchmarks/audit.py noise-sim [--steps 4,16,32,64] [--canaries 8000] [--trials 40]
 
 ``gaussian``: the one-run lower bound (Steinke, Nasr, Jagielski 2023) on a simulated Gaussian
 mechanism of known epsilon.  Each of ``m`` canaries is included with probability 1/2 and the
@@ -20,6 +21,11 @@ shuffled fixed-size batches), at claimed epsilon 2, 4, 8 (RDP, delta 1e-5), in t
 sampling check), the bounds, their ceilings, the sampling statistic and what a perfect
 attacker on the exact claimed mechanism certifies with the same canaries; one JSON per setup
 and epsilon, ``benchmarks/results/audit_planted_<setup>_eps<e>.json``.
+
+``noise-sim``: how many steps the ``subsampled`` setup needs to catch noise at 1/2 of the
+ledger's: the exact mechanism with half the claimed noise (q = 0.5, the audit's score at the
+claimed mu), simulated without an engine; the share of runs whose ledger-curve test rejects
+the claim, per steps and claimed epsilon.
 
 ``quickstart``: trains ``recipes/quickstart.yaml`` with the default canaries (unless the run
 exists) and times ``dptrain audit`` on it.
@@ -228,6 +234,33 @@ def planted(seeds: int, setups: list[str], epsilons: list[float], canaries: int 
             print(f"{setup} eps {eps:g}: {result['seconds']:.0f} s -> {name}", flush=True)
 
 
+def noise_sim(steps_list: list[int], canaries: int, trials: int, factor: float = 0.5) -> dict:
+    """Share of simulated runs of the exact mechanism with ``factor`` times the claimed noise
+    (q = 0.5) in which the ledger-curve test rejects the claim (95%, delta 1e-5, RDP)."""
+    from accountants import Event, get_accountant
+    from attacks.planted import noise_for
+    from attacks.whitebox import LedgerFamily, log_likelihood_ratio
+
+    q, delta, rows = 0.5, 1e-5, []
+    for steps in steps_list:
+        for eps in (2.0, 4.0, 8.0):
+            sigma = noise_for(eps, delta, q, steps, "rdp")
+            family = LedgerFamily([Event(q, sigma, steps)], get_accountant("rdp"), delta)
+            rng = np.random.default_rng([steps, int(eps)])
+            member = rng.random((trials, canaries)) < 0.5
+            score = np.zeros((trials, canaries))
+            for _ in range(steps):
+                inside = member & (rng.random((trials, canaries)) < q)
+                z = inside / sigma + factor * rng.standard_normal((trials, canaries))
+                score += log_likelihood_ratio(z, q, 1 / sigma)
+            share = float(family.rejects(score, member, 0, 0.95).mean())
+            rows.append({"steps": steps, "epsilon": eps, "noise_multiplier": sigma,
+                         "rejected_share": share})  # fmt: skip
+            print(f"steps {steps:3d} eps {eps:g} sigma {sigma:.3f}: claim rejected in "
+                  f"{share:.0%} of {trials} runs", flush=True)  # fmt: skip
+    return {"canaries": canaries, "trials": trials, "noise_factor": factor, "rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -241,6 +274,10 @@ def main() -> None:
     p.add_argument("--epsilons", default="2,4,8")
     p.add_argument("--canaries", type=int, default=None, help="override the setups' counts")
     sub.add_parser("planted-table")
+    n = sub.add_parser("noise-sim")
+    n.add_argument("--steps", default="4,16,32,64")
+    n.add_argument("--canaries", type=int, default=8000)
+    n.add_argument("--trials", type=int, default=40)
     args = ap.parse_args()
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
@@ -251,6 +288,10 @@ def main() -> None:
         planted(args.seeds, setups, [float(e) for e in args.epsilons.split(",")], args.canaries)
     elif args.what == "planted-table":
         print(planted_table())
+    elif args.what == "noise-sim":
+        steps = [int(s) for s in args.steps.split(",")]
+        result = noise_sim(steps, args.canaries, args.trials)
+        (out / "audit_noise_sim.json").write_text(json.dumps(result, indent=2))
     elif args.what == "gaussian":
         result = gaussian(args.trials)
         (out / "audit_gaussian.json").write_text(json.dumps(result, indent=2))
