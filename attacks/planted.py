@@ -6,17 +6,18 @@ Poisson-subsampled Gaussian steps (q, sigma) while training does something less 
 * ``noise/2``, ``noise/4``: Gaussian noise of 1/2 or 1/4 of the recorded std.
 * ``unclipped``: one parameter group (``per_layer`` grouping) is not clipped; the ledger still
   charges the clipped plan.
-* ``shuffle``: fixed-size batches of ``round(q N)`` records from a shuffle per epoch instead
-  of Poisson sampling (every record exactly once per epoch).
+* ``shuffle``: fixed-size batches of ``floor(q N)`` records from a shuffle per epoch instead
+  of Poisson sampling (every record at most once per epoch).
 
-The audited model is a two-layer MLP (64 -> 128 -> 64, 16.6k parameters, two groups of
-8.3k: each of ``m <= 8256`` canaries gets its own coordinates) trained on 32 random
-regression records through the real engine; the canaries join as injected per-sample
-gradients (:mod:`attacks.whitebox`).
+The audited model is a two-layer MLP (64 -> ``width`` -> 64; width 128: 16.6k parameters, two
+groups of 8.3k, so each of ``m <= 8256`` canaries gets its own coordinates; width 256: up to
+16.4k canaries) trained on 32 random regression records through the real engine; the
+canaries join as injected per-sample gradients (:mod:`attacks.whitebox`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -61,10 +62,14 @@ class UnclippedGroup(StaticPolicy):
 
 
 class FixedBatches:
-    """Shuffled fixed-size batches: a permutation per epoch cut into batches of ``size``."""
+    """Shuffled fixed-size batches: a permutation per epoch cut into batches of
+    ``floor(q N)`` (the remainder dropped, as ``drop_last``), so an epoch is ``floor(1 / q)``
+    batches and every record is in at most one of them.  (Rounding up would leave one record
+    short of a second batch at odd ``N`` and q = 1/2: every batch would come from a fresh
+    shuffle, fixed-size sampling without epochs.)"""
 
     def __init__(self, n: int, q: float, rng: np.random.Generator) -> None:
-        self.n, self.size, self.rng = n, max(1, round(q * n)), rng
+        self.n, self.size, self.rng = n, max(1, math.floor(q * n + 1e-9)), rng
         self.order: list[int] = []
 
     def sample(self, step: int) -> Tensor:
@@ -74,9 +79,15 @@ class FixedBatches:
         return torch.tensor(sorted(batch), dtype=torch.long)
 
 
-def mlp(seed: int) -> nn.Module:
+def mlp(seed: int, width: int = 128) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 64))
+    return nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, 64))
+
+
+@functools.lru_cache(maxsize=64)
+def noise_for(epsilon: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    """The noise multiplier the claim is calibrated to (shared by the seeds of one cell)."""
+    return calibrate_noise(epsilon, delta, q, steps, accountant)
 
 
 def run_one(
@@ -91,12 +102,13 @@ def run_one(
     confidence: float = 0.95,
     records: int = 32,
     accountant: str = "rdp",
+    width: int = 128,
 ) -> dict[str, Any]:
     """One white-box audit of a (possibly broken) run; the claim is always the honest plan."""
     if bug not in BUGS:
         raise ValueError(f"unknown bug {bug!r}: choose one of {', '.join(BUGS)}")
-    sigma = calibrate_noise(epsilon, delta, q, steps, accountant)
-    model = mlp(seed)
+    sigma = noise_for(epsilon, delta, q, steps, accountant)
+    model = mlp(seed, width)
     gen = torch.Generator().manual_seed(seed)
     x, y = torch.randn(records, 64, generator=gen), torch.randn(records, 64, generator=gen)
     policy = (UnclippedGroup if bug == "unclipped" else StaticPolicy)(
@@ -129,7 +141,7 @@ def run_one(
         sampler=(lambda n, q_, rng: FixedBatches(n, q_, rng)) if bug == "shuffle" else None,
         simulations=0,
     )
-    return result | {"bug": bug, "seed": seed, "epsilon_target": epsilon}
+    return result | {"bug": bug, "seed": seed, "epsilon_target": epsilon, "width": width}
 
 
 def perfect_reference(
@@ -146,7 +158,7 @@ def perfect_reference(
     """Medians of the bounds a perfect attacker on the exact claimed mechanism certifies."""
     from accountants import Event, get_accountant
 
-    sigma = calibrate_noise(epsilon, delta, q, steps, accountant)
+    sigma = noise_for(epsilon, delta, q, steps, accountant)
     family = LedgerFamily([Event(q, sigma, steps)], get_accountant(accountant), delta)
     rng = np.random.default_rng([int(epsilon * 100), steps, canaries])
     res = bounds_from_scores(

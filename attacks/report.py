@@ -178,15 +178,39 @@ def whitebox_verdict(w: dict[str, Any]) -> tuple[str, list[str]]:
             f"(median of {p['simulations']} simulated runs)"
         )
     words = [evidence, reach + "."]
-    if w["privacy_bug_suspected"]:
-        return "bug", [
+    samp = w.get("sampling") or {}
+    if samp.get("applicable"):
+        words.append(
+            f"Sampling check ({samp['members']} member canaries, {samp['steps']} steps): the "
+            f"autocovariance of their projections within an epoch of 1/q steps has Z = "
+            f"{samp['z']:.2f} (p = {samp['p_value']:.3g}, flagged below "
+            f"{1 - samp['confidence']:.2g}; Poisson sampling: standard normal; a shuffle per "
+            f"epoch would shift it by about {samp['shuffler_shift']:.1f})."
+        )
+    elif samp:
+        words.append(f"Sampling check not applicable: {samp['reason']}.")
+    bugs = []
+    if w.get("bound_rejects_claim", w["privacy_bug_suspected"]):
+        bugs.append(
             f"LIKELY PRIVACY BUG (white-box audit): at {conf:.0%} confidence the released updates "
             f"are less private than the mechanism the ledger records ({mech}): the f-DP test "
             f"rejects the ledger's own trade-off curve, so the implementation leaks more than "
             f"the claimed ({_eps(claim)}, {delta:.3g})-DP. Do not release this model; check "
-            "noise, clipping and sampling.",
-            *words,
-        ]
+            "noise, clipping and sampling."
+        )
+    if samp.get("flagged"):
+        bugs.append(
+            f"LIKELY PRIVACY BUG (white-box audit): not Poisson sampling. At "
+            f"{samp['confidence']:.2%} confidence the member canaries' inclusions are negatively correlated across the "
+            "steps of an epoch (p = "
+            f"{samp['p_value']:.3g}), as when records are taken once per epoch (a shuffle cut "
+            "into batches) instead of independently with probability q at every step: the "
+            "accountant's subsampling analysis does not apply, so the claimed "
+            f"({_eps(claim)}, {delta:.3g})-DP is not shown. Do not release this model; check "
+            "the sampler (it must be Poisson, as dptrain.sampling.PoissonSampler)."
+        )
+    if bugs:
+        return "bug", [*bugs, *words]
     return "ok", [
         f"White-box audit consistent with the ledger ({mech}): the empirical lower bound "
         f"{_eps(led['epsilon'])} is below the claimed epsilon {_eps(claim)} at delta "
@@ -207,6 +231,14 @@ def _whitebox_table(w: dict[str, Any]) -> str:
         f"<td>{_eps(p[k]) if k in p else '—'}</td></tr>"
         for k in names
     )
+    samp = w.get("sampling") or {}
+    if samp.get("applicable"):
+        rows += (
+            "<tr><td>sampling check: Poisson? (Z of the within-epoch autocovariance)</td>"
+            f"<td>Z = {samp['z']:.2f}, p = {samp['p_value']:.3g}"
+            f"{' — NOT POISSON' if samp['flagged'] else ''}</td>"
+            f"<td>shuffler: Z ≈ {samp['shuffler_shift']:.1f}</td><td>correct run: Z ~ N(0, 1)</td></tr>"
+        )
     return (
         f"<table><tr><th>bound at {w['confidence']:.0%} confidence</th><th>ε ≥</th>"
         f"<th>ceiling ({w['canaries']} canaries)</th><th>perfect attacker (median)</th></tr>"
@@ -232,7 +264,10 @@ def whitebox_section(w: dict[str, Any]) -> str:
         "the threat model the accountant covers, so a bound above the claim is a bug, not a "
         "loose analysis. The ceiling is what the canary count allows at this confidence whatever "
         "training did; the perfect attacker shows what any attacker could certify against a "
-        "correct run with these canaries.</p>"
+        "correct run with these canaries. The sampling check tests what the bounds cannot see: "
+        "under Poisson sampling a member's inclusions are independent across steps, so its "
+        "projections are uncorrelated; a sampler that takes each record once per epoch makes "
+        "them negatively correlated within an epoch.</p>"
     )
 
 
@@ -283,6 +318,12 @@ def print_table(s: dict[str, Any], out: TextIO) -> None:
             f"(f-DP {_eps(w['bounds']['fdp']['epsilon'])}, ceiling {_eps(w['ceiling']['ledger'])}, "
             f"{w['canaries']} canaries)"
         )
+        samp = w.get("sampling") or {}
+        if samp.get("applicable"):
+            lines.append(
+                f"sampling check      Z = {samp['z']:.2f}, p = {samp['p_value']:.3g}: "
+                + ("NOT Poisson sampling" if samp["flagged"] else "consistent with Poisson")
+            )
     level, words = verdict(s)
     lines += ["", {"bug": "!! ", "none": "!  ", "ok": ""}[level] + words[0]]
     lines += [f"report              {Path(s['run_dir']) / 'audit' / 'report.html'}"]

@@ -154,7 +154,10 @@ def test_train_with_audit_whitebox_writes_the_report(tmp_path, capsys):
     assert w["claimed_epsilon"] == pytest.approx(meta["epsilon"], rel=1e-6)
     assert w["steps"] == meta["steps"] and w["sample_rate"] == meta["sample_rate"]
     assert w["canaries"] == 300 and not w["privacy_bug_suspected"]
+    # one group of more than 300 coordinates: the sampling check runs, and passes
+    assert w["sampling"]["applicable"] and not w["sampling"]["flagged"]
     assert 0 <= w["bounds"]["ledger"]["epsilon"] < w["claimed_epsilon"]
     page = (out / "audit" / "whitebox.html").read_text()
     assert "White-box audit" in page and "class='box ok'" in page and "ceiling" in page
+    assert "sampling check" in page
     assert math.isfinite(w["ceiling"]["fdp"])
