@@ -139,6 +139,7 @@ def run_one(
         records=lambda idx: (x[idx], y[idx]),
         n_records=records,
         sampler=(lambda n, q_, rng: FixedBatches(n, q_, rng)) if bug == "shuffle" else None,
+        coins=RunKey.from_insecure_seed(seed + 2),
         simulations=0,
     )
     return result | {"bug": bug, "seed": seed, "epsilon_target": epsilon, "width": width}

@@ -339,6 +339,7 @@ def whitebox_audit(
     records: Callable[[Tensor], Any] | None = None,
     n_records: int = 0,
     sampler: Callable[[int, float, np.random.Generator], Sampler] | None = None,
+    coins: Any = None,
     scale: float = 100.0,
     support: int = 16,
     simulations: int = 32,
@@ -348,7 +349,8 @@ def whitebox_audit(
     if given, ``n_records`` records: ``records(indices)`` is a batch of them) and audit the
     released updates; see the module docstring.  ``claim`` is the plan the run claims
     (default: the engine's next plan); ``sampler(N, q, rng)`` replaces the Poisson sampler
-    (planted bugs only).  The engine must have no budget filter and a fixed plan."""
+    (planted bugs only); ``coins`` is the Poisson sampler's :class:`~dptrain.secret.RunKey`
+    (default: a fresh secret key; an insecure seed makes a benchmark reproducible).  The engine must have no budget filter and a fixed plan."""
     from dptrain.sampling import PoissonSampler
 
     t0 = time.perf_counter()
@@ -375,7 +377,7 @@ def whitebox_audit(
     total = n_records + len(members)
     # the coins are secret from the auditor (a fresh key), as in a run
     ids = [str(i) for i in range(total)]
-    sample = sampler(total, q, rng) if sampler is not None else PoissonSampler(ids, q)
+    sample = sampler(total, q, rng) if sampler is not None else PoissonSampler(ids, q, coins)
     score = np.zeros(canaries)
     plain = np.zeros(canaries)
     released = 0
