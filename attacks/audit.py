@@ -40,6 +40,7 @@ import torch
 from accountants import Ledger, get_accountant
 from dptrain.data import TextDataset
 from dptrain.data.canaries import Manifest, read_manifest
+from dptrain.errors import InputError
 from dptrain.recipe import AuditSection, Recipe, load_recipe
 from dptrain.rundir import CheckpointError, RunDir
 from dptrain.secret import run_key
@@ -181,7 +182,7 @@ def audit_run(
     non_members = perm[: opts.non_members]
     population = perm[opts.non_members : opts.non_members + opts.population]
     if len(members) < 2 or len(non_members) < 2:
-        raise ValueError(
+        raise InputError(
             f"{run.path}: the audit needs at least 2 training and 2 held-out records, found "
             f"{len(members)} and {len(non_members)}. Fix: audit a run with a validation split"
         )

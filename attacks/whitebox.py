@@ -61,6 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from accountants import POISSON_GAUSSIAN, Event
+from dptrain.errors import InputError
 
 from .bounds import (
     Tradeoff,
@@ -438,14 +439,14 @@ def audit_configuration(
     opts = options or recipe.audit or AuditSection()
     mechanisms = {e.key for e in Ledger.load(run.ledger).events}
     if recipe.policy.name != "static" or len(mechanisms) != 1:
-        raise ValueError(
+        raise InputError(
             f"{run.path}: the white-box audit replays one fixed (q, sigma) plan of the static "
             f"policy; this run has policy '{recipe.policy.name}' and {len(mechanisms)} kinds of "
             "steps. Fix: audit a static run, or set audit.whitebox: false"
         )
     kind, q, sigma = next(iter(mechanisms))[:3]
     if kind != POISSON_GAUSSIAN or not 0 < sigma < math.inf:
-        raise ValueError(f"{run.path}: no finite-epsilon Poisson Gaussian steps to audit")
+        raise InputError(f"{run.path}: no finite-epsilon Poisson Gaussian steps to audit")
     policy = build_policy(recipe)
     policy.noise_multiplier = sigma
     model, _ = build_model(recipe)

@@ -36,7 +36,7 @@ from .grad_sample import GradCapture, Recorded
 from .groups import group_parameters
 from .losses import LossFn, causal_lm_loss
 from .noise import GaussianNoise
-from .policies import Policy, StepContext, StepPlan, StepSums
+from .policies import Policy, StepContext, StepPlan, StepSums, check_accountant
 
 
 @dataclass
@@ -89,12 +89,7 @@ class PrivacyEngine:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if max_physical_batch_size is not None and max_physical_batch_size < 1:
             raise ValueError("max_physical_batch_size must be >= 1")
-        if policy.accountants is not None and accountant not in policy.accountants:
-            raise ValueError(
-                f"policy '{policy.name}' is accounted by its own analysis, implemented by the "
-                f"{' / '.join(policy.accountants)} accountant only; got '{accountant}'. "
-                f"Use accountant='{policy.accountants[0]}'"
-            )
+        check_accountant(policy, accountant)  # validated with the recipe; Python callers too
         self.model = model
         self.optimizer = optimizer
         self.policy = policy
@@ -122,11 +117,6 @@ class PrivacyEngine:
         )
 
         self.accountant = get_accountant(accountant)
-        if policy.adaptive and not self.accountant.adaptive_valid:
-            raise ValueError(
-                f"policy '{policy.name}' chooses noise from data, so its budget must be guarded by an "
-                f"accountant valid under adaptive composition; '{accountant}' is not. Use accountant: rdp"
-            )
         self.budget = budget
         self.filter = (
             BudgetFilter(budget, self.accountant, adaptive=policy.adaptive)

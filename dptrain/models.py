@@ -47,6 +47,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from .errors import UserError
+
 __all__ = [
     "SMOLLM2",
     "SMOLLM2_GGUF",
@@ -100,7 +102,7 @@ _ACCEPTED = (
 )
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(UserError, ValueError):
     """A model spec that cannot be resolved."""
 
 

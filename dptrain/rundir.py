@@ -26,11 +26,13 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
+
 CHECKPOINT_FORMAT = "dptrain-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint or run directory that cannot be used; the message names the file and the fix."""
 
 

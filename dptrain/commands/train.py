@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from ..errors import InputError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -43,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
-        raise ValueError("--nproc must be at least 1")
+        raise InputError("--nproc must be at least 1")
     if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return _launch(args)
     from ..recipe import load_recipe

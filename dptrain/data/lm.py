@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dptrain.data.loading import TextDataset
+from dptrain.errors import UserError
 
 __all__ = ["IGNORE_INDEX", "LMExamples", "SequenceTooLongError", "pad_token_id", "tokenize"]
 
@@ -31,7 +32,7 @@ IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
 
 
-class SequenceTooLongError(ValueError):
+class SequenceTooLongError(UserError, ValueError):
     """A record does not fit in ``max_length`` tokens and truncation was not allowed."""
 
 

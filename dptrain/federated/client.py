@@ -136,7 +136,7 @@ def plan_client(recipe: FederatedRecipe, client: int, own: ClientConfig) -> Clie
     else:
         parts = client_datasets(recipe)
         if not 0 <= client < len(parts):
-            raise ValueError(
+            raise ClientConfigError(
                 f"partition-id {client} is outside the recipe's {len(parts)} clients (0.."
                 f"{len(parts) - 1}); fix the SuperNode's --node-config or federated.clients"
             )
