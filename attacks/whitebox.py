@@ -426,10 +426,12 @@ def audit_configuration(
     would only add background to the canaries' projections), with fresh OS randomness.
     Writes ``audit/whitebox.json`` and ``audit/whitebox.html``; returns the result."""
     from accountants import Ledger
+    from dptrain.models import build_model
     from dptrain.noise import GaussianNoise
+    from dptrain.optim import make_optimizer
+    from dptrain.policies import policy_from_recipe
     from dptrain.recipe import AuditSection, load_recipe
     from dptrain.rundir import RunDir
-    from dptrain.train import build_model, build_policy, make_optimizer
 
     from .report import write_whitebox
 
@@ -447,14 +449,14 @@ def audit_configuration(
     kind, q, sigma = next(iter(mechanisms))[:3]
     if kind != POISSON_GAUSSIAN or not 0 < sigma < math.inf:
         raise InputError(f"{run.path}: no finite-epsilon Poisson Gaussian steps to audit")
-    policy = build_policy(recipe)
+    policy = policy_from_recipe(recipe.policy)
     policy.noise_multiplier = sigma
     model, _ = build_model(recipe)
     from dptrain.engine import PrivacyEngine
 
     engine = PrivacyEngine(
         model,
-        make_optimizer(recipe, [p for p in model.parameters() if p.requires_grad]),
+        make_optimizer(recipe.training, [p for p in model.parameters() if p.requires_grad]),
         policy=policy,
         sample_rate=q,
         dataset_size=int(meta["dataset_size"]),

@@ -214,7 +214,7 @@ def check_recipe(recipe: Any, *, records: int = 8, batch_size: int = 4) -> Check
     size) and its first ``records`` training records, in batches of ``batch_size``."""
     from .data import TextDataset, load_texts, tokenize
     from .losses import causal_lm_loss
-    from .train import build_model, check_context
+    from .models import build_model, check_context
 
     if records < 1 or batch_size < 1:
         raise InputError(f"records and batch_size must be >= 1, got {records} and {batch_size}")

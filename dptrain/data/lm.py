@@ -173,3 +173,11 @@ def tokenize(
         num_truncated=truncated,
         max_length=max_length,
     )
+
+
+def eval_batches(examples: LMExamples, size: int) -> list[dict[str, torch.Tensor]]:
+    """``examples`` in order, in batches of at most ``size`` (for evaluation, not training)."""
+    return [
+        examples.batch(list(range(i, min(i + size, len(examples)))))
+        for i in range(0, len(examples), size)
+    ]

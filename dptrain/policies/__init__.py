@@ -10,6 +10,7 @@ from .registry import (
     accountant_refusal,
     check_accountant,
     make_policy,
+    policy_from_recipe,
     policy_spec,
     register_policy,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "accountant_refusal",
     "check_accountant",
     "make_policy",
+    "policy_from_recipe",
     "policy_spec",
     "register_policy",
 ]

@@ -98,6 +98,11 @@ class Policy(ABC):
     adaptive: bool = False  # whether plans depend on data (then only adaptive-valid accountants may guard the budget)
     accountants: tuple[str, ...] | None = None  # accountants able to account its events (None: all)
     needs_public_data: bool = False  # whether attach() needs a public split (data.public_*)
+    # sigma of the schedule (for adaptive policies its reference); None until the run plan
+    # calibrates it (calibrate) or restores it from run.json on resume
+    noise_multiplier: float | None = None
+    # a run this policy's state starts from: {run, epsilon, delta} of its certified guarantee
+    warm_start: dict[str, Any] | None = None
 
     def bind(
         self, groups: Sequence[str], *, sample_rate: float, expected_batch_size: float
@@ -111,10 +116,18 @@ class Policy(ABC):
     def plan(self, context: StepContext) -> StepPlan: ...
 
     def calibrate(
-        self, target_epsilon: float, delta: float, steps: int, sample_rate: float, accountant: str
+        self,
+        target_epsilon: float,
+        delta: float,
+        *,
+        sample_rate: float,
+        steps: int,
+        accountant: str,
     ) -> float:
         """Set and return the smallest noise multiplier meeting (target_epsilon, delta) over
-        ``steps`` steps; the default assumes one Poisson-subsampled Gaussian event per step."""
+        ``steps`` steps at ``sample_rate`` (the argument order of
+        :func:`accountants.calibrate_noise`); the default assumes one Poisson-subsampled Gaussian
+        event per step."""
         from accountants import calibrate_noise
 
         self.noise_multiplier = calibrate_noise(

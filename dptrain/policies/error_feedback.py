@@ -86,7 +86,13 @@ class ErrorFeedbackPolicy(StaticPolicy):
     # -- accounting --------------------------------------------------------------------------
 
     def calibrate(
-        self, target_epsilon: float, delta: float, steps: int, sample_rate: float, accountant: str
+        self,
+        target_epsilon: float,
+        delta: float,
+        *,
+        sample_rate: float,
+        steps: int,
+        accountant: str,
     ) -> float:
         """The smallest sigma meeting the target under the error-feedback bound (RDP only)."""
         check_accountant(self, accountant)

@@ -89,6 +89,17 @@ def make_policy(name: str, **options: Any) -> Policy:
     return policy_spec(name).factory(**options)
 
 
+def policy_from_recipe(section: Any) -> Policy:
+    """The policy a recipe's ``policy:`` section describes (a validated ``PolicySection``);
+    its ``noise_multiplier`` is the recipe's (None: to be calibrated by the run plan)."""
+    return make_policy(
+        section.name,
+        clip=section.clip,
+        noise_multiplier=section.noise_multiplier,
+        **section.options,
+    )
+
+
 def accountant_refusal(policy: PolicyTraits, accountant: str) -> str | None:
     """Why ``accountant`` cannot guard the budget of ``policy``, or None if it can."""
     from accountants import get_accountant

@@ -97,7 +97,13 @@ class RLPolicy(Policy):
     # -- set-up --------------------------------------------------------------------------
 
     def calibrate(
-        self, target_epsilon: float, delta: float, steps: int, sample_rate: float, accountant: str
+        self,
+        target_epsilon: float,
+        delta: float,
+        *,
+        sample_rate: float,
+        steps: int,
+        accountant: str,
     ) -> float:
         """``sigma_ref``: the constant noise multiplier whose ``steps`` steps spend exactly the
         budget under the adaptive RDP filter (count releases not included)."""
