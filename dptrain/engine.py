@@ -134,13 +134,10 @@ class PrivacyEngine:
     def context(self) -> StepContext:
         return StepContext(
             step=self.steps_taken,
-            sample_rate=self.sample_rate,
-            expected_batch_size=self.expected_batch_size,
-            epsilon_spent=self.epsilon() if self.budget else math.nan,
             budget_epsilon=self.budget.epsilon if self.budget else None,
             delta=self.budget.delta if self.budget else None,
-            last_update_norms=self.last_update_norms,
             ledger=self.ledger,
+            spent=self.epsilon if self.budget else None,
         )
 
     def next_plan(self) -> tuple[StepPlan, Event]:
@@ -300,7 +297,7 @@ class PrivacyEngine:
             event=event,
         )
         if main:
-            extra = self.policy.observe({"step": report.step, "update_norms": norms, "plan": plan})
+            extra = self.policy.observe({"step": report.step})
             report.extra.update(extra or {})
         return report
 

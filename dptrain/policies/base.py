@@ -53,17 +53,19 @@ class StepPlan:
 
 @dataclass
 class StepContext:
-    """What a policy may look at when planning: public or already released quantities only."""
+    """What a policy may look at when planning: public or already released quantities only.
+    (The sampling constants come once, through :meth:`Policy.bind`.)"""
 
     step: int
-    sample_rate: float
-    expected_batch_size: float
-    epsilon_spent: float
     budget_epsilon: float | None
     delta: float | None
-    last_update_norms: dict[str, float] | None = None  # per group, of the released update
-    extra: dict[str, Any] = field(default_factory=dict)
     ledger: Ledger | None = None  # the events charged so far (public: a function of past plans)
+    spent: Callable[[], float] | None = field(default=None, repr=False)
+
+    def epsilon_spent(self) -> float:
+        """Epsilon spent so far by the engine's accountant, computed only when asked (and
+        cached by the engine per ledger length); nan without a budget."""
+        return self.spent() if self.spent is not None else math.nan
 
 
 @dataclass
@@ -158,8 +160,8 @@ class Policy(ABC):
         return None
 
     def observe(self, report: dict[str, Any]) -> dict[str, float] | None:
-        """Called after each step with released quantities (metrics of the noisy update); may
-        return metrics to log with the step (released or public quantities only)."""
+        """Called after each step with ``{"step": t}`` (the steps taken so far); may return
+        metrics to log with the step (released or public quantities only)."""
         return None
 
     def state_dict(self) -> dict[str, Any]:
