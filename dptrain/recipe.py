@@ -196,7 +196,8 @@ class PrivacySection(Section):
     Every private random choice (Poisson coins, noise, splits, canaries) derives from a secret
     run key drawn from the OS CSPRNG (:mod:`dptrain.secret`).  ``insecure_seed`` derives the key
     from that integer instead: the run is reproducible and has NO privacy guarantee against
-    anyone who knows the seed (tests, debugging).
+    anyone who knows the seed (tests, debugging).  Neighbours: add/remove one record, with the
+    training-set size ``N`` public (the default delta ``1 / (10 N)`` depends on it).
     """
 
     epsilon: float = Field(8.0, gt=0, description="the budget; also the calibration target")

@@ -9,6 +9,10 @@ SHA-256 of the record's id), and ``r`` is in the batch iff that word is below
 private).  Step ``t``'s batch is therefore a pure function of (key, ``t``, the ids): adding or
 removing a record changes that record's coins only, a duplicate record (own id) gets its own
 coins, and resuming needs only the step number.
+
+What is public.  Neighbouring datasets differ by adding or removing one record; the number of
+records ``N`` is treated as public (it is visible in ``q = B / N``, in the default delta
+``1 / (10 N)`` and in ``run.json``), so the guarantee is about a record beyond that count.
 """
 
 from __future__ import annotations

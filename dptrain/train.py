@@ -201,20 +201,23 @@ def _check_run_dir(run: RunDir, recipe: Recipe, resume: bool) -> dict[str, Any] 
 
 
 def _run_key(recipe: Recipe, run: RunDir, resume: bool) -> RunKey:
-    """The run's key: from ``privacy.insecure_seed``, or ``secret.key`` on resume, or fresh
-    from the OS CSPRNG (rank 0 draws it; the ranks receive it over the process group)."""
+    """The run's key: from ``privacy.insecure_seed``, or rank 0 reads ``secret.key`` (on
+    ``--resume``, or left by a run that never took a step) or draws a fresh one from the OS
+    CSPRNG; the other ranks receive it over the process group."""
     seed = recipe.privacy.insecure_seed
     if seed is not None:
         return RunKey.from_insecure_seed(seed)
-    if resume:
+    key: RunKey | None = None
+    error: str | None = None
+    if distributed.is_main():
         try:
-            return RunKey.read(run.key)
+            key = RunKey.read(run.key) if resume or run.key.exists() else RunKey.generate()
         except RunKeyError as err:
-            raise CheckpointError(str(err)) from None
-    key = None
-    if distributed.is_main():  # a key left by a run that never took a step may be reused
-        key = RunKey.read(run.key) if run.key.exists() else RunKey.generate()
-    return distributed.broadcast_object(key)
+            error = str(err)
+    key, error = distributed.broadcast_object((key, error))
+    if error is not None:
+        raise CheckpointError(error)
+    return key
 
 
 def _recipe_diff(run: RunDir, recipe: Recipe) -> str:

@@ -134,3 +134,48 @@ def test_cli_nproc_2_equals_single_process_epsilon(tmp_path):
     assert (tmp_path / "two" / "ledger.json").read_text() == (
         tmp_path / "one" / "ledger.json"
     ).read_text()
+
+
+def _key_worker(rank: int, world: int, port: int, run_dir: str, resume: bool, out: str) -> None:
+    from dptrain import train
+    from dptrain.recipe import load_recipe
+    from dptrain.rundir import CheckpointError, RunDir
+
+    if rank > 0:  # as on a node without the run directory: only rank 0 may touch secret.key
+
+        def _no_file(*_: object, **__: object) -> None:
+            raise AssertionError("a rank other than 0 touched secret.key")
+
+        train.RunKey.read = _no_file  # type: ignore[method-assign]
+        train.RunKey.generate = _no_file  # type: ignore[method-assign]
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        recipe = load_recipe(ROOT / "recipes" / "tiny.yaml")
+        try:
+            key = train._run_key(recipe, RunDir(run_dir), resume)
+            Path(f"{out}.{rank}").write_text("key " + key.key_id)
+        except CheckpointError as err:
+            Path(f"{out}.{rank}").write_text("error " + str(err))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", ["resume", "resume-without-key"])  # fresh: the --nproc 2 test
+def test_rank_zero_owns_the_key_and_its_errors_reach_every_rank(tmp_path, case):
+    """Only rank 0 reads or draws the key; every rank receives it, and a key that cannot be
+    read on ``--resume`` stops every rank with rank 0's message (no rank left waiting)."""
+    from dptrain.secret import RunKey
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    saved = RunKey.generate().write(run_dir / "secret.key") if case == "resume" else None
+    out = str(tmp_path / "key")
+    mp.spawn(_key_worker, args=(2, _free_port(), str(run_dir), True, out), nprocs=2, join=True)
+    got = [Path(f"{out}.{r}").read_text() for r in range(2)]
+    assert got[0] == got[1], got
+    if case == "resume":
+        assert got[0] == "key " + RunKey.read(saved).key_id
+    else:
+        assert got[0].startswith("error ") and "secret.key is missing" in got[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,12 @@ def test_train_writes_a_complete_run_dir(tmp_path, capsys):
     assert "AES-256" in meta["noise_generator"] and meta["insecure_seed"] is None
     assert meta["delta_total"] == meta["delta"] + meta["delta_noise_truncation"]
     assert 0 < meta["delta_noise_truncation"] < 1e-30 and meta["noise_pairs"] > 0
+    # data.max_records keeps a count (400 of the corpus): file-level neighbours may differ by 2
+    # training records, so the file-level guarantee is group privacy over 2
+    eps, level = meta["epsilon"], meta["file_level"]
+    assert level["epsilon"] == 2 * eps
+    assert level["delta"] == pytest.approx((1 + math.exp(eps)) * meta["delta_total"])
+    assert f"file-level          ({2 * eps:.4f}," in out
     ledger = Ledger.load(run.ledger)
     assert ledger.total_steps == 8
     assert get_accountant("rdp").epsilon(ledger.events, meta["delta"]) == pytest.approx(

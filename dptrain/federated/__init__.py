@@ -1,11 +1,14 @@
 """Federated fine-tuning of LoRA adapters with Flower: DP clients, FedSVD / FFA-LoRA / DP-LoRA.
 
 Privacy contract.  Each client runs sample-level DP-SGD with the dptrain engine on its own
-records (:mod:`dptrain.federated.client`): every local step is charged to the client's own
-ledger, kept in its state directory across rounds and restarts, so its epsilon covers all
-rounds; a round whose steps would exceed the client's budget is declined, with the reason
-sent to the server.  The server sees only what clients release -- adapters trained under DP
-and public metadata (record counts, sample rates, noise, epsilon) -- and everything it does
+records (:mod:`dptrain.federated.client`) under its own settings -- state directory (ledger
+and key), budget, accountant, minimum noise (:mod:`dptrain.federated.holder`); the server's
+recipe only asks, and a weaker request is declined with the reason.  Every local step is
+charged to the client's own ledger, kept in its state directory across rounds, restarts and
+server runs, so its epsilon covers all of them; a round whose steps would exceed the client's
+budget is declined, with the reason sent to the server.  The server sees only what clients
+release -- adapters trained under DP and public metadata (record counts, sample rates, noise,
+epsilon; the record count N is public, see :mod:`dptrain.sampling`) -- and everything it does
 with them (averaging, FedSVD's SVD re-factorization, evaluation) is post-processing, which
 costs no privacy.  Optional client-level DP (:mod:`dptrain.federated.strategy`) adds
 server-side clipping and noise over client updates with its own accountant.

@@ -68,7 +68,10 @@ def tiny_recipe(out: Path, *, private: bool, canaries=None, steps: int = 60, **a
 @pytest.fixture(scope="module")
 def non_private(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("audit") / "nonprivate"
-    train(tiny_recipe(out, private=False), progress=False)
+    # the canaries come from a fresh secret key each run: the never-inserted baseline averages
+    # 32 of them (its mean exposure is 1.44 +- 0.25 bits), not a 2-canary draw that exceeds 3
+    # bits in about 7% of runs
+    train(tiny_recipe(out, private=False, exposure_canaries=32), progress=False)
     return out
 
 
