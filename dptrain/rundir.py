@@ -21,13 +21,13 @@ fsynced, then renamed over the target, so a crash leaves the old file or the new
 from __future__ import annotations
 
 import json
-import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from accountants.ledger import atomic_write
 
 from .errors import UserError
 
@@ -37,35 +37,6 @@ CHECKPOINT_VERSION = 1
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint or run directory that cannot be used; the message names the file and the fix."""
-
-
-def atomic_write(path: Path, write: Callable[[Any], None], *, binary: bool = False) -> None:
-    """Write through ``write(file)`` to a temp file beside ``path``, fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_json(path: Path, obj: Any) -> None:
