@@ -20,6 +20,7 @@ import numbers
 import operator
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,22 +254,8 @@ class Ledger:
         """Write atomically: a temp file in the same directory, fsync, then ``os.replace``.
 
         A crash leaves either the previous file or the new one, never a partial file."""
-        path = Path(path)
         text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        _fsync_dir(path.parent)
+        atomic_write(Path(path), lambda f: f.write(text), parents=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Ledger:
@@ -290,6 +277,33 @@ class Ledger:
             return cls.from_dict(data)
         except LedgerError as err:
             raise LedgerError(f"ledger file {path}: {err}") from None
+
+
+def atomic_write(
+    path: Path, write: Callable[[Any], None], *, binary: bool = False, parents: bool = True
+) -> None:
+    """Write through ``write(file)`` to a temp file beside ``path``, fsync, then rename (and
+    fsync the directory): a crash leaves the old file or the new, never half of one.
+    ``parents``: create missing parent directories.  Shared by every dptrain file writer."""
+    path = Path(path)
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(
+            fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})
+        ) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: Path) -> None:

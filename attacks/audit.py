@@ -40,6 +40,7 @@ import torch
 from accountants import Ledger, get_accountant
 from dptrain.data import TextDataset
 from dptrain.data.canaries import Manifest, read_manifest
+from dptrain.errors import InputError
 from dptrain.recipe import AuditSection, Recipe, load_recipe
 from dptrain.rundir import CheckpointError, RunDir
 from dptrain.secret import run_key
@@ -79,13 +80,13 @@ def claimed_privacy(run: RunDir, meta: dict[str, Any], recipe: Recipe) -> dict[s
     """The (epsilon, delta) the run claims, recomputed from its ledger by its accountant; for a
     policy that chose its noise from data, the privacy filter's budget (what it certifies),
     with the filter's spend so far as ``spent``."""
-    from dptrain.train import build_policy
+    from dptrain.policies import policy_spec
 
     ledger = Ledger.load(run.ledger)
     delta = float(meta["delta"])
     name = meta.get("guarantee_accountant") or recipe.privacy.accountant
     accountant = get_accountant(name)
-    adaptive = bool(getattr(build_policy(recipe), "adaptive", False))
+    adaptive = policy_spec(recipe.policy.name).adaptive
     events = ledger.events
     if not events:
         eps = 0.0
@@ -125,7 +126,7 @@ def load_final_model(run: RunDir, recipe: Recipe) -> tuple[torch.nn.Module, Any]
 
 def _starting_point(recipe: Recipe) -> torch.nn.Module:
     """theta_0: the model the run started from (pretrained or seeded initialization)."""
-    from dptrain.train import build_model
+    from dptrain.models import build_model
 
     return build_model(recipe)[0]
 
@@ -143,7 +144,7 @@ def audit_run(
     """Audit the finished run in ``run_dir``; writes ``audit/summary.json`` and
     ``audit/report.html`` and prints a short table to ``out`` (default stdout).  Returns the
     summary."""
-    from dptrain.train import split_data
+    from dptrain.data.splits import split_data
 
     from .report import print_table, render_figures, write_report
 
@@ -181,7 +182,7 @@ def audit_run(
     non_members = perm[: opts.non_members]
     population = perm[opts.non_members : opts.non_members + opts.population]
     if len(members) < 2 or len(non_members) < 2:
-        raise ValueError(
+        raise InputError(
             f"{run.path}: the audit needs at least 2 training and 2 held-out records, found "
             f"{len(members)} and {len(non_members)}. Fix: audit a run with a validation split"
         )
@@ -507,3 +508,18 @@ def _summary(
         "privacy_bug_suspected": (not non_private) and lower > claim["epsilon"],
         "options": opts.model_dump(),
     }
+
+
+def after_training(run_dir: str | Path, options: AuditSection, *, progress: bool = True) -> None:
+    """What ``dptrain train`` runs once a run has finished, as ``audit:`` asks: the full audit
+    (``after_training``, which includes the white-box audit when ``whitebox`` is set), or the
+    white-box audit alone (``whitebox``)."""
+    if options.after_training:
+        audit_run(run_dir, options, progress=progress)
+    elif options.whitebox:
+        from .report import whitebox_verdict
+        from .whitebox import audit_configuration
+
+        w = audit_configuration(run_dir, options, log=_log)
+        print(f"white-box audit      {whitebox_verdict(w)[1][0]}", flush=True)
+        print(f"report              {Path(run_dir) / 'audit' / 'whitebox.html'}", flush=True)

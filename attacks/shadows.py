@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from dptrain.data import TextDataset
+from dptrain.errors import InputError
 from dptrain.recipe import Recipe, load_recipe, parse_recipe
 from dptrain.rundir import RunDir, read_json, write_json
 
@@ -108,7 +109,7 @@ def shadow_models(
     if count == 0:
         return []
     if count % 2:
-        raise ValueError("use an even number of shadow models")
+        raise InputError("use an even number of shadow models")
     recipe = load_recipe(run.recipe)
     root = run.path / "audit" / "shadows"
     key = _key(recipe, pool, count, steps)

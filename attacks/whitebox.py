@@ -67,6 +67,7 @@ import torch
 from torch import Tensor, nn
 
 from accountants import POISSON_GAUSSIAN, Event
+from dptrain.errors import InputError
 
 from .bounds import (
     Tradeoff,
@@ -490,10 +491,12 @@ def audit_configuration(
     would only add background to the canaries' projections), with fresh OS randomness.
     Writes ``audit/whitebox.json`` and ``audit/whitebox.html``; returns the result."""
     from accountants import Ledger
+    from dptrain.models import build_model
     from dptrain.noise import GaussianNoise
+    from dptrain.optim import make_optimizer
+    from dptrain.policies import policy_from_recipe
     from dptrain.recipe import AuditSection, load_recipe
     from dptrain.rundir import RunDir
-    from dptrain.train import build_model, build_policy, make_optimizer
 
     from .report import write_whitebox
 
@@ -503,22 +506,22 @@ def audit_configuration(
     opts = options or recipe.audit or AuditSection()
     mechanisms = {e.key for e in Ledger.load(run.ledger).events}
     if recipe.policy.name != "static" or len(mechanisms) != 1:
-        raise ValueError(
+        raise InputError(
             f"{run.path}: the white-box audit replays one fixed (q, sigma) plan of the static "
             f"policy; this run has policy '{recipe.policy.name}' and {len(mechanisms)} kinds of "
             "steps. Fix: audit a static run, or set audit.whitebox: false"
         )
     kind, q, sigma = next(iter(mechanisms))[:3]
     if kind != POISSON_GAUSSIAN or not 0 < sigma < math.inf:
-        raise ValueError(f"{run.path}: no finite-epsilon Poisson Gaussian steps to audit")
-    policy = build_policy(recipe)
+        raise InputError(f"{run.path}: no finite-epsilon Poisson Gaussian steps to audit")
+    policy = policy_from_recipe(recipe.policy)
     policy.noise_multiplier = sigma
     model, _ = build_model(recipe)
     from dptrain.engine import PrivacyEngine
 
     engine = PrivacyEngine(
         model,
-        make_optimizer(recipe, [p for p in model.parameters() if p.requires_grad]),
+        make_optimizer(recipe.training, [p for p in model.parameters() if p.requires_grad]),
         policy=policy,
         sample_rate=q,
         dataset_size=int(meta["dataset_size"]),

@@ -29,6 +29,8 @@ from torch.overrides import TorchFunctionMode
 
 from .batching import batch_len
 from .check import ExactnessCheck, compare, engine_update
+from .data.loading import DataError
+from .errors import InputError
 from .grad_sample import UnsupportedLayerError
 from .grad_sample.capture import _DROPOUT, _DROPOUT_RAW, _without_dropout
 from .groups import layer_of
@@ -212,14 +214,14 @@ def check_recipe(recipe: Any, *, records: int = 8, batch_size: int = 4) -> Check
     size) and its first ``records`` training records, in batches of ``batch_size``."""
     from .data import TextDataset, load_texts, tokenize
     from .losses import causal_lm_loss
-    from .train import build_model, check_context
+    from .models import build_model, check_context
 
     if records < 1 or batch_size < 1:
-        raise ValueError(f"records and batch_size must be >= 1, got {records} and {batch_size}")
+        raise InputError(f"records and batch_size must be >= 1, got {records} and {batch_size}")
     d = recipe.data
     texts = load_texts(d.path, text_field=d.text_field, format=d.format)
     if len(texts) == 0:
-        raise ValueError(f"{d.path} holds no records; fix data.path")
+        raise DataError(f"{d.path} holds no records; fix data.path")
     model, tokenizer = build_model(recipe)
     check_context(model, d.max_length)
     head = TextDataset(texts.texts[:records], texts.ids[:records])

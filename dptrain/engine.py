@@ -36,7 +36,7 @@ from .grad_sample import GradCapture, Recorded
 from .groups import group_parameters
 from .losses import LossFn, causal_lm_loss
 from .noise import GaussianNoise
-from .policies import Policy, StepContext, StepPlan, StepSums
+from .policies import Policy, StepContext, StepPlan, StepSums, check_accountant
 
 
 @dataclass
@@ -89,12 +89,7 @@ class PrivacyEngine:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if max_physical_batch_size is not None and max_physical_batch_size < 1:
             raise ValueError("max_physical_batch_size must be >= 1")
-        if policy.accountants is not None and accountant not in policy.accountants:
-            raise ValueError(
-                f"policy '{policy.name}' is accounted by its own analysis, implemented by the "
-                f"{' / '.join(policy.accountants)} accountant only; got '{accountant}'. "
-                f"Use accountant='{policy.accountants[0]}'"
-            )
+        check_accountant(policy, accountant)  # validated with the recipe; Python callers too
         self.model = model
         self.optimizer = optimizer
         self.policy = policy
@@ -122,11 +117,6 @@ class PrivacyEngine:
         )
 
         self.accountant = get_accountant(accountant)
-        if policy.adaptive and not self.accountant.adaptive_valid:
-            raise ValueError(
-                f"policy '{policy.name}' chooses noise from data, so its budget must be guarded by an "
-                f"accountant valid under adaptive composition; '{accountant}' is not. Use accountant: rdp"
-            )
         self.budget = budget
         self.filter = (
             BudgetFilter(budget, self.accountant, adaptive=policy.adaptive)
@@ -144,13 +134,10 @@ class PrivacyEngine:
     def context(self) -> StepContext:
         return StepContext(
             step=self.steps_taken,
-            sample_rate=self.sample_rate,
-            expected_batch_size=self.expected_batch_size,
-            epsilon_spent=self.epsilon() if self.budget else math.nan,
             budget_epsilon=self.budget.epsilon if self.budget else None,
             delta=self.budget.delta if self.budget else None,
-            last_update_norms=self.last_update_norms,
             ledger=self.ledger,
+            spent=self.epsilon if self.budget else None,
         )
 
     def next_plan(self) -> tuple[StepPlan, Event]:
@@ -310,7 +297,7 @@ class PrivacyEngine:
             event=event,
         )
         if main:
-            extra = self.policy.observe({"step": report.step, "update_norms": norms, "plan": plan})
+            extra = self.policy.observe({"step": report.step})
             report.extra.update(extra or {})
         return report
 

@@ -33,7 +33,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import (
@@ -47,14 +47,21 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
+
 __all__ = [
     "SMOLLM2",
     "SMOLLM2_GGUF",
     "SMOLLM2_WHEEL_VERSION",
     "TINY_DEFAULTS",
     "ModelSpecError",
+    "build_model",
     "build_tiny_tokenizer",
     "cache_root",
+    "check_context",
     "load_model_and_tokenizer",
     "model_info",
     "parse_tiny_spec",
@@ -100,7 +107,7 @@ _ACCEPTED = (
 )
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(UserError, ValueError):
     """A model spec that cannot be resolved."""
 
 
@@ -496,3 +503,38 @@ def _ensure_pad_token(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> N
         tok.pad_token = tok.eos_token
     if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
         model.config.pad_token_id = tok.pad_token_id
+
+
+def build_model(recipe: Recipe) -> tuple[torch.nn.Module, Any]:
+    """The recipe's model (with its LoRA adapters, if any) in training mode, and its tokenizer;
+    initialization draws from ``recipe.seed`` without touching torch's global stream."""
+    dtype = getattr(torch, recipe.model.dtype)
+    with torch.random.fork_rng():
+        torch.manual_seed(recipe.seed)
+        model, tok = load_model_and_tokenizer(recipe.model.name, dtype=dtype)
+        if recipe.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            cfg = LoraConfig(
+                r=recipe.lora.r,
+                lora_alpha=recipe.lora.alpha,
+                lora_dropout=recipe.lora.dropout,
+                target_modules=list(recipe.lora.target_modules),
+            )
+            model = get_peft_model(model, cfg)
+    model.to(dtype)  # adapters are created in torch's default dtype; keep one dtype throughout
+    model.train()
+    return model, tok
+
+
+def check_context(model: torch.nn.Module, max_length: int) -> None:
+    """Refuse sequences longer than the model's context before any step runs."""
+    from .errors import RecipeError
+
+    cfg = getattr(model, "config", None)
+    ctx = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    if ctx is not None and max_length > ctx:
+        raise RecipeError(
+            f"data.max_length: {max_length} tokens exceeds the model's context of {ctx} tokens. "
+            f"Fix: set data.max_length to at most {ctx} (longer records are truncated)."
+        )

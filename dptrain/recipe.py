@@ -17,12 +17,8 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import RecipeError
 from .groups import GROUPINGS
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot run; the message names the key and the fix."""
-
 
 # Keys a resumed run may change without becoming a different run.
 RESUMABLE_KEYS = (
@@ -313,14 +309,6 @@ class Recipe(Section):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-POLICY_SCHEMAS: dict[str, type[BaseModel]] = {}
-
-
-def register_policy_schema(name: str, schema: type[BaseModel]) -> None:
-    """Options a policy accepts in ``policy:`` beyond name, grouping, clip and noise_multiplier."""
-    POLICY_SCHEMAS[name] = schema
-
-
 def _known_keys(model: type[BaseModel]) -> list[str]:
     return list(model.model_fields)
 
@@ -392,23 +380,18 @@ def parse_recipe(
 
 
 def _check_policy(recipe: Recipe, source: str) -> None:
-    from .policies import POLICIES
+    """The policy's name, its accountant rule and its options, from the policy registry."""
+    from .policies import accountant_refusal, policy_spec
 
-    name = recipe.policy.name
-    if name not in POLICIES:
-        close = difflib.get_close_matches(name, list(POLICIES), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise RecipeError(
-            f"invalid recipe {source}:\n  policy.name: unknown policy '{name}'.{hint} Known: {', '.join(sorted(POLICIES))}"
-        )
-    allowed = getattr(POLICIES[name], "accountants", None)
-    if allowed is not None and recipe.privacy.accountant not in allowed:
-        raise RecipeError(
-            f"invalid recipe {source}:\n  privacy.accountant: policy '{name}' is accounted by its "
-            f"own analysis, which only the {' / '.join(allowed)} accountant implements (got "
-            f"'{recipe.privacy.accountant}'). Fix: set privacy.accountant: {allowed[0]}"
-        )
-    schema = POLICY_SCHEMAS.get(name)
+    try:
+        spec = policy_spec(recipe.policy.name)
+    except RecipeError as err:
+        raise RecipeError(f"invalid recipe {source}:\n  {err}") from None
+    name = spec.name
+    reason = accountant_refusal(spec, recipe.privacy.accountant)
+    if reason is not None:
+        raise RecipeError(f"invalid recipe {source}:\n  {reason}")
+    schema = spec.options
     extra = recipe.policy.options
     if schema is None:
         if extra:

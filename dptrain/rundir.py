@@ -4,8 +4,11 @@ Layout::
 
     secret.key           the run key (mode 0600): every private random choice derives from it;
                          never copied into any other file (see dptrain.secret)
-    recipe.yaml          the resolved recipe (calibrated noise, sample rate, delta filled in)
-    run.json             metadata: privacy parameters, accountant, noise generator, status
+    recipe.yaml          the recipe as the user wrote it (with any --set overrides); its
+                         fingerprint identifies the run on resume
+    run.json             the resolved run plan (sample rate, delta, steps, the noise multiplier
+                         as given or calibrated, accountant, budget, key mode), the noise
+                         generator, status and, once finished, the guarantee
     metrics.jsonl        one JSON object per logged step (private statistics: do not publish)
     ledger.json          the privacy ledger, written before any model state that it covers
     checkpoints/step-00000100.pt   model/adapter, optimizer, engine (ledger, policy, noise position)
@@ -18,49 +21,22 @@ fsynced, then renamed over the target, so a crash leaves the old file or the new
 from __future__ import annotations
 
 import json
-import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from accountants.ledger import atomic_write
+
+from .errors import UserError
+
 CHECKPOINT_FORMAT = "dptrain-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint or run directory that cannot be used; the message names the file and the fix."""
-
-
-def atomic_write(path: Path, write: Callable[[Any], None], *, binary: bool = False) -> None:
-    """Write through ``write(file)`` to a temp file beside ``path``, fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -211,3 +187,35 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
             f"{path} has checkpoint version {state.get('version')}, this dptrain reads {CHECKPOINT_VERSION}"
         )
     return state
+
+
+def save_final(model: Any, tokenizer: Any, path: Path) -> None:
+    """Write the adapter (peft) or full model plus tokenizer, atomically as a directory."""
+    import shutil
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=path.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if path.exists():
+        old = path.with_name(".final-old")
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(path)
+
+
+def versions() -> dict[str, str]:
+    """The Python and package versions a run records in ``run.json``."""
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for pkg in ("dptrain", "torch", "transformers", "peft", "dp-accounting", "prv-accountant"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out

@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from .errors import UserError
+
 KEY_FILE = "secret.key"
 KEY_BYTES = 32
 _MAGIC = b"dptrain-run-key-v1\n"
@@ -54,7 +56,7 @@ __all__ = [
 ]
 
 
-class RunKeyError(RuntimeError):
+class RunKeyError(UserError, RuntimeError):
     """A run key that is missing, unreadable or exposed; the message names the fix."""
 
 

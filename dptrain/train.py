@@ -1,8 +1,18 @@
-"""``dptrain train``: a whole private fine-tuning run from a recipe, resumable.
+"""``dptrain train``: a whole private fine-tuning run from a recipe, resumable, in stages.
 
-Order of work: validate the recipe, read the data, resolve (q, delta, steps, noise) and check
-the budget -- all before the model is loaded -- then train with checkpoints, and finish with
-the final adapter/model, perplexities and the (epsilon, delta) guarantee.
+    prepare  validate the run directory, read the run key and the data, resolve the run plan
+             (:mod:`dptrain.plan`: q, delta, steps, the policy's noise, the accountant, the
+             budget) and check it -- all before the model is loaded
+    start    rank 0 writes the run key, ``recipe.yaml`` and the canary manifest
+    build    model (:func:`dptrain.models.build_model`), tokenized data, optimizer
+             (:mod:`dptrain.optim`), engine, policy attached, sampler; a checkpoint restored
+    loop     private steps with checkpoints, until the plan's steps or the budget end
+    finish   the final adapter/model, perplexities and the (epsilon, delta) guarantee
+
+The one path from ``policy.noise_multiplier`` and ``privacy.epsilon`` in the recipe down to
+the engine's release is written in :mod:`dptrain.plan`.  The audit after training
+(``audit.after_training`` / ``audit.whitebox``) is run by the command layer
+(:mod:`dptrain.commands.train`), not here.
 
 Randomness.  Every private random choice -- the validation / public split, the canaries,
 step ``t``'s Poisson batch and noise -- is a function of the run key (``secret.key``, see
@@ -15,7 +25,6 @@ delta includes the noise sampler's truncation term (:func:`dptrain.noise.truncat
 from __future__ import annotations
 
 import math
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -25,19 +34,22 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from accountants import Budget, BudgetFilter, Ledger, UnsupportedEventError, get_accountant
+from accountants import Ledger, UnsupportedEventError, get_accountant
 
 from . import distributed
-from .data import LMExamples, TextDataset, load_texts, split, tokenize
-from .data.canaries import insert_canaries, write_manifest
-from .data.loading import cap
+from .data import LMExamples, TextDataset, tokenize
+from .data.canaries import write_manifest
+from .data.lm import eval_batches
+from .data.splits import read_data, read_public
 from .engine import BudgetExceeded, PrivacyEngine
 from .losses import causal_lm_loss, perplexity
-from .models import load_model_and_tokenizer
-from .noise import GaussianNoise, truncation_delta
-from .policies import Policy, RunContext, make_policy
-from .recipe import Recipe, RecipeError, check_against_data, dump_recipe
-from .rundir import CheckpointError, RunDir, atomic_write
+from .models import build_model, check_context
+from .noise import GaussianNoise
+from .optim import make_optimizer
+from .plan import RunPlan, check_run, guarantee_numbers, plan_privacy
+from .policies import Policy, RunContext
+from .recipe import Recipe, RecipeError, dump_recipe
+from .rundir import CheckpointError, RunDir, atomic_write, save_final, versions
 from .sampling import PoissonSampler
 from .secret import RunKey, RunKeyError
 
@@ -48,17 +60,47 @@ class Prepared:
 
     recipe: Recipe
     run: RunDir
+    key: RunKey
     train_texts: TextDataset
     val_texts: TextDataset
-    sample_rate: float
-    delta: float
-    steps: int
-    policy: Policy
+    public_texts: TextDataset | None
+    plan: RunPlan
     ledger: Ledger
-    calibrated_noise_multiplier: float | None
     checkpoint: dict[str, Any] | None
-    public_texts: TextDataset | None = None
-    key: RunKey | None = None
+    resume: bool
+
+    @property
+    def policy(self) -> Policy:
+        return self.plan.policy
+
+
+@dataclass
+class Built:
+    """The run's model and engine, ready for its first (or next) step."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    engine: PrivacyEngine
+    noise: GaussianNoise
+    sampler: PoissonSampler
+    train_ex: LMExamples
+    validation_size: int
+    val_batches: list[dict[str, torch.Tensor]]
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    epsilon: float
+    delta: float
+    accountant: str
+    perplexity_before: float
+    perplexity_after: float
+    stopped_by_budget: bool
+    delta_total: float = math.nan  # delta plus the noise sampler's truncation term
+    finished: bool = False  # all planned steps taken, or stopped by the budget (not paused)
 
 
 def log(msg: str) -> None:
@@ -67,86 +109,36 @@ def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def read_data(recipe: Recipe, key: RunKey) -> tuple[TextDataset, TextDataset]:
-    train, val, _ = split_data(recipe, key)
-    return train, val
+def train(
+    recipe: Recipe,
+    run_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    max_steps_this_session: int | None = None,
+    cross_check: bool = True,
+) -> RunResult:
+    """Run (or resume) a recipe; see the module docstring.  Under torchrun (``WORLD_SIZE`` > 1)
+    every rank runs this; rank 0 alone writes the run directory (see dptrain.distributed).
+    ``cross_check=False`` skips the other accountants' epsilon in run.json (for audit shadow
+    models, which are never released)."""
+    distributed.init_from_env()
+    prep = prepare(recipe, run_dir, resume=resume)
+    distributed.barrier()  # every rank has validated the run directory before rank 0 writes
+    start(prep)
+    built = build(prep)
+    meta = begin_meta(prep, built)
+    stopped, seconds, counts = loop(prep, built, meta, progress, max_steps_this_session)
+    return finish(prep, built, meta, stopped, seconds, counts, cross_check)
 
 
-def split_data(recipe: Recipe, key: RunKey) -> tuple[TextDataset, TextDataset, TextDataset]:
-    """``(train, validation, unused)``: ``train`` ends with the included canary records (if the
-    recipe has ``data.canaries``); ``unused`` holds the records cut by ``max_records`` or
-    ``max_validation_records``, never trained on (an audit's extra non-members).
-
-    The validation split is a per-record keyed decision (:func:`dptrain.data.split`), so
-    adding a record to the file changes the training set by at most that record.
-    ``max_records`` is a count, not a per-record decision: it keeps the records with the
-    lowest keyed hashes, so adding a record may swap one (see :func:`guarantee_numbers`)."""
-    d = recipe.data
-    texts = load_texts(d.path, text_field=d.text_field, format=d.format)
-    if d.validation_path:
-        train = texts
-        val = load_texts(d.validation_path, text_field=d.text_field, format=d.format)
-    else:
-        train, val = split(texts, d.validation_fraction, key, "validation")
-    unused = TextDataset([], [])
-    if d.max_records is not None:
-        train, unused = cap(train, d.max_records, key, "max_records")
-    if d.max_validation_records is not None:
-        val, rest = cap(val, d.max_validation_records, key, "max_validation_records")
-        unused = TextDataset(unused.texts + rest.texts, unused.ids + rest.ids)
-    if d.canaries is not None:
-        train = insert_canaries(train, d.canaries, key)
-    return train, val, unused
-
-
-def read_public(
-    recipe: Recipe, train: TextDataset, key: RunKey
-) -> tuple[TextDataset, TextDataset | None]:
-    """``(private, public)``: the split the recipe declares public (``data.public_fraction``:
-    each training record is public by a per-record keyed decision, and removed from the
-    private records; or ``data.public_path``); the DP guarantee covers only the private records."""
-    d = recipe.data
-    if d.public_fraction is not None:
-        train, public = split(train, d.public_fraction, key, "public")
-    elif d.public_path is not None:
-        public = load_texts(d.public_path, text_field=d.text_field, format=d.format)
-        shared = set(public.texts) & set(train.texts)
-        if shared:
-            raise RecipeError(
-                f"data.public_path: {len(shared)} of its records are also private training "
-                "records; public data must not contain protected records. Fix: remove them, or "
-                "use data.public_fraction to carve a public split out of the training data."
-            )
-    else:
-        return train, None
-    if d.max_public_records is not None:
-        public = cap(public, d.max_public_records, key, "max_public_records")[0]
-    return train, public
-
-
-def build_policy(recipe: Recipe) -> Policy:
-    p = recipe.policy
-    return make_policy(p.name, clip=p.clip, noise_multiplier=p.noise_multiplier, **p.options)
+# -- prepare: everything checked before the model loads -----------------------------------
 
 
 def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool = False) -> Prepared:
-    """Validate everything that can be validated without the model."""
+    """Validate the run directory, read the key and the data, resolve and check the plan."""
     run = RunDir(recipe.run_dir(run_dir))
-    if resume:
-        if not run.exists():
-            raise CheckpointError(f"cannot resume: {run.path} is not a run directory (no run.json)")
-        meta = run.read_meta()
-        if meta.get("fingerprint") != recipe.fingerprint():
-            raise CheckpointError(
-                f"{run.path} was written by a different recipe: {_recipe_diff(run, recipe)}. "
-                "Fix: resume with the recipe that started the run, or start a new run in another output_dir."
-            )
-    elif run.started():
-        what = "holds a run" if run.exists() else "holds files of a run (no run.json)"
-        raise RecipeError(
-            f"output directory {run.path} already {what}. Fix: resume it with "
-            f"--resume {run.path}, or choose another output_dir / --output."
-        )
+    meta = _check_run_dir(run, recipe, resume)
     key = _run_key(recipe, run, resume)
     train_texts, val_texts = read_data(recipe, key)
     if not len(val_texts):
@@ -157,69 +149,55 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
             "set data.validation_path."
         )
     train_texts, public_texts = read_public(recipe, train_texts, key)
-    q, delta, steps = check_against_data(recipe, len(train_texts))
-    if recipe.privacy.delta is None and not resume:
+    restored = meta.get("calibrated_noise_multiplier") if meta else None
+    plan = plan_privacy(recipe, len(train_texts), restored_noise=restored)
+    if plan.delta_defaulted and not resume:
         log(
-            f"privacy.delta not set: using 1/(10 N) = {delta:.3g} for N = {len(train_texts)} "
-            "training records (N is public: it also sets the sample rate)"
+            f"privacy.delta not set: using 1/(10 N) = {plan.delta:.3g} for N = "
+            f"{len(train_texts)} training records (N is public: it also sets the sample rate)"
         )
-    policy = build_policy(recipe)
-    if policy.needs_public_data and public_texts is None:
-        raise RecipeError(
-            f"policy.name: policy '{policy.name}' evaluates the model on public data. Fix: set "
-            "data.public_fraction (e.g. 0.02: that share of the records is declared public and "
-            "left out of private training) or data.public_path (a file of public records)."
-        )
-    acc = recipe.privacy.accountant
-    if resume and getattr(policy, "noise_multiplier", 0) is None:
-        # a resumed run keeps the noise it was calibrated with, whatever its new length
-        policy.noise_multiplier = meta.get("calibrated_noise_multiplier")
-    if getattr(policy, "noise_multiplier", 0) is None:
-        sigma = policy.calibrate(recipe.privacy.epsilon, delta, steps, q, acc)
+    if plan.noise_source == "calibrated":
         log(
-            f"calibrated noise multiplier {sigma:.4f} for epsilon={recipe.privacy.epsilon} at delta={delta:.3g} over {steps} steps ({acc})"
+            f"calibrated noise multiplier {plan.noise_multiplier:.4f} for epsilon="
+            f"{recipe.privacy.epsilon} at delta={plan.delta:.3g} over {plan.steps} steps "
+            f"({plan.accountant})"
         )
     checkpoint = run.load_checkpoint(recipe.fingerprint()) if resume else None
     ledger = Ledger.from_dict(checkpoint["engine"]["ledger"]) if checkpoint else Ledger()
-    budget = Budget(recipe.privacy.epsilon, delta)
-    fil = BudgetFilter(budget, acc)
-    event = policy.planned_event(q)
-    if event is not None:
-        fits = fil.max_steps(ledger, event)
-        if fits == 0:
-            spent = fil.spent(ledger) if ledger.events else 0.0
-            raise RecipeError(
-                f"privacy.epsilon: the budget ({budget.epsilon}, {delta:.3g}) is already spent "
-                f"(epsilon {spent:.4f} after {ledger.total_steps} steps; one more step of "
-                f"q={q:.4g}, sigma={event.noise_multiplier:.4g} would exceed it). Fix: start a new "
-                "run with fresh data or accept a larger epsilon in a new run."
-            )
-        if fits < steps - ledger.total_steps:
-            log(
-                f"warning: the budget fits {fits} more steps of {steps - ledger.total_steps} planned; the run will stop there"
-            )
-    if (
-        getattr(policy, "noise_multiplier", None) is not None
-        and recipe.policy.noise_multiplier is None
-    ):
-        prepared_sigma = policy.noise_multiplier
-    else:
-        prepared_sigma = None
-    return Prepared(
-        recipe,
-        run,
-        train_texts,
-        val_texts,
-        q,
-        delta,
-        steps,
-        policy,
-        ledger,
-        prepared_sigma,
-        checkpoint,
-        public_texts,
-        key,
+    public = len(public_texts) if public_texts is not None else None
+    fits = check_run(
+        plan, public_records=public, ledger=ledger, world_size=distributed.world_size()
     )
+    if fits is not None and fits < plan.steps - ledger.total_steps:
+        log(
+            f"warning: the budget fits {fits} more steps of {plan.steps - ledger.total_steps} "
+            "planned; the run will stop there"
+        )
+    return Prepared(
+        recipe, run, key, train_texts, val_texts, public_texts, plan, ledger, checkpoint, resume
+    )
+
+
+def _check_run_dir(run: RunDir, recipe: Recipe, resume: bool) -> dict[str, Any] | None:
+    """The run's ``run.json`` on resume (it must be this recipe's); a fresh run needs an
+    unused directory."""
+    if resume:
+        if not run.exists():
+            raise CheckpointError(f"cannot resume: {run.path} is not a run directory (no run.json)")
+        meta = run.read_meta()
+        if meta.get("fingerprint") != recipe.fingerprint():
+            raise CheckpointError(
+                f"{run.path} was written by a different recipe: {_recipe_diff(run, recipe)}. "
+                "Fix: resume with the recipe that started the run, or start a new run in another output_dir."
+            )
+        return meta
+    if run.started():
+        what = "holds a run" if run.exists() else "holds files of a run (no run.json)"
+        raise RecipeError(
+            f"output directory {run.path} already {what}. Fix: resume it with "
+            f"--resume {run.path}, or choose another output_dir / --output."
+        )
+    return None
 
 
 def _run_key(recipe: Recipe, run: RunDir, resume: bool) -> RunKey:
@@ -262,129 +240,49 @@ def _recipe_diff(run: RunDir, recipe: Recipe) -> str:
     return "; ".join(diffs[:8]) or "fingerprints differ"
 
 
-def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    t = recipe.training
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+# -- start and build ----------------------------------------------------------------------
 
 
-def build_model(recipe: Recipe) -> tuple[torch.nn.Module, Any]:
-    dtype = getattr(torch, recipe.model.dtype)
-    with torch.random.fork_rng():
-        torch.manual_seed(recipe.seed)
-        model, tok = load_model_and_tokenizer(recipe.model.name, dtype=dtype)
-        if recipe.lora is not None:
-            from peft import LoraConfig, get_peft_model
-
-            cfg = LoraConfig(
-                r=recipe.lora.r,
-                lora_alpha=recipe.lora.alpha,
-                lora_dropout=recipe.lora.dropout,
-                target_modules=list(recipe.lora.target_modules),
-            )
-            model = get_peft_model(model, cfg)
-    model.to(dtype)  # adapters are created in torch's default dtype; keep one dtype throughout
-    model.train()
-    return model, tok
+def start(prep: Prepared) -> None:
+    """Rank 0 opens the run directory: the key first, then the recipe as the user wrote it."""
+    torch.manual_seed(prep.recipe.seed)
+    if not distributed.is_main():
+        return
+    run, recipe = prep.run, prep.recipe
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.clean_partial()
+    if prep.key.secure and not run.key.exists():
+        prep.key.write(run.key)  # before anything that derives from it is written
+    if not prep.resume:
+        atomic_write(run.recipe, lambda f: f.write(dump_recipe(recipe)))
+        if recipe.data.canaries is not None:
+            path = write_manifest(run.path, recipe.data.canaries, prep.key)
+            log(f"inserted audit canaries; their secrets are in {path} (keep it private)")
 
 
-def eval_batches(examples: LMExamples, size: int) -> list[dict[str, torch.Tensor]]:
-    return [
-        examples.batch(list(range(i, min(i + size, len(examples)))))
-        for i in range(0, len(examples), size)
-    ]
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("dptrain", "torch", "transformers", "peft", "dp-accounting", "prv-accountant"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    steps: int
-    epsilon: float
-    delta: float
-    accountant: str
-    perplexity_before: float
-    perplexity_after: float
-    stopped_by_budget: bool
-    delta_total: float = math.nan  # delta plus the noise sampler's truncation term
-
-
-def train(
-    recipe: Recipe,
-    run_dir: str | Path | None = None,
-    *,
-    resume: bool = False,
-    progress: bool = True,
-    max_steps_this_session: int | None = None,
-    cross_check: bool = True,
-) -> RunResult:
-    """Run (or resume) a recipe; see the module docstring.  Under torchrun (``WORLD_SIZE`` > 1)
-    every rank runs this; rank 0 alone writes the run directory (see dptrain.distributed).
-    ``cross_check=False`` skips the other accountants' epsilon in run.json (for audit shadow
-    models, which are never released)."""
-    distributed.init_from_env()
-    main = distributed.is_main()
-    prep = prepare(recipe, run_dir, resume=resume)
-    if distributed.world_size() > 1 and prep.policy.adaptive:
-        raise RecipeError(
-            f"policy '{recipe.policy.name}' plans from each step's released outputs on one "
-            "process; under --nproc the ranks would clip at different thresholds. Fix: run it "
-            "with --nproc 1, or use policy static or error_feedback across processes."
-        )
-    distributed.barrier()  # every rank has validated the run directory before rank 0 writes
-    run, q, delta = prep.run, prep.sample_rate, prep.delta
-    torch.manual_seed(recipe.seed)
-    fingerprint = recipe.fingerprint()
-    if main:
-        run.path.mkdir(parents=True, exist_ok=True)
-        run.clean_partial()
-        if prep.key.secure and not run.key.exists():
-            prep.key.write(run.key)  # before anything that derives from it is written
-        if not resume:
-            atomic_write(run.recipe, lambda f: f.write(dump_recipe(recipe)))
-            if recipe.data.canaries is not None:
-                path = write_manifest(run.path, recipe.data.canaries, prep.key)
-                log(f"inserted audit canaries; their secrets are in {path} (keep it private)")
-
+def build(prep: Prepared) -> Built:
+    """Model, tokenized data, optimizer, engine and sampler; the policy attached and a
+    checkpoint restored (on resume)."""
+    recipe, plan, d = prep.recipe, prep.plan, prep.recipe.data
     log(f"loading model {recipe.model.name} ...")
     t0 = time.perf_counter()
     model, tokenizer = build_model(recipe)
     log(f"model ready in {time.perf_counter() - t0:.1f}s")
-    d = recipe.data
     check_context(model, d.max_length)
     train_ex = tokenize(prep.train_texts, tokenizer, d.max_length)
     val_ex = tokenize(prep.val_texts, tokenizer, d.max_length)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(recipe, params)
+    optimizer = make_optimizer(recipe.training, [p for p in model.parameters() if p.requires_grad])
     noise = GaussianNoise(prep.key)
     engine = PrivacyEngine(
         model,
         optimizer,
-        policy=prep.policy,
-        sample_rate=q,
+        policy=plan.policy,
+        sample_rate=plan.sample_rate,
         dataset_size=len(train_ex),
         loss_fn=causal_lm_loss,
         grouping=recipe.policy.grouping,
-        accountant=recipe.privacy.accountant,
-        budget=Budget(recipe.privacy.epsilon, delta),
+        accountant=plan.accountant,
+        budget=plan.budget,
         max_physical_batch_size=recipe.training.physical_batch_size,
         noise=noise,
     )
@@ -392,77 +290,78 @@ def train(
     if prep.public_texts is not None:
         public_ex = tokenize(prep.public_texts, tokenizer, d.max_length)
         public_batches = eval_batches(public_ex, recipe.training.physical_batch_size)
-    prep.policy.attach(RunContext(model, prep.steps, recipe.seed, public_batches))
-    sampler = PoissonSampler(train_ex.ids, q, prep.key)
+    plan.policy.attach(RunContext(model, plan.steps, recipe.seed, public_batches))
+    sampler = PoissonSampler(train_ex.ids, plan.sample_rate, prep.key)
     val_batches = eval_batches(val_ex, recipe.training.physical_batch_size)
-    accountant = get_accountant(recipe.privacy.accountant)
-
-    if resume:
-        if prep.checkpoint is not None:
-            _restore(prep.checkpoint, model, optimizer, sampler, engine)
-            log(f"resumed {run.path} at step {engine.steps_taken} (epsilon {engine.epsilon():.4f})")
-        if main:
-            run.truncate_metrics(engine.steps_taken)
-        meta = run.read_meta()
-        ppl_before = meta["perplexity_before"]
-    else:
-        log(f"validation perplexity before training ({len(val_ex)} records) ...")
-        ppl_before = perplexity(model, val_batches) if main else math.nan
-        meta = {
-            "name": recipe.name,
-            "fingerprint": fingerprint,
-            "status": "running",
-            "dataset_size": len(train_ex),
-            "validation_size": len(val_ex),
-            "truncated_records": getattr(train_ex, "truncated", None),
-            "sample_rate": q,
-            "expected_batch_size": q * len(train_ex),
-            "delta": delta,
-            "epsilon_budget": recipe.privacy.epsilon,
-            "accountant": recipe.privacy.accountant,
-            "adaptive": prep.policy.adaptive,
-            "public_records": len(prep.public_texts) if prep.public_texts is not None else 0,
-            "planned_steps": prep.steps,
-            "policy": prep.policy.describe(),
-            "calibrated_noise_multiplier": prep.calibrated_noise_multiplier,
-            "grouping": recipe.policy.grouping,
-            "groups": list(engine.groups),
-            "noise_generator": noise.description,
-            "randomness": prep.key.describe(),
-            "key_id": prep.key.key_id,
-            "insecure_seed": prep.key.insecure_seed,
-            "perplexity_before": ppl_before,
-            "versions": _versions(),
-            "world_size": distributed.world_size(),
-        }
-        if main:
-            run.write_meta(meta)
-            engine.ledger.save(run.ledger)
-
-    def checkpoint() -> None:
-        if not main:
-            return
-        # ledger first: the ledger on disk never covers fewer steps than a saved model
-        engine.ledger.save(run.ledger)
-        run.save_checkpoint(
-            engine.steps_taken,
-            {
-                "fingerprint": fingerprint,
-                "model": trainable_state(model),
-                "optimizer": optimizer.state_dict(),
-                "sampler": sampler.state_dict(),
-                "engine": engine.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-            },
+    built = Built(
+        model, tokenizer, optimizer, engine, noise, sampler, train_ex, len(val_ex), val_batches
+    )
+    if prep.checkpoint is not None:
+        _restore(prep.checkpoint, built)
+        log(
+            f"resumed {prep.run.path} at step {engine.steps_taken} (epsilon {engine.epsilon():.4f})"
         )
+    return built
 
-    stopped_by_budget = False
-    total = prep.steps
-    start = engine.steps_taken
-    end = total if max_steps_this_session is None else min(total, start + max_steps_this_session)
+
+def begin_meta(prep: Prepared, built: Built) -> dict[str, Any]:
+    """``run.json`` at the start: the resolved plan and what the run was built with (written
+    once; a resumed run continues its own)."""
+    run, recipe, plan = prep.run, prep.recipe, prep.plan
+    main = distributed.is_main()
+    if prep.resume:
+        if main:
+            run.truncate_metrics(built.engine.steps_taken)
+        return run.read_meta()
+    log(f"validation perplexity before training ({built.validation_size} records) ...")
+    ppl_before = perplexity(built.model, built.val_batches) if main else math.nan
+    meta = {
+        "name": recipe.name,
+        "fingerprint": recipe.fingerprint(),
+        "status": "running",
+        "dataset_size": len(built.train_ex),
+        "validation_size": built.validation_size,
+        "truncated_records": getattr(built.train_ex, "truncated", None),
+        "expected_batch_size": plan.sample_rate * len(built.train_ex),
+        "public_records": len(prep.public_texts) if prep.public_texts is not None else 0,
+        **plan.meta(),
+        "groups": list(built.engine.groups),
+        "noise_generator": built.noise.description,
+        "randomness": prep.key.describe(),
+        "key_id": prep.key.key_id,
+        "insecure_seed": prep.key.insecure_seed,
+        "perplexity_before": ppl_before,
+        "versions": versions(),
+        "world_size": distributed.world_size(),
+    }
+    if main:
+        run.write_meta(meta)
+        built.engine.ledger.save(run.ledger)
+    return meta
+
+
+# -- loop ---------------------------------------------------------------------------------
+
+
+def loop(
+    prep: Prepared,
+    built: Built,
+    meta: dict[str, Any],
+    progress: bool,
+    max_steps_this_session: int | None,
+) -> tuple[bool, float, tuple[int, int]]:
+    """Private steps until the plan's steps (or this session's share) are done or the budget
+    stops the run; returns (stopped by the budget, seconds, (non-finite samples, skipped
+    steps) so far)."""
+    recipe, run, engine = prep.recipe, prep.run, built.engine
+    main = distributed.is_main()
+    t = recipe.training
+    total = prep.plan.steps
+    first = engine.steps_taken
+    end = total if max_steps_this_session is None else min(total, first + max_steps_this_session)
     bar = tqdm(
         total=total,
-        initial=start,
+        initial=first,
         desc="private steps",
         unit="step",
         disable=not progress or not main,
@@ -473,20 +372,20 @@ def train(
     eps_shown = engine.epsilon()
     nonfinite = meta.get("nonfinite_samples", 0)
     skipped = meta.get("skipped_steps", 0)
+    stopped_by_budget = False
     try:
         while engine.steps_taken < end:
             # same global batch on every rank: a function of (key, step, record ids)
-            idx = distributed.shard(sampler.sample(engine.steps_taken))
-            batch = train_ex.batch(idx)
+            idx = distributed.shard(built.sampler.sample(engine.steps_taken))
             try:
-                report = engine.step(batch)
+                report = engine.step(built.train_ex.batch(idx))
             except BudgetExceeded as err:
                 stopped_by_budget = True
                 log(f"stopping: {err}")
                 break
-            if report.step == start + 1:
+            if report.step == first + 1:
                 _report_plan(engine)
-            logging = report.step % recipe.training.log_every == 0 or report.step == end
+            logging = report.step % t.log_every == 0 or report.step == end
             eps = engine.epsilon() if logging else eps_shown
             eps_shown = eps
             record = {
@@ -503,83 +402,58 @@ def train(
             }
             nonfinite += report.nonfinite
             skipped += not report.applied
-            if (
-                main
-                and recipe.training.eval_every
-                and report.step % recipe.training.eval_every == 0
-            ):
-                record["val_perplexity"] = perplexity(model, val_batches)
+            if main and t.eval_every and report.step % t.eval_every == 0:
+                record["val_perplexity"] = perplexity(built.model, built.val_batches)
             if main and logging:
                 run.log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{report.loss:.3f}", eps=f"{eps:.3f}", B=report.batch_size)
-            if report.step % recipe.training.checkpoint_every == 0:
-                checkpoint()
+            if report.step % t.checkpoint_every == 0:
+                checkpoint(prep, built)
     finally:
         bar.close()
-    train_seconds = time.perf_counter() - t_train
-    checkpoint()
-    finished = engine.steps_taken >= total or stopped_by_budget
-    claim = guarantee_numbers(prep, engine.epsilon(), noise.pairs)
-    eps = claim["epsilon"]
-    ppl_after = perplexity(model, val_batches) if main else math.nan
-    if finished and main:
-        _save_final(model, tokenizer, run.final)
-    if prep.policy.adaptive:  # what a non-adaptive schedule of the same noise would report
-        meta["epsilon_non_adaptive"] = (
-            accountant.epsilon(engine.ledger.events, delta) if engine.ledger.events else 0.0
-        )
-    meta.update(
-        status="finished" if finished else "paused",
-        steps=engine.steps_taken,
-        **claim,
-        epsilon_by_accountant={
-            name: _cross_check(name, engine.ledger, delta)
-            for name in ("rdp", "prv", "pld")
-            if name != accountant.name and cross_check and not prep.policy.adaptive
-        }
-        | {accountant.name: engine.epsilon()},
-        guarantee_accountant=accountant.name,
-        guarantee=_guarantee(prep, accountant.name),
-        policy=prep.policy.describe(),
-        stopped_by_budget=stopped_by_budget,
-        per_sample_gradients=engine.capture.summary(),
-        perplexity_after=ppl_after,
-        nonfinite_samples=nonfinite,
-        skipped_steps=skipped,
-        train_seconds=meta.get("train_seconds", 0.0) + train_seconds,
-    )
-    if main:
-        run.write_meta(meta)
-    result = RunResult(
-        run.path,
+    seconds = time.perf_counter() - t_train
+    checkpoint(prep, built)
+    return stopped_by_budget, seconds, (nonfinite, skipped)
+
+
+def checkpoint(prep: Prepared, built: Built) -> None:
+    """Rank 0 saves the ledger, then the model, optimizer, sampler and engine state."""
+    if not distributed.is_main():
+        return
+    engine = built.engine
+    # ledger first: the ledger on disk never covers fewer steps than a saved model
+    engine.ledger.save(prep.run.ledger)
+    prep.run.save_checkpoint(
         engine.steps_taken,
-        eps,
-        delta,
-        accountant.name,
-        ppl_before,
-        ppl_after,
-        stopped_by_budget,
-        claim["delta_total"],
+        {
+            "fingerprint": prep.recipe.fingerprint(),
+            "model": trainable_state(built.model),
+            "optimizer": built.optimizer.state_dict(),
+            "sampler": built.sampler.state_dict(),
+            "engine": engine.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        },
     )
-    if main:
-        _print_summary(result, meta)
-        for note in prep.policy.describe().get("notes", []):
-            print(f"note                {note}", flush=True)
-    engine.detach()
-    distributed.barrier()
-    if main and finished and recipe.audit is not None and recipe.audit.after_training:
-        from attacks.audit import audit_run
 
-        audit_run(run.path, recipe.audit, progress=progress)
-    elif main and finished and recipe.audit is not None and recipe.audit.whitebox:
-        from attacks.report import whitebox_verdict
-        from attacks.whitebox import audit_configuration
 
-        w = audit_configuration(run.path, recipe.audit, log=log)
-        print(f"white-box audit      {whitebox_verdict(w)[1][0]}", flush=True)
-        print(f"report              {run.path / 'audit' / 'whitebox.html'}", flush=True)
-    return result
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _restore(state: dict[str, Any], built: Built) -> None:
+    names = dict(built.model.named_parameters())
+    with torch.no_grad():
+        for n, t in state["model"].items():
+            if n not in names:
+                raise CheckpointError(
+                    f"checkpoint has parameter {n} that the model lacks: a different model or LoRA config"
+                )
+            names[n].copy_(t)
+    built.optimizer.load_state_dict(state["optimizer"])
+    built.sampler.load_state_dict(state["sampler"])
+    built.engine.load_state_dict(state["engine"])
+    torch.set_rng_state(state["torch_rng"])
 
 
 def _report_plan(engine: PrivacyEngine) -> None:
@@ -597,6 +471,75 @@ def _report_plan(engine: PrivacyEngine) -> None:
         log(f"note: {note}")
 
 
+# -- finish -------------------------------------------------------------------------------
+
+
+def finish(
+    prep: Prepared,
+    built: Built,
+    meta: dict[str, Any],
+    stopped_by_budget: bool,
+    train_seconds: float,
+    counts: tuple[int, int],
+    cross_check: bool,
+) -> RunResult:
+    """The final model, the guarantee in ``run.json`` and the summary."""
+    run, plan, engine = prep.run, prep.plan, built.engine
+    main = distributed.is_main()
+    accountant = get_accountant(plan.accountant)
+    delta = plan.delta
+    finished = engine.steps_taken >= plan.steps or stopped_by_budget
+    claim = guarantee_numbers(plan, engine.epsilon(), built.noise.pairs)
+    ppl_after = perplexity(built.model, built.val_batches) if main else math.nan
+    if finished and main:
+        save_final(built.model, built.tokenizer, run.final)
+    if plan.adaptive:  # what a non-adaptive schedule of the same noise would report
+        meta["epsilon_non_adaptive"] = (
+            accountant.epsilon(engine.ledger.events, delta) if engine.ledger.events else 0.0
+        )
+    meta.update(
+        status="finished" if finished else "paused",
+        steps=engine.steps_taken,
+        **claim,
+        epsilon_by_accountant={
+            name: _cross_check(name, engine.ledger, delta)
+            for name in ("rdp", "prv", "pld")
+            if name != accountant.name and cross_check and not plan.adaptive
+        }
+        | {accountant.name: engine.epsilon()},
+        guarantee_accountant=accountant.name,
+        guarantee=_guarantee(prep, accountant.name),
+        policy=plan.policy.describe(),
+        stopped_by_budget=stopped_by_budget,
+        per_sample_gradients=engine.capture.summary(),
+        perplexity_after=ppl_after,
+        nonfinite_samples=counts[0],
+        skipped_steps=counts[1],
+        train_seconds=meta.get("train_seconds", 0.0) + train_seconds,
+    )
+    if main:
+        run.write_meta(meta)
+    result = RunResult(
+        run.path,
+        engine.steps_taken,
+        claim["epsilon"],
+        delta,
+        accountant.name,
+        meta["perplexity_before"],
+        ppl_after,
+        stopped_by_budget,
+        claim["delta_total"],
+        finished,
+    )
+    if main:
+        _print_summary(result, meta)
+        for note in plan.policy.describe().get("notes", []):
+            print(f"note                {note}", flush=True)
+    engine.detach()
+    distributed.barrier()
+    return result
+
+
 def _cross_check(name: str, ledger: Ledger, delta: float) -> float | None:
     """Epsilon of the ledger by another accountant; None if it cannot account these events."""
     try:
@@ -605,54 +548,9 @@ def _cross_check(name: str, ledger: Ledger, delta: float) -> float | None:
         return None
 
 
-def check_context(model: torch.nn.Module, max_length: int) -> None:
-    """Refuse sequences longer than the model's context before any step runs."""
-    cfg = getattr(model, "config", None)
-    ctx = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
-    if ctx is not None and max_length > ctx:
-        raise RecipeError(
-            f"data.max_length: {max_length} tokens exceeds the model's context of {ctx} tokens. "
-            f"Fix: set data.max_length to at most {ctx} (longer records are truncated)."
-        )
-
-
-def _restore(state: dict[str, Any], model, optimizer, sampler, engine) -> None:
-    names = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, t in state["model"].items():
-            if n not in names:
-                raise CheckpointError(
-                    f"checkpoint has parameter {n} that the model lacks: a different model or LoRA config"
-                )
-            names[n].copy_(t)
-    optimizer.load_state_dict(state["optimizer"])
-    sampler.load_state_dict(state["sampler"])
-    engine.load_state_dict(state["engine"])
-    torch.set_rng_state(state["torch_rng"])
-
-
-def _save_final(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
-    """Write the adapter (peft) or full model plus tokenizer, atomically as a directory."""
-    import shutil
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=path.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if path.exists():
-        old = path.with_name(".final-old")
-        shutil.rmtree(old, ignore_errors=True)
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(path)
-
-
 def _guarantee(prep: Prepared, accountant: str) -> str:
     """What the reported (epsilon, delta) rests on, and whom it protects."""
-    if prep.policy.adaptive:
+    if prep.plan.adaptive:
         text = (
             f"{accountant} privacy filter valid under fully adaptive composition (noise chosen "
             "from released and public data; Feldman & Zrnic 2021, union bound over RDP orders)"
@@ -664,49 +562,9 @@ def _guarantee(prep: Prepared, accountant: str) -> str:
             f"; covers the {len(prep.train_texts)} private training records, not the "
             f"{len(prep.public_texts)} records declared public"
         )
-    if prep.key is not None and not prep.key.secure:
+    if not prep.key.secure:
         text += "; NO guarantee against anyone who knows privacy.insecure_seed"
     return text
-
-
-def guarantee_numbers(prep: Prepared, spent: float, noise_pairs: int) -> dict[str, Any]:
-    """The run's reported guarantee (run.json keys): ``epsilon`` at ``delta_total`` = the
-    accountant's delta + the noise sampler's truncation term (:func:`truncation_delta`).
-
-    Adaptive policies: the certified epsilon is the privacy filter's budget, not the spend so
-    far (``epsilon_spent_adaptive``, an odometer reading).  ``rl.init_from``: records shared
-    with the warm-start run are covered by the composition of both certified guarantees.
-    ``data.max_records``: file-level neighbours may differ by 2 training records (group
-    privacy, ``(2 eps, (1 + e^eps) delta)``)."""
-    recipe = prep.recipe
-    adaptive = prep.policy.adaptive
-    eps = float(recipe.privacy.epsilon) if adaptive else float(spent)
-    term = truncation_delta(eps, noise_pairs)
-    out: dict[str, Any] = {
-        "epsilon": eps,
-        "delta_noise_truncation": term,
-        "delta_total": prep.delta + term,
-        "noise_pairs": noise_pairs,
-    }
-    if adaptive:
-        out["epsilon_spent_adaptive"] = float(spent)
-    warm = getattr(prep.policy, "warm_start", None)
-    if warm is not None:
-        out["shared_with_warm_start"] = {
-            "run": warm["run"],
-            "epsilon": eps + float(warm["epsilon"]),
-            "delta": out["delta_total"] + float(warm["delta"]),
-        }
-    if recipe.data.max_records is not None:
-        d = out["delta_total"]
-        out["file_level"] = {
-            "epsilon": 2 * eps,
-            "delta": min(1.0, (1 + math.exp(min(eps, 700.0))) * d) if math.isfinite(eps) else 1.0,
-            "why": "data.max_records keeps a count, so an added record can swap another one "
-            "out (group privacy over 2 records); without max_records the record-level "
-            "guarantee holds for the file too",
-        }
-    return out
 
 
 def _print_summary(r: RunResult, meta: dict[str, Any]) -> None:

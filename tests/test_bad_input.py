@@ -165,3 +165,23 @@ def test_a_non_finite_released_update_is_skipped_but_charged():
     report = engine.step((torch.randn(4, 4), torch.tensor([0, 1, 0, 1])))
     assert not report.applied and engine.ledger.total_steps == 1 and engine.steps_taken == 1
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+def test_only_user_errors_print_as_user_errors(monkeypatch, capsys):
+    """A UserError prints one ``error:`` line; any other exception (a bug) propagates with
+    its traceback, even a ValueError."""
+    import dptrain.commands.train as command
+    from dptrain.errors import UserError
+
+    def raising(err):
+        def run(args):
+            raise err
+
+        return run
+
+    monkeypatch.setattr(command, "run", raising(UserError("bad input. Fix: this")))
+    assert main(["train", "r.yaml"]) == 2
+    assert capsys.readouterr().err == "error: bad input. Fix: this\n"
+    monkeypatch.setattr(command, "run", raising(ValueError("an internal bug")))
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["train", "r.yaml"])

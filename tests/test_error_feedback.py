@@ -158,9 +158,9 @@ def test_events_calibration_and_accountant_checks():
     policy = make_policy("error_feedback", clip=2.0, noise_multiplier=None, error_clip=0.1)
     assert policy.feedback == pytest.approx(0.1)
     with pytest.raises(ValueError, match="accountant 'rdp'"):
-        policy.calibrate(4.0, 1e-5, 100, 0.05, "prv")
-    sigma = policy.calibrate(4.0, 1e-5, 100, 0.05, "rdp")
-    static = StaticPolicy(2.0).calibrate(4.0, 1e-5, 100, 0.05, "rdp")
+        policy.calibrate(4.0, 1e-5, sample_rate=0.05, steps=100, accountant="prv")
+    sigma = policy.calibrate(4.0, 1e-5, sample_rate=0.05, steps=100, accountant="rdp")
+    static = StaticPolicy(2.0).calibrate(4.0, 1e-5, sample_rate=0.05, steps=100, accountant="rdp")
     assert sigma > static
     event = policy.planned_event(0.05)
     assert event.kind == ERROR_FEEDBACK and event.noise_multiplier == sigma

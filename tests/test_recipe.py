@@ -122,3 +122,32 @@ def test_fingerprint_ignores_resumable_keys():
     d["training"]["lr"] = 0.1
     c = parse_recipe(d)
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_adaptive_policy_needs_an_adaptive_valid_accountant_at_validation():
+    """``policy: rl`` with ``accountant: prv`` is refused by parse_recipe alone: before the data
+    is read or the model is built (the rule lives in the policy registry)."""
+    d = base()
+    d["policy"] = {"name": "rl"}
+    d["data"]["public_fraction"] = 0.05
+    for accountant in ("prv", "pld"):
+        d["privacy"] = {"accountant": accountant}
+        msg = error_of(d)
+        assert "privacy.accountant: policy 'rl' chooses its noise" in msg
+        assert f"'{accountant}' is not" in msg and "Fix: set privacy.accountant: rdp" in msg
+    d["privacy"] = {"accountant": "rdp"}
+    assert parse_recipe(d).policy.name == "rl"
+
+
+def test_registry_traits_match_the_policies_it_builds():
+    """What validation reads off the registry is what the built policy says of itself."""
+    from dptrain.policies import POLICIES, make_policy
+
+    options = {"error_feedback": {"error_clip": 0.1}, "rl": {}}
+    for name, spec in POLICIES.items():
+        policy = make_policy(name, clip=1.0, noise_multiplier=1.0, **options.get(name, {}))
+        assert (spec.adaptive, spec.accountants, spec.needs_public_data) == (
+            policy.adaptive,
+            policy.accountants,
+            policy.needs_public_data,
+        ), name

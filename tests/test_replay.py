@@ -14,10 +14,11 @@ import yaml
 
 from dptrain.cli import main
 from dptrain.data import load_texts
+from dptrain.data.splits import read_public, split_data
 from dptrain.recipe import parse_recipe
 from dptrain.rundir import CheckpointError, RunDir
 from dptrain.secret import KEY_FILE, RunKey
-from dptrain.train import read_public, split_data, train
+from dptrain.train import train
 
 from .helpers import share_key
 

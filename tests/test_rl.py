@@ -39,7 +39,7 @@ class Run:
         self.data = lm_batch(VOCAB, 40, 8, seed=data_seed)
         self.policy = RLPolicy(clip=1.0, noise_multiplier=None, rl={"every": 2, **rl})
         q = 0.2
-        self.policy.calibrate(eps, 1e-3, steps, q, "rdp")
+        self.policy.calibrate(eps, 1e-3, sample_rate=q, steps=steps, accountant="rdp")
         opt = torch.optim.AdamW(self.model.parameters(), lr=1e-2)
         self.engine = PrivacyEngine(
             self.model,

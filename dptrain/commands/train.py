@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from ..errors import InputError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -43,15 +45,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
-        raise ValueError("--nproc must be at least 1")
+        raise InputError("--nproc must be at least 1")
     if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return _launch(args)
+    from .. import distributed
     from ..recipe import load_recipe
     from ..train import train
 
     recipe = load_recipe(args.recipe, args.set, command="train")
     run_dir = args.resume or args.output
-    train(recipe, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    result = train(recipe, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    audit = recipe.audit
+    if result.finished and distributed.is_main() and audit is not None:
+        if audit.after_training or audit.whitebox:
+            from attacks.audit import after_training
+
+            after_training(result.run_dir, audit, progress=not args.no_progress)
     return 0
 
 

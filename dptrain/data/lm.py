@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dptrain.data.loading import TextDataset
+from dptrain.errors import UserError
 
 __all__ = ["IGNORE_INDEX", "LMExamples", "SequenceTooLongError", "pad_token_id", "tokenize"]
 
@@ -31,7 +32,7 @@ IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
 
 
-class SequenceTooLongError(ValueError):
+class SequenceTooLongError(UserError, ValueError):
     """A record does not fit in ``max_length`` tokens and truncation was not allowed."""
 
 
@@ -172,3 +173,11 @@ def tokenize(
         num_truncated=truncated,
         max_length=max_length,
     )
+
+
+def eval_batches(examples: LMExamples, size: int) -> list[dict[str, torch.Tensor]]:
+    """``examples`` in order, in batches of at most ``size`` (for evaluation, not training)."""
+    return [
+        examples.batch(list(range(i, min(i + size, len(examples)))))
+        for i in range(0, len(examples), size)
+    ]

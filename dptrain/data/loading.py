@@ -22,7 +22,8 @@ public split: each record is in validation iff a PRF with the public key
 :data:`BUNDLED_SPLIT_KEY` maps its id below :data:`BUNDLED_VALIDATION_FRACTION`.
 
 All files are read as UTF-8 (a leading byte-order mark is ignored). Problems raise
-:class:`DataError` (a ``ValueError``) naming the file and line, or ``FileNotFoundError``.
+:class:`DataError` (a ``ValueError``) naming the file and line, or
+:class:`DataFileNotFoundError` (also a ``FileNotFoundError``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from ..secret import RunKey, below, record_keys
 
 __all__ = [
@@ -68,8 +70,12 @@ BUNDLED_SPLIT_KEY = RunKey(hashlib.sha256(b"dptrain bundled split (public)").dig
 """A public key: the bundled corpus's split is fixed and known (the corpus is synthetic)."""
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file that cannot be turned into a :class:`TextDataset`."""
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+    """A data path that does not exist."""
 
 
 @dataclass
@@ -116,7 +122,7 @@ def load_texts(
         return _load_bundled(path)
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"data file not found: {p}")
+        raise DataFileNotFoundError(f"data file not found: {p}")
     if p.is_dir():
         raise DataError(f"{p} is a directory; expected a .jsonl, .csv, .tsv or .txt file")
     fmt = _infer_format(p, format)

@@ -17,7 +17,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from ..recipe import parse_recipe
+from ..recipe import RecipeError, parse_recipe
 from .client import train_round
 from .recipe import FederatedRecipe
 from .server import run_server, start_run
@@ -26,7 +26,7 @@ from .server import run_server, start_run
 def recipe_of(context: Context) -> FederatedRecipe:
     recipe = parse_recipe(yaml.safe_load(str(context.run_config["recipe"])), "run config")
     if not isinstance(recipe, FederatedRecipe):
-        raise ValueError("the run config's recipe has no federated section")
+        raise RecipeError("the run config's recipe has no federated section")
     return recipe
 
 

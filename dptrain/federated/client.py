@@ -58,14 +58,16 @@ from flwr.clientapp.typing import Mod
 from accountants import Budget, BudgetExceeded, BudgetFilter, Ledger
 
 from ..data import LMExamples, TextDataset, load_texts, tokenize
+from ..data.splits import read_data
 from ..engine import PrivacyEngine
+from ..models import build_model
 from ..noise import GaussianNoise, truncation_delta
+from ..optim import make_optimizer
+from ..plan import plan_privacy
 from ..policies import Policy
-from ..recipe import check_against_data
 from ..rundir import atomic_write
 from ..sampling import PoissonSampler
 from ..secret import KEY_FILE, RunKey, run_key
-from ..train import build_model, build_policy, make_optimizer, read_data
 from .holder import ClientConfig, ClientConfigError, Request, refusal
 from .lora import get_strategy, load_lora_state
 from .partition import partition
@@ -136,26 +138,28 @@ def plan_client(recipe: FederatedRecipe, client: int, own: ClientConfig) -> Clie
     else:
         parts = client_datasets(recipe)
         if not 0 <= client < len(parts):
-            raise ValueError(
+            raise ClientConfigError(
                 f"partition-id {client} is outside the recipe's {len(parts)} clients (0.."
                 f"{len(parts) - 1}); fix the SuperNode's --node-config or federated.clients"
             )
         data = parts[client]
-    q, asked_delta, steps = check_against_data(recipe, len(data))
-    policy = build_policy(recipe)
-    sigma = getattr(policy, "noise_multiplier", math.nan)
-    if sigma is None:
-        total = steps * recipe.federated.rounds
-        sigma = policy.calibrate(
-            recipe.privacy.epsilon, asked_delta, total, q, recipe.privacy.accountant
-        )
+    plan = plan_privacy(recipe, len(data), repeats=recipe.federated.rounds)
     asked = Request(
         float(recipe.privacy.epsilon),
-        asked_delta,
-        recipe.privacy.accountant,
-        None if policy.adaptive else float(sigma),
+        plan.delta,
+        plan.accountant,
+        None if plan.adaptive else float(plan.noise_multiplier),
     )
-    return ClientPlan(client, data, q, own.own_delta(len(data)), steps, own.epsilon, policy, asked)
+    return ClientPlan(
+        client,
+        data,
+        plan.sample_rate,
+        own.own_delta(len(data)),
+        plan.steps,
+        own.epsilon,
+        plan.policy,
+        asked,
+    )
 
 
 class ClientState:
@@ -236,7 +240,7 @@ def _over_budget(plan: ClientPlan, ledger: Ledger, filt: BudgetFilter) -> str | 
 
 
 def _noise_multiplier(policy: Policy) -> float:
-    sigma = getattr(policy, "noise_multiplier", None)
+    sigma = policy.noise_multiplier
     return float(sigma) if sigma is not None else math.nan
 
 
@@ -319,7 +323,7 @@ def train_round(
         noise = GaussianNoise(key)
         engine = PrivacyEngine(
             model,
-            make_optimizer(recipe, params),
+            make_optimizer(recipe.training, params),
             policy=plan.policy,
             sample_rate=plan.sample_rate,
             dataset_size=len(examples),

@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from ..errors import UserError
 from ..recipe import default_delta
 
 ACCOUNTANTS = ("rdp", "prv", "pld")
@@ -48,7 +49,7 @@ _KEYS = {
 _FLOWER_KEYS = {"partition-id", "num-partitions", "client-config"}
 
 
-class ClientConfigError(ValueError):
+class ClientConfigError(UserError, ValueError):
     """A client's own settings are missing or invalid; the message names the fix."""
 
 

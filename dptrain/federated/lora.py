@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..errors import RecipeError
+
 State = dict[str, Tensor]
 _A, _B = ".lora_A.", ".lora_B."
 
@@ -121,5 +123,5 @@ STRATEGIES: dict[str, LoraStrategy] = {
 
 def get_strategy(name: str) -> LoraStrategy:
     if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}: choose one of {', '.join(STRATEGIES)}")
+        raise RecipeError(f"unknown strategy {name!r}: choose one of {', '.join(STRATEGIES)}")
     return STRATEGIES[name]

@@ -30,11 +30,12 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from ..data import tokenize
+from ..data.lm import eval_batches
 from ..losses import perplexity
+from ..models import build_model
 from ..recipe import RecipeError, dump_recipe
-from ..rundir import RunDir, atomic_write
+from ..rundir import RunDir, atomic_write, save_final, versions
 from ..secret import RunKey, run_key
-from ..train import _save_final, _versions, build_model, eval_batches
 from .client import MODEL_LOCK, validation_dataset
 from .lora import load_lora_state, lora_state
 from .recipe import FederatedRecipe
@@ -68,7 +69,7 @@ def start_run(recipe: FederatedRecipe, run_dir: str | Path | None = None) -> Run
             "client_dp": f.client_dp.model_dump() if f.client_dp else None,
             "randomness": key.describe(),
             "insecure_seed": key.insecure_seed,
-            "versions": _versions(),
+            "versions": versions(),
         }
     )
     return run
@@ -150,7 +151,7 @@ def run_server(grid: Grid, recipe: FederatedRecipe, run: RunDir) -> dict[str, An
         timeout=f.round_timeout,
         evaluate_fn=evaluate,
     )
-    _save_final(model, tokenizer, run.final)
+    save_final(model, tokenizer, run.final)
     meta = run.update_meta(
         status="finished",
         perplexity_before=history.get(0, math.nan),

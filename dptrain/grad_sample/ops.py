@@ -38,10 +38,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad, vmap
 
+from ..errors import UserError
 from .outer import Outer
 
 
-class UnsupportedLayerError(ValueError):
+class UnsupportedLayerError(UserError, ValueError):
     """A use of a trainable parameter whose per-sample gradient cannot be computed exactly.
 
     Not a ``TypeError``: Python's operators turn a ``TypeError`` raised inside ``x * w`` into

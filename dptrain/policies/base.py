@@ -53,17 +53,19 @@ class StepPlan:
 
 @dataclass
 class StepContext:
-    """What a policy may look at when planning: public or already released quantities only."""
+    """What a policy may look at when planning: public or already released quantities only.
+    (The sampling constants come once, through :meth:`Policy.bind`.)"""
 
     step: int
-    sample_rate: float
-    expected_batch_size: float
-    epsilon_spent: float
     budget_epsilon: float | None
     delta: float | None
-    last_update_norms: dict[str, float] | None = None  # per group, of the released update
-    extra: dict[str, Any] = field(default_factory=dict)
     ledger: Ledger | None = None  # the events charged so far (public: a function of past plans)
+    spent: Callable[[], float] | None = field(default=None, repr=False)
+
+    def epsilon_spent(self) -> float:
+        """Epsilon spent so far by the engine's accountant, computed only when asked (and
+        cached by the engine per ledger length); nan without a budget."""
+        return self.spent() if self.spent is not None else math.nan
 
 
 @dataclass
@@ -98,6 +100,11 @@ class Policy(ABC):
     adaptive: bool = False  # whether plans depend on data (then only adaptive-valid accountants may guard the budget)
     accountants: tuple[str, ...] | None = None  # accountants able to account its events (None: all)
     needs_public_data: bool = False  # whether attach() needs a public split (data.public_*)
+    # sigma of the schedule (for adaptive policies its reference); None until the run plan
+    # calibrates it (calibrate) or restores it from run.json on resume
+    noise_multiplier: float | None = None
+    # a run this policy's state starts from: {run, epsilon, delta} of its certified guarantee
+    warm_start: dict[str, Any] | None = None
 
     def bind(
         self, groups: Sequence[str], *, sample_rate: float, expected_batch_size: float
@@ -111,10 +118,18 @@ class Policy(ABC):
     def plan(self, context: StepContext) -> StepPlan: ...
 
     def calibrate(
-        self, target_epsilon: float, delta: float, steps: int, sample_rate: float, accountant: str
+        self,
+        target_epsilon: float,
+        delta: float,
+        *,
+        sample_rate: float,
+        steps: int,
+        accountant: str,
     ) -> float:
         """Set and return the smallest noise multiplier meeting (target_epsilon, delta) over
-        ``steps`` steps; the default assumes one Poisson-subsampled Gaussian event per step."""
+        ``steps`` steps at ``sample_rate`` (the argument order of
+        :func:`accountants.calibrate_noise`); the default assumes one Poisson-subsampled Gaussian
+        event per step."""
         from accountants import calibrate_noise
 
         self.noise_multiplier = calibrate_noise(
@@ -145,8 +160,8 @@ class Policy(ABC):
         return None
 
     def observe(self, report: dict[str, Any]) -> dict[str, float] | None:
-        """Called after each step with released quantities (metrics of the noisy update); may
-        return metrics to log with the step (released or public quantities only)."""
+        """Called after each step with ``{"step": t}`` (the steps taken so far); may return
+        metrics to log with the step (released or public quantities only)."""
         return None
 
     def state_dict(self) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from accountants import ERROR_FEEDBACK, Event, calibrate_noise, error_feedback_e
 from accountants.error_feedback import FEEDBACK, feedback_sensitivity
 
 from .base import NoiseFn, StepPlan, StepSums
+from .registry import check_accountant
 from .static import StaticPolicy
 
 
@@ -85,14 +86,16 @@ class ErrorFeedbackPolicy(StaticPolicy):
     # -- accounting --------------------------------------------------------------------------
 
     def calibrate(
-        self, target_epsilon: float, delta: float, steps: int, sample_rate: float, accountant: str
+        self,
+        target_epsilon: float,
+        delta: float,
+        *,
+        sample_rate: float,
+        steps: int,
+        accountant: str,
     ) -> float:
         """The smallest sigma meeting the target under the error-feedback bound (RDP only)."""
-        if accountant not in self.accountants:
-            raise ValueError(
-                f"the {self.name} policy is accounted by its own RDP analysis; calibrate with "
-                f"accountant 'rdp', not {accountant!r}"
-            )
+        check_accountant(self, accountant)
         self.noise_multiplier = calibrate_noise(
             target_epsilon,
             delta,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from accountants import Event, Ledger
-from attacks.audit import audit_run
+from attacks.audit import after_training, audit_run
 from attacks.report import verdict
 from dptrain.cli import main
 from dptrain.recipe import parse_recipe
@@ -136,6 +136,8 @@ def test_dp_run_audited_after_training_stays_below_its_epsilon(tmp_path, capsys)
         whitebox_canaries=200, whitebox_simulations=4,
     )  # fmt: skip
     result = train(recipe, progress=False)
+    assert result.finished and not (out / "audit" / "summary.json").exists()
+    after_training(result.run_dir, recipe.audit, progress=False)  # what `dptrain train` runs
     assert 0.5 < result.epsilon <= 1.0
     s = _strict_json(out / "audit" / "summary.json")  # written by the audit after training
     assert s["accountant_epsilon"] == pytest.approx(result.epsilon)

@@ -11,9 +11,9 @@ import torch
 from accountants import Budget, BudgetFilter, Event, Ledger, get_accountant
 from dptrain import PrivacyEngine, StaticPolicy
 from dptrain.data.canaries import make_canaries, read_manifest, write_manifest
+from dptrain.data.splits import split_data
 from dptrain.recipe import CanarySection, RecipeError, parse_recipe
 from dptrain.secret import RunKey
-from dptrain.train import split_data
 
 KEY = RunKey.from_insecure_seed(0)
 

@@ -16,9 +16,9 @@ from dptrain.cli import main
 from dptrain.federated import client as client_module
 from dptrain.federated import simulate
 from dptrain.federated.lora import lora_state
+from dptrain.models import build_model
 from dptrain.recipe import RecipeError, parse_recipe
 from dptrain.rundir import RunDir
-from dptrain.train import build_model
 
 from .conftest import ROOT, tiny_recipe, write_recipe
 

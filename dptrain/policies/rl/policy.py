@@ -16,9 +16,10 @@ from torch import Tensor, nn
 from accountants import Ledger
 from accountants.rdp import RdpAccountant
 
+from ...errors import RecipeError
 from ...losses import perplexity
-from ...recipe import RecipeError
 from ..base import NoiseFn, Policy, RunContext, StepContext, StepPlan, StepSums
+from ..registry import check_accountant
 from .control import (
     Pacer,
     Released,
@@ -96,16 +97,17 @@ class RLPolicy(Policy):
     # -- set-up --------------------------------------------------------------------------
 
     def calibrate(
-        self, target_epsilon: float, delta: float, steps: int, sample_rate: float, accountant: str
+        self,
+        target_epsilon: float,
+        delta: float,
+        *,
+        sample_rate: float,
+        steps: int,
+        accountant: str,
     ) -> float:
         """``sigma_ref``: the constant noise multiplier whose ``steps`` steps spend exactly the
         budget under the adaptive RDP filter (count releases not included)."""
-        if accountant != "rdp":
-            raise RecipeError(
-                f"privacy.accountant: policy rl chooses its noise from released data, so only an "
-                f"accountant valid under fully adaptive composition may guard its budget; "
-                f"'{accountant}' is not. Fix: set privacy.accountant: rdp (adaptive RDP filter)."
-            )
+        check_accountant(self, accountant)
         pacer = Pacer(sample_rate, target_epsilon, delta, 0.0)
         self.noise_multiplier = pacer.sigma([], steps, 0)
         return self.noise_multiplier

@@ -1,0 +1,74 @@
+"""The splits of a recipe's data: training, validation, public, unused (all keyed per record).
+
+Every split is a per-record keyed decision of the run key (:func:`dptrain.data.split`), so
+adding a record to the file changes the training set by at most that record; ``max_records``
+is the exception (a count: see :func:`dptrain.plan.guarantee_numbers`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..errors import RecipeError
+from ..secret import RunKey
+from .canaries import insert_canaries
+from .loading import TextDataset, cap, load_texts, split
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+
+
+def split_data(recipe: Recipe, key: RunKey) -> tuple[TextDataset, TextDataset, TextDataset]:
+    """``(train, validation, unused)``: ``train`` ends with the included canary records (if the
+    recipe has ``data.canaries``); ``unused`` holds the records cut by ``max_records`` or
+    ``max_validation_records``, never trained on (an audit's extra non-members).
+
+    ``max_records`` keeps the records with the lowest keyed hashes, so adding a record may
+    swap one."""
+    d = recipe.data
+    texts = load_texts(d.path, text_field=d.text_field, format=d.format)
+    if d.validation_path:
+        train = texts
+        val = load_texts(d.validation_path, text_field=d.text_field, format=d.format)
+    else:
+        train, val = split(texts, d.validation_fraction, key, "validation")
+    unused = TextDataset([], [])
+    if d.max_records is not None:
+        train, unused = cap(train, d.max_records, key, "max_records")
+    if d.max_validation_records is not None:
+        val, rest = cap(val, d.max_validation_records, key, "max_validation_records")
+        unused = TextDataset(unused.texts + rest.texts, unused.ids + rest.ids)
+    if d.canaries is not None:
+        train = insert_canaries(train, d.canaries, key)
+    return train, val, unused
+
+
+def read_data(recipe: Recipe, key: RunKey) -> tuple[TextDataset, TextDataset]:
+    """``(train, validation)`` of :func:`split_data`."""
+    train, val, _ = split_data(recipe, key)
+    return train, val
+
+
+def read_public(
+    recipe: Recipe, train: TextDataset, key: RunKey
+) -> tuple[TextDataset, TextDataset | None]:
+    """``(private, public)``: the split the recipe declares public (``data.public_fraction``:
+    each training record is public by a per-record keyed decision, and removed from the
+    private records; or ``data.public_path``); the DP guarantee covers only the private records."""
+    d = recipe.data
+    if d.public_fraction is not None:
+        train, public = split(train, d.public_fraction, key, "public")
+    elif d.public_path is not None:
+        public = load_texts(d.public_path, text_field=d.text_field, format=d.format)
+        shared = set(public.texts) & set(train.texts)
+        if shared:
+            raise RecipeError(
+                f"data.public_path: {len(shared)} of its records are also private training "
+                "records; public data must not contain protected records. Fix: remove them, or "
+                "use data.public_fraction to carve a public split out of the training data."
+            )
+    else:
+        return train, None
+    if d.max_public_records is not None:
+        public = cap(public, d.max_public_records, key, "max_public_records")[0]
+    return train, public

@@ -1,0 +1,23 @@
+"""Errors a user can fix, apart from bugs.
+
+Every error raised for bad input -- a recipe, a data file, a model spec, a checkpoint or run
+directory, a run key, a spent budget, a layer no per-sample rule covers -- derives from
+:class:`UserError`; its message names the key or file and the fix.  ``dptrain`` prints such an
+error as one ``error: ...`` line and anything else as a bug, with its traceback.  The concrete
+classes keep their historical builtin bases (``ValueError``, ``RuntimeError``) so that callers
+catching those still do.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input the user can fix; the message names the fix."""
+
+
+class RecipeError(UserError, ValueError):
+    """A recipe that cannot run; the message names the key and the fix."""
+
+
+class InputError(UserError, ValueError):
+    """Other bad input: a command-line value, a run that cannot be audited, a client setting."""

@@ -1,0 +1,202 @@
+"""The run plan: every privacy value of a run, resolved once from the recipe and the data size.
+
+One path down from the recipe to the engine's release (nothing is read back up)::
+
+    recipe.training  (batch_size | sample_rate, steps | epochs)  + N (public)
+    recipe.privacy   (epsilon, delta, accountant)
+        -> plan_privacy:  q = B / N,  delta (default 1 / (10 N), announced once),  T steps
+    recipe.policy    (name, clip, noise_multiplier, options; validated with the registry,
+                      accountant rule included, when the recipe was parsed)
+        -> policy_from_recipe -> policy with policy.noise_multiplier =
+               the recipe's value                                   (noise_source "recipe")
+             | run.json's calibrated_noise_multiplier, on resume    ("restored")
+             | policy.calibrate(epsilon, delta, sample_rate=q, steps=T, accountant)
+                                                                    ("calibrated")
+    RunPlan(q, delta, T, policy, accountant, budget = (epsilon, delta))
+        -> check_run: public data present if the policy needs it; the budget not spent and
+           at least one step of the planned event fitting it -- before the model loads
+        -> PrivacyEngine(policy=plan.policy, sample_rate=q, accountant=plan.accountant,
+                         budget=plan.budget)            (dptrain.train.build; federated client)
+        -> each step: policy.plan(context) gives C_g and s_g (static: s_g = sigma C, sigma =
+           policy.noise_multiplier); the budget filter admits policy.event(plan); the
+           release is policy.release(sums, plan, noise) = (sum_b clip(g_b) + N(0, s_g^2 I)) / qN
+
+The resolved values are written once, to ``run.json`` (:meth:`RunPlan.meta`); ``recipe.yaml``
+keeps what the user wrote.  :func:`guarantee_numbers` turns the plan and the ledger's spend
+into the reported guarantee.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from accountants import Budget, BudgetFilter, Ledger
+
+from .errors import RecipeError
+from .noise import truncation_delta
+from .policies import Policy, policy_from_recipe
+from .recipe import check_against_data
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
+
+NoiseSource = Literal["recipe", "calibrated", "restored"]
+
+
+@dataclass
+class RunPlan:
+    """A run's resolved privacy parameters (see the module docstring)."""
+
+    recipe: Recipe
+    dataset_size: int  # N: public, it sets q and the default delta
+    sample_rate: float
+    delta: float
+    delta_defaulted: bool  # privacy.delta was not set: 1 / (10 N)
+    steps: int
+    policy: Policy  # its noise_multiplier resolved
+    noise_source: NoiseSource
+    accountant: str  # the accountant the guarantee rests on
+    budget: Budget
+
+    @property
+    def noise_multiplier(self) -> float | None:
+        return self.policy.noise_multiplier
+
+    @property
+    def adaptive(self) -> bool:
+        return self.policy.adaptive
+
+    @property
+    def calibrated_noise_multiplier(self) -> float | None:
+        """The noise the run resolved itself (calibrated, or restored on resume); None when the
+        recipe gave it.  Kept in ``run.json`` so a resumed run keeps it whatever its length."""
+        return None if self.noise_source == "recipe" else self.policy.noise_multiplier
+
+    def meta(self) -> dict[str, Any]:
+        """The plan's ``run.json`` fields."""
+        return {
+            "sample_rate": self.sample_rate,
+            "delta": self.delta,
+            "epsilon_budget": self.recipe.privacy.epsilon,
+            "accountant": self.accountant,
+            "adaptive": self.adaptive,
+            "planned_steps": self.steps,
+            "policy": self.policy.describe(),
+            "calibrated_noise_multiplier": self.calibrated_noise_multiplier,
+            "grouping": self.recipe.policy.grouping,
+        }
+
+
+def plan_privacy(
+    recipe: Recipe,
+    dataset_size: int,
+    *,
+    repeats: int = 1,
+    restored_noise: float | None = None,
+) -> RunPlan:
+    """Resolve ``q``, delta, steps and the policy's noise for ``dataset_size`` training records.
+    ``repeats``: the run's steps are taken this many times (a federated client's rounds of
+    ``steps`` local steps), and the noise is calibrated for all of them; ``restored_noise``: the noise a resumed run was calibrated
+    with (used when the recipe gives none)."""
+    q, delta, steps = check_against_data(recipe, dataset_size)
+    policy = policy_from_recipe(recipe.policy)
+    accountant = recipe.privacy.accountant
+    source: NoiseSource = "recipe"
+    if policy.noise_multiplier is None and restored_noise is not None:
+        policy.noise_multiplier, source = float(restored_noise), "restored"
+    elif policy.noise_multiplier is None:
+        policy.calibrate(
+            recipe.privacy.epsilon,
+            delta,
+            sample_rate=q,
+            steps=steps * repeats,
+            accountant=accountant,
+        )
+        source = "calibrated"
+    return RunPlan(
+        recipe,
+        dataset_size,
+        q,
+        delta,
+        recipe.privacy.delta is None,
+        steps,
+        policy,
+        source,
+        accountant,
+        Budget(recipe.privacy.epsilon, delta),
+    )
+
+
+def check_run(
+    plan: RunPlan, *, public_records: int | None, ledger: Ledger, world_size: int = 1
+) -> int | None:
+    """Refuse a run that cannot start, before the model loads; return how many more steps of
+    the planned event fit the budget (None for adaptive policies, stopped by the engine)."""
+    policy, name = plan.policy, plan.recipe.policy.name
+    if policy.needs_public_data and public_records is None:
+        raise RecipeError(
+            f"policy.name: policy '{policy.name}' evaluates the model on public data. Fix: set "
+            "data.public_fraction (e.g. 0.02: that share of the records is declared public and "
+            "left out of private training) or data.public_path (a file of public records)."
+        )
+    if world_size > 1 and policy.adaptive:
+        raise RecipeError(
+            f"policy '{name}' plans from each step's released outputs on one "
+            "process; under --nproc the ranks would clip at different thresholds. Fix: run it "
+            "with --nproc 1, or use policy static or error_feedback across processes."
+        )
+    event = policy.planned_event(plan.sample_rate)
+    if event is None:
+        return None
+    fil = BudgetFilter(plan.budget, plan.accountant)
+    fits = fil.max_steps(ledger, event)
+    if fits == 0:
+        spent = fil.spent(ledger) if ledger.events else 0.0
+        raise RecipeError(
+            f"privacy.epsilon: the budget ({plan.budget.epsilon}, {plan.delta:.3g}) is already "
+            f"spent (epsilon {spent:.4f} after {ledger.total_steps} steps; one more step of "
+            f"q={plan.sample_rate:.4g}, sigma={event.noise_multiplier:.4g} would exceed it). Fix: "
+            "start a new run with fresh data or accept a larger epsilon in a new run."
+        )
+    return fits
+
+
+def guarantee_numbers(plan: RunPlan, spent: float, noise_pairs: int) -> dict[str, Any]:
+    """The run's reported guarantee (run.json keys): ``epsilon`` at ``delta_total`` = the
+    accountant's delta + the noise sampler's truncation term (:func:`truncation_delta`).
+
+    Adaptive policies: the certified epsilon is the privacy filter's budget, not the spend so
+    far (``epsilon_spent_adaptive``, an odometer reading).  ``policy.warm_start``
+    (``rl.init_from``): records shared with the warm-start run are covered by the composition of both certified
+    guarantees.  ``data.max_records``: file-level neighbours may differ by 2 training records
+    (group privacy, ``(2 eps, (1 + e^eps) delta)``)."""
+    recipe = plan.recipe
+    eps = float(recipe.privacy.epsilon) if plan.adaptive else float(spent)
+    term = truncation_delta(eps, noise_pairs)
+    out: dict[str, Any] = {
+        "epsilon": eps,
+        "delta_noise_truncation": term,
+        "delta_total": plan.delta + term,
+        "noise_pairs": noise_pairs,
+    }
+    if plan.adaptive:
+        out["epsilon_spent_adaptive"] = float(spent)
+    warm_start = plan.policy.warm_start
+    if warm_start is not None:
+        out["shared_with_warm_start"] = {
+            "run": warm_start["run"],
+            "epsilon": eps + float(warm_start["epsilon"]),
+            "delta": out["delta_total"] + float(warm_start["delta"]),
+        }
+    if recipe.data.max_records is not None:
+        d = out["delta_total"]
+        out["file_level"] = {
+            "epsilon": 2 * eps,
+            "delta": min(1.0, (1 + math.exp(min(eps, 700.0))) * d) if math.isfinite(eps) else 1.0,
+            "why": "data.max_records keeps a count, so an added record can swap another one "
+            "out (group privacy over 2 records); without max_records the record-level "
+            "guarantee holds for the file too",
+        }
+    return out
