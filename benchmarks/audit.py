@@ -111,6 +111,9 @@ SETUPS: dict[str, dict] = {
     # one epoch of q = 1/2: where the sampling check is strongest (its shift ~ mu^2 q^2)
     "epoch": {"q": 0.5, "steps": 2, "canaries": 16000, "width": 256,
               "bugs": ("none", "shuffle")},
+    # the subsampled setup with twice the canaries: half noise at epsilon 8 (4/5 with 8000)
+    "subsampled-16k": {"q": 0.5, "steps": 64, "canaries": 16000, "width": 256,
+                       "bugs": ("none", "noise/2")},
 }  # fmt: skip
 
 

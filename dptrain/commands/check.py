@@ -9,6 +9,8 @@ import argparse
 import json
 import sys
 
+from . import add_overrides
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -23,13 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
     p.add_argument("--records", type=int, default=8, help="records to use (default 8)")
     p.add_argument("--batch-size", type=int, default=4, help="records per batch (default 4)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe key, e.g. --set model.dtype=float64",
-    )
+    add_overrides(p, "model.dtype=float64")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 

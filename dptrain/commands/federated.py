@@ -11,6 +11,8 @@ import argparse
 import logging
 import sys
 
+from . import add_overrides
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -23,13 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("recipe", help="path to a federated YAML recipe (see recipes/federated.yaml)")
     p.add_argument("--output", metavar="RUN_DIR", help="run directory (default: runs/<name>)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe key, e.g. --set federated.rounds=2",
-    )
+    add_overrides(p, "federated.rounds=2")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--deploy",

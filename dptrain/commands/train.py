@@ -7,6 +7,7 @@ import os
 import sys
 
 from ..errors import InputError
+from . import add_overrides
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,13 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="RUN_DIR",
         help="run directory (default: recipe output_dir or runs/<name>)",
     )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe key, e.g. --set training.steps=10",
-    )
+    add_overrides(p, "training.steps=10")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--nproc",
