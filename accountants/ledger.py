@@ -303,10 +303,10 @@ def atomic_write(
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Persist the rename itself (best effort; not every platform has directory fds)."""
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from accountants.ledger import fsync_dir
+
 from .errors import UserError
 
 KEY_FILE = "secret.key"
@@ -189,7 +191,7 @@ class RunKey:
         finally:
             if tmp.exists():
                 os.unlink(tmp)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return path
 
     @classmethod
@@ -215,17 +217,6 @@ class RunKey:
         except ValueError:
             raise RunKeyError(f"{path} is corrupted (not a hex key)") from None
         return cls(key)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def run_key(directory: str | Path, insecure_seed: int | None, *, create: bool) -> RunKey:
