@@ -25,7 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from faker import Faker
+try:
+    from faker import Faker
+except ImportError:  # a development tool: runtime reads the bundled file, never this module
+    raise ImportError(
+        "regenerating the bundled corpus needs faker (a development dependency). Fix: "
+        "pip install -e '.[dev]'"
+    ) from None
 
 T = TypeVar("T")
 
