@@ -284,7 +284,7 @@ def audit_run(
             "scores": s,
         }
     cp = timer(
-        "bounds", lambda: _clopper_pearson(attacks, is_member, claim["delta"], opts.confidence, rng)
+        "bounds", lambda: _split_half_bound(attacks, is_member, claim["delta"], opts.confidence, rng)
     )
 
     whitebox = None
@@ -412,7 +412,7 @@ def _canaries(
     return result
 
 
-def _clopper_pearson(
+def _split_half_bound(
     attacks: dict[str, dict[str, Any]],
     is_member: np.ndarray,
     delta: float,
