@@ -284,7 +284,8 @@ def audit_run(
             "scores": s,
         }
     cp = timer(
-        "bounds", lambda: _split_half_bound(attacks, is_member, claim["delta"], opts.confidence, rng)
+        "bounds",
+        lambda: _split_half_bound(attacks, is_member, claim["delta"], opts.confidence, rng),
     )
 
     whitebox = None
