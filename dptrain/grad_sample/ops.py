@@ -196,6 +196,21 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1, t.shape[-1])
 
 
+def _affine_outer(use: Use, *, weight_is_out_by_in: bool) -> dict[str, Outer]:
+    """``y = a W + b`` per token: ``dW_b = sum_t g_bt a_bt^T`` (or its transpose for a weight
+    stored (in, out)), ``db_b = sum_t g_bt``."""
+    a = _flat(use.call.input)
+    g = use.grad.reshape(a.shape[0], a.shape[1], -1)
+    out = {}
+    if "weight" in use.params:
+        out["weight"] = (
+            Outer(g, a, g.shape[-1]) if weight_is_out_by_in else Outer(a, g, a.shape[-1])
+        )
+    if "bias" in use.params:
+        out["bias"] = Outer(g, None, g.shape[-1])
+    return out
+
+
 class Linear(OpRule):
     """``y = a W^T + b``; ghost norm ``||dW_b||^2 = sum_{t,s} (a_bt . a_bs)(g_bt . g_bs)``."""
 
@@ -204,14 +219,7 @@ class Linear(OpRule):
     rowwise = True
 
     def outer(self, use: Use) -> dict[str, Outer]:
-        a = _flat(use.call.input)
-        g = use.grad.reshape(a.shape[0], a.shape[1], -1)
-        out = {}
-        if "weight" in use.params:
-            out["weight"] = Outer(g, a, g.shape[-1])
-        if "bias" in use.params:
-            out["bias"] = Outer(g, None, g.shape[-1])
-        return out
+        return _affine_outer(use, weight_is_out_by_in=True)
 
     def compute(self, call: OpCall, x: Tensor) -> Tensor:
         return F.linear(call.as_called(x), call.args["weight"], call.args["bias"])
@@ -236,14 +244,7 @@ class AddMM(OpRule):
         return args["beta"] == 1 and args["alpha"] == 1 and args["mat1"].dim() == 2
 
     def outer(self, use: Use) -> dict[str, Outer]:
-        a = _flat(use.call.input)
-        g = use.grad.reshape(a.shape[0], a.shape[1], -1)
-        out = {}
-        if "weight" in use.params:
-            out["weight"] = Outer(a, g, a.shape[-1])
-        if "bias" in use.params:
-            out["bias"] = Outer(g, None, g.shape[-1])
-        return out
+        return _affine_outer(use, weight_is_out_by_in=False)
 
     def compute(self, call: OpCall, x: Tensor) -> Tensor:
         a = call.args
