@@ -179,9 +179,10 @@ def clip_and_sum(
         if raws is not None:
             raws[p] = sum_over(fs, ones)
     for p, gs in materialized.items():
-        sums[p] = torch.einsum("b,b...->...", coef[group_of[p]].to(gs.dtype), gs)
+        acc = torch.promote_types(gs.dtype, torch.float32)  # half-precision rows: sum in fp32
+        sums[p] = torch.einsum("b,b...->...", coef[group_of[p]].to(acc), gs.to(acc))
         if raws is not None:
-            raws[p] = gs.sum(0)
+            raws[p] = gs.to(acc).sum(0)
     return ClippedSums(sums=sums, norms=norms, nonfinite=nonfinite, raw=raws, ghosted=len(ghosted))
 
 

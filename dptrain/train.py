@@ -405,6 +405,7 @@ def loop(
             if main and t.eval_every and report.step % t.eval_every == 0:
                 record["val_perplexity"] = perplexity(built.model, built.val_batches)
             if main and logging:
+                built.engine.ledger.save(run.ledger)  # the ledger covers what the log shows
                 run.log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{report.loss:.3f}", eps=f"{eps:.3f}", B=report.batch_size)
