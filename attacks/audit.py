@@ -134,6 +134,13 @@ def _starting_point(recipe: Recipe) -> torch.nn.Module:
 # -- the audit ---------------------------------------------------------------------------------
 
 
+def require_plots() -> None:
+    """The report's plots need matplotlib (the ``plots`` extra): checked before any work."""
+    from dptrain.extras import require
+
+    require("matplotlib", "plots", "the audit report (its ROC curves and histograms)")
+
+
 def audit_run(
     run_dir: str | Path,
     options: AuditSection | None = None,
@@ -161,6 +168,7 @@ def audit_run(
             f"{run.path} has no final model (status {meta.get('status')!r}). Fix: finish it "
             f"with `dptrain train RECIPE --resume {run.path}`, then audit it"
         )
+    require_plots()
     recipe = load_recipe(run.recipe)
     opts = options or recipe.audit or AuditSection()
     timer = _Timer()

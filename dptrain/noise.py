@@ -33,13 +33,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from .secret import RunKey
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 ETA_PER_PAIR = 2.0**-129
 """Total variation between one pair of this sampler (exact arithmetic) and ``N(0, I_2)``."""
@@ -132,6 +133,8 @@ class GaussianNoise:
             block, m = job
             return normals_from_words(self._prf.run(step, block, 2 * m).reshape(m, 4))
 
+        import torch  # here, not at import: `dptrain epsilon` reads truncation_delta only
+
         workers = min(len(jobs), torch.get_num_threads())
         if workers > 1:
             with ThreadPoolExecutor(workers) as pool:
@@ -145,6 +148,8 @@ class GaussianNoise:
         return np.concatenate([np.empty(0), *self._chunks(n)])
 
     def __call__(self, like: Tensor, std: float) -> Tensor:
+        import torch
+
         if std == 0:
             return torch.zeros_like(like)
         out = torch.empty(like.numel(), dtype=like.dtype)  # drawn on the CPU, then moved

@@ -48,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
     from ..train import train
 
     recipe = load_recipe(args.recipe, args.set, command="train")
+    if recipe.audit is not None and recipe.audit.after_training:
+        from attacks.audit import require_plots
+
+        require_plots()  # before training, not after it
     run_dir = args.resume or args.output
     result = train(recipe, run_dir, resume=bool(args.resume), progress=not args.no_progress)
     audit = recipe.audit
