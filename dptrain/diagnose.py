@@ -219,7 +219,9 @@ def check_recipe(recipe: Any, *, records: int = 8, batch_size: int = 4) -> Check
     if records < 1 or batch_size < 1:
         raise InputError(f"records and batch_size must be >= 1, got {records} and {batch_size}")
     d = recipe.data
-    texts = load_texts(d.path, text_field=d.text_field, format=d.format)
+    texts = load_texts(
+        d.path, text_field=d.text_field, format=d.format, text_records=d.text_records
+    )
     if len(texts) == 0:
         raise DataError(f"{d.path} holds no records; fix data.path")
     model, tokenizer = build_model(recipe)

@@ -24,6 +24,7 @@ delta includes the noise sampler's truncation term (:func:`dptrain.noise.truncat
 
 from __future__ import annotations
 
+import errno
 import math
 import sys
 import time
@@ -42,6 +43,7 @@ from .data.canaries import write_manifest
 from .data.lm import eval_batches
 from .data.splits import read_data, read_public
 from .engine import BudgetExceeded, PrivacyEngine
+from .errors import RunInterrupted
 from .losses import causal_lm_loss, perplexity
 from .models import build_model, check_context
 from .noise import GaussianNoise
@@ -49,9 +51,17 @@ from .optim import make_optimizer
 from .plan import RunPlan, check_run, guarantee_numbers, plan_privacy
 from .policies import Policy, RunContext
 from .recipe import Recipe, RecipeError, dump_recipe
-from .rundir import CheckpointError, RunDir, atomic_write, save_final, versions
+from .rundir import (
+    CheckpointError,
+    CheckpointWriteError,
+    RunDir,
+    atomic_write,
+    save_final,
+    versions,
+)
 from .sampling import PoissonSampler
 from .secret import RunKey, RunKeyError
+from .steplog import StepLog
 
 
 @dataclass
@@ -125,11 +135,39 @@ def train(
     distributed.init_from_env()
     prep = prepare(recipe, run_dir, resume=resume)
     distributed.barrier()  # every rank has validated the run directory before rank 0 writes
-    start(prep)
-    built = build(prep)
-    meta = begin_meta(prep, built)
-    stopped, seconds, counts = loop(prep, built, meta, progress, max_steps_this_session)
+    try:
+        start(prep)
+        built = build(prep)
+        meta = begin_meta(prep, built)
+        stopped, seconds, counts = loop(prep, built, meta, progress, max_steps_this_session)
+    except KeyboardInterrupt:
+        raise _interrupted(prep.run) from None
+    except OSError as err:
+        if err.errno not in _DISK_FULL:
+            raise
+        raise CheckpointWriteError(prep.run, "the run directory's files", err) from err
     return finish(prep, built, meta, stopped, seconds, counts, cross_check)
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _interrupted(run: RunDir) -> RunInterrupted:
+    """Ctrl-C: ``run.json`` says "interrupted" and the message gives the real resume path."""
+    if not run.exists():  # before the first write of run.json: no run has started
+        return RunInterrupted(
+            f"before training started; {run.path} holds no run yet: run the same command again"
+        )
+    if distributed.is_main():
+        run.update_meta(status="interrupted")
+    kept = run.checkpoint_files()
+    state = (
+        f"the last checkpoint ({kept[-1].name}) and the ledger covering it are intact"
+        if kept
+        else "no checkpoint was written yet: a resumed run starts again at step 0 with the same "
+        "coins and noise"
+    )
+    return RunInterrupted(state, run_dir=run.path)
 
 
 # -- prepare: everything checked before the model loads -----------------------------------
@@ -368,6 +406,16 @@ def loop(
         file=sys.stderr,
         dynamic_ncols=True,
     )
+    if main:
+        steplog = StepLog(
+            run.path,
+            total=total,
+            first=first,
+            report_to=t.report_to,
+            plain=not progress,
+            echo=lambda line: tqdm.write(line, file=sys.stderr),
+        )
+        run.listeners.append(steplog)  # sees exactly the records metrics.jsonl gets
     t_train = time.perf_counter()
     eps_shown = engine.epsilon()
     nonfinite = meta.get("nonfinite_samples", 0)
@@ -413,6 +461,9 @@ def loop(
                 checkpoint(prep, built)
     finally:
         bar.close()
+        if main:
+            run.listeners.remove(steplog)
+            steplog.close()
     seconds = time.perf_counter() - t_train
     checkpoint(prep, built)
     return stopped_by_budget, seconds, (nonfinite, skipped)

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from ..errors import InputError
+from ..errors import InputError, RunInterrupted
 from . import add_overrides
 
 
@@ -53,7 +53,11 @@ def run(args: argparse.Namespace) -> int:
 
         require_plots()  # before training, not after it
     run_dir = args.resume or args.output
-    result = train(recipe, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    try:
+        result = train(recipe, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    except RunInterrupted as err:
+        err.command = f"dptrain train {args.recipe}"
+        raise
     audit = recipe.audit
     if result.finished and distributed.is_main() and audit is not None:
         if audit.after_training or audit.whitebox:

@@ -26,10 +26,14 @@ def split_data(recipe: Recipe, key: RunKey) -> tuple[TextDataset, TextDataset, T
     ``max_records`` keeps the records with the lowest keyed hashes, so adding a record may
     swap one."""
     d = recipe.data
-    texts = load_texts(d.path, text_field=d.text_field, format=d.format)
+    texts = load_texts(
+        d.path, text_field=d.text_field, format=d.format, text_records=d.text_records
+    )
     if d.validation_path:
         train = texts
-        val = load_texts(d.validation_path, text_field=d.text_field, format=d.format)
+        val = load_texts(
+            d.validation_path, text_field=d.text_field, format=d.format, text_records=d.text_records
+        )
     else:
         train, val = split(texts, d.validation_fraction, key, "validation")
     unused = TextDataset([], [])
@@ -59,7 +63,9 @@ def read_public(
     if d.public_fraction is not None:
         train, public = split(train, d.public_fraction, key, "public")
     elif d.public_path is not None:
-        public = load_texts(d.public_path, text_field=d.text_field, format=d.format)
+        public = load_texts(
+            d.public_path, text_field=d.text_field, format=d.format, text_records=d.text_records
+        )
         shared = set(public.texts) & set(train.texts)
         if shared:
             raise RecipeError(

@@ -15,6 +15,7 @@ from dptrain.data.loading import (
     load_texts,
     split,
 )
+from dptrain.errors import InputWarning
 from dptrain.secret import RunKey
 
 KEY = RunKey.from_insecure_seed(3)
@@ -133,7 +134,8 @@ def test_tsv_and_explicit_format(tmp_path: Path) -> None:
 
 def test_txt_one_record_per_nonempty_line(tmp_path: Path) -> None:
     p = write(tmp_path, "d.txt", "first  \n\n  \nsecond\r\nthird")
-    ds = load_texts(p)
+    with pytest.warns(InputWarning, match="multi-line paragraphs"):  # lines chosen, yet blocks
+        ds = load_texts(p, text_records="line")
     assert ds.texts == ["first", "second", "third"]
     assert ds.ids == [cid("first"), cid("second"), cid("third")]
 
@@ -156,7 +158,7 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_directory_and_unknown_suffix_and_format(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="is a directory"):
         load_texts(tmp_path)
-    p = write(tmp_path, "d.parquet", "x")
+    p = write(tmp_path, "d.xml", "x")
     with pytest.raises(DataError, match=r"cannot infer the format.*jsonl, csv, tsv, txt"):
         load_texts(p)
     with pytest.raises(DataError, match="unknown format 'xml'"):
