@@ -19,7 +19,13 @@ from typing import Any
 
 from .extras import require
 
-__all__ = ["REPORTERS", "StepLog", "TensorBoardReporter", "format_seconds"]
+__all__ = [
+    "REPORTERS",
+    "StepLog",
+    "TensorBoardReporter",
+    "check_reporters",
+    "format_seconds",
+]
 
 ESTIMATE_AFTER_STEPS = 3  # steps of this session timed before the remaining time is estimated
 
@@ -49,6 +55,14 @@ class TensorBoardReporter:
 REPORTERS: dict[str, Callable[[Path], Any]] = {
     "tensorboard": lambda run_dir: TensorBoardReporter(run_dir / "tensorboard")
 }
+_MODULES = {"tensorboard": ("torch.utils.tensorboard", "tensorboard")}
+
+
+def check_reporters(names: list[str]) -> None:
+    """Each logger of ``training.report_to`` is installed (checked before training starts)."""
+    for name in names:
+        module, extra = _MODULES[name]
+        require(module, extra, f"training.report_to: [{name}]")
 
 
 def format_seconds(seconds: float) -> str:

@@ -48,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     from ..train import train
 
     recipe = load_recipe(args.recipe, args.set, command="train")
+    from ..steplog import check_reporters
+
+    check_reporters(recipe.training.report_to)
     if recipe.audit is not None and recipe.audit.after_training:
         from attacks.audit import require_plots
 
