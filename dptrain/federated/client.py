@@ -43,6 +43,7 @@ import fcntl
 import functools
 import hashlib
 import math
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -130,6 +131,9 @@ class ClientPlan:
     request: Request
 
 
+_DELTA_ANNOUNCED: set[Path] = set()  # clients whose default delta this process announced
+
+
 def plan_client(recipe: FederatedRecipe, client: int, own: ClientConfig) -> ClientPlan:
     """Resolve a client's data, sample rate, steps per round and the noise the server's
     recipe asks for (calibrated for all ``rounds * steps`` local steps at the asked budget)."""
@@ -144,6 +148,14 @@ def plan_client(recipe: FederatedRecipe, client: int, own: ClientConfig) -> Clie
             )
         data = parts[client]
     plan = plan_privacy(recipe, len(data), repeats=recipe.federated.rounds)
+    if own.delta is None and own.state_dir not in _DELTA_ANNOUNCED:  # said once, not silently
+        _DELTA_ANNOUNCED.add(own.state_dir)  # (N_k is public metadata)
+        print(
+            f"client {client}: delta not set: using 1/(10 N) = {own.own_delta(len(data)):.3g} "
+            f"for its N = {len(data)} records (set the client's delta to choose another)",
+            file=sys.stderr,
+            flush=True,
+        )
     asked = Request(
         float(recipe.privacy.epsilon),
         plan.delta,

@@ -368,3 +368,14 @@ def test_ctrl_c_names_the_run_directory_and_marks_the_run(tmp_path, capsys):
     meta = json.loads((tmp_path / "run" / "run.json").read_text())
     assert meta["status"] == "interrupted"
     assert "dropped" not in json.dumps(meta)
+
+
+def test_audit_of_a_federated_run_says_what_to_audit(tmp_path, capsys):
+    run = tmp_path / "fed"
+    run.mkdir()
+    (run / "recipe.yaml").write_text((ROOT / "recipes" / "federated_tiny.yaml").read_text())
+    (run / "run.json").write_text("{}")
+    err = fails(capsys, "audit", str(run))
+    assert "is a federated run, not a `dptrain train` run" in err
+    assert "dptrain epsilon --run runs/federated_tiny-clients/client-K" in err
+    assert "ledger file" not in err and "Traceback" not in err

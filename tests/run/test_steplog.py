@@ -15,7 +15,7 @@ from dptrain.cli import main
 from dptrain.rundir import RunDir
 from dptrain.steplog import StepLog, format_seconds
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -14,7 +14,7 @@ import yaml
 from dptrain.cli import main
 from dptrain.extras import EXTRAS, MissingExtraError, require
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_require_names_the_extra(monkeypatch):
