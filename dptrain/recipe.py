@@ -31,6 +31,11 @@ RESUMABLE_KEYS = (
 )
 
 
+# Keys added after runs were started, omitted from the fingerprint while None (their default),
+# so that those runs still resume.
+ADDED_KEYS = ("data.text_records",)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -323,6 +328,10 @@ class Recipe(Section):
             d.get(section, {}).pop(key, None)
         d.pop("output_dir", None)
         d.pop("audit", None)  # audit options never change training
+        for dotted in ADDED_KEYS:  # at their default, runs started before them still resume
+            section, key = dotted.split(".")
+            if isinstance(d.get(section), dict) and d[section].get(key) is None:
+                d[section].pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -146,7 +146,12 @@ def train(
         if err.errno not in _DISK_FULL:
             raise
         raise CheckpointWriteError(prep.run, "the run directory's files", err) from err
-    return finish(prep, built, meta, stopped, seconds, counts, cross_check)
+    try:
+        return finish(prep, built, meta, stopped, seconds, counts, cross_check)
+    except OSError as err:  # a full disk while writing the final model or run.json
+        if err.errno not in _DISK_FULL:
+            raise
+        raise CheckpointWriteError(prep.run, "the final model or run.json", err) from err
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)

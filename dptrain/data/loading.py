@@ -264,9 +264,16 @@ def _load_table(
             tables = [pq.read_table(f) for f in files]
         except Exception as err:  # pyarrow's errors have no common public base
             raise DataError(f"{p}: not a readable Parquet file ({err})") from None
-        columns = [{name: t.column(name).to_pylist() for name in t.column_names} for t in tables]
         names = tables[0].column_names
-        data = {n: [v for c in columns for v in c.get(n, [])] for n in names}
+        data = {
+            n: [
+                v
+                for t in tables
+                for v in (t.column(n).to_pylist() if n in t.column_names else [None] * t.num_rows)
+            ]
+            for n in names
+            if n in (text_field, id_field)
+        }
     else:
         datasets = require("datasets", "datasets", "reading a dataset saved with save_to_disk")
         try:
