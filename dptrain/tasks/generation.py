@@ -67,6 +67,10 @@ def generate(
     device = next(model.parameters()).device
     out: list[str] = []
     sample = temperature > 0
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its padding advice: the mask is passed
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -95,6 +99,7 @@ def generate(
                     out.append(tokenizer.decode(row.tolist(), skip_special_tokens=True))
     finally:
         model.train(was_training)
+        hf_logging.set_verbosity(verbosity)
     return out
 
 
