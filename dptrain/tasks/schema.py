@@ -99,6 +99,11 @@ def check_recipe_task(recipe: Recipe) -> None:
     kind = recipe.task.kind
     if kind == "text":
         return
+    if recipe.command != "train":
+        raise ValueError(
+            f"task.kind {kind} is supported by `dptrain train` only; a {recipe.command} recipe "
+            "trains on plain text. Fix: remove the task section"
+        )
     if recipe.data.canaries is not None and kind == "classification":
         raise ValueError(
             "data.canaries with task: classification: canaries are sentences with a secret for "

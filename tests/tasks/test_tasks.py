@@ -152,3 +152,13 @@ def test_classifier_per_sample_gradients_are_exact(tmp_path: Path) -> None:
     assert ex.labels.tolist() == [0, 1, 0, 1, 0, 1]
     result = check_model(model, task.loss_fn, [ex.batch([0, 1, 2]), ex.batch([3, 4, 5])])
     assert result.exact, result.render()
+
+
+def test_federated_recipes_refuse_other_tasks() -> None:
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    d = yaml.safe_load((root / "recipes" / "federated_tiny.yaml").read_text())
+    parse_recipe(d)  # the text task is the federated default
+    with pytest.raises(RecipeError, match="dptrain train` only"):
+        parse_recipe({**d, "task": "instruction"})
