@@ -553,11 +553,11 @@ def finish(
         _print_summary(result, meta)
         for note in plan.policy.describe().get("notes", []):
             print(f"note                {note}", flush=True)
-        if finished and cross_check and built.task.generates:  # not for audit shadows
-            from .tasks.generation import after_training
+    engine.detach()  # the samples below are drawn from the plain (released) model
+    if main and finished and cross_check and built.task.generates:  # not for audit shadows
+        from .tasks.generation import after_training
 
-            after_training(prep.recipe, run, built.model, built.tokenizer, built.task, log)
-    engine.detach()
+        after_training(prep.recipe, run, built.model, built.tokenizer, built.task, log)
     distributed.barrier()
     return result
 

@@ -130,7 +130,7 @@ def validation_line(meta: dict[str, Any]) -> str:
             f"val accuracy        {a['accuracy']:.3f} -> {b.get('accuracy', math.nan):.3f}  "
             f"(macro-F1 {a['macro_f1']:.3f} -> {b.get('macro_f1', math.nan):.3f})"
         )
-    what = "val perplexity" if meta.get("task", "text") == "text" else "val resp. perplexity"
+    what = "val perplexity" if meta.get("task", "text") == "text" else "val response ppl"
     return (
         f"{what:<20}{meta.get('perplexity_before', math.nan):.3f} -> "
         f"{meta.get('perplexity_after', math.nan):.3f}"
