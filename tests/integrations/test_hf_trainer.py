@@ -64,7 +64,9 @@ def run(records, tmp_path_factory) -> DPTrainer:
     """3 private steps: expected batch 8 = 4 x 2 accumulation steps (a virtual batch),
     checkpoints at steps 2 and 3."""
     out = tmp_path_factory.mktemp("hf") / "run"
-    trainer = DPTrainer(tiny_gpt2(), _args(out), train_dataset=records, privacy=PrivacyArguments(**PRIVACY))
+    trainer = DPTrainer(
+        tiny_gpt2(), _args(out), train_dataset=records, privacy=PrivacyArguments(**PRIVACY)
+    )
     trainer.train()
     return trainer
 
@@ -119,7 +121,10 @@ def test_update_equals_a_direct_engine_step_for_the_same_key(run, records) -> No
 def test_resume_from_a_checkpoint_continues_the_same_run(run, records, tmp_path) -> None:
     ckpt = Path(run.args.output_dir) / "checkpoint-2"
     again = DPTrainer(
-        tiny_gpt2(seed=5), _args(tmp_path), train_dataset=records, privacy=PrivacyArguments(**PRIVACY)
+        tiny_gpt2(seed=5),
+        _args(tmp_path),
+        train_dataset=records,
+        privacy=PrivacyArguments(**PRIVACY),
     )
     again.train(resume_from_checkpoint=str(ckpt))
     assert again.engine.ledger.to_dict() == run.engine.ledger.to_dict()
@@ -131,11 +136,19 @@ def test_resume_from_a_checkpoint_continues_the_same_run(run, records, tmp_path)
 def test_lora_trains_only_the_adapter_and_evaluates(records, tmp_path) -> None:
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
+    model = get_peft_model(
+        tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False)
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = _args(tmp_path, max_steps=1, gradient_accumulation_steps=1, per_device_train_batch_size=6)
+    args = _args(
+        tmp_path, max_steps=1, gradient_accumulation_steps=1, per_device_train_batch_size=6
+    )
     trainer = DPTrainer(
-        model, args, train_dataset=records, eval_dataset=records[:6], privacy=PrivacyArguments(**PRIVACY)
+        model,
+        args,
+        train_dataset=records,
+        eval_dataset=records[:6],
+        privacy=PrivacyArguments(**PRIVACY),
     )
     trainer.train()
     assert trainer.engine.ledger.total_steps == 1
@@ -148,7 +161,9 @@ def test_lora_trains_only_the_adapter_and_evaluates(records, tmp_path) -> None:
 def test_training_stops_cleanly_at_the_budget(records, tmp_path) -> None:
     q, sigma, delta = 6 / N, 0.8, 1e-3
     eps2 = get_accountant("rdp").epsilon([Event(q, sigma, 2)], delta)  # 2 of the 10 steps fit
-    args = _args(tmp_path, max_steps=10, gradient_accumulation_steps=1, per_device_train_batch_size=6)
+    args = _args(
+        tmp_path, max_steps=10, gradient_accumulation_steps=1, per_device_train_batch_size=6
+    )
     privacy = PrivacyArguments(
         epsilon=eps2 * 1.0001, delta=delta, noise_multiplier=sigma, clip=1.0, insecure_seed=1
     )
@@ -164,7 +179,7 @@ def test_training_stops_cleanly_at_the_budget(records, tmp_path) -> None:
 def test_a_budget_too_small_for_one_step_is_refused_before_training(records, tmp_path) -> None:
     privacy = PrivacyArguments(epsilon=0.01, delta=1e-3, noise_multiplier=0.5, clip=1.0)
     trainer = DPTrainer(tiny_gpt2(), _args(tmp_path), train_dataset=records, privacy=privacy)
-    with pytest.raises(dptrain.errors.RecipeError, match="privacy.epsilon"):
+    with pytest.raises(dptrain.errors.RecipeError, match=r"privacy\.epsilon"):
         trainer.train()
     assert not (tmp_path / "ledger.json").exists()
 
@@ -212,15 +227,25 @@ def test_sharded_and_distributed_settings_are_refused(records, tmp_path) -> None
     ]:
         old = getattr(args, attr)
         setattr(args, attr, value)
-        assert any(r.startswith(f"{name}:") for r in refusals(args, PrivacyArguments(clip=1.0), custom_loss=False))
+        assert any(
+            r.startswith(f"{name}:")
+            for r in refusals(args, PrivacyArguments(clip=1.0), custom_loss=False)
+        )
         setattr(args, attr, old)
 
 
-def test_batch_mean_losses_samplers_and_missing_privacy_state_are_refused(records, tmp_path) -> None:
+def test_batch_mean_losses_samplers_and_missing_privacy_state_are_refused(
+    records, tmp_path
+) -> None:
     privacy = PrivacyArguments(**PRIVACY)
     with pytest.raises(DPTrainerError, match="compute_loss_func"):
-        DPTrainer(tiny_gpt2(), _args(tmp_path), train_dataset=records, privacy=privacy,
-                  compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.loss)
+        DPTrainer(
+            tiny_gpt2(),
+            _args(tmp_path),
+            train_dataset=records,
+            privacy=privacy,
+            compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.loss,
+        )
 
     class Shuffled(DPTrainer):
         def _get_train_sampler(self, train_dataset=None):
@@ -229,9 +254,13 @@ def test_batch_mean_losses_samplers_and_missing_privacy_state_are_refused(record
     with pytest.raises(DPTrainerError, match="_get_train_sampler"):
         Shuffled(tiny_gpt2(), _args(tmp_path), train_dataset=records, privacy=privacy)
     with pytest.raises(DPTrainerError, match="model_init"):
-        DPTrainer(args=_args(tmp_path), model_init=tiny_gpt2, train_dataset=records, privacy=privacy)
+        DPTrainer(
+            args=_args(tmp_path), model_init=tiny_gpt2, train_dataset=records, privacy=privacy
+        )
     plain = tmp_path / "plain"  # a checkpoint written by the ordinary Trainer
-    Trainer(tiny_gpt2(), _args(plain, max_steps=1, gradient_accumulation_steps=1), train_dataset=records).train()
+    Trainer(
+        tiny_gpt2(), _args(plain, max_steps=1, gradient_accumulation_steps=1), train_dataset=records
+    ).train()
     trainer = DPTrainer(tiny_gpt2(), _args(tmp_path), train_dataset=records, privacy=privacy)
     with pytest.raises(DPTrainerError, match="no privacy state"):
         trainer.train(resume_from_checkpoint=str(plain / "checkpoint-1"))
@@ -239,9 +268,11 @@ def test_batch_mean_losses_samplers_and_missing_privacy_state_are_refused(record
 
 def test_max_grad_norm_is_the_per_sample_clip_when_no_clip_is_given(records, tmp_path) -> None:
     args = _args(tmp_path, max_grad_norm=0.5)
-    trainer = DPTrainer(tiny_gpt2(), args, train_dataset=records, privacy=PrivacyArguments(epsilon=4.0))
+    trainer = DPTrainer(
+        tiny_gpt2(), args, train_dataset=records, privacy=PrivacyArguments(epsilon=4.0)
+    )
     assert trainer.values.clip == 0.5
-    with pytest.raises(DPTrainerError, match="max_grad_norm: 0 and PrivacyArguments.clip unset"):
+    with pytest.raises(DPTrainerError, match=r"max_grad_norm: 0 and PrivacyArguments\.clip unset"):
         DPTrainer(tiny_gpt2(), _args(tmp_path), train_dataset=records, privacy=PrivacyArguments())
 
 
@@ -261,7 +292,11 @@ def test_readme_sample_runs(tmp_path, monkeypatch) -> None:
     m = re.search(r"<!-- hf-trainer-sample -->\s*```python\n(.*?)```", text, re.S)
     assert m, "README.md lost its DPTrainer sample"
     code = m.group(1)
-    for old, new in [('"smollm2-135m"', '"tiny-llama"'), ("max_steps=100", "max_steps=1")]:
+    for old, new in [
+        ('"smollm2-135m"', '"tiny-llama"'),
+        ("max_steps=100", "max_steps=1"),
+        ("max_length=128", "max_length=32"),
+    ]:
         assert old in code
         code = code.replace(old, new)
     notes = load_texts("bundled:clinic_notes")
@@ -274,3 +309,8 @@ def test_readme_sample_runs(tmp_path, monkeypatch) -> None:
     assert trainer.engine.ledger.total_steps == 1
     assert trainer.plan.sample_rate == pytest.approx(32 / 48)
     assert (tmp_path / "runs/hf-notes/secret.key").stat().st_mode & 0o077 == 0
+    again = DPTrainer(
+        trainer.model, trainer.args, train_dataset=trainer.train_dataset, privacy=trainer.privacy
+    )
+    with pytest.raises(DPTrainerError, match="belongs to another run"):
+        again.train()  # a new run never reuses a started run's key

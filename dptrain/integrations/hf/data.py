@@ -41,7 +41,9 @@ def record_ids(dataset: Any, id_column: str = "id") -> list[str]:
     own = getattr(dataset, "ids", None)
     if isinstance(own, list) and len(own) == n and n and all(isinstance(i, str) for i in own):
         if len(set(own)) != n:
-            raise DPTrainerError("train_dataset.ids are not unique: each record needs its own coins")
+            raise DPTrainerError(
+                "train_dataset.ids are not unique: each record needs its own coins"
+            )
         return list(own)
     rows = [dataset[i] for i in range(n)]
     if rows and all(isinstance(r, dict) and id_column in r for r in rows):

@@ -88,4 +88,3 @@ def default_loss(model: nn.Module, label_smoothing: float = 0.0) -> LossFn:
         "classifiers have one). Fix: pass DPTrainer(..., loss_fn=f) with f(model, batch) -> "
         "one loss per sample, shape (B,)"
     )
-

@@ -41,6 +41,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from accountants import BudgetExceeded, Ledger
 from accountants.ledger import atomic_write
 
+from ...data.lm import LMExamples
 from ...engine import PrivacyEngine, StepReport
 from ...losses import LossFn
 from ...noise import GaussianNoise
@@ -51,7 +52,15 @@ from ...rundir import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint_fil
 from ...sampling import PoissonSampler
 from ...secret import RunKey, run_key
 from .arguments import DPTrainerError, PrivacyArguments, TrainingValues, refusals, training_values
-from .data import PIECE_KEY, STEP_KEY, PoissonBatches, StepCollator, StepRecords, record_ids
+from .data import (
+    PIECE_KEY,
+    STEP_KEY,
+    PadCollator,
+    PoissonBatches,
+    StepCollator,
+    StepRecords,
+    record_ids,
+)
 from .losses import default_loss
 
 log = logging.getLogger(__name__)
@@ -112,7 +121,7 @@ class PrivacyCallback(TrainerCallback):
     def __init__(self, trainer: DPTrainer) -> None:
         self.trainer = trainer
 
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+    def on_step_end(self, args, state, control, **kwargs):
         engine = self.trainer.engine
         if engine is None:
             return control
@@ -128,7 +137,7 @@ class PrivacyCallback(TrainerCallback):
             control.should_save = True  # the last model is covered by the ledger: keep it
         return control
 
-    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+    def on_train_end(self, args, state, control, **kwargs):
         self.trainer.write_privacy_report()
         return control
 
@@ -156,10 +165,16 @@ class DPTrainer(Trainer):
                 "(privacy composes over them). Fix: pass the model itself"
             )
         self.privacy = privacy if privacy is not None else PrivacyArguments()
+        if kwargs.get("data_collator") is None and isinstance(
+            kwargs.get("train_dataset"), LMExamples
+        ):
+            kwargs["data_collator"] = PadCollator(pad_token_id=kwargs["train_dataset"].pad_token_id)
         super().__init__(model=model, args=args, **kwargs)
         self._refuse(custom_loss=loss_fn is not None)
         self.loss_fn = (
-            loss_fn if loss_fn is not None else default_loss(self.model, self.args.label_smoothing_factor)
+            loss_fn
+            if loss_fn is not None
+            else default_loss(self.model, self.args.label_smoothing_factor)
         )
         self.values: TrainingValues = training_values(self.args, self.privacy)
         self.engine: PrivacyEngine | None = None
@@ -197,7 +212,7 @@ class DPTrainer(Trainer):
 
     # -- planning ------------------------------------------------------------------------
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kw: Any):  # noqa: ANN201
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kw: Any):
         """Plan the private run (or read back a checkpoint's privacy state), then train."""
         if trial is not None:
             raise DPTrainerError(
@@ -264,6 +279,8 @@ class DPTrainer(Trainer):
             _check_same_run(state, recipe.fingerprint(), len(ids))
         check_run(plan, public_records=None, ledger=ledger)
         key_dir = p.key_dir or self.args.output_dir
+        if state is None and p.insecure_seed is None:
+            _check_fresh_key(Path(key_dir), Path(self.args.output_dir))
         key = run_key(key_dir, p.insecure_seed, create=state is None)
         if state is not None and state["key_id"] != key.key_id:
             raise DPTrainerError(
@@ -280,6 +297,8 @@ class DPTrainer(Trainer):
             log.warning("%s", key.describe())
         self.plan, self.key = plan, key
         self.sampler = PoissonSampler(ids, plan.sample_rate, key)
+        if state is None and self.args.should_save:  # the run has started: its key is spent
+            ledger.save(Path(self.args.output_dir) / LEDGER_FILE)
 
     # -- the Trainer's hooks -------------------------------------------------------------
 
@@ -452,6 +471,19 @@ def _read_privacy_state(folder: Path) -> dict[str, Any]:
     return load_checkpoint_file(path)
 
 
+def _check_fresh_key(key_dir: Path, output_dir: Path) -> None:
+    """A new run needs a key no other run has used: an existing ``secret.key`` is reused only
+    in the ``output_dir`` of a run that never started (no ``ledger.json``)."""
+    if not (key_dir / "secret.key").exists():
+        return
+    if key_dir.resolve() != output_dir.resolve() or (output_dir / LEDGER_FILE).exists():
+        raise DPTrainerError(
+            f"output_dir: {key_dir / 'secret.key'} belongs to another run; a new run drawing "
+            "the same coins and noise on other data would reveal the difference. Fix: use a "
+            "new output_dir (or key_dir), or continue that run with resume_from_checkpoint"
+        )
+
+
 def _check_same_run(state: dict[str, Any], fingerprint: str, n: int) -> None:
     if state["fingerprint"] != fingerprint or state["dataset_size"] != n:
         raise DPTrainerError(
@@ -460,4 +492,3 @@ def _check_same_run(state: dict[str, Any], fingerprint: str, n: int) -> None:
             "PrivacyArguments, batch size and dataset of the run that wrote it (only "
             "max_steps / num_train_epochs may change)"
         )
-
