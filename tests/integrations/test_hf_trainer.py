@@ -314,3 +314,31 @@ def test_readme_sample_runs(tmp_path, monkeypatch) -> None:
     )
     with pytest.raises(DPTrainerError, match="belongs to another run"):
         again.train()  # a new run never reuses a started run's key
+
+
+def test_built_in_losses_are_per_sample_and_match_the_models_own(records) -> None:
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from dptrain.integrations.hf import causal_lm_loss, default_loss, sequence_classification_loss
+
+    model = tiny_gpt2()
+    batch = default_data_collator(records[:5])
+    assert default_loss(model) is not None
+    rows = causal_lm_loss()(model, batch)
+    for b in range(5):
+        one = {k: v[b : b + 1] for k, v in batch.items()}
+        assert rows[b].item() == pytest.approx(model(**one).loss.item(), rel=1e-6)  # HF: float32
+    smooth = causal_lm_loss(0.1)(model, batch)
+    assert smooth[2].item() == pytest.approx(
+        causal_lm_loss(0.1)(model, {k: v[2:3] for k, v in batch.items()}).item(), rel=1e-9
+    )
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=8, n_layer=1, n_head=2, num_labels=3)
+    cls = GPT2ForSequenceClassification(cfg).double().eval()
+    cls.config.pad_token_id = 0
+    x = {"input_ids": batch["input_ids"], "labels": torch.tensor([0, 1, 2, 1, 0])}
+    losses = sequence_classification_loss()(cls, x)
+    assert losses.shape == (5,)
+    assert losses.mean().item() == pytest.approx(cls(**x).loss.item(), rel=1e-6)
+    with pytest.raises(DPTrainerError, match="loss_fn"):
+        default_loss(torch.nn.Linear(2, 2))

@@ -13,6 +13,7 @@ used for evaluation only.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -20,6 +21,11 @@ from ...losses import LossFn
 from .arguments import DPTrainerError
 
 IGNORE_INDEX = -100
+
+
+def _upcast(t: Tensor) -> Tensor:
+    """Half-precision logits in float32; float32 and float64 as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -42,7 +48,7 @@ def causal_lm_loss(label_smoothing: float = 0.0) -> LossFn:
         logits, labels = logits[:, :-1], labels[:, 1:]
         b, t, v = logits.shape
         nll = F.cross_entropy(
-            logits.reshape(-1, v).float(),
+            _upcast(logits.reshape(-1, v)),
             labels.reshape(-1),
             ignore_index=IGNORE_INDEX,
             reduction="none",
@@ -63,9 +69,10 @@ def sequence_classification_loss(label_smoothing: float = 0.0) -> LossFn:
         logits = out.logits if hasattr(out, "logits") else out
         labels = batch["labels"]
         if logits.shape[-1] == 1:
-            return (logits.squeeze(-1).float() - labels.float()).pow(2)
+            out = _upcast(logits.squeeze(-1))
+            return (out - labels.to(out.dtype)).pow(2)
         return F.cross_entropy(
-            logits.float(), labels.long(), reduction="none", label_smoothing=label_smoothing
+            _upcast(logits), labels.long(), reduction="none", label_smoothing=label_smoothing
         )
 
     return loss
