@@ -14,11 +14,12 @@ from transformers import Trainer, TrainingArguments, default_data_collator
 
 import dptrain
 from accountants import Event, get_accountant
+from dptrain.integrations import hf
 from dptrain.integrations.hf import DPTrainer, DPTrainerError, PrivacyArguments
 from dptrain.integrations.hf.data import record_ids
 from dptrain.integrations.hf.trainer import PRIVACY_STATE
 from dptrain.secret import RunKey
-from tests.helpers import tiny_gpt2
+from tests._support import tiny_gpt2
 
 VOCAB, N, WIDTH = 61, 40, 8
 
@@ -105,6 +106,7 @@ def test_update_equals_a_direct_engine_step_for_the_same_key(run, records) -> No
         policy=dptrain.StaticPolicy(clip=1.0, noise_multiplier=plan.noise_multiplier),
         sample_rate=plan.sample_rate,
         dataset_size=N,
+        loss_fn=hf.causal_lm_loss(),  # what DPTrainer picks for a causal LM
         max_physical_batch_size=4,
         noise=dptrain.GaussianNoise(key),
     )
