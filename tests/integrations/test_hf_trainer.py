@@ -24,6 +24,10 @@ from tests._support import tiny_gpt2
 VOCAB, N, WIDTH = 61, 40, 8
 
 
+def _model(seed: int = 0) -> torch.nn.Module:
+    return tiny_gpt2(VOCAB, layers=1, seed=seed)  # one block: the steps stay cheap
+
+
 @pytest.fixture(scope="module")
 def records() -> list[dict[str, torch.Tensor]]:
     """N right-padded LM records of 4..8 tokens (labels -100 on padding)."""
@@ -66,7 +70,7 @@ def run(records, tmp_path_factory) -> DPTrainer:
     checkpoints at steps 2 and 3."""
     out = tmp_path_factory.mktemp("hf") / "run"
     trainer = DPTrainer(
-        tiny_gpt2(), _args(out), train_dataset=records, privacy=PrivacyArguments(**PRIVACY)
+        _model(), _args(out), train_dataset=records, privacy=PrivacyArguments(**PRIVACY)
     )
     trainer.train()
     return trainer
@@ -97,7 +101,7 @@ def test_ledger_has_every_planned_step_and_epsilon_is_logged(run) -> None:
 def test_update_equals_a_direct_engine_step_for_the_same_key(run, records) -> None:
     """The same key, model, optimizer and Poisson batches through PrivacyEngine directly."""
     plan = run.plan
-    model = tiny_gpt2()
+    model = _model()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     key = RunKey.from_insecure_seed(3)
     engine = dptrain.PrivacyEngine(
@@ -123,7 +127,7 @@ def test_update_equals_a_direct_engine_step_for_the_same_key(run, records) -> No
 def test_resume_from_a_checkpoint_continues_the_same_run(run, records, tmp_path) -> None:
     ckpt = Path(run.args.output_dir) / "checkpoint-2"
     again = DPTrainer(
-        tiny_gpt2(seed=5),
+        _model(seed=5),
         _args(tmp_path),
         train_dataset=records,
         privacy=PrivacyArguments(**PRIVACY),
@@ -139,7 +143,7 @@ def test_lora_trains_only_the_adapter_and_evaluates(records, tmp_path) -> None:
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(
-        tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False)
+        _model(), LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False)
     )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = _args(
@@ -169,7 +173,7 @@ def test_training_stops_cleanly_at_the_budget(records, tmp_path) -> None:
     privacy = PrivacyArguments(
         epsilon=eps2 * 1.0001, delta=delta, noise_multiplier=sigma, clip=1.0, insecure_seed=1
     )
-    trainer = DPTrainer(tiny_gpt2(), args, train_dataset=records, privacy=privacy)
+    trainer = DPTrainer(_model(), args, train_dataset=records, privacy=privacy)
     trainer.train()
     assert trainer.engine.ledger.total_steps == 2 == trainer.state.global_step
     assert trainer.epsilon() <= privacy.epsilon
@@ -180,7 +184,7 @@ def test_training_stops_cleanly_at_the_budget(records, tmp_path) -> None:
 
 def test_a_budget_too_small_for_one_step_is_refused_before_training(records, tmp_path) -> None:
     privacy = PrivacyArguments(epsilon=0.01, delta=1e-3, noise_multiplier=0.5, clip=1.0)
-    trainer = DPTrainer(tiny_gpt2(), _args(tmp_path), train_dataset=records, privacy=privacy)
+    trainer = DPTrainer(_model(), _args(tmp_path), train_dataset=records, privacy=privacy)
     with pytest.raises(dptrain.errors.RecipeError, match=r"privacy\.epsilon"):
         trainer.train()
     assert not (tmp_path / "ledger.json").exists()
@@ -207,7 +211,7 @@ def test_settings_that_break_the_guarantee_are_refused(records, tmp_path, settin
     args = _args(tmp_path, **setting)
     with pytest.raises(DPTrainerError, match=rf"- {name}: .*Fix"):
         DPTrainer(
-            tiny_gpt2(),
+            _model(),
             args,
             train_dataset=records,
             eval_dataset=records[:4],
@@ -242,7 +246,7 @@ def test_batch_mean_losses_samplers_and_missing_privacy_state_are_refused(
     privacy = PrivacyArguments(**PRIVACY)
     with pytest.raises(DPTrainerError, match="compute_loss_func"):
         DPTrainer(
-            tiny_gpt2(),
+            _model(),
             _args(tmp_path),
             train_dataset=records,
             privacy=privacy,
@@ -254,16 +258,14 @@ def test_batch_mean_losses_samplers_and_missing_privacy_state_are_refused(
             return torch.utils.data.RandomSampler(self.train_dataset)
 
     with pytest.raises(DPTrainerError, match="_get_train_sampler"):
-        Shuffled(tiny_gpt2(), _args(tmp_path), train_dataset=records, privacy=privacy)
+        Shuffled(_model(), _args(tmp_path), train_dataset=records, privacy=privacy)
     with pytest.raises(DPTrainerError, match="model_init"):
-        DPTrainer(
-            args=_args(tmp_path), model_init=tiny_gpt2, train_dataset=records, privacy=privacy
-        )
+        DPTrainer(args=_args(tmp_path), model_init=_model, train_dataset=records, privacy=privacy)
     plain = tmp_path / "plain"  # a checkpoint written by the ordinary Trainer
     Trainer(
-        tiny_gpt2(), _args(plain, max_steps=1, gradient_accumulation_steps=1), train_dataset=records
+        _model(), _args(plain, max_steps=1, gradient_accumulation_steps=1), train_dataset=records
     ).train()
-    trainer = DPTrainer(tiny_gpt2(), _args(tmp_path), train_dataset=records, privacy=privacy)
+    trainer = DPTrainer(_model(), _args(tmp_path), train_dataset=records, privacy=privacy)
     with pytest.raises(DPTrainerError, match="no privacy state"):
         trainer.train(resume_from_checkpoint=str(plain / "checkpoint-1"))
 
@@ -271,11 +273,11 @@ def test_batch_mean_losses_samplers_and_missing_privacy_state_are_refused(
 def test_max_grad_norm_is_the_per_sample_clip_when_no_clip_is_given(records, tmp_path) -> None:
     args = _args(tmp_path, max_grad_norm=0.5)
     trainer = DPTrainer(
-        tiny_gpt2(), args, train_dataset=records, privacy=PrivacyArguments(epsilon=4.0)
+        _model(), args, train_dataset=records, privacy=PrivacyArguments(epsilon=4.0)
     )
     assert trainer.values.clip == 0.5
     with pytest.raises(DPTrainerError, match=r"max_grad_norm: 0 and PrivacyArguments\.clip unset"):
-        DPTrainer(tiny_gpt2(), _args(tmp_path), train_dataset=records, privacy=PrivacyArguments())
+        DPTrainer(_model(), _args(tmp_path), train_dataset=records, privacy=PrivacyArguments())
 
 
 def test_record_ids_are_content_derived_and_keep_duplicates_apart(records) -> None:
@@ -323,7 +325,7 @@ def test_built_in_losses_are_per_sample_and_match_the_models_own(records) -> Non
 
     from dptrain.integrations.hf import causal_lm_loss, default_loss, sequence_classification_loss
 
-    model = tiny_gpt2()
+    model = _model()
     batch = default_data_collator(records[:5])
     assert default_loss(model) is not None
     rows = causal_lm_loss()(model, batch)

@@ -134,7 +134,8 @@ class PrivacyCallback(TrainerCallback):
         if self.trainer.stopped_by_budget is not None and not control.should_training_stop:
             log.warning("stopping: %s", self.trainer.stopped_by_budget)
             control.should_training_stop = True
-            control.should_save = True  # the last model is covered by the ledger: keep it
+            if args.save_strategy != "no":
+                control.should_save = True  # the last model is covered by the ledger: keep it
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
