@@ -346,3 +346,15 @@ def test_built_in_losses_are_per_sample_and_match_the_models_own(records) -> Non
     assert losses.mean().item() == pytest.approx(cls(**x).loss.item(), rel=1e-6)
     with pytest.raises(DPTrainerError, match="loss_fn"):
         default_loss(torch.nn.Linear(2, 2))
+
+
+def test_epochs_are_mapped_to_planned_steps(records, tmp_path) -> None:
+    """num_train_epochs E -> ceil(E / q) steps, as the recipe's training.epochs."""
+    args = _args(
+        tmp_path, max_steps=-1, num_train_epochs=0.3, per_device_train_batch_size=8,
+        gradient_accumulation_steps=1, save_strategy="no",
+    )  # fmt: skip
+    trainer = DPTrainer(_model(), args, train_dataset=records, privacy=PrivacyArguments(**PRIVACY))
+    trainer.train()
+    assert trainer.plan.steps == math.ceil(0.3 / (8 / N)) == 2 == trainer.state.max_steps
+    assert trainer.engine.ledger.total_steps == 2 and not list(tmp_path.glob("checkpoint-*"))
