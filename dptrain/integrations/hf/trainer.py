@@ -21,6 +21,8 @@ What changes against the Trainer (everything else -- the optimizer and scheduler
                  plan's fingerprint; never the key) is written atomically, and
                  ``output_dir/ledger.json`` before it, both before the Trainer writes the
                  model of that checkpoint; resuming reads it back or is refused
+    the key      ``output_dir/ledger.json`` is first written when the run starts; a new run
+                 refuses a ``secret.key`` that a started run has used
     the end      ``output_dir/privacy.json``: the plan and the (epsilon, delta) guarantee
 
 The run key is ``key_dir/secret.key`` (default ``output_dir``), as in ``dptrain train``.
