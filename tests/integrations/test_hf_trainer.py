@@ -348,13 +348,17 @@ def test_built_in_losses_are_per_sample_and_match_the_models_own(records) -> Non
         default_loss(torch.nn.Linear(2, 2))
 
 
-def test_epochs_are_mapped_to_planned_steps(records, tmp_path) -> None:
-    """num_train_epochs E -> ceil(E / q) steps, as the recipe's training.epochs."""
+def test_epochs_and_the_scheduler_are_the_trainers(records, tmp_path) -> None:
+    """num_train_epochs E -> ceil(E / q) steps, as the recipe's training.epochs; the lr
+    scheduler acts on the optimizer the engine steps."""
     args = _args(
         tmp_path, max_steps=-1, num_train_epochs=0.3, per_device_train_batch_size=8,
-        gradient_accumulation_steps=1, save_strategy="no",
+        gradient_accumulation_steps=1, save_strategy="no", lr_scheduler_type="linear",
     )  # fmt: skip
     trainer = DPTrainer(_model(), args, train_dataset=records, privacy=PrivacyArguments(**PRIVACY))
     trainer.train()
     assert trainer.plan.steps == math.ceil(0.3 / (8 / N)) == 2 == trainer.state.max_steps
     assert trainer.engine.ledger.total_steps == 2 and not list(tmp_path.glob("checkpoint-*"))
+    lrs = [h["learning_rate"] for h in trainer.state.log_history if "loss" in h]
+    assert lrs == [0.1, 0.05]  # the Trainer's scheduler sets the lr of the engine's optimizer
+    assert trainer.engine.optimizer.param_groups[0]["lr"] == 0.0

@@ -73,16 +73,25 @@ PRIVACY_FILE = "privacy.json"  # in output_dir, at the end of training
 
 
 class AppliedByEngine(torch.optim.Optimizer):
-    """The optimizer the Trainer holds: it shares the real optimizer's ``param_groups`` (so the
-    lr scheduler and checkpoints act on the real one) but its ``step`` does nothing, because
-    the private step has already applied the released update with the real optimizer."""
+    """The optimizer the Trainer holds: a view of the real optimizer's ``param_groups``, state
+    and state dict (so the lr scheduler and checkpoints act on the real one, also after a
+    ``load_state_dict`` replaced its groups) whose ``step`` does nothing, because the private
+    step has already applied the released update with the real optimizer."""
 
     def __init__(self, inner: torch.optim.Optimizer) -> None:  # no super().__init__: a view
         self.inner = inner
-        self.defaults = inner.defaults
-        self.param_groups = inner.param_groups
-        self._optimizer_step_pre_hooks = inner._optimizer_step_pre_hooks
-        self._optimizer_step_post_hooks = inner._optimizer_step_post_hooks
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        self.inner.param_groups = groups
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.inner.defaults
 
     @property
     def state(self) -> Any:  # type: ignore[override]
