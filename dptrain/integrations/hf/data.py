@@ -45,9 +45,17 @@ def record_ids(dataset: Any, id_column: str = "id") -> list[str]:
                 "train_dataset.ids are not unique: each record needs its own coins"
             )
         return list(own)
-    rows = [dataset[i] for i in range(n)]
-    if rows and all(isinstance(r, dict) and id_column in r for r in rows):
-        ids = [str(r[id_column]) for r in rows]
+    first = dataset[0] if n else None
+    if isinstance(first, dict) and id_column in first:
+        ids = []
+        for i in range(n):
+            row = dataset[i]
+            if id_column not in row:
+                raise DPTrainerError(
+                    f"PrivacyArguments.id_column: record {i} has no '{id_column}' field while "
+                    "record 0 has one. Fix: give every record an id, or none"
+                )
+            ids.append(str(row[id_column]))
         if len(set(ids)) != n:
             raise DPTrainerError(
                 f"PrivacyArguments.id_column: the '{id_column}' values are not unique; each "
@@ -57,8 +65,8 @@ def record_ids(dataset: Any, id_column: str = "id") -> list[str]:
         return ids
     seen: dict[str, int] = {}
     out = []
-    for r in rows:
-        base = "rec-" + hashlib.sha256(_canonical(r).encode()).hexdigest()[:16]
+    for i in range(n):
+        base = "rec-" + hashlib.sha256(_canonical(dataset[i]).encode()).hexdigest()[:16]
         k = seen.get(base, 0)
         seen[base] = k + 1
         out.append(base if k == 0 else f"{base}~{k}")
