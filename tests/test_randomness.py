@@ -147,6 +147,40 @@ def test_noise_does_not_depend_on_the_thread_count():
     assert torch.equal(torch.from_numpy(z * 1.5).float(), draws[0])
 
 
+def test_one_thread_pool_per_sampler_reused_across_draws_and_closed(monkeypatch):
+    import copy
+
+    import dptrain.noise as noise_module
+
+    made = []
+    real = noise_module.ThreadPoolExecutor
+
+    def counting(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(noise_module, "ThreadPoolExecutor", counting)
+    like = torch.zeros(2 * noise_module._CHUNK + 3)  # two chunks: drawn on the pool
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        noise = GaussianNoise(KEY)
+        draws = []
+        for t in range(3):
+            noise.begin_step(t)
+            draws.append(noise(like, 1.0))
+        assert len(made) == 1  # one pool for every call, not one per call
+        assert copy.deepcopy(noise)._pool is None  # a copy makes its own when it needs one
+        noise.close()
+        assert made[0]._shutdown and noise._pool is None
+    finally:
+        torch.set_num_threads(before)
+    single = GaussianNoise(RunKey.from_insecure_seed(0))  # values identical to a serial draw
+    for t, d in enumerate(draws):
+        single.begin_step(t)
+        assert torch.equal(torch.from_numpy(single.standard(like.numel())).float(), d)
+
+
 def test_noise_moments_and_moderate_tail():
     """2e7 draws: mean, variance, kurtosis and P(|z| > 4) within binomial tolerance."""
     noise = GaussianNoise(KEY)
