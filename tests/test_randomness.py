@@ -62,6 +62,32 @@ def test_key_file_errors_name_the_fix(tmp_path):
         RunKey.read(path)
 
 
+def test_a_used_key_is_marked_in_its_file_and_refuses_a_restart(tmp_path):
+    old = os.umask(0o000)
+    try:
+        key = run_key(tmp_path, None, create=True)
+    finally:
+        os.umask(old)
+    path = tmp_path / secret.KEY_FILE
+    assert not key.used and not RunKey.read(path).used
+    key.refuse_restart(path, "nothing is left")  # an unused key may start a run
+    key.mark_used(path)
+    again = RunKey.read(path)
+    assert key.used and again.used and again.key_id == key.key_id
+    assert again.derive("noise") == key.derive("noise")  # the same key, only marked
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == [secret.KEY_FILE]  # no temporary left
+    with pytest.raises(RunKeyError, match=r"already drawn coins and noise.*new run in a fresh"):
+        again.refuse_restart(path, "its ledger is gone")
+    copy = again.write(tmp_path / "other" / secret.KEY_FILE)  # written unmarked
+    assert not RunKey.read(copy).used
+    with pytest.raises(RunKeyError, match="another run key"):
+        RunKey.generate().mark_used(path)
+    seeded = RunKey.from_insecure_seed(1)
+    seeded.mark_used(tmp_path / "none")  # no file for an insecure seed: nothing to mark
+    assert not seeded.used and not (tmp_path / "none").exists()
+
+
 def test_fresh_keys_differ_insecure_seeds_repeat_and_say_so():
     assert RunKey.generate().key_id != RunKey.generate().key_id
     a, b = RunKey.from_insecure_seed(3), RunKey.from_insecure_seed(3)
