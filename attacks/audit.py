@@ -22,7 +22,7 @@ Steps (each timed; the report says which dominated):
 8. ``audit/summary.json``, ``audit/report.html`` and a table on the terminal.
 
 The report and summary hold statistics of private records and the canaries' verdicts: they are
-for the data owner, like ``metrics.jsonl``; do not publish them with the model.
+for the data owner, like ``private/metrics.jsonl``; do not publish them with the model.
 """
 
 from __future__ import annotations
