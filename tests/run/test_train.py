@@ -17,7 +17,7 @@ from dptrain.cli import main
 from dptrain.rundir import RunDir
 from dptrain.secret import RunKey
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny(tmp_path: Path, name: str = "r", **sections) -> Path:
