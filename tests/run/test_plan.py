@@ -12,7 +12,7 @@ import yaml
 from dptrain.plan import file_level
 from dptrain.recipe import parse_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EPS, DELTA = 2.0, 1e-5
 
 
