@@ -55,6 +55,7 @@ def test_train_writes_a_complete_run_dir(tmp_path, capsys):
     assert level["validation_probability"] == 0.05 and "private/" in level["why"]
     # run.json holds no un-noised statistic of private records: they are in private/
     private = {"perplexity_before", "perplexity_after", "validation_size", "truncated_records"}
+    private |= {"validation_before", "validation_after"}
     assert not private & set(meta) and "nonfinite_samples" not in meta
     stats = run.read_stats()
     assert set(stats) == private | {"nonfinite_samples"} and stats["validation_size"] == 32
