@@ -36,7 +36,7 @@ def test_cpu_and_auto_without_cuda(monkeypatch):
 @pytest.mark.parametrize("spec", ["cuda", "cuda:0", "cuda:1"])
 def test_cuda_without_cuda_names_the_fix(monkeypatch, spec):
     _no_cuda(monkeypatch)
-    with pytest.raises(RecipeError, match="training.device.*no usable CUDA.*Fix: set training"):
+    with pytest.raises(RecipeError, match=r"training.device.*no usable CUDA.*Fix: set training"):
         resolve_device(spec)
 
 
@@ -68,7 +68,7 @@ def test_recipe_validates_device_and_keeps_fingerprints(tmp_path):
     base = parse_recipe(d, "r")
     assert base.training.device == "auto" and base.training.precision == "fp32"
     d["training"]["device"] = "gpu"
-    with pytest.raises(RecipeError, match="training.device"):
+    with pytest.raises(RecipeError, match=r"training\.device"):
         parse_recipe(d, "r")
     d["training"]["device"] = "cpu"  # a run resumes on another device
     assert parse_recipe(d, "r").fingerprint() == base.fingerprint()
