@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from accountants import Budget, BudgetExceeded, BudgetFilter, Event, Ledger, get_accountant
+from accountants.budget import ledger_epsilon
 
 from . import distributed
 from .batching import batch_len, batch_slice
@@ -167,12 +168,7 @@ class PrivacyEngine:
             delta = self.budget.delta
         key = (self.ledger.total_steps, delta)
         if self._eps_cache is None or self._eps_cache[0] != key:
-            measure = (
-                self.accountant.adaptive_epsilon
-                if self.policy.adaptive
-                else self.accountant.epsilon
-            )
-            eps = measure(self.ledger.events, delta) if self.ledger.events else 0.0
+            eps = ledger_epsilon(self.accountant, self.ledger, delta, self.policy.adaptive)
             self._eps_cache = (key, eps)
         return self._eps_cache[1]
 
