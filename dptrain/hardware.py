@@ -5,7 +5,7 @@
 
 * ``auto``: ``cuda`` when :func:`torch.cuda.is_available`, else ``cpu``;
 * ``cuda`` under ``torch.distributed`` (``--nproc``): ``cuda:LOCAL_RANK``, so each rank owns
-  its GPU (``cuda:N`` is taken as given: one process, one chosen GPU);
+  its GPU (``cuda:N``, one chosen GPU, is for one process and refused under ``--nproc``);
 * ``cuda``/``cuda:N`` without CUDA (or with fewer GPUs): a :class:`~dptrain.errors.RecipeError`
   naming the fix.
 
@@ -57,6 +57,12 @@ def resolve_device(spec: str = "auto") -> torch.device:
         index = rank if rank is not None else torch.cuda.current_device()
     else:
         index = int(spec.split(":")[1])
+        if _local_rank() is not None:
+            raise RecipeError(
+                f"training.device: {spec} would put every --nproc rank on the same GPU. Fix: "
+                "set training.device: cuda (rank r takes cuda:r; choose the GPUs with "
+                "CUDA_VISIBLE_DEVICES)"
+            )
     if index >= count:
         raise RecipeError(
             f"training.device: cuda:{index} does not exist (this machine has {count} CUDA "

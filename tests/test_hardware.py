@@ -56,6 +56,8 @@ def test_each_rank_takes_its_local_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert resolve_device("cuda") == torch.device("cuda", 1)
     assert resolve_device("auto") == torch.device("cuda", 1)
+    with pytest.raises(RecipeError, match="same GPU"):
+        resolve_device("cuda:0")
     monkeypatch.setenv("LOCAL_RANK", "2")  # --nproc 3 on 2 GPUs
     with pytest.raises(RecipeError, match="fewer --nproc"):
         resolve_device("cuda")
