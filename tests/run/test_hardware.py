@@ -11,8 +11,7 @@ from dptrain.noise import GaussianNoise
 from dptrain.recipe import parse_recipe
 from dptrain.rundir import RunDir, load_checkpoint_file
 from dptrain.secret import RunKey
-
-from .test_train import tiny
+from tests.run.test_train import tiny
 
 
 def _no_cuda(monkeypatch):

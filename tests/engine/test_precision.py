@@ -11,10 +11,16 @@ from dptrain.cli import main
 from dptrain.losses import classification_loss
 from dptrain.precision import Precision, check_loss_scale, unscale
 from dptrain.rundir import RunDir
-
-from .helpers import assert_close_rel, lm_batch, loop_per_sample_grads, tiny_gpt2
-from .test_engine import expected_step, make, snapshot
-from .test_train import tiny
+from tests._support import (
+    assert_close_rel,
+    lm_batch,
+    loop_per_sample_grads,
+    make,
+    snapshot,
+    tiny_gpt2,
+)
+from tests.engine.test_engine import expected_step
+from tests.run.test_train import tiny
 
 TOL = {"bf16": 2e-2, "fp16": 5e-3}  # as tests/engine/harness.py: TOL_BF16, TOL_FP16
 
