@@ -168,13 +168,16 @@ class GaussianNoise:
     def __call__(self, like: Tensor, std: float) -> Tensor:
         if std == 0:
             return torch.zeros_like(like)
-        out = torch.empty(like.numel(), dtype=like.dtype)  # drawn on the CPU, then moved
+        # drawn on the CPU (AES-CTR and Box-Muller in float64, rounded to the dtype here), then
+        # moved: the values are the same on every device; pinned memory makes the copy async
+        pin = like.device.type == "cuda"
+        out = torch.empty(like.numel(), dtype=like.dtype, pin_memory=pin)
         start = 0
         for z in self._chunks(like.numel()):
             np.multiply(z, std, out=z)
-            out[start : start + z.size] = torch.from_numpy(z)  # rounded to the dtype here
+            out[start : start + z.size] = torch.from_numpy(z)
             start += z.size
-        return out.view(like.shape).to(like.device)
+        return out.view(like.shape).to(like.device, non_blocking=pin)
 
     def truncation_delta(self, epsilon: float) -> float:
         return truncation_delta(epsilon, self.pairs)

@@ -53,11 +53,13 @@ from .data.canaries import Canary, make_canaries, write_manifest
 from .data.lm import eval_batches
 from .data.splits import read_data, read_public
 from .engine import BudgetExceeded, PrivacyEngine
+from .hardware import describe_device, module_device, resolve_device
 from .models import check_context
 from .noise import GaussianNoise
 from .optim import make_optimizer
 from .plan import RunPlan, check_run, guarantee_numbers, plan_privacy
 from .policies import Policy, RunContext
+from .precision import Precision
 from .recipe import Recipe, RecipeError, dump_recipe
 from .rundir import PUBLIC_FILES, CheckpointError, RunDir, atomic_write, save_final, versions
 from .sampling import PoissonSampler
@@ -135,7 +137,7 @@ def train(
     every rank runs this; rank 0 alone writes the run directory (see dptrain.distributed).
     ``cross_check=False`` skips the other accountants' epsilon in run.json (for audit shadow
     models, which are never released)."""
-    distributed.init_from_env()
+    distributed.init_from_env(recipe.training.device)
     prep = prepare(recipe, run_dir, resume=resume)
     distributed.barrier()  # every rank has validated the run directory before rank 0 writes
     start(prep)
@@ -297,10 +299,16 @@ def build(prep: Prepared) -> Built:
     checkpoint restored (on resume)."""
     recipe, plan, d = prep.recipe, prep.plan, prep.recipe.data
     task = task_for(recipe)  # model head, tokenization, loss and metric of task.kind
+    device = resolve_device(recipe.training.device)
+    precision = Precision(recipe.training.precision, recipe.training.loss_scale)
     log(f"loading model {recipe.model.name} ...")
     t0 = time.perf_counter()
     model, tokenizer = task.build_model(recipe)
-    log(f"model ready in {time.perf_counter() - t0:.1f}s")
+    model.to(device)
+    log(
+        f"model ready in {time.perf_counter() - t0:.1f}s on {describe_device(device)}, "
+        f"precision {precision.name}"
+    )
     check_context(model, d.max_length)
     train_ex = task.encode(prep.train_texts, tokenizer, d.max_length)
     val_ex = task.encode(prep.val_texts, tokenizer, d.max_length)
@@ -318,6 +326,7 @@ def build(prep: Prepared) -> Built:
         budget=plan.budget,
         max_physical_batch_size=recipe.training.physical_batch_size,
         noise=noise,
+        precision=precision,
     )
     public_batches = None
     if prep.public_texts is not None:
@@ -380,6 +389,8 @@ def begin_meta(prep: Prepared, built: Built) -> tuple[dict[str, Any], dict[str, 
         "task": built.task.kind,
         "versions": versions(),
         "world_size": distributed.world_size(),
+        "device": str(module_device(built.model)),
+        **built.engine.precision.describe(),
     }
     if main:
         run.update_stats(**stats)

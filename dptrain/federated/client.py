@@ -64,11 +64,13 @@ from accountants import Budget, BudgetExceeded, BudgetFilter, Ledger
 from ..data import LMExamples, TextDataset, load_texts, tokenize
 from ..data.splits import read_data
 from ..engine import PrivacyEngine
+from ..hardware import resolve_device
 from ..models import build_model
 from ..noise import GaussianNoise, truncation_delta
 from ..optim import make_optimizer
 from ..plan import plan_privacy
 from ..policies import Policy
+from ..precision import Precision
 from ..rundir import atomic_write
 from ..sampling import PoissonSampler
 from ..secret import KEY_FILE, RunKey, RunKeyError, run_key
@@ -354,7 +356,7 @@ def train_round(
             except RunKeyError as err:
                 return _decline(msg, public, spent, f"client state: {err}")
         with MODEL_LOCK:
-            model, tokenizer = build_model(recipe)
+            model, tokenizer = build_model(recipe, resolve_device(recipe.training.device))
         load_lora_state(model, msg.content["arrays"].to_torch_state_dict())
         for name, p in model.named_parameters():
             p.requires_grad_(strategy.trainable(name))
@@ -375,6 +377,7 @@ def train_round(
             ledger=ledger,
             max_physical_batch_size=recipe.training.physical_batch_size,
             noise=noise,
+            precision=Precision(recipe.training.precision, recipe.training.loss_scale),
         )
         sampler = PoissonSampler(examples.ids, plan.sample_rate, key)
         per_step = _restore_engine(engine, sampler, noise, ledger, state.load_engine())
@@ -384,7 +387,7 @@ def train_round(
     public["delta"] = plan.delta + truncation_delta(eps, noise.pairs)
     if taken == 0:
         return _decline(msg, public, eps, f"budget: no local step fits epsilon={plan.epsilon:g}")
-    trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    trained = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
     return _reply(
         msg,
         {**public, "declined": 0, "epsilon": eps, "steps": taken},
