@@ -334,6 +334,36 @@ class BatchCenter(nn.Module):
         return x - x.mean(0, keepdim=True)
 
 
+class RowScale(nn.Module):
+    """An elementwise scale and shift with a leading axis of 1, ``x * w + b`` with ``w`` and
+    ``b`` of shape (1, d) against x of shape (B, d) (and (1, 1, d) against (B, T, d))."""
+
+    def __init__(self, d: int, seq: bool) -> None:
+        super().__init__()
+        shape = (1, 1, d) if seq else (1, d)
+        self.w = nn.Parameter(torch.ones(shape))
+        self.b = nn.Parameter(torch.zeros(shape))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x * self.w + self.b
+        return y if y.dim() == 2 else torch.tanh(y).mean(1)
+
+
+class FlatScale(nn.Module):
+    """An elementwise scale on a flattened ``(B*T, d)`` view of a batch-first activation."""
+
+    def __init__(self, lead: tuple[int, ...]) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 5)
+        self.w = nn.Parameter(torch.ones(*lead, 5))
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.lin(x)
+        y = (h.reshape(-1, h.shape[-1]) * self.w).reshape(h.shape)
+        return self.head(torch.tanh(y).mean(1))
+
+
 def _with_bn(bn: nn.Module) -> nn.Module:
     return nn.Sequential(nn.Linear(4, 5), bn, nn.Tanh(), nn.Linear(5, 3))
 
@@ -481,6 +511,22 @@ LAYER_CASES: dict[str, Case] = {
         mse_loss,
     ),
     "bilinear": Case(_seeded(BilinearNet), regression((4,), 3), mse_loss),
+    "elementwise-weight-leading-1": Case(
+        _seeded(lambda: nn.Sequential(nn.Linear(4, 5), RowScale(5, False), nn.Linear(5, 3))),
+        regression((4,), 3),
+        mse_loss,
+    ),
+    "elementwise-flattened-rows": Case(
+        _seeded(lambda: FlatScale(())), regression((3, 4), 3), mse_loss
+    ),
+    "elementwise-flattened-rows-leading-1": Case(
+        _seeded(lambda: FlatScale((1,))), regression((3, 4), 3), mse_loss
+    ),
+    "elementwise-weight-leading-1-seq": Case(
+        _seeded(lambda: nn.Sequential(nn.Linear(4, 5), RowScale(5, True), nn.Linear(5, 3))),
+        regression((3, 4), 3),
+        mse_loss,
+    ),
     "batchnorm-eval": Case(_eval_bn_build, regression((4,), 3), mse_loss),
     # refusals: layers that mix samples, trainable or not, and running statistics of private data
     "refuse-batchnorm-train": Case(
