@@ -334,6 +334,28 @@ class BatchCenter(nn.Module):
         return x - x.mean(0, keepdim=True)
 
 
+class BatchMax(nn.Module):
+    """Subtracts the batch maximum of each feature: unchanged when a sample is duplicated."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x - x.amax(0, keepdim=True)
+
+
+class BatchMaxNorm(nn.Module):
+    """Divides by the largest sample norm of the batch: unchanged when a sample is duplicated."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x / x.norm(dim=1).amax()
+
+
+class UniqueCenter(nn.Module):
+    """Subtracts the mean of the batch's distinct samples (``torch.unique``, no gradient
+    through it): unchanged when a sample is duplicated."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x - torch.unique(x.detach(), dim=0).mean(0, keepdim=True)
+
+
 class RowScale(nn.Module):
     """An elementwise scale and shift with a leading axis of 1, ``x * w + b`` with ``w`` and
     ``b`` of shape (1, d) against x of shape (B, d) (and (1, 1, d) against (B, T, d))."""
@@ -543,6 +565,25 @@ LAYER_CASES: dict[str, Case] = {
     ),
     "refuse-batch-mean": Case(
         _seeded(lambda: nn.Sequential(nn.Linear(4, 5), BatchCenter(), nn.Linear(5, 3))),
+        regression((4,), 3),
+        mse_loss,
+        refuse="1",
+    ),
+    # invariant to duplicating a sample, so only removing samples shows the mixing
+    "refuse-batch-max": Case(
+        _seeded(lambda: nn.Sequential(nn.Linear(4, 5), BatchMax(), nn.Linear(5, 3))),
+        regression((4,), 3),
+        mse_loss,
+        refuse="1",
+    ),
+    "refuse-batch-max-norm": Case(
+        _seeded(lambda: nn.Sequential(nn.Linear(4, 5), BatchMaxNorm(), nn.Linear(5, 3))),
+        regression((4,), 3),
+        mse_loss,
+        refuse="1",
+    ),
+    "refuse-unique-center": Case(
+        _seeded(lambda: nn.Sequential(nn.Linear(4, 5), UniqueCenter(), nn.Linear(5, 3))),
         regression((4,), 3),
         mse_loss,
         refuse="1",
