@@ -443,6 +443,7 @@ class GradCapture:
         log = ProbeLog(batch_len(batch), expand=expand)
         versions = _buffer_versions(self.model)
         saved = {n: b.detach().clone() for n, b in self.model.named_buffers() if b is not None}
+        weights = _param_state(self.model)
         self._probe, self._counts = log, {}
         self._stack.clear()
         self._stack.append(_Call(None, "the loss function", ROOT, [], None, 0))
@@ -474,6 +475,9 @@ class GradCapture:
                 "from private records without noise and saved with the model. Fix: use "
                 "GroupNorm or LayerNorm, or put those layers in eval mode with frozen statistics"
             )
+        moved = [n for n, v in _param_state(self.model).items() if not _same(weights.get(n), v)]
+        if moved:
+            raise _moved_error(moved)
         return log, losses.detach()
 
     def probe(self, loss_fn: Callable, batch: Any) -> Plan:
@@ -608,6 +612,7 @@ class GradCapture:
         self.uses, self._locals, self._counts, self._unplanned = [], [], {}, set()
         self.batch_size, self.active = b, True
         versions = _buffer_versions(self.model)
+        weights = {n: p._version for n, p in self.model.named_parameters()}
         losses = _per_sample_losses(loss_fn(self.model, batch), b)
         direct = self._direct_grads(losses)
         self.in_backward, self._counts = True, {}  # recomputations (checkpointing) replay the plan
@@ -620,6 +625,9 @@ class GradCapture:
                 "would hold statistics of private records without noise. Fix: freeze them "
                 "(eval mode) or use layers without running statistics"
             )
+        moved = [n for n, p in self.model.named_parameters() if weights.get(n) != p._version]
+        if moved:
+            raise _moved_error(moved)
         if self._unplanned:
             raise PlanMiss(
                 f"unplanned direct gradients of {', '.join(sorted(self._unplanned)[:3])}"
@@ -792,6 +800,33 @@ def _restore_buffers(
                 changed.append(n)
                 b.copy_(old)
     return changed
+
+
+def _param_state(model: nn.Module) -> dict[str, tuple[int, float, float]]:
+    """Every parameter's version counter and a value fingerprint (sum and sum of squares in
+    float64): a write through ``.data`` leaves the counter alone, not the values."""
+    with torch.no_grad():
+        return {
+            n: (
+                p._version,
+                float(p.sum(dtype=torch.float64)),
+                float(torch.linalg.vector_norm(p, dtype=torch.float64)),
+            )
+            for n, p in model.named_parameters()
+        }
+
+
+def _same(a: tuple | None, b: tuple) -> bool:
+    return a is not None and all(x == y or (x != x and y != y) for x, y in zip(a, b, strict=True))
+
+
+def _moved_error(names: list[str]) -> UnsupportedLayerError:
+    return UnsupportedLayerError(
+        f"the forward pass changes the parameters {', '.join(names[:4])} in place (outside the "
+        "noisy update): a change computed from private records would reach the model without "
+        "noise, and they now hold it. Fix: reload those weights, and make the forward pass "
+        "leave parameters unchanged (e.g. compute a normalized copy instead of writing it back)"
+    )
 
 
 def _buffer_versions(model: nn.Module) -> dict[str, int]:

@@ -386,6 +386,48 @@ class FlatScale(nn.Module):
         return self.head(torch.tanh(y).mean(1))
 
 
+class FusedAndDirect(nn.Module):
+    """A weight used through its layer's ``F.linear`` and directly (``w.sum(1) * x``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x) + self.lin.weight.sum(1) * x[:, :3]
+
+
+class FunctionalCallNet(nn.Module):
+    """Parameters reached through ``torch.func.functional_call``: a layer run with a
+    substituted weight (another parameter, scaled), then with its own parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.w2 = nn.Parameter(torch.randn(4, 4) / 2)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        from torch.func import functional_call
+
+        h = functional_call(self.lin, {"weight": self.w2 * 1.5}, (x,))
+        h = functional_call(self.lin, dict(self.lin.named_parameters()), (torch.tanh(h),))
+        return self.head(h)
+
+
+class BatchAxisMoves(nn.Module):
+    """One Linear called on (B, T, d), then on (T, B, d): its batch axis is 1 in the second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.lin(torch.tanh(self.lin(x)).transpose(0, 1))
+        return self.head(h.mean(0))
+
+
 def _with_bn(bn: nn.Module) -> nn.Module:
     return nn.Sequential(nn.Linear(4, 5), bn, nn.Tanh(), nn.Linear(5, 3))
 
@@ -538,6 +580,9 @@ LAYER_CASES: dict[str, Case] = {
         regression((4,), 3),
         mse_loss,
     ),
+    "weight-fused-and-direct": Case(_seeded(FusedAndDirect), regression((4,), 3), mse_loss),
+    "functional-call": Case(_seeded(FunctionalCallNet), regression((4,), 3), mse_loss),
+    "linear-batch-axis-0-then-1": Case(_seeded(BatchAxisMoves), regression((5, 4), 3), mse_loss),
     "elementwise-flattened-rows": Case(
         _seeded(lambda: FlatScale(())), regression((3, 4), 3), mse_loss
     ),

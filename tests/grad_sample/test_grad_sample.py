@@ -301,3 +301,30 @@ def test_mode_change_after_planning_is_probed_again():
         assert all(torch.equal(b, stats[n]) for n, b in model[1].named_buffers())
     finally:
         probe.close()
+
+
+class _SelfScaling(nn.Module):
+    """Rescales its own weight from the data in the forward pass (too little to move the
+    losses the probes compare), through ``no_grad`` or through ``.data``."""
+
+    def __init__(self, via_data: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.via_data = via_data
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        factor = 1 + 1e-12 * x.abs().mean()
+        if self.via_data:
+            self.lin.weight.data.mul_(factor)
+        else:
+            with torch.no_grad():
+                self.lin.weight.mul_(factor)
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("via_data", [False, True])
+def test_forward_that_writes_its_parameters_is_refused(via_data):
+    cap = GradCapture(_SelfScaling(via_data))
+    cap.attach()
+    with pytest.raises(UnsupportedLayerError, match=r"lin\.weight in place.*Fix"):
+        cap.run(_loss, (torch.randn(3, 3), torch.randn(3, 2)))
