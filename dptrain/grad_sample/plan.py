@@ -23,8 +23,11 @@ Each use then gets one of three treatments:
 The probes also check what makes per-sample gradients meaningless: a function that normalizes
 over the batch in its current mode (BatchNorm in train mode, trainable or frozen), a buffer
 updated from the data during the forward pass (running statistics), and a per-sample loss
-that changes when other samples are added (any other layer that mixes samples, parameter-free
-or not).  Dropout is switched off in the probes so the losses can be compared.
+that changes when other samples are added or removed (any other layer that mixes samples,
+parameter-free or not: two more forward passes, on ``batch[1:]`` and ``batch[:1]``, see what a
+duplicate cannot, a batch maximum or ``unique``), and a forward pass that writes parameters in
+place.  Dropout is switched off in the probes so the losses can be compared.  A plan holds for
+the modules' train/eval modes it was probed in; a change of any ``training`` flag probes again.
 """
 
 from __future__ import annotations
