@@ -173,6 +173,7 @@ class GradCapture:
         self._tls = threading.local()
         self._all_names = {id(m): n or "<model>" for n, m in model.named_modules()}
         self._modules = [m for _, m in model.named_modules()]
+        self._rewritten: set[str] = set()  # parameters the forward writes without changing
         self._mode = _Mode(self)
         self._handles: list[Any] = []
 
@@ -475,9 +476,13 @@ class GradCapture:
                 "from private records without noise and saved with the model. Fix: use "
                 "GroupNorm or LayerNorm, or put those layers in eval mode with frozen statistics"
             )
-        moved = [n for n, v in _param_state(self.model).items() if not _same(weights.get(n), v)]
+        after = _param_state(self.model)
+        moved = [n for n, v in after.items() if not _same(weights[n][1:], v[1:])]
         if moved:
             raise _moved_error(moved)
+        # written but unchanged (peft merges a LoRA delta into a parameter and takes it out):
+        # checked by value at every step, the others by their version counters
+        self._rewritten |= {n for n, v in after.items() if v[0] != weights[n][0]}
         return log, losses.detach()
 
     def probe(self, loss_fn: Callable, batch: Any) -> Plan:
@@ -613,6 +618,7 @@ class GradCapture:
         self.batch_size, self.active = b, True
         versions = _buffer_versions(self.model)
         weights = {n: p._version for n, p in self.model.named_parameters()}
+        values = _param_state(self.model, self._rewritten)
         losses = _per_sample_losses(loss_fn(self.model, batch), b)
         direct = self._direct_grads(losses)
         self.in_backward, self._counts = True, {}  # recomputations (checkpointing) replay the plan
@@ -625,7 +631,13 @@ class GradCapture:
                 "would hold statistics of private records without noise. Fix: freeze them "
                 "(eval mode) or use layers without running statistics"
             )
-        moved = [n for n, p in self.model.named_parameters() if weights.get(n) != p._version]
+        rewritten = _param_state(self.model, self._rewritten)
+        moved = [
+            n
+            for n, p in self.model.named_parameters()
+            if weights.get(n) != p._version
+            and (n not in values or not _same(values[n][1:], rewritten[n][1:]))
+        ]
         if moved:
             raise _moved_error(moved)
         if self._unplanned:
@@ -802,9 +814,12 @@ def _restore_buffers(
     return changed
 
 
-def _param_state(model: nn.Module) -> dict[str, tuple[int, float, float]]:
-    """Every parameter's version counter and a value fingerprint (sum and sum of squares in
-    float64): a write through ``.data`` leaves the counter alone, not the values."""
+def _param_state(
+    model: nn.Module, names: set[str] | None = None
+) -> dict[str, tuple[int, float, float]]:
+    """The parameters' (all, or those in ``names``) version counters and value fingerprints
+    (sum and norm in float64): a write through ``.data`` leaves the counter alone, not the
+    values."""
     with torch.no_grad():
         return {
             n: (
@@ -813,11 +828,12 @@ def _param_state(model: nn.Module) -> dict[str, tuple[int, float, float]]:
                 float(torch.linalg.vector_norm(p, dtype=torch.float64)),
             )
             for n, p in model.named_parameters()
+            if names is None or n in names
         }
 
 
-def _same(a: tuple | None, b: tuple) -> bool:
-    return a is not None and all(x == y or (x != x and y != y) for x, y in zip(a, b, strict=True))
+def _same(a: tuple, b: tuple) -> bool:
+    return all(x == y or (x != x and y != y) for x, y in zip(a, b, strict=True))
 
 
 def _moved_error(names: list[str]) -> UnsupportedLayerError:

@@ -328,3 +328,19 @@ def test_forward_that_writes_its_parameters_is_refused(via_data):
     cap.attach()
     with pytest.raises(UnsupportedLayerError, match=r"lin\.weight in place.*Fix"):
         cap.run(_loss, (torch.randn(3, 3), torch.randn(3, 2)))
+
+
+def test_parameter_written_after_planning_is_refused():
+    """A forward pass that starts writing its weight after the plan was made (no probe sees
+    it) is refused at that step by the version counter."""
+    model = _SelfScaling(via_data=False)
+    armed = [False]
+    inner = model.forward
+    model.forward = lambda x: inner(x) if armed[0] else model.lin(x)
+    cap = GradCapture(model)
+    cap.attach()
+    batch = (torch.randn(3, 3), torch.randn(3, 2))
+    cap.run(_loss, batch)
+    armed[0] = True
+    with pytest.raises(UnsupportedLayerError, match=r"lin\.weight in place"):
+        cap.run(_loss, batch)
