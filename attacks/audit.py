@@ -22,7 +22,7 @@ Steps (each timed; the report says which dominated):
 8. ``audit/summary.json``, ``audit/report.html`` and a table on the terminal.
 
 The report and summary hold statistics of private records and the canaries' verdicts: they are
-for the data owner, like ``metrics.jsonl``; do not publish them with the model.
+for the data owner, like ``private/metrics.jsonl``; do not publish them with the model.
 """
 
 from __future__ import annotations
@@ -113,23 +113,28 @@ def claimed_privacy(run: RunDir, meta: dict[str, Any], recipe: Recipe) -> dict[s
 
 
 def load_final_model(run: RunDir, recipe: Recipe) -> tuple[torch.nn.Module, Any]:
-    """The released model of ``run`` (its ``final/`` adapter or model) and its tokenizer."""
+    """The released model of ``run`` (its ``final/`` adapter or model) on the recipe's
+    ``training.device``, and its tokenizer."""
+    from dptrain.hardware import resolve_device
     from dptrain.models import load_model_and_tokenizer
 
     dtype = getattr(torch, recipe.model.dtype)
+    device = resolve_device(recipe.training.device)
     if recipe.lora is not None:
         from peft import PeftModel
 
         base, tok = load_model_and_tokenizer(recipe.model.name, dtype=dtype)
-        return PeftModel.from_pretrained(base, run.final), tok
-    return load_model_and_tokenizer(str(run.final), dtype=dtype)
+        return PeftModel.from_pretrained(base, run.final).to(device), tok
+    model, tok = load_model_and_tokenizer(str(run.final), dtype=dtype)
+    return model.to(device), tok
 
 
 def _starting_point(recipe: Recipe) -> torch.nn.Module:
     """theta_0: the model the run started from (pretrained or seeded initialization)."""
+    from dptrain.hardware import resolve_device
     from dptrain.models import build_model
 
-    return build_model(recipe)[0]
+    return build_model(recipe, resolve_device(recipe.training.device))[0]
 
 
 # -- the audit ---------------------------------------------------------------------------------

@@ -14,6 +14,10 @@ Step flow (``PrivacyEngine.step``)::
 
 Normalization is by the expected batch size ``E[B] = q N`` (public), never the realized one.
 An empty Poisson batch still takes a (pure-noise) step and is charged.
+
+Devices and precision.  The batch is moved to the model's device; the forward and backward of
+each chunk run under the ``precision``'s autocast, with fp16's loss scale removed from the
+per-sample gradients before they are clipped (:mod:`dptrain.precision` states the contract).
 """
 
 from __future__ import annotations
@@ -28,15 +32,18 @@ import torch
 from torch import Tensor, nn
 
 from accountants import Budget, BudgetExceeded, BudgetFilter, Event, Ledger, get_accountant
+from accountants.budget import ledger_epsilon
 
 from . import distributed
 from .batching import batch_len, batch_slice
 from .clipping import clip_and_sum, ghost_mode
 from .grad_sample import GradCapture, Recorded
 from .groups import group_parameters
+from .hardware import module_device, to_device
 from .losses import LossFn, causal_lm_loss
 from .noise import GaussianNoise
 from .policies import Policy, StepContext, StepPlan, StepSums, check_accountant
+from .precision import Precision, unscale
 
 
 @dataclass
@@ -80,6 +87,7 @@ class PrivacyEngine:
         max_physical_batch_size: int | None = None,
         noise: GaussianNoise | None = None,
         ghost: bool | str = "auto",
+        precision: Precision | None = None,
     ) -> None:
         if dataset_size <= 0:
             raise ValueError(
@@ -100,6 +108,7 @@ class PrivacyEngine:
         self.max_physical_batch_size = max_physical_batch_size
         self.noise = noise if noise is not None else GaussianNoise()  # a fresh secret key
         self.ghost = ghost_mode(ghost)  # per-sample norms: "auto" (by cost), "always", "never"
+        self.precision = precision if precision is not None else Precision()
 
         names = group_parameters(model, grouping)
         by_name = dict(model.named_parameters())
@@ -159,12 +168,7 @@ class PrivacyEngine:
             delta = self.budget.delta
         key = (self.ledger.total_steps, delta)
         if self._eps_cache is None or self._eps_cache[0] != key:
-            measure = (
-                self.accountant.adaptive_epsilon
-                if self.policy.adaptive
-                else self.accountant.epsilon
-            )
-            eps = measure(self.ledger.events, delta) if self.ledger.events else 0.0
+            eps = ledger_epsilon(self.accountant, self.ledger, delta, self.policy.adaptive)
             self._eps_cache = (key, eps)
         return self._eps_cache[1]
 
@@ -203,6 +207,10 @@ class PrivacyEngine:
                 "budget in a new run, or stop here: the model so far is covered by the ledger."
             )
         n = batch_len(batch) if batch is not None else 0
+        device = module_device(self.model)
+        if n > 0:
+            batch = to_device(batch, device)
+        loss_fn, scale = self.precision.scaled(self.loss_fn), self.precision.scale
         clipped: dict[nn.Parameter, Tensor] = {}
         within: dict[str, list[Tensor]] = {}
         raw_sums: dict[nn.Parameter, Tensor] = {}
@@ -223,14 +231,16 @@ class PrivacyEngine:
 
         self.optimizer.zero_grad(set_to_none=True)
         for chunk in self._chunks(batch, n) if n > 0 else ():
-            recorded, losses = self.capture.run(self.loss_fn, chunk)
-            add(recorded)
-            finite = torch.isfinite(losses.detach())
-            loss_sum += float(losses.detach()[finite].sum())
+            with self.precision.autocast(device):
+                recorded, losses = self.capture.run(loss_fn, chunk)
+            add(unscale(recorded, scale))  # unscaled before clipping: sensitivity C
+            losses = losses.detach() / scale
+            finite = torch.isfinite(losses)
+            loss_sum += float(losses[finite].sum())
             self.optimizer.zero_grad(set_to_none=True)
         if injected:  # extra samples with given per-sample gradients, through the same clipping
             m = _check_injected(injected, self.group_of)
-            add(Recorded([], {p: g.to(p.dtype) for p, g in injected.items()}, m))
+            add(Recorded([], {p: g.to(p.device, p.dtype) for p, g in injected.items()}, m))
             n += m
         for p in self.params:
             if p not in clipped:
@@ -303,7 +313,10 @@ class PrivacyEngine:
 
     def _all_reduce(self, n, loss_sum, nonfinite, clipped, raw):
         """Sum the clipped (and raw) sums and the batch statistics over ranks."""
-        stats = torch.tensor([float(n), loss_sum, float(nonfinite)], dtype=torch.float64)
+        device = self.params[0].device if self.params else None  # NCCL reduces GPU tensors
+        stats = torch.tensor(
+            [float(n), loss_sum, float(nonfinite)], dtype=torch.float64, device=device
+        )
         tensors = (
             [stats]
             + [clipped[p] for p in self.params]

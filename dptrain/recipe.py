@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import RecipeError
 from .groups import GROUPINGS
+from .tasks.schema import GenerationSection, TaskSection, check_recipe_task
 
 # Keys a resumed run may change without becoming a different run.
 RESUMABLE_KEYS = (
@@ -27,7 +28,15 @@ RESUMABLE_KEYS = (
     "training.checkpoint_every",
     "training.log_every",
     "training.eval_every",
+    "training.device",  # a run may resume on another device (checkpoints load on the CPU)
 )
+# Keys added after runs were already written: left out of the fingerprint at their default,
+# so those runs still resume.
+LATER_DEFAULTS = {
+    "training.precision": "fp32",
+    "training.loss_scale": 4096.0,
+    "training.gradient_checkpointing": False,
+}
 
 
 class Section(BaseModel):
@@ -159,6 +168,28 @@ class TrainingSection(Section):
     eval_every: int = Field(0, ge=0)
     checkpoint_every: int = Field(25, ge=1)
     log_every: int = Field(1, ge=1)
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
+        description="auto (a GPU when CUDA is available, else the CPU), cpu, cuda or cuda:N; "
+        "--nproc ranks take cuda:LOCAL_RANK",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast of the forward and backward (fp16 with training.loss_scale)"
+    )
+    loss_scale: float = Field(
+        4096.0, gt=0, description="fp16 only: a fixed power of two (never adapted from data)"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass (Hugging Face models)"
+    )
+
+    @field_validator("loss_scale")
+    @classmethod
+    def _power_of_two(cls, v: float) -> float:
+        if not (math.isfinite(v) and math.frexp(v)[0] == 0.5):
+            raise ValueError("training.loss_scale must be a power of two, e.g. 4096")
+        return v
 
     @model_validator(mode="after")
     def _one_of(self) -> TrainingSection:
@@ -271,6 +302,13 @@ class Recipe(Section):
     policy: PolicySection = Field(default_factory=PolicySection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
     audit: AuditSection | None = None
+    task: TaskSection = Field(default_factory=TaskSection)
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+
+    @model_validator(mode="after")
+    def _task(self) -> Recipe:
+        check_recipe_task(self)  # dptrain.tasks: the rules between task and other sections
+        return self
 
     @model_validator(mode="after")
     def _non_private(self) -> Recipe:
@@ -304,8 +342,15 @@ class Recipe(Section):
         for dotted in ignore:
             section, key = dotted.split(".")
             d.get(section, {}).pop(key, None)
+        for dotted, default in LATER_DEFAULTS.items():
+            section, key = dotted.split(".")
+            if d.get(section, {}).get(key, default) == default:
+                d.get(section, {}).pop(key, None)
         d.pop("output_dir", None)
         d.pop("audit", None)  # audit options never change training
+        d.pop("generation", None)  # nor do the samples drawn after it
+        if d.get("task") == TaskSection().model_dump(mode="json"):
+            d.pop("task")  # runs from before the task section keep their fingerprint
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

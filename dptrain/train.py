@@ -3,11 +3,19 @@
     prepare  validate the run directory, read the run key and the data, resolve the run plan
              (:mod:`dptrain.plan`: q, delta, steps, the policy's noise, the accountant, the
              budget) and check it -- all before the model is loaded
-    start    rank 0 writes the run key, ``recipe.yaml`` and the canary manifest
+    start    rank 0 writes the run key, ``recipe.yaml``, ``README.txt`` (what may be
+             published) and the canary manifest
     build    model (:func:`dptrain.models.build_model`), tokenized data, optimizer
              (:mod:`dptrain.optim`), engine, policy attached, sampler; a checkpoint restored
     loop     private steps with checkpoints, until the plan's steps or the budget end
     finish   the final adapter/model, perplexities and the (epsilon, delta) guarantee
+
+What is public.  ``run.json`` holds values derived from the recipe, the public record count N
+and released outputs only (the guarantee, the ledger's epsilon, steps skipped because a
+*released* update was not finite).  Statistics of private records that carry no noise -- the
+validation perplexities (the validation split is drawn from the private file and used without
+noise), the validation split's size, truncated and non-finite sample counts, every per-step
+metric -- go to ``private/`` (:mod:`dptrain.rundir`), which is never to be published.
 
 The one path from ``policy.noise_multiplier`` and ``privacy.epsilon`` in the recipe down to
 the engine's release is written in :mod:`dptrain.plan`.  The audit after training
@@ -18,6 +26,9 @@ Randomness.  Every private random choice -- the validation / public split, the c
 step ``t``'s Poisson batch and noise -- is a function of the run key (``secret.key``, see
 :mod:`dptrain.secret`) and of ``t`` and the record ids only, so a resumed run draws what an
 uninterrupted one would and an adversary holding the recipe and ``run.json`` cannot replay it.
+The key is marked used in ``secret.key`` before the first step draws from it, and a run never
+starts over from step 0 with a used key (that would repeat its noise; see
+:mod:`dptrain.secret`).
 ``recipe.seed`` drives the non-private randomness (initialization, dropout).  The reported
 delta includes the noise sampler's truncation term (:func:`dptrain.noise.truncation_delta`).
 """
@@ -37,21 +48,23 @@ from tqdm.auto import tqdm
 from accountants import Ledger, UnsupportedEventError, get_accountant
 
 from . import distributed
-from .data import LMExamples, TextDataset, tokenize
-from .data.canaries import write_manifest
+from .data import TextDataset
+from .data.canaries import Canary, make_canaries, write_manifest
 from .data.lm import eval_batches
 from .data.splits import read_data, read_public
 from .engine import BudgetExceeded, PrivacyEngine
-from .losses import causal_lm_loss, perplexity
-from .models import build_model, check_context
+from .hardware import describe_device, module_device, resolve_device
+from .models import check_context
 from .noise import GaussianNoise
 from .optim import make_optimizer
 from .plan import RunPlan, check_run, guarantee_numbers, plan_privacy
 from .policies import Policy, RunContext
+from .precision import Precision
 from .recipe import Recipe, RecipeError, dump_recipe
-from .rundir import CheckpointError, RunDir, atomic_write, save_final, versions
+from .rundir import PUBLIC_FILES, CheckpointError, RunDir, atomic_write, save_final, versions
 from .sampling import PoissonSampler
 from .secret import RunKey, RunKeyError
+from .tasks import Task, task_for, validation_line
 
 
 @dataclass
@@ -68,6 +81,7 @@ class Prepared:
     ledger: Ledger
     checkpoint: dict[str, Any] | None
     resume: bool
+    canaries: list[Canary] | None = None  # drawn once, inserted and written to the manifest
 
     @property
     def policy(self) -> Policy:
@@ -84,9 +98,10 @@ class Built:
     engine: PrivacyEngine
     noise: GaussianNoise
     sampler: PoissonSampler
-    train_ex: LMExamples
+    train_ex: Any  # LMExamples, or the task's examples (dptrain.tasks)
     validation_size: int
     val_batches: list[dict[str, torch.Tensor]]
+    task: Task
 
 
 @dataclass
@@ -122,14 +137,14 @@ def train(
     every rank runs this; rank 0 alone writes the run directory (see dptrain.distributed).
     ``cross_check=False`` skips the other accountants' epsilon in run.json (for audit shadow
     models, which are never released)."""
-    distributed.init_from_env()
+    distributed.init_from_env(recipe.training.device)
     prep = prepare(recipe, run_dir, resume=resume)
     distributed.barrier()  # every rank has validated the run directory before rank 0 writes
     start(prep)
     built = build(prep)
-    meta = begin_meta(prep, built)
-    stopped, seconds, counts = loop(prep, built, meta, progress, max_steps_this_session)
-    return finish(prep, built, meta, stopped, seconds, counts, cross_check)
+    meta, stats = begin_meta(prep, built)
+    stopped, seconds, counts = loop(prep, built, meta, stats, progress, max_steps_this_session)
+    return finish(prep, built, meta, stats, stopped, seconds, counts, cross_check)
 
 
 # -- prepare: everything checked before the model loads -----------------------------------
@@ -140,7 +155,8 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
     run = RunDir(recipe.run_dir(run_dir))
     meta = _check_run_dir(run, recipe, resume)
     key = _run_key(recipe, run, resume)
-    train_texts, val_texts = read_data(recipe, key)
+    canaries = make_canaries(recipe.data.canaries, key) if recipe.data.canaries else None
+    train_texts, val_texts = read_data(recipe, key, canaries=canaries)
     if not len(val_texts):
         raise RecipeError(
             f"data.validation_fraction: no record of {recipe.data.path} was held out for "
@@ -163,6 +179,8 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
             f"({plan.accountant})"
         )
     checkpoint = run.load_checkpoint(recipe.fingerprint()) if resume else None
+    if resume and checkpoint is None:
+        key.refuse_restart(run.key, f"{run.path} has no checkpoint left to resume from")
     ledger = Ledger.from_dict(checkpoint["engine"]["ledger"]) if checkpoint else Ledger()
     public = len(public_texts) if public_texts is not None else None
     fits = check_run(
@@ -174,7 +192,17 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
             "planned; the run will stop there"
         )
     return Prepared(
-        recipe, run, key, train_texts, val_texts, public_texts, plan, ledger, checkpoint, resume
+        recipe,
+        run,
+        key,
+        train_texts,
+        val_texts,
+        public_texts,
+        plan,
+        ledger,
+        checkpoint,
+        resume,
+        canaries,
     )
 
 
@@ -202,8 +230,8 @@ def _check_run_dir(run: RunDir, recipe: Recipe, resume: bool) -> dict[str, Any] 
 
 def _run_key(recipe: Recipe, run: RunDir, resume: bool) -> RunKey:
     """The run's key: from ``privacy.insecure_seed``, or rank 0 reads ``secret.key`` (on
-    ``--resume``, or left by a run that never took a step) or draws a fresh one from the OS
-    CSPRNG; the other ranks receive it over the process group."""
+    ``--resume``, or left by a run that never took a step: a used key is refused) or draws a
+    fresh one from the OS CSPRNG; the other ranks receive it over the process group."""
     seed = recipe.privacy.insecure_seed
     if seed is not None:
         return RunKey.from_insecure_seed(seed)
@@ -212,6 +240,10 @@ def _run_key(recipe: Recipe, run: RunDir, resume: bool) -> RunKey:
     if distributed.is_main():
         try:
             key = RunKey.read(run.key) if resume or run.key.exists() else RunKey.generate()
+            if not resume:
+                key.refuse_restart(
+                    run.key, f"{run.path} holds no run any more (no run.json, ledger or checkpoint)"
+                )
         except RunKeyError as err:
             error = str(err)
     key, error = distributed.broadcast_object((key, error))
@@ -253,10 +285,12 @@ def start(prep: Prepared) -> None:
     run.clean_partial()
     if prep.key.secure and not run.key.exists():
         prep.key.write(run.key)  # before anything that derives from it is written
+    if not prep.resume or not run.readme.exists():
+        run.write_readme()
     if not prep.resume:
         atomic_write(run.recipe, lambda f: f.write(dump_recipe(recipe)))
         if recipe.data.canaries is not None:
-            path = write_manifest(run.path, recipe.data.canaries, prep.key)
+            path = write_manifest(run.path, recipe.data.canaries, canaries=prep.canaries)
             log(f"inserted audit canaries; their secrets are in {path} (keep it private)")
 
 
@@ -264,13 +298,20 @@ def build(prep: Prepared) -> Built:
     """Model, tokenized data, optimizer, engine and sampler; the policy attached and a
     checkpoint restored (on resume)."""
     recipe, plan, d = prep.recipe, prep.plan, prep.recipe.data
+    task = task_for(recipe)  # model head, tokenization, loss and metric of task.kind
+    device = resolve_device(recipe.training.device)
+    precision = Precision(recipe.training.precision, recipe.training.loss_scale)
     log(f"loading model {recipe.model.name} ...")
     t0 = time.perf_counter()
-    model, tokenizer = build_model(recipe)
-    log(f"model ready in {time.perf_counter() - t0:.1f}s")
+    model, tokenizer = task.build_model(recipe)
+    model.to(device)
+    log(
+        f"model ready in {time.perf_counter() - t0:.1f}s on {describe_device(device)}, "
+        f"precision {precision.name}"
+    )
     check_context(model, d.max_length)
-    train_ex = tokenize(prep.train_texts, tokenizer, d.max_length)
-    val_ex = tokenize(prep.val_texts, tokenizer, d.max_length)
+    train_ex = task.encode(prep.train_texts, tokenizer, d.max_length)
+    val_ex = task.encode(prep.val_texts, tokenizer, d.max_length)
     optimizer = make_optimizer(recipe.training, [p for p in model.parameters() if p.requires_grad])
     noise = GaussianNoise(prep.key)
     engine = PrivacyEngine(
@@ -279,22 +320,32 @@ def build(prep: Prepared) -> Built:
         policy=plan.policy,
         sample_rate=plan.sample_rate,
         dataset_size=len(train_ex),
-        loss_fn=causal_lm_loss,
+        loss_fn=task.loss_fn,
         grouping=recipe.policy.grouping,
         accountant=plan.accountant,
         budget=plan.budget,
         max_physical_batch_size=recipe.training.physical_batch_size,
         noise=noise,
+        precision=precision,
     )
     public_batches = None
     if prep.public_texts is not None:
-        public_ex = tokenize(prep.public_texts, tokenizer, d.max_length)
+        public_ex = task.encode(prep.public_texts, tokenizer, d.max_length)
         public_batches = eval_batches(public_ex, recipe.training.physical_batch_size)
     plan.policy.attach(RunContext(model, plan.steps, recipe.seed, public_batches))
     sampler = PoissonSampler(train_ex.ids, plan.sample_rate, prep.key)
     val_batches = eval_batches(val_ex, recipe.training.physical_batch_size)
     built = Built(
-        model, tokenizer, optimizer, engine, noise, sampler, train_ex, len(val_ex), val_batches
+        model,
+        tokenizer,
+        optimizer,
+        engine,
+        noise,
+        sampler,
+        train_ex,
+        len(val_ex),
+        val_batches,
+        task,
     )
     if prep.checkpoint is not None:
         _restore(prep.checkpoint, built)
@@ -304,24 +355,29 @@ def build(prep: Prepared) -> Built:
     return built
 
 
-def begin_meta(prep: Prepared, built: Built) -> dict[str, Any]:
-    """``run.json`` at the start: the resolved plan and what the run was built with (written
-    once; a resumed run continues its own)."""
+def begin_meta(prep: Prepared, built: Built) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``run.json`` at the start -- the resolved plan and what the run was built with, all
+    public -- and the private statistics (``private/stats.json``); written once, a resumed
+    run continues its own."""
     run, recipe, plan = prep.run, prep.recipe, prep.plan
     main = distributed.is_main()
     if prep.resume:
         if main:
             run.truncate_metrics(built.engine.steps_taken)
-        return run.read_meta()
-    log(f"validation perplexity before training ({built.validation_size} records) ...")
-    ppl_before = perplexity(built.model, built.val_batches) if main else math.nan
+        return run.read_meta(), run.read_stats()
+    log(f"validation metrics before training ({built.validation_size} records) ...")
+    before = built.task.evaluate(built.model, built.val_batches) if main else {}
+    stats = {  # un-noised statistics of private records: private/
+        "validation_size": built.validation_size,
+        "truncated_records": getattr(built.train_ex, "truncated", None),
+        "perplexity_before": before.get("perplexity", math.nan),
+        "validation_before": before,
+    }
     meta = {
         "name": recipe.name,
         "fingerprint": recipe.fingerprint(),
         "status": "running",
         "dataset_size": len(built.train_ex),
-        "validation_size": built.validation_size,
-        "truncated_records": getattr(built.train_ex, "truncated", None),
         "expected_batch_size": plan.sample_rate * len(built.train_ex),
         "public_records": len(prep.public_texts) if prep.public_texts is not None else 0,
         **plan.meta(),
@@ -330,14 +386,17 @@ def begin_meta(prep: Prepared, built: Built) -> dict[str, Any]:
         "randomness": prep.key.describe(),
         "key_id": prep.key.key_id,
         "insecure_seed": prep.key.insecure_seed,
-        "perplexity_before": ppl_before,
+        "task": built.task.kind,
         "versions": versions(),
         "world_size": distributed.world_size(),
+        "device": str(module_device(built.model)),
+        **built.engine.precision.describe(),
     }
     if main:
+        run.update_stats(**stats)
         run.write_meta(meta)
         built.engine.ledger.save(run.ledger)
-    return meta
+    return meta, stats
 
 
 # -- loop ---------------------------------------------------------------------------------
@@ -347,6 +406,7 @@ def loop(
     prep: Prepared,
     built: Built,
     meta: dict[str, Any],
+    stats: dict[str, Any],
     progress: bool,
     max_steps_this_session: int | None,
 ) -> tuple[bool, float, tuple[int, int]]:
@@ -370,9 +430,11 @@ def loop(
     )
     t_train = time.perf_counter()
     eps_shown = engine.epsilon()
-    nonfinite = meta.get("nonfinite_samples", 0)
+    nonfinite = stats.get("nonfinite_samples", 0)
     skipped = meta.get("skipped_steps", 0)
     stopped_by_budget = False
+    if main and first == 0:  # before step 0 draws coins and noise: the key is never reused
+        prep.key.mark_used(run.key)
     try:
         while engine.steps_taken < end:
             # same global batch on every rank: a function of (key, step, record ids)
@@ -403,7 +465,8 @@ def loop(
             nonfinite += report.nonfinite
             skipped += not report.applied
             if main and t.eval_every and report.step % t.eval_every == 0:
-                record["val_perplexity"] = perplexity(built.model, built.val_batches)
+                metrics = built.task.evaluate(built.model, built.val_batches)
+                record.update({f"val_{k}": v for k, v in metrics.items()})
             if main and logging:
                 built.engine.ledger.save(run.ledger)  # the ledger covers what the log shows
                 run.log(record)
@@ -479,19 +542,22 @@ def finish(
     prep: Prepared,
     built: Built,
     meta: dict[str, Any],
+    stats: dict[str, Any],
     stopped_by_budget: bool,
     train_seconds: float,
     counts: tuple[int, int],
     cross_check: bool,
 ) -> RunResult:
-    """The final model, the guarantee in ``run.json`` and the summary."""
+    """The final model, the guarantee in ``run.json``, the private statistics in
+    ``private/stats.json`` and the summary."""
     run, plan, engine = prep.run, prep.plan, built.engine
     main = distributed.is_main()
     accountant = get_accountant(plan.accountant)
     delta = plan.delta
     finished = engine.steps_taken >= plan.steps or stopped_by_budget
     claim = guarantee_numbers(plan, engine.epsilon(), built.noise.pairs)
-    ppl_after = perplexity(built.model, built.val_batches) if main else math.nan
+    after = built.task.evaluate(built.model, built.val_batches) if main else {}
+    ppl_after = after.get("perplexity", math.nan)
     if finished and main:
         save_final(built.model, built.tokenizer, run.final)
     if plan.adaptive:  # what a non-adaptive schedule of the same noise would report
@@ -513,12 +579,12 @@ def finish(
         policy=plan.policy.describe(),
         stopped_by_budget=stopped_by_budget,
         per_sample_gradients=engine.capture.summary(),
-        perplexity_after=ppl_after,
-        nonfinite_samples=counts[0],
         skipped_steps=counts[1],
         train_seconds=meta.get("train_seconds", 0.0) + train_seconds,
     )
+    stats.update(perplexity_after=ppl_after, validation_after=after, nonfinite_samples=counts[0])
     if main:
+        run.update_stats(**stats)
         run.write_meta(meta)
     result = RunResult(
         run.path,
@@ -526,17 +592,21 @@ def finish(
         claim["epsilon"],
         delta,
         accountant.name,
-        meta["perplexity_before"],
+        stats.get("perplexity_before", math.nan),
         ppl_after,
         stopped_by_budget,
         claim["delta_total"],
         finished,
     )
     if main:
-        _print_summary(result, meta)
+        _print_summary(result, meta, stats)
         for note in plan.policy.describe().get("notes", []):
             print(f"note                {note}", flush=True)
-    engine.detach()
+    engine.detach()  # the samples below are drawn from the plain (released) model
+    if main and finished and cross_check and built.task.generates:  # not for audit shadows
+        from .tasks.generation import after_training
+
+        after_training(prep.recipe, run, built.model, built.tokenizer, built.task, log)
     distributed.barrier()
     return result
 
@@ -568,7 +638,7 @@ def _guarantee(prep: Prepared, accountant: str) -> str:
     return text
 
 
-def _print_summary(r: RunResult, meta: dict[str, Any]) -> None:
+def _print_summary(r: RunResult, meta: dict[str, Any], stats: dict[str, Any]) -> None:
     others = (
         ", ".join(
             f"{k} {v:.3f}" if v is not None else f"{k} n/a"
@@ -589,7 +659,8 @@ def _print_summary(r: RunResult, meta: dict[str, Any]) -> None:
         "",
         f"run directory       {r.run_dir}",
         f"steps               {r.steps}{' (stopped at the budget)' if r.stopped_by_budget else ''}",
-        f"val perplexity      {r.perplexity_before:.3f} -> {r.perplexity_after:.3f}",
+        f"{validation_line({**meta, **stats})} (private: the validation records are not "
+        "covered by the guarantee)",
         f"privacy guarantee   {head}",
     ]
     shared = meta.get("shared_with_warm_start")
@@ -621,6 +692,10 @@ def _print_summary(r: RunResult, meta: dict[str, Any]) -> None:
         f"final model         {r.run_dir / 'final'}"
         if meta["status"] == "finished"
         else "status              paused"
+    )
+    lines.append(
+        f"publishable         {', '.join(PUBLIC_FILES)}; everything else is private "
+        f"(secret.key, private/, checkpoints/, ...: {r.run_dir / 'README.txt'})"
     )
     print("\n".join(lines), flush=True)
     if meta.get("insecure_seed") is not None:

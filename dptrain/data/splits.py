@@ -11,25 +11,30 @@ from typing import TYPE_CHECKING
 
 from ..errors import RecipeError
 from ..secret import RunKey
-from .canaries import insert_canaries
-from .loading import TextDataset, cap, load_texts, split
+from ..tasks import task_for
+from .canaries import Canary, insert_canaries
+from .loading import TextDataset, cap, split
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
 
 
-def split_data(recipe: Recipe, key: RunKey) -> tuple[TextDataset, TextDataset, TextDataset]:
+def split_data(
+    recipe: Recipe, key: RunKey, *, canaries: list[Canary] | None = None
+) -> tuple[TextDataset, TextDataset, TextDataset]:
     """``(train, validation, unused)``: ``train`` ends with the included canary records (if the
-    recipe has ``data.canaries``); ``unused`` holds the records cut by ``max_records`` or
+    recipe has ``data.canaries``: ``canaries`` if given, the ones drawn from ``key`` by
+    :func:`~dptrain.data.canaries.make_canaries`); ``unused`` holds the records cut by ``max_records`` or
     ``max_validation_records``, never trained on (an audit's extra non-members).
 
     ``max_records`` keeps the records with the lowest keyed hashes, so adding a record may
     swap one."""
     d = recipe.data
-    texts = load_texts(d.path, text_field=d.text_field, format=d.format)
+    task = task_for(recipe)  # text, or structured records as canonical texts
+    texts = task.load(d.path, d.text_field, d.format)
     if d.validation_path:
         train = texts
-        val = load_texts(d.validation_path, text_field=d.text_field, format=d.format)
+        val = task.load(d.validation_path, d.text_field, d.format)
     else:
         train, val = split(texts, d.validation_fraction, key, "validation")
     unused = TextDataset([], [])
@@ -39,13 +44,15 @@ def split_data(recipe: Recipe, key: RunKey) -> tuple[TextDataset, TextDataset, T
         val, rest = cap(val, d.max_validation_records, key, "max_validation_records")
         unused = TextDataset(unused.texts + rest.texts, unused.ids + rest.ids)
     if d.canaries is not None:
-        train = insert_canaries(train, d.canaries, key)
+        train = insert_canaries(train, d.canaries, key, canaries)
     return train, val, unused
 
 
-def read_data(recipe: Recipe, key: RunKey) -> tuple[TextDataset, TextDataset]:
+def read_data(
+    recipe: Recipe, key: RunKey, *, canaries: list[Canary] | None = None
+) -> tuple[TextDataset, TextDataset]:
     """``(train, validation)`` of :func:`split_data`."""
-    train, val, _ = split_data(recipe, key)
+    train, val, _ = split_data(recipe, key, canaries=canaries)
     return train, val
 
 
@@ -59,7 +66,7 @@ def read_public(
     if d.public_fraction is not None:
         train, public = split(train, d.public_fraction, key, "public")
     elif d.public_path is not None:
-        public = load_texts(d.public_path, text_field=d.text_field, format=d.format)
+        public = task_for(recipe).load(d.public_path, d.text_field, d.format)
         shared = set(public.texts) & set(train.texts)
         if shared:
             raise RecipeError(
