@@ -259,18 +259,3 @@ class BudgetFilter:
         """Would ``ledger + event`` (all ``event.steps`` of it) stay within the budget?"""
         total, taken = self._total(self._ledger(ledger), event)
         return total == UNLIMITED or taken + event.steps <= total
-
-    def check(self, ledger: Ledger, event: Event) -> None:
-        """Raise :class:`BudgetExceeded` unless :meth:`allows`."""
-        if self.allows(ledger, event):
-            return
-        spent = self.spent(ledger)
-        fits = self.max_steps(ledger, event)
-        raise BudgetExceeded(
-            f"privacy budget epsilon={self.budget.epsilon:g} at delta={self.budget.delta:g} "
-            f"({self.accountant.name} accountant) would be exceeded: epsilon spent so far is "
-            f"{spent:.6g}, and {event.steps} more step(s) of q={event.sample_rate:g}, "
-            f"sigma={event.noise_multiplier:g} do not fit ({fits} would). Fix: stop here (what was "
-            "trained so far is covered by the ledger), or start a new run with a larger budget, "
-            "a larger noise multiplier, a smaller sample rate or fewer steps."
-        )

@@ -78,19 +78,6 @@ def _per_sample(use: Use) -> dict[str, Tensor]:
     return use.cache["per_sample"]
 
 
-def per_sample_grads(recorded: Recorded) -> dict[nn.Parameter, Tensor]:
-    """Materialized per-sample gradients ``{param: (B, *shape)}``, every part summed."""
-    out: dict[nn.Parameter, Tensor] = {}
-    for use in recorded.uses:
-        for role, g in _per_sample(use).items():
-            if role in use.params:
-                p = use.params[role]
-                out[p] = out[p] + g if p in out else g
-    for p, g in recorded.direct.items():
-        out[p] = out[p] + g if p in out else g
-    return out
-
-
 def _sq(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=NORM_DTYPE).pow(2)
 

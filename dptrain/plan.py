@@ -21,6 +21,14 @@ One path down from the recipe to the engine's release (nothing is read back up):
            policy.noise_multiplier); the budget filter admits policy.event(plan); the
            release is policy.release(sums, plan, noise) = (sum_b clip(g_b) + N(0, s_g^2 I)) / qN
 
+Who takes this path: :func:`dptrain.train.prepare` (on resume with ``restored_noise`` from
+``run.json``; the checkpoint restores policy state, never the noise: the rl policy refuses a
+checkpoint paced around another ``sigma_ref``), the federated client
+(:func:`dptrain.federated.client.plan_client`, calibrated for ``rounds x steps``; its engine's
+budget is the client's own), and audit shadow models (each a fresh :func:`dptrain.train.train`
+run).  The white-box audit reads ``(q, sigma)`` back from the ledger on purpose: it tests the
+released mechanism the claim was computed from.
+
 The resolved values are written once, to ``run.json`` (:meth:`RunPlan.meta`); ``recipe.yaml``
 keeps what the user wrote.  :func:`guarantee_numbers` turns the plan and the ledger's spend
 into the reported guarantee.
@@ -98,8 +106,8 @@ def plan_privacy(
 ) -> RunPlan:
     """Resolve ``q``, delta, steps and the policy's noise for ``dataset_size`` training records.
     ``repeats``: the run's steps are taken this many times (a federated client's rounds of
-    ``steps`` local steps), and the noise is calibrated for all of them; ``restored_noise``: the noise a resumed run was calibrated
-    with (used when the recipe gives none)."""
+    ``steps`` local steps), and the noise is calibrated for all of them; ``restored_noise``:
+    the noise a resumed run was calibrated with (used when the recipe gives none)."""
     q, delta, steps = check_against_data(recipe, dataset_size)
     policy = policy_from_recipe(recipe.policy)
     accountant = recipe.privacy.accountant

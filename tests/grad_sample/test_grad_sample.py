@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dptrain.clipping import clip_and_sum, per_sample_grads
+from dptrain.clipping import clip_and_sum
 from dptrain.grad_sample import GradCapture, UnsupportedLayerError
-from tests._support import assert_close_rel, loop_per_sample_grads
+from tests._support import assert_close_rel, loop_per_sample_grads, per_sample_grads
 
 
 @pytest.fixture(autouse=True)
