@@ -52,6 +52,7 @@ from .recipe import Recipe, RecipeError, dump_recipe
 from .rundir import CheckpointError, RunDir, atomic_write, save_final, versions
 from .sampling import PoissonSampler
 from .secret import RunKey, RunKeyError
+from .user_level import PersonSampler, UnitPlan, plan_unit, record_run_person_level, resolve_unit
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Prepared:
     ledger: Ledger
     checkpoint: dict[str, Any] | None
     resume: bool
+    unit: UnitPlan | None = None  # data.privacy_unit: the person is the unit
 
     @property
     def policy(self) -> Policy:
@@ -83,7 +85,7 @@ class Built:
     optimizer: torch.optim.Optimizer
     engine: PrivacyEngine
     noise: GaussianNoise
-    sampler: PoissonSampler
+    sampler: PoissonSampler | PersonSampler
     train_ex: LMExamples
     validation_size: int
     val_batches: list[dict[str, torch.Tensor]]
@@ -150,11 +152,25 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
         )
     train_texts, public_texts = read_public(recipe, train_texts, key)
     restored = meta.get("calibrated_noise_multiplier") if meta else None
-    plan = plan_privacy(recipe, len(train_texts), restored_noise=restored)
-    if plan.delta_defaulted and not resume:
+    unit, train_texts = resolve_unit(recipe, train_texts, key)
+    if unit is None:
+        plan = plan_privacy(recipe, len(train_texts), restored_noise=restored)
+    else:
+        plan = plan_unit(recipe, unit, len(train_texts), restored_noise=restored)
+    if recipe.privacy.delta is None and not resume:
+        count = (
+            f"{len(train_texts)} training records" if unit is None else f"{len(unit.people)} people"
+        )
         log(
-            f"privacy.delta not set: using 1/(10 N) = {plan.delta:.3g} for N = "
-            f"{len(train_texts)} training records (N is public: it also sets the sample rate)"
+            f"privacy.delta not set: using 1/(10 N) = "
+            f"{plan.delta if unit is None else unit.person_delta:.3g} for N = {count} (N is "
+            "public: it also sets the sample rate)"
+        )
+    if unit is not None and not unit.user_level:
+        log(
+            f"privacy unit: each {unit.name} (at most {unit.group_size} records); record-level "
+            f"budget ({plan.budget.epsilon:.4g}, {plan.delta:.3g}) gives ({recipe.privacy.epsilon}"
+            f", {unit.person_delta:.3g}) per {unit.name} by group privacy"
         )
     if plan.noise_source == "calibrated":
         log(
@@ -174,7 +190,17 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
             "planned; the run will stop there"
         )
     return Prepared(
-        recipe, run, key, train_texts, val_texts, public_texts, plan, ledger, checkpoint, resume
+        recipe,
+        run,
+        key,
+        train_texts,
+        val_texts,
+        public_texts,
+        plan,
+        ledger,
+        checkpoint,
+        resume,
+        unit,
     )
 
 
@@ -273,12 +299,13 @@ def build(prep: Prepared) -> Built:
     val_ex = tokenize(prep.val_texts, tokenizer, d.max_length)
     optimizer = make_optimizer(recipe.training, [p for p in model.parameters() if p.requires_grad])
     noise = GaussianNoise(prep.key)
+    user_level = prep.unit is not None and prep.unit.user_level
     engine = PrivacyEngine(
         model,
         optimizer,
         policy=plan.policy,
         sample_rate=plan.sample_rate,
-        dataset_size=len(train_ex),
+        dataset_size=len(prep.unit.people) if user_level else len(train_ex),
         loss_fn=causal_lm_loss,
         grouping=recipe.policy.grouping,
         accountant=plan.accountant,
@@ -291,7 +318,11 @@ def build(prep: Prepared) -> Built:
         public_ex = tokenize(prep.public_texts, tokenizer, d.max_length)
         public_batches = eval_batches(public_ex, recipe.training.physical_batch_size)
     plan.policy.attach(RunContext(model, plan.steps, recipe.seed, public_batches))
-    sampler = PoissonSampler(train_ex.ids, plan.sample_rate, prep.key)
+    sampler: PoissonSampler | PersonSampler
+    if user_level:  # people by keyed coins, each with at most the cap of their records
+        sampler = prep.unit.sampler(train_ex.ids, plan.sample_rate, prep.key)
+    else:
+        sampler = PoissonSampler(train_ex.ids, plan.sample_rate, prep.key)
     val_batches = eval_batches(val_ex, recipe.training.physical_batch_size)
     built = Built(
         model, tokenizer, optimizer, engine, noise, sampler, train_ex, len(val_ex), val_batches
@@ -322,8 +353,9 @@ def begin_meta(prep: Prepared, built: Built) -> dict[str, Any]:
         "dataset_size": len(built.train_ex),
         "validation_size": built.validation_size,
         "truncated_records": getattr(built.train_ex, "truncated", None),
-        "expected_batch_size": plan.sample_rate * len(built.train_ex),
+        "expected_batch_size": plan.sample_rate * plan.dataset_size,
         "public_records": len(prep.public_texts) if prep.public_texts is not None else 0,
+        "privacy_unit": prep.unit.meta() if prep.unit is not None else "record",
         **plan.meta(),
         "groups": list(built.engine.groups),
         "noise_generator": built.noise.description,
@@ -375,10 +407,8 @@ def loop(
     stopped_by_budget = False
     try:
         while engine.steps_taken < end:
-            # same global batch on every rank: a function of (key, step, record ids)
-            idx = distributed.shard(built.sampler.sample(engine.steps_taken))
             try:
-                report = engine.step(built.train_ex.batch(idx))
+                report = _step(built)
             except BudgetExceeded as err:
                 stopped_by_budget = True
                 log(f"stopping: {err}")
@@ -416,6 +446,17 @@ def loop(
     seconds = time.perf_counter() - t_train
     checkpoint(prep, built)
     return stopped_by_budget, seconds, (nonfinite, skipped)
+
+
+def _step(built: Built):
+    """One private step on step t's batch (the same global batch on every rank: a function of
+    (key, t, the ids)); user-level: people, each with their selected records as one segment."""
+    engine = built.engine
+    if isinstance(built.sampler, PersonSampler):
+        batch, segments = built.sampler.batch(engine.steps_taken, built.train_ex)
+        return engine.step(batch, segments=segments)
+    idx = distributed.shard(built.sampler.sample(engine.steps_taken))
+    return engine.step(built.train_ex.batch(idx))
 
 
 def checkpoint(prep: Prepared, built: Built) -> None:
@@ -518,6 +559,12 @@ def finish(
         skipped_steps=counts[1],
         train_seconds=meta.get("train_seconds", 0.0) + train_seconds,
     )
+    if prep.unit is not None:
+        meta["person_level"] = prep.unit.guarantee(claim["epsilon"], claim["delta_total"])
+    elif recipe_person_field(prep):
+        meta["person_level_group_privacy"] = record_run_person_level(
+            prep.recipe, prep.train_texts, engine.ledger, accountant, claim["delta_total"]
+        )
     if main:
         run.write_meta(meta)
     result = RunResult(
@@ -539,6 +586,10 @@ def finish(
     engine.detach()
     distributed.barrier()
     return result
+
+
+def recipe_person_field(prep: Prepared) -> bool:
+    return prep.recipe.data.person_field is not None
 
 
 def _cross_check(name: str, ledger: Ledger, delta: float) -> float | None:
@@ -583,6 +634,11 @@ def _print_summary(r: RunResult, meta: dict[str, Any]) -> None:
             "its noise was chosen from data)"
         )
     head = f"({r.epsilon:.4f}, {r.delta_total:.3g})-DP for each training record"
+    person = meta.get("person_level")
+    if person is not None:  # the person is the unit: the headline is theirs
+        head = person["statement"]
+        if meta["privacy_unit"]["strategy"] == "example":
+            head += f" (group privacy; per record: ({r.epsilon:.4f}, {r.delta_total:.3g}))"
     if meta.get("adaptive"):
         head += " (the adaptive privacy filter's budget)"
     lines = [
@@ -610,6 +666,18 @@ def _print_summary(r: RunResult, meta: dict[str, Any]) -> None:
         lines.append(
             f"note                spent so far by the filter's accounting: epsilon "
             f"{meta['epsilon_spent_adaptive']:.4f} (an odometer reading, not a guarantee)"
+        )
+    if person is not None:
+        lines[-1] = (
+            f"dataset size        N = {meta['privacy_unit']['people']} people, "
+            f"{meta['dataset_size']} records (public: N sets q and the default delta)"
+        )
+        lines.append(f"privacy unit        {person['how']}")
+    grouped = meta.get("person_level_group_privacy")
+    if grouped is not None:
+        lines.append(
+            f"per {grouped['unit']:<15} ({grouped['epsilon']:.4f}, {grouped['delta']:.3g})-DP "
+            f"over all of their records ({grouped['why']})"
         )
     level = meta.get("file_level")
     if level is not None:
