@@ -4,7 +4,8 @@ Every record describes one fictional person (a clinic note, a patient portal mes
 support ticket, a referral letter or a lab-result notice). Names, addresses, phone numbers
 and e-mail addresses come from Faker; everything else comes from the templates and clinical
 tables in `templates/clinical.json`, which were written for dptrain. The output is a JSONL file with one
-``{"id", "kind", "text"}`` object per line.
+``{"id", "patient_id", "kind", "text"}`` object per line; a patient has 1 to 30 records
+(heavy-tailed), all naming the same person (:class:`_Patients`).
 
 The output is a pure function of ``(n, seed)`` and the installed Faker version: dates are
 drawn from fixed ranges (never relative to today) and all randomness comes from a
@@ -19,6 +20,7 @@ import argparse
 import datetime as dt
 import json
 import random
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -126,6 +128,10 @@ class _Gen:
         return f"{d.strftime('%B')} {d.day}, {d.year}"
 
     def person(self, ages: tuple[int, int] = (18, 90)) -> dict:
+        self.last_person = self._person(ages)
+        return self.last_person
+
+    def _person(self, ages: tuple[int, int]) -> dict:
         sex = self.pick(("F", "M"))
         first = self.fake.first_name_female() if sex == "F" else self.fake.first_name_male()
         last = self.fake.last_name()
@@ -447,6 +453,75 @@ class _Gen:
         )
 
 
+MAX_RECORDS_PER_PATIENT = 30
+COUNT_EXPONENT = 1.6  # P(a patient has k records) proportional to k^-1.6, k = 1 .. 30
+AGE_SLACK = 2  # a patient's notes state ages within this many years of their first note's
+
+
+def _date_forms(d: dt.date) -> list[str]:
+    return [
+        d.isoformat(),
+        f"{d.month:02d}/{d.day:02d}/{d.year}",
+        f"{d.strftime('%B')} {d.day}, {d.year}",
+    ]
+
+
+def _address(p: dict) -> str:
+    return f"{p['street']}, {p['city']}, {p['state']} {p['zip']}"
+
+
+class _Patients:
+    """Groups records into patients, in record order, with a random stream of its own (so the
+    records' draws are those of a corpus without patients).
+
+    A record joins the earliest opened patient of the same sex whose first note states an age
+    within :data:`AGE_SLACK` years and who still has room; otherwise it opens a patient with
+    room for ``k`` records, ``k`` heavy-tailed (:data:`COUNT_EXPONENT`) in 1 .. 30.  A joining
+    record's identity (name, first name, DOB, MRN, phone, e-mail, address) is replaced by the
+    patient's, so one patient's notes name one person; its own age, visit, condition and
+    pronouns (same sex) are kept."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(f"dptrain patients {seed}")
+        ks = range(1, MAX_RECORDS_PER_PATIENT + 1)
+        self.ks, self.weights = list(ks), [k**-COUNT_EXPONENT for k in ks]
+        self.open: list[list] = []  # [patient id, identity, room left]
+        self.count = 0
+
+    def assign(self, p: dict, text: str) -> tuple[str, str]:
+        for entry in self.open:
+            pid, who, room = entry
+            if who["sex"] == p["sex"] and abs(who["age"] - p["age"]) <= AGE_SLACK:
+                entry[2] -= 1
+                if entry[2] == 0:
+                    self.open.remove(entry)
+                return pid, _rename(text, p, who)
+        pid = f"pat-{self.count:05d}"
+        self.count += 1
+        room = self.rng.choices(self.ks, self.weights)[0] - 1
+        if room > 0:
+            self.open.append([pid, p, room])
+        return pid, text
+
+
+def _rename(text: str, old: dict, new: dict) -> str:
+    """``text`` with ``old``'s identity strings replaced by ``new``'s, in one pass (longest
+    first, so a full name wins over a first name inside it)."""
+    pairs = {
+        _address(old): _address(new),
+        old["name"]: new["name"],
+        old["email"]: new["email"],
+        old["mrn"]: new["mrn"],
+        old["phone"]: new["phone"],
+    }
+    pairs.update(zip(_date_forms(old["dob"]), _date_forms(new["dob"]), strict=True))
+    alternatives = sorted(pairs, key=len, reverse=True)
+    pattern = "|".join(re.escape(a) for a in alternatives)
+    pattern += r"|\b" + re.escape(old["first"]) + r"\b"
+    pairs[old["first"]] = new["first"]
+    return re.sub(pattern, lambda m: pairs[m.group(0)], text)
+
+
 KINDS: dict[str, float] = {
     "clinic_note": 0.5,
     "portal_message": 0.17,
@@ -457,16 +532,20 @@ KINDS: dict[str, float] = {
 
 
 def generate(n: int = DEFAULT_N, seed: int = DEFAULT_SEED) -> Iterator[dict[str, str]]:
-    """Yield ``n`` records ``{"id", "kind", "text"}``; deterministic in ``(n, seed)``."""
+    """Yield ``n`` records ``{"id", "patient_id", "kind", "text"}``; deterministic in
+    ``(n, seed)``, and a prefix of a longer corpus of the same seed."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     g = _Gen(seed)
     kinds = list(KINDS)
     weights = [KINDS[k] for k in kinds]
     makers: dict[str, Callable[[], str]] = {k: getattr(g, k) for k in kinds}
+    patients = _Patients(seed)
     for i in range(n):
         kind = g.rng.choices(kinds, weights)[0]
-        yield {"id": f"rec-{i:05d}", "kind": kind, "text": makers[kind]()}
+        text = makers[kind]()
+        pid, text = patients.assign(g.last_person, text)
+        yield {"id": f"rec-{i:05d}", "patient_id": pid, "kind": kind, "text": text}
 
 
 def write_jsonl(path: str | Path, n: int = DEFAULT_N, seed: int = DEFAULT_SEED) -> int:
