@@ -668,9 +668,13 @@ def _print_summary(r: RunResult, meta: dict[str, Any]) -> None:
             f"{meta['epsilon_spent_adaptive']:.4f} (an odometer reading, not a guarantee)"
         )
     if person is not None:
+        people, records = meta["privacy_unit"]["people"], meta["dataset_size"]
         lines[-1] = (
-            f"dataset size        N = {meta['privacy_unit']['people']} people, "
-            f"{meta['dataset_size']} records (public: N sets q and the default delta)"
+            f"dataset size        N = {people} people, {records} records (public: N sets q "
+            "and the default delta)"
+            if meta["privacy_unit"]["strategy"] == "user"
+            else f"dataset size        {records} records (they set q) of N = {people} people "
+            "(it sets the default delta); both public"
         )
         lines.append(f"privacy unit        {person['how']}")
     grouped = meta.get("person_level_group_privacy")

@@ -253,8 +253,9 @@ def resolve_unit(
     if unit.strategy == "example" and unit.max_records_per_person is not None:
         train = cap_records(train, people, unit.max_records_per_person, key)
         people = read_people(train, persons)
+    # k: the cap (public), or without one the training data's largest count (treated as
+    # public, like N: the "group privacy at the corpus's maximum")
     k = unit.max_records_per_person or people.max_records
-    k = min(k, people.max_records)
     return (
         UnitPlan(
             unit.field,
