@@ -161,6 +161,12 @@ def audit_run(
             f"{run.path} has no final model (status {meta.get('status')!r}). Fix: finish it "
             f"with `dptrain train RECIPE --resume {run.path}`, then audit it"
         )
+    if meta.get("privacy_unit", "record") != "record":
+        raise InputError(
+            f"{run.path} protects each {meta['privacy_unit']['unit']} (data.privacy_unit); "
+            "this audit scores records against a record-level claim, and a person-level audit "
+            "is not implemented yet. Fix: audit a record-level run"
+        )
     recipe = load_recipe(run.recipe)
     opts = options or recipe.audit or AuditSection()
     timer = _Timer()

@@ -346,6 +346,17 @@ class Recipe(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _audit_unit(self) -> Recipe:
+        if self.data.privacy_unit is not None and self.audit is not None:
+            raise ValueError(
+                "audit with data.privacy_unit: the audit scores records against a record-level "
+                "claim; a person-level audit (canary people, membership by person) is not "
+                "implemented yet, and a record-level audit of a person-level run would compare "
+                "the wrong quantities. Fix: delete the audit section for this run"
+            )
+        return self
+
     def run_dir(self, override: str | Path | None = None) -> Path:
         return Path(override or self.output_dir or Path("runs") / self.name)
 

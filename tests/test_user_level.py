@@ -89,6 +89,13 @@ def test_recipe_validation(tmp_path):
     for message, data in bad.items():
         with pytest.raises(RecipeError, match=message):
             parse_recipe(_recipe(tmp_path, {"path": path, **data}))
+    unit = {"path": path, "privacy_unit": {"field": "patient_id"}}
+    with pytest.raises(RecipeError, match="person-level audit"):
+        parse_recipe({**_recipe(tmp_path, unit), "audit": {"after_training": True}})
+    fed = yaml.safe_load((ROOT / "recipes" / "federated_tiny.yaml").read_text())
+    fed["data"].update(unit)
+    with pytest.raises(RecipeError, match="federated clients train with the record"):
+        parse_recipe(fed)
 
 
 def test_records_without_a_person_id_and_files_without_fields_are_refused(tmp_path):
