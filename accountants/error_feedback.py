@@ -50,7 +50,7 @@ whether or not z is in the batch; z's gradient is unbounded, so it can saturate 
 record with a huge gradient along u, among records clipped along -u, makes ``F`` equal
 ``C2 u`` instead of ``-C2 u``: at q = 1 the released sums then differ by exactly
 ``(C1 + 2 C2) u`` at every step after the first, which is the bound above
-(``tests/test_error_feedback.py`` runs this on the policy; :func:`canary_attack_epsilon` turns
+(``tests/policies/test_error_feedback.py`` runs this on the policy; :func:`canary_attack_epsilon` turns
 the attack into an epsilon lower bound for q < 1).  The feedback's cost is therefore that of a full-batch Gaussian mechanism of sensitivity 2 C2 per step, while
 DP-SGD's clipped part costs about ``q^2`` as much: the noise must grow roughly like
 ``(2 q C1 + 2 C2) / (2 q C1)`` times DP-SGD's, so error feedback is affordable only for

@@ -91,9 +91,10 @@ def test_split_grid_is_near_the_optimum():
 
 
 def test_bound_holds_against_the_canary_attack_and_the_papers_code_rule_does_not():
-    """The released sums of this attack are exactly those of the policy (tests/test_error_feedback
-    checks the saturation); our epsilon must dominate any lower bound, while DP-SGD noise scaled
-    by sqrt(1 + 2 C2 / C1), the rule of the authors' code, is far from the target."""
+    """The released sums of this attack are exactly those of the policy
+    (tests/policies/test_error_feedback checks the saturation); our epsilon must dominate any
+    lower bound, while DP-SGD noise scaled by sqrt(1 + 2 C2 / C1), the rule of the authors'
+    code, is far from the target."""
     q, steps, target, ratio = 0.05, 60, 2.0, 1.0  # C2 = C1, as in the paper's experiments
     ours = calibrate_noise(
         target, DELTA, q, steps, "rdp", kind=ERROR_FEEDBACK, params={FEEDBACK: 2 * ratio}

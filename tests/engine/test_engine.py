@@ -15,58 +15,18 @@ from dptrain.noise import GaussianNoise
 from dptrain.policies import StaticPolicy
 from dptrain.sampling import PoissonSampler
 from dptrain.secret import RunKey
-
-from .helpers import (
+from tests._support import (
     assert_close_rel,
     lm_batch,
     loop_per_sample_grads,
+    lora,
+    make,
     seeded_noise,
     seeded_sampler,
+    snapshot,
     tiny_gpt2,
     tiny_llama,
 )
-
-
-def lora(model, targets):
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(1)
-    return get_peft_model(model, LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
-
-
-def make(
-    model,
-    *,
-    sigma=0.0,
-    clip=0.1,
-    n=3,
-    q=1.0,
-    grouping="flat",
-    opt="sgd",
-    loss=causal_lm_loss,
-    policy=None,
-    **kw,
-):
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = {
-        "sgd": lambda: torch.optim.SGD(params, lr=1.0),
-        "adam": lambda: torch.optim.Adam(params, lr=1e-2),
-        "adamw": lambda: torch.optim.AdamW(params, lr=1e-2),
-    }[opt]()
-    return PrivacyEngine(
-        model,
-        optimizer,
-        policy=policy or StaticPolicy(clip=clip, noise_multiplier=sigma),
-        sample_rate=q,
-        dataset_size=n,
-        loss_fn=loss,
-        grouping=grouping,
-        **kw,
-    )
-
-
-def snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def expected_step(model, batch, clip, groups_of):

@@ -18,10 +18,9 @@ import yaml
 from dptrain import distributed
 from dptrain.engine import PrivacyEngine
 from dptrain.policies import StaticPolicy
+from tests._support import assert_close_rel, lm_batch, seeded_noise, seeded_sampler, tiny_gpt2
 
-from .helpers import assert_close_rel, lm_batch, seeded_noise, seeded_sampler, tiny_gpt2
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 N, Q, STEPS = 24, 0.5, 3
 
 

@@ -17,18 +17,19 @@ from dptrain.policies import ErrorFeedbackPolicy, StaticPolicy, make_policy
 from dptrain.recipe import RecipeError, parse_recipe
 from dptrain.rundir import RunDir
 from dptrain.train import train
-
-from .helpers import (
+from tests._support import (
     assert_close_rel,
     lm_batch,
     loop_per_sample_grads,
+    lora,
+    make,
     seeded_noise,
     share_key,
+    snapshot,
     tiny_gpt2,
 )
-from .test_engine import lora, make, snapshot
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def lora_gpt2():

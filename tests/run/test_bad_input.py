@@ -16,7 +16,7 @@ from dptrain.losses import classification_loss
 from dptrain.recipe import RecipeError, parse_recipe
 from dptrain.rundir import RunDir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def recipe(tmp_path: Path, **sections) -> Path:

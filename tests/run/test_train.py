@@ -14,7 +14,7 @@ from accountants import Ledger, get_accountant
 from dptrain.cli import main
 from dptrain.rundir import RunDir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny(tmp_path: Path, name: str = "r", **sections) -> Path:

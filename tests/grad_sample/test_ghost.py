@@ -15,8 +15,7 @@ from dptrain.grad_sample import GradCapture, Outer
 from dptrain.grad_sample.outer import inner, norm_sq, prefer_ghost
 from dptrain.losses import causal_lm_loss
 from dptrain.policies import StaticPolicy
-
-from .helpers import (
+from tests._support import (
     assert_close_rel,
     lm_batch,
     loop_per_sample_grads,

@@ -19,10 +19,9 @@ from dptrain.recipe import parse_recipe
 from dptrain.rundir import CheckpointError, RunDir
 from dptrain.secret import KEY_FILE, RunKey
 from dptrain.train import train
+from tests._support import share_key
 
-from .helpers import share_key
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def data_file(tmp_path: Path, name: str, n: int, extra: str | None = None) -> Path:

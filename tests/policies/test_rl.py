@@ -21,10 +21,9 @@ from dptrain.policies.rl import PrivateTrainingEnv, RLPolicy
 from dptrain.recipe import RecipeError, parse_recipe
 from dptrain.rundir import RunDir
 from dptrain.train import prepare, train
+from tests._support import lm_batch, seeded_sampler, share_key, tiny_gpt2
 
-from .helpers import lm_batch, seeded_sampler, share_key, tiny_gpt2
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 61
 
 

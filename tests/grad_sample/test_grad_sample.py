@@ -10,8 +10,7 @@ from torch import nn
 
 from dptrain.clipping import clip_and_sum, per_sample_grads
 from dptrain.grad_sample import GradCapture, UnsupportedLayerError
-
-from .helpers import assert_close_rel, loop_per_sample_grads
+from tests._support import assert_close_rel, loop_per_sample_grads
 
 
 @pytest.fixture(autouse=True)

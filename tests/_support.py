@@ -1,4 +1,6 @@
-"""Shared test utilities: tiny models and the explicit per-example reference loop."""
+"""Shared test support: tiny models and batches, the explicit per-example reference loop,
+seeded (NOT private) noise and coins, and a small engine factory. Imported by test modules as
+``from tests._support import ...``."""
 
 from __future__ import annotations
 
@@ -9,6 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from dptrain.batching import batch_len, batch_slice
+from dptrain.engine import PrivacyEngine
+from dptrain.losses import causal_lm_loss
+from dptrain.policies import StaticPolicy
 
 
 def loop_per_sample_grads(
@@ -110,3 +115,49 @@ def share_key(src_run: Any, dst_run: Any) -> None:
     from dptrain.secret import KEY_FILE, RunKey
 
     RunKey.read(Path(src_run) / KEY_FILE).write(Path(dst_run) / KEY_FILE)
+
+
+def lora(model: nn.Module, targets: list[str]) -> nn.Module:
+    """``model`` wrapped in rank-2 LoRA adapters on ``targets`` (non-zero initial B)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    return get_peft_model(model, LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
+
+
+def make(
+    model: nn.Module,
+    *,
+    sigma: float = 0.0,
+    clip: float = 0.1,
+    n: int = 3,
+    q: float = 1.0,
+    grouping: str = "flat",
+    opt: str = "sgd",
+    loss: Callable[[nn.Module, Any], Tensor] = causal_lm_loss,
+    policy: Any = None,
+    **kw: Any,
+) -> Any:
+    """A :class:`~dptrain.engine.PrivacyEngine` on ``model`` (a static policy with ``clip`` and
+    ``sigma`` unless ``policy`` is given)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = {
+        "sgd": lambda: torch.optim.SGD(params, lr=1.0),
+        "adam": lambda: torch.optim.Adam(params, lr=1e-2),
+        "adamw": lambda: torch.optim.AdamW(params, lr=1e-2),
+    }[opt]()
+    return PrivacyEngine(
+        model,
+        optimizer,
+        policy=policy or StaticPolicy(clip=clip, noise_multiplier=sigma),
+        sample_rate=q,
+        dataset_size=n,
+        loss_fn=loss,
+        grouping=grouping,
+        **kw,
+    )
+
+
+def snapshot(model: nn.Module) -> dict[str, Tensor]:
+    """Copies of the trainable parameters, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

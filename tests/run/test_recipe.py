@@ -9,7 +9,7 @@ import yaml
 
 from dptrain.recipe import RecipeError, check_against_data, load_recipe, parse_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def base() -> dict:

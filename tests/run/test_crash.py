@@ -18,10 +18,9 @@ from accountants import Ledger
 from dptrain.recipe import parse_recipe
 from dptrain.rundir import RunDir, atomic_write, load_checkpoint_file
 from dptrain.train import train
+from tests._support import share_key
 
-from .helpers import share_key
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 16
 
 
