@@ -14,7 +14,7 @@ from dptrain.losses import causal_lm_loss
 from dptrain.policies import StaticPolicy
 from dptrain.segments import Segments, person_chunks
 
-from .helpers import assert_close_rel, lm_batch, loop_per_sample_grads, tiny_gpt2, tiny_llama
+from .._support import assert_close_rel, lm_batch, loop_per_sample_grads, tiny_gpt2, tiny_llama
 
 
 @pytest.fixture(autouse=True, scope="module")

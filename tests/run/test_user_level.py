@@ -31,7 +31,7 @@ from dptrain.user_level import (
     resolve_unit,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _people_file(tmp_path: Path, n: int = 120, drop: int | None = None) -> Path:
