@@ -44,14 +44,14 @@ BASE: dict[str, Any] = {
         "path": "bundled:clinic_notes",
         "max_length": 64,
         "validation_fraction": 0.1,
-        "max_validation_records": 200,
+        "max_validation_records": 100,
     },
     "training": {
         "physical_batch_size": 64,
         "optimizer": "adamw",
         "lr": 0.003,
         "checkpoint_every": 100000,
-        "log_every": 10,
+        "log_every": 1,
     },
     "policy": {"name": "static", "clip": 1.0},
     "privacy": {"epsilon": 8.0, "accountant": "rdp"},
@@ -99,7 +99,9 @@ def run_one(d: dict[str, Any], out: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     result = train(parse_recipe(d), out, progress=False, cross_check=False)
     meta = json.loads((out / "run.json").read_text())
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return {
+        "seconds_per_step_median": statistics.median(r["seconds"] for r in steps),
         "perplexity_before": result.perplexity_before,
         "perplexity_after": result.perplexity_after,
         "person_epsilon": meta["person_level"]["epsilon"],

@@ -146,6 +146,9 @@ class PersonSampler:
             rows.append(members)
         if not rows:
             return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        # people with equal record counts side by side: a physical chunk pads each person to
+        # its largest count, so this bounds the padding (the order does not change the sum)
+        rows = [rows[i] for i in np.argsort([len(r) for r in rows], kind="stable")]
         seg = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
         return torch.from_numpy(np.concatenate(rows)), torch.from_numpy(seg)
 
