@@ -12,6 +12,7 @@ COMMAND_MODULES = (
     "dptrain.commands.federated",
     "dptrain.commands.audit",
     "dptrain.commands.check",
+    "dptrain.commands.generate",
 )
 
 

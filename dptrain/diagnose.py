@@ -212,27 +212,28 @@ def _refusal(
 def check_recipe(recipe: Any, *, records: int = 8, batch_size: int = 4) -> CheckResult:
     """Check the engine on a recipe's model (with its LoRA, dtype, grouping and physical batch
     size) and its first ``records`` training records, in batches of ``batch_size``."""
-    from .data import TextDataset, load_texts, tokenize
-    from .losses import causal_lm_loss
-    from .models import build_model, check_context
+    from .data import TextDataset
+    from .models import check_context
+    from .tasks import task_for
 
     if records < 1 or batch_size < 1:
         raise InputError(f"records and batch_size must be >= 1, got {records} and {batch_size}")
     d = recipe.data
-    texts = load_texts(d.path, text_field=d.text_field, format=d.format)
+    task = task_for(recipe)  # the recipe's records, model head and loss (dptrain.tasks)
+    texts = task.load(d.path, d.text_field, d.format)
     if len(texts) == 0:
         raise DataError(f"{d.path} holds no records; fix data.path")
-    model, tokenizer = build_model(recipe)
+    model, tokenizer = task.build_model(recipe)
     check_context(model, d.max_length)
     head = TextDataset(texts.texts[:records], texts.ids[:records])
-    ex = tokenize(head, tokenizer, d.max_length)
+    ex = task.encode(head, tokenizer, d.max_length)
     batches = [
         ex.batch(list(range(i, min(i + batch_size, len(ex)))))
         for i in range(0, len(ex), batch_size)
     ]
     return check_model(
         model,
-        causal_lm_loss,
+        task.loss_fn,
         batches,
         grouping=recipe.policy.grouping,
         max_physical_batch_size=recipe.training.physical_batch_size,

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import RecipeError
 from .groups import GROUPINGS
+from .tasks.schema import GenerationSection, TaskSection, check_recipe_task
 
 # Keys a resumed run may change without becoming a different run.
 RESUMABLE_KEYS = (
@@ -322,6 +323,13 @@ class Recipe(Section):
     policy: PolicySection = Field(default_factory=PolicySection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
     audit: AuditSection | None = None
+    task: TaskSection = Field(default_factory=TaskSection)
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+
+    @model_validator(mode="after")
+    def _task(self) -> Recipe:
+        check_recipe_task(self)  # dptrain.tasks: the rules between task and other sections
+        return self
 
     @model_validator(mode="after")
     def _non_private(self) -> Recipe:
@@ -368,6 +376,9 @@ class Recipe(Section):
             d.get(section, {}).pop(key, None)
         d.pop("output_dir", None)
         d.pop("audit", None)  # audit options never change training
+        d.pop("generation", None)  # nor do the samples drawn after it
+        if d.get("task") == TaskSection().model_dump(mode="json"):
+            d.pop("task")  # runs from before the task section keep their fingerprint
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

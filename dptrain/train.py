@@ -37,13 +37,12 @@ from tqdm.auto import tqdm
 from accountants import Ledger, UnsupportedEventError, get_accountant
 
 from . import distributed
-from .data import LMExamples, TextDataset, tokenize
+from .data import TextDataset
 from .data.canaries import write_manifest
 from .data.lm import eval_batches
 from .data.splits import read_data, read_public
 from .engine import BudgetExceeded, PrivacyEngine
-from .losses import causal_lm_loss, perplexity
-from .models import build_model, check_context
+from .models import check_context
 from .noise import GaussianNoise
 from .optim import make_optimizer
 from .plan import RunPlan, check_run, guarantee_numbers, plan_privacy
@@ -52,6 +51,7 @@ from .recipe import Recipe, RecipeError, dump_recipe
 from .rundir import CheckpointError, RunDir, atomic_write, save_final, versions
 from .sampling import PoissonSampler
 from .secret import RunKey, RunKeyError
+from .tasks import Task, task_for, validation_line
 from .user_level import PersonSampler, UnitPlan, plan_unit, record_run_person_level, resolve_unit
 
 
@@ -86,9 +86,10 @@ class Built:
     engine: PrivacyEngine
     noise: GaussianNoise
     sampler: PoissonSampler | PersonSampler
-    train_ex: LMExamples
+    train_ex: Any  # LMExamples, or the task's examples (dptrain.tasks)
     validation_size: int
     val_batches: list[dict[str, torch.Tensor]]
+    task: Task
 
 
 @dataclass
@@ -290,13 +291,14 @@ def build(prep: Prepared) -> Built:
     """Model, tokenized data, optimizer, engine and sampler; the policy attached and a
     checkpoint restored (on resume)."""
     recipe, plan, d = prep.recipe, prep.plan, prep.recipe.data
+    task = task_for(recipe)  # model head, tokenization, loss and metric of task.kind
     log(f"loading model {recipe.model.name} ...")
     t0 = time.perf_counter()
-    model, tokenizer = build_model(recipe)
+    model, tokenizer = task.build_model(recipe)
     log(f"model ready in {time.perf_counter() - t0:.1f}s")
     check_context(model, d.max_length)
-    train_ex = tokenize(prep.train_texts, tokenizer, d.max_length)
-    val_ex = tokenize(prep.val_texts, tokenizer, d.max_length)
+    train_ex = task.encode(prep.train_texts, tokenizer, d.max_length)
+    val_ex = task.encode(prep.val_texts, tokenizer, d.max_length)
     optimizer = make_optimizer(recipe.training, [p for p in model.parameters() if p.requires_grad])
     noise = GaussianNoise(prep.key)
     user_level = prep.unit is not None and prep.unit.user_level
@@ -306,7 +308,7 @@ def build(prep: Prepared) -> Built:
         policy=plan.policy,
         sample_rate=plan.sample_rate,
         dataset_size=len(prep.unit.people) if user_level else len(train_ex),
-        loss_fn=causal_lm_loss,
+        loss_fn=task.loss_fn,
         grouping=recipe.policy.grouping,
         accountant=plan.accountant,
         budget=plan.budget,
@@ -315,7 +317,7 @@ def build(prep: Prepared) -> Built:
     )
     public_batches = None
     if prep.public_texts is not None:
-        public_ex = tokenize(prep.public_texts, tokenizer, d.max_length)
+        public_ex = task.encode(prep.public_texts, tokenizer, d.max_length)
         public_batches = eval_batches(public_ex, recipe.training.physical_batch_size)
     plan.policy.attach(RunContext(model, plan.steps, recipe.seed, public_batches))
     sampler: PoissonSampler | PersonSampler
@@ -325,7 +327,16 @@ def build(prep: Prepared) -> Built:
         sampler = PoissonSampler(train_ex.ids, plan.sample_rate, prep.key)
     val_batches = eval_batches(val_ex, recipe.training.physical_batch_size)
     built = Built(
-        model, tokenizer, optimizer, engine, noise, sampler, train_ex, len(val_ex), val_batches
+        model,
+        tokenizer,
+        optimizer,
+        engine,
+        noise,
+        sampler,
+        train_ex,
+        len(val_ex),
+        val_batches,
+        task,
     )
     if prep.checkpoint is not None:
         _restore(prep.checkpoint, built)
@@ -344,8 +355,9 @@ def begin_meta(prep: Prepared, built: Built) -> dict[str, Any]:
         if main:
             run.truncate_metrics(built.engine.steps_taken)
         return run.read_meta()
-    log(f"validation perplexity before training ({built.validation_size} records) ...")
-    ppl_before = perplexity(built.model, built.val_batches) if main else math.nan
+    log(f"validation metrics before training ({built.validation_size} records) ...")
+    before = built.task.evaluate(built.model, built.val_batches) if main else {}
+    ppl_before = before.get("perplexity", math.nan)
     meta = {
         "name": recipe.name,
         "fingerprint": recipe.fingerprint(),
@@ -363,6 +375,8 @@ def begin_meta(prep: Prepared, built: Built) -> dict[str, Any]:
         "key_id": prep.key.key_id,
         "insecure_seed": prep.key.insecure_seed,
         "perplexity_before": ppl_before,
+        "task": built.task.kind,
+        "validation_before": before,
         "versions": versions(),
         "world_size": distributed.world_size(),
     }
@@ -433,7 +447,8 @@ def loop(
             nonfinite += report.nonfinite
             skipped += not report.applied
             if main and t.eval_every and report.step % t.eval_every == 0:
-                record["val_perplexity"] = perplexity(built.model, built.val_batches)
+                metrics = built.task.evaluate(built.model, built.val_batches)
+                record.update({f"val_{k}": v for k, v in metrics.items()})
             if main and logging:
                 built.engine.ledger.save(run.ledger)  # the ledger covers what the log shows
                 run.log(record)
@@ -532,7 +547,8 @@ def finish(
     delta = plan.delta
     finished = engine.steps_taken >= plan.steps or stopped_by_budget
     claim = guarantee_numbers(plan, engine.epsilon(), built.noise.pairs)
-    ppl_after = perplexity(built.model, built.val_batches) if main else math.nan
+    after = built.task.evaluate(built.model, built.val_batches) if main else {}
+    ppl_after = after.get("perplexity", math.nan)
     if finished and main:
         save_final(built.model, built.tokenizer, run.final)
     if plan.adaptive:  # what a non-adaptive schedule of the same noise would report
@@ -555,6 +571,7 @@ def finish(
         stopped_by_budget=stopped_by_budget,
         per_sample_gradients=engine.capture.summary(),
         perplexity_after=ppl_after,
+        validation_after=after,
         nonfinite_samples=counts[0],
         skipped_steps=counts[1],
         train_seconds=meta.get("train_seconds", 0.0) + train_seconds,
@@ -583,7 +600,11 @@ def finish(
         _print_summary(result, meta)
         for note in plan.policy.describe().get("notes", []):
             print(f"note                {note}", flush=True)
-    engine.detach()
+    engine.detach()  # the samples below are drawn from the plain (released) model
+    if main and finished and cross_check and built.task.generates:  # not for audit shadows
+        from .tasks.generation import after_training
+
+        after_training(prep.recipe, run, built.model, built.tokenizer, built.task, log)
     distributed.barrier()
     return result
 
@@ -645,7 +666,7 @@ def _print_summary(r: RunResult, meta: dict[str, Any]) -> None:
         "",
         f"run directory       {r.run_dir}",
         f"steps               {r.steps}{' (stopped at the budget)' if r.stopped_by_budget else ''}",
-        f"val perplexity      {r.perplexity_before:.3f} -> {r.perplexity_after:.3f}",
+        validation_line(meta),
         f"privacy guarantee   {head}",
     ]
     shared = meta.get("shared_with_warm_start")

@@ -64,7 +64,10 @@ _SUFFIXES = {
     ".text": "txt",
 }
 _BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
-BUNDLED: dict[str, str] = {"clinic_notes": "clinic_notes.jsonl"}
+BUNDLED: dict[str, str] = {
+    "clinic_notes": "clinic_notes.jsonl",
+    "clinic_instructions": "clinic_instructions.jsonl",  # derived: dptrain.data.instructions
+}
 BUNDLED_VALIDATION_FRACTION = 0.1
 BUNDLED_SPLIT_KEY = RunKey(hashlib.sha256(b"dptrain bundled split (public)").digest())
 """A public key: the bundled corpus's split is fixed and known (the corpus is synthetic)."""

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 
 from ..errors import RecipeError
 from ..secret import RunKey
+from ..tasks import task_for
 from .canaries import insert_canaries
-from .loading import TextDataset, cap, load_texts, split
+from .loading import TextDataset, cap, split
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
@@ -26,10 +27,11 @@ def split_data(recipe: Recipe, key: RunKey) -> tuple[TextDataset, TextDataset, T
     ``max_records`` keeps the records with the lowest keyed hashes, so adding a record may
     swap one."""
     d = recipe.data
-    texts = load_texts(d.path, text_field=d.text_field, format=d.format)
+    task = task_for(recipe)  # text, or structured records as canonical texts
+    texts = task.load(d.path, d.text_field, d.format)
     if d.validation_path:
         train = texts
-        val = load_texts(d.validation_path, text_field=d.text_field, format=d.format)
+        val = task.load(d.validation_path, d.text_field, d.format)
     else:
         train, val = split(texts, d.validation_fraction, key, "validation")
     unused = TextDataset([], [])
@@ -59,7 +61,7 @@ def read_public(
     if d.public_fraction is not None:
         train, public = split(train, d.public_fraction, key, "public")
     elif d.public_path is not None:
-        public = load_texts(d.public_path, text_field=d.text_field, format=d.format)
+        public = task_for(recipe).load(d.public_path, d.text_field, d.format)
         shared = set(public.texts) & set(train.texts)
         if shared:
             raise RecipeError(

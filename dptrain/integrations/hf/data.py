@@ -1,0 +1,189 @@
+"""The Trainer's training batches: keyed Poisson samples, one per private step.
+
+Step ``t``'s batch is ``PoissonSampler(ids, q, key).sample(t)`` (independent per-record
+coins, a function of the key, ``t`` and the record ids only), never the Trainer's shuffling
+sampler.  The DataLoader yields, per step, ``pieces`` items (the Trainer's gradient
+accumulation micro-steps): ``pieces - 1`` markers and then the whole Poisson batch, collated
+once; the engine splits it into physical chunks itself (a virtual batch, noise added once).
+Every item carries its step and piece, so the trainer can check that it takes step ``t`` on
+step ``t``'s coins (also after a resume, where the Trainer skips the batches already taken).
+
+One Trainer "epoch" is ``ceil(1 / q)`` steps (``N`` records at rate ``q``: one pass in
+expectation); epoch ``e`` holds steps ``e * ceil(1/q)`` onwards, up to the planned total.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from ...sampling import PoissonSampler
+from .arguments import DPTrainerError
+
+STEP_KEY = "dp_step"  # marker keys of a collated item; removed before the model sees it
+PIECE_KEY = "dp_piece"
+
+
+def record_ids(dataset: Any, id_column: str = "id") -> list[str]:
+    """One unique id per record: the dataset's ``ids`` (:class:`dptrain.data.LMExamples`), or
+    the ``id_column`` field where every record has one, else ``rec-<16 hex digits of SHA-256
+    of the record's fields>`` with ``~k`` for the k-th further duplicate (as
+    :func:`dptrain.data.loading.content_ids`), so that adding a record changes no other
+    record's coins."""
+    n = len(dataset)
+    own = getattr(dataset, "ids", None)
+    if isinstance(own, list) and len(own) == n and n and all(isinstance(i, str) for i in own):
+        if len(set(own)) != n:
+            raise DPTrainerError(
+                "train_dataset.ids are not unique: each record needs its own coins"
+            )
+        return list(own)
+    first = dataset[0] if n else None
+    if isinstance(first, dict) and id_column in first:
+        ids = []
+        for i in range(n):
+            row = dataset[i]
+            if id_column not in row:
+                raise DPTrainerError(
+                    f"PrivacyArguments.id_column: record {i} has no '{id_column}' field while "
+                    "record 0 has one. Fix: give every record an id, or none"
+                )
+            ids.append(str(row[id_column]))
+        if len(set(ids)) != n:
+            raise DPTrainerError(
+                f"PrivacyArguments.id_column: the '{id_column}' values are not unique; each "
+                "record needs its own Poisson coins. Fix: make them unique, or name another "
+                "column with id_column"
+            )
+        return ids
+    seen: dict[str, int] = {}
+    out = []
+    for i in range(n):
+        base = "rec-" + hashlib.sha256(_canonical(dataset[i]).encode()).hexdigest()[:16]
+        k = seen.get(base, 0)
+        seen[base] = k + 1
+        out.append(base if k == 0 else f"{base}~{k}")
+    return out
+
+
+def _canonical(record: Any) -> str:
+    def plain(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x.tolist()
+        if isinstance(x, dict):
+            return {str(k): plain(v) for k, v in sorted(x.items())}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        if hasattr(x, "tolist"):  # numpy
+            return x.tolist()
+        return x
+
+    return json.dumps(plain(record), sort_keys=True, default=str)
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """What the batch sampler yields: step ``step``'s piece ``piece`` of ``pieces``, with the
+    Poisson batch's record indices in the last piece."""
+
+    step: int
+    piece: int
+    pieces: int
+    indices: tuple[int, ...]
+
+
+class PoissonBatches:
+    """Batch sampler of the planned steps' Poisson batches (see the module docstring)."""
+
+    def __init__(self, sampler: PoissonSampler, steps: int, pieces: int = 1) -> None:
+        self.sampler = sampler
+        self.steps = steps
+        self.pieces = pieces
+        self.steps_per_epoch = min(steps, max(1, math.ceil(1.0 / sampler.sample_rate)))
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch * self.pieces
+
+    def __iter__(self) -> Iterator[list[StepBatch]]:
+        first = self.epoch * self.steps_per_epoch
+        for t in range(first, min(first + self.steps_per_epoch, self.steps)):
+            idx = tuple(int(i) for i in self.sampler.sample(t))
+            for piece in range(self.pieces):
+                last = piece == self.pieces - 1
+                yield [StepBatch(t, piece, self.pieces, idx if last else ())]
+
+
+class StepRecords(Dataset):
+    """``dataset`` read through :class:`StepBatch` keys: the records of one piece."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: StepBatch) -> tuple[StepBatch, list[Any]]:
+        return key, [self.dataset[i] for i in key.indices]
+
+
+class StepCollator:
+    """Collates a piece's records with the Trainer's collator and marks its step and piece;
+    a piece without records (a marker, or an empty Poisson batch) has only the marks."""
+
+    def __init__(self, collate: Callable[[list[Any]], Any]) -> None:
+        self.collate = collate
+
+    def __call__(self, items: Sequence[tuple[StepBatch, list[Any]]]) -> dict[str, Any]:
+        (key, records), *rest = items
+        if rest:
+            raise DPTrainerError("a Poisson piece must arrive alone (batch sampler misuse)")
+        batch: dict[str, Any] = {}
+        if records:
+            collated = self.collate(records)
+            if not isinstance(collated, dict) and not hasattr(collated, "keys"):
+                raise DPTrainerError(
+                    "data_collator: DPTrainer needs collated batches as dicts of tensors (one "
+                    f"row per record); got {type(collated).__name__}. Fix: return a dict"
+                )
+            batch.update(dict(collated))
+        batch[STEP_KEY] = key.step
+        batch[PIECE_KEY] = key.piece
+        return batch
+
+
+class PadCollator:
+    """Right-pads a list of LM records (``input_ids``, ``attention_mask``, ``labels``, ... of
+    varying lengths) into a batch: ``input_ids`` with the pad id, ``labels`` with -100, other
+    sequences with 0; scalars are stacked.  The rows of :class:`dptrain.data.LMExamples`."""
+
+    def __init__(self, tokenizer: Any = None, pad_token_id: int | None = None) -> None:
+        if pad_token_id is None:
+            from ...data.lm import pad_token_id as tokenizer_pad
+
+            pad_token_id = tokenizer_pad(tokenizer) if tokenizer is not None else 0
+        self.pad = {"input_ids": int(pad_token_id), "labels": -100}
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        out = {}
+        for k in rows[0]:
+            values = [torch.as_tensor(r[k]) for r in rows]
+            if values[0].dim() == 0:
+                out[k] = torch.stack(values)
+                continue
+            width = max(v.shape[0] for v in values)
+            batch = torch.full((len(values), width), self.pad.get(k, 0), dtype=values[0].dtype)
+            for i, v in enumerate(values):
+                batch[i, : v.shape[0]] = v
+            out[k] = batch
+        return out
