@@ -68,7 +68,7 @@ def test_records_look_like_person_records() -> None:
     assert set(kinds) == set(synth.KINDS)
     assert kinds["clinic_note"] > 150
     for r in recs:
-        assert set(r) == {"id", "kind", "text"}
+        assert set(r) == {"id", "patient_id", "kind", "text"}
         assert 250 < len(r["text"]) < 1600, r
         assert re.search(r"DOB|MRN", r["text"]), r  # every record identifies a person
     notes = [r["text"] for r in recs if r["kind"] == "clinic_note"]
