@@ -206,6 +206,12 @@ def _finished_run(run_dir: str | Path) -> tuple[RunDir, dict[str, Any], Recipe]:
             f"{run.path} has no final model (status {meta.get('status')!r}). Fix: finish it "
             f"with `dptrain train RECIPE --resume {run.path}`, then audit it"
         )
+    if meta.get("privacy_unit", "record") != "record":
+        raise InputError(
+            f"{run.path} protects each {meta['privacy_unit']['unit']} (data.privacy_unit); "
+            "this audit scores records against a record-level claim, and a person-level audit "
+            "is not implemented yet. Fix: audit a record-level run"
+        )
     return run, meta, load_recipe(run.recipe)
 
 

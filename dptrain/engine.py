@@ -44,6 +44,7 @@ from .losses import LossFn, causal_lm_loss
 from .noise import GaussianNoise
 from .policies import Policy, StepContext, StepPlan, StepSums, check_accountant
 from .precision import Precision, unscale
+from .segments import Segments, person_chunks
 
 
 @dataclass
@@ -186,14 +187,38 @@ class PrivacyEngine:
         for start in range(0, n, size):
             yield batch_slice(batch, start, min(start + size, n))
 
-    def step(self, batch: Any, *, injected: dict[nn.Parameter, Tensor] | None = None) -> StepReport:
+    def _person_chunks(self, batch: Any, segments: Tensor) -> list[tuple[Any, Segments]]:
+        """Physical chunks of whole persons, each with its segments renumbered from 0."""
+        n = batch_len(batch) if batch is not None else 0
+        seg = torch.as_tensor(segments, dtype=torch.long).reshape(-1)
+        if seg.numel() != n:
+            raise ValueError(f"segments has {seg.numel()} ids for a batch of {n} rows")
+        size = self.max_physical_batch_size or max(n, 1)
+        out = []
+        for start, stop in person_chunks(seg, size):
+            local = torch.unique(seg[start:stop], return_inverse=True)[1]
+            out.append((batch_slice(batch, start, stop), Segments.from_ids(local)))
+        return out
+
+    def step(
+        self,
+        batch: Any,
+        *,
+        injected: dict[nn.Parameter, Tensor] | None = None,
+        segments: Tensor | None = None,
+    ) -> StepReport:
         """One private step on a logical (Poisson) batch; raises BudgetExceeded before touching
         data if the step would exceed the budget.  Under ``torch.distributed``, ``batch`` is
         this rank's shard of the global batch (see :mod:`dptrain.distributed`).
 
         ``injected[p]`` (shape ``(m, *p.shape)``) gives the per-sample gradients of ``m`` more
         samples of this batch (white-box audit canaries): they are clipped, summed and noised by
-        the same code as the batch's samples; parameters absent from it get zero for them."""
+        the same code as the batch's samples; parameters absent from it get zero for them.
+
+        ``segments`` (user-level DP, :mod:`dptrain.user_level`): one id per row, rows sorted by
+        it; the rows of one id (a person's records) are summed before the clip, so a person is
+        one sample (physical chunks hold whole persons), ``sample_rate`` and ``dataset_size``
+        are then over persons and ``batch_size`` in the report counts persons."""
         t0 = time.perf_counter()
         main = distributed.is_main()
         plan, event = self.next_plan() if main else (None, None)
@@ -211,15 +236,22 @@ class PrivacyEngine:
         if n > 0:
             batch = to_device(batch, device)
         loss_fn, scale = self.precision.scaled(self.loss_fn), self.precision.scale
+        if segments is not None:
+            n = len(torch.unique(segments)) if n else 0
         clipped: dict[nn.Parameter, Tensor] = {}
         within: dict[str, list[Tensor]] = {}
         raw_sums: dict[nn.Parameter, Tensor] = {}
         loss_sum, nonfinite = 0.0, 0
 
-        def add(recorded: Recorded) -> None:
+        def add(recorded: Recorded, seg: Segments | None = None) -> None:
             nonlocal nonfinite
             result = clip_and_sum(
-                recorded, self.group_of, plan.clip, ghost=self.ghost, raw=self.policy.needs_raw_sums
+                recorded,
+                self.group_of,
+                plan.clip,
+                ghost=self.ghost,
+                raw=self.policy.needs_raw_sums,
+                segments=seg,
             )
             for p, s in result.sums.items():
                 clipped[p] = clipped[p] + s if p in clipped else s
@@ -230,13 +262,19 @@ class PrivacyEngine:
             nonfinite += result.nonfinite
 
         self.optimizer.zero_grad(set_to_none=True)
-        for chunk in self._chunks(batch, n) if n > 0 else ():
+        if segments is None:
+            chunks = [(chunk, None) for chunk in (self._chunks(batch, n) if n > 0 else ())]
+        else:
+            chunks = self._person_chunks(batch, segments)
+        rows = 0
+        for chunk, seg in chunks:
             with self.precision.autocast(device):
                 recorded, losses = self.capture.run(loss_fn, chunk)
-            add(unscale(recorded, scale))  # unscaled before clipping: sensitivity C
+            add(unscale(recorded, scale), seg)  # unscaled before clipping: sensitivity C
             losses = losses.detach() / scale
             finite = torch.isfinite(losses)
             loss_sum += float(losses[finite].sum())
+            rows += int(finite.sum())
             self.optimizer.zero_grad(set_to_none=True)
         if injected:  # extra samples with given per-sample gradients, through the same clipping
             m = _check_injected(injected, self.group_of)
@@ -297,7 +335,9 @@ class PrivacyEngine:
         report = StepReport(
             step=self.steps_taken,
             batch_size=n,
-            loss=loss_sum / max(n - nonfinite, 1) if n else math.nan,
+            loss=(loss_sum / max(n - nonfinite, 1) if segments is None else loss_sum / max(rows, 1))
+            if n
+            else math.nan,
             noise_multiplier=plan.noise_multiplier,
             clip=dict(plan.clip),
             update_norm=math.sqrt(sum(v**2 for v in norms.values())),

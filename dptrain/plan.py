@@ -103,12 +103,15 @@ def plan_privacy(
     *,
     repeats: int = 1,
     restored_noise: float | None = None,
+    unit: str = "records",
 ) -> RunPlan:
     """Resolve ``q``, delta, steps and the policy's noise for ``dataset_size`` training records.
     ``repeats``: the run's steps are taken this many times (a federated client's rounds of
     ``steps`` local steps), and the noise is calibrated for all of them; ``restored_noise``:
-    the noise a resumed run was calibrated with (used when the recipe gives none)."""
-    q, delta, steps = check_against_data(recipe, dataset_size)
+    the noise a resumed run was calibrated with (used when the recipe gives none); ``unit``:
+    what ``dataset_size`` counts (records, or people for user-level DP,
+    :mod:`dptrain.user_level`)."""
+    q, delta, steps = check_against_data(recipe, dataset_size, unit)
     policy = policy_from_recipe(recipe.policy)
     accountant = recipe.privacy.accountant
     source: NoiseSource = "recipe"

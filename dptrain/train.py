@@ -65,6 +65,7 @@ from .rundir import PUBLIC_FILES, CheckpointError, RunDir, atomic_write, save_fi
 from .sampling import PoissonSampler
 from .secret import RunKey, RunKeyError
 from .tasks import Task, task_for, validation_line
+from .user_level import PersonSampler, UnitPlan, plan_unit, record_run_person_level, resolve_unit
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Prepared:
     checkpoint: dict[str, Any] | None
     resume: bool
     canaries: list[Canary] | None = None  # drawn once, inserted and written to the manifest
+    unit: UnitPlan | None = None  # data.privacy_unit: the person is the unit
 
     @property
     def policy(self) -> Policy:
@@ -97,7 +99,7 @@ class Built:
     optimizer: torch.optim.Optimizer
     engine: PrivacyEngine
     noise: GaussianNoise
-    sampler: PoissonSampler
+    sampler: PoissonSampler | PersonSampler
     train_ex: Any  # LMExamples, or the task's examples (dptrain.tasks)
     validation_size: int
     val_batches: list[dict[str, torch.Tensor]]
@@ -166,11 +168,25 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
         )
     train_texts, public_texts = read_public(recipe, train_texts, key)
     restored = meta.get("calibrated_noise_multiplier") if meta else None
-    plan = plan_privacy(recipe, len(train_texts), restored_noise=restored)
-    if plan.delta_defaulted and not resume:
+    unit, train_texts = resolve_unit(recipe, train_texts, key)
+    if unit is None:
+        plan = plan_privacy(recipe, len(train_texts), restored_noise=restored)
+    else:
+        plan = plan_unit(recipe, unit, len(train_texts), restored_noise=restored)
+    if recipe.privacy.delta is None and not resume:
+        count = (
+            f"{len(train_texts)} training records" if unit is None else f"{len(unit.people)} people"
+        )
         log(
-            f"privacy.delta not set: using 1/(10 N) = {plan.delta:.3g} for N = "
-            f"{len(train_texts)} training records (N is public: it also sets the sample rate)"
+            f"privacy.delta not set: using 1/(10 N) = "
+            f"{plan.delta if unit is None else unit.person_delta:.3g} for N = {count} (N is "
+            "public: it also sets the sample rate)"
+        )
+    if unit is not None and not unit.user_level:
+        log(
+            f"privacy unit: each {unit.name} (at most {unit.group_size} records); record-level "
+            f"budget ({plan.budget.epsilon:.4g}, {plan.delta:.3g}) gives ({recipe.privacy.epsilon}"
+            f", {unit.person_delta:.3g}) per {unit.name} by group privacy"
         )
     if plan.noise_source == "calibrated":
         log(
@@ -203,6 +219,7 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
         checkpoint,
         resume,
         canaries,
+        unit,
     )
 
 
@@ -314,12 +331,13 @@ def build(prep: Prepared) -> Built:
     val_ex = task.encode(prep.val_texts, tokenizer, d.max_length)
     optimizer = make_optimizer(recipe.training, [p for p in model.parameters() if p.requires_grad])
     noise = GaussianNoise(prep.key)
+    user_level = prep.unit is not None and prep.unit.user_level
     engine = PrivacyEngine(
         model,
         optimizer,
         policy=plan.policy,
         sample_rate=plan.sample_rate,
-        dataset_size=len(train_ex),
+        dataset_size=len(prep.unit.people) if user_level else len(train_ex),
         loss_fn=task.loss_fn,
         grouping=recipe.policy.grouping,
         accountant=plan.accountant,
@@ -333,7 +351,11 @@ def build(prep: Prepared) -> Built:
         public_ex = task.encode(prep.public_texts, tokenizer, d.max_length)
         public_batches = eval_batches(public_ex, recipe.training.physical_batch_size)
     plan.policy.attach(RunContext(model, plan.steps, recipe.seed, public_batches))
-    sampler = PoissonSampler(train_ex.ids, plan.sample_rate, prep.key)
+    sampler: PoissonSampler | PersonSampler
+    if user_level:  # people by keyed coins, each with at most the cap of their records
+        sampler = prep.unit.sampler(train_ex.ids, plan.sample_rate, prep.key)
+    else:
+        sampler = PoissonSampler(train_ex.ids, plan.sample_rate, prep.key)
     val_batches = eval_batches(val_ex, recipe.training.physical_batch_size)
     built = Built(
         model,
@@ -378,8 +400,9 @@ def begin_meta(prep: Prepared, built: Built) -> tuple[dict[str, Any], dict[str, 
         "fingerprint": recipe.fingerprint(),
         "status": "running",
         "dataset_size": len(built.train_ex),
-        "expected_batch_size": plan.sample_rate * len(built.train_ex),
+        "expected_batch_size": plan.sample_rate * plan.dataset_size,
         "public_records": len(prep.public_texts) if prep.public_texts is not None else 0,
+        "privacy_unit": prep.unit.meta() if prep.unit is not None else "record",
         **plan.meta(),
         "groups": list(built.engine.groups),
         "noise_generator": built.noise.description,
@@ -437,10 +460,8 @@ def loop(
         prep.key.mark_used(run.key)
     try:
         while engine.steps_taken < end:
-            # same global batch on every rank: a function of (key, step, record ids)
-            idx = distributed.shard(built.sampler.sample(engine.steps_taken))
             try:
-                report = engine.step(built.train_ex.batch(idx))
+                report = _step(built)
             except BudgetExceeded as err:
                 stopped_by_budget = True
                 log(f"stopping: {err}")
@@ -479,6 +500,17 @@ def loop(
     seconds = time.perf_counter() - t_train
     checkpoint(prep, built)
     return stopped_by_budget, seconds, (nonfinite, skipped)
+
+
+def _step(built: Built):
+    """One private step on step t's batch (the same global batch on every rank: a function of
+    (key, t, the ids)); user-level: people, each with their selected records as one segment."""
+    engine = built.engine
+    if isinstance(built.sampler, PersonSampler):
+        batch, segments = built.sampler.batch(engine.steps_taken, built.train_ex)
+        return engine.step(batch, segments=segments)
+    idx = distributed.shard(built.sampler.sample(engine.steps_taken))
+    return engine.step(built.train_ex.batch(idx))
 
 
 def checkpoint(prep: Prepared, built: Built) -> None:
@@ -583,6 +615,12 @@ def finish(
         train_seconds=meta.get("train_seconds", 0.0) + train_seconds,
     )
     stats.update(perplexity_after=ppl_after, validation_after=after, nonfinite_samples=counts[0])
+    if prep.unit is not None:
+        meta["person_level"] = prep.unit.guarantee(claim["epsilon"], claim["delta_total"])
+    elif recipe_person_field(prep):
+        meta["person_level_group_privacy"] = record_run_person_level(
+            prep.recipe, prep.train_texts, engine.ledger, accountant, claim["delta_total"]
+        )
     if main:
         run.update_stats(**stats)
         run.write_meta(meta)
@@ -609,6 +647,10 @@ def finish(
         after_training(prep.recipe, run, built.model, built.tokenizer, built.task, log)
     distributed.barrier()
     return result
+
+
+def recipe_person_field(prep: Prepared) -> bool:
+    return prep.recipe.data.person_field is not None
 
 
 def _cross_check(name: str, ledger: Ledger, delta: float) -> float | None:
@@ -653,6 +695,11 @@ def _print_summary(r: RunResult, meta: dict[str, Any], stats: dict[str, Any]) ->
             "its noise was chosen from data)"
         )
     head = f"({r.epsilon:.4f}, {r.delta_total:.3g})-DP for each training record"
+    person = meta.get("person_level")
+    if person is not None:  # the person is the unit: the headline is theirs
+        head = person["statement"]
+        if meta["privacy_unit"]["strategy"] == "example":
+            head += f" (group privacy; per record: ({r.epsilon:.4f}, {r.delta_total:.3g}))"
     if meta.get("adaptive"):
         head += " (the adaptive privacy filter's budget)"
     lines = [
@@ -681,6 +728,22 @@ def _print_summary(r: RunResult, meta: dict[str, Any], stats: dict[str, Any]) ->
         lines.append(
             f"note                spent so far by the filter's accounting: epsilon "
             f"{meta['epsilon_spent_adaptive']:.4f} (an odometer reading, not a guarantee)"
+        )
+    if person is not None:
+        people, records = meta["privacy_unit"]["people"], meta["dataset_size"]
+        lines[-1] = (
+            f"dataset size        N = {people} people, {records} records (public: N sets q "
+            "and the default delta)"
+            if meta["privacy_unit"]["strategy"] == "user"
+            else f"dataset size        {records} records (they set q) of N = {people} people "
+            "(it sets the default delta); both public"
+        )
+        lines.append(f"privacy unit        {person['how']}")
+    grouped = meta.get("person_level_group_privacy")
+    if grouped is not None:
+        lines.append(
+            f"per {grouped['unit']:<15} ({grouped['epsilon']:.4f}, {grouped['delta']:.3g})-DP "
+            f"over all of their records ({grouped['why']})"
         )
     level = meta.get("file_level")
     if level is not None:
