@@ -120,6 +120,18 @@ def _generic_evaluator(
     return f
 
 
+def ledger_epsilon(accountant: Accountant, ledger: Ledger, delta: float, adaptive: bool) -> float:
+    """Epsilon of ``ledger`` at ``delta`` (the adaptive conversion if ``adaptive``): by the
+    accountant's incremental ``ledger_epsilon`` where it has one (RDP), else from its events."""
+    if not len(ledger):
+        return 0.0
+    fast = getattr(accountant, "ledger_epsilon", None)
+    if fast is not None:
+        return fast(ledger, delta, adaptive=adaptive)
+    measure = accountant.adaptive_epsilon if adaptive else accountant.epsilon  # type: ignore[attr-defined]
+    return measure(ledger.events, delta)
+
+
 class BudgetFilter:
     """Refuses a step before it is taken if it would push epsilon past the budget."""
 
@@ -141,6 +153,7 @@ class BudgetFilter:
                 )
         self._totals: OrderedDict[tuple, tuple[Ledger, int]] = OrderedDict()
         self._spent: OrderedDict[tuple, tuple[Ledger, float]] = OrderedDict()
+        self._guide = None  # the RDP accountant of _guess, keeping its ledger curves
 
     def __repr__(self) -> str:
         return (
@@ -161,20 +174,26 @@ class BudgetFilter:
             return ledger
         raise TypeError(f"expected a Ledger, got {type(ledger).__name__}")
 
-    def _evaluator(self, prefix: list[Event], event: Event) -> Callable[[int], float]:
+    def _evaluator(
+        self, prefix: list[Event], event: Event, at: tuple[Ledger, int] | None = None
+    ) -> Callable[[int], float]:
         hook = getattr(self.accountant, "steps_evaluator", None)
         if hook is not None:
-            return hook(prefix, event, self.budget.delta, adaptive=self.adaptive)
+            # (ledger, n): accountants that keep a ledger's curve incrementally (RDP)
+            where = at if at is not None and hasattr(self.accountant, "ledger_rdp") else prefix
+            return hook(where, event, self.budget.delta, adaptive=self.adaptive)
         return _generic_evaluator(self.accountant, prefix, event, self.budget.delta, self.adaptive)
 
-    def _guess(self, prefix: list[Event], event: Event) -> int:
+    def _guess(self, prefix: list[Event], event: Event, at: tuple[Ledger, int]) -> int:
         """First probe of the search: the RDP answer for accountants that are slow to evaluate
         (RDP epsilon is usually the larger, so the true answer is usually above it)."""
         if hasattr(self.accountant, "steps_evaluator"):
             return 1
         from .rdp import RdpAccountant
 
-        f = RdpAccountant().steps_evaluator(prefix, event, self.budget.delta)
+        if self._guide is None:
+            self._guide = RdpAccountant()
+        f = self._guide.steps_evaluator(at, event, self.budget.delta)
         return max(1, largest_within(f, self.budget.epsilon))
 
     def _position(self, ledger: Ledger, event: Event) -> tuple[tuple, list[Event], int]:
@@ -203,8 +222,10 @@ class BudgetFilter:
         elif math.isinf(event.noise_multiplier):  # free steps: only the prefix matters
             total = UNLIMITED if self._epsilon(prefix) <= self.budget.epsilon else -1
         else:
-            f = self._evaluator(prefix, event)
-            total = largest_within(f, self.budget.epsilon, guess=self._guess(prefix, event))
+            at = (ledger, len(prefix))
+            f = self._evaluator(prefix, event, at)
+            guess = self._guess(prefix, event, at)
+            total = largest_within(f, self.budget.epsilon, guess=guess)
         self._totals[key] = (ledger, total)
         while len(self._totals) > _CACHE_SIZE:
             self._totals.popitem(last=False)
@@ -220,7 +241,7 @@ class BudgetFilter:
         hit = self._spent.get(key)
         if hit is not None and hit[0] is ledger:
             return hit[1]
-        eps = self._epsilon(list(entries)) if entries else 0.0
+        eps = ledger_epsilon(self.accountant, ledger, self.budget.delta, self.adaptive)
         self._spent[key] = (ledger, eps)
         while len(self._spent) > _CACHE_SIZE:
             self._spent.popitem(last=False)
@@ -238,18 +259,3 @@ class BudgetFilter:
         """Would ``ledger + event`` (all ``event.steps`` of it) stay within the budget?"""
         total, taken = self._total(self._ledger(ledger), event)
         return total == UNLIMITED or taken + event.steps <= total
-
-    def check(self, ledger: Ledger, event: Event) -> None:
-        """Raise :class:`BudgetExceeded` unless :meth:`allows`."""
-        if self.allows(ledger, event):
-            return
-        spent = self.spent(ledger)
-        fits = self.max_steps(ledger, event)
-        raise BudgetExceeded(
-            f"privacy budget epsilon={self.budget.epsilon:g} at delta={self.budget.delta:g} "
-            f"({self.accountant.name} accountant) would be exceeded: epsilon spent so far is "
-            f"{spent:.6g}, and {event.steps} more step(s) of q={event.sample_rate:g}, "
-            f"sigma={event.noise_multiplier:g} do not fit ({fits} would). Fix: stop here (what was "
-            "trained so far is covered by the ledger), or start a new run with a larger budget, "
-            "a larger noise multiplier, a smaller sample rate or fewer steps."
-        )

@@ -22,7 +22,7 @@ Steps (each timed; the report says which dominated):
 8. ``audit/summary.json``, ``audit/report.html`` and a table on the terminal.
 
 The report and summary hold statistics of private records and the canaries' verdicts: they are
-for the data owner, like ``metrics.jsonl``; do not publish them with the model.
+for the data owner, like ``private/metrics.jsonl``; do not publish them with the model.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,23 +113,28 @@ def claimed_privacy(run: RunDir, meta: dict[str, Any], recipe: Recipe) -> dict[s
 
 
 def load_final_model(run: RunDir, recipe: Recipe) -> tuple[torch.nn.Module, Any]:
-    """The released model of ``run`` (its ``final/`` adapter or model) and its tokenizer."""
+    """The released model of ``run`` (its ``final/`` adapter or model) on the recipe's
+    ``training.device``, and its tokenizer."""
+    from dptrain.hardware import resolve_device
     from dptrain.models import load_model_and_tokenizer
 
     dtype = getattr(torch, recipe.model.dtype)
+    device = resolve_device(recipe.training.device)
     if recipe.lora is not None:
         from peft import PeftModel
 
         base, tok = load_model_and_tokenizer(recipe.model.name, dtype=dtype)
-        return PeftModel.from_pretrained(base, run.final), tok
-    return load_model_and_tokenizer(str(run.final), dtype=dtype)
+        return PeftModel.from_pretrained(base, run.final).to(device), tok
+    model, tok = load_model_and_tokenizer(str(run.final), dtype=dtype)
+    return model.to(device), tok
 
 
 def _starting_point(recipe: Recipe) -> torch.nn.Module:
     """theta_0: the model the run started from (pretrained or seeded initialization)."""
+    from dptrain.hardware import resolve_device
     from dptrain.models import build_model
 
-    return build_model(recipe)[0]
+    return build_model(recipe, resolve_device(recipe.training.device))[0]
 
 
 # -- the audit ---------------------------------------------------------------------------------
@@ -150,12 +156,51 @@ def audit_run(
 ) -> dict[str, Any]:
     """Audit the finished run in ``run_dir``; writes ``audit/summary.json`` and
     ``audit/report.html`` and prints a short table to ``out`` (default stdout).  Returns the
-    summary."""
-    from dptrain.data.splits import split_data
-
-    from .report import print_table, render_figures, write_report
-
+    summary.  The stages follow the module docstring."""
     t_start = time.perf_counter()
+    run, meta, recipe = _finished_run(run_dir)
+    opts = options or recipe.audit or AuditSection()
+    timer = _Timer()
+    claim = timer("accounting", lambda: claimed_privacy(run, meta, recipe))
+    _log(
+        f"auditing {run.path}: accountant epsilon {claim['epsilon']:.4g} at delta {claim['delta']:.3g}"
+    )
+    rng = np.random.default_rng([recipe.seed, 0xA0D1])  # record choice, canaries, halves
+    rec = _choose_records(run, recipe, opts, rng, timer)
+    target, tokenizer = timer("loading models", lambda: load_final_model(run, recipe))
+    score = _scorer(tokenizer, recipe, opts, progress)
+    t_stats, b_stats, canaries = _score_final_and_start(
+        target, recipe, rec, score, opts, claim, rng, timer
+    )
+    refs, refs_in, reference = _reference_scores(
+        run, meta, rec, b_stats, score, opts, progress, timer
+    )
+    attacks, skipped = _attacks(rec, t_stats, refs, refs_in, opts)
+    cp = timer(
+        "bounds",
+        lambda: _split_half_bound(attacks, rec.is_member, claim["delta"], opts.confidence, rng),
+    )
+    whitebox = None
+    if opts.whitebox and claim["epsilon"] < math.inf:
+        from .whitebox import audit_configuration
+
+        whitebox = timer("white-box audit", lambda: audit_configuration(run.path, opts, log=_log))
+    summary = _summary(
+        run, meta, recipe, opts, claim, attacks, skipped, cp, canaries, reference,
+        n_members=rec.n_members, n_non_members=rec.n_non_members,
+        n_population=len(rec.pop_texts),
+    )  # fmt: skip
+    if whitebox is not None:
+        _add_whitebox(summary, whitebox)
+    _write(run, summary, attacks, rec.is_member, canaries, timer, t_start, out)
+    return summary
+
+
+# -- the stages --------------------------------------------------------------------------------
+
+
+def _finished_run(run_dir: str | Path) -> tuple[RunDir, dict[str, Any], Recipe]:
+    """The run directory, its ``run.json`` and recipe; refuses a run without a final model."""
     run = RunDir(run_dir)
     if not run.exists():
         raise CheckpointError(
@@ -168,23 +213,48 @@ def audit_run(
             f"{run.path} has no final model (status {meta.get('status')!r}). Fix: finish it "
             f"with `dptrain train RECIPE --resume {run.path}`, then audit it"
         )
+    if meta.get("privacy_unit", "record") != "record":
+        raise InputError(
+            f"{run.path} protects each {meta['privacy_unit']['unit']} (data.privacy_unit); "
+            "this audit scores records against a record-level claim, and a person-level audit "
+            "is not implemented yet. Fix: audit a record-level run"
+        )
     require_plots()
-    recipe = load_recipe(run.recipe)
-    opts = options or recipe.audit or AuditSection()
-    timer = _Timer()
-    claim = timer("accounting", lambda: claimed_privacy(run, meta, recipe))
-    _log(
-        f"auditing {run.path}: accountant epsilon {claim['epsilon']:.4g} at delta {claim['delta']:.3g}"
-    )
+    return run, meta, load_recipe(run.recipe)
 
-    # -- records ------------------------------------------------------------------------------
+
+@dataclass
+class _Records:
+    """The audited records: ``texts`` / ``ids`` are the members then the non-members
+    (``is_member`` tells which); ``pop_*`` the RMIA population (other non-members)."""
+
+    train: TextDataset
+    member_pool: list[int]  # indices of train records that are not canaries
+    outside: TextDataset  # records the run never trained on
+    perm: np.ndarray  # the random order of ``outside``
+    texts: list[str]
+    ids: list[str]
+    pop_texts: list[str]
+    pop_ids: list[str]
+    is_member: np.ndarray
+    n_members: int
+    n_non_members: int
+    manifest: Manifest | None
+
+
+def _choose_records(
+    run: RunDir, recipe: Recipe, opts: AuditSection, rng: np.random.Generator, timer: _Timer
+) -> _Records:
+    """Up to ``members`` training records (canaries excluded), ``non_members`` held-out ones
+    and ``population`` more, chosen with ``rng``; the splits come from the run's key."""
+    from dptrain.data.splits import split_data
+
     key = run_key(run.path, recipe.privacy.insecure_seed, create=False)  # splits, canaries
     train, val, unused = timer("data", lambda: split_data(recipe, key))
     manifest = read_manifest(run.path)
     canary_ids = {rid for c in manifest.canaries for rid in c.record_ids()} if manifest else set()
     member_pool = [i for i, rid in enumerate(train.ids) if rid not in canary_ids]
     outside = TextDataset(val.texts + unused.texts, val.ids + unused.ids)
-    rng = np.random.default_rng([recipe.seed, 0xA0D1])
     members = rng.permutation(member_pool)[: opts.members]
     perm = rng.permutation(len(outside))
     non_members = perm[: opts.non_members]
@@ -194,18 +264,33 @@ def audit_run(
             f"{run.path}: the audit needs at least 2 training and 2 held-out records, found "
             f"{len(members)} and {len(non_members)}. Fix: audit a run with a validation split"
         )
-    texts = [train.texts[i] for i in members] + [outside.texts[i] for i in non_members]
-    ids = [train.ids[i] for i in members] + [outside.ids[i] for i in non_members]
-    pop_texts = [outside.texts[i] for i in population]
-    pop_ids = [outside.ids[i] for i in population]
-    is_member = np.r_[np.ones(len(members), bool), np.zeros(len(non_members), bool)]
+    rec = _Records(
+        train,
+        member_pool,
+        outside,
+        perm,
+        texts=[train.texts[i] for i in members] + [outside.texts[i] for i in non_members],
+        ids=[train.ids[i] for i in members] + [outside.ids[i] for i in non_members],
+        pop_texts=[outside.texts[i] for i in population],
+        pop_ids=[outside.ids[i] for i in population],
+        is_member=np.r_[np.ones(len(members), bool), np.zeros(len(non_members), bool)],
+        n_members=len(members),
+        n_non_members=len(non_members),
+        manifest=manifest,
+    )
     _log(
         f"scoring {len(members)} members, {len(non_members)} non-members, "
-        f"{len(pop_texts)} population records"
+        f"{len(rec.pop_texts)} population records"
         + (f" and {len(manifest.canaries)} canaries" if manifest else "")
     )
+    return rec
 
-    # -- models and scores -------------------------------------------------------------------
+
+def _scorer(
+    tokenizer: Any, recipe: Recipe, opts: AuditSection, progress: bool
+) -> Callable[..., TextStats]:
+    """``score(model, texts, desc, batch=opts.batch_size)``: per-text statistics of a model."""
+
     def score(
         model: torch.nn.Module, batch_texts: list[str], desc: str, batch: int = opts.batch_size
     ) -> TextStats:
@@ -220,63 +305,99 @@ def audit_run(
             progress=progress,
         )
 
-    target, tokenizer = timer("loading models", lambda: load_final_model(run, recipe))
+    return score
+
+
+def _score_final_and_start(
+    target: torch.nn.Module,
+    recipe: Recipe,
+    rec: _Records,
+    score: Callable[..., TextStats],
+    opts: AuditSection,
+    claim: dict[str, Any],
+    rng: np.random.Generator,
+    timer: _Timer,
+) -> tuple[TextStats, TextStats, dict[str, Any] | None]:
+    """The audited and population records through the final model and ``theta_0``, and the
+    canaries' results (None without canaries); ``theta_0`` is freed on return."""
     base = timer("loading models", lambda: _starting_point(recipe))
-    t_stats = timer("scoring records", lambda: score(target, texts + pop_texts, "final model"))
-    b_stats = timer("scoring records", lambda: score(base, texts + pop_texts, "theta_0"))
-    n = len(texts)
+    every = rec.texts + rec.pop_texts
+    t_stats = timer("scoring records", lambda: score(target, every, "final model"))
+    b_stats = timer("scoring records", lambda: score(base, every, "theta_0"))
     canaries = None
-    if manifest is not None:
+    if rec.manifest is not None:
+        manifest = rec.manifest
         canaries = timer(
             "canaries", lambda: _canaries(manifest, target, base, score, opts, claim, rng)
         )
-    base = None  # free memory before shadow models
+    return t_stats, b_stats, canaries
 
+
+def _reference_scores(
+    run: RunDir,
+    meta: dict[str, Any],
+    rec: _Records,
+    b_stats: TextStats,
+    score: Callable[..., TextStats],
+    opts: AuditSection,
+    progress: bool,
+    timer: _Timer,
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """(log-probabilities of every record under each reference model, whether the record was
+    in that model's training half, a description): the shadow models if ``opts.shadows``,
+    else ``theta_0`` alone."""
+    pool = _shadow_pool(
+        rec.train, rec.member_pool, rec.outside, rec.perm, rec.n_non_members + len(rec.pop_texts)
+    )
     shadows = timer(
         "shadow models",
         lambda: shadow_models(
-            run,
-            meta,
-            _shadow_pool(train, member_pool, outside, perm, len(non_members) + len(population)),
-            opts.shadows,
-            steps=opts.shadow_steps,
-            progress=progress,
-            log=_log,
+            run, meta, pool, opts.shadows, steps=opts.shadow_steps, progress=progress, log=_log
         ),
     )
-    if shadows:
-        refs, refs_in = [], []
-        for k, sh in enumerate(shadows):
-            model, _ = timer(
-                "loading models", lambda sh=sh: load_final_model(RunDir(sh.path), sh.recipe)
-            )
-            stats = timer(
-                "scoring records",
-                lambda m=model, k=k: score(m, texts + pop_texts, f"shadow {k + 1}"),
-            )
-            refs.append(stats.log_prob)
-            refs_in.append([rid in sh.members for rid in ids + pop_ids])
-            del model
-        refs_a, refs_in_a = np.array(refs), np.array(refs_in, dtype=bool)
-        reference = f"{len(shadows)} shadow models"
-    else:
+    if not shadows:
         refs_a = b_stats.log_prob[None, :]
-        refs_in_a = np.zeros_like(refs_a, dtype=bool)
-        reference = "theta_0 (the run's starting point) as the only reference model"
+        return (
+            refs_a,
+            np.zeros_like(refs_a, dtype=bool),
+            "theta_0 (the run's starting point) as the only reference model",
+        )
+    every = rec.texts + rec.pop_texts
+    refs, refs_in = [], []
+    for k, sh in enumerate(shadows):
+        model, _ = timer(
+            "loading models", lambda sh=sh: load_final_model(RunDir(sh.path), sh.recipe)
+        )
+        stats = timer("scoring records", lambda m=model, k=k: score(m, every, f"shadow {k + 1}"))
+        refs.append(stats.log_prob)
+        refs_in.append([rid in sh.members for rid in rec.ids + rec.pop_ids])
+        del model
+    return np.array(refs), np.array(refs_in, dtype=bool), f"{len(shadows)} shadow models"
 
-    # -- attacks ------------------------------------------------------------------------------
+
+def _attacks(
+    rec: _Records,
+    t_stats: TextStats,
+    refs: np.ndarray,
+    refs_in: np.ndarray,
+    opts: AuditSection,
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Every membership attack's scores and ROC on the audited records, and the attacks
+    skipped (with the reason)."""
+    n = len(rec.texts)
     obs = Observations(
         target=t_stats.take(np.arange(n)),
-        zlib_bits=zlib_bits(texts),
-        refs=refs_a[:, :n],
-        refs_in=refs_in_a[:, :n],
+        zlib_bits=zlib_bits(rec.texts),
+        refs=refs[:, :n],
+        refs_in=refs_in[:, :n],
         pop_target=t_stats.log_prob[n:],
-        pop_refs=refs_a[:, n:],
-        pop_refs_in=refs_in_a[:, n:],
+        pop_refs=refs[:, n:],
+        pop_refs_in=refs_in[:, n:],
         min_k=opts.min_k,
         rmia_gamma=opts.rmia_gamma,
         rmia_offline_a=opts.rmia_offline_a,
     )
+    is_member = rec.is_member
     attacks, skipped = {}, {}
     for name, fn in ATTACKS.items():
         s = fn(obs)
@@ -291,32 +412,37 @@ def audit_run(
             "roc": r,
             "scores": s,
         }
-    cp = timer(
-        "bounds",
-        lambda: _split_half_bound(attacks, is_member, claim["delta"], opts.confidence, rng),
+    return attacks, skipped
+
+
+def _add_whitebox(summary: dict[str, Any], whitebox: dict[str, Any]) -> None:
+    """Fold the white-box audit into the summary: its ledger bound joins the lower bounds."""
+    summary["whitebox"] = whitebox
+    led = whitebox["bounds"]["ledger"]
+    summary["epsilon_lower_bounds"]["whitebox"] = {
+        "epsilon": led["epsilon"],
+        "confidence": whitebox["confidence"],
+        "canaries": whitebox["canaries"],
+    }
+    summary["empirical_epsilon_lower_bound"] = max(
+        summary["empirical_epsilon_lower_bound"], led["epsilon"]
     )
+    summary["privacy_bug_suspected"] |= whitebox["privacy_bug_suspected"]
 
-    whitebox = None
-    if opts.whitebox and claim["epsilon"] < math.inf:
-        from .whitebox import audit_configuration
 
-        whitebox = timer("white-box audit", lambda: audit_configuration(run.path, opts, log=_log))
-    summary = _summary(
-        run, meta, recipe, opts, claim, attacks, skipped, cp, canaries, reference,
-        n_members=len(members), n_non_members=len(non_members), n_population=len(pop_texts),
-    )  # fmt: skip
-    if whitebox is not None:
-        summary["whitebox"] = whitebox
-        led = whitebox["bounds"]["ledger"]
-        summary["epsilon_lower_bounds"]["whitebox"] = {
-            "epsilon": led["epsilon"],
-            "confidence": whitebox["confidence"],
-            "canaries": whitebox["canaries"],
-        }
-        summary["empirical_epsilon_lower_bound"] = max(
-            summary["empirical_epsilon_lower_bound"], led["epsilon"]
-        )
-        summary["privacy_bug_suspected"] |= whitebox["privacy_bug_suspected"]
+def _write(
+    run: RunDir,
+    summary: dict[str, Any],
+    attacks: dict[str, dict[str, Any]],
+    is_member: np.ndarray,
+    canaries: dict[str, Any] | None,
+    timer: _Timer,
+    t_start: float,
+    out: Any,
+) -> None:
+    """Figures, the timings (and the step that dominated), ``audit/`` files and the table."""
+    from .report import print_table, render_figures, write_report
+
     figures = timer("report", lambda: render_figures(summary, attacks, is_member, canaries))
     timer.seconds["total"] = time.perf_counter() - t_start
     summary["seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}
@@ -324,7 +450,6 @@ def audit_run(
     summary["dominated_by"] = max(steps, key=steps.get)
     write_report(run.path / "audit", summary, figures, canaries)
     print_table(summary, out or sys.stdout)
-    return summary
 
 
 def _shadow_pool(

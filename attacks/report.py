@@ -590,7 +590,7 @@ def write_report(
         "<h2>About this report</h2>",
         f"<p class=note>Audit time {s['seconds']['total']:.0f} s ({secs}). This report holds "
         "statistics of private training records and the canary answers: keep it with the private "
-        "data, like <code>metrics.jsonl</code> and <code>canaries.secret.json</code>; do not "
+        "data, like <code>private/metrics.jsonl</code> and <code>canaries.secret.json</code>; do not "
         "publish it with the model.</p>",
     ]
     page = (

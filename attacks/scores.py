@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dptrain.data import TextDataset, tokenize
+from dptrain.hardware import module_device, to_device
 from dptrain.losses import token_nll
 
 __all__ = ["TextStats", "score_texts", "zlib_bits"]
@@ -78,6 +79,7 @@ def score_texts(
         TextDataset(list(texts), [str(i) for i in range(len(texts))]), tokenizer, max_length
     )
     was_training = model.training
+    device = module_device(model)
     model.eval()
     mean, total, mink, count = [], [], [], []
     # longest first keeps padding low within a batch; results are put back in order
@@ -87,10 +89,10 @@ def score_texts(
     )
     for start in range(0, len(texts), batch_size):
         idx = order[start : start + batch_size]
-        batch = ex.batch(idx)
+        batch = to_device(ex.batch(idx), device)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         t = token_nll(out.logits, batch["labels"])
-        nll, mask = t.nll.double(), t.mask.bool()
+        nll, mask = t.nll.double().cpu(), t.mask.bool().cpu()  # the stats on the CPU
         n = mask.sum(1)
         mean.append((nll * mask).sum(1) / n.clamp(min=1))
         total.append((nll * mask).sum(1))

@@ -134,6 +134,10 @@ def shadow_models(
         shadow_run = RunDir(path)
         done = shadow_run.exists() and shadow_run.read_meta().get("status") == "finished"
         if not done:
+            if shadow_run.exists() and not shadow_run.checkpoint_files():
+                # nothing to resume from, and its used key must not start over: a fresh start
+                # with a fresh key (a shadow model is never released)
+                shutil.rmtree(path)
             path.mkdir(parents=True, exist_ok=True)
             _write_jsonl(path / "train.jsonl", pool.subset(inside.tolist()))
             pick = np.random.default_rng([recipe.seed, 0x5AD0, k])

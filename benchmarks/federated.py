@@ -54,11 +54,11 @@ def read_run(out: Path) -> dict[str, Any]:
     """A finished run's figures, from its run directory."""
     from dptrain.rundir import RunDir
 
-    meta = RunDir(out).read_meta()
-    rounds = RunDir(out).read_metrics()
+    run = RunDir(out)
+    meta, stats, rounds = run.read_meta(), run.read_stats(), run.read_metrics()
     return {
-        "perplexity": meta["perplexity_after"],
-        "curve": [meta["perplexity_before"]] + [m["val_perplexity"] for m in rounds],
+        "perplexity": stats["perplexity_after"],
+        "curve": [stats["perplexity_before"]] + [m["val_perplexity"] for m in rounds],
         "epsilon": meta["client_epsilon"],
         "delta": meta["client_delta"],
         "wall_seconds": meta["train_seconds"],

@@ -31,6 +31,7 @@ from .batching import batch_len, batch_slice
 from .groups import group_parameters, layer_of
 from .losses import LossFn
 from .policies import StaticPolicy, StepPlan, StepSums
+from .policies.static import split_clip
 
 TINY = 1e-30  # denominator floor of a relative error: a zero reference must be matched exactly
 
@@ -38,16 +39,16 @@ TINY = 1e-30  # denominator floor of a relative error: a zero reference must be 
 def group_clips(
     model: nn.Module, clip: float | dict[str, float], grouping: str = "flat"
 ) -> tuple[dict[str, list[str]], dict[str, float]]:
-    """Groups (name -> parameter names) and per-group thresholds, split as
-    :class:`~dptrain.StaticPolicy` splits them: ``C_g = C / sqrt(G)`` for a total ``C``, or
-    the given ``{group: C_g}`` (every group named)."""
+    """Groups (name -> parameter names) and per-group thresholds, split by the function
+    :class:`~dptrain.StaticPolicy` splits with (:func:`~dptrain.policies.static.split_clip`):
+    ``C_g = C / sqrt(G)`` for a total ``C``, or the given ``{group: C_g}`` (every group named)."""
     groups = group_parameters(model, grouping)
     if isinstance(clip, dict):
         missing = sorted(set(groups) - set(clip))
         if missing:
             raise ValueError(f"clip names no threshold for groups {missing}")
-        return groups, {g: float(clip[g]) for g in groups}
-    return groups, dict.fromkeys(groups, float(clip) / math.sqrt(len(groups)))
+        return groups, split_clip(list(groups), math.sqrt(sum(c**2 for c in clip.values())), clip)
+    return groups, split_clip(list(groups), float(clip))
 
 
 def per_sample_gradients(model: nn.Module, batch: Any, loss_fn: LossFn) -> dict[str, Tensor]:

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from .grad_sample import Outer, Recorded, Use
 from .grad_sample.outer import NORM_DTYPE, bound, norm_sq, prefer_ghost
+from .segments import Segments, group_outer, group_rows
 
 GhostMode = Literal["auto", "always", "never"]
 CANCELLATION = 64.0  # S_b / ||G_b|| above which a ghosted sample is materialized
@@ -78,19 +79,6 @@ def _per_sample(use: Use) -> dict[str, Tensor]:
     return use.cache["per_sample"]
 
 
-def per_sample_grads(recorded: Recorded) -> dict[nn.Parameter, Tensor]:
-    """Materialized per-sample gradients ``{param: (B, *shape)}``, every part summed."""
-    out: dict[nn.Parameter, Tensor] = {}
-    for use in recorded.uses:
-        for role, g in _per_sample(use).items():
-            if role in use.params:
-                p = use.params[role]
-                out[p] = out[p] + g if p in out else g
-    for p, g in recorded.direct.items():
-        out[p] = out[p] + g if p in out else g
-    return out
-
-
 def _sq(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=NORM_DTYPE).pow(2)
 
@@ -103,10 +91,16 @@ def clip_and_sum(
     *,
     ghost: bool | str = "auto",
     raw: bool = False,
+    segments: Segments | None = None,
 ) -> ClippedSums:
-    """Clip every sample's gradient per group at ``clip[group]`` and sum over samples."""
+    """Clip every sample's gradient per group at ``clip[group]`` and sum over samples.
+
+    With ``segments`` (:mod:`dptrain.segments`) a sample is a segment (a person): the rows of
+    one segment are summed before the clip, ghost norms taking the Gram matrix over all of the
+    segment's tokens; ``norms`` and ``nonfinite`` then count segments."""
     mode = ghost_mode(ghost)
-    batch = recorded.batch_size
+    batch = recorded.batch_size if segments is None else segments.count
+    per_row = (lambda t: t) if segments is None else (lambda t: group_rows(t, segments))
     parts: dict[nn.Parameter, list[tuple[Use, str]]] = defaultdict(list)
     for use in recorded.uses:
         for role, p in use.params.items():
@@ -124,6 +118,8 @@ def clip_and_sum(
 
     for p, items in parts.items():
         fs = [(_factors(u) or {}).get(role) for u, role in items]
+        if segments is not None:
+            fs = [None if f is None else group_outer(f, segments) for f in fs]
         factorized = items and all(f is not None for f in fs) and p not in recorded.direct
         if factorized and mode != "never" and (mode == "always" or prefer_ghost(fs)):
             n2 = norm_sq(fs)
@@ -139,8 +135,9 @@ def clip_and_sum(
             ghosted[p] = (fs, heavy)
             continue
         total = recorded.direct.get(p)
+        total = None if total is None else per_row(total)
         for (u, role), f in zip(items, fs, strict=True):
-            g = f.materialize() if f is not None else _per_sample(u)[role]
+            g = f.materialize() if f is not None else per_row(_per_sample(u)[role])
             total = g if total is None else total + g
         materialized[p] = total
         add_sq(group_of[p], _sq(total))

@@ -210,10 +210,13 @@ def _refusal(
 
 
 def check_recipe(recipe: Any, *, records: int = 8, batch_size: int = 4) -> CheckResult:
-    """Check the engine on a recipe's model (with its LoRA, dtype, grouping and physical batch
-    size) and its first ``records`` training records, in batches of ``batch_size``."""
+    """Check the engine on a recipe's model (with its LoRA, dtype, grouping, physical batch
+    size, device and precision) and its first ``records`` training records, in batches of
+    ``batch_size``; under bf16/fp16 autocast the tolerance is that of the autocast dtype."""
     from .data import TextDataset
+    from .hardware import resolve_device, to_device
     from .models import check_context
+    from .precision import Precision
     from .tasks import task_for
 
     if records < 1 or batch_size < 1:
@@ -223,18 +226,24 @@ def check_recipe(recipe: Any, *, records: int = 8, batch_size: int = 4) -> Check
     texts = task.load(d.path, d.text_field, d.format, text_records=d.text_records)
     if len(texts) == 0:
         raise DataError(f"{d.path} holds no records; fix data.path")
+    device = resolve_device(recipe.training.device)
+    precision = Precision(recipe.training.precision, recipe.training.loss_scale)
     model, tokenizer = task.build_model(recipe)
+    model.to(device)
     check_context(model, d.max_length)
     head = TextDataset(texts.texts[:records], texts.ids[:records])
     ex = task.encode(head, tokenizer, d.max_length)
     batches = [
-        ex.batch(list(range(i, min(i + batch_size, len(ex)))))
+        to_device(ex.batch(list(range(i, min(i + batch_size, len(ex))))), device)
         for i in range(0, len(ex), batch_size)
     ]
+    autocast = precision.autocast_dtype
     return check_model(
         model,
         task.loss_fn,
         batches,
         grouping=recipe.policy.grouping,
+        tolerance=TOLERANCE[autocast] if autocast is not None else None,
         max_physical_batch_size=recipe.training.physical_batch_size,
+        precision=precision,
     )

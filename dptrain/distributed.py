@@ -1,4 +1,5 @@
-"""Data-parallel private training over ``torch.distributed`` (gloo on CPU, NCCL on GPUs).
+"""Data-parallel private training over ``torch.distributed`` (gloo on CPU, NCCL on GPUs: each
+rank trains on ``cuda:LOCAL_RANK``).
 
 Contract: every rank draws the same global Poisson batch (same sampler seed) and processes
 only its shard of it (records ``i`` with ``i mod W == rank``), so the union over ranks is
@@ -37,14 +38,19 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init_from_env() -> bool:
-    """Join the process group described by torchrun's environment (``WORLD_SIZE`` > 1)."""
+def init_from_env(device: str = "auto") -> bool:
+    """Join the process group described by torchrun's environment (``WORLD_SIZE`` > 1): NCCL
+    when ``training.device`` resolves to a GPU (each rank on ``cuda:LOCAL_RANK``, see
+    :func:`dptrain.hardware.resolve_device`), gloo on the CPU."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return dist.is_initialized()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
+    from .hardware import resolve_device
+
+    where = resolve_device(device)
+    backend = "nccl" if where.type == "cuda" else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(where)
+    dist.init_process_group(backend=backend)
     return True
 
 

@@ -14,6 +14,10 @@ Step flow (``PrivacyEngine.step``)::
 
 Normalization is by the expected batch size ``E[B] = q N`` (public), never the realized one.
 An empty Poisson batch still takes a (pure-noise) step and is charged.
+
+Devices and precision.  The batch is moved to the model's device; the forward and backward of
+each chunk run under the ``precision``'s autocast, with fp16's loss scale removed from the
+per-sample gradients before they are clipped (:mod:`dptrain.precision` states the contract).
 """
 
 from __future__ import annotations
@@ -28,15 +32,19 @@ import torch
 from torch import Tensor, nn
 
 from accountants import Budget, BudgetExceeded, BudgetFilter, Event, Ledger, get_accountant
+from accountants.budget import ledger_epsilon
 
 from . import distributed
 from .batching import batch_len, batch_slice
 from .clipping import clip_and_sum, ghost_mode
 from .grad_sample import GradCapture, Recorded
 from .groups import group_parameters
+from .hardware import module_device, to_device
 from .losses import LossFn, causal_lm_loss
 from .noise import GaussianNoise
 from .policies import Policy, StepContext, StepPlan, StepSums, check_accountant
+from .precision import Precision, unscale
+from .segments import Segments, person_chunks
 
 
 @dataclass
@@ -80,6 +88,7 @@ class PrivacyEngine:
         max_physical_batch_size: int | None = None,
         noise: GaussianNoise | None = None,
         ghost: bool | str = "auto",
+        precision: Precision | None = None,
     ) -> None:
         if dataset_size <= 0:
             raise ValueError(
@@ -100,6 +109,7 @@ class PrivacyEngine:
         self.max_physical_batch_size = max_physical_batch_size
         self.noise = noise if noise is not None else GaussianNoise()  # a fresh secret key
         self.ghost = ghost_mode(ghost)  # per-sample norms: "auto" (by cost), "always", "never"
+        self.precision = precision if precision is not None else Precision()
 
         names = group_parameters(model, grouping)
         by_name = dict(model.named_parameters())
@@ -159,12 +169,7 @@ class PrivacyEngine:
             delta = self.budget.delta
         key = (self.ledger.total_steps, delta)
         if self._eps_cache is None or self._eps_cache[0] != key:
-            measure = (
-                self.accountant.adaptive_epsilon
-                if self.policy.adaptive
-                else self.accountant.epsilon
-            )
-            eps = measure(self.ledger.events, delta) if self.ledger.events else 0.0
+            eps = ledger_epsilon(self.accountant, self.ledger, delta, self.policy.adaptive)
             self._eps_cache = (key, eps)
         return self._eps_cache[1]
 
@@ -182,14 +187,38 @@ class PrivacyEngine:
         for start in range(0, n, size):
             yield batch_slice(batch, start, min(start + size, n))
 
-    def step(self, batch: Any, *, injected: dict[nn.Parameter, Tensor] | None = None) -> StepReport:
+    def _person_chunks(self, batch: Any, segments: Tensor) -> list[tuple[Any, Segments]]:
+        """Physical chunks of whole persons, each with its segments renumbered from 0."""
+        n = batch_len(batch) if batch is not None else 0
+        seg = torch.as_tensor(segments, dtype=torch.long).reshape(-1)
+        if seg.numel() != n:
+            raise ValueError(f"segments has {seg.numel()} ids for a batch of {n} rows")
+        size = self.max_physical_batch_size or max(n, 1)
+        out = []
+        for start, stop in person_chunks(seg, size):
+            local = torch.unique(seg[start:stop], return_inverse=True)[1]
+            out.append((batch_slice(batch, start, stop), Segments.from_ids(local)))
+        return out
+
+    def step(
+        self,
+        batch: Any,
+        *,
+        injected: dict[nn.Parameter, Tensor] | None = None,
+        segments: Tensor | None = None,
+    ) -> StepReport:
         """One private step on a logical (Poisson) batch; raises BudgetExceeded before touching
         data if the step would exceed the budget.  Under ``torch.distributed``, ``batch`` is
         this rank's shard of the global batch (see :mod:`dptrain.distributed`).
 
         ``injected[p]`` (shape ``(m, *p.shape)``) gives the per-sample gradients of ``m`` more
         samples of this batch (white-box audit canaries): they are clipped, summed and noised by
-        the same code as the batch's samples; parameters absent from it get zero for them."""
+        the same code as the batch's samples; parameters absent from it get zero for them.
+
+        ``segments`` (user-level DP, :mod:`dptrain.user_level`): one id per row, rows sorted by
+        it; the rows of one id (a person's records) are summed before the clip, so a person is
+        one sample (physical chunks hold whole persons), ``sample_rate`` and ``dataset_size``
+        are then over persons and ``batch_size`` in the report counts persons."""
         t0 = time.perf_counter()
         main = distributed.is_main()
         plan, event = self.next_plan() if main else (None, None)
@@ -203,15 +232,26 @@ class PrivacyEngine:
                 "budget in a new run, or stop here: the model so far is covered by the ledger."
             )
         n = batch_len(batch) if batch is not None else 0
+        device = module_device(self.model)
+        if n > 0:
+            batch = to_device(batch, device)
+        loss_fn, scale = self.precision.scaled(self.loss_fn), self.precision.scale
+        if segments is not None:
+            n = len(torch.unique(segments)) if n else 0
         clipped: dict[nn.Parameter, Tensor] = {}
         within: dict[str, list[Tensor]] = {}
         raw_sums: dict[nn.Parameter, Tensor] = {}
         loss_sum, nonfinite = 0.0, 0
 
-        def add(recorded: Recorded) -> None:
+        def add(recorded: Recorded, seg: Segments | None = None) -> None:
             nonlocal nonfinite
             result = clip_and_sum(
-                recorded, self.group_of, plan.clip, ghost=self.ghost, raw=self.policy.needs_raw_sums
+                recorded,
+                self.group_of,
+                plan.clip,
+                ghost=self.ghost,
+                raw=self.policy.needs_raw_sums,
+                segments=seg,
             )
             for p, s in result.sums.items():
                 clipped[p] = clipped[p] + s if p in clipped else s
@@ -222,15 +262,23 @@ class PrivacyEngine:
             nonfinite += result.nonfinite
 
         self.optimizer.zero_grad(set_to_none=True)
-        for chunk in self._chunks(batch, n) if n > 0 else ():
-            recorded, losses = self.capture.run(self.loss_fn, chunk)
-            add(recorded)
-            finite = torch.isfinite(losses.detach())
-            loss_sum += float(losses.detach()[finite].sum())
+        if segments is None:
+            chunks = [(chunk, None) for chunk in (self._chunks(batch, n) if n > 0 else ())]
+        else:
+            chunks = self._person_chunks(batch, segments)
+        rows = 0
+        for chunk, seg in chunks:
+            with self.precision.autocast(device):
+                recorded, losses = self.capture.run(loss_fn, chunk)
+            add(unscale(recorded, scale), seg)  # unscaled before clipping: sensitivity C
+            losses = losses.detach() / scale
+            finite = torch.isfinite(losses)
+            loss_sum += float(losses[finite].sum())
+            rows += int(finite.sum())
             self.optimizer.zero_grad(set_to_none=True)
         if injected:  # extra samples with given per-sample gradients, through the same clipping
             m = _check_injected(injected, self.group_of)
-            add(Recorded([], {p: g.to(p.dtype) for p, g in injected.items()}, m))
+            add(Recorded([], {p: g.to(p.device, p.dtype) for p, g in injected.items()}, m))
             n += m
         for p in self.params:
             if p not in clipped:
@@ -287,7 +335,9 @@ class PrivacyEngine:
         report = StepReport(
             step=self.steps_taken,
             batch_size=n,
-            loss=loss_sum / max(n - nonfinite, 1) if n else math.nan,
+            loss=(loss_sum / max(n - nonfinite, 1) if segments is None else loss_sum / max(rows, 1))
+            if n
+            else math.nan,
             noise_multiplier=plan.noise_multiplier,
             clip=dict(plan.clip),
             update_norm=math.sqrt(sum(v**2 for v in norms.values())),
@@ -303,7 +353,10 @@ class PrivacyEngine:
 
     def _all_reduce(self, n, loss_sum, nonfinite, clipped, raw):
         """Sum the clipped (and raw) sums and the batch statistics over ranks."""
-        stats = torch.tensor([float(n), loss_sum, float(nonfinite)], dtype=torch.float64)
+        device = self.params[0].device if self.params else None  # NCCL reduces GPU tensors
+        stats = torch.tensor(
+            [float(n), loss_sum, float(nonfinite)], dtype=torch.float64, device=device
+        )
         tensors = (
             [stats]
             + [clipped[p] for p in self.params]

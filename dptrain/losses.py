@@ -64,11 +64,15 @@ def mse_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
 
 @torch.no_grad()
 def perplexity(model: nn.Module, batches: list[dict[str, Tensor]]) -> float:
-    """Token-weighted perplexity over ``batches``."""
+    """Token-weighted perplexity over ``batches`` (moved to the model's device)."""
+    from .hardware import module_device, to_device
+
     total, count = 0.0, 0.0
     was_training = model.training
+    device = module_device(model)
     model.eval()
     for batch in batches:
+        batch = to_device(batch, device)
         out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
         t = token_nll(out.logits, batch["labels"])
         total += float(t.sum_per_sample.sum())

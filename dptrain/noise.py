@@ -31,6 +31,7 @@ against attacks on the low-order bits of released floats beyond this (no snappin
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -95,7 +96,9 @@ class GaussianNoise:
 
     The engine calls :meth:`begin_step` with the step number before a step's draws; draws
     within a step continue the step's counter.  State (for checkpoints): the position in the
-    stream and the number of pairs drawn, never the key.
+    stream and the number of pairs drawn, never the key.  Large draws run on one thread pool
+    per sampler, made on first need and shut down by :meth:`close` (or when the sampler is
+    collected, or at interpreter exit).
     """
 
     def __init__(self, key: RunKey | None = None) -> None:
@@ -104,6 +107,26 @@ class GaussianNoise:
         self.step = 0
         self.block = 0  # next block of this step
         self.pairs = 0  # pairs drawn over the run (for the truncation bound)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
+        self._finalizer: weakref.finalize | None = None
+
+    def _executor(self, workers: int) -> ThreadPoolExecutor:
+        """This sampler's pool with ``workers`` threads (re-made if the thread count changed)."""
+        if self._pool is None or self._pool_size != workers:
+            self.close()
+            self._pool, self._pool_size = ThreadPoolExecutor(workers), workers
+            self._finalizer = weakref.finalize(self, self._pool.shutdown, wait=False)
+        return self._pool
+
+    def close(self) -> None:
+        """Shut the thread pool down (a later large draw makes a new one)."""
+        if self._finalizer is not None:
+            self._finalizer()  # shuts the pool down once
+        self._pool, self._pool_size, self._finalizer = None, 0, None
+
+    def __getstate__(self) -> dict[str, Any]:  # a pool is not copied or pickled
+        return {**self.__dict__, "_pool": None, "_pool_size": 0, "_finalizer": None}
 
     @property
     def description(self) -> str:
@@ -120,9 +143,9 @@ class GaussianNoise:
 
     def _chunks(self, n: int) -> Iterator[np.ndarray]:
         """The next ``n`` standard normals of this step, in float64 chunks of up to
-        ``2 * _CHUNK``, computed on up to ``torch.get_num_threads()`` threads (AES and numpy
-        release the GIL; each chunk's counter range is fixed in advance, so the values do not
-        depend on the thread count).  An odd ``n`` drops the last pair's second normal."""
+        ``2 * _CHUNK``, computed on up to ``torch.get_num_threads()`` threads of the sampler's
+        pool (AES and numpy release the GIL; each chunk's counter range is fixed in advance, so
+        the values do not depend on the thread count).  An odd ``n`` drops the last pair's second normal."""
         pairs = (n + 1) // 2
         jobs = [(self.block + 2 * d, min(_CHUNK, pairs - d)) for d in range(0, pairs, _CHUNK)]
         self.block += 2 * pairs
@@ -135,11 +158,9 @@ class GaussianNoise:
 
         import torch  # here, not at import: `dptrain epsilon` reads truncation_delta only
 
-        workers = min(len(jobs), torch.get_num_threads())
-        if workers > 1:
-            with ThreadPoolExecutor(workers) as pool:
-                chunks = pool.map(draw, jobs)
-                yield from _trim(chunks, n)
+        threads = torch.get_num_threads()
+        if min(len(jobs), threads) > 1:
+            yield from _trim(self._executor(threads).map(draw, jobs), n)
         else:
             yield from _trim(map(draw, jobs), n)
 
@@ -152,13 +173,16 @@ class GaussianNoise:
 
         if std == 0:
             return torch.zeros_like(like)
-        out = torch.empty(like.numel(), dtype=like.dtype)  # drawn on the CPU, then moved
+        # drawn on the CPU (AES-CTR and Box-Muller in float64, rounded to the dtype here), then
+        # moved: the values are the same on every device; pinned memory makes the copy async
+        pin = like.device.type == "cuda"
+        out = torch.empty(like.numel(), dtype=like.dtype, pin_memory=pin)
         start = 0
         for z in self._chunks(like.numel()):
             np.multiply(z, std, out=z)
-            out[start : start + z.size] = torch.from_numpy(z)  # rounded to the dtype here
+            out[start : start + z.size] = torch.from_numpy(z)
             start += z.size
-        return out.view(like.shape).to(like.device)
+        return out.view(like.shape).to(like.device, non_blocking=pin)
 
     def truncation_delta(self, epsilon: float) -> float:
         return truncation_delta(epsilon, self.pairs)

@@ -21,6 +21,14 @@ One path down from the recipe to the engine's release (nothing is read back up):
            policy.noise_multiplier); the budget filter admits policy.event(plan); the
            release is policy.release(sums, plan, noise) = (sum_b clip(g_b) + N(0, s_g^2 I)) / qN
 
+Who takes this path: :func:`dptrain.train.prepare` (on resume with ``restored_noise`` from
+``run.json``; the checkpoint restores policy state, never the noise: the rl policy refuses a
+checkpoint paced around another ``sigma_ref``), the federated client
+(:func:`dptrain.federated.client.plan_client`, calibrated for ``rounds x steps``; its engine's
+budget is the client's own), and audit shadow models (each a fresh :func:`dptrain.train.train`
+run).  The white-box audit reads ``(q, sigma)`` back from the ledger on purpose: it tests the
+released mechanism the claim was computed from.
+
 The resolved values are written once, to ``run.json`` (:meth:`RunPlan.meta`); ``recipe.yaml``
 keeps what the user wrote.  :func:`guarantee_numbers` turns the plan and the ledger's spend
 into the reported guarantee.
@@ -95,12 +103,15 @@ def plan_privacy(
     *,
     repeats: int = 1,
     restored_noise: float | None = None,
+    unit: str = "records",
 ) -> RunPlan:
     """Resolve ``q``, delta, steps and the policy's noise for ``dataset_size`` training records.
     ``repeats``: the run's steps are taken this many times (a federated client's rounds of
-    ``steps`` local steps), and the noise is calibrated for all of them; ``restored_noise``: the noise a resumed run was calibrated
-    with (used when the recipe gives none)."""
-    q, delta, steps = check_against_data(recipe, dataset_size)
+    ``steps`` local steps), and the noise is calibrated for all of them; ``restored_noise``:
+    the noise a resumed run was calibrated with (used when the recipe gives none); ``unit``:
+    what ``dataset_size`` counts (records, or people for user-level DP,
+    :mod:`dptrain.user_level`)."""
+    q, delta, steps = check_against_data(recipe, dataset_size, unit)
     policy = policy_from_recipe(recipe.policy)
     accountant = recipe.privacy.accountant
     source: NoiseSource = "recipe"
@@ -179,8 +190,8 @@ def guarantee_numbers(plan: RunPlan, spent: float, noise_pairs: int) -> dict[str
     Adaptive policies: the certified epsilon is the privacy filter's budget, not the spend so
     far (``epsilon_spent_adaptive``, an odometer reading).  ``policy.warm_start``
     (``rl.init_from``): records shared with the warm-start run are covered by the composition of both certified
-    guarantees.  ``data.max_records``: file-level neighbours may differ by 2 training records
-    (group privacy, ``(2 eps, (1 + e^eps) delta)``)."""
+    guarantees.  ``file_level``: what holds for a record added to the data file
+    (:func:`file_level`)."""
     recipe = plan.recipe
     eps = float(recipe.privacy.epsilon) if plan.adaptive else float(spent)
     term = truncation_delta(eps, noise_pairs)
@@ -199,13 +210,68 @@ def guarantee_numbers(plan: RunPlan, spent: float, noise_pairs: int) -> dict[str
             "epsilon": eps + float(warm_start["epsilon"]),
             "delta": out["delta_total"] + float(warm_start["delta"]),
         }
-    if recipe.data.max_records is not None:
-        d = out["delta_total"]
-        out["file_level"] = {
-            "epsilon": 2 * eps,
-            "delta": min(1.0, (1 + math.exp(min(eps, 700.0))) * d) if math.isfinite(eps) else 1.0,
-            "why": "data.max_records keeps a count, so an added record can swap another one "
-            "out (group privacy over 2 records); without max_records the record-level "
-            "guarantee holds for the file too",
-        }
+    out["file_level"] = file_level(recipe, eps, out["delta_total"])
     return out
+
+
+def file_level(recipe: Recipe, eps: float, delta: float) -> dict[str, Any]:
+    """The guarantee for a record ``z`` added to ``data.path`` (the file), from the
+    record-level ``(eps, delta)`` of the training split, for the published files (run.json,
+    the ledger, the final model; counts such as N public, as for the record-level guarantee).
+
+    Secret keyed coins put ``z`` in one split (:mod:`dptrain.data.splits`):
+
+    - validation, with probability ``v = floor(validation_fraction 2^64) / 2^64`` (0 with
+      ``data.validation_path``): the validation records are used without noise, but only for
+      the perplexities in ``private/``, so the published files are distributed as without
+      ``z``.  Publishing the validation perplexity voids this: ``z`` is then unprotected.
+    - the public split (``data.public_fraction`` ``p``), with probability ``b = (1 - v) p``:
+      declared public, used without noise (e.g. by the rl policy's public loss), unprotected.
+    - training otherwise: the record-level guarantee.
+
+    So ``M(F + z) = (1 - b) M_1 + b M_2`` with ``M_1`` ``(eps, delta)``-close to ``M(F)`` and
+    ``M_2`` arbitrary, hence ``(eps, delta + b)``-DP in both directions.  ``data.max_records``
+    keeps a count: ``z`` may push one kept record ``y`` out, so the private training sets are
+    at distance 2 (group privacy: ``(2 eps, (1 + e^eps) delta)``) and ``y`` was public with
+    probability ``p``: ``+ b + p``."""
+    from .secret import threshold
+
+    d = recipe.data
+    v = 0.0 if d.validation_path else threshold(d.validation_fraction) / 2**64
+    p = threshold(d.public_fraction) / 2**64 if d.public_fraction is not None else 0.0
+    b = (1 - v) * p
+    reasons = []
+    if v > 0:
+        reasons.append(
+            f"a record of the file is held out for validation with probability {v:.3g}: the "
+            "published files do not depend on it, as long as private/ (its perplexity) stays "
+            "private"
+        )
+    if d.max_records is None:
+        level_eps, level_delta = eps, delta + b
+    else:
+        level_eps = 2 * eps
+        group = (1 + math.exp(min(eps, 700.0))) * delta if math.isfinite(eps) else 1.0
+        level_delta = group + b + p
+        reasons.append(
+            "data.max_records keeps a count, so an added record can swap another one out "
+            "(group privacy over 2 records)"
+        )
+    if p > 0:
+        reasons.append(
+            f"a record is declared public with probability {b:.3g} and then unprotected "
+            + (
+                "(added to delta)"
+                if d.max_records is None
+                else f"(so may the swapped record: {p:.3g}; added to delta)"
+            )
+        )
+    if not reasons:
+        reasons.append("the training split is the whole file")
+    return {
+        "epsilon": level_eps,
+        "delta": min(1.0, level_delta) if math.isfinite(eps) else 1.0,
+        "validation_probability": v,
+        "public_probability": b,
+        "why": "; ".join(reasons),
+    }

@@ -29,7 +29,15 @@ RESUMABLE_KEYS = (
     "training.log_every",
     "training.eval_every",
     "training.report_to",
+    "training.device",  # a run may resume on another device (checkpoints load on the CPU)
 )
+# Keys added after runs were already written: left out of the fingerprint at their default,
+# so those runs still resume.
+LATER_DEFAULTS = {
+    "training.precision": "fp32",
+    "training.loss_scale": 4096.0,
+    "training.gradient_checkpointing": False,
+}
 
 
 # Keys added after runs were started, omitted from the fingerprint while None (their default),
@@ -110,6 +118,26 @@ class CanarySection(Section):
         return dict(sorted(v.items()))
 
 
+class PrivacyUnitSection(Section):
+    """The person as the privacy unit: neighbouring datasets differ by one person with all of
+    their records (:mod:`dptrain.user_level`).  ``field`` names the JSONL field / CSV column
+    holding each record's person id."""
+
+    field: str = Field(min_length=1, description="the record field holding the person's id")
+    strategy: Literal["user", "example"] = Field(
+        "user",
+        description="user: Poisson sampling of people, each person's records summed and clipped "
+        "together (default); example: record-level DP-SGD over at most max_records_per_person "
+        "records each, the person-level guarantee by group privacy",
+    )
+    max_records_per_person: int | None = Field(
+        None,
+        ge=1,
+        description="records of a sampled person used per step (user) or kept at all (example), "
+        "chosen by the run key; default: all of them",
+    )
+
+
 class DataSection(Section):
     """Where the records are.  Relative paths in a recipe file are resolved against the
     recipe's folder (those given with ``--set`` against the working directory)."""
@@ -146,11 +174,42 @@ class DataSection(Section):
     )
     public_path: str | None = Field(None, description="a file of public (not protected) records")
     max_public_records: int | None = Field(64, ge=1)
+    privacy_unit: PrivacyUnitSection | None = Field(
+        None, description="default (null): the record; {field: patient_id}: the person"
+    )
+    person_field: str | None = Field(
+        None,
+        description="record-level runs: the field naming each record's person; the summary "
+        "adds the person-level epsilon by group privacy (the guarantee stays per record)",
+    )
+
+    @field_validator("privacy_unit", mode="before")
+    @classmethod
+    def _unit(cls, v: Any) -> Any:
+        if v == "record":
+            return None
+        if isinstance(v, str):
+            raise ValueError(
+                f"privacy_unit is 'record' (the default) or a mapping such as "
+                f"{{field: {v}}} naming the field that holds each record's person id"
+            )
+        return v
 
     @model_validator(mode="after")
     def _one_public(self) -> DataSection:
         if self.public_fraction is not None and self.public_path is not None:
             raise ValueError("set at most one of data.public_fraction and data.public_path")
+        if self.privacy_unit is not None and self.public_fraction is not None:
+            raise ValueError(
+                "data.public_fraction with data.privacy_unit: the public split is drawn per "
+                "record, so a person could be part public and part private. Fix: give the "
+                "public records as data.public_path"
+            )
+        if self.privacy_unit is not None and self.person_field is not None:
+            raise ValueError(
+                "data.person_field is for record-level runs; with data.privacy_unit the person "
+                "is already the unit. Fix: delete data.person_field"
+            )
         if self.public_fraction is not None and self.canaries is not None:
             raise ValueError(
                 "data.canaries with data.public_fraction: a canary could land in the public "
@@ -177,10 +236,33 @@ class TrainingSection(Section):
     eval_every: int = Field(0, ge=0)
     checkpoint_every: int = Field(25, ge=1)
     log_every: int = Field(1, ge=1)
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
+        description="auto (a GPU when CUDA is available, else the CPU), cpu, cuda or cuda:N; "
+        "--nproc ranks take cuda:LOCAL_RANK",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast of the forward and backward (fp16 with training.loss_scale)"
+    )
+    loss_scale: float = Field(
+        4096.0, gt=0, description="fp16 only: a fixed power of two (never adapted from data)"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass (Hugging Face models)"
+    )
+
+    @field_validator("loss_scale")
+    @classmethod
+    def _power_of_two(cls, v: float) -> float:
+        if not (math.isfinite(v) and math.frexp(v)[0] == 0.5):
+            raise ValueError("training.loss_scale must be a power of two, e.g. 4096")
+        return v
+
     report_to: list[Literal["tensorboard"]] = Field(
         default_factory=list,
         description="experiment loggers fed the metrics.jsonl records (tensorboard: "
-        "RUN_DIR/tensorboard, needs the tensorboard extra)",
+        "RUN_DIR/private/tensorboard, needs the tensorboard extra)",
     )
 
     @model_validator(mode="after")
@@ -325,6 +407,17 @@ class Recipe(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _audit_unit(self) -> Recipe:
+        if self.data.privacy_unit is not None and self.audit is not None:
+            raise ValueError(
+                "audit with data.privacy_unit: the audit scores records against a record-level "
+                "claim; a person-level audit (canary people, membership by person) is not "
+                "implemented yet, and a record-level audit of a person-level run would compare "
+                "the wrong quantities. Fix: delete the audit section for this run"
+            )
+        return self
+
     def run_dir(self, override: str | Path | None = None) -> Path:
         return Path(override or self.output_dir or Path("runs") / self.name)
 
@@ -334,6 +427,10 @@ class Recipe(Section):
         for dotted in ignore:
             section, key = dotted.split(".")
             d.get(section, {}).pop(key, None)
+        for dotted, default in LATER_DEFAULTS.items():
+            section, key = dotted.split(".")
+            if d.get(section, {}).get(key, default) == default:
+                d.get(section, {}).pop(key, None)
         d.pop("output_dir", None)
         d.pop("audit", None)  # audit options never change training
         d.pop("generation", None)  # nor do the samples drawn after it
@@ -596,25 +693,27 @@ def default_delta(n: int) -> float:
     return 1.0 / (10.0 * n)
 
 
-def check_against_data(recipe: Recipe, n: int) -> tuple[float, float, int]:
-    """Resolve (sample_rate, delta, steps) for a training set of ``n`` records, or raise."""
+def check_against_data(recipe: Recipe, n: int, unit: str = "records") -> tuple[float, float, int]:
+    """Resolve (sample_rate, delta, steps) for a training set of ``n`` privacy units
+    (``unit``: records, or people under ``data.privacy_unit``), or raise."""
     t = recipe.training
     if n < 2:
         raise RecipeError(
-            f"data.path: the training set has {n} record(s); DP training needs a dataset "
+            f"data.path: the training set has {n} {unit}; DP training needs a dataset "
             "(the sample rate is undefined otherwise). Fix: point data.path at more records."
         )
     q = t.sample_rate if t.sample_rate is not None else t.batch_size / n
     if q > 1:
         raise RecipeError(
-            f"training.batch_size: {t.batch_size} exceeds the {n} training records (sample rate "
+            f"training.batch_size: {t.batch_size} exceeds the {n} training {unit} (sample rate "
             f"{q:.3g} > 1). Fix: lower training.batch_size below {n}."
         )
     delta = recipe.privacy.delta if recipe.privacy.delta is not None else default_delta(n)
     if delta >= 1.0 / n:
         raise RecipeError(
-            f"privacy.delta: {delta:g} is not below 1/N = {1.0 / n:g} (N = {n} records); such a "
-            f"delta allows publishing a whole record. Fix: set privacy.delta below {1.0 / n:.2g}, "
+            f"privacy.delta: {delta:g} is not below 1/N = {1.0 / n:g} (N = {n} {unit}); such a "
+            f"delta allows publishing a whole {'person' if unit == 'people' else 'record'}. Fix: "
+            f"set privacy.delta below {1.0 / n:.2g}, "
             f"e.g. {default_delta(n):.2g}."
         )
     steps = t.steps if t.steps is not None else max(1, math.ceil(t.epochs / q))

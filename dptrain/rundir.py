@@ -1,18 +1,28 @@
 """The run directory: resolved recipe, metadata, metrics, ledger, checkpoints, final model.
 
-Layout::
+Layout (``README.txt`` in the directory says the same: what may be published)::
 
-    secret.key           the run key (mode 0600): every private random choice derives from it;
-                         never copied into any other file (see dptrain.secret)
-    recipe.yaml          the recipe as the user wrote it (with any --set overrides); its
-                         fingerprint identifies the run on resume
-    run.json             the resolved run plan (sample rate, delta, steps, the noise multiplier
-                         as given or calibrated, accountant, budget, key mode), the noise
-                         generator, status and, once finished, the guarantee
-    metrics.jsonl        one JSON object per logged step (private statistics: do not publish)
-    ledger.json          the privacy ledger, written before any model state that it covers
-    checkpoints/step-00000100.pt   model/adapter, optimizer, engine (ledger, policy, noise position)
-    final/               adapter (peft) or model, loadable with transformers / peft
+    README.txt           which files are public and which private
+    secret.key           PRIVATE. The run key (mode 0600): every private random choice derives
+                         from it; never copied into any other file (see dptrain.secret)
+    recipe.yaml          public. The recipe as the user wrote it (with any --set overrides);
+                         its fingerprint identifies the run on resume
+    run.json             public. The resolved run plan (sample rate, delta, steps, the noise
+                         multiplier as given or calibrated, accountant, budget, key mode), the
+                         noise generator, status and, once finished, the guarantee: values
+                         derived from the recipe, public counts (N) and released outputs only
+    ledger.json          public. The privacy ledger, written before any model state it covers
+    final/               public (the guarantee covers it). Adapter (peft) or model, loadable
+                         with transformers / peft
+    private/             PRIVATE (mode 0700). Un-noised statistics of private records:
+      metrics.jsonl      one JSON object per logged step (loss, batch size, validation
+                         perplexity, non-finite samples, ...)
+      stats.json         validation perplexity before and after, the validation split's size,
+                         truncated and non-finite sample counts (read back on resume)
+    checkpoints/step-00000100.pt   PRIVATE. Model/adapter, optimizer, engine (ledger, policy
+                         state such as an error-feedback buffer, noise position)
+    canaries.secret.json PRIVATE (with data.canaries). The audit canaries' secrets
+    audit/               PRIVATE. Attack reports on private records
 
 Every file is written atomically: to a temporary name in the same directory, flushed and
 fsynced, then renamed over the target, so a crash leaves the old file or the new, never half.
@@ -54,6 +64,32 @@ def read_json(path: Path) -> Any:
         raise CheckpointError(f"{path} is not valid JSON ({err}); it may be corrupted") from None
 
 
+PUBLIC_FILES = ("recipe.yaml", "run.json", "ledger.json", "final/")
+"""What a run directory may publish (see the module docstring); nothing else."""
+
+README = """dptrain run directory: what may be published
+
+PUBLIC (free of private statistics, or covered by the run's (epsilon, delta) guarantee):
+  recipe.yaml           the recipe (check that its paths and names reveal nothing secret)
+  run.json              the plan, the noise, the guarantee: no statistic of private records
+  ledger.json           the privacy ledger
+  final/                the trained adapter or model (the guarantee covers it)
+
+PRIVATE (keep with the data; never publish):
+  secret.key            the run key: whoever holds it can replay the coins and the noise
+  private/              un-noised statistics of private records: metrics.jsonl (per-step
+                        loss, batch size, validation perplexity), stats.json (validation
+                        perplexities and size, truncated and non-finite counts)
+  checkpoints/          resume state (optimizer, policy state, noise position)
+  canaries.secret.json  the audit canaries' secrets (runs with data.canaries)
+  audit/                attack reports on private records
+
+The guarantee covers the training records only: records of the data file that went to the
+validation split are exposed by the validation perplexity in private/ (and records declared
+public are not protected at all).  run.json's "file_level" says what holds for the file.
+"""
+
+
 class RunDir:
     """Paths and atomic writers of one run directory."""
 
@@ -64,7 +100,10 @@ class RunDir:
     recipe = property(lambda self: self.path / "recipe.yaml")
     meta = property(lambda self: self.path / "run.json")
     key = property(lambda self: self.path / "secret.key")
-    metrics = property(lambda self: self.path / "metrics.jsonl")
+    readme = property(lambda self: self.path / "README.txt")
+    private = property(lambda self: self.path / "private")
+    metrics = property(lambda self: self.path / "private" / "metrics.jsonl")
+    stats = property(lambda self: self.path / "private" / "stats.json")
     ledger = property(lambda self: self.path / "ledger.json")
     checkpoints = property(lambda self: self.path / "checkpoints")
     final = property(lambda self: self.path / "final")
@@ -73,12 +112,14 @@ class RunDir:
         return self.meta.exists()
 
     def started(self) -> bool:
-        """Whether anything of a run was ever written here beyond its recipe and key (a key
-        of a run that never took a step may be reused; any other must not be)."""
+        """Whether anything of a run was ever written here beyond its recipe, README and key
+        (a key that never drew a step's coins and noise may be reused: ``secret.key`` records
+        when it first did, see :meth:`dptrain.secret.RunKey.mark_used`)."""
         return (
             self.meta.exists()
             or self.ledger.exists()
             or self.metrics.exists()
+            or self.stats.exists()
             or bool(self.checkpoint_files())
             or self.final.exists()
         )
@@ -94,6 +135,27 @@ class RunDir:
         meta.update(changes)
         self.write_meta(meta)
         return meta
+
+    # -- what may be published, and the private statistics ---------------------------------
+
+    def write_readme(self) -> None:
+        """``README.txt``: which files may be published (:data:`README`)."""
+        atomic_write(self.readme, lambda f: f.write(README))
+
+    def _private_dir(self) -> Path:
+        self.private.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return self.private
+
+    def read_stats(self) -> dict[str, Any]:
+        """``private/stats.json`` (empty if not written yet)."""
+        return read_json(self.stats) if self.stats.exists() else {}
+
+    def update_stats(self, **changes: Any) -> dict[str, Any]:
+        """Merge ``changes`` into ``private/stats.json`` (private statistics, atomically)."""
+        self._private_dir()
+        stats = {**self.read_stats(), **changes}
+        write_json(self.stats, stats)
+        return stats
 
     def clean_partial(self) -> list[Path]:
         """Remove temporary files left by writes that a crash interrupted (never the targets)."""
@@ -111,9 +173,10 @@ class RunDir:
     # -- metrics ---------------------------------------------------------------------------
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append ``record`` to ``metrics.jsonl`` (mode 0600: statistics of private data),
+        """Append ``record`` to ``private/metrics.jsonl`` (mode 0600: private statistics),
         then hand the same record to each of ``listeners`` (experiment loggers, plain log
         lines: :mod:`dptrain.steplog`), so they show nothing the file does not hold."""
+        self._private_dir()
         fd = os.open(self.metrics, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with os.fdopen(fd, "a") as f:
             f.write(json.dumps(record, default=float) + "\n")
@@ -203,8 +266,7 @@ class CheckpointWriteError(CheckpointError):
         last = (
             f"the last checkpoint ({kept[-1].name}) and the ledger covering it are intact"
             if kept
-            else "no checkpoint was written yet (a resumed run starts again at step 0 with the "
-            "same coins and noise)"
+            else "no checkpoint was written yet"
         )
         super().__init__(
             f"could not write {what} in {run.path} ({type(err).__name__}: {err}). Nothing was "

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import InputError
 from .secret import RunKey, below, record_keys
 
 
@@ -70,7 +71,7 @@ class PoissonSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["n"] != self.n or state["sample_rate"] != self.sample_rate:
-            raise ValueError(
+            raise InputError(
                 f"checkpointed sampler is for n={state['n']}, q={state['sample_rate']}, but this "
                 f"run has n={self.n}, q={self.sample_rate}: resume with the same data and recipe"
             )

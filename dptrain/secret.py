@@ -1,7 +1,9 @@
 """The run key: the one secret every private random choice of a run derives from.
 
 Threat model.  The code, the recipe, ``run.json``, the ledger and the released model are
-public; the training data and the run key are secret.  Poisson coins, Gaussian noise, data
+public (``run.json`` holds no un-noised statistic of private records: those are in the run
+directory's ``private/``, see :mod:`dptrain.rundir`); the training data, the run key and
+everything computed from private records without noise are secret.  Poisson coins, Gaussian noise, data
 splits and audit canaries are all computed from the key, so an adversary who knows everything
 but the key cannot replay a run: retraining on ``D`` and on ``D + z`` with the same recipe
 gives models that differ by fresh noise, not bit for bit.
@@ -18,6 +20,14 @@ purpose)``: independent pseudorandom functions per purpose ("coins", "noise", "s
 lo`` (big-endian blocks), vectorized: one call encrypts millions of blocks.  The privacy
 guarantee holds against adversaries for whom AES-256 is indistinguishable from a random
 function (computational DP); without the key, the outputs are unpredictable.
+
+Used once.  Step ``t``'s coins and noise are functions of the key and ``t`` only, so a run that
+restarted from step 0 with a kept key (its ledger and checkpoints deleted) would repeat the
+first attempt's coins and noise: two released models sharing their noise, whose difference
+cancels it.  So the key file records, before the first step draws anything, that the key is
+used (:meth:`RunKey.mark_used`: a ``used`` line, the file rewritten atomically, still 0600);
+a run refuses to start from step 0 with a used key (:meth:`RunKey.refuse_restart`) and names
+the fix: resume from the run's checkpoints, or a new run directory (a fresh key).
 
 Reproducible mode.  ``privacy.insecure_seed: N`` derives the key from ``N`` (SHA-256), so a
 run can be repeated exactly.  Such a run has **no** guarantee against anyone who knows ``N``;
@@ -44,6 +54,7 @@ from .errors import UserError
 KEY_FILE = "secret.key"
 KEY_BYTES = 32
 _MAGIC = b"dptrain-run-key-v1\n"
+_USED = b"used\n"  # the line mark_used appends: the key has drawn a step's coins and noise
 
 __all__ = [
     "KEY_FILE",
@@ -121,6 +132,7 @@ class RunKey:
             raise ValueError(f"a run key has {KEY_BYTES} bytes, got {len(key)}")
         self._key = bytes(key)
         self.insecure_seed = insecure_seed
+        self.used = False  # read from the key file: it has drawn a step's coins and noise
 
     @classmethod
     def generate(cls) -> RunKey:
@@ -166,19 +178,25 @@ class RunKey:
 
     # -- the key file -----------------------------------------------------------------------
 
-    def write(self, path: str | Path) -> Path:
-        """Write the key to ``path`` once: a temporary file created 0600 (O_EXCL) in the same
-        directory, fsynced, then linked to ``path`` (refused if ``path`` exists)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def _temp_file(self, path: Path, content: bytes) -> Path:
+        """``content`` in a new file beside ``path``, created 0600 (O_EXCL), fsynced."""
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.fchmod(fd, 0o600)  # whatever the umask
-            os.write(fd, _MAGIC + self._key.hex().encode() + b"\n")
+            os.write(fd, content)
             os.fsync(fd)
         finally:
             os.close(fd)
+        return tmp
+
+    def write(self, path: str | Path) -> Path:
+        """Write the key to ``path`` once, not marked used: a temporary file created 0600
+        (O_EXCL) in the same directory, fsynced, then linked to ``path`` (refused if ``path``
+        exists)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._temp_file(path, _MAGIC + self._key.hex().encode() + b"\n")
         try:
             try:
                 os.link(tmp, path)  # atomic, and fails if the key already exists
@@ -193,6 +211,37 @@ class RunKey:
                 os.unlink(tmp)
         fsync_dir(path.parent)
         return path
+
+    def mark_used(self, path: str | Path) -> None:
+        """Record in the key file at ``path`` (this key's) that the key has drawn a step's
+        coins and noise, before it does: the file is rewritten with a ``used`` line
+        (temporary 0600 file, fsync, rename, directory fsync).  Nothing for an insecure seed
+        (no file) or a key already marked."""
+        if not self.secure or self.used:
+            return
+        path = Path(path)
+        if RunKey.read(path).key_id != self.key_id:
+            raise RunKeyError(f"{path} holds another run key than this run's")
+        tmp = self._temp_file(path, _MAGIC + self._key.hex().encode() + b"\n" + _USED)
+        try:
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                os.unlink(tmp)
+        fsync_dir(path.parent)
+        self.used = True
+
+    def refuse_restart(self, path: str | Path, why: str) -> None:
+        """Raise :class:`RunKeyError` if this key is used: a run would start over from step 0
+        with it (``why``: what is missing), repeating the coins and noise it already drew."""
+        if self.used:
+            raise RunKeyError(
+                f"{path} has already drawn coins and noise for a run, but {why}: starting over "
+                "from step 0 with it would repeat that noise, and two models sharing their "
+                "noise reveal what it hid. Fix: resume the run from its checkpoints (restore "
+                "them), or start a new run in a fresh directory (or delete this secret.key "
+                "with the rest of that run's files); never reuse the key"
+            )
 
     @classmethod
     def read(cls, path: str | Path) -> RunKey:
@@ -212,11 +261,16 @@ class RunKey:
         data = path.read_bytes()
         if not data.startswith(_MAGIC):
             raise RunKeyError(f"{path} is not a dptrain run key")
+        body = data[len(_MAGIC) :]
+        used = body.endswith(b"\n" + _USED)
+        if used:
+            body = body[: -len(_USED)]
         try:
-            key = bytes.fromhex(data[len(_MAGIC) :].decode().strip())
+            key = cls(bytes.fromhex(body.decode().strip()))
         except ValueError:
             raise RunKeyError(f"{path} is corrupted (not a hex key)") from None
-        return cls(key)
+        key.used = used
+        return key
 
 
 def run_key(directory: str | Path, insecure_seed: int | None, *, create: bool) -> RunKey:

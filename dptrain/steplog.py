@@ -5,7 +5,7 @@ an estimate of the remaining time once the first steps are timed.
 Everything here receives exactly the records written to ``metrics.jsonl``
 (:meth:`dptrain.rundir.RunDir.log` calls its listeners with each one), so no logger ever sees
 a value the metrics file does not hold; like that file, the TensorBoard event files
-(``RUN_DIR/tensorboard/``, mode 0700) hold statistics of private data, for the data owner.
+(``RUN_DIR/private/tensorboard/``, mode 0700) hold statistics of private data, for the data owner.
 """
 
 from __future__ import annotations

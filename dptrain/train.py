@@ -3,11 +3,19 @@
     prepare  validate the run directory, read the run key and the data, resolve the run plan
              (:mod:`dptrain.plan`: q, delta, steps, the policy's noise, the accountant, the
              budget) and check it -- all before the model is loaded
-    start    rank 0 writes the run key, ``recipe.yaml`` and the canary manifest
+    start    rank 0 writes the run key, ``recipe.yaml``, ``README.txt`` (what may be
+             published) and the canary manifest
     build    model (:func:`dptrain.models.build_model`), tokenized data, optimizer
              (:mod:`dptrain.optim`), engine, policy attached, sampler; a checkpoint restored
     loop     private steps with checkpoints, until the plan's steps or the budget end
     finish   the final adapter/model, perplexities and the (epsilon, delta) guarantee
+
+What is public.  ``run.json`` holds values derived from the recipe, the public record count N
+and released outputs only (the guarantee, the ledger's epsilon, steps skipped because a
+*released* update was not finite).  Statistics of private records that carry no noise -- the
+validation perplexities (the validation split is drawn from the private file and used without
+noise), the validation split's size, truncated and non-finite sample counts, every per-step
+metric -- go to ``private/`` (:mod:`dptrain.rundir`), which is never to be published.
 
 The one path from ``policy.noise_multiplier`` and ``privacy.epsilon`` in the recipe down to
 the engine's release is written in :mod:`dptrain.plan`.  The audit after training
@@ -18,6 +26,9 @@ Randomness.  Every private random choice -- the validation / public split, the c
 step ``t``'s Poisson batch and noise -- is a function of the run key (``secret.key``, see
 :mod:`dptrain.secret`) and of ``t`` and the record ids only, so a resumed run draws what an
 uninterrupted one would and an adversary holding the recipe and ``run.json`` cannot replay it.
+The key is marked used in ``secret.key`` before the first step draws from it, and a run never
+starts over from step 0 with a used key (that would repeat its noise; see
+:mod:`dptrain.secret`).
 ``recipe.seed`` drives the non-private randomness (initialization, dropout).  The reported
 delta includes the noise sampler's truncation term (:func:`dptrain.noise.truncation_delta`).
 """
@@ -39,18 +50,21 @@ from accountants import Ledger, UnsupportedEventError, get_accountant
 
 from . import distributed
 from .data import TextDataset
-from .data.canaries import write_manifest
+from .data.canaries import Canary, make_canaries, write_manifest
 from .data.lm import eval_batches
 from .data.splits import read_data, read_public
 from .engine import BudgetExceeded, PrivacyEngine
 from .errors import RunInterrupted
+from .hardware import describe_device, module_device, resolve_device
 from .models import check_context
 from .noise import GaussianNoise
 from .optim import make_optimizer
 from .plan import RunPlan, check_run, guarantee_numbers, plan_privacy
 from .policies import Policy, RunContext
+from .precision import Precision
 from .recipe import Recipe, RecipeError, dump_recipe
 from .rundir import (
+    PUBLIC_FILES,
     CheckpointError,
     CheckpointWriteError,
     RunDir,
@@ -62,6 +76,7 @@ from .sampling import PoissonSampler
 from .secret import RunKey, RunKeyError
 from .steplog import StepLog
 from .tasks import Task, task_for, validation_line
+from .user_level import PersonSampler, UnitPlan, plan_unit, record_run_person_level, resolve_unit
 
 
 @dataclass
@@ -78,6 +93,8 @@ class Prepared:
     ledger: Ledger
     checkpoint: dict[str, Any] | None
     resume: bool
+    canaries: list[Canary] | None = None  # drawn once, inserted and written to the manifest
+    unit: UnitPlan | None = None  # data.privacy_unit: the person is the unit
 
     @property
     def policy(self) -> Policy:
@@ -93,7 +110,7 @@ class Built:
     optimizer: torch.optim.Optimizer
     engine: PrivacyEngine
     noise: GaussianNoise
-    sampler: PoissonSampler
+    sampler: PoissonSampler | PersonSampler
     train_ex: Any  # LMExamples, or the task's examples (dptrain.tasks)
     validation_size: int
     val_batches: list[dict[str, torch.Tensor]]
@@ -133,14 +150,14 @@ def train(
     every rank runs this; rank 0 alone writes the run directory (see dptrain.distributed).
     ``cross_check=False`` skips the other accountants' epsilon in run.json (for audit shadow
     models, which are never released)."""
-    distributed.init_from_env()
+    distributed.init_from_env(recipe.training.device)
     prep = prepare(recipe, run_dir, resume=resume)
     distributed.barrier()  # every rank has validated the run directory before rank 0 writes
     try:
         start(prep)
         built = build(prep)
-        meta = begin_meta(prep, built)
-        stopped, seconds, counts = loop(prep, built, meta, progress, max_steps_this_session)
+        meta, stats = begin_meta(prep, built)
+        stopped, seconds, counts = loop(prep, built, meta, stats, progress, max_steps_this_session)
     except KeyboardInterrupt:
         raise _interrupted(prep.run) from None
     except OSError as err:
@@ -148,7 +165,7 @@ def train(
             raise
         raise CheckpointWriteError(prep.run, "the run directory's files", err) from err
     try:
-        return finish(prep, built, meta, stopped, seconds, counts, cross_check)
+        return finish(prep, built, meta, stats, stopped, seconds, counts, cross_check)
     except OSError as err:  # a full disk while writing the final model or run.json
         if err.errno not in _DISK_FULL:
             raise
@@ -170,8 +187,7 @@ def _interrupted(run: RunDir) -> RunInterrupted:
     state = (
         f"the last checkpoint ({kept[-1].name}) and the ledger covering it are intact"
         if kept
-        else "no checkpoint was written yet: a resumed run starts again at step 0 with the same "
-        "coins and noise"
+        else "no checkpoint was written yet"
     )
     return RunInterrupted(state, run_dir=run.path)
 
@@ -184,7 +200,8 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
     run = RunDir(recipe.run_dir(run_dir))
     meta = _check_run_dir(run, recipe, resume)
     key = _run_key(recipe, run, resume)
-    train_texts, val_texts = read_data(recipe, key)
+    canaries = make_canaries(recipe.data.canaries, key) if recipe.data.canaries else None
+    train_texts, val_texts = read_data(recipe, key, canaries=canaries)
     if not len(val_texts):
         raise RecipeError(
             f"data.validation_fraction: no record of {recipe.data.path} was held out for "
@@ -194,11 +211,25 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
         )
     train_texts, public_texts = read_public(recipe, train_texts, key)
     restored = meta.get("calibrated_noise_multiplier") if meta else None
-    plan = plan_privacy(recipe, len(train_texts), restored_noise=restored)
-    if plan.delta_defaulted and not resume:
+    unit, train_texts = resolve_unit(recipe, train_texts, key)
+    if unit is None:
+        plan = plan_privacy(recipe, len(train_texts), restored_noise=restored)
+    else:
+        plan = plan_unit(recipe, unit, len(train_texts), restored_noise=restored)
+    if recipe.privacy.delta is None and not resume:
+        count = (
+            f"{len(train_texts)} training records" if unit is None else f"{len(unit.people)} people"
+        )
         log(
-            f"privacy.delta not set: using 1/(10 N) = {plan.delta:.3g} for N = "
-            f"{len(train_texts)} training records (N is public: it also sets the sample rate)"
+            f"privacy.delta not set: using 1/(10 N) = "
+            f"{plan.delta if unit is None else unit.person_delta:.3g} for N = {count} (N is "
+            "public: it also sets the sample rate)"
+        )
+    if unit is not None and not unit.user_level:
+        log(
+            f"privacy unit: each {unit.name} (at most {unit.group_size} records); record-level "
+            f"budget ({plan.budget.epsilon:.4g}, {plan.delta:.3g}) gives ({recipe.privacy.epsilon}"
+            f", {unit.person_delta:.3g}) per {unit.name} by group privacy"
         )
     if plan.noise_source == "calibrated":
         log(
@@ -207,6 +238,8 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
             f"({plan.accountant})"
         )
     checkpoint = run.load_checkpoint(recipe.fingerprint()) if resume else None
+    if resume and checkpoint is None:
+        key.refuse_restart(run.key, f"{run.path} has no checkpoint left to resume from")
     ledger = Ledger.from_dict(checkpoint["engine"]["ledger"]) if checkpoint else Ledger()
     public = len(public_texts) if public_texts is not None else None
     fits = check_run(
@@ -218,7 +251,18 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
             "planned; the run will stop there"
         )
     return Prepared(
-        recipe, run, key, train_texts, val_texts, public_texts, plan, ledger, checkpoint, resume
+        recipe,
+        run,
+        key,
+        train_texts,
+        val_texts,
+        public_texts,
+        plan,
+        ledger,
+        checkpoint,
+        resume,
+        canaries,
+        unit,
     )
 
 
@@ -246,8 +290,8 @@ def _check_run_dir(run: RunDir, recipe: Recipe, resume: bool) -> dict[str, Any] 
 
 def _run_key(recipe: Recipe, run: RunDir, resume: bool) -> RunKey:
     """The run's key: from ``privacy.insecure_seed``, or rank 0 reads ``secret.key`` (on
-    ``--resume``, or left by a run that never took a step) or draws a fresh one from the OS
-    CSPRNG; the other ranks receive it over the process group."""
+    ``--resume``, or left by a run that never took a step: a used key is refused) or draws a
+    fresh one from the OS CSPRNG; the other ranks receive it over the process group."""
     seed = recipe.privacy.insecure_seed
     if seed is not None:
         return RunKey.from_insecure_seed(seed)
@@ -256,6 +300,10 @@ def _run_key(recipe: Recipe, run: RunDir, resume: bool) -> RunKey:
     if distributed.is_main():
         try:
             key = RunKey.read(run.key) if resume or run.key.exists() else RunKey.generate()
+            if not resume:
+                key.refuse_restart(
+                    run.key, f"{run.path} holds no run any more (no run.json, ledger or checkpoint)"
+                )
         except RunKeyError as err:
             error = str(err)
     key, error = distributed.broadcast_object((key, error))
@@ -297,10 +345,12 @@ def start(prep: Prepared) -> None:
     run.clean_partial()
     if prep.key.secure and not run.key.exists():
         prep.key.write(run.key)  # before anything that derives from it is written
+    if not prep.resume or not run.readme.exists():
+        run.write_readme()
     if not prep.resume:
         atomic_write(run.recipe, lambda f: f.write(dump_recipe(recipe)))
         if recipe.data.canaries is not None:
-            path = write_manifest(run.path, recipe.data.canaries, prep.key)
+            path = write_manifest(run.path, recipe.data.canaries, canaries=prep.canaries)
             log(f"inserted audit canaries; their secrets are in {path} (keep it private)")
 
 
@@ -309,34 +359,46 @@ def build(prep: Prepared) -> Built:
     checkpoint restored (on resume)."""
     recipe, plan, d = prep.recipe, prep.plan, prep.recipe.data
     task = task_for(recipe)  # model head, tokenization, loss and metric of task.kind
+    device = resolve_device(recipe.training.device)
+    precision = Precision(recipe.training.precision, recipe.training.loss_scale)
     log(f"loading model {recipe.model.name} ...")
     t0 = time.perf_counter()
     model, tokenizer = task.build_model(recipe)
-    log(f"model ready in {time.perf_counter() - t0:.1f}s")
+    model.to(device)
+    log(
+        f"model ready in {time.perf_counter() - t0:.1f}s on {describe_device(device)}, "
+        f"precision {precision.name}"
+    )
     check_context(model, d.max_length)
     train_ex = task.encode(prep.train_texts, tokenizer, d.max_length)
     val_ex = task.encode(prep.val_texts, tokenizer, d.max_length)
     optimizer = make_optimizer(recipe.training, [p for p in model.parameters() if p.requires_grad])
     noise = GaussianNoise(prep.key)
+    user_level = prep.unit is not None and prep.unit.user_level
     engine = PrivacyEngine(
         model,
         optimizer,
         policy=plan.policy,
         sample_rate=plan.sample_rate,
-        dataset_size=len(train_ex),
+        dataset_size=len(prep.unit.people) if user_level else len(train_ex),
         loss_fn=task.loss_fn,
         grouping=recipe.policy.grouping,
         accountant=plan.accountant,
         budget=plan.budget,
         max_physical_batch_size=recipe.training.physical_batch_size,
         noise=noise,
+        precision=precision,
     )
     public_batches = None
     if prep.public_texts is not None:
         public_ex = task.encode(prep.public_texts, tokenizer, d.max_length)
         public_batches = eval_batches(public_ex, recipe.training.physical_batch_size)
     plan.policy.attach(RunContext(model, plan.steps, recipe.seed, public_batches))
-    sampler = PoissonSampler(train_ex.ids, plan.sample_rate, prep.key)
+    sampler: PoissonSampler | PersonSampler
+    if user_level:  # people by keyed coins, each with at most the cap of their records
+        sampler = prep.unit.sampler(train_ex.ids, plan.sample_rate, prep.key)
+    else:
+        sampler = PoissonSampler(train_ex.ids, plan.sample_rate, prep.key)
     val_batches = eval_batches(val_ex, recipe.training.physical_batch_size)
     built = Built(
         model,
@@ -358,43 +420,49 @@ def build(prep: Prepared) -> Built:
     return built
 
 
-def begin_meta(prep: Prepared, built: Built) -> dict[str, Any]:
-    """``run.json`` at the start: the resolved plan and what the run was built with (written
-    once; a resumed run continues its own)."""
+def begin_meta(prep: Prepared, built: Built) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``run.json`` at the start -- the resolved plan and what the run was built with, all
+    public -- and the private statistics (``private/stats.json``); written once, a resumed
+    run continues its own."""
     run, recipe, plan = prep.run, prep.recipe, prep.plan
     main = distributed.is_main()
     if prep.resume:
         if main:
             run.truncate_metrics(built.engine.steps_taken)
-        return run.read_meta()
+        return run.read_meta(), run.read_stats()
     log(f"validation metrics before training ({built.validation_size} records) ...")
     before = built.task.evaluate(built.model, built.val_batches) if main else {}
-    ppl_before = before.get("perplexity", math.nan)
+    stats = {  # un-noised statistics of private records: private/
+        "validation_size": built.validation_size,
+        "truncated_records": getattr(built.train_ex, "truncated", None),
+        "perplexity_before": before.get("perplexity", math.nan),
+        "validation_before": before,
+    }
     meta = {
         "name": recipe.name,
         "fingerprint": recipe.fingerprint(),
         "status": "running",
         "dataset_size": len(built.train_ex),
-        "validation_size": built.validation_size,
-        "truncated_records": getattr(built.train_ex, "truncated", None),
-        "expected_batch_size": plan.sample_rate * len(built.train_ex),
+        "expected_batch_size": plan.sample_rate * plan.dataset_size,
         "public_records": len(prep.public_texts) if prep.public_texts is not None else 0,
+        "privacy_unit": prep.unit.meta() if prep.unit is not None else "record",
         **plan.meta(),
         "groups": list(built.engine.groups),
         "noise_generator": built.noise.description,
         "randomness": prep.key.describe(),
         "key_id": prep.key.key_id,
         "insecure_seed": prep.key.insecure_seed,
-        "perplexity_before": ppl_before,
         "task": built.task.kind,
-        "validation_before": before,
         "versions": versions(),
         "world_size": distributed.world_size(),
+        "device": str(module_device(built.model)),
+        **built.engine.precision.describe(),
     }
     if main:
+        run.update_stats(**stats)
         run.write_meta(meta)
         built.engine.ledger.save(run.ledger)
-    return meta
+    return meta, stats
 
 
 # -- loop ---------------------------------------------------------------------------------
@@ -404,6 +472,7 @@ def loop(
     prep: Prepared,
     built: Built,
     meta: dict[str, Any],
+    stats: dict[str, Any],
     progress: bool,
     max_steps_this_session: int | None,
 ) -> tuple[bool, float, tuple[int, int]]:
@@ -427,7 +496,7 @@ def loop(
     )
     if main:
         steplog = StepLog(
-            run.path,
+            run.private,  # private/tensorboard: the metrics' values, as private as they are
             total=total,
             first=first,
             report_to=t.report_to,
@@ -437,15 +506,15 @@ def loop(
         run.listeners.append(steplog)  # sees exactly the records metrics.jsonl gets
     t_train = time.perf_counter()
     eps_shown = engine.epsilon()
-    nonfinite = meta.get("nonfinite_samples", 0)
+    nonfinite = stats.get("nonfinite_samples", 0)
     skipped = meta.get("skipped_steps", 0)
     stopped_by_budget = False
+    if main and first == 0:  # before step 0 draws coins and noise: the key is never reused
+        prep.key.mark_used(run.key)
     try:
         while engine.steps_taken < end:
-            # same global batch on every rank: a function of (key, step, record ids)
-            idx = distributed.shard(built.sampler.sample(engine.steps_taken))
             try:
-                report = engine.step(built.train_ex.batch(idx))
+                report = _step(built)
             except BudgetExceeded as err:
                 stopped_by_budget = True
                 log(f"stopping: {err}")
@@ -487,6 +556,17 @@ def loop(
     seconds = time.perf_counter() - t_train
     checkpoint(prep, built)
     return stopped_by_budget, seconds, (nonfinite, skipped)
+
+
+def _step(built: Built):
+    """One private step on step t's batch (the same global batch on every rank: a function of
+    (key, t, the ids)); user-level: people, each with their selected records as one segment."""
+    engine = built.engine
+    if isinstance(built.sampler, PersonSampler):
+        batch, segments = built.sampler.batch(engine.steps_taken, built.train_ex)
+        return engine.step(batch, segments=segments)
+    idx = distributed.shard(built.sampler.sample(engine.steps_taken))
+    return engine.step(built.train_ex.batch(idx))
 
 
 def checkpoint(prep: Prepared, built: Built) -> None:
@@ -550,12 +630,14 @@ def finish(
     prep: Prepared,
     built: Built,
     meta: dict[str, Any],
+    stats: dict[str, Any],
     stopped_by_budget: bool,
     train_seconds: float,
     counts: tuple[int, int],
     cross_check: bool,
 ) -> RunResult:
-    """The final model, the guarantee in ``run.json`` and the summary."""
+    """The final model, the guarantee in ``run.json``, the private statistics in
+    ``private/stats.json`` and the summary."""
     run, plan, engine = prep.run, prep.plan, built.engine
     main = distributed.is_main()
     accountant = get_accountant(plan.accountant)
@@ -585,13 +667,18 @@ def finish(
         policy=plan.policy.describe(),
         stopped_by_budget=stopped_by_budget,
         per_sample_gradients=engine.capture.summary(),
-        perplexity_after=ppl_after,
-        validation_after=after,
-        nonfinite_samples=counts[0],
         skipped_steps=counts[1],
         train_seconds=meta.get("train_seconds", 0.0) + train_seconds,
     )
+    stats.update(perplexity_after=ppl_after, validation_after=after, nonfinite_samples=counts[0])
+    if prep.unit is not None:
+        meta["person_level"] = prep.unit.guarantee(claim["epsilon"], claim["delta_total"])
+    elif recipe_person_field(prep):
+        meta["person_level_group_privacy"] = record_run_person_level(
+            prep.recipe, prep.train_texts, engine.ledger, accountant, claim["delta_total"]
+        )
     if main:
+        run.update_stats(**stats)
         run.write_meta(meta)
     result = RunResult(
         run.path,
@@ -599,14 +686,14 @@ def finish(
         claim["epsilon"],
         delta,
         accountant.name,
-        meta["perplexity_before"],
+        stats.get("perplexity_before", math.nan),
         ppl_after,
         stopped_by_budget,
         claim["delta_total"],
         finished,
     )
     if main:
-        _print_summary(result, meta)
+        _print_summary(result, meta, stats)
         for note in plan.policy.describe().get("notes", []):
             print(f"note                {note}", flush=True)
     engine.detach()  # the samples below are drawn from the plain (released) model
@@ -616,6 +703,10 @@ def finish(
         after_training(prep.recipe, run, built.model, built.tokenizer, built.task, log)
     distributed.barrier()
     return result
+
+
+def recipe_person_field(prep: Prepared) -> bool:
+    return prep.recipe.data.person_field is not None
 
 
 def _cross_check(name: str, ledger: Ledger, delta: float) -> float | None:
@@ -645,7 +736,7 @@ def _guarantee(prep: Prepared, accountant: str) -> str:
     return text
 
 
-def _print_summary(r: RunResult, meta: dict[str, Any]) -> None:
+def _print_summary(r: RunResult, meta: dict[str, Any], stats: dict[str, Any]) -> None:
     others = (
         ", ".join(
             f"{k} {v:.3f}" if v is not None else f"{k} n/a"
@@ -660,13 +751,19 @@ def _print_summary(r: RunResult, meta: dict[str, Any]) -> None:
             "its noise was chosen from data)"
         )
     head = f"({r.epsilon:.4f}, {r.delta_total:.3g})-DP for each training record"
+    person = meta.get("person_level")
+    if person is not None:  # the person is the unit: the headline is theirs
+        head = person["statement"]
+        if meta["privacy_unit"]["strategy"] == "example":
+            head += f" (group privacy; per record: ({r.epsilon:.4f}, {r.delta_total:.3g}))"
     if meta.get("adaptive"):
         head += " (the adaptive privacy filter's budget)"
     lines = [
         "",
         f"run directory       {r.run_dir}",
         f"steps               {r.steps}{' (stopped at the budget)' if r.stopped_by_budget else ''}",
-        validation_line(meta),
+        f"{validation_line({**meta, **stats})} (private: the validation records are not "
+        "covered by the guarantee)",
         f"privacy guarantee   {head}",
     ]
     shared = meta.get("shared_with_warm_start")
@@ -688,6 +785,22 @@ def _print_summary(r: RunResult, meta: dict[str, Any]) -> None:
             f"note                spent so far by the filter's accounting: epsilon "
             f"{meta['epsilon_spent_adaptive']:.4f} (an odometer reading, not a guarantee)"
         )
+    if person is not None:
+        people, records = meta["privacy_unit"]["people"], meta["dataset_size"]
+        lines[-1] = (
+            f"dataset size        N = {people} people, {records} records (public: N sets q "
+            "and the default delta)"
+            if meta["privacy_unit"]["strategy"] == "user"
+            else f"dataset size        {records} records (they set q) of N = {people} people "
+            "(it sets the default delta); both public"
+        )
+        lines.append(f"privacy unit        {person['how']}")
+    grouped = meta.get("person_level_group_privacy")
+    if grouped is not None:
+        lines.append(
+            f"per {grouped['unit']:<15} ({grouped['epsilon']:.4f}, {grouped['delta']:.3g})-DP "
+            f"over all of their records ({grouped['why']})"
+        )
     level = meta.get("file_level")
     if level is not None:
         lines.append(
@@ -698,6 +811,10 @@ def _print_summary(r: RunResult, meta: dict[str, Any]) -> None:
         f"final model         {r.run_dir / 'final'}"
         if meta["status"] == "finished"
         else "status              paused"
+    )
+    lines.append(
+        f"publishable         {', '.join(PUBLIC_FILES)}; everything else is private "
+        f"(secret.key, private/, checkpoints/, ...: {r.run_dir / 'README.txt'})"
     )
     print("\n".join(lines), flush=True)
     if meta.get("insecure_seed") is not None:

@@ -1,6 +1,6 @@
-"""Shared test support: tiny models and batches, the explicit per-example reference loop,
-seeded (NOT private) noise and coins, and a small engine factory. Imported by test modules as
-``from tests._support import ...``."""
+"""Shared test support: tiny models and batches, the explicit per-example reference loop, the
+engine's per-sample gradients materialized, seeded (NOT private) noise and coins, and a small
+engine factory.  Imported by test modules as ``from tests._support import ...``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from dptrain.batching import batch_len, batch_slice
 from dptrain.engine import PrivacyEngine
+from dptrain.grad_sample import Recorded
 from dptrain.losses import causal_lm_loss
 from dptrain.policies import StaticPolicy
 
@@ -33,6 +34,20 @@ def loop_per_sample_grads(
     for p in params:
         p.grad = None
     return {p: torch.stack([r[i] for r in rows]) for i, p in enumerate(params)}
+
+
+def per_sample_grads(recorded: Recorded) -> dict[nn.Parameter, Tensor]:
+    """The engine's per-sample gradients of one chunk, materialized: ``{param: (B, *shape)}``,
+    the rule's rows of every use plus the Jacobian rows of direct uses, summed."""
+    out: dict[nn.Parameter, Tensor] = {}
+    for use in recorded.uses:
+        for role, g in use.rule.per_sample(use).items():
+            if role in use.params:
+                p = use.params[role]
+                out[p] = out[p] + g if p in out else g
+    for p, g in recorded.direct.items():
+        out[p] = out[p] + g if p in out else g
+    return out
 
 
 def assert_close_rel(actual: Tensor, expected: Tensor, rtol: float = 1e-5, what: str = "") -> None:

@@ -53,6 +53,8 @@ def _not_a_train_run(path: object, recipe: object) -> Exception:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from attacks.audit import audit_run
     from dptrain.recipe import AuditSection, RecipeError, load_recipe
     from dptrain.rundir import RunDir
@@ -78,10 +80,10 @@ def run(args: argparse.Namespace) -> int:
     changes = {k: v for k, v in flags.items() if v is not None}
     try:
         options = AuditSection.model_validate(base.model_dump() | changes)
-    except ValueError as err:
+    except ValidationError as err:  # only the flags' values: any other error is a bug
         msg = "; ".join(
             f"--{'-'.join(str(x) for x in e['loc']).replace('_', '-')}: {e['msg']}"
-            for e in getattr(err, "errors", lambda: [])()
+            for e in err.errors()
         )
         raise RecipeError(f"invalid audit option: {msg or err}") from None
     audit_run(run_dir.path, options, progress=not args.no_progress)

@@ -124,10 +124,14 @@ def canary_records(canaries: list[Canary], template: str) -> TextDataset:
     return TextDataset(texts, ids)
 
 
-def insert_canaries(train: TextDataset, config: Any, key: RunKey) -> TextDataset:
+def insert_canaries(
+    train: TextDataset, config: Any, key: RunKey, canaries: list[Canary] | None = None
+) -> TextDataset:
     """``train`` followed by the included canaries' records (order is irrelevant to Poisson
-    sampling)."""
-    extra = canary_records(make_canaries(config, key), config.template)
+    sampling); ``canaries``: the run's, already drawn from ``key`` (else drawn here)."""
+    if canaries is None:
+        canaries = make_canaries(config, key)
+    extra = canary_records(canaries, config.template)
     clash = set(extra.ids) & set(train.ids)
     if clash:
         raise ValueError(
@@ -137,11 +141,21 @@ def insert_canaries(train: TextDataset, config: Any, key: RunKey) -> TextDataset
     return TextDataset(train.texts + extra.texts, train.ids + extra.ids)
 
 
-def write_manifest(run_dir: str | Path, config: Any, key: RunKey) -> Path:
-    """Write the secret canary manifest into ``run_dir`` (atomically, mode 0600)."""
+def write_manifest(
+    run_dir: str | Path,
+    config: Any,
+    key: RunKey | None = None,
+    *,
+    canaries: list[Canary] | None = None,
+) -> Path:
+    """Write the secret canary manifest into ``run_dir`` (atomically, mode 0600): the
+    ``canaries`` given (those the run inserted), or those of ``key``."""
     from dptrain.rundir import write_json
 
-    canaries = make_canaries(config, key)
+    if canaries is None:
+        if key is None:
+            raise ValueError("write_manifest needs the run's canaries or its key")
+        canaries = make_canaries(config, key)
     path = Path(run_dir) / MANIFEST_NAME
     write_json(
         path,

@@ -12,16 +12,19 @@ from typing import TYPE_CHECKING
 from ..errors import RecipeError
 from ..secret import RunKey
 from ..tasks import task_for
-from .canaries import insert_canaries
+from .canaries import Canary, insert_canaries
 from .loading import TextDataset, cap, split
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
 
 
-def split_data(recipe: Recipe, key: RunKey) -> tuple[TextDataset, TextDataset, TextDataset]:
+def split_data(
+    recipe: Recipe, key: RunKey, *, canaries: list[Canary] | None = None
+) -> tuple[TextDataset, TextDataset, TextDataset]:
     """``(train, validation, unused)``: ``train`` ends with the included canary records (if the
-    recipe has ``data.canaries``); ``unused`` holds the records cut by ``max_records`` or
+    recipe has ``data.canaries``: ``canaries`` if given, the ones drawn from ``key`` by
+    :func:`~dptrain.data.canaries.make_canaries`); ``unused`` holds the records cut by ``max_records`` or
     ``max_validation_records``, never trained on (an audit's extra non-members).
 
     ``max_records`` keeps the records with the lowest keyed hashes, so adding a record may
@@ -41,13 +44,15 @@ def split_data(recipe: Recipe, key: RunKey) -> tuple[TextDataset, TextDataset, T
         val, rest = cap(val, d.max_validation_records, key, "max_validation_records")
         unused = TextDataset(unused.texts + rest.texts, unused.ids + rest.ids)
     if d.canaries is not None:
-        train = insert_canaries(train, d.canaries, key)
+        train = insert_canaries(train, d.canaries, key, canaries)
     return train, val, unused
 
 
-def read_data(recipe: Recipe, key: RunKey) -> tuple[TextDataset, TextDataset]:
+def read_data(
+    recipe: Recipe, key: RunKey, *, canaries: list[Canary] | None = None
+) -> tuple[TextDataset, TextDataset]:
     """``(train, validation)`` of :func:`split_data`."""
-    train, val, _ = split_data(recipe, key)
+    train, val, _ = split_data(recipe, key, canaries=canaries)
     return train, val
 
 

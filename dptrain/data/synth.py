@@ -3,8 +3,9 @@
 Every record describes one fictional person (a clinic note, a patient portal message, a
 support ticket, a referral letter or a lab-result notice). Names, addresses, phone numbers
 and e-mail addresses come from Faker; everything else comes from the templates and clinical
-tables in this module, which were written for dptrain. The output is a JSONL file with one
-``{"id", "kind", "text"}`` object per line.
+tables in `templates/clinical.json`, which were written for dptrain. The output is a JSONL file with one
+``{"id", "patient_id", "kind", "text"}`` object per line; a patient has 1 to 30 records
+(heavy-tailed), all naming the same person (:class:`_Patients`).
 
 The output is a pure function of ``(n, seed)`` and the installed Faker version: dates are
 drawn from fixed ranges (never relative to today) and all randomness comes from a
@@ -19,6 +20,7 @@ import argparse
 import datetime as dt
 import json
 import random
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -68,542 +70,30 @@ class _Condition:
     followup: tuple[str, ...] = ("2 weeks", "4 weeks", "6 weeks", "3 months")
 
 
-_DAILY = ("once daily", "daily", "every morning")
-_BID = ("twice daily", "BID", "every 12 hours")
+_TABLES = Path(__file__).resolve().parent / "templates" / "clinical.json"
 
-_CONDITIONS: tuple[_Condition, ...] = (
-    _Condition(
-        name="essential hypertension",
-        specialty="cardiology",
-        lab="kidney function test",
-        complaint="blood pressure",
-        reasons=(
-            "blood pressure follow-up",
-            "elevated home blood pressure readings",
-            "medication review for hypertension",
-            "headaches and high blood pressure",
-        ),
-        symptoms=(
-            "occasional morning headaches",
-            "no chest pain",
-            "mild ankle swelling",
-            "home readings around 150/95",
-            "no visual changes",
-            "feels well overall",
-            "forgets evening doses now and then",
-        ),
-        findings=(
-            "no edema",
-            "trace pedal edema",
-            "regular rate and rhythm, no murmurs",
-            "fundi not examined",
-        ),
-        meds=(
-            _Med("lisinopril", ("10 mg", "20 mg", "40 mg"), _DAILY),
-            _Med("amlodipine", ("5 mg", "10 mg"), _DAILY),
-            _Med("hydrochlorothiazide", ("12.5 mg", "25 mg"), _DAILY),
-            _Med("losartan", ("50 mg", "100 mg"), _DAILY),
-        ),
-        tests=("basic metabolic panel", "lipid panel", "urine albumin-to-creatinine ratio", "ECG"),
-        plans=(
-            "reduce dietary sodium to under 2 g per day",
-            "keep a home blood pressure log",
-            "walk 30 minutes on most days",
-            "limit alcohol to one drink per day",
-        ),
-        vitals="htn",
-        ages=(38, 88),
-    ),
-    _Condition(
-        name="type 2 diabetes mellitus",
-        specialty="endocrinology",
-        lab="A1c",
-        complaint="blood sugar",
-        reasons=(
-            "diabetes check-up",
-            "review of A1c results",
-            "high fasting glucose readings",
-            "numbness in both feet",
-        ),
-        symptoms=(
-            "increased thirst",
-            "fasting sugars between 140 and 180",
-            "tingling in the toes",
-            "fatigue after meals",
-            "no hypoglycemic episodes",
-            "weight gain of 4 kg",
-        ),
-        findings=(
-            "monofilament sensation reduced at both great toes",
-            "feet without ulcers",
-            "acanthosis nigricans at the neck",
-            "pedal pulses intact",
-        ),
-        meds=(
-            _Med("metformin", ("500 mg", "850 mg", "1000 mg"), _BID),
-            _Med("empagliflozin", ("10 mg", "25 mg"), _DAILY),
-            _Med("glipizide", ("5 mg", "10 mg"), _DAILY),
-            _Med("semaglutide", ("0.25 mg", "0.5 mg", "1 mg"), ("once weekly",)),
-        ),
-        tests=("hemoglobin A1c", "lipid panel", "urine microalbumin", "dilated eye exam referral"),
-        plans=(
-            "meet with the diabetes educator",
-            "check fasting glucose every morning",
-            "daily foot inspection",
-            "aim for 150 minutes of exercise per week",
-        ),
-        vitals="htn",
-        ages=(35, 85),
-    ),
-    _Condition(
-        name="asthma exacerbation",
-        specialty="pulmonology",
-        lab="spirometry",
-        complaint="wheezing",
-        reasons=(
-            "wheezing and shortness of breath",
-            "asthma flare",
-            "night-time cough",
-            "needing the rescue inhaler more often",
-        ),
-        symptoms=(
-            "wheezing for 3 days",
-            "cough worse at night",
-            "chest tightness",
-            "using albuterol four times a day",
-            "symptoms started after a cold",
-            "no fever",
-        ),
-        findings=(
-            "expiratory wheezes bilaterally",
-            "prolonged expiratory phase",
-            "speaks in full sentences",
-            "no accessory muscle use",
-        ),
-        meds=(
-            _Med("albuterol inhaler", ("90 mcg, 2 puffs",), ("every 4 to 6 hours as needed",)),
-            _Med("fluticasone inhaler", ("110 mcg, 2 puffs", "220 mcg, 2 puffs"), _BID),
-            _Med("prednisone", ("40 mg",), ("daily for 5 days",)),
-            _Med("montelukast", ("10 mg",), ("nightly",)),
-        ),
-        tests=("peak flow measurement", "spirometry", "chest X-ray if no improvement"),
-        plans=(
-            "review inhaler technique with a spacer",
-            "written asthma action plan given",
-            "avoid smoke exposure",
-            "return if rescue inhaler is needed more than every 4 hours",
-        ),
-        vitals="tachy",
-        ages=(6, 70),
-    ),
-    _Condition(
-        name="migraine without aura",
-        specialty="neurology",
-        lab="blood work",
-        complaint="headaches",
-        reasons=(
-            "recurrent headaches",
-            "migraine follow-up",
-            "headache for two days",
-            "throbbing headaches with nausea",
-        ),
-        symptoms=(
-            "one-sided throbbing headache",
-            "nausea without vomiting",
-            "sensitivity to light",
-            "3 to 4 headaches per month",
-            "triggered by poor sleep",
-            "no weakness or numbness",
-        ),
-        findings=(
-            "normal neurological examination",
-            "no neck stiffness",
-            "cranial nerves II-XII intact",
-            "fundi normal",
-        ),
-        meds=(
-            _Med("sumatriptan", ("50 mg", "100 mg"), ("at onset, may repeat once after 2 hours",)),
-            _Med("naproxen", ("500 mg",), ("twice daily as needed",)),
-            _Med("propranolol", ("40 mg", "80 mg"), _DAILY),
-            _Med("topiramate", ("25 mg", "50 mg"), ("nightly",)),
-        ),
-        tests=("headache diary", "no imaging needed at this time"),
-        plans=(
-            "keep a headache diary",
-            "regular sleep schedule",
-            "limit caffeine",
-            "limit pain relievers to 10 days per month to avoid rebound headaches",
-        ),
-        ages=(16, 65),
-    ),
-    _Condition(
-        name="urinary tract infection",
-        specialty="urology",
-        lab="urine culture",
-        complaint="burning with urination",
-        reasons=(
-            "burning with urination",
-            "urinary frequency",
-            "suspected bladder infection",
-            "lower abdominal discomfort",
-        ),
-        symptoms=(
-            "dysuria for 2 days",
-            "urgency and frequency",
-            "cloudy urine",
-            "no flank pain",
-            "no fever at home",
-            "mild suprapubic pressure",
-        ),
-        findings=(
-            "suprapubic tenderness",
-            "no costovertebral angle tenderness",
-            "urine dipstick positive for leukocytes and nitrites",
-        ),
-        meds=(
-            _Med("nitrofurantoin", ("100 mg",), ("twice daily for 5 days",)),
-            _Med("trimethoprim-sulfamethoxazole", ("160/800 mg",), ("twice daily for 3 days",)),
-            _Med("phenazopyridine", ("200 mg",), ("three times daily for 2 days",)),
-        ),
-        tests=("urinalysis", "urine culture"),
-        plans=(
-            "drink plenty of fluids",
-            "return if fever or back pain develops",
-            "culture results will be called in 48 hours",
-        ),
-        vitals="fever",
-        ages=(18, 80),
-        followup=("1 week", "as needed"),
-    ),
-    _Condition(
-        name="acute low back pain",
-        specialty="orthopedics",
-        lab="X-ray",
-        complaint="back pain",
-        reasons=(
-            "lower back pain",
-            "back strain after lifting",
-            "back pain for one week",
-            "pain radiating to the buttock",
-        ),
-        symptoms=(
-            "pain after lifting boxes",
-            "worse with bending",
-            "no leg weakness",
-            "no bowel or bladder changes",
-            "pain rated 6 out of 10",
-            "stiffness in the morning",
-        ),
-        findings=(
-            "paraspinal muscle tenderness",
-            "negative straight leg raise",
-            "strength 5/5 in both legs",
-            "reflexes symmetric",
-        ),
-        meds=(
-            _Med("ibuprofen", ("400 mg", "600 mg"), ("every 8 hours with food",)),
-            _Med("cyclobenzaprine", ("5 mg", "10 mg"), ("at bedtime as needed",)),
-            _Med("acetaminophen", ("500 mg", "1000 mg"), ("every 8 hours as needed",)),
-        ),
-        tests=("no imaging indicated", "physical therapy referral"),
-        plans=(
-            "stay active and avoid bed rest",
-            "heat to the lower back",
-            "core strengthening exercises",
-            "return if numbness or weakness develops",
-        ),
-        ages=(22, 75),
-    ),
-    _Condition(
-        name="gastroesophageal reflux disease",
-        specialty="gastroenterology",
-        lab="H. pylori breath test",
-        complaint="heartburn",
-        reasons=(
-            "heartburn",
-            "acid reflux",
-            "burning chest pain after meals",
-            "sour taste in the mouth at night",
-        ),
-        symptoms=(
-            "heartburn after large meals",
-            "worse when lying down",
-            "occasional regurgitation",
-            "no trouble swallowing",
-            "no weight loss",
-            "no black stools",
-        ),
-        findings=(
-            "mild epigastric tenderness",
-            "abdomen soft, non-distended",
-            "normal bowel sounds",
-        ),
-        meds=(
-            _Med("omeprazole", ("20 mg", "40 mg"), ("once daily before breakfast",)),
-            _Med("famotidine", ("20 mg",), ("at bedtime",)),
-            _Med("calcium carbonate", ("500 mg",), ("as needed for breakthrough symptoms",)),
-        ),
-        tests=("H. pylori breath test", "upper endoscopy if symptoms persist"),
-        plans=(
-            "avoid meals within 3 hours of bedtime",
-            "raise the head of the bed",
-            "cut back on coffee and spicy food",
-            "weight loss counseling",
-        ),
-        ages=(25, 80),
-    ),
-    _Condition(
-        name="generalized anxiety disorder",
-        specialty="psychiatry",
-        lab="thyroid test",
-        complaint="anxiety",
-        reasons=(
-            "anxiety",
-            "trouble sleeping and constant worry",
-            "panic-like episodes",
-            "follow-up on anxiety medication",
-        ),
-        symptoms=(
-            "constant worry about work",
-            "difficulty falling asleep",
-            "muscle tension",
-            "racing heart at times",
-            "no thoughts of self-harm",
-            "GAD-7 score of 14",
-        ),
-        findings=(
-            "anxious affect, linear thought process",
-            "no tremor",
-            "normal thyroid examination",
-        ),
-        meds=(
-            _Med("sertraline", ("25 mg", "50 mg", "100 mg"), _DAILY),
-            _Med("escitalopram", ("5 mg", "10 mg"), _DAILY),
-            _Med("hydroxyzine", ("25 mg",), ("up to three times daily as needed",)),
-            _Med("buspirone", ("7.5 mg", "15 mg"), _BID),
-        ),
-        tests=("TSH", "GAD-7 at next visit"),
-        plans=(
-            "referral to cognitive behavioral therapy",
-            "sleep hygiene reviewed",
-            "crisis line number provided",
-            "regular exercise encouraged",
-        ),
-        vitals="tachy",
-        ages=(18, 70),
-    ),
-    _Condition(
-        name="acute sinusitis",
-        specialty="ENT",
-        lab="blood work",
-        complaint="sinus congestion",
-        reasons=(
-            "sinus congestion",
-            "facial pain and stuffy nose",
-            "cold that will not go away",
-            "sinus pressure for ten days",
-        ),
-        symptoms=(
-            "nasal congestion for 10 days",
-            "thick yellow discharge",
-            "pressure over the cheeks",
-            "mild headache",
-            "low-grade fever",
-            "reduced sense of smell",
-        ),
-        findings=(
-            "maxillary sinus tenderness",
-            "purulent nasal discharge",
-            "erythematous nasal mucosa",
-            "tympanic membranes clear",
-        ),
-        meds=(
-            _Med("amoxicillin-clavulanate", ("875/125 mg",), ("twice daily for 7 days",)),
-            _Med("fluticasone nasal spray", ("50 mcg, 2 sprays per nostril",), _DAILY),
-            _Med("saline nasal rinse", ("240 mL",), _BID),
-        ),
-        tests=("no imaging needed",),
-        plans=(
-            "saline rinses twice daily",
-            "return if vision changes or severe headache",
-            "rest and fluids",
-        ),
-        vitals="fever",
-        ages=(12, 80),
-        followup=("10 days", "as needed"),
-    ),
-    _Condition(
-        name="hypothyroidism",
-        specialty="endocrinology",
-        lab="TSH",
-        complaint="tiredness",
-        reasons=(
-            "fatigue and weight gain",
-            "thyroid follow-up",
-            "abnormal TSH result",
-            "feeling cold all the time",
-        ),
-        symptoms=(
-            "tiredness for several months",
-            "weight gain of 3 kg",
-            "dry skin",
-            "constipation",
-            "feels cold",
-            "hair thinning",
-        ),
-        findings=("no goiter", "delayed relaxation of ankle reflexes", "dry skin"),
-        meds=(
-            _Med(
-                "levothyroxine",
-                ("25 mcg", "50 mcg", "75 mcg", "100 mcg"),
-                ("once daily on an empty stomach",),
-            ),
-        ),
-        tests=("TSH in 6 weeks", "free T4", "complete blood count"),
-        plans=(
-            "take levothyroxine 30 minutes before breakfast",
-            "separate from calcium and iron by 4 hours",
-            "recheck thyroid levels in 6 weeks",
-        ),
-        ages=(25, 85),
-        followup=("6 weeks", "3 months"),
-    ),
-    _Condition(
-        name="atopic dermatitis",
-        specialty="dermatology",
-        lab="allergy panel",
-        complaint="rash",
-        reasons=(
-            "itchy rash",
-            "eczema flare",
-            "dry, cracked skin on the hands",
-            "rash on the inside of the elbows",
-        ),
-        symptoms=(
-            "itching worse at night",
-            "dry patches on the arms",
-            "flare after a change of soap",
-            "no fever",
-            "scratching disrupts sleep",
-        ),
-        findings=(
-            "lichenified plaques in the antecubital fossae",
-            "excoriations",
-            "no signs of secondary infection",
-        ),
-        meds=(
-            _Med("triamcinolone cream", ("0.1%",), ("twice daily for 2 weeks",)),
-            _Med("hydrocortisone cream", ("1%",), ("twice daily to the face",)),
-            _Med("cetirizine", ("10 mg",), ("at bedtime",)),
-        ),
-        tests=("no tests needed",),
-        plans=(
-            "fragrance-free emollient twice daily",
-            "lukewarm short showers",
-            "switch to a gentle detergent",
-        ),
-        ages=(2, 70),
-    ),
-    _Condition(
-        name="acute otitis media",
-        specialty="ENT",
-        lab="hearing test",
-        complaint="ear pain",
-        reasons=("ear pain", "ear ache and fever", "pulling at the ear", "trouble hearing"),
-        symptoms=(
-            "right ear pain for 2 days",
-            "fever up to 38.6 C at home",
-            "recent cold",
-            "poor sleep",
-            "no ear drainage",
-        ),
-        findings=(
-            "bulging, erythematous right tympanic membrane",
-            "left tympanic membrane normal",
-            "no mastoid tenderness",
-        ),
-        meds=(
-            _Med("amoxicillin", ("500 mg", "875 mg"), ("twice daily for 10 days",)),
-            _Med("acetaminophen", ("325 mg", "500 mg"), ("every 6 hours as needed",)),
-        ),
-        tests=("recheck ears in 2 weeks",),
-        plans=("complete the full antibiotic course", "return if symptoms worsen after 48 hours"),
-        vitals="fever",
-        ages=(3, 60),
-        followup=("2 weeks", "as needed"),
-    ),
-    _Condition(
-        name="hyperlipidemia",
-        specialty="cardiology",
-        lab="cholesterol panel",
-        complaint="cholesterol",
-        reasons=(
-            "cholesterol results",
-            "annual physical with lipid review",
-            "statin follow-up",
-            "family history of heart disease",
-        ),
-        symptoms=(
-            "no chest pain",
-            "no muscle aches on the statin",
-            "LDL 168 mg/dL on last panel",
-            "father had a heart attack at 58",
-            "diet high in fried food",
-        ),
-        findings=("no xanthomas", "normal heart sounds", "peripheral pulses intact"),
-        meds=(
-            _Med("atorvastatin", ("10 mg", "20 mg", "40 mg"), ("nightly",)),
-            _Med("rosuvastatin", ("5 mg", "10 mg"), _DAILY),
-            _Med("ezetimibe", ("10 mg",), _DAILY),
-        ),
-        tests=("fasting lipid panel in 3 months", "liver enzymes", "10-year ASCVD risk estimate"),
-        plans=("Mediterranean-style diet", "increase fiber intake", "report any muscle pain"),
-        ages=(40, 85),
-        followup=("3 months", "6 months"),
-    ),
-)
 
-_VISIT_TYPES = (
-    "Office visit",
-    "Follow-up visit",
-    "New patient visit",
-    "Telehealth visit",
-    "Urgent care visit",
-    "Walk-in visit",
-)
-_CLINICS = (
-    "Riverside Family Medicine",
-    "Northgate Health Center",
-    "Maple Street Clinic",
-    "Lakeview Primary Care",
-    "Harbor Community Clinic",
-    "Cedar Grove Medical Group",
-    "Westfield Internal Medicine",
-    "Sunrise Pediatrics and Family Care",
-)
-_ALLERGIES = (
-    "NKDA",
-    "no known drug allergies",
-    "penicillin (rash)",
-    "sulfa drugs (hives)",
-    "latex",
-    "codeine (nausea)",
-    "shellfish",
-    "NKDA",
-)
-_SOCIAL = (
-    "non-smoker",
-    "former smoker, quit 5 years ago",
-    "smokes half a pack per day",
-    "drinks alcohol socially",
-    "works night shifts",
-    "lives alone",
-    "retired teacher",
-    "works in construction",
-    "student",
-    "two young children at home",
-    "runs twice a week",
-)
+def _load_tables(path: Path = _TABLES) -> dict:
+    """The clinical tables (conditions with their symptoms, findings, medications, tests and
+    plans; visit types, clinics, allergies, social history), as tuples."""
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    conditions = tuple(
+        _Condition(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in c.items() if k != "meds"},
+            meds=tuple(_Med(m["name"], tuple(m["doses"]), tuple(m["freqs"])) for m in c["meds"]),
+        )
+        for c in raw["conditions"]
+    )
+    return {"conditions": conditions, **{k: tuple(raw[k]) for k in _LISTS}}
+
+
+_LISTS = ("visit_types", "clinics", "allergies", "social")
+_T = _load_tables()
+_CONDITIONS: tuple[_Condition, ...] = _T["conditions"]
+_VISIT_TYPES: tuple[str, ...] = _T["visit_types"]
+_CLINICS: tuple[str, ...] = _T["clinics"]
+_ALLERGIES: tuple[str, ...] = _T["allergies"]
+_SOCIAL: tuple[str, ...] = _T["social"]
 
 
 def _sex_words(sex: str) -> tuple[str, str, str]:
@@ -638,6 +128,10 @@ class _Gen:
         return f"{d.strftime('%B')} {d.day}, {d.year}"
 
     def person(self, ages: tuple[int, int] = (18, 90)) -> dict:
+        self.last_person = self._person(ages)
+        return self.last_person
+
+    def _person(self, ages: tuple[int, int]) -> dict:
         sex = self.pick(("F", "M"))
         first = self.fake.first_name_female() if sex == "F" else self.fake.first_name_male()
         last = self.fake.last_name()
@@ -959,6 +453,75 @@ class _Gen:
         )
 
 
+MAX_RECORDS_PER_PATIENT = 30
+COUNT_EXPONENT = 1.6  # P(a patient has k records) proportional to k^-1.6, k = 1 .. 30
+AGE_SLACK = 2  # a patient's notes state ages within this many years of their first note's
+
+
+def _date_forms(d: dt.date) -> list[str]:
+    return [
+        d.isoformat(),
+        f"{d.month:02d}/{d.day:02d}/{d.year}",
+        f"{d.strftime('%B')} {d.day}, {d.year}",
+    ]
+
+
+def _address(p: dict) -> str:
+    return f"{p['street']}, {p['city']}, {p['state']} {p['zip']}"
+
+
+class _Patients:
+    """Groups records into patients, in record order, with a random stream of its own (so the
+    records' draws are those of a corpus without patients).
+
+    A record joins the earliest opened patient of the same sex whose first note states an age
+    within :data:`AGE_SLACK` years and who still has room; otherwise it opens a patient with
+    room for ``k`` records, ``k`` heavy-tailed (:data:`COUNT_EXPONENT`) in 1 .. 30.  A joining
+    record's identity (name, first name, DOB, MRN, phone, e-mail, address) is replaced by the
+    patient's, so one patient's notes name one person; its own age, visit, condition and
+    pronouns (same sex) are kept."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(f"dptrain patients {seed}")
+        ks = range(1, MAX_RECORDS_PER_PATIENT + 1)
+        self.ks, self.weights = list(ks), [k**-COUNT_EXPONENT for k in ks]
+        self.open: list[list] = []  # [patient id, identity, room left]
+        self.count = 0
+
+    def assign(self, p: dict, text: str) -> tuple[str, str]:
+        for entry in self.open:
+            pid, who, room = entry
+            if who["sex"] == p["sex"] and abs(who["age"] - p["age"]) <= AGE_SLACK:
+                entry[2] -= 1
+                if entry[2] == 0:
+                    self.open.remove(entry)
+                return pid, _rename(text, p, who)
+        pid = f"pat-{self.count:05d}"
+        self.count += 1
+        room = self.rng.choices(self.ks, self.weights)[0] - 1
+        if room > 0:
+            self.open.append([pid, p, room])
+        return pid, text
+
+
+def _rename(text: str, old: dict, new: dict) -> str:
+    """``text`` with ``old``'s identity strings replaced by ``new``'s, in one pass (longest
+    first, so a full name wins over a first name inside it)."""
+    pairs = {
+        _address(old): _address(new),
+        old["name"]: new["name"],
+        old["email"]: new["email"],
+        old["mrn"]: new["mrn"],
+        old["phone"]: new["phone"],
+    }
+    pairs.update(zip(_date_forms(old["dob"]), _date_forms(new["dob"]), strict=True))
+    alternatives = sorted(pairs, key=len, reverse=True)
+    pattern = "|".join(re.escape(a) for a in alternatives)
+    pattern += r"|\b" + re.escape(old["first"]) + r"\b"
+    pairs[old["first"]] = new["first"]
+    return re.sub(pattern, lambda m: pairs[m.group(0)], text)
+
+
 KINDS: dict[str, float] = {
     "clinic_note": 0.5,
     "portal_message": 0.17,
@@ -969,16 +532,20 @@ KINDS: dict[str, float] = {
 
 
 def generate(n: int = DEFAULT_N, seed: int = DEFAULT_SEED) -> Iterator[dict[str, str]]:
-    """Yield ``n`` records ``{"id", "kind", "text"}``; deterministic in ``(n, seed)``."""
+    """Yield ``n`` records ``{"id", "patient_id", "kind", "text"}``; deterministic in
+    ``(n, seed)``, and a prefix of a longer corpus of the same seed."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     g = _Gen(seed)
     kinds = list(KINDS)
     weights = [KINDS[k] for k in kinds]
     makers: dict[str, Callable[[], str]] = {k: getattr(g, k) for k in kinds}
+    patients = _Patients(seed)
     for i in range(n):
         kind = g.rng.choices(kinds, weights)[0]
-        yield {"id": f"rec-{i:05d}", "kind": kind, "text": makers[kind]()}
+        text = makers[kind]()
+        pid, text = patients.assign(g.last_person, text)
+        yield {"id": f"rec-{i:05d}", "patient_id": pid, "kind": kind, "text": text}
 
 
 def write_jsonl(path: str | Path, n: int = DEFAULT_N, seed: int = DEFAULT_SEED) -> int:

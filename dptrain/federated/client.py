@@ -11,9 +11,9 @@ message = one round on one client::
     check the budget: do the round's T local steps fit the client's own budget on its
         persisted ledger (BudgetFilter)?  no -> decline with the reason
     build the model, load the global adapters, freeze what the strategy keeps fixed
-    T PrivacyEngine steps on Poisson batches of the client's own records; the ledger and the
-        engine state are saved atomically after every step (a crash leaves them covering
-        every step taken)
+    T PrivacyEngine steps on Poisson batches of the client's own records; the ledger is saved
+        atomically after every step (a crash leaves it covering every step taken), the engine
+        state (policy state, noise position and pair count) once, when the round's steps end
     reply with the trained factors (A and B, or B alone) and public metadata
 
 Privacy contract (per client, per record of that client): add/remove-one neighbouring
@@ -28,7 +28,11 @@ What leaves the client is the trained adapter (post-processing of the noisy step
 metadata: ``N_k``, ``q_k``, ``sigma``, steps, epsilon and delta (with the noise sampler's
 truncation term).  Losses stay on the client.  Step ``t`` of the client's lifetime (its
 ledger's step count) draws coins and noise at counter ``t``, so a lost ledger with a kept key
-would repeat noise: the client refuses to train then.
+would repeat noise: the key is marked used before its first step (:mod:`dptrain.secret`) and
+the client refuses to train with a used key and an empty or missing ledger.  After a crash
+between the per-step ledger and the end-of-round engine state, the steps the engine state
+lacks are counted at the most noise pairs a step of this client draws (at least one pair
+per two trainable coordinates), an upper bound for the truncation term.
 
 Set-up of a simulation.  Without ``data-path`` a client trains on its share of the recipe's
 data: the held-out validation split and the non-IID partition are computed from a *public*
@@ -61,14 +65,16 @@ from accountants import Budget, BudgetExceeded, BudgetFilter, Ledger
 from ..data import LMExamples, TextDataset, load_texts, tokenize
 from ..data.splits import read_data
 from ..engine import PrivacyEngine
+from ..hardware import resolve_device
 from ..models import build_model
 from ..noise import GaussianNoise, truncation_delta
 from ..optim import make_optimizer
 from ..plan import plan_privacy
 from ..policies import Policy
+from ..precision import Precision
 from ..rundir import atomic_write
 from ..sampling import PoissonSampler
-from ..secret import KEY_FILE, RunKey, run_key
+from ..secret import KEY_FILE, RunKey, RunKeyError, run_key
 from .holder import ClientConfig, ClientConfigError, Request, refusal
 from .lora import get_strategy, load_lora_state
 from .partition import partition
@@ -175,9 +181,9 @@ def plan_client(recipe: FederatedRecipe, client: int, own: ClientConfig) -> Clie
 
 
 class ClientState:
-    """A client's state directory: ``secret.key`` (its run key, 0600), ``ledger.json``
-    (authoritative) and ``engine.pt`` (policy state, noise position), both saved after every
-    step."""
+    """A client's state directory: ``secret.key`` (its run key, 0600; marked used before its
+    first step), ``ledger.json`` (authoritative, saved after every step) and ``engine.pt``
+    (policy state, noise position, the most pairs a step drew; saved when a round ends)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -257,8 +263,31 @@ def _noise_multiplier(policy: Policy) -> float:
 
 
 def _pairs_per_step(engine: PrivacyEngine) -> int:
-    """Gaussian pairs one release draws (one noise tensor per trainable parameter)."""
+    """Gaussian pairs the parameters' noise of one release draws (one noise tensor per
+    trainable parameter)."""
     return sum((p.numel() + 1) // 2 for p in engine.params)
+
+
+def _restore_engine(
+    engine: PrivacyEngine,
+    sampler: PoissonSampler,
+    noise: GaussianNoise,
+    ledger: Ledger,
+    saved: dict[str, Any] | None,
+) -> int:
+    """Continue the noise position, the pair count and the policy state of ``saved`` (the
+    end of the client's last round) at the ledger's step count; returns the pairs a step is
+    counted at for steps the saved state lacks (a crash mid-round)."""
+    per_step = max(int((saved or {}).get("pairs_per_step", 0)), _pairs_per_step(engine))
+    if saved is not None:
+        so_far = {"ledger": ledger.to_dict(), "steps_taken": ledger.total_steps}
+        engine.load_state_dict({**saved["engine"], **so_far})
+        sampler.load_state_dict(saved["sampler"])
+        behind = ledger.total_steps - int(saved["engine"]["steps_taken"])
+        noise.pairs += max(behind, 0) * per_step
+    elif ledger.total_steps:  # a crash in the client's first round (or an older state)
+        noise.pairs = ledger.total_steps * per_step
+    return per_step
 
 
 def _local_steps(
@@ -267,21 +296,31 @@ def _local_steps(
     examples: LMExamples,
     steps: int,
     state: ClientState,
+    per_step: int,
 ) -> int:
-    """Up to ``steps`` private steps; the ledger, then the engine state, is saved after each
-    (the ledger never covers fewer steps than were taken).  Returns steps taken."""
-    taken = 0
+    """Up to ``steps`` private steps; the ledger is saved after each (it never covers fewer
+    steps than were taken), the engine state once, after the last.  Returns steps taken."""
+    taken, noise = 0, engine.noise
     try:
         for _ in range(steps):
+            before = noise.pairs
             try:
                 engine.step(examples.batch(sampler.sample(engine.steps_taken)))
             except BudgetExceeded:
                 break
             engine.ledger.save(state.ledger_path)
+            per_step = max(per_step, noise.pairs - before)
+            taken += 1
+        if taken:
             engine_state = engine.state_dict()
             engine_state.pop("ledger")  # ledger.json is the authoritative copy
-            state.save_engine({"engine": engine_state, "sampler": sampler.state_dict()})
-            taken += 1
+            state.save_engine(
+                {
+                    "engine": engine_state,
+                    "sampler": sampler.state_dict(),
+                    "pairs_per_step": per_step,
+                }
+            )
     finally:
         engine.detach()
     return taken
@@ -323,8 +362,13 @@ def train_round(
             return _decline(msg, public, spent, reason)
 
         key = state.key(own.insecure_seed)  # never leaves the client
+        if not ledger.total_steps:
+            try:
+                key.refuse_restart(state.key_path, f"{state.ledger_path} holds no step")
+            except RunKeyError as err:
+                return _decline(msg, public, spent, f"client state: {err}")
         with MODEL_LOCK:
-            model, tokenizer = build_model(recipe)
+            model, tokenizer = build_model(recipe, resolve_device(recipe.training.device))
         load_lora_state(model, msg.content["arrays"].to_torch_state_dict())
         for name, p in model.named_parameters():
             p.requires_grad_(strategy.trainable(name))
@@ -345,23 +389,17 @@ def train_round(
             ledger=ledger,
             max_physical_batch_size=recipe.training.physical_batch_size,
             noise=noise,
+            precision=Precision(recipe.training.precision, recipe.training.loss_scale),
         )
         sampler = PoissonSampler(examples.ids, plan.sample_rate, key)
-        saved = state.load_engine()
-        if saved is not None:  # continue the noise position and the policy state
-            so_far = {"ledger": ledger.to_dict(), "steps_taken": ledger.total_steps}
-            engine.load_state_dict({**saved["engine"], **so_far})
-            sampler.load_state_dict(saved["sampler"])
-            behind = ledger.total_steps - int(saved["engine"]["steps_taken"])
-            noise.pairs += max(behind, 0) * _pairs_per_step(engine)  # a crash between saves
-        elif ledger.total_steps:  # an older client state: count the pairs its steps drew
-            noise.pairs = ledger.total_steps * _pairs_per_step(engine)
-        taken = _local_steps(engine, sampler, examples, plan.local_steps, state)
+        per_step = _restore_engine(engine, sampler, noise, ledger, state.load_engine())
+        key.mark_used(state.key_path)  # before its first step draws coins and noise
+        taken = _local_steps(engine, sampler, examples, plan.local_steps, state, per_step)
         eps = engine.epsilon()
     public["delta"] = plan.delta + truncation_delta(eps, noise.pairs)
     if taken == 0:
         return _decline(msg, public, eps, f"budget: no local step fits epsilon={plan.epsilon:g}")
-    trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    trained = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
     return _reply(
         msg,
         {**public, "declined": 0, "epsilon": eps, "steps": taken},

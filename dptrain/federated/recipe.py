@@ -69,6 +69,17 @@ class FederatedRecipe(Recipe):
     lora: LoraSection = Field(description="required: clients exchange LoRA adapters")
     federated: FederatedSection
 
+    @model_validator(mode="after")
+    def _record_unit(self) -> FederatedRecipe:
+        if self.data.privacy_unit is not None or self.data.person_field is not None:
+            raise ValueError(
+                "data.privacy_unit / data.person_field: federated clients train with the "
+                "record as the privacy unit (client-level DP on the server is separate); a "
+                "person-level unit per client is not implemented. Fix: delete the key, or "
+                "train one data owner with `dptrain train`"
+            )
+        return self
+
 
 def client_state_root(recipe: FederatedRecipe, run_dir: str | Path) -> Path:
     """``federated.state_dir``, checked: set, and not inside the server's run directory (a

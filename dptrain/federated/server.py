@@ -1,16 +1,21 @@
 """The federated server: a Flower ``ServerApp`` that runs :class:`LoraFedAvg` for a recipe and
 writes a run directory like ``dptrain train``'s.
 
-Run directory::
+Run directory (``README.txt`` in it says what may be published, see :mod:`dptrain.rundir`)::
 
-    secret.key         the server's run key (0600): client-level DP coins and noise
+    secret.key         PRIVATE. The server's run key (0600): client-level DP coins and noise;
+                       marked used when the run starts, never reused by another run
     recipe.yaml        the recipe
-    run.json           strategy, clients, rounds, perplexities, each client's last epsilon
-    metrics.jsonl      one line per round: global validation perplexity, each client's
-                       status (trained / declined + reason / failed + reason) and epsilon
+    run.json           strategy, clients, rounds, each client's last epsilon
+    private/metrics.jsonl  PRIVATE. One line per round: global validation perplexity, each
+                       client's status (trained / declined + reason / failed + reason), epsilon
+    private/stats.json     PRIVATE. The validation perplexity before, after and by round
     ledger.json        client-level DP ledger (only with federated.client_dp)
     checkpoints/       global adapters after each round (step-<round>.pt)
     final/             the final global adapter and tokenizer, loadable with peft
+
+Each round's ledger (client-level DP) is saved, atomically, before the round's lines are
+printed or logged: no output shows a round the ledger on disk does not cover.
 
 Client state (ledgers, keys) never lives here: each client keeps it in its own state
 directory (``federated.state_dir/client-k`` in a simulation), which outlives server runs.
@@ -34,7 +39,7 @@ from ..data.lm import eval_batches
 from ..losses import perplexity
 from ..models import build_model
 from ..recipe import RecipeError, dump_recipe
-from ..rundir import RunDir, atomic_write, save_final, versions
+from ..rundir import PUBLIC_FILES, RunDir, atomic_write, save_final, versions
 from ..secret import RunKey, run_key
 from .client import MODEL_LOCK, validation_dataset
 from .lora import load_lora_state, lora_state
@@ -52,6 +57,9 @@ def start_run(recipe: FederatedRecipe, run_dir: str | Path | None = None) -> Run
         )
     run.path.mkdir(parents=True, exist_ok=True)
     key = server_key(recipe, run)
+    key.refuse_restart(run.key, f"{run.path} holds no run any more (no run.json)")
+    key.mark_used(run.key)  # before any round draws from it
+    run.write_readme()
     atomic_write(run.recipe, lambda f: f.write(dump_recipe(recipe)))
     f = recipe.federated
     run.write_meta(
@@ -122,6 +130,8 @@ def run_server(grid: Grid, recipe: FederatedRecipe, run: RunDir) -> dict[str, An
         load_lora_state(model, state)
         ppl = history[server_round] = perplexity(model, batches)
         report = strategy.reports.get(server_round)
+        if report is not None and strategy.client_dp is not None:
+            strategy.ledger.save(run.ledger)  # the ledger first: it covers what is shown
         head = "before training" if server_round == 0 else f"round {server_round}/{f.rounds}"
         lines = [f"{head}: global validation perplexity {ppl:.3f}"]
         print("\n".join(lines + _round_lines(report, strategy, f.clients)), flush=True)
@@ -139,8 +149,6 @@ def run_server(grid: Grid, recipe: FederatedRecipe, run: RunDir) -> dict[str, An
                     "seconds": time.perf_counter() - t0,
                 }
             )
-            if strategy.client_dp is not None:
-                strategy.ledger.save(run.ledger)
             run.save_checkpoint(server_round, {"round": server_round, "adapters": state})
         return MetricRecord({"perplexity": ppl})
 
@@ -152,22 +160,24 @@ def run_server(grid: Grid, recipe: FederatedRecipe, run: RunDir) -> dict[str, An
         evaluate_fn=evaluate,
     )
     save_final(model, tokenizer, run.final)
-    meta = run.update_meta(
-        status="finished",
+    stats = run.update_stats(  # validation records are not covered by any guarantee
         perplexity_before=history.get(0, math.nan),
         perplexity_after=history.get(f.rounds, math.nan),
         perplexity_by_round=history,
+    )
+    meta = run.update_meta(
+        status="finished",
         client_epsilon={str(k): v for k, v in sorted(strategy.epsilon.items())},
         client_delta={str(k): v for k, v in sorted(strategy.delta.items())},
         client_dp_epsilon=strategy.ledger_epsilon(),
         client_dp_delta=strategy.ledger_delta(),
         train_seconds=time.perf_counter() - t0,
     )
-    _print_summary(run, meta)
+    _print_summary(run, meta, stats)
     return meta
 
 
-def _print_summary(run: RunDir, meta: dict[str, Any]) -> None:
+def _print_summary(run: RunDir, meta: dict[str, Any], stats: dict[str, Any]) -> None:
     eps = ", ".join(
         f"client {k}: ({v:.4f}, {meta['client_delta'].get(k, float('nan')):.3g})"
         for k, v in meta["client_epsilon"].items()
@@ -176,9 +186,12 @@ def _print_summary(run: RunDir, meta: dict[str, Any]) -> None:
         "",
         f"run directory       {run.path}",
         f"strategy            {meta['strategy']}, {meta['clients']} clients, {meta['rounds']} rounds",
-        f"val perplexity      {meta['perplexity_before']:.3f} -> {meta['perplexity_after']:.3f}",
+        f"val perplexity      {stats['perplexity_before']:.3f} -> {stats['perplexity_after']:.3f} "
+        "(private: the validation records are not covered by the guarantee)",
         f"privacy per client  (epsilon, delta) over all rounds ({meta['accountant']}): {eps or 'none'}",
         f"final adapter       {run.final}",
+        f"publishable         {', '.join(PUBLIC_FILES)}; everything else is private "
+        f"(secret.key, private/, checkpoints/: {run.readme})",
     ]
     if meta.get("client_dp_epsilon") is not None:
         lines.insert(

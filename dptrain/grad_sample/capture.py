@@ -39,6 +39,7 @@ from .fused import Alias, Fused
 from .local import LocalCall, LocalRule, replays_exactly
 from .ops import OPS, OpCall, UnsupportedLayerError, Use, mixes_samples
 from .plan import (
+    INVALID,
     ROOT,
     Decision,
     OpRecord,
@@ -47,6 +48,7 @@ from .plan import (
     ScopeKey,
     ScopeRecord,
     build_plan,
+    sample_axis,
 )
 
 _SCOPES: list[type] = []
@@ -170,6 +172,8 @@ class GradCapture:
         self._unplanned: set[str] = set()
         self._tls = threading.local()
         self._all_names = {id(m): n or "<model>" for n, m in model.named_modules()}
+        self._modules = [m for _, m in model.named_modules()]
+        self._rewritten: set[str] = set()  # parameters the forward writes without changing
         self._mode = _Mode(self)
         self._handles: list[Any] = []
 
@@ -440,6 +444,7 @@ class GradCapture:
         log = ProbeLog(batch_len(batch), expand=expand)
         versions = _buffer_versions(self.model)
         saved = {n: b.detach().clone() for n, b in self.model.named_buffers() if b is not None}
+        weights = _param_state(self.model)
         self._probe, self._counts = log, {}
         self._stack.clear()
         self._stack.append(_Call(None, "the loss function", ROOT, [], None, 0))
@@ -471,10 +476,20 @@ class GradCapture:
                 "from private records without noise and saved with the model. Fix: use "
                 "GroupNorm or LayerNorm, or put those layers in eval mode with frozen statistics"
             )
+        after = _param_state(self.model)
+        moved = [n for n, v in after.items() if not _same(weights[n][1:], v[1:])]
+        if moved:
+            raise _moved_error(moved)
+        # written but unchanged (peft merges a LoRA delta into a parameter and takes it out):
+        # checked by value at every step, the others by their version counters
+        self._rewritten |= {n for n, v in after.items() if v[0] != weights[n][0]}
         return log, losses.detach()
 
     def probe(self, loss_fn: Callable, batch: Any) -> Plan:
-        """Probe ``batch`` (and it plus a copy of its first sample) and plan every use."""
+        """Probe ``batch`` and it plus a copy of its first sample (for the batch axes, and that
+        no sample's loss changes when a sample joins), then, for ``B >= 2``, ``batch[1:]`` and
+        ``batch[:1]`` (that none changes when samples leave: a batch maximum, a ``unique`` or a
+        norm of the largest sample is blind to a duplicate, not to a removal); plan every use."""
         b = batch_len(batch)
         bigger = batch_cat(batch, batch_slice(batch, 0, 1))
         notes: list[str] = []
@@ -492,53 +507,83 @@ class GradCapture:
                 small, l_small = self._probe_forward(loss_fn, batch)
                 ok = _close(l_small, l_big[:b])
                 if ok:
+                    expand = frozenset()
                     notes.append(
                         "uses shared by the batch (leading axis 1) are not broadcast: the model's "
                         "output changed when they were"
                     )
             if not ok:
-                where = self._locate_mixing(loss_fn, batch, bigger)
-                raise UnsupportedLayerError(
-                    f"a sample's loss changes when another sample joins its batch: {where} mixes the samples "
-                    "of a batch (its output for one sample depends on other samples), so "
-                    "per-sample gradients do not exist. Fix: make that layer act on each sample "
-                    "alone (e.g. LayerNorm or GroupNorm instead of a batch statistic)"
-                )
+                where = self._locate_mixing(loss_fn, batch, bigger, 0, b)
+                raise _mixing_error("another sample joins its batch", where)
+            if b >= 2 and not random:
+                # samples leaving: [1:] sees a statistic its first sample decided, [:1] one that
+                # any other sample decided (a maximum is one sample's, so one of the two sees it)
+                for lo, hi, event in (
+                    (1, b, "the first sample leaves its batch"),
+                    (0, 1, "the other samples leave its batch"),
+                ):
+                    part = batch_slice(batch, lo, hi)
+                    _, l_part = self._probe_forward(loss_fn, part, expand)
+                    if not _close(l_part, l_small[lo:hi]):
+                        where = self._locate_mixing(loss_fn, batch, part, lo, hi - lo, expand)
+                        raise _mixing_error(event, where)
         if random:
             notes.append(
                 "the model draws random numbers other than dropout in its forward pass, so "
                 "sample independence could not be checked by comparing losses"
             )
         self.plan = build_plan(
-            small, big, verified=b >= 2 and not random, notes=notes, checkable=not random
+            small,
+            big,
+            verified=b >= 2 and not random,
+            notes=notes,
+            checkable=not random,
+            modes=self.modes(),
+            order=list(self.params),
         )
         return self.plan
 
-    def _locate_mixing(self, loss_fn: Callable, batch: Any, bigger: Any) -> str:
-        """The first module (in completion order) whose output for the first ``B`` samples
-        changes when a sample is added: the innermost layer that mixes samples."""
-        small: list[tuple[nn.Module, Any]] = []
-        big: list[tuple[nn.Module, Any]] = []
-        self._probe_forward(loss_fn, batch, outputs=small)
-        self._probe_forward(loss_fn, bigger, outputs=big)
-        b = batch_len(batch)
-        for (m, a), (m2, c) in zip(small, big, strict=False):
+    def modes(self) -> tuple[bool, ...]:
+        """Every module's ``training`` flag: the plan holds for these modes only (BatchNorm
+        put back in train mode mixes samples; dropout switched on makes a module random)."""
+        return tuple(m.training for m in self._modules)
+
+    def _locate_mixing(
+        self,
+        loss_fn: Callable,
+        batch: Any,
+        other: Any,
+        at: int,
+        n: int,
+        expand: frozenset = frozenset(),
+    ) -> str:
+        """The first module (in completion order) whose output for samples ``at .. at + n``
+        of ``batch`` differs from its output for the first ``n`` samples of ``other`` (the
+        same samples in another batch): the innermost layer that mixes samples."""
+        mine: list[tuple[nn.Module, Any]] = []
+        theirs: list[tuple[nn.Module, Any]] = []
+        self._probe_forward(loss_fn, batch, expand, outputs=mine)
+        self._probe_forward(loss_fn, other, expand, outputs=theirs)
+        b, o = batch_len(batch), batch_len(other)
+        for (m, a), (m2, c) in zip(mine, theirs, strict=False):
             if m is not m2 or not (isinstance(a, Tensor) and isinstance(c, Tensor)):
                 break
-            from .plan import INVALID, batch_axis
-
-            axis = batch_axis(tuple(a.shape), tuple(c.shape), b)
+            axis = sample_axis(tuple(a.shape), tuple(c.shape), b, o)
             if axis is None or axis == INVALID or not a.is_floating_point():
                 continue
-            if not _close(a, c.narrow(axis, 0, b)):
+            if not _close(a.narrow(axis, at, n), c.narrow(axis, 0, n)):
                 return f"layer '{self._all_names.get(id(m), '?')}' ({type(m).__name__})"
         return "some layer"
 
     # -- one chunk -----------------------------------------------------------------------------
 
     def needs_probe(self, batch_size: int) -> bool:
+        """Whether to probe before this chunk: no plan yet, a module's train/eval mode changed
+        since the plan was made, or the plan awaits a batch of two or more to be verified."""
         plan = self.plan
-        return plan is None or (batch_size >= 2 and not plan.verified and plan.checkable)
+        if plan is None or plan.modes != self.modes():
+            return True
+        return batch_size >= 2 and not plan.verified and plan.checkable
 
     def run(self, loss_fn: Callable, batch: Any) -> tuple[Recorded, Tensor]:
         """Forward and backward of one chunk: its recorded uses and per-sample losses.  Probes
@@ -572,6 +617,8 @@ class GradCapture:
         self.uses, self._locals, self._counts, self._unplanned = [], [], {}, set()
         self.batch_size, self.active = b, True
         versions = _buffer_versions(self.model)
+        weights = {n: p._version for n, p in self.model.named_parameters()}
+        values = _param_state(self.model, self._rewritten)
         losses = _per_sample_losses(loss_fn(self.model, batch), b)
         direct = self._direct_grads(losses)
         self.in_backward, self._counts = True, {}  # recomputations (checkpointing) replay the plan
@@ -584,6 +631,15 @@ class GradCapture:
                 "would hold statistics of private records without noise. Fix: freeze them "
                 "(eval mode) or use layers without running statistics"
             )
+        rewritten = _param_state(self.model, self._rewritten)
+        moved = [
+            n
+            for n, p in self.model.named_parameters()
+            if weights.get(n) != p._version
+            and (n not in values or not _same(values[n][1:], rewritten[n][1:]))
+        ]
+        if moved:
+            raise _moved_error(moved)
         if self._unplanned:
             raise PlanMiss(
                 f"unplanned direct gradients of {', '.join(sorted(self._unplanned)[:3])}"
@@ -594,18 +650,34 @@ class GradCapture:
         """Per-sample gradients of the directly differentiated parameters: the rows of the
         Jacobian of the loss vector, ``d loss_b / d p`` (paths through fused and aliased nodes
         excluded: those nodes give parameters no gradient)."""
-        params = [self.params[i] for i in sorted(self.plan.direct, key=list(self.params).index)]
+        plan = self.plan
+        params = [self.params[i] for i in plan.direct_order]
         if not params:
             return {}
         b = losses.shape[0]
         self.replaying, self._counts = True, {}
         try:
-            try:
-                eye = torch.eye(b, dtype=losses.dtype, device=losses.device)
-                rows = torch.autograd.grad(
-                    losses, params, eye, retain_graph=True, is_grads_batched=True, allow_unused=True
-                )
-            except RuntimeError:  # a backward without a batching rule: one sample at a time
+            rows = None
+            if plan.direct_batched:
+                try:
+                    eye = torch.eye(b, dtype=losses.dtype, device=losses.device)
+                    rows = torch.autograd.grad(
+                        losses,
+                        params,
+                        eye,
+                        retain_graph=True,
+                        is_grads_batched=True,
+                        allow_unused=True,
+                    )
+                except RuntimeError as err:  # a backward without a batching rule
+                    plan.direct_batched = False  # not retried for this plan
+                    plan.notes.append(
+                        f"the backward pass reaching {self._names(params[:3])}"
+                        f"{', ...' if len(params) > 3 else ''} has no batching rule "
+                        f"({_first_line(err)}): their per-sample gradients take one backward "
+                        "pass per sample"
+                    )
+            if rows is None:  # one sample at a time
                 per = [
                     torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
                     for i in range(b)
@@ -699,6 +771,20 @@ def _module_tracking(path: list[nn.Module], outputs: list | None) -> list[Any]:
     ]
 
 
+def _first_line(err: BaseException, limit: int = 120) -> str:
+    line = next((s for s in str(err).splitlines() if s.strip()), type(err).__name__)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _mixing_error(event: str, where: str) -> UnsupportedLayerError:
+    return UnsupportedLayerError(
+        f"a sample's loss changes when {event}: {where} mixes the samples of a batch (its "
+        "output for one sample depends on other samples), so per-sample gradients do not "
+        "exist. Fix: make that layer act on each sample alone (e.g. LayerNorm or GroupNorm "
+        "instead of a batch statistic)"
+    )
+
+
 def _per_sample_losses(losses: Any, b: int) -> Tensor:
     if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.shape[0] != b:
         shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
@@ -726,6 +812,37 @@ def _restore_buffers(
                 changed.append(n)
                 b.copy_(old)
     return changed
+
+
+def _param_state(
+    model: nn.Module, names: set[str] | None = None
+) -> dict[str, tuple[int, float, float]]:
+    """The parameters' (all, or those in ``names``) version counters and value fingerprints
+    (sum and norm in float64): a write through ``.data`` leaves the counter alone, not the
+    values."""
+    with torch.no_grad():
+        return {
+            n: (
+                p._version,
+                float(p.sum(dtype=torch.float64)),
+                float(torch.linalg.vector_norm(p, dtype=torch.float64)),
+            )
+            for n, p in model.named_parameters()
+            if names is None or n in names
+        }
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return all(x == y or (x != x and y != y) for x, y in zip(a, b, strict=True))
+
+
+def _moved_error(names: list[str]) -> UnsupportedLayerError:
+    return UnsupportedLayerError(
+        f"the forward pass changes the parameters {', '.join(names[:4])} in place (outside the "
+        "noisy update): a change computed from private records would reach the model without "
+        "noise, and they now hold it. Fix: reload those weights, and make the forward pass "
+        "leave parameters unchanged (e.g. compute a normalized copy instead of writing it back)"
+    )
 
 
 def _buffer_versions(model: nn.Module) -> dict[str, int]:

@@ -553,7 +553,10 @@ class EmbeddingBag(OpRule):
 class Elementwise(OpRule):
     """``x * w``, ``x + a w``, ``x - w`` (either order) with ``w`` broadcast over ``x`` and not
     over its batch axis (a scale or shift per feature: Llama's RMSNorm weight, layer scales):
-    ``dw_b`` is ``g_b * x_b`` (or ``+-a g_b``) summed over the axes ``w`` is broadcast along."""
+    ``dw_b`` is ``g_b * x_b`` (or ``+-a g_b``) summed over the axes ``w`` is broadcast along.
+    ``w`` may carry leading axes of length 1, its first aligned with the batch axis (a (1, d)
+    weight against (B, d)): aligned to ``x`` as ``(1, ..., 1, *w.shape)``, sample ``b``'s
+    gradient is ``g_b x_b`` summed to that shape, with the batch axis kept."""
 
     names = ("input", "other", "alpha")
     defaults: ClassVar[dict[str, Any]] = {"alpha": 1}
@@ -609,16 +612,22 @@ class Elementwise(OpRule):
             gx = g * w.to(g.dtype)
         else:
             gx = g * self._scale(call)[1]
-        return gx.sum_to_size(x.shape)
+        return gx.sum_to_size(call.as_called(x).shape)  # g is as called (maybe (B*T, ...))
 
     def per_sample(self, use: Use) -> dict[str, Tensor]:
         call, g = use.call, use.grad
         w = use.params["weight"]
         full = g * call.input.to(g.dtype) if self.kind == "mul" else g * self._scale(call)[0]
         b = full.shape[0]
-        lead = full.dim() - w.dim()
-        shape = (b,) + (1,) * (lead - 1) + tuple(w.shape)
-        return {"weight": full.sum_to_size(shape).reshape(b, *w.shape)}
+        # w as broadcast against the (batch-first) input: its axis 0 is 1 (parse refuses a
+        # weight spanning the batch axis), so keeping axis 0 at b sums each sample alone
+        aligned = (1,) * (full.dim() - w.dim()) + tuple(w.shape)
+        if aligned[0] != 1:
+            raise UnsupportedLayerError(
+                f"'{use.name}': a weight of shape {tuple(w.shape)} spans the batch axis of an "
+                f"input of shape {tuple(full.shape)}. Fix: give the weight fewer axes than the input"
+            )
+        return {"weight": full.sum_to_size((b, *aligned[1:])).reshape(b, *w.shape)}
 
 
 OPS: dict[Any, OpRule] = {}

@@ -23,8 +23,11 @@ Each use then gets one of three treatments:
 The probes also check what makes per-sample gradients meaningless: a function that normalizes
 over the batch in its current mode (BatchNorm in train mode, trainable or frozen), a buffer
 updated from the data during the forward pass (running statistics), and a per-sample loss
-that changes when other samples are added (any other layer that mixes samples, parameter-free
-or not).  Dropout is switched off in the probes so the losses can be compared.
+that changes when other samples are added or removed (any other layer that mixes samples,
+parameter-free or not: two more forward passes, on ``batch[1:]`` and ``batch[:1]``, see what a
+duplicate cannot, a batch maximum or ``unique``), and a forward pass that writes parameters in
+place.  Dropout is switched off in the probes so the losses can be compared.  A plan holds for
+the modules' train/eval modes it was probed in; a change of any ``training`` flag probes again.
 """
 
 from __future__ import annotations
@@ -104,17 +107,29 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     checkable: bool = True  # False: the forward draws random numbers; losses cannot be compared
     calls: dict[int, int] = field(default_factory=dict)  # module id -> calls per forward
+    modes: tuple[bool, ...] = ()  # every module's ``training`` flag when probed
+    direct_batched: bool = True  # the Jacobian rows come from one vectorized backward
+    direct_order: tuple[int, ...] = ()  # the directly differentiated parameters, model order
 
 
 def batch_axis(small: tuple[int, ...] | None, big: tuple[int, ...] | None, b: int) -> int | None:
     """The axis that is ``b`` long at batch size ``b`` and ``b + 1`` at ``b + 1``; None when the
     shape does not change (no batch axis); :data:`INVALID` otherwise."""
-    if small is None or big is None or len(small) != len(big):
+    return sample_axis(small, big, b, b + 1)
+
+
+def sample_axis(
+    a: tuple[int, ...] | None, c: tuple[int, ...] | None, n_a: int, n_c: int
+) -> int | None:
+    """The one axis that is ``n_a`` long in shape ``a`` (a batch of ``n_a`` samples) and
+    ``n_c`` long in ``c`` (``n_c != n_a`` samples); None when the shapes are equal (no batch
+    axis); :data:`INVALID` otherwise."""
+    if a is None or c is None or len(a) != len(c):
         return INVALID
-    if small == big:
+    if a == c:
         return None
-    axes = [i for i, (s, t) in enumerate(zip(small, big, strict=True)) if s != t]
-    if len(axes) == 1 and small[axes[0]] == b and big[axes[0]] == b + 1:
+    axes = [i for i, (s, t) in enumerate(zip(a, c, strict=True)) if s != t]
+    if len(axes) == 1 and a[axes[0]] == n_a and c[axes[0]] == n_c:
         return axes[0]
     return INVALID
 
@@ -145,9 +160,18 @@ def _local_axes(
 
 
 def build_plan(
-    small: ProbeLog, big: ProbeLog, *, verified: bool, notes: list[str], checkable: bool = True
+    small: ProbeLog,
+    big: ProbeLog,
+    *,
+    verified: bool,
+    notes: list[str],
+    checkable: bool = True,
+    modes: tuple[bool, ...] = (),
+    order: list[int] | None = None,
 ) -> Plan:
-    """Decide every use seen in the probe at the step's batch size (``small``)."""
+    """Decide every use seen in the probe at the step's batch size (``small``).  ``modes``:
+    the modules' ``training`` flags during the probe (a change means probing again);
+    ``order``: the ids of the trainable parameters in model order."""
     b = small.batch_size
     ops: dict[OpKey, Decision] = {}
     pending: dict[ScopeKey, list[OpRecord]] = {}
@@ -210,7 +234,20 @@ def build_plan(
     for mid, k in small.scopes:
         if mid != ROOT[0]:
             calls[mid] = max(calls.get(mid, 0), k + 1)
-    return Plan(b, ops, scopes, frozenset(direct), verified, notes, checkable, calls)
+    rank = {pid: i for i, pid in enumerate(order or [])}
+    direct_order = tuple(sorted(direct, key=lambda pid: rank.get(pid, len(rank))))
+    return Plan(
+        b,
+        ops,
+        scopes,
+        frozenset(direct),
+        verified,
+        notes,
+        checkable,
+        calls,
+        modes=modes,
+        direct_order=direct_order,
+    )
 
 
 def _sample_major(small: OpRecord, big: OpRecord, b: int) -> bool:

@@ -133,9 +133,14 @@ def _ensure_pad_token(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> N
         model.config.pad_token_id = tok.pad_token_id
 
 
-def build_model(recipe: Recipe) -> tuple[torch.nn.Module, Any]:
-    """The recipe's model (with its LoRA adapters, if any) in training mode, and its tokenizer;
-    initialization draws from ``recipe.seed`` without touching torch's global stream."""
+def build_model(
+    recipe: Recipe, device: torch.device | str | None = None
+) -> tuple[torch.nn.Module, Any]:
+    """The recipe's model (with its LoRA adapters, if any) in training mode, on ``device``
+    (default: the CPU), and its tokenizer; initialization draws from ``recipe.seed`` on the
+    CPU without touching torch's global stream, so it is the same on every device.  With
+    ``training.gradient_checkpointing`` the model recomputes activations in the backward pass
+    (non-reentrant checkpointing: the engine is exact with it)."""
     dtype = getattr(torch, recipe.model.dtype)
     with torch.random.fork_rng():
         torch.manual_seed(recipe.seed)
@@ -151,8 +156,26 @@ def build_model(recipe: Recipe) -> tuple[torch.nn.Module, Any]:
             )
             model = get_peft_model(model, cfg)
     model.to(dtype)  # adapters are created in torch's default dtype; keep one dtype throughout
+    if recipe.training.gradient_checkpointing:
+        _enable_checkpointing(model)
+    if device is not None:
+        model.to(device)
     model.train()
     return model, tok
+
+
+def _enable_checkpointing(model: torch.nn.Module) -> None:
+    from ..errors import RecipeError
+
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if enable is None or not getattr(model, "supports_gradient_checkpointing", True):
+        raise RecipeError(
+            f"training.gradient_checkpointing: {type(model).__name__} does not support it. "
+            "Fix: set training.gradient_checkpointing: false"
+        )
+    # non-reentrant: no input needs requires_grad (frozen LoRA embeddings), and the capture's
+    # recomputations replay the plan (dptrain.grad_sample.capture)
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def check_context(model: torch.nn.Module, max_length: int) -> None:

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from accountants import ERROR_FEEDBACK, Event, calibrate_noise, error_feedback_event
 from accountants.error_feedback import FEEDBACK, feedback_sensitivity
 
+from ..errors import InputError
 from .base import NoiseFn, StepPlan, StepSums
 from .registry import check_accountant
 from .static import StaticPolicy
@@ -121,7 +122,7 @@ class ErrorFeedbackPolicy(StaticPolicy):
         error = {p: self._buffer(p, sums.names[p]) for p in sums.clipped}
         unknown = set(self.error) - set(sums.names.values())
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"the error state has parameters the model lacks ({sorted(unknown)[:3]}): it "
                 "comes from another model or LoRA configuration"
             )
@@ -146,7 +147,7 @@ class ErrorFeedbackPolicy(StaticPolicy):
         if e is None:
             return torch.zeros(p.shape, dtype=dtype, device=p.device)
         if e.shape != p.shape:
-            raise ValueError(
+            raise InputError(
                 f"the error state of {name} has shape {tuple(e.shape)}, the parameter "
                 f"{tuple(p.shape)}: the checkpoint comes from another model or LoRA configuration"
             )

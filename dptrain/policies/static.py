@@ -21,6 +21,30 @@ from accountants import Event
 from .base import Policy, StepContext, StepPlan
 
 
+def split_clip(
+    groups: Sequence[str], clip: float, group_clip: dict[str, float] | None = None
+) -> dict[str, float]:
+    """Per-group thresholds ``C_g`` for a total ``C``: ``C / sqrt(G)`` each, or the given
+    ``group_clip`` values with the groups it does not name sharing the rest of ``C^2`` evenly
+    (``sqrt((C^2 - sum_named C_g^2) / missing)``), so that ``sum_g C_g^2 = C^2`` whenever some
+    group is left to share."""
+    groups = list(groups)
+    group_clip = dict(group_clip or {})
+    unknown = set(group_clip) - set(groups)
+    if unknown:
+        raise ValueError(
+            f"group_clip names unknown groups {sorted(unknown)}; the groups are {groups}"
+        )
+    if not group_clip:
+        return dict.fromkeys(groups, float(clip) / math.sqrt(len(groups)))
+    missing = [g for g in groups if g not in group_clip]
+    rest = clip**2 - sum(c**2 for c in group_clip.values())
+    if missing and rest <= 0:
+        raise ValueError("group_clip uses up the whole clip norm; raise clip or list every group")
+    each = math.sqrt(rest / len(missing)) if missing else 0.0
+    return {g: float(group_clip.get(g, each)) for g in groups}
+
+
 class StaticPolicy(Policy):
     """Fixed clip ``C`` (split evenly over groups) and fixed noise multiplier ``sigma``."""
 
@@ -44,24 +68,9 @@ class StaticPolicy(Policy):
         self, groups: Sequence[str], *, sample_rate: float, expected_batch_size: float
     ) -> None:
         super().bind(groups, sample_rate=sample_rate, expected_batch_size=expected_batch_size)
-        unknown = set(self.group_clip) - set(self.groups)
-        if unknown:
-            raise ValueError(
-                f"group_clip names unknown groups {sorted(unknown)}; the groups are {self.groups}"
-            )
+        self._clip = split_clip(self.groups, self.clip, self.group_clip)
         if self.group_clip:
-            missing = [g for g in self.groups if g not in self.group_clip]
-            rest = self.clip**2 - sum(c**2 for c in self.group_clip.values())
-            if missing and rest <= 0:
-                raise ValueError(
-                    "group_clip uses up the whole clip norm; raise clip or list every group"
-                )
-            each = math.sqrt(rest / len(missing)) if missing else 0.0
-            self._clip = {g: self.group_clip.get(g, each) for g in self.groups}
             self.clip = math.sqrt(sum(c**2 for c in self._clip.values()))
-        else:
-            each = self.clip / math.sqrt(len(self.groups))
-            self._clip = dict.fromkeys(self.groups, each)
         if self.noise_multiplier is None:
             raise ValueError(
                 "set noise_multiplier, or call calibrate() with a target epsilon, before binding"

@@ -91,13 +91,18 @@ def build_classifier(recipe: Recipe) -> tuple[nn.Module, Any]:
 def classification_metrics(
     model: nn.Module, batches: list[dict[str, Tensor]], num_labels: int
 ) -> dict[str, float]:
-    """Accuracy and macro-F1 of the model's predictions on ``batches``."""
+    """Accuracy and macro-F1 of the model's predictions on ``batches`` (moved to the model's
+    device; the predictions come back to the CPU)."""
+    from ..hardware import module_device, to_device
+
     was_training = model.training
+    device = module_device(model)
     model.eval()
     preds, truth = [], []
     for b in batches:
-        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-        preds.append(out.logits.argmax(-1))
+        x = to_device(b, device)
+        out = model(input_ids=x["input_ids"], attention_mask=x["attention_mask"])
+        preds.append(out.logits.argmax(-1).cpu())
         truth.append(b["labels"])
     model.train(was_training)
     if not preds:

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from accountants import (
     UNLIMITED,
     Budget,
-    BudgetExceeded,
     BudgetFilter,
     Event,
     Ledger,
@@ -50,8 +49,6 @@ def _simulate(fil: BudgetFilter, proposals: list[tuple[Event, str]]) -> None:
             assert fil.spent(ledger) == eps(ledger.events, DELTA)
         else:  # refusals are exact too: the step would really have exceeded the budget
             assert eps([*ledger.events, event], DELTA) > fil.budget.epsilon
-            with pytest.raises(BudgetExceeded):
-                fil.check(ledger, event)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -110,8 +107,6 @@ def test_max_steps_exact_and_countdown(name: str) -> None:
         assert acc.epsilon(ledger.events, DELTA) <= budget.epsilon
     assert fil.max_steps(ledger, event) == 0
     assert not fil.allows(ledger, event)
-    with pytest.raises(BudgetExceeded, match=r"epsilon=1 .*Fix:"):
-        fil.check(ledger, event)
 
 
 def test_allows_is_cheap_per_step() -> None:
@@ -136,10 +131,6 @@ def test_refuses_when_already_spent() -> None:
     for event in (Event(0.01, 100.0), Event(0.1, 1.0), Event(0.5, math.inf)):
         assert not fil.allows(ledger, event)
         assert fil.max_steps(ledger, event) == 0
-    with pytest.raises(BudgetExceeded) as info:
-        fil.check(ledger, Event(0.01, 100.0))
-    message = str(info.value)
-    assert "epsilon=1 " in message and f"{spent:.6g}" in message and "Fix:" in message
 
 
 def test_free_and_infinitely_expensive_steps() -> None:

@@ -143,3 +143,29 @@ def test_steps_evaluator_is_bitwise_consistent() -> None:
         assert f(0) == direct(prefix, DELTA)
         for k in (1, 2, 17, 1000):
             assert f(k) == direct([*prefix, event.with_steps(k)], DELTA)
+
+
+def test_ledger_curve_is_incremental_and_bitwise_equal() -> None:
+    """The curve kept per ledger equals rdp() of the same entries, as the ledger grows (new
+    entries, steps added to the last one), for any prefix, in both order grids."""
+    from accountants import Ledger
+
+    acc = RdpAccountant()
+    ledger = Ledger()
+    for t in range(40):
+        ledger.record(Event(0.01, 1.0 + 0.1 * (t % 3 == 0) + 0.01 * (t // 5)))
+        for adaptive in (False, True):
+            got = acc.ledger_rdp(ledger, adaptive=adaptive)
+            assert np.array_equal(got, acc.rdp(ledger.events, adaptive=adaptive))
+            n = len(ledger) - 1
+            assert np.array_equal(
+                acc.ledger_rdp(ledger, n, adaptive=adaptive),
+                acc.rdp(ledger.events[:n], adaptive=adaptive),
+            )
+        assert acc.ledger_epsilon(ledger, DELTA) == acc.epsilon(ledger.events, DELTA)
+        assert acc.ledger_epsilon(ledger, DELTA, adaptive=True) == acc.adaptive_epsilon(
+            ledger.events, DELTA
+        )
+    other = Ledger(ledger.events[:3])  # another ledger keeps its own curve
+    assert np.array_equal(acc.ledger_rdp(other), acc.rdp(other.events))
+    assert np.array_equal(acc.ledger_rdp(ledger, 2), acc.rdp(ledger.events[:2]))

@@ -68,7 +68,7 @@ def test_records_look_like_person_records() -> None:
     assert set(kinds) == set(synth.KINDS)
     assert kinds["clinic_note"] > 150
     for r in recs:
-        assert set(r) == {"id", "kind", "text"}
+        assert set(r) == {"id", "patient_id", "kind", "text"}
         assert 250 < len(r["text"]) < 1600, r
         assert re.search(r"DOB|MRN", r["text"]), r  # every record identifies a person
     notes = [r["text"] for r in recs if r["kind"] == "clinic_note"]
@@ -82,3 +82,23 @@ def test_negative_n_rejected() -> None:
 
     with pytest.raises(ValueError):
         list(synth.generate(-1))
+
+
+def test_patients_have_heavy_tailed_counts_and_one_identity() -> None:
+    """Every record names its patient; counts are 1..30, heavy-tailed; a patient's notes name
+    one person (the first note's name and MRN appear in every later note that states them)."""
+    recs = [json.loads(line) for line in bundled_path("clinic_notes").read_text().splitlines()]
+    counts = Counter(r["patient_id"] for r in recs)
+    sizes = sorted(counts.values())
+    assert sizes[0] == 1 and sizes[-1] == synth.MAX_RECORDS_PER_PATIENT
+    assert sizes[len(sizes) // 2] <= 3 and sum(s >= 10 for s in sizes) >= 50  # heavy tail
+    first: dict[str, str] = {}
+    for r in recs:
+        m = re.search(
+            r"(?:Name: |Patient: |Re: |From: |Customer: |notice for )([A-Z][^,(<|\n]+)", r["text"]
+        )
+        if m is None:
+            continue
+        name = m.group(1).strip()
+        assert first.setdefault(r["patient_id"], name) == name, r["id"]
+    assert len(first) > 0.8 * len(counts)

@@ -334,6 +334,100 @@ class BatchCenter(nn.Module):
         return x - x.mean(0, keepdim=True)
 
 
+class BatchMax(nn.Module):
+    """Subtracts the batch maximum of each feature: unchanged when a sample is duplicated."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x - x.amax(0, keepdim=True)
+
+
+class BatchMaxNorm(nn.Module):
+    """Divides by the largest sample norm of the batch: unchanged when a sample is duplicated."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x / x.norm(dim=1).amax()
+
+
+class UniqueCenter(nn.Module):
+    """Subtracts the mean of the batch's distinct samples (``torch.unique``, no gradient
+    through it): unchanged when a sample is duplicated."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x - torch.unique(x.detach(), dim=0).mean(0, keepdim=True)
+
+
+class RowScale(nn.Module):
+    """An elementwise scale and shift with a leading axis of 1, ``x * w + b`` with ``w`` and
+    ``b`` of shape (1, d) against x of shape (B, d) (and (1, 1, d) against (B, T, d))."""
+
+    def __init__(self, d: int, seq: bool) -> None:
+        super().__init__()
+        shape = (1, 1, d) if seq else (1, d)
+        self.w = nn.Parameter(torch.ones(shape))
+        self.b = nn.Parameter(torch.zeros(shape))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x * self.w + self.b
+        return y if y.dim() == 2 else torch.tanh(y).mean(1)
+
+
+class FlatScale(nn.Module):
+    """An elementwise scale on a flattened ``(B*T, d)`` view of a batch-first activation."""
+
+    def __init__(self, lead: tuple[int, ...]) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 5)
+        self.w = nn.Parameter(torch.ones(*lead, 5))
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.lin(x)
+        y = (h.reshape(-1, h.shape[-1]) * self.w).reshape(h.shape)
+        return self.head(torch.tanh(y).mean(1))
+
+
+class FusedAndDirect(nn.Module):
+    """A weight used through its layer's ``F.linear`` and directly (``w.sum(1) * x``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x) + self.lin.weight.sum(1) * x[:, :3]
+
+
+class FunctionalCallNet(nn.Module):
+    """Parameters reached through ``torch.func.functional_call``: a layer run with a
+    substituted weight (another parameter, scaled), then with its own parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.w2 = nn.Parameter(torch.randn(4, 4) / 2)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        from torch.func import functional_call
+
+        h = functional_call(self.lin, {"weight": self.w2 * 1.5}, (x,))
+        h = functional_call(self.lin, dict(self.lin.named_parameters()), (torch.tanh(h),))
+        return self.head(h)
+
+
+class BatchAxisMoves(nn.Module):
+    """One Linear called on (B, T, d), then on (T, B, d): its batch axis is 1 in the second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.lin(torch.tanh(self.lin(x)).transpose(0, 1))
+        return self.head(h.mean(0))
+
+
 def _with_bn(bn: nn.Module) -> nn.Module:
     return nn.Sequential(nn.Linear(4, 5), bn, nn.Tanh(), nn.Linear(5, 3))
 
@@ -481,6 +575,25 @@ LAYER_CASES: dict[str, Case] = {
         mse_loss,
     ),
     "bilinear": Case(_seeded(BilinearNet), regression((4,), 3), mse_loss),
+    "elementwise-weight-leading-1": Case(
+        _seeded(lambda: nn.Sequential(nn.Linear(4, 5), RowScale(5, False), nn.Linear(5, 3))),
+        regression((4,), 3),
+        mse_loss,
+    ),
+    "weight-fused-and-direct": Case(_seeded(FusedAndDirect), regression((4,), 3), mse_loss),
+    "functional-call": Case(_seeded(FunctionalCallNet), regression((4,), 3), mse_loss),
+    "linear-batch-axis-0-then-1": Case(_seeded(BatchAxisMoves), regression((5, 4), 3), mse_loss),
+    "elementwise-flattened-rows": Case(
+        _seeded(lambda: FlatScale(())), regression((3, 4), 3), mse_loss
+    ),
+    "elementwise-flattened-rows-leading-1": Case(
+        _seeded(lambda: FlatScale((1,))), regression((3, 4), 3), mse_loss
+    ),
+    "elementwise-weight-leading-1-seq": Case(
+        _seeded(lambda: nn.Sequential(nn.Linear(4, 5), RowScale(5, True), nn.Linear(5, 3))),
+        regression((3, 4), 3),
+        mse_loss,
+    ),
     "batchnorm-eval": Case(_eval_bn_build, regression((4,), 3), mse_loss),
     # refusals: layers that mix samples, trainable or not, and running statistics of private data
     "refuse-batchnorm-train": Case(
@@ -497,6 +610,25 @@ LAYER_CASES: dict[str, Case] = {
     ),
     "refuse-batch-mean": Case(
         _seeded(lambda: nn.Sequential(nn.Linear(4, 5), BatchCenter(), nn.Linear(5, 3))),
+        regression((4,), 3),
+        mse_loss,
+        refuse="1",
+    ),
+    # invariant to duplicating a sample, so only removing samples shows the mixing
+    "refuse-batch-max": Case(
+        _seeded(lambda: nn.Sequential(nn.Linear(4, 5), BatchMax(), nn.Linear(5, 3))),
+        regression((4,), 3),
+        mse_loss,
+        refuse="1",
+    ),
+    "refuse-batch-max-norm": Case(
+        _seeded(lambda: nn.Sequential(nn.Linear(4, 5), BatchMaxNorm(), nn.Linear(5, 3))),
+        regression((4,), 3),
+        mse_loss,
+        refuse="1",
+    ),
+    "refuse-unique-center": Case(
+        _seeded(lambda: nn.Sequential(nn.Linear(4, 5), UniqueCenter(), nn.Linear(5, 3))),
         regression((4,), 3),
         mse_loss,
         refuse="1",

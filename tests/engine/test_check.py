@@ -78,3 +78,24 @@ def test_engine_on_a_linear_model_matches_the_loop():
     before = [p.detach().clone() for p in model.parameters()]
     engine_update(model, batch, mse_loss, 0.5)  # lr 0: the model does not move
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("grouping", ["flat", "per_param"])
+@pytest.mark.parametrize("clip", [0.7, "dict"])
+def test_the_loop_splits_the_clip_as_the_static_policy_binds_it(grouping, clip):
+    """One split (policies.static.split_clip): the yardstick's thresholds are the policy's."""
+    from dptrain import StaticPolicy
+    from dptrain.check import group_clips
+
+    model = _linear()
+    groups = list(group_clips(model, 1.0, grouping)[0])
+    given = {g: 0.3 + 0.1 * i for i, g in enumerate(groups)} if clip == "dict" else clip
+    _, clips = group_clips(model, given, grouping)
+    if clip == "dict":
+        policy = StaticPolicy(clip=1.0, noise_multiplier=1.0, group_clip=given)
+    else:
+        policy = StaticPolicy(clip=clip, noise_multiplier=1.0)
+    policy.bind(groups, sample_rate=0.5, expected_batch_size=2.0)
+    assert clips == policy._plan.clip and sum(c**2 for c in clips.values()) == pytest.approx(
+        policy.clip**2
+    )

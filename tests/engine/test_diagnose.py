@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -85,3 +86,16 @@ def test_cli_checks_a_recipe_and_exits_zero_when_exact(capsys):
     rules = {r["layer"]: r["rule"] for r in out["layers"]}
     assert rules["transformer.h.0.attn.c_attn"] == "addmm"
     assert all(r["error"] <= out["tolerance"] for r in out["layers"])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cli_checks_a_recipe_under_its_autocast_precision(capsys, precision):
+    """The recipe's training.precision is what is checked: the engine's step under autocast
+    (fp16 with its loss scale) against the float64 loop, at the autocast dtype's tolerance."""
+    sets = ["--set", "training.device=cpu", "--set", f"training.precision={precision}"]
+    code = main(
+        ["check", "recipes/tiny.yaml", "--records", "4", "--batch-size", "2", "--json", *sets]
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["exact"], out
+    assert out["tolerance"] == {"bf16": 2e-2, "fp16": 5e-3}[precision]

@@ -290,3 +290,13 @@ def test_injected_samples_are_clipped_like_records_and_hooks_see_the_release(gro
             assert_close_rel(u, results[-1][names[p]], rtol=1e-9, what=names[p])
     for name in results[0]:
         assert_close_rel(results[1][name], results[0][name], rtol=1e-7, what=name)
+
+
+def test_sampler_state_for_other_data_is_a_user_error():
+    """Resuming on other data: the sampler's checkpoint names the fix, as a user error."""
+    from dptrain.errors import UserError
+
+    sampler = seeded_sampler(10, 0.5, seed=0)
+    sampler.load_state_dict(sampler.state_dict())
+    with pytest.raises(UserError, match="resume with the same data and recipe"):
+        sampler.load_state_dict({"n": 11, "sample_rate": 0.5})

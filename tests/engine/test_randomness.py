@@ -62,6 +62,32 @@ def test_key_file_errors_name_the_fix(tmp_path):
         RunKey.read(path)
 
 
+def test_a_used_key_is_marked_in_its_file_and_refuses_a_restart(tmp_path):
+    old = os.umask(0o000)
+    try:
+        key = run_key(tmp_path, None, create=True)
+    finally:
+        os.umask(old)
+    path = tmp_path / secret.KEY_FILE
+    assert not key.used and not RunKey.read(path).used
+    key.refuse_restart(path, "nothing is left")  # an unused key may start a run
+    key.mark_used(path)
+    again = RunKey.read(path)
+    assert key.used and again.used and again.key_id == key.key_id
+    assert again.derive("noise") == key.derive("noise")  # the same key, only marked
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == [secret.KEY_FILE]  # no temporary left
+    with pytest.raises(RunKeyError, match=r"already drawn coins and noise.*new run in a fresh"):
+        again.refuse_restart(path, "its ledger is gone")
+    copy = again.write(tmp_path / "other" / secret.KEY_FILE)  # written unmarked
+    assert not RunKey.read(copy).used
+    with pytest.raises(RunKeyError, match="another run key"):
+        RunKey.generate().mark_used(path)
+    seeded = RunKey.from_insecure_seed(1)
+    seeded.mark_used(tmp_path / "none")  # no file for an insecure seed: nothing to mark
+    assert not seeded.used and not (tmp_path / "none").exists()
+
+
 def test_fresh_keys_differ_insecure_seeds_repeat_and_say_so():
     assert RunKey.generate().key_id != RunKey.generate().key_id
     a, b = RunKey.from_insecure_seed(3), RunKey.from_insecure_seed(3)
@@ -95,7 +121,7 @@ def test_thresholds_are_exact_and_never_above_p():
 
 
 def test_colliding_record_ids_are_an_error_naming_them(monkeypatch):
-    monkeypatch.setattr(secret, "id64", lambda rid: 7 if rid in ("b", "d") else hash(rid) % 99)
+    monkeypatch.setattr(secret, "id64", lambda rid: 7 if rid in ("b", "d") else ord(rid))
     with pytest.raises(ValueError, match="'b' and 'd'"):
         record_keys(["a", "b", "c", "d"])
 
@@ -145,6 +171,40 @@ def test_noise_does_not_depend_on_the_thread_count():
     single.begin_step(3)
     z = single.standard(5_000_001)
     assert torch.equal(torch.from_numpy(z * 1.5).float(), draws[0])
+
+
+def test_one_thread_pool_per_sampler_reused_across_draws_and_closed(monkeypatch):
+    import copy
+
+    import dptrain.noise as noise_module
+
+    made = []
+    real = noise_module.ThreadPoolExecutor
+
+    def counting(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(noise_module, "ThreadPoolExecutor", counting)
+    like = torch.zeros(2 * noise_module._CHUNK + 3)  # two chunks: drawn on the pool
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        noise = GaussianNoise(KEY)
+        draws = []
+        for t in range(3):
+            noise.begin_step(t)
+            draws.append(noise(like, 1.0))
+        assert len(made) == 1  # one pool for every call, not one per call
+        assert copy.deepcopy(noise)._pool is None  # a copy makes its own when it needs one
+        noise.close()
+        assert made[0]._shutdown and noise._pool is None
+    finally:
+        torch.set_num_threads(before)
+    single = GaussianNoise(RunKey.from_insecure_seed(0))  # values identical to a serial draw
+    for t, d in enumerate(draws):
+        single.begin_step(t)
+        assert torch.equal(torch.from_numpy(single.standard(like.numel())).float(), d)
 
 
 def test_noise_moments_and_moderate_tail():

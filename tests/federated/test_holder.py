@@ -3,6 +3,7 @@ client state that no server run can reset."""
 
 from __future__ import annotations
 
+import shutil
 import stat
 
 import pytest
@@ -18,7 +19,7 @@ from dptrain.federated.holder import (
 )
 from dptrain.recipe import RecipeError, parse_recipe
 from dptrain.rundir import RunDir
-from dptrain.secret import KEY_FILE, RunKey
+from dptrain.secret import KEY_FILE, RunKey, RunKeyError
 
 from .conftest import tiny_recipe
 
@@ -123,3 +124,20 @@ def test_a_new_server_run_continues_every_clients_ledger(tmp_path):
         assert entry["epsilon"] == pytest.approx(first["clients"][str(k)]["epsilon"])
     seeds = {client_insecure_seed(5, k) for k in range(3)}
     assert len(seeds) == 3 and client_insecure_seed(None, 0) is None
+    # a client whose ledger and engine state are gone, its key kept, would start over at step
+    # 0 and repeat the noise it released: refused.  A server run dir left with its key alone
+    # is refused likewise.
+    state = tmp_path / "clients" / "client-0"
+    for name in ("ledger.json", "engine.pt"):
+        (state / name).unlink()
+    simulate(parse_recipe(tiny_recipe(tmp_path, "third", federated={"rounds": 1})))
+    (third,) = RunDir(tmp_path / "third").read_metrics()
+    entry = third["clients"]["0"]
+    assert entry["status"] == "declined" and "already drawn coins and noise" in entry["reason"]
+    assert not (state / "ledger.json").exists()
+    first = tmp_path / "first"
+    for f in first.iterdir():
+        if f.name != KEY_FILE:
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+    with pytest.raises(RunKeyError, match="holds no run any more"):
+        simulate(parse_recipe(tiny_recipe(tmp_path, "first", federated={"rounds": 1})))

@@ -32,11 +32,35 @@ def ledger_of(root, client: int) -> Ledger:
     return Ledger.load(root / f"client-{client}" / "ledger.json")
 
 
-def test_cli_runs_a_simulation_and_writes_a_run_dir(tmp_path, capsys):
+def test_cli_runs_a_simulation_and_writes_a_run_dir(tmp_path, capsys, monkeypatch):
+    from dptrain.federated import server as server_module
+
+    events: list[str] = []  # the server's ledger saves, round lines and metrics lines, in order
+    save, log = Ledger.save, RunDir.log
+
+    def saving(self, path):
+        if path == tmp_path / "run" / "ledger.json":
+            events.append(f"ledger {self.total_steps}")
+        return save(self, path)
+
+    def logging(self, record):
+        events.append(f"log {record['round']}")
+        return log(self, record)
+
+    def printing(*args, **kwargs):
+        if args and str(args[0]).startswith("round "):
+            events.append(f"print {str(args[0]).split('/')[0].split()[1]}")
+        return print(*args, **kwargs)
+
+    monkeypatch.setattr(Ledger, "save", saving)
+    monkeypatch.setattr(RunDir, "log", logging)
+    monkeypatch.setattr(server_module, "print", printing, raising=False)
     recipe = write_recipe(tmp_path, tiny_recipe(tmp_path))
     client_dp = "federated.client_dp={clip: 0.5, noise_multiplier: 2.0, delta: 0.01}"
     assert main(["federated", str(recipe), "--set", client_dp]) == 0
     out = capsys.readouterr().out
+    # each round's ledger is on disk before the round is shown or logged
+    assert events == ["ledger 1", "print 1", "log 1", "ledger 2", "print 2", "log 2"]
     assert "before training: global validation perplexity" in out
     for r in (1, 2):
         assert f"round {r}/2: global validation perplexity" in out
@@ -46,6 +70,11 @@ def test_cli_runs_a_simulation_and_writes_a_run_dir(tmp_path, capsys):
     run = RunDir(tmp_path / "run")
     meta = run.read_meta()
     assert meta["status"] == "finished" and meta["strategy"] == "fedsvd"
+    stats = run.read_stats()  # validation perplexities are private: not in run.json
+    assert not {"perplexity_before", "perplexity_after", "perplexity_by_round"} & set(meta)
+    assert set(stats["perplexity_by_round"]) == {"0", "1", "2"}
+    assert f"{stats['perplexity_before']:.3f} -> {stats['perplexity_after']:.3f} (private" in out
+    assert run.metrics.parent == run.private and "private/" in run.readme.read_text()
     server_ledger = Ledger.load(run.ledger)  # client-level DP: one event per round
     assert server_ledger.events == [Event(1.0, 2.0, 2)]
     assert meta["client_dp_epsilon"] == pytest.approx(rdp_epsilon(server_ledger, 0.01))
@@ -107,9 +136,26 @@ def test_ledger_persists_across_rounds_and_restarts_and_rounds_over_budget_are_d
         del d["training"]["batch_size"]
         return parse_recipe(d)
 
-    simulate(recipe("first"))  # rounds 1-2: 6 steps each
+    saves = []
+    save_engine = client_module.ClientState.save_engine
+
+    def counting(self, state):
+        saves.append(state)
+        return save_engine(self, state)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(client_module.ClientState, "save_engine", counting)
+        simulate(recipe("first"))  # rounds 1-2: 6 steps each
+    assert len(saves) == 2 * 2  # once per client and round, not once per step
+    pairs = sum(
+        (p.numel() + 1) // 2
+        for n, p in build_model(recipe("first"))[0].named_parameters()
+        if ".lora_B." in n
+    )  # FFA-LoRA trains B alone: one noise pair per 2 entries
     for k in range(2):
         assert Ledger.load(states / f"client-{k}" / "ledger.json").total_steps == 6
+        state = torch.load(states / f"client-{k}" / "engine.pt", weights_only=True)
+        assert state["engine"]["noise"]["pairs"] == 6 * pairs == 6 * state["pairs_per_step"]
 
     simulate(recipe("second"))  # a restart: round 1 fits (9 steps), round 2 does not
     second = RunDir(tmp_path / "second")

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dptrain.clipping import clip_and_sum, per_sample_grads
+from dptrain.clipping import clip_and_sum
 from dptrain.engine import PrivacyEngine
 from dptrain.grad_sample import GradCapture, Outer
 from dptrain.grad_sample.outer import inner, norm_sq, prefer_ghost
@@ -19,6 +19,7 @@ from tests._support import (
     assert_close_rel,
     lm_batch,
     loop_per_sample_grads,
+    per_sample_grads,
     seeded_noise,
     tiny_gpt2,
     tiny_llama,

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dptrain.clipping import clip_and_sum, per_sample_grads
+from dptrain.clipping import clip_and_sum
 from dptrain.grad_sample import GradCapture, UnsupportedLayerError
-from tests._support import assert_close_rel, loop_per_sample_grads
+from tests._support import assert_close_rel, loop_per_sample_grads, per_sample_grads
 
 
 @pytest.fixture(autouse=True)
@@ -195,3 +195,152 @@ def test_frozen_layers_are_not_hooked():
     model[0].requires_grad_(False)
     cap = GradCapture(model)
     assert [n for n, _ in cap.scopes] == ["1"]
+
+
+class _BatchMax(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.amax(0, keepdim=True)
+
+
+def test_batch_max_held_by_a_middle_sample_is_refused():
+    """Duplicating sample 0 or removing it (or the last one) leaves a maximum that sample 1
+    holds unchanged; only its first sample alone sees it change."""
+    model = nn.Sequential(_BatchMax(), nn.Linear(2, 2))
+    x = torch.tensor([[0.0, 1.0], [5.0, 6.0], [1.0, 0.0]])  # sample 1 is every feature's max
+    cap = GradCapture(model)
+    cap.attach()
+    with pytest.raises(UnsupportedLayerError, match=r"layer '0' \(_BatchMax\).*Fix"):
+        cap.run(_loss, (x, torch.randn(3, 2)))
+
+
+class _Square(torch.autograd.Function):
+    """``x^2`` whose backward leaves torch (numpy): no batching rule, so the vectorized
+    Jacobian of :meth:`GradCapture._direct_grads` fails and it falls back to a loop."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        _Square.calls += 1
+        (x,) = ctx.saved_tensors
+        return 2 * x * torch.from_numpy(g.detach().numpy().copy())
+
+
+def _square_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, r = batch
+    out = _Square.apply(model(x) * model.temp)  # ``temp`` is used outside every layer: direct
+    return (out * r).sum(1)
+
+
+def test_direct_path_without_batching_rule_is_remembered_and_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    model.temp = nn.Parameter(torch.randn(2))
+    model.temp2 = nn.Parameter(torch.randn(2))
+
+    def loss(m, batch):
+        return _square_loss(m, batch) + (m.temp2 * batch[1]).sum(1) * 0.5
+
+    cap = GradCapture(model)
+    cap.attach()
+    b = 3
+    batch = (torch.randn(b, 3), torch.randn(b, 2))
+    for step in range(2):
+        _Square.calls = 0
+        recorded, _ = cap.run(loss, batch)
+        # step 1: the failed vectorized attempt, B single backward passes, the batch's backward;
+        # step 2: the plan remembers the failure
+        assert _Square.calls == (b + 2 if step == 0 else b + 1)
+        got = per_sample_grads(recorded)
+        ref = loop_per_sample_grads(model, loss, batch)
+        assert set(got) == set(ref)
+        for p, expected in ref.items():
+            assert_close_rel(got[p], expected, what=f"step {step + 1} {tuple(p.shape)}")
+    names = [cap.param_names[i] for i in cap.plan.direct_order]
+    assert names == ["temp", "temp2"]  # model order, computed once in the plan
+    assert not cap.plan.direct_batched
+    assert any("no batching rule" in n for n in cap.summary()["notes"])
+    cap.detach()
+
+
+def test_mode_change_after_planning_is_probed_again():
+    """A BatchNorm put back in train mode after the first step is refused, before its running
+    statistics see the batch; dropout switched on makes its module leave the re-run path."""
+    from dptrain.check import EngineProbe
+    from dptrain.losses import mse_loss
+
+    class DropScaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.randn(4))
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.drop(torch.tanh(x * self.scale.exp()))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), DropScaled(), nn.Linear(4, 2))
+    model.eval()
+    probe = EngineProbe(model, mse_loss, 0.1, expected_batch_size=3.0)
+    batch = (torch.randn(3, 3), torch.randn(3, 2))
+    try:
+        probe.step(batch)
+        assert probe.engine.capture.describe()["2.scale"] == "DropScaled re-run per sample"
+        model[2].train()  # dropout on: a re-run per sample would redraw the mask
+        probe.step(batch)
+        assert "autograd" in probe.engine.capture.describe()["2.scale"]
+        model[1].train()
+        stats = {n: b.clone() for n, b in model[1].named_buffers()}
+        with pytest.raises(UnsupportedLayerError, match=r"layer '1' \(BatchNorm1d\).*Fix"):
+            probe.step(batch)
+        assert all(torch.equal(b, stats[n]) for n, b in model[1].named_buffers())
+    finally:
+        probe.close()
+
+
+class _SelfScaling(nn.Module):
+    """Rescales its own weight from the data in the forward pass (too little to move the
+    losses the probes compare), through ``no_grad`` or through ``.data``."""
+
+    def __init__(self, via_data: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.via_data = via_data
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        factor = 1 + 1e-12 * x.abs().mean()
+        if self.via_data:
+            self.lin.weight.data.mul_(factor)
+        else:
+            with torch.no_grad():
+                self.lin.weight.mul_(factor)
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("via_data", [False, True])
+def test_forward_that_writes_its_parameters_is_refused(via_data):
+    cap = GradCapture(_SelfScaling(via_data))
+    cap.attach()
+    with pytest.raises(UnsupportedLayerError, match=r"lin\.weight in place.*Fix"):
+        cap.run(_loss, (torch.randn(3, 3), torch.randn(3, 2)))
+
+
+def test_parameter_written_after_planning_is_refused():
+    """A forward pass that starts writing its weight after the plan was made (no probe sees
+    it) is refused at that step by the version counter."""
+    model = _SelfScaling(via_data=False)
+    armed = [False]
+    inner = model.forward
+    model.forward = lambda x: inner(x) if armed[0] else model.lin(x)
+    cap = GradCapture(model)
+    cap.attach()
+    batch = (torch.randn(3, 3), torch.randn(3, 2))
+    cap.run(_loss, batch)
+    armed[0] = True
+    with pytest.raises(UnsupportedLayerError, match=r"lin\.weight in place"):
+        cap.run(_loss, batch)

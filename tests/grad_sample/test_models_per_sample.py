@@ -5,10 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dptrain.clipping import clip_and_sum, per_sample_grads
+from dptrain.clipping import clip_and_sum
 from dptrain.grad_sample import GradCapture
 from dptrain.losses import causal_lm_loss
-from tests._support import assert_close_rel, lm_batch, loop_per_sample_grads, tiny_gpt2, tiny_llama
+from tests._support import (
+    assert_close_rel,
+    lm_batch,
+    loop_per_sample_grads,
+    per_sample_grads,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 
 def lora(model, targets):

@@ -272,3 +272,35 @@ def test_count_release_is_charged_as_one_gaussian_mechanism():
     sigma = run.policy._setting.sigma
     assert counted.noise_multiplier == pytest.approx((sigma**-2 + nb * (0.5 / s_c) ** 2) ** -0.5)
     assert run.policy.event(counted) == Event(0.2, counted.noise_multiplier)
+
+
+def test_checkpoint_state_round_trips_and_keeps_the_plans_sigma_ref():
+    """The decision state survives state_dict / load_state_dict; the noise is the run plan's:
+    a checkpoint paced around another sigma_ref is refused, not adopted."""
+    from dptrain.policies.rl.control import Released, Setting
+    from dptrain.rundir import CheckpointError
+
+    src = RLPolicy(noise_multiplier=2.0)
+    src._state.step = 7
+    src._state.action = np.array([0.5, -0.25], dtype=np.float32)
+    src._state.setting = Setting(2.5, 1.5, {"all": 1.5})
+    src._state.last = {"obs": np.arange(3.0, dtype=np.float32), "loss": 1.25, "spent": 0.5}
+    src._state.released = Released(np.array([0.75]), 3, np.array([0.6]), 0.1)
+    state = src.state_dict()
+    same = RLPolicy(noise_multiplier=2.0)
+    same.load_state_dict(copy.deepcopy(state))
+    got, want = same._state, src._state
+    assert (got.step, got.setting, got.last["loss"], got.released.steps) == (
+        7,
+        want.setting,
+        1.25,
+        3,
+    )
+    np.testing.assert_array_equal(got.action, want.action)
+    np.testing.assert_array_equal(got.last["obs"], want.last["obs"])
+    np.testing.assert_array_equal(got.released.fraction, want.released.fraction)
+    fresh = RLPolicy()  # no noise resolved yet: the checkpoint's is taken
+    fresh.load_state_dict(copy.deepcopy(state))
+    assert fresh.noise_multiplier == 2.0
+    with pytest.raises(CheckpointError, match=r"sigma_ref=2\.0.*sigma_ref=1\.0"):
+        RLPolicy(noise_multiplier=1.0).load_state_dict(copy.deepcopy(state))

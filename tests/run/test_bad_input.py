@@ -349,7 +349,7 @@ def test_ctrl_c_names_the_run_directory_and_marks_the_run(tmp_path, capsys):
         policy={"noise_multiplier": 1.0},
         privacy={"epsilon": float("inf")},
     )
-    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics = tmp_path / "run" / "private" / "metrics.jsonl"
 
     def interrupt() -> None:
         deadline = time.monotonic() + 300

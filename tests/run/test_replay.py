@@ -91,11 +91,24 @@ def test_retraining_with_the_public_recipe_does_not_reproduce_the_model(tmp_path
     assert "NO privacy guarantee" in out.err
 
 
-def test_key_is_0600_and_in_no_other_file_of_the_run(tmp_path, capsys):
+def test_key_is_0600_and_in_no_other_file_of_the_run(tmp_path, capsys, monkeypatch):
+    import dptrain.data.canaries as canaries
+    import dptrain.train as train_module
+
+    drawn = []
+    make = canaries.make_canaries
+
+    def counting(config, key):
+        drawn.append(key.key_id)
+        return make(config, key)
+
+    for module in (canaries, train_module):
+        monkeypatch.setattr(module, "make_canaries", counting)
     d = recipe(tmp_path, "run", data_file(tmp_path, "d.jsonl", 40))
     d["data"]["canaries"] = {"repetitions": {1: 4, 2: 1}}
     d["training"]["checkpoint_every"] = 1
     train(parse_recipe(d), progress=True)
+    assert len(drawn) == 1  # inserted and written to the manifest from one draw
     out = capsys.readouterr()
     run = tmp_path / "run"
     path = run / KEY_FILE
@@ -125,6 +138,9 @@ def test_resume_restores_the_key_and_equals_an_uninterrupted_run(tmp_path):
     assert same(released(tmp_path / "cut"), released(tmp_path / "whole"))
     a, b = RunDir(tmp_path / "cut").read_meta(), RunDir(tmp_path / "whole").read_meta()
     assert a["noise_pairs"] == b["noise_pairs"] and a["delta_total"] == b["delta_total"]
+    # the private statistics continue across the resume as well
+    a, b = RunDir(tmp_path / "cut").read_stats(), RunDir(tmp_path / "whole").read_stats()
+    assert a == b and set(a) >= {"perplexity_before", "perplexity_after", "nonfinite_samples"}
     # without its key a run cannot continue, and says how to fix it
     d["training"]["steps"] = 6
     d["output_dir"] = str(tmp_path / "cut")

@@ -66,8 +66,11 @@ def test_a_batch_job_logs_plain_lines_and_tensorboard(tmp_path, capsys):
     plain = [line for line in err.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in plain] == ["2/5", "4/5", "5/5"]  # and the last step
     assert "estimated time: ~" in err and "for the remaining 1 steps" in err  # after 3 steps
-    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    scalars = _scalars(tmp_path / "run" / "tensorboard")
+    records = [
+        json.loads(x)
+        for x in (tmp_path / "run" / "private" / "metrics.jsonl").read_text().splitlines()
+    ]
+    scalars = _scalars(tmp_path / "run" / "private" / "tensorboard")
     assert [s for s, _ in scalars["dptrain/epsilon"]] == [r["step"] for r in records] == [2, 4, 5]
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import yaml
 from accountants import Ledger, get_accountant
 from dptrain.cli import main
 from dptrain.rundir import RunDir
+from dptrain.secret import RunKey
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,6 +52,22 @@ def test_train_writes_a_complete_run_dir(tmp_path, capsys):
     assert level["epsilon"] == 2 * eps
     assert level["delta"] == pytest.approx((1 + math.exp(eps)) * meta["delta_total"])
     assert f"file-level          ({2 * eps:.4f}," in out
+    assert level["validation_probability"] == 0.05 and "private/" in level["why"]
+    # run.json holds no un-noised statistic of private records: they are in private/
+    private = {"perplexity_before", "perplexity_after", "validation_size", "truncated_records"}
+    private |= {"validation_before", "validation_after"}
+    assert not private & set(meta) and "nonfinite_samples" not in meta
+    stats = run.read_stats()
+    assert set(stats) == private | {"nonfinite_samples"} and stats["validation_size"] == 32
+    assert math.isfinite(stats["perplexity_before"]) and math.isfinite(stats["perplexity_after"])
+    assert f"{stats['perplexity_before']:.3f} -> {stats['perplexity_after']:.3f} (private" in out
+    assert run.metrics == run.path / "private" / "metrics.jsonl"
+    assert stat.S_IMODE(run.private.stat().st_mode) == 0o700
+    readme = run.readme.read_text()
+    for name in ("run.json", "ledger.json", "final/", "secret.key", "private/", "checkpoints/"):
+        assert name in readme
+    assert "publishable         recipe.yaml, run.json, ledger.json, final/" in out
+    assert RunKey.read(run.key).used  # marked before the first step drew from it
     ledger = Ledger.load(run.ledger)
     assert ledger.total_steps == 8
     assert get_accountant("rdp").epsilon(ledger.events, meta["delta"]) == pytest.approx(
@@ -99,6 +118,23 @@ def test_existing_run_and_different_recipe_are_refused(tmp_path, capsys):
     other = tiny(tmp_path, "other", training={"lr": 0.5})
     assert main(["train", str(other), "--resume", str(tmp_path / "r")]) == 2
     assert "training.lr" in capsys.readouterr().err
+    # the key has drawn two steps' coins and noise: never again from step 0
+    run = RunDir(tmp_path / "r")
+    shutil.rmtree(run.checkpoints)
+    assert main(["train", str(recipe), "--resume", str(run.path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "has no checkpoint left" in err and "would repeat that noise" in err
+    for f in run.path.iterdir():  # everything but the key deleted
+        if f != run.key:
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+    assert main(["train", str(recipe), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no run any more" in err and "start a new run in a fresh directory" in err
+    # a key that never drew anything (a run stopped before its first step) is used as is
+    fresh = tmp_path / "fresh"
+    unused = RunKey.generate().write(fresh / "secret.key")
+    assert main(["train", str(recipe), "--output", str(fresh), "--no-progress"]) == 0
+    assert RunKey.read(unused).used
 
 
 def test_corrupt_checkpoint_falls_back_or_fails_clearly(tmp_path, capsys):

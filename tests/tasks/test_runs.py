@@ -21,11 +21,11 @@ def test_classification_recipe_end_to_end(tmp_path: Path, capsys) -> None:
     out = tmp_path / "cls"
     argv = ["train", str(ROOT / "recipes" / "classification_tiny.yaml"), "--no-progress"]
     assert main([*argv, "--output", str(out), "--set", "training.steps=3"]) == 0
-    meta = RunDir(out).read_meta()
+    meta, stats = RunDir(out).read_meta(), RunDir(out).read_stats()
     assert meta["task"] == "classification" and meta["status"] == "finished"
-    for key in ("validation_before", "validation_after"):
-        assert set(meta[key]) == {"accuracy", "macro_f1"}
-        assert 0.0 <= meta[key]["accuracy"] <= 1.0
+    for key in ("validation_before", "validation_after"):  # private: not in run.json
+        assert set(stats[key]) == {"accuracy", "macro_f1"} and key not in meta
+        assert 0.0 <= stats[key]["accuracy"] <= 1.0
     assert "val accuracy" in capsys.readouterr().out
     cfg = json.loads((out / "final" / "config.json").read_text())
     assert cfg["architectures"] == ["GPT2ForSequenceClassification"] and len(cfg["id2label"]) == 5

@@ -16,10 +16,10 @@ from torch import Tensor, nn
 from accountants import Ledger
 from accountants.rdp import RdpAccountant
 
-from ...errors import RecipeError
 from ...losses import perplexity
 from ..base import NoiseFn, Policy, RunContext, StepContext, StepPlan, StepSums
 from ..registry import check_accountant
+from . import warm
 from .control import (
     Pacer,
     Released,
@@ -36,6 +36,7 @@ from .control import (
     reward,
 )
 from .options import RLConfig
+from .state import DecisionState
 
 
 @dataclass(frozen=True)
@@ -71,13 +72,7 @@ class RLPolicy(Policy):
             raise ValueError(f"clip must be > 0, got {clip}")
         self.cfg = rl if isinstance(rl, RLConfig) else RLConfig.model_validate(rl or {})
         if self.cfg.init_from is not None:
-            from ...rundir import RunDir
-
-            if not RunDir(self.cfg.init_from).exists():
-                raise RecipeError(
-                    f"policy.rl.init_from: {self.cfg.init_from} is not a run directory (no "
-                    "run.json). Fix: point it at the output directory of an earlier rl run."
-                )
+            warm.check_source(self.cfg.init_from)
         self.clip = float(clip)
         self.noise_multiplier = noise_multiplier  # sigma_ref; calibrated if None
         self.driver = "agent"  # or "env": a PrivateTrainingEnv makes the decisions
@@ -85,14 +80,18 @@ class RLPolicy(Policy):
         self._agent: Any = None
         self._ledger: Ledger | None = None
         self._budget: tuple[float, float] | None = None  # (epsilon, delta)
-        self._step = 0
-        self._action: np.ndarray | None = None
-        self._setting: Setting | None = None
-        self._last: dict[str, Any] | None = None  # obs, loss, spent at the last decision
-        self._loss0: float | None = None
-        self._released: Released | None = None
+        self._state = DecisionState()  # checkpointed (see .state)
         self._dims: dict[str, int] | None = None
-        self._warm: dict[str, Any] | None = None
+
+    @property
+    def _setting(self) -> Setting | None:
+        """The current interval's decoded setting (read by the tests)."""
+        return self._state.setting
+
+    @property
+    def _last(self) -> dict[str, Any] | None:
+        """The observation, public loss and spend at the last decision (read by the tests)."""
+        return self._state.last
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -123,7 +122,7 @@ class RLPolicy(Policy):
         self.band_of = {g: b for b, band in enumerate(self.bands) for g in band}
         frac = self.cfg.clip_fraction_noise
         self.count_std = None if frac is None else frac * expected_batch_size
-        self._released = Released.empty(len(self.bands))
+        self._state.released = Released.empty(len(self.bands))
 
     def attach(self, run: RunContext) -> None:
         if not run.public_batches:
@@ -132,8 +131,8 @@ class RLPolicy(Policy):
                 "in a recipe set data.public_fraction or data.public_path"
             )
         self._run = run
-        if self.cfg.init_from is not None and self._warm is None:
-            self._warm = _warm_info(self.cfg.init_from)
+        if self.cfg.init_from is not None and self._state.warm is None:
+            self._state.warm = warm.source_info(self.cfg.init_from)
 
     @property
     def planned_steps(self) -> int:
@@ -155,7 +154,7 @@ class RLPolicy(Policy):
         seed = self.cfg.seed if self.cfg.seed is not None else self._run.seed if self._run else 0
         agent = SacAgent(PrivateTrainingEnv(self), self.cfg, seed)
         if warm_start and self.cfg.init_from is not None:
-            _warm_start(agent, self.cfg.init_from)
+            warm.load_agent(agent, self.cfg.init_from)
         return agent
 
     # -- planning ------------------------------------------------------------------------
@@ -167,17 +166,17 @@ class RLPolicy(Policy):
                 "a budget=Budget(epsilon, delta)"
             )
         self._ledger, self._budget = context.ledger, (context.budget_epsilon, context.delta)
-        self._step = context.step
-        if self._action is None:  # the first decision of a fresh run
+        self._state.step = context.step
+        if self._state.action is None:  # the first decision of a fresh run
             if self.driver == "agent":
                 self._decide()
             else:
                 self.apply(np.zeros(action_dim(len(self.bands)), dtype=np.float32))
-        if self._setting is None:
-            self._setting = self._materialize()
+        if self._state.setting is None:
+            self._state.setting = self._materialize()
         s, k, T = context.step + 1, self.cfg.every, self.planned_steps
         counted = self.count_std is not None and (s % k == 0 or s == T)
-        st = self._setting
+        st = self._state.setting
         return RLPlan(
             clip=dict(st.clip),
             noise_std=dict.fromkeys(self.groups, st.sigma * st.clip_total),
@@ -187,8 +186,8 @@ class RLPolicy(Policy):
 
     def apply(self, action: np.ndarray) -> None:
         """Take ``action`` (in [-1, 1]^A) for the coming interval."""
-        self._action = np.clip(np.asarray(action, dtype=np.float32), -1.0, 1.0)
-        self._setting = self._materialize() if self._budget is not None else None
+        self._state.action = np.clip(np.asarray(action, dtype=np.float32), -1.0, 1.0)
+        self._state.setting = self._materialize() if self._budget is not None else None
 
     def _pacer(self) -> Pacer:
         eps, delta = self._budget
@@ -199,7 +198,7 @@ class RLPolicy(Policy):
 
     def _pace(self) -> float:
         """Constant sigma that spends the rest of the budget over the remaining steps."""
-        t, T = self._step, self.planned_steps
+        t, T = self._state.step, self.planned_steps
         if T <= t:
             return self.noise_multiplier
         try:
@@ -212,7 +211,7 @@ class RLPolicy(Policy):
     def _floor(self, pace: float) -> float:
         """Least sigma for the coming interval that leaves the steps after it at noise no
         more than ``noise_range`` times the current pace (the whole interval, if it is the last)."""
-        t, T = self._step, self.planned_steps
+        t, T = self._state.step, self.planned_steps
         end = min(t + self.cfg.every, T)
         if end >= T:
             return pace
@@ -227,14 +226,16 @@ class RLPolicy(Policy):
     def _materialize(self) -> Setting:
         if not self.cfg.pacing:
             return decode(
-                self._action,
+                self._state.action,
                 base_sigma=self.noise_multiplier,
                 clip=self.clip,
                 bands=self.bands,
                 cfg=self.cfg,
             )
         pace = self._pace()
-        st = decode(self._action, base_sigma=pace, clip=self.clip, bands=self.bands, cfg=self.cfg)
+        st = decode(
+            self._state.action, base_sigma=pace, clip=self.clip, bands=self.bands, cfg=self.cfg
+        )
         if st.sigma < pace:
             st = Setting(max(st.sigma, self._floor(pace)), st.clip_total, st.clip)
         return st
@@ -268,7 +269,7 @@ class RLPolicy(Policy):
                 energy[self.band_of[sums.group_of[p]]] += float(u.double().pow(2).sum())
         for g, d in self._dims.items():
             expected[self.band_of[g]] += d * (plan.noise_std[g] / sums.expected_batch_size) ** 2
-        rel = self._released
+        rel = self._state.released
         rel.energy_ratio = rel.energy_ratio + energy / np.maximum(expected, 1e-30)
         rel.steps += 1
         rel.spend += (self.noise_multiplier / plan.noise_multiplier) ** 2 / self.planned_steps
@@ -278,19 +279,19 @@ class RLPolicy(Policy):
     # -- decisions -----------------------------------------------------------------------
 
     def observe(self, report: dict[str, Any]) -> dict[str, float] | None:
-        self._step = report["step"]
+        self._state.step = report["step"]
         if self.driver != "agent":
             return None
-        if self._step % self.cfg.every == 0 or self._step == self.planned_steps:
+        if self._state.step % self.cfg.every == 0 or self._state.step == self.planned_steps:
             return self._decide()
         return None
 
     def steps_to_decision(self) -> int:
         k = self.cfg.every
-        return max(0, min(k - self._step % k, self.planned_steps - self._step))
+        return max(0, min(k - self._state.step % k, self.planned_steps - self._state.step))
 
     def _decide(self) -> dict[str, float]:
-        prev, prev_action = self._last, self._action
+        prev, prev_action = self._state.last, self._state.action
         obs, r, done, metrics = self.end_interval()
         agent = self.agent
         if prev is not None:
@@ -299,8 +300,8 @@ class RLPolicy(Policy):
             metrics["rl_ent_coef"] = agent.ent_coef()
         if not done:
             self.apply(agent.act(obs))
-            metrics["rl_next_sigma"] = self._setting.sigma
-            metrics["rl_next_clip"] = self._setting.clip_total
+            metrics["rl_next_sigma"] = self._state.setting.sigma
+            metrics["rl_next_clip"] = self._state.setting.clip_total
         return metrics
 
     def _spent(self) -> float:
@@ -314,35 +315,37 @@ class RLPolicy(Policy):
 
     def observation(self) -> np.ndarray:
         """The current state (computed now if no decision was made yet)."""
-        if self._last is None:
+        if self._state.last is None:
             self.end_interval()
-        return self._last["obs"].copy()
+        return self._state.last["obs"].copy()
 
     def end_interval(self) -> tuple[np.ndarray, float | None, bool, dict[str, float]]:
         """Close the interval: the new state, the reward of the last action, whether the run
         is over, and metrics to log.  Reads only public data and released quantities."""
         loss, spent = self._public_loss(), self._spent()
-        if self._loss0 is None:
-            self._loss0 = loss
+        if self._state.loss0 is None:
+            self._state.loss0 = loss
         budget = self._budget[0] if self._budget else math.inf
-        st = self._setting or Setting(self.noise_multiplier, self.clip, {})
-        prev = self._last
+        st = self._state.setting or Setting(self.noise_multiplier, self.clip, {})
+        prev = self._state.last
         prev_action = (
-            self._action if self._action is not None else np.zeros(action_dim(len(self.bands)))
+            self._state.action
+            if self._state.action is not None
+            else np.zeros(action_dim(len(self.bands)))
         )
         obs = observation(
-            step=self._step,
+            step=self._state.step,
             planned=self.planned_steps,
             spent=spent,
             budget=budget,
             loss=loss,
-            loss0=self._loss0,
+            loss0=self._state.loss0,
             prev_loss=None if prev is None else prev["loss"],
             sigma=st.sigma,
             sigma_ref=self.noise_multiplier,
             clip_total=st.clip_total,
             clip=self.clip,
-            released=self._released,
+            released=self._state.released,
             prev_action=prev_action,
         )
         r = None
@@ -350,71 +353,39 @@ class RLPolicy(Policy):
             r = reward(
                 prev_loss=prev["loss"],
                 loss=loss,
-                loss0=self._loss0,
-                spend=self._released.spend,
+                loss0=self._state.loss0,
+                spend=self._state.released.spend,
                 cfg=self.cfg,
             )
-        self._last = {"obs": obs, "loss": loss, "spent": spent}
-        self._released = Released.empty(len(self.bands))
+        self._state.last = {"obs": obs, "loss": loss, "spent": spent}
+        self._state.released = Released.empty(len(self.bands))
         metrics = {"rl_public_loss": loss} | ({} if r is None else {"rl_reward": r})
-        return obs.copy(), r, self._step >= self.planned_steps, metrics
+        return obs.copy(), r, self._state.step >= self.planned_steps, metrics
 
     # -- state ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        rel, st, last = self._released, self._setting, self._last
-        state: dict[str, Any] = {
-            "sigma_ref": self.noise_multiplier,
-            "step": self._step,
-            "action": None if self._action is None else torch.from_numpy(self._action.copy()),
-            "setting": None
-            if st is None
-            else {"sigma": st.sigma, "clip_total": st.clip_total, "clip": dict(st.clip)},
-            "last": None
-            if last is None
-            else {
-                "obs": torch.from_numpy(last["obs"].copy()),
-                "loss": last["loss"],
-                "spent": last["spent"],
-            },
-            "loss0": self._loss0,
-            "released": None
-            if rel is None
-            else {
-                "energy_ratio": torch.from_numpy(rel.energy_ratio.copy()),
-                "steps": rel.steps,
-                "spend": rel.spend,
-                "fraction": None if rel.fraction is None else torch.from_numpy(rel.fraction.copy()),
-            },
-            "warm": self._warm,
-            "agent": None,
-        }
+        state = {"sigma_ref": self.noise_multiplier, **self._state.state_dict(), "agent": None}
         if self.driver == "agent" and self._run is not None:
             state["agent"] = self.agent.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.noise_multiplier = state["sigma_ref"]
-        self._step = state["step"]
-        self._action = None if state["action"] is None else state["action"].numpy().copy()
-        s = state["setting"]
-        self._setting = None if s is None else Setting(s["sigma"], s["clip_total"], dict(s["clip"]))
-        last = state["last"]
-        self._last = (
-            None
-            if last is None
-            else {"obs": last["obs"].numpy().copy(), "loss": last["loss"], "spent": last["spent"]}
-        )
-        self._loss0 = state["loss0"]
-        rel = state["released"]
-        if rel is not None:
-            self._released = Released(
-                rel["energy_ratio"].numpy().copy(),
-                rel["steps"],
-                None if rel["fraction"] is None else rel["fraction"].numpy().copy(),
-                rel["spend"],
+        sigma_ref = state["sigma_ref"]
+        if self.noise_multiplier is None:
+            self.noise_multiplier = sigma_ref
+        elif sigma_ref != self.noise_multiplier:  # the run plan resolved sigma_ref: keep it
+            from ...rundir import CheckpointError
+
+            raise CheckpointError(
+                f"the checkpoint's rl policy paced around sigma_ref={sigma_ref!r}, but this run "
+                f"resolved sigma_ref={self.noise_multiplier!r}. Fix: resume with the recipe and "
+                "data that started the run."
             )
-        self._warm = state["warm"]
+        released = self._state.released
+        self._state = DecisionState.from_state_dict(state)
+        if self._state.released is None:  # saved before bind(): keep the bound one
+            self._state.released = released
         if state["agent"] is not None and self.driver == "agent":
             if self._agent is None:
                 self._agent = self._make_agent(warm_start=False)
@@ -428,62 +399,15 @@ class RLPolicy(Policy):
             "bands": [len(b) for b in getattr(self, "bands", [])],
             "rl": self.cfg.model_dump(),
         }
-        if self._warm is not None:
-            out["warm_start"] = {k: v for k, v in self._warm.items() if k != "ledger"}
-            out["notes"] = [self._warm_note()]
+        if self._state.warm is not None:
+            out["warm_start"] = {k: v for k, v in self._state.warm.items() if k != "ledger"}
+            delta = self._budget[1] if self._budget is not None else None
+            out["notes"] = [warm.warm_note(self._state.warm, self._ledger, delta)]
         return out
 
     @property
     def warm_start(self) -> dict[str, Any] | None:
         """The warm-start run's certified guarantee (run, epsilon, delta), or None."""
-        if self._warm is None:
+        if self._state.warm is None:
             return None
-        return {k: self._warm[k] for k in ("run", "epsilon", "delta")}
-
-    def _warm_note(self) -> str:
-        w = self._warm
-        text = (
-            f"the agent was warm-started from {w['run']} ((epsilon {w['epsilon']}, delta "
-            f"{w['delta']:.3g}) certified there): it is a function of that run's released "
-            "outputs, so records private to both runs are covered only by the composition of "
-            "both guarantees (the headline for those records)"
-        )
-        if self._ledger is not None and self._budget is not None:
-            events = Ledger.from_dict(w["ledger"]).events + self._ledger.events
-            both = RdpAccountant().adaptive_epsilon(events, self._budget[1])
-            text += (
-                f"; the filters' spend over both ledgers is epsilon {both:.4f} at delta "
-                f"{self._budget[1]:.3g} (an odometer reading, not a guarantee)"
-            )
-        return text
-
-
-def _warm_start(agent: Any, run_dir: str) -> None:
-    """Load the agent of the run in ``run_dir`` (networks, optimizers, replay buffer)."""
-    from ...rundir import RunDir
-
-    state = RunDir(run_dir).load_checkpoint()
-    policy = (state or {}).get("engine", {}).get("policy", {})
-    if not isinstance(policy, dict) or policy.get("agent") is None:
-        raise RecipeError(
-            f"policy.rl.init_from: {run_dir} has no checkpoint with an rl agent. Fix: point it at "
-            "a run trained with policy rl that saved at least one checkpoint."
-        )
-    try:
-        agent.load_state_dict(policy["agent"], rng=False)
-    except ValueError as err:
-        raise RecipeError(f"policy.rl.init_from: {run_dir}: {err}") from None
-
-
-def _warm_info(run_dir: str) -> dict[str, Any]:
-    """What the report must say about a warm start: the source run and its ledger."""
-    from ...rundir import RunDir
-
-    src = RunDir(run_dir)
-    meta = src.read_meta()
-    return {
-        "run": str(src.path),
-        "epsilon": meta.get("epsilon"),  # the run's certified epsilon (its filter's budget)
-        "delta": meta.get("delta_total", meta.get("delta")),
-        "ledger": Ledger.load(src.ledger).to_dict(),
-    }
+        return {k: self._state.warm[k] for k in ("run", "epsilon", "delta")}

@@ -1,0 +1,475 @@
+"""The ``dptrain train`` path end to end against the bare engine step and plain PyTorch.
+
+    python benchmarks/recipe_path.py --quick                 # < 3 minutes on 2 CPU cores
+    python benchmarks/recipe_path.py --setups full lora --accountants rdp prv
+    python benchmarks/recipe_path.py --setups gpt2-124m llama-0.5b --precision bf16  # a GPU
+
+Contenders, each on its own copy of the model (same seed, same weights), on the same Poisson
+batches (step ``t`` of every contender uses the recipe run's batch ``t``), interleaved in
+blocks of ``--block`` steps whose order rotates (A B C, B C A, ...):
+
+* ``recipe``: :func:`dptrain.train.loop` of a real run (prepared, started and built by
+  :mod:`dptrain.train` from a recipe): Poisson sampler, collation, budget filter, accountant,
+  the metrics line and the ledger every step (``log_every: 1``), a checkpoint at the end of
+  every block (``checkpoint_every`` = the block);
+* ``engine``: :meth:`dptrain.PrivacyEngine.step` of an engine without a budget on the
+  batches collated in advance (the bare step of ``benchmarks/step_time.py``);
+* ``nonprivate``: ``loss.mean().backward(); AdamW.step()`` on the same batches, autocast as
+  the recipe's ``training.precision``;
+* ``opacus-hooks`` / ``opacus-ghost`` (``--opacus``): Opacus 1.6 ``make_private`` on the same
+  batches (fixed-size sampling: only its step is timed), where it applies.
+
+Step time is the total time of a contender over all its blocks divided by its steps; tokens
+per second counts the non-padding tokens of the batches.  Then ``--profile`` steps of the
+recipe contender run with timers (synchronizing the GPU) around its parts: data (sampler and
+collation), forward, backward, per-sample work (clipping and sums), noise, optimizer,
+accounting (budget filter, ledger, epsilon for the log line) and the rest (metrics,
+checkpoints, Python).  Results are printed and written to
+``benchmarks/results/recipe_path.json`` (keyed by device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from dptrain import train as T  # noqa: E402
+from dptrain.hardware import to_device  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "recipe_path.json"
+
+SETUPS: dict[str, dict[str, Any]] = {
+    # the 4-layer GPT-2 of benchmarks/step_time.py, full fine-tuning
+    "full": {
+        "model": "tiny-gpt2:n_layer=4,n_embd=256,n_head=4,vocab=8000",
+        "lora": None,
+        "batch": 16,
+        "seq": 128,
+        "concat": 1,
+    },
+    "tiny": {"model": "tiny-gpt2", "lora": None, "batch": 16, "seq": 48, "concat": 1},
+    "lora": {  # SmolLM2-135M + LoRA r=8 on q, v (pretrained weights, loaded by dptrain.models)
+        "model": "smollm2-135m",
+        "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+        "batch": 4,
+        "seq": 128,
+        "concat": 1,
+    },
+    # GPU sizes (issue 15): GPT-2 124M architecture (vocab 8000: the bundled tokenizer), and a
+    # Llama-architecture model of ~0.5B parameters with LoRA, random init
+    "gpt2-124m": {
+        "model": "tiny-gpt2:n_layer=12,n_embd=768,n_head=12,vocab=8000",
+        "lora": None,
+        "batch": 32,
+        "seq": 256,
+        "concat": 4,
+    },
+    "llama-0.5b": {
+        "model": "tiny-llama:num_hidden_layers=32,hidden_size=1024,num_attention_heads=16,"
+        "num_key_value_heads=4,intermediate_size=4096,vocab=8000",
+        "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+        "batch": 8,
+        "seq": 512,
+        "concat": 8,
+    },
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def long_records(path: Path, concat: int, limit: int) -> Path:
+    """The bundled notes, ``concat`` per record (so that records reach long sequences)."""
+    src = ROOT / "dptrain" / "data" / "bundled" / "clinic_notes.jsonl"
+    texts = [json.loads(line)["text"] for line in src.read_text().splitlines() if line.strip()]
+    out = path / f"notes_x{concat}.jsonl"
+    with out.open("w") as f:
+        for i in range(0, min(len(texts), limit * concat), concat):
+            f.write(json.dumps({"text": "\n\n".join(texts[i : i + concat])}) + "\n")
+    return out
+
+
+def make_recipe(setup: dict, args: argparse.Namespace, accountant: str, out: Path):
+    from dptrain.recipe import parse_recipe
+
+    records = args.records
+    data = long_records(out, setup["concat"], records + 64)
+    steps = args.blocks * args.block + args.profile + 4
+    return parse_recipe(
+        {
+            "name": "bench",
+            "output_dir": str(out / f"run-{accountant}"),
+            "model": {"name": setup["model"]},
+            "lora": setup["lora"],
+            "data": {
+                "path": str(data),
+                "max_length": setup["seq"],
+                "validation_fraction": 0.02,
+                "max_validation_records": 8,
+            },
+            "training": {
+                "steps": steps,
+                "batch_size": setup["batch"],
+                "physical_batch_size": args.physical or setup["batch"] * 2,
+                "optimizer": "adamw",
+                "lr": 1e-4,
+                "log_every": 1,
+                "checkpoint_every": 10**9,  # loop() checkpoints at the end of every block
+                "device": args.device,
+                "precision": args.precision,
+            },
+            "policy": {"name": "static", "clip": 1.0, "noise_multiplier": 1.0},
+            "privacy": {"epsilon": 1e6, "accountant": accountant},
+        },
+        "benchmark",
+    )
+
+
+def tokens(batch: dict) -> int:
+    return int(batch["attention_mask"].sum())
+
+
+class Timers:
+    """Accumulated seconds per part; wrappers synchronize the device around each call."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.depth = 0
+
+    def wrap(self, part: str, fn: Callable) -> Callable:
+        def timed(*a, **k):
+            if self.depth:  # nested in another timed part: counted there
+                return fn(*a, **k)
+            _sync(self.device)
+            t0 = time.perf_counter()
+            self.depth += 1
+            try:
+                return fn(*a, **k)
+            finally:
+                self.depth -= 1
+                _sync(self.device)
+                self.seconds[part] += time.perf_counter() - t0
+
+        return timed
+
+
+class _TimedNoise:
+    def __init__(self, noise, timers: Timers) -> None:
+        self._noise, self._call = noise, timers.wrap("noise", noise.__call__)
+
+    def __call__(self, like, std):
+        return self._call(like, std)
+
+    def __getattr__(self, name):
+        return getattr(self._noise, name)
+
+
+@contextlib.contextmanager
+def profiled(built, timers: Timers):
+    """Timers around the parts of the recipe contender's step (see the module docstring)."""
+    import dptrain.engine as E
+
+    engine = built.engine
+    saved = {
+        "clip": E.clip_and_sum,
+        "run": engine.capture.run,
+        "loss": engine.loss_fn,
+        "noise": engine.noise,
+        "opt": engine.optimizer.step,
+        "sample": built.sampler.sample,
+        "batch": built.train_ex.batch,
+        "allows": engine.filter.allows if engine.filter else None,
+        "record": engine.ledger.record,
+        "epsilon": engine.epsilon,
+    }
+    forward = timers.wrap("forward", saved["loss"])
+    E.clip_and_sum = timers.wrap("per-sample work", saved["clip"])
+    engine.loss_fn = forward
+    run = timers.wrap("forward+backward", saved["run"])
+    engine.capture.run = run
+    engine.noise = _TimedNoise(saved["noise"], timers)
+    engine.optimizer.step = timers.wrap("optimizer", saved["opt"])
+    built.sampler.sample = timers.wrap("data", saved["sample"])
+    built.train_ex.batch = timers.wrap("data", saved["batch"])
+    if engine.filter:
+        engine.filter.allows = timers.wrap("accounting", saved["allows"])
+    engine.epsilon = timers.wrap("accounting", saved["epsilon"])
+    ledger = engine.ledger
+    ledger.record = timers.wrap("accounting", saved["record"])
+    # forward runs inside forward+backward: time it there without the depth guard
+    fwd_seconds = defaultdict(float)
+
+    def loss_timed(*a, **k):
+        _sync(timers.device)
+        t0 = time.perf_counter()
+        try:
+            return saved["loss"](*a, **k)
+        finally:
+            _sync(timers.device)
+            fwd_seconds["forward"] += time.perf_counter() - t0
+
+    engine.loss_fn = loss_timed
+    try:
+        yield fwd_seconds
+    finally:
+        E.clip_and_sum = saved["clip"]
+        engine.capture.run = saved["run"]
+        engine.loss_fn = saved["loss"]
+        engine.noise = saved["noise"]
+        del engine.optimizer.step
+        del built.sampler.sample
+        del built.train_ex.batch
+        if engine.filter:
+            del engine.filter.allows
+        del engine.epsilon
+        del ledger.record
+
+
+def nonprivate_step(model: nn.Module, opt, precision) -> Callable[[dict], None]:
+    from dptrain.losses import causal_lm_loss
+
+    device = next(model.parameters()).device
+
+    def step(batch: dict) -> None:
+        opt.zero_grad(set_to_none=True)
+        with precision.autocast(device):
+            loss = causal_lm_loss(model, batch).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def opacus_step(model: nn.Module, mode: str, batch_size: float) -> Callable[[dict], None]:
+    """Opacus 1.6 on a live batch: ``step_time``'s contender reading the batch at call time."""
+    import step_time as S
+
+    live: dict = {}
+    fn = S._opacus(model, _LiveBatch(live, max(1, round(batch_size))), mode)
+
+    def step(batch: dict) -> None:
+        b, t = batch["input_ids"].shape
+        live.update(batch)
+        live["position_ids"] = torch.arange(t, device=batch["input_ids"].device).expand(b, t)
+        fn()
+
+    return step
+
+
+class _LiveBatch(dict):
+    """A dict whose items are read from ``live`` at call time (the batch changes per step)."""
+
+    def __init__(self, live: dict, size: int) -> None:
+        super().__init__()
+        self.live, self.size = live, size
+
+    def __getitem__(self, key):
+        if key == "input_ids" and not self.live:
+            return torch.zeros(self.size, 1, dtype=torch.long)
+        return self.live[key]
+
+
+def run_setup(name: str, args: argparse.Namespace, accountant: str) -> dict[str, Any]:
+    import dptrain
+    from dptrain.losses import causal_lm_loss
+    from dptrain.models import build_model
+    from dptrain.precision import Precision
+
+    setup = SETUPS[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        recipe = make_recipe(setup, args, accountant, out)
+        prep = T.prepare(recipe)
+        T.start(prep)
+        built = T.build(prep)
+        meta = T.begin_meta(prep, built)
+        device = next(built.model.parameters()).device
+        precision = built.engine.precision
+        total = args.blocks * args.block
+        batches = [built.train_ex.batch(built.sampler.sample(t)) for t in range(total + 1)]
+        dev_batches = [to_device(b, device) for b in batches]
+        n_tokens = sum(tokens(b) for b in batches[1:])
+
+        contenders: dict[str, Callable[[int], None]] = {}
+
+        def recipe_block(start: int) -> None:
+            assert built.engine.steps_taken == start, (built.engine.steps_taken, start)
+            T.loop(prep, built, meta, False, args.block)
+
+        contenders["recipe"] = recipe_block
+
+        def blockwise(step: Callable[[dict], None]) -> Callable[[int], None]:
+            def block(start: int) -> None:
+                for t in range(start, start + args.block):
+                    step(dev_batches[t])
+
+            return block
+
+        m_engine, _ = build_model(recipe, device)
+        params = [p for p in m_engine.parameters() if p.requires_grad]
+        engine = dptrain.PrivacyEngine(
+            m_engine,
+            torch.optim.AdamW(params, lr=1e-4),
+            policy=dptrain.StaticPolicy(clip=1.0, noise_multiplier=1.0),
+            sample_rate=prep.plan.sample_rate,
+            dataset_size=len(built.train_ex),
+            loss_fn=causal_lm_loss,
+            max_physical_batch_size=recipe.training.physical_batch_size,
+            noise=dptrain.GaussianNoise(),
+            precision=Precision(recipe.training.precision, recipe.training.loss_scale),
+        )
+        contenders["engine"] = blockwise(engine.step)
+        m_plain, _ = build_model(recipe, device)
+        plain_opt = torch.optim.AdamW([p for p in m_plain.parameters() if p.requires_grad], 1e-4)
+        contenders["nonprivate"] = blockwise(nonprivate_step(m_plain, plain_opt, precision))
+        errors = {}
+        if args.opacus:
+            for mode in ("hooks", "ghost"):
+                try:
+                    m_op, _ = build_model(recipe, device)
+                    step = opacus_step(m_op, mode, setup["batch"])
+                    step(dev_batches[0])  # warm-up, and refuse here if it does not apply
+                    contenders[f"opacus-{mode}"] = blockwise(step)
+                except Exception as err:  # recorded, e.g. tied weights
+                    errors[f"opacus-{mode}"] = f"{type(err).__name__}: {str(err)[:160]}"
+
+        # warm-up: step 0 of each outside the timed blocks (the engine probes the model then)
+        T.loop(prep, built, meta, False, 1)
+        engine.step(dev_batches[0])
+        nonprivate_step(m_plain, plain_opt, precision)(dev_batches[0])
+        names = list(contenders)
+        seconds = dict.fromkeys(names, 0.0)
+        for i in range(args.blocks):
+            order = names[i % len(names) :] + names[: i % len(names)]
+            for c in order:
+                _sync(device)
+                t0 = time.perf_counter()
+                contenders[c](1 + i * args.block)
+                _sync(device)
+                seconds[c] += time.perf_counter() - t0
+        result: dict[str, Any] = {
+            "setup": name,
+            "model": setup["model"],
+            "lora": bool(setup["lora"]),
+            "accountant": accountant,
+            "precision": precision.name,
+            "device": str(device),
+            "expected_batch": setup["batch"],
+            "seq": setup["seq"],
+            "steps_per_contender": total,
+            "tokens": n_tokens,
+            "contenders": {
+                c: {"step_s": s / total, "tokens_per_s": n_tokens / s} for c, s in seconds.items()
+            },
+            "errors": errors,
+        }
+        r = result["contenders"]
+        result["ratios"] = {
+            f"{c}_over_{base}": r[c]["step_s"] / r[base]["step_s"]
+            for c in r
+            for base in ("nonprivate", "engine")
+            if c != base
+        }
+        if args.profile:
+            timers = Timers(device)
+            with profiled(built, timers) as fwd:
+                _sync(device)
+                t0 = time.perf_counter()
+                T.loop(prep, built, meta, False, args.profile)
+                _sync(device)
+                wall = time.perf_counter() - t0
+            parts = dict(timers.seconds)
+            both = parts.pop("forward+backward", 0.0)
+            parts["forward"] = fwd["forward"]
+            parts["backward"] = both - fwd["forward"]
+            parts["other (metrics, checkpoint, python)"] = wall - sum(parts.values())
+            result["profile_per_step_ms"] = {
+                k: 1e3 * v / args.profile for k, v in sorted(parts.items(), key=lambda x: -x[1])
+            }
+        built.engine.detach()
+        engine.detach()
+    return result
+
+
+def print_result(r: dict[str, Any]) -> None:
+    head = (
+        f"\n{r['setup']} ({r['model']}{', LoRA' if r['lora'] else ''}) on {r['device']}, "
+        f"{r['precision']}, accountant {r['accountant']}, E[B]={r['expected_batch']}, "
+        f"seq<={r['seq']}, {r['steps_per_contender']} steps each"
+    )
+    print(head)
+    for c, v in r["contenders"].items():
+        print(f"  {c:14s} {1e3 * v['step_s']:9.1f} ms/step  {v['tokens_per_s']:10.0f} tokens/s")
+    for k, v in r["ratios"].items():
+        print(f"  {k:28s} {v:.3f}")
+    for k, v in r.get("errors", {}).items():
+        print(f"  {k}: not run ({v})")
+    if "profile_per_step_ms" in r:
+        print("  profile of a recipe step (ms):")
+        for k, v in r["profile_per_step_ms"].items():
+            print(f"    {k:38s} {v:8.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--setups", nargs="+", default=["full"], choices=sorted(SETUPS))
+    ap.add_argument("--accountants", nargs="+", default=["rdp"])
+    ap.add_argument("--blocks", type=int, default=6)
+    ap.add_argument("--block", type=int, default=5)
+    ap.add_argument("--profile", type=int, default=5)
+    ap.add_argument("--records", type=int, default=2000)
+    ap.add_argument("--physical", type=int, default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--opacus", action="store_true", help="add Opacus 1.6 hooks and ghost")
+    ap.add_argument("--quick", action="store_true", help="full setup, rdp, 4 blocks of 3 steps")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.setups, args.accountants = ["full"], ["rdp"]
+        args.blocks, args.block, args.profile, args.records = 4, 3, 3, 600
+    results = []
+    for name in args.setups:
+        for acc in args.accountants:
+            r = run_setup(name, args, acc)
+            print_result(r)
+            results.append(r)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    for r in results:  # one entry per device, setup, precision and accountant (latest run)
+        runs = stored.setdefault(r["device"].split(":")[0], {})
+        runs[f"{r['setup']} {r['precision']} {r['accountant']}"] = {
+            "machine": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "command": " ".join(["python", *sys.argv]),
+            **r,
+        }
+    path.write_text(json.dumps(stored, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""Warm start of the rl policy's agent from an earlier run (``policy.rl.init_from``).
+
+The agent is a function of that run's released outputs only, so reusing it costs nothing for
+records private to this run alone; records private to both runs are covered by the
+composition of both certified guarantees, which the run report states (:func:`warm_note`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from accountants import Ledger
+from accountants.rdp import RdpAccountant
+
+from ...errors import RecipeError
+
+
+def check_source(run_dir: str) -> None:
+    """Refuse a warm-start source that is not a run directory."""
+    from ...rundir import RunDir
+
+    if not RunDir(run_dir).exists():
+        raise RecipeError(
+            f"policy.rl.init_from: {run_dir} is not a run directory (no run.json). Fix: point "
+            "it at the output directory of an earlier rl run."
+        )
+
+
+def load_agent(agent: Any, run_dir: str) -> None:
+    """Load the agent of the run in ``run_dir`` (networks, optimizers, replay buffer)."""
+    from ...rundir import RunDir
+
+    state = RunDir(run_dir).load_checkpoint()
+    policy = (state or {}).get("engine", {}).get("policy", {})
+    if not isinstance(policy, dict) or policy.get("agent") is None:
+        raise RecipeError(
+            f"policy.rl.init_from: {run_dir} has no checkpoint with an rl agent. Fix: point it at "
+            "a run trained with policy rl that saved at least one checkpoint."
+        )
+    try:
+        agent.load_state_dict(policy["agent"], rng=False)
+    except ValueError as err:
+        raise RecipeError(f"policy.rl.init_from: {run_dir}: {err}") from None
+
+
+def source_info(run_dir: str) -> dict[str, Any]:
+    """What the report must say about a warm start: the source run and its ledger."""
+    from ...rundir import RunDir
+
+    src = RunDir(run_dir)
+    meta = src.read_meta()
+    return {
+        "run": str(src.path),
+        "epsilon": meta.get("epsilon"),  # the run's certified epsilon (its filter's budget)
+        "delta": meta.get("delta_total", meta.get("delta")),
+        "ledger": Ledger.load(src.ledger).to_dict(),
+    }
+
+
+def warm_note(warm: dict[str, Any], ledger: Ledger | None, delta: float | None) -> str:
+    """The report's note on a warm start (:func:`source_info`); with this run's ``ledger`` and
+    ``delta``, also the filters' spend over both ledgers."""
+    text = (
+        f"the agent was warm-started from {warm['run']} ((epsilon {warm['epsilon']}, delta "
+        f"{warm['delta']:.3g}) certified there): it is a function of that run's released "
+        "outputs, so records private to both runs are covered only by the composition of "
+        "both guarantees (the headline for those records)"
+    )
+    if ledger is not None and delta is not None:
+        events = Ledger.from_dict(warm["ledger"]).events + ledger.events
+        both = RdpAccountant().adaptive_epsilon(events, delta)
+        text += (
+            f"; the filters' spend over both ledgers is epsilon {both:.4f} at delta "
+            f"{delta:.3g} (an odometer reading, not a guarantee)"
+        )
+    return text

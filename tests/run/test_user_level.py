@@ -1,0 +1,302 @@
+"""User-level DP: recipe validation, the person sampler, person-level accounting against
+dp-accounting, group privacy, and whole runs with the person as the unit."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import dp_accounting
+import numpy as np
+import pytest
+import yaml
+
+from accountants import Event, Ledger, get_accountant
+from dptrain.cli import main
+from dptrain.data import TextDataset, load_texts
+from dptrain.data.loading import DataError
+from dptrain.data.people import People, person_ids, read_people, unit_name
+from dptrain.errors import RecipeError
+from dptrain.recipe import parse_recipe
+from dptrain.rundir import RunDir
+from dptrain.secret import RunKey
+from dptrain.user_level import (
+    PersonSampler,
+    cap_records,
+    group_privacy,
+    person_epsilon,
+    plan_unit,
+    record_budget,
+    resolve_unit,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _people_file(tmp_path: Path, n: int = 120, drop: int | None = None) -> Path:
+    """``n`` bundled records with a ``patient_id``: people with 1..9 records each."""
+    ds = load_texts("bundled:clinic_notes")
+    path = tmp_path / "people.jsonl"
+    lines, person, left = [], 0, 1
+    for i in range(n):
+        row = {"id": ds.ids[i], "patient_id": f"p{person:03d}", "text": ds.texts[i]}
+        if i == drop:
+            del row["patient_id"]
+        lines.append(json.dumps(row))
+        left -= 1
+        if left == 0:
+            person, left = person + 1, 1 + (person * 7) % 9
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _recipe(tmp_path: Path, data: dict, name: str = "r", **sections) -> dict:
+    d = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+    d["lora"] = {"r": 2, "alpha": 4, "target_modules": ["c_attn"]}
+    d["output_dir"] = str(tmp_path / name)
+    d["data"].pop("max_records")
+    d["data"].update(data)
+    for section, values in sections.items():
+        d[section].update(values)
+    return d
+
+
+# -- recipe validation ----------------------------------------------------------------------
+
+
+def test_recipe_validation(tmp_path):
+    path = str(_people_file(tmp_path))
+    ok = parse_recipe(_recipe(tmp_path, {"path": path, "privacy_unit": {"field": "patient_id"}}))
+    assert ok.data.privacy_unit.strategy == "user"
+    assert ok.data.privacy_unit.max_records_per_person is None
+    assert parse_recipe(_recipe(tmp_path, {"path": path})).data.privacy_unit is None
+    record = parse_recipe(_recipe(tmp_path, {"path": path, "privacy_unit": "record"}))
+    assert record.data.privacy_unit is None
+    bad = {
+        "privacy_unit.field: required": {"privacy_unit": {}},
+        "greater than or equal to 1": {
+            "privacy_unit": {"field": "patient_id", "max_records_per_person": 0}
+        },
+        "mapping such as": {"privacy_unit": "patient_id"},
+        "public_path": {"privacy_unit": {"field": "patient_id"}, "public_fraction": 0.1},
+        "person_field is for record-level": {
+            "privacy_unit": {"field": "patient_id"},
+            "person_field": "patient_id",
+        },
+        "strategy": {"privacy_unit": {"field": "patient_id", "strategy": "shuffle"}},
+    }
+    for message, data in bad.items():
+        with pytest.raises(RecipeError, match=message):
+            parse_recipe(_recipe(tmp_path, {"path": path, **data}))
+    unit = {"path": path, "privacy_unit": {"field": "patient_id"}}
+    with pytest.raises(RecipeError, match="person-level audit"):
+        parse_recipe({**_recipe(tmp_path, unit), "audit": {"after_training": True}})
+    fed = yaml.safe_load((ROOT / "recipes" / "federated_tiny.yaml").read_text())
+    fed["data"].update(unit)
+    with pytest.raises(RecipeError, match="federated clients train with the record"):
+        parse_recipe(fed)
+
+
+def test_records_without_a_person_id_and_files_without_fields_are_refused(tmp_path):
+    path = _people_file(tmp_path, drop=7)
+    with pytest.raises(DataError, match=r"people.jsonl:8: the record has no 'patient_id'"):
+        person_ids(str(path), "patient_id")
+    txt = tmp_path / "a.txt"
+    txt.write_text("one\ntwo\n")
+    with pytest.raises(DataError, match="has no fields"):
+        person_ids(str(txt), "patient_id")
+
+
+def test_person_ids_from_csv_and_content_ids(tmp_path):
+    csv = tmp_path / "d.csv"
+    csv.write_text("text,user\nhello,u1\nworld,u2\nhello,u1\n")
+    persons = person_ids(str(csv), "user")
+    ds = load_texts(csv)
+    people = read_people(ds, persons)
+    assert people.ids == ["u1", "u2"] and people.counts.tolist() == [2, 1]
+    assert unit_name("patient_id") == "patient" and unit_name("customerId") == "customer"
+    assert unit_name("id") == "person"
+
+
+# -- sampling ---------------------------------------------------------------------------------
+
+
+def _people(n_people: int = 200, max_count: int = 12) -> tuple[People, list[str]]:
+    persons, ids = [], []
+    for p in range(n_people):
+        for j in range(1 + (p * 5) % max_count):
+            persons.append(f"u{p}")
+            ids.append(f"u{p}-r{j}")
+    return People.from_record_persons(persons), ids
+
+
+def test_person_sampler_is_keyed_grouped_and_capped():
+    people, ids = _people()
+    key = RunKey.from_insecure_seed(3)
+    s = PersonSampler(people, ids, 0.1, key, cap=3)
+    idx, seg = s.sample(5)
+    idx2, seg2 = PersonSampler(people, ids, 0.1, key, cap=3).sample(5)
+    assert idx.tolist() == idx2.tolist() and seg.tolist() == seg2.tolist()  # (key, t) only
+    other, _ = PersonSampler(people, ids, 0.1, RunKey.from_insecure_seed(4), cap=3).sample(5)
+    assert other.tolist() != idx.tolist()  # another key, other people
+    assert np.all(np.diff(seg.numpy()) >= 0)  # rows grouped by person
+    owners = people.of_record[idx.numpy()]
+    for k in np.unique(seg.numpy()):
+        rows = owners[seg.numpy() == k]
+        assert len(set(rows.tolist())) == 1 and 1 <= len(rows) <= 3
+    # over many steps the rate over people is q (coins over people, not records)
+    sizes = [len(np.unique(s.sample(t)[1].numpy())) for t in range(200)]
+    assert abs(np.mean(sizes) / len(people) - 0.1) < 0.015
+    # a heavy person's records rotate between steps (a fresh keyed choice each step)
+    heavy = int(np.argmax(people.counts))
+    seen = set()
+    for t in range(300):
+        idx, _ = s.sample(t)
+        seen |= set(idx.tolist()) & set(people.members[heavy].tolist())
+    assert len(seen) == people.counts[heavy] > 3
+
+
+def test_adding_a_person_changes_nobody_elses_batch():
+    people, ids = _people(50)
+    key = RunKey.from_insecure_seed(1)
+    more, more_ids = _people(51)
+    a = PersonSampler(people, ids, 0.3, key, cap=2)
+    b = PersonSampler(more, more_ids, 0.3, key, cap=2)
+    for t in range(20):
+        ra = {ids[i] for i in a.sample(t)[0].tolist()}
+        rb = {more_ids[i] for i in b.sample(t)[0].tolist()}
+        assert ra == {r for r in rb if not r.startswith("u50-")}
+
+
+def test_cap_records_keeps_at_most_the_cap_per_person():
+    people, ids = _people(30)
+    ds = TextDataset(list(ids), list(ids))
+    kept = cap_records(ds, people, 2, RunKey.from_insecure_seed(0))
+    owners = [r.split("-")[0] for r in kept.ids]
+    assert max(owners.count(o) for o in set(owners)) == 2 and len(set(owners)) == 30
+
+
+# -- accounting ---------------------------------------------------------------------------------
+
+
+def test_person_level_ledger_matches_dp_accounting(tmp_path):
+    """A user-level plan: q over people; the ledger's epsilon equals dp-accounting's for the
+    Poisson subsampled Gaussian with that q."""
+    path = str(_people_file(tmp_path))
+    recipe = parse_recipe(
+        _recipe(
+            tmp_path,
+            {"path": path, "privacy_unit": {"field": "patient_id"}},
+            training={"steps": 50, "batch_size": 2},
+            policy={"noise_multiplier": 1.1},
+        )
+    )
+    train = load_texts(path)
+    unit, train = resolve_unit(recipe, train, RunKey.from_insecure_seed(0))
+    plan = plan_unit(recipe, unit, len(train))
+    n = len(unit.people)
+    assert plan.dataset_size == n and plan.sample_rate == pytest.approx(2 / n)
+    assert unit.person_delta == pytest.approx(1 / (10 * n))  # the default delta is over people
+    ledger = Ledger()
+    ledger.record(Event(plan.sample_rate, plan.policy.noise_multiplier, 50))
+    ours = get_accountant("rdp").epsilon(ledger.events, unit.person_delta)
+    acc = dp_accounting.rdp.RdpAccountant()
+    event = dp_accounting.PoissonSampledDpEvent(2 / n, dp_accounting.GaussianDpEvent(1.1))
+    acc.compose(dp_accounting.SelfComposedDpEvent(event, 50))
+    assert ours == pytest.approx(acc.get_epsilon(unit.person_delta), rel=2e-2)
+    # delta validated against the number of people, not of records
+    for delta, fails in ((0.5 / n, False), (1.5 / n, True)):
+        d = _recipe(tmp_path, {"path": path, "privacy_unit": {"field": "patient_id"}})
+        d["privacy"]["delta"] = delta
+        other = parse_recipe(d)
+        unit_d, _ = resolve_unit(other, train, RunKey.from_insecure_seed(0))
+        if fails:
+            with pytest.raises(RecipeError, match=r"people\); such a delta allows publishing"):
+                plan_unit(other, unit_d, len(train))
+        else:
+            assert delta > 1 / len(train)  # a record-level check would refuse it
+            assert plan_unit(other, unit_d, len(train)).delta == delta
+
+
+def test_group_privacy_and_the_example_strategy_budget(tmp_path):
+    eps, delta = record_budget(8.0, 1e-5, 4)
+    assert eps == 2.0
+    assert group_privacy(eps, delta, 4) == pytest.approx((8.0, 1e-5))
+    path = str(_people_file(tmp_path))
+    recipe = parse_recipe(
+        _recipe(
+            tmp_path,
+            {
+                "path": path,
+                "privacy_unit": {
+                    "field": "patient_id",
+                    "strategy": "example",
+                    "max_records_per_person": 3,
+                },
+            },
+        )
+    )
+    train = load_texts(path)
+    unit, capped = resolve_unit(recipe, train, RunKey.from_insecure_seed(0))
+    assert unit.group_size == 3 and unit.people.max_records <= 3 and len(capped) < len(train)
+    plan = plan_unit(recipe, unit, len(capped))
+    assert plan.budget.epsilon == pytest.approx(8.0 / 3) and plan.dataset_size == len(capped)
+    guarantee = unit.guarantee(plan.budget.epsilon, plan.delta)
+    assert guarantee["epsilon"] == pytest.approx(8.0)
+    assert guarantee["delta"] == pytest.approx(unit.person_delta)
+    assert "for each patient, over all of their records" in guarantee["statement"]
+
+
+def test_person_epsilon_by_group_privacy_is_valid_and_grows_with_k():
+    ledger = Ledger()
+    ledger.record(Event(0.01, 1.0, 1000))
+    acc = get_accountant("rdp")
+    e1 = person_epsilon(ledger.events, acc, 1e-5, 1)
+    assert e1 == pytest.approx(acc.epsilon(ledger.events, 1e-5))
+    e4 = person_epsilon(ledger.events, acc, 1e-5, 4)
+    assert e4 > 4 * e1 * 0.99  # no better than k times the record-level epsilon
+    # it is a valid group-privacy statement: delta' sum e^(i eps') <= delta at eps' = e4 / 4
+    from dptrain.user_level import group_delta_factor
+
+    assert acc.delta(ledger.events, e4 / 4) * group_delta_factor(e4 / 4, 4) <= 1e-5 * (1 + 1e-9)
+    assert math.isinf(person_epsilon(ledger.events, acc, 1e-5, 400))
+
+
+# -- whole runs ---------------------------------------------------------------------------------
+
+
+def _write(tmp_path: Path, d: dict, name: str) -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return str(path)
+
+
+def test_user_level_run_names_the_person_in_run_json_and_summary(tmp_path, capsys):
+    data = {
+        "path": str(_people_file(tmp_path, 160)),
+        "privacy_unit": {"field": "patient_id", "max_records_per_person": 4},
+    }
+    d = _recipe(tmp_path, data, training={"steps": 3, "batch_size": 6})
+    assert main(["train", _write(tmp_path, d, "r"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    meta = RunDir(tmp_path / "r").read_meta()
+    unit = meta["privacy_unit"]
+    assert unit["unit"] == "patient" and unit["strategy"] == "user"
+    assert unit["people"] < meta["dataset_size"]
+    assert meta["sample_rate"] == pytest.approx(6 / unit["people"])
+    assert meta["delta"] == pytest.approx(1 / (10 * unit["people"]))
+    assert meta["person_level"]["epsilon"] == meta["epsilon"] <= 8.0
+    assert "-DP for each patient, over all of their records" in out
+    assert f"N = {unit['people']} people" in out
+
+
+def test_record_level_run_shows_the_person_level_epsilon_beside(tmp_path, capsys):
+    data = {"path": str(_people_file(tmp_path, 160)), "person_field": "patient_id"}
+    d = _recipe(tmp_path, data, name="rec", training={"steps": 2, "batch_size": 6})
+    assert main(["train", _write(tmp_path, d, "rec"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    meta = RunDir(tmp_path / "rec").read_meta()
+    grouped = meta["person_level_group_privacy"]
+    assert grouped["group_size"] == 9 and grouped["epsilon"] > 9 * meta["epsilon"] * 0.99
+    assert "-DP for each training record" in out and "per patient" in out
