@@ -138,7 +138,11 @@ class DataSection(Section):
     text_field: str = "text"
     max_length: int = Field(128, ge=2)
     validation_fraction: float = Field(
-        0.05, gt=0, lt=1, description="each record is held out alone with this probability"
+        0.05,
+        gt=0,
+        lt=1,
+        description="each record (each person, with all of their records, under "
+        "privacy_unit) is held out alone with this probability",
     )
     validation_path: str | None = None
     max_records: int | None = Field(
