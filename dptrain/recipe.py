@@ -392,10 +392,10 @@ class Recipe(Section):
     def _audit_unit(self) -> Recipe:
         if self.data.privacy_unit is not None and self.audit is not None:
             raise ValueError(
-                "audit with data.privacy_unit: the audit scores records against a record-level "
-                "claim; a person-level audit (canary people, membership by person) is not "
-                "implemented yet, and a record-level audit of a person-level run would compare "
-                "the wrong quantities. Fix: delete the audit section for this run"
+                "audit with data.privacy_unit: the after-training audit scores records against "
+                "a record-level claim, which would compare the wrong quantities; the "
+                "person-level audit (membership by person, canary people) runs on its own. "
+                "Fix: delete the audit section and run `dptrain audit RUN_DIR` after training"
             )
         return self
 
