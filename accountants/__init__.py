@@ -17,9 +17,22 @@ from .budget import UNLIMITED, Budget, BudgetExceeded, BudgetFilter
 from .calibrate import calibrate_noise, calibrate_steps
 from .error_feedback import ERROR_FEEDBACK, error_feedback_event
 from .ledger import POISSON_GAUSSIAN, Event, Ledger, LedgerError, LedgerNotFoundError
-from .pld import PldAccountant
-from .prv import PrvAccountant, PrvFallbackWarning
 from .rdp import ADAPTIVE_ORDERS, RDP_ORDERS, RdpAccountant
+
+# The PLD and PRV accountants import on first use (PEP 562): prv-accountant and dp-accounting's
+# PLD code are slow to import, and `dptrain epsilon --accountant rdp` needs neither.
+_LAZY = {"PldAccountant": ".pld", "PrvAccountant": ".prv", "PrvFallbackWarning": ".prv"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'accountants' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ADAPTIVE_ORDERS",

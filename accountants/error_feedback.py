@@ -83,7 +83,6 @@ import math
 
 import numpy as np
 from scipy.special import gammaln, logsumexp
-from scipy.stats import binom, norm
 
 from .ledger import Event
 from .rdp import _step_rdp, register_rdp_kind
@@ -180,6 +179,8 @@ def canary_attack_epsilon(
     C2 u for the rest of training.  Projected on u and summed over steps, the released sums are
     N(0, T s^2) without z and N(C1 K + C2 (T - 1 - tau), T s^2) with it (tau: z's first step,
     K: its number of steps).  Any threshold test bounds epsilon from below."""
+    from scipy.stats import binom, norm  # here: scipy.stats is slow to import
+
     means, weights = [0.0], [(1 - q) ** steps]
     for tau in range(steps):
         rest = steps - 1 - tau

@@ -140,6 +140,13 @@ def _starting_point(recipe: Recipe) -> torch.nn.Module:
 # -- the audit ---------------------------------------------------------------------------------
 
 
+def require_plots() -> None:
+    """The report's plots need matplotlib (the ``plots`` extra): checked before any work."""
+    from dptrain.extras import require
+
+    require("matplotlib", "plots", "the audit report (its ROC curves and histograms)")
+
+
 def audit_run(
     run_dir: str | Path,
     options: AuditSection | None = None,
@@ -212,6 +219,7 @@ def _finished_run(run_dir: str | Path) -> tuple[RunDir, dict[str, Any], Recipe]:
             "this audit scores records against a record-level claim. Fix: audit it by person "
             "with `dptrain audit RUN_DIR` (which dispatches to attacks.people.audit_people)"
         )
+    require_plots()
     return run, meta, load_recipe(run.recipe)
 
 

@@ -10,23 +10,71 @@ Python API in a few lines::
     print(engine.epsilon())
 """
 
-from accountants import Budget, BudgetExceeded, Event, Ledger, calibrate_noise, get_accountant
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
-from .diagnose import check_model
-from .engine import PrivacyEngine, StepReport
-from .grad_sample import UnsupportedLayerError, register_op, register_scope
-from .losses import causal_lm_loss, classification_loss, perplexity
-from .noise import GaussianNoise
-from .policies import (
-    ErrorFeedbackPolicy,
-    Policy,
-    StaticPolicy,
-    StepPlan,
-    make_policy,
-    register_policy,
-)
-from .sampling import PoissonSampler
-from .secret import RunKey
+# Imported on first use (PEP 562), so that `dptrain epsilon` and `dptrain --help` start without
+# torch or transformers: name -> the module that defines it.
+_LAZY = {
+    **dict.fromkeys(
+        ("Budget", "BudgetExceeded", "Event", "Ledger", "calibrate_noise", "get_accountant"),
+        "accountants",
+    ),
+    "check_model": "dptrain.diagnose",
+    "PrivacyEngine": "dptrain.engine",
+    "StepReport": "dptrain.engine",
+    **dict.fromkeys(
+        ("UnsupportedLayerError", "register_op", "register_scope"), "dptrain.grad_sample"
+    ),
+    **dict.fromkeys(("causal_lm_loss", "classification_loss", "perplexity"), "dptrain.losses"),
+    "GaussianNoise": "dptrain.noise",
+    **dict.fromkeys(
+        (
+            "ErrorFeedbackPolicy",
+            "Policy",
+            "StaticPolicy",
+            "StepPlan",
+            "make_policy",
+            "register_policy",
+        ),
+        "dptrain.policies",
+    ),
+    "PoissonSampler": "dptrain.sampling",
+    "RunKey": "dptrain.secret",
+}
+
+if TYPE_CHECKING:
+    from accountants import Budget, BudgetExceeded, Event, Ledger, calibrate_noise, get_accountant
+
+    from .diagnose import check_model
+    from .engine import PrivacyEngine, StepReport
+    from .grad_sample import UnsupportedLayerError, register_op, register_scope
+    from .losses import causal_lm_loss, classification_loss, perplexity
+    from .noise import GaussianNoise
+    from .policies import (
+        ErrorFeedbackPolicy,
+        Policy,
+        StaticPolicy,
+        StepPlan,
+        make_policy,
+        register_policy,
+    )
+    from .sampling import PoissonSampler
+    from .secret import RunKey
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dptrain' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
+import warnings
+from collections.abc import Iterator
 
 COMMAND_MODULES = (
     "dptrain.commands.train",
@@ -47,18 +50,40 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
         return exit_.code if isinstance(exit_.code, int) else 2
     try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print(
-            "interrupted: the last checkpoint and its ledger are intact; continue with --resume RUN_DIR",
-            file=sys.stderr,
-        )
+        with _input_warnings():
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt as err:
+        from .errors import RunInterrupted
+
+        if isinstance(err, RunInterrupted):
+            print(f"interrupted: {err.message}", file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
         return 130
     except user_errors() as err:
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def _input_warnings() -> Iterator[None]:
+    """Print each :class:`~dptrain.errors.InputWarning` as one ``warning: ...`` line."""
+    from .errors import InputWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", InputWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+            if issubclass(category, InputWarning):
+                print(f"warning: {message}", file=sys.stderr, flush=True)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 if __name__ == "__main__":

@@ -223,7 +223,7 @@ def check_recipe(recipe: Any, *, records: int = 8, batch_size: int = 4) -> Check
         raise InputError(f"records and batch_size must be >= 1, got {records} and {batch_size}")
     d = recipe.data
     task = task_for(recipe)  # the recipe's records, model head and loss (dptrain.tasks)
-    texts = task.load(d.path, d.text_field, d.format)
+    texts = task.load(d.path, d.text_field, d.format, text_records=d.text_records)
     if len(texts) == 0:
         raise DataError(f"{d.path} holds no records; fix data.path")
     device = resolve_device(recipe.training.device)

@@ -25,3 +25,23 @@ class InputError(UserError, ValueError):
 
 class ModelSpecError(UserError, ValueError):
     """A model spec that cannot be resolved (:func:`dptrain.models.load_model_and_tokenizer`)."""
+
+
+class InputWarning(UserWarning):
+    """Input that looks wrong but does not stop the run (dropped empty records, records that
+    look split); ``dptrain`` prints it as one ``warning: ...`` line."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: ``state`` says what is on disk; with a ``run_dir``, the message
+    ends with the command that resumes it (``command``: the one that was running)."""
+
+    def __init__(self, state: str, run_dir: object = None, command: str | None = None) -> None:
+        super().__init__(state)
+        self.state, self.run_dir, self.command = state, run_dir, command
+
+    @property
+    def message(self) -> str:
+        if self.run_dir is None:
+            return self.state
+        return f"{self.state}. Continue with: {self.command or 'dptrain train RECIPE'} --resume {self.run_dir}"

@@ -34,13 +34,14 @@ import math
 import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from .secret import RunKey
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 ETA_PER_PAIR = 2.0**-129
 """Total variation between one pair of this sampler (exact arithmetic) and ``N(0, I_2)``."""
@@ -155,6 +156,8 @@ class GaussianNoise:
             block, m = job
             return normals_from_words(self._prf.run(step, block, 2 * m).reshape(m, 4))
 
+        import torch  # here, not at import: `dptrain epsilon` reads truncation_delta only
+
         threads = torch.get_num_threads()
         if min(len(jobs), threads) > 1:
             yield from _trim(self._executor(threads).map(draw, jobs), n)
@@ -166,6 +169,8 @@ class GaussianNoise:
         return np.concatenate([np.empty(0), *self._chunks(n)])
 
     def __call__(self, like: Tensor, std: float) -> Tensor:
+        import torch
+
         if std == 0:
             return torch.zeros_like(like)
         # drawn on the CPU (AES-CTR and Box-Muller in float64, rounded to the dtype here), then

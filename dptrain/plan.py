@@ -163,8 +163,17 @@ def check_run(
         return None
     fil = BudgetFilter(plan.budget, plan.accountant)
     fits = fil.max_steps(ledger, event)
+    if fits == 0 and not ledger.events:
+        one = fil.spent(Ledger([event.with_steps(1)]))
+        raise RecipeError(
+            f"privacy.epsilon: not even one step fits the budget ({plan.budget.epsilon:g}, "
+            f"{plan.delta:.3g}): one step of q={plan.sample_rate:.4g}, "
+            f"sigma={event.noise_multiplier:.4g} costs epsilon {one:.4g}. Nothing was spent. "
+            "Fix: raise policy.noise_multiplier (or omit it, to calibrate the noise from the "
+            "budget), lower the sample rate (training.batch_size), or raise privacy.epsilon."
+        )
     if fits == 0:
-        spent = fil.spent(ledger) if ledger.events else 0.0
+        spent = fil.spent(ledger)
         raise RecipeError(
             f"privacy.epsilon: the budget ({plan.budget.epsilon}, {plan.delta:.3g}) is already "
             f"spent (epsilon {spent:.4f} after {ledger.total_steps} steps; one more step of "

@@ -28,6 +28,7 @@ RESUMABLE_KEYS = (
     "training.checkpoint_every",
     "training.log_every",
     "training.eval_every",
+    "training.report_to",
     "training.device",  # a run may resume on another device (checkpoints load on the CPU)
 )
 # Keys added after runs were already written: left out of the fingerprint at their default,
@@ -37,6 +38,11 @@ LATER_DEFAULTS = {
     "training.loss_scale": 4096.0,
     "training.gradient_checkpointing": False,
 }
+
+
+# Keys added after runs were started, omitted from the fingerprint while None (their default),
+# so that those runs still resume.
+ADDED_KEYS = ("data.text_records",)
 
 
 class Section(BaseModel):
@@ -133,8 +139,19 @@ class PrivacyUnitSection(Section):
 
 
 class DataSection(Section):
-    path: str = Field(description="bundled:clinic_notes, or a .jsonl / .csv / .txt file")
-    format: Literal["jsonl", "csv", "txt"] | None = None
+    """Where the records are.  Relative paths in a recipe file are resolved against the
+    recipe's folder (those given with ``--set`` against the working directory)."""
+
+    path: str = Field(
+        description="bundled:clinic_notes, a .jsonl / .json / .csv / .tsv / .txt / .parquet "
+        "file, or a folder of a `datasets` dataset saved with save_to_disk (or of Parquet files)"
+    )
+    format: Literal["jsonl", "csv", "tsv", "txt", "paragraphs", "parquet", "arrow"] | None = None
+    text_records: Literal["line", "paragraph"] | None = Field(
+        None,
+        description="plain text only: one record per line, or per paragraph (blocks separated "
+        "by blank lines); required when a .txt file has multi-line paragraphs",
+    )
     text_field: str = "text"
     max_length: int = Field(128, ge=2)
     validation_fraction: float = Field(
@@ -245,6 +262,12 @@ class TrainingSection(Section):
         if not (math.isfinite(v) and math.frexp(v)[0] == 0.5):
             raise ValueError("training.loss_scale must be a power of two, e.g. 4096")
         return v
+
+    report_to: list[Literal["tensorboard"]] = Field(
+        default_factory=list,
+        description="experiment loggers fed the metrics.jsonl records (tensorboard: "
+        "RUN_DIR/private/tensorboard, needs the tensorboard extra)",
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> TrainingSection:
@@ -417,6 +440,10 @@ class Recipe(Section):
         d.pop("generation", None)  # nor do the samples drawn after it
         if d.get("task") == TaskSection().model_dump(mode="json"):
             d.pop("task")  # runs from before the task section keep their fingerprint
+        for dotted in ADDED_KEYS:  # at their default, runs started before them still resume
+            section, key = dotted.split(".")
+            if isinstance(d.get(section), dict) and d[section].get(key) is None:
+                d[section].pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -438,26 +465,49 @@ def recipe_schema(data: dict[str, Any]) -> type[Recipe]:
     return Recipe
 
 
-def _friendly(err: ValidationError, source: str, root: type[BaseModel] = Recipe) -> RecipeError:
+def _friendly(
+    err: ValidationError,
+    source: str,
+    root: type[BaseModel] = Recipe,
+    origins: dict[str, str] | None = None,
+) -> RecipeError:
     lines = []
+    blamed = 0
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
-        kind = e["type"]
-        if kind == "extra_forbidden":
-            parent = _section_model(e["loc"][:-1], root)
-            key = str(e["loc"][-1])
-            close = difflib.get_close_matches(key, _known_keys(parent), n=1) if parent else []
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            known = ", ".join(_known_keys(parent)) if parent else ""
-            lines.append(f"{loc}: unknown key.{hint} Known keys here: {known}")
-        elif kind == "missing":
-            lines.append(f"{loc}: required key is missing")
-        else:
-            got = e.get("input")
-            got_s = f" (got {got!r})" if not isinstance(got, dict) else ""
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{loc}: {msg}{got_s}" if loc else msg)
+        origin = _origin(loc, origins or {})
+        blamed += origin is not None
+        line = _describe_error(e, loc, root)
+        lines.append(line if origin is None else f"{line} [from --set {origin}]")
+    if blamed and blamed == len(lines):
+        return RecipeError(f"invalid --set for recipe {source}:\n  " + "\n  ".join(lines))
     return RecipeError(f"invalid recipe {source}:\n  " + "\n  ".join(lines))
+
+
+def _origin(loc: str, origins: dict[str, str]) -> str | None:
+    """The ``--set`` item that wrote the key at ``loc`` (or a section above it), if any."""
+    for dotted, item in origins.items():
+        if loc == dotted or loc.startswith(dotted + ".") or dotted.startswith(loc + "."):
+            return item
+    return None
+
+
+def _describe_error(e: Any, loc: str, root: type[BaseModel]) -> str:
+    """One line for one pydantic error: the dotted key, what is wrong, the fix."""
+    kind = e["type"]
+    if kind == "extra_forbidden":
+        parent = _section_model(e["loc"][:-1], root)
+        key = str(e["loc"][-1])
+        close = difflib.get_close_matches(key, _known_keys(parent), n=1) if parent else []
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        known = ", ".join(_known_keys(parent)) if parent else ""
+        return f"{loc}: unknown key.{hint} Known keys here: {known}"
+    if kind == "missing":
+        return f"{loc}: required key is missing"
+    got = e.get("input")
+    got_s = f" (got {got!r})" if not isinstance(got, dict) else ""
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}{got_s}" if loc else msg
 
 
 def _section_model(loc: tuple, root: type[BaseModel] = Recipe) -> type[BaseModel] | None:
@@ -475,17 +525,22 @@ def _section_model(loc: tuple, root: type[BaseModel] = Recipe) -> type[BaseModel
 
 
 def parse_recipe(
-    data: dict[str, Any], source: str = "<dict>", schema: type[Recipe] | None = None
+    data: dict[str, Any],
+    source: str = "<dict>",
+    schema: type[Recipe] | None = None,
+    *,
+    origins: dict[str, str] | None = None,
 ) -> Recipe:
     """Validate a recipe dict (including the chosen policy's options); ``schema`` defaults to
-    the kind its sections mark (see :data:`RECIPE_KINDS`)."""
+    the kind its sections mark (see :data:`RECIPE_KINDS`).  ``origins`` maps dotted keys set on
+    the command line to their ``--set`` item, which errors about them then name."""
     if not isinstance(data, dict):
         raise RecipeError(f"invalid recipe {source}: the top level must be a mapping of sections")
     schema = schema or recipe_schema(data)
     try:
         recipe = schema.model_validate(data)
     except ValidationError as err:
-        raise _friendly(err, source, schema) from None
+        raise _friendly(err, source, schema, origins) from None
     _check_policy(recipe, source)
     return recipe
 
@@ -539,22 +594,102 @@ def load_recipe(
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"invalid recipe {path}: the top level must be a mapping of sections")
+    resolve_data_paths(data, path.parent.resolve())
+    origins: dict[str, str] = {}
     for item in overrides or []:
-        if "=" not in item:
-            raise RecipeError(f"override '{item}' must look like section.key=value")
-        dotted, value = item.split("=", 1)
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    recipe = parse_recipe(data, str(path))
+        dotted, value = _parse_override(item)
+        _apply_override(data, dotted, value, item)
+        origins[dotted] = item
+        if dotted in _PATH_KEYS:
+            resolve_data_paths(data, Path.cwd(), only=dotted)
+    recipe = parse_recipe(data, str(path), origins=origins)
     if command is not None and recipe.command != command:
         raise RecipeError(
             f"{path} is a {recipe.command} recipe, not a {command} one: run it with "
             f"`dptrain {recipe.command} {path}`"
         )
     return recipe
+
+
+_PATH_KEYS = ("data.path", "data.validation_path", "data.public_path")
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    """``section.key=VALUE`` -> (dotted key, the YAML value); errors name the ``--set``."""
+    usage = "write --set section.key=value, e.g. --set training.steps=10"
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: no '='; {usage}")
+    dotted, text = item.split("=", 1)
+    dotted = dotted.strip()
+    if not dotted:
+        raise RecipeError(f"--set {item!r}: no key before '='; {usage}")
+    if any(not part for part in dotted.split(".")):
+        raise RecipeError(f"--set {item!r}: empty part in the key {dotted!r}; {usage}")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(
+            f"--set {item!r}: the value {text!r} is not valid YAML ({problem}). Fix: quote the "
+            "whole item for the shell and close brackets and quotes, e.g. "
+            "--set 'training.steps=10' or --set 'lora.target_modules=[q_proj, v_proj]'"
+        ) from None
+    return dotted, value
+
+
+def _apply_override(data: dict[str, Any], dotted: str, value: Any, item: str) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if child is None:  # e.g. `lora: null` in the file, then --set lora.r=4
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parents[: i + 1])
+            raise RecipeError(
+                f"--set {item!r}: {where} is {child!r}, not a section, so it has no key "
+                f"{parents[i + 1] if i + 1 < len(parents) else leaf!r}. Fix: set {where} itself"
+            )
+        node = child
+    node[leaf] = value
+
+
+def resolve_data_paths(data: dict[str, Any], base: Path, only: str | None = None) -> None:
+    """Make the relative data paths of a recipe dict absolute against ``base`` (the recipe's
+    folder for a file's paths, the working directory for ``--set`` ones); a relative path that
+    does not exist there is an error naming the folder used."""
+    section = data.get("data")
+    if not isinstance(section, dict):
+        return
+    for dotted in _PATH_KEYS:
+        key = dotted.split(".")[1]
+        value = section.get(key)
+        if (only is not None and dotted != only) or not isinstance(value, str):
+            continue
+        if value.startswith("bundled:") or not value:
+            continue
+        p = Path(value).expanduser()
+        if p.is_absolute():
+            section[key] = str(p)
+            continue
+        resolved = (base / p).resolve()
+        if not resolved.exists():
+            where = "the working directory" if only else "the recipe's folder"
+            hint = ""
+            elsewhere = Path.cwd() / p
+            if not only and elsewhere.exists():
+                hint = (
+                    f"; {value} exists in the working directory ({Path.cwd()}): give its "
+                    f"absolute path {elsewhere.resolve()}, or a path relative to {base}"
+                )
+            raise RecipeError(
+                f"{dotted}: {value} not found in {where} {base} (relative data paths in a "
+                f"recipe file are resolved against the recipe's folder, those given with --set "
+                f"against the working directory){hint}"
+            )
+        section[key] = str(resolved)
 
 
 def default_delta(n: int) -> float:

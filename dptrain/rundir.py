@@ -31,7 +31,9 @@ fsynced, then renamed over the target, so a crash leaves the old file or the new
 from __future__ import annotations
 
 import json
+import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +95,7 @@ class RunDir:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []  # see log()
 
     recipe = property(lambda self: self.path / "recipe.yaml")
     meta = property(lambda self: self.path / "run.json")
@@ -170,11 +173,16 @@ class RunDir:
     # -- metrics ---------------------------------------------------------------------------
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one record to ``private/metrics.jsonl`` (private statistics)."""
+        """Append ``record`` to ``private/metrics.jsonl`` (mode 0600: private statistics),
+        then hand the same record to each of ``listeners`` (experiment loggers, plain log
+        lines: :mod:`dptrain.steplog`), so they show nothing the file does not hold."""
         self._private_dir()
-        with open(self.metrics, "a") as f:
+        fd = os.open(self.metrics, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a") as f:
             f.write(json.dumps(record, default=float) + "\n")
             f.flush()
+        for listener in self.listeners:
+            listener(record)
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop records of steps beyond ``after_step`` (replayed after a resume)."""
@@ -211,7 +219,12 @@ class RunDir:
     def save_checkpoint(self, step: int, state: dict[str, Any], *, keep: int = 2) -> Path:
         state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step, **state}
         path = self.checkpoints / f"step-{step:08d}.pt"
-        atomic_write(path, lambda f: torch.save(state, f), binary=True)
+        try:
+            atomic_write(path, lambda f: torch.save(state, f), binary=True)
+        except (OSError, RuntimeError) as err:
+            if isinstance(err, RuntimeError) and not _is_write_failure(err):
+                raise
+            raise CheckpointWriteError(self, f"checkpoint step {step}", err) from err
         for old in self.checkpoint_files()[:-keep]:
             old.unlink(missing_ok=True)
         return path
@@ -235,6 +248,32 @@ class RunDir:
         if errors:
             raise CheckpointError("no usable checkpoint:\n  " + "\n  ".join(errors))
         return None
+
+
+def _is_write_failure(err: RuntimeError) -> bool:
+    """torch.save reports a failed write (a full disk, a quota) as a RuntimeError from its zip
+    writer, e.g. ``[enforce fail at inline_container.cc:672] . unexpected pos``."""
+    text = str(err)
+    return any(s in text for s in ("inline_container", "PytorchStreamWriter", "file write failed"))
+
+
+class CheckpointWriteError(CheckpointError):
+    """A run-directory file could not be written (a full disk, a quota): what is on disk is
+    intact, and the message says how to resume."""
+
+    def __init__(self, run: RunDir, what: str, err: BaseException) -> None:
+        kept = run.checkpoint_files()
+        last = (
+            f"the last checkpoint ({kept[-1].name}) and the ledger covering it are intact"
+            if kept
+            else "no checkpoint was written yet"
+        )
+        super().__init__(
+            f"could not write {what} in {run.path} ({type(err).__name__}: {err}). Nothing was "
+            f"lost: every write is atomic, and {last}. Fix: free disk space, then continue with "
+            f"`dptrain train RECIPE --resume {run.path}`"
+        )
+        self.run_dir = run.path
 
 
 def load_checkpoint_file(path: Path) -> dict[str, Any]:

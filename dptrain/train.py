@@ -35,6 +35,7 @@ delta includes the noise sampler's truncation term (:func:`dptrain.noise.truncat
 
 from __future__ import annotations
 
+import errno
 import math
 import sys
 import time
@@ -53,6 +54,7 @@ from .data.canaries import Canary, make_canaries, write_manifest
 from .data.lm import eval_batches
 from .data.splits import read_data, read_public
 from .engine import BudgetExceeded, PrivacyEngine
+from .errors import RunInterrupted
 from .hardware import describe_device, module_device, resolve_device
 from .models import check_context
 from .noise import GaussianNoise
@@ -61,9 +63,18 @@ from .plan import RunPlan, check_run, guarantee_numbers, plan_privacy
 from .policies import Policy, RunContext
 from .precision import Precision
 from .recipe import Recipe, RecipeError, dump_recipe
-from .rundir import PUBLIC_FILES, CheckpointError, RunDir, atomic_write, save_final, versions
+from .rundir import (
+    PUBLIC_FILES,
+    CheckpointError,
+    CheckpointWriteError,
+    RunDir,
+    atomic_write,
+    save_final,
+    versions,
+)
 from .sampling import PoissonSampler
 from .secret import RunKey, RunKeyError
+from .steplog import StepLog
 from .tasks import Task, task_for, validation_line
 from .user_level import PersonSampler, UnitPlan, plan_unit, record_run_person_level, resolve_unit
 
@@ -142,11 +153,43 @@ def train(
     distributed.init_from_env(recipe.training.device)
     prep = prepare(recipe, run_dir, resume=resume)
     distributed.barrier()  # every rank has validated the run directory before rank 0 writes
-    start(prep)
-    built = build(prep)
-    meta, stats = begin_meta(prep, built)
-    stopped, seconds, counts = loop(prep, built, meta, stats, progress, max_steps_this_session)
-    return finish(prep, built, meta, stats, stopped, seconds, counts, cross_check)
+    try:
+        start(prep)
+        built = build(prep)
+        meta, stats = begin_meta(prep, built)
+        stopped, seconds, counts = loop(prep, built, meta, stats, progress, max_steps_this_session)
+    except KeyboardInterrupt:
+        raise _interrupted(prep.run) from None
+    except OSError as err:
+        if err.errno not in _DISK_FULL:
+            raise
+        raise CheckpointWriteError(prep.run, "the run directory's files", err) from err
+    try:
+        return finish(prep, built, meta, stats, stopped, seconds, counts, cross_check)
+    except OSError as err:  # a full disk while writing the final model or run.json
+        if err.errno not in _DISK_FULL:
+            raise
+        raise CheckpointWriteError(prep.run, "the final model or run.json", err) from err
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _interrupted(run: RunDir) -> RunInterrupted:
+    """Ctrl-C: ``run.json`` says "interrupted" and the message gives the real resume path."""
+    if not run.exists():  # before the first write of run.json: no run has started
+        return RunInterrupted(
+            f"before training started; {run.path} holds no run yet: run the same command again"
+        )
+    if distributed.is_main():
+        run.update_meta(status="interrupted")
+    kept = run.checkpoint_files()
+    state = (
+        f"the last checkpoint ({kept[-1].name}) and the ledger covering it are intact"
+        if kept
+        else "no checkpoint was written yet"
+    )
+    return RunInterrupted(state, run_dir=run.path)
 
 
 # -- prepare: everything checked before the model loads -----------------------------------
@@ -451,6 +494,16 @@ def loop(
         file=sys.stderr,
         dynamic_ncols=True,
     )
+    if main:
+        steplog = StepLog(
+            run.private,  # private/tensorboard: the metrics' values, as private as they are
+            total=total,
+            first=first,
+            report_to=t.report_to,
+            plain=not progress,
+            echo=lambda line: tqdm.write(line, file=sys.stderr),
+        )
+        run.listeners.append(steplog)  # sees exactly the records metrics.jsonl gets
     t_train = time.perf_counter()
     eps_shown = engine.epsilon()
     nonfinite = stats.get("nonfinite_samples", 0)
@@ -497,6 +550,9 @@ def loop(
                 checkpoint(prep, built)
     finally:
         bar.close()
+        if main:
+            run.listeners.remove(steplog)
+            steplog.close()
     seconds = time.perf_counter() - t_train
     checkpoint(prep, built)
     return stopped_by_budget, seconds, (nonfinite, skipped)

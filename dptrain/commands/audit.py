@@ -36,6 +36,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _not_a_train_run(path: object, recipe: object) -> Exception:
+    """What to audit instead of a federated run (it has no records or ledger of its own)."""
+    from dptrain.errors import InputError
+
+    f = getattr(recipe, "federated", None)
+    state = getattr(f, "state_dir", None) or "STATE_DIR"
+    return InputError(
+        f"{path} is a {recipe.command} run, not a `dptrain train` run: its "  # type: ignore[attr-defined]
+        "server holds no training records and no sample-level ledger. Each client's ledger "
+        f"is in its own state directory ({state}/client-K). Fix: read a client's epsilon "
+        f"with `dptrain epsilon --run {state}/client-K --delta DELTA`; to audit the training "
+        "mechanism, audit a `dptrain train` run of the same model and policy (e.g. with "
+        "data.canaries, or --whitebox)"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -48,7 +64,10 @@ def run(args: argparse.Namespace) -> int:
         return _by_person(args, run_dir)
     base = AuditSection()
     if run_dir.recipe.exists():
-        base = load_recipe(run_dir.recipe).audit or base
+        recipe = load_recipe(run_dir.recipe)
+        if recipe.command != "train":
+            raise _not_a_train_run(run_dir.path, recipe)
+        base = recipe.audit or base
     flags = {
         "members": args.members,
         "non_members": args.non_members,

@@ -43,7 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..extras import require
     from ..recipe import load_recipe
+
+    require("flwr", "federated", "dptrain federated")
 
     recipe = load_recipe(args.recipe, args.set, command="federated")
     if not args.verbose:

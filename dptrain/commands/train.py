@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from ..errors import InputError
+from ..errors import InputError, RunInterrupted
 from . import add_overrides
 
 
@@ -48,8 +48,19 @@ def run(args: argparse.Namespace) -> int:
     from ..train import train
 
     recipe = load_recipe(args.recipe, args.set, command="train")
+    from ..steplog import check_reporters
+
+    check_reporters(recipe.training.report_to)
+    if recipe.audit is not None and recipe.audit.after_training:
+        from attacks.audit import require_plots
+
+        require_plots()  # before training, not after it
     run_dir = args.resume or args.output
-    result = train(recipe, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    try:
+        result = train(recipe, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    except RunInterrupted as err:
+        err.command = f"dptrain train {args.recipe}"
+        raise
     audit = recipe.audit
     if result.finished and distributed.is_main() and audit is not None:
         if audit.after_training or audit.whitebox:

@@ -1,14 +1,25 @@
-"""Load user text records (one record = one privacy unit) from JSONL, CSV or plain text.
+"""Load user text records (one record = one privacy unit) from JSONL, JSON, CSV, plain text,
+Parquet or a ``datasets`` dataset saved to disk.
 
-Formats (``format=None`` infers it from the file suffix):
+Formats (``format=None`` infers it from the file suffix, or from a folder's contents):
 
 - ``"jsonl"`` (``.jsonl``, ``.ndjson``, ``.json``): one JSON object per line; the text is in
   ``text_field`` and the record id in ``id_field`` (default ``"id"``). Blank lines are ignored.
+  A file holding one JSON array of such objects is read as well.
 - ``"csv"`` (``.csv``) / ``"tsv"`` (``.tsv``): a header row, then one record per row; the
   text is in column ``text_field``, the id in column ``id_field`` if that column exists.
-- ``"txt"`` (``.txt``, ``.text``): one record per non-empty line (lines are stripped of
-  trailing whitespace; blank lines are skipped).
-- ``"paragraphs"``: records separated by one or more blank lines, so a record may span lines.
+- ``"txt"`` (``.txt``, ``.text``): ``text_records="line"``: one record per non-empty line
+  (stripped of trailing whitespace); ``"paragraph"``: records separated by one or more blank
+  lines, so a record may span lines (also ``format="paragraphs"``).  Without ``text_records``
+  a file whose blank-line-separated blocks span several lines is refused: reading a multi-line
+  note as several records would silently shrink the privacy unit to a part of it.
+- ``"parquet"`` (``.parquet``, or a folder of ``.parquet`` files read in name order) and
+  ``"arrow"`` (a folder written by ``datasets.Dataset.save_to_disk``, or an ``.arrow`` file):
+  columns ``text_field`` and ``id_field`` as for CSV.  They need the ``datasets`` extra
+  (``pyarrow``; ``datasets`` for Arrow); a missing one is an error naming it.
+
+Records whose text is empty or whitespace only are dropped, with an :class:`InputWarning`
+giving their number (a statistic of the data: it goes to the console, never to a run file).
 
 Record ids.  A record's id is its ``id_field`` value where the file gives one; otherwise it
 is derived from its content: ``text-<first 16 hex digits of sha256(text)>``, and the k-th
@@ -21,7 +32,7 @@ never changes another record's id (line numbers would), and duplicates still get
 public split: each record is in validation iff a PRF with the public key
 :data:`BUNDLED_SPLIT_KEY` maps its id below :data:`BUNDLED_VALIDATION_FRACTION`.
 
-All files are read as UTF-8 (a leading byte-order mark is ignored). Problems raise
+All text files are read as UTF-8 (a leading byte-order mark is ignored). Problems raise
 :class:`DataError` (a ``ValueError``) naming the file and line, or
 :class:`DataFileNotFoundError` (also a ``FileNotFoundError``).
 """
@@ -32,13 +43,15 @@ import csv
 import hashlib
 import io
 import json
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import InputWarning, UserError
 from ..secret import RunKey, below, record_keys
 
 __all__ = [
@@ -53,7 +66,8 @@ __all__ = [
     "split",
 ]
 
-FORMATS = ("jsonl", "csv", "tsv", "txt", "paragraphs")
+FORMATS = ("jsonl", "csv", "tsv", "txt", "paragraphs", "parquet", "arrow")
+TEXT_RECORDS = ("line", "paragraph")
 _SUFFIXES = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
@@ -62,6 +76,8 @@ _SUFFIXES = {
     ".tsv": "tsv",
     ".txt": "txt",
     ".text": "txt",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
 }
 _BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 BUNDLED: dict[str, str] = {
@@ -115,29 +131,37 @@ def load_texts(
     text_field: str = "text",
     format: str | None = None,
     id_field: str | None = "id",
+    text_records: str | None = None,
 ) -> TextDataset:
-    """Load records from ``path`` (a file or ``"bundled:NAME[:train|:validation]"``).
+    """Load records from ``path`` (a file, a dataset folder, or ``"bundled:NAME[:train|:validation]"``).
 
-    ``text_field`` is the JSONL field or CSV column holding the text; ``id_field`` the one
-    holding the record id (``None``: always derive ids from content). Ids must be unique.
+    ``text_field`` is the JSONL field or CSV/table column holding the text; ``id_field`` the
+    one holding the record id (``None``: always derive ids from content). Ids must be unique.
+    ``text_records`` (``"line"`` or ``"paragraph"``) says what one record of a plain-text file
+    is (see the module docstring).
     """
     if isinstance(path, str) and path.startswith("bundled:"):
         return _load_bundled(path)
+    if text_records is not None and text_records not in TEXT_RECORDS:
+        raise DataError(f"text_records must be one of {TEXT_RECORDS}, got {text_records!r}")
     p = Path(path).expanduser()
     if not p.exists():
         raise DataFileNotFoundError(f"data file not found: {p}")
-    if p.is_dir():
-        raise DataError(f"{p} is a directory; expected a .jsonl, .csv, .tsv or .txt file")
-    fmt = _infer_format(p, format)
-    text = _read_utf8(p)
-    if fmt == "jsonl":
-        texts, ids = _parse_jsonl(text, p, text_field, id_field)
-    elif fmt in ("csv", "tsv"):
-        texts, ids = _parse_csv(text, p, text_field, id_field, "\t" if fmt == "tsv" else ",")
-    elif fmt == "txt":
-        texts, ids = _parse_lines(text)
+    fmt = _infer_dir_format(p, format) if p.is_dir() else _infer_format(p, format)
+    if fmt in ("parquet", "arrow"):
+        texts, ids = _load_table(p, fmt, text_field, id_field)
     else:
-        texts, ids = _parse_paragraphs(text)
+        text = _read_utf8(p)
+        if fmt == "jsonl":
+            texts, ids = _parse_json(text, p, text_field, id_field)
+        elif fmt in ("csv", "tsv"):
+            texts, ids = _parse_csv(text, p, text_field, id_field, "\t" if fmt == "tsv" else ",")
+        elif fmt == "paragraphs" or (fmt == "txt" and text_records == "paragraph"):
+            texts, ids = _parse_paragraphs(text)
+        else:
+            _check_lines_are_records(text, p, text_records)
+            texts, ids = _parse_lines(text)
+    texts, ids = _drop_empty(texts, ids, p)
     if not texts:
         raise DataError(f"{p}: no records found (format {fmt!r})")
     ids = content_ids(texts, ids)
@@ -211,6 +235,84 @@ def _infer_format(p: Path, format: str | None) -> str:
     return fmt
 
 
+def _infer_dir_format(p: Path, format: str | None) -> str:
+    """A folder is a ``datasets`` save (``state.json`` / ``dataset_dict.json``) or a folder of
+    Parquet files."""
+    if format not in (None, "arrow", "parquet"):
+        raise DataError(
+            f"{p} is a directory; format {format!r} reads a file. Fix: point data.path at the "
+            "file, or at a folder written by datasets' save_to_disk or holding .parquet files"
+        )
+    saved = any((p / f).exists() for f in ("state.json", "dataset_dict.json", "dataset_info.json"))
+    if saved and format in (None, "arrow"):
+        return "arrow"
+    if any(p.glob("*.parquet")) and format in (None, "parquet"):
+        return "parquet"
+    raise DataError(
+        f"{p} is a directory, neither a dataset saved by datasets' save_to_disk (no "
+        "state.json) nor a folder of .parquet files. Fix: point data.path at a .jsonl, .json, "
+        ".csv, .tsv, .txt or .parquet file, or at such a folder"
+    )
+
+
+def _load_table(
+    p: Path, fmt: str, text_field: str, id_field: str | None
+) -> tuple[list[str], list[str | None]]:
+    from ..extras import require
+
+    if fmt == "parquet":
+        pq = require("pyarrow.parquet", "datasets", "reading Parquet data files")
+        files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
+        try:
+            tables = [pq.read_table(f) for f in files]
+        except Exception as err:  # pyarrow's errors have no common public base
+            raise DataError(f"{p}: not a readable Parquet file ({err})") from None
+        names = tables[0].column_names
+        data = {
+            n: [
+                v
+                for t in tables
+                for v in (t.column(n).to_pylist() if n in t.column_names else [None] * t.num_rows)
+            ]
+            for n in names
+            if n in (text_field, id_field)
+        }
+    else:
+        datasets = require("datasets", "datasets", "reading a dataset saved with save_to_disk")
+        try:
+            ds = (
+                datasets.Dataset.from_file(str(p))
+                if p.is_file()
+                else datasets.load_from_disk(str(p))
+            )
+        except Exception as err:  # datasets raises FileNotFoundError, ValueError, pyarrow errors
+            raise DataError(f"{p}: cannot be read as a saved dataset ({err})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            splits = ", ".join(sorted(ds))
+            raise DataError(
+                f"{p} holds a DatasetDict with splits {splits}; one data path is one split. Fix: "
+                f"point data.path at one of them, e.g. {p / sorted(ds)[0]}"
+            )
+        names = ds.column_names
+        data = {n: ds[n] for n in names if n in (text_field, id_field)}
+    if text_field not in names:
+        raise DataError(
+            f"{p}: no column {text_field!r}; available columns: {', '.join(names)} "
+            "(choose one with data.text_field)"
+        )
+    texts: list[str] = []
+    for i, value in enumerate(data[text_field]):
+        if not isinstance(value, str):
+            raise DataError(
+                f"{p}: row {i + 1}: column {text_field!r} is {type(value).__name__}, expected a "
+                "string"
+            )
+        texts.append(value)
+    raw_ids = data.get(id_field) if id_field is not None else None
+    ids = [None if v is None else str(v) for v in raw_ids] if raw_ids else [None] * len(texts)
+    return texts, ids
+
+
 def _read_utf8(p: Path) -> str:
     raw = p.read_bytes()
     try:
@@ -230,6 +332,31 @@ def _lines(text: str) -> list[str]:
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 
+def _parse_json(
+    text: str, p: Path, text_field: str, id_field: str | None
+) -> tuple[list[str], list[str | None]]:
+    """JSONL, or one JSON array of objects (what ``json.dump(records, f)`` writes)."""
+    if text.lstrip().startswith("["):
+        try:
+            array = json.loads(text)
+        except json.JSONDecodeError as e:
+            if p.suffix.lower() == ".json":
+                raise DataError(
+                    f"{p}:{e.lineno}: invalid JSON array ({e.msg} at column {e.colno}); expected "
+                    "a JSON array of objects or JSONL (one JSON object per line)"
+                ) from None
+        else:
+            if isinstance(array, list):
+                texts: list[str] = []
+                ids: list[str | None] = []
+                for i, obj in enumerate(array):
+                    _add_record(
+                        obj, f"{p}: array element {i + 1}", text_field, id_field, texts, ids
+                    )
+                return texts, ids
+    return _parse_jsonl(text, p, text_field, id_field)
+
+
 def _parse_jsonl(
     text: str, p: Path, text_field: str, id_field: str | None
 ) -> tuple[list[str], list[str | None]]:
@@ -241,25 +368,37 @@ def _parse_jsonl(
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
             raise DataError(
-                f"{p}:{lineno}: expected a JSON object per line, got {type(obj).__name__}"
-            )
-        if text_field not in obj:
-            raise DataError(
-                f"{p}:{lineno}: no field {text_field!r}; available fields: "
-                f"{', '.join(map(str, obj)) or '(none)'} (choose one with text_field=)"
-            )
-        value = obj[text_field]
-        if not isinstance(value, str):
-            raise DataError(
-                f"{p}:{lineno}: field {text_field!r} is {type(value).__name__}, expected a string"
-            )
-        texts.append(value)
-        rid = obj.get(id_field) if id_field is not None else None
-        ids.append(str(rid) if rid is not None else None)
+                f"{p}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); JSONL expected: one "
+                "JSON object per line (or one JSON array of objects)"
+            ) from None
+        _add_record(obj, f"{p}:{lineno}", text_field, id_field, texts, ids)
     return texts, ids
+
+
+def _add_record(
+    obj: Any,
+    where: str,
+    text_field: str,
+    id_field: str | None,
+    texts: list[str],
+    ids: list[str | None],
+) -> None:
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object per record, got {type(obj).__name__}")
+    if text_field not in obj:
+        raise DataError(
+            f"{where}: no field {text_field!r}; available fields: "
+            f"{', '.join(map(str, obj)) or '(none)'} (choose one with text_field=)"
+        )
+    value = obj[text_field]
+    if not isinstance(value, str):
+        raise DataError(
+            f"{where}: field {text_field!r} is {type(value).__name__}, expected a string"
+        )
+    texts.append(value)
+    rid = obj.get(id_field) if id_field is not None else None
+    ids.append(str(rid) if rid is not None else None)
 
 
 def _parse_csv(
@@ -294,6 +433,50 @@ def _parse_csv(
             raise DataError(f"{p}:{reader.line_num}: {len(row)} columns, header has {len(header)}")
         texts.append(row[ti])
         ids.append(row[ii] if ii is not None and row[ii] != "" else None)
+    return texts, ids
+
+
+def _check_lines_are_records(text: str, p: Path, text_records: str | None) -> None:
+    """A .txt file of blank-line-separated blocks of several lines reads as paragraphs, not
+    lines: refuse to guess (or warn, when ``text_records="line"`` was chosen)."""
+    paragraphs, _ = _parse_paragraphs(text)
+    lines, _ = _parse_lines(text)
+    if not (1 < len(paragraphs) < len(lines)):
+        return
+    if text_records is None:
+        raise DataError(
+            f"{p}: this text file has paragraphs of several lines separated by blank lines. One "
+            "record is one privacy unit: read line by line, each note would be split into "
+            "records protected one line at a time. Fix: set data.text_records: paragraph "
+            "(one record per paragraph) or data.text_records: line (one record per line)"
+        )
+    warnings.warn(
+        InputWarning(
+            f"{p}: data.text_records is 'line' but the file has multi-line paragraphs separated "
+            "by blank lines; each line is a record (a privacy unit) of its own, so a paragraph "
+            "is protected only as a group of its lines (use data.text_records: paragraph if a "
+            "paragraph is one person's note)"
+        ),
+        stacklevel=3,
+    )
+
+
+def _drop_empty(
+    texts: list[str], ids: list[str | None], p: Path
+) -> tuple[list[str], list[str | None]]:
+    """Records whose text is empty or whitespace only carry nothing to train on: dropped,
+    with a console warning of how many (a statistic of the data, kept out of run files)."""
+    keep = [i for i, t in enumerate(texts) if t.strip()]
+    dropped = len(texts) - len(keep)
+    if dropped:
+        warnings.warn(
+            InputWarning(
+                f"{p}: dropped {dropped} empty or whitespace-only record(s) (this count is a "
+                "statistic of your data: it is shown here, not written to the run directory)"
+            ),
+            stacklevel=3,
+        )
+        texts, ids = [texts[i] for i in keep], [ids[i] for i in keep]
     return texts, ids
 
 

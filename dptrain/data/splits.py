@@ -36,10 +36,10 @@ def split_data(
     swap one."""
     d = recipe.data
     task = task_for(recipe)  # text, or structured records as canonical texts
-    texts = task.load(d.path, d.text_field, d.format)
+    texts = task.load(d.path, d.text_field, d.format, text_records=d.text_records)
     if d.validation_path:
         train = texts
-        val = task.load(d.validation_path, d.text_field, d.format)
+        val = task.load(d.validation_path, d.text_field, d.format, text_records=d.text_records)
         if d.privacy_unit is not None:
             _check_people_apart(recipe, train, val)
     elif d.privacy_unit is not None:
@@ -128,7 +128,9 @@ def read_public(
     if d.public_fraction is not None:
         train, public = split(train, d.public_fraction, key, "public")
     elif d.public_path is not None:
-        public = task_for(recipe).load(d.public_path, d.text_field, d.format)
+        public = task_for(recipe).load(
+            d.public_path, d.text_field, d.format, text_records=d.text_records
+        )
         shared = set(public.texts) & set(train.texts)
         if shared:
             raise RecipeError(

@@ -37,6 +37,9 @@ __all__ = [
 
 def simulate(*args, **kwargs):
     """See :func:`dptrain.federated.simulation.simulate` (imports Flower on first use)."""
+    from ..extras import require
+
+    require("flwr", "federated", "federated training")
     from .simulation import simulate as _simulate
 
     return _simulate(*args, **kwargs)

@@ -60,6 +60,7 @@ import functools
 import hashlib
 import json
 import math
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -167,6 +168,9 @@ def _client_people(recipe: FederatedRecipe, own: ClientConfig, data: TextDataset
     return read_people(data, person_ids(path, field, text_field=d.text_field, format=fmt))
 
 
+_DELTA_ANNOUNCED: set[Path] = set()  # clients whose default delta this process announced
+
+
 def plan_client(recipe: FederatedRecipe, client: int, own: ClientConfig) -> ClientPlan:
     """Resolve a client's data, sample rate, steps per round and the noise the server's
     recipe asks for (calibrated for all ``rounds * steps`` local steps at the asked budget)."""
@@ -184,6 +188,14 @@ def plan_client(recipe: FederatedRecipe, client: int, own: ClientConfig) -> Clie
     n = len(data) if people is None else len(people)
     unit = "records" if people is None else "people"
     plan = plan_privacy(recipe, n, repeats=recipe.federated.rounds, unit=unit)
+    if own.delta is None and own.state_dir not in _DELTA_ANNOUNCED:  # said once, not silently
+        _DELTA_ANNOUNCED.add(own.state_dir)  # (N_k is public metadata)
+        print(
+            f"client {client}: delta not set: using 1/(10 N) = {own.own_delta(n):.3g} "
+            f"for its N = {n} {unit} (set the client's delta to choose another)",
+            file=sys.stderr,
+            flush=True,
+        )
     asked = Request(
         float(recipe.privacy.epsilon),
         plan.delta,

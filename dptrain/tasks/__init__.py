@@ -51,11 +51,13 @@ class Task:
         """Whether the model is a generator (it has samples and a canary check)."""
         return self.kind != "classification"
 
-    def load(self, path: str, text_field: str, format: str | None) -> TextDataset:
+    def load(
+        self, path: str, text_field: str, format: str | None, *, text_records: str | None = None
+    ) -> TextDataset:
         if self.kind == "text":
             from ..data.loading import load_texts
 
-            return load_texts(path, text_field=text_field, format=format)
+            return load_texts(path, text_field=text_field, format=format, text_records=text_records)
         from .records import load_records
 
         return load_records(path, self.section, text_field=text_field, format=format)

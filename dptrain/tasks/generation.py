@@ -109,10 +109,16 @@ def canary_prefix(template: str, name: str) -> str:
 
 
 def canary_check(model: torch.nn.Module, tokenizer: Any, manifest: Manifest) -> CanaryCheck:
-    """Greedy completion of every canary's prefix; a secret in its completion is extracted."""
+    """Greedy completion of every canary's prefix; a secret in its completion is extracted.
+
+    The prefix is tokenized without its trailing whitespace: byte-level BPE attaches a space to
+    the next token (``" 482913"``), so a prompt ending in a lone space token is one the model
+    never saw in training, and its completion would under-report memorization."""
     n_new = manifest.secret_digits + 4
     prompts = [
-        tokenizer(canary_prefix(manifest.template, c.name), add_special_tokens=True)["input_ids"]
+        tokenizer(canary_prefix(manifest.template, c.name).rstrip(), add_special_tokens=True)[
+            "input_ids"
+        ]
         for c in manifest.canaries
     ]
     texts = generate(model, tokenizer, prompts, max_new_tokens=n_new, temperature=0.0)

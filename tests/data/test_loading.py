@@ -1,6 +1,7 @@
 import hashlib
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from dptrain.data.loading import (
     load_texts,
     split,
 )
+from dptrain.errors import InputWarning
 from dptrain.secret import RunKey
 
 KEY = RunKey.from_insecure_seed(3)
@@ -133,7 +135,8 @@ def test_tsv_and_explicit_format(tmp_path: Path) -> None:
 
 def test_txt_one_record_per_nonempty_line(tmp_path: Path) -> None:
     p = write(tmp_path, "d.txt", "first  \n\n  \nsecond\r\nthird")
-    ds = load_texts(p)
+    with pytest.warns(InputWarning, match="multi-line paragraphs"):  # lines chosen, yet blocks
+        ds = load_texts(p, text_records="line")
     assert ds.texts == ["first", "second", "third"]
     assert ds.ids == [cid("first"), cid("second"), cid("third")]
 
@@ -156,7 +159,7 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_directory_and_unknown_suffix_and_format(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="is a directory"):
         load_texts(tmp_path)
-    p = write(tmp_path, "d.parquet", "x")
+    p = write(tmp_path, "d.xml", "x")
     with pytest.raises(DataError, match=r"cannot infer the format.*jsonl, csv, tsv, txt"):
         load_texts(p)
     with pytest.raises(DataError, match="unknown format 'xml'"):
@@ -285,3 +288,54 @@ def test_jsonl_written_by_json_dumps_roundtrip(tmp_path: Path) -> None:
     recs = [{"id": f"r{i}", "text": f'Patient {i}\nnote "quoted" é'} for i in range(5)]
     p = write(tmp_path, "d.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
     assert load_texts(p).texts == [r["text"] for r in recs]
+
+
+# -- Parquet and datasets saved to disk ---------------------------------------------------
+
+
+def test_parquet_files_and_folders(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"note": ["alpha", "beta"], "id": [7, 8]}), tmp_path / "a.parquet")
+    ds = load_texts(tmp_path / "a.parquet", text_field="note")
+    assert ds.texts == ["alpha", "beta"] and ds.ids == ["7", "8"]
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    pq.write_table(pa.table({"text": ["one", "   "]}), folder / "part-0.parquet")
+    pq.write_table(pa.table({"text": ["two"]}), folder / "part-1.parquet")
+    with pytest.warns(InputWarning, match="dropped 1"):
+        ds = load_texts(folder)
+    assert ds.texts == ["one", "two"] and ds.ids == [cid("one"), cid("two")]
+    with pytest.raises(DataError, match=r"no column 'text'; available columns: note, id"):
+        load_texts(tmp_path / "a.parquet")
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "n.parquet")
+    with pytest.raises(DataError, match="row 1: column 'text' is int"):
+        load_texts(tmp_path / "n.parquet")
+
+
+def test_datasets_saved_to_disk(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    data = datasets.Dataset.from_dict({"text": ["first", "second"], "id": ["a", "b"]})
+    data.save_to_disk(str(tmp_path / "saved"))
+    ds = load_texts(tmp_path / "saved")
+    assert ds.texts == ["first", "second"] and ds.ids == ["a", "b"]
+    datasets.DatasetDict({"train": data, "test": data}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(DataError, match=r"DatasetDict with splits test, train.*dict/test"):
+        load_texts(tmp_path / "dict")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="neither a dataset saved"):
+        load_texts(tmp_path / "empty")
+
+
+def test_tables_name_the_extra_when_it_is_missing(tmp_path: Path, monkeypatch) -> None:
+    from dptrain.extras import MissingExtraError
+
+    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(MissingExtraError, match=r"dptrain\[datasets\]"):
+        load_texts(tmp_path / "d.parquet")
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "state.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(MissingExtraError, match=r"dptrain\[datasets\]"):
+        load_texts(tmp_path / "saved")

@@ -77,7 +77,10 @@ def test_refused_clients_say_why_train_nothing_and_keys_stay_with_each_client(tm
         2: ClientConfig(root / "client-2", epsilon=8.0, min_noise_multiplier=50.0),
     }
     simulate(recipe, clients=strict)
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "client 1: delta not set: using 1/(10 N) = " in captured.err  # said, once
+    assert captured.err.count("client 1: delta not set") == 1
     (r1,) = RunDir(tmp_path / "run").read_metrics()
     assert r1["clients"]["0"]["status"] == "trained"
     for k, why in ((1, "budget is epsilon 4"), (2, "below this client's minimum 50")):

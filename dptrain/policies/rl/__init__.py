@@ -77,11 +77,27 @@ from typing import Any
 
 from .options import RLConfig, RLOptions
 
-__all__ = ["PrivateTrainingEnv", "RLConfig", "RLOptions", "RLPolicy", "make_rl_policy"]
+__all__ = [
+    "PrivateTrainingEnv",
+    "RLConfig",
+    "RLOptions",
+    "RLPolicy",
+    "make_rl_policy",
+    "require_rl",
+]
+
+
+def require_rl() -> None:
+    """The rl extra (stable-baselines3, gymnasium), or an error naming it."""
+    from ...extras import require
+
+    require("gymnasium", "rl", "policy 'rl'")
+    require("stable_baselines3", "rl", "policy 'rl'")
 
 
 def make_rl_policy(**options: Any) -> Any:
     """The registry's factory (imports stable-baselines3 only when an rl policy is built)."""
+    require_rl()
     from .policy import RLPolicy
 
     return RLPolicy(**options)
@@ -93,6 +109,7 @@ def __getattr__(name: str) -> Any:
 
         return RLPolicy
     if name == "PrivateTrainingEnv":
+        require_rl()
         from .env import PrivateTrainingEnv
 
         return PrivateTrainingEnv
