@@ -216,8 +216,8 @@ def _finished_run(run_dir: str | Path) -> tuple[RunDir, dict[str, Any], Recipe]:
     if meta.get("privacy_unit", "record") != "record":
         raise InputError(
             f"{run.path} protects each {meta['privacy_unit']['unit']} (data.privacy_unit); "
-            "this audit scores records against a record-level claim, and a person-level audit "
-            "is not implemented yet. Fix: audit a record-level run"
+            "this audit scores records against a record-level claim. Fix: audit it by person "
+            "with `dptrain audit RUN_DIR` (which dispatches to attacks.people.audit_people)"
         )
     require_plots()
     return run, meta, load_recipe(run.recipe)

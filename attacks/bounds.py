@@ -243,7 +243,10 @@ def one_run_epsilon_best(
 
 def gaussian_epsilon(mu: float, delta: float) -> float:
     """Exact epsilon at ``delta`` of a mu-GDP mechanism (a Gaussian mechanism with sensitivity
-    / noise std = mu): the root of ``Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) = delta``."""
+    / noise std = mu): the root of ``Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) = delta``
+    (``0`` for ``mu = 0``: identical distributions, e.g. the ceiling of too few canaries)."""
+    if mu <= 0:
+        return 0.0
 
     def excess(eps: float) -> float:
         a = stats.norm.cdf(-eps / mu + mu / 2)

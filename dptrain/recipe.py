@@ -155,7 +155,11 @@ class DataSection(Section):
     text_field: str = "text"
     max_length: int = Field(128, ge=2)
     validation_fraction: float = Field(
-        0.05, gt=0, lt=1, description="each record is held out alone with this probability"
+        0.05,
+        gt=0,
+        lt=1,
+        description="each record (each person, with all of their records, under "
+        "privacy_unit) is held out alone with this probability",
     )
     validation_path: str | None = None
     max_records: int | None = Field(
@@ -411,10 +415,10 @@ class Recipe(Section):
     def _audit_unit(self) -> Recipe:
         if self.data.privacy_unit is not None and self.audit is not None:
             raise ValueError(
-                "audit with data.privacy_unit: the audit scores records against a record-level "
-                "claim; a person-level audit (canary people, membership by person) is not "
-                "implemented yet, and a record-level audit of a person-level run would compare "
-                "the wrong quantities. Fix: delete the audit section for this run"
+                "audit with data.privacy_unit: the after-training audit scores records against "
+                "a record-level claim, which would compare the wrong quantities; the "
+                "person-level audit (membership by person, canary people) runs on its own. "
+                "Fix: delete the audit section and run `dptrain audit RUN_DIR` after training"
             )
         return self
 

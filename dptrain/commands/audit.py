@@ -60,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     from dptrain.rundir import RunDir
 
     run_dir = RunDir(args.run_dir)
+    if run_dir.exists() and run_dir.read_meta().get("privacy_unit", "record") != "record":
+        return _by_person(args, run_dir)
     base = AuditSection()
     if run_dir.recipe.exists():
         recipe = load_recipe(run_dir.recipe)
@@ -87,4 +89,37 @@ def run(args: argparse.Namespace) -> int:
         )
         raise RecipeError(f"invalid audit option: {msg or err}") from None
     audit_run(run_dir.path, options, progress=not args.no_progress)
+    return 0
+
+
+def _by_person(args: argparse.Namespace, run_dir) -> int:
+    """A person-level run: membership inference by person (:mod:`attacks.people`); writes
+    RUN_DIR/audit/people.json (statistics of private people: for the data owner)."""
+    import json
+
+    from attacks.people import audit_people
+    from dptrain.errors import InputError
+    from dptrain.rundir import atomic_write
+
+    if args.shadows or args.whitebox or args.population is not None:
+        raise InputError(
+            "--shadows / --whitebox / --population: not available for a person-level run "
+            "(its audit is membership inference by person). Fix: drop the flag"
+        )
+    s = audit_people(
+        run_dir.path,
+        people=args.members or 64,
+        confidence=args.confidence or 0.95,
+        progress=not args.no_progress,
+    )
+    out = run_dir.path / "audit"
+    out.mkdir(exist_ok=True)
+    atomic_write(out / "people.json", lambda f: json.dump(s, f, indent=2, default=float))
+    c, b = s["claim"], s["clopper_pearson"]
+    print(f"audit by {s['unit']}: {s['members']} members, {s['non_members']} held-out people")
+    print(f"claimed            ({c['epsilon']:.4f}, {c['delta']:.3g})-DP per {s['unit']}")
+    for name, a in s["attacks"].items():
+        print(f"{name:<18} AUC {a['auc']:.3f}  TPR@1%FPR {a['tpr_at_1pct_fpr']:.3f}")
+    print(f"empirical epsilon  >= {b['epsilon']:.4f} ({b['attack']}, {b['confidence']:.0%})")
+    print(f"written            {out / 'people.json'}")
     return 0

@@ -2,7 +2,11 @@
 
 Every split is a per-record keyed decision of the run key (:func:`dptrain.data.split`), so
 adding a record to the file changes the training set by at most that record; ``max_records``
-is the exception (a count: see :func:`dptrain.plan.guarantee_numbers`).
+is the exception (a count: see :func:`dptrain.plan.guarantee_numbers`).  With
+``data.privacy_unit`` the validation split is keyed per PERSON instead
+(:func:`split_people`): all of a person's records fall on one side, so validation measures
+people the model never saw, and adding a person changes the training set by at most that
+person.
 """
 
 from __future__ import annotations
@@ -10,10 +14,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import RecipeError
-from ..secret import RunKey
+from ..secret import RunKey, below, record_keys
 from ..tasks import task_for
 from .canaries import Canary, insert_canaries
-from .loading import TextDataset, cap, split
+from .loading import DataError, TextDataset, cap, split
+from .people import person_ids
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
@@ -35,6 +40,11 @@ def split_data(
     if d.validation_path:
         train = texts
         val = task.load(d.validation_path, d.text_field, d.format, text_records=d.text_records)
+        if d.privacy_unit is not None:
+            _check_people_apart(recipe, train, val)
+    elif d.privacy_unit is not None:
+        persons = person_ids(d.path, d.privacy_unit.field, text_field=d.text_field, format=d.format)
+        train, val = split_people(texts, persons, d.validation_fraction, key)
     else:
         train, val = split(texts, d.validation_fraction, key, "validation")
     unused = TextDataset([], [])
@@ -46,6 +56,58 @@ def split_data(
     if d.canaries is not None:
         train = insert_canaries(train, d.canaries, key, canaries)
     return train, val, unused
+
+
+def split_people(
+    ds: TextDataset, persons: dict[str, str], fraction: float, key: RunKey
+) -> tuple[TextDataset, TextDataset]:
+    """``(rest, chosen)`` by person: person ``u`` (with every record of theirs) is chosen iff
+    ``PRF_k(id64(u)) < floor(fraction 2^64)`` (``k``: the ``split/validation/people`` sub-key
+    of ``key``, distinct from the record-level ``split/validation``).
+
+    Each person is decided alone, from their id: adding or removing a person changes the parts
+    by exactly that person's records.  Both parts keep the original record order."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
+    if not len(ds):
+        return ds, TextDataset([], [])
+    of_record = [persons.get(rid) for rid in ds.ids]
+    if None in of_record:
+        rid = ds.ids[of_record.index(None)]
+        raise DataError(f"record {rid!r} has no person id (data.privacy_unit.field)")
+    people = sorted(set(of_record))
+    words = key.prf("split/validation/people").at(0, record_keys(people))[:, 0]
+    held = {u for u, c in zip(people, below(words, fraction), strict=True) if c}
+    return (
+        ds.subset([i for i, u in enumerate(of_record) if u not in held]),
+        ds.subset([i for i, u in enumerate(of_record) if u in held]),
+    )
+
+
+def _check_people_apart(recipe: Recipe, train: TextDataset, val: TextDataset) -> None:
+    """``data.validation_path`` under a person unit: no person may have records on both sides
+    (validation must measure people the model never saw)."""
+    d = recipe.data
+    field = d.privacy_unit.field  # type: ignore[union-attr]
+    mine = person_ids(d.path, field, text_field=d.text_field, format=d.format)
+    try:
+        theirs = person_ids(d.validation_path, field, text_field=d.text_field, format=d.format)  # type: ignore[arg-type]
+    except DataError as e:
+        raise RecipeError(
+            f"data.validation_path: cannot tell its records' people ({e}). Under "
+            "data.privacy_unit validation must hold people the model never trained on. Fix: "
+            f"give every validation record its {field!r}, or delete data.validation_path to "
+            "let the run key hold out whole people"
+        ) from None
+    seen = {mine[r] for r in train.ids if r in mine}
+    shared = sorted(seen & {theirs[r] for r in val.ids if r in theirs})
+    if shared:
+        raise RecipeError(
+            f"data.validation_path: {len(shared)} people (e.g. {shared[0]!r}) have records in "
+            "both the training and the validation data, so validation would not measure unseen "
+            "people. Fix: move each of them wholly to one file, or delete data.validation_path "
+            "to let the run key hold out whole people"
+        )
 
 
 def read_data(

@@ -34,6 +34,18 @@ between the per-step ledger and the end-of-round engine state, the steps the eng
 lacks are counted at the most noise pairs a step of this client draws (at least one pair
 per two trainable coordinates), an upper bound for the truncation term.
 
+A client's own privacy unit (``privacy-unit=FIELD`` in its settings): the client then
+protects each of its PEOPLE with all of their records, by user-level DP-SGD
+(:mod:`dptrain.user_level`, strategy ``user``): keyed Poisson coins over its ``N_k`` people
+(``q_k = batch_size / N_k``, public like ``N_k``), each sampled person's (at most
+``max-records-per-person``) records summed and clipped together, so one person moves the
+clipped sum by at most ``C``; the ledger event is the same Poisson-subsampled Gaussian with
+``q_k`` over people, its epsilon is per person, and the default delta is ``1/(10 N_k)``.  The
+unit is fixed for the client's lifetime (``unit.json`` in its state directory, written
+before its first step): a ledger of record-level steps says nothing per person, so a changed
+unit is declined.  A person with records at several clients is protected by each of them
+for the records it holds (composition over those clients bounds the total).
+
 Set-up of a simulation.  Without ``data-path`` a client trains on its share of the recipe's
 data: the held-out validation split and the non-IID partition are computed from a *public*
 set-up key derived from ``recipe.seed``, so the server and every client agree on them without
@@ -46,6 +58,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
+import json
 import math
 import sys
 import threading
@@ -63,6 +76,7 @@ from flwr.clientapp.typing import Mod
 from accountants import Budget, BudgetExceeded, BudgetFilter, Ledger
 
 from ..data import LMExamples, TextDataset, load_texts, tokenize
+from ..data.people import People, person_ids, read_people
 from ..data.splits import read_data
 from ..engine import PrivacyEngine
 from ..hardware import resolve_device
@@ -75,6 +89,7 @@ from ..precision import Precision
 from ..rundir import atomic_write
 from ..sampling import PoissonSampler
 from ..secret import KEY_FILE, RunKey, RunKeyError, run_key
+from ..user_level import PersonSampler
 from .holder import ClientConfig, ClientConfigError, Request, refusal
 from .lora import get_strategy, load_lora_state
 from .partition import partition
@@ -135,6 +150,22 @@ class ClientPlan:
     epsilon: float  # the client's own budget
     policy: Policy
     request: Request
+    people: People | None = None  # the client's own privacy unit is the person
+
+    @property
+    def units(self) -> int:
+        """``N_k``: the client's records, or its people under its own person unit."""
+        return len(self.data) if self.people is None else len(self.people)
+
+
+def _client_people(recipe: FederatedRecipe, own: ClientConfig, data: TextDataset) -> People:
+    """The people of the client's records, by its own ``privacy-unit`` field (read from its
+    ``data-path`` or, in a simulation, from the recipe's data file)."""
+    path = own.data_path or recipe.data.path
+    field = str(own.privacy_unit)
+    d = recipe.data
+    fmt = None if own.data_path else d.format
+    return read_people(data, person_ids(path, field, text_field=d.text_field, format=fmt))
 
 
 _DELTA_ANNOUNCED: set[Path] = set()  # clients whose default delta this process announced
@@ -153,12 +184,15 @@ def plan_client(recipe: FederatedRecipe, client: int, own: ClientConfig) -> Clie
                 f"{len(parts) - 1}); fix the SuperNode's --node-config or federated.clients"
             )
         data = parts[client]
-    plan = plan_privacy(recipe, len(data), repeats=recipe.federated.rounds)
+    people = _client_people(recipe, own, data) if own.privacy_unit is not None else None
+    n = len(data) if people is None else len(people)
+    unit = "records" if people is None else "people"
+    plan = plan_privacy(recipe, n, repeats=recipe.federated.rounds, unit=unit)
     if own.delta is None and own.state_dir not in _DELTA_ANNOUNCED:  # said once, not silently
         _DELTA_ANNOUNCED.add(own.state_dir)  # (N_k is public metadata)
         print(
-            f"client {client}: delta not set: using 1/(10 N) = {own.own_delta(len(data)):.3g} "
-            f"for its N = {len(data)} records (set the client's delta to choose another)",
+            f"client {client}: delta not set: using 1/(10 N) = {own.own_delta(n):.3g} "
+            f"for its N = {n} {unit} (set the client's delta to choose another)",
             file=sys.stderr,
             flush=True,
         )
@@ -172,11 +206,12 @@ def plan_client(recipe: FederatedRecipe, client: int, own: ClientConfig) -> Clie
         client,
         data,
         plan.sample_rate,
-        own.own_delta(len(data)),
+        own.own_delta(n),
         plan.steps,
         own.epsilon,
         plan.policy,
         asked,
+        people,
     )
 
 
@@ -190,6 +225,27 @@ class ClientState:
         self.ledger_path = self.path / "ledger.json"
         self.engine_path = self.path / "engine.pt"
         self.key_path = self.path / KEY_FILE
+        self.unit_path = self.path / "unit.json"
+
+    def changed_unit(self, unit: str) -> str | None:
+        """Why the client must not train with privacy unit ``unit``: its ledger was spent
+        for another one (None if it matches, or nothing is recorded yet)."""
+        if not self.unit_path.exists():
+            if self.ledger_path.exists():  # a ledger from before units were recorded
+                return None if unit == "record" else self._changed("record", unit)
+            return None
+        was = json.loads(self.unit_path.read_text())["unit"]
+        return None if was == unit else self._changed(was, unit)
+
+    def _changed(self, was: str, unit: str) -> str:
+        return (
+            f"client state: {self.ledger_path} was spent with the privacy unit {was!r}, this "
+            f"client now declares {unit!r}; its epsilon would mean something else. Fix: keep "
+            "the unit, or start a new state-dir (a new budget only for new data)"
+        )
+
+    def record_unit(self, unit: str) -> None:
+        atomic_write(self.unit_path, lambda f: f.write(json.dumps({"unit": unit}) + "\n"))
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -270,7 +326,7 @@ def _pairs_per_step(engine: PrivacyEngine) -> int:
 
 def _restore_engine(
     engine: PrivacyEngine,
-    sampler: PoissonSampler,
+    sampler: PoissonSampler | PersonSampler,
     noise: GaussianNoise,
     ledger: Ledger,
     saved: dict[str, Any] | None,
@@ -292,7 +348,7 @@ def _restore_engine(
 
 def _local_steps(
     engine: PrivacyEngine,
-    sampler: PoissonSampler,
+    sampler: PoissonSampler | PersonSampler,
     examples: LMExamples,
     steps: int,
     state: ClientState,
@@ -305,7 +361,11 @@ def _local_steps(
         for _ in range(steps):
             before = noise.pairs
             try:
-                engine.step(examples.batch(sampler.sample(engine.steps_taken)))
+                if isinstance(sampler, PersonSampler):  # each person's records: one segment
+                    batch, segments = sampler.batch(engine.steps_taken, examples)
+                    engine.step(batch, segments=segments)
+                else:
+                    engine.step(examples.batch(sampler.sample(engine.steps_taken)))
             except BudgetExceeded:
                 break
             engine.ledger.save(state.ledger_path)
@@ -345,6 +405,7 @@ def train_round(
     public = {
         "client": client,
         "num-examples": len(plan.data),
+        "num-people": 0 if plan.people is None else len(plan.people),  # 0: the record unit
         "sample-rate": plan.sample_rate,
         "delta": plan.delta,
         "noise-multiplier": _noise_multiplier(plan.policy),
@@ -354,7 +415,8 @@ def train_round(
         filt = BudgetFilter(budget, own.accountant, adaptive=plan.policy.adaptive)
         spent = filt.spent(ledger) if ledger.events else 0.0
         reason = (
-            refusal(plan.request, own, len(plan.data))
+            refusal(plan.request, own, plan.units)
+            or state.changed_unit(own.unit)
             or state.lost_ledger()
             or _over_budget(plan, ledger, filt)
         )
@@ -382,7 +444,7 @@ def train_round(
             make_optimizer(recipe.training, params),
             policy=plan.policy,
             sample_rate=plan.sample_rate,
-            dataset_size=len(examples),
+            dataset_size=plan.units,
             grouping=recipe.policy.grouping,
             accountant=own.accountant,
             budget=budget,
@@ -391,9 +453,15 @@ def train_round(
             noise=noise,
             precision=Precision(recipe.training.precision, recipe.training.loss_scale),
         )
-        sampler = PoissonSampler(examples.ids, plan.sample_rate, key)
+        sampler: PoissonSampler | PersonSampler
+        if plan.people is not None:  # the client's own unit: keyed coins over its people
+            cap = own.max_records_per_person
+            sampler = PersonSampler(plan.people, examples.ids, plan.sample_rate, key, cap)
+        else:
+            sampler = PoissonSampler(examples.ids, plan.sample_rate, key)
         per_step = _restore_engine(engine, sampler, noise, ledger, state.load_engine())
         key.mark_used(state.key_path)  # before its first step draws coins and noise
+        state.record_unit(own.unit)  # before its first step is charged to the ledger
         taken = _local_steps(engine, sampler, examples, plan.local_steps, state, per_step)
         eps = engine.epsilon()
     public["delta"] = plan.delta + truncation_delta(eps, noise.pairs)

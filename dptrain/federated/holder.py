@@ -14,6 +14,10 @@ Node config keys (``flower-supernode --node-config "..."``), all set by the data
     accountant            rdp (default) | prv | pld; a request for another one is refused
     min-noise-multiplier  refuse requests with less noise (default 0: the budget decides)
     data-path             the client's own records instead of its share of the recipe's data
+    privacy-unit          the field naming each record's person (JSONL field / CSV column):
+                          the client then protects each PERSON with all of their records
+                          (user-level DP-SGD, :mod:`dptrain.user_level`); default: the record
+    max-records-per-person  with privacy-unit: records of a sampled person used per step
     insecure-seed         reproducible coins and noise for tests: NO privacy guarantee
     client-config         a local YAML file with the same keys (node config keys override it)
 
@@ -45,6 +49,8 @@ _KEYS = {
     "min-noise-multiplier",
     "data-path",
     "insecure-seed",
+    "privacy-unit",
+    "max-records-per-person",
 }
 _FLOWER_KEYS = {"partition-id", "num-partitions", "client-config"}
 
@@ -64,6 +70,13 @@ class ClientConfig:
     min_noise_multiplier: float = 0.0
     data_path: str | None = None
     insecure_seed: int | None = None
+    privacy_unit: str | None = None  # the person field; None: the record
+    max_records_per_person: int | None = None
+
+    @property
+    def unit(self) -> str:
+        """What the client's epsilon is for: ``record``, or ``person:<field>``."""
+        return "record" if self.privacy_unit is None else f"person:{self.privacy_unit}"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
@@ -77,9 +90,22 @@ class ClientConfig:
             )
         if not self.min_noise_multiplier >= 0:
             raise ClientConfigError("min-noise-multiplier must be >= 0")
+        if self.privacy_unit is not None and not self.privacy_unit.strip():
+            raise ClientConfigError(
+                "privacy-unit must name a field, e.g. privacy-unit='patient_id'"
+            )
+        if self.max_records_per_person is not None:
+            if self.privacy_unit is None:
+                raise ClientConfigError(
+                    "max-records-per-person without privacy-unit: the cap is per person. Fix: "
+                    "set privacy-unit to the field naming each record's person, or drop the cap"
+                )
+            if self.max_records_per_person < 1:
+                raise ClientConfigError("max-records-per-person must be >= 1")
 
     def own_delta(self, n: int) -> float:
-        """The client's delta for its ``n`` records (default ``1/(10 n)``)."""
+        """The client's delta for its ``n`` records, or people under ``privacy-unit``
+        (default ``1/(10 n)``)."""
         return self.delta if self.delta is not None else default_delta(n)
 
     @classmethod
@@ -121,6 +147,14 @@ class ClientConfig:
                     if values.get("insecure-seed") is not None
                     else None
                 ),
+                privacy_unit=(
+                    str(values["privacy-unit"]) if values.get("privacy-unit") is not None else None
+                ),
+                max_records_per_person=(
+                    int(values["max-records-per-person"])
+                    if values.get("max-records-per-person") is not None
+                    else None
+                ),
             )
         except (TypeError, ValueError) as err:
             if isinstance(err, ClientConfigError):
@@ -143,6 +177,10 @@ class ClientConfig:
             parts.append(f"data-path='{self.data_path}'")
         if self.insecure_seed is not None:
             parts.append(f"insecure-seed={self.insecure_seed}")
+        if self.privacy_unit is not None:
+            parts.append(f"privacy-unit='{self.privacy_unit}'")
+        if self.max_records_per_person is not None:
+            parts.append(f"max-records-per-person={self.max_records_per_person}")
         return " ".join(parts)
 
 

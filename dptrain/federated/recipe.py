@@ -74,9 +74,10 @@ class FederatedRecipe(Recipe):
         if self.data.privacy_unit is not None or self.data.person_field is not None:
             raise ValueError(
                 "data.privacy_unit / data.person_field: federated clients train with the "
-                "record as the privacy unit (client-level DP on the server is separate); a "
-                "person-level unit per client is not implemented. Fix: delete the key, or "
-                "train one data owner with `dptrain train`"
+                "record as the privacy unit unless a client declares its own (its node config "
+                "key privacy-unit=FIELD: the data holder decides what it protects, not the "
+                "server); client-level DP on the server is separate. Fix: delete the key here "
+                "and set privacy-unit in each client's settings"
             )
         return self
 

@@ -139,6 +139,8 @@ class LoraFedAvg(FedAvg):
             entry = {"epsilon": float(m["epsilon"]), "steps": int(m["steps"])}
             if "delta" in m:
                 entry["delta"] = self.delta[cid] = float(m["delta"])
+            if "num-people" in m and int(m["num-people"]):  # the client's own unit: a person
+                entry["people"] = int(m["num-people"])
             if int(m["declined"]):
                 entry.update(status="declined", reason=str(msg.content["status"]["reason"]))
             else:

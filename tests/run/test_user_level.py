@@ -3,6 +3,7 @@ dp-accounting, group privacy, and whole runs with the person as the unit."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections import Counter
@@ -119,6 +120,86 @@ def test_person_ids_from_csv_and_content_ids(tmp_path):
     assert people.ids == ["u1", "u2"] and people.counts.tolist() == [2, 1]
     assert unit_name("patient_id") == "patient" and unit_name("customerId") == "customer"
     assert unit_name("id") == "person"
+
+
+# -- the validation split --------------------------------------------------------------------
+
+
+def _split(tmp_path: Path, data: dict, key: RunKey) -> tuple[TextDataset, TextDataset]:
+    train, val, _ = split_data(parse_recipe(_recipe(tmp_path, data)), key)
+    return train, val
+
+
+def test_validation_split_holds_out_whole_people_by_the_run_key(tmp_path):
+    path = _people_file(tmp_path, 200)
+    persons = person_ids(str(path), "patient_id")
+    data = {
+        "path": str(path),
+        "privacy_unit": {"field": "patient_id"},
+        "validation_fraction": 0.25,
+        "max_validation_records": None,
+    }
+    splits = [_split(tmp_path, data, RunKey(bytes([s]) * 32)) for s in (1, 2)]
+    for train, val in splits:
+        seen, held = {persons[r] for r in train.ids}, {persons[r] for r in val.ids}
+        assert held and seen and not seen & held  # every person wholly on one side
+        assert sorted(train.ids + val.ids) == sorted(persons)
+        # all of a held-out person's records are held out
+        assert len(val) == sum(1 for r in persons if persons[r] in held)
+    assert set(splits[0][1].ids) != set(splits[1][1].ids)  # drawn from the key
+    # one more person (3 records) changes the split by that person's records only
+    lines = path.read_text().splitlines()
+    extra = [json.dumps({"id": f"z{j}", "patient_id": "pz", "text": f"note {j}"}) for j in range(3)]
+    (tmp_path / "more.jsonl").write_text("\n".join(lines + extra) + "\n")
+    key = RunKey(bytes([1]) * 32)
+    train2, val2 = _split(tmp_path, {**data, "path": str(tmp_path / "more.jsonl")}, key)
+    z = {"z0", "z1", "z2"}
+    assert (set(train2.ids) - z, set(val2.ids) - z) == (
+        set(splits[0][0].ids),
+        set(splits[0][1].ids),
+    )
+    assert z <= set(train2.ids) or z <= set(val2.ids)
+
+
+def test_record_level_split_bytes_are_unchanged(tmp_path):
+    """The record-level split of the bundled corpus under a fixed key, digest taken before the
+    person-level split existed: record-level recipes must keep the same train/validation/unused
+    records in the same order."""
+    d = _recipe(tmp_path, {"path": "bundled:clinic_notes"})
+    d["data"]["max_validation_records"] = 32
+    train, val, unused = split_data(parse_recipe(d), RunKey(bytes(range(32))))
+    blob = "\n".join(["T", *train.ids, "V", *val.ids, "U", *unused.ids]).encode()
+    assert (len(train), len(val), len(unused)) == (4270, 32, 198)
+    digest = "2b0c717690b9045409a9eb51d37e62ffb3b4b4e50c5d61a21219a7947e5c563c"
+    assert hashlib.sha256(blob).hexdigest() == digest
+
+
+def test_validation_path_sharing_people_with_training_is_refused(tmp_path):
+    path = _people_file(tmp_path, 60)
+    rows = path.read_text().splitlines()
+    (tmp_path / "tr.jsonl").write_text("\n".join(rows[:40]) + "\n")
+    (tmp_path / "va.jsonl").write_text("\n".join(rows[38:]) + "\n")  # a person straddles
+    data = {
+        "path": str(tmp_path / "tr.jsonl"),
+        "validation_path": str(tmp_path / "va.jsonl"),
+        "privacy_unit": {"field": "patient_id"},
+    }
+    key = RunKey(bytes(32))
+    with pytest.raises(RecipeError, match="have records in both the training and the validation"):
+        _split(tmp_path, data, key)
+    (tmp_path / "va.jsonl").write_text(json.dumps({"text": "no person"}) + "\n")
+    with pytest.raises(RecipeError, match="cannot tell its records' people"):
+        _split(tmp_path, data, key)
+    persons = person_ids(str(path), "patient_id")
+    cut = next(
+        i
+        for i in range(40, 60)
+        if persons[json.loads(rows[i])["id"]] != persons[json.loads(rows[i - 1])["id"]]
+    )
+    (tmp_path / "va.jsonl").write_text("\n".join(rows[cut:]) + "\n")
+    (tmp_path / "tr.jsonl").write_text("\n".join(rows[:cut]) + "\n")
+    train, val = _split(tmp_path, data, key)
+    assert len(train) == cut and len(val) == 60 - cut
 
 
 # -- sampling ---------------------------------------------------------------------------------

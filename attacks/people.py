@@ -1,0 +1,148 @@
+"""Membership inference by PERSON against a run with ``data.privacy_unit`` (user-level DP).
+
+The claim of such a run is for adding or removing one person with all of their records, so
+the attacker here guesses, for a whole person, whether they were in the training data:
+
+1. The claim: the run's ledger epsilon at its delta by its accountant (per person for the
+   ``user`` strategy; for ``example``, group privacy over the run's ``group_size`` records).
+2. The people: up to ``people`` training people (canaries excluded) and up to ``people`` held
+   out ones -- the validation split holds out whole people (:func:`dptrain.data.splits.
+   split_people`), so none of their records was trained on -- chosen at random (seeded).
+3. Scores: every record of theirs through the final model and ``theta_0``; a person's score
+   is a sum over their records: ``loss`` = ``-sum_r mean_nll_final(r)``, ``drop`` =
+   ``sum_r (sum_nll_theta0(r) - sum_nll_final(r))`` (how much more likely training made them).
+4. ROC, AUC, TPR at FPR 1%, and the split-half Clopper-Pearson epsilon lower bound per person
+   (Bonferroni over the two attacks).
+5. Canary people (``data.canaries``): canary ``i`` is the person ``canary-<i>`` with its
+   repetitions as records; their loss drop per repetition count, and the one-run bound from
+   the single-record ones (the only canaries with a random inclusion coin).
+
+The report holds statistics of private people: it is for the data owner.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dptrain.data.canaries import read_manifest
+from dptrain.data.people import person_ids, read_people
+from dptrain.data.splits import split_data
+from dptrain.errors import InputError
+from dptrain.recipe import load_recipe
+from dptrain.rundir import CheckpointError, RunDir
+from dptrain.secret import run_key
+from dptrain.user_level import group_privacy
+
+from .audit import _split_half_bound, _starting_point, claimed_privacy, load_final_model
+from .bounds import one_run_epsilon_best
+from .metrics import roc
+from .scores import score_texts
+
+__all__ = ["audit_people"]
+
+
+def audit_people(
+    run_dir: str | Path,
+    *,
+    people: int = 64,
+    batch_size: int = 16,
+    confidence: float = 0.95,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Audit the finished person-level run in ``run_dir`` by person; returns the summary
+    (see the module docstring).  Refuses record-level runs (use ``dptrain audit``)."""
+    run = RunDir(run_dir)
+    meta = run.read_meta() if run.exists() else {}
+    if meta.get("status") != "finished" or not run.final.exists():
+        raise CheckpointError(f"{run.path}: no finished run with a final model to audit")
+    unit = meta.get("privacy_unit", "record")
+    if unit == "record":
+        raise InputError(
+            f"{run.path} protects records, not people. Fix: audit it with `dptrain audit`"
+        )
+    recipe = load_recipe(run.recipe)
+    claim = claimed_privacy(run, meta, recipe)
+    eps, delta = group_privacy(claim["epsilon"], claim["delta_total"], int(unit["group_size"]))
+    key = run_key(run.path, recipe.privacy.insecure_seed, create=False)
+    train, val, _ = split_data(recipe, key)  # `unused` may hold members' cut records: left out
+    d = recipe.data
+    persons = person_ids(d.path, unit["field"], text_field=d.text_field, format=d.format)
+    rng = np.random.default_rng([recipe.seed, 0xA0D2])
+    t_people, v_people = read_people(train, persons), read_people(val, persons)
+    mine = [p for p, u in enumerate(t_people.ids) if not u.startswith("canary-")]
+    members = rng.permutation(mine)[:people]
+    outside = rng.permutation(len(v_people))[:people]
+    if len(members) < 4 or len(outside) < 4:
+        raise InputError(
+            f"{run.path}: the audit by person needs at least 4 training and 4 held-out "
+            f"people, found {len(members)} and {len(outside)}. Fix: raise "
+            "data.validation_fraction (it holds out whole people)"
+        )
+    groups = [t_people.members[p] for p in members] + [v_people.members[p] for p in outside]
+    texts = [train.texts[i] for g in groups[: len(members)] for i in g]
+    texts += [val.texts[i] for g in groups[len(members) :] for i in g]
+    owner = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
+    target, tokenizer = load_final_model(run, recipe)
+    base = _starting_point(recipe)
+
+    def score(model: Any, batch: list[str]) -> Any:
+        return score_texts(
+            model, tokenizer, batch, max_length=d.max_length, batch_size=batch_size,
+            progress=progress,
+        )  # fmt: skip
+
+    t, b = score(target, texts), score(base, texts)
+    n = len(groups)
+    attacks = {
+        "loss": {"scores": -np.bincount(owner, t.mean_nll, minlength=n)},
+        "drop": {"scores": np.bincount(owner, b.sum_nll - t.sum_nll, minlength=n)},
+    }
+    is_member = np.r_[np.ones(len(members), bool), np.zeros(len(outside), bool)]
+    for a in attacks.values():
+        r = roc(a["scores"][is_member], a["scores"][~is_member])
+        a["auc"], a["tpr_at_1pct_fpr"] = float(r.auc), float(r.tpr_at(0.01))
+    bound = _split_half_bound(attacks, is_member, delta, confidence, rng)
+    summary: dict[str, Any] = {
+        "unit": unit["unit"],
+        "claim": {"epsilon": eps, "delta": delta, "strategy": unit["strategy"]},
+        "members": len(members),
+        "non_members": len(outside),
+        "records": len(texts),
+        "attacks": {k: {m: v for m, v in a.items() if m != "scores"} for k, a in attacks.items()},
+        "clopper_pearson": bound,
+        "canary_people": _canary_people(run.path, target, base, score, delta, confidence),
+    }
+    lower = bound["epsilon"] if bound else 0.0
+    summary["consistent"] = bool(lower <= eps or not math.isfinite(eps))
+    return summary
+
+
+def _canary_people(
+    run_dir: Path, target: Any, base: Any, score: Any, delta: float, confidence: float
+) -> dict[str, Any] | None:
+    """Canary people: the loss drop of each (its repetitions are identical records, so one
+    text scores them all) by repetition count, and the one-run bound of the single ones."""
+    manifest = read_manifest(run_dir)
+    if manifest is None:
+        return None
+    cs = manifest.canaries
+    texts = [c.text(manifest.template) for c in cs]
+    drop = score(base, texts).sum_nll - score(target, texts).sum_nll
+    reps = np.array([c.repetitions for c in cs])
+    included = np.array([c.included for c in cs])
+    out: dict[str, Any] = {
+        "drop_by_repetitions": {
+            str(k): float(drop[(reps == k) & included].mean())
+            for k in sorted(set(reps.tolist()))
+            if ((reps == k) & included).any()
+        },
+        "drop_not_inserted": float(drop[~included].mean()) if (~included).any() else None,
+    }
+    single = reps == 1
+    if single.sum() >= 2:
+        out["one_run"] = one_run_epsilon_best(drop[single], included[single], delta, confidence)
+    return out

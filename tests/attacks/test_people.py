@@ -1,0 +1,81 @@
+"""Membership inference by person (attacks.people) against a tiny user-level run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from attacks.bounds import gaussian_epsilon
+from attacks.people import audit_people
+from dptrain.cli import main
+from dptrain.data import load_texts
+from dptrain.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(tmp_path: Path) -> Path:
+    ds = load_texts("bundled:clinic_notes")
+    lines = [
+        json.dumps({"id": ds.ids[i], "patient_id": f"p{i // 3:03d}", "text": ds.texts[i]})
+        for i in range(150)
+    ]  # 50 patients with 3 notes each
+    (tmp_path / "people.jsonl").write_text("\n".join(lines) + "\n")
+    d = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+    d["lora"] = {"r": 2, "alpha": 4, "target_modules": ["c_attn"]}
+    d["output_dir"] = str(tmp_path / "run")
+    d["data"].pop("max_records")
+    d["data"].update(
+        path=str(tmp_path / "people.jsonl"),
+        validation_fraction=0.3,
+        max_validation_records=None,
+        canaries={"repetitions": {1: 6, 3: 2}},
+    )
+    d["data"]["privacy_unit"] = {"field": "patient_id", "max_records_per_person": 2}
+    d["training"].update(steps=2, batch_size=6)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(d))
+    assert main(["train", str(path), "--no-progress"]) == 0
+    return tmp_path / "run"
+
+
+def test_audit_by_person_of_a_user_level_run(tmp_path, capsys):
+    run = _run(tmp_path)
+    s = audit_people(run, people=16)
+    assert s["unit"] == "patient" and s["claim"]["strategy"] == "user"
+    assert s["members"] >= 4 and s["non_members"] >= 4
+    assert s["records"] >= s["members"] + s["non_members"]  # people with several records
+    for a in s["attacks"].values():
+        assert 0.0 <= a["auc"] <= 1.0 and 0.0 <= a["tpr_at_1pct_fpr"] <= 1.0
+    bound = s["clopper_pearson"]
+    assert bound["attacks"] == 2 and 0.0 <= bound["epsilon"] <= s["claim"]["epsilon"]
+    assert s["consistent"] and math.isfinite(s["claim"]["epsilon"])
+    canaries = s["canary_people"]
+    assert (
+        set(canaries["drop_by_repetitions"]) <= {"1", "3"}
+        and "3" in canaries["drop_by_repetitions"]
+    )
+    assert canaries["one_run"]["canaries"] == 6
+
+    # `dptrain audit` dispatches a person-level run to the audit by person
+    assert main(["audit", str(run), "--members", "16", "--no-progress"]) == 0
+    assert "audit by patient" in capsys.readouterr().out
+    written = json.loads((run / "audit" / "people.json").read_text())
+    assert written["attacks"] == s["attacks"] and written["unit"] == "patient"
+
+
+def test_gaussian_epsilon_of_mu_zero_is_zero():
+    # the ceiling of a handful of canaries (no plan can reject) is mu = 0, not a crash
+    assert gaussian_epsilon(0.0, 1e-5) == 0.0 < gaussian_epsilon(0.5, 1e-5)
+
+
+def test_a_record_level_run_is_refused(tmp_path):
+    # a finished record-level run, as its run.json and final/ say (no training needed here)
+    (tmp_path / "final").mkdir()
+    (tmp_path / "run.json").write_text(json.dumps({"status": "finished", "privacy_unit": "record"}))
+    with pytest.raises(InputError, match="protects records, not people"):
+        audit_people(tmp_path)
