@@ -357,21 +357,28 @@ def _parse_json(
     return _parse_jsonl(text, p, text_field, id_field)
 
 
-def _parse_jsonl(
-    text: str, p: Path, text_field: str, id_field: str | None
-) -> tuple[list[str], list[str | None]]:
-    texts: list[str] = []
-    ids: list[str | None] = []
+def jsonl_objects(text: str, p: Path) -> list[tuple[int, Any]]:
+    """``(line number, parsed value)`` for every non-blank line of the JSONL ``text`` of ``p``."""
+    out = []
     for lineno, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            out.append((lineno, json.loads(line)))
         except json.JSONDecodeError as e:
             raise DataError(
                 f"{p}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); JSONL expected: one "
                 "JSON object per line (or one JSON array of objects)"
             ) from None
+    return out
+
+
+def _parse_jsonl(
+    text: str, p: Path, text_field: str, id_field: str | None
+) -> tuple[list[str], list[str | None]]:
+    texts: list[str] = []
+    ids: list[str | None] = []
+    for lineno, obj in jsonl_objects(text, p):
         _add_record(obj, f"{p}:{lineno}", text_field, id_field, texts, ids)
     return texts, ids
 

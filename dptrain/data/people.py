@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,10 @@ from .loading import (
     DataError,
     TextDataset,
     _infer_format,
-    _lines,
     _read_utf8,
     bundled_path,
     content_ids,
+    jsonl_objects,
 )
 
 __all__ = ["People", "person_ids", "read_people", "unit_name"]
@@ -129,17 +128,7 @@ def read_people(ds: TextDataset, persons: dict[str, str]) -> People:
 
 
 def _jsonl_rows(text: str, p: Path) -> list[tuple[int, dict]]:
-    rows = []
-    for lineno, line in enumerate(_lines(text), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if isinstance(obj, dict):
-            rows.append((lineno, obj))
-    return rows
+    return [(lineno, obj) for lineno, obj in jsonl_objects(text, p) if isinstance(obj, dict)]
 
 
 def _csv_rows(text: str, p: Path, fmt: str) -> list[tuple[int, dict]]:

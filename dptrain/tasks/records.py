@@ -28,10 +28,10 @@ from ..data.loading import (
     DataFileNotFoundError,
     TextDataset,
     _check_unique,
-    _lines,
     _read_utf8,
     bundled_path,
     content_ids,
+    jsonl_objects,
     split,
 )
 from .schema import TaskSection
@@ -93,19 +93,12 @@ def _bundled(spec: str, task: TaskSection, text_field: str) -> TextDataset:
 
 
 def _jsonl_rows(text: str, p: Path) -> list[tuple[int, dict[str, Any]]]:
-    rows = []
-    for lineno, line in enumerate(_lines(text), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    rows = jsonl_objects(text, p)
+    for lineno, obj in rows:
         if not isinstance(obj, dict):
             raise DataError(
                 f"{p}:{lineno}: expected a JSON object per line, got {type(obj).__name__}"
             )
-        rows.append((lineno, obj))
     return rows
 
 
