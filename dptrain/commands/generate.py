@@ -46,20 +46,23 @@ def run(args: argparse.Namespace) -> int:
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise InputError("--temperature must be >= 0 and --top-p in (0, 1]")
     from ..data.canaries import read_manifest
-    from ..tasks.generation import canary_check, generate, load_run, secrets_in
+    from ..tasks.generation import canary_check, complete, load_run, secrets_in
 
     _, task, model, tok = load_run(args.run_dir)
     prompts = [p for p in (args.prompt or [""]) for _ in range(args.samples)]
-    texts = generate(
-        model,
-        tok,
-        [task.prompt_ids(tok, p) for p in prompts],
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
-    out: dict = {"samples": [{"prompt": p, "text": t} for p, t in zip(prompts, texts, strict=True)]}
+    out: dict = {
+        "samples": complete(
+            model,
+            tok,
+            task,
+            prompts,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+    }
+    texts = [s["text"] for s in out["samples"]]
     manifest = read_manifest(args.run_dir)
     if manifest is not None:
         out["canary_secrets_in_samples"] = secrets_in(texts, manifest)

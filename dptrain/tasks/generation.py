@@ -133,19 +133,28 @@ def secrets_in(texts: list[str], manifest: Manifest) -> int:
     return sum(any(c.secret in t for t in texts) for c in manifest.canaries)
 
 
+def complete(
+    model: torch.nn.Module, tokenizer: Any, task: Task, prompts: list[str], **sampling: Any
+) -> list[dict]:
+    """``{"prompt", "text"}`` for each prompt, formatted by the task and completed by
+    :func:`generate` with ``sampling`` (max_new_tokens, temperature, top_p, seed)."""
+    texts = generate(model, tokenizer, [task.prompt_ids(tokenizer, p) for p in prompts], **sampling)
+    return [{"prompt": p, "text": t} for p, t in zip(prompts, texts, strict=True)]
+
+
 def samples(model: torch.nn.Module, tokenizer: Any, task: Task, options: Any) -> list[dict]:
     """``options.samples`` samples of the recipe's ``generation`` section, prompts cycled."""
     prompts = [options.prompts[i % len(options.prompts)] for i in range(options.samples)]
-    texts = generate(
+    return complete(
         model,
         tokenizer,
-        [task.prompt_ids(tokenizer, p) for p in prompts],
+        task,
+        prompts,
         max_new_tokens=options.max_new_tokens,
         temperature=options.temperature,
         top_p=options.top_p,
         seed=options.seed,
     )
-    return [{"prompt": p, "text": t} for p, t in zip(prompts, texts, strict=True)]
 
 
 def after_training(
