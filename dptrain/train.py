@@ -426,10 +426,15 @@ def begin_meta(prep: Prepared, built: Built) -> tuple[dict[str, Any], dict[str, 
     run continues its own."""
     run, recipe, plan = prep.run, prep.recipe, prep.plan
     main = distributed.is_main()
+    here = _segment(built, recipe.training.device)
     if prep.resume:
+        meta = run.read_meta()
+        # the resumable keys in force now: where this session computes, the planned steps
+        meta.update(resumed_segments(meta, here), planned_steps=plan.steps)
         if main:
             run.truncate_metrics(built.engine.steps_taken)
-        return run.read_meta(), run.read_stats()
+            run.write_meta(meta)
+        return meta, run.read_stats()
     log(f"validation metrics before training ({built.validation_size} records) ...")
     before = built.task.evaluate(built.model, built.val_batches) if main else {}
     stats = {  # un-noised statistics of private records: private/
@@ -455,7 +460,8 @@ def begin_meta(prep: Prepared, built: Built) -> tuple[dict[str, Any], dict[str, 
         "task": built.task.kind,
         "versions": versions(),
         "world_size": distributed.world_size(),
-        "device": str(module_device(built.model)),
+        "device": here["device"],
+        "devices": [here],
         **built.engine.precision.describe(),
     }
     if main:
@@ -463,6 +469,41 @@ def begin_meta(prep: Prepared, built: Built) -> tuple[dict[str, Any], dict[str, 
         run.write_meta(meta)
         built.engine.ledger.save(run.ledger)
     return meta, stats
+
+
+def _segment(built: Built, requested: str) -> dict[str, Any]:
+    """Where the steps from now on are computed: ``{from_step, device, requested,
+    world_size}`` (``requested``: the recipe's ``training.device``, e.g. ``auto``)."""
+    return {
+        "from_step": built.engine.steps_taken,
+        "device": str(module_device(built.model)),
+        "requested": str(requested),
+        "world_size": distributed.world_size(),
+    }
+
+
+def resumed_segments(meta: dict[str, Any], here: dict[str, Any]) -> dict[str, Any]:
+    """``run.json``'s ``device``, ``devices`` and ``world_size`` after a resume with segment
+    ``here``.
+
+    ``devices`` lists the segments of the run, oldest first: a new one starts where a resumed
+    session computes on another device, from another ``training.device`` value or with another
+    ``--nproc`` than the last segment (a resume that changes none of them extends it);
+    ``device`` and ``world_size`` are the current segment's.  Segments at or after the resumed
+    step are dropped: the checkpoint is older, so their steps are recomputed.  A run written before
+    ``devices`` existed starts its list with ``{from_step: 0, device: <its device>}``.  The
+    precision is not per segment: ``training.precision`` is part of the recipe's fingerprint,
+    so it is the same in every session of a run."""
+    segments = [dict(s) for s in meta.get("devices") or []]
+    if not segments and meta.get("device") is not None:
+        segments = [
+            {"from_step": 0, "device": meta["device"], "world_size": meta.get("world_size")}
+        ]
+    segments = [s for s in segments if s["from_step"] < here["from_step"]]
+    same = ("device", "requested", "world_size")
+    if not segments or any(segments[-1].get(k) != here[k] for k in same):
+        segments.append(dict(here))
+    return {"device": here["device"], "devices": segments, "world_size": here["world_size"]}
 
 
 # -- loop ---------------------------------------------------------------------------------

@@ -138,3 +138,51 @@ def test_checkpoints_load_onto_the_cpu(tmp_path, monkeypatch):
     fresh = torch.nn.Linear(3, 2)
     fresh.load_state_dict(state["model"])
     assert torch.equal(fresh.weight, model.weight)
+
+
+def test_run_json_records_the_device_of_each_segment(tmp_path, monkeypatch):
+    """A resume from another ``training.device`` value (on CPU CI: ``auto`` -> ``cpu``) starts a
+    segment in run.json's ``devices``; ``device`` and the resumable ``planned_steps`` are the
+    current session's."""
+    from dptrain.recipe import load_recipe
+    from dptrain.train import train
+
+    _no_cuda(monkeypatch)
+    recipe = tiny(
+        tmp_path,
+        data={"max_validation_records": 4},
+        training={"steps": 4, "checkpoint_every": 1},
+        policy={"noise_multiplier": 1.0},
+    )
+    train(load_recipe(recipe), progress=False, max_steps_this_session=1)
+    run = RunDir(tmp_path / "r")
+    meta = run.read_meta()
+    first = {"from_step": 0, "device": "cpu", "requested": "auto", "world_size": 1}
+    assert meta["device"] == "cpu" and meta["devices"] == [first]
+    cpu = load_recipe(recipe, ["training.device=cpu", "training.steps=2"])
+    train(cpu, run.path, resume=True, progress=False)
+    meta = run.read_meta()
+    second = {"from_step": 1, "device": "cpu", "requested": "cpu", "world_size": 1}
+    assert meta["devices"] == [first, second] and meta["status"] == "finished"
+    assert meta["steps"] == meta["planned_steps"] == 2
+
+
+def test_resumed_segments_of_old_runs_and_recomputed_steps():
+    from dptrain.train import resumed_segments
+
+    here = {"from_step": 4, "device": "cuda:0", "requested": "cuda", "world_size": 1}
+    old = resumed_segments({"device": "cpu", "world_size": 1}, here)  # before `devices`
+    assert old["devices"] == [{"from_step": 0, "device": "cpu", "world_size": 1}, here]
+    assert old["device"] == "cuda:0" and old["world_size"] == 1
+    # a session that computed steps 6.. on cuda died before its checkpoint: resumed at 4 on
+    # the CPU, those steps are recomputed there and the cuda segment is gone
+    seen = [
+        {"from_step": 0, "device": "cpu", "requested": "auto", "world_size": 1},
+        {"from_step": 6, "device": "cuda:0", "requested": "cuda", "world_size": 1},
+    ]
+    back = {"from_step": 4, "device": "cpu", "requested": "auto", "world_size": 1}
+    assert resumed_segments({"devices": seen}, back)["devices"] == seen[:1]
+    two = {**back, "world_size": 2}  # --nproc 2 from step 4
+    assert resumed_segments({"devices": seen}, two)["devices"] == [seen[0], two]
+    same = {**seen[0], "from_step": 4}  # nothing changed: the first segment goes on
+    assert resumed_segments({"devices": seen}, same)["devices"] == seen[:1]
