@@ -157,20 +157,24 @@ def build_model(
             model = get_peft_model(model, cfg)
     model.to(dtype)  # adapters are created in torch's default dtype; keep one dtype throughout
     if recipe.training.gradient_checkpointing:
-        _enable_checkpointing(model)
+        enable_checkpointing(model)
     if device is not None:
         model.to(device)
     model.train()
     return model, tok
 
 
-def _enable_checkpointing(model: torch.nn.Module) -> None:
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """``training.gradient_checkpointing``: the Hugging Face model (under its peft wrapper, if
+    any) recomputes its blocks' activations in the backward pass; a model that does not
+    support it is refused (a RecipeError naming the fix), never trained without it silently."""
     from ..errors import RecipeError
 
     enable = getattr(model, "gradient_checkpointing_enable", None)
-    if enable is None or not getattr(model, "supports_gradient_checkpointing", True):
+    inner = getattr(model, "get_base_model", lambda: model)()  # peft: the wrapped HF model
+    if enable is None or not getattr(inner, "supports_gradient_checkpointing", False):
         raise RecipeError(
-            f"training.gradient_checkpointing: {type(model).__name__} does not support it. "
+            f"training.gradient_checkpointing: {type(inner).__name__} does not support it. "
             "Fix: set training.gradient_checkpointing: false"
         )
     # non-reentrant: no input needs requires_grad (frozen LoRA embeddings), and the capture's

@@ -52,7 +52,8 @@ def encode_classification(
 
 def build_classifier(recipe: Recipe) -> tuple[nn.Module, Any]:
     """The recipe's model with a classification head over ``task.labels`` (see the module
-    docstring), in training mode, and its tokenizer."""
+    docstring), in training mode, and its tokenizer; with ``training.gradient_checkpointing``
+    its transformer recomputes activations in the backward pass (as for the LM tasks)."""
     from transformers import AutoModelForSequenceClassification
 
     from ..models import load_model_and_tokenizer
@@ -83,6 +84,10 @@ def build_classifier(recipe: Recipe) -> tuple[nn.Module, Any]:
             )
             model = get_peft_model(model, cfg)
     model.to(dtype)
+    if recipe.training.gradient_checkpointing:  # the transformer's blocks; the head is not
+        from ..models import enable_checkpointing
+
+        enable_checkpointing(model)
     model.train()
     return model, tok
 

@@ -154,6 +154,44 @@ def test_classifier_per_sample_gradients_are_exact(tmp_path: Path) -> None:
     assert result.exact, result.render()
 
 
+@pytest.mark.parametrize(
+    ("model", "lora"),
+    [("tiny-gpt2", {"r": 2, "alpha": 4, "target_modules": ["c_attn"]}), ("tiny-llama", None)],
+)
+def test_classifier_with_gradient_checkpointing_is_exact(tmp_path: Path, model, lora) -> None:
+    """training.gradient_checkpointing reaches the classifier's transformer (with and without
+    a peft wrapper), and the engine's update stays the per-example loop's."""
+    from dptrain import check_model
+
+    rows = [{"text": f"note {i} " * (1 + i), "label": "ab"[i % 2]} for i in range(4)]
+    r = recipe(
+        task={"kind": "classification", "labels": ["a", "b"]},
+        data={"path": write_jsonl(tmp_path / "c.jsonl", rows)},
+        training={"steps": 1, "batch_size": 2, "gradient_checkpointing": True},
+        lora=lora,
+        model={"name": model, "dtype": "float64"},
+    )
+    task = Task(r.task)
+    net, tok = task.build_model(r)
+    inner = net.get_base_model() if lora else net
+    assert inner.is_gradient_checkpointing and net.training
+    ex = task.encode(task.load(r.data.path, "text", None), tok, 32)
+    result = check_model(net, task.loss_fn, [ex.batch([0, 1, 2, 3])])
+    assert result.exact, result.render()
+
+
+def test_gradient_checkpointing_is_refused_where_the_model_lacks_it(tmp_path, monkeypatch):
+    from transformers import GPT2ForSequenceClassification
+
+    monkeypatch.setattr(GPT2ForSequenceClassification, "supports_gradient_checkpointing", False)
+    r = recipe(
+        task={"kind": "classification", "labels": ["a", "b"]},
+        training={"steps": 1, "batch_size": 2, "gradient_checkpointing": True},
+    )
+    with pytest.raises(RecipeError, match=r"GPT2ForSequenceClassification does not support.*Fix"):
+        Task(r.task).build_model(r)
+
+
 def test_federated_recipes_refuse_other_tasks() -> None:
     import yaml
 
