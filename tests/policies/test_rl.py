@@ -88,6 +88,22 @@ def test_env_passes_the_gymnasium_checker_and_sac_learn_drives_it():
     assert run.engine.steps_taken == before + 2 * run.policy.cfg.every
 
 
+def test_the_agent_computes_on_the_cpu_whatever_the_run_device():
+    """The SAC agent is pinned to the CPU (dptrain.policies.rl.agent: tiny, and its random
+    streams are CPU generators), so its networks, buffer and checkpointed state are CPU
+    tensors and numpy arrays, and its decisions read the run's model through public losses."""
+    from dptrain.policies.rl.agent import AGENT_DEVICE
+
+    run = Run({}, steps=8, eps=20.0)
+    run.advance(2)  # one decision: the agent exists and has acted
+    sac = run.policy.agent.sac
+    assert AGENT_DEVICE == torch.device("cpu") and sac.device == AGENT_DEVICE
+    assert all(p.device == AGENT_DEVICE for p in sac.policy.parameters())
+    state = run.policy.state_dict()["agent"]
+    tensors = [t for t in state["networks"].values()] + list(state["buffer"].values())[:2]
+    assert all(t.device.type == "cpu" for t in tensors if isinstance(t, torch.Tensor))
+
+
 class ForcedRelease:
     """'Noise' that makes the k-th release equal a fixed vector whatever the data (up to
     float64 rounding of ``sum + (target - sum)``)."""

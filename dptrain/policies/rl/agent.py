@@ -8,6 +8,15 @@ call, so it neither perturbs nor depends on the training's randomness, and a res
 continues the same random streams.  :meth:`SacAgent.state_dict` holds tensors and plain
 containers only (``torch.load(weights_only=True)`` reads it): networks, optimizers, entropy
 coefficient, replay buffer and generator states.
+
+Device.  The agent computes on the CPU (:data:`AGENT_DEVICE`) whatever ``training.device`` the
+run uses, on purpose: (1) it is tiny -- an MLP of ``rl.net_arch`` updated on ``rl.batch_size``
+transitions once every ``rl.every`` private steps, fed numpy observations -- so on a GPU its
+kernel launches and host-device copies would cost more than its arithmetic; (2) its random
+streams are CPU generator states swapped in around each call, and on a GPU stable-baselines3
+would also draw from the CUDA generator, which they do not cover: its actions, hence the noise
+multipliers in the ledger, would then depend on the device, and a run resumed on another
+device would not continue the same agent.  On the CPU they are the same on every device.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import torch
 
 from .options import RLConfig
 
+AGENT_DEVICE = torch.device("cpu")  # see the module docstring: not the run's device
 _BUFFER_FIELDS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
 
 
@@ -48,7 +58,7 @@ class SacAgent:
                 gamma=cfg.gamma,
                 ent_coef=cfg.ent_coef if cfg.ent_coef is not None else "auto_0.05",
                 policy_kwargs={"net_arch": list(cfg.net_arch)},
-                device="cpu",
+                device=AGENT_DEVICE,
                 verbose=0,
             )
             self._start_near_zero(cfg.explore_std)
