@@ -59,7 +59,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -111,6 +111,9 @@ class Canaries:
     clip: dict[str, float]
     scale: float
     disjoint: frozenset[str] = frozenset()  # groups where every canary has its own coordinates
+    _moved: dict[tuple[str, torch.device], Tensor] = field(
+        default_factory=dict, repr=False, compare=False
+    )  # index[g] on the parameters' device
 
     @classmethod
     def draw(
@@ -154,18 +157,26 @@ class Canaries:
     def m(self) -> int:
         return next(iter(self.index.values())).shape[0]
 
+    def _index_on(self, g: str, device: torch.device) -> Tensor:
+        """``index[g]`` on ``device`` (moved once per device)."""
+        key = (g, device)
+        if key not in self._moved:
+            self._moved[key] = self.index[g].to(device)
+        return self._moved[key]
+
     def gradients(self, which: Tensor) -> dict[nn.Parameter, Tensor]:
-        """Per-sample gradients ``{p: (len(which), *p.shape)}`` of canaries ``which``."""
+        """Per-sample gradients ``{p: (len(which), *p.shape)}`` of canaries ``which``, built on
+        the parameters' device (the values are computed on the CPU in float64, then rounded to
+        the parameters' dtype and moved: the same numbers on every device)."""
         out: dict[nn.Parameter, Tensor] = {}
         k = len(which)
         for g, ps in self.groups.items():
             p0 = ps[0]
             n = sum(p.numel() for p in ps)
-            flat = torch.zeros(k, n, dtype=p0.dtype)
+            flat = torch.zeros(k, n, dtype=p0.dtype, device=p0.device)
+            values = (self.value[g][which] * self.scale * self.clip[g]).to(p0.dtype)
             flat.scatter_(
-                1,
-                self.index[g][which],
-                (self.value[g][which] * self.scale * self.clip[g]).to(p0.dtype),
+                1, self._index_on(g, p0.device)[which.to(p0.device)], values.to(p0.device)
             )
             start = 0
             for p in ps:
@@ -174,11 +185,15 @@ class Canaries:
         return out
 
     def dots(self, update: dict[nn.Parameter, Tensor]) -> dict[str, np.ndarray]:
-        """``<D|g, v_ig>`` per group ``g``, shape (m,), for a released sum ``D``."""
+        """``<D|g, v_ig>`` per group ``g``, shape (m,), for a released sum ``D``: the canaries'
+        coordinates are gathered where ``D`` lives and only they come to the CPU, where the
+        products are summed in float64 (casting after the gather: the same numbers as
+        casting all of ``D`` first)."""
         out = {}
         for g, ps in self.groups.items():
-            flat = torch.cat([update[p].detach().reshape(-1).to("cpu", torch.float64) for p in ps])
-            out[g] = (flat[self.index[g]] * self.value[g]).sum(1).numpy()
+            flat = torch.cat([update[p].detach().reshape(-1) for p in ps])
+            picked = flat[self._index_on(g, flat.device)].to("cpu", torch.float64)
+            out[g] = (picked * self.value[g]).sum(1).numpy()
         return out
 
     def whiten(
@@ -486,17 +501,19 @@ def audit_configuration(
     run_dir: Any, options: Any = None, *, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
     """White-box audit of the privacy configuration of the finished run in ``run_dir``: a
-    fresh engine with the run's model (its starting point), grouping, clip, sampling rate,
-    noise, accountant and number of steps, trained on canaries only (the records' gradients
-    would only add background to the canaries' projections), with fresh OS randomness.
+    fresh engine with the run's model (its starting point, on ``training.device``), grouping,
+    clip, sampling rate, noise, accountant and number of steps, trained on canaries only (the
+    records' gradients would only add background to the canaries' projections), with fresh OS
+    randomness.
     Writes ``audit/whitebox.json`` and ``audit/whitebox.html``; returns the result."""
     from accountants import Ledger
-    from dptrain.models import build_model
+    from dptrain.hardware import resolve_device
     from dptrain.noise import GaussianNoise
     from dptrain.optim import make_optimizer
     from dptrain.policies import policy_from_recipe
     from dptrain.recipe import AuditSection, load_recipe
     from dptrain.rundir import RunDir
+    from dptrain.tasks import task_for
 
     from .report import write_whitebox
 
@@ -516,7 +533,9 @@ def audit_configuration(
         raise InputError(f"{run.path}: no finite-epsilon Poisson Gaussian steps to audit")
     policy = policy_from_recipe(recipe.policy)
     policy.noise_multiplier = sigma
-    model, _ = build_model(recipe)
+    # the run's own model (its task's head) on the run's device
+    model, _ = task_for(recipe).build_model(recipe)
+    model.to(resolve_device(recipe.training.device))
     from dptrain.engine import PrivacyEngine
 
     engine = PrivacyEngine(

@@ -40,6 +40,31 @@ def engine(policy=None, *, q=1.0, grouping="per_layer", **kw):
     )
 
 
+def test_canaries_are_built_and_read_where_the_parameters_are():
+    """Gradients are built on the parameters' device and dots gather there: on the CPU the
+    numbers are bit for bit those of the CPU formulas (values in float64, then the dtype;
+    dots of the whole update cast to float64 first); on another device (here: meta) nothing
+    is mixed in from the CPU."""
+    eng = engine()
+    plan, _ = eng.next_plan()
+    cs = Canaries.draw(eng.groups, plan.clip, 5, np.random.default_rng(1), support=3)
+    which = torch.tensor([0, 2, 4])
+    grads = cs.gradients(which)
+    update = {p: torch.randn_like(p) for p in eng.params}
+    dots = cs.dots(update)
+    for g, ps in eng.groups.items():
+        n = sum(p.numel() for p in ps)
+        ref = torch.zeros(3, n, dtype=ps[0].dtype)
+        ref.scatter_(1, cs.index[g][which], (cs.value[g][which] * 100 * plan.clip[g]).float())
+        assert torch.equal(torch.cat([grads[p].flatten(1) for p in ps], 1), ref)
+        flat = torch.cat([update[p].reshape(-1).double() for p in ps])
+        assert np.array_equal(dots[g], (flat[cs.index[g]] * cs.value[g]).sum(1).numpy())
+    meta = nn.Linear(8, 16, device="meta")
+    on_meta = Canaries.draw({"w": list(meta.parameters())}, {"w": 1.0}, 4, np.random.default_rng(2))
+    got = on_meta.gradients(torch.arange(4))
+    assert all(t.device.type == "meta" and t.shape[0] == 4 for t in got.values())
+
+
 def test_canaries_are_clipped_orthogonal_and_their_scores_are_unit_normal():
     eng = engine()
     plan, _ = eng.next_plan()
