@@ -19,7 +19,10 @@ A LoRA module adds ``(alpha / r) B A x`` to a frozen layer, with ``A`` of shape 
               (Lee et al. 2025, "FedSVD: Adaptive Orthogonalization for Private Federated
               Learning with LoRA".)
 
-Server steps read only released (DP) client outputs: they are post-processing.
+Server steps read only released (DP) client outputs: they are post-processing.  The state
+lives on the CPU (it travels as Flower arrays); the server's linear algebra (FedSVD's QR and
+SVD) runs on the ``device`` it is given (the server recipe's ``training.device``), in float64,
+and its results come back to the CPU: on the CPU that is the computation itself.
 """
 
 from __future__ import annotations
@@ -37,8 +40,13 @@ _A, _B = ".lora_A.", ".lora_B."
 
 
 def lora_state(model: nn.Module) -> State:
-    """Every LoRA ``A`` and ``B`` of ``model`` (detached copies), by parameter name."""
-    state = {n: p.detach().clone() for n, p in model.named_parameters() if _A in n or _B in n}
+    """Every LoRA ``A`` and ``B`` of ``model`` (detached CPU copies, wherever the model is), by
+    parameter name."""
+    state = {
+        n: p.detach().to("cpu", copy=True)
+        for n, p in model.named_parameters()
+        if _A in n or _B in n
+    }
     if not state:
         raise ValueError("the model has no LoRA adapters (lora_A / lora_B parameters)")
     return state
@@ -64,18 +72,24 @@ def pairs(state: State) -> list[tuple[str, str]]:
     return [(n, n.replace(_A, _B)) for n in sorted(state) if _A in n and n.replace(_A, _B) in state]
 
 
-def orthonormal_rows(a: Tensor) -> Tensor:
-    """The ``(r, in)`` matrix with orthonormal rows spanning the rows of ``a`` (QR)."""
-    q, _ = torch.linalg.qr(a.double().T)
-    return q.T.to(a.dtype).contiguous()
+def orthonormal_rows(a: Tensor, device: torch.device | None = None) -> Tensor:
+    """The ``(r, in)`` matrix with orthonormal rows spanning the rows of ``a`` (QR in float64
+    on ``device``, default ``a``'s; the result on ``a``'s device)."""
+    q, _ = torch.linalg.qr(a.to(device or a.device, torch.float64).T)
+    return q.T.to(a.device, a.dtype).contiguous()
 
 
-def refactorize(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+def refactorize(a: Tensor, b: Tensor, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
     """FedSVD: ``(A', B')`` with ``B' A'`` the rank-``r`` truncated SVD of ``B A`` and
-    ``A' = V_r^T`` (orthonormal rows), ``B' = U_r S_r``; computed in float64."""
-    r = a.shape[0]
-    u, s, vh = torch.linalg.svd(b.double() @ a.double(), full_matrices=False)
-    return vh[:r].to(a.dtype).contiguous(), (u[:, :r] * s[:r]).to(b.dtype).contiguous()
+    ``A' = V_r^T`` (orthonormal rows), ``B' = U_r S_r``; computed in float64 on ``device``
+    (default ``a``'s), returned on the devices of ``a`` and ``b``."""
+    r, where = a.shape[0], device or a.device
+    m = b.to(where, torch.float64) @ a.to(where, torch.float64)
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    return (
+        vh[:r].to(a.device, a.dtype).contiguous(),
+        (u[:, :r] * s[:r]).to(b.device, b.dtype).contiguous(),
+    )
 
 
 @dataclass(frozen=True)
@@ -84,33 +98,33 @@ class LoraStrategy:
 
     name: str
     trains: tuple[str, ...]  # which factors clients train and send: "A", "B"
-    init: Callable[[State], State]
-    merge: Callable[[State, State], State]  # (global, mean of client updates) -> new global
+    init: Callable[..., State]  # (state, device=None) -> initial global
+    merge: Callable[..., State]  # (global, mean of client updates, device=None) -> new global
 
     def trainable(self, name: str) -> bool:
         return any(f".lora_{f}." in name for f in self.trains)
 
 
-def _keep(state: State) -> State:
+def _keep(state: State, device: torch.device | None = None) -> State:
     return dict(state)
 
 
-def _replace(global_state: State, mean: State) -> State:
+def _replace(global_state: State, mean: State, device: torch.device | None = None) -> State:
     return {**global_state, **mean}
 
 
-def _orthonormal_init(state: State) -> State:
+def _orthonormal_init(state: State, device: torch.device | None = None) -> State:
     out = dict(state)
     for a, b in pairs(state):
-        out[a] = orthonormal_rows(state[a])
+        out[a] = orthonormal_rows(state[a], device)
         out[b] = torch.zeros_like(state[b])
     return out
 
 
-def _svd_merge(global_state: State, mean: State) -> State:
+def _svd_merge(global_state: State, mean: State, device: torch.device | None = None) -> State:
     out = {**global_state, **mean}
     for a, b in pairs(out):
-        out[a], out[b] = refactorize(out[a], out[b])
+        out[a], out[b] = refactorize(out[a], out[b], device)
     return out
 
 

@@ -22,6 +22,8 @@ directory (``federated.state_dir/client-k`` in a simulation), which outlives ser
 
 The server evaluates the global model on the held-out validation split after every round;
 that split never trains anything and steers nothing (it is reported, as in ``dptrain train``).
+The global model and the server step's linear algebra use the recipe's ``training.device``;
+the adapters travel, and are checkpointed, as CPU tensors.
 """
 
 from __future__ import annotations
@@ -117,9 +119,9 @@ def run_server(grid: Grid, recipe: FederatedRecipe, run: RunDir) -> dict[str, An
     checkpoints and the final adapter; returns the run's metadata."""
     f = recipe.federated
     strategy = LoraFedAvg(recipe, server_key(recipe, run))
-    with MODEL_LOCK:
-        model, tokenizer = build_model(recipe)
-    initial = strategy.spec.init(lora_state(model))
+    with MODEL_LOCK:  # the global model, evaluated on the server's device
+        model, tokenizer = build_model(recipe, strategy.device)
+    initial = strategy.spec.init(lora_state(model), strategy.device)
     val = tokenize(validation_dataset(recipe), tokenizer, recipe.data.max_length)
     batches = eval_batches(val, recipe.training.physical_batch_size)
     history: dict[int, float] = {}

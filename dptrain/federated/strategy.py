@@ -5,7 +5,10 @@ Per round: every connected client is sent the global adapters (Poisson-sampled a
 declines (with the client's reason) and failures (errors, or no reply within
 ``round_timeout``); if at least ``min_clients`` updates arrived, their weighted mean (by
 record count) goes through the strategy's server step (:mod:`dptrain.federated.lora`),
-otherwise the global adapters are kept.  The server step is post-processing of DP outputs.
+otherwise the global adapters are kept.  The server step is post-processing of DP outputs;
+its linear algebra runs on the recipe's ``training.device`` (:mod:`dptrain.federated.lora`),
+while the adapters, the client-level clipping and its noise stay on the CPU (a few vectors per
+client, and the noise is drawn on the CPU from the run key anyway).
 
 Client-level DP (optional, ``federated.client_dp``): each client's update ``u_k - g`` is
 clipped to L2 norm ``C`` (over all the factors it sends), the clipped updates are summed,
@@ -36,6 +39,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from accountants import Event, Ledger, get_accountant
 
+from ..hardware import resolve_device
 from ..noise import GaussianNoise, truncation_delta
 from ..secret import RunKey, below
 from .lora import State, get_strategy
@@ -62,6 +66,7 @@ class LoraFedAvg(FedAvg):
         f = recipe.federated
         super().__init__(min_train_nodes=f.min_clients, min_available_nodes=f.min_clients)
         self.spec = get_strategy(f.strategy)
+        self.device = resolve_device(recipe.training.device)  # the server step's linear algebra
         self.expected_clients = f.clients
         self.min_clients = f.min_clients
         self.round_timeout = f.round_timeout
@@ -172,7 +177,7 @@ class LoraFedAvg(FedAvg):
             return None, MetricRecord({"updates": len(updates)})
         else:
             mean = dict(aggregate_arrayrecords(updates, "num-examples").to_torch_state_dict())
-        self.current = self.spec.merge(self.current, mean)
+        self.current = self.spec.merge(self.current, mean, self.device)
         report.aggregated = True
         return ArrayRecord(self.current), MetricRecord({"updates": len(updates)})
 

@@ -87,6 +87,35 @@ def test_fedsvd_merge_averages_b_then_refactorizes():
         torch.testing.assert_close(new[a] @ new[a].T, torch.eye(3, dtype=torch.float64))
 
 
+def test_the_server_step_runs_on_the_recipes_device_and_is_unchanged_on_the_cpu(
+    tmp_path, monkeypatch
+):
+    """LoraFedAvg resolves training.device once and the FedSVD QR and SVD run there in float64
+    (spied: the device of their inputs); on the CPU the results are bit for bit those of the
+    device-less call, and the state stays CPU tensors (Flower arrays)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    strategy = strategy_for(tmp_path)  # federated_tiny: training.device auto -> cpu here
+    assert strategy.device == torch.device("cpu")
+    seen = []
+    for name in ("qr", "svd"):
+        real = getattr(torch.linalg, name)
+
+        def spy(m, *a, real=real, **k):
+            seen.append((m.device, m.dtype))
+            return real(m, *a, **k)
+
+        monkeypatch.setattr(torch.linalg, name, spy)
+    spec = get_strategy("fedsvd")
+    g0 = spec.init(adapters(0), strategy.device)
+    mean = {B: adapters(1)[B], B2: adapters(2)[B2]}
+    new = spec.merge(g0, mean, strategy.device)
+    assert seen == [(torch.device("cpu"), torch.float64)] * 4  # 2 QR, 2 SVD
+    plain_init = spec.init(adapters(0))
+    plain = spec.merge(plain_init, mean)
+    assert all(torch.equal(g0[k], plain_init[k]) and torch.equal(new[k], plain[k]) for k in new)
+    assert all(t.device.type == "cpu" for t in new.values())
+
+
 def test_orthonormal_rows_spans_the_same_rows():
     a = adapters(4)[A]
     q = orthonormal_rows(a)
