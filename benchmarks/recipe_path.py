@@ -260,18 +260,23 @@ def nonprivate_step(model: nn.Module, opt, precision) -> Callable[[dict], None]:
     return step
 
 
-def opacus_step(model: nn.Module, mode: str, batch_size: float) -> Callable[[dict], None]:
-    """Opacus 1.6 on a live batch: ``step_time``'s contender reading the batch at call time."""
+def opacus_step(
+    model: nn.Module, mode: str, batch_size: float, precision
+) -> Callable[[dict], None]:
+    """Opacus 1.6 on a live batch: ``step_time``'s contender reading the batch at call time,
+    its forward and backward under the recipe's autocast (as the other contenders)."""
     import step_time as S
 
     live: dict = {}
     fn = S._opacus(model, _LiveBatch(live, max(1, round(batch_size))), mode)
+    device = next(model.parameters()).device
 
     def step(batch: dict) -> None:
         b, t = batch["input_ids"].shape
         live.update(batch)
         live["position_ids"] = torch.arange(t, device=batch["input_ids"].device).expand(b, t)
-        fn()
+        with precision.autocast(device):
+            fn()
 
     return step
 
@@ -302,7 +307,7 @@ def run_setup(name: str, args: argparse.Namespace, accountant: str) -> dict[str,
         prep = T.prepare(recipe)
         T.start(prep)
         built = T.build(prep)
-        meta = T.begin_meta(prep, built)
+        meta, stats = T.begin_meta(prep, built)
         device = next(built.model.parameters()).device
         precision = built.engine.precision
         total = args.blocks * args.block
@@ -314,7 +319,7 @@ def run_setup(name: str, args: argparse.Namespace, accountant: str) -> dict[str,
 
         def recipe_block(start: int) -> None:
             assert built.engine.steps_taken == start, (built.engine.steps_taken, start)
-            T.loop(prep, built, meta, False, args.block)
+            T.loop(prep, built, meta, stats, False, args.block)
 
         contenders["recipe"] = recipe_block
 
@@ -342,19 +347,30 @@ def run_setup(name: str, args: argparse.Namespace, accountant: str) -> dict[str,
         m_plain, _ = build_model(recipe, device)
         plain_opt = torch.optim.AdamW([p for p in m_plain.parameters() if p.requires_grad], 1e-4)
         contenders["nonprivate"] = blockwise(nonprivate_step(m_plain, plain_opt, precision))
-        errors = {}
+        errors, notes = {}, {}
         if args.opacus:
+            # under the recipe's precision; where Opacus fails under autocast (its hooks'
+            # per-sample gradients in bf16), in fp32, and the result says so
+            tries = [precision] if precision.name == "fp32" else [precision, Precision("fp32")]
             for mode in ("hooks", "ghost"):
-                try:
-                    m_op, _ = build_model(recipe, device)
-                    step = opacus_step(m_op, mode, setup["batch"])
-                    step(dev_batches[0])  # warm-up, and refuse here if it does not apply
+                why = []
+                for p in tries:
+                    try:
+                        m_op, _ = build_model(recipe, device)
+                        step = opacus_step(m_op, mode, setup["batch"], p)
+                        step(dev_batches[0])  # warm-up, and refuse here if it does not apply
+                    except Exception as err:  # recorded, e.g. tied weights
+                        why.append(f"{p.name}: {type(err).__name__}: {str(err)[:160]}")
+                        continue
                     contenders[f"opacus-{mode}"] = blockwise(step)
-                except Exception as err:  # recorded, e.g. tied weights
-                    errors[f"opacus-{mode}"] = f"{type(err).__name__}: {str(err)[:160]}"
+                    if why:
+                        notes[f"opacus-{mode}"] = f"ran in {p.name}; " + "; ".join(why)
+                    break
+                else:
+                    errors[f"opacus-{mode}"] = "; ".join(why)
 
         # warm-up: step 0 of each outside the timed blocks (the engine probes the model then)
-        T.loop(prep, built, meta, False, 1)
+        T.loop(prep, built, meta, stats, False, 1)
         engine.step(dev_batches[0])
         nonprivate_step(m_plain, plain_opt, precision)(dev_batches[0])
         names = list(contenders)
@@ -382,6 +398,7 @@ def run_setup(name: str, args: argparse.Namespace, accountant: str) -> dict[str,
                 c: {"step_s": s / total, "tokens_per_s": n_tokens / s} for c, s in seconds.items()
             },
             "errors": errors,
+            "notes": notes,
         }
         r = result["contenders"]
         result["ratios"] = {
@@ -395,7 +412,7 @@ def run_setup(name: str, args: argparse.Namespace, accountant: str) -> dict[str,
             with profiled(built, timers) as fwd:
                 _sync(device)
                 t0 = time.perf_counter()
-                T.loop(prep, built, meta, False, args.profile)
+                T.loop(prep, built, meta, stats, False, args.profile)
                 _sync(device)
                 wall = time.perf_counter() - t0
             parts = dict(timers.seconds)
@@ -424,6 +441,8 @@ def print_result(r: dict[str, Any]) -> None:
         print(f"  {k:28s} {v:.3f}")
     for k, v in r.get("errors", {}).items():
         print(f"  {k}: not run ({v})")
+    for k, v in r.get("notes", {}).items():
+        print(f"  {k}: {v}")
     if "profile_per_step_ms" in r:
         print("  profile of a recipe step (ms):")
         for k, v in r["profile_per_step_ms"].items():

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Wheels that benchmarks/gpu_check.sh needs on the lent GPU machine (nvidia-h200), which has
+# torch, numpy, scipy, tokenizers, safetensors, accelerate, matplotlib, ... but not dptrain's
+# own pins and privacy libraries, and no network.  Run HERE (where pip reaches the registry),
+# from the repository root; it fills .whl/ (git-ignored, about 25 MB), which the device call
+# carries:   bash benchmarks/gpu_wheels.sh   then   run(command="bash benchmarks/gpu_check.sh",
+# carry=[".whl"]).  Versions are those of the local venv (what CI tests), else the pins below.
+set -eu
+cd "$(dirname "$0")/.."
+PY=${PY:-/work/main/.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+# name==fallback-version (pyproject pins; their dependencies the image lacks or pins otherwise)
+WANT="transformers==5.23.0 peft==0.21.2 gguf==0.19.0 dp-accounting==0.6.0 prv-accountant==0.2.0
+dm-tree==0.1.10 attrs==23.2.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
+typing-inspection==0.4.5 typing-extensions==4.16.0 cryptography==50.0.2 cffi==2.1.1
+pycparser==3.12 opacus==1.6.0 stable-baselines3==2.9.2 gymnasium==1.4.0 farama-notifications==0.0.6"
+specs=()
+for w in $WANT; do
+    name=${w%%==*}
+    have=$("$PY" -c "import importlib.metadata as m; print(m.version('$name'))" 2>/dev/null || true)
+    specs+=("$name==${have:-${w##*==}}")
+done
+mkdir -p .whl
+rm -f .whl/*.whl
+plat=()
+for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
+    manylinux2014_x86_64 manylinux1_x86_64; do plat+=(--platform "$p"); done
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp "${plat[@]}" -d .whl "${specs[@]}"
+ls -1 .whl
+du -sh .whl
