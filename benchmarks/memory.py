@@ -1,7 +1,7 @@
 """Peak memory of a private step against the non-private step as batch and sequence grow.
 
     python benchmarks/memory.py                     # both models, both sweeps, all modes
-    python benchmarks/memory.py --quick             # fewer points (about 5 minutes)
+    python benchmarks/memory.py --quick             # the ends of each sweep (about 15 minutes)
     python benchmarks/memory.py --models gpt2 --sweeps seq --modes nonprivate,auto
 
 Models (random init, CPU, float32): ``gpt2``, a GPT-2 of 4 layers, width 256, vocabulary 8000
