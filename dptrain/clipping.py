@@ -79,8 +79,24 @@ def _per_sample(use: Use) -> dict[str, Tensor]:
     return use.cache["per_sample"]
 
 
-def _sq(t: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=NORM_DTYPE).pow(2)
+NORM_CHUNK = 2**22  # elements of a float64 copy that one per-sample norm reduction may make
+
+
+def _sq(t: Tensor, chunk: int | None = None) -> Tensor:
+    """``||t_b||^2`` per sample, reduced in float64 a few rows at a time: the float64 copy the
+    reduction makes of a materialized per-sample gradient is bounded by ``chunk`` elements
+    instead of doubling (float32) or quadrupling (bf16) the gradient's own memory.  Each row is
+    reduced alone either way (the values equal the one-call reduction's on the CPU)."""
+    flat = t.flatten(1)
+    rows = max(1, (NORM_CHUNK if chunk is None else chunk) // max(flat.shape[1], 1))
+    if rows >= flat.shape[0] or flat.dtype == NORM_DTYPE:
+        return torch.linalg.vector_norm(flat, dim=1, dtype=NORM_DTYPE).pow(2)
+    return torch.cat(
+        [
+            torch.linalg.vector_norm(part, dim=1, dtype=NORM_DTYPE).pow(2)
+            for part in flat.split(rows)
+        ]
+    )
 
 
 @torch.no_grad()
@@ -136,9 +152,15 @@ def clip_and_sum(
             continue
         total = recorded.direct.get(p)
         total = None if total is None else per_row(total)
+        owned = False  # total is a tensor made here (not cached, not the caller's): add in place
         for (u, role), f in zip(items, fs, strict=True):
             g = f.materialize() if f is not None else per_row(_per_sample(u)[role])
-            total = g if total is None else total + g
+            if total is None:
+                total, owned = g, f is not None
+            elif owned and total.shape == g.shape and torch.result_type(total, g) == total.dtype:
+                total.add_(g)  # the same sum as total + g, without a third (B, *shape) tensor
+            else:
+                total, owned = total + g, True
         materialized[p] = total
         add_sq(group_of[p], _sq(total))
 

@@ -308,3 +308,30 @@ def test_cuda_matches_the_loop(mode):
     assert x.device.type == "cuda" and torch.equal(x.cpu(), b(like.cpu(), 1.0))  # one stream
     b.load_state_dict(a.state_dict())
     assert torch.equal(a(like, 1.0), b(like, 1.0))
+
+
+@pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_bounded_norm_scratch_changes_no_value(build, monkeypatch):
+    """Materialized norms reduced a few rows at a time (float64 scratch bounded by NORM_CHUNK)
+    and tied uses summed in place give exactly the values of the one-call reduction."""
+    import dptrain.clipping as clipping
+
+    t = torch.randn(5, 3, 7, dtype=torch.float32)
+    whole = torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=torch.float64).pow(2)
+    for chunk in (1, 21, 22, 63, 10**9):
+        assert torch.equal(clipping._sq(t, chunk), whole)
+    model = build()
+    batch = lm_batch(61, 3, 6, seed=7)
+    results = []
+    for chunk in (clipping.NORM_CHUNK, 5):  # 5 elements: one row per reduction
+        monkeypatch.setattr(clipping, "NORM_CHUNK", chunk)
+        cap, uses = _capture_uses(model, causal_lm_loss, batch, 3)
+        results.append(
+            clip_and_sum(
+                uses, dict.fromkeys(cap.params.values(), "all"), {"all": 0.05}, ghost="never"
+            )
+        )
+        cap.detach()
+    a, b = results
+    assert torch.equal(a.norms["all"], b.norms["all"])
+    assert all(torch.equal(a.sums[p], b.sums[p]) for p in a.sums)
