@@ -165,6 +165,27 @@ def test_validation_split_holds_out_whole_people_by_the_run_key(tmp_path):
     assert z <= set(train2.ids) or z <= set(val2.ids)
 
 
+def test_no_person_held_out_is_refused_in_words_for_people(tmp_path):
+    """A person-level split that holds out nobody names people, not records, and both fixes."""
+    from dptrain.train import prepare
+
+    data = {
+        "path": str(_people_file(tmp_path, 40)),
+        "privacy_unit": {"field": "patient_id"},
+        "validation_fraction": 1e-12,
+    }
+    with pytest.raises(RecipeError) as err:
+        prepare(parse_recipe(_recipe(tmp_path, data)))
+    msg = str(err.value)
+    assert "no patient of" in msg and "split is per patient" in msg
+    assert "each record" not in msg
+    assert "raise data.validation_fraction" in msg and "data.validation_path" in msg
+    with pytest.raises(RecipeError, match="each record is held out alone"):  # record level
+        prepare(
+            parse_recipe(_recipe(tmp_path, {"path": data["path"], "validation_fraction": 1e-12}))
+        )
+
+
 def test_record_level_split_bytes_are_unchanged(tmp_path):
     """The record-level split of the bundled corpus under a fixed key, digest taken before the
     person-level split existed: record-level recipes must keep the same train/validation/unused
