@@ -14,7 +14,7 @@ from .base import (
     register_accountant,
 )
 from .budget import UNLIMITED, Budget, BudgetExceeded, BudgetFilter
-from .calibrate import calibrate_noise, calibrate_steps
+from .calibrate import EpsilonUnreachableError, calibrate_noise, calibrate_steps
 from .error_feedback import ERROR_FEEDBACK, error_feedback_event
 from .ledger import POISSON_GAUSSIAN, Event, Ledger, LedgerError, LedgerNotFoundError
 from .rdp import ADAPTIVE_ORDERS, RDP_ORDERS, RdpAccountant
@@ -44,6 +44,7 @@ __all__ = [
     "Budget",
     "BudgetExceeded",
     "BudgetFilter",
+    "EpsilonUnreachableError",
     "Event",
     "Ledger",
     "LedgerError",

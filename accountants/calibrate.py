@@ -21,6 +21,12 @@ SIGMA_MIN = 1e-4
 SIGMA_MAX = 1e6
 
 
+class EpsilonUnreachableError(ValueError):
+    """No noise multiplier up to :data:`SIGMA_MAX` meets the target epsilon: the target, not
+    the code, must change (a higher epsilon or delta, a lower sample rate or fewer steps).
+    A ``ValueError`` for callers that caught one before it existed."""
+
+
 def _accountant(accountant: str | Accountant) -> Accountant:
     return get_accountant(accountant) if isinstance(accountant, str) else accountant
 
@@ -38,14 +44,14 @@ def smallest_sigma(
     eps: Callable[[float], float], target: float, *, tol: float, start: float = 1.0
 ) -> float:
     """Smallest sigma (to relative ``tol``, rounded up) with ``eps(sigma) <= target`` for a
-    non-increasing ``eps``; ValueError if none below :data:`SIGMA_MAX`."""
+    non-increasing ``eps``; :class:`EpsilonUnreachableError` if none below :data:`SIGMA_MAX`."""
     hi, lo = start, None
     f_hi = eps(hi)
     while not f_hi <= target:  # find an admissible sigma
         lo, f_lo = hi, f_hi
         hi *= 4
         if hi > SIGMA_MAX:
-            raise ValueError(
+            raise EpsilonUnreachableError(
                 f"no noise multiplier up to {SIGMA_MAX:g} reaches epsilon <= {target}; "
                 "raise the target epsilon or delta, or lower the sample rate or steps"
             )
@@ -108,7 +114,8 @@ def calibrate_noise(
     """Smallest noise multiplier sigma whose epsilon(delta) <= target (bisection on the monotone
     epsilon(sigma)).  The returned sigma satisfies the target (rounded up, never down) and
     ``sigma / (1 + tol)`` does not.  ``kind`` and ``params`` select another event kind whose
-    epsilon is non-increasing in sigma (e.g. ``error_feedback``)."""
+    epsilon is non-increasing in sigma (e.g. ``error_feedback``).  An unreachable target
+    raises :class:`EpsilonUnreachableError`; bad arguments, a plain ``ValueError``."""
     _check(target_epsilon, sample_rate, steps)
     delta = check_delta(delta)
     if not (0 < tol < 1):

@@ -22,12 +22,12 @@ COMMAND_MODULES = (
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user can fix: printed as one message naming the fix, without a traceback.
     Everything else is a bug and keeps its traceback."""
-    from accountants import BudgetExceeded, LedgerError
+    from accountants import BudgetExceeded, EpsilonUnreachableError, LedgerError
 
     from .errors import UserError
 
     # the accountants package stands alone (no dptrain import): its input errors are listed here
-    return (UserError, BudgetExceeded, LedgerError)
+    return (UserError, BudgetExceeded, LedgerError, EpsilonUnreachableError)
 
 
 def build_parser() -> argparse.ArgumentParser:

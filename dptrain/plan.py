@@ -40,7 +40,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from accountants import Budget, BudgetFilter, Ledger
+from accountants import Budget, BudgetFilter, Event, Ledger
 
 from .errors import RecipeError
 from .noise import truncation_delta
@@ -140,6 +140,19 @@ def plan_privacy(
     )
 
 
+def steps_that_fit(
+    policy: Policy, sample_rate: float, fil: BudgetFilter, ledger: Ledger
+) -> tuple[Event, int] | None:
+    """``(event, n)``: the policy's per-step event at ``sample_rate`` and the most further
+    steps of it whose composition with ``ledger`` stays within ``fil``'s budget; None for
+    policies that plan adaptively (the engine's own filter stops them step by step).  The fit
+    check of a run (:func:`check_run`) and of a federated client's round."""
+    event = policy.planned_event(sample_rate)
+    if event is None:
+        return None
+    return event, fil.max_steps(ledger, event)
+
+
 def check_run(
     plan: RunPlan, *, public_records: int | None, ledger: Ledger, world_size: int = 1
 ) -> int | None:
@@ -158,11 +171,11 @@ def check_run(
             "process; under --nproc the ranks would clip at different thresholds. Fix: run it "
             "with --nproc 1, or use policy static or error_feedback across processes."
         )
-    event = policy.planned_event(plan.sample_rate)
-    if event is None:
-        return None
     fil = BudgetFilter(plan.budget, plan.accountant)
-    fits = fil.max_steps(ledger, event)
+    fit = steps_that_fit(policy, plan.sample_rate, fil, ledger)
+    if fit is None:
+        return None
+    event, fits = fit
     if fits == 0 and not ledger.events:
         one = fil.spent(Ledger([event.with_steps(1)]))
         raise RecipeError(

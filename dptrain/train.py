@@ -52,7 +52,7 @@ from . import distributed
 from .data import TextDataset
 from .data.canaries import Canary, make_canaries, write_manifest
 from .data.lm import eval_batches
-from .data.splits import read_data, read_public
+from .data.splits import no_validation_error, read_data, read_public
 from .engine import BudgetExceeded, PrivacyEngine
 from .errors import RunInterrupted
 from .hardware import describe_device, module_device, resolve_device
@@ -203,12 +203,7 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
     canaries = make_canaries(recipe.data.canaries, key) if recipe.data.canaries else None
     train_texts, val_texts = read_data(recipe, key, canaries=canaries)
     if not len(val_texts):
-        raise RecipeError(
-            f"data.validation_fraction: no record of {recipe.data.path} was held out for "
-            f"validation (each record is held out alone with probability "
-            f"{recipe.data.validation_fraction:g}). Fix: raise data.validation_fraction or "
-            "set data.validation_path."
-        )
+        raise no_validation_error(recipe)
     train_texts, public_texts = read_public(recipe, train_texts, key)
     restored = meta.get("calibrated_noise_multiplier") if meta else None
     unit, train_texts = resolve_unit(recipe, train_texts, key)

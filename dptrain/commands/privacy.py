@@ -20,6 +20,7 @@ from typing import Any
 
 from accountants import (
     POISSON_GAUSSIAN,
+    EpsilonUnreachableError,
     Event,
     Ledger,
     LedgerError,
@@ -387,7 +388,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         sigma = calibrate_noise(
             args.epsilon, args.delta, args.sample_rate, args.steps, args.accountant, tol=args.tol
         )
-    except ValueError as err:
+    except EpsilonUnreachableError as err:  # anything else is a bug and shows as one
         return _fail("calibrate", str(err))
     achieved = get_accountant(args.accountant).epsilon(
         [Event(args.sample_rate, sigma, args.steps)], args.delta

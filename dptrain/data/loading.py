@@ -45,7 +45,7 @@ import io
 import json
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ __all__ = [
     "DataError",
     "TextDataset",
     "bundled_path",
+    "load_field",
     "load_texts",
     "split",
 ]
@@ -95,6 +96,10 @@ class DataError(UserError, ValueError):
 
 class DataFileNotFoundError(DataError, FileNotFoundError):
     """A data path that does not exist."""
+
+
+class NoFieldsError(DataError):
+    """A field asked of a format that has none (plain text)."""
 
 
 @dataclass
@@ -140,28 +145,86 @@ def load_texts(
     ``text_records`` (``"line"`` or ``"paragraph"``) says what one record of a plain-text file
     is (see the module docstring).
     """
+    return _load(path, text_field, format, id_field, text_records, None)
+
+
+def load_field(
+    path: str | Path,
+    name: str,
+    *,
+    text_field: str = "text",
+    format: str | None = None,
+    id_field: str | None = "id",
+) -> tuple[TextDataset, list[tuple[str, Any]]]:
+    """The records of :func:`load_texts` (same arguments, same ids) and, for each, ``(where,
+    value)``: its place in the file (``path:line``, ``array element i``, ``row i``) and the
+    value of its field or column ``name`` (``None`` where absent, null or ``""``).
+
+    Every format with fields is read: JSONL, a JSON array, CSV, TSV, Parquet and ``datasets``
+    saves.  Plain text has no fields: :class:`NoFieldsError`.  Dropped empty records are not
+    warned about again (:func:`load_texts` of the same path does)."""
+    extra = _Field(name)
+    return _load(path, text_field, format, id_field, None, extra), list(
+        zip(extra.where, extra.values, strict=True)
+    )
+
+
+@dataclass
+class _Field:
+    """One more field read beside the text (:func:`load_field`): per record, where it is and
+    the field's value."""
+
+    name: str
+    where: list[str] = field(default_factory=list)
+    values: list[Any] = field(default_factory=list)
+
+    def add(self, where: str, value: Any) -> None:
+        self.where.append(where)
+        self.values.append(None if value == "" else value)
+
+    def keep(self, indices: list[int]) -> None:
+        self.where = [self.where[i] for i in indices]
+        self.values = [self.values[i] for i in indices]
+
+
+def _load(
+    path: str | Path,
+    text_field: str,
+    format: str | None,
+    id_field: str | None,
+    text_records: str | None,
+    extra: _Field | None,
+) -> TextDataset:
+    """:func:`load_texts`, filling ``extra`` (if given) in step with the records kept."""
     if isinstance(path, str) and path.startswith("bundled:"):
-        return _load_bundled(path)
+        return _load_bundled(path, extra)
     if text_records is not None and text_records not in TEXT_RECORDS:
         raise DataError(f"text_records must be one of {TEXT_RECORDS}, got {text_records!r}")
     p = Path(path).expanduser()
     if not p.exists():
         raise DataFileNotFoundError(f"data file not found: {p}")
     fmt = _infer_dir_format(p, format) if p.is_dir() else _infer_format(p, format)
+    if extra is not None and fmt in ("txt", "paragraphs"):
+        raise NoFieldsError(
+            f"{p} is a plain-text file ({fmt}), which has no fields to give each record's "
+            f"{extra.name!r}. Fix: give the data as JSONL, JSON, CSV, TSV, Parquet or a saved "
+            f"dataset with a {extra.name!r} field on every record"
+        )
     if fmt in ("parquet", "arrow"):
-        texts, ids = _load_table(p, fmt, text_field, id_field)
+        texts, ids = _load_table(p, fmt, text_field, id_field, extra)
     else:
         text = _read_utf8(p)
         if fmt == "jsonl":
-            texts, ids = _parse_json(text, p, text_field, id_field)
+            texts, ids = _parse_json(text, p, text_field, id_field, extra)
         elif fmt in ("csv", "tsv"):
-            texts, ids = _parse_csv(text, p, text_field, id_field, "\t" if fmt == "tsv" else ",")
+            delimiter = "\t" if fmt == "tsv" else ","
+            texts, ids = _parse_csv(text, p, text_field, id_field, delimiter, extra)
         elif fmt == "paragraphs" or (fmt == "txt" and text_records == "paragraph"):
             texts, ids = _parse_paragraphs(text)
         else:
             _check_lines_are_records(text, p, text_records)
             texts, ids = _parse_lines(text)
-    texts, ids = _drop_empty(texts, ids, p)
+    texts, ids = _drop_empty(texts, ids, p, extra)
     if not texts:
         raise DataError(f"{p}: no records found (format {fmt!r})")
     ids = content_ids(texts, ids)
@@ -207,18 +270,22 @@ def cap(ds: TextDataset, count: int, key: RunKey, purpose: str) -> tuple[TextDat
 # -- helpers -----------------------------------------------------------------------------
 
 
-def _load_bundled(spec: str) -> TextDataset:
+def _load_bundled(spec: str, extra: _Field | None = None) -> TextDataset:
     parts = spec.split(":")
     if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("train", "validation")):
         raise DataError(
             f"bad bundled dataset spec {spec!r}; use 'bundled:NAME', 'bundled:NAME:train' or "
             f"'bundled:NAME:validation' with NAME in: {', '.join(sorted(BUNDLED))}"
         )
-    ds = load_texts(bundled_path(parts[1]))
+    ds = _load(bundled_path(parts[1]), "text", None, "id", None, extra)
     if len(parts) == 2:
         return ds
     train, val = split(ds, BUNDLED_VALIDATION_FRACTION, BUNDLED_SPLIT_KEY)
-    return train if parts[2] == "train" else val
+    part = train if parts[2] == "train" else val
+    if extra is not None:
+        wanted = set(part.ids)
+        extra.keep([i for i, rid in enumerate(ds.ids) if rid in wanted])
+    return part
 
 
 def _infer_format(p: Path, format: str | None) -> str:
@@ -256,10 +323,12 @@ def _infer_dir_format(p: Path, format: str | None) -> str:
 
 
 def _load_table(
-    p: Path, fmt: str, text_field: str, id_field: str | None
+    p: Path, fmt: str, text_field: str, id_field: str | None, extra: _Field | None = None
 ) -> tuple[list[str], list[str | None]]:
     from ..extras import require
 
+    wanted = (text_field, id_field, extra.name if extra is not None else None)
+    where: list[str] = []
     if fmt == "parquet":
         pq = require("pyarrow.parquet", "datasets", "reading Parquet data files")
         files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
@@ -275,8 +344,13 @@ def _load_table(
                 for v in (t.column(n).to_pylist() if n in t.column_names else [None] * t.num_rows)
             ]
             for n in names
-            if n in (text_field, id_field)
+            if n in wanted
         }
+        where = [
+            f"{f}: row {j + 1}"
+            for f, t in zip(files, tables, strict=True)
+            for j in range(t.num_rows)
+        ]
     else:
         datasets = require("datasets", "datasets", "reading a dataset saved with save_to_disk")
         try:
@@ -294,7 +368,8 @@ def _load_table(
                 f"point data.path at one of them, e.g. {p / sorted(ds)[0]}"
             )
         names = ds.column_names
-        data = {n: ds[n] for n in names if n in (text_field, id_field)}
+        data = {n: ds[n] for n in names if n in wanted}
+        where = [f"{p}: row {j + 1}" for j in range(ds.num_rows)]
     if text_field not in names:
         raise DataError(
             f"{p}: no column {text_field!r}; available columns: {', '.join(names)} "
@@ -310,6 +385,10 @@ def _load_table(
         texts.append(value)
     raw_ids = data.get(id_field) if id_field is not None else None
     ids = [None if v is None else str(v) for v in raw_ids] if raw_ids else [None] * len(texts)
+    if extra is not None:
+        values = data.get(extra.name) or [None] * len(texts)
+        for w, v in zip(where, values, strict=True):
+            extra.add(w, v)
     return texts, ids
 
 
@@ -333,7 +412,7 @@ def _lines(text: str) -> list[str]:
 
 
 def _parse_json(
-    text: str, p: Path, text_field: str, id_field: str | None
+    text: str, p: Path, text_field: str, id_field: str | None, extra: _Field | None = None
 ) -> tuple[list[str], list[str | None]]:
     """JSONL, or one JSON array of objects (what ``json.dump(records, f)`` writes)."""
     if text.lstrip().startswith("["):
@@ -350,11 +429,10 @@ def _parse_json(
                 texts: list[str] = []
                 ids: list[str | None] = []
                 for i, obj in enumerate(array):
-                    _add_record(
-                        obj, f"{p}: array element {i + 1}", text_field, id_field, texts, ids
-                    )
+                    where = f"{p}: array element {i + 1}"
+                    _add_record(obj, where, text_field, id_field, texts, ids, extra)
                 return texts, ids
-    return _parse_jsonl(text, p, text_field, id_field)
+    return _parse_jsonl(text, p, text_field, id_field, extra)
 
 
 def jsonl_objects(text: str, p: Path) -> list[tuple[int, Any]]:
@@ -374,12 +452,12 @@ def jsonl_objects(text: str, p: Path) -> list[tuple[int, Any]]:
 
 
 def _parse_jsonl(
-    text: str, p: Path, text_field: str, id_field: str | None
+    text: str, p: Path, text_field: str, id_field: str | None, extra: _Field | None = None
 ) -> tuple[list[str], list[str | None]]:
     texts: list[str] = []
     ids: list[str | None] = []
     for lineno, obj in jsonl_objects(text, p):
-        _add_record(obj, f"{p}:{lineno}", text_field, id_field, texts, ids)
+        _add_record(obj, f"{p}:{lineno}", text_field, id_field, texts, ids, extra)
     return texts, ids
 
 
@@ -390,6 +468,7 @@ def _add_record(
     id_field: str | None,
     texts: list[str],
     ids: list[str | None],
+    extra: _Field | None = None,
 ) -> None:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object per record, got {type(obj).__name__}")
@@ -406,10 +485,17 @@ def _add_record(
     texts.append(value)
     rid = obj.get(id_field) if id_field is not None else None
     ids.append(str(rid) if rid is not None else None)
+    if extra is not None:
+        extra.add(where, obj.get(extra.name))
 
 
 def _parse_csv(
-    text: str, p: Path, text_field: str, id_field: str | None, delimiter: str
+    text: str,
+    p: Path,
+    text_field: str,
+    id_field: str | None,
+    delimiter: str,
+    extra: _Field | None = None,
 ) -> tuple[list[str], list[str | None]]:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
@@ -425,6 +511,7 @@ def _parse_csv(
         )
     ti = header.index(text_field)
     ii = header.index(id_field) if id_field is not None and id_field in header else None
+    ei = header.index(extra.name) if extra is not None and extra.name in header else None
     texts: list[str] = []
     ids: list[str | None] = []
     while True:
@@ -440,6 +527,8 @@ def _parse_csv(
             raise DataError(f"{p}:{reader.line_num}: {len(row)} columns, header has {len(header)}")
         texts.append(row[ti])
         ids.append(row[ii] if ii is not None and row[ii] != "" else None)
+        if extra is not None:
+            extra.add(f"{p}:{reader.line_num}", row[ei] if ei is not None else None)
     return texts, ids
 
 
@@ -469,22 +558,25 @@ def _check_lines_are_records(text: str, p: Path, text_records: str | None) -> No
 
 
 def _drop_empty(
-    texts: list[str], ids: list[str | None], p: Path
+    texts: list[str], ids: list[str | None], p: Path, extra: _Field | None = None
 ) -> tuple[list[str], list[str | None]]:
     """Records whose text is empty or whitespace only carry nothing to train on: dropped,
     with a console warning of how many (a statistic of the data, kept out of run files)."""
     keep = [i for i, t in enumerate(texts) if t.strip()]
     dropped = len(texts) - len(keep)
-    if dropped:
+    if not dropped:
+        return texts, ids
+    if extra is None:
         warnings.warn(
             InputWarning(
                 f"{p}: dropped {dropped} empty or whitespace-only record(s) (this count is a "
                 "statistic of your data: it is shown here, not written to the run directory)"
             ),
-            stacklevel=3,
+            stacklevel=4,  # the caller of load_texts
         )
-        texts, ids = [texts[i] for i in keep], [ids[i] for i in keep]
-    return texts, ids
+    else:  # load_field re-reads the records of a load_texts that warned
+        extra.keep(keep)
+    return [texts[i] for i in keep], [ids[i] for i in keep]
 
 
 def _parse_lines(text: str) -> tuple[list[str], list[str | None]]:

@@ -18,7 +18,7 @@ from ..secret import RunKey, below, record_keys
 from ..tasks import task_for
 from .canaries import Canary, insert_canaries
 from .loading import DataError, TextDataset, cap, split
-from .people import person_ids
+from .people import person_ids, unit_name
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
@@ -108,6 +108,30 @@ def _check_people_apart(recipe: Recipe, train: TextDataset, val: TextDataset) ->
             "people. Fix: move each of them wholly to one file, or delete data.validation_path "
             "to let the run key hold out whole people"
         )
+
+
+def no_validation_error(recipe: Recipe) -> RecipeError:
+    """The error for an empty validation split drawn by ``data.validation_fraction``: per
+    record, or under ``data.privacy_unit`` per person (then few people may give none)."""
+    d = recipe.data
+    if d.privacy_unit is None:
+        drawn = (
+            f"no record of {d.path} was held out for validation (each record is held out alone "
+            f"with probability {d.validation_fraction:g})"
+        )
+        path = "set data.validation_path"
+    else:
+        who = unit_name(d.privacy_unit.field)
+        drawn = (
+            f"no {who} of {d.path} was held out for validation (under data.privacy_unit the "
+            f"split is per {who}: each {who} ({d.privacy_unit.field!r}), with all of their "
+            f"records, is held out alone with probability {d.validation_fraction:g}, so with few "
+            f"people none may be)"
+        )
+        path = f"set data.validation_path to a file of people not in {d.path}"
+    return RecipeError(
+        f"data.validation_fraction: {drawn}. Fix: raise data.validation_fraction or {path}."
+    )
 
 
 def read_data(

@@ -83,7 +83,7 @@ from ..hardware import resolve_device
 from ..models import build_model
 from ..noise import GaussianNoise, truncation_delta
 from ..optim import make_optimizer
-from ..plan import plan_privacy
+from ..plan import plan_privacy, steps_that_fit
 from ..policies import Policy
 from ..precision import Precision
 from ..rundir import atomic_write
@@ -295,16 +295,13 @@ def _decline(msg: Message, public: dict[str, Any], epsilon: float, reason: str) 
     return _reply(msg, metrics, status=ConfigRecord({"reason": reason}))
 
 
-def _over_budget(plan: ClientPlan, ledger: Ledger, filt: BudgetFilter) -> str | None:
-    """Why the round's local steps do not fit the budget, or None if they do (policies that
-    plan adaptively are stopped by the engine's own filter instead)."""
-    event = plan.policy.planned_event(plan.sample_rate)
-    if event is None:
+def _over_budget(plan: ClientPlan, ledger: Ledger, filt: BudgetFilter, spent: float) -> str | None:
+    """Why the round's local steps do not fit the budget (``spent``: the filter's epsilon of
+    ``ledger``), or None if they do (:func:`~dptrain.plan.steps_that_fit`)."""
+    fit = steps_that_fit(plan.policy, plan.sample_rate, filt, ledger)
+    if fit is None or fit[1] >= plan.local_steps:
         return None
-    fits = filt.max_steps(ledger, event)
-    if fits >= plan.local_steps:
-        return None
-    spent = filt.spent(ledger) if ledger.events else 0.0
+    event, fits = fit
     return (
         f"budget: {plan.local_steps} more local steps (q={plan.sample_rate:.4g}, "
         f"sigma={event.noise_multiplier:.4g}) would exceed epsilon={plan.epsilon:g} at "
@@ -418,7 +415,7 @@ def train_round(
             refusal(plan.request, own, plan.units)
             or state.changed_unit(own.unit)
             or state.lost_ledger()
-            or _over_budget(plan, ledger, filt)
+            or _over_budget(plan, ledger, filt, spent)
         )
         if reason is not None:
             return _decline(msg, public, spent, reason)

@@ -202,3 +202,34 @@ def test_calibrate_errors(capsys) -> None:
     assert code == 2 and "--epsilon" in err
     code, out, _ = run(capsys, *base, "--epsilon", "2")
     assert code == 0 and "noise multiplier" in out
+
+
+def test_calibrate_unreachable_target_is_an_error_and_a_bug_is_a_bug(capsys, monkeypatch) -> None:
+    import dptrain.commands.privacy as privacy
+    from accountants import EpsilonUnreachableError
+
+    code, _, err = run(
+        capsys, "calibrate", "--epsilon", "1e-9", "--delta", "1e-5", "--sample-rate", "1",
+        "--steps", "1000",
+    )  # fmt: skip
+    assert code == 2 and "no noise multiplier up to 1e+06 reaches epsilon" in err
+    assert issubclass(EpsilonUnreachableError, ValueError)  # callers catching ValueError still do
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(privacy, "calibrate_noise", broken)
+    with pytest.raises(ValueError, match="an internal bug"):  # not turned into a user error
+        main(
+            [
+                "calibrate",
+                "--epsilon",
+                "2",
+                "--delta",
+                "1e-5",
+                "--sample-rate",
+                "0.01",
+                "--steps",
+                "100",
+            ]
+        )

@@ -53,3 +53,34 @@ def test_a_separate_validation_file_leaves_the_training_split_the_whole_file():
     assert (level["epsilon"], level["delta"], level["validation_probability"]) == (EPS, DELTA, 0)
     assert "whole file" in level["why"]
     assert file_level(recipe(public_fraction=0.5), math.inf, DELTA)["delta"] == 1.0
+
+
+def test_a_run_and_a_federated_round_share_one_fit_check():
+    """check_run and a client's round both ask steps_that_fit: the most further steps of the
+    planned event within the budget (n fit, n + 1 do not), None for an adaptive policy."""
+    from accountants import BudgetFilter, Event, Ledger, get_accountant
+    from dptrain.federated.client import ClientPlan, _over_budget
+    from dptrain.plan import check_run, plan_privacy, steps_that_fit
+
+    d = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+    d["policy"]["noise_multiplier"] = 1.0
+    plan = plan_privacy(parse_recipe(d), 400)
+    ledger = Ledger([Event(plan.sample_rate, 1.0, 5)])
+    fil = BudgetFilter(plan.budget, plan.accountant)
+    event, n = steps_that_fit(plan.policy, plan.sample_rate, fil, ledger)
+    assert check_run(plan, public_records=None, ledger=ledger) == n > 0
+    rdp = get_accountant("rdp")
+    for steps, fits in ((5 + n, True), (6 + n, False)):
+        eps = rdp.epsilon([event.with_steps(steps)], plan.delta)
+        assert (eps <= plan.budget.epsilon) == fits
+    spent = fil.spent(ledger)
+    for local, declined in ((n, False), (n + 1, True)):
+        client = ClientPlan(0, None, plan.sample_rate, plan.delta, local, d["privacy"]["epsilon"],
+                            plan.policy, None)  # fmt: skip
+        reason = _over_budget(client, ledger, fil, spent)
+        assert (reason is not None) == declined
+    assert f"{n} more fit" in reason
+    adaptive = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+    adaptive["policy"] = {"name": "rl", "clip": 1.0}
+    rl_plan = plan_privacy(parse_recipe(adaptive), 400)
+    assert steps_that_fit(rl_plan.policy, rl_plan.sample_rate, fil, ledger) is None

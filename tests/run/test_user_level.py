@@ -126,6 +126,44 @@ def test_person_ids_from_csv_and_content_ids(tmp_path):
     assert unit_name("id") == "person"
 
 
+def test_person_ids_from_every_format_the_loader_reads(tmp_path):
+    """A JSON array, Parquet (file and folder) and a datasets save give the same people, keyed
+    by the record ids load_texts gives; a missing person names its place in the file."""
+    rows = [
+        {"text": "alpha", "user": "u1"},
+        {"text": "beta", "user": 2, "id": "b"},
+        {"text": "  ", "user": None},  # dropped as empty: it needs no person
+        {"text": "alpha", "user": "u1"},
+    ]
+    want = ["u1", "2", "u1"]
+    paths = [tmp_path / "a.json"]
+    paths[0].write_text(json.dumps(rows))
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    columns = {k: [None if r.get(k) is None else str(r[k]) for r in rows] for k in rows[1]}
+    table = pa.table(columns)
+    pq.write_table(table, tmp_path / "a.parquet")
+    (tmp_path / "parts").mkdir()
+    pq.write_table(table.slice(0, 2), tmp_path / "parts" / "0.parquet")
+    pq.write_table(table.slice(2), tmp_path / "parts" / "1.parquet")
+    paths += [tmp_path / "a.parquet", tmp_path / "parts"]
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict(columns).save_to_disk(str(tmp_path / "saved"))
+    paths.append(tmp_path / "saved")
+    for path in paths:
+        with pytest.warns(UserWarning, match="dropped 1 empty"):
+            ds = load_texts(path)
+        persons = person_ids(str(path), "user")  # silent: load_texts warned
+        assert list(persons) == ds.ids and list(persons.values()) == want, path
+    rows[3]["user"] = ""
+    paths[0].write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=r"a.json: array element 4: the record has no 'user'"):
+        person_ids(str(paths[0]), "user")
+    pq.write_table(table.drop_columns(["user"]), tmp_path / "a.parquet")
+    with pytest.raises(DataError, match=r"a.parquet: row 1: the record has no 'user'"):
+        person_ids(str(tmp_path / "a.parquet"), "user")
+
+
 # -- the validation split --------------------------------------------------------------------
 
 
@@ -163,6 +201,27 @@ def test_validation_split_holds_out_whole_people_by_the_run_key(tmp_path):
         set(splits[0][1].ids),
     )
     assert z <= set(train2.ids) or z <= set(val2.ids)
+
+
+def test_no_person_held_out_is_refused_in_words_for_people(tmp_path):
+    """A person-level split that holds out nobody names people, not records, and both fixes."""
+    from dptrain.train import prepare
+
+    data = {
+        "path": str(_people_file(tmp_path, 40)),
+        "privacy_unit": {"field": "patient_id"},
+        "validation_fraction": 1e-12,
+    }
+    with pytest.raises(RecipeError) as err:
+        prepare(parse_recipe(_recipe(tmp_path, data)))
+    msg = str(err.value)
+    assert "no patient of" in msg and "split is per patient" in msg
+    assert "each record" not in msg
+    assert "raise data.validation_fraction" in msg and "data.validation_path" in msg
+    with pytest.raises(RecipeError, match="each record is held out alone"):  # record level
+        prepare(
+            parse_recipe(_recipe(tmp_path, {"path": data["path"], "validation_fraction": 1e-12}))
+        )
 
 
 def test_record_level_split_bytes_are_unchanged(tmp_path):
