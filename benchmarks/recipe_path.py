@@ -175,9 +175,15 @@ class Timers:
 class _TimedNoise:
     def __init__(self, noise, timers: Timers) -> None:
         self._noise, self._call = noise, timers.wrap("noise", noise.__call__)
+        self._many = timers.wrap("noise", noise.many) if hasattr(noise, "many") else None
 
     def __call__(self, like, std):
         return self._call(like, std)
+
+    def many(self, likes, stds):
+        if self._many is None:
+            raise AttributeError("many")
+        return self._many(likes, stds)
 
     def __getattr__(self, name):
         return getattr(self._noise, name)
@@ -302,7 +308,7 @@ def run_setup(name: str, args: argparse.Namespace, accountant: str) -> dict[str,
         prep = T.prepare(recipe)
         T.start(prep)
         built = T.build(prep)
-        meta = T.begin_meta(prep, built)
+        meta, stats = T.begin_meta(prep, built)
         device = next(built.model.parameters()).device
         precision = built.engine.precision
         total = args.blocks * args.block
@@ -314,7 +320,7 @@ def run_setup(name: str, args: argparse.Namespace, accountant: str) -> dict[str,
 
         def recipe_block(start: int) -> None:
             assert built.engine.steps_taken == start, (built.engine.steps_taken, start)
-            T.loop(prep, built, meta, False, args.block)
+            T.loop(prep, built, meta, stats, False, args.block)
 
         contenders["recipe"] = recipe_block
 
@@ -354,7 +360,7 @@ def run_setup(name: str, args: argparse.Namespace, accountant: str) -> dict[str,
                     errors[f"opacus-{mode}"] = f"{type(err).__name__}: {str(err)[:160]}"
 
         # warm-up: step 0 of each outside the timed blocks (the engine probes the model then)
-        T.loop(prep, built, meta, False, 1)
+        T.loop(prep, built, meta, stats, False, 1)
         engine.step(dev_batches[0])
         nonprivate_step(m_plain, plain_opt, precision)(dev_batches[0])
         names = list(contenders)
@@ -395,7 +401,7 @@ def run_setup(name: str, args: argparse.Namespace, accountant: str) -> dict[str,
             with profiled(built, timers) as fwd:
                 _sync(device)
                 t0 = time.perf_counter()
-                T.loop(prep, built, meta, False, args.profile)
+                T.loop(prep, built, meta, stats, False, args.profile)
                 _sync(device)
                 wall = time.perf_counter() - t0
             parts = dict(timers.seconds)
