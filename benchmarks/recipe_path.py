@@ -175,9 +175,15 @@ class Timers:
 class _TimedNoise:
     def __init__(self, noise, timers: Timers) -> None:
         self._noise, self._call = noise, timers.wrap("noise", noise.__call__)
+        self._many = timers.wrap("noise", noise.many) if hasattr(noise, "many") else None
 
     def __call__(self, like, std):
         return self._call(like, std)
+
+    def many(self, likes, stds):
+        if self._many is None:
+            raise AttributeError("many")
+        return self._many(likes, stds)
 
     def __getattr__(self, name):
         return getattr(self._noise, name)

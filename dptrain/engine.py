@@ -320,15 +320,19 @@ class PrivacyEngine:
                 hook(self.steps_taken + 1, update)
         # A released update that is not finite (diverged parameters, overflow) is not applied;
         # the decision reads only the released update, so it is post-processing.
-        applied = bool(torch.stack([torch.isfinite(update[p]).all() for p in self.params]).all())
-        if applied:
-            for p in self.params:
-                p.grad = update[p].to(p.dtype)
-            self.optimizer.step()
+        # A finite sum of squares means every entry is finite, so the entries are inspected only
+        # when a group's norm is not finite (NaN, or squares of finite entries overflowing).
         norms = {
             g: float(torch.sqrt(sum(update[p].pow(2).sum() for p in ps)))
             for g, ps in self.groups.items()
         }
+        applied = all(math.isfinite(v) for v in norms.values()) or bool(
+            torch.stack([torch.isfinite(update[p]).all() for p in self.params]).all()
+        )
+        if applied:
+            for p in self.params:
+                p.grad = update[p].to(p.dtype)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.last_update_norms = norms
         self.steps_taken += 1

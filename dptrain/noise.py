@@ -70,16 +70,29 @@ def _leading_zeros(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
 
 
 def normals_from_words(words: np.ndarray) -> np.ndarray:
-    """``2 m`` standard normals from ``(m, 4)`` uint64 words (see the module docstring)."""
+    """``2 m`` standard normals from ``(m, 4)`` uint64 words (see the module docstring).
+
+    Computed in place on three float64 buffers, in the order of the formulas above (each
+    operation rounds as the one-expression form would: the same bits, fewer temporaries)."""
     w = np.asarray(words, dtype=np.uint64).reshape(-1, 4)
-    lead = _leading_zeros(w[:, 2], w[:, 3])  # the exponent e, 0..128
-    angle = (w[:, 0] >> np.uint64(11)).astype(np.float64) * 2.0**-53
-    frac = ((w[:, 1] >> np.uint64(12)).astype(np.float64) + 1.0) * 2.0**-52  # (0, 1]
-    radius = np.sqrt(2.0 * ((lead + 1) * math.log(2.0) - np.log1p(frac)))
-    theta = 2.0 * math.pi * angle
+    radius = _leading_zeros(w[:, 2], w[:, 3])  # the exponent e, 0..128
+    frac = (w[:, 1] >> np.uint64(12)).astype(np.float64)
+    frac += 1.0
+    frac *= 2.0**-52  # (0, 1]
+    np.log1p(frac, out=frac)
+    radius += 1
+    radius *= math.log(2.0)
+    radius -= frac
+    radius *= 2.0
+    np.sqrt(radius, out=radius)  # sqrt(2 ((e + 1) ln 2 - log1p(...)))
+    theta = (w[:, 0] >> np.uint64(11)).astype(np.float64)
+    theta *= 2.0**-53
+    theta *= 2.0 * math.pi
     out = np.empty((w.shape[0], 2), dtype=np.float64)
-    np.multiply(radius, np.cos(theta), out=out[:, 0])
-    np.multiply(radius, np.sin(theta), out=out[:, 1])
+    np.cos(theta, out=frac)
+    np.multiply(radius, frac, out=out[:, 0])
+    np.sin(theta, out=frac)
+    np.multiply(radius, frac, out=out[:, 1])
     return out.reshape(-1)
 
 
@@ -183,6 +196,76 @@ class GaussianNoise:
             out[start : start + z.size] = torch.from_numpy(z)
             start += z.size
         return out.view(like.shape).to(like.device, non_blocking=pin)
+
+    def many(self, likes: list[Tensor], stds: list[float]) -> list[Tensor]:
+        """``[self(like, std) for like, std in zip(likes, stds)]``, the same values, drawn at once.
+
+        The draws of one step are consecutive counter ranges of the stream (``like`` ``i`` takes
+        ``m_i = ceil(n_i / 2)`` pairs from block ``block + 2 sum_{j<i} m_j``), so one run of
+        ``sum_i m_i`` pairs, cut into chunks evaluated in parallel (the values do not depend on
+        the cut), gives every tensor its own pairs; an odd ``n_i`` drops its last pair's second
+        normal as a single call does.  Each value is ``z * std`` in float64 rounded to the
+        tensor's dtype, as in :meth:`__call__`.  Memory: the outputs and one chunk per thread.
+        """
+        import torch
+
+        if len(likes) != len(stds):
+            raise ValueError("many() needs one std per tensor")
+        outs: list[Tensor] = []
+        pieces: list[tuple[int, int, Tensor, float]] = []  # (first pair, n, flat output, std)
+        pairs = 0
+        for like, std in zip(likes, stds, strict=True):
+            if std == 0:  # no draw, as in __call__
+                outs.append(torch.zeros_like(like))
+                continue
+            pin = like.device.type == "cuda"
+            out = torch.empty(like.numel(), dtype=like.dtype, pin_memory=pin)
+            outs.append(out)
+            pieces.append((pairs, like.numel(), out, float(std)))
+            pairs += (like.numel() + 1) // 2
+        if pairs:
+            self._fill(pairs, pieces)
+        result = []
+        for like, out in zip(likes, outs, strict=True):
+            if out.device != like.device or out.shape != like.shape:
+                out = out.view(like.shape).to(like.device, non_blocking=out.is_pinned())
+            result.append(out)
+        return result
+
+    def _fill(self, pairs: int, pieces: list[tuple[int, int, Tensor, float]]) -> None:
+        """Draw ``pairs`` pairs of this step and write each piece's normals, scaled, into it."""
+        import torch
+
+        threads = torch.get_num_threads()
+        size = max(1 << 14, min(_CHUNK, -(-pairs // (2 * threads))))
+        jobs = [(d, min(size, pairs - d)) for d in range(0, pairs, size)]
+        first, step = self.block, self.step
+        self.block += 2 * pairs
+        self.pairs += pairs
+
+        def draw(job: tuple[int, int]) -> tuple[int, np.ndarray]:
+            d, m = job
+            words = self._prf.run(step, first + 2 * d, 2 * m).reshape(m, 4)
+            return d, normals_from_words(words)
+
+        chunks = (
+            self._executor(threads).map(draw, jobs)
+            if min(len(jobs), threads) > 1
+            else map(draw, jobs)
+        )
+        k = 0  # the first piece that may overlap the next chunk
+        for d, z in chunks:
+            lo, hi = 2 * d, 2 * d + z.size  # normals [lo, hi) of the run
+            while k < len(pieces) and 2 * pieces[k][0] + pieces[k][1] <= lo:
+                k += 1
+            j = k
+            while j < len(pieces) and 2 * pieces[j][0] < hi:
+                start, n, out, std = pieces[j]
+                a, b = max(lo, 2 * start), min(hi, 2 * start + n)
+                if a < b:
+                    part = np.multiply(z[a - lo : b - lo], std)
+                    out[a - 2 * start : b - 2 * start] = torch.from_numpy(part)
+                j += 1
 
     def truncation_delta(self, epsilon: float) -> float:
         return truncation_delta(epsilon, self.pairs)

@@ -148,11 +148,21 @@ class Policy(ABC):
 
     def release(self, sums: StepSums, plan: StepPlan, noise: NoiseFn) -> dict[nn.Parameter, Tensor]:
         """DP-SGD: ``(sum_b clip(g_b) + N(0, s_g^2 I)) / E[B]`` per parameter."""
-        out = {}
-        for p, s in sums.clipped.items():
-            std = plan.noise_std[sums.group_of[p]]
-            out[p] = (s + noise(s, std)) / sums.expected_batch_size
-        return out
+        params = list(sums.clipped)
+        stds = [plan.noise_std[sums.group_of[p]] for p in params]
+        many = getattr(noise, "many", None)
+        if many is None:  # any NoiseFn: one call per parameter
+            return {
+                p: (sums.clipped[p] + noise(sums.clipped[p], std)) / sums.expected_batch_size
+                for p, std in zip(params, stds, strict=True)
+            }
+        # the keyed sampler: one parallel draw of the same values, fresh tensors of the sums'
+        # dtypes, so (s + z) / E[B] is computed in place (bitwise the same)
+        draws = many([sums.clipped[p] for p in params], stds)
+        return {
+            p: z.add_(sums.clipped[p]).div_(sums.expected_batch_size)
+            for p, z in zip(params, draws, strict=True)
+        }
 
     def attach(self, run: RunContext) -> None:
         """Called by ``dptrain train`` after the engine is built and before a checkpoint is

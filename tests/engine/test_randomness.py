@@ -173,6 +173,40 @@ def test_noise_does_not_depend_on_the_thread_count():
     assert torch.equal(torch.from_numpy(z * 1.5).float(), draws[0])
 
 
+def test_many_draws_the_values_of_successive_calls_on_any_thread_count():
+    likes = [
+        torch.zeros(3),  # odd: its last pair's second normal is dropped
+        torch.zeros(256, 3),
+        torch.zeros(1),
+        torch.zeros(0),
+        torch.zeros(7),  # std 0 below: zeros, no draw
+        torch.zeros(40_001, dtype=torch.float64),
+        torch.zeros(9, dtype=torch.bfloat16),
+        torch.zeros(70_001, 5),  # several chunks of the joint run
+    ]
+    stds = [1.0, 2.5, 0.5, 1.0, 0.0, 3.0, 1.5, 1e-3]
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            one, joint = GaussianNoise(KEY), GaussianNoise(RunKey.from_insecure_seed(0))
+            for t in (0, 7):
+                one.begin_step(t)
+                joint.begin_step(t)
+                ref = [one(like, std) for like, std in zip(likes, stds, strict=True)]
+                got = joint.many(likes, stds)
+                for r, g in zip(ref, got, strict=True):
+                    assert r.dtype == g.dtype and r.shape == g.shape and torch.equal(r, g)
+                assert not torch.equal(got[0], got[2].expand(3))  # distinct draws
+                assert torch.equal(got[4], torch.zeros(7))
+                assert joint.state_dict() == one.state_dict()  # the stream continues alike
+                assert torch.equal(one(likes[1], 1.0), joint(likes[1], 1.0))
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="one std per tensor"):
+        GaussianNoise(KEY).many(likes, stds[:-1])
+
+
 def test_one_thread_pool_per_sampler_reused_across_draws_and_closed(monkeypatch):
     import copy
 
