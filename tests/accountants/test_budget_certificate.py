@@ -74,12 +74,13 @@ def test_near_largest() -> None:
 
 @settings(
     max_examples=3,
+    derandomize=True,  # the same few (slow) examples on every run
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
     phases=[Phase.explicit, Phase.reuse, Phase.generate],  # shrinking recomposes: minutes
 )
 @given(
-    budget=st.floats(min_value=1.5, max_value=2.0),
+    budget=st.floats(min_value=2.0, max_value=3.0),
     prefix=st.lists(
         st.builds(
             lambda m, n: Event(m[0], m[1], n),
