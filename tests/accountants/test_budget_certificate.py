@@ -190,3 +190,15 @@ def test_rdp_keeps_its_exact_counter() -> None:
         assert fil.allows(ledger, event)
         ledger.record(event)
     assert fil._certificate is None
+
+
+def test_margins_come_from_the_accountant() -> None:
+    """PLD's default rule has a measured error (0.5% margin); an explicit interval does not,
+    so its filter checks exactly; PRV's follows its error parameters."""
+    from accountants.pld import PldAccountant
+    from accountants.prv import PrvAccountant
+
+    assert BudgetFilter(Budget(1.0, DELTA), "pld").margin == 0.005
+    assert BudgetFilter(Budget(1.0, DELTA), PldAccountant(1e-3)).margin is None
+    assert not BudgetFilter(Budget(1.0, DELTA), PldAccountant(1e-3))._certifies(Event(0.1, 1.0))
+    assert math.isclose(BudgetFilter(Budget(1.0, DELTA), PrvAccountant()).margin, 0.012)
