@@ -6,7 +6,10 @@
 
 Contenders, each on its own copy of the model (same seed, same weights), on the same Poisson
 batches (step ``t`` of every contender uses the recipe run's batch ``t``), interleaved in
-blocks of ``--block`` steps whose order rotates (A B C, B C A, ...):
+rounds: a round runs one block of ``--block`` steps of every contender, in an order taken from
+a Williams design (:func:`balanced_orders`: over its rows every contender takes every position
+equally often and follows every other contender equally often, so the recipe's checkpoint at
+its block's end precedes each of the others equally often), after one untimed warm-up round:
 
 * ``recipe``: :func:`dptrain.train.loop` of a real run (prepared, started and built by
   :mod:`dptrain.train` from a recipe): Poisson sampler, collation, budget filter, accountant,
@@ -20,7 +23,11 @@ blocks of ``--block`` steps whose order rotates (A B C, B C A, ...):
   batches (fixed-size sampling: only its step is timed), where it applies.
 
 Step time is the total time of a contender over all its blocks divided by its steps; tokens
-per second counts the non-padding tokens of the batches.  Then ``--profile`` steps of the
+per second counts the non-padding tokens of the batches.  The ratios are per round (the two
+contenders' blocks of one round ran on the same batches within seconds of each other):
+median and interquartile range over the rounds, besides the ratio of the totals; a
+contender's block time after the recipe's block against after the others' says what the
+checkpoint costs its successor.  Then ``--profile`` steps of the
 recipe contender run with timers (synchronizing the GPU) around its parts: data (sampler and
 collation), forward, backward, per-sample work (clipping and sums), noise, optimizer,
 accounting (budget filter, ledger, epsilon for the log line) and the rest (metrics,
@@ -33,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -42,6 +50,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -91,6 +100,37 @@ SETUPS: dict[str, dict[str, Any]] = {
 }
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """A Williams design on ``n`` contenders: rows (round orders) in which every contender
+    takes every position equally often and immediately follows every other contender equally
+    often (first-order carry-over balance).  Row r of the cyclic design is ``(s + r) mod n``
+    for the sequence s = 0, 1, n-1, 2, n-2, ...; an odd ``n`` adds the reversed rows (2n rows
+    then, n otherwise)."""
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    rows = [[(x + r) % n for x in first] for r in range(n)]
+    if n % 2:
+        rows += [row[::-1] for row in rows]
+    return rows
+
+
+def rounds_for(args: argparse.Namespace, n: int) -> int:
+    """``--rounds`` rounded up to whole passes over the design (at least one pass)."""
+    rows = len(balanced_orders(n))
+    return max(1, -(-(args.rounds or rows) // rows)) * rows
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median and quartiles (linear interpolation) of per-round values."""
+    q1, med, q3 = (float(v) for v in np.percentile(values, [25, 50, 75]))
+    return {"median": med, "q1": q1, "q3": q3, "iqr": q3 - q1}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -112,7 +152,8 @@ def make_recipe(setup: dict, args: argparse.Namespace, accountant: str, out: Pat
 
     records = args.records
     data = long_records(out, setup["concat"], records + 64)
-    steps = args.blocks * args.block + args.profile + 4
+    most = rounds_for(args, 5 if args.opacus else 3)  # Opacus may refuse: an upper bound
+    steps = (most + 1) * args.block + args.profile + 4
     return parse_recipe(
         {
             "name": "bench",
@@ -316,10 +357,12 @@ def run_setup(name: str, args: argparse.Namespace, accountant: str) -> dict[str,
         meta, stats = T.begin_meta(prep, built)
         device = next(built.model.parameters()).device
         precision = built.engine.precision
-        total = args.blocks * args.block
-        batches = [built.train_ex.batch(built.sampler.sample(t)) for t in range(total + 1)]
+        most = rounds_for(args, 5 if args.opacus else 3)
+        batches = [
+            built.train_ex.batch(built.sampler.sample(t))
+            for t in range((most + 1) * args.block + 1)
+        ]
         dev_batches = [to_device(b, device) for b in batches]
-        n_tokens = sum(tokens(b) for b in batches[1:])
 
         contenders: dict[str, Callable[[int], None]] = {}
 
@@ -380,15 +423,28 @@ def run_setup(name: str, args: argparse.Namespace, accountant: str) -> dict[str,
         engine.step(dev_batches[0])
         nonprivate_step(m_plain, plain_opt, precision)(dev_batches[0])
         names = list(contenders)
-        seconds = dict.fromkeys(names, 0.0)
-        for i in range(args.blocks):
-            order = names[i % len(names) :] + names[: i % len(names)]
-            for c in order:
+        orders = balanced_orders(len(names))
+        rounds = rounds_for(args, len(names))
+        total = rounds * args.block
+        first = 1 + args.block  # steps 1 .. block: the warm-up round, discarded
+        n_tokens = sum(tokens(b) for b in batches[first : first + total])
+        for c in names:  # the warm-up round: every contender's first block, untimed
+            contenders[c](1)
+        load_start = os.getloadavg()
+        block_s: dict[str, list[float]] = {c: [] for c in names}
+        after_recipe: dict[str, list[bool]] = {c: [] for c in names}
+        previous = names[-1]
+        for i in range(rounds):
+            for j in orders[i % len(orders)]:
+                c = names[j]
                 _sync(device)
                 t0 = time.perf_counter()
-                contenders[c](1 + i * args.block)
+                contenders[c](first + i * args.block)
                 _sync(device)
-                seconds[c] += time.perf_counter() - t0
+                block_s[c].append(time.perf_counter() - t0)
+                after_recipe[c].append(previous == "recipe")
+                previous = c
+        seconds = {c: sum(v) for c, v in block_s.items()}
         result: dict[str, Any] = {
             "setup": name,
             "model": setup["model"],
@@ -398,21 +454,45 @@ def run_setup(name: str, args: argparse.Namespace, accountant: str) -> dict[str,
             "device": str(device),
             "expected_batch": setup["batch"],
             "seq": setup["seq"],
+            "rounds": rounds,
+            "block": args.block,
+            "orders": [[names[j] for j in row] for row in orders],
             "steps_per_contender": total,
             "tokens": n_tokens,
             "contenders": {
-                c: {"step_s": s / total, "tokens_per_s": n_tokens / s} for c, s in seconds.items()
+                c: {
+                    "step_s": s / total,
+                    "tokens_per_s": n_tokens / s,
+                    "block_step_s": [b / args.block for b in block_s[c]],
+                }
+                for c, s in seconds.items()
             },
             "errors": errors,
             "notes": notes,
+            "load_average": {"start": load_start, "end": os.getloadavg()},
         }
-        r = result["contenders"]
+        pairs = [(c, b) for b in ("nonprivate", "engine") for c in names if c != b]
+        pairs = [p for p in pairs if p != ("nonprivate", "engine")]
         result["ratios"] = {
-            f"{c}_over_{base}": r[c]["step_s"] / r[base]["step_s"]
-            for c in r
-            for base in ("nonprivate", "engine")
-            if c != base
+            f"{c}_over_{b}": {
+                **spread([x / y for x, y in zip(block_s[c], block_s[b], strict=True)]),
+                "of_totals": seconds[c] / seconds[b],
+            }
+            for c, b in pairs
         }
+        # what following the recipe's block (and its checkpoint) costs a contender: its
+        # block time after the recipe over its block time after another, per-round normalized
+        # by the round's non-private block
+        carry = {}
+        for c in names:
+            if c in ("recipe", "nonprivate"):
+                continue
+            rel = [x / y for x, y in zip(block_s[c], block_s["nonprivate"], strict=True)]
+            after = [r for r, a in zip(rel, after_recipe[c], strict=True) if a]
+            other = [r for r, a in zip(rel, after_recipe[c], strict=True) if not a]
+            if after and other:
+                carry[c] = float(np.median(after) / np.median(other))
+        result["after_recipe_over_after_other"] = carry
         if args.profile:
             timers = Timers(device)
             with profiled(built, timers) as fwd:
@@ -441,10 +521,18 @@ def print_result(r: dict[str, Any]) -> None:
         f"seq<={r['seq']}, {r['steps_per_contender']} steps each"
     )
     print(head)
+    la = r["load_average"]
+    print(f"  load average (1, 5, 15 min) at start {la['start']}, at end {la['end']}")
     for c, v in r["contenders"].items():
         print(f"  {c:14s} {1e3 * v['step_s']:9.1f} ms/step  {v['tokens_per_s']:10.0f} tokens/s")
+    print(f"  per-round ratios over {r['rounds']} rounds of {r['block']} steps: median [q1, q3]")
     for k, v in r["ratios"].items():
-        print(f"  {k:28s} {v:.3f}")
+        print(
+            f"  {k:28s} {v['median']:.3f} [{v['q1']:.3f}, {v['q3']:.3f}]"
+            f"  (totals {v['of_totals']:.3f})"
+        )
+    for k, v in r.get("after_recipe_over_after_other", {}).items():
+        print(f"  {k} after the recipe's block / after another's: {v:.3f}")
     for k, v in r.get("errors", {}).items():
         print(f"  {k}: not run ({v})")
     for k, v in r.get("notes", {}).items():
@@ -457,9 +545,9 @@ def print_result(r: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--setups", nargs="+", default=["full"], choices=sorted(SETUPS))
+    ap.add_argument("--setups", nargs="+", default=None, choices=sorted(SETUPS))
     ap.add_argument("--accountants", nargs="+", default=["rdp"])
-    ap.add_argument("--blocks", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=None, help="rounds (rounded up to whole designs)")
     ap.add_argument("--block", type=int, default=5)
     ap.add_argument("--profile", type=int, default=5)
     ap.add_argument("--records", type=int, default=2000)
@@ -467,12 +555,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--opacus", action="store_true", help="add Opacus 1.6 hooks and ghost")
-    ap.add_argument("--quick", action="store_true", help="full setup, rdp, 4 blocks of 3 steps")
+    ap.add_argument(
+        "--quick", action="store_true", help="rdp, one design of rounds of 3 steps (full setup)"
+    )
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
-    if args.quick:
-        args.setups, args.accountants = ["full"], ["rdp"]
-        args.blocks, args.block, args.profile, args.records = 4, 3, 3, 600
+    if args.quick:  # --setups still applies (default full)
+        args.accountants = ["rdp"]
+        args.rounds, args.block, args.profile, args.records = None, 3, 3, 600
+    args.setups = args.setups or ["full"]
     results = []
     for name in args.setups:
         for acc in args.accountants:
