@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .grad_sample import Outer, Recorded, Use
-from .grad_sample.outer import NORM_DTYPE, bound, norm_sq, prefer_ghost
+from .grad_sample.outer import NORM_DTYPE, norm_sq_and_bound, prefer_ghost
 from .segments import Segments, group_outer, group_rows
 
 GhostMode = Literal["auto", "always", "never"]
@@ -138,8 +138,7 @@ def clip_and_sum(
             fs = [None if f is None else group_outer(f, segments) for f in fs]
         factorized = items and all(f is not None for f in fs) and p not in recorded.direct
         if factorized and mode != "never" and (mode == "always" or prefer_ghost(fs)):
-            n2 = norm_sq(fs)
-            s = sum(bound(f) for f in fs)
+            n2, s = norm_sq_and_bound(fs)
             n2 = n2.clamp(min=0)
             heavy = s > CANCELLATION * n2.sqrt()
             if bool(heavy.any()):

@@ -168,8 +168,11 @@ def inner(f: Outer, g: Outer) -> Tensor:
         return (fl[:, 0] * gl[:, 0]).sum(1).to(NORM_DTYPE) * (fr[:, 0] * gr[:, 0]).sum(1).to(
             NORM_DTYPE
         )
-    left = gram(fl, gl)
-    right = gram(fr, gr)
+    return _gram_dot(gram(fl, gl), gram(fr, gr))
+
+
+def _gram_dot(left: Tensor, right: Tensor) -> Tensor:
+    """``sum_{t,s} left_bts right_bts`` per sample in float64 (a bool ``left``: a mask)."""
     if left.dtype == torch.bool:
         return torch.where(left, right, 0.0).to(NORM_DTYPE).sum((1, 2))
     return (left.to(NORM_DTYPE) * right.to(NORM_DTYPE)).sum((1, 2))
@@ -184,6 +187,38 @@ def bound(f: Outer) -> Tensor:
     if f.right is None:
         return left.sum(1)
     return (left * torch.linalg.vector_norm(_acc(f.right), dim=-1).to(NORM_DTYPE)).sum(1)
+
+
+def _self_term(f: Outer) -> tuple[Tensor, Tensor]:
+    """``(inner(f, f), bound(f))``, the bound's token norms read off the diagonals of the two
+    Gram matrices the inner product forms anyway (``||L_bt||^2 = (L L^T)_btt``): the same
+    inner product, and no second pass over the factors (the largest, the LM head's output
+    gradient, is ``B T V``).  The diagonal entries are float32 dot products (relative
+    rounding ``gamma``, as the norms they replace); the bound only selects the samples that
+    :mod:`dptrain.clipping` materializes, with a margin of 64."""
+    if f.right is None or f.length == 1:
+        return inner(f, f), bound(f)
+    fl, fr = _pair(f.left, f.left)[0], _pair(f.right, f.right)[0]
+    left, right = gram(fl, fl), gram(fr, fr)
+
+    def norms(g: Tensor) -> Tensor:
+        if g.dtype == torch.bool:  # one-hot rows: norm 1
+            return torch.ones(g.shape[:2], dtype=NORM_DTYPE, device=g.device)
+        return g.diagonal(dim1=1, dim2=2).to(NORM_DTYPE).clamp(min=0).sqrt()
+
+    return _gram_dot(left, right), (norms(left) * norms(right)).sum(1)
+
+
+def norm_sq_and_bound(factors: list[Outer]) -> tuple[Tensor, Tensor]:
+    """:func:`norm_sq` and ``sum_i bound(G_i)`` of one parameter's uses, in one pass."""
+    total, s = _self_term(factors[0])
+    for i, f in enumerate(factors):
+        if i:
+            v, b = _self_term(f)
+            total, s = total + v, s + b
+        for g in factors[:i]:
+            total = total + 2 * inner(f, g)
+    return total, s
 
 
 def norm_sq(factors: list[Outer]) -> Tensor:

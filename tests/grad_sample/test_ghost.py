@@ -12,7 +12,7 @@ from torch import nn
 from dptrain.clipping import clip_and_sum
 from dptrain.engine import PrivacyEngine
 from dptrain.grad_sample import GradCapture, Outer
-from dptrain.grad_sample.outer import inner, norm_sq, prefer_ghost
+from dptrain.grad_sample.outer import bound, inner, norm_sq, norm_sq_and_bound, prefer_ghost
 from dptrain.losses import causal_lm_loss
 from dptrain.policies import StaticPolicy
 from tests._support import (
@@ -67,6 +67,23 @@ def test_outer_algebra_matches_materialized(b, t1, t2, m, n, kind, data):
     keep = torch.rand(b, generator=g) > 0.5
     kept = f.keep(keep).materialize()
     assert_close_rel(kept, mf * keep.view(-1, *[1] * (mf.dim() - 1)), what="keep")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kinds", [["dense"], ["index", "dense"], ["vector"], ["dense", "dense"]])
+@pytest.mark.parametrize("t", [1, 7])
+def test_norm_and_bound_in_one_pass(kinds, t, dtype):
+    """The clipping's one pass (bound read off the Gram diagonals) gives norm_sq bit for bit
+    and the bound ``sum_t ||L_bt|| ||R_bt||`` to float32 rounding, for a tied pair too."""
+    g = torch.Generator().manual_seed(3)
+    fs = [_factor(k, 4, t, 6, 5, g) for k in kinds]
+    cast = lambda x: x if x is None or not x.is_floating_point() else x.to(dtype)  # noqa: E731
+    fs = [Outer(cast(f.left), cast(f.right), f.m) for f in fs]
+    n2, s = norm_sq_and_bound(fs)
+    assert torch.equal(n2, norm_sq(fs))
+    assert_close_rel(s, sum(bound(f) for f in fs), what="bound", rtol=1e-5)
+    materialized = sum(f.materialize() for f in fs).flatten(1).double()
+    assert bool((materialized.norm(dim=1) <= s * (1 + 1e-5)).all())
 
 
 def test_cost_rule_is_the_t2_vs_mn_trade_off():
