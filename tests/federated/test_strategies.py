@@ -216,6 +216,38 @@ def test_strategy_sorts_replies_and_respects_min_clients(tmp_path, task_identity
     assert "no reply" in s.reports[2].failures["client 1"]  # known by now from its decline
 
 
+def test_superlink_errors_for_expired_requests_are_charged_to_their_nodes(tmp_path, task_identity):
+    """The SuperLink answers a request whose TTL ran out (or whose node is gone) with its own
+    error, from SUPERLINK_NODE_ID: it is the request's node that failed, once, never node 1."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.server.superlink.linkstate.utils import (
+        NODE_UNAVAILABLE_ERROR_REASON,
+        create_message_error_unavailable_ins_message,
+        create_message_error_unavailable_res_message,
+    )
+
+    s = strategy_for(tmp_path, strategy="ffa_lora", clients=4, min_clients=1)
+    g0 = {k: v.float() for k, v in adapters(0).items()}
+    s.current, s.sent = g0, [11, 12, 13, 14]
+    s.messages = [request(n) for n in s.sent]
+    for i, m in enumerate(s.messages):
+        m.metadata.__dict__["_message_id"] = f"id-{i}"  # as the grid's push stamps them
+    expired = create_message_error_unavailable_ins_message("id-1", run_id=1)
+    gone = create_message_error_unavailable_res_message(s.messages[2].metadata, "node_unavail")
+    stale = create_message_error_unavailable_ins_message("id-of-an-earlier-round", run_id=1)
+    assert {m.metadata.src_node_id for m in (expired, gone, stale)} == {SUPERLINK_NODE_ID}
+    ones = torch.ones(5, 3)
+    replies = [update(11, 0, {B: ones, B2: ones}, n=10), expired, gone, stale]  # 14: nothing
+    arrays, _ = s.aggregate_train(1, replies)
+    report = s.reports[1]
+    assert arrays is not None and report.aggregated and report.updates == 1
+    assert report.failures == {
+        "node 12": "no reply within 60 s (the request expired)",
+        "node 13": NODE_UNAVAILABLE_ERROR_REASON,
+        "node 14": "no reply within 60 s",
+    }
+
+
 def test_client_level_dp_clips_each_update_and_charges_one_event_per_round(tmp_path, task_identity):
     dp = {"clip": 0.5, "noise_multiplier": 1e-9, "sample_rate": 1.0, "delta": 1e-3}
     s = strategy_for(tmp_path, strategy="dp_lora", clients=2, min_clients=2, client_dp=dp)
