@@ -121,7 +121,10 @@ class LoraFedAvg(FedAvg):
             chosen = below(words, self.client_dp.sample_rate)
             nodes = [n for n, c in zip(nodes, chosen, strict=True) if c]
         self.sent = nodes
-        config["server-round"] = server_round
+        # a copy per round: Flower's FedAvg passes the same ConfigRecord every round, and the
+        # in-process simulation hands clients the objects themselves (a late client would
+        # read the next round's number)
+        config = ConfigRecord({**config, "server-round": server_round})
         content = RecordDict({"arrays": arrays, "config": config})
         self.messages = [
             Message(content, dst_node_id=n, message_type=MessageType.TRAIN, ttl=self.round_timeout)

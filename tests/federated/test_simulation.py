@@ -215,20 +215,21 @@ def test_crashed_and_silent_clients_do_not_stop_the_round_and_rejoin(tmp_path, m
                 moved_on.set()
 
     monkeypatch.setattr(LoraFedAvg, "aggregate_train", aggregating)
-    held: list[bool] = []  # the silent client's wait: True once round 1 has moved on
+    held: list[tuple[bool, int]] = []  # the silent client: (round 1 moved on, its round)
 
     def faults(msg, context, call_next):  # a Flower mod around the ClientApp
         client = int(context.node_config["partition-id"])
         first = int(msg.content["config"]["server-round"]) == 1
         FAULTS.crash_after = 2 if first and client == 1 else None
         if first and client == 2:
-            held.append(moved_on.wait(30 * timeout))  # answers only after the round moved on
+            moved = moved_on.wait(30 * timeout)  # answers only after the round moved on
+            held.append((moved, int(msg.content["config"]["server-round"])))  # still round 1
         return call_next(msg, context)
 
     federated = {"clients": 4, "min_clients": 2, "round_timeout": timeout, "strategy": "dp_lora"}
     d = tiny_recipe(tmp_path, federated=federated)
     simulate(parse_recipe(d), mods=[faults])
-    assert held == [True]
+    assert held == [(True, 1)]
     run = RunDir(tmp_path / "run")
     r1, r2 = run.read_metrics()
     assert r1["aggregated"] and r1["updates"] == 2  # clients 0 and 3: enough (min_clients 2)
