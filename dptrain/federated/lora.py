@@ -121,8 +121,8 @@ def refactorize(a: Tensor, b: Tensor, device: torch.device | None = None) -> tup
 
 
 def _sign_convention(u: Tensor, vh: Tensor) -> tuple[Tensor, Tensor]:
-    """Flip singular pairs ``(u_i, v_i) -> (-u_i, -v_i)`` (``u u^T`` terms unchanged) so that the
-    entry of largest magnitude of each row of ``vh`` is positive."""
+    """Flip singular pairs ``(u_i, v_i) -> (-u_i, -v_i)`` (each term ``s_i u_i v_i^T`` is
+    unchanged) so that the entry of largest magnitude of each row of ``vh`` is positive."""
     top = vh.gather(1, vh.abs().argmax(dim=1, keepdim=True)).squeeze(1)
     signs = torch.where(top < 0, -1.0, 1.0).to(vh.dtype)
     return u * signs, vh * signs[:, None]
