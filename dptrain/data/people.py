@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .loading import DataError, NoFieldsError, TextDataset, load_field
+
+if TYPE_CHECKING:
+    from ..tasks.schema import TaskSection
 
 __all__ = ["People", "person_ids", "read_people", "unit_name"]
 
@@ -65,13 +69,21 @@ def person_ids(
     *,
     text_field: str = "text",
     format: str | None = None,
+    task: TaskSection | None = None,
 ) -> dict[str, str]:
     """``{record id: person id}`` for every record of ``path`` (a file, a dataset folder or
     ``bundled:NAME[:train|:validation]``), read by :func:`~dptrain.data.loading.load_field`:
     the records and ids of :func:`~dptrain.data.loading.load_texts`, in any format with fields
-    (JSONL, a JSON array, CSV, TSV, Parquet, a ``datasets`` save)."""
+    (JSONL, a JSON array, CSV, TSV, Parquet, a ``datasets`` save); for a structured ``task``
+    (instruction, chat, classification), the records and ids of
+    :func:`~dptrain.tasks.records.load_records`, by its ``load_record_field``."""
     try:
-        ds, values = load_field(path, field, text_field=text_field, format=format)
+        if task is not None and task.kind != "text":
+            from ..tasks.records import load_record_field
+
+            ds, values = load_record_field(path, task, field, text_field=text_field, format=format)
+        else:
+            ds, values = load_field(path, field, text_field=text_field, format=format)
     except NoFieldsError as e:
         raise NoFieldsError(f"data.privacy_unit.field: {e}") from None
     persons = []
