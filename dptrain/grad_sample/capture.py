@@ -444,8 +444,7 @@ class GradCapture:
         outputs: list[tuple[nn.Module, Any]] | None = None,
     ) -> tuple[ProbeLog, Tensor]:
         log = ProbeLog(batch_len(batch), expand=expand)
-        versions = _buffer_versions(self.model)
-        saved = _save_buffers(self.model)
+        versions, saved = _snapshot_buffers(self.model)
         weights = _param_state(self.model)
         self._probe, self._counts = log, {}
         self._stack.clear()
@@ -618,8 +617,7 @@ class GradCapture:
         b = batch_len(batch)
         self.uses, self._locals, self._counts, self._unplanned = [], [], {}, set()
         self.batch_size, self.active = b, True
-        versions = _buffer_versions(self.model)
-        saved = _save_buffers(self.model)
+        versions, saved = _snapshot_buffers(self.model)
         weights = {n: p._version for n, p in self.model.named_parameters()}
         values = _param_state(self.model, self._rewritten)
         try:
@@ -807,8 +805,13 @@ def _per_sample_losses(losses: Any, b: int) -> Tensor:
     return losses
 
 
-def _save_buffers(model: nn.Module) -> dict[str, Tensor]:
-    return {n: b.detach().clone() for n, b in model.named_buffers() if b is not None}
+def _snapshot_buffers(model: nn.Module) -> tuple[dict[str, int], dict[str, Tensor]]:
+    """Every buffer's version counter and a copy of its values (one walk of the modules)."""
+    versions, saved = {}, {}
+    for n, b in model.named_buffers():
+        if b is not None:
+            versions[n], saved[n] = b._version, b.detach().clone()
+    return versions, saved
 
 
 def _restore_buffers(
