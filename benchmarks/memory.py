@@ -46,6 +46,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from step_time import proc_status  # noqa: E402
 
 MODELS: dict[str, dict[str, Any]] = {
     "gpt2": {
@@ -188,14 +190,6 @@ def profiled_peak(fn: Callable[[], None]) -> tuple[int, int, int, float]:
     return peak, after, running, wall
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def rss_growth(fn: Callable[[], None]) -> int:
     """Growth of the resident set's high-water mark over ``fn()`` (glibc: blocks of 64 KiB and
     more mapped and returned at once, so the resident set follows live memory)."""
@@ -206,9 +200,9 @@ def rss_growth(fn: Callable[[], None]) -> int:
     libc.malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
-    base = _status("VmRSS:")
+    base = proc_status("VmRSS:")
     fn()
-    return _status("VmHWM:") - base
+    return proc_status("VmHWM:") - base
 
 
 def run_point(point: dict[str, Any]) -> dict[str, Any]:
@@ -356,22 +350,18 @@ def plot(results: list[dict], path: Path) -> bool:
         ):
             ax = axes[i][j]
             for mode, (color, marker, name) in style.items():
-                pts = sorted(
-                    (r[axis], r["peak_mb"])
-                    for r in ok
-                    if r["model"] == model and r["mode"] == mode and r[fixed[0]] == fixed[1]
-                )
-                if len(pts) > 1:
-                    xs, ys = zip(*pts, strict=True)
-                    ax.plot(xs, ys, color=color, marker=marker, label=name)
-                after = sorted(
-                    (r[axis], r["after_forward_mb"])
-                    for r in ok
-                    if r["model"] == model and r["mode"] == mode and r[fixed[0]] == fixed[1]
-                )
-                if len(after) > 1:
-                    xs, ys = zip(*after, strict=True)
-                    ax.plot(xs, ys, color=color, marker=marker, ls="--", alpha=0.6, ms=3)
+                for key, look in (
+                    ("peak_mb", {"label": name}),
+                    ("after_forward_mb", {"ls": "--", "alpha": 0.6, "ms": 3}),
+                ):
+                    pts = sorted(
+                        (r[axis], r[key])
+                        for r in ok
+                        if r["model"] == model and r["mode"] == mode and r[fixed[0]] == fixed[1]
+                    )
+                    if len(pts) > 1:
+                        xs, ys = zip(*pts, strict=True)
+                        ax.plot(xs, ys, color=color, marker=marker, **look)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel(label)

@@ -266,19 +266,20 @@ FACTORIES: dict[str, Callable[[nn.Module, dict], Callable[[], None]]] = {
 # -- measurement ----------------------------------------------------------------------------
 
 
+def proc_status(key: str) -> int:
+    """A ``/proc/self/status`` size field (``VmRSS:``, ``VmHWM:``) in bytes; 0 where absent."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class Meter:
     """Wall time, process CPU time (all threads) or peak memory growth of one call."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-
-    @staticmethod
-    def _status(key: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-        return 0
 
     def time(self, fn: Callable[[], None]) -> tuple[float, float]:
         """Wall and process CPU seconds of ``fn()``."""
@@ -305,9 +306,9 @@ class Meter:
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current resident set
-            base = self._status("VmRSS:")
+            base = proc_status("VmRSS:")
             fn()
-            return self._status("VmHWM:") - base
+            return proc_status("VmHWM:") - base
         finally:
             _malloc_mode(exact=False)
 

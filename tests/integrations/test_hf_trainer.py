@@ -362,3 +362,65 @@ def test_epochs_and_the_scheduler_are_the_trainers(records, tmp_path) -> None:
     lrs = [h["learning_rate"] for h in trainer.state.log_history if "loss" in h]
     assert lrs == [0.1, 0.05]  # the Trainer's scheduler sets the lr of the engine's optimizer
     assert trainer.engine.optimizer.param_groups[0]["lr"] == 0.0
+
+
+def _tensorboard_scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar the Trainer's TensorBoard integration wrote under ``out``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(out.glob("runs/**/events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            found.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return found
+
+
+@pytest.mark.parametrize("opt_in", [False, True])
+def test_the_ledger_on_disk_covers_each_log_line_and_trackers_get_released_values(
+    records, tmp_path, opt_in
+) -> None:
+    """A user callback reads ``ledger.json`` as each line is shown; the ``report_to``
+    TensorBoard run gets the un-noised loss and eval metrics only when opted in."""
+    from transformers import TrainerCallback
+
+    seen: list[tuple[dict, int, int]] = []
+
+    class Watch(TrainerCallback):  # the user's own callback: it gets the whole line
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            ledger = dptrain.Ledger.load(Path(args.output_dir) / "ledger.json")
+            seen.append((dict(logs), ledger.total_steps, state.global_step))
+
+    args = _args(
+        tmp_path, report_to="tensorboard", save_strategy="no", eval_strategy="steps", eval_steps=2
+    )
+    privacy = PrivacyArguments(**PRIVACY, report_private_metrics=opt_in, public_eval=opt_in)
+    trainer = DPTrainer(
+        _model(),
+        args,
+        train_dataset=records,
+        eval_dataset=records[:4],
+        privacy=privacy,
+        callbacks=[Watch()],
+    )
+    trainer.train()
+    assert not list(tmp_path.glob("checkpoint-*"))  # no checkpoint: log lines save the ledger
+    for logs, on_disk, step in seen:  # the ledger on disk covers every step a line shows
+        assert on_disk == step, logs
+    assert [step for logs, _, step in seen if "loss" in logs] == [1, 2, 3]
+    assert any("eval_loss" in logs for logs, _, _ in seen) and "train_loss" in seen[-1][0]
+
+    scalars = _tensorboard_scalars(tmp_path)
+    eps = {step: logs["epsilon"] for logs, _, step in seen}
+    assert {step for step, _ in scalars["train/epsilon"]} == {1, 2, 3}
+    for step, value in scalars["train/epsilon"]:
+        assert value == pytest.approx(eps[step], rel=1e-6)
+    assert "train/learning_rate" in scalars and "train/grad_norm" in scalars
+    private = {"train/loss", "train/train_loss", "eval/loss", "train/train_runtime"}
+    if opt_in:
+        assert private <= set(scalars), sorted(scalars)
+    else:
+        assert not private & set(scalars), sorted(scalars)
+        assert set(scalars) <= {"train/epsilon", "train/grad_norm", "train/learning_rate",
+                                "train/epoch"}  # fmt: skip

@@ -320,3 +320,19 @@ def test_checkpoint_state_round_trips_and_keeps_the_plans_sigma_ref():
     assert fresh.noise_multiplier == 2.0
     with pytest.raises(CheckpointError, match=r"sigma_ref=2\.0.*sigma_ref=1\.0"):
         RLPolicy(noise_multiplier=1.0).load_state_dict(copy.deepcopy(state))
+
+
+def test_pacer_names_a_spent_budget_with_its_own_error_and_passes_other_errors():
+    """The pacing fallbacks catch only the expected condition (no sigma fits the rest of the
+    budget); a malformed ledger event is a bug and must not be swallowed as "budget spent"."""
+    from accountants.calibrate import EpsilonUnreachableError
+    from dptrain.policies.rl.control import Pacer
+
+    pacer = Pacer(sample_rate=0.1, epsilon=1.0, delta=1e-5, extra_cost=0.0)
+    assert pacer.sigma([], 10, 0) > 0  # the budget fits a sigma
+    spent = [Event(0.1, 0.5)] * 200  # epsilon far above 1 already
+    with pytest.raises(EpsilonUnreachableError):
+        pacer.sigma(spent, 10, 0)
+    with pytest.raises(ValueError) as err:
+        pacer.sigma([Event(2.0, 1.0)], 10, 0)  # a sample rate above 1: a bug upstream
+    assert not isinstance(err.value, EpsilonUnreachableError)

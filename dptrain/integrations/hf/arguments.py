@@ -39,7 +39,18 @@ class PrivacyArguments:
     ``output_dir``; ``secret.key``, mode 0600, created on the first run and read on resume),
     or from ``insecure_seed`` (reproducible, NO guarantee against anyone who knows it).
     ``id_column``: a column of unique record ids; without one, ids derive from each record's
-    content (see :func:`dptrain.integrations.hf.data.record_ids`)."""
+    content (see :func:`dptrain.integrations.hf.data.record_ids`).
+
+    ``report_private_metrics``: also send the un-noised statistics of each log line -- the
+    training ``loss`` and ``train_loss`` (means over private Poisson batches), token counts
+    and timings -- to the ``report_to`` integrations (wandb, mlflow, tensorboard, ...).  They
+    are statistics of private records that the guarantee does not cover: set it only for a
+    tracker that the data owner alone can read.  By default those integrations get the
+    released values only (``epsilon``, the noised ``grad_norm``, ``learning_rate``,
+    ``epoch``); the console, your own callbacks and the log history get everything.
+    ``public_eval``: ``eval_dataset`` is public data, so its ``eval_*`` metrics go to the
+    integrations too (by default they are withheld: an evaluation set drawn from the private
+    data is used without noise).  See :mod:`dptrain.integrations.hf.logs`."""
 
     epsilon: float = 8.0
     delta: float | None = None
@@ -55,6 +66,8 @@ class PrivacyArguments:
     insecure_seed: int | None = None
     id_column: str = "id"
     ghost: bool | str = "auto"
+    report_private_metrics: bool = False
+    public_eval: bool = False
 
 
 # name -> (is it set in a way that breaks the guarantee?, why, fix)

@@ -16,7 +16,11 @@ What changes against the Trainer (everything else -- the optimizer and scheduler
                  training when the next one would not fit (``PrivacyCallback``)
     logs         every Trainer log gets ``epsilon`` (spent so far, at the plan's delta);
                  ``grad_norm`` is the norm of the released (noised) update; ``loss`` is the
-                 mean per-sample loss of the batch: a statistic of private data
+                 mean per-sample loss of the batch: a statistic of private data, which the
+                 ``report_to`` integrations get only with
+                 ``PrivacyArguments.report_private_metrics`` (:mod:`.logs`); before any log
+                 line is shown, ``output_dir/ledger.json`` is saved (atomically) so that it
+                 covers every step the line reports
     checkpoints  ``checkpoint-N/dptrain_privacy.pt`` (ledger, policy, noise position, the
                  plan's fingerprint; never the key) is written atomically, and
                  ``output_dir/ledger.json`` before it, both before the Trainer writes the
@@ -63,6 +67,7 @@ from .data import (
     StepRecords,
     record_ids,
 )
+from .logs import is_integration, public_logs
 from .losses import default_loss
 
 log = logging.getLogger(__name__)
@@ -143,6 +148,7 @@ class PrivacyCallback(TrainerCallback):
                 f"reached after {engine.steps_taken} steps (epsilon {engine.epsilon():.4f})"
             )
         if self.trainer.stopped_by_budget is not None and not control.should_training_stop:
+            self.trainer.save_ledger()  # the line shows the epsilon spent
             log.warning("stopping: %s", self.trainer.stopped_by_budget)
             control.should_training_stop = True
             if args.save_strategy != "no":
@@ -197,6 +203,7 @@ class DPTrainer(Trainer):
         self.stopped_by_budget: str | None = None
         self.last_report: StepReport | None = None
         self._resume_state: dict[str, Any] | None = None
+        self._ledger_saved_at: int | None = None  # engine steps covered by ledger.json
         self.add_callback(PrivacyCallback(self))
 
     # -- refusals ------------------------------------------------------------------------
@@ -307,10 +314,21 @@ class DPTrainer(Trainer):
             )
         if not key.secure:
             log.warning("%s", key.describe())
+        trackers = [
+            type(cb).__name__ for cb in self.callback_handler.callbacks if is_integration(cb)
+        ]
+        if trackers and p.report_private_metrics:
+            log.warning(
+                "PrivacyArguments.report_private_metrics: %s receive the un-noised training "
+                "loss, token counts and timings (statistics of private data, not covered by "
+                "the guarantee)",
+                ", ".join(trackers),
+            )
         self.plan, self.key = plan, key
         self.sampler = PoissonSampler(ids, plan.sample_rate, key)
         if state is None and self.args.should_save:  # the run has started: its key is spent
             ledger.save(Path(self.args.output_dir) / LEDGER_FILE)
+            self._ledger_saved_at = 0
 
     # -- the Trainer's hooks -------------------------------------------------------------
 
@@ -417,12 +435,44 @@ class DPTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """The Trainer's log line with ``epsilon`` spent so far; ``grad_norm`` is the norm of
-        the released (noised) update (the Trainer's own is of cleared gradients)."""
+        the released (noised) update (the Trainer's own is of cleared gradients).
+
+        ``output_dir/ledger.json`` is saved first: no line shows a step the ledger on disk
+        does not cover.  The console, the user's callbacks and the log history get the whole
+        line; the ``report_to`` integrations get :func:`.logs.public_logs` of it unless
+        ``PrivacyArguments.report_private_metrics`` is set."""
         if self.engine is not None:
+            self.save_ledger()
             logs["epsilon"] = self.engine.epsilon()
             if "grad_norm" in logs and self.last_report is not None:
                 logs["grad_norm"] = self.last_report.update_norm
-        super().log(logs, start_time)
+        handler = self.callback_handler
+        everyone = handler.callbacks
+        trackers = [cb for cb in everyone if is_integration(cb)]
+        if not trackers or self.privacy.report_private_metrics:
+            super().log(logs, start_time)
+            return
+        try:
+            handler.callbacks = [cb for cb in everyone if not is_integration(cb)]
+            super().log(logs, start_time)  # adds epoch, token counts; console, log history
+            public = public_logs(logs, public_eval=self.privacy.public_eval)
+            if self.last_report is None:  # no released update yet: not a released norm
+                public.pop("grad_norm", None)
+            if set(public) - {"epoch"}:
+                handler.callbacks = trackers
+                self.control = handler.on_log(self.args, self.state, self.control, public)
+        finally:
+            handler.callbacks = everyone
+
+    def save_ledger(self) -> None:
+        """Save ``output_dir/ledger.json`` atomically if it lacks steps the engine has taken
+        (rank 0; before any output that shows those steps)."""
+        engine = self.engine
+        if engine is None or not self.args.should_save:
+            return
+        if self._ledger_saved_at != engine.steps_taken:
+            engine.ledger.save(Path(self.args.output_dir) / LEDGER_FILE)
+            self._ledger_saved_at = engine.steps_taken
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         """The ledger, then the privacy state, then the Trainer's checkpoint (model last)."""
@@ -430,6 +480,8 @@ class DPTrainer(Trainer):
             run_dir = Path(self._get_output_dir(trial=trial))
             folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             self.engine.ledger.save(run_dir / LEDGER_FILE)
+            if run_dir == Path(self.args.output_dir):
+                self._ledger_saved_at = self.engine.steps_taken
             state = {
                 "format": CHECKPOINT_FORMAT,
                 "version": CHECKPOINT_VERSION,
@@ -454,6 +506,7 @@ class DPTrainer(Trainer):
             return None
         out = Path(self.args.output_dir)
         self.engine.ledger.save(out / LEDGER_FILE)
+        self._ledger_saved_at = self.engine.steps_taken
         report = {
             "dataset_size": self.plan.dataset_size,
             **self.plan.meta(),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from accountants import Event
+from accountants.calibrate import EpsilonUnreachableError
 from accountants.rdp import ADAPTIVE_ORDERS, RdpAccountant, adaptive_epsilon_from_rdp
 
 from .options import RLConfig
@@ -104,7 +105,7 @@ class Pacer:
     ) -> float:
         """Smallest grid sigma with ``events``, then ``steps`` steps at sigma (``counted`` of
         them releasing the counts), then ``tail = (steps, counted, sigma)`` within (epsilon,
-        delta); ValueError if none up to 1e6."""
+        delta); :class:`EpsilonUnreachableError` if none up to 1e6 (the budget is spent)."""
         base = RdpAccountant().rdp(events, adaptive=True)
         if tail is not None and tail[0] > 0:
             base = base + self._curve(tail[2], tail[0], tail[1])
@@ -125,7 +126,7 @@ class Pacer:
             while not fits(hi):
                 lo, hi, step = hi, hi + step, step * 2
                 if hi > _J_MAX:
-                    raise ValueError(
+                    raise EpsilonUnreachableError(
                         f"no noise multiplier up to 1e6 keeps epsilon <= {self.epsilon}"
                     )
         while hi - lo > 1:

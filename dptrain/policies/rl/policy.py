@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from accountants import Ledger
+from accountants.calibrate import EpsilonUnreachableError
 from accountants.rdp import RdpAccountant
 
 from ...losses import perplexity
@@ -205,7 +206,7 @@ class RLPolicy(Policy):
             return self._pacer().sigma(
                 self._ledger.events, T - t, self._counted(t, T), hint=self.noise_multiplier
             )
-        except ValueError:  # the budget is spent: the filter will refuse the next step
+        except EpsilonUnreachableError:  # the budget is spent: the filter will refuse the next step
             return self.noise_multiplier * self.cfg.noise_range
 
     def _floor(self, pace: float) -> float:
@@ -220,7 +221,7 @@ class RLPolicy(Policy):
             return self._pacer().sigma(
                 self._ledger.events, end - t, self._counted(t, end), hint=pace, tail=tail
             )
-        except ValueError:
+        except EpsilonUnreachableError:  # no sigma keeps the tail in budget
             return pace
 
     def _materialize(self) -> Setting:
