@@ -424,3 +424,13 @@ def test_the_ledger_on_disk_covers_each_log_line_and_trackers_get_released_value
         assert not private & set(scalars), sorted(scalars)
         assert set(scalars) <= {"train/epsilon", "train/grad_norm", "train/learning_rate",
                                 "train/epoch"}  # fmt: skip
+
+
+def test_record_ids_of_an_id_column_have_one_canonical_text(records) -> None:
+    named = [
+        {**r, "id": [i, float(i), torch.tensor(i), f" {i} "][i % 4]} for i, r in enumerate(records)
+    ]
+    assert record_ids(named) == [str(i) for i in range(N)]
+    named[3]["id"] = " "
+    with pytest.raises(DPTrainerError, match="record 3 has no 'id' \\(missing, null or blank\\)"):
+        record_ids(named)
