@@ -50,6 +50,7 @@ import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,7 @@ class NoFieldsError(DataError):
 
 
 _EXACT_INTEGERS = 2**53  # every integer up to this magnitude is exactly a float64
-_ZERO_FRACTION = re.compile(r"[+-]?\d+\.0+")  # "12.0": how a float column writes 12 as text
+_ZERO_FRACTION = re.compile(r"[+-]?[0-9]+\.0+")  # "12.0": how a float column writes 12 as text
 
 
 def canonical_id(value: Any, where: str, field: str) -> str | None:
@@ -148,7 +149,9 @@ def canonical_id(value: Any, where: str, field: str) -> str | None:
         )
     if isinstance(value, numbers.Integral):
         return str(int(value))
-    if isinstance(value, numbers.Real):
+    if isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value():
+        return str(int(value))  # a decimal column's whole number
+    if isinstance(value, (numbers.Real, Decimal)):
         x = float(value)
         if math.isnan(x):
             return None

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["People", "person_ids", "read_people", "recipe_person_ids", "same_number", "unit_name"]
 
 _CANARY = re.compile(r"^(canary-\d+)-\d+$")
-_DECIMAL = re.compile(r"[+-]?\d+(\.\d+)?")
+_DECIMAL = re.compile(r"[+-]?[0-9]+(\.[0-9]+)?")
 
 
 @dataclass

@@ -2,6 +2,7 @@ import hashlib
 import json
 import random
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from dptrain.data.loading import (
     BUNDLED_SPLIT_KEY,
     DataError,
     TextDataset,
+    canonical_id,
     cap,
     load_texts,
     split,
@@ -385,6 +387,13 @@ def test_numeric_record_ids_have_one_text_in_every_format(tmp_path: Path) -> Non
     texts = ["alpha", "beta"]
     for path in _id_files(tmp_path, texts, [1.0, 2.0]):
         assert load_texts(path).ids == ["1", "2"], path.name
+    np = pytest.importorskip("numpy")
+    same = [7, 7.0, "7", " 7.00 ", np.int64(7), np.float64(7.0), Decimal("7"), Decimal("7.0")]
+    assert {canonical_id(v, "here", "id") for v in same} == {"7"}
+    assert [canonical_id(v, "here", "id") for v in ("007", "+7", "-0.0", "\u0661.0")] == [
+        "007", "+7", "0", "\u0661.0"
+    ]  # fmt: skip
+    assert [canonical_id(v, "here", "id") for v in (None, float("nan"), "", " \t")] == [None] * 4
     write(tmp_path, "mixed.jsonl", '{"text": "a", "id": 1}\n{"text": "b", "id": "1.0"}\n')
     with pytest.raises(DataError, match="duplicate record id '1'"):
         load_texts(tmp_path / "mixed.jsonl")
