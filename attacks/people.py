@@ -35,6 +35,7 @@ from dptrain.errors import InputError
 from dptrain.recipe import load_recipe
 from dptrain.rundir import CheckpointError, RunDir
 from dptrain.secret import run_key
+from dptrain.tasks import task_for
 from dptrain.user_level import group_privacy
 
 from .audit import _split_half_bound, _starting_point, claimed_privacy, load_final_model
@@ -85,17 +86,21 @@ def audit_people(
     groups = [t_people.members[p] for p in members] + [v_people.members[p] for p in outside]
     texts = [train.texts[i] for g in groups[: len(members)] for i in g]
     texts += [val.texts[i] for g in groups[len(members) :] for i in g]
+    ids = [train.ids[i] for g in groups[: len(members)] for i in g]
+    ids += [val.ids[i] for g in groups[len(members) :] for i in g]
     owner = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
     target, tokenizer = load_final_model(run, recipe)
     base = _starting_point(recipe)
 
-    def score(model: Any, batch: list[str]) -> Any:
+    task = task_for(recipe)  # records encoded as training encoded them
+
+    def score(model: Any, batch: list[str], rids: list[str]) -> Any:
         return score_texts(
             model, tokenizer, batch, max_length=d.max_length, batch_size=batch_size,
-            progress=progress,
+            progress=progress, task=task, ids=rids,
         )  # fmt: skip
 
-    t, b = score(target, texts), score(base, texts)
+    t, b = score(target, texts, ids), score(base, texts, ids)
     n = len(groups)
     attacks = {
         "loss": {"scores": -np.bincount(owner, t.mean_nll, minlength=n)},
@@ -131,7 +136,8 @@ def _canary_people(
         return None
     cs = manifest.canaries
     texts = [c.text(manifest.template) for c in cs]
-    drop = score(base, texts).sum_nll - score(target, texts).sum_nll
+    ids = [c.record_ids()[0] for c in cs]
+    drop = score(base, texts, ids).sum_nll - score(target, texts, ids).sum_nll
     reps = np.array([c.repetitions for c in cs])
     included = np.array([c.included for c in cs])
     out: dict[str, Any] = {
