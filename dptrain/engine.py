@@ -180,6 +180,15 @@ class PrivacyEngine:
         _, event = self.next_plan()
         return self.filter.max_steps(self.ledger, event)
 
+    def next_step_fits(self) -> bool | None:
+        """Does the next plan's step fit the budget (None without a budget)?  The filter's
+        ``allows``: a counter or a dominance certificate per step, where :meth:`remaining_steps`
+        searches the exact count (a full search per step for PRV/PLD when the noise changes)."""
+        if self.filter is None:
+            return None
+        _, event = self.next_plan()
+        return self.filter.allows(self.ledger, event)
+
     # -- the step ------------------------------------------------------------------------
 
     def _chunks(self, batch: Any, n: int) -> Iterator[Any]:

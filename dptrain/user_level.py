@@ -262,7 +262,9 @@ def resolve_unit(
     if unit is None:
         return None, train
     d = recipe.data
-    persons = person_ids(d.path, unit.field, text_field=d.text_field, format=d.format)
+    persons = person_ids(
+        d.path, unit.field, text_field=d.text_field, format=d.format, task=recipe.task
+    )
     people = read_people(train, persons)
     n = len(people)
     delta = recipe.privacy.delta if recipe.privacy.delta is not None else default_delta(n)
@@ -327,7 +329,8 @@ def record_run_person_level(
     if field is None:
         return None
     d = recipe.data
-    people = read_people(train, person_ids(d.path, field, text_field=d.text_field, format=d.format))
+    persons = person_ids(d.path, field, text_field=d.text_field, format=d.format, task=recipe.task)
+    people = read_people(train, persons)
     k = people.max_records
     eps = person_epsilon(list(ledger.events), accountant, delta, k)
     return {

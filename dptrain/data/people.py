@@ -5,17 +5,22 @@ column), as a string.  A
 record without one is an error naming the line: under a person-level guarantee every record
 must be attributed, or a person's unattributed records would escape their bound.  Audit
 canaries (:mod:`dptrain.data.canaries`) are people of their own: canary ``i``'s repetitions
-are the records of person ``canary-<i>``.
+are the records of person ``canary-<i>``.  A missing, null, NaN, empty or whitespace-only
+value is refused alike in every format (:func:`person_ids`).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .loading import DataError, NoFieldsError, TextDataset, load_field
+
+if TYPE_CHECKING:
+    from ..tasks.schema import TaskSection
 
 __all__ = ["People", "person_ids", "read_people", "unit_name"]
 
@@ -65,25 +70,46 @@ def person_ids(
     *,
     text_field: str = "text",
     format: str | None = None,
+    task: TaskSection | None = None,
 ) -> dict[str, str]:
     """``{record id: person id}`` for every record of ``path`` (a file, a dataset folder or
     ``bundled:NAME[:train|:validation]``), read by :func:`~dptrain.data.loading.load_field`:
     the records and ids of :func:`~dptrain.data.loading.load_texts`, in any format with fields
-    (JSONL, a JSON array, CSV, TSV, Parquet, a ``datasets`` save)."""
+    (JSONL, a JSON array, CSV, TSV, Parquet, a ``datasets`` save); for a structured ``task``
+    (instruction, chat, classification), the records and ids of
+    :func:`~dptrain.tasks.records.load_records`, by its ``load_record_field``."""
     try:
-        ds, values = load_field(path, field, text_field=text_field, format=format)
+        if task is not None and task.kind != "text":
+            from ..tasks.records import load_record_field
+
+            ds, values = load_record_field(path, task, field, text_field=text_field, format=format)
+        else:
+            ds, values = load_field(path, field, text_field=text_field, format=format)
     except NoFieldsError as e:
         raise NoFieldsError(f"data.privacy_unit.field: {e}") from None
     persons = []
     for where, value in values:
-        if value is None:
+        person = _person(value)
+        if person is None:
             raise DataError(
-                f"{where}: the record has no {field!r} (data.privacy_unit.field): every "
-                "record must name its person, or that person's other records would not be "
-                "bounded together. Fix: add the field to every record, or drop the record"
+                f"{where}: the record has no {field!r} (data.privacy_unit.field; missing, null "
+                "or empty): every record must name its person, or that person's other records "
+                "would not be bounded together. Fix: give every record a non-empty "
+                f"{field!r}, or drop the record"
             )
-        persons.append(str(value))
+        persons.append(person)
     return dict(zip(ds.ids, persons, strict=True))
+
+
+def _person(value: object) -> str | None:
+    """A field value as a person id, or None where it names nobody: absent, null, a float NaN
+    (a missing cell of a numeric column written by pandas) or a string that is empty or only
+    whitespace.  The same rule for every format, so one record cannot be one person in a
+    Parquet file and refused in a CSV file."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    person = str(value)
+    return person if person.strip() else None
 
 
 def read_people(ds: TextDataset, persons: dict[str, str]) -> People:

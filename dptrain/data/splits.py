@@ -43,7 +43,9 @@ def split_data(
         if d.privacy_unit is not None:
             _check_people_apart(recipe, train, val)
     elif d.privacy_unit is not None:
-        persons = person_ids(d.path, d.privacy_unit.field, text_field=d.text_field, format=d.format)
+        persons = person_ids(
+            d.path, d.privacy_unit.field, text_field=d.text_field, format=d.format, task=recipe.task
+        )
         train, val = split_people(texts, persons, d.validation_fraction, key)
     else:
         train, val = split(texts, d.validation_fraction, key, "validation")
@@ -91,9 +93,15 @@ def _check_people_apart(recipe: Recipe, train: TextDataset, val: TextDataset) ->
     (validation must measure people the model never saw)."""
     d = recipe.data
     field = d.privacy_unit.field  # type: ignore[union-attr]
-    mine = person_ids(d.path, field, text_field=d.text_field, format=d.format)
+    mine = person_ids(d.path, field, text_field=d.text_field, format=d.format, task=recipe.task)
     try:
-        theirs = person_ids(d.validation_path, field, text_field=d.text_field, format=d.format)  # type: ignore[arg-type]
+        theirs = person_ids(
+            d.validation_path,  # type: ignore[arg-type]
+            field,
+            text_field=d.text_field,
+            format=d.format,
+            task=recipe.task,
+        )
     except DataError as e:
         raise RecipeError(
             f"data.validation_path: cannot tell its records' people ({e}). Under "

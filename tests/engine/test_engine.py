@@ -140,8 +140,10 @@ def test_budget_refuses_before_the_step():
     fits = engine.remaining_steps()
     assert fits is not None and 0 < fits < 50
     for _ in range(fits):
+        assert engine.next_step_fits() is True
         engine.step(batch)
     assert engine.epsilon() <= 2.0
+    assert engine.next_step_fits() is False and engine.remaining_steps() == 0
     before = snapshot(model)
     with pytest.raises(BudgetExceeded, match="exceed the budget"):
         engine.step(batch)

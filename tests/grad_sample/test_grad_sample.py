@@ -344,3 +344,56 @@ def test_parameter_written_after_planning_is_refused():
     armed[0] = True
     with pytest.raises(UnsupportedLayerError, match=r"lin\.weight in place"):
         cap.run(_loss, batch)
+
+
+def test_parameter_written_through_data_after_planning_is_refused():
+    """A write through ``.data`` leaves the version counter alone: the step's ``.data`` watch
+    fingerprints the parameter before the write and refuses the step, naming the module."""
+    model = _SelfScaling(via_data=True)
+    armed = [False]
+    inner = model.forward
+    model.forward = lambda x: inner(x) if armed[0] else model.lin(x)
+    cap = GradCapture(model)
+    cap.attach()
+    batch = (torch.randn(3, 3), torch.randn(3, 2))
+    cap.run(_loss, batch)
+    cap.run(_loss, batch)  # planned steps that read no ``.data`` pass
+    armed[0] = True
+    with pytest.raises(
+        UnsupportedLayerError, match=r"lin\.weight in place through \.data, in '<model>' \(_Self"
+    ):
+        cap.run(_loss, batch)
+    assert "data" not in nn.Parameter.__dict__  # the watch is gone after the step
+
+
+class _RunningMean(nn.Module):
+    """Starts folding the batch mean into a buffer once armed (after planning), with a
+    version bump (``add_``) or without one (through ``.data``)."""
+
+    def __init__(self, via_data: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("mean", torch.zeros(3))
+        self.via_data, self.armed = via_data, False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.armed:
+            target = self.mean.data if self.via_data else self.mean
+            with torch.no_grad():
+                target.mul_(0.9).add_(0.1 * x.mean(0))
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("via_data", [False, True])
+def test_buffer_updated_after_planning_is_refused_and_restored(via_data):
+    model = _RunningMean(via_data)
+    cap = GradCapture(model)
+    cap.attach()
+    batch = (torch.randn(3, 3), torch.randn(3, 2))
+    cap.run(_loss, batch)
+    model.mean.fill_(0.5)  # a public value set between steps is what must come back
+    before = model.mean.clone()
+    model.armed = True
+    with pytest.raises(UnsupportedLayerError, match=r"buffers mean were updated.*restored.*Fix"):
+        cap.run(_loss, batch)
+    assert torch.equal(model.mean, before)

@@ -477,3 +477,37 @@ def test_record_level_run_shows_the_person_level_epsilon_beside(tmp_path, capsys
     assert 1 <= k <= 9 and grouped["group_size"] == k
     assert grouped["epsilon"] > k * meta["epsilon"] * 0.99
     assert "-DP for each training record" in out and "per patient" in out
+
+
+@pytest.mark.parametrize("bad", ["missing", "null", "", "   "])
+def test_a_record_without_a_person_is_refused_alike_in_every_format(tmp_path, bad):
+    """Absent, null, empty or whitespace-only: the same refusal, naming the record's place,
+    from JSONL, a JSON array, CSV, TSV, Parquet and a datasets save."""
+    rows = [{"text": "alpha", "user": "u1"}, {"text": "beta", "user": "u2"}]
+    value = {"missing": None, "null": None}.get(bad, bad)
+    if bad != "missing":
+        rows[1]["user"] = value
+    else:
+        del rows[1]["user"]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    for name, sep in (("a.csv", ","), ("a.tsv", "\t")):
+        cells = [sep.join((r["text"], r.get("user") or "")) for r in rows]  # no null in CSV
+        (tmp_path / name).write_text("\n".join([sep.join(("text", "user")), *cells]) + "\n")
+    where = {
+        "a.jsonl": "a.jsonl:2",
+        "a.json": "a.json: array element 2",
+        "a.csv": "a.csv:3",
+        "a.tsv": "a.tsv:3",
+    }
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    columns = {"text": [r["text"] for r in rows], "user": [r.get("user") for r in rows]}
+    pq.write_table(pa.table(columns), tmp_path / "a.parquet")
+    where["a.parquet"] = "a.parquet: row 2"
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict(columns).save_to_disk(str(tmp_path / "saved"))
+    where["saved"] = "saved: row 2"
+    for name, place in where.items():
+        with pytest.raises(DataError, match=rf"{place}: the record has no 'user'.*Fix: give"):
+            person_ids(str(tmp_path / name), "user")

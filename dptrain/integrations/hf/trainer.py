@@ -142,7 +142,7 @@ class PrivacyCallback(TrainerCallback):
         if engine is None:
             return control
         state.global_step = engine.steps_taken  # a refused step is no step
-        if self.trainer.stopped_by_budget is None and engine.remaining_steps() == 0:
+        if self.trainer.stopped_by_budget is None and engine.next_step_fits() is False:
             self.trainer.stopped_by_budget = (
                 f"budget epsilon={engine.budget.epsilon} at delta={engine.budget.delta:.3g} "
                 f"reached after {engine.steps_taken} steps (epsilon {engine.epsilon():.4f})"
