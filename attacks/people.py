@@ -76,7 +76,9 @@ def audit_people(
     key = run_key(run.path, recipe.privacy.insecure_seed, create=False)
     train, val, _ = split_data(recipe, key)  # `unused` may hold members' cut records: left out
     d = recipe.data
-    persons = person_ids(d.path, unit["field"], text_field=d.text_field, format=d.format)
+    persons = person_ids(
+        d.path, unit["field"], text_field=d.text_field, format=d.format, task=recipe.task
+    )
     rng = np.random.default_rng([recipe.seed, 0xA0D2])
     t_people, v_people = read_people(train, persons), read_people(val, persons)
     mine = [p for p, u in enumerate(t_people.ids) if not u.startswith("canary-")]

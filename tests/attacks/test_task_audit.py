@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from attacks.audit import _starting_point, audit_run, load_final_model
+from attacks.people import audit_people
 from attacks.scores import score_texts, trained_texts
 from dptrain.data import TextDataset
 from dptrain.data.splits import split_data
@@ -196,3 +197,29 @@ def test_audit_of_a_lora_classification_run(tmp_path: Path) -> None:
     head = {n: p for n, p in model.named_parameters() if "modules_to_save" in n}
     start_head = {n: p for n, p in start.named_parameters() if "modules_to_save" in n}
     assert head and any(not torch.equal(head[n], start_head[n]) for n in head)
+
+
+def test_audit_by_person_of_an_instruction_run(tmp_path: Path) -> None:
+    """A person-level instruction run: its people are read beside the task fields, each
+    record is scored as it trained, and every canary person (coin of the run key) enters the
+    one-run bound, per person."""
+    rows = [
+        {"q": f"Kind of record {i}?", "a": ["clinic note", "lab notice"][i % 2], "who": f"p{i // 3}"}
+        for i in range(90)
+    ]  # fmt: skip
+    data = tmp_path / "instr.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = _tiny_recipe(
+        tmp_path, "tiny.yaml",
+        data={"path": str(data), "max_records": None, "max_validation_records": None,
+              "validation_fraction": 0.3, "privacy_unit": {"field": "who"},
+              "canaries": {"secret_digits": 2, "repetitions": {1: 4, 2: 4}}},
+        training={"steps": 2, "batch_size": 6}, generation={"samples": 0},
+        task={"kind": "instruction", "prompt_field": "q", "response_field": "a"},
+    )  # fmt: skip
+    result = train(load_recipe(path), progress=False)
+    s = audit_people(result.run_dir, people=8)
+    assert s["members"] >= 4 and s["records"] >= s["members"] + s["non_members"]
+    one_run = s["canary_people"]["one_run"]
+    assert one_run["canaries"] == 8 and one_run["unit"] == "who"
+    assert s["epsilon_lower_bounds"]["one_run"] <= s["claim"]["epsilon"] and s["consistent"]
