@@ -34,7 +34,14 @@ from dptrain.hardware import module_device, to_device
 from dptrain.losses import token_nll
 from dptrain.tasks import Task, TaskSection
 
-__all__ = ["TextStats", "score_examples", "score_texts", "trained_texts", "zlib_bits"]
+__all__ = [
+    "TextStats",
+    "encode_texts",
+    "score_examples",
+    "score_texts",
+    "trained_texts",
+    "zlib_bits",
+]
 
 TEXT = Task(TaskSection())  # plain text, every token trained (the default task)
 
@@ -167,9 +174,8 @@ def trained_texts(
     ex = encode_texts(task, tokenizer, texts, ids, max_length)
     out = []
     for row, labels in zip(ex.input_ids, ex.labels, strict=True):
-        keep = row[1:][
-            labels[1:] != IGNORE_INDEX
-        ]  # token_nll's targets: positions 1.. with a label
+        # token_nll's targets: the tokens at positions 1.. that carry a label
+        keep = row[1:][labels[1:] != IGNORE_INDEX]
         out.append(tokenizer.decode(keep.tolist()))
     return out
 
