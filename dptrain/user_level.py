@@ -47,7 +47,7 @@ from torch import Tensor
 
 from . import distributed
 from .data.loading import TextDataset
-from .data.people import People, person_ids, read_people, unit_name
+from .data.people import People, read_people, recipe_person_ids, unit_name
 from .errors import RecipeError
 from .recipe import default_delta
 from .sampling import PoissonSampler
@@ -261,10 +261,7 @@ def resolve_unit(
     unit = recipe.data.privacy_unit
     if unit is None:
         return None, train
-    d = recipe.data
-    persons = person_ids(
-        d.path, unit.field, text_field=d.text_field, format=d.format, task=recipe.task
-    )
+    persons = recipe_person_ids(recipe)
     people = read_people(train, persons)
     n = len(people)
     delta = recipe.privacy.delta if recipe.privacy.delta is not None else default_delta(n)
@@ -276,7 +273,8 @@ def resolve_unit(
     # public, like N: the issue's "group privacy at the corpus's maximum"); the canaries'
     # repetition counts (the recipe's, public) count whether or not their coins included
     # them, so k reveals no canary's coin
-    reps = d.canaries.repetitions if d.canaries is not None else {}
+    canaries = recipe.data.canaries
+    reps = canaries.repetitions if canaries is not None else {}
     k = unit.max_records_per_person or max(
         people.max_records, max((r for r, c in reps.items() if c), default=0)
     )
@@ -328,8 +326,7 @@ def record_run_person_level(
     field = recipe.data.person_field
     if field is None:
         return None
-    d = recipe.data
-    persons = person_ids(d.path, field, text_field=d.text_field, format=d.format, task=recipe.task)
+    persons = recipe_person_ids(recipe, field)
     people = read_people(train, persons)
     k = people.max_records
     eps = person_epsilon(list(ledger.events), accountant, delta, k)

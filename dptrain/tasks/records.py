@@ -31,6 +31,7 @@ from ..data.loading import (
     _Field,
     _read_utf8,
     bundled_path,
+    canonical_id,
     content_ids,
     jsonl_objects,
     split,
@@ -64,9 +65,10 @@ def load_record_field(
     path: str, task: TaskSection, name: str, *, text_field: str = "text", format: str | None = None
 ) -> tuple[TextDataset, list[tuple[str, Any]]]:
     """The records of :func:`load_records` (same ids) and, for each, ``(where, value)``: its
-    line (``path:line``) and the value of its field ``name`` (``None`` where absent, null or
-    ``""``), as :func:`~dptrain.data.loading.load_field` gives them for plain records (a
-    person id under ``data.privacy_unit``, never part of the record's canonical text)."""
+    line (``path:line``) and the value of its field ``name`` (``None`` where absent), as
+    :func:`~dptrain.data.loading.load_field` gives them for plain records (a person id under
+    ``data.privacy_unit``, never part of the record's canonical text).  Record ids take the
+    canonical form of :func:`~dptrain.data.loading.canonical_id`, as plain records' do."""
     extra = _Field(name)
     ds = _load(path, task, text_field, format, extra)
     return ds, list(zip(extra.where, extra.values, strict=True))
@@ -152,8 +154,7 @@ def _dataset(
         texts.append(encode_record(fields))
         if extra is not None:
             extra.add(f"{p}:{lineno}", obj.get(extra.name))
-        rid = obj.get("id")
-        ids.append(str(rid) if rid not in (None, "") else None)
+        ids.append(canonical_id(obj.get("id"), f"{p}:{lineno}", "id"))
     out = content_ids(texts, ids)
     _check_unique(out, p)
     return TextDataset(texts, out)

@@ -207,6 +207,18 @@ def test_nonfinite_sample_is_dropped_not_poisoning():
         assert_close_rel(a, b, rtol=1e-9, what=n)
 
 
+def test_a_batch_without_a_finite_loss_reports_nan_not_zero():
+    """A loss of 0.0 would read as a perfect fit; no finite loss means no mean."""
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    x = torch.full((2, 3), float("nan"), dtype=torch.float64)
+    engine = make(model, clip=1.0, n=4, q=0.5, loss=classification_loss)
+    report = engine.step((x, torch.tensor([0, 1])))
+    assert report.nonfinite == 2 and math.isnan(report.loss)
+    x[0] = 1.0
+    report = engine.step((x, torch.tensor([0, 1])))
+    assert report.nonfinite == 1 and math.isfinite(report.loss) and report.loss > 0
+
+
 def test_plain_module_classifier_learns():
     torch.manual_seed(0)
     n = 512

@@ -12,9 +12,12 @@ import yaml
 from dptrain.cli import main
 from dptrain.data.canaries import Canary, Manifest
 from dptrain.data.loading import DataError
-from dptrain.data.people import person_ids
+from dptrain.data.people import person_ids, read_people, recipe_person_ids
+from dptrain.data.splits import split_data
 from dptrain.models import load_model_and_tokenizer
+from dptrain.recipe import load_recipe
 from dptrain.rundir import RunDir
+from dptrain.secret import run_key
 from dptrain.tasks.generation import canary_check, canary_prefix
 from dptrain.tasks.schema import TaskSection
 
@@ -114,6 +117,17 @@ def test_instruction_run_per_person(tmp_path: Path) -> None:
     assert meta["task"] == "instruction" and meta["status"] == "finished"
     assert unit["unit"] == "who" and 0 < unit["people"] < 30
     assert meta["sample_rate"] == pytest.approx(6 / unit["people"])
+    # the audit by person reads the people as training did (keyed by the task records' ids)
+    run = RunDir(tmp_path / "run")
+    again = load_recipe(run.recipe)
+    train, val, _ = split_data(again, run_key(run.path, again.privacy.insecure_seed, create=False))
+    persons = recipe_person_ids(again, "who")
+    assert len(read_people(train, persons)) + len(read_people(val, persons)) == 30
+    numbered = [
+        {**r, "who": [i // 3, float(i // 3), str(i // 3)][i % 3]} for i, r in enumerate(rows)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in numbered))  # 1, 1.0, "1": one person
+    assert len(set(recipe_person_ids(again, "who").values())) == 30
     rows[4]["who"] = ""  # a record without its person is refused, naming its line
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=r"instr\.jsonl:5: the record has no 'who'"):
