@@ -188,6 +188,13 @@ class UnitPlan:
     person_epsilon_budget: float
     records_before_cap: int
     canary_people: int = 0  # data.canaries: canary persons, each included by a keyed coin
+    withheld_people: int = 0  # canary people their coin left out: counted in the public size
+
+    @property
+    def size(self) -> int:
+        """N in people, public: the people trained on plus the canary people left out (so N
+        reveals no canary's coin)."""
+        return len(self.people) + self.withheld_people
 
     @property
     def name(self) -> str:
@@ -206,7 +213,7 @@ class UnitPlan:
             "unit": self.name,
             "field": self.field,
             "strategy": self.strategy,
-            "people": len(self.people),
+            "people": self.size,
             "max_records_per_person": self.cap,
             "records_per_person": {
                 "max": int(counts.max()),
@@ -254,16 +261,18 @@ class UnitPlan:
 
 
 def resolve_unit(
-    recipe: Recipe, train: TextDataset, key: RunKey
+    recipe: Recipe, train: TextDataset, key: RunKey, *, withheld_people: int = 0
 ) -> tuple[UnitPlan | None, TextDataset]:
     """The person-level plan of a recipe with ``data.privacy_unit`` (None otherwise) and the
-    training records to use (capped per person for the ``example`` strategy)."""
+    training records to use (capped per person for the ``example`` strategy);
+    ``withheld_people``: canary people left out by their coins (counted in the public N,
+    :func:`dptrain.data.canaries.left_out`)."""
     unit = recipe.data.privacy_unit
     if unit is None:
         return None, train
     persons = recipe_person_ids(recipe)
     people = read_people(train, persons)
-    n = len(people)
+    n = len(people) + withheld_people
     delta = recipe.privacy.delta if recipe.privacy.delta is not None else default_delta(n)
     before = len(train)
     if unit.strategy == "example" and unit.max_records_per_person is not None:
@@ -289,6 +298,7 @@ def resolve_unit(
             recipe.privacy.epsilon,
             before,
             sum(reps.values()),
+            withheld_people,
         ),
         train,
     )
@@ -301,7 +311,7 @@ def plan_unit(
     record-level budget whose group privacy is the person-level one (``example``)."""
     from .plan import plan_privacy
 
-    n = len(unit.people)
+    n = unit.size
     if unit.person_delta >= 1.0 / n:
         raise RecipeError(
             f"privacy.delta: {unit.person_delta:g} is not below 1/N = {1.0 / n:g} (N = {n} "

@@ -121,6 +121,15 @@ def make_canaries(config: Any, key: RunKey, *, person_level: bool = False) -> li
     return canaries
 
 
+def left_out(canaries: list[Canary] | None, cap: int | None = None) -> tuple[int, int]:
+    """``(records, people)`` of the canaries whose coin left them out of training (``cap``:
+    records per person kept, ``data.privacy_unit.max_records_per_person``).  Public counts
+    (N, hence q and the default delta, and run.json's sizes) add them back, so that those
+    counts follow the recipe's canary configuration and never reveal a coin."""
+    out = [c for c in canaries or [] if not c.included]
+    return sum(min(c.repetitions, cap or c.repetitions) for c in out), len(out)
+
+
 def canary_records(canaries: list[Canary], template: str) -> TextDataset:
     """The training records of the included canaries: ``k`` records for repetition count ``k``."""
     texts, ids = [], []
@@ -217,6 +226,7 @@ __all__ = [
     "Manifest",
     "canary_records",
     "insert_canaries",
+    "left_out",
     "make_canaries",
     "read_manifest",
     "write_manifest",

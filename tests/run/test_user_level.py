@@ -578,3 +578,34 @@ def test_validation_path_sharing_a_person_written_another_way_is_refused(tmp_pat
         else:
             with pytest.raises(RecipeError, match=r"people \(e\.g\. '7'\) have records in both"):
                 _split(tmp_path, data, RunKey(bytes(32)))
+
+
+@pytest.mark.parametrize("unit", [None, "user", "example"])
+def test_public_sizes_count_every_canary_so_no_coin_shows(tmp_path, unit):
+    """N (hence q, the default delta, run.json's sizes) counts the canaries their coins left
+    out as well as those trained on: it follows the recipe's canary section, never a coin."""
+    from dptrain.train import prepare
+
+    data: dict = {"path": str(_people_file(tmp_path, 80))}
+    if unit is not None:
+        data["privacy_unit"] = {"field": "patient_id", "strategy": unit}
+    data["canaries"] = {"repetitions": {1: 6, 3: 4}}
+    for seed in range(20):  # a key whose coins leave canaries out (half of them on average)
+        recipe = parse_recipe(
+            _recipe(tmp_path, data, name=f"r{seed}", privacy={"insecure_seed": seed})
+        )
+        prep = prepare(recipe)
+        if any(not c.included for c in prep.canaries):
+            break
+    assert any(not c.included for c in prep.canaries)
+    real = [rid for rid in prep.train_texts.ids if not rid.startswith("canary-")]
+    records = len(real) + 6 * 1 + 4 * 3  # every configured canary record, in or out
+    if unit == "user":
+        people = len({p for p in prep.unit.people.ids if not p.startswith("canary-")})
+        assert prep.unit.size == prep.plan.dataset_size == people + 10
+        assert prep.unit.meta()["people"] == people + 10
+    else:
+        assert prep.plan.dataset_size == records
+    assert prep.plan.sample_rate == pytest.approx(
+        recipe.training.batch_size / prep.plan.dataset_size
+    )
