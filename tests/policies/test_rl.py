@@ -370,17 +370,21 @@ def test_pacer_on_a_ledger_is_bitwise_the_pacer_on_its_events_and_does_not_resum
     assert len(calls) <= 2  # the entry closed by the new one, and the new one
 
 
-def test_learn_every_spaces_the_sac_update_rounds():
+def test_learn_every_spaces_the_sac_update_rounds_on_one_thread():
     """``rl.learn_every = n`` runs the ``gradient_steps`` SAC updates after every n-th
-    transition only (counted by the checkpointed ``num_timesteps``)."""
-    from dptrain.policies.rl.agent import SacAgent
+    transition only (counted by the checkpointed ``num_timesteps``); the agent computes on
+    AGENT_THREADS threads and gives the run its own thread count back."""
+    from dptrain.policies.rl.agent import AGENT_THREADS, SacAgent
 
-    updates = {}
+    run_threads = torch.get_num_threads()
+    updates, seen = {}, set()
     for n in (1, 3):
         policy = RLPolicy(noise_multiplier=1.0, rl={"learn_every": n, "gradient_steps": 1})
         policy.bind(["a", "b"], sample_rate=0.1, expected_batch_size=4)
         env = PrivateTrainingEnv(policy)
         agent = SacAgent(env, policy.cfg.model_copy(update={"batch_size": 2}), seed=0)
+        train = agent.sac.train
+        agent.sac.train = lambda train=train, **kw: seen.add(torch.get_num_threads()) or train(**kw)
         obs = np.zeros(env.observation_space.shape, np.float32)
         ran = []
         for _ in range(7):
@@ -389,3 +393,4 @@ def test_learn_every_spaces_the_sac_update_rounds():
         updates[n] = (agent.sac._n_updates, ran)
     assert updates[1] == (4, [False] * 3 + [True] * 4)  # from learning_starts = 4 on
     assert updates[3] == (1, [False] * 5 + [True, False])  # transitions 6 (not 3: < 4)
+    assert seen == {AGENT_THREADS} and torch.get_num_threads() == run_threads
