@@ -22,6 +22,47 @@ state the filter allows is within budget.  The accountant's *reported* number at
 also within budget whenever it is non-decreasing in ``k``: exactly so for RDP, and for PLD and
 PRV by construction of their discretizations (see those modules).
 
+Dominance certificates (PRV, PLD: accountants without a fast ``steps_evaluator``).  A schedule
+that changes every step (sigma cycling over a few values) makes every query a new prefix, and
+each probe of the search above a full composition.  On such a miss the filter instead
+certifies, once, ``M = `` (close to) the largest ``k`` with
+
+    epsilon(ledger_0 + [W x k]) <= budget * (1 - margin),
+
+where ``ledger_0`` is the ledger at certification and ``W`` the *dominating* event of its
+entries and of the queried event: same kind (poisson_gaussian), the largest q, the smallest
+sigma.  Afterwards it allows, by a counter, any event dominated by ``W`` (q <= q_W, sigma >=
+sigma_W) while the steps recorded since certification plus the event's fit in ``M``.
+
+Why this is sound.  (i) A Poisson-subsampled Gaussian step (q, sigma) of sensitivity 1 has
+the dominating pair P = (1 - q) N(0, sigma^2) + q N(1, sigma^2), Q = N(0, sigma^2) (both
+directions: (P, Q) and (Q, P)).  For q <= q_W and sigma >= sigma_W that pair is the image of
+W's pair under one fixed kernel: add independent N(0, sigma^2 - sigma_W^2), then with
+probability 1 - q / q_W replace the value by a fresh draw of N(0, sigma^2) (the mixture
+identity P = (1 - q/q_W) Q + (q/q_W) P_W after the noise).  By data processing of
+hockey-stick divergences W's pair dominates the step too.  (ii) Composition of
+mechanisms with fixed (public, non-adaptive) parameters is dominated by the product of their
+pairs, even when each step's input depends on earlier outputs; replacing factors by
+dominating ones and adding factors can only increase every hockey-stick divergence.  Hence
+for the exact ledger ``L = ledger_0 + S`` with ``|S| <= M`` steps dominated by W, the *true*
+epsilon satisfies ``eps(L) <= eps(ledger_0 + [W x |S|]) <= eps(ledger_0 + [W x M]) <=
+bound(ledger_0 + [W x M]) <= budget * (1 - margin)``.  Only the certified point is trusted (it
+is evaluated); no monotonicity of the numerical bound is assumed.  So the filter's guarantee
+(the true epsilon of every allowed state is within budget) rests on the accountant's bound at
+one point, as for the exact path.
+
+The reported epsilon.  What a run *reports* is the accountant's bound of the exact ledger,
+``bound(L)``, which lies above ``eps(L)`` by the accountant's estimation error; ``margin`` is
+the accountant's ``report_margin``, a bound on that relative error (PRV: from the library's
+error theorem; PLD: the measured discretization error with 5x room), so ``bound(L) <=
+(1 + margin) * budget * (1 - margin) < budget``.  At the stop the exact check has decided the
+last step, so the reported epsilon there is within budget by construction.  Inside the last
+margin (the certificate cannot cover one more step), for an event whose steps do not fit, and
+for every refusal, the exact check decides (``bound(ledger + event) <= budget``, one
+composition; the cached count search when the same prefix is asked twice); an event not
+dominated by ``W`` triggers a new certificate with the new dominating event.  RDP keeps its
+exact counter (its ``steps_evaluator`` is cheap), and so does ``adaptive=True``.
+
 ``adaptive=True`` guards a data-dependent schedule: it needs an accountant with
 ``adaptive_valid`` and uses its ``adaptive_epsilon`` (for RDP: the union-bound conversion, see
 :mod:`accountants.rdp`).
@@ -36,12 +77,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .base import Accountant, check_delta, get_accountant
-from .ledger import Event, Ledger
+from .ledger import POISSON_GAUSSIAN, Event, Ledger
 
 UNLIMITED = sys.maxsize
 """``max_steps`` of an event that costs nothing (sigma = inf) while the budget holds."""
 
 _CACHE_SIZE = 16
+CERTIFICATE_RTOL = 1 / 32
+"""A certificate's count is within this fraction of the largest certifiable one (fewer probes)."""
 
 
 class BudgetExceeded(RuntimeError):
@@ -118,6 +161,127 @@ def largest_within(
     return lo
 
 
+def near_largest(
+    f: Callable[[int], float], target: float, *, guess: int = 1, rtol: float = CERTIFICATE_RTOL
+) -> int:
+    """A ``k >= 1`` with ``f(k) <= target`` *evaluated*, within ``max(1, rtol * k)`` of the
+    largest such ``k`` of a non-decreasing ``f``; 0 if ``f(1) > target`` (``f(0)`` is never
+    evaluated).  Unlike :func:`largest_within`, the answer is trusted only at the returned
+    point, so ``f`` need not be exactly monotone for the result to be certified."""
+
+    def tol(k: int) -> int:
+        return max(1, int(rtol * k))
+
+    lo, f_lo = 0, 0.0
+    k = max(1, guess)
+    while True:  # expand until a probe fails
+        f_k = f(k)
+        if not f_k <= target:
+            hi, f_hi = k, f_k
+            break
+        if k >= UNLIMITED // 4:
+            return k
+        step = 2 * k
+        if f_k > 0:  # epsilon grows about like k^p, p in [1/2, 1]: jump to or past the crossing
+            step = max(step, int(min(k * (target / f_k) ** 2 * 1.05 + 1, 64.0 * k)))
+        if lo > 0 and f_lo < f_k < target:  # a long prefix: the secant, with room (concave)
+            step = min(step, k + int(1.25 * (target - f_k) * (k - lo) / (f_k - f_lo)) + 1)
+        lo, f_lo = k, f_k
+        k = max(step, k + 1)
+    while hi - lo > tol(lo):  # f(lo) <= target < f(hi)
+        c = (lo + hi) // 2
+        if lo > 0 and f_lo < target < f_hi < math.inf:  # the chord: below the crossing of a
+            c = lo + int((target - f_lo) * (hi - lo) / (f_hi - f_lo))  # concave f; then +tol
+        c = min(max(c, lo + 1), hi - 1)
+        f_c = f(c)
+        if f_c <= target:
+            lo, f_lo = c, f_c
+            if lo + tol(lo) < hi:
+                c = lo + tol(lo)
+                f_c = f(c)
+                if f_c <= target:
+                    lo, f_lo = c, f_c
+                else:
+                    hi, f_hi = c, f_c
+        else:
+            hi, f_hi = c, f_c
+    return lo
+
+
+def dominates(w: Event, e: Event) -> bool:
+    """Is ``e`` dominated by ``w``: both Poisson-subsampled Gaussians (no params) with
+    ``q_e <= q_w`` and ``sigma_e >= sigma_w``, or ``e`` free (sigma = inf)?  Then ``e``'s step
+    is a post-processing of ``w``'s (see the module docstring)."""
+    if e.kind != POISSON_GAUSSIAN or e.params or w.kind != POISSON_GAUSSIAN or w.params:
+        return False
+    if math.isinf(e.noise_multiplier):
+        return True
+    return e.sample_rate <= w.sample_rate and e.noise_multiplier >= w.noise_multiplier
+
+
+def dominating_event(events: list[Event]) -> Event | None:
+    """One step of the least private Poisson-subsampled Gaussian dominating every event (the
+    largest q and the smallest sigma of the events that cost anything); None if an event is of
+    another kind or every event is free."""
+    costly = [e for e in events if not math.isinf(e.noise_multiplier)]
+    if any(e.kind != POISSON_GAUSSIAN or e.params for e in events) or not costly:
+        return None
+    return Event(max(e.sample_rate for e in costly), min(e.noise_multiplier for e in costly), 1)
+
+
+@dataclass
+class _Certificate:
+    """``epsilon(ledger_0 + [dominating x allowed]) <= budget * (1 - margin)`` was evaluated,
+    ``ledger_0`` being ``ledger``'s first ``base`` entries, the last of them then ``base_steps``
+    steps long.  ``upto`` / ``closed``: entries ``[start, upto)`` are no longer the last one, are
+    checked dominated (those at index >= base) and hold ``closed`` steps recorded since."""
+
+    ledger: Ledger
+    dominating: Event
+    allowed: int
+    base: int
+    base_steps: int
+    upto: int
+    closed: int
+
+    @classmethod
+    def at(cls, ledger: Ledger, dominating: Event, allowed: int) -> _Certificate:
+        entries = ledger._events
+        n = len(entries)
+        if not n:
+            return cls(ledger, dominating, allowed, 0, 0, 0, 0)
+        steps = entries[-1].steps
+        return cls(ledger, dominating, allowed, n, steps, n - 1, -steps)
+
+    def certified_events(self) -> list[Event]:
+        """``ledger_0 + [dominating x allowed]``: the composition the certificate evaluated."""
+        base = self.ledger.events[: self.base]
+        if base:
+            base[-1] = base[-1].with_steps(self.base_steps)
+        return [*base, self.dominating.with_steps(self.allowed)] if self.allowed else base
+
+    def used(self) -> int | None:
+        """Steps recorded since certification, or None if one of them is not dominated (the
+        certificate no longer covers the ledger).  Amortized O(1): each entry is read once
+        after it stops being the last."""
+        entries = self.ledger._events
+        n = len(entries)
+        if n < self.base:  # cannot happen for an append-only ledger
+            return None
+        while self.upto < n - 1:
+            e = entries[self.upto]
+            if self.upto >= self.base and not dominates(self.dominating, e):
+                return None
+            self.closed += e.steps
+            self.upto += 1
+        if not n:
+            return 0
+        last = entries[n - 1]
+        if n - 1 >= self.base and not dominates(self.dominating, last):
+            return None
+        return self.closed + last.steps
+
+
 def _generic_evaluator(
     accountant: Accountant, prefix: list[Event], event: Event, delta: float, adaptive: bool
 ) -> Callable[[int], float]:
@@ -163,6 +327,15 @@ class BudgetFilter:
         self._totals: OrderedDict[tuple, tuple[Ledger, int]] = OrderedDict()
         self._spent: OrderedDict[tuple, tuple[Ledger, float]] = OrderedDict()
         self._guide = None  # the RDP accountant of _guess, keeping its ledger curves
+        margin = getattr(self.accountant, "report_margin", None)
+        self.margin: float | None = None if margin is None else float(margin)
+        """``budget * (1 - margin)`` bounds a certificate; None: no certificates (exact only)."""
+        self._certificate: _Certificate | None = None
+        # (ledger, {W}): the ledger was within the last margin for these W (no certificate
+        # with them can cover a step: epsilon only grows as the ledger does)
+        self._exhausted: tuple[Ledger, set[Event]] | None = None
+        self._exact_last: tuple[Ledger, tuple] | None = None  # prefix of the last exact check
+        self._ratio = 0.0  # certified count / RDP count of the last certificate (the guess)
 
     def __repr__(self) -> str:
         return (
@@ -193,17 +366,22 @@ class BudgetFilter:
             return hook(where, event, self.budget.delta, adaptive=self.adaptive)
         return _generic_evaluator(self.accountant, prefix, event, self.budget.delta, self.adaptive)
 
-    def _guess(self, prefix: list[Event], event: Event, at: tuple[Ledger, int]) -> tuple[int, bool]:
-        """First probe of the search, and whether it is expected to be the answer: the
-        accountant's closed-form estimate where it has one (RDP), else the RDP answer for
-        accountants that are slow to evaluate (RDP epsilon is usually the larger, so the true
-        answer is usually above it)."""
+    def _guess(
+        self,
+        prefix: list[Event],
+        event: Event,
+        at: tuple[Ledger, int],
+        target: float | None = None,
+    ) -> tuple[int, bool]:
+        """First probe of the search for ``target`` (default: the budget's epsilon), and
+        whether it is expected to be the answer: the accountant's closed-form estimate where it
+        has one (RDP), else the RDP answer for accountants that are slow to evaluate (RDP
+        epsilon is usually the larger, so the true answer is usually above it)."""
+        target = self.budget.epsilon if target is None else target
         estimate = getattr(self.accountant, "steps_estimate", None)
         if estimate is not None:
             where = at if hasattr(self.accountant, "ledger_rdp") else prefix
-            k = estimate(
-                where, event, self.budget.delta, self.budget.epsilon, adaptive=self.adaptive
-            )
+            k = estimate(where, event, self.budget.delta, target, adaptive=self.adaptive)
             return (1, False) if k is None else (k, True)
         if hasattr(self.accountant, "steps_evaluator"):
             return 1, False
@@ -212,7 +390,7 @@ class BudgetFilter:
         if self._guide is None:
             self._guide = RdpAccountant()
         f = self._guide.steps_evaluator(at, event, self.budget.delta)
-        return max(1, largest_within(f, self.budget.epsilon)), False
+        return max(1, largest_within(f, target)), False
 
     def _position(self, ledger: Ledger, event: Event) -> tuple[tuple, list[Event], int]:
         """(cache key, prefix, taken) with ledger == prefix + [event's mechanism x taken]."""
@@ -224,6 +402,22 @@ class BudgetFilter:
             taken = entries[-1].steps
         last_steps = entries[n - 1].steps if n else 0
         return (id(ledger), n, last_steps, event.key), entries[:n], taken
+
+    def _cached(self, ledger: Ledger, event: Event) -> tuple[int, int] | None:
+        """(M, taken) of :meth:`_total` if it is cached for this prefix, else None (O(1): the
+        key of :meth:`_position` without copying the prefix)."""
+        entries = ledger._events
+        n = len(entries)
+        taken = 0
+        if n and entries[-1].key == event.key:
+            n -= 1
+            taken = entries[-1].steps
+        key = (id(ledger), n, entries[n - 1].steps if n else 0, event.key)
+        hit = self._totals.get(key)
+        if hit is not None and hit[0] is ledger:
+            self._totals.move_to_end(key)
+            return hit[1], taken
+        return None
 
     def _total(self, ledger: Ledger, event: Event) -> tuple[int, int]:
         """(M, taken): M is the largest total count of ``event``'s mechanism after the prefix
@@ -248,6 +442,75 @@ class BudgetFilter:
         while len(self._totals) > _CACHE_SIZE:
             self._totals.popitem(last=False)
         return total, taken
+
+    # -- dominance certificates (see the module docstring) ---------------------------------------
+
+    def _certifies(self, event: Event) -> bool:
+        """Does a certificate apply: an accountant with a ``report_margin`` and no fast
+        ``steps_evaluator``, a non-adaptive finite budget, a costly Poisson-Gaussian event?"""
+        return (
+            self.margin is not None
+            and not self.adaptive
+            and not hasattr(self.accountant, "steps_evaluator")
+            and math.isfinite(self.budget.epsilon)
+            and not math.isinf(event.noise_multiplier)
+            and event.kind == POISSON_GAUSSIAN
+            and not event.params
+        )
+
+    def _certify(self, ledger: Ledger, event: Event) -> _Certificate | None:
+        """A new certificate for ``ledger`` and a dominating event of its entries and
+        ``event``; None if no event dominates them all."""
+        assert self.margin is not None
+        events = ledger.events
+        w = dominating_event([*events, event])
+        if w is None:
+            return None
+        target = self.budget.epsilon * (1.0 - self.margin)
+        ex = self._exhausted
+        if ex is not None and ex[0] is ledger and w in ex[1]:
+            return _Certificate.at(ledger, w, 0)  # already within the last margin with this W
+
+        def f(k: int) -> float:
+            return self._epsilon([*events, w.with_steps(k)])
+
+        rdp, _ = self._guess(events, w, (ledger, len(events)), target)
+        # the accountant's count over RDP's, as the last certificate found it: a closer guess
+        guess = max(1, int(rdp * self._ratio)) if self._ratio else rdp
+        cert = _Certificate.at(ledger, w, near_largest(f, target, guess=guess))
+        if cert.allowed > 0 and rdp > 0:
+            self._ratio = cert.allowed / rdp
+        if cert.allowed == 0:  # the ledger is in the last margin for W: exact checks from now
+            if ex is None or ex[0] is not ledger:
+                self._exhausted = ex = (ledger, set())
+            ex[1].add(w)
+        return cert
+
+    def _certified(self, ledger: Ledger, event: Event) -> bool:
+        """Does the current (or a renewed) certificate cover ``ledger + event``?"""
+        cert = self._certificate
+        if cert is not None and cert.ledger is ledger and dominates(cert.dominating, event):
+            used = cert.used()
+            if used is not None and used + event.steps <= cert.allowed:
+                return True
+        cert = self._certify(ledger, event)
+        if cert is None:
+            return False
+        self._certificate = cert
+        return event.steps <= cert.allowed
+
+    def _exact_allows(self, ledger: Ledger, event: Event) -> bool:
+        """``epsilon(ledger + event) <= budget`` by one composition; the count search of
+        :meth:`_total` (cached, then a counter) when the same prefix is asked again."""
+        entries = ledger._events
+        n = len(entries) - (1 if entries and entries[-1].key == event.key else 0)
+        key = (n, entries[n - 1].steps if n else 0, event.key)
+        last = self._exact_last
+        if last is not None and last[0] is ledger and last[1] == key:
+            total, taken = self._total(ledger, event)
+            return total == UNLIMITED or taken + event.steps <= total
+        self._exact_last = (ledger, key)
+        return self._epsilon([*ledger.events, event]) <= self.budget.epsilon
 
     # -- public interface ----------------------------------------------------------------------
 
@@ -274,6 +537,13 @@ class BudgetFilter:
         return max(0, total - taken)
 
     def allows(self, ledger: Ledger, event: Event) -> bool:
-        """Would ``ledger + event`` (all ``event.steps`` of it) stay within the budget?"""
-        total, taken = self._total(self._ledger(ledger), event)
+        """Would ``ledger + event`` (all ``event.steps`` of it) stay within the budget?  A
+        refusal is always exact; an allowance is exact or certified by dominance."""
+        ledger = self._ledger(ledger)
+        if not isinstance(event, Event):
+            raise TypeError(f"expected an Event, got {type(event).__name__}")
+        hit = self._cached(ledger, event)
+        if hit is None and self._certifies(event):
+            return self._certified(ledger, event) or self._exact_allows(ledger, event)
+        total, taken = hit if hit is not None else self._total(ledger, event)
         return total == UNLIMITED or taken + event.steps <= total

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from dptrain.data.canaries import read_manifest
-from dptrain.data.people import person_ids, read_people
+from dptrain.data.people import read_people, recipe_person_ids
 from dptrain.data.splits import split_data
 from dptrain.errors import InputError
 from dptrain.recipe import load_recipe
@@ -70,7 +70,7 @@ def audit_people(
     key = run_key(run.path, recipe.privacy.insecure_seed, create=False)
     train, val, _ = split_data(recipe, key)  # `unused` may hold members' cut records: left out
     d = recipe.data
-    persons = person_ids(d.path, unit["field"], text_field=d.text_field, format=d.format)
+    persons = recipe_person_ids(recipe, unit["field"])  # as training read them (task records)
     rng = np.random.default_rng([recipe.seed, 0xA0D2])
     t_people, v_people = read_people(train, persons), read_people(val, persons)
     mine = [p for p, u in enumerate(t_people.ids) if not u.startswith("canary-")]

@@ -18,7 +18,9 @@ Schedules (the noise changes every step, so every step is a new ledger entry):
   the ledger within minutes; a sigma never seen before costs one per-step RDP curve more,
   measured on its own (``new_mechanism_ms``);
 * ``cycle``: sigma_t cycles over 8 values (a non-adaptive schedule that changes every step),
-  for every accountant.
+  for every accountant.  PRV and PLD decide it by a dominance certificate (the first query
+  certifies a count of the least private step; then a counter, see
+  :mod:`accountants.budget`); ``certificate`` in the JSON says what it certified.
 
 Results go to ``benchmarks/results/accounting.json``.
 """
@@ -74,6 +76,16 @@ def measure(accountant: str, kind: str, steps: int, timed: int) -> dict:
             raise AssertionError("the benchmark's budget is never binding")
         ledger.record(event)
         per_step.append(time.perf_counter() - t0)
+    cert = getattr(filt, "_certificate", None)  # PRV/PLD: the dominance certificate in use
+    certified = (
+        None
+        if cert is None
+        else {
+            "dominating": [cert.dominating.sample_rate, cert.dominating.noise_multiplier],
+            "allowed_steps": cert.allowed,
+            "used_steps": cert.used(),
+        }
+    )
     new_mechanism = None
     if accountant == "rdp":  # one sigma never seen: its per-step curve
         t0 = time.perf_counter()
@@ -99,6 +111,7 @@ def measure(accountant: str, kind: str, steps: int, timed: int) -> dict:
         "epsilon_for_a_log_line_ms": 1e3 * logged,
         "epsilon_from_scratch_ms": 1e3 * scratch,
         "new_mechanism_ms": new_mechanism,
+        "certificate": certified,
         "epsilon": eps,
         "build_s": build,
     }

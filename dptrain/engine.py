@@ -65,6 +65,12 @@ class StepReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _mean_loss(total: float, count: int) -> float:
+    """The mean of a step's finite losses; NaN where there is none (an empty batch, or every
+    loss non-finite), never a 0 that reads as a perfect fit."""
+    return total / count if count > 0 else math.nan
+
+
 class PrivacyEngine:
     """Private training of ``model`` with ``optimizer`` under a clipping and noise ``policy``.
 
@@ -179,6 +185,15 @@ class PrivacyEngine:
             return None
         _, event = self.next_plan()
         return self.filter.max_steps(self.ledger, event)
+
+    def next_step_fits(self) -> bool | None:
+        """Does the next plan's step fit the budget (None without a budget)?  The filter's
+        ``allows``: a counter or a dominance certificate per step, where :meth:`remaining_steps`
+        searches the exact count (a full search per step for PRV/PLD when the noise changes)."""
+        if self.filter is None:
+            return None
+        _, event = self.next_plan()
+        return self.filter.allows(self.ledger, event)
 
     # -- the step ------------------------------------------------------------------------
 
@@ -339,9 +354,7 @@ class PrivacyEngine:
         report = StepReport(
             step=self.steps_taken,
             batch_size=n,
-            loss=(loss_sum / max(n - nonfinite, 1) if segments is None else loss_sum / max(rows, 1))
-            if n
-            else math.nan,
+            loss=_mean_loss(loss_sum, n - nonfinite if segments is None else rows),
             noise_multiplier=plan.noise_multiplier,
             clip=dict(plan.clip),
             update_norm=math.sqrt(sum(v**2 for v in norms.values())),

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from . import distributed
 from .data.loading import TextDataset
-from .data.people import People, person_ids, read_people, unit_name
+from .data.people import People, read_people, recipe_person_ids, unit_name
 from .errors import RecipeError
 from .recipe import default_delta
 from .sampling import PoissonSampler
@@ -247,8 +247,7 @@ def resolve_unit(
     unit = recipe.data.privacy_unit
     if unit is None:
         return None, train
-    d = recipe.data
-    persons = person_ids(d.path, unit.field, text_field=d.text_field, format=d.format)
+    persons = recipe_person_ids(recipe)
     people = read_people(train, persons)
     n = len(people)
     delta = recipe.privacy.delta if recipe.privacy.delta is not None else default_delta(n)
@@ -306,8 +305,8 @@ def record_run_person_level(
     field = recipe.data.person_field
     if field is None:
         return None
-    d = recipe.data
-    people = read_people(train, person_ids(d.path, field, text_field=d.text_field, format=d.format))
+    persons = recipe_person_ids(recipe, field)
+    people = read_people(train, persons)
     k = people.max_records
     eps = person_epsilon(list(ledger.events), accountant, delta, k)
     return {

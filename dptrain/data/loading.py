@@ -21,8 +21,9 @@ Formats (``format=None`` infers it from the file suffix, or from a folder's cont
 Records whose text is empty or whitespace only are dropped, with an :class:`InputWarning`
 giving their number (a statistic of the data: it goes to the console, never to a run file).
 
-Record ids.  A record's id is its ``id_field`` value where the file gives one; otherwise it
-is derived from its content: ``text-<first 16 hex digits of sha256(text)>``, and the k-th
+Record ids.  A record's id is its ``id_field`` value where the file gives one (in the
+canonical form of :func:`canonical_id`, the same in every format; a blank value gives no id,
+as an empty CSV cell does); otherwise it is derived from its content: ``text-<first 16 hex digits of sha256(text)>``, and the k-th
 further record with identical text gets the suffix ``~k``.  So inserting or deleting a line
 never changes another record's id (line numbers would), and duplicates still get distinct ids
 (hence independent Poisson coins, see :mod:`dptrain.sampling`).  Ids must be unique.
@@ -43,9 +44,13 @@ import csv
 import hashlib
 import io
 import json
+import math
+import numbers
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +67,7 @@ __all__ = [
     "DataError",
     "TextDataset",
     "bundled_path",
+    "canonical_id",
     "load_field",
     "load_texts",
     "split",
@@ -100,6 +106,71 @@ class DataFileNotFoundError(DataError, FileNotFoundError):
 
 class NoFieldsError(DataError):
     """A field asked of a format that has none (plain text)."""
+
+
+_EXACT_INTEGERS = 2**53  # every integer up to this magnitude is exactly a float64
+_ZERO_FRACTION = re.compile(r"[+-]?[0-9]+\.0+")  # "12.0": how a float column writes 12 as text
+
+
+def canonical_id(value: Any, where: str, field: str) -> str | None:
+    """The canonical text of an id (a record id, or a person id under ``data.privacy_unit``)
+    read from any format, or None where the value names nothing.
+
+    One value is one text whatever wrote it, so that a person written as ``1`` (a JSON or
+    int64 Parquet number), ``1.0`` (a float column, e.g. int64 promoted after a null) or
+    ``"1"`` (CSV text) is one person, not three:
+
+    - absent, null, a float NaN (a missing cell of a numeric column), or a string that is
+      empty or only whitespace: ``None`` (no id);
+    - a string: stripped of surrounding whitespace; a decimal integer with a zero fraction
+      (``"12.0"``, ``"12.00"``) is the integer's text (``"12"``);
+    - an integer: its decimal text;
+    - a float x with ``x == int(x)`` and ``|x| <= 2^53``: the integer's text (``1.0`` ->
+      ``"1"``).
+
+    Refused (:class:`DataError` naming ``where`` and the fix), since no text of them is
+    exact: a fractional or infinite float, a float above ``2^53`` (a float64 column cannot
+    hold such an integer id exactly: two ids may have become one), a boolean, and any other
+    type (lists, objects, bytes, dates).  0-dimensional tensors and numpy scalars are read as
+    their value."""
+    if value is not None and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()  # a numpy scalar or a 0-dim tensor
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if _ZERO_FRACTION.fullmatch(text):
+            text = str(int(text.split(".")[0]))
+        return text or None
+    if isinstance(value, bool):
+        raise DataError(
+            f"{where}: {field!r} is the boolean {value}, which names no record or person. "
+            f"Fix: give {field!r} as a string or a whole number"
+        )
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value():
+        return str(int(value))  # a decimal column's whole number
+    if isinstance(value, (numbers.Real, Decimal)):
+        x = float(value)
+        if math.isnan(x):
+            return None
+        if math.isfinite(x) and x == int(x) and abs(x) <= _EXACT_INTEGERS:
+            return str(int(x))
+        why = (
+            "is beyond 2^53, where a float64 column no longer holds every integer exactly (ids "
+            "may have merged when the column was stored as floats)"
+            if math.isfinite(x) and x == int(x)
+            else "is not a whole number, and a fractional number has no one exact text"
+        )
+        raise DataError(
+            f"{where}: {field!r} is the float {x!r}, which {why}. Fix: store the ids as strings "
+            "(or as integers, e.g. a nullable Int64 column instead of float64)"
+        )
+    raise DataError(
+        f"{where}: {field!r} is {type(value).__name__}, not an id. Fix: give {field!r} as a "
+        "string or a whole number"
+    )
 
 
 @dataclass
@@ -158,7 +229,8 @@ def load_field(
 ) -> tuple[TextDataset, list[tuple[str, Any]]]:
     """The records of :func:`load_texts` (same arguments, same ids) and, for each, ``(where,
     value)``: its place in the file (``path:line``, ``array element i``, ``row i``) and the
-    value of its field or column ``name`` (``None`` where absent, null or ``""``).
+    value of its field or column ``name`` as the file holds it (``None`` where absent or null;
+    :func:`canonical_id` gives an id's canonical text).
 
     Every format with fields is read: JSONL, a JSON array, CSV, TSV, Parquet and ``datasets``
     saves.  Plain text has no fields: :class:`NoFieldsError`.  Dropped empty records are not
@@ -180,7 +252,7 @@ class _Field:
 
     def add(self, where: str, value: Any) -> None:
         self.where.append(where)
-        self.values.append(None if value == "" else value)
+        self.values.append(value)
 
     def keep(self, indices: list[int]) -> None:
         self.where = [self.where[i] for i in indices]
@@ -384,7 +456,11 @@ def _load_table(
             )
         texts.append(value)
     raw_ids = data.get(id_field) if id_field is not None else None
-    ids = [None if v is None else str(v) for v in raw_ids] if raw_ids else [None] * len(texts)
+    ids = (
+        [canonical_id(v, w, id_field) for w, v in zip(where, raw_ids, strict=True)]  # type: ignore[arg-type]
+        if raw_ids
+        else [None] * len(texts)
+    )
     if extra is not None:
         values = data.get(extra.name) or [None] * len(texts)
         for w, v in zip(where, values, strict=True):
@@ -483,8 +559,7 @@ def _add_record(
             f"{where}: field {text_field!r} is {type(value).__name__}, expected a string"
         )
     texts.append(value)
-    rid = obj.get(id_field) if id_field is not None else None
-    ids.append(str(rid) if rid is not None else None)
+    ids.append(canonical_id(obj.get(id_field), where, id_field) if id_field is not None else None)
     if extra is not None:
         extra.add(where, obj.get(extra.name))
 
@@ -525,10 +600,11 @@ def _parse_csv(
             continue
         if len(row) != len(header):
             raise DataError(f"{p}:{reader.line_num}: {len(row)} columns, header has {len(header)}")
+        where = f"{p}:{reader.line_num}"
         texts.append(row[ti])
-        ids.append(row[ii] if ii is not None and row[ii] != "" else None)
+        ids.append(canonical_id(row[ii], where, header[ii]) if ii is not None else None)
         if extra is not None:
-            extra.add(f"{p}:{reader.line_num}", row[ei] if ei is not None else None)
+            extra.add(where, row[ei] if ei is not None else None)
     return texts, ids
 
 

@@ -1,25 +1,36 @@
 """People: which person each record belongs to (``data.privacy_unit.field``), read from the file.
 
 A record's person is the value of its ``field`` (a JSON field, or a CSV / Parquet / dataset
-column), as a string.  A
-record without one is an error naming the line: under a person-level guarantee every record
-must be attributed, or a person's unattributed records would escape their bound.  Audit
-canaries (:mod:`dptrain.data.canaries`) are people of their own: canary ``i``'s repetitions
-are the records of person ``canary-<i>``.
+column) in the canonical text of :func:`~dptrain.data.loading.canonical_id`, the same in every
+format: ``1``, ``1.0`` and ``"1"`` are one person (else one person's records could be split
+into several "people", each bounded alone, and the person-level guarantee would silently
+weaken).  A record without one (missing, null, NaN, empty or whitespace-only, alike in every
+format) is an error naming the line: under a person-level guarantee every record must be
+attributed, or a person's unattributed records would escape their bound.  Two ids that are
+the same number written two ways (``"007"`` and ``7``, ``"+7"`` and ``"7"``) are refused too
+(:func:`person_ids`).  Audit canaries (:mod:`dptrain.data.canaries`) are people of their own:
+canary ``i``'s repetitions are the records of person ``canary-<i>``.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from decimal import Decimal
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .loading import DataError, NoFieldsError, TextDataset, load_field
+from .loading import DataError, NoFieldsError, TextDataset, canonical_id, load_field
 
-__all__ = ["People", "person_ids", "read_people", "unit_name"]
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+    from ..tasks.schema import TaskSection
+
+__all__ = ["People", "person_ids", "read_people", "recipe_person_ids", "same_number", "unit_name"]
 
 _CANARY = re.compile(r"^(canary-\d+)-\d+$")
+_DECIMAL = re.compile(r"[+-]?[0-9]+(\.[0-9]+)?")
 
 
 @dataclass
@@ -65,25 +76,72 @@ def person_ids(
     *,
     text_field: str = "text",
     format: str | None = None,
+    task: TaskSection | None = None,
 ) -> dict[str, str]:
     """``{record id: person id}`` for every record of ``path`` (a file, a dataset folder or
     ``bundled:NAME[:train|:validation]``), read by :func:`~dptrain.data.loading.load_field`:
     the records and ids of :func:`~dptrain.data.loading.load_texts`, in any format with fields
-    (JSONL, a JSON array, CSV, TSV, Parquet, a ``datasets`` save)."""
+    (JSONL, a JSON array, CSV, TSV, Parquet, a ``datasets`` save); for a structured ``task``
+    (instruction, chat, classification), the records and ids of
+    :func:`~dptrain.tasks.records.load_records`, by its ``load_record_field``.  Each person id
+    is the canonical text of :func:`~dptrain.data.loading.canonical_id`; a record without one,
+    or two ids that are the same number written two ways (:func:`same_number`), are refused
+    naming the records' places."""
     try:
-        ds, values = load_field(path, field, text_field=text_field, format=format)
+        if task is not None and task.kind != "text":
+            from ..tasks.records import load_record_field
+
+            ds, values = load_record_field(path, task, field, text_field=text_field, format=format)
+        else:
+            ds, values = load_field(path, field, text_field=text_field, format=format)
     except NoFieldsError as e:
         raise NoFieldsError(f"data.privacy_unit.field: {e}") from None
-    persons = []
+    persons, numbers = [], {}
     for where, value in values:
-        if value is None:
+        person = canonical_id(value, where, field)
+        if person is None:
             raise DataError(
-                f"{where}: the record has no {field!r} (data.privacy_unit.field): every "
-                "record must name its person, or that person's other records would not be "
-                "bounded together. Fix: add the field to every record, or drop the record"
+                f"{where}: the record has no {field!r} (data.privacy_unit.field; missing, null "
+                "or empty): every record must name its person, or that person's other records "
+                "would not be bounded together. Fix: give every record a non-empty "
+                f"{field!r}, or drop the record"
             )
-        persons.append(str(value))
+        number = same_number(person)
+        if number is not None:
+            first = numbers.setdefault(number, (person, where))
+            if first[0] != person:
+                raise DataError(
+                    f"{where}: {field!r} {person!r} and {first[1]}: {first[0]!r} are the same "
+                    "number written two ways; read as text they would be two people, and if "
+                    "they are one person, their records would be bounded apart. Fix: write "
+                    "every id of a person the same way (e.g. without leading zeros or a sign), "
+                    "or, if they are two people, give them ids that are not the same number"
+                )
+        persons.append(person)
     return dict(zip(ds.ids, persons, strict=True))
+
+
+def recipe_person_ids(
+    recipe: Recipe, field: str | None = None, path: str | None = None
+) -> dict[str, str]:
+    """:func:`person_ids` of a recipe's data (or of ``path``, e.g. its validation file) as
+    training reads them: its format, text field and task (so the ids are the training
+    records' own), by ``field`` (default ``data.privacy_unit.field``)."""
+    d = recipe.data
+    if field is None:
+        if d.privacy_unit is None:
+            raise ValueError("recipe_person_ids: the recipe has no data.privacy_unit")
+        field = d.privacy_unit.field
+    return person_ids(
+        path or d.path, field, text_field=d.text_field, format=d.format, task=recipe.task
+    )
+
+
+def same_number(person: str) -> Decimal | None:
+    """The number a canonical person id writes in decimal (``"007"``, ``"+7"`` and ``"7"``
+    are all 7), or None for an id that is not a plain decimal number: ids with the same
+    number are one person written two ways, refused by :func:`person_ids`."""
+    return Decimal(person) if _DECIMAL.fullmatch(person) else None
 
 
 def read_people(ds: TextDataset, persons: dict[str, str]) -> People:

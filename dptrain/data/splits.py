@@ -18,7 +18,7 @@ from ..secret import RunKey, below, record_keys
 from ..tasks import task_for
 from .canaries import Canary, insert_canaries
 from .loading import DataError, TextDataset, cap, split
-from .people import person_ids, unit_name
+from .people import recipe_person_ids, same_number, unit_name
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
@@ -43,7 +43,7 @@ def split_data(
         if d.privacy_unit is not None:
             _check_people_apart(recipe, train, val)
     elif d.privacy_unit is not None:
-        persons = person_ids(d.path, d.privacy_unit.field, text_field=d.text_field, format=d.format)
+        persons = recipe_person_ids(recipe)
         train, val = split_people(texts, persons, d.validation_fraction, key)
     else:
         train, val = split(texts, d.validation_fraction, key, "validation")
@@ -89,9 +89,9 @@ def _check_people_apart(recipe: Recipe, train: TextDataset, val: TextDataset) ->
     (validation must measure people the model never saw)."""
     d = recipe.data
     field = d.privacy_unit.field  # type: ignore[union-attr]
-    mine = person_ids(d.path, field, text_field=d.text_field, format=d.format)
+    mine = recipe_person_ids(recipe)
     try:
-        theirs = person_ids(d.validation_path, field, text_field=d.text_field, format=d.format)  # type: ignore[arg-type]
+        theirs = recipe_person_ids(recipe, path=d.validation_path)
     except DataError as e:
         raise RecipeError(
             f"data.validation_path: cannot tell its records' people ({e}). Under "
@@ -99,8 +99,13 @@ def _check_people_apart(recipe: Recipe, train: TextDataset, val: TextDataset) ->
             f"give every validation record its {field!r}, or delete data.validation_path to "
             "let the run key hold out whole people"
         ) from None
-    seen = {mine[r] for r in train.ids if r in mine}
-    shared = sorted(seen & {theirs[r] for r in val.ids if r in theirs})
+
+    def key(person: str) -> object:  # "007" in one file and 7 in the other: one person
+        number = same_number(person)
+        return person if number is None else number
+
+    seen = {key(mine[r]): mine[r] for r in train.ids if r in mine}
+    shared = sorted(seen[k] for k in seen.keys() & {key(theirs[r]) for r in val.ids if r in theirs})
     if shared:
         raise RecipeError(
             f"data.validation_path: {len(shared)} people (e.g. {shared[0]!r}) have records in "

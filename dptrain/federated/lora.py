@@ -20,9 +20,10 @@ A LoRA module adds ``(alpha / r) B A x`` to a frozen layer, with ``A`` of shape 
               Learning with LoRA".)
 
 Server steps read only released (DP) client outputs: they are post-processing.  The state
-lives on the CPU (it travels as Flower arrays); the server's linear algebra (FedSVD's QR and
-SVD) runs on the ``device`` it is given (the server recipe's ``training.device``), in float64,
-and its results come back to the CPU: on the CPU that is the computation itself.
+lives on the CPU (it travels as Flower arrays); the server's linear algebra (FedSVD's QRs and
+its ``r x r`` SVD) runs on the ``device`` it is given (the server recipe's
+``training.device``), in float64, and its results come back to the CPU: on the CPU that is the
+computation itself.
 """
 
 from __future__ import annotations
@@ -80,16 +81,51 @@ def orthonormal_rows(a: Tensor, device: torch.device | None = None) -> Tensor:
 
 
 def refactorize(a: Tensor, b: Tensor, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-    """FedSVD: ``(A', B')`` with ``B' A'`` the rank-``r`` truncated SVD of ``B A`` and
+    """FedSVD: ``(A', B')`` with ``B' A'`` the rank-``r`` truncated SVD of ``M = B A`` and
     ``A' = V_r^T`` (orthonormal rows), ``B' = U_r S_r``; computed in float64 on ``device``
-    (default ``a``'s), returned on the devices of ``a`` and ``b``."""
-    r, where = a.shape[0], device or a.device
-    m = b.to(where, torch.float64) @ a.to(where, torch.float64)
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    (default ``a``'s), returned on the devices of ``a`` and ``b``.
+
+    ``M`` (``d x k``) has rank at most ``r``, so it is never formed: with the thin QR
+    factorizations ``B = Q_B R_B`` and ``A^T = Q_A R_A`` (``Q_B`` ``d x r``, ``Q_A`` ``k x r``,
+    orthonormal columns; ``R_B``, ``R_A`` ``r x r``) and the SVD of the ``r x r`` core
+    ``R_B R_A^T = U_c S V_c^T``,
+
+        ``M = Q_B R_B R_A^T Q_A^T = (Q_B U_c) S (Q_A V_c)^T``
+
+    is a thin SVD of ``M`` (``Q_B U_c`` and ``Q_A V_c`` have orthonormal columns), so
+    ``A' = V_c^T Q_A^T`` and ``B' = Q_B U_c S``.  Cost ``O((d + k) r^2 + r^3)`` instead of the
+    full SVD's ``O(d k min(d, k))``.  Singular vectors are unique up to sign (for distinct
+    singular values) and up to a rotation within repeated ones, e.g. the null space of a
+    rank-deficient ``M``, where ``A'`` keeps directions of ``span(A^T)``; the sign is fixed by
+    :func:`_sign_convention` (the largest-magnitude entry of each row of ``A'`` is positive), so
+    the result does not depend on the LAPACK or cuSOLVER conventions.
+
+    Privacy: unchanged.  ``A`` is the public global factor and ``B`` the (weighted mean of
+    the) released client factors, so ``(A', B')`` is post-processing of DP outputs; no data
+    and no randomness enter here.
+    """
+    r, (d, k), where = a.shape[0], (b.shape[0], a.shape[1]), device or a.device
+    if b.shape[1] != r or r > min(d, k):
+        raise RecipeError(
+            f"LoRA factors A {tuple(a.shape)} and B {tuple(b.shape)}: FedSVD needs A (r, in) "
+            "and B (out, r) with r <= min(in, out). Fix: a smaller lora.r"
+        )
+    q_b, r_b = torch.linalg.qr(b.to(where, torch.float64))  # (d, r), (r, r)
+    q_a, r_a = torch.linalg.qr(a.to(where, torch.float64).T)  # (k, r), (r, r)
+    u_c, s, vh_c = torch.linalg.svd(r_b @ r_a.T)
+    u_c, vh_c = _sign_convention(u_c, vh_c @ q_a.T)  # vh_c <- V_c^T Q_A^T, (r, k)
     return (
-        vh[:r].to(a.device, a.dtype).contiguous(),
-        (u[:, :r] * s[:r]).to(b.device, b.dtype).contiguous(),
+        vh_c.to(a.device, a.dtype).contiguous(),
+        ((q_b @ u_c) * s).to(b.device, b.dtype).contiguous(),
     )
+
+
+def _sign_convention(u: Tensor, vh: Tensor) -> tuple[Tensor, Tensor]:
+    """Flip singular pairs ``(u_i, v_i) -> (-u_i, -v_i)`` (each term ``s_i u_i v_i^T`` is
+    unchanged) so that the entry of largest magnitude of each row of ``vh`` is positive."""
+    top = vh.gather(1, vh.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+    signs = torch.where(top < 0, -1.0, 1.0).to(vh.dtype)
+    return u * signs, vh * signs[:, None]
 
 
 @dataclass(frozen=True)

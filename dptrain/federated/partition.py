@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..data import DataError, TextDataset, bundled_path, load_texts
+from ..data import DataError, TextDataset, bundled_path
+from ..data.loading import NoFieldsError, canonical_id, load_field
 
 MAX_DRAWS = 100
 
@@ -25,14 +26,23 @@ def record_labels(
     text_field: str = "text",
 ) -> list[str]:
     """The value of ``field`` for each record id in ``ids`` (read from the same data file;
-    ids are those :func:`load_texts` gives with ``text_field``, which may be content-derived)."""
+    ids are those :func:`~dptrain.data.load_texts` gives with ``text_field``, which may be content-derived)."""
     source = bundled_path(path.split(":")[1]) if path.startswith("bundled:") else path
-    records = load_texts(source, text_field=text_field, format=format)
-    table = load_texts(source, text_field=field, format=format, id_field=None)
-    by_id = dict(zip(records.ids, table.texts, strict=True))
+    try:
+        records, values = load_field(source, field, text_field=text_field, format=format)
+    except NoFieldsError as e:
+        raise DataError(f"federated.partition.by: {e}") from None
+    by_id: dict[str, str] = {}
+    for rid, (where, value) in zip(records.ids, values, strict=True):
+        label = canonical_id(value, where, field)  # 1, 1.0 and "1" are one label
+        if label is not None:
+            by_id[rid] = label
     missing = [i for i in ids if i not in by_id]
     if missing:
-        raise DataError(f"{path}: records {missing[:3]} have no field {field!r}")
+        raise DataError(
+            f"{path}: records {missing[:3]} have no field {field!r} (federated.partition.by; "
+            "missing, null or empty). Fix: give every record a label, or set federated.partition.by: null (an IID split)"
+        )
     return [by_id[i] for i in ids]
 
 

@@ -3,12 +3,13 @@
 Per round: every connected client is sent the global adapters (Poisson-sampled at
 ``client_dp.sample_rate`` when client-level DP is on); replies are sorted into updates,
 declines (with the client's reason) and failures (errors, or no reply within
-``round_timeout``); if at least ``min_clients`` updates arrived, their weighted mean (by
-record count) goes through the strategy's server step (:mod:`dptrain.federated.lora`),
-otherwise the global adapters are kept.  The server step is post-processing of DP outputs;
-its linear algebra runs on the recipe's ``training.device`` (:mod:`dptrain.federated.lora`),
-while the adapters, the client-level clipping and its noise stay on the CPU (a few vectors per
-client, and the noise is drawn on the CPU from the run key anyway).
+``round_timeout``: one per sent node, see :meth:`LoraFedAvg._sort`); if at least
+``min_clients`` updates arrived, their weighted mean (by record count) goes through the
+strategy's server step (:mod:`dptrain.federated.lora`), otherwise the global adapters are
+kept.  The server step is post-processing of DP outputs; its linear algebra runs on the
+recipe's ``training.device`` (:mod:`dptrain.federated.lora`), while the adapters, the
+client-level clipping and its noise stay on the CPU (a few vectors per client, and the noise
+is drawn on the CPU from the run key anyway).
 
 Client-level DP (optional, ``federated.client_dp``): each client's update ``u_k - g`` is
 clipped to L2 norm ``C`` (over all the factors it sends), the clipped updates are summed,
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
@@ -44,6 +46,14 @@ from ..noise import GaussianNoise, truncation_delta
 from ..secret import RunKey, below
 from .lora import State, get_strategy
 from .recipe import FederatedRecipe
+
+# SuperLink errors that mean "no reply before the request's TTL ran out"
+_EXPIRED = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
+
+
+def _from_superlink(msg: Message) -> bool:
+    """An error reply the SuperLink wrote itself, in place of a node's reply."""
+    return msg.has_error() and msg.metadata.src_node_id == SUPERLINK_NODE_ID
 
 
 @dataclass
@@ -79,6 +89,7 @@ class LoraFedAvg(FedAvg):
         self.rounds_released = 0
         self.current: State = {}
         self.sent: list[int] = []
+        self.messages: list[Message] = []  # this round's, as sent (Flower stamps their ids)
         self.node_client: dict[int, int] = {}
         self.epsilon: dict[int, float] = {}  # last epsilon each client reported
         self.delta: dict[int, float] = {}
@@ -110,12 +121,16 @@ class LoraFedAvg(FedAvg):
             chosen = below(words, self.client_dp.sample_rate)
             nodes = [n for n, c in zip(nodes, chosen, strict=True) if c]
         self.sent = nodes
-        config["server-round"] = server_round
+        # a copy per round: Flower's FedAvg passes the same ConfigRecord every round, and the
+        # in-process simulation hands clients the objects themselves (a late client would
+        # read the next round's number)
+        config = ConfigRecord({**config, "server-round": server_round})
         content = RecordDict({"arrays": arrays, "config": config})
-        return [
+        self.messages = [
             Message(content, dst_node_id=n, message_type=MessageType.TRAIN, ttl=self.round_timeout)
             for n in nodes
         ]
+        return list(self.messages)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -127,15 +142,47 @@ class LoraFedAvg(FedAvg):
 
     # -- receiving -------------------------------------------------------------------------
 
+    def _sender(self, msg: Message) -> int | None:
+        """The node a reply stands for: its source, or for an error the SuperLink wrote in a
+        node's place (the request expired or its node is gone) the request's destination
+        (None when the request is not one of this round's).  Flower never gives a node the
+        SuperLink's id."""
+        if not _from_superlink(msg):
+            return msg.metadata.src_node_id
+        asked = msg.metadata.reply_to_message_id
+        return next(
+            (m.metadata.dst_node_id for m in self.messages if m.metadata.message_id == asked), None
+        )
+
+    def _failure(self, msg: Message) -> str:
+        """Why an error reply failed: the client's error, or the SuperLink's reason for not
+        delivering one."""
+        code, reason = msg.error.code, msg.error.reason or f"error code {msg.error.code}"
+        if _from_superlink(msg) and code in _EXPIRED:
+            return f"no reply within {self.round_timeout:g} s (the request expired)"
+        return reason
+
     def _sort(self, report: RoundReport, replies: Iterable[Message]) -> list[RecordDict]:
+        """Sort replies into updates (returned), declines and failures (in ``report``).
+
+        A request carries ``ttl = round_timeout``; the SuperLink answers a request that
+        expired unanswered (or whose node is gone) with its own error reply, sent from
+        ``SUPERLINK_NODE_ID``.  Flower's grid waits ``round_timeout`` from the end of the
+        push, the TTL counts from the message's creation: which of the two ends the wait
+        depends on how busy the server is.  Either way the request's node has not answered
+        in time, so such an error is charged to the destination of the request it answers
+        (one failure per sent node, whichever clock ran out first), never to the SuperLink.
+        """
         updates, answered = [], set()
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._sender(msg)
+            if node is None:  # a SuperLink error about a request not of this round
+                continue
             answered.add(node)
             if msg.has_error():
                 who = self.node_client.get(node)
                 name = f"client {who}" if who is not None else f"node {node}"
-                report.failures[name] = msg.error.reason or f"error code {msg.error.code}"
+                report.failures[name] = self._failure(msg)
                 continue
             m = msg.content["metrics"]
             cid = int(m["client"])

@@ -50,6 +50,7 @@ from .plan import (
     build_plan,
     sample_axis,
 )
+from .watch import DataWatch, fingerprint
 
 _SCOPES: list[type] = []
 _LOCAL = LocalRule()
@@ -175,6 +176,7 @@ class GradCapture:
         self._modules = [m for _, m in model.named_modules()]
         self._rewritten: set[str] = set()  # parameters the forward writes without changing
         self._mode = _Mode(self)
+        self._watch = DataWatch(model)
         self._handles: list[Any] = []
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -442,8 +444,7 @@ class GradCapture:
         outputs: list[tuple[nn.Module, Any]] | None = None,
     ) -> tuple[ProbeLog, Tensor]:
         log = ProbeLog(batch_len(batch), expand=expand)
-        versions = _buffer_versions(self.model)
-        saved = {n: b.detach().clone() for n, b in self.model.named_buffers() if b is not None}
+        versions, saved = _snapshot_buffers(self.model)
         weights = _param_state(self.model)
         self._probe, self._counts = log, {}
         self._stack.clear()
@@ -616,20 +617,29 @@ class GradCapture:
         b = batch_len(batch)
         self.uses, self._locals, self._counts, self._unplanned = [], [], {}, set()
         self.batch_size, self.active = b, True
-        versions = _buffer_versions(self.model)
+        versions, saved = _snapshot_buffers(self.model)
         weights = {n: p._version for n, p in self.model.named_parameters()}
         values = _param_state(self.model, self._rewritten)
-        losses = _per_sample_losses(loss_fn(self.model, batch), b)
-        direct = self._direct_grads(losses)
-        self.in_backward, self._counts = True, {}  # recomputations (checkpointing) replay the plan
-        losses.sum().backward()
-        self.in_backward = False
-        changed = [n for n, v in _buffer_versions(self.model).items() if versions.get(n) != v]
+        try:
+            with self._watch:  # writes through ``.data`` leave the version counters alone
+                losses = _per_sample_losses(loss_fn(self.model, batch), b)
+                direct = self._direct_grads(losses)
+                self.in_backward, self._counts = True, {}  # recomputations replay the plan
+                losses.sum().backward()
+                self.in_backward = False
+        finally:  # the model keeps no buffer value this step computed, whatever happens
+            changed = _restore_buffers(self.model, saved, versions)
+            through_data = self._watch.moved()
         if changed:
             raise UnsupportedLayerError(
-                f"the buffers {', '.join(changed[:4])} were updated during a private step: they "
-                "would hold statistics of private records without noise. Fix: freeze them "
-                "(eval mode) or use layers without running statistics"
+                f"the buffers {', '.join(changed[:4])} were updated during a private step (now "
+                "restored): they would hold statistics of private records without noise. Fix: "
+                "freeze them (eval mode) or use layers without running statistics"
+            )
+        if through_data:
+            raise _moved_error(
+                [n for n, _ in through_data],
+                f" through .data, in {', '.join(dict.fromkeys(w for _, w in through_data))}",
             )
         rewritten = _param_state(self.model, self._rewritten)
         moved = [
@@ -795,12 +805,21 @@ def _per_sample_losses(losses: Any, b: int) -> Tensor:
     return losses
 
 
+def _snapshot_buffers(model: nn.Module) -> tuple[dict[str, int], dict[str, Tensor]]:
+    """Every buffer's version counter and a copy of its values (one walk of the modules)."""
+    versions, saved = {}, {}
+    for n, b in model.named_buffers():
+        if b is not None:
+            versions[n], saved[n] = b._version, b.detach().clone()
+    return versions, saved
+
+
 def _restore_buffers(
     model: nn.Module, saved: dict[str, Tensor], versions: dict[str, int]
 ) -> list[str]:
-    """Put back every buffer a probe changed; the names of those buffers.  Values are compared,
-    not version counters: kernels such as batch norm update running statistics in place
-    without bumping them."""
+    """Put back every buffer that changed since ``saved``; the names of those buffers.  Values
+    are compared, not only version counters: kernels such as batch norm update running
+    statistics in place without bumping them, and so does a write through ``.data``."""
     changed = []
     with torch.no_grad():
         for n, b in model.named_buffers():
@@ -810,7 +829,11 @@ def _restore_buffers(
             same = b.shape == old.shape and bool(((b == old) | (b != b) & (old != old)).all())
             if versions.get(n) != b._version or not same:
                 changed.append(n)
-                b.copy_(old)
+                if b.shape == old.shape:
+                    b.copy_(old)
+                else:  # replaced by a buffer of another shape: put the old one back
+                    owner, _, leaf = n.rpartition(".")
+                    model.get_submodule(owner)._buffers[leaf] = old
     return changed
 
 
@@ -820,25 +843,20 @@ def _param_state(
     """The parameters' (all, or those in ``names``) version counters and value fingerprints
     (sum and norm in float64): a write through ``.data`` leaves the counter alone, not the
     values."""
-    with torch.no_grad():
-        return {
-            n: (
-                p._version,
-                float(p.sum(dtype=torch.float64)),
-                float(torch.linalg.vector_norm(p, dtype=torch.float64)),
-            )
-            for n, p in model.named_parameters()
-            if names is None or n in names
-        }
+    return {
+        n: (p._version, *fingerprint(p))
+        for n, p in model.named_parameters()
+        if names is None or n in names
+    }
 
 
 def _same(a: tuple, b: tuple) -> bool:
     return all(x == y or (x != x and y != y) for x, y in zip(a, b, strict=True))
 
 
-def _moved_error(names: list[str]) -> UnsupportedLayerError:
+def _moved_error(names: list[str], how: str = "") -> UnsupportedLayerError:
     return UnsupportedLayerError(
-        f"the forward pass changes the parameters {', '.join(names[:4])} in place (outside the "
+        f"the forward pass changes the parameters {', '.join(names[:4])} in place{how} (outside the "
         "noisy update): a change computed from private records would reach the model without "
         "noise, and they now hold it. Fix: reload those weights, and make the forward pass "
         "leave parameters unchanged (e.g. compute a normalized copy instead of writing it back)"

@@ -28,8 +28,10 @@ from ..data.loading import (
     DataFileNotFoundError,
     TextDataset,
     _check_unique,
+    _Field,
     _read_utf8,
     bundled_path,
+    canonical_id,
     content_ids,
     jsonl_objects,
     split,
@@ -56,8 +58,27 @@ def load_records(
     path: str, task: TaskSection, *, text_field: str = "text", format: str | None = None
 ) -> TextDataset:
     """Read ``path`` as records of ``task.kind``; each becomes one canonical text."""
+    return _load(path, task, text_field, format, None)
+
+
+def load_record_field(
+    path: str, task: TaskSection, name: str, *, text_field: str = "text", format: str | None = None
+) -> tuple[TextDataset, list[tuple[str, Any]]]:
+    """The records of :func:`load_records` (same ids) and, for each, ``(where, value)``: its
+    line (``path:line``) and the value of its field ``name`` (``None`` where absent), as
+    :func:`~dptrain.data.loading.load_field` gives them for plain records (a person id under
+    ``data.privacy_unit``, never part of the record's canonical text).  Record ids take the
+    canonical form of :func:`~dptrain.data.loading.canonical_id`, as plain records' do."""
+    extra = _Field(name)
+    ds = _load(path, task, text_field, format, extra)
+    return ds, list(zip(extra.where, extra.values, strict=True))
+
+
+def _load(
+    path: str, task: TaskSection, text_field: str, format: str | None, extra: _Field | None
+) -> TextDataset:
     if path.startswith("bundled:"):
-        return _bundled(path, task, text_field)
+        return _bundled(path, task, text_field, extra)
     p = Path(path).expanduser()
     if not p.exists():
         raise DataFileNotFoundError(f"data file not found: {p}")
@@ -74,10 +95,10 @@ def load_records(
             f"{p}: task {task.kind} reads {allowed} records (got format {fmt or p.suffix!r}); "
             "plain-text files hold no fields"
         )
-    return _dataset(rows, p, task, text_field)
+    return _dataset(rows, p, task, text_field, extra)
 
 
-def _bundled(spec: str, task: TaskSection, text_field: str) -> TextDataset:
+def _bundled(spec: str, task: TaskSection, text_field: str, extra: _Field | None) -> TextDataset:
     parts = spec.split(":")
     if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("train", "validation")):
         raise DataError(
@@ -85,11 +106,15 @@ def _bundled(spec: str, task: TaskSection, text_field: str) -> TextDataset:
             "'bundled:NAME:validation'"
         )
     p = bundled_path(parts[1])
-    ds = _dataset(_jsonl_rows(_read_utf8(p), p), p, task, text_field)
+    ds = _dataset(_jsonl_rows(_read_utf8(p), p), p, task, text_field, extra)
     if len(parts) == 2:
         return ds
     train, val = split(ds, BUNDLED_VALIDATION_FRACTION, BUNDLED_SPLIT_KEY)
-    return train if parts[2] == "train" else val
+    part = train if parts[2] == "train" else val
+    if extra is not None:
+        wanted = set(part.ids)
+        extra.keep([i for i, rid in enumerate(ds.ids) if rid in wanted])
+    return part
 
 
 def _jsonl_rows(text: str, p: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -115,7 +140,11 @@ def _csv_rows(text: str, p: Path, delimiter: str) -> list[tuple[int, dict[str, A
 
 
 def _dataset(
-    rows: list[tuple[int, dict[str, Any]]], p: Path, task: TaskSection, text_field: str
+    rows: list[tuple[int, dict[str, Any]]],
+    p: Path,
+    task: TaskSection,
+    text_field: str,
+    extra: _Field | None = None,
 ) -> TextDataset:
     if not rows:
         raise DataError(f"{p}: no records found")
@@ -123,8 +152,9 @@ def _dataset(
     for lineno, obj in rows:
         fields = _fields(obj, task, text_field, f"{p}:{lineno}")
         texts.append(encode_record(fields))
-        rid = obj.get("id")
-        ids.append(str(rid) if rid not in (None, "") else None)
+        if extra is not None:
+            extra.add(f"{p}:{lineno}", obj.get(extra.name))
+        ids.append(canonical_id(obj.get("id"), f"{p}:{lineno}", "id"))
     out = content_ids(texts, ids)
     _check_unique(out, p)
     return TextDataset(texts, out)

@@ -2,6 +2,7 @@ import hashlib
 import json
 import random
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from dptrain.data.loading import (
     BUNDLED_SPLIT_KEY,
     DataError,
     TextDataset,
+    canonical_id,
     cap,
     load_texts,
     split,
@@ -339,3 +341,76 @@ def test_tables_name_the_extra_when_it_is_missing(tmp_path: Path, monkeypatch) -
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(MissingExtraError, match=r"dptrain\[datasets\]"):
         load_texts(tmp_path / "saved")
+
+
+# -- record ids: one canonical form, one rule for blanks, in every format --------------------
+
+
+def _id_files(tmp_path: Path, texts: list[str], ids: list) -> list[Path]:
+    """The same records (``ids[i] is None``: no id field) as JSONL, a JSON array, CSV, TSV,
+    Parquet and a datasets save (the last two only when their extras are installed)."""
+    rows = [
+        {"text": t, **({} if i is None else {"id": i})} for t, i in zip(texts, ids, strict=True)
+    ]
+    paths = [
+        write(tmp_path, "a.jsonl", "".join(json.dumps(r) + "\n" for r in rows)),
+        write(tmp_path, "a.json", json.dumps(rows)),
+    ]
+    for name, sep in (("a.csv", ","), ("a.tsv", "\t")):
+        cells = [f"{t}{sep}{'' if i is None else i}" for t, i in zip(texts, ids, strict=True)]
+        paths.append(write(tmp_path, name, "\n".join([f"text{sep}id", *cells]) + "\n"))
+    try:
+        import datasets
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return paths
+    column = {"text": texts, "id": [None if i is None else i for i in ids]}
+    pq.write_table(pa.table(column), tmp_path / "a.parquet")
+    datasets.Dataset.from_dict(column).save_to_disk(str(tmp_path / "saved"))
+    return [*paths, tmp_path / "a.parquet", tmp_path / "saved"]
+
+
+def test_blank_record_ids_are_no_ids_in_every_format(tmp_path: Path) -> None:
+    """A blank id ("" or whitespace) is no id, as an empty CSV cell must be: the record's id is
+    derived from its content in JSONL, JSON, CSV, TSV, Parquet and datasets alike, and two
+    blank ids are not a duplicate; a given id is stripped."""
+    texts = ["alpha", "beta", "gamma", "delta"]
+    for path in _id_files(tmp_path, texts, ["", " a ", "   ", None]):
+        ds = load_texts(path)
+        assert ds.ids == [cid("alpha"), "a", cid("gamma"), cid("delta")], path.name
+
+
+def test_numeric_record_ids_have_one_text_in_every_format(tmp_path: Path) -> None:
+    """1, 1.0 and "1" are the id "1": a float id column (Parquet / datasets) and a CSV of one
+    ("2.0") give the ids an integer column does; the same id twice is a duplicate."""
+    texts = ["alpha", "beta"]
+    for path in _id_files(tmp_path, texts, [1.0, 2.0]):
+        assert load_texts(path).ids == ["1", "2"], path.name
+    np = pytest.importorskip("numpy")
+    same = [7, 7.0, "7", " 7.00 ", np.int64(7), np.float64(7.0), Decimal("7"), Decimal("7.0")]
+    assert {canonical_id(v, "here", "id") for v in same} == {"7"}
+    assert [canonical_id(v, "here", "id") for v in ("007", "+7", "-0.0", "\u0661.0")] == [
+        "007", "+7", "0", "\u0661.0"
+    ]  # fmt: skip
+    assert [canonical_id(v, "here", "id") for v in (None, float("nan"), "", " \t")] == [None] * 4
+    write(tmp_path, "mixed.jsonl", '{"text": "a", "id": 1}\n{"text": "b", "id": "1.0"}\n')
+    with pytest.raises(DataError, match="duplicate record id '1'"):
+        load_texts(tmp_path / "mixed.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("1.5", "'id' is the float 1.5, which is not a whole number"),
+        ("1e300", "'id' is the float 1e\\+300, which is beyond 2\\^53"),
+        ("true", "'id' is the boolean True"),
+        ('{"a": 1}', "'id' is dict, not an id"),
+    ],
+)
+def test_record_ids_without_one_exact_text_are_refused_naming_the_line(
+    tmp_path: Path, value: str, message: str
+) -> None:
+    write(tmp_path, "a.jsonl", f'{{"text": "a", "id": 3}}\n{{"text": "b", "id": {value}}}\n')
+    with pytest.raises(DataError, match=rf"a.jsonl:2: {message}.*Fix: "):
+        load_texts(tmp_path / "a.jsonl")

@@ -140,8 +140,10 @@ def test_budget_refuses_before_the_step():
     fits = engine.remaining_steps()
     assert fits is not None and 0 < fits < 50
     for _ in range(fits):
+        assert engine.next_step_fits() is True
         engine.step(batch)
     assert engine.epsilon() <= 2.0
+    assert engine.next_step_fits() is False and engine.remaining_steps() == 0
     before = snapshot(model)
     with pytest.raises(BudgetExceeded, match="exceed the budget"):
         engine.step(batch)
@@ -203,6 +205,18 @@ def test_nonfinite_sample_is_dropped_not_poisoning():
     engine2.step((x[keep], y[keep]))
     for (n, a), b in zip(after.items(), snapshot(model2).values(), strict=True):
         assert_close_rel(a, b, rtol=1e-9, what=n)
+
+
+def test_a_batch_without_a_finite_loss_reports_nan_not_zero():
+    """A loss of 0.0 would read as a perfect fit; no finite loss means no mean."""
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    x = torch.full((2, 3), float("nan"), dtype=torch.float64)
+    engine = make(model, clip=1.0, n=4, q=0.5, loss=classification_loss)
+    report = engine.step((x, torch.tensor([0, 1])))
+    assert report.nonfinite == 2 and math.isnan(report.loss)
+    x[0] = 1.0
+    report = engine.step((x, torch.tensor([0, 1])))
+    assert report.nonfinite == 1 and math.isfinite(report.loss) and report.loss > 0
 
 
 def test_plain_module_classifier_learns():

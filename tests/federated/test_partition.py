@@ -69,3 +69,16 @@ def test_labels_follow_content_derived_ids(tmp_path):
     ids = load_texts(str(f)).ids
     assert ids[2] == ids[0] + "~1"
     assert record_labels(str(f), "kind", [ids[2], ids[1], ids[0]]) == ["z", "y", "x"]
+
+
+def test_numeric_labels_are_one_label_however_written_and_blank_ones_are_named(tmp_path):
+    """A label written 1, 1.0 and "1" is one label; a blank one is refused naming the field."""
+    f = tmp_path / "notes.jsonl"
+    f.write_text(
+        '{"id": "a", "text": "a", "kind": 1}\n{"id": "b", "text": "b", "kind": 1.0}\n'
+        '{"id": "c", "text": "c", "kind": "1"}\n{"id": "d", "text": "d", "kind": 2}\n'
+    )
+    assert record_labels(str(f), "kind", ["a", "b", "c", "d"]) == ["1", "1", "1", "2"]
+    f.write_text('{"id": "a", "text": "a", "kind": "x"}\n{"id": "b", "text": "b", "kind": " "}\n')
+    with pytest.raises(DataError, match=r"\['b'\] have no field 'kind'.*partition\.by: null"):
+        record_labels(str(f), "kind", ["a", "b"])

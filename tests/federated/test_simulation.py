@@ -5,7 +5,6 @@ does not answer in time)."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from dptrain.cli import main
 from dptrain.federated import client as client_module
 from dptrain.federated import simulate
 from dptrain.federated.lora import lora_state
+from dptrain.federated.strategy import LoraFedAvg
 from dptrain.models import build_model
 from dptrain.recipe import RecipeError, parse_recipe
 from dptrain.rundir import RunDir
@@ -199,20 +199,37 @@ class CrashingEngine(client_module.PrivacyEngine):
 
 
 def test_crashed_and_silent_clients_do_not_stop_the_round_and_rejoin(tmp_path, monkeypatch):
-    timeout = 20.0  # ample for a tiny round on 2 idle cores; the silent client sleeps past it
+    """The faults are events, not timings: the silent client holds its round-1 reply until the
+    server has aggregated round 1 (whichever of Flower's clocks ended the wait: the grid's
+    timeout or the requests' TTL), so only the healthy clients' training must fit in it."""
+    timeout = 20.0  # ample for the healthy clients' tiny round on 2 busy cores
     monkeypatch.setattr(client_module, "PrivacyEngine", CrashingEngine)
+    moved_on = threading.Event()  # the server has aggregated round 1
+    aggregate = LoraFedAvg.aggregate_train
+
+    def aggregating(self, server_round, replies):
+        try:
+            return aggregate(self, server_round, replies)
+        finally:
+            if server_round == 1:
+                moved_on.set()
+
+    monkeypatch.setattr(LoraFedAvg, "aggregate_train", aggregating)
+    held: list[tuple[bool, int]] = []  # the silent client: (round 1 moved on, its round)
 
     def faults(msg, context, call_next):  # a Flower mod around the ClientApp
         client = int(context.node_config["partition-id"])
         first = int(msg.content["config"]["server-round"]) == 1
         FAULTS.crash_after = 2 if first and client == 1 else None
         if first and client == 2:
-            time.sleep(timeout + 2)  # answers only after the round has moved on
+            moved = moved_on.wait(30 * timeout)  # answers only after the round moved on
+            held.append((moved, int(msg.content["config"]["server-round"])))  # still round 1
         return call_next(msg, context)
 
     federated = {"clients": 4, "min_clients": 2, "round_timeout": timeout, "strategy": "dp_lora"}
     d = tiny_recipe(tmp_path, federated=federated)
     simulate(parse_recipe(d), mods=[faults])
+    assert held == [(True, 1)]
     run = RunDir(tmp_path / "run")
     r1, r2 = run.read_metrics()
     assert r1["aggregated"] and r1["updates"] == 2  # clients 0 and 3: enough (min_clients 2)

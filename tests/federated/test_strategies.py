@@ -29,7 +29,7 @@ from dptrain.federated.lora import (
 )
 from dptrain.federated.recipe import FederatedRecipe
 from dptrain.federated.strategy import LoraFedAvg
-from dptrain.recipe import parse_recipe
+from dptrain.recipe import RecipeError, parse_recipe
 
 from .conftest import tiny_recipe
 
@@ -52,9 +52,20 @@ def truncated_svd(m: torch.Tensor, r: int) -> torch.Tensor:
     return u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
 
 
+def full_svd_refactorize(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: the full SVD of the d x k product, ``A' = V_r^T``, ``B' = U_r S_r``, each
+    singular pair's sign chosen so that the largest-magnitude entry of its row of A' is > 0."""
+    r = a.shape[0]
+    u, s, vh = torch.linalg.svd(b.double() @ a.double(), full_matrices=False)
+    u, s, vh = u[:, :r], s[:r], vh[:r]
+    flip = vh[torch.arange(r), vh.abs().argmax(dim=1)] < 0
+    sign = 1.0 - 2.0 * flip.double()
+    return vh * sign[:, None], u * sign * s
+
+
 def test_refactorize_is_the_rank_r_svd_with_orthonormal_a():
     g = torch.Generator().manual_seed(1)
-    for r, d_in, d_out in [(3, 7, 5), (2, 16, 16), (4, 6, 9)]:
+    for r, d_in, d_out in [(3, 7, 5), (2, 16, 16), (4, 6, 9), (5, 5, 40), (16, 64, 48)]:
         a = torch.randn(r, d_in, generator=g, dtype=torch.float64)
         b = torch.randn(d_out, r, generator=g, dtype=torch.float64)
         a_new, b_new = refactorize(a, b)
@@ -65,6 +76,50 @@ def test_refactorize_is_the_rank_r_svd_with_orthonormal_a():
         # B' carries the singular values: its columns are orthogonal with norms S
         s = torch.linalg.svdvals(b @ a)[:r]
         torch.testing.assert_close(b_new.T @ b_new, torch.diag(s**2))
+        # the thin-QR path gives the full SVD's factors themselves (same sign convention)
+        a_ref, b_ref = full_svd_refactorize(a, b)
+        torch.testing.assert_close(a_new, a_ref)
+        torch.testing.assert_close(b_new, b_ref)
+
+
+def test_refactorize_on_rank_deficient_products_matches_the_full_svd():
+    """rank(B A) = rho < r (B or A rank-deficient, or B = 0 as at FedSVD's init): the rho
+    leading singular pairs are the full SVD's; the other rows of A' are some orthonormal
+    completion (not unique), with zero columns of B'; B' A' = B A either way."""
+    g = torch.Generator().manual_seed(2)
+    r, d_in, d_out = 6, 20, 24
+
+    def low_rank(rows: int, cols: int, rho: int) -> torch.Tensor:
+        x = torch.randn(rows, rho, generator=g, dtype=torch.float64)
+        return x @ torch.randn(rho, cols, generator=g, dtype=torch.float64)
+
+    cases = [
+        (torch.randn(r, d_in, generator=g, dtype=torch.float64), low_rank(d_out, r, 2), 2),
+        (low_rank(r, d_in, 3), torch.randn(d_out, r, generator=g, dtype=torch.float64), 3),
+        (torch.randn(r, d_in, generator=g, dtype=torch.float64), torch.zeros(d_out, r), 0),
+    ]
+    for a, b, rho in cases:
+        b = b.double()
+        a_new, b_new = refactorize(a, b)
+        torch.testing.assert_close(b_new @ a_new, b @ a)
+        torch.testing.assert_close(a_new @ a_new.T, torch.eye(r, dtype=torch.float64))
+        a_ref, b_ref = full_svd_refactorize(a, b)
+        torch.testing.assert_close(a_new[:rho], a_ref[:rho])
+        torch.testing.assert_close(b_new[:, :rho], b_ref[:, :rho])
+        assert float(b_new[:, rho:].abs().max()) < 1e-12
+
+
+def test_refactorize_keeps_dtypes_and_refuses_a_rank_above_the_layer():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(4, 30, generator=g)
+    b = torch.randn(20, 4, generator=g)
+    a_new, b_new = refactorize(a, b)
+    assert a_new.dtype == b_new.dtype == torch.float32
+    a_ref, b_ref = full_svd_refactorize(a, b)
+    torch.testing.assert_close(a_new, a_ref.float())
+    torch.testing.assert_close(b_new, b_ref.float())
+    with pytest.raises(RecipeError, match=r"lora\.r"):
+        refactorize(torch.randn(4, 3), torch.randn(20, 4))
 
 
 def test_fedsvd_merge_averages_b_then_refactorizes():
@@ -90,8 +145,8 @@ def test_fedsvd_merge_averages_b_then_refactorizes():
 def test_the_server_step_runs_on_the_recipes_device_and_is_unchanged_on_the_cpu(
     tmp_path, monkeypatch
 ):
-    """LoraFedAvg resolves training.device once and the FedSVD QR and SVD run there in float64
-    (spied: the device of their inputs); on the CPU the results are bit for bit those of the
+    """LoraFedAvg resolves training.device once and the FedSVD QRs and SVD run there in float64
+    (spied: the device, dtype and shape of their inputs: the d x k product is never formed); on the CPU the results are bit for bit those of the
     device-less call, and the state stays CPU tensors (Flower arrays)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     strategy = strategy_for(tmp_path)  # federated_tiny: training.device auto -> cpu here
@@ -100,8 +155,8 @@ def test_the_server_step_runs_on_the_recipes_device_and_is_unchanged_on_the_cpu(
     for name in ("qr", "svd"):
         real = getattr(torch.linalg, name)
 
-        def spy(m, *a, real=real, **k):
-            seen.append((m.device, m.dtype))
+        def spy(m, *a, real=real, name=name, **k):
+            seen.append((name, tuple(m.shape), m.device, m.dtype))
             return real(m, *a, **k)
 
         monkeypatch.setattr(torch.linalg, name, spy)
@@ -109,7 +164,10 @@ def test_the_server_step_runs_on_the_recipes_device_and_is_unchanged_on_the_cpu(
     g0 = spec.init(adapters(0), strategy.device)
     mean = {B: adapters(1)[B], B2: adapters(2)[B2]}
     new = spec.merge(g0, mean, strategy.device)
-    assert seen == [(torch.device("cpu"), torch.float64)] * 4  # 2 QR, 2 SVD
+    cpu = (torch.device("cpu"), torch.float64)
+    init = [("qr", (7, 3), *cpu)] * 2  # A^T of each pair
+    step = [("qr", (5, 3), *cpu), ("qr", (7, 3), *cpu), ("svd", (3, 3), *cpu)] * 2
+    assert seen == init + step  # per pair: thin QRs of B and A^T, the r x r core's SVD
     plain_init = spec.init(adapters(0))
     plain = spec.merge(plain_init, mean)
     assert all(torch.equal(g0[k], plain_init[k]) and torch.equal(new[k], plain[k]) for k in new)
@@ -214,6 +272,38 @@ def test_strategy_sorts_replies_and_respects_min_clients(tmp_path, task_identity
     torch.testing.assert_close(new[B], 2.5 * torch.ones(5, 3))  # weighted by record counts
     assert torch.equal(new[A], g0[A])  # FFA: A never moves
     assert "no reply" in s.reports[2].failures["client 1"]  # known by now from its decline
+
+
+def test_superlink_errors_for_expired_requests_are_charged_to_their_nodes(tmp_path, task_identity):
+    """The SuperLink answers a request whose TTL ran out (or whose node is gone) with its own
+    error, from SUPERLINK_NODE_ID: it is the request's node that failed, once, never node 1."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.server.superlink.linkstate.utils import (
+        NODE_UNAVAILABLE_ERROR_REASON,
+        create_message_error_unavailable_ins_message,
+        create_message_error_unavailable_res_message,
+    )
+
+    s = strategy_for(tmp_path, strategy="ffa_lora", clients=4, min_clients=1)
+    g0 = {k: v.float() for k, v in adapters(0).items()}
+    s.current, s.sent = g0, [11, 12, 13, 14]
+    s.messages = [request(n) for n in s.sent]
+    for i, m in enumerate(s.messages):
+        m.metadata.__dict__["_message_id"] = f"id-{i}"  # as the grid's push stamps them
+    expired = create_message_error_unavailable_ins_message("id-1", run_id=1)
+    gone = create_message_error_unavailable_res_message(s.messages[2].metadata, "node_unavail")
+    stale = create_message_error_unavailable_ins_message("id-of-an-earlier-round", run_id=1)
+    assert {m.metadata.src_node_id for m in (expired, gone, stale)} == {SUPERLINK_NODE_ID}
+    ones = torch.ones(5, 3)
+    replies = [update(11, 0, {B: ones, B2: ones}, n=10), expired, gone, stale]  # 14: nothing
+    arrays, _ = s.aggregate_train(1, replies)
+    report = s.reports[1]
+    assert arrays is not None and report.aggregated and report.updates == 1
+    assert report.failures == {
+        "node 12": "no reply within 60 s (the request expired)",
+        "node 13": NODE_UNAVAILABLE_ERROR_REASON,
+        "node 14": "no reply within 60 s",
+    }
 
 
 def test_client_level_dp_clips_each_update_and_charges_one_event_per_round(tmp_path, task_identity):

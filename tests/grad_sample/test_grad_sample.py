@@ -330,10 +330,19 @@ def test_forward_that_writes_its_parameters_is_refused(via_data):
         cap.run(_loss, (torch.randn(3, 3), torch.randn(3, 2)))
 
 
-def test_parameter_written_after_planning_is_refused():
+@pytest.mark.parametrize(
+    "via_data, refusal",
+    [
+        (False, r"lin\.weight in place"),  # seen by the version counter
+        (True, r"lin\.weight in place through \.data, in '<model>' \(_Self"),  # by the watch
+    ],
+)
+def test_parameter_written_after_planning_is_refused(via_data, refusal):
     """A forward pass that starts writing its weight after the plan was made (no probe sees
-    it) is refused at that step by the version counter."""
-    model = _SelfScaling(via_data=False)
+    it) is refused at that step: by the version counter, or, for a write through ``.data``
+    (which leaves the counter alone), by the step's ``.data`` watch, which fingerprints the
+    parameter before the write and names the module."""
+    model = _SelfScaling(via_data=via_data)
     armed = [False]
     inner = model.forward
     model.forward = lambda x: inner(x) if armed[0] else model.lin(x)
@@ -341,6 +350,41 @@ def test_parameter_written_after_planning_is_refused():
     cap.attach()
     batch = (torch.randn(3, 3), torch.randn(3, 2))
     cap.run(_loss, batch)
+    cap.run(_loss, batch)  # planned steps that write nothing pass
     armed[0] = True
-    with pytest.raises(UnsupportedLayerError, match=r"lin\.weight in place"):
+    with pytest.raises(UnsupportedLayerError, match=refusal):
         cap.run(_loss, batch)
+    assert "data" not in nn.Parameter.__dict__  # the watch is gone after the step
+
+
+class _RunningMean(nn.Module):
+    """Starts folding the batch mean into a buffer once armed (after planning), with a
+    version bump (``add_``) or without one (through ``.data``)."""
+
+    def __init__(self, via_data: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("mean", torch.zeros(3))
+        self.via_data, self.armed = via_data, False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.armed:
+            target = self.mean.data if self.via_data else self.mean
+            with torch.no_grad():
+                target.mul_(0.9).add_(0.1 * x.mean(0))
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("via_data", [False, True])
+def test_buffer_updated_after_planning_is_refused_and_restored(via_data):
+    model = _RunningMean(via_data)
+    cap = GradCapture(model)
+    cap.attach()
+    batch = (torch.randn(3, 3), torch.randn(3, 2))
+    cap.run(_loss, batch)
+    model.mean.fill_(0.5)  # a public value set between steps is what must come back
+    before = model.mean.clone()
+    model.armed = True
+    with pytest.raises(UnsupportedLayerError, match=r"buffers mean were updated.*restored.*Fix"):
+        cap.run(_loss, batch)
+    assert torch.equal(model.mean, before)

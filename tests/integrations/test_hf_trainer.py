@@ -424,3 +424,85 @@ def test_the_ledger_on_disk_covers_each_log_line_and_trackers_get_released_value
         assert not private & set(scalars), sorted(scalars)
         assert set(scalars) <= {"train/epsilon", "train/grad_norm", "train/learning_rate",
                                 "train/epoch"}  # fmt: skip
+
+
+def test_record_ids_of_an_id_column_have_one_canonical_text(records) -> None:
+    named = [
+        {**r, "id": [i, float(i), torch.tensor(i), f" {i} "][i % 4]} for i, r in enumerate(records)
+    ]
+    assert record_ids(named) == [str(i) for i in range(N)]
+    named[3]["id"] = " "
+    with pytest.raises(DPTrainerError, match="record 3 has no 'id' \\(missing, null or blank\\)"):
+        record_ids(named)
+
+
+def test_logged_loss_is_the_trainers_mean_whatever_the_accumulation(tmp_path) -> None:
+    """Under gradient_accumulation_steps 1 and 3 (physical chunks of 1): one ledger step per
+    optimizer step at the same q, the same model, and each line's ``loss`` is the mean over
+    its optimizer steps of the model's own (HF) loss on that step's whole Poisson batch
+    (records of equal length: HF's token mean is the per-record mean); steps with an empty
+    batch are left out, not counted as 0, and a line of empty steps only has no loss."""
+    g = torch.Generator().manual_seed(1)
+    rows = [{"input_ids": torch.randint(0, VOCAB, (WIDTH,), generator=g)} for _ in range(N)]
+    rows = [{**r, "attention_mask": torch.ones(WIDTH, dtype=torch.long)} for r in rows]
+    rows = [{**r, "labels": r["input_ids"].clone()} for r in rows]
+    q, steps = 1 / N, 8
+    privacy = PrivacyArguments(epsilon=20.0, clip=1.0, insecure_seed=3, sample_rate=q)
+    runs = {}
+    for ga, every in ((1, 2), (3, 1)):
+        trainer = DPTrainer(
+            _model(),
+            _args(
+                tmp_path / f"ga{ga}",
+                max_steps=steps,
+                per_device_train_batch_size=1,
+                gradient_accumulation_steps=ga,
+                logging_steps=every,
+                save_strategy="no",
+            ),
+            train_dataset=rows,
+            privacy=privacy,
+        )
+        runs[ga] = (trainer, trainer.train())
+    plan = runs[1][0].plan
+    # the same steps directly, each batch's loss taken by the model itself before its step
+    model = _model()
+    engine = dptrain.PrivacyEngine(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        policy=dptrain.StaticPolicy(clip=1.0, noise_multiplier=plan.noise_multiplier),
+        sample_rate=q,
+        dataset_size=N,
+        loss_fn=hf.causal_lm_loss(),
+        max_physical_batch_size=1,
+        noise=dptrain.GaussianNoise(RunKey.from_insecure_seed(3)),
+    )
+    sampler = dptrain.PoissonSampler(record_ids(rows), q, RunKey.from_insecure_seed(3))
+    hf_loss: list[float | None] = []
+    for t in range(steps):
+        idx = sampler.sample(t).tolist()
+        batch = default_data_collator([rows[i] for i in idx]) if idx else None
+        with torch.no_grad():
+            hf_loss.append(float(model(**batch).loss) if idx else None)
+        engine.step(batch)
+    assert None in hf_loss, "the key gives no empty batch: the test would not test it"
+    for ga, every in ((1, 2), (3, 1)):
+        trainer, output = runs[ga]
+        assert trainer.engine.ledger.to_dict() == engine.ledger.to_dict()
+        assert trainer.engine.ledger.total_steps == steps
+        lines = [h for h in trainer.state.log_history if "grad_norm" in h]  # not train_loss's
+        got = {h["step"]: h.get("loss") for h in lines}
+        assert sorted(got) == list(range(every, steps + 1, every))
+        for end in range(every, steps + 1, every):
+            window = [v for v in hf_loss[end - every : end] if v is not None]
+            want = sum(window) / len(window) if window else None
+            # HF's loss upcasts the logits to float32 only: equal to ~1e-7
+            assert got[end] == (pytest.approx(want, rel=1e-6) if window else None), (ga, end)
+        mean = sum(v for v in hf_loss if v is not None) / sum(v is not None for v in hf_loss)
+        assert output.training_loss == pytest.approx(mean, rel=1e-6)
+        assert trainer.state.log_history[-1]["train_loss"] == output.training_loss
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(
+                dict(trainer.model.named_parameters())[name].detach(), p.detach(), rtol=1e-10,
+                atol=1e-12,
+            )  # fmt: skip

@@ -454,3 +454,104 @@ def test_record_level_run_shows_the_person_level_epsilon_beside(tmp_path, capsys
     assert 1 <= k <= 9 and grouped["group_size"] == k
     assert grouped["epsilon"] > k * meta["epsilon"] * 0.99
     assert "-DP for each training record" in out and "per patient" in out
+
+
+@pytest.mark.parametrize("bad", ["missing", "null", "", "   "])
+def test_a_record_without_a_person_is_refused_alike_in_every_format(tmp_path, bad):
+    """Absent, null, empty or whitespace-only: the same refusal, naming the record's place,
+    from JSONL, a JSON array, CSV, TSV, Parquet and a datasets save."""
+    rows = [{"text": "alpha", "user": "u1"}, {"text": "beta", "user": "u2"}]
+    value = {"missing": None, "null": None}.get(bad, bad)
+    if bad != "missing":
+        rows[1]["user"] = value
+    else:
+        del rows[1]["user"]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    for name, sep in (("a.csv", ","), ("a.tsv", "\t")):
+        cells = [sep.join((r["text"], r.get("user") or "")) for r in rows]  # no null in CSV
+        (tmp_path / name).write_text("\n".join([sep.join(("text", "user")), *cells]) + "\n")
+    where = {
+        "a.jsonl": "a.jsonl:2",
+        "a.json": "a.json: array element 2",
+        "a.csv": "a.csv:3",
+        "a.tsv": "a.tsv:3",
+    }
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    columns = {"text": [r["text"] for r in rows], "user": [r.get("user") for r in rows]}
+    pq.write_table(pa.table(columns), tmp_path / "a.parquet")
+    where["a.parquet"] = "a.parquet: row 2"
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict(columns).save_to_disk(str(tmp_path / "saved"))
+    where["saved"] = "saved: row 2"
+    for name, place in where.items():
+        with pytest.raises(DataError, match=rf"{place}: the record has no 'user'.*Fix: give"):
+            person_ids(str(tmp_path / name), "user")
+
+
+def test_one_person_written_as_a_number_or_text_is_one_person_in_every_format(tmp_path):
+    """1, 1.0, "1", " 1 " and "1.0" are one person in JSONL, a JSON array, CSV, TSV, Parquet
+    (an int64 part and a float64 part of one folder) and a datasets save: one canonical text."""
+    values = [1, 1.0, "1", " 1 ", "1.0", 2, 2.0]
+    rows = [{"text": f"note {i}", "user": v} for i, v in enumerate(values)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    for name, sep in (("a.csv", ","), ("a.tsv", "\t")):
+        cells = [sep.join((r["text"], str(r["user"]))) for r in rows]  # 1.0 is written "1.0"
+        (tmp_path / name).write_text("\n".join([sep.join(("text", "user")), *cells]) + "\n")
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    (tmp_path / "parts").mkdir()
+    texts = [r["text"] for r in rows]
+    pq.write_table(pa.table({"text": texts[:3], "user": [1, 2, 1]}), tmp_path / "parts/0.parquet")
+    pq.write_table(  # float64: what an int column becomes in pandas after a null
+        pa.table({"text": texts[3:], "user": [1.0, 1.0, 2.0, 2.0]}), tmp_path / "parts/1.parquet"
+    )
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": texts, "user": [float(v) for v in values]}).save_to_disk(
+        str(tmp_path / "saved")
+    )
+    for name in ("a.jsonl", "a.json", "a.csv", "a.tsv", "parts", "saved"):
+        path = tmp_path / name
+        people = read_people(load_texts(path), person_ids(str(path), "user"))
+        want = [5, 2] if name != "parts" else [4, 3]
+        assert people.ids == ["1", "2"] and people.counts.tolist() == want, name
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (1.5, "is the float 1.5, which is not a whole number"),
+        (2.0**60, "beyond 2\\^53"),
+        (True, "is the boolean True"),
+        ([1], "is list, not an id"),
+        ("007", "'007' and .*a.jsonl:1: '7' are the same number written two ways"),
+        ("+7", "the same number written two ways"),
+    ],
+)
+def test_person_ids_without_one_exact_text_are_refused_naming_the_record(tmp_path, value, message):
+    rows = [{"text": "alpha", "user": 7}, {"text": "beta", "user": value}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=rf"a.jsonl:2: 'user' .*{message}.*Fix: "):
+        person_ids(str(tmp_path / "a.jsonl"), "user")
+
+
+def test_validation_path_sharing_a_person_written_another_way_is_refused(tmp_path):
+    """Training JSONL person 7 and validation CSV person "7.0" / "007": one person."""
+    (tmp_path / "tr.jsonl").write_text(
+        "".join(json.dumps({"text": f"t{i}", "user": 7 + i}) + "\n" for i in range(3))
+    )
+    data = {
+        "path": str(tmp_path / "tr.jsonl"),
+        "validation_path": str(tmp_path / "va.csv"),
+        "privacy_unit": {"field": "user"},
+    }
+    for written in ("7.0", "007", "11"):
+        (tmp_path / "va.csv").write_text(f"text,user\nv1,{written}\nv2,12\n")
+        if written == "11":
+            train, val = _split(tmp_path, data, RunKey(bytes(32)))
+            assert (len(train), len(val)) == (3, 2)
+        else:
+            with pytest.raises(RecipeError, match=r"people \(e\.g\. '7'\) have records in both"):
+                _split(tmp_path, data, RunKey(bytes(32)))

@@ -5,14 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
 from dptrain.cli import main
 from dptrain.data.canaries import Canary, Manifest
+from dptrain.data.loading import DataError
+from dptrain.data.people import person_ids, read_people, recipe_person_ids
+from dptrain.data.splits import split_data
 from dptrain.models import load_model_and_tokenizer
+from dptrain.recipe import load_recipe
 from dptrain.rundir import RunDir
+from dptrain.secret import run_key
 from dptrain.tasks.generation import canary_check, canary_prefix
+from dptrain.tasks.schema import TaskSection
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,3 +87,48 @@ def test_canary_check_finds_a_memorized_secret() -> None:
     check = canary_check(model, tok, Manifest(template, 6, [seen, unseen]))
     assert (check.trained, check.trained_extracted) == (1, 1)
     assert (check.untrained, check.untrained_extracted) == (1, 0)
+
+
+def test_instruction_run_per_person(tmp_path: Path) -> None:
+    """``data.privacy_unit`` with a structured task: each record's person is read beside its
+    task fields (the records' own ids), and the run samples, clips and accounts per person."""
+    rows = [
+        {
+            "q": f"Kind of record {i}?",
+            "a": ["clinic note", "lab notice"][i % 2],
+            "who": f"p{i // 3}",
+        }
+        for i in range(90)
+    ]
+    data = tmp_path / "instr.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    d = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+    d["data"].update(
+        path=str(data), max_records=None, validation_fraction=0.3, privacy_unit={"field": "who"}
+    )
+    d["training"].update(steps=2, batch_size=6)
+    d["task"] = {"kind": "instruction", "prompt_field": "q", "response_field": "a"}
+    d["output_dir"] = str(tmp_path / "run")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(d))
+    assert main(["train", str(recipe), "--no-progress"]) == 0
+    meta = RunDir(tmp_path / "run").read_meta()
+    unit = meta["privacy_unit"]
+    assert meta["task"] == "instruction" and meta["status"] == "finished"
+    assert unit["unit"] == "who" and 0 < unit["people"] < 30
+    assert meta["sample_rate"] == pytest.approx(6 / unit["people"])
+    # the audit by person reads the people as training did (keyed by the task records' ids)
+    run = RunDir(tmp_path / "run")
+    again = load_recipe(run.recipe)
+    train, val, _ = split_data(again, run_key(run.path, again.privacy.insecure_seed, create=False))
+    persons = recipe_person_ids(again, "who")
+    assert len(read_people(train, persons)) + len(read_people(val, persons)) == 30
+    numbered = [
+        {**r, "who": [i // 3, float(i // 3), str(i // 3)][i % 3]} for i, r in enumerate(rows)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in numbered))  # 1, 1.0, "1": one person
+    assert len(set(recipe_person_ids(again, "who").values())) == 30
+    rows[4]["who"] = ""  # a record without its person is refused, naming its line
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"instr\.jsonl:5: the record has no 'who'"):
+        person_ids(str(data), "who", task=TaskSection.model_validate(d["task"]))

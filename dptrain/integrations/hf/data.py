@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from ...data.loading import canonical_id
 from ...sampling import PoissonSampler
 from .arguments import DPTrainerError
 
@@ -33,10 +34,11 @@ PIECE_KEY = "dp_piece"
 
 def record_ids(dataset: Any, id_column: str = "id") -> list[str]:
     """One unique id per record: the dataset's ``ids`` (:class:`dptrain.data.LMExamples`), or
-    the ``id_column`` field where every record has one, else ``rec-<16 hex digits of SHA-256
-    of the record's fields>`` with ``~k`` for the k-th further duplicate (as
-    :func:`dptrain.data.loading.content_ids`), so that adding a record changes no other
-    record's coins."""
+    the ``id_column`` field where every record has one (in the canonical text of
+    :func:`dptrain.data.loading.canonical_id`: ``7``, ``7.0``, ``tensor(7)`` and ``"7"`` are
+    ``"7"``), else ``rec-<16 hex digits of SHA-256 of the record's fields>`` with ``~k`` for
+    the k-th further duplicate (as :func:`dptrain.data.loading.content_ids`), so that adding a
+    record changes no other record's coins."""
     n = len(dataset)
     own = getattr(dataset, "ids", None)
     if isinstance(own, list) and len(own) == n and n and all(isinstance(i, str) for i in own):
@@ -50,12 +52,14 @@ def record_ids(dataset: Any, id_column: str = "id") -> list[str]:
         ids = []
         for i in range(n):
             row = dataset[i]
-            if id_column not in row:
+            rid = canonical_id(row.get(id_column), f"train_dataset record {i}", id_column)
+            if rid is None:
                 raise DPTrainerError(
-                    f"PrivacyArguments.id_column: record {i} has no '{id_column}' field while "
-                    "record 0 has one. Fix: give every record an id, or none"
+                    f"PrivacyArguments.id_column: record {i} has no '{id_column}' (missing, "
+                    "null or blank) while record 0 has one. Fix: give every record an id, or "
+                    "none"
                 )
-            ids.append(str(row[id_column]))
+            ids.append(rid)
         if len(set(ids)) != n:
             raise DPTrainerError(
                 f"PrivacyArguments.id_column: the '{id_column}' values are not unique; each "

@@ -15,8 +15,13 @@ What changes against the Trainer (everything else -- the optimizer and scheduler
     the budget   the engine refuses a step before it runs; after each step the trainer stops
                  training when the next one would not fit (``PrivacyCallback``)
     logs         every Trainer log gets ``epsilon`` (spent so far, at the plan's delta);
-                 ``grad_norm`` is the norm of the released (noised) update; ``loss`` is the
-                 mean per-sample loss of the batch: a statistic of private data, which the
+                 ``grad_norm`` is the norm of the released (noised) update; ``loss`` is, as
+                 the Trainer's, the mean over the line's optimizer steps of each step's loss
+                 (:class:`LossMeans`): the mean per-record loss of its whole Poisson batch,
+                 whatever ``gradient_accumulation_steps``; steps with an empty batch have no
+                 loss and are left out (the Trainer would count them as 0; a line of such
+                 steps only has no ``loss``);
+                 ``train_loss`` likewise over the run; a statistic of private data, which the
                  ``report_to`` integrations get only with
                  ``PrivacyArguments.report_private_metrics`` (:mod:`.logs`); before any log
                  line is shown, ``output_dir/ledger.json`` is saved (atomically) so that it
@@ -42,7 +47,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint
 
 from accountants import BudgetExceeded, Ledger
 from accountants.ledger import atomic_write
@@ -123,6 +128,41 @@ class AppliedByEngine(torch.optim.Optimizer):
         return f"AppliedByEngine({self.inner!r})"
 
 
+class LossMeans:
+    """The logged ``loss`` (mean over the optimizer steps since the last log line) and
+    ``train_loss`` (over the run's steps in this process) of a private run.
+
+    Step t's loss is ``L_t = (1/n_t) sum_{i in B_t} loss_i``: the mean per-record loss of its
+    whole Poisson batch (the engine's objective; the Trainer's own token-weighted mean differs
+    where records have different numbers of labelled tokens), the same for any number of
+    accumulation micro-steps.  A step with no finite per-record loss (an empty Poisson batch,
+    a refused step) has no ``L_t`` and is not counted; a window without any has no mean (its
+    log line has no ``loss``: a NaN would read as divergence), a run without any a NaN
+    ``train_loss``."""
+
+    def __init__(self) -> None:
+        self.window = [0.0, 0]
+        self.total = [0.0, 0]
+
+    def add(self, report: StepReport) -> bool:
+        """Count ``report``'s step if it has a loss; says whether it had one."""
+        if report.batch_size - report.nonfinite <= 0 or not math.isfinite(report.loss):
+            return False
+        for acc in (self.window, self.total):
+            acc[0] += report.loss
+            acc[1] += 1
+        return True
+
+    def take_window(self) -> float | None:
+        """The window's mean (None: no step of it had a loss), starting a new window."""
+        (total, n), self.window = self.window, [0.0, 0]
+        return total / n if n else None
+
+    def run_mean(self) -> float:
+        total, n = self.total
+        return total / n if n else math.nan
+
+
 class _PoissonLoader(DataLoader):
     """A DataLoader whose ``set_epoch`` reaches the Poisson batch sampler."""
 
@@ -142,7 +182,7 @@ class PrivacyCallback(TrainerCallback):
         if engine is None:
             return control
         state.global_step = engine.steps_taken  # a refused step is no step
-        if self.trainer.stopped_by_budget is None and engine.remaining_steps() == 0:
+        if self.trainer.stopped_by_budget is None and engine.next_step_fits() is False:
             self.trainer.stopped_by_budget = (
                 f"budget epsilon={engine.budget.epsilon} at delta={engine.budget.delta:.3g} "
                 f"reached after {engine.steps_taken} steps (epsilon {engine.epsilon():.4f})"
@@ -204,6 +244,7 @@ class DPTrainer(Trainer):
         self.last_report: StepReport | None = None
         self._resume_state: dict[str, Any] | None = None
         self._ledger_saved_at: int | None = None  # engine steps covered by ledger.json
+        self.losses = LossMeans()
         self.add_callback(PrivacyCallback(self))
 
     # -- refusals ------------------------------------------------------------------------
@@ -252,7 +293,8 @@ class DPTrainer(Trainer):
         if resume_from_checkpoint:
             self._resume_state = _read_privacy_state(Path(resume_from_checkpoint))
         self._plan()
-        return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kw)
+        out = super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kw)
+        return TrainOutput(out.global_step, self.losses.run_mean(), out.metrics)
 
     def _plan(self) -> None:
         ds = self.train_dataset
@@ -410,7 +452,9 @@ class DPTrainer(Trainer):
     def training_step(
         self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
-        """One private step on the step's whole Poisson batch (at its last piece)."""
+        """One private step on the step's whole Poisson batch (at its last piece).  Returns the
+        step's loss for the Trainer's accumulator, 0 for a marker piece and a step without a
+        loss; the logged values are :class:`LossMeans`' (see :meth:`log`)."""
         engine = self.engine
         step, piece = inputs.pop(STEP_KEY), inputs.pop(PIECE_KEY)
         if step != engine.steps_taken:
@@ -429,13 +473,15 @@ class DPTrainer(Trainer):
             except BudgetExceeded as err:
                 self.stopped_by_budget = str(err)
                 self.control.should_training_stop = True
-                return torch.tensor(math.nan, device=self.args.device)
+                return torch.zeros((), device=self.args.device)
         self.last_report = report
-        return torch.tensor(report.loss, device=self.args.device)
+        counted = self.losses.add(report)
+        return torch.tensor(report.loss if counted else 0.0, device=self.args.device)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """The Trainer's log line with ``epsilon`` spent so far; ``grad_norm`` is the norm of
-        the released (noised) update (the Trainer's own is of cleared gradients).
+        the released (noised) update (the Trainer's own is of cleared gradients); ``loss``
+        and ``train_loss`` are :class:`LossMeans`'.
 
         ``output_dir/ledger.json`` is saved first: no line shows a step the ledger on disk
         does not cover.  The console, the user's callbacks and the log history get the whole
@@ -444,6 +490,14 @@ class DPTrainer(Trainer):
         if self.engine is not None:
             self.save_ledger()
             logs["epsilon"] = self.engine.epsilon()
+            if "loss" in logs:  # the Trainer's sum / steps would count empty batches as 0
+                mean = self.losses.take_window()
+                if mean is None:
+                    del logs["loss"]
+                else:
+                    logs["loss"] = mean
+            if "train_loss" in logs:
+                logs["train_loss"] = self.losses.run_mean()
             if "grad_norm" in logs and self.last_report is not None:
                 logs["grad_norm"] = self.last_report.update_norm
         handler = self.callback_handler
