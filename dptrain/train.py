@@ -200,7 +200,11 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
     run = RunDir(recipe.run_dir(run_dir))
     meta = _check_run_dir(run, recipe, resume)
     key = _run_key(recipe, run, resume)
-    canaries = make_canaries(recipe.data.canaries, key) if recipe.data.canaries else None
+    canaries = (
+        make_canaries(recipe.data.canaries, key, person_level=recipe.data.privacy_unit is not None)
+        if recipe.data.canaries
+        else None
+    )
     train_texts, val_texts = read_data(recipe, key, canaries=canaries)
     if not len(val_texts):
         raise no_validation_error(recipe)
@@ -345,7 +349,12 @@ def start(prep: Prepared) -> None:
     if not prep.resume:
         atomic_write(run.recipe, lambda f: f.write(dump_recipe(recipe)))
         if recipe.data.canaries is not None:
-            path = write_manifest(run.path, recipe.data.canaries, canaries=prep.canaries)
+            path = write_manifest(
+                run.path,
+                recipe.data.canaries,
+                canaries=prep.canaries,
+                person_level=recipe.data.privacy_unit is not None,
+            )
             log(f"inserted audit canaries; their secrets are in {path} (keep it private)")
 
 

@@ -187,6 +187,7 @@ class UnitPlan:
     person_delta: float  # the person-level delta target
     person_epsilon_budget: float
     records_before_cap: int
+    canary_people: int = 0  # data.canaries: canary persons, each included by a keyed coin
 
     @property
     def name(self) -> str:
@@ -215,6 +216,19 @@ class UnitPlan:
             "group_size": self.group_size,
             "epsilon_budget": self.person_epsilon_budget,
             "delta": self.person_delta,
+            **(
+                {
+                    "canaries": {
+                        "unit": self.name,
+                        "people": self.canary_people,
+                        "inclusion": "each canary person (all of its repetitions) with "
+                        "probability 1/2 by a coin of the run key: the one-run audit bound "
+                        f"is per {self.name}",
+                    }
+                }
+                if self.canary_people
+                else {}
+            ),
         }
 
     def guarantee(self, record_eps: float, record_delta_total: float) -> dict[str, Any]:
@@ -256,8 +270,14 @@ def resolve_unit(
         train = cap_records(train, people, unit.max_records_per_person, key)
         people = read_people(train, persons)
     # k: the cap (public), or without one the training data's largest count (treated as
-    # public, like N: the issue's "group privacy at the corpus's maximum")
-    k = unit.max_records_per_person or people.max_records
+    # public, like N: the issue's "group privacy at the corpus's maximum"); the canaries'
+    # repetition counts (the recipe's, public) count whether or not their coins included
+    # them, so k reveals no canary's coin
+    canaries = recipe.data.canaries
+    reps = canaries.repetitions if canaries is not None else {}
+    k = unit.max_records_per_person or max(
+        people.max_records, max((r for r, c in reps.items() if c), default=0)
+    )
     return (
         UnitPlan(
             unit.field,
@@ -268,6 +288,7 @@ def resolve_unit(
             delta,
             recipe.privacy.epsilon,
             before,
+            sum(reps.values()),
         ),
         train,
     )

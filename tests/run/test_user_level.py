@@ -394,6 +394,29 @@ def test_group_privacy_and_the_example_strategy_budget(tmp_path):
     assert "for each patient, over all of their records" in guarantee["statement"]
 
 
+def test_the_example_strategy_group_size_reveals_no_canary_coin(tmp_path):
+    """Without a cap, k is the largest count of records per person; a canary person's coin
+    (every canary has one under a person unit) must not move it: the recipe's repetition
+    counts, public, count whether or not the canary was included."""
+    path = str(_people_file(tmp_path))
+    unit = {"field": "patient_id", "strategy": "example"}
+    canaries = {"secret_digits": 2, "repetitions": {1: 2, 12: 1}}
+    recipe = parse_recipe(
+        _recipe(tmp_path, {"path": path, "privacy_unit": unit, "canaries": canaries})
+    )
+    sizes, coins = set(), set()
+    for seed in range(2):  # key 0 includes the 12-record canary, key 1 does not
+        key = RunKey.from_insecure_seed(seed)
+        train, _, _ = split_data(recipe, key)
+        coins.add(any(rid.startswith("canary-00002-") for rid in train.ids))
+        plan, _ = resolve_unit(recipe, train, key)
+        assert plan.meta()["canaries"]["people"] == 3
+        assert plan.meta()["canaries"]["unit"] == "patient"
+        sizes.add(plan.group_size)
+    assert coins == {True, False}
+    assert sizes == {12}  # the real people have at most 9 records
+
+
 def test_person_epsilon_by_group_privacy_is_valid_and_grows_with_k():
     ledger = Ledger()
     ledger.record(Event(0.01, 1.0, 1000))
