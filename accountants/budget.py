@@ -107,10 +107,19 @@ class Budget:
 
 
 def largest_within(
-    f: Callable[[int], float], target: float, *, guess: int = 1, cap: int = UNLIMITED
+    f: Callable[[int], float],
+    target: float,
+    *,
+    guess: int = 1,
+    cap: int = UNLIMITED,
+    exact_guess: bool = False,
 ) -> int:
     """Largest ``k`` in ``[0, cap]`` with ``f(k) <= target`` for non-decreasing ``f``; -1 if
-    ``f(0) > target``.  The answer is always evaluated: ``f(k) <= target < f(k + 1)``."""
+    ``f(0) > target``.  The answer is always evaluated: ``f(k) <= target < f(k + 1)``.
+    ``exact_guess``: ``guess`` is expected to be the answer; two probes confirm it (else the
+    search runs as without it)."""
+    if exact_guess and 0 <= guess < cap and f(guess) <= target and not f(guess + 1) <= target:
+        return guess
     f_lo = f(0)
     if not f_lo <= target:
         return -1
@@ -358,18 +367,30 @@ class BudgetFilter:
         return _generic_evaluator(self.accountant, prefix, event, self.budget.delta, self.adaptive)
 
     def _guess(
-        self, prefix: list[Event], event: Event, at: tuple[Ledger, int], target: float | None = None
-    ) -> int:
-        """First probe of the search: the RDP answer for accountants that are slow to evaluate
-        (RDP epsilon is usually the larger, so the true answer is usually above it)."""
+        self,
+        prefix: list[Event],
+        event: Event,
+        at: tuple[Ledger, int],
+        target: float | None = None,
+    ) -> tuple[int, bool]:
+        """First probe of the search for ``target`` (default: the budget's epsilon), and
+        whether it is expected to be the answer: the accountant's closed-form estimate where it
+        has one (RDP), else the RDP answer for accountants that are slow to evaluate (RDP
+        epsilon is usually the larger, so the true answer is usually above it)."""
+        target = self.budget.epsilon if target is None else target
+        estimate = getattr(self.accountant, "steps_estimate", None)
+        if estimate is not None:
+            where = at if hasattr(self.accountant, "ledger_rdp") else prefix
+            k = estimate(where, event, self.budget.delta, target, adaptive=self.adaptive)
+            return (1, False) if k is None else (k, True)
         if hasattr(self.accountant, "steps_evaluator"):
-            return 1
+            return 1, False
         from .rdp import RdpAccountant
 
         if self._guide is None:
             self._guide = RdpAccountant()
         f = self._guide.steps_evaluator(at, event, self.budget.delta)
-        return max(1, largest_within(f, self.budget.epsilon if target is None else target))
+        return max(1, largest_within(f, target)), False
 
     def _position(self, ledger: Ledger, event: Event) -> tuple[tuple, list[Event], int]:
         """(cache key, prefix, taken) with ledger == prefix + [event's mechanism x taken]."""
@@ -415,8 +436,8 @@ class BudgetFilter:
         else:
             at = (ledger, len(prefix))
             f = self._evaluator(prefix, event, at)
-            guess = self._guess(prefix, event, at)
-            total = largest_within(f, self.budget.epsilon, guess=guess)
+            guess, exact = self._guess(prefix, event, at)
+            total = largest_within(f, self.budget.epsilon, guess=guess, exact_guess=exact)
         self._totals[key] = (ledger, total)
         while len(self._totals) > _CACHE_SIZE:
             self._totals.popitem(last=False)
@@ -453,7 +474,7 @@ class BudgetFilter:
         def f(k: int) -> float:
             return self._epsilon([*events, w.with_steps(k)])
 
-        rdp = self._guess(events, w, (ledger, len(events)), target)
+        rdp, _ = self._guess(events, w, (ledger, len(events)), target)
         # the accountant's count over RDP's, as the last certificate found it: a closer guess
         guess = max(1, int(rdp * self._ratio)) if self._ratio else rdp
         cert = _Certificate.at(ledger, w, near_largest(f, target, guess=guess))

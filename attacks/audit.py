@@ -9,6 +9,9 @@ Steps (each timed; the report says which dominated):
    ``population`` other non-members for RMIA.
 3. Scores: every record through the final model and through the run's starting point
    ``theta_0`` (and through each shadow model if ``shadows > 0``); see :mod:`attacks.scores`.
+   Records are encoded by the run's task as training encoded them (an instruction or chat
+   record through its template with the loss on its responses; a classifier's label loss),
+   and both models are built by the task (a classifier with its head).
 4. Membership inference (:mod:`attacks.mia`): ROC, AUC, TPR at FPR 0.1% and 1%.
 5. Canaries (if the recipe inserted them): exposure per repetition count
    (:mod:`attacks.exposure`) and the one-run epsilon lower bound (:mod:`attacks.bounds`) from
@@ -45,12 +48,13 @@ from dptrain.errors import InputError
 from dptrain.recipe import AuditSection, Recipe, load_recipe
 from dptrain.rundir import CheckpointError, RunDir
 from dptrain.secret import run_key
+from dptrain.tasks import task_for
 
 from .bounds import epsilon_from_rates, one_run_epsilon_best
 from .exposure import exposure_exact, exposure_extrapolated, random_exposure
 from .metrics import roc
-from .mia import ATTACK_LABELS, ATTACKS, Observations
-from .scores import TextStats, score_texts, zlib_bits
+from .mia import ATTACK_LABELS, ATTACKS, TOKEN_ATTACKS, Observations
+from .scores import TextStats, score_texts, trained_texts, zlib_bits
 from .shadows import shadow_models
 
 __all__ = ["audit_run", "claimed_privacy", "load_final_model"]
@@ -113,13 +117,18 @@ def claimed_privacy(run: RunDir, meta: dict[str, Any], recipe: Recipe) -> dict[s
 
 
 def load_final_model(run: RunDir, recipe: Recipe) -> tuple[torch.nn.Module, Any]:
-    """The released model of ``run`` (its ``final/`` adapter or model) on the recipe's
-    ``training.device``, and its tokenizer."""
+    """The released model of ``run`` (its ``final/`` adapter or model; a classification run's
+    with its head) on the recipe's ``training.device``, and its tokenizer."""
     from dptrain.hardware import resolve_device
     from dptrain.models import load_model_and_tokenizer
 
     dtype = getattr(torch, recipe.model.dtype)
     device = resolve_device(recipe.training.device)
+    if recipe.task.kind == "classification":
+        from dptrain.tasks.classification import load_classifier
+
+        model, tok = load_classifier(recipe, run.final)
+        return model.to(device), tok
     if recipe.lora is not None:
         from peft import PeftModel
 
@@ -130,11 +139,12 @@ def load_final_model(run: RunDir, recipe: Recipe) -> tuple[torch.nn.Module, Any]
 
 
 def _starting_point(recipe: Recipe) -> torch.nn.Module:
-    """theta_0: the model the run started from (pretrained or seeded initialization)."""
+    """theta_0: the model the run started from (pretrained or seeded initialization; a
+    classification run's seeded head), built by the run's task as ``dptrain train`` does."""
     from dptrain.hardware import resolve_device
-    from dptrain.models import build_model
 
-    return build_model(recipe, resolve_device(recipe.training.device))[0]
+    model, _ = task_for(recipe).build_model(recipe)
+    return model.to(resolve_device(recipe.training.device))
 
 
 # -- the audit ---------------------------------------------------------------------------------
@@ -175,7 +185,10 @@ def audit_run(
     refs, refs_in, reference = _reference_scores(
         run, meta, rec, b_stats, score, opts, progress, timer
     )
-    attacks, skipped = _attacks(rec, t_stats, refs, refs_in, opts)
+    trained = trained_texts(
+        task_for(recipe), tokenizer, rec.texts, rec.ids, recipe.data.max_length
+    )  # what the loss is on (responses), for zlib; None for a classifier
+    attacks, skipped = _attacks(rec, t_stats, refs, refs_in, opts, trained)
     cp = timer(
         "bounds",
         lambda: _split_half_bound(attacks, rec.is_member, claim["delta"], opts.confidence, rng),
@@ -289,10 +302,18 @@ def _choose_records(
 def _scorer(
     tokenizer: Any, recipe: Recipe, opts: AuditSection, progress: bool
 ) -> Callable[..., TextStats]:
-    """``score(model, texts, desc, batch=opts.batch_size)``: per-text statistics of a model."""
+    """``score(model, texts, ids, desc, batch=opts.batch_size)``: per-record statistics of a
+    model, the records (with their ids) encoded by the run's task as training encoded them."""
+    from dptrain.tasks import task_for
+
+    task = task_for(recipe)
 
     def score(
-        model: torch.nn.Module, batch_texts: list[str], desc: str, batch: int = opts.batch_size
+        model: torch.nn.Module,
+        batch_texts: list[str],
+        ids: list[str],
+        desc: str,
+        batch: int = opts.batch_size,
     ) -> TextStats:
         return score_texts(
             model,
@@ -303,6 +324,8 @@ def _scorer(
             batch_size=batch,
             desc=desc,
             progress=progress,
+            task=task,
+            ids=ids,
         )
 
     return score
@@ -321,9 +344,9 @@ def _score_final_and_start(
     """The audited and population records through the final model and ``theta_0``, and the
     canaries' results (None without canaries); ``theta_0`` is freed on return."""
     base = timer("loading models", lambda: _starting_point(recipe))
-    every = rec.texts + rec.pop_texts
-    t_stats = timer("scoring records", lambda: score(target, every, "final model"))
-    b_stats = timer("scoring records", lambda: score(base, every, "theta_0"))
+    every, ids = rec.texts + rec.pop_texts, rec.ids + rec.pop_ids
+    t_stats = timer("scoring records", lambda: score(target, every, ids, "final model"))
+    b_stats = timer("scoring records", lambda: score(base, every, ids, "theta_0"))
     canaries = None
     if rec.manifest is not None:
         manifest = rec.manifest
@@ -362,13 +385,15 @@ def _reference_scores(
             np.zeros_like(refs_a, dtype=bool),
             "theta_0 (the run's starting point) as the only reference model",
         )
-    every = rec.texts + rec.pop_texts
+    every, ids = rec.texts + rec.pop_texts, rec.ids + rec.pop_ids
     refs, refs_in = [], []
     for k, sh in enumerate(shadows):
         model, _ = timer(
             "loading models", lambda sh=sh: load_final_model(RunDir(sh.path), sh.recipe)
         )
-        stats = timer("scoring records", lambda m=model, k=k: score(m, every, f"shadow {k + 1}"))
+        stats = timer(
+            "scoring records", lambda m=model, k=k: score(m, every, ids, f"shadow {k + 1}")
+        )
         refs.append(stats.log_prob)
         refs_in.append([rid in sh.members for rid in rec.ids + rec.pop_ids])
         del model
@@ -381,13 +406,15 @@ def _attacks(
     refs: np.ndarray,
     refs_in: np.ndarray,
     opts: AuditSection,
+    trained: list[str] | None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Every membership attack's scores and ROC on the audited records, and the attacks
-    skipped (with the reason)."""
+    skipped (with the reason); ``trained``: the text each record's loss is on (None: a label,
+    so the token-level attacks zlib and min-k do not apply)."""
     n = len(rec.texts)
     obs = Observations(
         target=t_stats.take(np.arange(n)),
-        zlib_bits=zlib_bits(rec.texts),
+        zlib_bits=None if trained is None else zlib_bits(trained),
         refs=refs[:, :n],
         refs_in=refs_in[:, :n],
         pop_target=t_stats.log_prob[n:],
@@ -400,6 +427,9 @@ def _attacks(
     is_member = rec.is_member
     attacks, skipped = {}, {}
     for name, fn in ATTACKS.items():
+        if trained is None and name in TOKEN_ATTACKS:
+            skipped[name] = "a classifier's loss is one label per record, not a token sequence"
+            continue
         s = fn(obs)
         if s is None:
             skipped[name] = "needs shadow models (--shadows 2 or more)"
@@ -483,8 +513,9 @@ def _canaries(
     """One-run bound from the single-repetition canaries, and exposure per repetition count."""
     cs = manifest.canaries
     texts = [c.text(manifest.template) for c in cs]
-    t = score(target, texts, "canaries (final)")
-    b = score(base, texts, "canaries (theta_0)")
+    ids = [c.record_ids()[0] for c in cs]  # plain-text canary records in every task
+    t = score(target, texts, ids, "canaries (final)")
+    b = score(base, texts, ids, "canaries (theta_0)")
     drop = b.sum_nll - t.sum_nll  # how much more likely training made each canary
     result: dict[str, Any] = {
         "count": len(cs),
@@ -526,7 +557,8 @@ def _canaries(
         for (_, i), cands in zip(chosen, candidates, strict=True)
         for x in cands
     ]
-    nll = score(target, flat, "exposure candidates", 4 * opts.batch_size).sum_nll
+    flat_ids = [f"canary-candidate-{j}" for j in range(len(flat))]
+    nll = score(target, flat, flat_ids, "exposure candidates", 4 * opts.batch_size).sum_nll
     rows, start = [], 0
     for (k, i), cands in zip(chosen, candidates, strict=True):
         own, theirs = float(t.sum_nll[i]), nll[start : start + len(cands)]

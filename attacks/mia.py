@@ -40,9 +40,10 @@ import numpy as np
 
 from .scores import TextStats
 
-__all__ = ["ATTACKS", "ATTACK_LABELS", "Observations", "register_attack"]
+__all__ = ["ATTACKS", "ATTACK_LABELS", "TOKEN_ATTACKS", "Observations", "register_attack"]
 
 _PER_EXAMPLE_VARIANCE = 32  # models per side needed for per-record variances
+TOKEN_ATTACKS = ("zlib", "min_k")  # statistics of a token sequence: not for a classifier
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Observations:
     """Everything the attacks see, for ``n`` audit records and ``P`` population records."""
 
     target: TextStats  # the audited model on the audit records
-    zlib_bits: np.ndarray  # (n,)
+    zlib_bits: np.ndarray | None  # (n,); None where records are not token sequences
     refs: np.ndarray  # (K, n) log_prob of each reference model on the audit records
     refs_in: np.ndarray  # (K, n) bool: the reference model trained on the record
     pop_target: np.ndarray  # (P,) log_prob of the audited model on the population
@@ -87,7 +88,9 @@ def loss_attack(o: Observations) -> np.ndarray:
 
 
 @register_attack("zlib", "zlib ratio")
-def zlib_attack(o: Observations) -> np.ndarray:
+def zlib_attack(o: Observations) -> np.ndarray | None:
+    if o.zlib_bits is None:
+        return None
     return -o.target.sum_nll / o.zlib_bits
 
 

@@ -14,8 +14,13 @@ the attacker here guesses, for a whole person, whether they were in the training
 4. ROC, AUC, TPR at FPR 1%, and the split-half Clopper-Pearson epsilon lower bound per person
    (Bonferroni over the two attacks).
 5. Canary people (``data.canaries``): canary ``i`` is the person ``canary-<i>`` with its
-   repetitions as records; their loss drop per repetition count, and the one-run bound from
-   the single-record ones (the only canaries with a random inclusion coin).
+   repetitions as records, and under a person unit EVERY canary person is included by a coin
+   of the run key (probability 1/2, :func:`dptrain.data.canaries.make_canaries`); their loss
+   drop per repetition count, and the one-run bound (Steinke, Nasr, Jagielski 2023) over the
+   canary people, a rigorous lower bound on the per-person epsilon at the stated confidence
+   (runs from before canary people had coins: over the single-record ones).  A canary
+   person's score is the loss drop of its sentence (its records are that sentence repeated;
+   the template, learned from every included canary, is common to all of them).
 
 The report holds statistics of private people: it is for the data owner.
 """
@@ -35,6 +40,7 @@ from dptrain.errors import InputError
 from dptrain.recipe import load_recipe
 from dptrain.rundir import CheckpointError, RunDir
 from dptrain.secret import run_key
+from dptrain.tasks import task_for
 from dptrain.user_level import group_privacy
 
 from .audit import _split_half_bound, _starting_point, claimed_privacy, load_final_model
@@ -85,17 +91,21 @@ def audit_people(
     groups = [t_people.members[p] for p in members] + [v_people.members[p] for p in outside]
     texts = [train.texts[i] for g in groups[: len(members)] for i in g]
     texts += [val.texts[i] for g in groups[len(members) :] for i in g]
+    ids = [train.ids[i] for g in groups[: len(members)] for i in g]
+    ids += [val.ids[i] for g in groups[len(members) :] for i in g]
     owner = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
     target, tokenizer = load_final_model(run, recipe)
     base = _starting_point(recipe)
 
-    def score(model: Any, batch: list[str]) -> Any:
+    task = task_for(recipe)  # records encoded as training encoded them
+
+    def score(model: Any, batch: list[str], rids: list[str]) -> Any:
         return score_texts(
             model, tokenizer, batch, max_length=d.max_length, batch_size=batch_size,
-            progress=progress,
+            progress=progress, task=task, ids=rids,
         )  # fmt: skip
 
-    t, b = score(target, texts), score(base, texts)
+    t, b = score(target, texts, ids), score(base, texts, ids)
     n = len(groups)
     attacks = {
         "loss": {"scores": -np.bincount(owner, t.mean_nll, minlength=n)},
@@ -114,24 +124,40 @@ def audit_people(
         "records": len(texts),
         "attacks": {k: {m: v for m, v in a.items() if m != "scores"} for k, a in attacks.items()},
         "clopper_pearson": bound,
-        "canary_people": _canary_people(run.path, target, base, score, delta, confidence),
+        "canary_people": _canary_people(
+            run.path, target, base, score, delta, confidence, unit["unit"]
+        ),
     }
-    lower = bound["epsilon"] if bound else 0.0
+    bounds = {"clopper_pearson": bound["epsilon"] if bound else 0.0}
+    one_run = (summary["canary_people"] or {}).get("one_run")
+    if one_run is not None:
+        bounds["one_run"] = one_run["epsilon"]
+    lower = max(bounds.values())
+    summary["epsilon_lower_bounds"] = bounds  # each per person, beside the claim's epsilon
+    summary["empirical_epsilon_lower_bound"] = lower
     summary["consistent"] = bool(lower <= eps or not math.isfinite(eps))
     return summary
 
 
 def _canary_people(
-    run_dir: Path, target: Any, base: Any, score: Any, delta: float, confidence: float
+    run_dir: Path,
+    target: Any,
+    base: Any,
+    score: Any,
+    delta: float,
+    confidence: float,
+    unit: str,
 ) -> dict[str, Any] | None:
     """Canary people: the loss drop of each (its repetitions are identical records, so one
-    text scores them all) by repetition count, and the one-run bound of the single ones."""
+    text scores them all) by repetition count, and the one-run bound over the canary people
+    with an inclusion coin (every one; the single ones in a manifest without ``person_level``)."""
     manifest = read_manifest(run_dir)
     if manifest is None:
         return None
     cs = manifest.canaries
     texts = [c.text(manifest.template) for c in cs]
-    drop = score(base, texts).sum_nll - score(target, texts).sum_nll
+    ids = [c.record_ids()[0] for c in cs]
+    drop = score(base, texts, ids).sum_nll - score(target, texts, ids).sum_nll
     reps = np.array([c.repetitions for c in cs])
     included = np.array([c.included for c in cs])
     out: dict[str, Any] = {
@@ -142,7 +168,14 @@ def _canary_people(
         },
         "drop_not_inserted": float(drop[~included].mean()) if (~included).any() else None,
     }
-    single = reps == 1
-    if single.sum() >= 2:
-        out["one_run"] = one_run_epsilon_best(drop[single], included[single], delta, confidence)
+    coined = np.ones(len(cs), bool) if manifest.person_level else reps == 1
+    if coined.sum() >= 2:
+        bound = one_run_epsilon_best(drop[coined], included[coined], delta, confidence)
+        out["one_run"] = bound | {
+            "unit": unit,
+            "confidence": confidence,
+            "over": f"every canary {unit}, each included by a coin of the run key"
+            if manifest.person_level
+            else "the single-record canaries (the only ones with a coin in this run)",
+        }
     return out

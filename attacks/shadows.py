@@ -50,12 +50,16 @@ def _key(recipe: Recipe, pool: TextDataset, count: int, steps: int | None) -> st
     return h.hexdigest()[:16]
 
 
-def _write_jsonl(path: Path, data: TextDataset) -> None:
+def _write_jsonl(path: Path, data: TextDataset, kind: str) -> None:
+    """The records as JSONL: ``text`` for plain text; a structured record's canonical fields
+    (:mod:`dptrain.tasks.records`), which :func:`_shadow_recipe` names as the task's fields."""
     from dptrain.rundir import atomic_write
+    from dptrain.tasks.records import decode_record
 
     def write(f: Any) -> None:
         for rid, text in zip(data.ids, data.texts, strict=True):
-            f.write(json.dumps({"id": rid, "text": text}) + "\n")
+            fields = decode_record(text, rid) if kind != "text" else None
+            f.write(json.dumps({"id": rid, **(fields or {"text": text})}) + "\n")
 
     atomic_write(path, write)
 
@@ -85,6 +89,14 @@ def _shadow_recipe(
         checkpoint_every=n_steps,
         eval_every=0,
     )
+    if d["task"]["kind"] != "text":  # the canonical field names of _write_jsonl
+        d["task"].update(
+            prompt_field="prompt",
+            response_field="response",
+            messages_field="messages",
+            label_field="label",
+            system_field="system" if d["task"]["system_field"] is not None else None,
+        )
     d["privacy"]["delta"] = float(meta["delta"])
     seed = d["privacy"].get("insecure_seed")
     if seed is not None:  # a reproducible audit: still one independent stream per shadow
@@ -139,10 +151,11 @@ def shadow_models(
                 # with a fresh key (a shadow model is never released)
                 shutil.rmtree(path)
             path.mkdir(parents=True, exist_ok=True)
-            _write_jsonl(path / "train.jsonl", pool.subset(inside.tolist()))
+            kind = recipe.task.kind
+            _write_jsonl(path / "train.jsonl", pool.subset(inside.tolist()), kind)
             pick = np.random.default_rng([recipe.seed, 0x5AD0, k])
             val_idx = pick.choice(outside, min(_VALIDATION_RECORDS, len(outside)), replace=False)
-            _write_jsonl(path / "validation.jsonl", pool.subset(sorted(val_idx.tolist())))
+            _write_jsonl(path / "validation.jsonl", pool.subset(sorted(val_idx.tolist())), kind)
             resume = shadow_run.exists()
             log(
                 f"{'resuming' if resume else 'training'} shadow model {k + 1}/{count} "

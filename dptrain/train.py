@@ -50,7 +50,7 @@ from accountants import Ledger, UnsupportedEventError, get_accountant
 
 from . import distributed
 from .data import TextDataset
-from .data.canaries import Canary, make_canaries, write_manifest
+from .data.canaries import Canary, left_out, make_canaries, write_manifest
 from .data.lm import eval_batches
 from .data.splits import no_validation_error, read_data, read_public
 from .engine import BudgetExceeded, PrivacyEngine
@@ -95,6 +95,7 @@ class Prepared:
     resume: bool
     canaries: list[Canary] | None = None  # drawn once, inserted and written to the manifest
     unit: UnitPlan | None = None  # data.privacy_unit: the person is the unit
+    withheld_records: int = 0  # canary records their coins left out (in the public sizes)
 
     @property
     def policy(self) -> Policy:
@@ -200,21 +201,26 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
     run = RunDir(recipe.run_dir(run_dir))
     meta = _check_run_dir(run, recipe, resume)
     key = _run_key(recipe, run, resume)
-    canaries = make_canaries(recipe.data.canaries, key) if recipe.data.canaries else None
+    canaries = (
+        make_canaries(recipe.data.canaries, key, person_level=recipe.data.privacy_unit is not None)
+        if recipe.data.canaries
+        else None
+    )
     train_texts, val_texts = read_data(recipe, key, canaries=canaries)
     if not len(val_texts):
         raise no_validation_error(recipe)
     train_texts, public_texts = read_public(recipe, train_texts, key)
     restored = meta.get("calibrated_noise_multiplier") if meta else None
-    unit, train_texts = resolve_unit(recipe, train_texts, key)
+    cap = recipe.data.privacy_unit.max_records_per_person if recipe.data.privacy_unit else None
+    withheld, withheld_people = left_out(canaries, cap)  # public sizes count them: no coin shows
+    unit, train_texts = resolve_unit(recipe, train_texts, key, withheld_people=withheld_people)
+    records = len(train_texts) + withheld
     if unit is None:
-        plan = plan_privacy(recipe, len(train_texts), restored_noise=restored)
+        plan = plan_privacy(recipe, records, restored_noise=restored)
     else:
-        plan = plan_unit(recipe, unit, len(train_texts), restored_noise=restored)
+        plan = plan_unit(recipe, unit, records, restored_noise=restored)
     if recipe.privacy.delta is None and not resume:
-        count = (
-            f"{len(train_texts)} training records" if unit is None else f"{len(unit.people)} people"
-        )
+        count = f"{records} training records" if unit is None else f"{unit.size} people"
         log(
             f"privacy.delta not set: using 1/(10 N) = "
             f"{plan.delta if unit is None else unit.person_delta:.3g} for N = {count} (N is "
@@ -258,6 +264,7 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
         resume,
         canaries,
         unit,
+        withheld,
     )
 
 
@@ -345,7 +352,12 @@ def start(prep: Prepared) -> None:
     if not prep.resume:
         atomic_write(run.recipe, lambda f: f.write(dump_recipe(recipe)))
         if recipe.data.canaries is not None:
-            path = write_manifest(run.path, recipe.data.canaries, canaries=prep.canaries)
+            path = write_manifest(
+                run.path,
+                recipe.data.canaries,
+                canaries=prep.canaries,
+                person_level=recipe.data.privacy_unit is not None,
+            )
             log(f"inserted audit canaries; their secrets are in {path} (keep it private)")
 
 
@@ -375,7 +387,7 @@ def build(prep: Prepared) -> Built:
         optimizer,
         policy=plan.policy,
         sample_rate=plan.sample_rate,
-        dataset_size=len(prep.unit.people) if user_level else len(train_ex),
+        dataset_size=plan.dataset_size,  # public N (records, or people): E[B] = q N
         loss_fn=task.loss_fn,
         grouping=recipe.policy.grouping,
         accountant=plan.accountant,
@@ -442,7 +454,7 @@ def begin_meta(prep: Prepared, built: Built) -> tuple[dict[str, Any], dict[str, 
         "name": recipe.name,
         "fingerprint": recipe.fingerprint(),
         "status": "running",
-        "dataset_size": len(built.train_ex),
+        "dataset_size": len(built.train_ex) + prep.withheld_records,  # no canary coin shows
         "expected_batch_size": plan.sample_rate * plan.dataset_size,
         "public_records": len(prep.public_texts) if prep.public_texts is not None else 0,
         "privacy_unit": prep.unit.meta() if prep.unit is not None else "record",

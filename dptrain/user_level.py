@@ -187,6 +187,14 @@ class UnitPlan:
     person_delta: float  # the person-level delta target
     person_epsilon_budget: float
     records_before_cap: int
+    canary_people: int = 0  # data.canaries: canary persons, each included by a keyed coin
+    withheld_people: int = 0  # canary people their coin left out: counted in the public size
+
+    @property
+    def size(self) -> int:
+        """N in people, public: the people trained on plus the canary people left out (so N
+        reveals no canary's coin)."""
+        return len(self.people) + self.withheld_people
 
     @property
     def name(self) -> str:
@@ -205,7 +213,7 @@ class UnitPlan:
             "unit": self.name,
             "field": self.field,
             "strategy": self.strategy,
-            "people": len(self.people),
+            "people": self.size,
             "max_records_per_person": self.cap,
             "records_per_person": {
                 "max": int(counts.max()),
@@ -215,6 +223,19 @@ class UnitPlan:
             "group_size": self.group_size,
             "epsilon_budget": self.person_epsilon_budget,
             "delta": self.person_delta,
+            **(
+                {
+                    "canaries": {
+                        "unit": self.name,
+                        "people": self.canary_people,
+                        "inclusion": "each canary person (all of its repetitions) with "
+                        "probability 1/2 by a coin of the run key: the one-run audit bound "
+                        f"is per {self.name}",
+                    }
+                }
+                if self.canary_people
+                else {}
+            ),
         }
 
     def guarantee(self, record_eps: float, record_delta_total: float) -> dict[str, Any]:
@@ -240,24 +261,32 @@ class UnitPlan:
 
 
 def resolve_unit(
-    recipe: Recipe, train: TextDataset, key: RunKey
+    recipe: Recipe, train: TextDataset, key: RunKey, *, withheld_people: int = 0
 ) -> tuple[UnitPlan | None, TextDataset]:
     """The person-level plan of a recipe with ``data.privacy_unit`` (None otherwise) and the
-    training records to use (capped per person for the ``example`` strategy)."""
+    training records to use (capped per person for the ``example`` strategy);
+    ``withheld_people``: canary people left out by their coins (counted in the public N,
+    :func:`dptrain.data.canaries.left_out`)."""
     unit = recipe.data.privacy_unit
     if unit is None:
         return None, train
     persons = recipe_person_ids(recipe)
     people = read_people(train, persons)
-    n = len(people)
+    n = len(people) + withheld_people
     delta = recipe.privacy.delta if recipe.privacy.delta is not None else default_delta(n)
     before = len(train)
     if unit.strategy == "example" and unit.max_records_per_person is not None:
         train = cap_records(train, people, unit.max_records_per_person, key)
         people = read_people(train, persons)
     # k: the cap (public), or without one the training data's largest count (treated as
-    # public, like N: the issue's "group privacy at the corpus's maximum")
-    k = unit.max_records_per_person or people.max_records
+    # public, like N: the issue's "group privacy at the corpus's maximum"); the canaries'
+    # repetition counts (the recipe's, public) count whether or not their coins included
+    # them, so k reveals no canary's coin
+    canaries = recipe.data.canaries
+    reps = canaries.repetitions if canaries is not None else {}
+    k = unit.max_records_per_person or max(
+        people.max_records, max((r for r, c in reps.items() if c), default=0)
+    )
     return (
         UnitPlan(
             unit.field,
@@ -268,6 +297,8 @@ def resolve_unit(
             delta,
             recipe.privacy.epsilon,
             before,
+            sum(reps.values()),
+            withheld_people,
         ),
         train,
     )
@@ -280,7 +311,7 @@ def plan_unit(
     record-level budget whose group privacy is the person-level one (``example``)."""
     from .plan import plan_privacy
 
-    n = len(unit.people)
+    n = unit.size
     if unit.person_delta >= 1.0 / n:
         raise RecipeError(
             f"privacy.delta: {unit.person_delta:g} is not below 1/N = {1.0 / n:g} (N = {n} "

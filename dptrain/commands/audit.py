@@ -121,5 +121,12 @@ def _by_person(args: argparse.Namespace, run_dir) -> int:
     for name, a in s["attacks"].items():
         print(f"{name:<18} AUC {a['auc']:.3f}  TPR@1%FPR {a['tpr_at_1pct_fpr']:.3f}")
     print(f"empirical epsilon  >= {b['epsilon']:.4f} ({b['attack']}, {b['confidence']:.0%})")
+    one_run = (s["canary_people"] or {}).get("one_run")
+    if one_run is not None:
+        print(
+            f"one-run epsilon    >= {one_run['epsilon']:.4f} per {one_run['unit']} "
+            f"({one_run['canaries']} canary people, {one_run['correct']}/{one_run['guesses']} "
+            f"guesses right, {one_run['confidence']:.0%})"
+        )
     print(f"written            {out / 'people.json'}")
     return 0

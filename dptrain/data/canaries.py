@@ -13,6 +13,12 @@ through group privacy over ``k`` records (roughly ``k * epsilon``); the one-run 
 uses only the canaries with ``k = 1``.  Canary records count in the dataset size ``N`` (and
 hence in the sample rate and the default delta).
 
+Under a person unit (``data.privacy_unit``, ``person_level=True``) canary ``i`` is one person,
+``canary-<i>``, whose ``k`` records the per-person guarantee covers whole; so EVERY canary, of
+any ``k``, is included by its coin with probability 1/2, and the one-run audit runs over canary
+people (:mod:`attacks.people`).  The secrets and coins are the same draws either way; the
+manifest says which rule was used (``person_level``).
+
 Secrets, pseudonyms and inclusion coins are drawn from the run key (domain "canaries",
 counter ``(canary index, j)``, exact uniform integers by rejection), so nobody holding only the
 recipe can regenerate them; the audit reads them from the manifest.
@@ -94,9 +100,10 @@ def _pseudonym(draw: _Draws) -> str:
     return f"{word(2 + draw.integer(2))} {word(1 + draw.integer(2))}"
 
 
-def make_canaries(config: Any, key: RunKey) -> list[Canary]:
+def make_canaries(config: Any, key: RunKey, *, person_level: bool = False) -> list[Canary]:
     """The canaries of a ``data.canaries`` section (a :class:`dptrain.recipe.CanarySection`),
-    drawn from ``key``."""
+    drawn from ``key``; ``person_level``: every canary (one person each) has an inclusion
+    coin, not only the single-record ones (see the module docstring)."""
     prf = key.prf("canaries")
     canaries: list[Canary] = []
     names: set[str] = set()
@@ -109,9 +116,18 @@ def make_canaries(config: Any, key: RunKey) -> list[Canary]:
             names.add(name)
             secret = "".join(str(draw.integer(10)) for _ in range(config.secret_digits))
             coin = bool(draw.integer(2))
-            included = coin if reps == 1 else True
+            included = coin if reps == 1 or person_level else True
             canaries.append(Canary(len(canaries), name, secret, reps, included))
     return canaries
+
+
+def left_out(canaries: list[Canary] | None, cap: int | None = None) -> tuple[int, int]:
+    """``(records, people)`` of the canaries whose coin left them out of training (``cap``:
+    records per person kept, ``data.privacy_unit.max_records_per_person``).  Public counts
+    (N, hence q and the default delta, and run.json's sizes) add them back, so that those
+    counts follow the recipe's canary configuration and never reveal a coin."""
+    out = [c for c in canaries or [] if not c.included]
+    return sum(min(c.repetitions, cap or c.repetitions) for c in out), len(out)
 
 
 def canary_records(canaries: list[Canary], template: str) -> TextDataset:
@@ -125,12 +141,18 @@ def canary_records(canaries: list[Canary], template: str) -> TextDataset:
 
 
 def insert_canaries(
-    train: TextDataset, config: Any, key: RunKey, canaries: list[Canary] | None = None
+    train: TextDataset,
+    config: Any,
+    key: RunKey,
+    canaries: list[Canary] | None = None,
+    *,
+    person_level: bool = False,
 ) -> TextDataset:
     """``train`` followed by the included canaries' records (order is irrelevant to Poisson
-    sampling); ``canaries``: the run's, already drawn from ``key`` (else drawn here)."""
+    sampling); ``canaries``: the run's, already drawn from ``key`` (else drawn here, by
+    ``person_level``'s rule)."""
     if canaries is None:
-        canaries = make_canaries(config, key)
+        canaries = make_canaries(config, key, person_level=person_level)
     extra = canary_records(canaries, config.template)
     clash = set(extra.ids) & set(train.ids)
     if clash:
@@ -147,15 +169,17 @@ def write_manifest(
     key: RunKey | None = None,
     *,
     canaries: list[Canary] | None = None,
+    person_level: bool = False,
 ) -> Path:
     """Write the secret canary manifest into ``run_dir`` (atomically, mode 0600): the
-    ``canaries`` given (those the run inserted), or those of ``key``."""
+    ``canaries`` given (those the run inserted), or those of ``key``; ``person_level``: the
+    run's unit is a person, so every canary had an inclusion coin."""
     from dptrain.rundir import write_json
 
     if canaries is None:
         if key is None:
             raise ValueError("write_manifest needs the run's canaries or its key")
-        canaries = make_canaries(config, key)
+        canaries = make_canaries(config, key, person_level=person_level)
     path = Path(run_dir) / MANIFEST_NAME
     write_json(
         path,
@@ -164,6 +188,7 @@ def write_manifest(
             "warning": _WARNING,
             "template": config.template,
             "secret_digits": config.secret_digits,
+            "person_level": person_level,
             "canaries": [asdict(c) for c in canaries],
         },
     )
@@ -176,6 +201,7 @@ class Manifest:
     template: str
     secret_digits: int
     canaries: list[Canary]
+    person_level: bool = False  # every canary (a person) had an inclusion coin
 
     @property
     def space_size(self) -> int:
@@ -190,7 +216,8 @@ def read_manifest(run_dir: str | Path) -> Manifest | None:
     d = json.loads(path.read_text())
     if d.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{path} is not a dptrain canary manifest")
-    return Manifest(d["template"], d["secret_digits"], [Canary(**c) for c in d["canaries"]])
+    canaries = [Canary(**c) for c in d["canaries"]]
+    return Manifest(d["template"], d["secret_digits"], canaries, bool(d.get("person_level")))
 
 
 __all__ = [
@@ -199,6 +226,7 @@ __all__ = [
     "Manifest",
     "canary_records",
     "insert_canaries",
+    "left_out",
     "make_canaries",
     "read_manifest",
     "write_manifest",

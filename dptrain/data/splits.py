@@ -54,7 +54,9 @@ def split_data(
         val, rest = cap(val, d.max_validation_records, key, "max_validation_records")
         unused = TextDataset(unused.texts + rest.texts, unused.ids + rest.ids)
     if d.canaries is not None:
-        train = insert_canaries(train, d.canaries, key, canaries)
+        train = insert_canaries(
+            train, d.canaries, key, canaries, person_level=d.privacy_unit is not None
+        )
     return train, val, unused
 
 

@@ -126,3 +126,28 @@ def macro_f1(pred: Tensor, truth: Tensor, num_labels: int) -> float:
         if tp + fp + fn:
             scores.append(2 * tp / (2 * tp + fp + fn))
     return sum(scores) / len(scores) if scores else float("nan")
+
+
+def load_classifier(recipe: Recipe, final: Any) -> tuple[nn.Module, Any]:
+    """The released classifier of a run from its ``final/`` directory, in eval mode, and its
+    tokenizer: the full model, or (with LoRA) the adapter and its trained head on the
+    recipe's model with a classification head (:func:`build_classifier` without LoRA)."""
+    from pathlib import Path
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    final = Path(final)
+    dtype = getattr(torch, recipe.model.dtype)
+    if recipe.lora is None:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(final), local_files_only=True, dtype=dtype
+        )
+        tok = AutoTokenizer.from_pretrained(str(final), local_files_only=True)
+    else:
+        from peft import PeftModel
+
+        training = recipe.training.model_copy(update={"gradient_checkpointing": False})
+        base, tok = build_classifier(recipe.model_copy(update={"lora": None, "training": training}))
+        model = PeftModel.from_pretrained(base, str(final))
+    model.eval()
+    return model, tok

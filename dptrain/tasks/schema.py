@@ -109,13 +109,6 @@ def check_recipe_task(recipe: Recipe) -> None:
             "data.canaries with task: classification: canaries are sentences with a secret for "
             "a language model to memorize; a classifier has none. Fix: remove data.canaries"
         )
-    audit = recipe.audit
-    if audit is not None and (audit.after_training or audit.whitebox):
-        raise ValueError(
-            f"audit.after_training / audit.whitebox score records as plain text; a {kind} run "
-            "is not supported by the audit yet. Fix: set them to false (the canary check of "
-            "generation still runs for instruction and chat runs)"
-        )
     if kind == "classification" and recipe.policy.name == "rl":
         raise ValueError(
             "policy rl rewards the public perplexity of a language model; task: classification "

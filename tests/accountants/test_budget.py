@@ -83,6 +83,41 @@ def test_rdp_max_steps_is_exact(budget: float, mechanism, prefix: list[Event]) -
     assert acc.epsilon([*events, event.with_steps(m + 1)], DELTA) > budget
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    budget=st.floats(min_value=0.05, max_value=12.0),
+    mechanism=st.sampled_from(PALETTE),
+    prefix=st.lists(event_st, max_size=4),
+    adaptive=st.booleans(),
+)
+def test_rdp_closed_form_guess_gives_the_searched_answer_in_two_probes(
+    budget: float, mechanism, prefix: list[Event], adaptive: bool
+) -> None:
+    """The filter's first guess for RDP (steps_estimate: each order's bound is linear in the
+    step count) is confirmed by two probes, and the answer is the plain search's."""
+    from accountants.budget import largest_within
+    from accountants.rdp import RdpAccountant
+
+    acc, event = RdpAccountant(), Event(*mechanism)
+    probes = []
+    f = acc.steps_evaluator(prefix, event, DELTA, adaptive=adaptive)
+
+    def counted(k: int) -> float:
+        probes.append(k)
+        return f(k)
+
+    plain = largest_within(f, budget)
+    guess = acc.steps_estimate(prefix, event, DELTA, budget, adaptive=adaptive)
+    assert guess is not None
+    assert largest_within(counted, budget, guess=guess, exact_guess=True) == plain
+    if plain >= 0:  # the non-adaptive conversion's KL shortcut can only add steps
+        assert guess == plain or (not adaptive and guess < plain)
+        if guess == plain:
+            assert len(probes) == 2
+    fil = BudgetFilter(Budget(budget, DELTA), acc, adaptive=adaptive)
+    assert fil.max_steps(Ledger(prefix), event) == max(0, plain)
+
+
 @pytest.mark.parametrize("name", ["pld", "prv"])
 def test_max_steps_exact_and_countdown(name: str) -> None:
     budget = Budget(1.0, DELTA)

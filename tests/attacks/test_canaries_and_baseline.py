@@ -45,6 +45,33 @@ def test_canaries_come_from_the_key_and_are_included_as_the_audit_needs():
     assert a[0].text(cfg.template) == f"The secret code of {a[0].name} is {a[0].secret}."
 
 
+def test_under_a_person_unit_every_canary_person_has_a_coin(tmp_path):
+    """A canary is one person under data.privacy_unit: each, repeated or not, is included
+    with probability 1/2 by its coin of the run key (the same draws as record level), and the
+    training data, the manifest and the audit agree on it."""
+    cfg = CanarySection(secret_digits=4, repetitions={1: 100, 3: 100})
+    rec, per = make_canaries(cfg, KEY), make_canaries(cfg, KEY, person_level=True)
+    assert [(c.name, c.secret) for c in rec] == [(c.name, c.secret) for c in per]
+    assert [c.included for c in rec if c.repetitions == 1] == [
+        c.included for c in per if c.repetitions == 1
+    ]
+    triple = [c.included for c in per if c.repetitions == 3]
+    assert 30 < sum(triple) < 70  # ~ Bernoulli(1/2), no longer always included
+    assert per != make_canaries(cfg, RunKey.from_insecure_seed(1), person_level=True)
+    lines = "".join(f'{{"id": "n{i}", "p": "u{i % 20}", "text": "note {i}"}}\n' for i in range(80))
+    (tmp_path / "p.jsonl").write_text(lines)
+    unit = {"path": str(tmp_path / "p.jsonl"), "privacy_unit": {"field": "p"}, "max_records": None}
+    recipe = parse_recipe(recipe_dict(data={**unit, "canaries": {"repetitions": {1: 4, 3: 8}}}))
+    train, _, _ = split_data(recipe, KEY)
+    drawn = make_canaries(recipe.data.canaries, KEY, person_level=True)
+    inserted = [rid for rid in train.ids if rid.startswith("canary-")]
+    assert inserted == [rid for c in drawn if c.included for rid in c.record_ids()]
+    assert any(not c.included for c in drawn if c.repetitions == 3)  # this key excludes some
+    write_manifest(tmp_path, recipe.data.canaries, KEY, person_level=True)
+    m = read_manifest(tmp_path)
+    assert m.person_level and m.canaries == drawn
+
+
 def test_split_data_inserts_each_repetition_as_a_record(tmp_path):
     recipe = parse_recipe(recipe_dict(data={"canaries": {"repetitions": {1: 10, 4: 2}}}))
     train, val, unused = split_data(recipe, KEY)

@@ -13,6 +13,7 @@ from attacks.bounds import gaussian_epsilon
 from attacks.people import audit_people
 from dptrain.cli import main
 from dptrain.data import load_texts
+from dptrain.data.canaries import read_manifest
 from dptrain.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,15 +56,24 @@ def test_audit_by_person_of_a_user_level_run(tmp_path, capsys):
     assert bound["attacks"] == 2 and 0.0 <= bound["epsilon"] <= s["claim"]["epsilon"]
     assert s["consistent"] and math.isfinite(s["claim"]["epsilon"])
     canaries = s["canary_people"]
-    assert (
-        set(canaries["drop_by_repetitions"]) <= {"1", "3"}
-        and "3" in canaries["drop_by_repetitions"]
-    )
-    assert canaries["one_run"]["canaries"] == 6
+    # the repetition counts of the canary people the run's coins included (fresh key: any)
+    inserted = {str(c.repetitions) for c in read_manifest(run).canaries if c.included}
+    assert set(canaries["drop_by_repetitions"]) == inserted
+    # every canary person has an inclusion coin (person unit): the one-run bound is over all
+    # 8 canary people, per patient, beside the per-patient claim
+    one_run = canaries["one_run"]
+    assert one_run["canaries"] == 8 and one_run["unit"] == "patient"
+    assert "every canary patient" in one_run["over"]
+    assert s["epsilon_lower_bounds"]["one_run"] == one_run["epsilon"] <= s["claim"]["epsilon"]
+    assert s["empirical_epsilon_lower_bound"] == max(s["epsilon_lower_bounds"].values())
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["privacy_unit"]["canaries"]["unit"] == "patient"
+    assert meta["privacy_unit"]["canaries"]["people"] == 8
 
     # `dptrain audit` dispatches a person-level run to the audit by person
     assert main(["audit", str(run), "--members", "16", "--no-progress"]) == 0
-    assert "audit by patient" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "audit by patient" in printed and "8 canary people" in printed
     written = json.loads((run / "audit" / "people.json").read_text())
     assert written["attacks"] == s["attacks"] and written["unit"] == "patient"
 

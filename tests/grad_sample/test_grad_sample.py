@@ -330,10 +330,19 @@ def test_forward_that_writes_its_parameters_is_refused(via_data):
         cap.run(_loss, (torch.randn(3, 3), torch.randn(3, 2)))
 
 
-def test_parameter_written_after_planning_is_refused():
+@pytest.mark.parametrize(
+    "via_data, refusal",
+    [
+        (False, r"lin\.weight in place"),  # seen by the version counter
+        (True, r"lin\.weight in place through \.data, in '<model>' \(_Self"),  # by the watch
+    ],
+)
+def test_parameter_written_after_planning_is_refused(via_data, refusal):
     """A forward pass that starts writing its weight after the plan was made (no probe sees
-    it) is refused at that step by the version counter."""
-    model = _SelfScaling(via_data=False)
+    it) is refused at that step: by the version counter, or, for a write through ``.data``
+    (which leaves the counter alone), by the step's ``.data`` watch, which fingerprints the
+    parameter before the write and names the module."""
+    model = _SelfScaling(via_data=via_data)
     armed = [False]
     inner = model.forward
     model.forward = lambda x: inner(x) if armed[0] else model.lin(x)
@@ -341,27 +350,9 @@ def test_parameter_written_after_planning_is_refused():
     cap.attach()
     batch = (torch.randn(3, 3), torch.randn(3, 2))
     cap.run(_loss, batch)
+    cap.run(_loss, batch)  # planned steps that write nothing pass
     armed[0] = True
-    with pytest.raises(UnsupportedLayerError, match=r"lin\.weight in place"):
-        cap.run(_loss, batch)
-
-
-def test_parameter_written_through_data_after_planning_is_refused():
-    """A write through ``.data`` leaves the version counter alone: the step's ``.data`` watch
-    fingerprints the parameter before the write and refuses the step, naming the module."""
-    model = _SelfScaling(via_data=True)
-    armed = [False]
-    inner = model.forward
-    model.forward = lambda x: inner(x) if armed[0] else model.lin(x)
-    cap = GradCapture(model)
-    cap.attach()
-    batch = (torch.randn(3, 3), torch.randn(3, 2))
-    cap.run(_loss, batch)
-    cap.run(_loss, batch)  # planned steps that read no ``.data`` pass
-    armed[0] = True
-    with pytest.raises(
-        UnsupportedLayerError, match=r"lin\.weight in place through \.data, in '<model>' \(_Self"
-    ):
+    with pytest.raises(UnsupportedLayerError, match=refusal):
         cap.run(_loss, batch)
     assert "data" not in nn.Parameter.__dict__  # the watch is gone after the step
 

@@ -336,3 +336,61 @@ def test_pacer_names_a_spent_budget_with_its_own_error_and_passes_other_errors()
     with pytest.raises(ValueError) as err:
         pacer.sigma([Event(2.0, 1.0)], 10, 0)  # a sample rate above 1: a bug upstream
     assert not isinstance(err.value, EpsilonUnreachableError)
+
+
+def test_pacer_on_a_ledger_is_bitwise_the_pacer_on_its_events_and_does_not_resum_it():
+    """The pacer reads a ledger's adaptive RDP curve incrementally (accountants.rdp.ledger_rdp):
+    the same sigma, bitwise, as summing the events, and a query on a long ledger adds only its
+    newest entries' curves, not all of them."""
+    from accountants import Ledger
+    from accountants.rdp import RdpAccountant
+    from dptrain.policies.rl.control import Pacer, grid_sigma
+
+    acc = RdpAccountant()
+    pacer = Pacer(sample_rate=0.05, epsilon=6.0, delta=1e-5, extra_cost=0.01, accountant=acc)
+    ledger = Ledger()
+    rng = np.random.default_rng(0)
+    for t in range(120):
+        ledger.record(Event(0.05, grid_sigma(int(rng.integers(90, 110)))))
+        if t % 7 == 0:
+            np.testing.assert_array_equal(
+                pacer._spent_curve(ledger), RdpAccountant().rdp(ledger.events, adaptive=True)
+            )
+            args = (400 - t, (400 - t) // 5)
+            assert pacer.sigma(ledger, *args, hint=2.0) == pacer.sigma(ledger.events, *args)
+            tail = (300 - t, (300 - t) // 5, 1.3)
+            assert pacer.sigma(ledger, 5, 1, tail=tail) == pacer.sigma(
+                ledger.events, 5, 1, hint=3.0, tail=tail
+            )
+    calls = []
+    step_rdp = acc.step_rdp
+    acc.step_rdp = lambda e, **kw: calls.append(e) or step_rdp(e, **kw)
+    ledger.record(Event(0.05, 1.7))
+    pacer._spent_curve(ledger)
+    assert len(calls) <= 2  # the entry closed by the new one, and the new one
+
+
+def test_learn_every_spaces_the_sac_update_rounds_on_one_thread():
+    """``rl.learn_every = n`` runs the ``gradient_steps`` SAC updates after every n-th
+    transition only (counted by the checkpointed ``num_timesteps``); the agent computes on
+    AGENT_THREADS threads and gives the run its own thread count back."""
+    from dptrain.policies.rl.agent import AGENT_THREADS, SacAgent
+
+    run_threads = torch.get_num_threads()
+    updates, seen = {}, set()
+    for n in (1, 3):
+        policy = RLPolicy(noise_multiplier=1.0, rl={"learn_every": n, "gradient_steps": 1})
+        policy.bind(["a", "b"], sample_rate=0.1, expected_batch_size=4)
+        env = PrivateTrainingEnv(policy)
+        agent = SacAgent(env, policy.cfg.model_copy(update={"batch_size": 2}), seed=0)
+        train = agent.sac.train
+        agent.sac.train = lambda train=train, **kw: seen.add(torch.get_num_threads()) or train(**kw)
+        obs = np.zeros(env.observation_space.shape, np.float32)
+        ran = []
+        for _ in range(7):
+            agent.add(obs, np.zeros(env.action_space.shape, np.float32), 0.0, obs, False)
+            ran.append(agent.update())
+        updates[n] = (agent.sac._n_updates, ran)
+    assert updates[1] == (4, [False] * 3 + [True] * 4)  # from learning_starts = 4 on
+    assert updates[3] == (1, [False] * 5 + [True, False])  # transitions 6 (not 3: < 4)
+    assert seen == {AGENT_THREADS} and torch.get_num_threads() == run_threads

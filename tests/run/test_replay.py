@@ -98,9 +98,9 @@ def test_key_is_0600_and_in_no_other_file_of_the_run(tmp_path, capsys, monkeypat
     drawn = []
     make = canaries.make_canaries
 
-    def counting(config, key):
+    def counting(config, key, **unit):
         drawn.append(key.key_id)
-        return make(config, key)
+        return make(config, key, **unit)
 
     for module in (canaries, train_module):
         monkeypatch.setattr(module, "make_canaries", counting)

@@ -394,6 +394,29 @@ def test_group_privacy_and_the_example_strategy_budget(tmp_path):
     assert "for each patient, over all of their records" in guarantee["statement"]
 
 
+def test_the_example_strategy_group_size_reveals_no_canary_coin(tmp_path):
+    """Without a cap, k is the largest count of records per person; a canary person's coin
+    (every canary has one under a person unit) must not move it: the recipe's repetition
+    counts, public, count whether or not the canary was included."""
+    path = str(_people_file(tmp_path))
+    unit = {"field": "patient_id", "strategy": "example"}
+    canaries = {"secret_digits": 2, "repetitions": {1: 2, 12: 1}}
+    recipe = parse_recipe(
+        _recipe(tmp_path, {"path": path, "privacy_unit": unit, "canaries": canaries})
+    )
+    sizes, coins = set(), set()
+    for seed in range(2):  # key 0 includes the 12-record canary, key 1 does not
+        key = RunKey.from_insecure_seed(seed)
+        train, _, _ = split_data(recipe, key)
+        coins.add(any(rid.startswith("canary-00002-") for rid in train.ids))
+        plan, _ = resolve_unit(recipe, train, key)
+        assert plan.meta()["canaries"]["people"] == 3
+        assert plan.meta()["canaries"]["unit"] == "patient"
+        sizes.add(plan.group_size)
+    assert coins == {True, False}
+    assert sizes == {12}  # the real people have at most 9 records
+
+
 def test_person_epsilon_by_group_privacy_is_valid_and_grows_with_k():
     ledger = Ledger()
     ledger.record(Event(0.01, 1.0, 1000))
@@ -555,3 +578,34 @@ def test_validation_path_sharing_a_person_written_another_way_is_refused(tmp_pat
         else:
             with pytest.raises(RecipeError, match=r"people \(e\.g\. '7'\) have records in both"):
                 _split(tmp_path, data, RunKey(bytes(32)))
+
+
+@pytest.mark.parametrize("unit", [None, "user", "example"])
+def test_public_sizes_count_every_canary_so_no_coin_shows(tmp_path, unit):
+    """N (hence q, the default delta, run.json's sizes) counts the canaries their coins left
+    out as well as those trained on: it follows the recipe's canary section, never a coin."""
+    from dptrain.train import prepare
+
+    data: dict = {"path": str(_people_file(tmp_path, 80))}
+    if unit is not None:
+        data["privacy_unit"] = {"field": "patient_id", "strategy": unit}
+    data["canaries"] = {"repetitions": {1: 6, 3: 4}}
+    for seed in range(20):  # a key whose coins leave canaries out (half of them on average)
+        recipe = parse_recipe(
+            _recipe(tmp_path, data, name=f"r{seed}", privacy={"insecure_seed": seed})
+        )
+        prep = prepare(recipe)
+        if any(not c.included for c in prep.canaries):
+            break
+    assert any(not c.included for c in prep.canaries)
+    real = [rid for rid in prep.train_texts.ids if not rid.startswith("canary-")]
+    records = len(real) + 6 * 1 + 4 * 3  # every configured canary record, in or out
+    if unit == "user":
+        people = len({p for p in prep.unit.people.ids if not p.startswith("canary-")})
+        assert prep.unit.size == prep.plan.dataset_size == people + 10
+        assert prep.unit.meta()["people"] == people + 10
+    else:
+        assert prep.plan.dataset_size == records
+    assert prep.plan.sample_rate == pytest.approx(
+        recipe.training.batch_size / prep.plan.dataset_size
+    )

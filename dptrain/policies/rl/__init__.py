@@ -61,17 +61,18 @@ covers the private training records; the public split is not protected.  The rec
 
 Agent and checkpoints.  ``dptrain train`` keeps its loop: after the last step of an interval
 the policy closes it (state, reward), stores the transition in the agent's replay buffer, runs
-``rl.gradient_steps`` SAC updates and takes the agent's next action; the same decision process
-is a ``gymnasium.Env`` (:class:`PrivateTrainingEnv`) that any agent can drive.  The agent's
-networks, optimizers, entropy coefficient, replay buffer and random streams and the interval
-state go into every checkpoint (``weights_only`` loadable), so a resume continues the same
-agent.  The agent stays on the CPU whatever ``training.device`` is (it is tiny, and its random
-streams are CPU generators: the same actions on every device; see :mod:`.agent`), while the
-model, the public loss and the released update it observes are on the run's device.
-``rl.init_from: RUN_DIR`` starts from that run's agent (networks, optimizers, buffer);
-the agent is a function of the source run's released outputs, so for records private to both
-runs the headline is the composition of both certified guarantees, ``(eps_1 + eps_2, delta_1 +
-delta_2)`` (basic composition, valid under adaptivity).
+``rl.gradient_steps`` SAC updates (after every ``rl.learn_every``-th transition) and takes the
+agent's next action; the same decision process is a ``gymnasium.Env``
+(:class:`PrivateTrainingEnv`) that any agent can drive.  The agent's networks, optimizers,
+entropy coefficient, replay buffer and random streams and the interval state go into every
+checkpoint (``weights_only`` loadable), so a resume continues the same agent.  The agent stays
+on the CPU whatever ``training.device`` is (it is tiny, and its random streams are CPU
+generators: the same actions on every device; see :mod:`.agent`), while the model, the public
+loss and the released update it observes are on the run's device.  ``rl.init_from: RUN_DIR``
+starts from that run's agent (networks, optimizers, buffer); the agent is a function of the
+source run's released outputs, so for records private to both runs the headline is the
+composition of both certified guarantees, ``(eps_1 + eps_2, delta_1 + delta_2)`` (basic
+composition, valid under adaptivity).
 """
 
 from __future__ import annotations

@@ -17,6 +17,13 @@ streams are CPU generator states swapped in around each call, and on a GPU stabl
 would also draw from the CUDA generator, which they do not cover: its actions, hence the noise
 multipliers in the ledger, would then depend on the device, and a run resumed on another
 device would not continue the same agent.  On the CPU they are the same on every device.
+
+Threads.  The agent computes on one CPU thread (:data:`AGENT_THREADS`, set around each call
+and restored after it): its matrices are 32 x 32, far too small to split, and splitting them
+costs synchronization instead -- an update round took 0.4 s on one thread and 10-12 s on two
+on a loaded 2-core machine (``benchmarks/README.md``, RL policy cost).  The count is fixed,
+not the machine's, so the agent's arithmetic (hence its actions and the ledger's noise) does
+not depend on the thread count a run, or its resume, is given.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import torch
 from .options import RLConfig
 
 AGENT_DEVICE = torch.device("cpu")  # see the module docstring: not the run's device
+AGENT_THREADS = 1  # intra-op threads of the agent's calls (module docstring)
 _BUFFER_FIELDS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
 
 
@@ -46,7 +54,7 @@ class SacAgent:
         self.cfg = cfg
         self._torch_rng = torch.Generator().manual_seed(seed).get_state()
         self._numpy_rng = np.random.RandomState(seed % 2**32).get_state()
-        with self._own_rng():
+        with self._own_threads(), self._own_rng():
             self.sac = SAC(
                 "MlpPolicy",
                 env,
@@ -75,6 +83,15 @@ class SacAgent:
             actor.log_std.bias.fill_(math.log(std))
 
     @contextmanager
+    def _own_threads(self) -> Iterator[None]:
+        saved = torch.get_num_threads()
+        torch.set_num_threads(AGENT_THREADS)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(saved)
+
+    @contextmanager
     def _own_rng(self) -> Iterator[None]:
         with torch.random.fork_rng(devices=[]):
             saved = np.random.get_state()
@@ -90,7 +107,7 @@ class SacAgent:
     # -- acting and learning ---------------------------------------------------------------
 
     def act(self, obs: np.ndarray) -> np.ndarray:
-        with self._own_rng():
+        with self._own_threads(), self._own_rng():
             action, _ = self.sac.predict(obs, deterministic=self.cfg.deterministic)
         return np.asarray(action, dtype=np.float32)
 
@@ -108,11 +125,15 @@ class SacAgent:
         return buf.buffer_size if buf.full else buf.pos
 
     def update(self) -> bool:
-        """``gradient_steps`` SAC updates once ``learning_starts`` transitions are stored."""
+        """``gradient_steps`` SAC updates once ``learning_starts`` transitions are stored, after
+        every ``learn_every``-th transition (counted by ``num_timesteps``, which checkpoints
+        keep: a resumed agent updates at the same transitions)."""
         n = self.transitions
         if n == 0 or n < self.cfg.learning_starts or self.cfg.gradient_steps == 0:
             return False
-        with self._own_rng():
+        if self.sac.num_timesteps % self.cfg.learn_every:
+            return False
+        with self._own_threads(), self._own_rng():
             self.sac.train(gradient_steps=self.cfg.gradient_steps, batch_size=self.cfg.batch_size)
         return True
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from accountants import Event
+from accountants import Event, Ledger
 from accountants.calibrate import EpsilonUnreachableError
 from accountants.rdp import ADAPTIVE_ORDERS, RdpAccountant, adaptive_epsilon_from_rdp
 
@@ -77,6 +77,12 @@ def grid_index(sigma: float) -> int:
     return j if grid_sigma(j) >= sigma else j + 1
 
 
+_SHARED_RDP = RdpAccountant()
+"""The pacer's default accountant: it keeps each ledger's RDP curve incrementally
+(:meth:`~accountants.rdp.RdpAccountant.ledger_rdp`), so a query costs the same at step 10^4 as
+at step 10."""
+
+
 @dataclass(frozen=True)
 class Pacer:
     """The constant noise that spends exactly the rest of a budget over the remaining steps,
@@ -86,27 +92,37 @@ class Pacer:
     epsilon: float
     delta: float
     extra_cost: float  # count release cost, on count steps only
+    accountant: RdpAccountant = field(default=_SHARED_RDP, repr=False, compare=False)
 
     def _curve(self, sigma: float, steps: int, counted: int) -> np.ndarray:
-        rdp, q = RdpAccountant(), self.sample_rate
+        rdp, q = self.accountant, self.sample_rate
         curve = (steps - counted) * rdp.step_rdp(Event(q, sigma), adaptive=True)
         if counted:
             s_eff = effective_sigma(sigma, self.extra_cost)
             curve = curve + counted * rdp.step_rdp(Event(q, s_eff), adaptive=True)
         return curve
 
+    def _spent_curve(self, events: Sequence[Event] | Ledger) -> np.ndarray:
+        """The adaptive RDP curve of what is already charged: by the accountant's incremental
+        per-ledger curve for a :class:`~accountants.Ledger` (bitwise equal to summing its
+        events, see :meth:`~accountants.rdp.RdpAccountant.ledger_rdp`), else by summing."""
+        if isinstance(events, Ledger):
+            return self.accountant.ledger_rdp(events, adaptive=True)
+        return self.accountant.rdp(events, adaptive=True)
+
     def sigma(
         self,
-        events: Sequence[Event],
+        events: Sequence[Event] | Ledger,
         steps: int,
         counted: int,
         hint: float = 1.0,
         tail: tuple[int, int, float] | None = None,
     ) -> float:
-        """Smallest grid sigma with ``events``, then ``steps`` steps at sigma (``counted`` of
-        them releasing the counts), then ``tail = (steps, counted, sigma)`` within (epsilon,
-        delta); :class:`EpsilonUnreachableError` if none up to 1e6 (the budget is spent)."""
-        base = RdpAccountant().rdp(events, adaptive=True)
+        """Smallest grid sigma with ``events`` (a list, or a ledger), then ``steps`` steps at
+        sigma (``counted`` of them releasing the counts), then ``tail = (steps, counted,
+        sigma)`` within (epsilon, delta); :class:`EpsilonUnreachableError` if none up to 1e6
+        (the budget is spent)."""
+        base = self._spent_curve(events)
         if tail is not None and tail[0] > 0:
             base = base + self._curve(tail[2], tail[0], tail[1])
 

@@ -41,7 +41,13 @@ class RLConfig(BaseModel):
     learning_rate: float = Field(3e-4, gt=0)
     net_arch: list[int] = Field(default_factory=lambda: [32, 32], min_length=1)
     batch_size: int = Field(32, ge=1)
-    gradient_steps: int = Field(8, ge=0, description="SAC updates per decision")
+    gradient_steps: int = Field(8, ge=0, description="SAC updates per update round")
+    learn_every: int = Field(
+        1,
+        ge=1,
+        description="decisions per SAC update round: the agent runs gradient_steps updates after "
+        "every learn_every-th transition (1: every decision; the agent's largest cost)",
+    )
     learning_starts: int = Field(4, ge=0, description="transitions before the agent trains")
     buffer_size: int = Field(4096, ge=1)
     tau: float = Field(0.02, gt=0, le=1)

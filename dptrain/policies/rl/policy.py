@@ -83,6 +83,9 @@ class RLPolicy(Policy):
         self._budget: tuple[float, float] | None = None  # (epsilon, delta)
         self._state = DecisionState()  # checkpointed (see .state)
         self._dims: dict[str, int] | None = None
+        # keeps the ledger's adaptive RDP curve incrementally: the pacer's and the spend's
+        # queries cost the same at any run length (results bitwise those of summing the events)
+        self._rdp = RdpAccountant()
 
     @property
     def _setting(self) -> Setting | None:
@@ -192,7 +195,8 @@ class RLPolicy(Policy):
 
     def _pacer(self) -> Pacer:
         eps, delta = self._budget
-        return Pacer(self.sample_rate, eps, delta, count_cost(len(self.bands), self.count_std))
+        extra = count_cost(len(self.bands), self.count_std)
+        return Pacer(self.sample_rate, eps, delta, extra, accountant=self._rdp)
 
     def _counted(self, after: int, through: int) -> int:
         return 0 if self.count_std is None else count_steps(after, through, self.cfg.every)
@@ -204,7 +208,7 @@ class RLPolicy(Policy):
             return self.noise_multiplier
         try:
             return self._pacer().sigma(
-                self._ledger.events, T - t, self._counted(t, T), hint=self.noise_multiplier
+                self._ledger, T - t, self._counted(t, T), hint=self.noise_multiplier
             )
         except EpsilonUnreachableError:  # the budget is spent: the filter will refuse the next step
             return self.noise_multiplier * self.cfg.noise_range
@@ -219,7 +223,7 @@ class RLPolicy(Policy):
         tail = (T - end, self._counted(end, T), grid_sigma(grid_index(pace * self.cfg.noise_range)))
         try:
             return self._pacer().sigma(
-                self._ledger.events, end - t, self._counted(t, end), hint=pace, tail=tail
+                self._ledger, end - t, self._counted(t, end), hint=pace, tail=tail
             )
         except EpsilonUnreachableError:  # no sigma keeps the tail in budget
             return pace
@@ -308,7 +312,7 @@ class RLPolicy(Policy):
     def _spent(self) -> float:
         if self._ledger is None or not self._ledger.events:
             return 0.0
-        return RdpAccountant().adaptive_epsilon(self._ledger.events, self._budget[1])
+        return self._rdp.ledger_epsilon(self._ledger, self._budget[1], adaptive=True)
 
     def _public_loss(self) -> float:
         with torch.no_grad():
