@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from accountants import Event, Ledger
 from attacks.audit import after_training, audit_run
@@ -24,14 +23,7 @@ from dptrain.train import train
 TINY = "tiny-llama:num_hidden_layers=1,hidden_size=32,intermediate_size=64,vocab=512"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared machine the thread pool
-    spinning against other processes makes every small matmul many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/attacks/conftest.py
 
 
 def tiny_recipe(out: Path, *, private: bool, canaries=None, steps: int = 60, **audit):

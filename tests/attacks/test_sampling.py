@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from scipy import stats
 
 from attacks.planted import FixedBatches, run_one
@@ -91,14 +90,6 @@ def test_fixed_batches_take_each_record_at_most_once_per_epoch():
         first, second = b.sample(0), b.sample(1)
         assert len(first) == len(second) == 50
         assert not set(first.tolist()) & set(second.tolist())
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("bug", ["none", "noise/4", "shuffle"])

@@ -49,12 +49,7 @@ CHAT = [
 LABELLED = [{"text": f"note {i} " * (1 + i), "label": "ab"[i % 2]} for i in range(5)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/attacks/conftest.py
 
 
 def _recipe(task: dict) -> object:

@@ -17,13 +17,7 @@ from attacks.whitebox import Canaries, whitebox_audit
 from dptrain.engine import PrivacyEngine
 from dptrain.policies import StaticPolicy, make_policy
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/attacks/conftest.py
 
 
 def engine(policy=None, *, q=1.0, grouping="per_layer", **kw):
