@@ -38,6 +38,7 @@ person's tokens) are in :mod:`dptrain.segments`.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +60,9 @@ if TYPE_CHECKING:
     from .data.lm import LMExamples
     from .plan import RunPlan
     from .recipe import Recipe
+
+
+_CANARY_PERSON = re.compile(r"canary-\d+")  # dptrain.data.canaries' person ids
 
 
 def group_delta_factor(eps: float, k: int) -> float:
@@ -209,6 +213,9 @@ class UnitPlan:
 
     def meta(self) -> dict[str, Any]:
         counts = self.people.counts
+        if self.canary_people:  # the data's people only: the canaries' counts follow coins
+            real = [not _CANARY_PERSON.fullmatch(p) for p in self.people.ids]
+            counts = counts[np.asarray(real)] if any(real) else counts
         return {
             "unit": self.name,
             "field": self.field,

@@ -38,7 +38,9 @@ def tiny_recipe(out: Path, *, private: bool, canaries=None, steps: int = 60, **a
             "max_validation_records": 8,
             "canaries": {"secret_digits": 2, "repetitions": canaries or {1: 128, 8: 2}},
         },
-        # 60 steps at q ~ 0.29: each record is seen ~ 17 times, enough to memorize without noise
+        # q = 32 / N with N = 32 records + every configured canary record (those left out by
+        # their coins too, so N shows no coin): 176, q ~ 0.18; 60 steps see each record ~ 11
+        # times (the non-private run takes 95: ~ 17 times, enough to memorize without noise)
         "training": {
             "steps": steps,
             "batch_size": 32,
@@ -63,7 +65,7 @@ def non_private(tmp_path_factory) -> Path:
     # the canaries come from a fresh secret key each run: the never-inserted baseline averages
     # 32 of them (its mean exposure is 1.44 +- 0.25 bits), not a 2-canary draw that exceeds 3
     # bits in about 7% of runs
-    train(tiny_recipe(out, private=False, exposure_canaries=32), progress=False)
+    train(tiny_recipe(out, private=False, exposure_canaries=32, steps=95), progress=False)
     return out
 
 

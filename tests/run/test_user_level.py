@@ -604,6 +604,15 @@ def test_public_sizes_count_every_canary_so_no_coin_shows(tmp_path, unit):
         people = len({p for p in prep.unit.people.ids if not p.startswith("canary-")})
         assert prep.unit.size == prep.plan.dataset_size == people + 10
         assert prep.unit.meta()["people"] == people + 10
+    if unit is not None:  # the per-person statistics are the data's people's, not the canaries'
+        real_counts = [
+            len(m)
+            for p, m in zip(prep.unit.people.ids, prep.unit.people.members, strict=True)
+            if not p.startswith("canary-")
+        ]
+        stats = prep.unit.meta()["records_per_person"]
+        assert stats["max"] == max(real_counts)
+        assert stats["mean"] == pytest.approx(sum(real_counts) / len(real_counts))
     else:
         assert prep.plan.dataset_size == records
     assert prep.plan.sample_rate == pytest.approx(
