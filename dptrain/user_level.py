@@ -38,7 +38,6 @@ person's tokens) are in :mod:`dptrain.segments`.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +47,7 @@ from torch import Tensor
 
 from . import distributed
 from .data.loading import TextDataset
-from .data.people import People, read_people, recipe_person_ids, unit_name
+from .data.people import People, is_canary_person, read_people, recipe_person_ids, unit_name
 from .errors import RecipeError
 from .recipe import default_delta
 from .sampling import PoissonSampler
@@ -60,9 +59,6 @@ if TYPE_CHECKING:
     from .data.lm import LMExamples
     from .plan import RunPlan
     from .recipe import Recipe
-
-
-_CANARY_PERSON = re.compile(r"canary-\d+")  # dptrain.data.canaries' person ids
 
 
 def group_delta_factor(eps: float, k: int) -> float:
@@ -214,7 +210,7 @@ class UnitPlan:
     def meta(self) -> dict[str, Any]:
         counts = self.people.counts
         if self.canary_people:  # the data's people only: the canaries' counts follow coins
-            real = [not _CANARY_PERSON.fullmatch(p) for p in self.people.ids]
+            real = [not is_canary_person(p) for p in self.people.ids]
             counts = counts[np.asarray(real)] if any(real) else counts
         return {
             "unit": self.name,

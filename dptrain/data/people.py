@@ -27,9 +27,25 @@ if TYPE_CHECKING:
     from ..recipe import Recipe
     from ..tasks.schema import TaskSection
 
-__all__ = ["People", "person_ids", "read_people", "recipe_person_ids", "same_number", "unit_name"]
+__all__ = [
+    "People",
+    "is_canary_person",
+    "person_ids",
+    "read_people",
+    "recipe_person_ids",
+    "same_number",
+    "unit_name",
+]
 
-_CANARY = re.compile(r"^(canary-\d+)-\d+$")
+_CANARY = re.compile(r"^(canary-\d+)-\d+$")  # a canary record's id: its person, repetition
+_CANARY_PERSON = re.compile(r"canary-\d+")
+
+
+def is_canary_person(person: str) -> bool:
+    """Is ``person`` an audit canary (:func:`read_people` names canary ``i`` ``canary-<i>``)?"""
+    return _CANARY_PERSON.fullmatch(person) is not None
+
+
 _DECIMAL = re.compile(r"[+-]?[0-9]+(\.[0-9]+)?")
 
 
