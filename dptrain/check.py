@@ -70,6 +70,8 @@ def per_sample_gradients(model: nn.Module, batch: Any, loss_fn: LossFn) -> dict[
             loss.sum().backward()
             for n, p in named:
                 g = p.grad if p.grad is not None else torch.zeros_like(p)
+                if g.is_sparse:  # an Embedding(sparse=True): the same gradient, dense
+                    g = g.to_dense()
                 rows[n].append(g.detach().to(torch.float64).clone())
                 p.grad = None
     finally:
@@ -109,7 +111,7 @@ def clipped_update(
     for g, names in groups.items():
         sq = torch.zeros(batch, dtype=torch.float64)
         for n in names:
-            sq = sq + grads[n].flatten(1).pow(2).sum(1)
+            sq = sq + grads[n].reshape(batch, -1).pow(2).sum(1)  # scalar parameters: (B,)
         norms[g] = sq.sqrt()
         c = clip[g]
         coef = (

@@ -73,9 +73,14 @@ def _factors(use: Use) -> dict[str, Outer] | None:
     return use.cache["outer"]
 
 
+def _dense(t: Tensor) -> Tensor:
+    """A sparse gradient (``Embedding(sparse=True)`` differentiated by autograd) as dense."""
+    return t.to_dense() if t.is_sparse else t
+
+
 def _per_sample(use: Use) -> dict[str, Tensor]:
     if "per_sample" not in use.cache:
-        use.cache["per_sample"] = use.rule.per_sample(use)
+        use.cache["per_sample"] = {r: _dense(g) for r, g in use.rule.per_sample(use).items()}
     return use.cache["per_sample"]
 
 
@@ -87,7 +92,7 @@ def _sq(t: Tensor, chunk: int | None = None) -> Tensor:
     reduction makes of a materialized per-sample gradient is bounded by ``chunk`` elements
     instead of doubling (float32) or quadrupling (bf16) the gradient's own memory.  Each row is
     reduced alone either way (the values equal the one-call reduction's on the CPU)."""
-    flat = t.flatten(1)
+    flat = t.reshape(t.shape[0], -1)  # a scalar parameter's rows are (B,)
     rows = max(1, (NORM_CHUNK if chunk is None else chunk) // max(flat.shape[1], 1))
     if rows >= flat.shape[0] or flat.dtype == NORM_DTYPE:
         return torch.linalg.vector_norm(flat, dim=1, dtype=NORM_DTYPE).pow(2)
@@ -150,7 +155,7 @@ def clip_and_sum(
             ghosted[p] = (fs, heavy)
             continue
         total = recorded.direct.get(p)
-        total = None if total is None else per_row(total)
+        total = None if total is None else per_row(_dense(total))
         owned = False  # total is a tensor made here (not cached, not the caller's): add in place
         for (u, role), f in zip(items, fs, strict=True):
             g = f.materialize() if f is not None else per_row(_per_sample(u)[role])
