@@ -287,11 +287,14 @@ class Embedding(OpRule):
                 "the rows of the tokens in each private batch, so private data would change the "
                 "weights without noise. Fix: build the embedding with max_norm=None"
             )
-        if a["scale_grad_by_freq"] or a["sparse"]:
+        if a["scale_grad_by_freq"]:
             raise UnsupportedLayerError(
-                "an embedding with scale_grad_by_freq=True or sparse=True couples the samples of "
-                "a batch. Fix: build it with the defaults for private training"
+                "an embedding with scale_grad_by_freq=True divides each row's gradient by the "
+                "token's count in the whole batch, which couples its samples. Fix: build it with "
+                "scale_grad_by_freq=False for private training"
             )
+        # sparse=True only changes the layout of the ordinary (batch) gradient, which the fused
+        # node never forms: the per-sample rows below are the same, and the update is dense
 
     def outer(self, use: Use) -> dict[str, Outer]:
         ids = use.call.input
