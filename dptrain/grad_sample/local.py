@@ -72,11 +72,40 @@ class LocalRule:
         xs = [call.leaves[i] for i in batched]
         gs = [grads[i] for i in outs]
         in_dims = (None, [call.in_axes[i] for i in batched], [call.out_axes[i] for i in outs])
-        per = vmap(grad(loss), in_dims=in_dims)(theta, xs, gs)
-        return per
+        if type(call.module) not in _NO_VMAP:
+            try:
+                return vmap(grad(loss), in_dims=in_dims)(theta, xs, gs)
+            except RuntimeError:  # e.g. an autograd.Function without a vmap rule inside
+                _NO_VMAP.add(type(call.module))
+        return _one_by_one(loss, theta, xs, gs, in_dims)
 
     def outer(self, use: Use) -> None:
         return None
+
+
+_NO_VMAP: set[type] = set()  # module classes whose re-run has no vmap rule: one sample at a time
+
+
+def _one_by_one(loss: Any, theta: dict[str, Tensor], xs: list, gs: list, in_dims: tuple) -> Any:
+    """The same per-sample gradients as ``vmap(grad(loss))``, one sample at a time: sample
+    ``b``'s inputs and output gradients selected along their batch axes, differentiated by plain
+    autograd (an autograd.Function without a functorch rule inside runs as in training)."""
+    _, x_axes, g_axes = in_dims
+    b = xs[0].shape[x_axes[0]] if xs else gs[0].shape[g_axes[0]]
+    rows = []
+    for i in range(b):
+        xb = [x.select(a, i) for x, a in zip(xs, x_axes, strict=True)]
+        gb = [g.select(a, i) for g, a in zip(gs, g_axes, strict=True)]
+        with torch.enable_grad():  # plain autograd: torch.func's grad is a transform too
+            leaf = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
+            out = torch.autograd.grad(loss(leaf, xb, gb), list(leaf.values()), allow_unused=True)
+        rows.append(
+            {
+                n: (g if g is not None else torch.zeros_like(theta[n]))
+                for n, g in zip(leaf, out, strict=True)
+            }
+        )
+    return {n: torch.stack([r[n] for r in rows]) for n in theta}
 
 
 def _functional(module: nn.Module, theta: dict[str, Tensor], args: tuple, kwargs: dict) -> Any:
