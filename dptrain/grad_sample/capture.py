@@ -49,6 +49,7 @@ from .plan import (
     ScopeRecord,
     build_plan,
     sample_axis,
+    sample_prints,
 )
 from .watch import DataWatch, fingerprint
 
@@ -127,6 +128,8 @@ class _Call:
     ops: int = 0
     random: bool = False
     aliased: bool = False
+    prints: list[dict[int, Tensor]] | None = None  # probes: the inputs' sample fingerprints
+    state: dict[str, int] | None = None  # probes: ids of the module's tensor attributes
 
 
 class _Mode(TorchFunctionMode):
@@ -175,6 +178,7 @@ class GradCapture:
         self._all_names = {id(m): n or "<model>" for n, m in model.named_modules()}
         self._modules = [m for _, m in model.named_modules()]
         self._rewritten: set[str] = set()  # parameters the forward writes without changing
+        self._rng: Tensor | None = None  # while probing: the CPU generator's state at the start
         self._mode = _Mode(self)
         self._watch = DataWatch(model)
         self._handles: list[Any] = []
@@ -219,7 +223,9 @@ class GradCapture:
 
     @property
     def _recording(self) -> bool:
-        return self._probe is not None or (self.active and torch.is_grad_enabled())
+        # calls under no_grad too: they are counted as the probe counts them, so the positions
+        # of the uses after them (and of later calls of the same module) stay the planned ones
+        return self._probe is not None or self.active
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self._recording:
@@ -236,7 +242,11 @@ class GradCapture:
             k %= self.plan.calls.get(id(module), 1)
         leaves, spec = tree_flatten((args, kwargs))
         name = self._scope_names.get(id(module), type(module).__name__)
-        stack.append(_Call(module, name, (id(module), k), leaves, spec, len(self.uses)))
+        call = _Call(module, name, (id(module), k), leaves, spec, len(self.uses))
+        if self._probe is not None:  # before the call can change its inputs in place
+            call.prints = [sample_prints(x, self._probe.batch_size) for x in leaves]
+            call.state = _tensor_attrs(module)
+        stack.append(call)
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         stack = self._stack
@@ -266,6 +276,9 @@ class GradCapture:
         touched = self._touched(args, kwargs)
         if not touched:
             return func(*args, **kwargs)
+        if not torch.is_grad_enabled():  # no gradient flows from it: counted, not routed
+            stack[-1].ops += 1
+            return func(*args, **kwargs)
         return self._route(stack[-1], func, args, kwargs, touched)
 
     def _touched(self, args: tuple, kwargs: dict) -> list[nn.Parameter]:
@@ -289,6 +302,8 @@ class GradCapture:
         key = (call.key, call.ops)
         call.ops += 1
         decision = self.plan.ops.get(key) if self.plan is not None else None
+        if decision is not None and not self._fits(call, decision, func, touched):
+            decision = None
         if decision is None:
             if self.in_backward:  # a recomputation (checkpointing) beyond the planned forward
                 return func(*args, **kwargs)
@@ -310,6 +325,20 @@ class GradCapture:
 
             return func(*[alias(a) for a in args], **{k: alias(v) for k, v in kwargs.items()})
         return func(*args, **kwargs)
+
+    def _fits(self, call: _Call, d: Decision, func: Any, touched: list) -> bool:
+        """Whether the planned decision at this position fits the call made there: a fused rule
+        computes its own function, so the function must be the probed one (a branch the probe
+        took and this batch does not shifts the positions after it); a re-run module call
+        covers only the parameters it adopted (an alias of a directly differentiated one would
+        cut its gradient).  A direct decision fits any call: the parameters' hooks see the
+        rest."""
+        if d.kind == "fuse":
+            return d.func is None or d.func is func
+        if d.kind == "local":
+            spec = self.plan.scopes.get(call.key)
+            return spec is not None and all(id(p) in spec.names for p in touched)
+        return True
 
     def _fuse(self, call: _Call, d: Decision, func: Any, args: tuple, kwargs: dict) -> Tensor:
         op = d.rule.parse(args, kwargs, set(self.params))
@@ -376,12 +405,13 @@ class GradCapture:
         log = self._probe
         name = getattr(func, "__name__", "")
         if func in _DROPOUT or func in _DROPOUT_RAW or func is F.scaled_dot_product_attention:
+            # switched off, then recorded like any call: a parameter may be its argument (a
+            # learned attention bias as attn_mask, dropout on a weight), and the step routes it
             args, kwargs, drew = _without_dropout(func, args, kwargs)
             if drew:
                 for c in stack:
                     c.random = True
-            return func(*args, **kwargs)
-        if name in _RANDOM_NAMES:
+        elif name in _RANDOM_NAMES:
             log.random = True
             for c in stack:
                 c.random = True
@@ -407,6 +437,7 @@ class GradCapture:
             x = op.input
             rec.input_shape = tuple(x.shape)
             n, b = x.shape[0], log.batch_size
+            rec.samples = sample_prints(x, b, (0,))
             if rule.rowwise and n != b and n % b == 0:
                 rows = x.detach().reshape(b, -1).double()
                 rec.rows = torch.stack([rows.sum(1), rows.square().sum(1)], 1)
@@ -432,7 +463,13 @@ class GradCapture:
             [tuple(x.shape) if isinstance(x, Tensor) else None for x in call.leaves],
             [tuple(x.shape) if isinstance(x, Tensor) else None for x in outs],
             [isinstance(x, Tensor) and x.is_floating_point() for x in outs],
-            call.random or not replays_exactly(call.module),
+            call.random
+            or not replays_exactly(call.module)
+            # a forward that keeps tensors on its module (a recurrent state of the last batch)
+            # cannot be re-run on one sample after the batch's call
+            or (call.state is not None and _tensor_attrs(call.module) != call.state),
+            call.prints or [],
+            [sample_prints(x, self._probe.batch_size) for x in outs],
         )
         self._probe.scopes[call.key] = rec
 
@@ -444,6 +481,8 @@ class GradCapture:
         outputs: list[tuple[nn.Module, Any]] | None = None,
     ) -> tuple[ProbeLog, Tensor]:
         log = ProbeLog(batch_len(batch), expand=expand)
+        if self._rng is not None:
+            torch.set_rng_state(self._rng)
         versions, saved = _snapshot_buffers(self.model)
         weights = _param_state(self.model)
         self._probe, self._counts = log, {}
@@ -472,7 +511,8 @@ class GradCapture:
             )
         if changed:
             raise UnsupportedLayerError(
-                f"the forward pass updates the buffers {', '.join(changed[:4])} from the data "
+                f"the forward pass updates the buffers {', '.join(changed[:4])} of "
+                f"{_owners(self.model, changed)} from the data "
                 "(e.g. BatchNorm's running statistics in train mode): they would be computed "
                 "from private records without noise and saved with the model. Fix: use "
                 "GroupNorm or LayerNorm, or put those layers in eval mode with frozen statistics"
@@ -494,40 +534,52 @@ class GradCapture:
         b = batch_len(batch)
         bigger = batch_cat(batch, batch_slice(batch, 0, 1))
         notes: list[str] = []
-        with torch.random.fork_rng(devices=[]):
-            big, l_big = self._probe_forward(loss_fn, bigger)
-            expand = frozenset(
-                k
-                for k, r in big.ops.items()
-                if r.rule is not None and r.input_shape and r.input_shape[0] == 1
-            )
-            small, l_small = self._probe_forward(loss_fn, batch, expand)
-            random = big.random or small.random
-            ok = random or _close(l_small, l_big[:b])
-            if not ok and expand:
-                small, l_small = self._probe_forward(loss_fn, batch)
-                ok = _close(l_small, l_big[:b])
-                if ok:
-                    expand = frozenset()
-                    notes.append(
-                        "uses shared by the batch (leading axis 1) are not broadcast: the model's "
-                        "output changed when they were"
-                    )
-            if not ok:
-                where = self._locate_mixing(loss_fn, batch, bigger, 0, b)
-                raise _mixing_error("another sample joins its batch", where)
-            if b >= 2 and not random:
-                # samples leaving: [1:] sees a statistic its first sample decided, [:1] one that
-                # any other sample decided (a maximum is one sample's, so one of the two sees it)
-                for lo, hi, event in (
-                    (1, b, "the first sample leaves its batch"),
-                    (0, 1, "the other samples leave its batch"),
-                ):
-                    part = batch_slice(batch, lo, hi)
-                    _, l_part = self._probe_forward(loss_fn, part, expand)
-                    if not _close(l_part, l_small[lo:hi]):
-                        where = self._locate_mixing(loss_fn, batch, part, lo, hi - lo, expand)
-                        raise _mixing_error(event, where)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                # every probe draws the same (CPU) random numbers: a model that draws them beyond
+                # dropout sees the same values for the same samples, so its batch axes can align
+                self._rng = torch.get_rng_state()
+                big, l_big = self._probe_forward(loss_fn, bigger)
+                expand = frozenset(
+                    k
+                    for k, r in big.ops.items()
+                    if r.rule is not None and r.input_shape and r.input_shape[0] == 1
+                )
+                try:
+                    small, l_small = self._probe_forward(loss_fn, batch, expand)
+                    random = big.random or small.random
+                    ok = random or _close(l_small, l_big[:b])
+                except RuntimeError:  # broadcast, a shared tensor broke the forward (DeBERTa's
+                    if not expand:  # relative embeddings, repeated per sample afterwards)
+                        raise
+                    random, ok = big.random, False
+                if not ok and expand:
+                    small, l_small = self._probe_forward(loss_fn, batch)
+                    random = big.random or small.random
+                    ok = random or _close(l_small, l_big[:b])
+                    if ok:
+                        expand = frozenset()
+                        notes.append(
+                            "uses shared by the batch (leading axis 1) are not broadcast: the "
+                            "model's output changed (or failed) when they were"
+                        )
+                if not ok:
+                    where = self._locate_mixing(loss_fn, batch, bigger, 0, b)
+                    raise _mixing_error("another sample joins its batch", where)
+                if b >= 2 and not random:
+                    # samples leaving: [1:] sees a statistic its first sample decided, [:1] one that
+                    # any other sample decided (a maximum is one sample's, so one of the two sees it)
+                    for lo, hi, event in (
+                        (1, b, "the first sample leaves its batch"),
+                        (0, 1, "the other samples leave its batch"),
+                    ):
+                        part = batch_slice(batch, lo, hi)
+                        _, l_part = self._probe_forward(loss_fn, part, expand)
+                        if not _close(l_part, l_small[lo:hi]):
+                            where = self._locate_mixing(loss_fn, batch, part, lo, hi - lo, expand)
+                            raise _mixing_error(event, where)
+        finally:
+            self._rng = None
         if random:
             notes.append(
                 "the model draws random numbers other than dropout in its forward pass, so "
@@ -633,7 +685,7 @@ class GradCapture:
         if changed:
             raise UnsupportedLayerError(
                 f"the buffers {', '.join(changed[:4])} were updated during a private step (now "
-                "restored): they would hold statistics of private records without noise. Fix: "
+                f"restored; {_owners(self.model, changed)}): they would hold statistics of private records without noise. Fix: "
                 "freeze them (eval mode) or use layers without running statistics"
             )
         if through_data:
@@ -860,6 +912,22 @@ def _moved_error(names: list[str], how: str = "") -> UnsupportedLayerError:
         "noisy update): a change computed from private records would reach the model without "
         "noise, and they now hold it. Fix: reload those weights, and make the forward pass "
         "leave parameters unchanged (e.g. compute a normalized copy instead of writing it back)"
+    )
+
+
+def _tensor_attrs(module: nn.Module | None) -> dict[str, int]:
+    """Ids of the plain tensor attributes of ``module`` (not parameters or buffers)."""
+    if module is None:
+        return {}
+    return {k: id(v) for k, v in vars(module).items() if isinstance(v, Tensor)}
+
+
+def _owners(model: nn.Module, buffers: list[str]) -> str:
+    """The modules owning ``buffers``, as ``layer 'name' (Class)``."""
+    owners = dict.fromkeys(n.rpartition(".")[0] for n in buffers)
+    return ", ".join(
+        f"layer '{o or '<model>'}' ({type(model.get_submodule(o)).__name__})"
+        for o in list(owners)[:4]
     )
 
 

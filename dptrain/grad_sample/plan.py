@@ -9,6 +9,13 @@ other is the batch axis; a tensor whose shape does not change has none (it is sh
 batch, like T5's relative-position buckets, whatever its length).  Nothing is inferred from a
 single shape, so a sequence as long as the batch is never taken for it.
 
+The batch axis must also hold the samples in their order: per-sample fingerprints (sum, sum of
+squares and of absolute values along that axis) of each input and output of a use must be the
+smaller probe's for the first ``B`` indices and the first sample's for the extra one.  A model
+that reorders the batch between layers (``x.flip(0)``, sorting by length) fails this, since the
+copy of the first sample is not last in the reordered batch, and its uses are differentiated
+directly: a rule that took row ``b`` for sample ``b`` would give each sample another's gradient.
+
 Each use then gets one of three treatments:
 
 * **fuse**: a registered function (:mod:`.ops`) on a batch-first input -- per-sample gradients
@@ -35,6 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .ops import OpRule
@@ -55,6 +63,7 @@ class OpRecord:
     rule: OpRule | None  # the registered rule, if the call has its form
     input_shape: tuple[int, ...] | None = None
     rows: Tensor | None = None  # per-sample fingerprints of a flattened (B*T, ...) input
+    samples: dict[int, Tensor] = field(default_factory=dict)  # axis -> its fingerprints
 
 
 @dataclass
@@ -67,6 +76,8 @@ class ScopeRecord:
     out_shapes: list[tuple[int, ...] | None] = field(default_factory=list)
     out_grad: list[bool] = field(default_factory=list)
     random: bool = False
+    in_samples: list[dict[int, Tensor]] = field(default_factory=list)  # per leaf, as OpRecord's
+    out_samples: list[dict[int, Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -83,6 +94,7 @@ class ProbeLog:
 class Decision:
     kind: str  # "fuse" | "local" | "direct"
     touched: frozenset[int] = frozenset()
+    func: Any = None  # the function probed at this position (a step calling another re-plans)
     rule: OpRule | None = None
     expand: bool = False  # a shared (1, ...) input broadcast to the batch (verified neutral)
     rows: bool = False  # a (B*T, ...) input whose rows are sample-major (observed)
@@ -142,19 +154,24 @@ def _local_axes(
     if len(small.in_shapes) != len(big.in_shapes) or len(small.out_shapes) != len(big.out_shapes):
         return None
     in_axes = []
-    for s, t in zip(small.in_shapes, big.in_shapes, strict=True):
+    for i, (s, t) in enumerate(zip(small.in_shapes, big.in_shapes, strict=True)):
         if s is None and t is None:
             in_axes.append(None)  # not a tensor: passed as it is
             continue
         axis = batch_axis(s, t, b)
         if axis == INVALID:
             return None
+        if axis is not None and not _aligned(small.in_samples[i], big.in_samples[i], axis, b):
+            return None  # the batch axis holds the samples in another order
         in_axes.append(axis)
     out_axes = []
-    for s, t, needs in zip(small.out_shapes, big.out_shapes, small.out_grad, strict=True):
+    outs = zip(small.out_shapes, big.out_shapes, small.out_grad, strict=True)
+    for i, (s, t, needs) in enumerate(outs):
         axis = batch_axis(s, t, b) if s is not None else None
         if needs and (axis is None or axis == INVALID):
             return None  # a differentiable output shared by the batch: its gradient is summed
+        if needs and not _aligned(small.out_samples[i], big.out_samples[i], axis, b):
+            return None
         out_axes.append(axis if axis != INVALID else None)
     return in_axes, out_axes
 
@@ -181,15 +198,15 @@ def build_plan(
         if same and rec.rule is not None and key[0] != ROOT:
             if rec.rows is not None and other.rows is not None:
                 if _sample_major(rec, other, b):
-                    ops[key] = Decision("fuse", rec.touched, rec.rule, rows=True)
+                    ops[key] = Decision("fuse", rec.touched, rec.func, rec.rule, rows=True)
                     continue
             else:
                 axis = batch_axis(rec.input_shape, other.input_shape, b)
-                if axis == 0:
-                    ops[key] = Decision("fuse", rec.touched, rec.rule)
+                if axis == 0 and _aligned(rec.samples, other.samples, 0, b):
+                    ops[key] = Decision("fuse", rec.touched, rec.func, rec.rule)
                     continue
                 if key in small.expand and axis is None and rec.input_shape[0] == 1:
-                    ops[key] = Decision("fuse", rec.touched, rec.rule, expand=True)
+                    ops[key] = Decision("fuse", rec.touched, rec.func, rec.rule, expand=True)
                     continue
         pending.setdefault(key[0], []).append(rec)
 
@@ -224,12 +241,12 @@ def build_plan(
         spec = scopes.get(scope)
         for rec in recs:
             local_op = spec is not None and rec.touched <= set(spec.names)
-            ops[rec.key] = Decision("local" if local_op else "direct", rec.touched)
+            ops[rec.key] = Decision("local" if local_op else "direct", rec.touched, rec.func)
     # fused calls inside a re-run module call on the parameters it covers: re-run too
     for key, d in ops.items():
         spec = scopes.get(key[0])
         if d.kind == "fuse" and spec is not None and small.ops[key].touched <= set(spec.names):
-            ops[key] = Decision("local", d.touched)
+            ops[key] = Decision("local", d.touched, d.func)
     calls: dict[int, int] = {}
     for mid, k in small.scopes:
         if mid != ROOT[0]:
@@ -260,6 +277,43 @@ def _sample_major(small: OpRecord, big: OpRecord, b: int) -> bool:
     s, t = small.rows, big.rows
     tol = 1e-6 * (1 + s.abs())
     return bool(((t[:b] - s).abs() <= tol).all() and ((t[b] - s[0]).abs() <= tol[0]).all())
+
+
+_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}  # else 1e-6
+
+
+def sample_prints(x: Any, n: int, axes: tuple[int, ...] | None = None) -> dict[int, Tensor]:
+    """Fingerprints of ``x`` along each axis that is ``n`` long (a candidate batch axis of a
+    probe of ``n`` samples): ``(n, 4)``, per index the sum (plus the count of non-finite
+    entries), the sum of squares and the sum of absolute values of the entries (clamped to
+    ``1e30``), in float64, and the relative tolerance of ``x``'s dtype (an
+    empty dict for anything but a real or integer tensor); ``axes``: only these axes."""
+    if not isinstance(x, Tensor) or x.dim() == 0 or x.is_complex() or x.dtype == torch.bool:
+        return {}
+    out = {}
+    tol = _TOL.get(x.dtype, 1e-6)
+    with torch.no_grad(), torch._C.DisableTorchFunction():
+        for axis, size in enumerate(x.shape):
+            if size == n and (axes is None or axis in axes):
+                r = x.detach().movedim(axis, 0).reshape(n, -1).double()
+                bad = (~torch.isfinite(r)).sum(1).double()  # masks of -inf, finfo.min
+                r = torch.nan_to_num(r, nan=0.0).clamp(-1e30, 1e30)
+                sums = [r.sum(1) + bad, r.square().sum(1), r.abs().sum(1), torch.full((n,), tol)]
+                out[axis] = torch.stack(sums, 1).to(torch.float64)
+    return out
+
+
+def _aligned(small: dict[int, Tensor], big: dict[int, Tensor], axis: int, b: int) -> bool:
+    """Whether the batch axis holds the samples in batch order in both probes: the ``B + 1``
+    probe's first ``B`` fingerprints are the ``B`` probe's, its last the first sample's (within
+    the dtype's tolerance, relative to the entries' magnitude: a reordered sample differs in
+    every fingerprint, rounding does not depend on the batch size)."""
+    s, t = small.get(axis), big.get(axis)
+    if s is None or t is None or s.shape[0] != b or t.shape[0] != b + 1:
+        return False
+    s, t = s[:, :3], t[:, :3]
+    scale = small[axis][:, 3:] * (1 + s[:, 1:2] + s[:, 2:3])
+    return bool(((t[:b] - s).abs() <= scale).all() and ((t[b] - s[0]).abs() <= scale[0]).all())
 
 
 def _names(module: nn.Module) -> dict[int, str]:
