@@ -176,3 +176,33 @@ def test_observations_refuse_inconsistent_inputs():
     ]:
         with pytest.raises(ValueError, match=match):
             Observations(**{**base, **change})
+
+
+def test_logit_scaling_helps_lira_with_few_shadow_models_on_a_classifier():
+    """Synthetic classifier whose label logits are Gaussian per record (the paper's model):
+    with 4 reference models (pooled variance) LiRA on logit(p_y) beats LiRA on log p_y,
+    whose confident records pile up below 0 (measured: AUC 0.87 vs 0.76 at n = 2000)."""
+    rng = np.random.default_rng(0)
+    k, n = 4, 1000
+    member = np.arange(n) < n // 2
+    difficulty = rng.normal(3.0, 2.0, n)
+    refs_in = np.argsort(rng.random((n, k)), axis=1).T < k // 2  # each record in half
+    log_sigmoid = lambda z: -np.logaddexp(0.0, -z)  # noqa: E731
+    refs = log_sigmoid(difficulty + refs_in + rng.normal(0, 0.5, (k, n)))
+    t = log_sigmoid(difficulty + member + rng.normal(0, 0.5, n))
+    obs = {
+        "target": TextStats(-t, -t, -t, np.ones(n, int)),
+        "zlib_bits": None,
+        "refs": refs,
+        "refs_in": refs_in,
+        "pop_target": np.zeros(0),
+        "pop_refs": np.zeros((k, 0)),
+        "pop_refs_in": np.zeros((k, 0), bool),
+    }
+    auc = {
+        single: roc(*(lambda s: (s[member], s[~member]))(
+            ATTACKS["lira_offline"](Observations(**obs, single_label=single))
+        )).auc
+        for single in (False, True)
+    }  # fmt: skip
+    assert auc[True] > auc[False] + 0.05, auc
