@@ -172,7 +172,7 @@ def one_run_epsilon(
     term need not be); there it may be below the largest rejected eps, never above."""
     beta = 1 - probability(confidence, "confidence")
     scalar = np.ndim(v) == 0
-    v = np.atleast_1d(np.asarray(v, dtype=np.int64))
+    v = np.atleast_1d(np.asarray(v))  # one_run_p_value checks it is whole numbers
     lo = np.zeros(len(v))  # p(lo) < beta, or lo = 0
     hi = np.ones(len(v))
     while True:  # expand hi until p(hi) >= beta everywhere
