@@ -92,7 +92,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .base import Accountant, check_delta, get_accountant
-from .grid import EXACT, MAX_LEVEL, costly, grid_event, grid_key
+from .grid import EXACT, MAX_LEVEL, compress, costly, grid_event, grid_key
 from .ledger import POISSON_GAUSSIAN, Event, Ledger
 
 UNLIMITED = sys.maxsize
@@ -416,7 +416,7 @@ class BudgetFilter:
         self,
         prefix: list[Event],
         event: Event,
-        at: tuple[Ledger, int],
+        at: tuple[Ledger, int] | list[Event],
         target: float | None = None,
     ) -> tuple[int, bool]:
         """First probe of the search for ``target`` (default: the budget's epsilon), and
@@ -515,7 +515,8 @@ class BudgetFilter:
         level_of = getattr(self.accountant, "grid_level", None)
         limit = getattr(self.accountant, "max_exact_mechanisms", None) if level_of else None
         # W on the public grid, at the level of the ledger it is to cover (at least level 0)
-        w = grid_event(w, max(0, level_of([*events, event]) if level_of else EXACT))
+        covered = max(0, level_of([*events, event]) if level_of else EXACT)
+        w = grid_event(w, covered)
         level = level_of([*events, w]) if level_of else EXACT  # of the certified composition
         target = self.budget.epsilon * (1.0 - self.margin)
         ex = self._exhausted
@@ -525,7 +526,9 @@ class BudgetFilter:
         def f(k: int) -> float:
             return self._epsilon([*events, w.with_steps(k)])
 
-        rdp, _ = self._guess(events, w, (ledger, len(events)), target)
+        # the RDP guess from the gridded ledger: a few cached per-step curves, where the
+        # ledger itself may hold thousands of distinct sigmas (tens of ms of RDP each)
+        rdp, _ = self._guess(events, w, compress(events, covered), target)
         # the accountant's count over RDP's, as the last certificate found it: a closer guess
         guess = max(1, int(rdp * self._ratio)) if self._ratio else rdp
         allowed = near_largest(f, target, guess=guess)

@@ -38,10 +38,16 @@ Limits: ``q == 1`` uses the library's exact ``GaussianMechanism`` PRV; ``sigma =
 cost nothing and are dropped; ``sigma = 0`` gives ``inf``.  For epsilon below ~0.05 the
 additive error makes the bound several percent loose (use the PLD accountant there).
 
-Many distinct mechanisms: a ledger with more than ``max_exact_mechanisms`` (default 64)
-distinct costly mechanisms is composed on the public grid of :mod:`accountants.grid` (an
-upper bound, reported as such: :meth:`PrvAccountant.grid_level`), as by the PLD accountant;
-the PLD guard and fallback then compose the same gridded events.
+Many distinct mechanisms: a ledger with more than ``max_exact_mechanisms`` (default
+:data:`MAX_EXACT_MECHANISMS_PRV` = 16) distinct costly mechanisms is composed on the public
+grid of :mod:`accountants.grid` (an upper bound, reported as such:
+:meth:`PrvAccountant.grid_level`), as by the PLD accountant; the PLD guard and fallback then
+compose the same gridded events.  The default is lower than PLD's 64 because every distinct
+mechanism carries its own full-size grid here (up to ``max_grid_points`` nodes and its FFT
+buffers): 46 mechanisms of a decaying schedule held 7 GB and had not finished one filter
+query in 6 minutes (benchmarks/README.md).  So a PRV ledger of many distinct noise levels
+composes on a coarser grid than PLD's (sigma 2 -> 1: level 2, 12 points): prefer ``pld``
+for such schedules.
 
 Not valid under fully adaptive composition (``adaptive_valid = False``).
 """
@@ -62,7 +68,7 @@ from scipy import integrate
 from scipy.fft import next_fast_len
 
 from .base import check_delta, check_epsilon, check_events, group_by_mechanism
-from .grid import MAX_EXACT_MECHANISMS, check_max_exact, compress, ledger_level
+from .grid import check_max_exact, compress, ledger_level
 from .ledger import Event
 from .pld import PldAccountant
 
@@ -72,6 +78,8 @@ DELTA_ERROR_REL = 1e-3
 MAX_GRID_POINTS = 2**21
 GUARD_TOLERANCE = 0.005
 _CACHE_SIZE = 4
+MAX_EXACT_MECHANISMS_PRV = 16
+"""Default ``max_exact_mechanisms`` (see the module docstring)."""
 
 
 _LIBRARY_ERRORS = (ArithmeticError, ValueError, RuntimeError, AssertionError, MemoryError)
@@ -158,7 +166,7 @@ class PrvAccountant:
         eps_error_rel: float = EPS_ERROR_REL,
         delta_error_rel: float = DELTA_ERROR_REL,
         max_grid_points: int = MAX_GRID_POINTS,
-        max_exact_mechanisms: int | None = MAX_EXACT_MECHANISMS,
+        max_exact_mechanisms: int | None = MAX_EXACT_MECHANISMS_PRV,
     ) -> None:
         if not (0 < eps_error_rel < 1) or not (0 < delta_error_rel < 1):
             raise ValueError("eps_error_rel and delta_error_rel must be in (0, 1)")

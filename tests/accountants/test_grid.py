@@ -107,7 +107,8 @@ def test_gridded_pld_epsilon_is_an_upper_bound_within_the_stated_gap() -> None:
 def test_gridded_prv_composes_the_gridded_events() -> None:
     events = _heterogeneous()
     acc = PrvAccountant(max_exact_mechanisms=12)
-    assert acc.grid_level(events) == 0 and PrvAccountant().grid_level(events) == EXACT
+    assert acc.grid_level(events) == 0 and PrvAccountant().max_exact_mechanisms == 16
+    assert PrvAccountant(max_exact_mechanisms=64).grid_level(events) == EXACT
     gridded = acc.epsilon(events, DELTA)
     pld = PldAccountant(max_exact_mechanisms=None).epsilon(acc.composed_events(events), DELTA)
     assert math.isclose(gridded, pld, rel_tol=0.01)  # PRV and PLD of the same gridded events
