@@ -68,6 +68,21 @@ composition; the cached count search when the same prefix is asked twice); an ev
 dominated by ``W`` triggers a new certificate with the new dominating event.  RDP keeps its
 exact counter (its ``steps_evaluator`` is cheap), and so does ``adaptive=True``.
 
+The public grid (:mod:`accountants.grid`).  ``W`` is rounded to a fixed public grid, q up
+and sigma down (ratio ``1 + 1/64`` anchored at 1.0, or the coarser level at which the
+accountant composes the ledger), so a schedule whose sigma decays every step renews its
+certificate only when the smallest sigma crosses a grid point (about every 1.6% of decay), not
+every step; the rounded ``W`` dominates the unrounded one, so (i) applies unchanged.  PLD and
+PRV compose a ledger of more than ``max_exact_mechanisms`` distinct mechanisms on the grid too
+(an upper bound, :mod:`accountants.grid`), at a level ``l`` that can only grow with the
+ledger.  The reported bound of a covered ledger ``L`` is then the bound of ``grid_j(L)``,
+``j = level(L)``; a certificate records the level ``l_c`` of its own composition and covers
+``L`` only while ``j <= l_c`` (it counts ``L``'s distinct level-``l_c`` points).  Rounding is
+monotone and coarser levels dominate finer ones, so ``grid_j(L) = grid_j(ledger_0) +
+grid_j(S)`` is dominated by ``grid_{l_c}(ledger_0) + [grid_{l_c}(W) x |S|]``, the composition
+the certificate evaluated (with ``M >= |S|``), and the argument above holds for the gridded
+ledger: the reported epsilon stays below ``(1 + margin) * budget * (1 - margin)``.
+
 ``adaptive=True`` guards a data-dependent schedule: it needs an accountant with
 ``adaptive_valid`` and uses its ``adaptive_epsilon`` (for RDP: the union-bound conversion, see
 :mod:`accountants.rdp`).
@@ -79,9 +94,10 @@ import math
 import sys
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .base import Accountant, check_delta, get_accountant
+from .grid import EXACT, MAX_LEVEL, compress, costly, grid_event, grid_key
 from .ledger import POISSON_GAUSSIAN, Event, Ledger
 
 UNLIMITED = sys.maxsize
@@ -246,7 +262,11 @@ class _Certificate:
     """``epsilon(ledger_0 + [dominating x allowed]) <= budget * (1 - margin)`` was evaluated,
     ``ledger_0`` being ``ledger``'s first ``base`` entries, the last of them then ``base_steps``
     steps long.  ``upto`` / ``closed``: entries ``[start, upto)`` are no longer the last one, are
-    checked dominated (those at index >= base) and hold ``closed`` steps recorded since."""
+    checked dominated (those at index >= base) and hold ``closed`` steps recorded since.
+    ``level``: the grid level at which the accountant composed that; ``limit``: its
+    ``max_exact_mechanisms`` (None: it never grids); ``keys``: the distinct level-``level``
+    mechanisms of the costly entries read so far (the ledger's level is ``<= level`` while
+    there are at most ``limit`` of them)."""
 
     ledger: Ledger
     dominating: Event
@@ -255,15 +275,26 @@ class _Certificate:
     base_steps: int
     upto: int
     closed: int
+    level: int = EXACT
+    limit: int | None = None
+    keys: set = field(default_factory=set)
 
     @classmethod
-    def at(cls, ledger: Ledger, dominating: Event, allowed: int) -> _Certificate:
+    def at(
+        cls,
+        ledger: Ledger,
+        dominating: Event,
+        allowed: int,
+        level: int = EXACT,
+        limit: int | None = None,
+    ) -> _Certificate:
         entries = ledger._events
         n = len(entries)
+        keys = set() if limit is None else {grid_key(e, level) for e in entries if costly(e)}
         if not n:
-            return cls(ledger, dominating, allowed, 0, 0, 0, 0)
+            return cls(ledger, dominating, allowed, 0, 0, 0, 0, level, limit, keys)
         steps = entries[-1].steps
-        return cls(ledger, dominating, allowed, n, steps, n - 1, -steps)
+        return cls(ledger, dominating, allowed, n, steps, n - 1, -steps, level, limit, keys)
 
     def certified_events(self) -> list[Event]:
         """``ledger_0 + [dominating x allowed]``: the composition the certificate evaluated."""
@@ -272,10 +303,21 @@ class _Certificate:
             base[-1] = base[-1].with_steps(self.base_steps)
         return [*base, self.dominating.with_steps(self.allowed)] if self.allowed else base
 
+    def level_fits(self, event: Event | None = None) -> bool:
+        """Is the level of the ledger read so far (plus ``event``) at most ``level``?"""
+        if self.limit is None or self.level == MAX_LEVEL:
+            return True
+        extra = event is not None and costly(event) and grid_key(event, self.level) not in self.keys
+        return len(self.keys) + extra <= self.limit
+
+    def _read(self, e: Event) -> None:
+        if self.limit is not None and costly(e):
+            self.keys.add(grid_key(e, self.level))
+
     def used(self) -> int | None:
-        """Steps recorded since certification, or None if one of them is not dominated (the
-        certificate no longer covers the ledger).  Amortized O(1): each entry is read once
-        after it stops being the last."""
+        """Steps recorded since certification, or None if one of them is not dominated or the
+        ledger's grid level grew past ``level`` (the certificate no longer covers the ledger).
+        Amortized O(1): each entry is read once after it stops being the last."""
         entries = self.ledger._events
         n = len(entries)
         if n < self.base:  # cannot happen for an append-only ledger
@@ -284,12 +326,16 @@ class _Certificate:
             e = entries[self.upto]
             if self.upto >= self.base and not dominates(self.dominating, e):
                 return None
+            self._read(e)
             self.closed += e.steps
             self.upto += 1
         if not n:
             return 0
         last = entries[n - 1]
         if n - 1 >= self.base and not dominates(self.dominating, last):
+            return None
+        self._read(last)
+        if not self.level_fits():
             return None
         return self.closed + last.steps
 
@@ -382,7 +428,7 @@ class BudgetFilter:
         self,
         prefix: list[Event],
         event: Event,
-        at: tuple[Ledger, int],
+        at: tuple[Ledger, int] | list[Event],
         target: float | None = None,
     ) -> tuple[int, bool]:
         """First probe of the search for ``target`` (default: the budget's epsilon), and
@@ -481,6 +527,12 @@ class BudgetFilter:
         w = dominating_event([*events, event])
         if w is None:
             return None
+        level_of = getattr(self.accountant, "grid_level", None)
+        limit = getattr(self.accountant, "max_exact_mechanisms", None) if level_of else None
+        # W on the public grid, at the level of the ledger it is to cover (at least level 0)
+        covered = max(0, level_of([*events, event]) if level_of else EXACT)
+        w = grid_event(w, covered)
+        level = level_of([*events, w]) if level_of else EXACT  # of the certified composition
         target = self.budget.epsilon * (1.0 - self.margin)
         ex = self._exhausted
         if ex is not None and ex[0] is ledger and w in ex[1]:
@@ -489,11 +541,14 @@ class BudgetFilter:
         def f(k: int) -> float:
             return self._epsilon([*events, w.with_steps(k)])
 
-        rdp, _ = self._guess(events, w, (ledger, len(events)), target)
+        # the RDP guess from the gridded ledger: a few cached per-step curves, where the
+        # ledger itself may hold thousands of distinct sigmas (tens of ms of RDP each)
+        rdp, _ = self._guess(events, w, compress(events, covered), target)
         # the accountant's count over RDP's, as the last certificate found it: a closer guess
         guess = max(1, int(rdp * self._ratio)) if self._ratio else rdp
         horizon = max(CERTIFICATE_HORIZON, 2 * (ledger.total_steps + event.steps))
-        cert = _Certificate.at(ledger, w, near_largest(f, target, guess=guess, cap=horizon))
+        allowed = near_largest(f, target, guess=guess, cap=horizon)
+        cert = _Certificate.at(ledger, w, allowed, level, limit)
         if 0 < cert.allowed < horizon and rdp > 0:  # a capped count says nothing of the ratio
             self._ratio = cert.allowed / rdp
         if cert.allowed == 0:  # the ledger is in the last margin for W: exact checks from now
@@ -507,13 +562,13 @@ class BudgetFilter:
         cert = self._certificate
         if cert is not None and cert.ledger is ledger and dominates(cert.dominating, event):
             used = cert.used()
-            if used is not None and used + event.steps <= cert.allowed:
+            if used is not None and used + event.steps <= cert.allowed and cert.level_fits(event):
                 return True
         cert = self._certify(ledger, event)
         if cert is None:
             return False
         self._certificate = cert
-        return event.steps <= cert.allowed
+        return event.steps <= cert.allowed and cert.level_fits(event)
 
     def _exact_allows(self, ledger: Ledger, event: Event) -> bool:
         """``epsilon(ledger + event) <= budget`` by one composition; the count search of

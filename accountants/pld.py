@@ -19,25 +19,53 @@ the *set* of mechanisms, not on their step counts: for a fixed set, the estimate
 composition of fixed dominating pairs and hence non-decreasing in every step count, which the
 budget filter relies on.
 
+Many distinct mechanisms.  Composition costs about one discretization and FFT per distinct
+mechanism; a ledger with more than ``max_exact_mechanisms`` (default 64) distinct costly
+mechanisms is composed on the public grid of :mod:`accountants.grid` (q rounded up, sigma
+down, at the finest level that leaves at most that many): an upper bound on the exact
+composition, reported as such (:meth:`PldAccountant.grid_level`,
+:func:`accountants.grid.describe`).
+
 Not valid under fully adaptive composition (``adaptive_valid = False``).
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from dp_accounting import dp_event
-from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting import privacy_accountant
+from dp_accounting.pld import privacy_loss_distribution as pld_lib
+from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution as PLD
 
 from .base import check_delta, check_epsilon, check_events, group_by_mechanism
+from .grid import MAX_EXACT_MECHANISMS, check_max_exact, compress, ledger_level
 from .ledger import Event
 
 MAX_INTERVAL = 1e-3
 MIN_INTERVAL = 1e-8
 RELATIVE_INTERVAL = 0.1
 REPORT_MARGIN = 0.005
+_ADD_OR_REMOVE = privacy_accountant.NeighboringRelation.ADD_OR_REMOVE_ONE
+_CACHE_SINGLES = 256  # one-step discretizations (small)
+_CACHE_STEPS = 96  # self-composed mechanisms (more than MAX_EXACT_MECHANISMS)
+_CACHE_PREFIXES = 8  # running compositions
+
+
+def _lru_get(cache: OrderedDict, key: tuple):
+    hit = cache.get(key)
+    if hit is not None:
+        cache.move_to_end(key)
+    return hit
+
+
+def _lru_put(cache: OrderedDict, key: tuple, value: object, size: int) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > size:
+        cache.popitem(last=False)
 
 
 def step_loss_scale(q: float, sigma: float) -> float:
@@ -55,7 +83,11 @@ class PldAccountant:
     name = "pld"
     adaptive_valid = False
 
-    def __init__(self, value_discretization_interval: float | None = None) -> None:
+    def __init__(
+        self,
+        value_discretization_interval: float | None = None,
+        max_exact_mechanisms: int | None = MAX_EXACT_MECHANISMS,
+    ) -> None:
         if value_discretization_interval is not None and not (
             0 < value_discretization_interval < 1
         ):
@@ -64,9 +96,26 @@ class PldAccountant:
                 f"{value_discretization_interval!r}"
             )
         self.value_discretization_interval = value_discretization_interval
+        self.max_exact_mechanisms = check_max_exact(max_exact_mechanisms)
+        self._singles: OrderedDict[tuple, PLD] = OrderedDict()
+        self._steps: OrderedDict[tuple, PLD] = OrderedDict()
+        self._prefixes: OrderedDict[tuple, PLD] = OrderedDict()
 
     def __repr__(self) -> str:
-        return f"PldAccountant(value_discretization_interval={self.value_discretization_interval})"
+        return (
+            f"PldAccountant(value_discretization_interval={self.value_discretization_interval}, "
+            f"max_exact_mechanisms={self.max_exact_mechanisms})"
+        )
+
+    def grid_level(self, events: Sequence[Event]) -> int:
+        """The grid level at which ``events`` are composed: -1 (exact) with at most
+        ``max_exact_mechanisms`` distinct costly mechanisms (:mod:`accountants.grid`)."""
+        return ledger_level(check_events(events, self.name), self.max_exact_mechanisms)
+
+    def composed_events(self, events: Sequence[Event]) -> list[Event]:
+        """The events this accountant composes: ``events``, or their gridded compression."""
+        events = check_events(events, self.name)
+        return compress(events, ledger_level(events, self.max_exact_mechanisms))
 
     @property
     def report_margin(self) -> float | None:
@@ -84,48 +133,83 @@ class PldAccountant:
         scale = min((step_loss_scale(q, s) for _, q, s in mechanisms), default=math.inf)
         return min(MAX_INTERVAL, max(MIN_INTERVAL, RELATIVE_INTERVAL * scale))
 
-    def _accountant(self, events: Sequence[Event]) -> pld_privacy_accountant.PLDAccountant | None:
-        """A composed dp_accounting PLDAccountant, or None if no event costs anything."""
-        counts = group_by_mechanism(check_events(events, self.name))
+    def _step_pld(self, q: float, sigma: float, n: int, h: float) -> PLD:
+        """The pessimistic PLD of ``n`` steps of (q, sigma) at interval ``h`` (cached, with
+        its one-step discretization: most of a composition's cost, and the same for every
+        composition that shares the mechanism)."""
+        key = (q, sigma, n, h)
+        hit = _lru_get(self._steps, key)
+        if hit is not None:
+            return hit
+        one = _lru_get(self._singles, (q, sigma, h))
+        if one is None:
+            one = pld_lib.from_gaussian_mechanism(
+                standard_deviation=sigma,
+                value_discretization_interval=h,
+                sampling_prob=q,
+                neighboring_relation=_ADD_OR_REMOVE,
+            )
+            _lru_put(self._singles, (q, sigma, h), one, _CACHE_SINGLES)
+        out = one.self_compose(n)
+        _lru_put(self._steps, key, out, _CACHE_STEPS)
+        return out
+
+    def _composed(self, events: Sequence[Event]) -> PLD | float | None:
+        """The composed PLD of the costly events; None if none costs anything; ``math.inf``
+        if one has sigma = 0.  The same left fold, identity first, as dp_accounting's
+        ``PLDAccountant`` over ``ComposedDpEvent`` (so the same numbers), with the running
+        composition of the leading mechanisms cached: compositions that differ only in their
+        last mechanisms (the budget filter's probes, a ledger growing by its last entry)
+        reuse it."""
+        counts = group_by_mechanism(self.composed_events(events))
         counts = {k: n for k, n in counts.items() if not math.isinf(k[2])}  # sigma=inf: free
         if not counts:
             return None
-        acc = pld_privacy_accountant.PLDAccountant(
-            value_discretization_interval=self.interval_for(list(counts))
-        )
-        acc.compose(
-            dp_event.ComposedDpEvent(
-                [
-                    dp_event.SelfComposedDpEvent(
-                        dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), n
-                    )
-                    for (_, q, sigma), n in counts.items()
-                ]
-            )
-        )
-        return acc
+        if any(k[2] == 0 for k in counts):
+            return math.inf
+        h = self.interval_for(list(counts))
+        items = [(q, sigma, n) for (_, q, sigma), n in counts.items()]
+        start, pld = 0, None
+        for m in range(len(items), 0, -1):  # the longest cached leading composition
+            pld = _lru_get(self._prefixes, (h, tuple(items[:m])))
+            if pld is not None:
+                start = m
+                break
+        if pld is None:
+            pld = pld_lib.identity(value_discretization_interval=h)
+        for m in range(start, len(items)):
+            pld = pld.compose(self._step_pld(*items[m], h))
+            if m + 1 >= len(items) - 1:  # keep the last two: all, and all but the last
+                _lru_put(self._prefixes, (h, tuple(items[: m + 1])), pld, _CACHE_PREFIXES)
+        return pld
 
     def epsilon(self, events: Sequence[Event], delta: float) -> float:
         delta = check_delta(delta)
-        acc = self._accountant(events)
-        if acc is None:
+        pld = self._composed(events)
+        if pld is None:
             return 0.0
-        return max(0.0, float(acc.get_epsilon(delta)))
+        if isinstance(pld, float):
+            return pld
+        return max(0.0, float(pld.get_epsilon_for_delta(delta)))
 
     def delta(self, events: Sequence[Event], epsilon: float) -> float:
         epsilon = check_epsilon(epsilon)
-        acc = self._accountant(events)
-        if acc is None:
+        pld = self._composed(events)
+        if pld is None:
             return 0.0
-        return min(1.0, max(0.0, float(acc.get_delta(epsilon))))
+        if isinstance(pld, float):
+            return 1.0
+        return min(1.0, max(0.0, float(pld.get_delta_for_epsilon(epsilon))))
 
     def profile(self, events: Sequence[Event]) -> Callable[[Sequence[float]], np.ndarray]:
         """The privacy profile ``epsilons -> delta(epsilon)`` of ``events`` (composed once):
         upper bounds, the worse of the add and remove directions, for epsilons >= 0.  Each
         direction's ``delta(eps) = m_inf + sum_{l > eps} p_l (1 - e^(eps - l))`` is evaluated
         from its discrete loss pmf by suffix sums (one pass for all epsilons)."""
-        acc = self._accountant(events)
-        pmfs = [] if acc is None else [acc._pld._pmf_remove, acc._pld._pmf_add]
+        pld = self._composed(events)
+        if isinstance(pld, float):  # sigma = 0: no privacy at any epsilon
+            return lambda epsilons: np.ones(len(np.asarray(epsilons, dtype=float)))
+        pmfs = [] if pld is None else [pld._pmf_remove, pld._pmf_add]
         tables = [_suffix_table(p.to_dense_pmf()) for p in pmfs]
 
         def deltas(epsilons: Sequence[float]) -> np.ndarray:

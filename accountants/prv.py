@@ -38,6 +38,17 @@ Limits: ``q == 1`` uses the library's exact ``GaussianMechanism`` PRV; ``sigma =
 cost nothing and are dropped; ``sigma = 0`` gives ``inf``.  For epsilon below ~0.05 the
 additive error makes the bound several percent loose (use the PLD accountant there).
 
+Many distinct mechanisms: a ledger with more than ``max_exact_mechanisms`` (default
+:data:`MAX_EXACT_MECHANISMS_PRV` = 16) distinct costly mechanisms is composed on the public
+grid of :mod:`accountants.grid` (an upper bound, reported as such:
+:meth:`PrvAccountant.grid_level`), as by the PLD accountant; the PLD guard and fallback then
+compose the same gridded events.  The default is lower than PLD's 64 because every distinct
+mechanism carries its own full-size grid here (up to ``max_grid_points`` nodes and its FFT
+buffers): 46 mechanisms of a decaying schedule held 7 GB and had not finished one filter
+query in 6 minutes (benchmarks/README.md).  So a PRV ledger of many distinct noise levels
+composes on a coarser grid than PLD's (sigma 2 -> 1: level 2, 12 points): prefer ``pld``
+for such schedules.
+
 Not valid under fully adaptive composition (``adaptive_valid = False``).
 """
 
@@ -57,6 +68,7 @@ from scipy import integrate
 from scipy.fft import next_fast_len
 
 from .base import check_delta, check_epsilon, check_events, group_by_mechanism
+from .grid import check_max_exact, compress, ledger_level
 from .ledger import Event
 from .pld import PldAccountant
 
@@ -66,6 +78,8 @@ DELTA_ERROR_REL = 1e-3
 MAX_GRID_POINTS = 2**21
 GUARD_TOLERANCE = 0.005
 _CACHE_SIZE = 4
+MAX_EXACT_MECHANISMS_PRV = 16
+"""Default ``max_exact_mechanisms`` (see the module docstring)."""
 
 
 _LIBRARY_ERRORS = (ArithmeticError, ValueError, RuntimeError, AssertionError, MemoryError)
@@ -152,6 +166,7 @@ class PrvAccountant:
         eps_error_rel: float = EPS_ERROR_REL,
         delta_error_rel: float = DELTA_ERROR_REL,
         max_grid_points: int = MAX_GRID_POINTS,
+        max_exact_mechanisms: int | None = MAX_EXACT_MECHANISMS_PRV,
     ) -> None:
         if not (0 < eps_error_rel < 1) or not (0 < delta_error_rel < 1):
             raise ValueError("eps_error_rel and delta_error_rel must be in (0, 1)")
@@ -160,7 +175,8 @@ class PrvAccountant:
         self.eps_error_rel = eps_error_rel
         self.delta_error_rel = delta_error_rel
         self.max_grid_points = max_grid_points
-        self._pld = PldAccountant()
+        self.max_exact_mechanisms = check_max_exact(max_exact_mechanisms)
+        self._pld = PldAccountant(max_exact_mechanisms=None)  # given the events we compose
         self._cache: OrderedDict[tuple, PRVAccountant] = OrderedDict()
 
     def __repr__(self) -> str:
@@ -177,6 +193,16 @@ class PrvAccountant:
         filter's dominance certificates stop this fraction below the budget
         (:mod:`accountants.budget`)."""
         return 4 * self.eps_error_rel + 2 * self.delta_error_rel
+
+    def grid_level(self, events: Sequence[Event]) -> int:
+        """The grid level at which ``events`` are composed: -1 (exact) with at most
+        ``max_exact_mechanisms`` distinct costly mechanisms (:mod:`accountants.grid`)."""
+        return ledger_level(check_events(events, self.name), self.max_exact_mechanisms)
+
+    def composed_events(self, events: Sequence[Event]) -> list[Event]:
+        """The events this accountant composes: ``events``, or their gridded compression."""
+        events = check_events(events, self.name)
+        return compress(events, ledger_level(events, self.max_exact_mechanisms))
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -285,6 +311,7 @@ class PrvAccountant:
     def epsilon(self, events: Sequence[Event], delta: float) -> float:
         """Upper bound on epsilon at ``delta`` (PRV Theorem 5.5)."""
         delta = check_delta(delta)
+        events = self.composed_events(events)
         counts, infinite = self._split(events)
         if infinite:
             return math.inf
@@ -297,8 +324,10 @@ class PrvAccountant:
             return self._pld.epsilon(events, delta)
 
     def epsilon_bounds(self, events: Sequence[Event], delta: float) -> tuple[float, float]:
-        """(lower, upper) bounds on epsilon from the PRV library (no fallback: raises)."""
+        """(lower, upper) bounds on epsilon from the PRV library (no fallback: raises); of
+        the gridded events where the ledger is compressed."""
         delta = check_delta(delta)
+        events = self.composed_events(events)
         counts, infinite = self._split(events)
         if infinite:
             return math.inf, math.inf
@@ -309,6 +338,7 @@ class PrvAccountant:
     def delta(self, events: Sequence[Event], epsilon: float) -> float:
         """Upper bound on delta at ``epsilon``: ``delta_est(epsilon - eps_err) + delta_err``."""
         epsilon = check_epsilon(epsilon)
+        events = self.composed_events(events)
         counts, infinite = self._split(events)
         if infinite:
             return 1.0

@@ -47,6 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from accountants import Ledger, UnsupportedEventError, get_accountant
+from accountants.grid import composition
 
 from . import distributed
 from .data import TextDataset
@@ -711,6 +712,8 @@ def finish(
         }
         | {accountant.name: engine.epsilon()},
         guarantee_accountant=accountant.name,
+        # exact, or gridded (an upper bound) for PLD/PRV ledgers of many distinct mechanisms
+        epsilon_composition=composition(accountant, engine.ledger.events),
         guarantee=_guarantee(prep, accountant.name),
         policy=plan.policy.describe(),
         stopped_by_budget=stopped_by_budget,

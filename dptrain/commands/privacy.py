@@ -28,6 +28,7 @@ from accountants import (
     calibrate_noise,
     get_accountant,
 )
+from accountants.grid import composition
 
 from ..noise import truncation_delta
 
@@ -345,6 +346,7 @@ def run_epsilon(args: argparse.Namespace) -> int:
             "delta_noise_truncation": term,
             "delta_total": delta + term,
             "accountant": name,
+            "composition": composition(accountant, events),
             "adaptive": bool(args.adaptive),
             "steps": steps,
             "events": [e.to_dict() for e in events],
@@ -368,6 +370,8 @@ def run_epsilon(args: argparse.Namespace) -> int:
             rows.append(("delta", f"{delta:g}"))
         label = "epsilon (filter budget)" if args.adaptive and certified else "epsilon"
         rows.append((label, f"{epsilon:.4f}"))
+        if getattr(accountant, "grid_level", None) is not None and events:
+            rows.append(("composition", composition(accountant, events)))
         if args.adaptive and args.run is not None:
             rows.append(("spent so far", f"{spent:.4f} (an odometer reading, not a guarantee)"))
             if not certified:

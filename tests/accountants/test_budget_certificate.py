@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from accountants import Budget, BudgetFilter, Event, Ledger, get_accountant
 from accountants.budget import dominates, dominating_event, near_largest
+from accountants.grid import EXACT, grid_event
 
 DELTA = 1e-5
 
@@ -16,11 +17,13 @@ DELTA = 1e-5
 class Counted:
     """An accountant whose ``epsilon`` calls (one composition each) are counted."""
 
-    def __init__(self, name: str) -> None:
-        self.inner = get_accountant(name)
+    def __init__(self, name: str, **options) -> None:
+        self.inner = get_accountant(name, **options)
         self.name = self.inner.name
         self.adaptive_valid = self.inner.adaptive_valid
         self.report_margin = self.inner.report_margin
+        self.max_exact_mechanisms = self.inner.max_exact_mechanisms
+        self.grid_level = self.inner.grid_level
         self.calls = 0
 
     def epsilon(self, events, delta):
@@ -152,9 +155,10 @@ def test_dominated_steps_are_counted_and_others_checked() -> None:
     acc = Counted("pld")
     fil = BudgetFilter(Budget(3.0, DELTA), acc)
     ledger = Ledger([Event(0.2, 2.0, 5)])
-    assert fil.allows(ledger, Event(0.2, 1.5))  # certifies with W = (0.2, 1.5)
+    assert fil.allows(ledger, Event(0.2, 1.5))  # certifies with W = (0.2, 1.5) on the grid
     cert = fil._certificate
-    assert cert is not None and cert.dominating == Event(0.2, 1.5) and cert.allowed > 3
+    assert cert is not None and cert.dominating == grid_event(Event(0.2, 1.5), 0)
+    assert cert.allowed > 3
     ledger.record(Event(0.2, 1.5))
     calls = acc.calls
     for sigma in (2.0, 1.6, 3.0):  # dominated: a counter decides, no composition
@@ -169,7 +173,7 @@ def test_dominated_steps_are_counted_and_others_checked() -> None:
     assert acc.calls > calls
     # a non-dominated event that fits is allowed under a new certificate dominating it too
     assert fil.allows(ledger, Event(0.3, 2.0))
-    assert fil._certificate.dominating == Event(0.3, 1.5)
+    assert fil._certificate.dominating == grid_event(Event(0.3, 1.5), 0)
 
 
 def test_static_run_ends_at_the_exact_count() -> None:
@@ -204,6 +208,67 @@ def test_margins_come_from_the_accountant() -> None:
     assert BudgetFilter(Budget(1.0, DELTA), PldAccountant(1e-3)).margin is None
     assert not BudgetFilter(Budget(1.0, DELTA), PldAccountant(1e-3))._certifies(Event(0.1, 1.0))
     assert math.isclose(BudgetFilter(Budget(1.0, DELTA), PrvAccountant()).margin, 0.012)
+
+
+def _decay(t: int) -> Event:
+    return Event(0.05, 2.0 * 0.998**t)
+
+
+def test_decaying_schedule_certifies_per_grid_crossing() -> None:
+    """sigma decays every step (a new mechanism each): the grid keeps the certificates to
+    one per grid point crossed, and the ledger composes on the grid past 8 mechanisms."""
+    acc = Counted("pld", max_exact_mechanisms=8)
+    fil = BudgetFilter(Budget(6.0, DELTA), acc)
+    ledger = Ledger()
+    dominating = set()
+    for t in range(300):
+        assert fil.allows(ledger, _decay(t))
+        ledger.record(_decay(t))
+        dominating.add(fil._certificate.dominating)
+    assert len(ledger) == 300 and acc.inner.grid_level(ledger.events) >= 0
+    # sigma 2 -> 1.1: 38 level-0 points crossed; each certificate a few compositions
+    crossed = math.log(2.0 / _decay(299).noise_multiplier) / math.log(1 + 1 / 64)
+    assert len(dominating) <= crossed + 2
+    assert acc.calls < 300 / 2
+    assert acc.inner.epsilon(ledger.events, DELTA) <= 6.0 * (1 - fil.margin) * (1 + fil.margin)
+
+
+def test_decaying_schedule_stops_within_budget() -> None:
+    """The same schedule to the stop: every state within budget by the (gridded) epsilon the
+    accountant reports, the refusal exact."""
+    acc = Counted("pld", max_exact_mechanisms=8)
+    budget = 2.5
+    fil = BudgetFilter(Budget(budget, DELTA), acc)
+    ledger = Ledger()
+    for t in range(1000):
+        if not fil.allows(ledger, _decay(t)):
+            assert acc.inner.epsilon([*ledger.events, _decay(t)], DELTA) > budget
+            break
+        ledger.record(_decay(t))
+        if t % 25 == 0:
+            assert acc.inner.epsilon(ledger.events, DELTA) <= budget
+    else:
+        raise AssertionError("the budget never bound")
+    assert acc.inner.epsilon(ledger.events, DELTA) <= budget
+    assert acc.inner.grid_level(ledger.events) >= 0 and acc.calls < ledger.total_steps / 2
+
+
+def test_certificate_renews_when_the_ledger_grows_past_the_exact_limit() -> None:
+    """A certificate of an exact composition stops covering a ledger that the accountant
+    would report gridded (more distinct mechanisms than its limit)."""
+    acc = Counted("pld", max_exact_mechanisms=4)
+    fil = BudgetFilter(Budget(4.0, DELTA), acc)
+    ledger = Ledger([Event(0.1, 1.0)])
+    assert fil.allows(ledger, Event(0.1, 1.5))
+    cert = fil._certificate
+    assert cert.level == EXACT and cert.allowed > 10
+    for sigma in (1.5, 2.0, 2.5):  # dominated, distinct: 4 mechanisms, still exact
+        assert fil.allows(ledger, Event(0.1, sigma))
+        ledger.record(Event(0.1, sigma))
+    assert fil._certificate is cert and cert.used() == 3
+    assert not cert.level_fits(Event(0.1, 3.0))  # a fifth would make the report gridded
+    assert fil.allows(ledger, Event(0.1, 3.0))
+    assert fil._certificate is not cert and fil._certificate.level >= 0
 
 
 def test_a_loose_budget_certifies_up_to_a_horizon() -> None:

@@ -88,11 +88,25 @@ def test_epsilon_of_a_run(tmp_path, capsys) -> None:
     out = run_json(capsys, "epsilon", "--run", str(tmp_path))
     assert out["delta"] == 1e-6 and out["accountant"] == "pld" and out["steps"] == 500
     assert out["epsilon"] == get_accountant("pld").epsilon(ledger.events, 1e-6)
+    assert out["composition"].startswith("exact")
     # explicit flags win over run.json
     out = run_json(
         capsys, "epsilon", "--run", str(tmp_path), "--delta", "1e-5", "--accountant", "rdp"
     )
     assert out["epsilon"] == get_accountant("rdp").epsilon(ledger.events, DELTA)
+
+
+def test_epsilon_of_many_mechanisms_says_it_is_gridded(tmp_path, capsys) -> None:
+    """A ledger of 80 distinct mechanisms (more than PLD's 64 exact ones) composes on the
+    public grid, and the report says so."""
+    ledger = Ledger([Event(0.01, 2.0 * 0.75 ** (t / 80)) for t in range(80)])
+    ledger.save(tmp_path / "ledger.json")
+    (tmp_path / "run.json").write_text(json.dumps({"delta": 1e-5, "accountant": "pld"}))
+    out = run_json(capsys, "epsilon", "--run", str(tmp_path))
+    assert out["epsilon"] == get_accountant("pld").epsilon(ledger.events, DELTA)
+    assert out["composition"].startswith("gridded composition (level 0")
+    code, text, _ = run(capsys, "epsilon", "--run", str(tmp_path))
+    assert code == 0 and "gridded composition" in text
 
 
 def test_run_errors(tmp_path, capsys) -> None:

@@ -43,6 +43,7 @@ def test_train_writes_a_complete_run_dir(tmp_path, capsys):
     assert meta["status"] == "finished" and meta["steps"] == 8
     assert 0 < meta["epsilon"] <= 8.0
     assert meta["guarantee_accountant"] == "rdp"
+    assert meta["epsilon_composition"] == "exact composition of the ledger"
     assert "AES-256" in meta["noise_generator"] and meta["insecure_seed"] is None
     assert meta["delta_total"] == meta["delta"] + meta["delta_noise_truncation"]
     assert 0 < meta["delta_noise_truncation"] < 1e-30 and meta["noise_pairs"] > 0
