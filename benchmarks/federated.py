@@ -59,9 +59,10 @@ def read_run(out: Path) -> dict[str, Any]:
     return {
         "perplexity": stats["perplexity_after"],
         "curve": [stats["perplexity_before"]] + [m["val_perplexity"] for m in rounds],
-        "epsilon": meta["client_epsilon"],
-        "delta": meta["client_delta"],
-        "wall_seconds": meta["train_seconds"],
+        # with client-level DP the per-client spend is private (private/stats.json)
+        "epsilon": meta.get("client_epsilon", stats.get("client_epsilon")),
+        "delta": meta.get("client_delta", stats.get("client_delta")),
+        "wall_seconds": stats["train_seconds"],  # private: it follows the batch sizes
     }
 
 

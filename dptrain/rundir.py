@@ -11,6 +11,7 @@ Layout (``README.txt`` in the directory says the same: what may be published)::
                          multiplier as given or calibrated, accountant, budget, key mode), the
                          noise generator, status and, once finished, the guarantee: values
                          derived from the recipe, public counts (N) and released outputs only
+                         (each field and its reason: dptrain.publication, enforced here)
     ledger.json          public. The privacy ledger, written before any model state it covers
     final/               public (the guarantee covers it). Adapter (peft) or model, loadable
                          with transformers / peft
@@ -18,7 +19,8 @@ Layout (``README.txt`` in the directory says the same: what may be published)::
       metrics.jsonl      one JSON object per logged step (loss, batch size, validation
                          perplexity, non-finite samples, ...)
       stats.json         validation perplexity before and after, the validation split's size,
-                         truncated and non-finite sample counts (read back on resume)
+                         truncated and non-finite sample counts, training time, records per
+                         person, the canary check (read back on resume)
     checkpoints/step-00000100.pt   PRIVATE. Model/adapter, optimizer, engine (ledger, policy
                          state such as an error-feedback buffer, noise position)
     canaries.secret.json PRIVATE (with data.canaries). The audit canaries' secrets
@@ -42,6 +44,7 @@ import torch
 from accountants.ledger import atomic_write
 
 from .errors import UserError
+from .publication import MOVED_TO_PRIVATE, check_public
 
 CHECKPOINT_FORMAT = "dptrain-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -78,8 +81,9 @@ PUBLIC (free of private statistics, or covered by the run's (epsilon, delta) gua
 PRIVATE (keep with the data; never publish):
   secret.key            the run key: whoever holds it can replay the coins and the noise
   private/              un-noised statistics of private records: metrics.jsonl (per-step
-                        loss, batch size, validation perplexity), stats.json (validation
-                        perplexities and size, truncated and non-finite counts)
+                        loss, batch size, time, validation perplexity), stats.json
+                        (validation perplexities and size, truncated and non-finite counts,
+                        training time, records per person, the canary check)
   checkpoints/          resume state (optimizer, policy state, noise position)
   canaries.secret.json  the audit canaries' secrets (runs with data.canaries)
   audit/                attack reports on private records
@@ -128,7 +132,16 @@ class RunDir:
         return read_json(self.meta)
 
     def write_meta(self, meta: dict[str, Any]) -> None:
-        write_json(self.meta, meta)
+        """Write ``run.json``: only fields :mod:`dptrain.publication` classifies as public
+        (any other is refused); the private fields an earlier version kept there
+        (:data:`~dptrain.publication.MOVED_TO_PRIVATE`, read back on resume) go to
+        ``private/stats.json`` instead, which keeps any value it already has."""
+        legacy = {k: meta[k] for k in MOVED_TO_PRIVATE & meta.keys()}
+        public = {k: v for k, v in meta.items() if k not in legacy}
+        check_public(public)
+        if legacy:
+            self.update_stats(**{**legacy, **self.read_stats()})
+        write_json(self.meta, public)
 
     def update_meta(self, **changes: Any) -> dict[str, Any]:
         meta = self.read_meta() if self.meta.exists() else {}

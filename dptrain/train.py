@@ -445,17 +445,23 @@ def begin_meta(prep: Prepared, built: Built) -> tuple[dict[str, Any], dict[str, 
         return meta, run.read_stats()
     log(f"validation metrics before training ({built.validation_size} records) ...")
     before = built.task.evaluate(built.model, built.val_batches) if main else {}
+    records = len(built.train_ex) + prep.withheld_records  # no canary coin shows
     stats = {  # un-noised statistics of private records: private/
         "validation_size": built.validation_size,
         "truncated_records": getattr(built.train_ex, "truncated", None),
         "perplexity_before": before.get("perplexity", math.nan),
         "validation_before": before,
     }
+    user_level = prep.unit is not None and prep.unit.user_level
+    if prep.unit is not None:
+        stats.update(prep.unit.stats(records))
     meta = {
         "name": recipe.name,
         "fingerprint": recipe.fingerprint(),
         "status": "running",
-        "dataset_size": len(built.train_ex) + prep.withheld_records,  # no canary coin shows
+        # N of the sample rate, public: the records, or under user-level DP the people (the
+        # record count is then private: beside N it would give a person's number of records)
+        "dataset_size": plan.dataset_size if user_level else records,
         "expected_batch_size": plan.sample_rate * plan.dataset_size,
         "public_records": len(prep.public_texts) if prep.public_texts is not None else 0,
         "privacy_unit": prep.unit.meta() if prep.unit is not None else "record",
@@ -553,6 +559,11 @@ def loop(
             echo=lambda line: tqdm.write(line, file=sys.stderr),
         )
         run.listeners.append(steplog)  # sees exactly the records metrics.jsonl gets
+        log(
+            "note: the progress lines show each step's loss and batch size, un-noised "
+            "statistics of private records (the batch sizes follow the secret coins): keep "
+            "this output private, like private/metrics.jsonl"
+        )
     t_train = time.perf_counter()
     eps_shown = engine.epsilon()
     nonfinite = stats.get("nonfinite_samples", 0)
@@ -719,13 +730,20 @@ def finish(
         stopped_by_budget=stopped_by_budget,
         per_sample_gradients=engine.capture.summary(),
         skipped_steps=counts[1],
-        train_seconds=meta.get("train_seconds", 0.0) + train_seconds,
     )
-    stats.update(perplexity_after=ppl_after, validation_after=after, nonfinite_samples=counts[0])
+    stats.update(
+        perplexity_after=ppl_after,
+        validation_after=after,
+        nonfinite_samples=counts[0],
+        # wall-clock time follows the Poisson batch sizes and the records' lengths: private
+        train_seconds=stats.get("train_seconds", 0.0) + train_seconds,
+    )
     if prep.unit is not None:
         meta["person_level"] = prep.unit.guarantee(claim["epsilon"], claim["delta_total"])
     elif recipe_person_field(prep):
-        meta["person_level_group_privacy"] = record_run_person_level(
+        # a comparison, not the run's guarantee: it holds the data's number of people and its
+        # largest records per person, which a record-level run does not make public
+        stats["person_level_group_privacy"] = record_run_person_level(
             prep.recipe, prep.train_texts, engine.ledger, accountant, claim["delta_total"]
         )
     if main:
@@ -839,18 +857,19 @@ def _print_summary(r: RunResult, meta: dict[str, Any], stats: dict[str, Any]) ->
     if person is not None:
         people, records = meta["privacy_unit"]["people"], meta["dataset_size"]
         lines[-1] = (
-            f"dataset size        N = {people} people, {records} records (public: N sets q "
-            "and the default delta)"
+            f"dataset size        N = {people} people (public: N sets q and the default "
+            f"delta); {stats.get('records', '?')} records (private: beside N it would give a "
+            "person's number of records)"
             if meta["privacy_unit"]["strategy"] == "user"
             else f"dataset size        {records} records (they set q) of N = {people} people "
             "(it sets the default delta); both public"
         )
         lines.append(f"privacy unit        {person['how']}")
-    grouped = meta.get("person_level_group_privacy")
+    grouped = stats.get("person_level_group_privacy")
     if grouped is not None:
         lines.append(
             f"per {grouped['unit']:<15} ({grouped['epsilon']:.4f}, {grouped['delta']:.3g})-DP "
-            f"over all of their records ({grouped['why']})"
+            f"over all of their records ({grouped['why']}; private: k is a statistic of the data)"
         )
     level = meta.get("file_level")
     if level is not None:

@@ -207,22 +207,35 @@ class UnitPlan:
     def sampler(self, record_ids: list[str], sample_rate: float, key: RunKey) -> PersonSampler:
         return PersonSampler(self.people, record_ids, sample_rate, key, self.cap)
 
-    def meta(self) -> dict[str, Any]:
+    def stats(self, records: int) -> dict[str, Any]:
+        """The private statistics of the run's people (``private/stats.json``): the training
+        records (``records``, public only when they set ``q``: strategy ``example``) and the
+        records per person of the data's people (the canaries' counts follow their coins).
+        Neither is covered by the guarantee: beside the public ``N``, adding a person moves
+        them by that person's number of records."""
         counts = self.people.counts
-        if self.canary_people:  # the data's people only: the canaries' counts follow coins
+        if self.canary_people:
             real = [not is_canary_person(p) for p in self.people.ids]
             counts = counts[np.asarray(real)] if any(real) else counts
+        return {
+            "records": records,
+            "records_per_person": {
+                "max": int(counts.max()),
+                "mean": float(counts.mean()),
+                "median": float(np.median(counts)),
+            },
+        }
+
+    def meta(self) -> dict[str, Any]:
+        """The unit's public description (``run.json``): the recipe's settings, the public
+        ``N`` people and the group size ``k`` of the accounting (the cap, or without one the
+        data's largest count, which the noise of strategy ``example`` is calibrated to)."""
         return {
             "unit": self.name,
             "field": self.field,
             "strategy": self.strategy,
             "people": self.size,
             "max_records_per_person": self.cap,
-            "records_per_person": {
-                "max": int(counts.max()),
-                "mean": float(counts.mean()),
-                "median": float(np.median(counts)),
-            },
             "group_size": self.group_size,
             "epsilon_budget": self.person_epsilon_budget,
             "delta": self.person_delta,

@@ -25,8 +25,9 @@ multiplier is calibrated for the requested ``rounds * T`` steps at the requested
 the budget filter refuses a round that would exceed the client's *own* budget over its whole
 ledger -- across rounds, restarts and server runs (a new server run does not reset it).
 What leaves the client is the trained adapter (post-processing of the noisy steps) and public
-metadata: ``N_k``, ``q_k``, ``sigma``, steps, epsilon and delta (with the noise sampler's
-truncation term).  Losses stay on the client.  Step ``t`` of the client's lifetime (its
+metadata: ``N_k`` (also the FedAvg weight ``num-examples``), ``q_k``, ``sigma``, steps, epsilon
+and delta (with the noise sampler's truncation term).  Losses, timings and, under a person
+unit, the record count stay on the client.  Step ``t`` of the client's lifetime (its
 ledger's step count) draws coins and noise at counter ``t``, so a lost ledger with a kept key
 would repeat noise: the key is marked used before its first step (:mod:`dptrain.secret`) and
 the client refuses to train with a used key and an empty or missing ledger.  After a crash
@@ -401,7 +402,9 @@ def train_round(
     budget = Budget(plan.epsilon, plan.delta)
     public = {
         "client": client,
-        "num-examples": len(plan.data),
+        # the FedAvg weight: N_k, public (records, or the people of a person unit: their
+        # record count beside N_k would tell the server a person's number of records)
+        "num-examples": plan.units,
         "num-people": 0 if plan.people is None else len(plan.people),  # 0: the record unit
         "sample-rate": plan.sample_rate,
         "delta": plan.delta,

@@ -6,10 +6,13 @@ Run directory (``README.txt`` in it says what may be published, see :mod:`dptrai
     secret.key         PRIVATE. The server's run key (0600): client-level DP coins and noise;
                        marked used when the run starts, never reused by another run
     recipe.yaml        the recipe
-    run.json           strategy, clients, rounds, each client's last epsilon
+    run.json           strategy, clients, rounds, each client's last epsilon (without
+                       client-level DP; with it, in private/stats.json: a client's spend says
+                       in which rounds it took part)
     private/metrics.jsonl  PRIVATE. One line per round: global validation perplexity, each
                        client's status (trained / declined + reason / failed + reason), epsilon
-    private/stats.json     PRIVATE. The validation perplexity before, after and by round
+    private/stats.json     PRIVATE. The validation perplexity before, after and by round,
+                       the training time (and, with client-level DP, each client's epsilon)
     ledger.json        client-level DP ledger (only with federated.client_dp)
     checkpoints/       global adapters after each round (step-<round>.pt)
     final/             the final global adapter and tokenizer, loadable with peft
@@ -162,27 +165,35 @@ def run_server(grid: Grid, recipe: FederatedRecipe, run: RunDir) -> dict[str, An
         evaluate_fn=evaluate,
     )
     save_final(model, tokenizer, run.final)
+    per_client = {
+        "client_epsilon": {str(k): v for k, v in sorted(strategy.epsilon.items())},
+        "client_delta": {str(k): v for k, v in sorted(strategy.delta.items())},
+    }
+    # client-level DP protects whether a client took part: each client's own spend says in
+    # which rounds it trained (and that it exists), so it stays with the server's private files
+    private = per_client if f.client_dp is not None else {}
     stats = run.update_stats(  # validation records are not covered by any guarantee
         perplexity_before=history.get(0, math.nan),
         perplexity_after=history.get(f.rounds, math.nan),
         perplexity_by_round=history,
+        train_seconds=time.perf_counter() - t0,  # follows the clients' batch sizes: private
+        **private,
     )
     meta = run.update_meta(
         status="finished",
-        client_epsilon={str(k): v for k, v in sorted(strategy.epsilon.items())},
-        client_delta={str(k): v for k, v in sorted(strategy.delta.items())},
+        **({} if private else per_client),
         client_dp_epsilon=strategy.ledger_epsilon(),
         client_dp_delta=strategy.ledger_delta(),
-        train_seconds=time.perf_counter() - t0,
     )
     _print_summary(run, meta, stats)
     return meta
 
 
 def _print_summary(run: RunDir, meta: dict[str, Any], stats: dict[str, Any]) -> None:
+    spent = stats if "client_epsilon" in stats else meta  # with client-level DP: private
     eps = ", ".join(
-        f"client {k}: ({v:.4f}, {meta['client_delta'].get(k, float('nan')):.3g})"
-        for k, v in meta["client_epsilon"].items()
+        f"client {k}: ({v:.4f}, {spent['client_delta'].get(k, float('nan')):.3g})"
+        for k, v in spent["client_epsilon"].items()
     )
     lines = [
         "",
@@ -190,7 +201,8 @@ def _print_summary(run: RunDir, meta: dict[str, Any], stats: dict[str, Any]) -> 
         f"strategy            {meta['strategy']}, {meta['clients']} clients, {meta['rounds']} rounds",
         f"val perplexity      {stats['perplexity_before']:.3f} -> {stats['perplexity_after']:.3f} "
         "(private: the validation records are not covered by the guarantee)",
-        f"privacy per client  (epsilon, delta) over all rounds ({meta['accountant']}): {eps or 'none'}",
+        f"privacy per client  (epsilon, delta) over all rounds ({meta['accountant']}): "
+        f"{eps or 'none'}{' (private under client-level DP)' if spent is stats else ''}",
         f"final adapter       {run.final}",
         f"publishable         {', '.join(PUBLIC_FILES)}; everything else is private "
         f"(secret.key, private/, checkpoints/: {run.readme})",

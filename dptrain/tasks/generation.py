@@ -161,25 +161,25 @@ def after_training(
     recipe: Recipe, run: RunDir, model: Any, tokenizer: Any, task: Task, log: Callable[[str], None]
 ) -> None:
     """Print the recipe's samples and the canary check after a finished run's summary, and
-    record them in ``run.json`` (``samples``, ``canary_check``: counts only)."""
+    record them: the samples in ``run.json`` (the released model completing public prompts
+    with a public seed), the canary check's counts in ``private/stats.json`` (they split the
+    canaries by their secret inclusion coins, and ``trained`` is those coins' sum: published,
+    it would tell the adversary of the one-run audit how many canaries are in)."""
     from ..data.canaries import read_manifest
 
     options = recipe.generation
-    changes: dict[str, Any] = {}
     if options.samples:
         got = samples(model, tokenizer, task, options)
         for i, s in enumerate(got, start=1):
             shown = s["text"].strip().replace("\n", " | ")
             print(f"sample {i:<13}{s['prompt']!r} -> {shown[:200]}", flush=True)
-        changes["samples"] = got
+        run.update_meta(samples=got)
     manifest = read_manifest(run.path) if options.canary_check else None
     if manifest is not None:
         log("canary check: completing each canary's prefix greedily ...")
         check = canary_check(model, tokenizer, manifest)
-        print(f"canary check        {check.line()}", flush=True)
-        changes["canary_check"] = asdict(check)
-    if changes:
-        run.update_meta(**changes)
+        print(f"canary check        {check.line()} (private)", flush=True)
+        run.update_stats(canary_check=asdict(check))
 
 
 def load_run(run_dir: str | Path) -> tuple[Recipe, Task, torch.nn.Module, Any]:

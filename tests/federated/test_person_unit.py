@@ -10,6 +10,7 @@ from flwr.common.config import parse_config_args
 
 from accountants import Ledger
 from dptrain.data.people import person_ids, read_people
+from dptrain.federated import client as client_module
 from dptrain.federated import simulate
 from dptrain.federated.client import client_datasets
 from dptrain.federated.holder import ClientConfig, ClientConfigError
@@ -30,13 +31,21 @@ def test_privacy_unit_settings_round_trip_and_the_cap_needs_a_unit(tmp_path):
         ClientConfig(tmp_path, 4.0, privacy_unit=" ")
 
 
-def test_a_client_protects_its_people_and_keeps_its_unit(tmp_path):
+def test_a_client_protects_its_people_and_keeps_its_unit(tmp_path, monkeypatch):
     d = tiny_recipe(tmp_path, federated={"rounds": 1, "min_clients": 1})
     recipe = parse_recipe(d)
     root = tmp_path / "clients"
     person = ClientConfig(
         root / "client-0", 8.0, privacy_unit="patient_id", max_records_per_person=4
     )
+    sent: dict[int, dict] = {}  # the metrics each client sends the server
+    reply = client_module._reply
+
+    def spy(msg, metrics, **records):
+        sent[int(metrics["client"])] = dict(metrics)
+        return reply(msg, metrics, **records)
+
+    monkeypatch.setattr(client_module, "_reply", spy)
     simulate(recipe, clients={0: person})
     (r1,) = RunDir(tmp_path / "run").read_metrics()
     entry = r1["clients"]["0"]
@@ -46,6 +55,9 @@ def test_a_client_protects_its_people_and_keeps_its_unit(tmp_path):
     assert entry["status"] == "trained" and entry["people"] == len(people)
     assert entry["delta"] >= 1 / (10 * len(people))  # 1/(10 N_k) over people (+ truncation)
     assert "people" not in r1["clients"]["1"]  # the others keep the record
+    # the FedAvg weight is N_k people: the record count would give a person's number of records
+    assert sent[0]["num-examples"] == sent[0]["num-people"] == len(people)
+    assert sent[1]["num-examples"] == len(client_datasets(recipe)[1])  # records: public N_k
     ledger = Ledger.load(root / "client-0" / "ledger.json")
     events, steps = ledger.events, ledger.total_steps
     assert events and all(e.sample_rate == pytest.approx(8 / len(people)) for e in events)

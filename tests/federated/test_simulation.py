@@ -88,7 +88,9 @@ def test_cli_runs_a_simulation_and_writes_a_run_dir(tmp_path, capsys, monkeypatc
         entry = rounds[-1]["clients"][str(k)]
         delta = 1 / (10 * entry_size(run, k))
         assert entry["epsilon"] == pytest.approx(rdp.epsilon(ledger.events, delta))
-        assert entry["epsilon"] <= 8.0 and meta["client_epsilon"][str(k)] == entry["epsilon"]
+        # client-level DP protects a client's participation: its spend is not in run.json
+        assert entry["epsilon"] <= 8.0 and stats["client_epsilon"][str(k)] == entry["epsilon"]
+    assert "client_epsilon" not in meta and "train_seconds" not in meta
     # the global FedSVD adapter: A has orthonormal rows; the final adapter loads with peft
     state = torch.load(run.checkpoint_files()[-1], weights_only=True)["adapters"]
     for name, a in state.items():

@@ -59,7 +59,9 @@ def test_train_writes_a_complete_run_dir(tmp_path, capsys):
     private |= {"validation_before", "validation_after"}
     assert not private & set(meta) and "nonfinite_samples" not in meta
     stats = run.read_stats()
-    assert set(stats) == private | {"nonfinite_samples"} and stats["validation_size"] == 32
+    assert "train_seconds" not in meta and stats["train_seconds"] > 0  # follows batch sizes
+    assert set(stats) == private | {"nonfinite_samples", "train_seconds"}
+    assert stats["validation_size"] == 32
     assert math.isfinite(stats["perplexity_before"]) and math.isfinite(stats["perplexity_after"])
     assert f"{stats['perplexity_before']:.3f} -> {stats['perplexity_after']:.3f} (private" in out
     assert run.metrics == run.path / "private" / "metrics.jsonl"

@@ -452,7 +452,11 @@ def test_user_level_run_names_the_person_in_run_json_and_summary(tmp_path, capsy
     meta = RunDir(tmp_path / "r").read_meta()
     unit = meta["privacy_unit"]
     assert unit["unit"] == "patient" and unit["strategy"] == "user"
-    assert unit["people"] < meta["dataset_size"]
+    # N is the people; the record count (beside N: an added person's records) is private
+    assert meta["dataset_size"] == unit["people"] and "records_per_person" not in unit
+    stats = RunDir(tmp_path / "r").read_stats()
+    assert unit["people"] < stats["records"] and stats["records_per_person"]["max"] <= 9
+    assert f"{stats['records']} records (private" in out
     assert meta["sample_rate"] == pytest.approx(6 / unit["people"])
     assert meta["delta"] == pytest.approx(1 / (10 * unit["people"]))
     assert meta["person_level"]["epsilon"] == meta["epsilon"] <= 8.0
@@ -466,7 +470,8 @@ def test_record_level_run_shows_the_person_level_epsilon_beside(tmp_path, capsys
     assert main(["train", _write(tmp_path, d, "rec"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     meta = RunDir(tmp_path / "rec").read_meta()
-    grouped = meta["person_level_group_privacy"]
+    assert "person_level_group_privacy" not in meta  # its people and k are data statistics
+    grouped = RunDir(tmp_path / "rec").read_stats()["person_level_group_privacy"]
     # k is the most training records of one patient: the keyed split may hold out some of the
     # 9 records of the largest patients, so recompute it from the run's own split
     run = RunDir(tmp_path / "rec")
@@ -610,7 +615,8 @@ def test_public_sizes_count_every_canary_so_no_coin_shows(tmp_path, unit):
             for p, m in zip(prep.unit.people.ids, prep.unit.people.members, strict=True)
             if not p.startswith("canary-")
         ]
-        stats = prep.unit.meta()["records_per_person"]
+        assert "records_per_person" not in prep.unit.meta()  # private: private/stats.json
+        stats = prep.unit.stats(len(real))["records_per_person"]
         assert stats["max"] == max(real_counts)
         assert stats["mean"] == pytest.approx(sum(real_counts) / len(real_counts))
     else:

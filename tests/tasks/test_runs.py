@@ -59,7 +59,8 @@ def test_instruction_run_with_canaries_then_generate(tmp_path: Path, capsys) -> 
     assert "sample 1" in printed and "canary check" in printed
     meta = RunDir(tmp_path / "run").read_meta()
     assert meta["task"] == "instruction" and len(meta["samples"]) == 1
-    check = meta["canary_check"]
+    assert "canary_check" not in meta  # its counts split the canaries by their secret coins
+    check = RunDir(tmp_path / "run").read_stats()["canary_check"]
     assert check["trained"] + check["untrained"] == 5 and check["trained"] >= 1
     argv = ["generate", str(tmp_path / "run"), "--prompt", "Kind?", "--samples", "2"]
     assert main([*argv, "--max-new-tokens", "3", "--canary-check", "--json"]) == 0
