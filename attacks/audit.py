@@ -6,7 +6,9 @@ Steps (each timed; the report says which dominated):
 2. The records: up to ``members`` training records (canaries excluded) and ``non_members``
    records the run never trained on (its validation split and the records cut by
    ``max_records`` / ``max_validation_records``), chosen at random (seeded), plus up to
-   ``population`` other non-members for RMIA.
+   ``population`` other non-members for RMIA.  A record the run's encoding leaves without a
+   scored token (its responses cut off by ``max_length``) has no loss to score: it is left
+   out of the attacks and counted (``records.unscored`` in the summary), never scored 0.
 3. Scores: every record through the final model and through the run's starting point
    ``theta_0`` (and through each shadow model if ``shadows > 0``); see :mod:`attacks.scores`.
    Records are encoded by the run's task as training encoded them (an instruction or chat
@@ -34,7 +36,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +56,7 @@ from .bounds import epsilon_from_rates, one_run_epsilon_best
 from .exposure import exposure_exact, exposure_extrapolated, random_exposure
 from .metrics import roc
 from .mia import ATTACK_LABELS, ATTACKS, TOKEN_ATTACKS, Observations
-from .scores import TextStats, score_texts, trained_texts, zlib_bits
+from .scores import TextStats, encode_texts, score_texts, scored_tokens, trained_texts, zlib_bits
 from .shadows import shadow_models
 
 __all__ = ["audit_run", "claimed_privacy", "load_final_model"]
@@ -178,6 +180,7 @@ def audit_run(
     rng = np.random.default_rng([recipe.seed, 0xA0D1])  # record choice, canaries, halves
     rec = _choose_records(run, recipe, opts, rng, timer)
     target, tokenizer = timer("loading models", lambda: load_final_model(run, recipe))
+    rec, unscored = _drop_unscored(rec, recipe, tokenizer, run.path)
     score = _scorer(tokenizer, recipe, opts, progress)
     t_stats, b_stats, canaries = _score_final_and_start(
         target, recipe, rec, score, opts, claim, rng, timer
@@ -201,7 +204,7 @@ def audit_run(
     summary = _summary(
         run, meta, recipe, opts, claim, attacks, skipped, cp, canaries, reference,
         n_members=rec.n_members, n_non_members=rec.n_non_members,
-        n_population=len(rec.pop_texts),
+        n_population=len(rec.pop_texts), unscored=unscored,
     )  # fmt: skip
     if whitebox is not None:
         _add_whitebox(summary, whitebox)
@@ -297,6 +300,55 @@ def _choose_records(
         + (f" and {len(manifest.canaries)} canaries" if manifest else "")
     )
     return rec
+
+
+def _drop_unscored(
+    rec: _Records, recipe: Recipe, tokenizer: Any, where: Path
+) -> tuple[_Records, dict[str, int]]:
+    """``rec`` without the records the run's encoding leaves no scored token (an instruction
+    or chat record whose responses ``data.max_length`` cut off: training gave it a zero
+    gradient, and it has no loss an attack could score), and how many were left out of the
+    members, the non-members and the population."""
+    task, length = task_for(recipe), recipe.data.max_length
+    every = rec.texts + rec.pop_texts
+    scored = scored_tokens(encode_texts(task, tokenizer, every, rec.ids + rec.pop_ids, length)) > 0
+    n = len(rec.texts)
+    keep, pop_keep = scored[:n], scored[n:]
+    unscored = {
+        "members": int((~keep & rec.is_member).sum()),
+        "non_members": int((~keep & ~rec.is_member).sum()),
+        "population": int((~pop_keep).sum()),
+    }
+    if not (~scored).any():
+        return rec, unscored
+    _log(
+        f"left out of the attacks: {unscored['members']} members, {unscored['non_members']} "
+        f"non-members and {unscored['population']} population records with no scored token "
+        f"within data.max_length={length} (their responses are cut off)"
+    )
+    is_member = rec.is_member[keep]
+    if is_member.sum() < 2 or (~is_member).sum() < 2:
+        raise InputError(
+            f"{where}: after leaving out the records with no scored token within "
+            f"data.max_length={length}, {int(is_member.sum())} training and "
+            f"{int((~is_member).sum())} held-out records are left to audit (at least 2 each). "
+            "Fix: train with a larger data.max_length, so that every response keeps a token"
+        )
+    pick = np.flatnonzero(keep)
+    pop = np.flatnonzero(pop_keep)
+    return (
+        replace(
+            rec,
+            texts=[rec.texts[i] for i in pick],
+            ids=[rec.ids[i] for i in pick],
+            pop_texts=[rec.pop_texts[i] for i in pop],
+            pop_ids=[rec.pop_ids[i] for i in pop],
+            is_member=is_member,
+            n_members=int(is_member.sum()),
+            n_non_members=int((~is_member).sum()),
+        ),
+        unscored,
+    )
 
 
 def _scorer(
@@ -515,6 +567,12 @@ def _canaries(
     texts = [c.text(manifest.template) for c in cs]
     ids = [c.record_ids()[0] for c in cs]  # plain-text canary records in every task
     t = score(target, texts, ids, "canaries (final)")
+    if (t.tokens == 0).any():  # refused when planted (dptrain.data.canaries.check_canaries_fit)
+        raise InputError(
+            f"canary {cs[int(np.argmax(t.tokens == 0))].index} has no scored token within "
+            "data.max_length: the run's canaries cannot be audited. Fix: train again with a "
+            "data.max_length that holds every canary sentence"
+        )
     b = score(base, texts, ids, "canaries (theta_0)")
     drop = b.sum_nll - t.sum_nll  # how much more likely training made each canary
     result: dict[str, Any] = {
@@ -638,7 +696,7 @@ def _summary(
     cp: dict[str, Any] | None,
     canaries: dict[str, Any] | None,
     reference: str,
-    **counts: int,
+    **counts: Any,
 ) -> dict[str, Any]:
     bounds = {}
     if canaries and "one_run" in canaries:

@@ -300,6 +300,12 @@ def print_table(s: dict[str, Any], out: TextIO) -> None:
         lines.append(
             f"{a['label']:<18}{a['auc']:>7.3f}{a['tpr_at_fpr_0.001']:>10.3f}{a['tpr_at_fpr_0.01']:>9.3f}"
         )
+    u = s["records"].get("unscored") or {}
+    if any(u.values()):
+        lines.append(
+            f"left out           {u['members']} members, {u['non_members']} non-members, "
+            f"{u['population']} population records: no scored token within data.max_length"
+        )
     lines.append("")
     c = s.get("canaries")
     if c and c.get("exposure_by_repetitions"):
@@ -520,6 +526,19 @@ def render_figures(
     return figs
 
 
+def _unscored_note(s: dict[str, Any]) -> str:
+    """The records left out of the attacks for having no scored token (or nothing)."""
+    u = s["records"].get("unscored") or {}
+    if not any(u.values()):
+        return ""
+    return (
+        f" Left out: {u['members']} training, {u['non_members']} held-out and "
+        f"{u['population']} population records with no scored token within data.max_length "
+        "(their responses are cut off, so they have no loss to score; training gave them a "
+        "zero gradient)."
+    )
+
+
 def write_report(
     out_dir: Path, s: dict[str, Any], figures: dict[str, str], canaries: dict[str, Any] | None
 ) -> None:
@@ -549,7 +568,7 @@ def write_report(
         "<h2>Membership inference</h2>",
         f"<p>{s['records']['n_members']} training records against {s['records']['n_non_members']} "
         f"records the run never saw (RMIA population: {s['records']['n_population']}). Reference "
-        f"models: {html.escape(s['reference_models'])}.</p>",
+        f"models: {html.escape(s['reference_models'])}.{_unscored_note(s)}</p>",
         _attack_table(s),
         f"<img src='{figures['roc']}' alt='ROC curves'>",
         "<p class=note>"

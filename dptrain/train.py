@@ -50,7 +50,7 @@ from accountants import Ledger, UnsupportedEventError, get_accountant
 
 from . import distributed
 from .data import TextDataset
-from .data.canaries import Canary, left_out, make_canaries, write_manifest
+from .data.canaries import Canary, check_canaries_fit, left_out, make_canaries, write_manifest
 from .data.lm import eval_batches
 from .data.splits import no_validation_error, read_data, read_public
 from .engine import BudgetExceeded, PrivacyEngine
@@ -377,6 +377,8 @@ def build(prep: Prepared) -> Built:
         f"precision {precision.name}"
     )
     check_context(model, d.max_length)
+    if prep.canaries and d.canaries is not None and not prep.resume:  # planted: they must fit
+        check_canaries_fit(prep.canaries, d.canaries.template, task.encode, tokenizer, d.max_length)
     train_ex = task.encode(prep.train_texts, tokenizer, d.max_length)
     val_ex = task.encode(prep.val_texts, tokenizer, d.max_length)
     optimizer = make_optimizer(recipe.training, [p for p in model.parameters() if p.requires_grad])

@@ -15,9 +15,10 @@ import yaml
 
 from attacks.audit import _starting_point, audit_run, load_final_model
 from attacks.people import audit_people
-from attacks.scores import score_texts, trained_texts
+from attacks.scores import score_texts, scored_tokens, trained_texts
 from dptrain.data import TextDataset
 from dptrain.data.splits import split_data
+from dptrain.errors import RecipeError
 from dptrain.recipe import load_recipe, parse_recipe
 from dptrain.rundir import RunDir
 from dptrain.secret import run_key
@@ -218,3 +219,67 @@ def test_audit_by_person_of_an_instruction_run(tmp_path: Path) -> None:
     one_run = s["canary_people"]["one_run"]
     assert one_run["canaries"] == 8 and one_run["unit"] == "who"
     assert s["epsilon_lower_bounds"]["one_run"] <= s["claim"]["epsilon"] and s["consistent"]
+
+
+def test_a_record_without_a_scored_token_has_no_score() -> None:
+    """An instruction record whose response ``max_length`` cuts off entirely has no loss:
+    NaN statistics (0 would read as a perfect member), and ``scored_tokens`` says so before
+    any model runs."""
+    r = _recipe({"kind": "instruction"})
+    t = Task(r.task)
+    model, tok = t.build_model(r)
+    rows = [{"prompt": "word " * 80, "response": "cut off"}, {"prompt": "Hi?", "response": "kept"}]
+    texts = [json.dumps(row, sort_keys=True) for row in rows]
+    stats = score_texts(model, tok, texts, ids=["a", "b"], task=t, max_length=16, progress=False)
+    ex = t.encode(TextDataset(texts, ["a", "b"]), tok, 16)
+    assert list(scored_tokens(ex)) == list(stats.tokens) and stats.tokens[0] == 0
+    assert stats.tokens[1] > 0 and math.isfinite(stats.mean_nll[1])
+    for column in (stats.mean_nll, stats.sum_nll, stats.min_k, stats.log_prob):
+        assert math.isnan(column[0])
+
+
+def test_the_audit_leaves_out_records_with_no_scored_token(tmp_path: Path) -> None:
+    """Records whose responses max_length cuts off are left out of the membership attacks
+    (counted in the summary and the report), never scored; the canaries still fit."""
+    long = "describe " * 60  # > max_length 48 tokens: the response is cut off
+    rows = [
+        {"q": (long if i % 5 == 0 else "") + f"Kind of record {i}?", "a": ["note", "lab"][i % 2]}
+        for i in range(60)
+    ]
+    data = tmp_path / "instr.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = _tiny_recipe(
+        tmp_path, "tiny.yaml",
+        data={"path": str(data), "max_records": None, "max_validation_records": None,
+              "validation_fraction": 0.3, "canaries": {"secret_digits": 2, "repetitions": {1: 4}}},
+        training={"steps": 1}, generation={"samples": 0},
+        task={"kind": "instruction", "prompt_field": "q", "response_field": "a"},
+        audit={"members": 1000, "non_members": 1000, "population": 1, "exposure_canaries": 1},
+    )  # fmt: skip
+    result = train(load_recipe(path), progress=False)
+    out = io.StringIO()
+    s = audit_run(result.run_dir, progress=False, out=out)
+    n, u = s["records"], s["records"]["unscored"]
+    assert u["members"] + u["non_members"] == 12  # every fifth record of 60: all audited
+    assert n["n_members"] + n["n_non_members"] == 48 and u["population"] == 0
+    assert "no scored token within data.max_length" in out.getvalue()
+    html = (result.run_dir / "audit" / "report.html").read_text()
+    assert f"Left out: {u['members']} training, {u['non_members']} held-out" in html
+    assert s["canaries"]["count"] == 4 and math.isfinite(s["attacks"]["loss"]["auc"])
+
+
+def test_canaries_that_max_length_would_cut_are_refused(tmp_path: Path) -> None:
+    """A canary truncated by max_length loses its secret (and may have no scored token): the
+    run is refused when the canaries are planted, naming data.max_length."""
+    path = _tiny_recipe(
+        tmp_path, "tiny.yaml",
+        data={"max_length": 6, "canaries": {"repetitions": {1: 4}}}, training={"steps": 1},
+    )  # fmt: skip
+    with pytest.raises(RecipeError, match=r"data.max_length = 6.*Fix: raise data.max_length"):
+        train(load_recipe(path), progress=False)
+    (tmp_path / "fits").mkdir()
+    fits = _tiny_recipe(
+        tmp_path / "fits", "tiny.yaml", data={"canaries": {"repetitions": {1: 4}}},
+        training={"steps": 1},
+    )  # fmt: skip
+    assert train(load_recipe(fits), progress=False).finished  # 48 tokens hold the sentence
