@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from dptrain.data.canaries import read_manifest
-from dptrain.data.people import read_people, recipe_person_ids
+from dptrain.data.people import is_canary_person, read_people, recipe_person_ids
 from dptrain.data.splits import split_data
 from dptrain.errors import InputError
 from dptrain.recipe import load_recipe
@@ -80,7 +80,8 @@ def audit_people(
     persons = recipe_person_ids(recipe, unit["field"])  # as training read them (task records)
     rng = np.random.default_rng([recipe.seed, 0xA0D2])
     t_people, v_people = read_people(train, persons), read_people(val, persons)
-    mine = [p for p, u in enumerate(t_people.ids) if not u.startswith("canary-")]
+    planted = d.canaries is not None  # then no real person has a canary's id (person_ids)
+    mine = [p for p, u in enumerate(t_people.ids) if not (planted and is_canary_person(u))]
     members = rng.permutation(mine)[:people]
     outside = rng.permutation(len(v_people))[:people]
     if len(members) < 4 or len(outside) < 4:

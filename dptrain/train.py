@@ -52,6 +52,7 @@ from . import distributed
 from .data import TextDataset
 from .data.canaries import Canary, check_canaries_fit, left_out, make_canaries, write_manifest
 from .data.lm import eval_batches
+from .data.people import recipe_person_ids
 from .data.splits import no_validation_error, read_data, read_public
 from .engine import BudgetExceeded, PrivacyEngine
 from .errors import RunInterrupted
@@ -214,6 +215,8 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
     cap = recipe.data.privacy_unit.max_records_per_person if recipe.data.privacy_unit else None
     withheld, withheld_people = left_out(canaries, cap)  # public sizes count them: no coin shows
     unit, train_texts = resolve_unit(recipe, train_texts, key, withheld_people=withheld_people)
+    if recipe.data.person_field is not None:  # read at the end of training: refused before it
+        recipe_person_ids(recipe, recipe.data.person_field)
     records = len(train_texts) + withheld
     if unit is None:
         plan = plan_privacy(recipe, records, restored_noise=restored)

@@ -178,7 +178,8 @@ def insert_canaries(
     if canaries is None:
         canaries = make_canaries(config, key, person_level=person_level)
     extra = canary_records(canaries, config.template)
-    clash = set(extra.ids) & set(train.ids)
+    reserved = {rid for c in canaries for rid in c.record_ids()}  # included or not: no coin shows
+    clash = reserved & set(train.ids)
     if clash:
         raise ValueError(
             f"data.canaries: record id {sorted(clash)[0]!r} is already used by the training data; "
