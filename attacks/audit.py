@@ -59,7 +59,7 @@ from .mia import ATTACK_LABELS, ATTACKS, TOKEN_ATTACKS, Observations
 from .scores import TextStats, encode_texts, score_texts, scored_tokens, trained_texts, zlib_bits
 from .shadows import shadow_models
 
-__all__ = ["audit_run", "claimed_privacy", "load_final_model"]
+__all__ = ["audit_run", "claimed_privacy", "false_alarm", "load_final_model"]
 
 FPRS = (0.001, 0.01)
 
@@ -208,6 +208,7 @@ def audit_run(
     )  # fmt: skip
     if whitebox is not None:
         _add_whitebox(summary, whitebox)
+    summary["false_alarm"] = false_alarm(summary)
     _write(run, summary, attacks, rec.is_member, canaries, timer, t_start, out)
     return summary
 
@@ -512,6 +513,31 @@ def _add_whitebox(summary: dict[str, Any], whitebox: dict[str, Any]) -> None:
     summary["privacy_bug_suspected"] |= whitebox["privacy_bug_suspected"]
 
 
+def false_alarm(summary: dict[str, Any]) -> dict[str, Any]:
+    """How often the report's verdict flags a CORRECT run: each lower bound is a test at the
+    audit's confidence (one-run: rigorous; Clopper-Pearson: Bonferroni over its attacks, and
+    nominal, as records of one run are not independent trials; the white-box audit: its
+    bound plus its sampling check, :func:`attacks.whitebox.false_alarm`).  They are stated
+    per test, not Bonferroni-corrected across tests, and "likely privacy bug" is any of them,
+    so by the union bound their rates add."""
+    alpha = 1 - float(summary["confidence"])
+    tests: dict[str, float] = {}
+    for name in ("one_run", "clopper_pearson"):
+        if name in summary["epsilon_lower_bounds"]:
+            tests[name] = alpha
+    w = summary.get("whitebox")
+    if w is not None:
+        tests["whitebox"] = float(w.get("false_alarm", {}).get("at_most", w["false_alarm_at_most"]))
+    return {
+        "confidence": summary["confidence"],
+        "per_test": tests,
+        "at_most": min(1.0, sum(tests.values())),
+        "combination": "stated per test at the audit's confidence (not Bonferroni-corrected "
+        "across tests); the verdict flags a run when any test fires, so by the union bound "
+        "the rates add",
+    }
+
+
 def _write(
     run: RunDir,
     summary: dict[str, Any],
@@ -741,9 +767,10 @@ def after_training(run_dir: str | Path, options: AuditSection, *, progress: bool
     if options.after_training:
         audit_run(run_dir, options, progress=progress)
     elif options.whitebox:
-        from .report import whitebox_verdict
+        from .report import false_alarm_sentence, whitebox_verdict
         from .whitebox import audit_configuration
 
         w = audit_configuration(run_dir, options, log=_log)
         print(f"white-box audit      {whitebox_verdict(w)[1][0]}", flush=True)
+        print(f"                     {false_alarm_sentence(w['false_alarm'])}", flush=True)
         print(f"report              {Path(run_dir) / 'audit' / 'whitebox.html'}", flush=True)
