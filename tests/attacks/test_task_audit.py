@@ -174,10 +174,11 @@ def test_audit_of_an_instruction_run_with_canaries(tmp_path: Path) -> None:
     model, tok = load_final_model(run, recipe)
     train_ds, _, _ = split_data(recipe, run_key(run.path, None, create=False))
     task = Task(recipe.task)
-    ex = task.encode(train_ds.subset([0, 1]), tok, recipe.data.max_length)
+    two = [i for i, t in enumerate(train_ds.texts) if "describe" not in t][:2]  # scored ones
+    ex = task.encode(train_ds.subset(two), tok, recipe.data.max_length)
     stats = score_texts(
-        model, tok, train_ds.texts[:2], ids=train_ds.ids[:2], task=task, max_length=48,
-        progress=False,
+        model, tok, [train_ds.texts[i] for i in two], ids=[train_ds.ids[i] for i in two],
+        task=task, max_length=48, progress=False,
     )  # fmt: skip
     with torch.no_grad():
         model.eval()
