@@ -46,7 +46,7 @@ from dptrain.user_level import group_privacy
 
 from .audit import _split_half_bound, _starting_point, claimed_privacy, load_final_model
 from .bounds import one_run_epsilon_best
-from .metrics import roc
+from .metrics import roc_of
 from .scores import score_texts
 
 __all__ = ["audit_people"]
@@ -134,8 +134,9 @@ def audit_people(
             "train with a larger data.max_length, so that every response keeps a token"
         )
     for a in attacks.values():
-        r = roc(a["scores"][is_member], a["scores"][~is_member])
+        r = roc_of(a["scores"], is_member)
         a["auc"], a["tpr_at_1pct_fpr"] = float(r.auc), float(r.tpr_at(0.01))
+        a["balanced_accuracy"] = r.balanced_accuracy
     bound = _split_half_bound(attacks, is_member, delta, confidence, rng)
     summary: dict[str, Any] = {
         "unit": unit["unit"],
