@@ -6,7 +6,9 @@ Steps (each timed; the report says which dominated):
 2. The records: up to ``members`` training records (canaries excluded) and ``non_members``
    records the run never trained on (its validation split and the records cut by
    ``max_records`` / ``max_validation_records``), chosen at random (seeded), plus up to
-   ``population`` other non-members for RMIA.
+   ``population`` other non-members for RMIA.  A record the run's encoding leaves without a
+   scored token (its responses cut off by ``max_length``) has no loss to score: it is left
+   out of the attacks and counted (``records.unscored`` in the summary), never scored 0.
 3. Scores: every record through the final model and through the run's starting point
    ``theta_0`` (and through each shadow model if ``shadows > 0``); see :mod:`attacks.scores`.
    Records are encoded by the run's task as training encoded them (an instruction or chat
@@ -34,7 +36,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +56,10 @@ from .bounds import epsilon_from_rates, one_run_epsilon_best
 from .exposure import exposure_exact, exposure_extrapolated, random_exposure
 from .metrics import roc, roc_of
 from .mia import ATTACK_LABELS, ATTACKS, TOKEN_ATTACKS, Observations
-from .scores import TextStats, score_texts, trained_texts, zlib_bits
+from .scores import TextStats, encode_texts, score_texts, scored_tokens, trained_texts, zlib_bits
 from .shadows import shadow_models
 
-__all__ = ["audit_run", "claimed_privacy", "load_final_model"]
+__all__ = ["audit_run", "claimed_privacy", "false_alarm", "load_final_model"]
 
 FPRS = (0.001, 0.01)
 
@@ -178,6 +180,7 @@ def audit_run(
     rng = np.random.default_rng([recipe.seed, 0xA0D1])  # record choice, canaries, halves
     rec = _choose_records(run, recipe, opts, rng, timer)
     target, tokenizer = timer("loading models", lambda: load_final_model(run, recipe))
+    rec, unscored = _drop_unscored(rec, recipe, tokenizer, run.path)
     score = _scorer(tokenizer, recipe, opts, progress)
     t_stats, b_stats, canaries = _score_final_and_start(
         target, recipe, rec, score, opts, claim, rng, timer
@@ -203,10 +206,11 @@ def audit_run(
     summary = _summary(
         run, meta, recipe, opts, claim, attacks, skipped, cp, canaries, reference,
         n_members=rec.n_members, n_non_members=rec.n_non_members,
-        n_population=len(rec.pop_texts),
+        n_population=len(rec.pop_texts), unscored=unscored,
     )  # fmt: skip
     if whitebox is not None:
         _add_whitebox(summary, whitebox)
+    summary["false_alarm"] = false_alarm(summary)
     _write(run, summary, attacks, rec.is_member, canaries, timer, t_start, out)
     return summary
 
@@ -299,6 +303,55 @@ def _choose_records(
         + (f" and {len(manifest.canaries)} canaries" if manifest else "")
     )
     return rec
+
+
+def _drop_unscored(
+    rec: _Records, recipe: Recipe, tokenizer: Any, where: Path
+) -> tuple[_Records, dict[str, int]]:
+    """``rec`` without the records the run's encoding leaves no scored token (an instruction
+    or chat record whose responses ``data.max_length`` cut off: training gave it a zero
+    gradient, and it has no loss an attack could score), and how many were left out of the
+    members, the non-members and the population."""
+    task, length = task_for(recipe), recipe.data.max_length
+    every = rec.texts + rec.pop_texts
+    scored = scored_tokens(encode_texts(task, tokenizer, every, rec.ids + rec.pop_ids, length)) > 0
+    n = len(rec.texts)
+    keep, pop_keep = scored[:n], scored[n:]
+    unscored = {
+        "members": int((~keep & rec.is_member).sum()),
+        "non_members": int((~keep & ~rec.is_member).sum()),
+        "population": int((~pop_keep).sum()),
+    }
+    if not (~scored).any():
+        return rec, unscored
+    _log(
+        f"left out of the attacks: {unscored['members']} members, {unscored['non_members']} "
+        f"non-members and {unscored['population']} population records with no scored token "
+        f"within data.max_length={length} (their responses are cut off)"
+    )
+    is_member = rec.is_member[keep]
+    if is_member.sum() < 2 or (~is_member).sum() < 2:
+        raise InputError(
+            f"{where}: after leaving out the records with no scored token within "
+            f"data.max_length={length}, {int(is_member.sum())} training and "
+            f"{int((~is_member).sum())} held-out records are left to audit (at least 2 each). "
+            "Fix: train with a larger data.max_length, so that every response keeps a token"
+        )
+    pick = np.flatnonzero(keep)
+    pop = np.flatnonzero(pop_keep)
+    return (
+        replace(
+            rec,
+            texts=[rec.texts[i] for i in pick],
+            ids=[rec.ids[i] for i in pick],
+            pop_texts=[rec.pop_texts[i] for i in pop],
+            pop_ids=[rec.pop_ids[i] for i in pop],
+            is_member=is_member,
+            n_members=int(is_member.sum()),
+            n_non_members=int((~is_member).sum()),
+        ),
+        unscored,
+    )
 
 
 def _scorer(
@@ -464,6 +517,31 @@ def _add_whitebox(summary: dict[str, Any], whitebox: dict[str, Any]) -> None:
     summary["privacy_bug_suspected"] |= whitebox["privacy_bug_suspected"]
 
 
+def false_alarm(summary: dict[str, Any]) -> dict[str, Any]:
+    """How often the report's verdict flags a CORRECT run: each lower bound is a test at the
+    audit's confidence (one-run: rigorous; Clopper-Pearson: Bonferroni over its attacks, and
+    nominal, as records of one run are not independent trials; the white-box audit: its
+    bound plus its sampling check, :func:`attacks.whitebox.false_alarm`).  They are stated
+    per test, not Bonferroni-corrected across tests, and "likely privacy bug" is any of them,
+    so by the union bound their rates add."""
+    alpha = 1 - float(summary["confidence"])
+    tests: dict[str, float] = {}
+    for name in ("one_run", "clopper_pearson"):
+        if name in summary["epsilon_lower_bounds"]:
+            tests[name] = alpha
+    w = summary.get("whitebox")
+    if w is not None:
+        tests["whitebox"] = float(w.get("false_alarm", {}).get("at_most", w["false_alarm_at_most"]))
+    return {
+        "confidence": summary["confidence"],
+        "per_test": tests,
+        "at_most": min(1.0, sum(tests.values())),
+        "combination": "stated per test at the audit's confidence (not Bonferroni-corrected "
+        "across tests); the verdict flags a run when any test fires, so by the union bound "
+        "the rates add",
+    }
+
+
 def _write(
     run: RunDir,
     summary: dict[str, Any],
@@ -519,6 +597,12 @@ def _canaries(
     texts = [c.text(manifest.template) for c in cs]
     ids = [c.record_ids()[0] for c in cs]  # plain-text canary records in every task
     t = score(target, texts, ids, "canaries (final)")
+    if (t.tokens == 0).any():  # refused when planted (dptrain.data.canaries.check_canaries_fit)
+        raise InputError(
+            f"canary {cs[int(np.argmax(t.tokens == 0))].index} has no scored token within "
+            "data.max_length: the run's canaries cannot be audited. Fix: train again with a "
+            "data.max_length that holds every canary sentence"
+        )
     b = score(base, texts, ids, "canaries (theta_0)")
     drop = b.sum_nll - t.sum_nll  # how much more likely training made each canary
     result: dict[str, Any] = {
@@ -644,7 +728,7 @@ def _summary(
     cp: dict[str, Any] | None,
     canaries: dict[str, Any] | None,
     reference: str,
-    **counts: int,
+    **counts: Any,
 ) -> dict[str, Any]:
     bounds = {}
     if canaries and "one_run" in canaries:
@@ -689,9 +773,10 @@ def after_training(run_dir: str | Path, options: AuditSection, *, progress: bool
     if options.after_training:
         audit_run(run_dir, options, progress=progress)
     elif options.whitebox:
-        from .report import whitebox_verdict
+        from .report import false_alarm_sentence, whitebox_verdict
         from .whitebox import audit_configuration
 
         w = audit_configuration(run_dir, options, log=_log)
         print(f"white-box audit      {whitebox_verdict(w)[1][0]}", flush=True)
+        print(f"                     {false_alarm_sentence(w['false_alarm'])}", flush=True)
         print(f"report              {Path(run_dir) / 'audit' / 'whitebox.html'}", flush=True)

@@ -9,7 +9,8 @@ the attacker here guesses, for a whole person, whether they were in the training
    out ones -- the validation split holds out whole people (:func:`dptrain.data.splits.
    split_people`), so none of their records was trained on -- chosen at random (seeded).
 3. Scores: every record of theirs through the final model and ``theta_0``; a person's score
-   is a sum over their records: ``loss`` = ``-sum_r mean_nll_final(r)``, ``drop`` =
+   is a sum over their records with a scored token (a record whose responses ``max_length``
+   cut off has no loss; a person with no such record is left out, counted in ``unscored``): ``loss`` = ``-sum_r mean_nll_final(r)``, ``drop`` =
    ``sum_r (sum_nll_theta0(r) - sum_nll_final(r))`` (how much more likely training made them).
 4. ROC, AUC, TPR at FPR 1%, and the split-half Clopper-Pearson epsilon lower bound per person
    (Bonferroni over the two attacks).
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from dptrain.data.canaries import read_manifest
-from dptrain.data.people import read_people, recipe_person_ids
+from dptrain.data.people import is_canary_person, read_people, recipe_person_ids
 from dptrain.data.splits import split_data
 from dptrain.errors import InputError
 from dptrain.recipe import load_recipe
@@ -79,7 +80,8 @@ def audit_people(
     persons = recipe_person_ids(recipe, unit["field"])  # as training read them (task records)
     rng = np.random.default_rng([recipe.seed, 0xA0D2])
     t_people, v_people = read_people(train, persons), read_people(val, persons)
-    mine = [p for p, u in enumerate(t_people.ids) if not u.startswith("canary-")]
+    planted = d.canaries is not None  # then no real person has a canary's id (person_ids)
+    mine = [p for p, u in enumerate(t_people.ids) if not (planted and is_canary_person(u))]
     members = rng.permutation(mine)[:people]
     outside = rng.permutation(len(v_people))[:people]
     if len(members) < 4 or len(outside) < 4:
@@ -107,11 +109,30 @@ def audit_people(
 
     t, b = score(target, texts, ids), score(base, texts, ids)
     n = len(groups)
+    # a record with no scored token (responses cut off by max_length) has no loss (NaN): a
+    # person's score sums over their scored records; a person with none is left out
+    scored = t.tokens > 0
+    held = np.bincount(owner[scored], minlength=n) > 0
     attacks = {
-        "loss": {"scores": -np.bincount(owner, t.mean_nll, minlength=n)},
-        "drop": {"scores": np.bincount(owner, b.sum_nll - t.sum_nll, minlength=n)},
+        "loss": {"scores": -np.bincount(owner[scored], t.mean_nll[scored], minlength=n)[held]},
+        "drop": {
+            "scores": np.bincount(owner[scored], (b.sum_nll - t.sum_nll)[scored], minlength=n)[held]
+        },
     }
     is_member = np.r_[np.ones(len(members), bool), np.zeros(len(outside), bool)]
+    unscored = {
+        "records": int((~scored).sum()),
+        "members": int((~held & is_member).sum()),
+        "non_members": int((~held & ~is_member).sum()),
+    }
+    is_member = is_member[held]
+    if is_member.sum() < 2 or (~is_member).sum() < 2:
+        raise InputError(
+            f"{run.path}: after leaving out the people with no scored token within "
+            f"data.max_length={d.max_length}, {int(is_member.sum())} training and "
+            f"{int((~is_member).sum())} held-out people are left (at least 2 each). Fix: "
+            "train with a larger data.max_length, so that every response keeps a token"
+        )
     for a in attacks.values():
         r = roc_of(a["scores"], is_member)
         a["auc"], a["tpr_at_1pct_fpr"] = float(r.auc), float(r.tpr_at(0.01))
@@ -120,9 +141,10 @@ def audit_people(
     summary: dict[str, Any] = {
         "unit": unit["unit"],
         "claim": {"epsilon": eps, "delta": delta, "strategy": unit["strategy"]},
-        "members": len(members),
-        "non_members": len(outside),
-        "records": len(texts),
+        "members": int(is_member.sum()),
+        "non_members": int((~is_member).sum()),
+        "records": int(scored.sum()),
+        "unscored": unscored,  # left out: no scored token within data.max_length
         "attacks": {k: {m: v for m, v in a.items() if m != "scores"} for k, a in attacks.items()},
         "clopper_pearson": bound,
         "canary_people": _canary_people(
@@ -159,6 +181,12 @@ def _canary_people(
     texts = [c.text(manifest.template) for c in cs]
     ids = [c.record_ids()[0] for c in cs]
     drop = score(base, texts, ids).sum_nll - score(target, texts, ids).sum_nll
+    if np.isnan(drop).any():  # no scored token: refused when planted (check_canaries_fit)
+        raise InputError(
+            f"{run_dir}: a canary has no scored token within data.max_length, so the canaries "
+            "cannot be audited. Fix: train again with a data.max_length that holds every "
+            "canary sentence"
+        )
     reps = np.array([c.repetitions for c in cs])
     included = np.array([c.included for c in cs])
     out: dict[str, Any] = {

@@ -106,11 +106,14 @@ def _verdict(s: dict[str, Any]) -> tuple[str, list[str]]:
             f"Note: run.json reports epsilon {_eps(stated)}, but the ledger gives {_eps(eps)}; "
             "the audit compares against the ledger."
         )
+    alarm = [false_alarm_sentence(s["false_alarm"])] if "false_alarm" in s else []
     w = s.get("whitebox")
+    # the white-box sentences without their own false-alarm rate: the report states the
+    # rate of all its tests together, next to its verdict
+    wb = [x for x in whitebox_verdict(w)[1] if not x.startswith("False alarms")] if w else []
     if w and w["privacy_bug_suspected"]:
-        return "bug", whitebox_verdict(w)[1] + words
-    if w:
-        words += whitebox_verdict(w)[1]
+        return "bug", wb[:1] + alarm + wb[1:] + words
+    words += wb
     if not s["privacy_guarantee"]:
         return "none", [
             "This run has NO privacy guarantee: it was trained without noise (the ledger's "
@@ -133,16 +136,52 @@ def _verdict(s: dict[str, Any]) -> tuple[str, list[str]]:
             f"({_eps(eps)}, {delta:.3g})-DP. The ledger under-reports what training did (noise, "
             "sampling or clipping), or the implementation leaks more than its analysis allows. "
             "Do not release this model; investigate the run.",
+            *alarm,
             *words,
         ]
     return "ok", [
         f"Consistent with the guarantee: the empirical lower bound epsilon >= {_eps(lower)} "
         f"({conf:.0%} confidence) is below the accountant's epsilon = {_eps(eps)} at delta "
         f"{delta:.3g}.",
+        *alarm,
         *words,
         "A lower bound far below the accountant's epsilon is normal: audits of one run with few "
         "canaries are loose, so this does not show the guarantee is loose.",
     ]
+
+
+_TEST_NAMES = {
+    "ledger_bound": "the f-DP test of the ledger's curve",
+    "sampling_check": "the sampling check",
+    "one_run": "the one-run bound",
+    "clopper_pearson": "the Clopper-Pearson bound (nominal)",
+    "whitebox": "the white-box audit",
+}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.3g}%"
+
+
+def false_alarm_sentence(fa: dict[str, Any]) -> str:
+    """The false-alarm rate of a correct run, in words, with how the tests' rates combine
+    (``fa``: :func:`attacks.whitebox.false_alarm` or :func:`attacks.audit.false_alarm`)."""
+    tests = fa["per_test"]
+    if not tests:
+        return "False alarms: no test was run, so nothing can be flagged."
+    parts = " + ".join(f"{_pct(v)} for {_TEST_NAMES[k]}" for k, v in tests.items())
+    if len(tests) == 1:
+        how = "one test"
+    else:
+        how = (
+            "each test is stated at that confidence, not corrected for the others; a flag "
+            "from any of them is the verdict, so their rates add"
+        )
+    return (
+        f"False alarms: at {_pct(fa['confidence'])} confidence a correct run is flagged with "
+        f"probability at most {_pct(fa['at_most'])} ({parts}; {how}). A single flag is evidence, "
+        "not proof: rerun the audit, or raise audit.confidence, to confirm it."
+    )
 
 
 def whitebox_verdict(w: dict[str, Any]) -> tuple[str, list[str]]:
@@ -209,12 +248,14 @@ def whitebox_verdict(w: dict[str, Any]) -> tuple[str, list[str]]:
             f"({_eps(claim)}, {delta:.3g})-DP is not shown. Do not release this model; check "
             "the sampler (it must be Poisson, as dptrain.sampling.PoissonSampler)."
         )
+    alarm = [false_alarm_sentence(w["false_alarm"])] if "false_alarm" in w else []
     if bugs:
-        return "bug", [*bugs, *words]
+        return "bug", [*bugs, *alarm, *words]
     return "ok", [
         f"White-box audit consistent with the ledger ({mech}): the empirical lower bound "
         f"{_eps(led['epsilon'])} is below the claimed epsilon {_eps(claim)} at delta "
         f"{delta:.3g}.",
+        *alarm,
         *words,
     ]
 
@@ -300,6 +341,12 @@ def print_table(s: dict[str, Any], out: TextIO) -> None:
         lines.append(
             f"{a['label']:<18}{a['auc']:>7.3f}{a['tpr_at_fpr_0.001']:>10.3f}{a['tpr_at_fpr_0.01']:>9.3f}"
         )
+    u = s["records"].get("unscored") or {}
+    if any(u.values()):
+        lines.append(
+            f"left out           {u['members']} members, {u['non_members']} non-members, "
+            f"{u['population']} population records: no scored token within data.max_length"
+        )
     lines.append("")
     c = s.get("canaries")
     if c and c.get("exposure_by_repetitions"):
@@ -326,6 +373,8 @@ def print_table(s: dict[str, Any], out: TextIO) -> None:
             )
     level, words = verdict(s)
     lines += ["", {"bug": "!! ", "none": "!  ", "ok": ""}[level] + words[0]]
+    if level != "none" and "false_alarm" in s:
+        lines.append(false_alarm_sentence(s["false_alarm"]))
     lines += [f"report              {Path(s['run_dir']) / 'audit' / 'report.html'}"]
     lines += [f"audit time          {s['seconds']['total']:.0f} s (mostly {s['dominated_by']})", ""]
     print("\n".join(lines), file=out, flush=True)
@@ -520,6 +569,19 @@ def render_figures(
     return figs
 
 
+def _unscored_note(s: dict[str, Any]) -> str:
+    """The records left out of the attacks for having no scored token (or nothing)."""
+    u = s["records"].get("unscored") or {}
+    if not any(u.values()):
+        return ""
+    return (
+        f" Left out: {u['members']} training, {u['non_members']} held-out and "
+        f"{u['population']} population records with no scored token within data.max_length "
+        "(their responses are cut off, so they have no loss to score; training gave them a "
+        "zero gradient)."
+    )
+
+
 def write_report(
     out_dir: Path, s: dict[str, Any], figures: dict[str, str], canaries: dict[str, Any] | None
 ) -> None:
@@ -549,7 +611,7 @@ def write_report(
         "<h2>Membership inference</h2>",
         f"<p>{s['records']['n_members']} training records against {s['records']['n_non_members']} "
         f"records the run never saw (RMIA population: {s['records']['n_population']}). Reference "
-        f"models: {html.escape(s['reference_models'])}.</p>",
+        f"models: {html.escape(s['reference_models'])}.{_unscored_note(s)}</p>",
         _attack_table(s),
         f"<img src='{figures['roc']}' alt='ROC curves'>",
         "<p class=note>"

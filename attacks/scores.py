@@ -18,6 +18,11 @@ losses ``l_1..l_T`` (nats, over its labelled tokens, exactly as in training: sam
 A classification record has one target, its label: ``mean_nll = sum_nll = min_k`` is the
 task's training loss (the cross-entropy of the label, :attr:`dptrain.tasks.Task.loss_fn`) and
 ``tokens = 1``.
+
+A record with no scored token (``tokens = 0``: an instruction or chat record whose responses
+``max_length`` cut off entirely, or a one-token text) has no loss: its statistics are NaN, not
+0 (a loss of 0 would read as a perfect member).  Training gives it a zero gradient; the audits
+leave it out of the attacks and count it (:func:`scored_tokens` tells them before scoring).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ __all__ = [
     "encode_texts",
     "score_examples",
     "score_texts",
+    "scored_tokens",
     "trained_texts",
     "zlib_bits",
 ]
@@ -84,6 +90,16 @@ def encode_texts(task: Task, tokenizer, texts: list[str], ids: list[str] | None,
     only through their prefix (``canary-`` records are plain text in every task)."""
     rids = [str(i) for i in range(len(texts))] if ids is None else [str(i) for i in ids]
     return task.encode(TextDataset(list(texts), rids), tokenizer, max_length)
+
+
+def scored_tokens(ex) -> np.ndarray:
+    """The number of tokens each encoded record (``ex``, the task's examples) is scored on:
+    its labelled targets as :func:`dptrain.losses.token_nll` takes them (positions ``1..``),
+    or 1 for a classification record (its label)."""
+    labels = ex.batch(range(len(ex)))["labels"]
+    if labels.dim() == 1:
+        return np.ones(len(ex), dtype=int)
+    return (labels[:, 1:] != IGNORE_INDEX).sum(1).numpy().astype(int)
 
 
 def score_texts(
@@ -148,13 +164,14 @@ def score_examples(
         t = token_nll(out.logits, batch["labels"])  # as causal_lm_loss, token by token
         nll, mask = t.nll.double().cpu(), t.mask.bool().cpu()  # the stats on the CPU
         n = mask.sum(1)
-        mean.append((nll * mask).sum(1) / n.clamp(min=1))
-        total.append((nll * mask).sum(1))
+        none = n == 0  # no loss to score: NaN (see the module docstring), never 0
+        mean.append(((nll * mask).sum(1) / n.clamp(min=1)).masked_fill(none, math.nan))
+        total.append((nll * mask).sum(1).masked_fill(none, math.nan))
         count.append(n)
         worst = torch.sort(nll.masked_fill(~mask, -math.inf), dim=1, descending=True).values
         k = torch.ceil(min_k * n.double()).clamp(min=1).long()
         keep = torch.arange(worst.shape[1])[None, :] < k[:, None]
-        mink.append(torch.where(keep, worst, 0.0).sum(1) / k)
+        mink.append((torch.where(keep, worst, 0.0).sum(1) / k).masked_fill(none, math.nan))
         bar.update(len(idx))
     bar.close()
     model.train(was_training)

@@ -77,13 +77,14 @@ from .bounds import (
     ledger_tradeoff,
     one_run_audit,
 )
-from .sampling import SHARE, InclusionCheck, level
+from .sampling import InclusionCheck, level
 
 __all__ = [
     "Canaries",
     "LedgerFamily",
     "Sampler",
     "bounds_from_scores",
+    "false_alarm",
     "perfect_scores",
     "whitebox_audit",
 ]
@@ -476,8 +477,8 @@ def whitebox_audit(
         "sampling": sampling,
         "bound_rejects_claim": rejects,
         "privacy_bug_suspected": rejects or sampling["flagged"],
-        # either test may fire: the bound at 1 - confidence, the check at SHARE of it
-        "false_alarm_at_most": (1 - confidence) * (1 + (SHARE if apart else 0)),
+        "false_alarm": false_alarm(confidence, sampling),
+        "false_alarm_at_most": false_alarm(confidence, sampling)["at_most"],
         "seconds": {"training": round(train_seconds, 2)},
     }
     if perfect is not None:
@@ -492,6 +493,25 @@ def whitebox_audit(
         }
     out["seconds"]["total"] = round(time.perf_counter() - t0, 2)
     return out
+
+
+def false_alarm(confidence: float, sampling: dict[str, Any]) -> dict[str, Any]:
+    """How often a CORRECT run is flagged: the ledger bound's test rejects a true claim with
+    probability at most ``1 - confidence``, the sampling check (where it applies) fires on a
+    Poisson sampler with probability at most a twentieth of that (:data:`attacks.sampling.
+    SHARE`, its own ``confidence``); "likely privacy bug"
+    is either, so by the union bound the rates add."""
+    tests = {"ledger_bound": 1 - confidence}
+    if sampling.get("applicable"):
+        tests["sampling_check"] = 1 - float(sampling["confidence"])
+    return {
+        "confidence": confidence,
+        "per_test": tests,
+        "at_most": sum(tests.values()),
+        "combination": "union bound: the verdict flags a run when any test fires, so the "
+        "false-alarm rates of the tests add (the sampling check runs at a twentieth of the "
+        "bound's rate)",
+    }
 
 
 # -- a finished run's own configuration ---------------------------------------------------------

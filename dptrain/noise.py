@@ -31,7 +31,8 @@ against attacks on the low-order bits of released floats beyond this (no snappin
 from __future__ import annotations
 
 import math
-import weakref
+import os
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,32 @@ ETA_PER_PAIR = 2.0**-129
 """Total variation between one pair of this sampler (exact arithmetic) and ``N(0, I_2)``."""
 RADIUS_MAX = math.sqrt(258 * math.log(2))
 _CHUNK = 1 << 20  # pairs per batch of stream evaluation (32 MB of words)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}  # by worker count: the process's noise pools
+_POOLS_LOCK = threading.Lock()
+
+
+def _forget_pools() -> None:  # a forked child has none of the parent's worker threads
+    global _POOLS_LOCK
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
+
+
+def noise_pool(workers: int) -> ThreadPoolExecutor:
+    """The process's noise pool of ``workers`` threads (``torch.get_num_threads()``), shared
+    by every sampler: samplers drawing at once (the clients of an in-process federated
+    simulation) queue their chunks on it, so noise never runs on more threads than torch
+    is given.  Made on first need; its idle workers block on the queue (they do not spin)."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = _POOLS[workers] = ThreadPoolExecutor(workers, "dptrain-noise")
+        return pool
 
 
 def truncation_delta(epsilon: float, pairs: int) -> float:
@@ -109,9 +136,9 @@ class GaussianNoise:
 
     The engine calls :meth:`begin_step` with the step number before a step's draws; draws
     within a step continue the step's counter.  State (for checkpoints): the position in the
-    stream and the number of pairs drawn, never the key.  Large draws run on one thread pool
-    per sampler, made on first need and shut down by :meth:`close` (or when the sampler is
-    collected, or at interpreter exit).
+    stream and the number of pairs drawn, never the key.  Large draws run on the process's
+    noise pool (:func:`noise_pool`, ``torch.get_num_threads()`` workers shared by every
+    sampler); the values do not depend on it.
     """
 
     def __init__(self, key: RunKey | None = None) -> None:
@@ -120,26 +147,10 @@ class GaussianNoise:
         self.step = 0
         self.block = 0  # next block of this step
         self.pairs = 0  # pairs drawn over the run (for the truncation bound)
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_size = 0
-        self._finalizer: weakref.finalize | None = None
 
-    def _executor(self, workers: int) -> ThreadPoolExecutor:
-        """This sampler's pool with ``workers`` threads (re-made if the thread count changed)."""
-        if self._pool is None or self._pool_size != workers:
-            self.close()
-            self._pool, self._pool_size = ThreadPoolExecutor(workers), workers
-            self._finalizer = weakref.finalize(self, self._pool.shutdown, wait=False)
-        return self._pool
-
-    def close(self) -> None:
-        """Shut the thread pool down (a later large draw makes a new one)."""
-        if self._finalizer is not None:
-            self._finalizer()  # shuts the pool down once
-        self._pool, self._pool_size, self._finalizer = None, 0, None
-
-    def __getstate__(self) -> dict[str, Any]:  # a pool is not copied or pickled
-        return {**self.__dict__, "_pool": None, "_pool_size": 0, "_finalizer": None}
+    @staticmethod
+    def _executor(workers: int) -> ThreadPoolExecutor:
+        return noise_pool(workers)
 
     @property
     def description(self) -> str:

@@ -51,8 +51,9 @@ from accountants.grid import composition
 
 from . import distributed
 from .data import TextDataset
-from .data.canaries import Canary, left_out, make_canaries, write_manifest
+from .data.canaries import Canary, check_canaries_fit, left_out, make_canaries, write_manifest
 from .data.lm import eval_batches
+from .data.people import recipe_person_ids
 from .data.splits import no_validation_error, read_data, read_public
 from .engine import BudgetExceeded, PrivacyEngine
 from .errors import RunInterrupted
@@ -215,6 +216,8 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
     cap = recipe.data.privacy_unit.max_records_per_person if recipe.data.privacy_unit else None
     withheld, withheld_people = left_out(canaries, cap)  # public sizes count them: no coin shows
     unit, train_texts = resolve_unit(recipe, train_texts, key, withheld_people=withheld_people)
+    if recipe.data.person_field is not None:  # read at the end of training: refused before it
+        recipe_person_ids(recipe, recipe.data.person_field)
     records = len(train_texts) + withheld
     if unit is None:
         plan = plan_privacy(recipe, records, restored_noise=restored)
@@ -378,6 +381,8 @@ def build(prep: Prepared) -> Built:
         f"precision {precision.name}"
     )
     check_context(model, d.max_length)
+    if prep.canaries and d.canaries is not None and not prep.resume:  # planted: they must fit
+        check_canaries_fit(prep.canaries, d.canaries.template, task.encode, tokenizer, d.max_length)
     train_ex = task.encode(prep.train_texts, tokenizer, d.max_length)
     val_ex = task.encode(prep.val_texts, tokenizer, d.max_length)
     optimizer = make_optimizer(recipe.training, [p for p in model.parameters() if p.requires_grad])

@@ -140,6 +140,30 @@ def canary_records(canaries: list[Canary], template: str) -> TextDataset:
     return TextDataset(texts, ids)
 
 
+def check_canaries_fit(
+    canaries: list[Canary], template: str, encode: Any, tokenizer: Any, max_length: int
+) -> None:
+    """Refuse canaries that ``max_length`` would truncate: the secret is at the sentence's end
+    (in the default template), so a truncated canary loses it, and one cut to a single token
+    has no scored token left for the audit.  ``encode(ds, tokenizer, max_length)`` is the
+    run's task encoding (:meth:`dptrain.tasks.Task.encode`: a canary is plain text with EOS in
+    every task).  Every canary is checked, included or not, so the refusal shows no coin."""
+    from dptrain.errors import RecipeError
+
+    if not canaries:
+        return
+    ds = TextDataset([c.text(template) for c in canaries], [c.record_ids()[0] for c in canaries])
+    lengths = encode(ds, tokenizer, 2**31 - 1).lengths  # untruncated
+    longest = int(lengths.max())
+    if longest > max_length:
+        raise RecipeError(
+            f"data.canaries: a canary sentence takes {longest} tokens (with EOS), more than "
+            f"data.max_length = {max_length}: truncated, it would lose its secret (and with no "
+            "token after the first, the audit could not score it at all). Fix: raise "
+            f"data.max_length to at least {longest}, or shorten data.canaries.template"
+        )
+
+
 def insert_canaries(
     train: TextDataset,
     config: Any,
@@ -154,7 +178,8 @@ def insert_canaries(
     if canaries is None:
         canaries = make_canaries(config, key, person_level=person_level)
     extra = canary_records(canaries, config.template)
-    clash = set(extra.ids) & set(train.ids)
+    reserved = {rid for c in canaries for rid in c.record_ids()}  # included or not: no coin shows
+    clash = reserved & set(train.ids)
     if clash:
         raise ValueError(
             f"data.canaries: record id {sorted(clash)[0]!r} is already used by the training data; "
@@ -225,6 +250,7 @@ __all__ = [
     "Canary",
     "Manifest",
     "canary_records",
+    "check_canaries_fit",
     "insert_canaries",
     "left_out",
     "make_canaries",

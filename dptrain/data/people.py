@@ -9,7 +9,10 @@ format) is an error naming the line: under a person-level guarantee every record
 attributed, or a person's unattributed records would escape their bound.  Two ids that are
 the same number written two ways (``"007"`` and ``7``, ``"+7"`` and ``"7"``) are refused too
 (:func:`person_ids`).  Audit canaries (:mod:`dptrain.data.canaries`) are people of their own:
-canary ``i``'s repetitions are the records of person ``canary-<i>``.
+canary ``i``'s repetitions are the records of person ``canary-<i>`` (:func:`is_canary_person`),
+so when a recipe has ``data.canaries`` a person id of that form in the data is refused: it
+would merge a real person's records with a canary's (one bound over both), or be counted as a
+canary.
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ def person_ids(
     text_field: str = "text",
     format: str | None = None,
     task: TaskSection | None = None,
+    canaries: bool = False,
 ) -> dict[str, str]:
     """``{record id: person id}`` for every record of ``path`` (a file, a dataset folder or
     ``bundled:NAME[:train|:validation]``), read by :func:`~dptrain.data.loading.load_field`:
@@ -102,7 +106,8 @@ def person_ids(
     :func:`~dptrain.tasks.records.load_records`, by its ``load_record_field``.  Each person id
     is the canonical text of :func:`~dptrain.data.loading.canonical_id`; a record without one,
     or two ids that are the same number written two ways (:func:`same_number`), are refused
-    naming the records' places."""
+    naming the records' places; with ``canaries`` (the recipe plants audit canaries) so is a
+    person id of a canary person's form (:func:`is_canary_person`)."""
     try:
         if task is not None and task.kind != "text":
             from ..tasks.records import load_record_field
@@ -121,6 +126,13 @@ def person_ids(
                 "or empty): every record must name its person, or that person's other records "
                 "would not be bounded together. Fix: give every record a non-empty "
                 f"{field!r}, or drop the record"
+            )
+        if canaries and is_canary_person(person):
+            raise DataError(
+                f"{where}: {field!r} {person!r} has the form of an audit canary's person id "
+                "(canary-<number>), and this recipe plants canaries (data.canaries): the "
+                "record would be bounded together with, or counted as, a canary. Fix: rename "
+                "that person in the data (e.g. a prefix such as 'p-'), or remove data.canaries"
             )
         number = same_number(person)
         if number is not None:
@@ -142,14 +154,20 @@ def recipe_person_ids(
 ) -> dict[str, str]:
     """:func:`person_ids` of a recipe's data (or of ``path``, e.g. its validation file) as
     training reads them: its format, text field and task (so the ids are the training
-    records' own), by ``field`` (default ``data.privacy_unit.field``)."""
+    records' own), by ``field`` (default ``data.privacy_unit.field``); with ``data.canaries``,
+    a person id of a canary person's form is refused."""
     d = recipe.data
     if field is None:
         if d.privacy_unit is None:
             raise ValueError("recipe_person_ids: the recipe has no data.privacy_unit")
         field = d.privacy_unit.field
     return person_ids(
-        path or d.path, field, text_field=d.text_field, format=d.format, task=recipe.task
+        path or d.path,
+        field,
+        text_field=d.text_field,
+        format=d.format,
+        task=recipe.task,
+        canaries=d.canaries is not None,
     )
 
 

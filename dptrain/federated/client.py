@@ -77,7 +77,7 @@ from flwr.clientapp.typing import Mod
 from accountants import Budget, BudgetExceeded, BudgetFilter, Ledger
 
 from ..data import LMExamples, TextDataset, load_texts, tokenize
-from ..data.people import People, person_ids, read_people
+from ..data.people import People, person_ids, read_people, recipe_person_ids
 from ..data.splits import read_data
 from ..engine import PrivacyEngine
 from ..hardware import resolve_device
@@ -161,12 +161,18 @@ class ClientPlan:
 
 def _client_people(recipe: FederatedRecipe, own: ClientConfig, data: TextDataset) -> People:
     """The people of the client's records, by its own ``privacy-unit`` field (read from its
-    ``data-path`` or, in a simulation, from the recipe's data file)."""
-    path = own.data_path or recipe.data.path
-    field = str(own.privacy_unit)
-    d = recipe.data
-    fmt = None if own.data_path else d.format
-    return read_people(data, person_ids(path, field, text_field=d.text_field, format=fmt))
+    ``data-path`` or, in a simulation, from the recipe's data file), by the reader
+    ``dptrain train`` uses (:func:`~dptrain.data.people.recipe_person_ids`: the recipe's text
+    field and task, so the record ids are the training records' own; a federated recipe's
+    task is text, the only kind its clients train)."""
+    if own.data_path:
+        persons = person_ids(
+            own.data_path, str(own.privacy_unit), text_field=recipe.data.text_field,
+            task=recipe.task,
+        )  # fmt: skip
+    else:
+        persons = recipe_person_ids(recipe, str(own.privacy_unit))
+    return read_people(data, persons)
 
 
 _DELTA_ANNOUNCED: set[Path] = set()  # clients whose default delta this process announced

@@ -4,7 +4,9 @@ The shared sections keep their meaning, seen from one client: ``training`` descr
 client's *local* work per round (``steps`` or ``epochs`` per round, expected Poisson
 ``batch_size`` or ``sample_rate`` on its own records, optimizer), ``policy`` its clipping and
 noise, and ``privacy`` its budget: ``(epsilon, delta)`` for each of its records over *all*
-rounds.  ``lora`` is required: clients exchange LoRA adapters.
+rounds.  ``lora`` is required: clients exchange LoRA adapters.  Clients train plain text
+(``task.kind: text``; other kinds are refused by :func:`dptrain.tasks.check_recipe_task`), with
+the record as the unit unless a client declares its own, and without audit canaries.
 """
 
 from __future__ import annotations
@@ -78,6 +80,17 @@ class FederatedRecipe(Recipe):
                 "key privacy-unit=FIELD: the data holder decides what it protects, not the "
                 "server); client-level DP on the server is separate. Fix: delete the key here "
                 "and set privacy-unit in each client's settings"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _no_canaries(self) -> FederatedRecipe:
+        if self.data.canaries is not None:
+            raise ValueError(
+                "data.canaries: a federated run plants no audit canaries (its simulation's "
+                "validation split and partition come from a public set-up key, so canaries "
+                "drawn there would have public secrets and coins, and no audit reads them). "
+                "Fix: delete data.canaries; to audit with canaries, train with `dptrain train`"
             )
         return self
 

@@ -154,7 +154,14 @@ def _dataset(
         texts.append(encode_record(fields))
         if extra is not None:
             extra.add(f"{p}:{lineno}", obj.get(extra.name))
-        ids.append(canonical_id(obj.get("id"), f"{p}:{lineno}", "id"))
+        rid = canonical_id(obj.get("id"), f"{p}:{lineno}", "id")
+        if rid is not None and rid.startswith(CANARY_PREFIX):
+            raise DataError(
+                f"{p}:{lineno}: record id {rid!r} starts with {CANARY_PREFIX!r}, which is "
+                "reserved for the audit's canaries (such a record is read as a plain-text "
+                f"canary, not as its {task.kind} fields). Fix: rename the record's id"
+            )
+        ids.append(rid)
     out = content_ids(texts, ids)
     _check_unique(out, p)
     return TextDataset(texts, out)

@@ -116,6 +116,7 @@ def test_a_ledger_that_under_reports_is_flagged_in_red(non_private, tmp_path):
     assert s["empirical_epsilon_lower_bound"] > s["accountant_epsilon"]
     page = (run / "audit" / "report.html").read_text()
     assert "class='box bug'" in page and "LIKELY PRIVACY BUG" in page
+    assert verdict(s)[1][1].startswith("False alarms: at 95% confidence a correct run")
     # a reproducible run's report says first that its seed voids the guarantee
     level, words = verdict({**s, "claim": {**s["claim"], "insecure_seed": 7}})
     assert level == "bug" and "insecure_seed=7" in words[0] and "NO privacy" in words[0]
@@ -143,6 +144,25 @@ def test_dp_run_audited_after_training_stays_below_its_epsilon(tmp_path, capsys)
     assert {"lira_online", "rmia_online"} <= set(s["attacks"])
     page = (out / "audit" / "report.html").read_text()
     assert "class='box ok'" in page
+    # how often a correct run is flagged, next to the verdict: each test at 0.999, the rates
+    # add (the white-box audit's bound and its sampling check, at a twentieth of it)
+    fa = s["false_alarm"]
+    assert fa["per_test"] == pytest.approx(
+        {"one_run": 1e-3, "clopper_pearson": 1e-3, "whitebox": 1.05e-3}
+    )
+    assert fa["at_most"] == pytest.approx(3.05e-3) and "union bound" in fa["combination"]
+    level, words = verdict(s)
+    assert level == "ok" and words[1].startswith(
+        "False alarms: at 99.9% confidence a correct run is flagged with probability at most "
+        "0.305% (0.1% for the one-run bound + 0.1% for the Clopper-Pearson bound (nominal) + "
+        "0.105% for the white-box audit; each test is stated at that confidence, not corrected "
+        "for the others; a flag from any of them is the verdict, so their rates add)"
+    )
+    assert sum(w.startswith("False alarms") for w in words) == 1  # not the white-box's too
+    assert "probability at most 0.305%" in page
+    assert s["whitebox"]["false_alarm"]["per_test"] == pytest.approx(
+        {"ledger_bound": 1e-3, "sampling_check": 5e-5}
+    )
     # the white-box audit of the same configuration, beside the others
     w = s["whitebox"]
     assert w["canaries"] == 200 and w["steps"] == result.steps and not w["privacy_bug_suspected"]

@@ -111,6 +111,8 @@ def test_real_runs_only_the_shuffled_one_fails_the_sampling_check(bug, one_threa
         assert s["z"] > stats.norm.ppf(1 - s["confidence"])
     assert s["confidence"] == pytest.approx(0.9975)  # a twentieth of the audit's 5%
     assert r["false_alarm_at_most"] == pytest.approx(0.0525)
+    fa = r["false_alarm"]
+    assert fa["per_test"] == pytest.approx({"ledger_bound": 0.05, "sampling_check": 0.0025})
     assert abs(s["control_z"]) < 3  # non-members: no sampler touches them
     level, words = whitebox_verdict(r)
     text = " ".join(words)
@@ -118,6 +120,9 @@ def test_real_runs_only_the_shuffled_one_fails_the_sampling_check(bug, one_threa
     assert (level == "bug") is r["privacy_bug_suspected"]
     assert ("not Poisson sampling" in text) is (bug == "shuffle")
     assert ("rejects the ledger's own trade-off curve" in text) is r["bound_rejects_claim"]
+    assert words[1 if level == "ok" else sum(w.startswith("LIKELY") for w in words)].startswith(
+        "False alarms: at 95% confidence a correct run is flagged with probability at most 5.25%"
+    )  # next to the verdict
     write_whitebox(tmp_path, r)
     page = (tmp_path / "whitebox.html").read_text()
     assert "sampling check" in page and ("NOT POISSON" in page) is (bug == "shuffle")

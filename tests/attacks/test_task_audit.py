@@ -9,15 +9,17 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from attacks.audit import _starting_point, audit_run, load_final_model
 from attacks.people import audit_people
-from attacks.scores import score_texts, trained_texts
+from attacks.scores import score_texts, scored_tokens, trained_texts
 from dptrain.data import TextDataset
 from dptrain.data.splits import split_data
+from dptrain.errors import RecipeError
 from dptrain.recipe import load_recipe, parse_recipe
 from dptrain.rundir import RunDir
 from dptrain.secret import run_key
@@ -96,7 +98,11 @@ def test_a_record_scores_its_training_loss(task, rows, template) -> None:
         progress=False,
     )  # fmt: skip
     # token_nll and the classifier loss take the cross-entropy in float32: its rounding
-    assert stats.mean_nll == pytest.approx(per_record.double().numpy(), rel=1e-6)
+    loss, scored = per_record.double().numpy(), stats.tokens > 0
+    assert stats.mean_nll[scored] == pytest.approx(loss[scored], rel=1e-6)
+    # a record max_length left without a target (the long chat) trains a zero loss, and
+    # the audit gives it no score (NaN), not that 0
+    assert (loss[~scored] == 0).all() and np.isnan(stats.mean_nll[~scored]).all()
     if t.kind == "classification":
         assert (stats.tokens == 1).all() and trained_texts(t, tok, texts, ids, 64) is None
         return
@@ -127,9 +133,14 @@ def _tiny_recipe(tmp_path: Path, name: str, **changes) -> Path:
 
 
 def test_audit_of_an_instruction_run_with_canaries(tmp_path: Path) -> None:
+    """Every record scored as it trained; the records whose responses max_length cuts off
+    (every fifth: a long prompt) have no loss to score, so they are left out of the attacks
+    and counted (in the summary, the table and the report), never scored."""
+    long = "describe " * 60  # > max_length 48 tokens: the response is cut off
     rows = [
-        {"q": f"Kind of record {i}?", "a": ["clinic note", "lab notice"][i % 2]} for i in range(60)
-    ]
+        {"q": (long if i % 5 == 0 else "") + f"Kind of record {i}?", "a": ["clinic note", "lab notice"][i % 2]}
+        for i in range(60)
+    ]  # fmt: skip
     data = tmp_path / "instr.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     path = _tiny_recipe(
@@ -138,13 +149,20 @@ def test_audit_of_an_instruction_run_with_canaries(tmp_path: Path) -> None:
               "validation_fraction": 0.3, "canaries": {"secret_digits": 2, "repetitions": {1: 8, 2: 2}}},
         training={"steps": 2}, generation={"samples": 0},
         task={"kind": "instruction", "prompt_field": "q", "response_field": "a"},
-        audit={"members": 16, "non_members": 16, "population": 4, "exposure_canaries": 2,
+        audit={"members": 1000, "non_members": 1000, "population": 1, "exposure_canaries": 2,
                "shadows": 2, "shadow_steps": 1},
     )  # fmt: skip
     recipe = load_recipe(path)  # audit.after_training is no longer refused for a task run
     assert parse_recipe({**recipe.model_dump(), "audit": {"after_training": True}})
     result = train(recipe, progress=False)
-    s = audit_run(result.run_dir, progress=False, out=io.StringIO())
+    table = io.StringIO()
+    s = audit_run(result.run_dir, progress=False, out=table)
+    n, u = s["records"], s["records"]["unscored"]
+    assert u["members"] + u["non_members"] == 12  # every fifth record of 60: all audited
+    assert n["n_members"] + n["n_non_members"] == 48 and u["population"] == 0
+    assert "no scored token within data.max_length" in table.getvalue()
+    html = (result.run_dir / "audit" / "report.html").read_text()
+    assert f"Left out: {u['members']} training, {u['non_members']} held-out" in html
     assert {"loss", "zlib", "min_k", "lira_online"} <= set(s["attacks"])
     # shadow models train on the run's records under the run's task (canonical fields)
     shadow = load_recipe(result.run_dir / "audit" / "shadows" / "shadow-00" / "recipe.yaml")
@@ -156,10 +174,11 @@ def test_audit_of_an_instruction_run_with_canaries(tmp_path: Path) -> None:
     model, tok = load_final_model(run, recipe)
     train_ds, _, _ = split_data(recipe, run_key(run.path, None, create=False))
     task = Task(recipe.task)
-    ex = task.encode(train_ds.subset([0, 1]), tok, recipe.data.max_length)
+    two = [i for i, t in enumerate(train_ds.texts) if "describe" not in t][:2]  # scored ones
+    ex = task.encode(train_ds.subset(two), tok, recipe.data.max_length)
     stats = score_texts(
-        model, tok, train_ds.texts[:2], ids=train_ds.ids[:2], task=task, max_length=48,
-        progress=False,
+        model, tok, [train_ds.texts[i] for i in two], ids=[train_ds.ids[i] for i in two],
+        task=task, max_length=48, progress=False,
     )  # fmt: skip
     with torch.no_grad():
         model.eval()
@@ -218,3 +237,32 @@ def test_audit_by_person_of_an_instruction_run(tmp_path: Path) -> None:
     one_run = s["canary_people"]["one_run"]
     assert one_run["canaries"] == 8 and one_run["unit"] == "who"
     assert s["epsilon_lower_bounds"]["one_run"] <= s["claim"]["epsilon"] and s["consistent"]
+
+
+def test_a_record_without_a_scored_token_has_no_score() -> None:
+    """An instruction record whose response ``max_length`` cuts off entirely has no loss:
+    NaN statistics (0 would read as a perfect member), and ``scored_tokens`` says so before
+    any model runs."""
+    r = _recipe({"kind": "instruction"})
+    t = Task(r.task)
+    model, tok = t.build_model(r)
+    rows = [{"prompt": "word " * 80, "response": "cut off"}, {"prompt": "Hi?", "response": "kept"}]
+    texts = [json.dumps(row, sort_keys=True) for row in rows]
+    stats = score_texts(model, tok, texts, ids=["a", "b"], task=t, max_length=32, progress=False)
+    ex = t.encode(TextDataset(texts, ["a", "b"]), tok, 32)
+    assert list(scored_tokens(ex)) == list(stats.tokens) and stats.tokens[0] == 0
+    assert stats.tokens[1] > 0 and math.isfinite(stats.mean_nll[1])
+    for column in (stats.mean_nll, stats.sum_nll, stats.min_k, stats.log_prob):
+        assert math.isnan(column[0])
+
+
+def test_canaries_that_max_length_would_cut_are_refused(tmp_path: Path) -> None:
+    """A canary truncated by max_length loses its secret (and may have no scored token): the
+    run is refused when the canaries are planted, naming data.max_length (the tiny recipe's
+    48 tokens hold them: the instruction run above trains with canaries)."""
+    path = _tiny_recipe(
+        tmp_path, "tiny.yaml",
+        data={"max_length": 6, "canaries": {"repetitions": {1: 4}}}, training={"steps": 1},
+    )  # fmt: skip
+    with pytest.raises(RecipeError, match=r"data.max_length = 6.*Fix: raise data.max_length"):
+        train(load_recipe(path), progress=False)

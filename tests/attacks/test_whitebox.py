@@ -168,6 +168,10 @@ def test_train_with_audit_whitebox_writes_the_report(tmp_path, capsys):
     assert code == 0
     stdout = capsys.readouterr().out
     assert "white-box audit" in stdout and "consistent with the ledger" in stdout
+    assert (
+        "False alarms: at 95% confidence a correct run is flagged with probability at most "
+        "5.25% (5% for the f-DP test of the ledger's curve + 0.25% for the sampling check;"
+    ) in stdout
     w = json.loads((out / "audit" / "whitebox.json").read_text())
     meta = json.loads((out / "run.json").read_text())
     assert w["claimed_epsilon"] == pytest.approx(meta["epsilon"], rel=1e-6)

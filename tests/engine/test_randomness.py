@@ -207,8 +207,15 @@ def test_many_draws_the_values_of_successive_calls_on_any_thread_count():
         GaussianNoise(KEY).many(likes, stds[:-1])
 
 
-def test_one_thread_pool_per_sampler_reused_across_draws_and_closed(monkeypatch):
+def test_one_noise_pool_per_process_shared_by_samplers_and_idle_without_spinning(monkeypatch):
+    """Every sampler (and its copies) draws on the process's pool of torch.get_num_threads()
+    workers, so samplers drawing at once (the clients of an in-process federated simulation)
+    never put noise on more threads than torch has; values are those of a serial draw, and
+    the idle pool does not spin."""
     import copy
+    import os
+    import threading
+    import time
 
     import dptrain.noise as noise_module
 
@@ -220,25 +227,47 @@ def test_one_thread_pool_per_sampler_reused_across_draws_and_closed(monkeypatch)
         return made[-1]
 
     monkeypatch.setattr(noise_module, "ThreadPoolExecutor", counting)
+    monkeypatch.setattr(noise_module, "_POOLS", {})
     like = torch.zeros(2 * noise_module._CHUNK + 3)  # two chunks: drawn on the pool
     before = torch.get_num_threads()
+    draws: dict[int, list[torch.Tensor]] = {}
+
+    def client(k: int) -> None:  # its own sampler, drawing while the others do
+        noise = GaussianNoise(RunKey.from_insecure_seed(k))
+        noise = copy.deepcopy(noise) if k == 2 else noise  # a copy shares the pool too
+        out = draws.setdefault(k, [])
+        for t in range(2):
+            noise.begin_step(t)
+            out.append(noise(like, 1.0))
+
     try:
         torch.set_num_threads(2)
-        noise = GaussianNoise(KEY)
-        draws = []
-        for t in range(3):
-            noise.begin_step(t)
-            draws.append(noise(like, 1.0))
-        assert len(made) == 1  # one pool for every call, not one per call
-        assert copy.deepcopy(noise)._pool is None  # a copy makes its own when it needs one
-        noise.close()
-        assert made[0]._shutdown and noise._pool is None
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(3)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert len(made) == 1 and made[0]._max_workers == 2  # one pool for all, not per sampler
+        assert 0 < len(made[0]._threads) <= 2  # its worker threads, for three samplers
+        stat = f"/proc/{os.getpid()}/stat"
+        if os.path.exists(stat):  # idle CPU of the process while the pool waits: no spinning
+
+            def cpu() -> float:
+                f = open(stat).read().rsplit(")", 1)[1].split()
+                return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+            c0 = cpu()
+            time.sleep(1.0)
+            assert cpu() - c0 < 0.2
+        torch.set_num_threads(1)
+        for k, seq in draws.items():  # values identical to a serial draw of each sampler
+            single = GaussianNoise(RunKey.from_insecure_seed(k))
+            for t, d in enumerate(seq):
+                single.begin_step(t)
+                assert torch.equal(torch.from_numpy(single.standard(like.numel())).float(), d)
+        assert len(draws) == 3 and len(made) == 1
     finally:
         torch.set_num_threads(before)
-    single = GaussianNoise(RunKey.from_insecure_seed(0))  # values identical to a serial draw
-    for t, d in enumerate(draws):
-        single.begin_step(t)
-        assert torch.equal(torch.from_numpy(single.standard(like.numel())).float(), d)
 
 
 def test_noise_moments_and_moderate_tail():

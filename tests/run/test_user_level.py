@@ -624,3 +624,75 @@ def test_public_sizes_count_every_canary_so_no_coin_shows(tmp_path, unit):
     assert prep.plan.sample_rate == pytest.approx(
         recipe.training.batch_size / prep.plan.dataset_size
     )
+
+
+def _with_person(tmp_path: Path, line: int, person: str) -> Path:
+    """``_people_file`` with record ``line``'s person renamed ``person``."""
+    path = _people_file(tmp_path, 60)
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    rows[line]["patient_id"] = person
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("person", ["canary-00003", "canary-3"])
+def test_a_real_person_with_a_canary_persons_id_is_refused_when_canaries_are_planted(
+    tmp_path, person
+):
+    """Canary i is person ``canary-<i>``: a real person of that form would be bounded with
+    canary 3's records (``canary-00003``) or counted as a canary (``canary-3``): refused,
+    naming the record and the fix, under a person unit and for ``person_field`` alike (the
+    latter before training, though its ids are used only at the end)."""
+    from dptrain.train import prepare
+
+    path = str(_with_person(tmp_path, 7, person))
+    canaries = {"secret_digits": 2, "repetitions": {1: 4}}
+    unit = {"field": "patient_id"}
+    recipe = parse_recipe(
+        _recipe(tmp_path, {"path": path, "privacy_unit": unit, "canaries": canaries})
+    )
+    where = rf"people.jsonl:8: 'patient_id' '{person}' has the form of an audit canary"
+    with pytest.raises(DataError, match=rf"{where}.*Fix: rename that person"):
+        split_data(recipe, RunKey(bytes(32)))
+    record_level = {"person_field": "patient_id", "validation_fraction": 0.3}
+    d = _recipe(tmp_path, {"path": path, **record_level, "canaries": canaries})
+    with pytest.raises(DataError, match=where):
+        prepare(parse_recipe({**d, "privacy": {"insecure_seed": 0, "epsilon": 8.0}}))
+
+
+def test_without_canaries_a_canary_like_person_id_is_an_ordinary_person(tmp_path):
+    """No canaries, no canary people: ``canary-00003`` is a person like any other, kept
+    apart from everyone and counted in the statistics."""
+    path = str(_with_person(tmp_path, 7, "canary-00003"))
+    recipe = parse_recipe(
+        _recipe(tmp_path, {"path": path, "privacy_unit": {"field": "patient_id"}})
+    )
+    key = RunKey(bytes(32))
+    train, val, _ = split_data(recipe, key)
+    plan, _ = resolve_unit(recipe, train, key)
+    people = read_people(
+        TextDataset(train.texts + val.texts, train.ids + val.ids), person_ids(path, "patient_id")
+    )
+    p = people.ids.index("canary-00003")
+    assert len(people.members[p]) == 1  # record 7 alone: its old person kept the others
+    assert plan.canary_people == 0 and "canaries" not in plan.meta()
+    assert plan.meta()["records_per_person"]["max"] == plan.people.max_records  # all counted
+
+
+def test_canary_record_ids_are_reserved_whatever_the_coins(tmp_path):
+    """A data record may not take a canary's record id, whether or not that canary's coin
+    included it (the refusal must not show a coin), and a structured record's id may not
+    start with ``canary-`` (it would be read as a plain-text canary)."""
+    from dptrain.data.canaries import Canary, insert_canaries
+    from dptrain.recipe import CanarySection
+    from dptrain.tasks.records import load_records
+    from dptrain.tasks.schema import TaskSection
+
+    left_out_canary = [Canary(0, "Bo Ka", "12", 1, included=False)]
+    train = TextDataset(["a note"], ["canary-00000-0"])
+    with pytest.raises(ValueError, match="'canary-00000-0' is already used"):
+        insert_canaries(train, CanarySection(), RunKey(bytes(32)), left_out_canary)
+    data = tmp_path / "instr.jsonl"
+    data.write_text(json.dumps({"id": "canary-7", "prompt": "Hi?", "response": "Hello."}) + "\n")
+    with pytest.raises(DataError, match=r"instr.jsonl:1: record id 'canary-7' .*reserved"):
+        load_records(str(data), TaskSection(kind="instruction"))
