@@ -297,6 +297,8 @@ def nonprivate_step(model: nn.Module, opt, precision) -> Callable[[dict], None]:
     device = next(model.parameters()).device
 
     def step(batch: dict) -> None:
+        if batch["input_ids"].shape[0] == 0:
+            return  # a plain loop takes no step on an empty Poisson batch (llama's forward fails)
         opt.zero_grad(set_to_none=True)
         with precision.autocast(device):
             loss = causal_lm_loss(model, batch).mean()
@@ -320,6 +322,8 @@ def opacus_step(
 
     def step(batch: dict) -> None:
         b, t = batch["input_ids"].shape
+        if b == 0:
+            return  # skipped as in the plain loop: llama's forward fails on an empty batch
         live.update(batch)
         live["position_ids"] = torch.arange(t, device=batch["input_ids"].device).expand(b, t)
         with precision.autocast(device):
