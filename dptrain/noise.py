@@ -6,14 +6,23 @@ keyed stream (domain "noise"; AES-256 in counter mode, block ``step * 2^64 + j``
     theta = 2 pi a 2^-53                       a: the top 53 bits of word 0
     U     = 2^-(e+1) (1 + (f + 1) 2^-52)       f: the top 52 bits of word 1,
                                                e: leading zeros of the 128 bits (word 2, word 3)
-    R     = sqrt(-2 ln U) = sqrt(2 ((e + 1) ln 2 - log1p((f + 1) 2^-52)))
-    (z1, z2) = (R cos theta, R sin theta)
+    R     = sqrt(-2 ln U)
+    (z1, z2) = (R cos theta, R sin theta),     a draw of std s: ((R s) cos theta, (R s) sin theta)
 
 ``U`` is uniform on (0, 1] with extended precision near 0: its exponent is geometric, as for
 a uniform real, down to ``2^-129``, so ``|z|`` reaches ``R_max = sqrt(258 ln 2) = 13.37``
 (float32 ``torch.randn`` on CPU stops at ``sqrt(48 ln 2) = 5.77``).  The counter of step ``t``
 is ``(t, j)``, so step ``t`` draws the same noise whether or not the run was interrupted, and
 on any device (the stream is computed on the CPU and moved to the parameter's device).
+
+Arithmetic (stream ``aes256-ctr-box-muller-v2``).  ``U`` is exact: its float64 bits are
+assembled from ``e`` and ``f``.  ``ln``, ``cos`` and ``sin`` are torch's float64 kernels
+(SLEEF, within 1 ulp), ``sqrt`` and the products are correctly rounded, then each value is
+rounded once more to the tensor's dtype.  Every kernel is elementwise and vectorized for every
+element, so the values do not depend on the thread count or on how a draw is cut into chunks;
+on a CPU with another vector instruction set (torch's ``ATEN_CPU_CAPABILITY``) they may differ
+in the last float64 bit.  Stream v1 computed the same ``U`` and ``theta`` with numpy ufuncs as
+``sqrt(2 ((e + 1) ln 2 - log1p(...)))`` and ``(R cos theta) s``: the same law, other last bits.
 
 Truncation bound.  With exact arithmetic on continuous uniforms the construction is the
 standard 2-D Gaussian except that ``U`` never falls in ``(0, 2^-129]``; that mass is moved
@@ -33,8 +42,9 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Iterator
+from bisect import bisect_right
 from concurrent.futures import ThreadPoolExecutor
+from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,7 +57,9 @@ if TYPE_CHECKING:
 ETA_PER_PAIR = 2.0**-129
 """Total variation between one pair of this sampler (exact arithmetic) and ``N(0, I_2)``."""
 RADIUS_MAX = math.sqrt(258 * math.log(2))
-_CHUNK = 1 << 20  # pairs per batch of stream evaluation (32 MB of words)
+_CHUNK = 1 << 16  # pairs per chunk (a job of one thread: 2 MB of words, 512 KB per buffer)
+STREAM = "aes256-ctr-box-muller-v2"
+"""The generator's name in checkpoints (v1: the same law, numpy ufuncs: other last bits)."""
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}  # by worker count: the process's noise pools
@@ -72,7 +84,15 @@ def noise_pool(workers: int) -> ThreadPoolExecutor:
     with _POOLS_LOCK:
         pool = _POOLS.get(workers)
         if pool is None:
-            pool = _POOLS[workers] = ThreadPoolExecutor(workers, "dptrain-noise")
+            import torch
+
+            pool = ThreadPoolExecutor(workers, "dptrain-noise", initializer=_serial_worker)
+            started = threading.Barrier(workers + 1)
+            for _ in range(workers):  # start every thread now (each blocks until all are up)
+                pool.submit(started.wait, 60)
+            started.wait(60)
+            torch.set_num_threads(workers)  # the process-wide count the initializers lowered
+            _POOLS[workers] = pool
         return pool
 
 
@@ -85,50 +105,126 @@ def truncation_delta(epsilon: float, pairs: int) -> float:
     return (1.0 + math.exp(min(epsilon, 700.0))) * pairs * ETA_PER_PAIR
 
 
-def _leading_zeros(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
-    """Leading zeros of the 128-bit words ``hi * 2^64 + lo`` (0..128), exactly: from the
-    float64 exponent of ``hi >> 11`` (exact below 2^53); the rare words with ``hi < 2^11``
-    (probability 2^-53 each) are counted in Python."""
-    lead = (53 - np.frexp((hi >> np.uint64(11)).astype(np.float64))[1]).astype(np.float64)
-    for i in np.flatnonzero(hi < np.uint64(1 << 11)):
-        h = int(hi[i])
-        lead[i] = 64 - h.bit_length() if h else 128 - int(lo[i]).bit_length()
-    return lead
+_M52, _M53 = (1 << 52) - 1, (1 << 53) - 1
+_EXPONENT = 0x7FF << 52  # the exponent field of a float64
+_U_OFFSET = 1 - (53 << 52)  # U's bits: v's exponent field lowered by 53, plus f + 1
+_ANGLE = math.pi * 2.0**-52  # 2 pi 2^-53, exact scaling of float64 2 pi
+
+
+def _bit_length(x: np.ndarray) -> np.ndarray:
+    """Bits of each uint64 (0 for 0), exactly: float64 exponents of 53-bit values."""
+    big = x >= np.uint64(1 << 53)
+    top = np.where(big, x >> np.uint64(11), x).astype(np.float64)  # exact: below 2^53
+    return np.frexp(top)[1].astype(np.int64) + np.where(big, 11, 0)
+
+
+def _radius_angle(words: np.ndarray, radius: Tensor, angle: Tensor, ints: Tensor) -> None:
+    """``radius <- R``, ``angle <- theta`` of the ``(m, 4)`` uint64 ``words`` (module docstring),
+    in the given ``(m,)`` buffers (float64, float64, int64).
+
+    ``U`` is built exactly from its bits: ``v`` = the top 53 bits of word 2 is exact in
+    float64, and for ``v >= 1`` (``e <= 52``) its exponent is ``52 - e``, so ``U``'s bits are
+    the exponent field of ``v`` lowered by 53 plus the mantissa ``f + 1`` (``f + 1 = 2^52``
+    carries into the exponent: ``U = 2^-e``, as the formula gives).  Words with ``v = 0``
+    (probability 2^-53 per pair) are set apart from the 128-bit leading-zero count.  Then
+    ``R = sqrt(-2 ln U)`` (the same ``U``, one ``log`` instead of ``log1p`` and a sum)."""
+    import torch
+
+    w = torch.from_numpy(words.view(np.int64))  # the same bits, as torch shifts int64
+    torch.bitwise_right_shift(w[:, 2], 11, out=ints)
+    ints.bitwise_and_(_M53)  # v: a logical shift of the unsigned word
+    rare = int(ints.min()) == 0 if ints.numel() else False
+    radius.copy_(ints)  # exact below 2^53
+    bits = radius.view(torch.int64)
+    bits.bitwise_and_(_EXPONENT)
+    torch.bitwise_right_shift(w[:, 1], 12, out=ints)
+    ints.bitwise_and_(_M52)  # f
+    ints.add_(_U_OFFSET)
+    bits.add_(ints)  # U = 2^-(e+1) (1 + (f + 1) 2^-52), exactly
+    if rare:
+        i = np.flatnonzero(words[:, 2] < np.uint64(1 << 11))
+        hi, lo = words[i, 2], words[i, 3]
+        e = np.where(hi > 0, 64 - _bit_length(hi), 128 - _bit_length(lo))
+        f = (words[i, 1] >> np.uint64(12)).astype(np.int64)
+        bits[torch.from_numpy(i)] = torch.from_numpy(((1022 - e) << 52) + f + 1)
+    radius.log_().mul_(-2.0).sqrt_()
+    torch.bitwise_right_shift(w[:, 0], 11, out=ints)
+    ints.bitwise_and_(_M53)  # a
+    angle.copy_(ints)
+    angle.mul_(_ANGLE)
 
 
 def normals_from_words(words: np.ndarray) -> np.ndarray:
-    """``2 m`` standard normals from ``(m, 4)`` uint64 words (see the module docstring).
+    """``2 m`` standard normals from ``(m, 4)`` uint64 words (see the module docstring)."""
+    import torch
 
-    Computed in place on three float64 buffers, in the order of the formulas above (each
-    operation rounds as the one-expression form would: the same bits, fewer temporaries)."""
-    w = np.asarray(words, dtype=np.uint64).reshape(-1, 4)
-    radius = _leading_zeros(w[:, 2], w[:, 3])  # the exponent e, 0..128
-    frac = (w[:, 1] >> np.uint64(12)).astype(np.float64)
-    frac += 1.0
-    frac *= 2.0**-52  # (0, 1]
-    np.log1p(frac, out=frac)
-    radius += 1
-    radius *= math.log(2.0)
-    radius -= frac
-    radius *= 2.0
-    np.sqrt(radius, out=radius)  # sqrt(2 ((e + 1) ln 2 - log1p(...)))
-    theta = (w[:, 0] >> np.uint64(11)).astype(np.float64)
-    theta *= 2.0**-53
-    theta *= 2.0 * math.pi
-    out = np.empty((w.shape[0], 2), dtype=np.float64)
-    np.cos(theta, out=frac)
-    np.multiply(radius, frac, out=out[:, 0])
-    np.sin(theta, out=frac)
-    np.multiply(radius, frac, out=out[:, 1])
-    return out.reshape(-1)
+    w = np.ascontiguousarray(words, dtype=np.uint64).reshape(-1, 4)
+    m = w.shape[0]
+    radius, angle, trig = (torch.empty(m, dtype=torch.float64) for _ in range(3))
+    _radius_angle(w, radius, angle, torch.empty(m, dtype=torch.int64))
+    out = torch.empty((m, 2), dtype=torch.float64)
+    torch.mul(radius, torch.cos(angle, out=trig), out=out[:, 0])
+    torch.mul(radius, torch.sin(angle, out=trig), out=out[:, 1])
+    return out.reshape(-1).numpy()
 
 
-def _trim(chunks: Iterator[np.ndarray], n: int) -> Iterator[np.ndarray]:
-    """``chunks`` cut to ``n`` values in all."""
-    left = n
-    for z in chunks:
-        yield z[:left]
-        left -= min(left, z.size)
+class _Scratch:
+    """Reused buffers for one chunk of up to ``size`` pairs: its AES output and the float64 /
+    int64 buffers of the Box-Muller step (one per worker thread)."""
+
+    def __init__(self, size: int) -> None:
+        import torch
+
+        self.size = size
+        self.words = np.empty(4 * size + 2, dtype=np.uint64)
+        self.radius, self.angle, self.trig = (
+            torch.empty(size, dtype=torch.float64) for _ in range(3)
+        )
+        self.ints = torch.empty(size, dtype=torch.int64)
+
+
+def _serial_worker() -> None:
+    """Pool initializer: torch ops of this thread run on this thread alone (the pool's threads
+    are the parallelism; a kernel that waited for torch's other intra-op threads at every
+    operation stalls for milliseconds whenever another process holds a core)."""
+    import torch
+
+    torch.get_num_threads()  # torch's per-thread set-up first (it reads the global count)
+    torch.set_num_threads(1)  # this thread's OpenMP and MKL counts; the global is restored
+
+
+def _box_muller_into(
+    words: np.ndarray,
+    d: int,
+    scratch: _Scratch,
+    pieces: list[tuple[int, int, Tensor, float]],
+    k: int,
+) -> None:
+    """The normals of the chunk of pairs ``[d, d + m)`` (``words``: its ``(m, 4)`` words), each
+    ``(R std) cos theta`` (even index) or ``(R std) sin theta`` (odd) in float64, rounded into
+    the pieces (from piece ``k`` on) that hold those pairs."""
+    import torch
+
+    m = words.shape[0]
+    radius, angle, trig = scratch.radius[:m], scratch.angle[:m], scratch.trig[:m]
+    _radius_angle(words, radius, angle, scratch.ints[:m])
+    segments = []  # (first, end) in the chunk, the even and the odd outputs
+    for start, n, out, std in pieces[k:]:
+        if start >= d + m:
+            break
+        a, b = max(d, start), min(d + m, start + (n + 1) // 2)
+        if a < b:
+            if std != 1.0:
+                radius[a - d : b - d].mul_(std)  # pieces hold disjoint pairs
+            o, end = 2 * (a - start), 2 * (b - start)  # end is n + 1 for an odd n's last pair
+            segments.append((a - d, b - d, out[o:end:2], out[o + 1 : end : 2]))
+    torch.cos(angle, out=trig)
+    for i, j, even, _ in segments:
+        torch.mul(radius[i:j], trig[i:j], out=even)
+    torch.sin(angle, out=trig)
+    for i, _, _, odd in segments:
+        j = i + odd.numel()
+        torch.mul(radius[i:j], trig[i:j], out=odd)
 
 
 class GaussianNoise:
@@ -138,7 +234,9 @@ class GaussianNoise:
     within a step continue the step's counter.  State (for checkpoints): the position in the
     stream and the number of pairs drawn, never the key.  Large draws run on the process's
     noise pool (:func:`noise_pool`, ``torch.get_num_threads()`` workers shared by every
-    sampler); the values do not depend on it.
+    sampler, each running torch single-threaded), in the sampler's reused chunk buffers
+    (~12 MB at 2 threads; freed by :meth:`close`): one sampler draws from one thread at a
+    time.  The values depend on neither.
     """
 
     def __init__(self, key: RunKey | None = None) -> None:
@@ -147,16 +245,25 @@ class GaussianNoise:
         self.step = 0
         self.block = 0  # next block of this step
         self.pairs = 0  # pairs drawn over the run (for the truncation bound)
+        self._scratch: list[_Scratch] = []  # chunk buffers, made on the first draw
 
     @staticmethod
     def _executor(workers: int) -> ThreadPoolExecutor:
         return noise_pool(workers)
 
+    def close(self) -> None:
+        """Free the chunk buffers (a later draw makes new ones; the pool is the process's)."""
+        self._scratch = []
+
+    def __getstate__(self) -> dict[str, Any]:  # buffers are not copied or pickled
+        return {**self.__dict__, "_scratch": []}
+
     @property
     def description(self) -> str:
         return (
-            "AES-256-CTR stream of the run key -> Box-Muller in float64 with a 128-bit radius "
-            f"exponent (|z| up to {RADIUS_MAX:.2f}; truncation {ETA_PER_PAIR:.3g} per pair); "
+            f"AES-256-CTR stream of the run key -> Box-Muller in float64 ({STREAM}) with a "
+            f"128-bit radius exponent (|z| up to {RADIUS_MAX:.2f}; truncation "
+            f"{ETA_PER_PAIR:.3g} per pair); "
             + ("secure key" if self.key.secure else f"INSECURE seed {self.key.insecure_seed}")
         )
 
@@ -165,32 +272,13 @@ class GaussianNoise:
         self.step = int(step)
         self.block = 0
 
-    def _chunks(self, n: int) -> Iterator[np.ndarray]:
-        """The next ``n`` standard normals of this step, in float64 chunks of up to
-        ``2 * _CHUNK``, computed on up to ``torch.get_num_threads()`` threads of the sampler's
-        pool (AES and numpy release the GIL; each chunk's counter range is fixed in advance, so
-        the values do not depend on the thread count).  An odd ``n`` drops the last pair's second normal."""
-        pairs = (n + 1) // 2
-        jobs = [(self.block + 2 * d, min(_CHUNK, pairs - d)) for d in range(0, pairs, _CHUNK)]
-        self.block += 2 * pairs
-        self.pairs += pairs
-        step = self.step
-
-        def draw(job: tuple[int, int]) -> np.ndarray:
-            block, m = job
-            return normals_from_words(self._prf.run(step, block, 2 * m).reshape(m, 4))
-
-        import torch  # here, not at import: `dptrain epsilon` reads truncation_delta only
-
-        threads = torch.get_num_threads()
-        if min(len(jobs), threads) > 1:
-            yield from _trim(self._executor(threads).map(draw, jobs), n)
-        else:
-            yield from _trim(map(draw, jobs), n)
-
     def standard(self, n: int) -> np.ndarray:
         """The next ``n`` standard normals of this step (float64)."""
-        return np.concatenate([np.empty(0), *self._chunks(n)])
+        import torch
+
+        out = torch.empty(max(int(n), 0), dtype=torch.float64)
+        self._fill((out.numel() + 1) // 2, [(0, out.numel(), out, 1.0)])
+        return out.numpy()
 
     def __call__(self, like: Tensor, std: float) -> Tensor:
         import torch
@@ -201,11 +289,7 @@ class GaussianNoise:
         # moved: the values are the same on every device; pinned memory makes the copy async
         pin = like.device.type == "cuda"
         out = torch.empty(like.numel(), dtype=like.dtype, pin_memory=pin)
-        start = 0
-        for z in self._chunks(like.numel()):
-            np.multiply(z, std, out=z)
-            out[start : start + z.size] = torch.from_numpy(z)
-            start += z.size
+        self._fill((out.numel() + 1) // 2, [(0, out.numel(), out, float(std))])
         return out.view(like.shape).to(like.device, non_blocking=pin)
 
     def many(self, likes: list[Tensor], stds: list[float]) -> list[Tensor]:
@@ -213,10 +297,11 @@ class GaussianNoise:
 
         The draws of one step are consecutive counter ranges of the stream (``like`` ``i`` takes
         ``m_i = ceil(n_i / 2)`` pairs from block ``block + 2 sum_{j<i} m_j``), so one run of
-        ``sum_i m_i`` pairs, cut into chunks evaluated in parallel (the values do not depend on
-        the cut), gives every tensor its own pairs; an odd ``n_i`` drops its last pair's second
-        normal as a single call does.  Each value is ``z * std`` in float64 rounded to the
-        tensor's dtype, as in :meth:`__call__`.  Memory: the outputs and one chunk per thread.
+        ``sum_i m_i`` pairs, cut into chunks (the values do not depend on the cut), gives every
+        tensor its own pairs; an odd ``n_i`` drops its last pair's second normal as a single
+        call does.  Each value is ``(R std) cos theta`` (or ``sin``) in float64 rounded to the
+        tensor's dtype, as in :meth:`__call__`.  Memory: the outputs and the sampler's chunk
+        buffers.
         """
         import torch
 
@@ -234,8 +319,7 @@ class GaussianNoise:
             outs.append(out)
             pieces.append((pairs, like.numel(), out, float(std)))
             pairs += (like.numel() + 1) // 2
-        if pairs:
-            self._fill(pairs, pieces)
+        self._fill(pairs, pieces)
         result = []
         for like, out in zip(likes, outs, strict=True):
             if out.device != like.device or out.shape != like.shape:
@@ -243,47 +327,62 @@ class GaussianNoise:
             result.append(out)
         return result
 
+    def _buffers(self, size: int, count: int) -> SimpleQueue[_Scratch]:
+        """``count`` chunk buffers of ``size`` pairs (the sampler's, grown when needed)."""
+        if any(b.size < size for b in self._scratch):
+            self._scratch = []
+        while len(self._scratch) < count:
+            self._scratch.append(_Scratch(size))
+        free: SimpleQueue[_Scratch] = SimpleQueue()
+        for b in self._scratch:
+            free.put(b)
+        return free
+
     def _fill(self, pairs: int, pieces: list[tuple[int, int, Tensor, float]]) -> None:
-        """Draw ``pairs`` pairs of this step and write each piece's normals, scaled, into it."""
+        """Draw ``pairs`` pairs of this step and write each piece's normals, scaled, into it.
+
+        Chunks of ``_CHUNK`` pairs, each (AES-CTR into a reused buffer, then Box-Muller with
+        torch's float64 kernels on one thread) a job of the process's noise pool of
+        ``torch.get_num_threads()`` threads (AES and torch release the GIL), or of this thread
+        when that is 1.  Each chunk's counter range is fixed in advance and every kernel is
+        elementwise, so the values do not depend on the thread count or the cut.  A piece is
+        ``(first pair, n, flat output, std)``; pieces are in pair order, the chunks write
+        disjoint parts of them."""
         import torch
 
-        threads = torch.get_num_threads()
-        size = max(1 << 14, min(_CHUNK, -(-pairs // (2 * threads))))
-        jobs = [(d, min(size, pairs - d)) for d in range(0, pairs, size)]
+        if pairs <= 0:
+            return
         first, step = self.block, self.step
         self.block += 2 * pairs
         self.pairs += pairs
+        jobs = [(d, min(_CHUNK, pairs - d)) for d in range(0, pairs, _CHUNK)]
+        threads = torch.get_num_threads()
+        free = self._buffers(jobs[0][1], min(threads, len(jobs)))
+        starts = [piece[0] for piece in pieces]
 
-        def draw(job: tuple[int, int]) -> tuple[int, np.ndarray]:
+        def draw(job: tuple[int, int]) -> None:
             d, m = job
-            words = self._prf.run(step, first + 2 * d, 2 * m).reshape(m, 4)
-            return d, normals_from_words(words)
+            scratch = free.get()
+            try:
+                words = self._prf.run(step, first + 2 * d, 2 * m, out=scratch.words)
+                k = max(bisect_right(starts, d) - 1, 0)  # the piece holding pair d
+                _box_muller_into(words.reshape(m, 4), d, scratch, pieces, k)
+            finally:
+                free.put(scratch)
 
-        chunks = (
-            self._executor(threads).map(draw, jobs)
-            if min(len(jobs), threads) > 1
-            else map(draw, jobs)
-        )
-        k = 0  # the first piece that may overlap the next chunk
-        for d, z in chunks:
-            lo, hi = 2 * d, 2 * d + z.size  # normals [lo, hi) of the run
-            while k < len(pieces) and 2 * pieces[k][0] + pieces[k][1] <= lo:
-                k += 1
-            j = k
-            while j < len(pieces) and 2 * pieces[j][0] < hi:
-                start, n, out, std = pieces[j]
-                a, b = max(lo, 2 * start), min(hi, 2 * start + n)
-                if a < b:
-                    part = np.multiply(z[a - lo : b - lo], std)
-                    out[a - 2 * start : b - 2 * start] = torch.from_numpy(part)
-                j += 1
+        if threads > 1:
+            for _ in self._executor(threads).map(draw, jobs):
+                pass
+        else:
+            for job in jobs:
+                draw(job)
 
     def truncation_delta(self, epsilon: float) -> float:
         return truncation_delta(epsilon, self.pairs)
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "stream": "aes256-ctr-box-muller-v1",
+            "stream": STREAM,
             "key_id": self.key.key_id,
             "step": self.step,
             "block": self.block,
@@ -291,7 +390,7 @@ class GaussianNoise:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("stream") != "aes256-ctr-box-muller-v1":
+        if state.get("stream") != STREAM:
             raise ValueError(
                 "the checkpoint's noise comes from another generator (an older dptrain?); "
                 "resume it with the version that wrote it, or start a new run"

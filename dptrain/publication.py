@@ -71,6 +71,7 @@ PUBLIC_RUN_FIELDS: dict[str, Why] = {
     "shared_with_warm_start": "ledger",
     "file_level": "ledger",
     "epsilon_by_accountant": "ledger",
+    "epsilon_composition": "ledger",
     "guarantee_accountant": "recipe",
     "guarantee": "recipe",
     "stopped_by_budget": "ledger",

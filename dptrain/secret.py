@@ -93,28 +93,55 @@ class Prf:
         enc = Cipher(algorithms.AES(self._key), modes.ECB()).encryptor()
         return _encrypt_into(enc, blocks, lo.size)
 
-    def run(self, hi: int, start: int, count: int) -> np.ndarray:
+    def run(self, hi: int, start: int, count: int, out: np.ndarray | None = None) -> np.ndarray:
         """``(count, 2)`` words of the blocks ``hi * 2^64 + start + j``, ``j < count`` (AES-CTR
-        keystream: the same values :meth:`at` gives, computed faster)."""
+        keystream: the same values :meth:`at` gives, computed faster).
+
+        ``out``: a reused C-contiguous uint64 buffer of at least ``2 count + 2`` words to write
+        into (the result is a view of it); by default a new one."""
         if not (0 <= start and start + count <= 2**64):
             raise ValueError("a counter run must stay within one 2^64 block range")
         nonce = _u64(hi).to_bytes(8, "big") + int(start).to_bytes(8, "big")
         enc = Cipher(algorithms.AES(self._key), modes.CTR(nonce)).encryptor()
-        return _encrypt_into(enc, np.zeros((count, 2), dtype=np.uint64), count)
+        return _encrypt_into(enc, _zero_blocks(count), count, out)
 
     def words(self, hi: int, count: int) -> np.ndarray:
         """``count`` uint64 words from the blocks ``(hi, 0), (hi, 1), ...``."""
         return self.run(hi, 0, (count + 1) // 2).reshape(-1)[:count]
 
 
-def _encrypt_into(enc: Any, blocks: np.ndarray, count: int) -> np.ndarray:
+_ZERO_CACHE_BYTES = 1 << 24  # plaintext of counter runs up to 2^20 blocks is one shared buffer
+_zeros = np.zeros(0, dtype=np.uint8)
+
+
+def _zero_blocks(count: int) -> np.ndarray:
+    """``count`` zero blocks (the CTR plaintext), read-only; runs of up to 2^20 blocks share one
+    buffer (no page faults per run), longer ones get their own."""
+    global _zeros
+    nbytes = 16 * count
+    if nbytes > _ZERO_CACHE_BYTES:
+        return np.zeros(nbytes, dtype=np.uint8)
+    if _zeros.size < nbytes:  # grows to the largest run seen (at most 16 MB)
+        zeros = np.zeros(max(nbytes, 1 << 16), dtype=np.uint8)
+        zeros.flags.writeable = False
+        _zeros = zeros  # one assignment: a thread reading the old buffer keeps it
+    return _zeros[:nbytes]
+
+
+def _encrypt_into(
+    enc: Any, blocks: np.ndarray, count: int, out: np.ndarray | None = None
+) -> np.ndarray:
     """``enc`` applied to the ``count`` 16-byte ``blocks``, as ``(count, 2)`` little-endian words
-    (``update_into`` a preallocated buffer: several times faster than ``update``)."""
-    out = np.empty(2 * count + 2, dtype="<u8")  # update_into wants 15 spare bytes
-    done = enc.update_into(memoryview(blocks).cast("B"), memoryview(out).cast("B"))
+    (``update_into`` a preallocated buffer, ``out`` if given: several times faster than
+    ``update``)."""
+    if out is None:
+        out = np.empty(2 * count + 2, dtype="<u8")  # update_into wants 15 spare bytes
+    elif out.dtype != np.dtype("<u8") or not out.flags.c_contiguous or out.size < 2 * count + 2:
+        raise ValueError("out must be a C-contiguous uint64 buffer of 2 count + 2 words")
+    done = enc.update_into(memoryview(blocks).cast("B"), memoryview(out.reshape(-1)).cast("B"))
     if done != 16 * count:  # pragma: no cover - ECB and CTR are not buffered
         raise RuntimeError("AES returned a partial block")
-    return out[: 2 * count].reshape(count, 2)
+    return out.reshape(-1)[: 2 * count].reshape(count, 2)
 
 
 def _u64(x: int) -> int:

@@ -154,23 +154,40 @@ def test_noise_is_a_function_of_key_and_step_and_resumes_exactly():
         assert k.hex() not in str(a.state_dict()) and k not in repr(a.state_dict()).encode()
 
 
-def test_noise_does_not_depend_on_the_thread_count():
-    like = torch.zeros(5_000_001)  # three chunks
+def test_noise_does_not_depend_on_the_thread_count_or_the_chunk_cut(monkeypatch):
+    """Threads 1 and 2, chunks of 2^17 (three here), 4097 and 65537 pairs: the same bits, and
+    the float64 values are the Box-Muller map of the stream's words at the step's counter."""
+    import dptrain.noise as noise_module
+
+    n = 2 * noise_module._CHUNK * 2 + 1001  # three default chunks, odd
+    like = torch.zeros(n)
+    stds = [1.5, 1.0]
+    likes = [torch.zeros(5, 7), torch.zeros(n, dtype=torch.float64), torch.zeros(3)]
     before = torch.get_num_threads()
     draws = []
     try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            noise = GaussianNoise(KEY)
-            noise.begin_step(3)
-            draws.append(noise(like, 1.5))
+        for chunk in (noise_module._CHUNK, 4097, 65537):
+            monkeypatch.setattr(noise_module, "_CHUNK", chunk)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                noise = GaussianNoise(KEY)
+                noise.begin_step(3)
+                draws.append((noise(like, 1.5), noise.many(likes, [*stds, 0.5])))
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(draws[0], draws[1])
+    first, rest = draws[0], draws[1:]
+    for single, joint in rest:
+        assert torch.equal(single, first[0])
+        assert all(torch.equal(a, b) for a, b in zip(joint, first[1], strict=True))
+    pairs = (n + 1) // 2
+    z = normals_from_words(KEY.prf("noise").run(3, 0, 2 * pairs))[:n]  # blocks 0 .. n
+    assert torch.allclose(first[0].double(), torch.from_numpy(z) * 1.5, rtol=1e-7, atol=0)
+    # many(): 18 pairs for the 5 x 7 tensor, then the float64 one (std 1: R cos, R sin exactly)
+    zm = normals_from_words(KEY.prf("noise").run(3, 2 * pairs, 2 * (18 + pairs)))
+    assert torch.equal(first[1][1], torch.from_numpy(zm[36 : 36 + n]))
     single = GaussianNoise(KEY)
     single.begin_step(3)
-    z = single.standard(5_000_001)
-    assert torch.equal(torch.from_numpy(z * 1.5).float(), draws[0])
+    assert np.array_equal(single.standard(n), z)
 
 
 def test_many_draws_the_values_of_successive_calls_on_any_thread_count():
@@ -319,6 +336,60 @@ def test_radius_reaches_the_bound_and_truncation_delta_is_exact():
     noise.begin_step(0)
     noise(torch.zeros(7), 1.0)
     assert noise.pairs == 4 and noise.truncation_delta(1.0) == truncation_delta(1.0, 4)
+
+
+def test_box_muller_matches_the_formulas_for_every_radius_exponent():
+    """Words with ``e`` = 0..128 leading zeros (both sides of the 2^11 fast-path cut) and the
+    edge mantissas ``f = 0`` and ``f = 2^52 - 1`` (``U = 2^-e``), against the formulas of the
+    module docstring in Python's math: the radius within a few ulp, the angle's cos and sin."""
+    rows, expected = [], []
+    pattern = int("5" * 32, 16)  # 0101... below the leading one
+    for e in range(129):
+        top = 1 << (127 - e) if e < 128 else 0
+        x = top | (pattern & (top - 1)) if top else 0  # 128 bits with e leading zeros
+        for f in (0, 12345, (1 << 52) - 1):
+            a = (f * 7919 + e) % (1 << 53)
+            rows.append([a << 11, f << 12, x >> 64, x & (2**64 - 1)])
+            r = math.sqrt(2 * ((e + 1) * math.log(2) - math.log1p((f + 1) * 2.0**-52)))
+            expected.append((r, 2 * math.pi * a * 2.0**-53))
+    z = normals_from_words(np.array(rows, dtype=np.uint64)).reshape(-1, 2)
+    for (r, theta), (z1, z2) in zip(expected, z, strict=True):
+        assert math.hypot(z1, z2) == pytest.approx(r, rel=1e-15, abs=1e-15)
+        assert z1 == pytest.approx(r * math.cos(theta), rel=1e-14, abs=1e-14)
+        assert z2 == pytest.approx(r * math.sin(theta), rel=1e-14, abs=1e-14)
+
+
+def test_radius_exponent_is_geometric():
+    """The stream's pairs give back ``e = floor(R^2 / (2 ln 2))`` (``-log2 U`` in ``[e, e+1)``),
+    which must be geometric: ``P(e = k) = 2^-(k+1)``, per bin and for the tail ``e >= 18``."""
+    noise = GaussianNoise(KEY)
+    noise.begin_step(11)
+    z = noise.standard(2 * 2**21).reshape(-1, 2)
+    e = np.floor((z**2).sum(1) / (2 * math.log(2))).astype(np.int64)
+    n = e.size
+    counts = np.bincount(e, minlength=19)
+    for k in range(18):
+        assert _binomial_ok(int(counts[k]), n, 2.0 ** -(k + 1)), k
+    assert _binomial_ok(int(counts[18:].sum()), n, 2.0**-18)
+    assert e.max() < 40  # 2^21 pairs: P(e >= 40) = 2^-19
+
+
+def test_checkpoints_of_the_v1_stream_are_refused():
+    noise = GaussianNoise(KEY)
+    state = noise.state_dict()
+    assert state["stream"] == "aes256-ctr-box-muller-v2"
+    with pytest.raises(ValueError, match="another generator"):
+        noise.load_state_dict(dict(state, stream="aes256-ctr-box-muller-v1"))
+
+
+def test_prf_run_into_a_reused_buffer():
+    prf = KEY.prf("test")
+    buf = np.empty(2 * 100 + 2, dtype=np.uint64)
+    got = prf.run(4, 17, 100, out=buf)
+    assert np.array_equal(got, prf.run(4, 17, 100)) and np.shares_memory(got, buf)
+    assert np.array_equal(prf.run(4, 17, 10, out=buf), prf.at(4, np.arange(17, 27)))
+    with pytest.raises(ValueError, match="2 count \\+ 2 words"):
+        prf.run(4, 17, 101, out=buf)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
