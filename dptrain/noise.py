@@ -26,6 +26,11 @@ Floating-point caveats (Mironov 2012).  The uniforms are discrete (53-bit angles
 mantissas), so the outputs lie on a discrete set and their fine structure differs from a
 Gaussian's; the noisy sum is then rounded to the parameter dtype.  We do not claim protection
 against attacks on the low-order bits of released floats beyond this (no snapping mechanism).
+
+Backends.  CUDA parameters get the same construction from ChaCha20 bits computed on the GPU
+(:mod:`dptrain.device_noise`: ``backend="auto"``, the default; ``"aes-cpu"`` or
+``"chacha-device"`` force one): values then depend on the backend, never on the thread count
+or chunking, and the state records which backend drew each step.
 """
 
 from __future__ import annotations
@@ -111,11 +116,16 @@ class GaussianNoise:
     within a step continue the step's counter.  State (for checkpoints): the position in the
     stream and the number of pairs drawn, never the key.  Large draws run on one thread pool
     per sampler, made on first need and shut down by :meth:`close` (or when the sampler is
-    collected, or at interpreter exit).
+    collected, or at interpreter exit).  ``backend``: ``"auto"`` (ChaCha20 on the device for
+    CUDA parameters, AES otherwise), ``"aes-cpu"`` or ``"chacha-device"``
+    (:mod:`dptrain.device_noise`).
     """
 
-    def __init__(self, key: RunKey | None = None) -> None:
+    def __init__(self, key: RunKey | None = None, *, backend: str = "auto") -> None:
+        from .device_noise import Backends  # imports torch: not at module import
+
         self.key = key if key is not None else RunKey.generate()
+        self.backends = Backends(self.key, backend)  # ChaCha on the device for CUDA draws
         self._prf = self.key.prf("noise")
         self.step = 0
         self.block = 0  # next block of this step
@@ -147,6 +157,7 @@ class GaussianNoise:
             "AES-256-CTR stream of the run key -> Box-Muller in float64 with a 128-bit radius "
             f"exponent (|z| up to {RADIUS_MAX:.2f}; truncation {ETA_PER_PAIR:.3g} per pair); "
             + ("secure key" if self.key.secure else f"INSECURE seed {self.key.insecure_seed}")
+            + self.backends.describe()
         )
 
     def begin_step(self, step: int) -> None:
@@ -179,6 +190,8 @@ class GaussianNoise:
 
     def standard(self, n: int) -> np.ndarray:
         """The next ``n`` standard normals of this step (float64)."""
+        if self.backends.use_device(self.step, None):  # a step ChaCha drew: its stream
+            return self.backends.standard(self, n)
         return np.concatenate([np.empty(0), *self._chunks(n)])
 
     def __call__(self, like: Tensor, std: float) -> Tensor:
@@ -186,6 +199,8 @@ class GaussianNoise:
 
         if std == 0:
             return torch.zeros_like(like)
+        if self.backends.use_device(self.step, like.device):
+            return self.backends.draw(self, [like], [std])[0]
         # drawn on the CPU (AES-CTR and Box-Muller in float64, rounded to the dtype here), then
         # moved: the values are the same on every device; pinned memory makes the copy async
         pin = like.device.type == "cuda"
@@ -211,6 +226,9 @@ class GaussianNoise:
 
         if len(likes) != len(stds):
             raise ValueError("many() needs one std per tensor")
+        device = next((t.device for t in likes if t.device.type == "cuda"), None)
+        if likes and self.backends.use_device(self.step, device or likes[0].device):
+            return self.backends.draw(self, likes, stds)
         outs: list[Tensor] = []
         pieces: list[tuple[int, int, Tensor, float]] = []  # (first pair, n, flat output, std)
         pairs = 0
@@ -277,6 +295,7 @@ class GaussianNoise:
             "step": self.step,
             "block": self.block,
             "pairs": self.pairs,
+            **self.backends.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -295,3 +314,4 @@ class GaussianNoise:
             int(state["block"]),
             int(state["pairs"]),
         )
+        self.backends.load_state_dict(state)
