@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         row["ns_per_normal"] = secs / n * 1e9
         if mode != "aes":
             row["compile_error"] = noise.backends.normals.compile_error
-            blocks = 1 << (22 if device.type == "cuda" else 16)
+            blocks = noise.backends.normals.chunk_for(device)
             cipher = noise.backends.normals.cipher
             ks = timed(
                 lambda c=cipher, b=blocks: c.keystream(1, 0, b, device), device, args.repeats
