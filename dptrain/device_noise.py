@@ -121,12 +121,35 @@ def normals_from_keystream(words: Tensor) -> Tensor:
     return out.transpose(0, 1)
 
 
-def _compiled(fn: Any) -> Any:
-    """``torch.compile(fn)`` or ``None`` where compiling is unavailable."""
-    try:
-        return torch.compile(fn, dynamic=False)
-    except Exception:  # pragma: no cover - no inductor / no compiler on this machine
-        return None
+_COMPILED: dict[tuple[str, int], tuple[Any, Any] | None] = {}  # (device type, chunk) -> pair
+_COMPILE_ERRORS: dict[tuple[str, int], str | None] = {}
+
+
+def _compiled_pair(cipher: ChaCha20, device: torch.device, size: int) -> tuple[Any, Any] | None:
+    """``torch.compile`` of (block function, Box-Muller) for chunks of ``size`` blocks on
+    ``device``'s type, once per process (every sampler shares it), or None where it cannot be
+    built or disagrees with eager on one chunk (across the counter's 32-bit carry): the
+    keystream bit for bit, the normals to 1e-12 (the kernels' float64 libm may differ in ulps)."""
+    slot = (device.type, size)
+    if slot not in _COMPILED:
+        from .chacha import block_function
+
+        pair, error = None, None
+        try:
+            fast = (
+                torch.compile(block_function, dynamic=False),
+                torch.compile(normals_from_keystream, dynamic=False),
+            )
+            states = cipher.states(2**64 - 1 - size, 2**32 - size // 2, size, device)
+            words, fast_words = block_function(states), fast[0](states)
+            same = torch.equal(words, fast_words) and torch.allclose(
+                fast[1](fast_words), normals_from_keystream(words), rtol=1e-12, atol=1e-12
+            )
+            pair, error = (fast, None) if same else (None, "compiled values differ from eager")
+        except Exception as err:  # no inductor, no compiler, a backend that cannot build it
+            error = f"{type(err).__name__}: {err}"
+        _COMPILED[slot], _COMPILE_ERRORS[slot] = pair, error
+    return _COMPILED[slot]
 
 
 class DeviceNormals:
@@ -134,10 +157,8 @@ class DeviceNormals:
 
     ``chunk``: ChaCha blocks per chunk (4 normals each; default by device type), which bounds
     memory and does not change the values.  ``compile``: run the block function and Box-Muller
-    through ``torch.compile`` on CUDA (``None``: on CUDA only; never on other devices unless
-    ``True``).  A compiled pair is checked once against the eager one on a full chunk (the
-    keystream bit for bit, the normals to 1e-12 relative) and dropped, with eager kept, if it
-    fails to build or disagrees."""
+    through ``torch.compile`` (``None``: on CUDA only), built and checked once per process
+    (:func:`_compiled_pair`); eager where that fails, with the reason in ``compile_error``."""
 
     def __init__(
         self, cipher: ChaCha20, *, chunk: int | None = None, compile: bool | None = None
@@ -147,11 +168,7 @@ class DeviceNormals:
         self.cipher = cipher
         self.chunk = chunk
         self.compile = compile
-        self._fast: dict[str, tuple[Any, Any] | None] = {}  # device type -> compiled pair
-        self.compile_error: str | None = None
-
-    def __getstate__(self) -> dict[str, Any]:  # compiled functions are not copied or pickled
-        return {**self.__dict__, "_fast": {}}
+        self.compile_error: str | None = None  # why the compiled kernels are not used
 
     def chunk_for(self, device: torch.device) -> int:
         if self.chunk is not None:
@@ -164,30 +181,12 @@ class DeviceNormals:
         return normals_from_keystream(block_function(states))
 
     def _pair(self, device: torch.device, size: int) -> tuple[Any, Any] | None:
-        """The compiled (block function, Box-Muller) for ``device``, checked on first use."""
-        wanted = self.compile if self.compile is not None else device.type == "cuda"
-        if not wanted:
+        """The checked compiled (block function, Box-Muller), or None: eager."""
+        if not (self.compile if self.compile is not None else device.type == "cuda"):
             return None
-        if device.type not in self._fast:
-            from .chacha import block_function
-
-            pair = (_compiled(block_function), _compiled(normals_from_keystream))
-            if pair[0] is None or pair[1] is None:
-                self._fast[device.type] = None
-                self.compile_error = "torch.compile is unavailable"
-                return None
-            states = self.cipher.states(2**64 - 1 - size, 2**32 - size // 2, size, device)
-            try:
-                words = block_function(states)
-                fast_words = pair[0](states)
-                same = torch.equal(words, fast_words) and torch.allclose(
-                    pair[1](fast_words), normals_from_keystream(words), rtol=1e-12, atol=1e-12
-                )
-                self.compile_error = None if same else "compiled values differ from eager"
-            except Exception as err:  # a backend that cannot build the kernels
-                same, self.compile_error = False, f"{type(err).__name__}: {err}"
-            self._fast[device.type] = pair if same else None
-        return self._fast[device.type]
+        pair = _compiled_pair(self.cipher, device, size)
+        self.compile_error = _COMPILE_ERRORS[(device.type, size)]
+        return pair
 
     def blocks(self, nonce: int, start: int, count: int, device: torch.device) -> Tensor:
         """``(count, 2, 2)`` float64 normals of blocks ``start .. start + count - 1`` (one

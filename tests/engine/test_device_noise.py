@@ -263,3 +263,22 @@ def test_cuda_draws_use_the_device_generator_with_the_cpu_values():
     torch.testing.assert_close(za.cpu(), zb, rtol=1e-14, atol=1e-14)  # libm's last ulp at most
     n = za.numel()
     assert _binomial_ok(int((za.abs() > 4).sum()), n, math.erfc(4 / math.sqrt(2)))
+
+
+def test_compiled_kernels_that_differ_or_fail_leave_the_eager_values(monkeypatch):
+    """The compile guard: kernels are checked against eager before use, else eager draws."""
+    import dptrain.device_noise as dn
+
+    expected = _draws(4, [9], joint=False)[0]
+    for broken in (lambda fn, **kw: lambda x: fn(x).add(1), lambda fn, **kw: 1 / 0):
+        monkeypatch.setattr(dn, "_COMPILED", {})
+        monkeypatch.setattr(dn, "_COMPILE_ERRORS", {})
+        monkeypatch.setattr(dn.torch, "compile", broken)
+        noise = GaussianNoise(KEY, backend=CHACHA)
+        noise.backends.normals.chunk, noise.backends.normals.compile = 4, True
+        noise.begin_step(7)
+        assert torch.equal(noise(torch.empty(9, dtype=torch.float64), 1.0), expected)
+        assert noise.backends.normals.compile_error in (
+            "compiled values differ from eager",
+            "ZeroDivisionError: division by zero",
+        )
