@@ -71,7 +71,7 @@ part "environment" 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_v
 
 # the device noise generator (ChaCha20 + float64 Box-Muller in torch) on GPT-2 124M's 124.4 M
 # normals, eager and compiled: step time, compile + check, CPU-vs-device values, 4-sigma rate
-part "device noise gpt2-124m eager and compiled" 75 "$PY" benchmarks/device_noise.py \
+part "device noise gpt2-124m eager and compiled" 100 "$PY" benchmarks/device_noise.py \
     --device "$DEVICE" --out "$OUT/device_noise.json"
 
 # the private step against the explicit float64 per-example loop, on the device, in fp32 and

@@ -43,6 +43,7 @@ federated clients never redraw a step (their ledger is saved after every step).
 from __future__ import annotations
 
 import math
+import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -157,8 +158,11 @@ class DeviceNormals:
 
     ``chunk``: ChaCha blocks per chunk (4 normals each; default by device type), which bounds
     memory and does not change the values.  ``compile``: run the block function and Box-Muller
-    through ``torch.compile`` (``None``: on CUDA only), built and checked once per process
-    (:func:`_compiled_pair`); eager where that fails, with the reason in ``compile_error``."""
+    through ``torch.compile``, built and checked once per process (:func:`_compiled_pair`);
+    eager where that fails, with the reason in ``compile_error``.  ``None``: on CUDA when the
+    environment sets ``DPTRAIN_NOISE_COMPILE=1`` (off by default until its build time on a GPU
+    is measured: inductor took 266 s on the loaded 2-core CPU VM, and every GPU run would pay
+    it at its first step)."""
 
     def __init__(
         self, cipher: ChaCha20, *, chunk: int | None = None, compile: bool | None = None
@@ -182,7 +186,10 @@ class DeviceNormals:
 
     def _pair(self, device: torch.device, size: int) -> tuple[Any, Any] | None:
         """The checked compiled (block function, Box-Muller), or None: eager."""
-        if not (self.compile if self.compile is not None else device.type == "cuda"):
+        wanted = self.compile
+        if wanted is None:
+            wanted = device.type == "cuda" and os.environ.get("DPTRAIN_NOISE_COMPILE") == "1"
+        if not wanted:
             return None
         pair = _compiled_pair(self.cipher, device, size)
         self.compile_error = _COMPILE_ERRORS[(device.type, size)]
