@@ -33,6 +33,11 @@ where ``ledger_0`` is the ledger at certification and ``W`` the *dominating* eve
 entries and of the queried event: same kind (poisson_gaussian), the largest q, the smallest
 sigma.  Afterwards it allows, by a counter, any event dominated by ``W`` (q <= q_W, sigma >=
 sigma_W) while the steps recorded since certification plus the event's fit in ``M``.
+The search stops at a horizon, ``k <= max(CERTIFICATE_HORIZON, 2 * (steps so far + event))``:
+a loose budget (epsilon 100 fits 10^5 steps of a typical event, 10^6 fits 10^10) would
+otherwise compose millions of steps, which costs PRV and PLD seconds to minutes and, past
+epsilon ~10^3, more memory than the machine has; a run that uses up a capped ``M``
+re-certifies with a horizon twice its length (O(log T) certificates for T steps).
 
 Why this is sound.  (i) A Poisson-subsampled Gaussian step (q, sigma) of sensitivity 1 has
 the dominating pair P = (1 - q) N(0, sigma^2) + q N(1, sigma^2), Q = N(0, sigma^2) (both
@@ -83,6 +88,8 @@ UNLIMITED = sys.maxsize
 """``max_steps`` of an event that costs nothing (sigma = inf) while the budget holds."""
 
 _CACHE_SIZE = 16
+CERTIFICATE_HORIZON = 1024
+"""A certificate covers at most ``max(this, 2 * (ledger steps + event steps))`` steps."""
 CERTIFICATE_RTOL = 1 / 32
 """A certificate's count is within this fraction of the largest certifiable one (fewer probes)."""
 
@@ -162,24 +169,29 @@ def largest_within(
 
 
 def near_largest(
-    f: Callable[[int], float], target: float, *, guess: int = 1, rtol: float = CERTIFICATE_RTOL
+    f: Callable[[int], float],
+    target: float,
+    *,
+    guess: int = 1,
+    rtol: float = CERTIFICATE_RTOL,
+    cap: int = UNLIMITED // 4,
 ) -> int:
-    """A ``k >= 1`` with ``f(k) <= target`` *evaluated*, within ``max(1, rtol * k)`` of the
-    largest such ``k`` of a non-decreasing ``f``; 0 if ``f(1) > target`` (``f(0)`` is never
-    evaluated).  Unlike :func:`largest_within`, the answer is trusted only at the returned
+    """A ``k`` in ``[1, cap]`` with ``f(k) <= target`` *evaluated*, within ``max(1, rtol * k)``
+    of the largest such ``k`` of a non-decreasing ``f`` (``cap`` itself if ``f(cap)`` fits); 0
+    if ``f(1) > target`` (``f(0)`` is never evaluated).  Unlike :func:`largest_within`, the answer is trusted only at the returned
     point, so ``f`` need not be exactly monotone for the result to be certified."""
 
     def tol(k: int) -> int:
         return max(1, int(rtol * k))
 
     lo, f_lo = 0, 0.0
-    k = max(1, guess)
+    k = max(1, min(guess, cap))
     while True:  # expand until a probe fails
         f_k = f(k)
         if not f_k <= target:
             hi, f_hi = k, f_k
             break
-        if k >= UNLIMITED // 4:
+        if k >= cap:
             return k
         step = 2 * k
         if f_k > 0:  # epsilon grows about like k^p, p in [1/2, 1]: jump to or past the crossing
@@ -187,7 +199,7 @@ def near_largest(
         if lo > 0 and f_lo < f_k < target:  # a long prefix: the secant, with room (concave)
             step = min(step, k + int(1.25 * (target - f_k) * (k - lo) / (f_k - f_lo)) + 1)
         lo, f_lo = k, f_k
-        k = max(step, k + 1)
+        k = min(max(step, k + 1), cap)
     while hi - lo > tol(lo):  # f(lo) <= target < f(hi)
         c = (lo + hi) // 2
         if lo > 0 and f_lo < target < f_hi < math.inf:  # the chord: below the crossing of a
@@ -419,16 +431,18 @@ class BudgetFilter:
             return hit[1], taken
         return None
 
-    def _total(self, ledger: Ledger, event: Event) -> tuple[int, int]:
+    def _total(self, ledger: Ledger, event: Event, more: int | None = None) -> tuple[int, int]:
         """(M, taken): M is the largest total count of ``event``'s mechanism after the prefix
-        that stays within budget (-1 if the prefix alone exceeds it)."""
+        that stays within budget (-1 if the prefix alone exceeds it); with ``more``, the search
+        stops at ``taken + more`` (M is then ``min(M, taken + more)``)."""
         if not isinstance(event, Event):
             raise TypeError(f"expected an Event, got {type(event).__name__}")
         key, prefix, taken = self._position(ledger, event)
+        cap = UNLIMITED if more is None else taken + max(0, int(more))
         hit = self._totals.get(key)
         if hit is not None and hit[0] is ledger:
             self._totals.move_to_end(key)
-            return hit[1], taken
+            return min(hit[1], cap), taken
         if math.isinf(self.budget.epsilon):  # no budget (a non-private baseline on purpose)
             total = UNLIMITED
         elif math.isinf(event.noise_multiplier):  # free steps: only the prefix matters
@@ -437,11 +451,12 @@ class BudgetFilter:
             at = (ledger, len(prefix))
             f = self._evaluator(prefix, event, at)
             guess, exact = self._guess(prefix, event, at)
-            total = largest_within(f, self.budget.epsilon, guess=guess, exact_guess=exact)
-        self._totals[key] = (ledger, total)
-        while len(self._totals) > _CACHE_SIZE:
-            self._totals.popitem(last=False)
-        return total, taken
+            total = largest_within(f, self.budget.epsilon, guess=guess, cap=cap, exact_guess=exact)
+        if total < cap:  # exact (a count at the cap is only a lower bound)
+            self._totals[key] = (ledger, total)
+            while len(self._totals) > _CACHE_SIZE:
+                self._totals.popitem(last=False)
+        return min(total, cap), taken
 
     # -- dominance certificates (see the module docstring) ---------------------------------------
 
@@ -477,8 +492,9 @@ class BudgetFilter:
         rdp, _ = self._guess(events, w, (ledger, len(events)), target)
         # the accountant's count over RDP's, as the last certificate found it: a closer guess
         guess = max(1, int(rdp * self._ratio)) if self._ratio else rdp
-        cert = _Certificate.at(ledger, w, near_largest(f, target, guess=guess))
-        if cert.allowed > 0 and rdp > 0:
+        horizon = max(CERTIFICATE_HORIZON, 2 * (ledger.total_steps + event.steps))
+        cert = _Certificate.at(ledger, w, near_largest(f, target, guess=guess, cap=horizon))
+        if 0 < cert.allowed < horizon and rdp > 0:  # a capped count says nothing of the ratio
             self._ratio = cert.allowed / rdp
         if cert.allowed == 0:  # the ledger is in the last margin for W: exact checks from now
             if ex is None or ex[0] is not ledger:
@@ -528,10 +544,13 @@ class BudgetFilter:
             self._spent.popitem(last=False)
         return eps
 
-    def max_steps(self, ledger: Ledger, event: Event) -> int:
+    def max_steps(self, ledger: Ledger, event: Event, cap: int | None = None) -> int:
         """How many more steps of ``event``'s mechanism fit the budget (``event.steps`` is
-        ignored); :data:`UNLIMITED` for a free mechanism while the budget holds."""
-        total, taken = self._total(self._ledger(ledger), event)
+        ignored); :data:`UNLIMITED` for a free mechanism while the budget holds.  With ``cap``,
+        ``min(that, cap)``, searched only up to ``cap`` (what a run with ``cap`` steps left
+        needs to know; the full count of a loose budget can be billions of steps, which PRV
+        and PLD cannot compose)."""
+        total, taken = self._total(self._ledger(ledger), event, cap)
         if total == UNLIMITED:
             return UNLIMITED
         return max(0, total - taken)

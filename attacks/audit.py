@@ -52,7 +52,7 @@ from dptrain.tasks import task_for
 
 from .bounds import epsilon_from_rates, one_run_epsilon_best
 from .exposure import exposure_exact, exposure_extrapolated, random_exposure
-from .metrics import roc
+from .metrics import roc, roc_of
 from .mia import ATTACK_LABELS, ATTACKS, TOKEN_ATTACKS, Observations
 from .scores import TextStats, score_texts, trained_texts, zlib_bits
 from .shadows import shadow_models
@@ -191,7 +191,9 @@ def audit_run(
     attacks, skipped = _attacks(rec, t_stats, refs, refs_in, opts, trained)
     cp = timer(
         "bounds",
-        lambda: _split_half_bound(attacks, rec.is_member, claim["delta"], opts.confidence, rng),
+        lambda: _split_half_bound(
+            attacks, rec.is_member, claim["delta_total"], opts.confidence, rng
+        ),
     )
     whitebox = None
     if opts.whitebox and claim["epsilon"] < math.inf:
@@ -423,6 +425,7 @@ def _attacks(
         min_k=opts.min_k,
         rmia_gamma=opts.rmia_gamma,
         rmia_offline_a=opts.rmia_offline_a,
+        single_label=trained is None,  # a classifier: LiRA on logit-scaled p_y
     )
     is_member = rec.is_member
     attacks, skipped = {}, {}
@@ -434,10 +437,11 @@ def _attacks(
         if s is None:
             skipped[name] = "needs shadow models (--shadows 2 or more)"
             continue
-        r = roc(s[is_member], s[~is_member])
+        r = roc_of(s, is_member)
         attacks[name] = {
             "label": _label(name, opts),
             "auc": r.auc,
+            "balanced_accuracy": r.balanced_accuracy,
             **{f"tpr_at_fpr_{f:g}": r.tpr_at(f) for f in FPRS},
             "roc": r,
             "scores": s,
@@ -527,7 +531,9 @@ def _canaries(
     single = np.array([c.repetitions == 1 for c in cs])
     if single.sum() >= 2:
         included = np.array([c.included for c in cs])[single]
-        bound = one_run_epsilon_best(drop[single], included, claim["delta"], opts.confidence)
+        # at the delta the run's guarantee holds at (delta_total: with the noise sampler's
+        # truncation mass): a bound at a smaller delta tests more than the run claims
+        bound = one_run_epsilon_best(drop[single], included, claim["delta_total"], opts.confidence)
         result["one_run"] = bound | {"confidence": opts.confidence}
         result["one_run_scores"] = {
             "included": drop[single][included],

@@ -56,6 +56,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy import optimize, special, stats
 
+from .inputs import finite_scores, membership_bits, probability
+
 Tradeoff = Callable[[np.ndarray], np.ndarray]
 """``g(x) = f(1 - x)`` of a symmetric trade-off function ``f``, elementwise (non-decreasing)."""
 
@@ -77,6 +79,7 @@ __all__ = [
     "one_run_epsilon_best",
     "one_run_p_value",
     "plan_counts",
+    "tie_order",
 ]
 
 
@@ -85,6 +88,7 @@ def clopper_pearson(k: int, n: int, alpha: float) -> tuple[float, float]:
     successes in ``n`` trials; each holds with probability at least ``1 - alpha``."""
     if not 0 <= k <= n or n < 1:
         raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    probability(alpha, "alpha")
     lo = 0.0 if k == 0 else float(stats.beta.ppf(alpha, k, n - k + 1))
     hi = 1.0 if k == n else float(stats.beta.ppf(1 - alpha, k + 1, n - k))
     return lo, hi
@@ -95,7 +99,8 @@ def epsilon_from_rates(
 ) -> float:
     """Jagielski et al. 2020: eps lower bound from ``tp`` of ``positives`` members flagged and
     ``fp`` of ``negatives`` non-members flagged, at ``confidence`` (see the module docstring)."""
-    alpha = (1 - confidence) / 2
+    probability(delta, "delta", open_low=False)
+    alpha = (1 - probability(confidence, "confidence")) / 2
     tpr_lo, _ = clopper_pearson(tp, positives, alpha)
     _, fpr_hi = clopper_pearson(fp, negatives, alpha)
     best = 0.0
@@ -109,11 +114,32 @@ def epsilon_from_rates(
 def one_run_p_value(m: int, r: int, v: np.ndarray | int, eps: np.ndarray | float, delta: float):
     """The p-value of "(eps, delta)-DP" after ``v`` right guesses of ``r`` over ``m`` canaries
     (Steinke et al. 2023, Algorithm 2), vectorized over ``v`` and ``eps`` (broadcast)."""
-    v, eps = np.broadcast_arrays(np.asarray(v, dtype=np.int64), np.asarray(eps, dtype=float))
+    v = np.asarray(v)
+    if v.dtype.kind not in "iu" and not (v.dtype.kind == "f" and np.all(v == np.round(v))):
+        raise ValueError(f"right guesses v must be whole numbers, got {v.ravel()[:3].tolist()}")
+    if int(m) != m or int(r) != r:
+        raise ValueError(f"canaries m and guesses r must be whole numbers, got m={m}, r={r}")
+    m, r = int(m), int(r)
+    probability(delta, "delta", open_low=False, open_high=False)
+    v, eps = np.broadcast_arrays(v.astype(np.int64), np.asarray(eps, dtype=float))
+    if not np.isfinite(eps).all():
+        raise ValueError("eps must be finite")
     if not (0 <= r <= m) or np.any(v < 0) or np.any(v > r) or np.any(eps < 0):
         raise ValueError(f"need 0 <= v <= r <= m and eps >= 0 (m={m}, r={r})")
     shape = v.shape
     v, eps = v.ravel(), eps.ravel()
+    rows = max(1, _CELLS // (r + 1))  # chunks of rows bound the (rows, r + 1) tables
+    out = [
+        _p_values(m, r, v[a : a + rows], eps[a : a + rows], delta) for a in range(0, len(v), rows)
+    ]
+    return (np.concatenate(out) if out else np.zeros(0)).reshape(shape)
+
+
+_CELLS = 1 << 22  # table cells per chunk of one_run_p_value (32 MiB of float64)
+
+
+def _p_values(m: int, r: int, v: np.ndarray, eps: np.ndarray, delta: float) -> np.ndarray:
+    """:func:`one_run_p_value` of flat arrays ``v``, ``eps``."""
     # Binomial(r, q) pmf in log space; q = e^eps / (1 + e^eps), the accuracy of eps-DP
     # randomized response: log q = -log(1 + e^-eps), log(1 - q) = -log(1 + e^eps)
     k = np.arange(r + 1)[None, :]
@@ -123,23 +149,30 @@ def one_run_p_value(m: int, r: int, v: np.ndarray | int, eps: np.ndarray | float
     pmf = np.exp(log_choose + k * log_q + (r - k) * log_1q)  # (n, r + 1)
     below = np.concatenate([np.zeros((len(v), 1)), np.cumsum(pmf, axis=1)], axis=1)  # P[B < j]
     rows = np.arange(len(v))
-    tail = np.clip(1.0 - below[rows, v], 0.0, 1.0)  # P[B >= v]
+    # P[B >= v] summed from the top: no cancellation in 1 - P[B < v] for small tails
+    above = np.cumsum(pmf[:, ::-1], axis=1)[:, ::-1]
+    tail = np.clip(above[rows, v], 0.0, 1.0)  # v <= r: a column of the table
     i = np.arange(1, r + 1)[None, :]
     start = np.clip(v[:, None] - i, 0, None)
     window = (below[rows, v][:, None] - below[rows[:, None], start]) / i  # P[v-i <= B < v] / i
     window = np.where(i <= v[:, None], window, 0.0)
     alpha = window.max(axis=1) if r > 0 else np.zeros(len(v))
-    return np.minimum(tail + 2 * m * delta * alpha, 1.0).reshape(shape)
+    return np.minimum(tail + 2 * m * delta * alpha, 1.0)
 
 
 def one_run_epsilon(
     m: int, r: int, v: np.ndarray | int, delta: float, confidence: float, *, iters: int = 50
 ) -> np.ndarray | float:
     """Largest eps that ``v`` right guesses of ``r`` (over ``m`` canaries) reject at level
-    ``1 - confidence``: the one-run lower bound (vectorized over ``v``)."""
-    beta = 1 - confidence
+    ``1 - confidence``: the one-run lower bound (vectorized over ``v``).
+
+    Bisection keeps ``p(lo) < beta`` at every step, so the result is always a rejected eps,
+    and rejecting eps rejects every smaller one ((eps', delta)-DP implies (eps, delta)-DP for
+    eps' < eps): the bound is valid even where the p-value is not monotone in eps (its delta
+    term need not be); there it may be below the largest rejected eps, never above."""
+    beta = 1 - probability(confidence, "confidence")
     scalar = np.ndim(v) == 0
-    v = np.atleast_1d(np.asarray(v, dtype=np.int64))
+    v = np.atleast_1d(np.asarray(v))  # one_run_p_value checks it is whole numbers
     lo = np.zeros(len(v))  # p(lo) < beta, or lo = 0
     hi = np.ones(len(v))
     while True:  # expand hi until p(hi) >= beta everywhere
@@ -170,21 +203,41 @@ def guess_plans(m: int) -> list[tuple[int, int]]:
     return plans
 
 
+_TIE_SEED = 0x71E5  # the tie-breaking order of plan_counts (public, fixed: reproducible)
+
+
+def tie_order(m: int) -> np.ndarray:
+    """The fixed pseudo-random order that breaks ties between equal canary scores."""
+    return np.random.default_rng(_TIE_SEED).permutation(m)
+
+
 def plan_counts(
     scores: np.ndarray, included: np.ndarray
 ) -> tuple[list[tuple[int, int]], np.ndarray]:
     """The guess plans of :func:`guess_plans` and, for each plan and trial, the right guesses
     when the ``k_in`` highest scores are guessed included and the ``k_out`` lowest excluded:
     ``(plans, right)`` with ``right`` of shape (plans, trials).  Scores are batched over a
-    leading axis of independent trials (higher = more likely included)."""
-    scores, included = np.atleast_2d(scores).astype(float), np.atleast_2d(included).astype(bool)
+    leading axis of independent trials (higher = more likely included).
+
+    Equal scores are ranked by :func:`tie_order`, a fixed order drawn independently of the
+    inclusion bits, so the guesses stay a function of the scores alone, as the theorem needs.
+    (Ranking ties by position would not: with every score equal and the members listed
+    first, "guess the first k included" would be right every time.)"""
+    scores = finite_scores(np.atleast_2d(scores), "canary scores", ndim=2)
+    included = membership_bits(np.atleast_2d(included), "canary inclusion bits")
     m = scores.shape[1]
-    if m == 0 or included.shape != scores.shape:
-        raise ValueError("need one inclusion bit per score and at least one canary")
-    if not np.isfinite(scores).all():
-        raise ValueError("canary scores must be finite")
+    if included.shape != scores.shape:
+        raise ValueError(
+            f"need one inclusion bit per score: scores {scores.shape}, bits {included.shape}"
+        )
+    if m < 2:
+        raise ValueError(
+            f"the one-run bound needs at least 2 canaries, got {m}: with one, any guess is a "
+            "coin flip. Fix: insert more canaries (data.canaries)"
+        )
     plans = guess_plans(m)
-    order = np.argsort(-scores, axis=1, kind="stable")
+    tie = np.broadcast_to(tie_order(m), scores.shape)
+    order = np.lexsort((tie, -scores), axis=1)  # score descending, then the tie order
     ranked = np.take_along_axis(included, order, axis=1)  # inclusion bits, best score first
     right = np.stack(
         [ranked[:, :a].sum(1) + (~ranked[:, m - b :]).sum(1) for a, b in plans]
@@ -244,9 +297,15 @@ def one_run_epsilon_best(
 def gaussian_epsilon(mu: float, delta: float) -> float:
     """Exact epsilon at ``delta`` of a mu-GDP mechanism (a Gaussian mechanism with sensitivity
     / noise std = mu): the root of ``Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) = delta``
-    (``0`` for ``mu = 0``: identical distributions, e.g. the ceiling of too few canaries)."""
+    (``0`` for ``mu = 0``: identical distributions, e.g. the ceiling of too few canaries;
+    ``inf`` for ``delta = 0`` and ``mu > 0``: a Gaussian mechanism is not pure DP)."""
+    probability(delta, "delta", open_low=False, open_high=False)
+    if not math.isfinite(mu):
+        raise ValueError(f"mu must be finite, got {mu}")
     if mu <= 0:
         return 0.0
+    if delta == 0:
+        return math.inf
 
     def excess(eps: float) -> float:
         a = stats.norm.cdf(-eps / mu + mu / 2)
@@ -299,7 +358,7 @@ def fdp_gaussian_mu(
 ) -> np.ndarray:
     """Largest ``mu`` such that "mu'-GDP" is rejected for every ``mu' < mu``, at
     ``confidence`` (0 if even mu = 0, perfect privacy, is not rejected); vectorized."""
-    beta = 1 - confidence
+    beta = 1 - probability(confidence, "confidence")
     k, v = np.broadcast_arrays(np.atleast_1d(k), np.atleast_1d(v))
     hi = np.full(k.shape, 16.0)
     if fdp_rejects(m, k, v, gaussian_tradeoff(hi), beta).any():
@@ -383,6 +442,8 @@ def ceilings(m: int, delta: float, confidence: float) -> dict[str, float]:
     """The most ``m`` canaries can show at ``confidence`` (every guess right, best plan):
     ``one_run`` (Steinke et al.) and ``fdp`` (Gaussian f-DP, as epsilon at ``delta``) and
     ``fdp_mu``."""
+    if m < 2:
+        raise ValueError(f"a one-run bound needs at least 2 canaries, got {m}")
     plans = guess_plans(m)
     each = 1 - (1 - confidence) / len(plans)
     ks = np.array([a + b for a, b in plans])

@@ -15,6 +15,11 @@ Exactly, by enumerating ``R`` (:func:`exposure_exact`), when ``|R|`` is small.  
 paper's extrapolation (:func:`exposure_extrapolated`): fit a skew-normal distribution to the
 log-perplexities of a uniform sample of candidates and read the rank fraction off its CDF,
 ``exposure ~ -log2 F(logppl(s))`` (capped at ``log2 |R|``).
+
+Ties: a candidate with exactly the secret's log-perplexity counts half (the secret's mid-rank
+in its tie block), so a model that scores every candidate alike gives ``rank = (|R| + 1) / 2``,
+about 1 bit, not ``log2 |R|``.  A NaN or infinite log-perplexity is refused: NaN compares
+false with everything and would silently rank the secret first.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import warnings
 import numpy as np
 from scipy import stats
 
+from .inputs import finite_scores
+
 __all__ = ["exposure_exact", "exposure_extrapolated", "random_exposure"]
 
 random_exposure = 1 / math.log(2)
@@ -34,25 +41,40 @@ random_exposure = 1 / math.log(2)
 def exposure_exact(secret_logppl: float, candidate_logppl: np.ndarray, space_size: int) -> float:
     """Exposure from the log-perplexities of *all* ``space_size`` candidates other than the
     secret (``rank = 1 + #{candidates with lower log-perplexity}``; ties count half)."""
-    c = np.asarray(candidate_logppl, dtype=float)
+    _check_space(space_size)
+    secret = float(finite_scores(secret_logppl, "the secret's log-perplexity", ndim=0))
+    c = finite_scores(candidate_logppl, "candidate log-perplexities", ndim=1)
     if len(c) != space_size - 1:
         raise ValueError(
             f"exact exposure needs all {space_size - 1} other candidates, got {len(c)}"
         )
-    rank = 1 + np.sum(c < secret_logppl) + 0.5 * np.sum(c == secret_logppl)
+    rank = 1 + np.sum(c < secret) + 0.5 * np.sum(c == secret)
     return float(math.log2(space_size) - math.log2(rank))
 
 
 def exposure_extrapolated(
     secret_logppl: float, sample_logppl: np.ndarray, space_size: int
 ) -> float:
-    """Exposure from a uniform sample of candidate log-perplexities via a skew-normal fit."""
-    x = np.asarray(sample_logppl, dtype=float)
+    """Exposure from a uniform sample of candidate log-perplexities via a skew-normal fit
+    (a sample without spread has nothing to fit: its mid-rank fraction is used instead)."""
+    _check_space(space_size)
+    secret_logppl = float(finite_scores(secret_logppl, "the secret's log-perplexity", ndim=0))
+    x = finite_scores(sample_logppl, "sampled log-perplexities", ndim=1)
     if len(x) < 8:
         raise ValueError("the skew-normal extrapolation needs at least 8 sampled candidates")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        shape, loc, scale = stats.skewnorm.fit(x)
-    log_f = float(stats.skewnorm.logcdf(secret_logppl, shape, loc, scale))
+    log_f = math.nan
+    if np.ptp(x) > 0:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            shape, loc, scale = stats.skewnorm.fit(x)
+        log_f = float(stats.skewnorm.logcdf(secret_logppl, shape, loc, scale))
+    if math.isnan(log_f):  # no spread to fit: the sample's own mid-rank fraction
+        frac = (np.sum(x < secret_logppl) + 0.5 * np.sum(x == secret_logppl)) / len(x)
+        log_f = math.log(frac) if frac > 0 else -math.inf
     bits = -log_f / math.log(2)
     return float(min(max(bits, 0.0), math.log2(space_size)))
+
+
+def _check_space(space_size: int) -> None:
+    if int(space_size) != space_size or space_size < 2:
+        raise ValueError(f"the secret space needs at least 2 candidates, got {space_size}")

@@ -7,9 +7,14 @@ Statistic.  For a language model, ``phi(x) = log_prob(x)``, the mean token log-p
 ``log Pr(x | theta)``: it is a sum of many token terms, close to Gaussian across models.
 
 - ``loss``: ``phi_target(x)`` (Yeom et al. 2018).
-- ``zlib``: ``-sum_nll(x) / zlib_bits(x)`` (Carlini et al. 2021: log-perplexity over zlib
-  entropy, so text that is merely easy to predict scores low).
+- ``zlib``: ``-mean_nll(x) / zlib_bits(x)`` (Carlini et al. 2021: the log-perplexity, i.e.
+  the mean token loss, over the zlib entropy, so text that is merely easy to predict, being
+  also easy to compress, scores low).
 - ``min_k``: minus the mean loss of the ``k`` fraction of least likely tokens (Shi et al. 2024).
+- For a classifier (``single_label``: one label per record, ``log_prob = log p_y``) LiRA
+  uses the paper's logit scaling ``phi = log(p_y / (1 - p_y))`` instead: ``log p_y`` piles up
+  just below 0 for confident records and is far from Gaussian there.  The loss is floored
+  at ``1e-12`` (a probability that rounds to 1 would map to +inf), so such records tie.
 - ``lira_offline`` (Carlini et al. 2022): ``(phi_t(x) - mu_out(x)) / sigma_out``, a monotone
   transform of LiRA's one-sided test ``Phi((phi - mu_out) / sigma_out)``, with ``mu_out`` the
   mean over the reference models that did not train on ``x``.
@@ -18,7 +23,7 @@ Statistic.  For a language model, ``phi(x) = log_prob(x)``, the mean token log-p
   paper recommends for few shadow models.
 - ``rmia_offline`` / ``rmia_online`` (Zarifzadeh et al. 2024): with
   ``LR(x, z) = [Pr(x|theta) / Pr(x)] / [Pr(z|theta) / Pr(z)]``, the score is the fraction of
-  population records ``z`` with ``LR(x, z) >= gamma``.  Online, ``Pr(x)`` is the mean of
+  population records ``z`` with ``LR(x, z) >= gamma`` (ties count: ``>=``).  Online, ``Pr(x)`` is the mean of
   ``Pr(x|theta_k)`` over all reference models; offline, ``(1/2)((1 + a) Pr_out(x) + (1 - a))``
   over the models that did not train on ``x``.  ``a = 1`` (the default here) uses ``Pr_out``
   alone: the linear correction for ``a < 1`` was designed for classifier probabilities near 1,
@@ -38,6 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .inputs import finite_scores, membership_bits, probability
 from .scores import TextStats
 
 __all__ = ["ATTACKS", "ATTACK_LABELS", "TOKEN_ATTACKS", "Observations", "register_attack"]
@@ -60,6 +66,40 @@ class Observations:
     min_k: float = 0.2
     rmia_gamma: float = 1.0
     rmia_offline_a: float = 1.0
+    single_label: bool = False  # a classifier's records: LiRA on logit-scaled p_y
+
+    def __post_init__(self) -> None:
+        """Refuse inputs the attacks would turn into silent garbage: mismatched shapes,
+        NaN/inf statistics, membership that is not 0/1, parameters out of range."""
+        n = len(self.target.mean_nll)
+        finite_scores(self.target.log_prob, "the audited model's log-probabilities", ndim=1)
+        if self.zlib_bits is not None:
+            z = finite_scores(self.zlib_bits, "zlib_bits", ndim=1)
+            if len(z) != n or (z <= 0).any():
+                raise ValueError(f"zlib_bits needs one positive size per record ({n})")
+        self.refs = finite_scores(self.refs, "reference log-probabilities", ndim=2)
+        self.refs_in = membership_bits(self.refs_in, "refs_in")
+        self.pop_target = finite_scores(self.pop_target, "population log-probabilities", ndim=1)
+        self.pop_refs = finite_scores(self.pop_refs, "population reference log-probs", ndim=2)
+        self.pop_refs_in = membership_bits(self.pop_refs_in, "pop_refs_in")
+        k, p = len(self.refs), len(self.pop_target)
+        shapes = {
+            "refs": (self.refs.shape, (k, n)),
+            "refs_in": (self.refs_in.shape, (k, n)),
+            "pop_refs": (self.pop_refs.shape, (k, p)),
+            "pop_refs_in": (self.pop_refs_in.shape, (k, p)),
+        }
+        for name, (got, want) in shapes.items():
+            if got != want:
+                raise ValueError(
+                    f"{name} has shape {got}, expected {want} (reference models x records)"
+                )
+        if k < 1:
+            raise ValueError("need at least one reference model (theta_0 will do)")
+        probability(self.min_k, "min_k", open_high=False)
+        probability(self.rmia_offline_a, "rmia_offline_a", open_low=False, open_high=False)
+        if not (self.rmia_gamma > 0 and np.isfinite(self.rmia_gamma)):
+            raise ValueError(f"rmia_gamma must be positive and finite, got {self.rmia_gamma}")
 
     @property
     def has_in_models(self) -> bool:
@@ -91,7 +131,7 @@ def loss_attack(o: Observations) -> np.ndarray:
 def zlib_attack(o: Observations) -> np.ndarray | None:
     if o.zlib_bits is None:
         return None
-    return -o.target.sum_nll / o.zlib_bits
+    return -o.target.mean_nll / o.zlib_bits
 
 
 @register_attack("min_k", "min-k% prob")
@@ -114,22 +154,40 @@ def _sigma(per_example: np.ndarray, pooled: float, count: np.ndarray) -> np.ndar
     return np.where(count >= _PER_EXAMPLE_VARIANCE, np.maximum(per_example, 1e-6), pooled)
 
 
+_MIN_LOSS = 1e-12  # floor of a classifier's loss before logit scaling (p = 1 would be +inf)
+
+
+def logit_confidence(log_prob: np.ndarray) -> np.ndarray:
+    """LiRA's ``phi = log(p / (1 - p))`` from ``log p`` (Carlini et al. 2022), with the loss
+    ``-log p`` floored at :data:`_MIN_LOSS`."""
+    lp = np.minimum(np.asarray(log_prob, dtype=float), -_MIN_LOSS)
+    return lp - np.log(-np.expm1(lp))
+
+
+def _lira_stats(o: Observations) -> tuple[np.ndarray, np.ndarray]:
+    """LiRA's statistic on the audited model and on the reference models."""
+    if o.single_label:
+        return logit_confidence(o.target.log_prob), logit_confidence(o.refs)
+    return o.target.log_prob, o.refs
+
+
 @register_attack("lira_offline", "LiRA offline")
 def lira_offline(o: Observations) -> np.ndarray | None:
     out = ~o.refs_in
     if not out.any(axis=0).all():
         return None
-    mu, sd, pooled = _masked_mean_std(o.refs, out)
-    return (o.target.log_prob - mu) / _sigma(sd, pooled, out.sum(0))
+    phi, refs = _lira_stats(o)
+    mu, sd, pooled = _masked_mean_std(refs, out)
+    return (phi - mu) / _sigma(sd, pooled, out.sum(0))
 
 
 @register_attack("lira_online", "LiRA online")
 def lira_online(o: Observations) -> np.ndarray | None:
     if not o.has_in_models:
         return None
-    phi = o.target.log_prob
-    mu_in, sd_in, pooled_in = _masked_mean_std(o.refs, o.refs_in)
-    mu_out, sd_out, pooled_out = _masked_mean_std(o.refs, ~o.refs_in)
+    phi, refs = _lira_stats(o)
+    mu_in, sd_in, pooled_in = _masked_mean_std(refs, o.refs_in)
+    mu_out, sd_out, pooled_out = _masked_mean_std(refs, ~o.refs_in)
     s_in = _sigma(sd_in, pooled_in, o.refs_in.sum(0))
     s_out = _sigma(sd_out, pooled_out, (~o.refs_in).sum(0))
 
@@ -163,8 +221,10 @@ def _rmia(o: Observations, online: bool) -> np.ndarray | None:
     if px is None or pz is None:
         return None
     ratio_x = o.target.log_prob - px
-    ratio_z = o.pop_target - pz
-    return (ratio_x[:, None] - ratio_z[None, :] >= np.log(o.rmia_gamma)).mean(1)
+    ratio_z = np.sort(o.pop_target - pz)
+    # LR(x, z) >= gamma  <=>  ratio_z <= ratio_x - log gamma: count by binary search, O((n + P)
+    # log P) instead of an (n, P) table
+    return np.searchsorted(ratio_z, ratio_x - np.log(o.rmia_gamma), side="right") / len(ratio_z)
 
 
 @register_attack("rmia_offline", "RMIA offline")

@@ -45,7 +45,7 @@ from dptrain.user_level import group_privacy
 
 from .audit import _split_half_bound, _starting_point, claimed_privacy, load_final_model
 from .bounds import one_run_epsilon_best
-from .metrics import roc
+from .metrics import roc_of
 from .scores import score_texts
 
 __all__ = ["audit_people"]
@@ -113,8 +113,9 @@ def audit_people(
     }
     is_member = np.r_[np.ones(len(members), bool), np.zeros(len(outside), bool)]
     for a in attacks.values():
-        r = roc(a["scores"][is_member], a["scores"][~is_member])
+        r = roc_of(a["scores"], is_member)
         a["auc"], a["tpr_at_1pct_fpr"] = float(r.auc), float(r.tpr_at(0.01))
+        a["balanced_accuracy"] = r.balanced_accuracy
     bound = _split_half_bound(attacks, is_member, delta, confidence, rng)
     summary: dict[str, Any] = {
         "unit": unit["unit"],

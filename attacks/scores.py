@@ -7,7 +7,9 @@ a canary (id ``canary-...``) as plain text on every token.  For record ``x`` wit
 losses ``l_1..l_T`` (nats, over its labelled tokens, exactly as in training: same tokenizer,
 ``max_length`` truncation and EOS):
 
-- ``mean_nll = mean_t l_t`` (the training loss), ``sum_nll = sum_t l_t`` (log-perplexity);
+- ``mean_nll = mean_t l_t`` (the training loss), ``sum_nll = sum_t l_t`` (the
+  Secret Sharer's log-perplexity of the sequence, in nats; Carlini et al. 2021 call
+  ``mean_nll`` the log-perplexity);
 - ``min_k``: the mean of the largest ``ceil(k T)`` token losses, i.e. of the ``k`` fraction of
   least likely tokens (Shi et al. 2024, "min-k% prob");
 - ``log_prob = -mean_nll``, the log geometric-mean token probability: LiRA's statistic and

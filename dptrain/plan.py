@@ -141,23 +141,25 @@ def plan_privacy(
 
 
 def steps_that_fit(
-    policy: Policy, sample_rate: float, fil: BudgetFilter, ledger: Ledger
+    policy: Policy, sample_rate: float, fil: BudgetFilter, ledger: Ledger, wanted: int
 ) -> tuple[Event, int] | None:
     """``(event, n)``: the policy's per-step event at ``sample_rate`` and the most further
-    steps of it whose composition with ``ledger`` stays within ``fil``'s budget; None for
-    policies that plan adaptively (the engine's own filter stops them step by step).  The fit
-    check of a run (:func:`check_run`) and of a federated client's round."""
+    steps of it, up to ``wanted``, whose composition with ``ledger`` stays within ``fil``'s
+    budget; None for policies that plan adaptively (the engine's own filter stops them step by
+    step).  The fit check of a run (:func:`check_run`) and of a federated client's round; the
+    search stops at ``wanted`` (a loose budget's full count can be too large to compose)."""
     event = policy.planned_event(sample_rate)
     if event is None:
         return None
-    return event, fil.max_steps(ledger, event)
+    return event, fil.max_steps(ledger, event, cap=wanted)
 
 
 def check_run(
     plan: RunPlan, *, public_records: int | None, ledger: Ledger, world_size: int = 1
 ) -> int | None:
     """Refuse a run that cannot start, before the model loads; return how many more steps of
-    the planned event fit the budget (None for adaptive policies, stopped by the engine)."""
+    the planned event fit the budget, up to the planned ``plan.steps`` (None for adaptive
+    policies, stopped by the engine)."""
     policy, name = plan.policy, plan.recipe.policy.name
     if policy.needs_public_data and public_records is None:
         raise RecipeError(
@@ -172,7 +174,8 @@ def check_run(
             "with --nproc 1, or use policy static or error_feedback across processes."
         )
     fil = BudgetFilter(plan.budget, plan.accountant)
-    fit = steps_that_fit(policy, plan.sample_rate, fil, ledger)
+    wanted = max(1, plan.steps - ledger.total_steps)  # 1: "already spent" is still refused
+    fit = steps_that_fit(policy, plan.sample_rate, fil, ledger, wanted)
     if fit is None:
         return None
     event, fits = fit

@@ -298,7 +298,7 @@ def _decline(msg: Message, public: dict[str, Any], epsilon: float, reason: str) 
 def _over_budget(plan: ClientPlan, ledger: Ledger, filt: BudgetFilter, spent: float) -> str | None:
     """Why the round's local steps do not fit the budget (``spent``: the filter's epsilon of
     ``ledger``), or None if they do (:func:`~dptrain.plan.steps_that_fit`)."""
-    fit = steps_that_fit(plan.policy, plan.sample_rate, filt, ledger)
+    fit = steps_that_fit(plan.policy, plan.sample_rate, filt, ledger, plan.local_steps)
     if fit is None or fit[1] >= plan.local_steps:
         return None
     event, fits = fit

@@ -66,6 +66,8 @@ def test_near_largest() -> None:
             continue
         exact = math.floor(target**2)
         assert f(k) <= target and exact - max(1, int(k / 32)) <= k <= exact
+    assert near_largest(f, 10.0, guess=3, cap=40) == 40  # f(40) <= 10: stops at the cap
+    assert 90 <= near_largest(f, 10.0, guess=3, cap=10**6) <= 100
     # only the returned point is trusted: a non-monotone f is still certified there
     bumpy = [0.0, 1.0, 3.0, 1.5, 2.0, 2.5, 9.0, 9.0]
     k = near_largest(lambda j: bumpy[min(j, 7)], 2.6, guess=4, rtol=0)
@@ -202,3 +204,23 @@ def test_margins_come_from_the_accountant() -> None:
     assert BudgetFilter(Budget(1.0, DELTA), PldAccountant(1e-3)).margin is None
     assert not BudgetFilter(Budget(1.0, DELTA), PldAccountant(1e-3))._certifies(Event(0.1, 1.0))
     assert math.isclose(BudgetFilter(Budget(1.0, DELTA), PrvAccountant()).margin, 0.012)
+
+
+def test_a_loose_budget_certifies_up_to_a_horizon() -> None:
+    """Epsilon 10^6 fits ~10^10 steps of this event: the certificate stops at the horizon
+    (PRV composed millions of steps and ran out of memory before), and a run that uses it up
+    re-certifies with a doubled horizon; every certified point is within budget."""
+    from accountants.budget import CERTIFICATE_HORIZON
+
+    acc = Counted("prv")
+    fil = BudgetFilter(Budget(1e6, DELTA), acc)
+    event = Event(0.025, 1.0, 1)
+    ledger = Ledger()
+    assert fil.allows(ledger, event)
+    assert fil._certificate.allowed == CERTIFICATE_HORIZON
+    ledger.record(event.with_steps(CERTIFICATE_HORIZON))
+    assert fil.allows(ledger, event)
+    cert = fil._certificate
+    assert cert.allowed == 2 * (CERTIFICATE_HORIZON + 1)
+    assert acc.inner.epsilon(cert.certified_events(), DELTA) <= 1e6
+    assert acc.calls < 20

@@ -4,6 +4,7 @@ against mechanisms of known epsilon."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -234,3 +235,119 @@ def test_the_claimed_subsampled_mechanism_is_rarely_rejected_against_its_own_cur
     # a quarter of the noise (DP-SGD at sigma 0.3) is caught by the same test
     scores, included = perfect_scores(np.random.default_rng(6), 10, 400, 4, 0.5, 4 / 1.2)
     assert family.rejects(scores, included, 0, 0.95).all()
+
+
+# -- the one-run bound against references that do not share its code ---------------------------
+
+
+@pytest.mark.parametrize("r", [10, 100, 1000])
+def test_all_right_without_delta_matches_the_closed_form(r):
+    """Closed form: with delta = 0 and all r guesses right the p-value is q^r, so the bound
+    is the eps with q = beta^(1/r): eps = log(b / (1 - b)), b = beta^(1/r).  For r = 100 at
+    95%: b = 0.05^0.01 = 0.97049 and eps = 3.4930."""
+    beta = 0.05
+    b = beta ** (1 / r)
+    expected = math.log(b / (1 - b))
+    assert one_run_epsilon(10 * r, r, r, 0.0, 1 - beta) == pytest.approx(expected, abs=1e-9)
+    if r == 100:
+        assert expected == pytest.approx(3.4930, abs=1e-4)
+
+
+def test_p_value_matches_brute_force_enumeration_of_guess_outcomes():
+    """Brute force on small numbers: enumerate all 2^r right/wrong patterns of r guesses, each
+    right with probability q, and sum the p-value's two terms directly (no binomial code)."""
+    m, r, delta = 20, 8, 1e-3
+    patterns = np.array(list(itertools.product([0, 1], repeat=r)))
+    right = patterns.sum(1)
+    for eps in (0.0, 0.4, 1.3, 3.0):
+        q = math.exp(eps) / (1 + math.exp(eps))
+        weight = q**right * (1 - q) ** (r - right)
+        for v in range(r + 1):
+            tail = weight[right >= v].sum()
+            window = max(
+                (weight[(right >= v - i) & (right < v)].sum() / i for i in range(1, v + 1)),
+                default=0.0,
+            )
+            brute = min(tail + 2 * m * delta * window, 1.0)
+            assert one_run_p_value(m, r, v, eps, delta) == pytest.approx(brute, abs=1e-12)
+
+
+def test_bound_matches_a_brute_force_grid_search():
+    """The bisection against a grid: the largest grid eps whose p-value (the paper's loop)
+    is below beta, with every grid eps below it rejected too."""
+    m, r, v, delta, beta = 200, 60, 50, 1e-4, 0.05
+
+    def p_value(eps: float) -> float:  # scipy's binomial pmf, summed as in the theorem
+        q = math.exp(eps) / (1 + math.exp(eps))
+        pmf = stats.binom.pmf(np.arange(r + 1), r, q)
+        window = np.cumsum(pmf[v - 1 :: -1]) / np.arange(1, v + 1)  # P[v-i <= B < v] / i
+        return min(pmf[v:].sum() + 2 * m * delta * window.max(), 1.0)
+
+    grid = np.arange(0, 6, 2e-3)
+    rejected = np.array([p_value(e) < beta for e in grid])
+    first_kept = int(np.argmin(rejected))  # rejected is a prefix of the grid here
+    assert rejected[:first_kept].all() and not rejected[first_kept:].any()
+    assert one_run_epsilon(m, r, v, delta, 1 - beta) == pytest.approx(grid[first_kept], abs=2e-3)
+
+
+def test_bound_is_monotone_in_delta_and_confidence():
+    m, r, v = 1000, 200, 170
+    by_delta = [one_run_epsilon(m, r, v, d, 0.95) for d in (0.0, 1e-6, 1e-5, 1e-4)]
+    assert all(a >= b for a, b in itertools.pairwise(by_delta))
+    by_conf = [one_run_epsilon(m, r, v, 1e-5, c) for c in (0.8, 0.9, 0.95, 0.99)]
+    assert all(a > b for a, b in itertools.pairwise(by_conf))
+
+
+def test_tied_scores_do_not_let_the_array_order_guess():
+    """All canaries scored alike, members listed first: the guesses must not follow the array
+    order (a stable sort would guess every member right and report the ceiling)."""
+    m = 200
+    included = np.arange(m) < m // 2
+    tied = one_run_epsilon_best(np.zeros(m), included, 1e-5, 0.95)
+    assert tied["epsilon"] < 0.2 * tied["ceiling"]
+    # over many independent coin vectors, tied scores are blind guessing: the bound is
+    # positive in at most a 1 - confidence share of runs
+    coins = np.random.default_rng(7).random((200, m)) < 0.5
+    res = one_run_audit(np.zeros((200, m)), coins, 1e-5, 0.95)
+    assert np.mean(res["epsilon"] > 0) <= 0.05
+    # ties within a class change nothing: a perfect two-level score is still perfect
+    perfect = one_run_epsilon_best(included * 1.0, included, 1e-5, 0.95)
+    assert perfect["correct"] == perfect["guesses"]
+
+
+def test_bound_inputs_are_refused_clearly():
+    scores, bits = np.arange(8.0), np.arange(8) % 2 == 0
+    for bad, match in [
+        ((scores, np.r_[bits[:7], 2]), "0/1"),
+        ((scores, bits * 0.5), "0/1"),
+        ((scores[:7], bits), "one inclusion bit per score"),
+        ((np.r_[scores[:7], np.nan], bits), "finite"),
+        ((np.array([1.0]), np.array([True])), "at least 2 canaries"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            one_run_epsilon_best(*bad, 1e-5, 0.95)
+    # 0/1 integers are membership bits like bools
+    assert one_run_epsilon_best(scores, bits.astype(int), 1e-5, 0.95) == one_run_epsilon_best(
+        scores, bits, 1e-5, 0.95
+    )
+    with pytest.raises(ValueError, match="delta"):
+        one_run_p_value(10, 5, 3, 1.0, -1e-5)
+    with pytest.raises(ValueError, match="finite"):
+        one_run_p_value(10, 5, 3, math.nan, 1e-5)
+    with pytest.raises(ValueError, match="whole"):
+        one_run_p_value(10, 5, 2.5, 1.0, 1e-5)
+    with pytest.raises(ValueError, match="confidence"):
+        one_run_epsilon(10, 5, 3, 1e-5, 1.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        ceilings(1, 1e-5, 0.95)
+    assert gaussian_epsilon(1.0, 0.0) == math.inf  # a Gaussian mechanism is not pure DP
+
+
+def test_huge_canary_counts_are_chunked_not_tabled():
+    """m = 10^6 canaries: the p-value table is chunked, so a vector of 50 guess counts at
+    r = 10^5 is computed 4M cells at a time, not 5 10^6 at once, and agrees with the scalar."""
+    m, r = 10**6, 10**5
+    v = np.linspace(r // 2, r, 50).astype(int)
+    p = one_run_p_value(m, r, v, 0.5, 1e-9)
+    assert p.shape == v.shape and np.all(np.diff(p) <= 1e-12)
+    assert p[-7] == pytest.approx(float(one_run_p_value(m, r, int(v[-7]), 0.5, 1e-9)), rel=1e-9)

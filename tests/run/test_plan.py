@@ -67,8 +67,10 @@ def test_a_run_and_a_federated_round_share_one_fit_check():
     plan = plan_privacy(parse_recipe(d), 400)
     ledger = Ledger([Event(plan.sample_rate, 1.0, 5)])
     fil = BudgetFilter(plan.budget, plan.accountant)
-    event, n = steps_that_fit(plan.policy, plan.sample_rate, fil, ledger)
-    assert check_run(plan, public_records=None, ledger=ledger) == n > 0
+    event, n = steps_that_fit(plan.policy, plan.sample_rate, fil, ledger, 10**9)
+    assert 0 < n < 10**9
+    assert check_run(plan, public_records=None, ledger=ledger) == min(n, plan.steps - 5)
+    assert steps_that_fit(plan.policy, plan.sample_rate, fil, ledger, n - 1) == (event, n - 1)
     rdp = get_accountant("rdp")
     for steps, fits in ((5 + n, True), (6 + n, False)):
         eps = rdp.epsilon([event.with_steps(steps)], plan.delta)
@@ -83,4 +85,17 @@ def test_a_run_and_a_federated_round_share_one_fit_check():
     adaptive = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
     adaptive["policy"] = {"name": "rl", "clip": 1.0}
     rl_plan = plan_privacy(parse_recipe(adaptive), 400)
-    assert steps_that_fit(rl_plan.policy, rl_plan.sample_rate, fil, ledger) is None
+    assert steps_that_fit(rl_plan.policy, rl_plan.sample_rate, fil, ledger, n) is None
+
+
+def test_a_loose_prv_budget_is_checked_up_to_the_planned_steps():
+    """epsilon 10^6 fits ~10^10 steps: PRV cannot compose that many (it ran out of memory
+    before the search was capped); the fit check only asks for the planned steps."""
+    from accountants import Ledger
+    from dptrain.plan import check_run, plan_privacy
+
+    d = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+    d["policy"]["noise_multiplier"] = 1.0
+    d["privacy"].update(epsilon=1e6, accountant="prv")
+    plan = plan_privacy(parse_recipe(d), 400)
+    assert check_run(plan, public_records=None, ledger=Ledger()) == plan.steps
