@@ -35,6 +35,11 @@ Floating-point caveats (Mironov 2012).  The uniforms are discrete (53-bit angles
 mantissas), so the outputs lie on a discrete set and their fine structure differs from a
 Gaussian's; the noisy sum is then rounded to the parameter dtype.  We do not claim protection
 against attacks on the low-order bits of released floats beyond this (no snapping mechanism).
+
+Backends.  CUDA parameters get the same construction from ChaCha20 bits computed on the GPU
+(:mod:`dptrain.device_noise`: ``backend="auto"``, the default; ``"aes-cpu"`` or
+``"chacha-device"`` force one): values then depend on the backend, never on the thread count
+or chunking, and the state records which backend drew each step.
 """
 
 from __future__ import annotations
@@ -237,10 +242,15 @@ class GaussianNoise:
     sampler, each running torch single-threaded), in the sampler's reused chunk buffers
     (~12 MB at 2 threads; freed by :meth:`close`): one sampler draws from one thread at a
     time.  The values depend on neither.
+    ``backend``: ``"auto"`` (ChaCha20 on the device for CUDA parameters, AES otherwise),
+    ``"aes-cpu"`` or ``"chacha-device"`` (:mod:`dptrain.device_noise`).
     """
 
-    def __init__(self, key: RunKey | None = None) -> None:
+    def __init__(self, key: RunKey | None = None, *, backend: str = "auto") -> None:
+        from .device_noise import Backends  # imports torch: not at module import
+
         self.key = key if key is not None else RunKey.generate()
+        self.backends = Backends(self.key, backend)  # ChaCha on the device for CUDA draws
         self._prf = self.key.prf("noise")
         self.step = 0
         self.block = 0  # next block of this step
@@ -265,6 +275,7 @@ class GaussianNoise:
             f"128-bit radius exponent (|z| up to {RADIUS_MAX:.2f}; truncation "
             f"{ETA_PER_PAIR:.3g} per pair); "
             + ("secure key" if self.key.secure else f"INSECURE seed {self.key.insecure_seed}")
+            + self.backends.describe()
         )
 
     def begin_step(self, step: int) -> None:
@@ -274,6 +285,8 @@ class GaussianNoise:
 
     def standard(self, n: int) -> np.ndarray:
         """The next ``n`` standard normals of this step (float64)."""
+        if self.backends.use_device(self.step, None):  # a step ChaCha drew: its stream
+            return self.backends.standard(self, n)
         import torch
 
         out = torch.empty(max(int(n), 0), dtype=torch.float64)
@@ -285,6 +298,8 @@ class GaussianNoise:
 
         if std == 0:
             return torch.zeros_like(like)
+        if self.backends.use_device(self.step, like.device):
+            return self.backends.draw(self, [like], [std])[0]
         # drawn on the CPU (AES-CTR and Box-Muller in float64, rounded to the dtype here), then
         # moved: the values are the same on every device; pinned memory makes the copy async
         pin = like.device.type == "cuda"
@@ -307,6 +322,9 @@ class GaussianNoise:
 
         if len(likes) != len(stds):
             raise ValueError("many() needs one std per tensor")
+        device = next((t.device for t in likes if t.device.type == "cuda"), None)
+        if likes and self.backends.use_device(self.step, device or likes[0].device):
+            return self.backends.draw(self, likes, stds)
         outs: list[Tensor] = []
         pieces: list[tuple[int, int, Tensor, float]] = []  # (first pair, n, flat output, std)
         pairs = 0
@@ -387,6 +405,7 @@ class GaussianNoise:
             "step": self.step,
             "block": self.block,
             "pairs": self.pairs,
+            **self.backends.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -405,3 +424,4 @@ class GaussianNoise:
             int(state["block"]),
             int(state["pairs"]),
         )
+        self.backends.load_state_dict(state)

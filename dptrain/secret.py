@@ -16,7 +16,8 @@ logs, checkpoints or federated messages; ``key_id`` (a PRF output of the key) ma
 
 Sub-keys.  ``key.prf(purpose)`` is AES-256 keyed with ``HMAC-SHA256(key, "dptrain/" +
 purpose)``: independent pseudorandom functions per purpose ("coins", "noise", "split/...",
-"canaries", ...).  :class:`Prf` evaluates ``AES_k(x)`` on 128-bit inputs ``x = hi * 2^64 +
+"canaries", ...; ``key.chacha(purpose)`` keys ChaCha20 with the same sub-key scheme, for
+noise computed on the GPU: :mod:`dptrain.device_noise`).  :class:`Prf` evaluates ``AES_k(x)`` on 128-bit inputs ``x = hi * 2^64 +
 lo`` (big-endian blocks), vectorized: one call encrypts millions of blocks.  The privacy
 guarantee holds against adversaries for whom AES-256 is indistinguishable from a random
 function (computational DP); without the key, the outputs are unpredictable.
@@ -42,7 +43,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -50,6 +51,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from accountants.ledger import fsync_dir
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .chacha import ChaCha20
 
 KEY_FILE = "secret.key"
 KEY_BYTES = 32
@@ -182,6 +186,13 @@ class RunKey:
 
     def prf(self, purpose: str) -> Prf:
         return Prf(self.derive(purpose))
+
+    def chacha(self, purpose: str) -> ChaCha20:
+        """ChaCha20 keyed with :meth:`derive` of ``purpose`` (torch words on any device;
+        :mod:`dptrain.chacha`): the same sub-key scheme as :meth:`prf`, another cipher."""
+        from .chacha import ChaCha20  # torch is imported only by those who need it
+
+        return ChaCha20(self.derive(purpose))
 
     def child(self, purpose: str) -> RunKey:
         """An independent key for a sub-party (e.g. one simulated client)."""
