@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
+from .base import check_events
 from .ledger import POISSON_GAUSSIAN, Event
 
 GRID_RATIO = 1.0 + 1.0 / 64
@@ -180,3 +181,20 @@ def composition(accountant: object, events: Sequence[Event]) -> str:
     curves)."""
     level_of = getattr(accountant, "grid_level", None)
     return describe(level_of(events) if level_of is not None and events else EXACT)
+
+
+class GriddedComposition:
+    """The grid-level methods of an accountant with ``name`` and ``max_exact_mechanisms``."""
+
+    name: str
+    max_exact_mechanisms: int | None
+
+    def grid_level(self, events: Sequence[Event]) -> int:
+        """The grid level at which ``events`` are composed: -1 (exact) with at most
+        ``max_exact_mechanisms`` distinct costly mechanisms."""
+        return ledger_level(check_events(events, self.name), self.max_exact_mechanisms)
+
+    def composed_events(self, events: Sequence[Event]) -> list[Event]:
+        """The events this accountant composes: ``events``, or their gridded compression."""
+        events = check_events(events, self.name)
+        return compress(events, ledger_level(events, self.max_exact_mechanisms))

@@ -40,8 +40,8 @@ from dp_accounting import privacy_accountant
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution as PLD
 
-from .base import check_delta, check_epsilon, check_events, group_by_mechanism
-from .grid import MAX_EXACT_MECHANISMS, check_max_exact, compress, ledger_level
+from .base import check_delta, check_epsilon, group_by_mechanism
+from .grid import MAX_EXACT_MECHANISMS, GriddedComposition, check_max_exact
 from .ledger import Event
 
 MAX_INTERVAL = 1e-3
@@ -77,7 +77,7 @@ def step_loss_scale(q: float, sigma: float) -> float:
     return q * math.sqrt(math.expm1(1.0 / sigma**2))
 
 
-class PldAccountant:
+class PldAccountant(GriddedComposition):
     """Pessimistic PLD accounting (see the module docstring for the discretization rule)."""
 
     name = "pld"
@@ -106,16 +106,6 @@ class PldAccountant:
             f"PldAccountant(value_discretization_interval={self.value_discretization_interval}, "
             f"max_exact_mechanisms={self.max_exact_mechanisms})"
         )
-
-    def grid_level(self, events: Sequence[Event]) -> int:
-        """The grid level at which ``events`` are composed: -1 (exact) with at most
-        ``max_exact_mechanisms`` distinct costly mechanisms (:mod:`accountants.grid`)."""
-        return ledger_level(check_events(events, self.name), self.max_exact_mechanisms)
-
-    def composed_events(self, events: Sequence[Event]) -> list[Event]:
-        """The events this accountant composes: ``events``, or their gridded compression."""
-        events = check_events(events, self.name)
-        return compress(events, ledger_level(events, self.max_exact_mechanisms))
 
     @property
     def report_margin(self) -> float | None:

@@ -68,7 +68,7 @@ from scipy import integrate
 from scipy.fft import next_fast_len
 
 from .base import check_delta, check_epsilon, check_events, group_by_mechanism
-from .grid import check_max_exact, compress, ledger_level
+from .grid import GriddedComposition, check_max_exact
 from .ledger import Event
 from .pld import PldAccountant
 
@@ -155,7 +155,7 @@ def _recentre(acc: PRVAccountant, prvs: list) -> None:
         single.domain = dprv.domain
 
 
-class PrvAccountant:
+class PrvAccountant(GriddedComposition):
     """PRV accounting reporting the upper bound (see the module docstring)."""
 
     name = "prv"
@@ -193,16 +193,6 @@ class PrvAccountant:
         filter's dominance certificates stop this fraction below the budget
         (:mod:`accountants.budget`)."""
         return 4 * self.eps_error_rel + 2 * self.delta_error_rel
-
-    def grid_level(self, events: Sequence[Event]) -> int:
-        """The grid level at which ``events`` are composed: -1 (exact) with at most
-        ``max_exact_mechanisms`` distinct costly mechanisms (:mod:`accountants.grid`)."""
-        return ledger_level(check_events(events, self.name), self.max_exact_mechanisms)
-
-    def composed_events(self, events: Sequence[Event]) -> list[Event]:
-        """The events this accountant composes: ``events``, or their gridded compression."""
-        events = check_events(events, self.name)
-        return compress(events, ledger_level(events, self.max_exact_mechanisms))
 
     # -- internals -----------------------------------------------------------------------------
 
