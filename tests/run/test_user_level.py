@@ -676,7 +676,8 @@ def test_without_canaries_a_canary_like_person_id_is_an_ordinary_person(tmp_path
     p = people.ids.index("canary-00003")
     assert len(people.members[p]) == 1  # record 7 alone: its old person kept the others
     assert plan.canary_people == 0 and "canaries" not in plan.meta()
-    assert plan.meta()["records_per_person"]["max"] == plan.people.max_records  # all counted
+    stats = plan.stats(len(train.texts))["records_per_person"]  # private/stats.json
+    assert stats["max"] == plan.people.max_records  # all counted
 
 
 def test_canary_record_ids_are_reserved_whatever_the_coins(tmp_path):
