@@ -406,3 +406,14 @@ def test_a_second_run_into_a_busy_directory_is_refused(tmp_path, capsys):
         holder.wait()
     with run.exclusive():  # the kernel dropped the killed holder's lock: .lock is not stale
         assert run.lock_file.read_text().strip() == str(__import__("os").getpid())
+
+
+def test_duplicate_texts_are_kept_with_a_group_privacy_warning(tmp_path):
+    from dptrain.data import load_texts
+    from dptrain.errors import InputWarning
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b"}\n{"text": "a"}\n{"text": "a"}\n')
+    with pytest.warns(InputWarning, match=r"2 record\(s\) repeat .*up to 3 copies"):
+        ds = load_texts(path)
+    assert ds.texts == ["a", "b", "a", "a"] and len(set(ds.ids)) == 4
