@@ -48,7 +48,7 @@ from dp_accounting import privacy_accountant
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution as PLD
 
-from .base import check_delta, check_epsilon, group_by_mechanism
+from .base import DeltaBelowFloorError, check_delta, check_epsilon, group_by_mechanism
 from .grid import MAX_EXACT_MECHANISMS, GriddedComposition, check_max_exact
 from .ledger import Event
 
@@ -76,10 +76,6 @@ def _lru_put(cache: OrderedDict, key: tuple, value: object, size: int) -> None:
     cache.move_to_end(key)
     while len(cache) > size:
         cache.popitem(last=False)
-
-
-class DeltaBelowFloorError(ValueError):
-    """The requested delta is below the floating-point floor of the PLD composition."""
 
 
 def delta_floor(pld: PLD) -> float:
