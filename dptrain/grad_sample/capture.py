@@ -733,12 +733,17 @@ class GradCapture:
                     )
                 except RuntimeError as err:  # a backward without a batching rule
                     plan.direct_batched = False  # not retried for this plan
-                    plan.notes.append(
+                    reaching = (
                         f"the backward pass reaching {self._names(params[:3])}"
-                        f"{', ...' if len(params) > 3 else ''} has no batching rule "
-                        f"({_first_line(err)}): their per-sample gradients take one backward "
-                        "pass per sample"
+                        f"{', ...' if len(params) > 3 else ''}"
                     )
+                    # public: the rule and the layers; the error's text (it may quote this
+                    # batch's shapes, so its Poisson size) goes to the private notes
+                    plan.notes.append(
+                        f"{reaching} has no batching rule ({type(err).__name__}): their "
+                        "per-sample gradients take one backward pass per sample"
+                    )
+                    plan.private_notes.append(f"{reaching}: {_first_line(err)}")
             if rows is None:  # one sample at a time
                 per = [
                     torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
@@ -794,7 +799,9 @@ class GradCapture:
         return {n: ", ".join(sorted(v)) or "unused" for n, v in out.items()}
 
     def summary(self) -> dict[str, Any]:
-        """How many parameters each rule covers, and the parameters on the slow path."""
+        """How many parameters each rule covers, and the parameters on the slow path; public
+        (``run.json``): layer names and rules only, nothing computed from a batch's values or
+        size (those go to :meth:`private_notes`)."""
         rules: dict[str, int] = {}
         slow = []
         for name, how in self.describe().items():
@@ -803,6 +810,11 @@ class GradCapture:
                 slow.append(name)
         notes = list(self.plan.notes) if self.plan is not None else []
         return {"rules": rules, "autograd_per_sample": slow, "notes": notes}
+
+    def private_notes(self) -> list[str]:
+        """Diagnostics computed from private batches (error texts that may quote a batch's
+        shapes): for ``private/stats.json``, never ``run.json``."""
+        return list(self.plan.private_notes) if self.plan is not None else []
 
     def _names(self, params: list[nn.Parameter]) -> str:
         return ", ".join(self.param_names.get(id(p), "?") for p in params)
