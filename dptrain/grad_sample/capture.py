@@ -484,6 +484,7 @@ class GradCapture:
         if self._rng is not None:
             torch.set_rng_state(self._rng)
         versions, saved = _snapshot_buffers(self.model)
+        attrs = _snapshot_attrs(self.model)
         weights = _param_state(self.model)
         self._probe, self._counts = log, {}
         self._stack.clear()
@@ -498,6 +499,7 @@ class GradCapture:
             for h in hooks:
                 h.remove()
             changed = _restore_buffers(self.model, saved, versions)  # a probe changes no state
+            _restore_attrs(self.model, attrs)
             self._probe = None
             self._stack.clear()
             self._tls.entered = False
@@ -670,6 +672,7 @@ class GradCapture:
         self.uses, self._locals, self._counts, self._unplanned = [], [], {}, set()
         self.batch_size, self.active = b, True
         versions, saved = _snapshot_buffers(self.model)
+        attrs = _snapshot_attrs(self.model)
         weights = {n: p._version for n, p in self.model.named_parameters()}
         values = _param_state(self.model, self._rewritten)
         try:
@@ -681,6 +684,7 @@ class GradCapture:
                 self.in_backward = False
         finally:  # the model keeps no buffer value this step computed, whatever happens
             changed = _restore_buffers(self.model, saved, versions)
+            _restore_attrs(self.model, attrs)  # e.g. RecurrentGemma's last recurrent state
             through_data = self._watch.moved()
         if changed:
             raise UnsupportedLayerError(
@@ -733,12 +737,17 @@ class GradCapture:
                     )
                 except RuntimeError as err:  # a backward without a batching rule
                     plan.direct_batched = False  # not retried for this plan
-                    plan.notes.append(
+                    reaching = (
                         f"the backward pass reaching {self._names(params[:3])}"
-                        f"{', ...' if len(params) > 3 else ''} has no batching rule "
-                        f"({_first_line(err)}): their per-sample gradients take one backward "
-                        "pass per sample"
+                        f"{', ...' if len(params) > 3 else ''}"
                     )
+                    # public: the rule and the layers; the error's text (it may quote this
+                    # batch's shapes, so its Poisson size) goes to the private notes
+                    plan.notes.append(
+                        f"{reaching} has no batching rule ({type(err).__name__}): their "
+                        "per-sample gradients take one backward pass per sample"
+                    )
+                    plan.private_notes.append(f"{reaching}: {_first_line(err)}")
             if rows is None:  # one sample at a time
                 per = [
                     torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
@@ -794,7 +803,9 @@ class GradCapture:
         return {n: ", ".join(sorted(v)) or "unused" for n, v in out.items()}
 
     def summary(self) -> dict[str, Any]:
-        """How many parameters each rule covers, and the parameters on the slow path."""
+        """How many parameters each rule covers, and the parameters on the slow path; public
+        (``run.json``): layer names and rules only, nothing computed from a batch's values or
+        size (those go to :meth:`private_notes`)."""
         rules: dict[str, int] = {}
         slow = []
         for name, how in self.describe().items():
@@ -803,6 +814,11 @@ class GradCapture:
                 slow.append(name)
         notes = list(self.plan.notes) if self.plan is not None else []
         return {"rules": rules, "autograd_per_sample": slow, "notes": notes}
+
+    def private_notes(self) -> list[str]:
+        """Diagnostics computed from private batches (error texts that may quote a batch's
+        shapes): for ``private/stats.json``, never ``run.json``."""
+        return list(self.plan.private_notes) if self.plan is not None else []
 
     def _names(self, params: list[nn.Parameter]) -> str:
         return ", ".join(self.param_names.get(id(p), "?") for p in params)
@@ -864,6 +880,40 @@ def _snapshot_buffers(model: nn.Module) -> tuple[dict[str, int], dict[str, Tenso
         if b is not None:
             versions[n], saved[n] = b._version, b.detach().clone()
     return versions, saved
+
+
+_Attrs = dict[int, tuple[nn.Module, dict[str, Any]]]
+
+
+def _snapshot_attrs(model: nn.Module) -> _Attrs:
+    """Every module's plain attributes that hold a tensor or None (not parameters or buffers:
+    those live in ``_parameters`` / ``_buffers``), by reference."""
+    return {
+        id(m): (m, {k: v for k, v in vars(m).items() if v is None or isinstance(v, Tensor)})
+        for m in model.modules()
+    }
+
+
+def _restore_attrs(model: nn.Module, saved: _Attrs) -> list[str]:
+    """Put back every plain tensor attribute a step set or replaced (a recurrent state of the
+    last batch, as RecurrentGemma keeps: ``(B, ...)`` tensors computed from private records,
+    outside the parameters, that a pickled or reused model object would carry); a new one is
+    removed.  Returns their names.  (A tensor attribute changed in place is not seen.)"""
+    names = {id(m): n for n, m in model.named_modules()}
+    cleared = []
+    for m in model.modules():
+        before = saved.get(id(m), (m, {}))[1]
+        for k, v in list(vars(m).items()):
+            if isinstance(v, Tensor) and before.get(k, _MISSING) is not v:
+                if k in before:
+                    m.__dict__[k] = before[k]
+                else:
+                    del m.__dict__[k]
+                cleared.append(f"{names.get(id(m), '?')}.{k}".lstrip("."))
+    return cleared
+
+
+_MISSING = object()
 
 
 def _restore_buffers(
