@@ -479,7 +479,9 @@ class GradCapture:
         batch: Any,
         expand: frozenset = frozenset(),
         outputs: list[tuple[nn.Module, Any]] | None = None,
+        graph: bool = False,
     ) -> tuple[ProbeLog, Tensor]:
+        """One recorded forward of ``batch``; the per-sample losses, detached unless ``graph``."""
         log = ProbeLog(batch_len(batch), expand=expand)
         if self._rng is not None:
             torch.set_rng_state(self._rng)
@@ -524,7 +526,33 @@ class GradCapture:
         # written but unchanged (peft merges a LoRA delta into a parameter and takes it out):
         # checked by value at every step, the others by their version counters
         self._rewritten |= {n for n, v in after.items() if v[0] != weights[n][0]}
-        return log, losses.detach()
+        return log, losses if graph else losses.detach()
+
+    def _first_grad(self, losses: Tensor) -> list[Tensor]:
+        """Per trainable parameter, ``(|g|^2, sum g)`` of the gradient of the first sample's
+        loss ``losses[0]`` (zeros where it does not reach the parameter)."""
+        params = list(self.params.values())
+        if not losses.requires_grad or not params:
+            return []
+        # ``backward``, not ``autograd.grad``: reentrant checkpointing supports only the former;
+        # the parameters' own ``.grad`` is set aside and put back
+        kept = [p.grad for p in params]
+        self.replaying = True  # the parameter hooks of a step ignore this pass
+        try:
+            for p in params:
+                p.grad = None
+            losses[0].backward()
+            grads = [p.grad for p in params]
+        finally:
+            self.replaying = False
+            for p, g in zip(params, kept, strict=True):
+                p.grad = g
+        return [
+            torch.zeros(2, dtype=torch.float64)
+            if g is None
+            else torch.stack([g.double().pow(2).sum(), g.double().sum()])
+            for g in grads
+        ]
 
     def probe(self, loss_fn: Callable, batch: Any) -> Plan:
         """Probe ``batch`` and it plus a copy of its first sample (for the batch axes, and that
@@ -549,8 +577,10 @@ class GradCapture:
                     small, l_small = self._probe_forward(loss_fn, batch, expand)
                     random = big.random or small.random
                     ok = random or _close(l_small, l_big[:b])
-                except RuntimeError:  # broadcast, a shared tensor broke the forward (DeBERTa's
-                    if not expand:  # relative embeddings, repeated per sample afterwards)
+                except (RuntimeError, IndexError):  # broadcast, a shared tensor broke the
+                    # forward (DeBERTa's relative embeddings, repeated per sample afterwards; a
+                    # loss that calls the model on one sample at a time indexes a broadcast mask)
+                    if not expand:
                         raise
                     random, ok = big.random, False
                 if not ok and expand:
@@ -567,6 +597,12 @@ class GradCapture:
                     where = self._locate_mixing(loss_fn, batch, bigger, 0, b)
                     raise _mixing_error("another sample joins its batch", where)
                 if b >= 2 and not random:
+                    # the first sample's gradient in the batch: a coupling that only the backward
+                    # pass sees (``x + (m - m.detach())`` on a batch mean, a custom backward)
+                    # leaves every loss value unchanged, so it is compared with its batch of one
+                    _, l_graph = self._probe_forward(loss_fn, batch, expand, graph=True)
+                    g_batch = self._first_grad(l_graph)
+                    del l_graph
                     # samples leaving: [1:] sees a statistic its first sample decided, [:1] one that
                     # any other sample decided (a maximum is one sample's, so one of the two sees it)
                     for lo, hi, event in (
@@ -574,10 +610,15 @@ class GradCapture:
                         (0, 1, "the other samples leave its batch"),
                     ):
                         part = batch_slice(batch, lo, hi)
-                        _, l_part = self._probe_forward(loss_fn, part, expand)
+                        _, l_part = self._probe_forward(loss_fn, part, expand, graph=lo == 0)
                         if not _close(l_part, l_small[lo:hi]):
                             where = self._locate_mixing(loss_fn, batch, part, lo, hi - lo, expand)
                             raise _mixing_error(event, where)
+                        if lo == 0:
+                            g_alone = self._first_grad(l_part)
+                            if not all(map(_close, g_alone, g_batch)):
+                                raise _backward_mixing_error()
+                        del l_part
         finally:
             self._rng = None
         if random:
@@ -844,6 +885,16 @@ def _mixing_error(event: str, where: str) -> UnsupportedLayerError:
         "output for one sample depends on other samples), so per-sample gradients do not "
         "exist. Fix: make that layer act on each sample alone (e.g. LayerNorm or GroupNorm "
         "instead of a batch statistic)"
+    )
+
+
+def _backward_mixing_error() -> UnsupportedLayerError:
+    return UnsupportedLayerError(
+        "the first sample's gradient changes when the other samples leave its batch, although "
+        "no sample's loss does: the backward pass mixes the samples of a batch (a batch "
+        "statistic added with its value cancelled, `x + (m - m.detach())`, or an "
+        "autograd.Function whose backward couples samples), so per-sample gradients do not "
+        "exist. Fix: make every layer's backward, and the loss's, act on each sample alone"
     )
 
 
