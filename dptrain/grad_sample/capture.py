@@ -557,7 +557,7 @@ class GradCapture:
             if g is None:
                 out.append(torch.tensor([0.0, 0.0, p.numel()], dtype=torch.float64))
                 continue
-            g = g.detach().double()
+            g = (g.to_dense() if g.is_sparse else g).detach().double()
             if not torch.isfinite(g).all():
                 return None
             out.append(torch.stack([g.norm(), g.sum(), g.new_tensor(float(p.numel()))]))
