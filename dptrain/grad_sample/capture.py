@@ -479,7 +479,9 @@ class GradCapture:
         batch: Any,
         expand: frozenset = frozenset(),
         outputs: list[tuple[nn.Module, Any]] | None = None,
+        graph: bool = False,
     ) -> tuple[ProbeLog, Tensor]:
+        """One recorded forward of ``batch``; the per-sample losses, detached unless ``graph``."""
         log = ProbeLog(batch_len(batch), expand=expand)
         if self._rng is not None:
             torch.set_rng_state(self._rng)
@@ -526,7 +528,42 @@ class GradCapture:
         # written but unchanged (peft merges a LoRA delta into a parameter and takes it out):
         # checked by value at every step, the others by their version counters
         self._rewritten |= {n for n, v in after.items() if v[0] != weights[n][0]}
-        return log, losses.detach()
+        return log, losses if graph else losses.detach()
+
+    def _first_grad(self, losses: Tensor) -> list[Tensor] | None:
+        """Per trainable parameter, ``(|g|, sum g, numel)`` of the gradient of the first
+        sample's loss ``losses[0]`` (zeros where it does not reach the parameter); None where
+        that gradient cannot be compared (no graph, a backward pass that fails here and is
+        left to the step to report, a non-finite entry: another sample's NaN reaches every
+        row of a batched product as ``0 * NaN``, and the step drops such samples)."""
+        params = list(self.params.values())
+        if not losses.requires_grad or not params:
+            return None
+        # ``backward``, not ``autograd.grad``: reentrant checkpointing supports only the former;
+        # the parameters' own ``.grad`` is set aside and put back
+        kept = [p.grad for p in params]
+        self.replaying = True  # the parameter hooks of a step ignore this pass
+        try:
+            for p in params:
+                p.grad = None
+            losses[0].backward()
+            grads = [p.grad for p in params]
+        except RuntimeError:
+            return None
+        finally:
+            self.replaying = False
+            for p, g in zip(params, kept, strict=True):
+                p.grad = g
+        out = []
+        for p, g in zip(params, grads, strict=True):
+            if g is None:
+                out.append(torch.tensor([0.0, 0.0, p.numel()], dtype=torch.float64))
+                continue
+            g = (g.to_dense() if g.is_sparse else g).detach().double()
+            if not torch.isfinite(g).all():
+                return None
+            out.append(torch.stack([g.norm(), g.sum(), g.new_tensor(float(p.numel()))]))
+        return out
 
     def probe(self, loss_fn: Callable, batch: Any) -> Plan:
         """Probe ``batch`` and it plus a copy of its first sample (for the batch axes, and that
@@ -551,8 +588,10 @@ class GradCapture:
                     small, l_small = self._probe_forward(loss_fn, batch, expand)
                     random = big.random or small.random
                     ok = random or _close(l_small, l_big[:b])
-                except RuntimeError:  # broadcast, a shared tensor broke the forward (DeBERTa's
-                    if not expand:  # relative embeddings, repeated per sample afterwards)
+                except (RuntimeError, IndexError):  # broadcast, a shared tensor broke the
+                    # forward (DeBERTa's relative embeddings, repeated per sample afterwards; a
+                    # loss that calls the model on one sample at a time indexes a broadcast mask)
+                    if not expand:
                         raise
                     random, ok = big.random, False
                 if not ok and expand:
@@ -569,6 +608,12 @@ class GradCapture:
                     where = self._locate_mixing(loss_fn, batch, bigger, 0, b)
                     raise _mixing_error("another sample joins its batch", where)
                 if b >= 2 and not random:
+                    # the first sample's gradient in the batch: a coupling that only the backward
+                    # pass sees (``x + (m - m.detach())`` on a batch mean, a custom backward)
+                    # leaves every loss value unchanged, so it is compared with its batch of one
+                    _, l_graph = self._probe_forward(loss_fn, batch, expand, graph=True)
+                    g_batch = self._first_grad(l_graph)
+                    del l_graph
                     # samples leaving: [1:] sees a statistic its first sample decided, [:1] one that
                     # any other sample decided (a maximum is one sample's, so one of the two sees it)
                     for lo, hi, event in (
@@ -576,10 +621,17 @@ class GradCapture:
                         (0, 1, "the other samples leave its batch"),
                     ):
                         part = batch_slice(batch, lo, hi)
-                        _, l_part = self._probe_forward(loss_fn, part, expand)
+                        _, l_part = self._probe_forward(loss_fn, part, expand, graph=lo == 0)
                         if not _close(l_part, l_small[lo:hi]):
                             where = self._locate_mixing(loss_fn, batch, part, lo, hi - lo, expand)
                             raise _mixing_error(event, where)
+                        if lo == 0 and not _same_gradient(
+                            self._first_grad(l_part),
+                            g_batch,
+                            _precision(list(self.params.values())),
+                        ):
+                            raise _backward_mixing_error()
+                        del l_part
         finally:
             self._rng = None
         if random:
@@ -860,6 +912,49 @@ def _mixing_error(event: str, where: str) -> UnsupportedLayerError:
         "output for one sample depends on other samples), so per-sample gradients do not "
         "exist. Fix: make that layer act on each sample alone (e.g. LayerNorm or GroupNorm "
         "instead of a batch statistic)"
+    )
+
+
+def _same_gradient(a: list[Tensor] | None, b: list[Tensor] | None, dtype: torch.dtype) -> bool:
+    """Whether two summaries of :meth:`GradCapture._first_grad` agree (True where either is
+    missing): per parameter ``| |a_p| - |b_p| | <= tol G`` and ``|sum a_p - sum b_p| <= tol G
+    sqrt(numel_p)``, ``G`` the larger whole-gradient norm, so rounding of a near-zero parameter
+    does not count.  ``tol`` for ``dtype`` (:func:`_precision`): 1e-6 in float64, 1e-3 in float32, 5e-2 in
+    half precision (a batched product rounds differently from one row of it)."""
+    if a is None or b is None or len(a) != len(b):
+        return True
+    x, y = torch.stack(a), torch.stack(b)
+    g = max(float(x[:, 0].norm()), float(y[:, 0].norm()))
+    tol = _GRAD_TOL.get(dtype, 5e-2)
+    scale = tol * g * torch.stack([torch.ones_like(x[:, 2]), x[:, 2].sqrt()], 1)
+    return bool(((x[:, :2] - y[:, :2]).abs() <= scale + 1e-300).all())
+
+
+_GRAD_TOL = {torch.float64: 1e-6, torch.float32: 1e-3}
+
+
+def _precision(params: list[Tensor]) -> torch.dtype:
+    """The least precise float type of a gradient: float16 for half-precision parameters or
+    under CPU or CUDA autocast, float32 if any parameter is float32, else float64."""
+    for device in ("cpu", "cuda"):
+        try:
+            if torch.is_autocast_enabled(device):
+                return torch.float16
+        except (RuntimeError, TypeError):
+            continue
+    dtypes = {p.dtype for p in params}
+    if dtypes - {torch.float32, torch.float64}:
+        return torch.float16
+    return torch.float32 if torch.float32 in dtypes else torch.float64
+
+
+def _backward_mixing_error() -> UnsupportedLayerError:
+    return UnsupportedLayerError(
+        "the first sample's gradient changes when the other samples leave its batch, although "
+        "no sample's loss does: the backward pass mixes the samples of a batch (a batch "
+        "statistic added with its value cancelled, `x + (m - m.detach())`, or an "
+        "autograd.Function whose backward couples samples), so per-sample gradients do not "
+        "exist. Fix: make every layer's backward, and the loss's, act on each sample alone"
     )
 
 
