@@ -8,6 +8,7 @@ accountant also accounts error-feedback (DiceSGD) steps (:mod:`accountants.error
 
 from .base import (
     Accountant,
+    DeltaBelowFloorError,
     UnsupportedEventError,
     available_accountants,
     get_accountant,
@@ -44,6 +45,7 @@ __all__ = [
     "Budget",
     "BudgetExceeded",
     "BudgetFilter",
+    "DeltaBelowFloorError",
     "EpsilonUnreachableError",
     "Event",
     "Ledger",

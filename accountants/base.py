@@ -22,6 +22,12 @@ from typing import Protocol, runtime_checkable
 from .ledger import POISSON_GAUSSIAN, Event
 
 
+class DeltaBelowFloorError(ValueError):
+    """The requested delta is below the floating-point floor of a numerical composition (PLD,
+    and PRV where it falls back to PLD): no epsilon there is certain.  Fix: a larger delta or
+    the ``rdp`` accountant."""
+
+
 class UnsupportedEventError(ValueError):
     """An accountant was given an event kind it cannot account for."""
 

@@ -744,6 +744,7 @@ def _summary(
         "dataset_size": meta.get("dataset_size"),
         "accountant_epsilon": claim["epsilon"],
         "delta": claim["delta"],
+        "delta_total": claim["delta_total"],
         "accountant": claim["accountant"],
         "claim": claim,
         "privacy_guarantee": not non_private,

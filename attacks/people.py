@@ -9,9 +9,16 @@ the attacker here guesses, for a whole person, whether they were in the training
    out ones -- the validation split holds out whole people (:func:`dptrain.data.splits.
    split_people`), so none of their records was trained on -- chosen at random (seeded).
 3. Scores: every record of theirs through the final model and ``theta_0``; a person's score
-   is a sum over their records with a scored token (a record whose responses ``max_length``
-   cut off has no loss; a person with no such record is left out, counted in ``unscored``): ``loss`` = ``-sum_r mean_nll_final(r)``, ``drop`` =
-   ``sum_r (sum_nll_theta0(r) - sum_nll_final(r))`` (how much more likely training made them).
+   is a MEAN over their ``n_u`` records with a scored token (a record whose responses
+   ``max_length`` cut off has no loss; a person with no such record is left out, counted in
+   ``unscored``): ``loss`` = ``-mean_r mean_nll_final(r)``, ``drop`` =
+   ``mean_r (sum_nll_theta0(r) - sum_nll_final(r))`` (how much more likely training made
+   them).  Mean, not sum (:func:`person_scores`): training on the domain lowers the loss of
+   non-members' records too, so a sum's location grows with ``n_u`` for members and
+   non-members alike and one threshold over people of different sizes ranks record counts as
+   much as membership; a mean's location does not depend on ``n_u`` (only its spread does).
+   The likelihood ratio would be better still, but it needs each count's null distribution,
+   i.e. reference people this audit does not have (no shadow runs).
 4. ROC, AUC, TPR at FPR 1%, and the split-half Clopper-Pearson epsilon lower bound per person
    (Bonferroni over the two attacks).
 5. Canary people (``data.canaries``): canary ``i`` is the person ``canary-<i>`` with its
@@ -49,7 +56,7 @@ from .bounds import one_run_epsilon_best
 from .metrics import roc_of
 from .scores import score_texts
 
-__all__ = ["audit_people"]
+__all__ = ["audit_people", "person_scores"]
 
 
 def audit_people(
@@ -114,10 +121,8 @@ def audit_people(
     scored = t.tokens > 0
     held = np.bincount(owner[scored], minlength=n) > 0
     attacks = {
-        "loss": {"scores": -np.bincount(owner[scored], t.mean_nll[scored], minlength=n)[held]},
-        "drop": {
-            "scores": np.bincount(owner[scored], (b.sum_nll - t.sum_nll)[scored], minlength=n)[held]
-        },
+        "loss": {"scores": -person_scores(owner, t.mean_nll, scored, n)[held]},
+        "drop": {"scores": person_scores(owner, b.sum_nll - t.sum_nll, scored, n)[held]},
     }
     is_member = np.r_[np.ones(len(members), bool), np.zeros(len(outside), bool)]
     unscored = {
@@ -160,6 +165,17 @@ def audit_people(
     summary["empirical_epsilon_lower_bound"] = lower
     summary["consistent"] = bool(lower <= eps or not math.isfinite(eps))
     return summary
+
+
+def person_scores(owner: np.ndarray, values: np.ndarray, scored: np.ndarray, n: int) -> np.ndarray:
+    """Per person ``u < n``: the mean of ``values[r]`` over their scored records ``r``
+    (``owner[r] == u`` and ``scored[r]``); NaN for a person with none.  The mean keeps one
+    threshold meaningful across people with different record counts (module docstring, 3)."""
+    owner, scored = np.asarray(owner), np.asarray(scored, bool)
+    count = np.bincount(owner[scored], minlength=n)
+    total = np.bincount(owner[scored], np.asarray(values, float)[scored], minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 def _canary_people(

@@ -64,7 +64,8 @@ def verdict(s: dict[str, Any]) -> tuple[str, list[str]]:
 
 
 def _verdict(s: dict[str, Any]) -> tuple[str, list[str]]:
-    eps, delta, conf = s["accountant_epsilon"], s["delta"], s["confidence"]
+    eps, conf = s["accountant_epsilon"], s["confidence"]
+    delta = s.get("delta_total", s["delta"])  # the bounds are at the guarantee's delta
     lower = s["empirical_epsilon_lower_bound"]
     bounds = s["epsilon_lower_bounds"]
     c = s.get("canaries") or {}
@@ -187,7 +188,7 @@ def false_alarm_sentence(fa: dict[str, Any]) -> str:
 def whitebox_verdict(w: dict[str, Any]) -> tuple[str, list[str]]:
     """``(level, sentences)`` of a white-box audit (:mod:`attacks.whitebox`): "bug" or "ok"."""
     b, c, conf = w["bounds"], w["ceiling"], w["confidence"]
-    claim, delta = w["claimed_epsilon"], w["delta"]
+    claim, delta = w["claimed_epsilon"], w.get("delta_total", w["delta"])  # as the run states it
     led = b["ledger"]
     mech = (
         f"Poisson-subsampled Gaussian steps at q={w['sample_rate']:.3g}, noise multiplier "
@@ -406,7 +407,7 @@ def _roc_plot(s: dict[str, Any], attacks: dict[str, dict[str, Any]]) -> str:
         )  # fmt: skip
     grid = np.logspace(math.log10(floor), 0, 200)
     ax.plot(grid, grid, ":", color="gray", label="random guessing")
-    eps, delta = s["accountant_epsilon"], s["delta"]
+    eps, delta = s["accountant_epsilon"], s.get("delta_total", s["delta"])  # the guarantee's
     if math.isfinite(eps):
         bound = np.minimum.reduce(
             [

@@ -350,6 +350,7 @@ def whitebox_audit(
     *,
     canaries: int,
     delta: float,
+    delta_total: float | None = None,
     confidence: float = 0.95,
     rng: np.random.Generator | None = None,
     claim: Any = None,
@@ -367,7 +368,13 @@ def whitebox_audit(
     released updates; see the module docstring.  ``claim`` is the plan the run claims
     (default: the engine's next plan); ``sampler(N, q, rng)`` replaces the Poisson sampler
     (planted bugs only); ``coins`` is the Poisson sampler's :class:`~dptrain.secret.RunKey`
-    (default: a fresh secret key; an insecure seed makes a benchmark reproducible).  The engine must have no budget filter and a fixed plan."""
+    (default: a fresh secret key; an insecure seed makes a benchmark reproducible).  The engine must have no budget filter and a fixed plan.
+
+    ``delta`` is the accountant's (the claimed epsilon is the accountant's at it); the
+    ``(eps, delta)`` bounds (``fdp``, ``one_run``, their ceilings and ``perfect``) are tested at
+    ``delta_total``, the delta the guarantee is stated at (default ``delta`` + the engine's noise
+    sampler truncation term, :func:`dptrain.plan.guarantee_numbers`): a bound at a smaller delta
+    tests more than the run claims.  The ``ledger`` bound is delta-free (trade-off curves)."""
     from dptrain.sampling import PoissonSampler
 
     t0 = time.perf_counter()
@@ -429,14 +436,22 @@ def whitebox_audit(
             log(f"white-box audit: step {t + 1}/{steps}")
     events = engine.ledger.events
     claimed = float(engine.accountant.epsilon(events, delta))
-    family = LedgerFamily(events, engine.accountant, delta)
+    if delta_total is None:
+        term = getattr(engine.noise, "truncation_delta", None)
+        delta_total = delta + (float(term(claimed)) if term is not None else 0.0)
+    if not delta <= delta_total < 1:
+        raise ValueError(
+            f"delta_total {delta_total} must lie in [delta={delta}, 1): it is the accountant's "
+            "delta plus the noise sampler's truncation term"
+        )
+    family = LedgerFamily(events, engine.accountant, delta)  # epsilons comparable to `claimed`
     train_seconds = time.perf_counter() - t0
 
-    found = bounds_from_scores(score[None], member[None], family, delta, confidence)
-    plain_fdp = fdp_audit(plain[None], member[None], delta, confidence)
+    found = bounds_from_scores(score[None], member[None], family, delta_total, confidence)
+    plain_fdp = fdp_audit(plain[None], member[None], delta_total, confidence)
     sims = perfect_scores(rng, simulations, canaries, steps, q, mu) if simulations else None
-    perfect = bounds_from_scores(*sims, family, delta, confidence) if sims else None
-    ceiling = ceilings(canaries, delta, confidence)
+    perfect = bounds_from_scores(*sims, family, delta_total, confidence) if sims else None
+    ceiling = ceilings(canaries, delta_total, confidence)
     every = np.arange(canaries) % 2 == 0  # any split: with every guess right, only m matters
     ceiling["ledger"] = float(
         family.bound(every[None] * 1.0, every[None], confidence)["epsilon"][0]
@@ -469,6 +484,7 @@ def whitebox_audit(
         "records": n_records,
         "accountant": engine.accountant.name,
         "delta": delta,
+        "delta_total": delta_total,
         "confidence": confidence,
         "claimed_epsilon": claimed,
         "bounds": {k: _first(v) for k, v in found.items()},
@@ -579,6 +595,7 @@ def audit_configuration(
         steps,
         canaries=opts.whitebox_canaries,
         delta=float(meta["delta"]),
+        delta_total=float(meta.get("delta_total", meta["delta"])),
         confidence=opts.confidence,
         simulations=opts.whitebox_simulations,
         log=log,

@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dptrain import noise as N
+from dptrain.device_noise import piece_spans
 from dptrain.models import load_model_and_tokenizer
 from dptrain.noise import GaussianNoise
 from dptrain.secret import RunKey
@@ -102,16 +103,11 @@ class V1Noise(GaussianNoise):
         k = 0
         for d, z in chunks:
             lo, hi = 2 * d, 2 * d + z.size
-            while k < len(pieces) and 2 * pieces[k][0] + pieces[k][1] <= lo:
-                k += 1
-            j = k
-            while j < len(pieces) and 2 * pieces[j][0] < hi:
-                start, n, out, std = pieces[j]
-                a, b = max(lo, 2 * start), min(hi, 2 * start + n)
-                if a < b:
-                    part = np.multiply(z[a - lo : b - lo], std)
-                    out[a - 2 * start : b - 2 * start] = torch.from_numpy(part)
-                j += 1
+            k, spans = piece_spans(pieces, lo, hi, k)
+            for j, a, b in spans:
+                start, _, out, std = pieces[j]
+                part = np.multiply(z[a - lo : b - lo], std)
+                out[a - 2 * start : b - 2 * start] = torch.from_numpy(part)
 
 
 # -- the benchmark --------------------------------------------------------------------------

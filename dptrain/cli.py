@@ -22,12 +22,17 @@ COMMAND_MODULES = (
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user can fix: printed as one message naming the fix, without a traceback.
     Everything else is a bug and keeps its traceback."""
-    from accountants import BudgetExceeded, EpsilonUnreachableError, LedgerError
+    from accountants import (
+        BudgetExceeded,
+        DeltaBelowFloorError,
+        EpsilonUnreachableError,
+        LedgerError,
+    )
 
     from .errors import UserError
 
     # the accountants package stands alone (no dptrain import): its input errors are listed here
-    return (UserError, BudgetExceeded, LedgerError, EpsilonUnreachableError)
+    return (UserError, BudgetExceeded, LedgerError, EpsilonUnreachableError, DeltaBelowFloorError)
 
 
 def build_parser() -> argparse.ArgumentParser:

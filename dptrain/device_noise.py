@@ -66,6 +66,7 @@ __all__ = [
     "NoiseBackendError",
     "leading_zeros_128",
     "normals_from_keystream",
+    "piece_spans",
 ]
 
 AES, CHACHA, AUTO = "aes-cpu", "chacha-device", "auto"
@@ -153,6 +154,26 @@ def _compiled_pair(cipher: ChaCha20, device: torch.device, size: int) -> tuple[A
     return _COMPILED[slot]
 
 
+def piece_spans(
+    pieces: list[tuple[int, int, Tensor, float]], lo: int, hi: int, k: int = 0
+) -> tuple[int, list[tuple[int, int, int]]]:
+    """Where the run-relative normals ``[lo, hi)`` of a chunk go: ``(k', [(j, a, b)])``, the
+    normals ``a < b`` of the chunk that piece ``j`` ``(first pair, n, output, std)`` holds
+    (its normals ``[2 first, 2 first + n)``).  Pieces are disjoint, in pair order, and those
+    before ``k`` end at or before ``lo``; ``k'`` is the first that does not (the ``k`` of the
+    next, later chunk)."""
+    while k < len(pieces) and 2 * pieces[k][0] + pieces[k][1] <= lo:
+        k += 1
+    spans, j = [], k
+    while j < len(pieces) and 2 * pieces[j][0] < hi:
+        start, n = pieces[j][0], pieces[j][1]
+        a, b = max(lo, 2 * start), min(hi, 2 * start + n)
+        if a < b:
+            spans.append((j, a, b))
+        j += 1
+    return k, spans
+
+
 class DeviceNormals:
     """Standard normals of the ChaCha20 stream, computed on a given device in chunks.
 
@@ -230,16 +251,10 @@ class DeviceNormals:
             z = self.blocks(nonce, cb, count, device).reshape(-1)
             lo = 4 * cb - base  # run-relative normals [lo, lo + 4 count) of this chunk
             hi = lo + z.numel()
-            while k < len(pieces) and 2 * pieces[k][0] + pieces[k][1] <= lo:
-                k += 1
-            j = k
-            while j < len(pieces) and 2 * pieces[j][0] < hi:
-                start, n, out, std = pieces[j]
-                a, b = max(lo, 2 * start), min(hi, 2 * start + n)
-                if a < b:
-                    part = z[a - lo : b - lo].mul(std)
-                    out[a - 2 * start : b - 2 * start].copy_(part)
-                j += 1
+            k, spans = piece_spans(pieces, lo, hi, k)
+            for j, a, b in spans:
+                start, _, out, std = pieces[j]
+                out[a - 2 * start : b - 2 * start].copy_(z[a - lo : b - lo].mul(std))
 
 
 class Backends:

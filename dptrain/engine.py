@@ -158,6 +158,14 @@ class PrivacyEngine:
 
     def next_plan(self) -> tuple[StepPlan, Event]:
         plan = self.policy.plan(self.context())
+        if set(plan.clip) != set(self.groups):
+            # a group without a plan would be clipped and noised by no one's contract; a
+            # plan for a group the engine lacks would be charged for a release that never runs
+            raise ValueError(
+                f"policy '{self.policy.name}' planned for the groups {sorted(plan.clip)[:5]}, "
+                f"but the engine's groups are {sorted(self.groups)[:5]} (grouping "
+                f"'{self.grouping}'): the policy must plan every group of the engine, no other"
+            )
         return plan, self.policy.event(plan)
 
     def add_release_hook(self, fn: Callable[[int, dict[nn.Parameter, Tensor]], None]) -> None:

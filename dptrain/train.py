@@ -757,6 +757,8 @@ def finish(
         perplexity_after=ppl_after,
         validation_after=after,
         nonfinite_samples=counts[0],
+        # error texts of the per-sample planning: they may quote a Poisson batch's shapes
+        per_sample_gradients_errors=engine.capture.private_notes(),
         # wall-clock time follows the Poisson batch sizes and the records' lengths: private
         train_seconds=stats.get("train_seconds", 0.0) + train_seconds,
     )

@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from ..recipe import RecipeError, parse_recipe
-from .client import train_round
+from .client import confined_train_round
 from .recipe import FederatedRecipe
 from .server import run_server, start_run
 
@@ -42,4 +42,4 @@ def _server(grid: Grid, context: Context) -> None:
 
 @clientapp.train()
 def _train(msg: Message, context: Context) -> Message:
-    return train_round(msg, context, recipe_of(context), None)  # settings: the node config
+    return confined_train_round(msg, context, recipe_of(context), None)  # own: node config

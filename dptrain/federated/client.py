@@ -27,7 +27,8 @@ ledger -- across rounds, restarts and server runs (a new server run does not res
 What leaves the client is the trained adapter (post-processing of the noisy steps) and public
 metadata: ``N_k`` (also the FedAvg weight ``num-examples``), ``q_k``, ``sigma``, steps, epsilon
 and delta (with the noise sampler's truncation term).  Losses, timings and, under a person
-unit, the record count stay on the client.  Step ``t`` of the client's lifetime (its
+unit, the record count stay on the client, and so does the text of any error it raises
+(:func:`confined_train_round`: the server reads a fixed reason, never an exception's message).  Step ``t`` of the client's lifetime (its
 ledger's step count) draws coins and noise at counter ``t``, so a lost ledger with a kept key
 would repeat noise: the key is marked used before its first step (:mod:`dptrain.secret`) and
 the client refuses to train with a used key and an empty or missing ledger.  After a crash
@@ -63,6 +64,7 @@ import json
 import math
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,9 +72,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
+from flwr.common.constant import ErrorCode
 
 from accountants import Budget, BudgetExceeded, BudgetFilter, Ledger
 
@@ -481,16 +492,38 @@ def train_round(
     )
 
 
+CLIENT_FAILED = (
+    "the client failed; its error stays on the client (see its log): an error message can "
+    "quote its records, people or batch sizes"
+)
+
+
+def confined_train_round(
+    msg: Message, context: Context, recipe: FederatedRecipe, own: ClientConfig | None
+) -> Message:
+    """:func:`train_round`, with any error kept on the client: its traceback goes to the
+    client's stderr and the server gets the fixed reason :data:`CLIENT_FAILED`.  Flower would
+    send the exception's text, which is not reviewed for privacy (a data error quotes a
+    record's field, an out-of-memory error the size of a Poisson batch); the server learns
+    only that the client failed, as it would from a client that went silent."""
+    try:
+        return train_round(msg, context, recipe, own)
+    except Exception:  # everything a ClientApp can raise: Flower would forward it
+        traceback.print_exc(file=sys.stderr)
+        sys.stderr.flush()
+        return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, CLIENT_FAILED), reply_to=msg)
+
+
 def make_client_app(
     recipe: FederatedRecipe, configs: ClientConfigs | None = None, mods: list[Mod] | None = None
 ) -> ClientApp:
-    """A Flower ``ClientApp`` running :func:`train_round` for ``recipe``; ``configs`` gives
+    """A Flower ``ClientApp`` running :func:`confined_train_round` for ``recipe``; ``configs`` gives
     each client's own settings from its context (default: its node config); ``mods`` are
     Flower mods wrapped around it."""
     app = ClientApp(mods=list(mods or []))
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
-        return train_round(msg, context, recipe, configs(context) if configs else None)
+        return confined_train_round(msg, context, recipe, configs(context) if configs else None)
 
     return app

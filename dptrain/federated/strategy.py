@@ -12,7 +12,8 @@ client-level clipping and its noise stay on the CPU (a few vectors per client, a
 is drawn on the CPU from the run key anyway).
 
 Client-level DP (optional, ``federated.client_dp``): each client's update ``u_k - g`` is
-clipped to L2 norm ``C`` (over all the factors it sends), the clipped updates are summed,
+clipped to L2 norm ``C`` (over all the factors it sends; a non-finite one is dropped, i.e.
+contributes 0), the clipped updates are summed,
 ``N(0, (sigma C)^2)`` noise is added to each coordinate and the sum is divided by the
 expected number of sampled clients ``p K`` (public); clients are Poisson-sampled with
 probability ``p`` per round.  Adding or removing one client moves the sum by at most ``C``,
@@ -253,6 +254,8 @@ class LoraFedAvg(FedAvg):
             u = content["arrays"].to_torch_state_dict()
             delta = {k: u[k].to(self.current[k].dtype) - self.current[k] for k in keys}
             norm = math.sqrt(sum(float(d.pow(2).sum()) for d in delta.values()))
+            if not math.isfinite(norm):  # min(1, C / nan) is 1: it would enter unclipped
+                continue  # dropped: contributes 0, within C like any clipped update
             scale = min(1.0, c / norm) if norm > 0 else 1.0
             for k in keys:
                 total[k] += scale * delta[k]

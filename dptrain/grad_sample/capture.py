@@ -479,11 +479,14 @@ class GradCapture:
         batch: Any,
         expand: frozenset = frozenset(),
         outputs: list[tuple[nn.Module, Any]] | None = None,
+        graph: bool = False,
     ) -> tuple[ProbeLog, Tensor]:
+        """One recorded forward of ``batch``; the per-sample losses, detached unless ``graph``."""
         log = ProbeLog(batch_len(batch), expand=expand)
         if self._rng is not None:
             torch.set_rng_state(self._rng)
         versions, saved = _snapshot_buffers(self.model)
+        attrs = _snapshot_attrs(self.model)
         weights = _param_state(self.model)
         self._probe, self._counts = log, {}
         self._stack.clear()
@@ -498,6 +501,7 @@ class GradCapture:
             for h in hooks:
                 h.remove()
             changed = _restore_buffers(self.model, saved, versions)  # a probe changes no state
+            _restore_attrs(self.model, attrs)
             self._probe = None
             self._stack.clear()
             self._tls.entered = False
@@ -524,7 +528,42 @@ class GradCapture:
         # written but unchanged (peft merges a LoRA delta into a parameter and takes it out):
         # checked by value at every step, the others by their version counters
         self._rewritten |= {n for n, v in after.items() if v[0] != weights[n][0]}
-        return log, losses.detach()
+        return log, losses if graph else losses.detach()
+
+    def _first_grad(self, losses: Tensor) -> list[Tensor] | None:
+        """Per trainable parameter, ``(|g|, sum g, numel)`` of the gradient of the first
+        sample's loss ``losses[0]`` (zeros where it does not reach the parameter); None where
+        that gradient cannot be compared (no graph, a backward pass that fails here and is
+        left to the step to report, a non-finite entry: another sample's NaN reaches every
+        row of a batched product as ``0 * NaN``, and the step drops such samples)."""
+        params = list(self.params.values())
+        if not losses.requires_grad or not params:
+            return None
+        # ``backward``, not ``autograd.grad``: reentrant checkpointing supports only the former;
+        # the parameters' own ``.grad`` is set aside and put back
+        kept = [p.grad for p in params]
+        self.replaying = True  # the parameter hooks of a step ignore this pass
+        try:
+            for p in params:
+                p.grad = None
+            losses[0].backward()
+            grads = [p.grad for p in params]
+        except RuntimeError:
+            return None
+        finally:
+            self.replaying = False
+            for p, g in zip(params, kept, strict=True):
+                p.grad = g
+        out = []
+        for p, g in zip(params, grads, strict=True):
+            if g is None:
+                out.append(torch.tensor([0.0, 0.0, p.numel()], dtype=torch.float64))
+                continue
+            g = (g.to_dense() if g.is_sparse else g).detach().double()
+            if not torch.isfinite(g).all():
+                return None
+            out.append(torch.stack([g.norm(), g.sum(), g.new_tensor(float(p.numel()))]))
+        return out
 
     def probe(self, loss_fn: Callable, batch: Any) -> Plan:
         """Probe ``batch`` and it plus a copy of its first sample (for the batch axes, and that
@@ -549,8 +588,10 @@ class GradCapture:
                     small, l_small = self._probe_forward(loss_fn, batch, expand)
                     random = big.random or small.random
                     ok = random or _close(l_small, l_big[:b])
-                except RuntimeError:  # broadcast, a shared tensor broke the forward (DeBERTa's
-                    if not expand:  # relative embeddings, repeated per sample afterwards)
+                except (RuntimeError, IndexError):  # broadcast, a shared tensor broke the
+                    # forward (DeBERTa's relative embeddings, repeated per sample afterwards; a
+                    # loss that calls the model on one sample at a time indexes a broadcast mask)
+                    if not expand:
                         raise
                     random, ok = big.random, False
                 if not ok and expand:
@@ -567,6 +608,12 @@ class GradCapture:
                     where = self._locate_mixing(loss_fn, batch, bigger, 0, b)
                     raise _mixing_error("another sample joins its batch", where)
                 if b >= 2 and not random:
+                    # the first sample's gradient in the batch: a coupling that only the backward
+                    # pass sees (``x + (m - m.detach())`` on a batch mean, a custom backward)
+                    # leaves every loss value unchanged, so it is compared with its batch of one
+                    _, l_graph = self._probe_forward(loss_fn, batch, expand, graph=True)
+                    g_batch = self._first_grad(l_graph)
+                    del l_graph
                     # samples leaving: [1:] sees a statistic its first sample decided, [:1] one that
                     # any other sample decided (a maximum is one sample's, so one of the two sees it)
                     for lo, hi, event in (
@@ -574,10 +621,17 @@ class GradCapture:
                         (0, 1, "the other samples leave its batch"),
                     ):
                         part = batch_slice(batch, lo, hi)
-                        _, l_part = self._probe_forward(loss_fn, part, expand)
+                        _, l_part = self._probe_forward(loss_fn, part, expand, graph=lo == 0)
                         if not _close(l_part, l_small[lo:hi]):
                             where = self._locate_mixing(loss_fn, batch, part, lo, hi - lo, expand)
                             raise _mixing_error(event, where)
+                        if lo == 0 and not _same_gradient(
+                            self._first_grad(l_part),
+                            g_batch,
+                            _precision(list(self.params.values())),
+                        ):
+                            raise _backward_mixing_error()
+                        del l_part
         finally:
             self._rng = None
         if random:
@@ -670,6 +724,7 @@ class GradCapture:
         self.uses, self._locals, self._counts, self._unplanned = [], [], {}, set()
         self.batch_size, self.active = b, True
         versions, saved = _snapshot_buffers(self.model)
+        attrs = _snapshot_attrs(self.model)
         weights = {n: p._version for n, p in self.model.named_parameters()}
         values = _param_state(self.model, self._rewritten)
         try:
@@ -681,6 +736,7 @@ class GradCapture:
                 self.in_backward = False
         finally:  # the model keeps no buffer value this step computed, whatever happens
             changed = _restore_buffers(self.model, saved, versions)
+            _restore_attrs(self.model, attrs)  # e.g. RecurrentGemma's last recurrent state
             through_data = self._watch.moved()
         if changed:
             raise UnsupportedLayerError(
@@ -733,12 +789,17 @@ class GradCapture:
                     )
                 except RuntimeError as err:  # a backward without a batching rule
                     plan.direct_batched = False  # not retried for this plan
-                    plan.notes.append(
+                    reaching = (
                         f"the backward pass reaching {self._names(params[:3])}"
-                        f"{', ...' if len(params) > 3 else ''} has no batching rule "
-                        f"({_first_line(err)}): their per-sample gradients take one backward "
-                        "pass per sample"
+                        f"{', ...' if len(params) > 3 else ''}"
                     )
+                    # public: the rule and the layers; the error's text (it may quote this
+                    # batch's shapes, so its Poisson size) goes to the private notes
+                    plan.notes.append(
+                        f"{reaching} has no batching rule ({type(err).__name__}): their "
+                        "per-sample gradients take one backward pass per sample"
+                    )
+                    plan.private_notes.append(f"{reaching}: {_first_line(err)}")
             if rows is None:  # one sample at a time
                 per = [
                     torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
@@ -794,7 +855,9 @@ class GradCapture:
         return {n: ", ".join(sorted(v)) or "unused" for n, v in out.items()}
 
     def summary(self) -> dict[str, Any]:
-        """How many parameters each rule covers, and the parameters on the slow path."""
+        """How many parameters each rule covers, and the parameters on the slow path; public
+        (``run.json``): layer names and rules only, nothing computed from a batch's values or
+        size (those go to :meth:`private_notes`)."""
         rules: dict[str, int] = {}
         slow = []
         for name, how in self.describe().items():
@@ -803,6 +866,11 @@ class GradCapture:
                 slow.append(name)
         notes = list(self.plan.notes) if self.plan is not None else []
         return {"rules": rules, "autograd_per_sample": slow, "notes": notes}
+
+    def private_notes(self) -> list[str]:
+        """Diagnostics computed from private batches (error texts that may quote a batch's
+        shapes): for ``private/stats.json``, never ``run.json``."""
+        return list(self.plan.private_notes) if self.plan is not None else []
 
     def _names(self, params: list[nn.Parameter]) -> str:
         return ", ".join(self.param_names.get(id(p), "?") for p in params)
@@ -847,6 +915,49 @@ def _mixing_error(event: str, where: str) -> UnsupportedLayerError:
     )
 
 
+def _same_gradient(a: list[Tensor] | None, b: list[Tensor] | None, dtype: torch.dtype) -> bool:
+    """Whether two summaries of :meth:`GradCapture._first_grad` agree (True where either is
+    missing): per parameter ``| |a_p| - |b_p| | <= tol G`` and ``|sum a_p - sum b_p| <= tol G
+    sqrt(numel_p)``, ``G`` the larger whole-gradient norm, so rounding of a near-zero parameter
+    does not count.  ``tol`` for ``dtype`` (:func:`_precision`): 1e-6 in float64, 1e-3 in float32, 5e-2 in
+    half precision (a batched product rounds differently from one row of it)."""
+    if a is None or b is None or len(a) != len(b):
+        return True
+    x, y = torch.stack(a), torch.stack(b)
+    g = max(float(x[:, 0].norm()), float(y[:, 0].norm()))
+    tol = _GRAD_TOL.get(dtype, 5e-2)
+    scale = tol * g * torch.stack([torch.ones_like(x[:, 2]), x[:, 2].sqrt()], 1)
+    return bool(((x[:, :2] - y[:, :2]).abs() <= scale + 1e-300).all())
+
+
+_GRAD_TOL = {torch.float64: 1e-6, torch.float32: 1e-3}
+
+
+def _precision(params: list[Tensor]) -> torch.dtype:
+    """The least precise float type of a gradient: float16 for half-precision parameters or
+    under CPU or CUDA autocast, float32 if any parameter is float32, else float64."""
+    for device in ("cpu", "cuda"):
+        try:
+            if torch.is_autocast_enabled(device):
+                return torch.float16
+        except (RuntimeError, TypeError):
+            continue
+    dtypes = {p.dtype for p in params}
+    if dtypes - {torch.float32, torch.float64}:
+        return torch.float16
+    return torch.float32 if torch.float32 in dtypes else torch.float64
+
+
+def _backward_mixing_error() -> UnsupportedLayerError:
+    return UnsupportedLayerError(
+        "the first sample's gradient changes when the other samples leave its batch, although "
+        "no sample's loss does: the backward pass mixes the samples of a batch (a batch "
+        "statistic added with its value cancelled, `x + (m - m.detach())`, or an "
+        "autograd.Function whose backward couples samples), so per-sample gradients do not "
+        "exist. Fix: make every layer's backward, and the loss's, act on each sample alone"
+    )
+
+
 def _per_sample_losses(losses: Any, b: int) -> Tensor:
     if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.shape[0] != b:
         shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
@@ -864,6 +975,40 @@ def _snapshot_buffers(model: nn.Module) -> tuple[dict[str, int], dict[str, Tenso
         if b is not None:
             versions[n], saved[n] = b._version, b.detach().clone()
     return versions, saved
+
+
+_Attrs = dict[int, tuple[nn.Module, dict[str, Any]]]
+
+
+def _snapshot_attrs(model: nn.Module) -> _Attrs:
+    """Every module's plain attributes that hold a tensor or None (not parameters or buffers:
+    those live in ``_parameters`` / ``_buffers``), by reference."""
+    return {
+        id(m): (m, {k: v for k, v in vars(m).items() if v is None or isinstance(v, Tensor)})
+        for m in model.modules()
+    }
+
+
+def _restore_attrs(model: nn.Module, saved: _Attrs) -> list[str]:
+    """Put back every plain tensor attribute a step set or replaced (a recurrent state of the
+    last batch, as RecurrentGemma keeps: ``(B, ...)`` tensors computed from private records,
+    outside the parameters, that a pickled or reused model object would carry); a new one is
+    removed.  Returns their names.  (A tensor attribute changed in place is not seen.)"""
+    names = {id(m): n for n, m in model.named_modules()}
+    cleared = []
+    for m in model.modules():
+        before = saved.get(id(m), (m, {}))[1]
+        for k, v in list(vars(m).items()):
+            if isinstance(v, Tensor) and before.get(k, _MISSING) is not v:
+                if k in before:
+                    m.__dict__[k] = before[k]
+                else:
+                    del m.__dict__[k]
+                cleared.append(f"{names.get(id(m), '?')}.{k}".lstrip("."))
+    return cleared
+
+
+_MISSING = object()
 
 
 def _restore_buffers(

@@ -116,12 +116,15 @@ class Plan:
     scopes: dict[ScopeKey, LocalSpec]
     direct: frozenset[int]
     verified: bool  # sample independence was checked on distinct samples
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # public (run.json): structure only
     checkable: bool = True  # False: the forward draws random numbers; losses cannot be compared
     calls: dict[int, int] = field(default_factory=dict)  # module id -> calls per forward
     modes: tuple[bool, ...] = ()  # every module's ``training`` flag when probed
     direct_batched: bool = True  # the Jacobian rows come from one vectorized backward
     direct_order: tuple[int, ...] = ()  # the directly differentiated parameters, model order
+    # data-dependent diagnostics (error texts may quote the shapes of a Poisson batch, a
+    # function of the secret coins): private/stats.json only
+    private_notes: list[str] = field(default_factory=list)
 
 
 def batch_axis(small: tuple[int, ...] | None, big: tuple[int, ...] | None, b: int) -> int | None:

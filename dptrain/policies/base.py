@@ -37,15 +37,34 @@ class StepPlan:
     clip: dict[str, float]
     noise_std: dict[str, float]
 
+    def __post_init__(self) -> None:
+        if set(self.clip) != set(self.noise_std):
+            raise ValueError(
+                f"a step plan needs a clip and a noise std for the same groups; clip has "
+                f"{sorted(self.clip)}, noise_std {sorted(self.noise_std)}"
+            )
+        bad = {
+            g: (c, self.noise_std[g])
+            for g, c in self.clip.items()
+            if not (c >= 0 and self.noise_std[g] >= 0)  # also refuses NaN
+        }
+        if bad:
+            raise ValueError(
+                f"a step plan needs clip C_g >= 0 and noise std s_g >= 0 (no NaN); got "
+                f"(C_g, s_g) = {bad}: fix the policy's clip / noise settings"
+            )
+
     @property
     def noise_multiplier(self) -> float:
-        """``sigma_eff = 1 / sqrt(sum_g (C_g / s_g)^2)``; 0 if some group is noiseless."""
+        """``sigma_eff = 1 / sqrt(sum_g (C_g / s_g)^2)`` over the groups with ``C_g > 0`` (a
+        group clipped at 0 releases nothing); 0 if such a group is noiseless or unclipped,
+        inf if no group releases anything."""
         total = 0.0
         for g, c in self.clip.items():
             s = self.noise_std[g]
-            if s <= 0:
-                return 0.0 if c > 0 else math.inf
-            if math.isinf(c):
+            if c == 0:
+                continue
+            if s == 0 or math.isinf(c):
                 return 0.0
             total += (c / s) ** 2
         return math.inf if total == 0 else 1.0 / math.sqrt(total)

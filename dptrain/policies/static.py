@@ -35,6 +35,9 @@ def split_clip(
         raise ValueError(
             f"group_clip names unknown groups {sorted(unknown)}; the groups are {groups}"
         )
+    bad = {g: c for g, c in group_clip.items() if not c >= 0}
+    if bad:
+        raise ValueError(f"group_clip values must be >= 0 (0: the group is not trained), got {bad}")
     if not group_clip:
         return dict.fromkeys(groups, float(clip) / math.sqrt(len(groups)))
     missing = [g for g in groups if g not in group_clip]

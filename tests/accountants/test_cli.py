@@ -247,3 +247,13 @@ def test_calibrate_unreachable_target_is_an_error_and_a_bug_is_a_bug(capsys, mon
                 "100",
             ]
         )
+
+
+def test_epsilon_at_a_delta_below_the_pld_floor_is_a_user_error(capsys) -> None:
+    code, out, err = run(
+        capsys, "epsilon", "--sample-rate", "1", "--noise-multiplier", "5", "--steps", "1000",
+        "--delta", "1e-12", "--accountant", "pld",
+    )  # fmt: skip
+    assert code == 2 and out == ""
+    assert "floating-point floor" in err and "'rdp' accountant" in err
+    assert "Traceback" not in err

@@ -119,3 +119,35 @@ def test_prv_guard_catches_bounds_below_the_pld(monkeypatch) -> None:
     with pytest.warns(PrvFallbackWarning, match="below the pessimistic PLD"):
         eps = acc.epsilon(events, DELTA)
     assert eps == PldAccountant().epsilon(events, DELTA)
+
+
+def _gaussian_epsilon(delta: float, s: float) -> float:
+    """Exact epsilon of the Gaussian mechanism (sensitivity 1, std ``s``) at ``delta``
+    (Balle & Wang 2018), by bisection on its closed-form delta in log space."""
+    from scipy.optimize import brentq
+    from scipy.special import log_ndtr
+
+    def d(eps: float) -> float:
+        la, lb = log_ndtr(1 / (2 * s) - eps * s), log_ndtr(-1 / (2 * s) - eps * s)
+        return math.exp(la) * -math.expm1(min(0.0, eps + lb - la)) - delta
+
+    hi = 1.0
+    while d(hi) > 0:
+        hi *= 2
+    return brentq(d, 0.0, hi, xtol=1e-12)
+
+
+@pytest.mark.parametrize("delta", [1e-12, 1e-10])
+def test_pld_never_below_the_exact_gaussian_at_tiny_delta(delta):
+    """1000 full-batch steps of sigma 5 are one Gaussian of std 5 / sqrt(1000): the PLD bound
+    is at least its exact epsilon, or the delta is refused as below the FFT floor (before the
+    floor it reported 63.8161 < 63.8187 at delta 1e-12)."""
+    from accountants.pld import DeltaBelowFloorError
+
+    events = [Event(1.0, 5.0, 1000)]
+    exact = _gaussian_epsilon(delta, 5.0 / math.sqrt(1000))
+    try:
+        assert PldAccountant().epsilon(events, delta) >= exact
+    except DeltaBelowFloorError:
+        assert delta < 1e-10
+    assert PldAccountant().delta(events, exact) >= delta

@@ -6,11 +6,13 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from attacks.bounds import gaussian_epsilon
-from attacks.people import audit_people
+from attacks.metrics import roc_of
+from attacks.people import audit_people, person_scores
 from dptrain.cli import main
 from dptrain.data import load_texts
 from dptrain.data.canaries import read_manifest
@@ -89,3 +91,24 @@ def test_a_record_level_run_is_refused(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"status": "finished", "privacy_unit": "record"}))
     with pytest.raises(InputError, match="protects records, not people"):
         audit_people(tmp_path)
+
+
+def test_person_scores_do_not_rank_record_counts():
+    """Members with 1 record, non-members with 8, every record's drop from one distribution
+    with a positive mean (training on the domain helps non-members too): the old sum ranks
+    the counts (AUC near 0), the per-person mean does not (AUC near 1/2)."""
+    rng = np.random.default_rng(0)
+    people, sizes = 400, np.r_[np.ones(200, int), np.full(200, 8)]
+    owner = np.repeat(np.arange(people), sizes)
+    values = rng.normal(1.0, 1.0, len(owner))
+    values[::7] = np.nan  # an unscored record (responses cut off) is skipped
+    scored = ~np.isnan(values)
+    is_member = np.arange(people) < 200
+    held = np.bincount(owner[scored], minlength=people) > 0
+    total = np.bincount(owner[scored], values[scored], minlength=people)
+    assert roc_of(total[held], is_member[held]).auc < 0.1
+    mean = person_scores(owner, values, scored, people)
+    assert np.isnan(mean[~held]).all() and not np.isnan(mean[held]).any()
+    assert abs(roc_of(mean[held], is_member[held]).auc - 0.5) < 0.1
+    first = owner == 201
+    assert mean[201] == pytest.approx(np.nanmean(values[first]))

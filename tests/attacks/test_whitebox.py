@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from accountants import Budget
+from attacks.bounds import ceilings
 from attacks.planted import run_one
 from attacks.whitebox import Canaries, whitebox_audit
 from dptrain.engine import PrivacyEngine
@@ -138,6 +139,19 @@ def test_perfect_attacker_and_ratio_are_reported():
         r["bounds"]["fdp"]["epsilon"] / p["fdp"]
     )
     assert r["ceiling"]["fdp"] > p["fdp"]
+
+
+def test_delta_bounds_are_tested_at_the_delta_the_guarantee_is_stated_at():
+    """The claim is (epsilon, delta_total): the (eps, delta) bounds use delta_total, the
+    claimed epsilon stays the accountant's at its delta."""
+    r = whitebox_audit(engine(), 1, canaries=100, delta=1e-5, delta_total=1e-3, simulations=0)
+    assert r["delta"] == 1e-5 and r["delta_total"] == 1e-3
+    assert r["ceiling"]["fdp"] == pytest.approx(ceilings(100, 1e-3, 0.95)["fdp"])
+    assert r["ceiling"]["fdp"] != pytest.approx(ceilings(100, 1e-5, 0.95)["fdp"])
+    default = whitebox_audit(engine(), 1, canaries=100, delta=1e-5, simulations=0)
+    assert default["delta_total"] >= 1e-5  # plus the noise sampler's truncation term
+    with pytest.raises(ValueError, match="delta_total"):
+        whitebox_audit(engine(), 1, canaries=100, delta=1e-5, delta_total=1e-6, simulations=0)
 
 
 def test_refusals_name_the_fix():

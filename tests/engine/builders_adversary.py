@@ -789,3 +789,303 @@ def more_hf_case(arch: str) -> Case:
         else loss
     )
     return Case(_frozen(lambda: B.build_hf(cls, over), FROZEN.get(arch, ())), batch, loss)
+
+
+# -- exact4: losses that couple samples, peft beyond LoRA, parametrizations, hooks ----------------
+# (issue exact4; the coupled losses are refusals judged in ``test_exact_adversary``)
+
+
+def smoothed_ce(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """Cross-entropy with label smoothing, one loss per sample (per-sample: no coupling)."""
+    x, y = batch
+    return F.cross_entropy(model(x), y.argmax(1), label_smoothing=0.1, reduction="none")
+
+
+def siamese_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """The model called twice per step (on ``x`` and on ``x`` reversed), both outputs in one
+    per-sample loss: two calls of every layer, each per-sample."""
+    x, y = batch
+    a, b = model(x), model(x.flip(1))
+    return (a - b).pow(2).sum(1) + (a - y).pow(2).sum(1)
+
+
+def infonce_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """In-batch contrastive loss: every other sample's target is a negative (couples samples)."""
+    x, y = batch
+    z, t = F.normalize(model(x), dim=1), F.normalize(y, dim=1)
+    return F.cross_entropy(z @ t.T / 0.5, torch.arange(x.shape[0]), reduction="none")
+
+
+def centered_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """Squared error of the batch-centered output ``o - o.mean(0)`` (couples samples)."""
+    x, y = batch
+    o = model(x)
+    return (o - o.mean(0) - y).pow(2).sum(1)
+
+
+def batch_normalized_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """Each squared error divided by the batch's (detached) total: a batch statistic."""
+    x, y = batch
+    e = (model(x) - y).pow(2).sum(1)
+    return e / e.detach().sum()
+
+
+def straight_through_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """``o + (m - m.detach())`` with ``m`` the batch mean: every loss value is the sample's own,
+    its gradient is not (the coupling only the backward pass sees)."""
+    x, y = batch
+    o = model(x)
+    m = o.mean(0)
+    return (o + (m - m.detach()) - y).pow(2).sum(1)
+
+
+class StraightThroughMean(nn.Module):
+    """The straight-through batch mean inside the model."""
+
+    def forward(self, h: Tensor) -> Tensor:
+        m = h.mean(0)
+        return h + (m - m.detach())
+
+
+class HookedLinears(nn.Module):
+    """A forward hook replacing a Linear's output (scaled by a parameter of its module) and a
+    pre-hook replacing the next one's input: the hooks change what the layers compute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+        self.a.scale = nn.Parameter(torch.ones(5))
+        self.a.register_forward_hook(lambda m, i, o: o * m.scale + 1)
+        self.b.register_forward_pre_hook(lambda m, i: (torch.tanh(i[0]) * 3,))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.b(self.a(x))))
+
+
+class ParamSlices(nn.Module):
+    """``F.linear`` on two row slices of one parameter and on a reshaped flat parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 4))
+        self.flat = nn.Parameter(torch.randn(20))
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(F.linear(x, self.w[:5])) + F.linear(x, self.w[5:]).sum(1, keepdim=True)
+        return self.head(h * torch.tanh(F.linear(x, self.flat.view(5, 4))))
+
+
+class SharedByAssignment(nn.Module):
+    """``b.weight = a.weight`` and ``c.bias = a.bias``: one parameter in two Linear modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4, bias=False)
+        self.c, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.b.weight, self.c.bias = self.a.weight, self.a.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.c(torch.tanh(self.b(x)))) + self.a(x))
+
+
+class DetachedPath(nn.Module):
+    """A Linear called on a detached input and on the same input with gradient, and a module
+    called under ``torch.no_grad`` as a gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        with torch.no_grad():
+            gate = torch.sigmoid(self.c(h))
+        return self.head(self.b(h.detach()) * self.b(h) * gate + self.c(h))
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+class _Affine(nn.Module):
+    def forward(self, w: Tensor) -> Tensor:
+        return 2 * w + w.pow(2)
+
+
+def _parametrized(kind: str) -> nn.Module:
+    """torch.nn.utils.parametrize: weight norm, orthogonal, spectral norm (eval mode: its power
+    iteration is frozen; in train mode it changes the model at every forward, so the loop
+    itself is not deterministic), a user parametrization used under ``parametrize.cached``."""
+    from torch.nn.utils import parametrizations as P
+    from torch.nn.utils import parametrize
+
+    m = _mlp()
+    if kind == "weight-norm":
+        P.weight_norm(m[0])
+        P.weight_norm(m[2], dim=1)
+    elif kind == "orthogonal":
+        P.orthogonal(m[2])
+    elif kind == "spectral-norm":
+        P.spectral_norm(m[0])
+    else:
+        parametrize.register_parametrization(m[2], "weight", _Affine())
+        parametrize.register_parametrization(m[2], "bias", _Affine())
+    return _CachedParams(m) if kind == "cached" else m
+
+
+class _CachedParams(nn.Module):
+    def __init__(self, m: nn.Module) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, x: Tensor) -> Tensor:
+        from torch.nn.utils import parametrize
+
+        with parametrize.cached():  # the parametrized weight computed once, used twice
+            return self.m(x) + self.m[4](torch.tanh(self.m[2](torch.tanh(self.m[0](x)))))
+
+
+def _eval(build: Any) -> Any:
+    def make() -> nn.Module:
+        return build().eval()
+
+    return make
+
+
+class TokenMix(nn.Module):
+    """Embedding, Conv1d, Linear and head: targets for every peft adapter kind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.conv = nn.Embedding(11, 6), nn.Conv1d(6, 6, 3, padding=1)
+        self.fc, self.head = nn.Linear(6, 6), nn.Linear(6, 11)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = torch.tanh(self.conv(self.emb(ids).transpose(1, 2)).transpose(1, 2))
+        return self.head(torch.tanh(self.fc(h)))
+
+
+def _peft(config: Any, second: Any = None) -> Any:
+    """``config`` on :class:`TokenMix`; with ``second``, a second adapter added and made the
+    active one (``set_adapter``: only it trains)."""
+
+    def make() -> nn.Module:
+        import peft
+
+        model = _seeded(TokenMix)()
+        torch.manual_seed(1)
+        model = peft.get_peft_model(model, config())
+        if second is not None:
+            model.add_adapter("second", second())
+            model.set_adapter("second")
+        return model.double().train()
+
+    return make
+
+
+def _lora(**kw: Any) -> Any:
+    from peft import LoraConfig
+
+    return lambda: LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, lora_dropout=0.0, **kw)
+
+
+def _peft_kind(name: str, **kw: Any) -> Any:
+    def config() -> Any:
+        import peft
+
+        return getattr(peft, name)(**kw)
+
+    return config
+
+
+EXACT4_CASES: dict[str, Case] = {
+    "loss-label-smoothing": Case(_seeded(_mlp), regression((4,), 3), smoothed_ce),
+    "loss-siamese-two-calls": Case(_seeded(_mlp), regression((4,), 3), siamese_loss),
+    "forward-hooks": Case(_seeded(HookedLinears), regression((4,), 3), mse_loss),
+    "param-slices-and-view": Case(_seeded(ParamSlices), regression((4,), 3), mse_loss),
+    "shared-by-assignment": Case(_seeded(SharedByAssignment), regression((4,), 3), mse_loss),
+    "detached-and-no-grad-paths": Case(_seeded(DetachedPath), regression((4,), 3), mse_loss),
+    **{
+        f"parametrize-{k}": Case(
+            _eval(_seeded(lambda k=k: _parametrized(k)))
+            if k == "spectral-norm"
+            else _seeded(lambda k=k: _parametrized(k)),
+            regression((4,), 3),
+            mse_loss,
+        )
+        for k in ("weight-norm", "orthogonal", "spectral-norm", "cached")
+    },
+    "peft-rslora": Case(
+        _peft(_lora(target_modules=["fc", "head"], use_rslora=True)), seq_tokens(5), seq_ce_loss
+    ),
+    "peft-dora-conv-embedding": Case(
+        _peft(_lora(target_modules=["emb", "conv", "fc"], use_dora=True)),
+        seq_tokens(5),
+        seq_ce_loss,
+    ),
+    "peft-lora-bias-all": Case(
+        _peft(_lora(target_modules=["fc", "head"], bias="all")), seq_tokens(5), seq_ce_loss
+    ),
+    "peft-two-adapters-set-adapter": Case(
+        _peft(_lora(target_modules=["fc", "head"]), _lora(target_modules=["fc", "conv"])),
+        seq_tokens(5),
+        seq_ce_loss,
+    ),
+    "peft-modules-to-save-conv": Case(
+        _peft(_lora(target_modules=["fc"], modules_to_save=["conv"])), seq_tokens(5), seq_ce_loss
+    ),
+    "peft-loha": Case(
+        _peft(
+            _peft_kind(
+                "LoHaConfig", r=2, alpha=4, target_modules=["fc", "conv"], init_weights=False
+            )
+        ),
+        seq_tokens(5),
+        seq_ce_loss,
+    ),
+    "peft-lokr": Case(
+        _peft(
+            _peft_kind(
+                "LoKrConfig", r=2, alpha=4, target_modules=["fc", "head"], init_weights=False
+            )
+        ),
+        seq_tokens(5),
+        seq_ce_loss,
+    ),
+    "peft-vera": Case(
+        _peft(_peft_kind("VeraConfig", r=2, target_modules=["fc", "head"], init_weights=False)),
+        seq_tokens(5),
+        seq_ce_loss,
+    ),
+    "peft-oft": Case(
+        _peft(
+            _peft_kind(
+                "OFTConfig", r=2, oft_block_size=0, target_modules=["fc"], init_weights=False
+            )
+        ),
+        seq_tokens(5),
+        seq_ce_loss,
+    ),
+}
+
+# losses and models that couple samples: the engine must refuse them (no layer to name: the
+# coupling is in the loss, or in a backward pass whose values hide it)
+EXACT4_COUPLED: dict[str, Case] = {
+    "loss-infonce-in-batch-negatives": Case(_seeded(_mlp), regression((4,), 3), infonce_loss),
+    "loss-batch-centered": Case(_seeded(_mlp), regression((4,), 3), centered_loss),
+    "loss-divided-by-batch-total": Case(_seeded(_mlp), regression((4,), 3), batch_normalized_loss),
+    "loss-straight-through-batch-mean": Case(
+        _seeded(_mlp), regression((4,), 3), straight_through_loss
+    ),
+    "layer-straight-through-batch-mean": Case(
+        _seeded(
+            lambda: nn.Sequential(
+                nn.Linear(4, 5), nn.Tanh(), StraightThroughMean(), nn.Linear(5, 3)
+            )
+        ),
+        regression((4,), 3),
+        mse_loss,
+    ),
+}

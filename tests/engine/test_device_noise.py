@@ -19,6 +19,7 @@ from dptrain.device_noise import (
     NoiseBackendError,
     leading_zeros_128,
     normals_from_keystream,
+    piece_spans,
 )
 from dptrain.noise import RADIUS_MAX, GaussianNoise, normals_from_words
 from dptrain.secret import RunKey
@@ -178,6 +179,14 @@ def test_device_values_do_not_depend_on_chunking_or_on_joint_draws():
     for i, z in enumerate(first):
         assert torch.equal(z, stream[2 * at : 2 * at + z.numel()] * (1.0 + i))
         at += (z.numel() + 1) // 2
+
+
+def test_piece_spans_cut_a_chunk_at_the_pieces_and_carry_the_first_open_one():
+    out = torch.empty(0)
+    pieces = [(0, 3, out, 1.0), (2, 4, out, 1.0), (4, 1, out, 1.0)]  # normals 0-2, 4-7, 8
+    assert piece_spans(pieces, 2, 6) == (0, [(0, 2, 3), (1, 4, 6)])  # 3 is piece 0's padding
+    assert piece_spans(pieces, 6, 10, 0) == (1, [(1, 6, 8), (2, 8, 9)])
+    assert piece_spans(pieces, 9, 12, 1) == (3, [])
 
 
 def test_draws_round_from_float64_to_the_dtype_and_zero_std_draws_nothing():

@@ -141,3 +141,28 @@ def test_a_new_server_run_continues_every_clients_ledger(tmp_path):
             shutil.rmtree(f) if f.is_dir() else f.unlink()
     with pytest.raises(RunKeyError, match="holds no run any more"):
         simulate(parse_recipe(tiny_recipe(tmp_path, "first", federated={"rounds": 1})))
+
+
+def test_a_failing_clients_error_text_stays_on_the_client(tmp_path, capsys):
+    """An exception's message can quote private data (here the person id of one of the
+    client's records); Flower would send it to the server as the failure's reason."""
+    data = tmp_path / "own.jsonl"
+    data.write_text(
+        "".join(f'{{"patient": "p{i}", "text": "note {i}"}}\n' for i in range(20))
+        + '{"patient": 4242.5, "text": "a note whose person id is a fraction"}\n'
+    )
+    d = tiny_recipe(tmp_path, federated={"rounds": 1, "min_clients": 1})
+    root = tmp_path / "clients"
+    own = {
+        1: ClientConfig(root / "client-1", epsilon=8.0, data_path=str(data), privacy_unit="patient")
+    }
+    simulate(parse_recipe(d), clients=own)
+    captured = capsys.readouterr()
+    (r1,) = RunDir(tmp_path / "run").read_metrics()
+    assert r1["clients"]["0"]["status"] == "trained" and "1" not in r1["clients"]
+    (reason,) = r1["failures"].values()
+    assert "its error stays on the client" in reason
+    assert "4242" not in captured.out
+    for f in (tmp_path / "run").rglob("*"):
+        assert not f.is_file() or b"4242" not in f.read_bytes(), f
+    assert "4242.5" in captured.err  # the client's own log says what went wrong

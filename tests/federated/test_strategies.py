@@ -324,3 +324,20 @@ def test_client_level_dp_clips_each_update_and_charges_one_event_per_round(tmp_p
     s.aggregate_train(2, [])
     assert s.ledger.total_steps == 2
     assert s.reports[2].client_dp_epsilon > s.reports[1].client_dp_epsilon
+
+
+def test_client_level_dp_drops_a_non_finite_update_instead_of_adding_it(tmp_path, task_identity):
+    """``min(1, C / nan)`` is 1: a NaN update would enter the sum unclipped, and the released
+    mean would tell whether that client took part (no bounded sensitivity).  Dropped, it
+    contributes 0, within ``C``, and the honest update is released as if alone."""
+    dp = {"clip": 0.5, "noise_multiplier": 1e-9, "sample_rate": 1.0, "delta": 1e-3}
+    s = strategy_for(tmp_path, strategy="dp_lora", clients=2, min_clients=2, client_dp=dp)
+    g0 = {k: torch.zeros_like(v).float() for k, v in adapters(0).items()}
+    s.current, s.sent = g0, [1, 2]
+    broken = {k: torch.full_like(v, math.nan) for k, v in g0.items()}
+    honest = {k: torch.full_like(v, 0.001) for k, v in g0.items()}
+    arrays, _ = s.aggregate_train(1, [update(1, 0, broken, 5), update(2, 1, honest, 5)])
+    new = arrays.to_torch_state_dict()
+    assert all(torch.isfinite(v).all() for v in new.values())
+    for k, v in new.items():
+        assert torch.allclose(v * 2, honest[k], atol=1e-6)  # p K = 2: only the honest update

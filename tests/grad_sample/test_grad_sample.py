@@ -253,9 +253,10 @@ def test_direct_path_without_batching_rule_is_remembered_and_exact():
     for step in range(2):
         _Square.calls = 0
         recorded, _ = cap.run(loss, batch)
-        # step 1: the failed vectorized attempt, B single backward passes, the batch's backward;
+        # step 1: the probe's two backward passes (the first sample's gradient in the batch and
+        # alone), the failed vectorized attempt, B single backward passes, the batch's backward;
         # step 2: the plan remembers the failure
-        assert _Square.calls == (b + 2 if step == 0 else b + 1)
+        assert _Square.calls == (b + 4 if step == 0 else b + 1)
         got = per_sample_grads(recorded)
         ref = loop_per_sample_grads(model, loss, batch)
         assert set(got) == set(ref)
@@ -264,7 +265,13 @@ def test_direct_path_without_batching_rule_is_remembered_and_exact():
     names = [cap.param_names[i] for i in cap.plan.direct_order]
     assert names == ["temp", "temp2"]  # model order, computed once in the plan
     assert not cap.plan.direct_batched
-    assert any("no batching rule" in n for n in cap.summary()["notes"])
+    notes = cap.summary()["notes"]
+    assert any("no batching rule" in n for n in notes)
+    # run.json is public: the error's text (it may quote the Poisson batch's shapes) is private
+    (private,) = cap.private_notes()
+    error = private.split(": ", 1)[1]
+    assert error and not any(error in n for n in notes)
+    assert not any(str(b) in n.replace("temp2", "") for n in notes)  # no batch size either
     cap.detach()
 
 
@@ -388,3 +395,40 @@ def test_buffer_updated_after_planning_is_refused_and_restored(via_data):
     with pytest.raises(UnsupportedLayerError, match=r"buffers mean were updated.*restored.*Fix"):
         cap.run(_loss, batch)
     assert torch.equal(model.mean, before)
+
+
+class _KeepsState(nn.Module):
+    """Keeps its last output on itself, as RecurrentGemma keeps its last recurrent state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.fixed = torch.zeros(2)  # a plain tensor attribute set before any step
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lin(x)
+        self.state = out.detach()  # (B, 2): computed from the private batch
+        self.fixed = out.detach()[0]
+        return out
+
+
+def test_tensor_attributes_a_step_sets_are_cleared():
+    torch.manual_seed(0)
+    model = _KeepsState()
+    fixed = model.fixed
+    cap = GradCapture(model)
+    cap.attach()
+
+    def loss(m, batch):
+        return (m(batch[0]) * batch[1]).sum(1)
+
+    batch = (torch.randn(3, 3), torch.randn(3, 2))
+    for _ in range(2):  # the planning step (probes) and a planned one
+        recorded, _ = cap.run(loss, batch)
+        assert not hasattr(model, "state") and model.fixed is fixed
+        got, ref = per_sample_grads(recorded), loop_per_sample_grads(model, loss, batch)
+        for p, expected in ref.items():
+            assert_close_rel(got[p], expected, what=str(tuple(p.shape)))
+        del model.state
+        model.fixed = fixed
+    cap.detach()

@@ -394,3 +394,18 @@ def test_learn_every_spaces_the_sac_update_rounds_on_one_thread():
     assert updates[1] == (4, [False] * 3 + [True] * 4)  # from learning_starts = 4 on
     assert updates[3] == (1, [False] * 5 + [True, False])  # transitions 6 (not 3: < 4)
     assert seen == {AGENT_THREADS} and torch.get_num_threads() == run_threads
+
+
+@pytest.mark.parametrize(
+    ("kw", "key"),
+    [
+        ({"clip": float("inf")}, "policy.clip"),
+        ({"clip": -1.0}, "policy.clip"),
+        ({"noise_multiplier": 0.0}, "policy.noise_multiplier"),
+        ({"noise_multiplier": float("nan")}, "policy.noise_multiplier"),
+    ],
+)
+def test_bad_clip_or_sigma_ref_is_refused_with_the_key_and_the_fix(kw, key):
+    # sigma_ref = 0 (recipe-legal with epsilon .inf) used to end in a ZeroDivisionError mid-step
+    with pytest.raises(RecipeError, match=rf"{key}.*Fix"):
+        RLPolicy(**{"clip": 1.0, **kw})

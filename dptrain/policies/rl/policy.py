@@ -17,6 +17,7 @@ from accountants import Ledger
 from accountants.calibrate import EpsilonUnreachableError
 from accountants.rdp import RdpAccountant
 
+from ...errors import RecipeError
 from ...losses import perplexity
 from ..base import NoiseFn, Policy, RunContext, StepContext, StepPlan, StepSums
 from ..registry import check_accountant
@@ -69,8 +70,21 @@ class RLPolicy(Policy):
         noise_multiplier: float | None = None,
         rl: RLConfig | dict[str, Any] | None = None,
     ) -> None:
-        if not clip > 0:
-            raise ValueError(f"clip must be > 0, got {clip}")
+        if not (clip > 0 and math.isfinite(clip)):
+            raise RecipeError(
+                f"policy.clip: policy rl needs a finite clip > 0 (its agent scales it), got "
+                f"{clip}. Fix: give a finite clip; a non-private baseline (clip .inf) is "
+                "policy: static with noise_multiplier: 0"
+            )
+        if noise_multiplier is not None and not (
+            noise_multiplier > 0 and math.isfinite(noise_multiplier)
+        ):
+            raise RecipeError(
+                f"policy.noise_multiplier: policy rl scales its noise around sigma_ref = "
+                f"noise_multiplier, which must be finite and > 0, got {noise_multiplier}. Fix: "
+                "omit it to calibrate it from privacy.epsilon; a non-private baseline "
+                "(noise_multiplier 0) is policy: static"
+            )
         self.cfg = rl if isinstance(rl, RLConfig) else RLConfig.model_validate(rl or {})
         if self.cfg.init_from is not None:
             warm.check_source(self.cfg.init_from)
