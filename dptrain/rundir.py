@@ -127,6 +127,7 @@ class RunDir:
         """Hold an exclusive ``flock`` on ``.lock`` (creating the directory) while the block
         runs; another process holding it is refused with its pid.  The kernel drops the lock
         when the holder exits, even on SIGKILL, so a stale ``.lock`` file never blocks."""
+        created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
@@ -153,6 +154,9 @@ class RunDir:
             yield
         finally:
             os.close(fd)  # releases the lock
+            if created and [p.name for p in self.path.iterdir()] == [".lock"]:
+                self.lock_file.unlink()  # a run refused before writing anything leaves no
+                self.path.rmdir()  # directory behind
 
     def started(self) -> bool:
         """Whether anything of a run was ever written here beyond its recipe, README and key
