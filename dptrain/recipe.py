@@ -591,7 +591,7 @@ def load_recipe(
     if not path.exists():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_StrictLoader)
     except yaml.YAMLError as err:
         raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
@@ -611,6 +611,37 @@ def load_recipe(
             f"`dptrain {recipe.command} {path}`"
         )
     return recipe
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping: plain YAML keeps the
+    last silently, so a second ``privacy:`` section would replace the first's epsilon."""
+
+
+def _unique_keys(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            again = key in seen
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            continue
+        if again:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"key {key!r} is given twice (lines {seen[key]} and {line}); YAML would "
+                "silently keep the last. Fix: merge them into one",
+                key_node.start_mark,
+            )
+        seen[key] = line
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_keys)
 
 
 _PATH_KEYS = ("data.path", "data.validation_path", "data.public_path")

@@ -25,6 +25,8 @@ Layout (``README.txt`` in the directory says the same: what may be published)::
                          state such as an error-feedback buffer, noise position)
     canaries.secret.json PRIVATE (with data.canaries). The audit canaries' secrets
     audit/               PRIVATE. Attack reports on private records
+    .lock                held (flock) by the process training in the directory: a second
+                         ``dptrain train`` into it is refused instead of interleaving files
 
 Every file is written atomically: to a temporary name in the same directory, flushed and
 fsynced, then renamed over the target, so a crash leaves the old file or the new, never half.
@@ -32,10 +34,13 @@ fsynced, then renamed over the target, so a crash leaves the old file or the new
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +117,46 @@ class RunDir:
     checkpoints = property(lambda self: self.path / "checkpoints")
     final = property(lambda self: self.path / "final")
 
+    lock_file = property(lambda self: self.path / ".lock")
+
     def exists(self) -> bool:
         return self.meta.exists()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold an exclusive ``flock`` on ``.lock`` (creating the directory) while the block
+        runs; another process holding it is refused with its pid.  The kernel drops the lock
+        when the holder exits, even on SIGKILL, so a stale ``.lock`` file never blocks."""
+        created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as err:
+            raise CheckpointError(
+                f"cannot write to the run directory {self.path} ({err.strerror}). Fix: make it "
+                "writable, or choose another output_dir / --output."
+            ) from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise CheckpointError(
+                    f"{self.path} is in use by another dptrain process (pid {holder}): two runs "
+                    "in one directory would overwrite each other's checkpoints and ledger. Fix: "
+                    "wait for it to finish (then --resume if needed), or choose another "
+                    "output_dir / --output."
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+            if created and [p.name for p in self.path.iterdir()] == [".lock"]:
+                self.lock_file.unlink()  # a run refused before writing anything leaves no
+                self.path.rmdir()  # directory behind
 
     def started(self) -> bool:
         """Whether anything of a run was ever written here beyond its recipe, README and key

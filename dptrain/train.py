@@ -35,6 +35,7 @@ delta includes the noise sampler's truncation term (:func:`dptrain.noise.truncat
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import sys
@@ -154,6 +155,22 @@ def train(
     ``cross_check=False`` skips the other accountants' epsilon in run.json (for audit shadow
     models, which are never released)."""
     distributed.init_from_env(recipe.training.device)
+    run = RunDir(recipe.run_dir(run_dir))
+    # rank 0 writes the directory, so it alone holds the lock (a resume of a directory that
+    # does not exist is left to prepare's error rather than creating it)
+    locked = distributed.is_main() and (run.path.exists() or not resume)
+    with run.exclusive() if locked else contextlib.nullcontext():
+        return _train(recipe, run_dir, resume, progress, max_steps_this_session, cross_check)
+
+
+def _train(
+    recipe: Recipe,
+    run_dir: str | Path | None,
+    resume: bool,
+    progress: bool,
+    max_steps_this_session: int | None,
+    cross_check: bool,
+) -> RunResult:
     prep = prepare(recipe, run_dir, resume=resume)
     distributed.barrier()  # every rank has validated the run directory before rank 0 writes
     try:

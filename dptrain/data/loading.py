@@ -299,6 +299,8 @@ def _load(
     texts, ids = _drop_empty(texts, ids, p, extra)
     if not texts:
         raise DataError(f"{p}: no records found (format {fmt!r})")
+    if extra is None:  # load_field re-reads the records of a load_texts that warned
+        _warn_duplicates(texts, p)
     ids = content_ids(texts, ids)
     _check_unique(ids, p)
     return TextDataset(texts, ids)
@@ -653,6 +655,27 @@ def _drop_empty(
     else:  # load_field re-reads the records of a load_texts that warned
         extra.keep(keep)
     return [texts[i] for i in keep], [ids[i] for i in keep]
+
+
+def _warn_duplicates(texts: list[str], p: Path) -> None:
+    """Records with identical text stay separate privacy units (distinct ids and coins), so a
+    text present k times is protected only by group privacy over k records: warn, with the
+    counts on the console only (statistics of the data)."""
+    copies = Counter(texts)
+    repeated = len(texts) - len(copies)
+    if not repeated:
+        return
+    largest = max(copies.values())
+    warnings.warn(
+        InputWarning(
+            f"{p}: {repeated} record(s) repeat the text of an earlier one (up to {largest} "
+            f"copies of one text); each copy is its own privacy unit, so a text present k times "
+            "is protected only as a group of k records (epsilon grows about k-fold). Fix: "
+            "deduplicate the file if the copies hold the same person's data (these counts are "
+            "shown here, not written to the run directory)"
+        ),
+        stacklevel=4,  # the caller of load_texts
+    )
 
 
 def _parse_lines(text: str) -> tuple[list[str], list[str | None]]:

@@ -379,3 +379,41 @@ def test_audit_of_a_federated_run_says_what_to_audit(tmp_path, capsys):
     assert "is a federated run, not a `dptrain train` run" in err
     assert "dptrain epsilon --run runs/federated_tiny-clients/client-K" in err
     assert "ledger file" not in err and "Traceback" not in err
+
+
+def test_a_second_run_into_a_busy_directory_is_refused(tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+
+    run = RunDir(tmp_path / "run")
+    hold = "import sys, time; from dptrain.rundir import RunDir\n"
+    hold += "with RunDir(sys.argv[1]).exclusive():\n    print('held', flush=True); time.sleep(60)"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(run.path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        path = recipe(tmp_path)
+        err = fails(capsys, "train", str(path), "--no-progress")
+        assert f"in use by another dptrain process (pid {holder.pid})" in err
+        assert "choose another output_dir" in err
+        assert not run.started() and not run.key.exists()  # nothing written, nothing lost
+        err = fails(capsys, "train", str(path), "--resume", str(run.path), "--no-progress")
+        assert "in use by another dptrain process" in err
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with run.exclusive():  # the kernel dropped the killed holder's lock: .lock is not stale
+        assert run.lock_file.read_text().strip() == str(__import__("os").getpid())
+
+
+def test_duplicate_texts_are_kept_with_a_group_privacy_warning(tmp_path):
+    from dptrain.data import load_texts
+    from dptrain.errors import InputWarning
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b"}\n{"text": "a"}\n{"text": "a"}\n')
+    with pytest.warns(InputWarning, match=r"2 record\(s\) repeat .*up to 3 copies"):
+        ds = load_texts(path)
+    assert ds.texts == ["a", "b", "a", "a"] and len(set(ds.ids)) == 4

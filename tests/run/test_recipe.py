@@ -114,6 +114,26 @@ def test_missing_and_invalid_files(tmp_path):
         load_recipe(bad)
 
 
+def test_a_key_given_twice_is_refused_not_silently_replaced(tmp_path):
+    text = (ROOT / "recipes" / "tiny.yaml").read_text()
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(text + "privacy:\n  epsilon: 100.0\n")  # a second privacy section
+    with pytest.raises(RecipeError, match=r"key 'privacy' is given twice \(lines \d+ and \d+\)"):
+        load_recipe(twice)
+    inline = tmp_path / "inline.yaml"
+    inline.write_text(text.replace("clip: 1.0", "clip: 1.0\n  clip: 50.0"))
+    with pytest.raises(RecipeError, match=r"'clip' is given twice.*Fix: merge them"):
+        load_recipe(inline)
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(text.replace("lora: null", "lora: {r: 2, r: 4}"))
+    with pytest.raises(RecipeError, match="'r' is given twice"):
+        load_recipe(flow)
+    anchors = tmp_path / "anchors.yaml"  # merge keys may still override what they merge
+    anchors.write_text(text.replace("lora: null", "x: &l {r: 2}\nlora: {<<: *l, r: 4}"))
+    with pytest.raises(RecipeError, match="x: unknown key"):
+        load_recipe(anchors)
+
+
 def test_fingerprint_ignores_resumable_keys():
     a = parse_recipe(base())
     d = base()
