@@ -136,9 +136,11 @@ class RunDir:
                 f"cannot write to the run directory {self.path} ({err.strerror}). Fix: make it "
                 "writable, or choose another output_dir / --output."
             ) from None
+        held = False
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
             except OSError as err:
                 if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                     raise
@@ -153,10 +155,13 @@ class RunDir:
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             yield
         finally:
+            # a run refused before writing anything leaves no directory behind; only the
+            # holder cleans up, and before it releases the lock (a process that lost the race
+            # for a directory it also created must not remove the winner's)
+            if held and created and [p.name for p in self.path.iterdir()] == [".lock"]:
+                self.lock_file.unlink()
+                self.path.rmdir()
             os.close(fd)  # releases the lock
-            if created and [p.name for p in self.path.iterdir()] == [".lock"]:
-                self.lock_file.unlink()  # a run refused before writing anything leaves no
-                self.path.rmdir()  # directory behind
 
     def started(self) -> bool:
         """Whether anything of a run was ever written here beyond its recipe, README and key
