@@ -901,6 +901,12 @@ def _print_summary(r: RunResult, meta: dict[str, Any], stats: dict[str, Any]) ->
             f"file-level          ({level['epsilon']:.4f}, {level['delta']:.3g})-DP for a record "
             f"added to the data file ({level['why']})"
         )
+        if level["delta"] * meta["dataset_size"] >= 1:  # delta >= 1/N: one record in the clear
+            lines.append(
+                "                    WARNING: that delta is at least 1/N, so it protects almost "
+                "nothing for the file; the record-level guarantee above still holds. Fix: drop "
+                "data.max_records, or lower epsilon or data.public_fraction"
+            )
     lines.append(
         f"final model         {r.run_dir / 'final'}"
         if meta["status"] == "finished"

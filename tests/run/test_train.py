@@ -53,6 +53,8 @@ def test_train_writes_a_complete_run_dir(tmp_path, capsys):
     assert level["epsilon"] == 2 * eps
     assert level["delta"] == pytest.approx((1 + math.exp(eps)) * meta["delta_total"])
     assert f"file-level          ({2 * eps:.4f}," in out
+    vacuous = level["delta"] * meta["dataset_size"] >= 1  # the summary says when it is
+    assert ("WARNING: that delta is at least 1/N" in out) is vacuous
     assert level["validation_probability"] == 0.05 and "private/" in level["why"]
     # run.json holds no un-noised statistic of private records: they are in private/
     private = {"perplexity_before", "perplexity_after", "validation_size", "truncated_records"}
@@ -60,7 +62,12 @@ def test_train_writes_a_complete_run_dir(tmp_path, capsys):
     assert not private & set(meta) and "nonfinite_samples" not in meta
     stats = run.read_stats()
     assert "train_seconds" not in meta and stats["train_seconds"] > 0  # follows batch sizes
-    assert set(stats) == private | {"nonfinite_samples", "train_seconds"}
+    assert set(stats) == private | {
+        "nonfinite_samples",
+        "train_seconds",
+        "per_sample_gradients_errors",
+    }
+    assert stats["per_sample_gradients_errors"] == []  # no batching fallback on tiny GPT-2
     assert stats["validation_size"] == 32
     assert math.isfinite(stats["perplexity_before"]) and math.isfinite(stats["perplexity_after"])
     assert f"{stats['perplexity_before']:.3f} -> {stats['perplexity_after']:.3f} (private" in out
