@@ -989,13 +989,11 @@ def _snapshot_attrs(model: nn.Module) -> _Attrs:
     }
 
 
-def _restore_attrs(model: nn.Module, saved: _Attrs) -> list[str]:
+def _restore_attrs(model: nn.Module, saved: _Attrs) -> None:
     """Put back every plain tensor attribute a step set or replaced (a recurrent state of the
     last batch, as RecurrentGemma keeps: ``(B, ...)`` tensors computed from private records,
     outside the parameters, that a pickled or reused model object would carry); a new one is
-    removed.  Returns their names.  (A tensor attribute changed in place is not seen.)"""
-    names = {id(m): n for n, m in model.named_modules()}
-    cleared = []
+    removed.  (A tensor attribute changed in place is not seen.)"""
     for m in model.modules():
         before = saved.get(id(m), (m, {}))[1]
         for k, v in list(vars(m).items()):
@@ -1004,8 +1002,6 @@ def _restore_attrs(model: nn.Module, saved: _Attrs) -> list[str]:
                     m.__dict__[k] = before[k]
                 else:
                     del m.__dict__[k]
-                cleared.append(f"{names.get(id(m), '?')}.{k}".lstrip("."))
-    return cleared
 
 
 _MISSING = object()
