@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# GPU check of issue 15 in one go, < 8 minutes on one H200 (a global deadline, BUDGET seconds,
+# GPU check of issue 15 in one go, < 9 minutes on one H200 (a global deadline, BUDGET seconds,
 # clips every part and skips what no longer fits): devices, precisions, exactness on the GPU,
 # a cross-device resume and run.json's device segments, a classifier with gradient
 # checkpointing, the white-box audit and the rl policy on the GPU, --nproc 2 where two GPUs
 # exist, and the end-to-end benchmark (recipe path vs bare engine vs non-private vs Opacus).
 #
 #   bash benchmarks/gpu_wheels.sh        # HERE first (pip reaches the registry): fills .whl/
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=560)   # the device
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=580)   # the device
 #   DEVICE=cpu BENCH=0 WHEELS=0 bash benchmarks/gpu_check.sh   # smoke test of its commands (CPU)
 #
 # The lent machine's python3 has torch (a CUDA build) but not dptrain's pins and privacy
@@ -21,7 +21,7 @@ PY=${PY:-python3}
 OUT=${OUT:-/tmp/gpu_check}
 DEVICE=${DEVICE:-cuda}
 BENCH=${BENCH:-1}
-BUDGET=${BUDGET:-450}
+BUDGET=${BUDGET:-520}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 START=$(date +%s)
@@ -31,6 +31,15 @@ if [ "${WHEELS:-1}" = 1 ] && ls .whl/*.whl > /dev/null 2>&1; then
         export PYTHONPATH=/tmp/site
     else
         echo "wheel install failed: running with $PY's own packages"
+    fi
+    # our transformers + peft and their hub stack, only if they import there (else the image's)
+    if ls .whl/hf/*.whl > /dev/null 2>&1 && "$PY" -m pip install -q --no-index --no-deps \
+        --no-compile --no-cache-dir --upgrade --target /tmp/site-hf .whl/hf/*.whl &&
+        PYTHONPATH="/tmp/site-hf${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c "import transformers, peft; \
+from transformers import GPT2LMHeadModel, LlamaForCausalLM"; then
+        export PYTHONPATH="/tmp/site-hf${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        echo "our transformers/peft layer does not import there: using the image's own"
     fi
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
@@ -69,11 +78,6 @@ part "environment" 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_v
   $PY -c 'import dptrain, accountants, dp_accounting, prv_accountant; print(\"dptrain imports\")'; \
   $PY -c 'import opacus; print(\"opacus\", opacus.__version__)' || echo 'opacus missing: Opacus contenders skipped'"
 
-# the device noise generator (ChaCha20 + float64 Box-Muller in torch) on GPT-2 124M's 124.4 M
-# normals, eager and compiled: step time, compile + check, CPU-vs-device values, 4-sigma rate
-part "device noise gpt2-124m eager and compiled" 100 "$PY" benchmarks/device_noise.py \
-    --device "$DEVICE" --out "$OUT/device_noise.json"
-
 # the private step against the explicit float64 per-example loop, on the device, in fp32 and
 # under bf16 / fp16 autocast; a classifier with gradient checkpointing likewise
 for p in fp32 bf16 fp16; do
@@ -91,16 +95,6 @@ for p in fp32 bf16; do
     meta "$RUNS/tiny-$p"
 done
 
-# a checkpoint written on the GPU resumes on the CPU: a second segment in run.json's devices
-# (a fixed noise multiplier: a calibrated one would spend the budget in the first 4 steps)
-part "resume a $DEVICE run on the CPU" 90 bash -c "set -o pipefail; \
-  ${CLI[*]} train $TINY --no-progress --output $RUNS/cross ${ON[*]} --set training.steps=4 \
-    --set training.checkpoint_every=2 --set policy.noise_multiplier=1.0 > /dev/null && \
-  ${CLI[*]} train $TINY --no-progress --resume $RUNS/cross --set training.device=cpu \
-    --set training.steps=8 --set training.checkpoint_every=2 --set policy.noise_multiplier=1.0 \
-    | grep -E '^(steps|privacy guarantee|final model|status) '"
-meta "$RUNS/cross"
-
 # the end-to-end benchmark: recipe path vs bare engine vs non-private (vs Opacus)
 if [ "$BENCH" = 1 ]; then
     RP=("$PY" benchmarks/recipe_path.py --device "$DEVICE" --out "$OUT/recipe_path.json")
@@ -112,6 +106,16 @@ if [ "$BENCH" = 1 ]; then
         --rounds 6 --block 2 --profile 3 --records 800
 fi
 
+# a checkpoint written on the GPU resumes on the CPU: a second segment in run.json's devices
+# (a fixed noise multiplier: a calibrated one would spend the budget in the first 4 steps)
+part "resume a $DEVICE run on the CPU" 90 bash -c "set -o pipefail; \
+  ${CLI[*]} train $TINY --no-progress --output $RUNS/cross ${ON[*]} --set training.steps=4 \
+    --set training.checkpoint_every=2 --set policy.noise_multiplier=1.0 > /dev/null && \
+  ${CLI[*]} train $TINY --no-progress --resume $RUNS/cross --set training.device=cpu \
+    --set training.steps=8 --set training.checkpoint_every=2 --set policy.noise_multiplier=1.0 \
+    | grep -E '^(steps|privacy guarantee|final model|status) '"
+meta "$RUNS/cross"
+
 # the white-box audit of a run on the device (canaries through the engine there)
 part "white-box audit on $DEVICE" 60 "${CLI[@]}" train $TINY --no-progress \
     --output "$RUNS/whitebox" "${ON[@]}" --set training.steps=4 --set audit.whitebox=true \
@@ -120,6 +124,11 @@ part "white-box audit on $DEVICE" 60 "${CLI[@]}" train $TINY --no-progress \
 part "rl policy on $DEVICE" 60 "${CLI[@]}" train $TINY --no-progress --output "$RUNS/rl" \
     "${ON[@]}" --set training.steps=6 --set policy.name=rl --set data.public_fraction=0.1 \
     --set policy.rl.every=2
+# the device noise generator (ChaCha20 + float64 Box-Muller in torch) on GPT-2 124M's 124.4 M
+# normals, eager and compiled: step time, compile + check, CPU-vs-device values, 4-sigma rate
+[ "${NOISE:-1}" = 1 ] && part "device noise gpt2-124m eager and compiled" 100 "$PY" benchmarks/device_noise.py \
+    --device "$DEVICE" --out "$OUT/device_noise.json"
+
 if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)" -ge 2 ]; then
     part "nproc 2 on two GPUs" 120 "${CLI[@]}" train $TINY --no-progress --nproc 2 \
         --output "$RUNS/nproc2" --set training.device=cuda

@@ -437,15 +437,25 @@ def run_setup(name: str, args: argparse.Namespace, accountant: str) -> dict[str,
         load_start = os.getloadavg()
         block_s: dict[str, list[float]] = {c: [] for c in names}
         after_recipe: dict[str, list[bool]] = {c: [] for c in names}
+        # on CUDA: a block's peak of allocated memory above what was allocated before it (all
+        # contenders' weights and optimizer states stay resident: the growth is the step's own)
+        growth: dict[str, int] = {c: 0 for c in names}
+        cuda = device.type == "cuda"
         previous = names[-1]
         for i in range(rounds):
             for j in orders[i % len(orders)]:
                 c = names[j]
                 _sync(device)
+                if cuda:
+                    base = torch.cuda.memory_allocated(device)
+                    torch.cuda.reset_peak_memory_stats(device)
                 t0 = time.perf_counter()
                 contenders[c](first + i * args.block)
                 _sync(device)
                 block_s[c].append(time.perf_counter() - t0)
+                if cuda:
+                    peak = torch.cuda.max_memory_allocated(device) - base
+                    growth[c] = max(growth[c], peak)
                 after_recipe[c].append(previous == "recipe")
                 previous = c
         seconds = {c: sum(v) for c, v in block_s.items()}
@@ -468,6 +478,7 @@ def run_setup(name: str, args: argparse.Namespace, accountant: str) -> dict[str,
                     "step_s": s / total,
                     "tokens_per_s": n_tokens / s,
                     "block_step_s": [b / args.block for b in block_s[c]],
+                    **({"peak_growth_gib": growth[c] / 2**30} if cuda else {}),
                 }
                 for c, s in seconds.items()
             },
@@ -528,7 +539,10 @@ def print_result(r: dict[str, Any]) -> None:
     la = r["load_average"]
     print(f"  load average (1, 5, 15 min) at start {la['start']}, at end {la['end']}")
     for c, v in r["contenders"].items():
-        print(f"  {c:14s} {1e3 * v['step_s']:9.1f} ms/step  {v['tokens_per_s']:10.0f} tokens/s")
+        mem = f"  peak growth {v['peak_growth_gib']:.2f} GiB" if "peak_growth_gib" in v else ""
+        print(
+            f"  {c:14s} {1e3 * v['step_s']:9.1f} ms/step  {v['tokens_per_s']:10.0f} tokens/s{mem}"
+        )
     print(f"  per-round ratios over {r['rounds']} rounds of {r['block']} steps: median [q1, q3]")
     for k, v in r["ratios"].items():
         print(

@@ -106,16 +106,17 @@ def clipped_update(
     """Clip per-sample gradients per group (the coefficient of :mod:`dptrain.clipping`), sum
     over samples and divide by ``expected_batch_size``."""
     batch = next(iter(grads.values())).shape[0] if grads else 0
+    device = next(iter(grads.values())).device if grads else None
     update: dict[str, Tensor] = {}
     norms: dict[str, Tensor] = {}
     for g, names in groups.items():
-        sq = torch.zeros(batch, dtype=torch.float64)
+        sq = torch.zeros(batch, dtype=torch.float64, device=device)
         for n in names:
             sq = sq + grads[n].reshape(batch, -1).pow(2).sum(1)  # scalar parameters: (B,)
         norms[g] = sq.sqrt()
         c = clip[g]
         coef = (
-            torch.ones(batch, dtype=torch.float64)
+            torch.ones(batch, dtype=torch.float64, device=device)
             if math.isinf(c)
             else (c / (norms[g] + 1e-6)).clamp(max=1.0)
         )

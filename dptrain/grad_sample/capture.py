@@ -557,7 +557,7 @@ class GradCapture:
         out = []
         for p, g in zip(params, grads, strict=True):
             if g is None:
-                out.append(torch.tensor([0.0, 0.0, p.numel()], dtype=torch.float64))
+                out.append(torch.tensor([0.0, 0.0, p.numel()], dtype=torch.float64, device=p.device))
                 continue
             g = (g.to_dense() if g.is_sparse else g).detach().double()
             if not torch.isfinite(g).all():

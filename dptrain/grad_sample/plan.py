@@ -301,7 +301,7 @@ def sample_prints(x: Any, n: int, axes: tuple[int, ...] | None = None) -> dict[i
                 r = x.detach().movedim(axis, 0).reshape(n, -1).double()
                 bad = (~torch.isfinite(r)).sum(1).double()  # masks of -inf, finfo.min
                 r = torch.nan_to_num(r, nan=0.0).clamp(-1e30, 1e30)
-                sums = [r.sum(1) + bad, r.square().sum(1), r.abs().sum(1), torch.full((n,), tol)]
+                sums = [r.sum(1) + bad, r.square().sum(1), r.abs().sum(1), r.new_full((n,), tol)]
                 out[axis] = torch.stack(sums, 1).to(torch.float64)
     return out
 
