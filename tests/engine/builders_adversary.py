@@ -847,6 +847,56 @@ class StraightThroughMean(nn.Module):
         return h + (m - m.detach())
 
 
+def straight_through_tail_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """The straight-through mean of rows ``1:`` added to those rows only: sample 0's loss and
+    gradient are its own, the others' gradients are coupled (the backward pass alone)."""
+    x, y = batch
+    o = model(x)
+    m = o[1:].mean(0)
+    return (torch.cat([o[:1], o[1:] + (m - m.detach())]) - y).pow(2).sum(1)
+
+
+class StraightThroughTail(nn.Module):
+    """The straight-through mean of rows ``1:`` added to rows ``1:`` only, inside the model."""
+
+    def forward(self, h: Tensor) -> Tensor:
+        m = h[1:].mean(0)
+        return torch.cat([h[:1], h[1:] + (m - m.detach())])
+
+
+class StraightThroughFirst(nn.Module):
+    """``h + (h[:1] - h[:1].detach())``: every sample's loss reaches sample 0's path.  Sample
+    0's own gradient is the same in the batch and alone (doubled in both), so comparing it
+    alone sees nothing; the other samples' gradients do change."""
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h + (h[:1] - h[:1].detach())
+
+
+class _TailMixGrad(torch.autograd.Function):
+    """The identity whose backward adds the mean of rows ``1:`` of the gradient to those rows:
+    a custom backward coupling every sample but the first."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor) -> Tensor:
+        return h.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        return torch.cat([g[:1], g[1:] + g[1:].mean(0, keepdim=True)])
+
+
+class TailMixBackward(nn.Module):
+    """:class:`_TailMixGrad` between two layers."""
+
+    def forward(self, h: Tensor) -> Tensor:
+        return _TailMixGrad.apply(h)
+
+
+def _coupled_mlp(middle: nn.Module) -> Any:
+    return _seeded(lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), middle, nn.Linear(5, 3)))
+
+
 class HookedLinears(nn.Module):
     """A forward hook replacing a Linear's output (scaled by a parameter of its module) and a
     pre-hook replacing the next one's input: the hooks change what the layers compute."""
@@ -1087,5 +1137,18 @@ EXACT4_COUPLED: dict[str, Case] = {
         ),
         regression((4,), 3),
         mse_loss,
+    ),
+    # couplings that leave sample 0's own gradient alone (the probe once compared only it)
+    "loss-straight-through-tail-mean": Case(
+        _seeded(_mlp), regression((4,), 3), straight_through_tail_loss
+    ),
+    "layer-straight-through-tail-mean": Case(
+        _coupled_mlp(StraightThroughTail()), regression((4,), 3), mse_loss
+    ),
+    "layer-straight-through-first-sample": Case(
+        _coupled_mlp(StraightThroughFirst()), regression((4,), 3), mse_loss
+    ),
+    "layer-backward-mixes-rows-after-the-first": Case(
+        _coupled_mlp(TailMixBackward()), regression((4,), 3), mse_loss
     ),
 }

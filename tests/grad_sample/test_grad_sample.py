@@ -253,10 +253,10 @@ def test_direct_path_without_batching_rule_is_remembered_and_exact():
     for step in range(2):
         _Square.calls = 0
         recorded, _ = cap.run(loss, batch)
-        # step 1: the probe's two backward passes (the first sample's gradient in the batch and
-        # alone), the failed vectorized attempt, B single backward passes, the batch's backward;
-        # step 2: the plan remembers the failure
-        assert _Square.calls == (b + 4 if step == 0 else b + 1)
+        # step 1: the probe's three backward passes (the batch, batch[1:] and batch[:1]: the
+        # residual check), the failed vectorized attempt, B single backward passes, the batch's
+        # backward; step 2: the plan remembers the failure
+        assert _Square.calls == (b + 5 if step == 0 else b + 1)
         got = per_sample_grads(recorded)
         ref = loop_per_sample_grads(model, loss, batch)
         assert set(got) == set(ref)
