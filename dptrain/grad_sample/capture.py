@@ -478,7 +478,7 @@ class GradCapture:
         loss_fn: Callable,
         batch: Any,
         expand: frozenset = frozenset(),
-        outputs: list[tuple[nn.Module, Any]] | None = None,
+        outputs: list | None = None,
         graph: bool = False,
     ) -> tuple[ProbeLog, Tensor]:
         """One recorded forward of ``batch``; the per-sample losses, detached unless ``graph``."""
@@ -686,23 +686,53 @@ class GradCapture:
         n: int,
         expand: frozenset = frozenset(),
     ) -> str:
-        """The first module (in completion order) whose output for samples ``at .. at + n``
-        of ``batch`` differs from its output for the first ``n`` samples of ``other`` (the
-        same samples in another batch): the innermost layer that mixes samples."""
-        mine: list[tuple[nn.Module, Any]] = []
-        theirs: list[tuple[nn.Module, Any]] = []
+        """Where samples ``at .. at + n`` of ``batch`` and the first ``n`` samples of ``other``
+        (the same samples in another batch) part: the first module (in completion order) one
+        of whose outputs differs for them, the innermost layer that mixes samples; or, where
+        that layer's inputs already differ, the code of the module that called it (between
+        its layers); or the loss function, where every layer's outputs agree.  Where no layer
+        can be compared (the two batches run different layers), the message says why."""
+        mine: list[tuple[nn.Module, list[Tensor], list[Tensor], nn.Module | None]] = []
+        theirs: list[tuple[nn.Module, list[Tensor], list[Tensor], nn.Module | None]] = []
         self._probe_forward(loss_fn, batch, expand, outputs=mine)
         self._probe_forward(loss_fn, other, expand, outputs=theirs)
         b, o = batch_len(batch), batch_len(other)
-        for (m, a), (m2, c) in zip(mine, theirs, strict=False):
-            if m is not m2 or not (isinstance(a, Tensor) and isinstance(c, Tensor)):
-                break
-            axis = sample_axis(tuple(a.shape), tuple(c.shape), b, o)
-            if axis is None or axis == INVALID or not a.is_floating_point():
-                continue
-            if not _close(a.narrow(axis, at, n), c.narrow(axis, 0, n)):
-                return f"layer '{self._all_names.get(id(m), '?')}' ({type(m).__name__})"
-        return "some layer"
+
+        def differ(xs: list[Tensor], ys: list[Tensor]) -> bool:
+            for a, c in zip(xs, ys, strict=False):
+                axis = sample_axis(tuple(a.shape), tuple(c.shape), b, o)
+                if axis is None or axis == INVALID:  # no per-sample axis to align
+                    continue
+                if not _close(a.narrow(axis, at, n), c.narrow(axis, 0, n)):
+                    return True
+            return False
+
+        for (m, outs, ins, parent), (m2, outs2, ins2, _) in zip(mine, theirs, strict=False):
+            if m is not m2 or len(outs) != len(outs2):
+                return (
+                    f"a layer from {self._layer(m)} on (the two batches run different layers "
+                    "from there, so no layer's output can be compared beyond it)"
+                )
+            if differ(outs, outs2):
+                if differ(ins, ins2) and parent is not None:
+                    return (
+                        f"the forward code of {self._layer(parent)} that computes the input of "
+                        f"{self._layer(m)} (that input already differs, and no layer it calls "
+                        "before made the difference)"
+                    )
+                return self._layer(m)
+        if len(mine) != len(theirs):
+            return (
+                "a layer after the last one both batches run (the two batches run different "
+                "numbers of layers, so the outputs beyond cannot be compared)"
+            )
+        return (
+            "the loss function (every layer's output for these samples is the same in both "
+            "batches: the samples meet in loss_fn, after the model)"
+        )
+
+    def _layer(self, m: nn.Module) -> str:
+        return f"layer '{self._all_names.get(id(m), '?')}' ({type(m).__name__})"
 
     # -- one chunk -----------------------------------------------------------------------------
 
@@ -900,17 +930,25 @@ class GradCapture:
 
 def _module_tracking(path: list[nn.Module], outputs: list | None) -> list[Any]:
     """Global module hooks keeping the stack of running modules (and, with ``outputs``, every
-    module's first output tensor in completion order)."""
+    module call in completion order: the module, its floating-point output and input tensors,
+    detached, and the module that called it)."""
+    inputs: list[tuple[list[Tensor], nn.Module | None]] = []
+
+    def floats(x: Any) -> list[Tensor]:
+        leaves = tree_flatten(x)[0]
+        return [t.detach() for t in leaves if isinstance(t, Tensor) and t.is_floating_point()]
 
     def pre(module: nn.Module, args: Any) -> None:
+        if outputs is not None:
+            inputs.append((floats(args), path[-1] if path else None))
         path.append(module)
 
     def post(module: nn.Module, args: Any, output: Any) -> None:
         if path and path[-1] is module:
             path.pop()
         if outputs is not None:
-            leaves = [t for t in tree_flatten(output)[0] if isinstance(t, Tensor)]
-            outputs.append((module, leaves[0].detach() if leaves else None))
+            ins, parent = inputs.pop() if inputs else ([], None)
+            outputs.append((module, floats(output), ins, parent))
 
     from torch.nn.modules.module import (
         register_module_forward_hook,
@@ -929,11 +967,17 @@ def _first_line(err: BaseException, limit: int = 120) -> str:
 
 
 def _mixing_error(event: str, where: str) -> UnsupportedLayerError:
+    fix = (
+        "compute each sample's loss from that sample's outputs alone (no in-batch negatives, "
+        "batch means or totals)"
+        if where.startswith("the loss function")
+        else "make it act on each sample alone (e.g. LayerNorm or GroupNorm instead of "
+        "a batch statistic)"
+    )
     return UnsupportedLayerError(
         f"a sample's loss changes when {event}: {where} mixes the samples of a batch (its "
         "output for one sample depends on other samples), so per-sample gradients do not "
-        "exist. Fix: make that layer act on each sample alone (e.g. LayerNorm or GroupNorm "
-        "instead of a batch statistic)"
+        f"exist. Fix: {fix}"
     )
 
 

@@ -1120,8 +1120,9 @@ EXACT4_CASES: dict[str, Case] = {
     ),
 }
 
-# losses and models that couple samples: the engine must refuse them (no layer to name: the
-# coupling is in the loss, or in a backward pass whose values hide it)
+# losses and models that couple samples: the engine must refuse them, naming the loss function
+# as where the samples meet, or saying that no layer can be named (a coupling in a backward
+# pass whose values hide it)
 EXACT4_COUPLED: dict[str, Case] = {
     "loss-infonce-in-batch-negatives": Case(_seeded(_mlp), regression((4,), 3), infonce_loss),
     "loss-batch-centered": Case(_seeded(_mlp), regression((4,), 3), centered_loss),
