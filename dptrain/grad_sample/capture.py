@@ -986,8 +986,8 @@ def _probe_weights(b: int) -> Tensor:
     [0.5, 1.5], from a fixed-seed CPU generator of their own (public, the same for every probe;
     the global generators are not touched).  Positive, so the weighted gradient keeps the scale
     of the plain sum."""
-    gen = torch.Generator().manual_seed(0x5EED)
-    return torch.rand(b, generator=gen, dtype=torch.float64) + 0.5
+    gen = torch.Generator(device="cpu").manual_seed(0x5EED)
+    return torch.rand(b, generator=gen, dtype=torch.float64, device="cpu") + 0.5
 
 
 def _grad_norm(params: list[nn.Parameter]) -> float | None:
