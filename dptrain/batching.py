@@ -37,3 +37,14 @@ def batch_cat(a: Any, b: Any) -> Any:
     if isinstance(a, (tuple, list)):
         return type(a)(batch_cat(x, y) for x, y in zip(a, b, strict=True))
     raise TypeError(f"cannot concatenate batches of type {type(a).__name__}")
+
+
+def batch_flip(batch: Any) -> Any:
+    """The samples of ``batch`` in reverse order (same structure)."""
+    if isinstance(batch, Tensor):
+        return batch.flip(0)
+    if isinstance(batch, dict):
+        return {k: batch_flip(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(batch_flip(v) for v in batch)
+    raise TypeError(f"cannot reverse a batch of type {type(batch).__name__}")

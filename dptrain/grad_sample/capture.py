@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ..batching import batch_cat, batch_len, batch_slice
+from ..batching import batch_cat, batch_flip, batch_len, batch_slice
 from .fused import Alias, Fused
 from .local import LocalCall, LocalRule, replays_exactly
 from .ops import OPS, OpCall, UnsupportedLayerError, Use, mixes_samples
@@ -533,10 +533,11 @@ class GradCapture:
     def _check_parts(
         self, loss_fn: Callable, batch: Any, expand: frozenset, losses: Tensor
     ) -> None:
-        """Samples leaving (``B >= 2``): the losses of ``batch[1:]`` and ``batch[:1]`` must be
-        those of the same samples in ``batch`` (``losses``): ``[1:]`` sees a statistic its
-        first sample decided, ``[:1]`` one that any other sample decided (a maximum is one
-        sample's, so one of the two sees it).
+        """Samples leaving (``B >= 2``): the losses of ``R = batch[1:]`` reversed and of
+        ``batch[:1]`` must be those of the same samples in ``batch`` (``losses``): ``R`` sees a
+        statistic its first sample decided, ``[:1]`` one that any other sample decided (a
+        maximum is one sample's, so one of the two sees it); reversed, every sample of ``R``
+        but its middle one changes its row counted from either end of the batch.
 
         Then the backward pass, which a coupling can reach without changing any loss value
         (``x + (m - m.detach())`` on a batch statistic, an ``autograd.Function`` whose backward
@@ -544,10 +545,10 @@ class GradCapture:
         independent of the data), the residual
 
             r = grad sum_j w_j l_j(batch) - grad w_0 l_0(batch[:1])
-                - grad sum_{j>=1} w_j l_j(batch[1:])
+                - grad sum_{j>=1} w_j l_j(R)
 
         equals ``sum_j w_j D_j``, ``D_j`` sample ``j``'s autograd gradient in the batch minus
-        the one in its part (alone for sample 0, in ``batch[1:]`` for the others).  Independent
+        the one in its part (alone for sample 0, in ``R`` for the others).  Independent
         samples have every ``D_j = 0`` and ``r`` is rounding: refused unless ``|r| <= tol G``,
         ``G = |grad sum_j w_j l_j(batch)|``, ``tol`` from :func:`_grad_tol`.
 
@@ -555,13 +556,15 @@ class GradCapture:
         set of measure zero), and ``E_w |r|^2 >= Var(w) sum_j |D_j|^2 = sum_j |D_j|^2 / 12``.
         So: any coupling that involves sample 0 (its loss reaching another sample's path, or
         another loss reaching its path), and any coupling among the others that changes when
-        sample 0 leaves and every other sample moves up a row (a statistic of the batch or of
-        rows ``1:``, a backward that mixes rows ``1..B-1``).  Not detected: a coupling among
-        samples ``1..B-1`` that ``batch[1:]`` reproduces exactly (anchored at the batch's last
-        rows, or keyed on the samples' values instead of their rows), and any coupling when a
-        gradient is non-finite (skipped: another sample's NaN reaches every row of a batched
-        product as ``0 * NaN``, and the step drops such samples) or a backward pass fails here
-        (left to the step to report).
+        sample 0 leaves and the others reverse their order: a statistic of the batch or of
+        some of its rows, a backward that mixes rows ``1..B-1``, or (``B >= 4``) the last two
+        rows (positions from the start and from the end both change).  Not detected: a
+        coupling among samples ``1..B-1`` that ``R`` reproduces exactly (keyed on the samples'
+        values rather than their rows; a rule on rows that maps onto itself under this
+        reversal, as the last two rows of a batch of 3 do, ``R`` being those two), and
+        any coupling when a gradient is non-finite (skipped: another sample's NaN reaches
+        every row of a batched product as ``0 * NaN``, and the step drops such samples) or a
+        backward pass fails here (left to the step to report).
 
         Cost: the parts' forwards (needed for their losses) keep their graphs, and three
         backward passes (``B``, ``B - 1`` and 1 samples) accumulate into the parameters'
@@ -575,20 +578,23 @@ class GradCapture:
         try:
             for p in params:
                 p.grad = None
-            for lo, hi, event in (
-                (0, b, None),
-                (1, b, "the first sample leaves its batch"),
-                (0, 1, "the other samples leave its batch"),
+            for lo, hi, flip, event in (
+                (0, b, False, None),
+                (1, b, True, "the first sample leaves its batch (the others in reverse order)"),
+                (0, 1, False, "the other samples leave its batch"),
             ):
                 part = batch if event is None else batch_slice(batch, lo, hi)
+                part = batch_flip(part) if flip else part
                 _, l_part = self._probe_forward(loss_fn, part, expand, graph=True)
-                if event is not None and not _close(l_part.detach(), losses[lo:hi]):
-                    where = self._locate_mixing(loss_fn, batch, part, lo, hi - lo, expand)
+                mine = losses[lo:hi].flip(0) if flip else losses[lo:hi]
+                if event is not None and not _close(l_part.detach(), mine):
+                    where = self._locate_mixing(loss_fn, batch, part, lo, hi - lo, expand, flip)
                     raise _mixing_error(event, where)
                 if not ok or not l_part.requires_grad:
                     ok = False
                     continue
                 w = _probe_weights(b).to(l_part.device, l_part.dtype)[lo:hi]
+                w = w.flip(0) if flip else w
                 self.replaying = True  # the parameter hooks of a step ignore these passes
                 try:
                     (l_part * (w if event is None else -w)).sum().backward()
@@ -610,11 +616,11 @@ class GradCapture:
 
     def probe(self, loss_fn: Callable, batch: Any) -> Plan:
         """Probe ``batch`` and it plus a copy of its first sample (for the batch axes, and that
-        no sample's loss changes when a sample joins), then, for ``B >= 2``, ``batch[1:]`` and
-        ``batch[:1]`` (that none changes when samples leave: a batch maximum, a ``unique`` or a
-        norm of the largest sample is blind to a duplicate, not to a removal), and that the
-        gradients of those two parts add up to the batch's (:meth:`_check_parts`: a coupling
-        only the backward pass sees); plan every use."""
+        no sample's loss changes when a sample joins), then, for ``B >= 2``, ``batch[1:]``
+        reversed and ``batch[:1]`` (that none changes when samples leave: a batch maximum, a
+        ``unique`` or a norm of the largest sample is blind to a duplicate, not to a removal),
+        and that the gradients of those two parts add up to the batch's (:meth:`_check_parts`:
+        a coupling only the backward pass sees); plan every use."""
         b = batch_len(batch)
         bigger = batch_cat(batch, batch_slice(batch, 0, 1))
         notes: list[str] = []
@@ -685,9 +691,10 @@ class GradCapture:
         at: int,
         n: int,
         expand: frozenset = frozenset(),
+        flip: bool = False,
     ) -> str:
         """Where samples ``at .. at + n`` of ``batch`` and the first ``n`` samples of ``other``
-        (the same samples in another batch) part: the first module (in completion order) one
+        (the same samples in another batch; in reverse order with ``flip``) part: the first module (in completion order) one
         of whose outputs differs for them, the innermost layer that mixes samples; or, where
         that layer's inputs already differ, the code of the module that called it (between
         its layers); or the loss function, where every layer's outputs agree.  Where no layer
@@ -703,7 +710,8 @@ class GradCapture:
                 axis = sample_axis(tuple(a.shape), tuple(c.shape), b, o)
                 if axis is None or axis == INVALID:  # no per-sample axis to align
                     continue
-                if not _close(a.narrow(axis, at, n), c.narrow(axis, 0, n)):
+                a = a.narrow(axis, at, n)
+                if not _close(a.flip(axis) if flip else a, c.narrow(axis, 0, n)):
                     return True
             return False
 

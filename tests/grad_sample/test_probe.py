@@ -128,3 +128,24 @@ def test_gradient_tolerance_follows_the_precision():
         assert _grad_tol([lin.weight]) == 8 * 2.0**-10
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _grad_tol([lin.weight]) == 6.25e-2
+
+
+class _LastTwoMean(nn.Module):
+    """In a batch of three or more, the straight-through mean of its last two rows on those
+    rows (a sample alone is left as it is)."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.shape[0] < 3:
+            return h
+        m = h[-2:].mean(0)
+        return torch.cat([h[:-2], h[-2:] + (m - m.detach())])
+
+
+@pytest.mark.parametrize("b", [4, 5, 8])
+def test_backward_coupling_of_the_last_rows_is_refused(b):
+    """``batch[1:]`` would keep the last two samples in its last two rows, coupled as in the
+    batch (and sample 0 alone is left alone): only reversed does it part them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), _LastTwoMean(), nn.Linear(5, 3))
+    with pytest.raises(UnsupportedLayerError, match=r"only gradients differ.*Fix"):
+        _probe(model, _mse, b)
