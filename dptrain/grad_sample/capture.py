@@ -694,11 +694,13 @@ class GradCapture:
         flip: bool = False,
     ) -> str:
         """Where samples ``at .. at + n`` of ``batch`` and the first ``n`` samples of ``other``
-        (the same samples in another batch; in reverse order with ``flip``) part: the first module (in completion order) one
-        of whose outputs differs for them, the innermost layer that mixes samples; or, where
-        that layer's inputs already differ, the code of the module that called it (between
-        its layers); or the loss function, where every layer's outputs agree.  Where no layer
-        can be compared (the two batches run different layers), the message says why."""
+        (the same samples in another batch; in reverse order with ``flip``) part: the first
+        module (in completion order) one of whose outputs differs for them, the innermost
+        layer that mixes samples; where that layer's inputs (positional ones: the global hooks
+        see no keyword arguments) already differ, the forward code of the outermost caller
+        whose inputs do not, or the loss function before it calls the model; the loss
+        function after the model where every layer's outputs agree.  Where the two batches
+        run different layers, no layer beyond can be compared, and the message says so."""
         mine: list[tuple[nn.Module, list[Tensor], list[Tensor], nn.Module | None]] = []
         theirs: list[tuple[nn.Module, list[Tensor], list[Tensor], nn.Module | None]] = []
         self._probe_forward(loss_fn, batch, expand, outputs=mine)
@@ -722,13 +724,29 @@ class GradCapture:
                     "from there, so no layer's output can be compared beyond it)"
                 )
             if differ(outs, outs2):
-                if differ(ins, ins2) and parent is not None:
+                if not differ(ins, ins2):
+                    return self._layer(m)
+                # the difference came from code outside any layer: the caller's
+                calls = {id(c[0]): c for c in reversed(mine)}  # each module's first call
+                calls2 = {id(c[0]): c for c in reversed(theirs)}
+                inner, seen = m, {id(m)}
+                while parent is not None and id(parent) in calls and id(parent) in calls2:
+                    if id(parent) in seen or not differ(
+                        calls[id(parent)][2], calls2[id(parent)][2]
+                    ):
+                        break
+                    seen.add(id(parent))
+                    inner, parent = parent, calls[id(parent)][3]
+                if parent is None:
                     return (
-                        f"the forward code of {self._layer(parent)} that computes the input of "
-                        f"{self._layer(m)} (that input already differs, and no layer it calls "
-                        "before made the difference)"
+                        f"the loss function, before it calls {self._layer(inner)} (that "
+                        "layer's input already differs)"
                     )
-                return self._layer(m)
+                return (
+                    f"the forward code of {self._layer(parent)} that computes the input of "
+                    f"{self._layer(inner)} (that input already differs, and no layer it calls "
+                    "before made the difference)"
+                )
         if len(mine) != len(theirs):
             return (
                 "a layer after the last one both batches run (the two batches run different "
@@ -976,8 +994,8 @@ def _first_line(err: BaseException, limit: int = 120) -> str:
 
 def _mixing_error(event: str, where: str) -> UnsupportedLayerError:
     fix = (
-        "compute each sample's loss from that sample's outputs alone (no in-batch negatives, "
-        "batch means or totals)"
+        "compute each sample's loss from that sample alone (no in-batch negatives, batch "
+        "means or totals, of the inputs or of the outputs)"
         if where.startswith("the loss function")
         else "make it act on each sample alone (e.g. LayerNorm or GroupNorm instead of "
         "a batch statistic)"

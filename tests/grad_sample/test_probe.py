@@ -39,6 +39,11 @@ class _Centering(nn.Module):
         return h - h.mean(0)
 
 
+def _centered_inputs(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return (model(x - x.mean(0)) - y).pow(2).sum(1)
+
+
 def _probe(model: nn.Module, loss, b: int = 3, dtype: torch.dtype = torch.float64) -> None:
     torch.manual_seed(1)
     model = model.to(dtype)
@@ -63,13 +68,19 @@ def _probe(model: nn.Module, loss, b: int = 3, dtype: torch.dtype = torch.float6
             "LayerNorm",
         ),
         (
+            lambda: nn.Sequential(nn.Linear(4, 3)),
+            _centered_inputs,
+            r"the loss function, before it calls layer '<model>' \(Sequential\)",
+            "each sample's loss",
+        ),
+        (
             lambda: nn.Sequential(nn.Linear(4, 5), _Centering(), nn.Linear(5, 3)),
             _mse,
             r"layer '1' \(_Centering\)",
             "LayerNorm",
         ),
     ],
-    ids=["in-the-loss", "between-layers", "in-a-layer"],
+    ids=["in-the-loss", "between-layers", "before-the-model", "in-a-layer"],
 )
 def test_loss_coupling_names_where_the_samples_meet(build, loss, where, fix):
     torch.manual_seed(0)
