@@ -481,6 +481,7 @@ def train_round(
         if reason is not None:
             return _decline(msg, public, spent, reason)
         noise: GaussianNoise | None = None
+        before = ledger.total_steps  # the engine appends to ``ledger`` itself
         try:
             key = state.key(own.insecure_seed)  # never leaves the client
             if not ledger.total_steps:
@@ -542,7 +543,7 @@ def train_round(
             taken = _local_steps(engine, sampler, examples, plan.local_steps, state, per_step)
             eps = _claimed(plan, engine.epsilon(), engine.ledger)
         except Exception as err:  # the spend so far (the ledger on disk covers every charge)
-            raise _failed(msg, plan, public, filt, state, ledger.total_steps, noise) from err
+            raise _failed(msg, plan, public, filt, state, before, noise) from err
     public["delta"] = plan.delta + truncation_delta(eps, noise.pairs)
     if taken == 0:
         return _decline(msg, public, eps, f"budget: no local step fits epsilon={plan.epsilon:g}")

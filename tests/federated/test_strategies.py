@@ -17,7 +17,6 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.supercore.task_identity import TaskIdentity
 
 from dptrain.federated.lora import (
     get_strategy,
@@ -211,15 +210,6 @@ def test_lora_state_round_trip_on_a_peft_model():
 
 
 # -- the Flower strategy ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def task_identity():
-    """Flower stamps message metadata with the process's task identity."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def strategy_for(tmp_path, **federated) -> LoraFedAvg:
