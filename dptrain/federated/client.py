@@ -10,11 +10,16 @@ message = one round on one client::
         -> decline: reply {declined, reason, epsilon}, no adapter
     check the budget: do the round's T local steps fit the client's own budget on its
         persisted ledger (BudgetFilter)?  no -> decline with the reason
+    set up the policy as ``dptrain train`` does: its set-up check (public data), declining
+        with the same reason; after the engine is built, ``attach`` (public batches of
+        ``data.public_path``), before the engine state is restored
     build the model, load the global adapters, freeze what the strategy keeps fixed
     T PrivacyEngine steps on Poisson batches of the client's own records; the ledger is saved
         atomically after every step (a crash leaves it covering every step taken), the engine
         state (policy state, noise position and pair count) once, when the round's steps end
-    reply with the trained factors (A and B, or B alone) and public metadata
+    reply with the trained factors (A and B, or B alone) and public metadata; on an error
+        after the ledger was read: {failed, fixed reason, epsilon of the ledger on disk},
+        which covers every step charged, also one that failed after its charge
 
 Privacy contract (per client, per record of that client): add/remove-one neighbouring
 datasets of the client's records (their count ``N_k`` is public); each local step is the

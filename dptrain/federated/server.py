@@ -6,9 +6,10 @@ Run directory (``README.txt`` in it says what may be published, see :mod:`dptrai
     secret.key         PRIVATE. The server's run key (0600): client-level DP coins and noise;
                        marked used when the run starts, never reused by another run
     recipe.yaml        the recipe
-    run.json           strategy, clients, rounds, each client's last epsilon (without
-                       client-level DP; with it, in private/stats.json: a client's spend says
-                       in which rounds it took part)
+    run.json           strategy, clients, rounds, each client's last reported epsilon and
+                       who may have spent more (client_epsilon_unconfirmed: the last request
+                       got no reply with a spend); without client-level DP -- with it, in
+                       private/stats.json: a client's spend says in which rounds it took part
     private/metrics.jsonl  PRIVATE. One line per round: global validation perplexity, each
                        client's status (trained / declined + reason / failed + reason), epsilon
     private/stats.json     PRIVATE. The validation perplexity before, after and by round,
