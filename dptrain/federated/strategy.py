@@ -92,8 +92,8 @@ class LoraFedAvg(FedAvg):
         self.sent: list[int] = []
         self.messages: list[Message] = []  # this round's, as sent (Flower stamps their ids)
         self.node_client: dict[int, int] = {}
-        self.epsilon: dict[int, float] = {}  # last epsilon each client reported
-        self.delta: dict[int, float] = {}
+        self.epsilon: dict[int, float] = {}  # the largest epsilon each client reported
+        self.delta: dict[int, float] = {}  # and delta
         # who may have spent more than ``epsilon`` says: sent a request whose reply carried no
         # spend (no reply, or an error without one), named "client k" or, before the node's
         # first reply, "node n"; cleared by the next reply that reports the spend
@@ -193,10 +193,13 @@ class LoraFedAvg(FedAvg):
             cid = int(m["client"])
             self.node_client[node] = cid
             self.unconfirmed -= {f"client {cid}", f"node {node}"}  # its spend, reported
-            self.epsilon[cid] = float(m["epsilon"])
+            # a client's spend only grows; a decline's delta lacks the noise sampler's
+            # truncation term: never report less than an earlier reply did
+            self.epsilon[cid] = max(self.epsilon.get(cid, 0.0), float(m["epsilon"]))
             entry = {"epsilon": float(m["epsilon"]), "steps": int(m["steps"])}
             if "delta" in m:
-                entry["delta"] = self.delta[cid] = float(m["delta"])
+                entry["delta"] = float(m["delta"])
+                self.delta[cid] = max(self.delta.get(cid, 0.0), entry["delta"])
             if "num-people" in m and int(m["num-people"]):  # the client's own unit: a person
                 entry["people"] = int(m["num-people"])
             if "failed" in m and int(m["failed"]):  # it failed after reading its ledger
