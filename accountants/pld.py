@@ -68,8 +68,10 @@ COMPOSE_SECONDS_PER_BIN = 7e-7
 """Measured seconds per bin of a self-composed PLD: 2.6 s for 1000 steps of q=1e-6, sigma=0.3
 (3.5M bins), 6.9 s for 10^6 steps of q=1, sigma=5 (10.4M bins).  For progress notices."""
 COMPOSED_WIDTH = 52.0
-"""Composed bins ~ one step's + ``COMPOSED_WIDTH sqrt(n) step_loss_scale / h`` (dp_accounting's
-Chernoff truncation at 1e-15; measured 17-52 over the examples above and q=0.01, sigma=1)."""
+"""Composed bins ~ one step's + ``COMPOSED_WIDTH sqrt(n) sd / h``, sd the one-step loss's
+standard deviation (dp_accounting's Chernoff truncation at tail mass 1e-15; measured 14-52 over
+q in [1e-3, 1], sigma in [0.15, 5], up to 10^6 steps; 142 for the heavy tail of q=1e-6,
+sigma=0.3, whose discretization dominates).  For progress notices."""
 _CACHE_SINGLES = 256  # one-step discretizations (small)
 _CACHE_STEPS = 96  # self-composed mechanisms (more than MAX_EXACT_MECHANISMS)
 _CACHE_PREFIXES = 8  # running compositions
@@ -122,6 +124,25 @@ def loss_bins(q: float, sigma: float, h: float) -> int:
     return math.ceil(bounds.epsilon_upper / h) - math.floor(bounds.epsilon_lower / h) + 1
 
 
+def _loss_sd(pld: PLD) -> float:
+    """Standard deviation of the privacy loss, the larger of the two directions' pmfs (0 for
+    a pmf without a dense loss grid); sizes the self-composition for progress notices."""
+    out = 0.0
+    for pmf in (pld._pmf_remove, pld._pmf_add):
+        probs = getattr(pmf, "_probs", None)
+        if probs is None or len(probs) == 0:
+            continue
+        p = np.asarray(probs, dtype=float)
+        total = p.sum()
+        if not total > 0:
+            continue
+        k = np.arange(len(p), dtype=float)
+        mean = float(p @ k) / total
+        var = max(0.0, float(p @ (k - mean) ** 2) / total)
+        out = max(out, math.sqrt(var) * pmf._discretization)
+    return out
+
+
 def step_loss_scale(q: float, sigma: float) -> float:
     """Approximate standard deviation of one step's privacy loss, ``q sqrt(expm1(1/sigma^2))``."""
     if math.isinf(sigma):
@@ -151,7 +172,7 @@ class PldAccountant(GriddedComposition):
             )
         self.value_discretization_interval = value_discretization_interval
         self.max_exact_mechanisms = check_max_exact(max_exact_mechanisms)
-        self._singles: OrderedDict[tuple, PLD] = OrderedDict()
+        self._singles: OrderedDict[tuple, tuple[PLD, float]] = OrderedDict()  # and loss sd
         self._steps: OrderedDict[tuple, PLD] = OrderedDict()
         self._prefixes: OrderedDict[tuple, PLD] = OrderedDict()
 
@@ -185,35 +206,33 @@ class PldAccountant(GriddedComposition):
         hit = _lru_get(self._steps, key)
         if hit is not None:
             return hit
-        one = _lru_get(self._singles, (q, sigma, h))
-        spread = COMPOSED_WIDTH * math.sqrt(n) * step_loss_scale(q, sigma) / h
-        if one is None:
+        single = _lru_get(self._singles, (q, sigma, h))
+        if single is None:
             bins = rough_loss_bins(q, sigma, h)  # microseconds; loose, but above the count
-            seconds = bins * DISCRETIZE_SECONDS_PER_BIN
-            seconds += min(bins * n, bins + spread) * COMPOSE_SECONDS_PER_BIN
-            if seconds >= progress.SLOW_SECONDS:  # slow: count the bins exactly (~1 ms)
-                bins = loss_bins(q, sigma, h)
-                seconds = bins * DISCRETIZE_SECONDS_PER_BIN
-                seconds += min(bins * n, bins + spread) * COMPOSE_SECONDS_PER_BIN
+            if bins * DISCRETIZE_SECONDS_PER_BIN >= progress.SLOW_SECONDS:
+                bins = loss_bins(q, sigma, h)  # maybe slow: count exactly (~1 ms)
             what = (
-                f"pld accountant: {n:,} steps of q={q:g} sigma={sigma:g}, discretized on "
-                f"{int(bins):,} loss bins (interval {h:.3g})"
+                f"pld accountant: discretizing q={q:g} sigma={sigma:g} on {int(bins):,} loss "
+                f"bins (interval {h:.3g})"
             )
-            with progress.slow_step(what, seconds):
+            with progress.slow_step(what, bins * DISCRETIZE_SECONDS_PER_BIN):
                 one = pld_lib.from_gaussian_mechanism(
                     standard_deviation=sigma,
                     value_discretization_interval=h,
                     sampling_prob=q,
                     neighboring_relation=_ADD_OR_REMOVE,
                 )
-                _lru_put(self._singles, (q, sigma, h), one, _CACHE_SINGLES)
-                out = one.self_compose(n)
-        else:
-            bins = max(one._pmf_remove.size, one._pmf_add.size)
-            seconds = min(bins * n, bins + spread) * COMPOSE_SECONDS_PER_BIN
-            what = f"pld accountant: composing {n:,} steps of q={q:g} sigma={sigma:g}"
-            with progress.slow_step(what, seconds):
-                out = one.self_compose(n)
+            single = (one, _loss_sd(one))
+            _lru_put(self._singles, (q, sigma, h), single, _CACHE_SINGLES)
+        one, sd = single
+        bins = max(one._pmf_remove.size, one._pmf_add.size)
+        composed = min(bins * n, bins + COMPOSED_WIDTH * math.sqrt(n) * sd / h)
+        what = (
+            f"pld accountant: composing {n:,} steps of q={q:g} sigma={sigma:g} "
+            f"(~{int(composed):,} bins)"
+        )
+        with progress.slow_step(what, composed * COMPOSE_SECONDS_PER_BIN):
+            out = one.self_compose(n)
         _lru_put(self._steps, key, out, _CACHE_STEPS)
         return out
 
