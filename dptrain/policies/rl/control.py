@@ -159,10 +159,13 @@ class Pacer:
         head = (
             f"no noise multiplier up to {grid_sigma(_J_MAX):.3g} keeps epsilon <= {self.epsilon:g}"
         )
-        spent = adaptive_epsilon_from_rdp(ADAPTIVE_ORDERS, base, self.delta)
-        if spent > self.epsilon:
-            return f"{head}: the steps already charged (and any planned tail) spend epsilon {spent:.4g} by themselves"
         floor, order = conversion_floor(ADAPTIVE_ORDERS, self.delta / len(ADAPTIVE_ORDERS))
+        spent = adaptive_epsilon_from_rdp(ADAPTIVE_ORDERS, base, self.delta)
+        if self.epsilon >= floor and spent > self.epsilon:
+            return (
+                f"{head}: the steps already charged (and any planned tail) spend epsilon "
+                f"{spent:.4g} by themselves"
+            )
         return (
             f"{head}: the adaptive RDP conversion certifies no epsilon below {floor:.4g} at "
             f"delta={self.delta:g} (a limit of its order list, set by order {order:g}), and "
