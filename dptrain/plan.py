@@ -159,7 +159,7 @@ def check_run(
 ) -> int | None:
     """Refuse a run that cannot start, before the model loads; return how many more steps of
     the planned event fit the budget, up to the planned ``plan.steps`` (None for adaptive
-    policies, stopped by the engine)."""
+    policies, stopped by the engine; 0 when the ledger holds them all: no step is left)."""
     policy, name = plan.policy, plan.recipe.policy.name
     if policy.needs_public_data and public_records is None:
         raise RecipeError(
@@ -173,8 +173,10 @@ def check_run(
             "process; under --nproc the ranks would clip at different thresholds. Fix: run it "
             "with --nproc 1, or use policy static or error_feedback across processes."
         )
+    if ledger.total_steps >= plan.steps:  # no step left: the resume only writes the final model
+        return 0
     fil = BudgetFilter(plan.budget, plan.accountant)
-    wanted = max(1, plan.steps - ledger.total_steps)  # 1: "already spent" is still refused
+    wanted = plan.steps - ledger.total_steps
     fit = steps_that_fit(policy, plan.sample_rate, fil, ledger, wanted)
     if fit is None:
         return None

@@ -120,6 +120,34 @@ def test_budget_stops_the_run_cleanly(tmp_path, capsys):
     assert "already spent" in capsys.readouterr().err
 
 
+def test_resuming_a_complete_run_says_so_and_does_nothing(tmp_path, capsys):
+    from dptrain.recipe import load_recipe
+    from dptrain.train import train
+
+    # calibrated noise: the budget is spent at the last step; no cross-check (seconds of PRV)
+    recipe = tiny(tmp_path, training={"steps": 1}, data={"max_records": 100})
+    train(load_recipe(recipe), progress=False, cross_check=False)
+    run = RunDir(tmp_path / "r")
+    files = {f: f.read_bytes() for f in (run.path / "run.json", run.ledger)}
+    capsys.readouterr()
+    assert main(["train", str(recipe), "--resume", str(run.path), "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert (
+        "run complete" in out
+        and "1 steps taken (1 planned)" in out
+        and f"final model in {run.final}" in out
+    )
+    assert "already spent" not in err and "loading model" not in err  # no model, no work
+    assert all(f.read_bytes() == b for f, b in files.items())
+    # every step taken but final/ never written (a crash): the resume writes it, takes no step
+    shutil.rmtree(run.final)
+    run.update_meta(status="running")
+    assert main(["train", str(recipe), "--resume", str(run.path), "--no-progress"]) == 0
+    assert (run.final / "adapter_config.json").exists() and run.read_meta()["steps"] == 1
+    assert run.ledger.read_bytes() == files[run.ledger]
+    assert "already spent" not in capsys.readouterr().err
+
+
 def test_existing_run_and_different_recipe_are_refused(tmp_path, capsys):
     recipe = tiny(tmp_path, training={"steps": 2})
     assert main(["train", str(recipe), "--no-progress"]) == 0
