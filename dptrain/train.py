@@ -65,7 +65,7 @@ from .optim import make_optimizer
 from .plan import RunPlan, check_run, guarantee_numbers, plan_privacy
 from .policies import Policy, RunContext
 from .precision import Precision
-from .recipe import Recipe, RecipeError, dump_recipe
+from .recipe import RESUMABLE_KEYS, Recipe, RecipeError, dump_recipe, resume_blockers
 from .rundir import (
     PUBLIC_FILES,
     CheckpointError,
@@ -363,10 +363,7 @@ def _check_run_dir(run: RunDir, recipe: Recipe, resume: bool) -> dict[str, Any] 
             raise CheckpointError(f"cannot resume: {run.path} is not a run directory (no run.json)")
         meta = run.read_meta()
         if meta.get("fingerprint") != recipe.fingerprint():
-            raise CheckpointError(
-                f"{run.path} was written by a different recipe: {_recipe_diff(run, recipe)}. "
-                "Fix: resume with the recipe that started the run, or start a new run in another output_dir."
-            )
+            raise CheckpointError(_recipe_diff(run, recipe))
         return meta
     if run.started():
         what = "holds a run" if run.exists() else "holds files of a run (no run.json)"
@@ -402,23 +399,36 @@ def _run_key(recipe: Recipe, run: RunDir, resume: bool) -> RunKey:
 
 
 def _recipe_diff(run: RunDir, recipe: Recipe) -> str:
+    """Why ``recipe`` cannot resume ``run``: the keys that differ from the run's
+    ``recipe.yaml`` and block a resume (never a resumable one such as ``training.steps``),
+    and the fix."""
     import yaml
 
+    fix = (
+        f"Fix: resume with the run's own recipe (dptrain train {run.recipe} --resume "
+        f"{run.path}; the resumable keys {', '.join(RESUMABLE_KEYS)} may be changed with "
+        "--set), or start a new run in another output_dir"
+    )
     try:
         old = yaml.safe_load(run.recipe.read_text())
     except Exception:
-        return "its recipe.yaml is unreadable"
-    new = recipe.model_dump(mode="json")
-    diffs = []
-    for section in sorted(set(old) | set(new)):
-        a, b = old.get(section), new.get(section)
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                if a.get(k) != b.get(k):
-                    diffs.append(f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
-        elif a != b and section != "output_dir":
-            diffs.append(f"{section}: {a!r} -> {b!r}")
-    return "; ".join(diffs[:8]) or "fingerprints differ"
+        old = None
+    if not isinstance(old, dict):
+        return (
+            f"{run.path} was written by a different recipe (its recipe.yaml is unreadable). {fix}"
+        )
+    diffs = resume_blockers(old, recipe.model_dump(mode="json"))
+    if not diffs:
+        return (
+            f"{run.path} was written by a different recipe: its recipe.yaml matches this one "
+            "in every key that must match, but run.json's fingerprint differs (recipe.yaml or "
+            f"run.json was edited, or another dptrain version wrote them). {fix}"
+        )
+    more = f"; and {len(diffs) - 8} more" if len(diffs) > 8 else ""
+    return (
+        f"{run.path} was written by a different recipe; these keys must match to resume: "
+        f"{'; '.join(diffs[:8])}{more}. {fix}"
+    )
 
 
 # -- start and build ----------------------------------------------------------------------

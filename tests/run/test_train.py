@@ -14,6 +14,7 @@ import yaml
 
 from accountants import Ledger, get_accountant
 from dptrain.cli import main
+from dptrain.recipe import load_recipe
 from dptrain.rundir import RunDir
 from dptrain.secret import RunKey
 
@@ -121,7 +122,6 @@ def test_budget_stops_the_run_cleanly(tmp_path, capsys):
 
 
 def test_resuming_a_complete_run_says_so_and_does_nothing(tmp_path, capsys):
-    from dptrain.recipe import load_recipe
     from dptrain.train import train
 
     # calibrated noise: the budget is spent at the last step; no cross-check (seconds of PRV)
@@ -153,12 +153,18 @@ def test_existing_run_and_different_recipe_are_refused(tmp_path, capsys):
     assert main(["train", str(recipe), "--no-progress"]) == 0
     assert main(["train", str(recipe), "--no-progress"]) == 2
     assert "--resume" in capsys.readouterr().err
-    other = tiny(tmp_path, "other", training={"lr": 0.5})
+    other = tiny(tmp_path, "other", training={"lr": 0.5, "steps": 5})  # steps may differ
     assert main(["train", str(other), "--resume", str(tmp_path / "r")]) == 2
-    assert "training.lr" in capsys.readouterr().err
-    # the key has drawn two steps' coins and noise: never again from step 0
+    err = capsys.readouterr().err
+    assert "these keys must match to resume: training.lr: 0.003 -> 0.5. Fix:" in err
+    assert "training.steps:" not in err and "--resume" in err
+    # the fix it names, the run's own recipe.yaml, is the run's recipe
     run = RunDir(tmp_path / "r")
+    assert load_recipe(run.recipe).fingerprint() == run.read_meta()["fingerprint"]
+    # the key has drawn two steps' coins and noise: never again from step 0 (without final/,
+    # the run is not complete: a resume would need the checkpoint)
     shutil.rmtree(run.checkpoints)
+    shutil.rmtree(run.final)
     assert main(["train", str(recipe), "--resume", str(run.path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "has no checkpoint left" in err and "would repeat that noise" in err
