@@ -165,9 +165,9 @@ def normals_from_words(words: np.ndarray) -> np.ndarray:
 
     w = np.ascontiguousarray(words, dtype=np.uint64).reshape(-1, 4)
     m = w.shape[0]
-    radius, angle, trig = (torch.empty(m, dtype=torch.float64) for _ in range(3))
-    _radius_angle(w, radius, angle, torch.empty(m, dtype=torch.int64))
-    out = torch.empty((m, 2), dtype=torch.float64)
+    radius, angle, trig = (torch.empty(m, dtype=torch.float64, device="cpu") for _ in range(3))
+    _radius_angle(w, radius, angle, torch.empty(m, dtype=torch.int64, device="cpu"))
+    out = torch.empty((m, 2), dtype=torch.float64, device="cpu")
     torch.mul(radius, torch.cos(angle, out=trig), out=out[:, 0])
     torch.mul(radius, torch.sin(angle, out=trig), out=out[:, 1])
     return out.reshape(-1).numpy()
@@ -183,9 +183,9 @@ class _Scratch:
         self.size = size
         self.words = np.empty(4 * size + 2, dtype=np.uint64)
         self.radius, self.angle, self.trig = (
-            torch.empty(size, dtype=torch.float64) for _ in range(3)
+            torch.empty(size, dtype=torch.float64, device="cpu") for _ in range(3)
         )
-        self.ints = torch.empty(size, dtype=torch.int64)
+        self.ints = torch.empty(size, dtype=torch.int64, device="cpu")
 
 
 def _serial_worker() -> None:
@@ -283,13 +283,20 @@ class GaussianNoise:
         self.step = int(step)
         self.block = 0
 
+    def prepare(self, device: Any) -> None:
+        """Ready the generator that will draw on ``device`` (the device kernels' one-time
+        build on CUDA) before training starts; draws nothing."""
+        import torch
+
+        self.backends.prepare(torch.device(device))
+
     def standard(self, n: int) -> np.ndarray:
         """The next ``n`` standard normals of this step (float64)."""
         if self.backends.use_device(self.step, None):  # a step ChaCha drew: its stream
             return self.backends.standard(self, n)
         import torch
 
-        out = torch.empty(max(int(n), 0), dtype=torch.float64)
+        out = torch.empty(max(int(n), 0), dtype=torch.float64, device="cpu")
         self._fill((out.numel() + 1) // 2, [(0, out.numel(), out, 1.0)])
         return out.numpy()
 
@@ -303,7 +310,7 @@ class GaussianNoise:
         # drawn on the CPU (AES-CTR and Box-Muller in float64, rounded to the dtype here), then
         # moved: the values are the same on every device; pinned memory makes the copy async
         pin = like.device.type == "cuda"
-        out = torch.empty(like.numel(), dtype=like.dtype, pin_memory=pin)
+        out = torch.empty(like.numel(), dtype=like.dtype, device="cpu", pin_memory=pin)
         self._fill((out.numel() + 1) // 2, [(0, out.numel(), out, float(std))])
         return out.view(like.shape).to(like.device, non_blocking=pin)
 
@@ -333,7 +340,7 @@ class GaussianNoise:
                 outs.append(torch.zeros_like(like))
                 continue
             pin = like.device.type == "cuda"
-            out = torch.empty(like.numel(), dtype=like.dtype, pin_memory=pin)
+            out = torch.empty(like.numel(), dtype=like.dtype, device="cpu", pin_memory=pin)
             outs.append(out)
             pieces.append((pairs, like.numel(), out, float(std)))
             pairs += (like.numel() + 1) // 2
