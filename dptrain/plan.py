@@ -201,11 +201,13 @@ def check_run(
 ) -> int | None:
     """Refuse a run that cannot start, before the model loads; return how many more steps of
     the planned event fit the budget, up to the planned ``plan.steps`` (None for adaptive
-    policies, stopped by the engine)."""
+    policies, stopped by the engine; 0 when the ledger holds them all: no step is left)."""
     policy = plan.policy
     check_policy_setup(policy, public_records=public_records, world_size=world_size)
+    if ledger.total_steps >= plan.steps:  # no step left: the resume only writes the final model
+        return 0
     fil = BudgetFilter(plan.budget, plan.accountant)
-    wanted = max(1, plan.steps - ledger.total_steps)  # 1: "already spent" is still refused
+    wanted = plan.steps - ledger.total_steps
     fit = steps_that_fit(policy, plan.sample_rate, fil, ledger, wanted)
     if fit is None:
         return None
