@@ -267,7 +267,7 @@ class RLPolicy(Policy):
         disjoint parts of the batch, so the engine's sum over ranks is the global batch's."""
         if not isinstance(plan, RLPlan) or plan.count_std is None:
             return None
-        centred = torch.zeros(len(self.bands), dtype=torch.float64)
+        centred = torch.zeros(len(self.bands), dtype=torch.float64, device="cpu")
         for b, band in enumerate(self.bands):
             flags = [within_clip[g] for g in band if g in within_clip]
             if flags:
