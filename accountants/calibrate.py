@@ -16,6 +16,7 @@ from collections.abc import Callable
 from .base import Accountant, check_delta, get_accountant
 from .budget import Budget, BudgetFilter
 from .ledger import POISSON_GAUSSIAN, Event, Ledger, Params
+from .rdp import RdpAccountant
 
 SIGMA_MIN = 1e-4
 SIGMA_MAX = 1e6
@@ -23,8 +24,9 @@ SIGMA_MAX = 1e6
 
 class EpsilonUnreachableError(ValueError):
     """No noise multiplier up to :data:`SIGMA_MAX` meets the target epsilon: the target, not
-    the code, must change (a higher epsilon or delta, a lower sample rate or fewer steps).
-    A ``ValueError`` for callers that caught one before it existed."""
+    the code, must change.  From :func:`calibrate_noise` the message says what limits it (for
+    RDP, usually the floor of its conversion at delta: :func:`accountants.rdp.conversion_floor`)
+    and which change helps.  A ``ValueError`` for callers that caught one before it existed."""
 
 
 def _accountant(accountant: str | Accountant) -> Accountant:
@@ -79,8 +81,10 @@ def smallest_sigma(
             if len(near) == 2 and near[0][0] != near[1][0] and near[0][1] != near[1][1]:
                 (s1, f1), (s2, f2) = near
                 slope = math.log(f1 / f2) / math.log(s2 / s1)
-                if slope > 0:  # just above the estimated crossing
-                    c = s1 * (f1 / target) ** (1 / slope) * (1 + tol / 4)
+                if slope > 0:  # just above the estimated crossing (in logs: a nearly flat
+                    # eps, e.g. RDP near its conversion floor, puts it far outside the bracket)
+                    log_c = math.log(s1) + math.log(f1 / target) / slope + math.log1p(tol / 4)
+                    c = math.exp(min(max(log_c, math.log(lo)), math.log(hi)))
         c = min(max(c, lo * (1 + tol / 8)), hi / (1 + tol / 8))
         f_c = eps(c)
         points.append((c, f_c))
@@ -127,12 +131,65 @@ def calibrate_noise(
 
     start = 1.0
     if acc.name != "rdp":  # RDP overestimates epsilon, so its sigma is a near admissible start
-        start = smallest_sigma(
-            lambda s: eps(s, get_accountant("rdp")),
-            target_epsilon,
-            tol=0.05,
+        try:
+            start = smallest_sigma(
+                lambda s: eps(s, get_accountant("rdp")),
+                target_epsilon,
+                tol=0.05,
+            )
+        except EpsilonUnreachableError:  # below RDP's conversion floor: no hint, not a failure
+            start = 1.0
+    try:
+        return smallest_sigma(eps, target_epsilon, tol=tol, start=start)
+    except EpsilonUnreachableError:
+        raise EpsilonUnreachableError(
+            _unreachable(acc, eps(SIGMA_MAX), target_epsilon, delta, sample_rate, steps)
+        ) from None
+
+
+def _unreachable(
+    acc: Accountant, at_max: float, target: float, delta: float, sample_rate: float, steps: int
+) -> str:
+    """Why no sigma up to :data:`SIGMA_MAX` reaches ``target``, and the fix.
+
+    RDP: its conversion never certifies less than ``conversion_floor(orders, delta)`` (the
+    largest order's ``log1p(-1/a) - log(delta a) / (a - 1)``; 0.0035 at delta = 1e-5 with
+    orders up to 1024), whatever the noise, steps or sample rate; only a larger delta, another
+    accountant or a larger target helps.  Just above the floor, epsilon(sigma) ~ floor + c
+    steps q^2 / sigma^2, so there fewer steps or a lower sample rate help too."""
+    head = (
+        f"no noise multiplier up to {SIGMA_MAX:g} reaches epsilon <= {target:g} with the "
+        f"{acc.name!r} accountant at delta={delta:g}, q={sample_rate:g}, {steps} steps "
+        f"(epsilon at sigma={SIGMA_MAX:g}: {at_max:.4g})"
+    )
+    orders = getattr(acc, "orders", None)
+    if isinstance(acc, RdpAccountant) and orders:
+        from .rdp import conversion_floor, delta_for_floor
+
+        floor, order = conversion_floor(orders, delta)
+        need = delta_for_floor(orders, target)
+        largest = ", the largest" if order == max(orders) else ""
+        why = (
+            f"the RDP-to-(epsilon, delta) conversion certifies no epsilon below {floor:.4g} at "
+            f"this delta however large the noise (a limit of its order list: the floor is set "
+            f"by order {order:g}{largest}), "
         )
-    return smallest_sigma(eps, target_epsilon, tol=tol, start=start)
+        if target < floor:
+            return (
+                f"{head}: {why}and the target is below it, which more noise, fewer steps or a "
+                f"lower sample rate do not change. Fix: use the 'pld' or 'prv' accountant "
+                f"(their epsilon has no such floor), raise delta (the floor drops below "
+                f"{target:g} only for delta well above {need:.2g}), or raise the target epsilon"
+            )
+        return (
+            f"{head}: {why}and the target is so close to it that it needs more noise than "
+            f"{SIGMA_MAX:g}. Fix: use the 'pld' or 'prv' accountant, raise delta, take fewer "
+            f"steps or a lower sample rate, or raise the target epsilon"
+        )
+    return (
+        f"{head}. Fix: raise the target epsilon or delta, take fewer steps or a lower sample "
+        f"rate, or use another accountant"
+    )
 
 
 def calibrate_steps(

@@ -132,6 +132,29 @@ def epsilon_from_rdp(orders: Sequence[float], rdp: np.ndarray, delta: float) -> 
     return max(0.0, float(eps.min()))
 
 
+def conversion_floor(orders: Sequence[float], delta: float) -> tuple[float, float]:
+    """``(epsilon, order)``: the least epsilon the Prop. 12 conversion certifies at ``delta``
+    however small the RDP curve, ``min_a [log1p(-1/a) - log(delta a) / (a - 1)]`` over the
+    usable orders (a > 1.01), floored at 0, and the order attaining it.  No noise lowers it:
+    below it only the KL shortcut certifies anything (epsilon 0, once the whole curve is under
+    ``-log1p(-delta^2)``).  Use ``delta / len(orders)`` for the adaptive conversion."""
+    c, usable, _ = _conversion_constants(tuple(float(a) for a in orders), float(delta))
+    c = np.where(usable, c, np.inf)
+    i = int(np.argmin(c))
+    return max(0.0, float(c[i])), float(orders[i])
+
+
+def delta_for_floor(orders: Sequence[float], epsilon: float) -> float:
+    """The least delta at which :func:`conversion_floor` is at most ``epsilon``:
+    ``min_a exp(-(a - 1) (epsilon - log1p(-1/a))) / a`` over the usable orders (capped at 1)."""
+    a = np.asarray([x for x in orders if x > 1.01], dtype=np.float64)
+    if a.size == 0:
+        return 1.0
+    with np.errstate(over="ignore"):
+        d = np.exp(-(a - 1.0) * (epsilon - np.log1p(-1.0 / a))) / a
+    return min(1.0, float(d.min()))
+
+
 def delta_from_rdp(orders: Sequence[float], rdp: np.ndarray, epsilon: float) -> float:
     """Smallest delta certified at ``epsilon`` (mirror of ``dp_accounting.rdp.compute_delta``):
     per order ``min(0.5 log1p(-e^-R), (a-1)(R - eps + log1p(-1/a)) - log a)`` in log space."""

@@ -99,9 +99,9 @@ done
 if [ "$BENCH" = 1 ]; then
     RP=("$PY" benchmarks/recipe_path.py --device "$DEVICE" --out "$OUT/recipe_path.json")
     part "recipe path gpt2-124m bf16" 100 "${RP[@]}" --setups gpt2-124m --precision bf16 \
-        --opacus --rounds 4 --block 4 --profile 4 --records 1000
+        --opacus --rounds 4 --block 4 --profile 4 --kernels 2 --records 1000
     part "recipe path llama-0.5b lora bf16" 100 "${RP[@]}" --setups llama-0.5b \
-        --precision bf16 --opacus --rounds 10 --block 2 --profile 4 --records 400
+        --precision bf16 --opacus --rounds 10 --block 2 --profile 4 --kernels 2 --records 400
     part "recipe path gpt2-124m fp32" 70 "${RP[@]}" --setups gpt2-124m --precision fp32 \
         --rounds 6 --block 2 --profile 3 --records 800
 fi

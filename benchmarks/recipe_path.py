@@ -527,9 +527,41 @@ def run_setup(name: str, args: argparse.Namespace, accountant: str) -> dict[str,
             result["profile_per_step_ms"] = {
                 k: 1e3 * v / args.profile for k, v in sorted(parts.items(), key=lambda x: -x[1])
             }
+        if args.kernels:  # what the device runs: the bare engine's step against non-private
+            plain = nonprivate_step(m_plain, plain_opt, precision)
+            some = dev_batches[first : first + args.kernels]
+            result["kernels"] = {
+                c: kernel_table(step, some, device)
+                for c, step in (("engine", engine.step), ("nonprivate", plain))
+            }
         built.engine.detach()
         engine.detach()
     return result
+
+
+def kernel_table(
+    step: Callable[[Any], Any], batches: list, device: torch.device, rows: int = 25
+) -> str:
+    """``torch.profiler``'s operator table of ``step`` over ``batches``, by self time on the
+    device (CUDA) or the CPU: which kernels, and how many calls, the step's time is made of."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync(device)
+    with profile(activities=acts) as prof:
+        for b in batches:
+            step(b)
+        _sync(device)
+    table = prof.key_averages()
+    for key in (
+        ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
+    ):
+        try:
+            return table.table(sort_by=key, row_limit=rows)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return table.table(row_limit=rows)
 
 
 def print_result(r: dict[str, Any]) -> None:
@@ -562,6 +594,9 @@ def print_result(r: dict[str, Any]) -> None:
         print("  profile of a recipe step (ms):")
         for k, v in r["profile_per_step_ms"].items():
             print(f"    {k:38s} {v:8.2f}")
+    for c, table in r.get("kernels", {}).items():
+        print(f"  operators of {c} ({r['device']}):")
+        print(table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -571,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="rounds (rounded up to whole designs)")
     ap.add_argument("--block", type=int, default=5)
     ap.add_argument("--profile", type=int, default=5)
+    ap.add_argument("--kernels", type=int, default=0, help="steps under torch.profiler")
     ap.add_argument("--records", type=int, default=2000)
     ap.add_argument("--physical", type=int, default=None)
     ap.add_argument("--device", default="auto")

@@ -47,11 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``dptrain`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # the subcommand's usage, not the top level's, says what it takes
+            _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
         return exit_.code if isinstance(exit_.code, int) else 2
     try:
@@ -68,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as err:
         if args.debug:
             raise
+        from .errors import USER_ERROR_EXIT
+
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return USER_ERROR_EXIT
 
 
 @contextlib.contextmanager

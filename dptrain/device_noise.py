@@ -225,6 +225,11 @@ class DeviceNormals:
         self.compile_error = _COMPILE_ERRORS[(device.type, size)]
         return pair
 
+    def prepare(self, device: torch.device) -> None:
+        """Build and check the compiled kernels for ``device`` now (where they are wanted),
+        not at the first draw: the build does not then count as a training step's time."""
+        self._pair(device, self.chunk_for(device))
+
     def blocks(self, nonce: int, start: int, count: int, device: torch.device) -> Tensor:
         """``(count, 2, 2)`` float64 normals of blocks ``start .. start + count - 1`` (one
         computation: the caller bounds ``count``)."""
@@ -296,6 +301,12 @@ class Backends:
             if first <= step <= last:
                 return name
         return None
+
+    def prepare(self, device: torch.device) -> None:
+        """Ready the device generator for draws on ``device`` if it is the one that draws
+        there (forced, or ``auto`` on CUDA); nothing is drawn or recorded."""
+        if self.choice == CHACHA or (self.choice == AUTO and device.type == "cuda"):
+            self.normals.prepare(device)
 
     def use_device(self, step: int, device: torch.device | None) -> bool:
         """Fix (and record) the backend of a draw at ``step`` on ``device``; True for ChaCha."""

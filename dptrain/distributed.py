@@ -6,8 +6,10 @@ only its shard of it (records ``i`` with ``i mod W == rank``), so the union over
 exactly one Poisson sample of the whole dataset at rate ``q``.  Per step:
 
 1. rank 0 plans the step and checks the budget; the plan and the decision are broadcast;
-2. each rank clips its samples per group and sums them; the sums are all-reduced (SUM), so
-   every rank holds ``sum_b clip(g_b)`` over the global batch;
+2. each rank clips its samples per group and sums them, and computes the policy's private
+   counts of its samples (:meth:`dptrain.policies.Policy.private_counts`, e.g. the rl
+   policy's within-clip counts); sums and counts are all-reduced (SUM) in one collective, so
+   every rank holds ``sum_b clip(g_b)`` and the counts over the global batch;
 3. rank 0 alone runs the policy's release (adding the Gaussian noise exactly once) and
    broadcasts the update; every rank applies the same update, so parameters stay identical;
 4. every rank records the same event; rank 0 alone writes the ledger and checkpoints.

@@ -8,6 +8,8 @@ Step flow (``PrivacyEngine.step``)::
     for each physical chunk of the logical Poisson batch:
         forward, backward of sum_b loss_b         # hooks record layer inputs and output grads
         clip per sample and group, add to sums    # ghost norms or materialized per rule
+    counts = policy.private_counts(plan, flags)  # e.g. the rl policy's within-clip counts
+    (torch.distributed: sums and counts all-reduced over ranks; rank 0 alone releases)
     update = policy.release(sums, plan, noise)   # e.g. (sum + N(0, s_g^2)) / E[B]
     ledger.record(event)                          # charged before the update exists anywhere
     optimizer.step(update)
@@ -303,15 +305,18 @@ class PrivacyEngine:
             m = _check_injected(injected, self.group_of)
             add(Recorded([], {p: g.to(p.device, p.dtype) for p, g in injected.items()}, m))
             n += m
-        for p in self.params:
-            if p not in clipped:
-                clipped[p] = torch.zeros_like(p)
+        # in the engine's parameter order, whatever order the clipping produced them in (ghost
+        # norms first): the release draws its noise in this order, so it must not depend on the
+        # batch or on how the ranks split it (all-reduced sums come back in this order)
+        clipped = {p: clipped[p] if p in clipped else torch.zeros_like(p) for p in self.params}
         raw = None
         if self.policy.needs_raw_sums:  # unclipped sums over the samples with finite gradients
             raw = {p: raw_sums.get(p, torch.zeros_like(p)) for p in self.params}
+        within_clip = {g: torch.cat(ts) for g, ts in within.items()}
+        counts = self.policy.private_counts(plan, within_clip)  # this rank's samples
         if distributed.world_size() > 1:
-            n, loss_sum, nonfinite, clipped, raw = self._all_reduce(
-                n, loss_sum, nonfinite, clipped, raw
+            n, loss_sum, nonfinite, clipped, raw, counts = self._all_reduce(
+                n, loss_sum, nonfinite, clipped, raw, counts
             )
         sums = StepSums(
             clipped=clipped,
@@ -320,7 +325,8 @@ class PrivacyEngine:
             expected_batch_size=self.expected_batch_size,
             names=self.names,
             nonfinite=nonfinite,
-            within_clip={g: torch.cat(ts) for g, ts in within.items()},
+            within_clip=within_clip,
+            counts=counts,
         )
         if main:
             begin = getattr(self.noise, "begin_step", None)
@@ -376,24 +382,30 @@ class PrivacyEngine:
             report.extra.update(extra or {})
         return report
 
-    def _all_reduce(self, n, loss_sum, nonfinite, clipped, raw):
-        """Sum the clipped (and raw) sums and the batch statistics over ranks."""
+    def _all_reduce(self, n, loss_sum, nonfinite, clipped, raw, counts):
+        """Sum the clipped (and raw) sums, the policy's private counts and the batch statistics
+        over ranks, in one collective (float64 throughout when the counts or statistics are:
+        integer counts sum exactly)."""
         device = self.params[0].device if self.params else None  # NCCL reduces GPU tensors
         stats = torch.tensor(
             [float(n), loss_sum, float(nonfinite)], dtype=torch.float64, device=device
         )
+        extra = [] if counts is None else [counts.to(device=device, dtype=torch.float64)]
         tensors = (
             [stats]
+            + extra
             + [clipped[p] for p in self.params]
             + ([raw[p] for p in self.params] if raw else [])
         )
         reduced = distributed.all_reduce_sum(tensors)
-        k = len(self.params)
+        k, j = len(self.params), 1 + len(extra)
         stats = reduced[0]
-        clipped = dict(zip(self.params, reduced[1 : 1 + k], strict=True))
+        if counts is not None:
+            counts = reduced[1].cpu()
+        clipped = dict(zip(self.params, reduced[j : j + k], strict=True))
         if raw is not None:
-            raw = dict(zip(self.params, reduced[1 + k :], strict=True))
-        return int(stats[0]), float(stats[1]), int(stats[2]), clipped, raw
+            raw = dict(zip(self.params, reduced[j + k :], strict=True))
+        return int(stats[0]), float(stats[1]), int(stats[2]), clipped, raw, counts
 
     # -- state ---------------------------------------------------------------------------
 

@@ -10,6 +10,9 @@ catching those still do.
 
 from __future__ import annotations
 
+USER_ERROR_EXIT = 2
+"""``dptrain``'s exit code for a :class:`UserError` (argparse's for a bad argument, too)."""
+
 
 class UserError(Exception):
     """Bad input the user can fix; the message names the fix."""

@@ -3,6 +3,7 @@ sample ``b``'s gradient; a loss that mixes samples (a batch mean over tokens) wo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -78,4 +79,5 @@ def perplexity(model: nn.Module, batches: list[dict[str, Tensor]]) -> float:
         total += float(t.sum_per_sample.sum())
         count += float(t.tokens_per_sample.sum())
     model.train(was_training)
-    return float(torch.exp(torch.tensor(total / max(count, 1.0))))
+    mean = total / max(count, 1.0)  # mean token NLL, in float64
+    return math.exp(mean) if mean < 709.0 else math.inf

@@ -283,6 +283,13 @@ class GaussianNoise:
         self.step = int(step)
         self.block = 0
 
+    def prepare(self, device: Any) -> None:
+        """Ready the generator that will draw on ``device`` (the device kernels' one-time
+        build on CUDA) before training starts; draws nothing."""
+        import torch
+
+        self.backends.prepare(torch.device(device))
+
     def standard(self, n: int) -> np.ndarray:
         """The next ``n`` standard normals of this step (float64)."""
         if self.backends.use_device(self.step, None):  # a step ChaCha drew: its stream

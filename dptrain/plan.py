@@ -45,6 +45,7 @@ from accountants import Budget, BudgetFilter, Event, Ledger
 from .errors import RecipeError
 from .noise import truncation_delta
 from .policies import Policy, policy_from_recipe
+from .policies.registry import PolicyTraits
 from .recipe import check_against_data
 
 if TYPE_CHECKING:
@@ -154,27 +155,59 @@ def steps_that_fit(
     return event, fil.max_steps(ledger, event, cap=wanted)
 
 
+PUBLIC_DATA_FIX = {
+    "train": "set data.public_fraction (e.g. 0.02: that share of the records is declared public "
+    "and left out of private training) or data.public_path (a file of public records).",
+    # a server must not declare a share of a data holder's records public
+    "federated": "set data.public_path (a file of public records, read by every client); a "
+    "federated recipe cannot declare a share of a client's records public.",
+}
+
+
+def policy_setup_refusal(
+    policy: PolicyTraits, *, public_records: int | None, world_size: int = 1, kind: str = "train"
+) -> str | None:
+    """Why ``policy`` cannot be set up for a run (None if it can): it evaluates the model on
+    public data and the run has none, or it is adaptive and the run spans several processes.
+    Checked before the model loads by ``dptrain train`` (:func:`check_run`), the federated
+    server at start and each federated client before its first step (``kind``: whose fix)."""
+    if policy.needs_public_data and public_records is None:
+        return (
+            f"policy.name: policy '{policy.name}' evaluates the model on public data. Fix: "
+            + PUBLIC_DATA_FIX[kind]
+        )
+    if world_size > 1 and policy.adaptive:
+        return (
+            f"policy '{policy.name}' plans from each step's released outputs on one "
+            "process; under --nproc the ranks would clip at different thresholds. Fix: run it "
+            "with --nproc 1, or use policy static or error_feedback across processes."
+        )
+    return None
+
+
+def check_policy_setup(
+    policy: PolicyTraits, *, public_records: int | None, world_size: int = 1, kind: str = "train"
+) -> None:
+    """Raise :class:`RecipeError` with :func:`policy_setup_refusal`'s reason, if any."""
+    reason = policy_setup_refusal(
+        policy, public_records=public_records, world_size=world_size, kind=kind
+    )
+    if reason is not None:
+        raise RecipeError(reason)
+
+
 def check_run(
     plan: RunPlan, *, public_records: int | None, ledger: Ledger, world_size: int = 1
 ) -> int | None:
     """Refuse a run that cannot start, before the model loads; return how many more steps of
     the planned event fit the budget, up to the planned ``plan.steps`` (None for adaptive
-    policies, stopped by the engine)."""
-    policy, name = plan.policy, plan.recipe.policy.name
-    if policy.needs_public_data and public_records is None:
-        raise RecipeError(
-            f"policy.name: policy '{policy.name}' evaluates the model on public data. Fix: set "
-            "data.public_fraction (e.g. 0.02: that share of the records is declared public and "
-            "left out of private training) or data.public_path (a file of public records)."
-        )
-    if world_size > 1 and policy.adaptive:
-        raise RecipeError(
-            f"policy '{name}' plans from each step's released outputs on one "
-            "process; under --nproc the ranks would clip at different thresholds. Fix: run it "
-            "with --nproc 1, or use policy static or error_feedback across processes."
-        )
+    policies, stopped by the engine; 0 when the ledger holds them all: no step is left)."""
+    policy = plan.policy
+    check_policy_setup(policy, public_records=public_records, world_size=world_size)
+    if ledger.total_steps >= plan.steps:  # no step left: the resume only writes the final model
+        return 0
     fil = BudgetFilter(plan.budget, plan.accountant)
-    wanted = max(1, plan.steps - ledger.total_steps)  # 1: "already spent" is still refused
+    wanted = plan.steps - ledger.total_steps
     fit = steps_that_fit(policy, plan.sample_rate, fil, ledger, wanted)
     if fit is None:
         return None

@@ -89,6 +89,7 @@ PUBLIC_RUN_FIELDS: dict[str, Why] = {
     "client_dp": "recipe",
     "client_epsilon": "ledger",  # each client's own (reported) spend; not with client-level DP
     "client_delta": "ledger",
+    "client_epsilon_unconfirmed": "ledger",  # whose last request got no reply with its spend
     "client_dp_epsilon": "ledger",
     "client_dp_delta": "ledger",
 }

@@ -6,6 +6,7 @@ right after the data is read, still before any model is loaded (:func:`check_aga
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import importlib
@@ -426,25 +427,54 @@ class Recipe(Section):
         return Path(override or self.output_dir or Path("runs") / self.name)
 
     def fingerprint(self, ignore: tuple[str, ...] = RESUMABLE_KEYS) -> str:
-        """Hash of everything that must match for a resume."""
-        d = self.model_dump(mode="json")
-        for dotted in ignore:
-            section, key = dotted.split(".")
-            d.get(section, {}).pop(key, None)
-        for dotted, default in LATER_DEFAULTS.items():
-            section, key = dotted.split(".")
-            if d.get(section, {}).get(key, default) == default:
-                d.get(section, {}).pop(key, None)
-        d.pop("output_dir", None)
-        d.pop("audit", None)  # audit options never change training
-        d.pop("generation", None)  # nor do the samples drawn after it
-        if d.get("task") == TaskSection().model_dump(mode="json"):
-            d.pop("task")  # runs from before the task section keep their fingerprint
-        for dotted in ADDED_KEYS:  # at their default, runs started before them still resume
-            section, key = dotted.split(".")
-            if isinstance(d.get(section), dict) and d[section].get(key) is None:
-                d[section].pop(key, None)
+        """Hash of everything that must match for a resume (:func:`resume_identity`)."""
+        d = resume_identity(self.model_dump(mode="json"), ignore)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resume_identity(
+    dumped: dict[str, Any], ignore: tuple[str, ...] = RESUMABLE_KEYS
+) -> dict[str, Any]:
+    """The part of a dumped recipe (``model_dump(mode="json")``, as in a run's ``recipe.yaml``)
+    that must match for a resume: without ``ignore`` (the resumable keys), ``output_dir``,
+    ``audit`` and ``generation``, and without keys added later while at their default."""
+    d = copy.deepcopy(dumped)
+    for dotted in ignore:
+        section, key = dotted.split(".")
+        d.get(section, {}).pop(key, None)
+    for dotted, default in LATER_DEFAULTS.items():
+        section, key = dotted.split(".")
+        if d.get(section, {}).get(key, default) == default:
+            d.get(section, {}).pop(key, None)
+    d.pop("output_dir", None)
+    d.pop("audit", None)  # audit options never change training
+    d.pop("generation", None)  # nor do the samples drawn after it
+    if d.get("task") == TaskSection().model_dump(mode="json"):
+        d.pop("task")  # runs from before the task section keep their fingerprint
+    for dotted in ADDED_KEYS:  # at their default, runs started before them still resume
+        section, key = dotted.split(".")
+        if isinstance(d.get(section), dict) and d[section].get(key) is None:
+            d[section].pop(key, None)
+    return d
+
+
+def resume_blockers(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``KEY: OLD -> NEW`` for each key of two dumped recipes that differs and blocks a resume
+    (the keys of :func:`resume_identity`; a resumable key such as ``training.steps`` never
+    blocks), sorted by key."""
+    a, b = resume_identity(old), resume_identity(new)
+    out = []
+    for section in sorted(set(a) | set(b)):
+        x, y = a.get(section), b.get(section)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += [
+                f"{section}.{k}: {x.get(k)!r} -> {y.get(k)!r}"
+                for k in sorted(set(x) | set(y))
+                if x.get(k) != y.get(k)
+            ]
+        elif x != y:
+            out.append(f"{section}: {x!r} -> {y!r}")
+    return out
 
 
 def _known_keys(model: type[BaseModel]) -> list[str]:

@@ -65,7 +65,7 @@ from .optim import make_optimizer
 from .plan import RunPlan, check_run, guarantee_numbers, plan_privacy
 from .policies import Policy, RunContext
 from .precision import Precision
-from .recipe import Recipe, RecipeError, dump_recipe
+from .recipe import RESUMABLE_KEYS, Recipe, RecipeError, dump_recipe, resume_blockers
 from .rundir import (
     PUBLIC_FILES,
     CheckpointError,
@@ -99,6 +99,7 @@ class Prepared:
     canaries: list[Canary] | None = None  # drawn once, inserted and written to the manifest
     unit: UnitPlan | None = None  # data.privacy_unit: the person is the unit
     withheld_records: int = 0  # canary records their coins left out (in the public sizes)
+    complete: bool = False  # a resume of a finished run that took all its planned steps
 
     @property
     def policy(self) -> Policy:
@@ -133,6 +134,7 @@ class RunResult:
     stopped_by_budget: bool
     delta_total: float = math.nan  # delta plus the noise sampler's truncation term
     finished: bool = False  # all planned steps taken, or stopped by the budget (not paused)
+    already_complete: bool = False  # resumed a finished run: nothing was done
 
 
 def log(msg: str) -> None:
@@ -172,6 +174,8 @@ def _train(
     cross_check: bool,
 ) -> RunResult:
     prep = prepare(recipe, run_dir, resume=resume)
+    if prep.complete:
+        return _already_complete(prep)
     distributed.barrier()  # every rank has validated the run directory before rank 0 writes
     try:
         start(prep)
@@ -240,6 +244,24 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
         plan = plan_privacy(recipe, records, restored_noise=restored)
     else:
         plan = plan_unit(recipe, unit, records, restored_noise=restored)
+    if resume and _is_complete(run, meta, plan):  # before the model, the checkpoint, the budget
+        ledger = Ledger.load(run.ledger)
+        return Prepared(
+            recipe,
+            run,
+            key,
+            train_texts,
+            val_texts,
+            public_texts,
+            plan,
+            ledger,
+            None,
+            resume,
+            canaries,
+            unit,
+            withheld,
+            complete=True,
+        )
     if recipe.privacy.delta is None and not resume:
         count = f"{records} training records" if unit is None else f"{unit.size} people"
         log(
@@ -289,6 +311,50 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
     )
 
 
+def _is_complete(run: RunDir, meta: dict[str, Any] | None, plan: RunPlan) -> bool:
+    """A finished run that took all ``plan.steps`` and wrote its final model: nothing to resume.
+    (A run stopped by the budget took fewer steps; one that crashed before ``final/`` is not
+    finished, and its resume writes the final model.)"""
+    steps = (meta or {}).get("steps")
+    return (
+        meta is not None
+        and meta.get("status") == "finished"
+        and isinstance(steps, int)
+        and steps >= plan.steps
+        and run.final.exists()
+    )
+
+
+def _already_complete(prep: Prepared) -> RunResult:
+    """Say that the run is complete -- its steps, guarantee and final model -- and do nothing."""
+    run, plan = prep.run, prep.plan
+    meta, stats = run.read_meta(), run.read_stats()
+    steps = meta["steps"]
+    eps, delta_total = meta.get("epsilon", math.nan), meta.get("delta_total", math.nan)
+    if distributed.is_main():
+        print(
+            f"run complete: {run.path}: {steps} steps taken ({plan.steps} planned), "
+            f"(epsilon, delta) = ({eps:.4f}, {delta_total:.3g}) in run.json; final model in "
+            f"{run.final}. Nothing to resume. To take more steps, resume with a larger "
+            f"training.steps (e.g. --set training.steps={2 * steps}) while the budget allows, "
+            "or start a new run.",
+            flush=True,
+        )
+    return RunResult(
+        run.path,
+        steps,
+        eps,
+        meta.get("delta", plan.delta),
+        meta.get("guarantee_accountant", plan.accountant),
+        stats.get("perplexity_before", math.nan),
+        stats.get("perplexity_after", math.nan),
+        bool(meta.get("stopped_by_budget", False)),
+        delta_total,
+        finished=True,
+        already_complete=True,
+    )
+
+
 def _check_run_dir(run: RunDir, recipe: Recipe, resume: bool) -> dict[str, Any] | None:
     """The run's ``run.json`` on resume (it must be this recipe's); a fresh run needs an
     unused directory."""
@@ -297,10 +363,7 @@ def _check_run_dir(run: RunDir, recipe: Recipe, resume: bool) -> dict[str, Any] 
             raise CheckpointError(f"cannot resume: {run.path} is not a run directory (no run.json)")
         meta = run.read_meta()
         if meta.get("fingerprint") != recipe.fingerprint():
-            raise CheckpointError(
-                f"{run.path} was written by a different recipe: {_recipe_diff(run, recipe)}. "
-                "Fix: resume with the recipe that started the run, or start a new run in another output_dir."
-            )
+            raise CheckpointError(_recipe_diff(run, recipe))
         return meta
     if run.started():
         what = "holds a run" if run.exists() else "holds files of a run (no run.json)"
@@ -336,23 +399,36 @@ def _run_key(recipe: Recipe, run: RunDir, resume: bool) -> RunKey:
 
 
 def _recipe_diff(run: RunDir, recipe: Recipe) -> str:
+    """Why ``recipe`` cannot resume ``run``: the keys that differ from the run's
+    ``recipe.yaml`` and block a resume (never a resumable one such as ``training.steps``),
+    and the fix."""
     import yaml
 
+    fix = (
+        f"Fix: resume with the run's own recipe (dptrain train {run.recipe} --resume "
+        f"{run.path}; the resumable keys {', '.join(RESUMABLE_KEYS)} may be changed with "
+        "--set), or start a new run in another output_dir"
+    )
     try:
         old = yaml.safe_load(run.recipe.read_text())
     except Exception:
-        return "its recipe.yaml is unreadable"
-    new = recipe.model_dump(mode="json")
-    diffs = []
-    for section in sorted(set(old) | set(new)):
-        a, b = old.get(section), new.get(section)
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                if a.get(k) != b.get(k):
-                    diffs.append(f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
-        elif a != b and section != "output_dir":
-            diffs.append(f"{section}: {a!r} -> {b!r}")
-    return "; ".join(diffs[:8]) or "fingerprints differ"
+        old = None
+    if not isinstance(old, dict):
+        return (
+            f"{run.path} was written by a different recipe (its recipe.yaml is unreadable). {fix}"
+        )
+    diffs = resume_blockers(old, recipe.model_dump(mode="json"))
+    if not diffs:
+        return (
+            f"{run.path} was written by a different recipe: its recipe.yaml matches this one "
+            "in every key that must match, but run.json's fingerprint differs (recipe.yaml or "
+            f"run.json was edited, or another dptrain version wrote them). {fix}"
+        )
+    more = f"; and {len(diffs) - 8} more" if len(diffs) > 8 else ""
+    return (
+        f"{run.path} was written by a different recipe; these keys must match to resume: "
+        f"{'; '.join(diffs[:8])}{more}. {fix}"
+    )
 
 
 # -- start and build ----------------------------------------------------------------------
@@ -404,6 +480,7 @@ def build(prep: Prepared) -> Built:
     val_ex = task.encode(prep.val_texts, tokenizer, d.max_length)
     optimizer = make_optimizer(recipe.training, [p for p in model.parameters() if p.requires_grad])
     noise = GaussianNoise(prep.key)
+    noise.prepare(device)  # the CUDA noise kernels are built here, not in the first step
     user_level = prep.unit is not None and prep.unit.user_level
     engine = PrivacyEngine(
         model,

@@ -30,6 +30,7 @@ from accountants import (
 )
 from accountants.grid import composition
 
+from ..errors import USER_ERROR_EXIT
 from ..noise import truncation_delta
 
 ACCOUNTANTS = ("rdp", "prv", "pld")
@@ -189,7 +190,7 @@ def register(subparsers: Any) -> None:
 
 def _fail(command: str, message: str) -> int:
     print(f"dptrain {command}: error: {message}", file=sys.stderr)
-    return 2
+    return USER_ERROR_EXIT
 
 
 def _json_number(x: float) -> float | str:
@@ -240,7 +241,10 @@ def _read_run(
             "--steps"
         )
     if not run.is_dir():
-        raise _InputError(f"--run {run}: no such run directory; pass the run's output directory")
+        raise _InputError(
+            f"--run {run}: no such run directory. Fix: pass the output directory of a "
+            "`dptrain train` run"
+        )
     try:
         ledger = Ledger.load(run / "ledger.json")
     except LedgerError as err:

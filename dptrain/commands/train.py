@@ -62,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         err.command = f"dptrain train {args.recipe}"
         raise
     audit = recipe.audit
+    if result.already_complete:  # nothing was trained: an audit is `dptrain audit RUN_DIR`
+        return 0
     if result.finished and distributed.is_main() and audit is not None:
         if audit.after_training or audit.whitebox:
             from attacks.audit import after_training

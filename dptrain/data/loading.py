@@ -446,8 +446,8 @@ def _load_table(
         where = [f"{p}: row {j + 1}" for j in range(ds.num_rows)]
     if text_field not in names:
         raise DataError(
-            f"{p}: no column {text_field!r}; available columns: {', '.join(names)} "
-            "(choose one with data.text_field)"
+            f"{p}: no column {text_field!r}; available columns: {', '.join(names)}. Fix: set "
+            "data.text_field in the recipe to the column that holds each record's text"
         )
     texts: list[str] = []
     for i, value in enumerate(data[text_field]):
@@ -553,7 +553,8 @@ def _add_record(
     if text_field not in obj:
         raise DataError(
             f"{where}: no field {text_field!r}; available fields: "
-            f"{', '.join(map(str, obj)) or '(none)'} (choose one with text_field=)"
+            f"{', '.join(map(str, obj)) or '(none)'}. Fix: set data.text_field in the recipe to "
+            "the field that holds each record's text"
         )
     value = obj[text_field]
     if not isinstance(value, str):
@@ -583,8 +584,8 @@ def _parse_csv(
         raise DataError(f"{p}:1: malformed header row ({e})") from None
     if text_field not in header:
         raise DataError(
-            f"{p}: no column {text_field!r}; available columns: {', '.join(header)} "
-            "(choose one with text_field=)"
+            f"{p}: no column {text_field!r}; available columns: {', '.join(header)}. Fix: set "
+            "data.text_field in the recipe to the column that holds each record's text"
         )
     ti = header.index(text_field)
     ii = header.index(id_field) if id_field is not None and id_field in header else None
@@ -724,6 +725,8 @@ def _check_unique(ids: list[str], p: Path) -> None:
         if rid in seen:
             raise DataError(
                 f"{p}: duplicate record id {rid!r} (records {seen[rid] + 1} and {i + 1}); ids "
-                "identify privacy units and must be unique (pass id_field=None to derive ids from content)"
+                "identify privacy units and must be unique. Fix: give each record its own id, "
+                "or remove the id field from every record: ids are then derived from the "
+                "content (in load_texts: id_field=None)"
             )
         seen[rid] = i

@@ -10,11 +10,16 @@ message = one round on one client::
         -> decline: reply {declined, reason, epsilon}, no adapter
     check the budget: do the round's T local steps fit the client's own budget on its
         persisted ledger (BudgetFilter)?  no -> decline with the reason
+    set up the policy as ``dptrain train`` does: its set-up check (public data), declining
+        with the same reason; after the engine is built, ``attach`` (public batches of
+        ``data.public_path``), before the engine state is restored
     build the model, load the global adapters, freeze what the strategy keeps fixed
     T PrivacyEngine steps on Poisson batches of the client's own records; the ledger is saved
         atomically after every step (a crash leaves it covering every step taken), the engine
         state (policy state, noise position and pair count) once, when the round's steps end
-    reply with the trained factors (A and B, or B alone) and public metadata
+    reply with the trained factors (A and B, or B alone) and public metadata; on an error
+        after the ledger was read: {failed, fixed reason, epsilon of the ledger on disk},
+        which covers every step charged, also one that failed after its charge
 
 Privacy contract (per client, per record of that client): add/remove-one neighbouring
 datasets of the client's records (their count ``N_k`` is public); each local step is the
@@ -88,15 +93,16 @@ from flwr.common.constant import ErrorCode
 from accountants import Budget, BudgetExceeded, BudgetFilter, Ledger
 
 from ..data import LMExamples, TextDataset, load_texts, tokenize
+from ..data.lm import eval_batches
 from ..data.people import People, person_ids, read_people, recipe_person_ids
-from ..data.splits import read_data
+from ..data.splits import read_data, read_public
 from ..engine import PrivacyEngine
 from ..hardware import resolve_device
 from ..models import build_model
 from ..noise import GaussianNoise, truncation_delta
 from ..optim import make_optimizer
-from ..plan import plan_privacy, steps_that_fit
-from ..policies import Policy
+from ..plan import plan_privacy, policy_setup_refusal, steps_that_fit
+from ..policies import Policy, RunContext
 from ..precision import Precision
 from ..rundir import atomic_write
 from ..sampling import PoissonSampler
@@ -328,6 +334,14 @@ def _over_budget(plan: ClientPlan, ledger: Ledger, filt: BudgetFilter, spent: fl
     )
 
 
+def _claimed(plan: ClientPlan, spent: float, ledger: Ledger) -> float:
+    """The epsilon a client reports for ``ledger``: its spend ``spent``; under an adaptive
+    policy, once a step is charged, its filter's budget -- the certified epsilon, as in
+    :func:`dptrain.plan.guarantee_numbers` (the spend is then an odometer reading, not a
+    guarantee)."""
+    return plan.epsilon if plan.policy.adaptive and ledger.events else spent
+
+
 def _noise_multiplier(policy: Policy) -> float:
     sigma = policy.noise_multiplier
     return float(sigma) if sigma is not None else math.nan
@@ -370,8 +384,11 @@ def _local_steps(
     per_step: int,
 ) -> int:
     """Up to ``steps`` private steps; the ledger is saved after each (it never covers fewer
-    steps than were taken), the engine state once, after the last.  Returns steps taken."""
+    steps than were taken), the engine state once, after the last.  A step that fails after
+    the engine charged it (the charge comes before its update reaches the model) is saved
+    too: the ledger on disk covers every charge.  Returns steps taken."""
     taken, noise = 0, engine.noise
+    on_disk = engine.ledger.total_steps
     try:
         for _ in range(steps):
             before = noise.pairs
@@ -383,7 +400,12 @@ def _local_steps(
                     engine.step(examples.batch(sampler.sample(engine.steps_taken)))
             except BudgetExceeded:
                 break
+            except BaseException:
+                if engine.ledger.total_steps > on_disk:  # charged, then failed
+                    engine.ledger.save(state.ledger_path)
+                raise
             engine.ledger.save(state.ledger_path)
+            on_disk = engine.ledger.total_steps
             per_step = max(per_step, noise.pairs - before)
             taken += 1
         if taken:
@@ -401,11 +423,35 @@ def _local_steps(
     return taken
 
 
+class ClientFailed(Exception):
+    """A round failed after the client's ledger was read: ``reply`` tells the server the
+    fixed reason :data:`CLIENT_FAILED` and the client's spend so far (its ledger's epsilon,
+    covering every step it charged before the failure), never the error's text."""
+
+    def __init__(self, reply: Message) -> None:
+        super().__init__(CLIENT_FAILED)
+        self.reply = reply
+
+
+def _public_texts(recipe: FederatedRecipe, data: TextDataset, key: RunKey) -> TextDataset | None:
+    """The records the recipe declares public (``data.public_path``, read as ``dptrain train``
+    reads it: :func:`~dptrain.data.splits.read_public`, records shared with the client's
+    refused), or None.  A federated recipe cannot declare a share of a client's own records
+    public (:class:`~dptrain.federated.recipe.FederatedRecipe`)."""
+    if recipe.data.public_path is None:
+        return None
+    return read_public(recipe, data, key)[1]
+
+
 def train_round(
     msg: Message, context: Context, recipe: FederatedRecipe, own: ClientConfig | None
 ) -> Message:
     """Handle one ``train`` message (see the module docstring).  ``own`` is this client's
-    own settings; None: read them from the node config."""
+    own settings; None: read them from the node config.  The policy is set up as
+    ``dptrain train`` sets it up (:func:`~dptrain.plan.policy_setup_refusal` before the
+    model is built, a refusal declining the round with its reason; ``attach`` after the
+    engine is built and before the engine state is restored).  An error once the ledger is
+    read raises :class:`ClientFailed` carrying the spend so far."""
     cfg = context.node_config
     client = int(cfg.get("partition-id", 0))
     if own is None:
@@ -430,7 +476,7 @@ def train_round(
     with state.lock():
         ledger = state.ledger()
         filt = BudgetFilter(budget, own.accountant, adaptive=plan.policy.adaptive)
-        spent = filt.spent(ledger) if ledger.events else 0.0
+        spent = _claimed(plan, filt.spent(ledger) if ledger.events else 0.0, ledger)
         reason = (
             refusal(plan.request, own, plan.units)
             or state.changed_unit(own.unit)
@@ -439,48 +485,70 @@ def train_round(
         )
         if reason is not None:
             return _decline(msg, public, spent, reason)
-
-        key = state.key(own.insecure_seed)  # never leaves the client
-        if not ledger.total_steps:
-            try:
-                key.refuse_restart(state.key_path, f"{state.ledger_path} holds no step")
-            except RunKeyError as err:
-                return _decline(msg, public, spent, f"client state: {err}")
-        with MODEL_LOCK:
-            model, tokenizer = build_model(recipe, resolve_device(recipe.training.device))
-        load_lora_state(model, msg.content["arrays"].to_torch_state_dict())
-        for name, p in model.named_parameters():
-            p.requires_grad_(strategy.trainable(name))
-        cache = (recipe.model_dump_json(), client, own.data_path)
-        examples = _EXAMPLES.get(cache) or tokenize(plan.data, tokenizer, recipe.data.max_length)
-        _EXAMPLES[cache] = examples  # a simulation's clients tokenize once, not every round
-        params = [p for p in model.parameters() if p.requires_grad]
-        noise = GaussianNoise(key)
-        engine = PrivacyEngine(
-            model,
-            make_optimizer(recipe.training, params),
-            policy=plan.policy,
-            sample_rate=plan.sample_rate,
-            dataset_size=plan.units,
-            grouping=recipe.policy.grouping,
-            accountant=own.accountant,
-            budget=budget,
-            ledger=ledger,
-            max_physical_batch_size=recipe.training.physical_batch_size,
-            noise=noise,
-            precision=Precision(recipe.training.precision, recipe.training.loss_scale),
-        )
-        sampler: PoissonSampler | PersonSampler
-        if plan.people is not None:  # the client's own unit: keyed coins over its people
-            cap = own.max_records_per_person
-            sampler = PersonSampler(plan.people, examples.ids, plan.sample_rate, key, cap)
-        else:
-            sampler = PoissonSampler(examples.ids, plan.sample_rate, key)
-        per_step = _restore_engine(engine, sampler, noise, ledger, state.load_engine())
-        key.mark_used(state.key_path)  # before its first step draws coins and noise
-        state.record_unit(own.unit)  # before its first step is charged to the ledger
-        taken = _local_steps(engine, sampler, examples, plan.local_steps, state, per_step)
-        eps = engine.epsilon()
+        noise: GaussianNoise | None = None
+        before = ledger.total_steps  # the engine appends to ``ledger`` itself
+        try:
+            key = state.key(own.insecure_seed)  # never leaves the client
+            if not ledger.total_steps:
+                try:
+                    key.refuse_restart(state.key_path, f"{state.ledger_path} holds no step")
+                except RunKeyError as err:
+                    return _decline(msg, public, spent, f"client state: {err}")
+            public_texts = _public_texts(recipe, plan.data, key)
+            reason = policy_setup_refusal(
+                plan.policy,
+                public_records=None if public_texts is None else len(public_texts),
+                kind="federated",
+            )
+            if reason is not None:  # a function of the recipe: the same error as dptrain train
+                return _decline(msg, public, spent, reason)
+            with MODEL_LOCK:
+                model, tokenizer = build_model(recipe, resolve_device(recipe.training.device))
+            load_lora_state(model, msg.content["arrays"].to_torch_state_dict())
+            for name, p in model.named_parameters():
+                p.requires_grad_(strategy.trainable(name))
+            cache = (recipe.model_dump_json(), client, own.data_path)
+            examples = _EXAMPLES.get(cache) or tokenize(
+                plan.data, tokenizer, recipe.data.max_length
+            )
+            _EXAMPLES[cache] = examples  # a simulation's clients tokenize once, not every round
+            params = [p for p in model.parameters() if p.requires_grad]
+            noise = GaussianNoise(key)
+            engine = PrivacyEngine(
+                model,
+                make_optimizer(recipe.training, params),
+                policy=plan.policy,
+                sample_rate=plan.sample_rate,
+                dataset_size=plan.units,
+                grouping=recipe.policy.grouping,
+                accountant=own.accountant,
+                budget=budget,
+                ledger=ledger,
+                max_physical_batch_size=recipe.training.physical_batch_size,
+                noise=noise,
+                precision=Precision(recipe.training.precision, recipe.training.loss_scale),
+            )
+            public_batches = None
+            if public_texts is not None:
+                public_ex = tokenize(public_texts, tokenizer, recipe.data.max_length)
+                public_batches = eval_batches(public_ex, recipe.training.physical_batch_size)
+            # as dptrain train: attached once the engine is bound, before its state is restored;
+            # planned: the local steps the noise was calibrated for (rounds x steps)
+            planned = plan.local_steps * recipe.federated.rounds
+            plan.policy.attach(RunContext(model, planned, recipe.seed, public_batches))
+            sampler: PoissonSampler | PersonSampler
+            if plan.people is not None:  # the client's own unit: keyed coins over its people
+                cap = own.max_records_per_person
+                sampler = PersonSampler(plan.people, examples.ids, plan.sample_rate, key, cap)
+            else:
+                sampler = PoissonSampler(examples.ids, plan.sample_rate, key)
+            per_step = _restore_engine(engine, sampler, noise, ledger, state.load_engine())
+            key.mark_used(state.key_path)  # before its first step draws coins and noise
+            state.record_unit(own.unit)  # before its first step is charged to the ledger
+            taken = _local_steps(engine, sampler, examples, plan.local_steps, state, per_step)
+            eps = _claimed(plan, engine.epsilon(), engine.ledger)
+        except Exception as err:  # the spend so far (the ledger on disk covers every charge)
+            raise _failed(msg, plan, public, filt, state, before, noise) from err
     public["delta"] = plan.delta + truncation_delta(eps, noise.pairs)
     if taken == 0:
         return _decline(msg, public, eps, f"budget: no local step fits epsilon={plan.epsilon:g}")
@@ -498,6 +566,31 @@ CLIENT_FAILED = (
 )
 
 
+def _failed(
+    msg: Message,
+    plan: ClientPlan,
+    public: dict[str, Any],
+    filt: BudgetFilter,
+    state: ClientState,
+    before: int,
+    noise: GaussianNoise | None,
+) -> ClientFailed:
+    """:class:`ClientFailed` with the spend of the ledger on disk (``before``: its steps when
+    the round began; the steps charged since are reported as the round's)."""
+    ledger = state.ledger()
+    eps = _claimed(plan, filt.spent(ledger) if ledger.events else 0.0, ledger)
+    pairs = noise.pairs if noise is not None else 0
+    metrics = {
+        **public,
+        "delta": public["delta"] + truncation_delta(eps, pairs),
+        "declined": 0,
+        "failed": 1,
+        "epsilon": eps,
+        "steps": ledger.total_steps - before,
+    }
+    return ClientFailed(_reply(msg, metrics, status=ConfigRecord({"reason": CLIENT_FAILED})))
+
+
 def confined_train_round(
     msg: Message, context: Context, recipe: FederatedRecipe, own: ClientConfig | None
 ) -> Message:
@@ -505,9 +598,15 @@ def confined_train_round(
     client's stderr and the server gets the fixed reason :data:`CLIENT_FAILED`.  Flower would
     send the exception's text, which is not reviewed for privacy (a data error quotes a
     record's field, an out-of-memory error the size of a Poisson batch); the server learns
-    only that the client failed, as it would from a client that went silent."""
+    only that the client failed, as it would from a client that went silent, and -- when the
+    client could read its ledger -- its spend so far (a failure after charging steps must not
+    leave the server with a smaller epsilon than the client spent)."""
     try:
         return train_round(msg, context, recipe, own)
+    except ClientFailed as failed:
+        traceback.print_exception(failed.__cause__ or failed, file=sys.stderr)
+        sys.stderr.flush()
+        return failed.reply
     except Exception:  # everything a ClientApp can raise: Flower would forward it
         traceback.print_exc(file=sys.stderr)
         sys.stderr.flush()

@@ -6,7 +6,10 @@ client's *local* work per round (``steps`` or ``epochs`` per round, expected Poi
 noise, and ``privacy`` its budget: ``(epsilon, delta)`` for each of its records over *all*
 rounds.  ``lora`` is required: clients exchange LoRA adapters.  Clients train plain text
 (``task.kind: text``; other kinds are refused by :func:`dptrain.tasks.check_recipe_task`), with
-the record as the unit unless a client declares its own, and without audit canaries.
+the record as the unit unless a client declares its own, and without audit canaries.  Public
+records (for a policy that evaluates the model on them, e.g. ``rl``) come from
+``data.public_path`` only: a share of a client's own records (``data.public_fraction``) is not
+the server's to declare public.
 """
 
 from __future__ import annotations
@@ -81,6 +84,26 @@ class FederatedRecipe(Recipe):
                 "server); client-level DP on the server is separate. Fix: delete the key here "
                 "and set privacy-unit in each client's settings"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _public_data(self) -> FederatedRecipe:
+        if self.data.public_fraction is not None:
+            raise ValueError(
+                "data.public_fraction: a federated recipe cannot declare a share of a client's "
+                "records public (which of its records are protected is the data holder's "
+                "decision, not the server's). Fix: give public records as data.public_path (a "
+                "file every client reads), or delete the key"
+            )
+        if self.data.public_path is None:  # the check dptrain train and each client make
+            from ..plan import policy_setup_refusal
+            from ..policies import policy_spec
+
+            reason = policy_setup_refusal(
+                policy_spec(self.policy.name), public_records=None, kind="federated"
+            )
+            if reason is not None:
+                raise ValueError(reason)
         return self
 
     @model_validator(mode="after")

@@ -6,9 +6,10 @@ Run directory (``README.txt`` in it says what may be published, see :mod:`dptrai
     secret.key         PRIVATE. The server's run key (0600): client-level DP coins and noise;
                        marked used when the run starts, never reused by another run
     recipe.yaml        the recipe
-    run.json           strategy, clients, rounds, each client's last epsilon (without
-                       client-level DP; with it, in private/stats.json: a client's spend says
-                       in which rounds it took part)
+    run.json           strategy, clients, rounds, each client's last reported epsilon and
+                       who may have spent more (client_epsilon_unconfirmed: the last request
+                       got no reply with a spend); without client-level DP -- with it, in
+                       private/stats.json: a client's spend says in which rounds it took part
     private/metrics.jsonl  PRIVATE. One line per round: global validation perplexity, each
                        client's status (trained / declined + reason / failed + reason), epsilon
     private/stats.json     PRIVATE. The validation perplexity before, after and by round,
@@ -94,26 +95,46 @@ def server_key(recipe: FederatedRecipe, run: RunDir) -> RunKey:
 
 
 def _round_lines(report: RoundReport | None, strategy: LoraFedAvg, clients: int) -> list[str]:
+    """A round's console lines.  Under client-level DP the guarantee shown is the
+    client-level one; each client's own record-level epsilon is not (it is another unit's
+    guarantee, and says in which rounds the client took part: private/stats.json keeps it)."""
     if report is None:
         return []
+    client_dp = report.client_dp_epsilon is not None
+
+    def spend(entry: dict[str, Any], sep: str) -> str:
+        return "" if client_dp else f"epsilon {entry['epsilon']:.4f}{sep}"
+
     lines = []
     for cid in range(clients):
         name, entry = f"client {cid}", report.clients.get(cid)
         if entry is not None and entry["status"] == "trained":
-            lines.append(f"  {name}: epsilon {entry['epsilon']:.4f} ({entry['steps']} local steps)")
+            shown = spend(entry, " (") or "trained ("
+            lines.append(f"  {name}: {shown}{entry['steps']} local steps)")
         elif entry is not None:
-            lines.append(f"  {name}: epsilon {entry['epsilon']:.4f}, declined: {entry['reason']}")
+            why = entry["status"]  # declined, or failed after reporting its spend
+            if why == "failed" and not client_dp:
+                why = f"failed after {entry['steps']} local step(s)"
+            lines.append(f"  {name}: {spend(entry, ', ')}{why}: {entry['reason']}")
         elif name in report.failures:
             last = strategy.epsilon.get(cid)
-            known = f"epsilon {last:.4f} as last reported, " if last is not None else ""
+            known = (
+                f"epsilon at least {last:.4f} (its last report), "
+                if last is not None and not client_dp
+                else ""
+            )
             lines.append(f"  {name}: {known}failed: {report.failures[name]}")
         else:
             lines.append(f"  {name}: not sampled")
     lines += [f"  {who}: failed: {why}" for who, why in report.failures.items() if "node" in who]
     if report.note:
         lines.append(f"  note: {report.note}")
-    if report.client_dp_epsilon is not None:
-        lines.append(f"  client-level DP: epsilon {report.client_dp_epsilon:.4f}")
+    if client_dp:
+        lines.append(
+            f"  client-level DP: epsilon {report.client_dp_epsilon:.4f} at delta "
+            f"{strategy.ledger_delta():.3g} (per client, all its records; per-client "
+            "record-level epsilons not shown)"
+        )
     return lines
 
 
@@ -168,6 +189,8 @@ def run_server(grid: Grid, recipe: FederatedRecipe, run: RunDir) -> dict[str, An
     per_client = {
         "client_epsilon": {str(k): v for k, v in sorted(strategy.epsilon.items())},
         "client_delta": {str(k): v for k, v in sorted(strategy.delta.items())},
+        # whose spend may exceed client_epsilon: their last request got no reply reporting it
+        "client_epsilon_unconfirmed": sorted(strategy.unconfirmed),
     }
     # client-level DP protects whether a client took part: each client's own spend says in
     # which rounds it trained (and that it exists), so it stays with the server's private files
@@ -190,29 +213,45 @@ def run_server(grid: Grid, recipe: FederatedRecipe, run: RunDir) -> dict[str, An
 
 
 def _print_summary(run: RunDir, meta: dict[str, Any], stats: dict[str, Any]) -> None:
-    spent = stats if "client_epsilon" in stats else meta  # with client-level DP: private
-    eps = ", ".join(
-        f"client {k}: ({v:.4f}, {spent['client_delta'].get(k, float('nan')):.3g})"
-        for k, v in spent["client_epsilon"].items()
-    )
+    """The run's summary.  Under client-level DP the guarantee is the client-level one
+    (each client with all its records); the clients' own record-level spends are a
+    different unit and private (they say in which rounds a client took part), so they are
+    named, not printed."""
     lines = [
         "",
         f"run directory       {run.path}",
         f"strategy            {meta['strategy']}, {meta['clients']} clients, {meta['rounds']} rounds",
         f"val perplexity      {stats['perplexity_before']:.3f} -> {stats['perplexity_after']:.3f} "
         "(private: the validation records are not covered by the guarantee)",
-        f"privacy per client  (epsilon, delta) over all rounds ({meta['accountant']}): "
-        f"{eps or 'none'}{' (private under client-level DP)' if spent is stats else ''}",
+    ]
+    if meta.get("client_dp_epsilon") is not None:
+        lines += [
+            f"client-level DP     (epsilon, delta) = ({meta['client_dp_epsilon']:.4f}, "
+            f"{meta['client_dp_delta']:.3g}) over all rounds ({meta['accountant']}): for each "
+            "client with all its records, whether it took part or not (reported, not enforced)",
+            "record-level        each client's own (epsilon, delta) for its records is not the "
+            "client-level guarantee and is not shown: it says in which rounds the client took "
+            "part (private/stats.json)",
+        ]
+    else:
+        eps = ", ".join(
+            f"client {k}: ({v:.4f}, {meta['client_delta'].get(k, float('nan')):.3g})"
+            for k, v in meta["client_epsilon"].items()
+        )
+        lines.append(
+            f"privacy per client  (epsilon, delta) over all rounds ({meta['accountant']}): "
+            f"{eps or 'none'}"
+        )
+        if meta.get("client_epsilon_unconfirmed"):
+            lines.append(
+                f"                    may have spent more (their last request got no reply "
+                f"with their spend): {', '.join(meta['client_epsilon_unconfirmed'])}"
+            )
+    lines += [
         f"final adapter       {run.final}",
         f"publishable         {', '.join(PUBLIC_FILES)}; everything else is private "
         f"(secret.key, private/, checkpoints/: {run.readme})",
     ]
-    if meta.get("client_dp_epsilon") is not None:
-        lines.insert(
-            5,
-            f"client-level DP     epsilon {meta['client_dp_epsilon']:.4f} at delta "
-            f"{meta['client_dp_delta']:.3g}",
-        )
     if meta.get("insecure_seed") is not None:
         lines.append(
             f"warning: privacy.insecure_seed={meta['insecure_seed']}: NO privacy guarantee "

@@ -92,8 +92,12 @@ class LoraFedAvg(FedAvg):
         self.sent: list[int] = []
         self.messages: list[Message] = []  # this round's, as sent (Flower stamps their ids)
         self.node_client: dict[int, int] = {}
-        self.epsilon: dict[int, float] = {}  # last epsilon each client reported
-        self.delta: dict[int, float] = {}
+        self.epsilon: dict[int, float] = {}  # the largest epsilon each client reported
+        self.delta: dict[int, float] = {}  # and delta
+        # who may have spent more than ``epsilon`` says: sent a request whose reply carried no
+        # spend (no reply, or an error without one), named "client k" or, before the node's
+        # first reply, "node n"; cleared by the next reply that reports the spend
+        self.unconfirmed: set[str] = set()
         self.reports: dict[int, RoundReport] = {}
 
     # -- sending ---------------------------------------------------------------------------
@@ -181,30 +185,42 @@ class LoraFedAvg(FedAvg):
                 continue
             answered.add(node)
             if msg.has_error():
-                who = self.node_client.get(node)
-                name = f"client {who}" if who is not None else f"node {node}"
+                name = self._name(node)
                 report.failures[name] = self._failure(msg)
+                self.unconfirmed.add(name)
                 continue
             m = msg.content["metrics"]
             cid = int(m["client"])
             self.node_client[node] = cid
-            self.epsilon[cid] = float(m["epsilon"])
+            self.unconfirmed -= {f"client {cid}", f"node {node}"}  # its spend, reported
+            # a client's spend only grows; a decline's delta lacks the noise sampler's
+            # truncation term: never report less than an earlier reply did
+            self.epsilon[cid] = max(self.epsilon.get(cid, 0.0), float(m["epsilon"]))
             entry = {"epsilon": float(m["epsilon"]), "steps": int(m["steps"])}
             if "delta" in m:
-                entry["delta"] = self.delta[cid] = float(m["delta"])
+                entry["delta"] = float(m["delta"])
+                self.delta[cid] = max(self.delta.get(cid, 0.0), entry["delta"])
             if "num-people" in m and int(m["num-people"]):  # the client's own unit: a person
                 entry["people"] = int(m["num-people"])
-            if int(m["declined"]):
+            if "failed" in m and int(m["failed"]):  # it failed after reading its ledger
+                reason = str(msg.content["status"]["reason"])
+                entry.update(status="failed", reason=reason)
+                report.failures[f"client {cid}"] = reason
+            elif int(m["declined"]):
                 entry.update(status="declined", reason=str(msg.content["status"]["reason"]))
             else:
                 entry["status"] = "trained"
                 updates.append(msg.content)
             report.clients[cid] = entry
         for node in set(self.sent) - answered:
-            who = self.node_client.get(node)
-            name = f"client {who}" if who is not None else f"node {node}"
+            name = self._name(node)
             report.failures[name] = f"no reply within {self.round_timeout:g} s"
+            self.unconfirmed.add(name)
         return updates
+
+    def _name(self, node: int) -> str:
+        who = self.node_client.get(node)
+        return f"client {who}" if who is not None else f"node {node}"
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

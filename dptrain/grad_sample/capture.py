@@ -23,6 +23,7 @@ every trainable parameter is accounted for exactly once.
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -1116,27 +1117,30 @@ _Attrs = dict[int, tuple[nn.Module, dict[str, Any]]]
 
 
 def _snapshot_attrs(model: nn.Module) -> _Attrs:
-    """Every module's plain attributes that hold a tensor or None (not parameters or buffers:
-    those live in ``_parameters`` / ``_buffers``), by reference."""
-    return {
-        id(m): (m, {k: v for k, v in vars(m).items() if v is None or isinstance(v, Tensor)})
-        for m in model.modules()
-    }
+    """Every module's plain attributes (its ``__dict__``, copied: a C-level copy of the
+    references; parameters and buffers live in ``_parameters`` / ``_buffers``)."""
+    return {id(m): (m, m.__dict__.copy()) for m in model.modules()}
 
 
 def _restore_attrs(model: nn.Module, saved: _Attrs) -> None:
     """Put back every plain tensor attribute a step set or replaced (a recurrent state of the
     last batch, as RecurrentGemma keeps: ``(B, ...)`` tensors computed from private records,
     outside the parameters, that a pickled or reused model object would carry); a new one is
-    removed.  (A tensor attribute changed in place is not seen.)"""
+    removed.  A module whose attributes are the same objects under the same names is skipped
+    without looking at them.  (A tensor attribute changed in place is not seen.)"""
     for m in model.modules():
-        before = saved.get(id(m), (m, {}))[1]
-        for k, v in list(vars(m).items()):
+        entry = saved.get(id(m))
+        before = entry[1] if entry is not None else {}
+        now = m.__dict__
+        if entry is not None and now.keys() == before.keys():
+            if all(map(operator.is_, now.values(), before.values())):
+                continue
+        for k, v in list(now.items()):
             if isinstance(v, Tensor) and before.get(k, _MISSING) is not v:
                 if k in before:
-                    m.__dict__[k] = before[k]
+                    now[k] = before[k]
                 else:
-                    del m.__dict__[k]
+                    del now[k]
 
 
 _MISSING = object()
@@ -1171,6 +1175,8 @@ def _param_state(
     """The parameters' (all, or those in ``names``) version counters and value fingerprints
     (sum and norm in float64): a write through ``.data`` leaves the counter alone, not the
     values."""
+    if names is not None and not names:
+        return {}  # nothing to fingerprint: no walk of the modules
     return {
         n: (p._version, *fingerprint(p))
         for n, p in model.named_parameters()

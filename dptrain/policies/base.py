@@ -97,8 +97,11 @@ class StepSums:
     expected_batch_size: float
     names: dict[nn.Parameter, str] | None = None  # parameter names (keys of stateful policies)
     nonfinite: int = 0  # samples dropped for a non-finite gradient (their raw sums are lost)
-    # per group, per sample of the batch: was ||grad_b|_g|| <= C_g (private; release only noised)
+    # per group, per sample of this process's part of the batch (under torch.distributed, its
+    # shard): was ||grad_b|_g|| <= C_g (private; release only noised)
     within_clip: dict[str, Tensor] = field(default_factory=dict)
+    # the policy's private_counts summed over the ranks: counts over the whole global batch
+    counts: Tensor | None = None
 
 
 @dataclass
@@ -164,6 +167,14 @@ class Policy(ABC):
     def event(self, plan: StepPlan) -> Event:
         """The accountant event charged for a step taken under ``plan``."""
         return Event(sample_rate=self.sample_rate, noise_multiplier=plan.noise_multiplier)
+
+    def private_counts(self, plan: StepPlan, within_clip: dict[str, Tensor]) -> Tensor | None:
+        """Statistics of this rank's samples, additive over disjoint parts of the batch, that
+        :meth:`release` needs over the whole batch (a CPU float64 vector, or None: none, the
+        default).  The engine calls it on every rank with the rank's ``within_clip`` flags and
+        sums the results over ranks with the clipped sums, before any noise; ``release`` (rank 0
+        only) reads the sum as ``StepSums.counts``.  Private: release it only noised."""
+        return None
 
     def release(self, sums: StepSums, plan: StepPlan, noise: NoiseFn) -> dict[nn.Parameter, Tensor]:
         """DP-SGD: ``(sum_b clip(g_b) + N(0, s_g^2 I)) / E[B]`` per parameter."""

@@ -30,6 +30,7 @@ gradients there.  On such a step the error takes no new clipping residual (``E <
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -42,7 +43,7 @@ from accountants.error_feedback import FEEDBACK, feedback_sensitivity
 from ..errors import InputError
 from .base import NoiseFn, StepPlan, StepSums
 from .registry import check_accountant
-from .static import StaticPolicy
+from .static import StaticPolicy, split_clip
 
 
 class ErrorFeedbackOptions(BaseModel):
@@ -78,6 +79,7 @@ class ErrorFeedbackPolicy(StaticPolicy):
             raise ValueError(f"error_clip must be finite and >= 0, got {error_clip}")
         self.error_clip = float(error_clip)
         self.error: dict[str, Tensor] = {}  # E by parameter name, sum units
+        self._calibrated: tuple[float, float] | None = None  # (C1, rho) calibrate() used
 
     @property
     def feedback(self) -> float:
@@ -95,8 +97,12 @@ class ErrorFeedbackPolicy(StaticPolicy):
         steps: int,
         accountant: str,
     ) -> float:
-        """The smallest sigma meeting the target under the error-feedback bound (RDP only)."""
+        """The smallest sigma meeting the target under the error-feedback bound (RDP only), for
+        ``rho = 2 C2 / C1`` with the current ``clip`` as C1.  Before :meth:`bind`, a
+        ``group_clip`` naming every group will set C1 to ``sqrt(sum_g C_g^2)``: bind then
+        refuses a calibration made for another rho (see :meth:`bind`)."""
         check_accountant(self, accountant)
+        self._calibrated = (self.clip, self.feedback)
         self.noise_multiplier = calibrate_noise(
             target_epsilon,
             delta,
@@ -107,6 +113,30 @@ class ErrorFeedbackPolicy(StaticPolicy):
             params={FEEDBACK: self.feedback},
         )
         return self.noise_multiplier
+
+    def bind(
+        self, groups: Sequence[str], *, sample_rate: float, expected_batch_size: float
+    ) -> None:
+        """As the static policy; first refuses a sigma that :meth:`calibrate` found for another
+        rho than the bound one (a ``group_clip`` naming every group replaces C1 = ``clip`` by
+        ``sqrt(sum_g C_g^2)``): the steps would be charged correctly, at the bound rho, but
+        would miss the target epsilon."""
+        clips = split_clip(groups, self.clip, self.group_clip)
+        c1 = math.sqrt(sum(c**2 for c in clips.values())) if self.group_clip else self.clip
+        rho = feedback_sensitivity(c1, self.error_clip)
+        if self._calibrated is not None and not math.isclose(
+            rho, self._calibrated[1], rel_tol=1e-9
+        ):
+            was_clip, was_rho = self._calibrated
+            raise ValueError(
+                f"error_feedback: calibrate() found sigma={self.noise_multiplier!r} for C1 = "
+                f"clip = {was_clip!r} (rho = 2 C2 / C1 = {was_rho:.6g}), but group_clip names "
+                f"every group, so bind() sets C1 = sqrt(sum_g C_g^2) = {c1!r} (rho = "
+                f"{rho:.6g}) and that sigma misses the target epsilon. Fix: construct "
+                f"ErrorFeedbackPolicy(clip={c1!r}, ...) with the same group_clip and call "
+                "calibrate() again before binding"
+            )
+        super().bind(groups, sample_rate=sample_rate, expected_batch_size=expected_batch_size)
 
     def planned_event(self, sample_rate: float) -> Event:
         return error_feedback_event(sample_rate, self.noise_multiplier, self.feedback)

@@ -21,11 +21,12 @@ from .base import Policy
 
 
 class PolicyTraits(Protocol):
-    """What the accountant rule reads: a :class:`PolicySpec` or a built :class:`Policy`."""
+    """What the accountant and set-up rules read: a :class:`PolicySpec` or a built :class:`Policy`."""
 
     name: str
     adaptive: bool
     accountants: tuple[str, ...] | None
+    needs_public_data: bool
 
 
 @dataclass(frozen=True)

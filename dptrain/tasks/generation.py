@@ -193,7 +193,10 @@ def load_run(run_dir: str | Path) -> tuple[Recipe, Task, torch.nn.Module, Any]:
 
     run = RunDir(run_dir)
     if not run.recipe.exists():
-        raise InputError(f"{run.path} is not a run directory (no recipe.yaml)")
+        raise InputError(
+            f"{run.path} is not a run directory (no recipe.yaml). Fix: pass the output "
+            "directory of a `dptrain train` run"
+        )
     if not run.final.exists():
         raise InputError(
             f"{run.path} has no final model yet (final/ is written when the run finishes). "

@@ -167,11 +167,14 @@ def _dataset(
     return TextDataset(texts, out)
 
 
-def _string(obj: dict[str, Any], field: str, where: str, *, empty_ok: bool = False) -> str:
+def _string(
+    obj: dict[str, Any], field: str, where: str, key: str, *, empty_ok: bool = False
+) -> str:
+    """``obj[field]``, a string; ``key`` is the recipe key that names ``field``."""
     if field not in obj:
         raise DataError(
-            f"{where}: no field {field!r}; available fields: {', '.join(map(str, obj)) or '(none)'} "
-            "(name the field in the recipe's task section)"
+            f"{where}: no field {field!r}; available fields: {', '.join(map(str, obj)) or '(none)'}"
+            f". Fix: set {key} in the recipe to the field that holds it"
         )
     value = obj[field]
     if not isinstance(value, str):
@@ -184,11 +187,13 @@ def _string(obj: dict[str, Any], field: str, where: str, *, empty_ok: bool = Fal
 def _fields(obj: dict[str, Any], task: TaskSection, text_field: str, where: str) -> dict[str, Any]:
     if task.kind == "instruction":
         out = {
-            "prompt": _string(obj, task.prompt_field, where),
-            "response": _string(obj, task.response_field, where),
+            "prompt": _string(obj, task.prompt_field, where, "task.prompt_field"),
+            "response": _string(obj, task.response_field, where, "task.response_field"),
         }
         if task.system_field is not None:
-            out["system"] = _string(obj, task.system_field, where, empty_ok=True)
+            out["system"] = _string(
+                obj, task.system_field, where, "task.system_field", empty_ok=True
+            )
         return out
     if task.kind == "chat":
         return {"messages": _messages(obj, task.messages_field, where)}
@@ -202,11 +207,16 @@ def _fields(obj: dict[str, Any], task: TaskSection, text_field: str, where: str)
                 f"{where}: label field {task.label_field!r} is {label!r}, not one of task.labels "
                 f"({', '.join(task.labels or [])}). Fix: add it to task.labels or correct the record"
             )
-        return {"text": _string(obj, text_field, where), "label": label}
+        return {"text": _string(obj, text_field, where, "data.text_field"), "label": label}
     raise ValueError(f"task {task.kind} has no structured records")
 
 
 def _messages(obj: dict[str, Any], field: str, where: str) -> list[dict[str, str]]:
+    if field not in obj:
+        raise DataError(
+            f"{where}: no field {field!r}; available fields: {', '.join(map(str, obj)) or '(none)'}"
+            ". Fix: set task.messages_field in the recipe to the field that holds the messages"
+        )
     msgs = obj.get(field)
     if not isinstance(msgs, list) or not msgs:
         raise DataError(

@@ -58,7 +58,9 @@ def test_jsonl_custom_field_missing_id_crlf_bom_and_unicode_separator(tmp_path: 
 def test_jsonl_missing_field_lists_available(tmp_path: Path) -> None:
     p = write(tmp_path, "d.jsonl", '{"text": "ok"}\n{"id": "r2", "body": "x", "meta": 1}\n')
     with pytest.raises(
-        DataError, match=r"d\.jsonl:2: no field 'text'.*available fields: id, body, meta"
+        DataError,
+        match=r"d\.jsonl:2: no field 'text'.*available fields: id, body, meta\. Fix: set "
+        r"data\.text_field in the recipe",
     ):
         load_texts(p)
 
@@ -87,7 +89,7 @@ def test_undecodable_bytes_name_line(tmp_path: Path) -> None:
 
 def test_duplicate_ids_rejected_unless_id_field_none(tmp_path: Path) -> None:
     p = write(tmp_path, "d.jsonl", '{"id": 1, "text": "a"}\n{"id": 1, "text": "b"}\n')
-    with pytest.raises(DataError, match="duplicate record id '1'"):
+    with pytest.raises(DataError, match=r"duplicate record id '1'.*remove the id field"):
         load_texts(p)
     assert load_texts(p, id_field=None).ids == [cid("a"), cid("b")]
 
@@ -115,7 +117,10 @@ def test_csv_column_multiline_and_ids(tmp_path: Path) -> None:
 
 def test_csv_missing_column_lists_available(tmp_path: Path) -> None:
     p = write(tmp_path, "d.csv", "id,body\n1,x\n")
-    with pytest.raises(DataError, match="no column 'text'; available columns: id, body"):
+    with pytest.raises(
+        DataError,
+        match=r"no column 'text'; available columns: id, body\. Fix: set data\.text_field",
+    ):
         load_texts(p)
 
 

@@ -291,3 +291,17 @@ def test_compiled_kernels_that_differ_or_fail_leave_the_eager_values(monkeypatch
             "compiled values differ from eager",
             "ZeroDivisionError: division by zero",
         )
+
+
+def test_prepare_builds_nothing_off_cuda_and_draws_nothing():
+    """``prepare`` readies the device generator only where it would draw (CUDA, or forced):
+    on the CPU with ``auto`` it builds no kernels, records no step and leaves the stream."""
+    from dptrain.noise import GaussianNoise
+    from dptrain.secret import RunKey
+
+    key = RunKey.generate()
+    a, b = GaussianNoise(key), GaussianNoise(key)
+    b.prepare("cpu")
+    assert b.backends.drawn == [] and b.backends._normals is None
+    like = torch.zeros(5, dtype=torch.float64)
+    assert torch.equal(a(like, 1.0), b(like, 1.0))

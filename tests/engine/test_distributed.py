@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -60,27 +61,36 @@ def _train(sigma: float) -> tuple[dict[str, torch.Tensor], float, list[dict]]:
     return state, engine.epsilon(1e-5), engine.ledger.to_dict()["events"]
 
 
-def _worker(rank: int, world: int, port: int, sigma: float, out: str) -> None:
+SIGMAS = (0.0, 1.0)
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     try:
-        state, eps, events = _train(sigma)
-        torch.save({"state": state, "eps": eps, "events": events}, f"{out}.{rank}")
+        static = {}
+        for sigma in SIGMAS:
+            state, eps, events = _train(sigma)
+            static[str(sigma)] = {"state": state, "eps": eps, "events": events}
+        torch.save({"static": static, "rl": _train_rl()}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def _run_two(tmp_path: Path, sigma: float) -> list[dict]:
-    out = str(tmp_path / f"rank-sigma{sigma}")
-    mp.spawn(_worker, args=(2, _free_port(), sigma, out), nprocs=2, join=True)
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    """Every 2-rank job of this module (static at each sigma, rl), in one spawn of 2 gloo
+    processes (their start-up, importing torch and transformers, is most of the cost)."""
+    out = str(tmp_path_factory.mktemp("two-ranks") / "rank")
+    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
     return [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
 
 
-@pytest.mark.parametrize("sigma", [0.0, 1.0])
-def test_two_ranks_match_one_process(tmp_path, sigma):
-    ranks = _run_two(tmp_path, sigma)
+@pytest.mark.parametrize("sigma", SIGMAS)
+def test_two_ranks_match_one_process(two_ranks, sigma):
+    ranks = [r["static"][str(sigma)] for r in two_ranks]
     single, eps, events = _train(sigma)
     for name, value in single.items():
         # every rank ends each step with identical parameters
@@ -89,6 +99,55 @@ def test_two_ranks_match_one_process(tmp_path, sigma):
         assert_close_rel(ranks[0]["state"][name], value, rtol=1e-5, what=name)
     assert ranks[0]["events"] == ranks[1]["events"] == events
     assert ranks[0]["eps"] == ranks[1]["eps"] == eps
+
+
+def _train_rl() -> list[list[float] | None]:
+    """STEPS + 1 steps of the rl policy (fixed action, count release every 2 steps) on this
+    rank's shards; the noisy within-clip fraction per band released after each step (rank 0)."""
+    from accountants import Budget
+    from dptrain.policies import RunContext
+    from dptrain.policies.rl import RLPolicy
+
+    torch.manual_seed(0)
+    model = tiny_gpt2(vocab=61, layers=1, width=8)
+    steps, eps, delta = STEPS + 1, 8.0, 1e-3
+    policy = RLPolicy(clip=5.0, rl={"every": 2, "bands": 2, "clip_fraction_noise": 0.05})
+    policy.driver = "env"  # the first plan takes action 0; no agent, no public-loss decisions
+    policy.calibrate(eps, delta, sample_rate=Q, steps=steps, accountant="rdp")
+    engine = PrivacyEngine(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        policy=policy,
+        sample_rate=Q,
+        dataset_size=N,
+        grouping="per_layer",
+        budget=Budget(eps, delta),
+        noise=seeded_noise(5),
+    )
+    policy.attach(RunContext(model, steps, public_batches=[lm_batch(61, 4, 6, seed=9)]))
+    data, sampler = lm_batch(61, N, 6, seed=2), seeded_sampler(N, Q, seed=3)
+    released = []
+    for t in range(steps):
+        idx = distributed.shard(sampler.sample(t))
+        engine.step({k: v[idx] for k, v in data.items()})
+        fraction = policy._state.released.fraction
+        released.append(None if fraction is None else fraction.tolist())
+    return released
+
+
+def test_rl_clip_fraction_counts_the_whole_batch_across_ranks(two_ranks):
+    """The rl policy's noisy within-clip fraction under 2 ranks is one process's on the same
+    global batches: each rank's counts are summed before rank 0 adds the (same) noise once
+    (rank 0's shard alone would give about half).  Per-layer groups of a full model: the
+    release draws the noise in the engine's parameter order on any number of ranks."""
+    two = two_ranks[0]["rl"]
+    one = _train_rl()
+    counted = [i for i, f in enumerate(one) if f is not None and i % 2 == 1]
+    assert counted == [1, 3] and len(one[1]) == 2  # count steps 2 and 4, two bands
+    assert any(0.2 < f < 0.8 for i in counted for f in one[i])  # a band clipping some samples
+    for i in counted:
+        # the centred counts are sums of integers and halves: equal up to the float64 division
+        np.testing.assert_allclose(two[i], one[i], rtol=0, atol=1e-12, err_msg=f"step {i + 1}")
 
 
 def test_shard_partitions_the_global_batch(monkeypatch):

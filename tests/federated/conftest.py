@@ -1,11 +1,14 @@
-"""Shared helpers: the tiny federated recipe as a dict, written where a test wants it."""
+"""Shared helpers: the tiny federated recipe as a dict, written where a test wants it; the
+task identity Flower stamps messages with, for tests that build messages themselves."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
+from flwr.supercore.task_identity import TaskIdentity
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,3 +29,12 @@ def write_recipe(tmp_path: Path, d: dict[str, Any], name: str = "recipe") -> Pat
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(d))
     return path
+
+
+@pytest.fixture
+def task_identity():
+    """Flower stamps message metadata with the process's task identity."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved

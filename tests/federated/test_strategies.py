@@ -17,7 +17,6 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.supercore.task_identity import TaskIdentity
 
 from dptrain.federated.lora import (
     get_strategy,
@@ -213,15 +212,6 @@ def test_lora_state_round_trip_on_a_peft_model():
 # -- the Flower strategy ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def task_identity():
-    """Flower stamps message metadata with the process's task identity."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
 def strategy_for(tmp_path, **federated) -> LoraFedAvg:
     d = tiny_recipe(tmp_path)
     d["federated"].update(federated)
@@ -265,13 +255,24 @@ def test_strategy_sorts_replies_and_respects_min_clients(tmp_path, task_identity
     assert "simulated crash" in report.failures["node 13"]
     assert "no reply" in report.failures["node 14"]
     assert s.epsilon == {0: 1.0, 1: 7.9}
+    assert s.unconfirmed == {"node 13", "node 14"}  # may have charged steps before failing
 
-    replies = [update(11, 0, {B: b1, B2: b1}, n=10), update(14, 3, {B: b2, B2: b2}, n=30)]
+    replies = [
+        update(11, 0, {B: b1, B2: b1}, n=10),
+        update(14, 3, {B: b2, B2: b2}, n=30),
+        decline(13, 2, "budget: ..."),
+    ]
+    s.sent = [11, 12, 13, 14]
     arrays, _ = s.aggregate_train(2, replies)
     new = arrays.to_torch_state_dict()
     torch.testing.assert_close(new[B], 2.5 * torch.ones(5, 3))  # weighted by record counts
     assert torch.equal(new[A], g0[A])  # FFA: A never moves
     assert "no reply" in s.reports[2].failures["client 1"]  # known by now from its decline
+    assert s.unconfirmed == {"client 1"}  # nodes 13 and 14 reported their spends
+    # a reply below an earlier one (here 1.0 after 7.9) never lowers the reported spend
+    s.sent = [12]
+    s.aggregate_train(3, [update(12, 1, {B: b1, B2: b1}, n=10)])
+    assert s.epsilon[1] == 7.9 and s.reports[3].clients[1]["epsilon"] == 1.0 and not s.unconfirmed
 
 
 def test_superlink_errors_for_expired_requests_are_charged_to_their_nodes(tmp_path, task_identity):

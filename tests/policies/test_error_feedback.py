@@ -174,6 +174,35 @@ def test_events_calibration_and_accountant_checks():
         ErrorFeedbackPolicy(1.0, 1.0, error_clip=-1.0)
 
 
+@pytest.mark.parametrize(
+    ("clip", "group_clip", "refused"),
+    [
+        (1.0, {"a": 0.3, "b": 0.4}, True),  # names every group: C1 = 0.5, not clip
+        (0.5, {"a": 0.3, "b": 0.4}, False),  # the fix: clip is that total
+        (1.0, {"a": 0.6}, False),  # b shares the rest of clip: C1 = clip
+    ],
+)
+def test_calibrate_before_bind_meets_the_target_or_is_refused(clip, group_clip, refused):
+    """Static sigma does not depend on C1; DiceSGD's does (rho = 2 C2 / C1), so a calibration
+    for the constructor's clip is refused at bind when group_clip makes C1 another value."""
+    from accountants import get_accountant
+
+    q, steps, eps, delta = 0.05, 50, 4.0, 1e-5
+    rdp = get_accountant("rdp")
+    for policy in (
+        StaticPolicy(clip, group_clip=group_clip),
+        ErrorFeedbackPolicy(clip, group_clip=group_clip, error_clip=0.05),
+    ):
+        policy.calibrate(eps, delta, sample_rate=q, steps=steps, accountant="rdp")
+        if refused and isinstance(policy, ErrorFeedbackPolicy):
+            with pytest.raises(ValueError, match=r"calibrate\(\).*Fix: construct .*clip=0\.5"):
+                policy.bind(["a", "b"], sample_rate=q, expected_batch_size=10.0)
+            continue
+        policy.bind(["a", "b"], sample_rate=q, expected_batch_size=10.0)
+        charged = policy.event(policy.plan(None)).with_steps(steps)
+        assert rdp.epsilon([charged], delta) == pytest.approx(eps, rel=1e-3), policy.name
+
+
 def tiny_recipe(tmp_path: Path, name: str, **policy) -> dict:
     d = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
     d["lora"] = {"r": 2, "alpha": 4, "target_modules": ["c_attn"]}

@@ -331,8 +331,11 @@ def test_pacer_names_a_spent_budget_with_its_own_error_and_passes_other_errors()
     pacer = Pacer(sample_rate=0.1, epsilon=1.0, delta=1e-5, extra_cost=0.0)
     assert pacer.sigma([], 10, 0) > 0  # the budget fits a sigma
     spent = [Event(0.1, 0.5)] * 200  # epsilon far above 1 already
-    with pytest.raises(EpsilonUnreachableError):
+    with pytest.raises(EpsilonUnreachableError, match=r"already charged .* spend epsilon"):
         pacer.sigma(spent, 10, 0)
+    tiny = Pacer(sample_rate=0.1, epsilon=0.001, delta=1e-5, extra_cost=0.0)
+    with pytest.raises(EpsilonUnreachableError, match=r"no epsilon below .* budget is below it"):
+        tiny.sigma([], 10, 0)  # below the adaptive conversion's floor at delta / 25
     with pytest.raises(ValueError) as err:
         pacer.sigma([Event(2.0, 1.0)], 10, 0)  # a sample rate above 1: a bug upstream
     assert not isinstance(err.value, EpsilonUnreachableError)

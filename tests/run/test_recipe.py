@@ -144,6 +144,26 @@ def test_fingerprint_ignores_resumable_keys():
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
 
 
+def test_resume_blockers_list_only_the_keys_that_must_match():
+    """What a refused resume prints: training.steps and the other resumable keys, output_dir,
+    audit and generation may differ; training.lr may not."""
+    from dptrain.recipe import resume_blockers
+
+    old = parse_recipe(base()).model_dump(mode="json")
+    d = base()
+    d["training"].update(steps=99, log_every=3, device="cpu")
+    d.update(output_dir="elsewhere", generation={"samples": 0})
+    assert resume_blockers(old, parse_recipe(d).model_dump(mode="json")) == []
+    d["training"]["lr"] = 0.1
+    d["privacy"]["epsilon"] = 4.0
+    new = parse_recipe(d)
+    assert resume_blockers(old, new.model_dump(mode="json")) == [
+        "privacy.epsilon: 8.0 -> 4.0",
+        "training.lr: 0.003 -> 0.1",
+    ]
+    assert parse_recipe(base()).fingerprint() != new.fingerprint()
+
+
 def test_adaptive_policy_needs_an_adaptive_valid_accountant_at_validation():
     """``policy: rl`` with ``accountant: prv`` is refused by parse_recipe alone: before the data
     is read or the model is built (the rule lives in the policy registry)."""

@@ -14,6 +14,7 @@ import yaml
 
 from accountants import Ledger, get_accountant
 from dptrain.cli import main
+from dptrain.recipe import load_recipe
 from dptrain.rundir import RunDir
 from dptrain.secret import RunKey
 
@@ -120,17 +121,50 @@ def test_budget_stops_the_run_cleanly(tmp_path, capsys):
     assert "already spent" in capsys.readouterr().err
 
 
+def test_resuming_a_complete_run_says_so_and_does_nothing(tmp_path, capsys):
+    from dptrain.train import train
+
+    # calibrated noise: the budget is spent at the last step; no cross-check (seconds of PRV)
+    recipe = tiny(tmp_path, training={"steps": 1}, data={"max_records": 100})
+    train(load_recipe(recipe), progress=False, cross_check=False)
+    run = RunDir(tmp_path / "r")
+    files = {f: f.read_bytes() for f in (run.path / "run.json", run.ledger)}
+    capsys.readouterr()
+    assert main(["train", str(recipe), "--resume", str(run.path), "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert (
+        "run complete" in out
+        and "1 steps taken (1 planned)" in out
+        and f"final model in {run.final}" in out
+    )
+    assert "already spent" not in err and "loading model" not in err  # no model, no work
+    assert all(f.read_bytes() == b for f, b in files.items())
+    # every step taken but final/ never written (a crash): the resume writes it, takes no step
+    shutil.rmtree(run.final)
+    run.update_meta(status="running")
+    assert main(["train", str(recipe), "--resume", str(run.path), "--no-progress"]) == 0
+    assert (run.final / "adapter_config.json").exists() and run.read_meta()["steps"] == 1
+    assert run.ledger.read_bytes() == files[run.ledger]
+    assert "already spent" not in capsys.readouterr().err
+
+
 def test_existing_run_and_different_recipe_are_refused(tmp_path, capsys):
     recipe = tiny(tmp_path, training={"steps": 2})
     assert main(["train", str(recipe), "--no-progress"]) == 0
     assert main(["train", str(recipe), "--no-progress"]) == 2
     assert "--resume" in capsys.readouterr().err
-    other = tiny(tmp_path, "other", training={"lr": 0.5})
+    other = tiny(tmp_path, "other", training={"lr": 0.5, "steps": 5})  # steps may differ
     assert main(["train", str(other), "--resume", str(tmp_path / "r")]) == 2
-    assert "training.lr" in capsys.readouterr().err
-    # the key has drawn two steps' coins and noise: never again from step 0
+    err = capsys.readouterr().err
+    assert "these keys must match to resume: training.lr: 0.003 -> 0.5. Fix:" in err
+    assert "training.steps:" not in err and "--resume" in err
+    # the fix it names, the run's own recipe.yaml, is the run's recipe
     run = RunDir(tmp_path / "r")
+    assert load_recipe(run.recipe).fingerprint() == run.read_meta()["fingerprint"]
+    # the key has drawn two steps' coins and noise: never again from step 0 (without final/,
+    # the run is not complete: a resume would need the checkpoint)
     shutil.rmtree(run.checkpoints)
+    shutil.rmtree(run.final)
     assert main(["train", str(recipe), "--resume", str(run.path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "has no checkpoint left" in err and "would repeat that noise" in err

@@ -62,10 +62,18 @@ def test_structured_records_are_one_canonical_text_each(tmp_path: Path) -> None:
     ds = load_records(write_jsonl(tmp_path / "i.jsonl", rows), task)
     assert json.loads(ds.texts[0]) == {"prompt": "Say hi", "response": "hi"}
     assert ds.ids[0].startswith("text-") and ds.ids[1] == "r2"
-    with pytest.raises(DataError, match="no field 'answer'"):
+    with pytest.raises(DataError, match=r"no field 'answer'.*Fix: set task\.response_field"):
         load_records(
             str(tmp_path / "i.jsonl"),
             TaskSection(kind="instruction", prompt_field="q", response_field="answer"),
+        )
+    with pytest.raises(DataError, match=r"no field 'messages'.*Fix: set task\.messages_field"):
+        load_records(write_jsonl(tmp_path / "m.jsonl", rows), TaskSection(kind="chat"))
+    bodies = [{"body": "a", "label": "pos"}]
+    with pytest.raises(DataError, match=r"no field 'text'.*Fix: set data\.text_field"):
+        load_records(
+            write_jsonl(tmp_path / "t.jsonl", bodies),
+            TaskSection(kind="classification", labels=["pos", "neg"]),
         )
     chat = [{"messages": [{"role": "user", "content": "x"}]}]
     with pytest.raises(DataError, match="no assistant message"):

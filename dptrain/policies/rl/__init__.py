@@ -37,6 +37,9 @@ statistic of raw per-sample gradients, so it is *privatized*: on the last step o
 interval, band ``b``'s centred count ``sum_i (1[sample i within C_g for all g in b] - 1/2)``
 (sensitivity 1/2) gets Gaussian noise of std ``rl.clip_fraction_noise * E[B]`` and is released
 with the update as one Gaussian mechanism (below); ``clip_fraction_noise: null`` drops it.
+Under ``--nproc`` each rank counts its shard, the engine sums the counts over ranks with the
+clipped sums, and rank 0 adds the noise once: the fraction is of the whole batch, and the
+contract (one sample moves a band's count by 1/2) does not depend on the number of ranks.
 
 Reward of the action taken at ``t``, observed at ``t + k``::
 

@@ -14,7 +14,12 @@ import numpy as np
 
 from accountants import Event, Ledger
 from accountants.calibrate import EpsilonUnreachableError
-from accountants.rdp import ADAPTIVE_ORDERS, RdpAccountant, adaptive_epsilon_from_rdp
+from accountants.rdp import (
+    ADAPTIVE_ORDERS,
+    RdpAccountant,
+    adaptive_epsilon_from_rdp,
+    conversion_floor,
+)
 
 from .options import RLConfig
 
@@ -121,7 +126,7 @@ class Pacer:
         """Smallest grid sigma with ``events`` (a list, or a ledger), then ``steps`` steps at
         sigma (``counted`` of them releasing the counts), then ``tail = (steps, counted,
         sigma)`` within (epsilon, delta); :class:`EpsilonUnreachableError` if none up to 1e6
-        (the budget is spent)."""
+        (the budget is spent, or below the conversion's floor: the message says which)."""
         base = self._spent_curve(events)
         if tail is not None and tail[0] > 0:
             base = base + self._curve(tail[2], tail[0], tail[1])
@@ -142,13 +147,31 @@ class Pacer:
             while not fits(hi):
                 lo, hi, step = hi, hi + step, step * 2
                 if hi > _J_MAX:
-                    raise EpsilonUnreachableError(
-                        f"no noise multiplier up to 1e6 keeps epsilon <= {self.epsilon}"
-                    )
+                    raise EpsilonUnreachableError(self._unreachable(base))
         while hi - lo > 1:
             mid = (lo + hi) // 2
             hi, lo = (mid, lo) if fits(mid) else (hi, mid)
         return grid_sigma(hi)
+
+    def _unreachable(self, base: np.ndarray) -> str:
+        """Why no grid sigma fits: the steps already charged (and the tail) spend the budget
+        alone, or the budget is below the adaptive conversion's floor at delta / |orders|."""
+        head = (
+            f"no noise multiplier up to {grid_sigma(_J_MAX):.3g} keeps epsilon <= {self.epsilon:g}"
+        )
+        floor, order = conversion_floor(ADAPTIVE_ORDERS, self.delta / len(ADAPTIVE_ORDERS))
+        spent = adaptive_epsilon_from_rdp(ADAPTIVE_ORDERS, base, self.delta)
+        if self.epsilon >= floor and spent > self.epsilon:
+            return (
+                f"{head}: the steps already charged (and any planned tail) spend epsilon "
+                f"{spent:.4g} by themselves"
+            )
+        return (
+            f"{head}: the adaptive RDP conversion certifies no epsilon below {floor:.4g} at "
+            f"delta={self.delta:g} (a limit of its order list, set by order {order:g}), and "
+            + ("the budget is below it" if self.epsilon < floor else "the budget is just above it")
+            + "; raise the budget's epsilon or delta"
+        )
 
 
 @dataclass(frozen=True)

@@ -261,16 +261,42 @@ class RLPolicy(Policy):
 
     # -- the private release -------------------------------------------------------------
 
+    def private_counts(self, plan: StepPlan, within_clip: dict[str, Tensor]) -> Tensor | None:
+        """On count steps, band ``b``'s centred count over the samples given, ``sum_i
+        (1[sample i within C_g for all g in b] - 1/2)``; None on other steps.  Additive over
+        disjoint parts of the batch, so the engine's sum over ranks is the global batch's."""
+        if not isinstance(plan, RLPlan) or plan.count_std is None:
+            return None
+        centred = torch.zeros(len(self.bands), dtype=torch.float64, device="cpu")
+        for b, band in enumerate(self.bands):
+            flags = [within_clip[g] for g in band if g in within_clip]
+            if flags:
+                inside = torch.stack(flags).all(0)
+                centred[b] = float(inside.sum()) - inside.numel() / 2
+        return centred
+
     def release(self, sums: StepSums, plan: StepPlan, noise: NoiseFn) -> dict[nn.Parameter, Tensor]:
+        """The DP-SGD release and, on count steps, the noisy fraction of samples within clip
+        per band: ``(centred + N(0, count_std^2)) / E[B] + 1/2``.  ``centred`` is
+        ``sums.counts`` (the engine's sum of :meth:`private_counts` over ranks: under
+        ``--nproc``, the whole global batch, not rank 0's shard), or computed here from
+        ``sums.within_clip`` when a caller gives no counts.  The noise is drawn once, here (the
+        engine runs the release on rank 0 alone).  Privacy contract unchanged by the ranks:
+        adding or removing one sample, held by exactly one rank, moves each band's summed
+        centred count by 1/2, the sensitivity :func:`.control.count_cost` charges."""
         out = super().release(sums, plan, noise)
         fraction = None
         if isinstance(plan, RLPlan) and plan.count_std is not None:
-            centred = torch.zeros(len(self.bands), dtype=torch.float64)
-            for b, band in enumerate(self.bands):
-                flags = [sums.within_clip[g] for g in band if g in sums.within_clip]
-                if flags:
-                    inside = torch.stack(flags).all(0)
-                    centred[b] = float(inside.sum()) - inside.numel() / 2
+            centred = sums.counts
+            if centred is None:
+                centred = self.private_counts(plan, sums.within_clip)
+            centred = centred.to(device="cpu", dtype=torch.float64)
+            if centred.shape != (len(self.bands),):
+                raise ValueError(
+                    f"StepSums.counts has shape {tuple(centred.shape)}, policy rl has "
+                    f"{len(self.bands)} bands: pass the sum of its private_counts(plan, "
+                    "within_clip) over the batch's parts, or leave counts None"
+                )
             noisy = centred + noise(centred, plan.count_std).to(torch.float64)
             fraction = (noisy / sums.expected_batch_size + 0.5).numpy()
         self._record(out, plan, sums, fraction)  # released values only from here on

@@ -1,0 +1,126 @@
+"""One client round in process (no Flower runtime): the policy set up as ``dptrain train``
+sets it up, and a round that fails after charging steps reports the client's spend."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from accountants import Ledger, get_accountant
+from dptrain.federated import client as client_module
+from dptrain.federated.client import CLIENT_FAILED, confined_train_round
+from dptrain.federated.holder import ClientConfig
+from dptrain.federated.lora import lora_state
+from dptrain.federated.recipe import FederatedRecipe
+from dptrain.federated.strategy import LoraFedAvg, RoundReport
+from dptrain.models import build_model
+from dptrain.plan import check_run, plan_privacy, policy_setup_refusal
+from dptrain.policies import policy_spec
+from dptrain.recipe import RecipeError, parse_recipe
+
+from .conftest import tiny_recipe
+
+
+def round_message(recipe: FederatedRecipe, node: int = 7) -> Message:
+    arrays = ArrayRecord(lora_state(build_model(recipe)[0]))
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
+    return Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
+
+
+def context(client: int = 0) -> Context:
+    return Context(1, 7, {"partition-id": client}, RecordDict(), {})
+
+
+def public_file(tmp_path):
+    path = tmp_path / "public.jsonl"
+    path.write_text("".join(f'{{"text": "a public note, number {i}"}}\n' for i in range(8)))
+    return path
+
+
+# one agent decision per round of 3 steps, one SAC update: the set-up is tested, not learning
+RL = {"name": "rl", "rl": {"every": 3, "gradient_steps": 1, "batch_size": 4}}
+
+
+def test_a_policy_that_cannot_be_set_up_is_refused_before_any_round_with_trains_error(
+    tmp_path, task_identity
+):
+    rl = {"name": "rl"}
+    with pytest.raises(RecipeError, match=r"policy 'rl' evaluates the model on public data"):
+        parse_recipe(tiny_recipe(tmp_path, policy=rl))  # before the run dir or any round
+    with pytest.raises(RecipeError, match=r"data.public_fraction: a federated recipe cannot"):
+        parse_recipe(tiny_recipe(tmp_path, policy=rl, data={"public_fraction": 0.05}))
+    # the same check as dptrain train's, with the fix a federated recipe can take
+    d = tiny_recipe(tmp_path, policy=rl)
+    del d["federated"]
+    train = parse_recipe(d)
+    with pytest.raises(RecipeError) as err:
+        check_run(plan_privacy(train, 100), public_records=None, ledger=Ledger())
+    fed = policy_setup_refusal(policy_spec("rl"), public_records=None, kind="federated")
+    assert fed is not None and str(err.value).split(" Fix:")[0] == fed.split(" Fix:")[0]
+    assert "data.public_path" in fed and "public_fraction (e.g." in str(err.value)
+    # a Python caller's unchecked recipe: the client declines with that reason, before it
+    # builds the model, draws from its key or writes its ledger
+    ok = parse_recipe(tiny_recipe(tmp_path, policy=rl, data={"public_path": "x.jsonl"}))
+    unchecked = ok.model_copy(update={"data": ok.data.model_copy(update={"public_path": None})})
+    records = tmp_path / "own.jsonl"  # its own records: a simulation's share re-reads the recipe
+    records.write_text("".join(f'{{"text": "note {i}"}}\n' for i in range(40)))
+    own = ClientConfig(tmp_path / "client-0", 8.0, data_path=str(records), insecure_seed=1)
+    reply = confined_train_round(round_message(ok), context(), unchecked, own)
+    m = reply.content["metrics"]
+    assert int(m["declined"]) == 1 and reply.content["status"]["reason"] == fed
+    assert not (tmp_path / "client-0" / "ledger.json").exists()
+
+
+def test_a_federated_client_attaches_the_rl_policy_and_reports_its_certified_epsilon(
+    tmp_path, task_identity
+):
+    d = tiny_recipe(tmp_path, policy=RL, data={"public_path": str(public_file(tmp_path))})
+    recipe = parse_recipe(d)
+    own = ClientConfig(tmp_path / "client-0", epsilon=8.0, insecure_seed=1)
+    reply = confined_train_round(round_message(recipe), context(), recipe, own)
+    assert not reply.has_error(), "the rl policy failed inside the round"
+    m = reply.content["metrics"]
+    assert int(m["declined"]) == 0 and int(m["steps"]) == 3
+    # adaptive: the filter's budget is the guarantee (as dptrain train's), not the odometer
+    assert float(m["epsilon"]) == 8.0
+    assert Ledger.load(tmp_path / "client-0" / "ledger.json").total_steps == 3
+
+
+class FailsAfterCharging(client_module.PrivacyEngine):
+    """Its third step is charged and applied, then the client fails before saving it."""
+
+    def step(self, batch, **kwargs):
+        report = super().step(batch, **kwargs)
+        if self.steps_taken == 3:
+            raise RuntimeError("simulated failure after the charge")
+        return report
+
+
+def test_a_round_that_fails_after_charging_reports_the_clients_whole_spend(
+    tmp_path, monkeypatch, capsys, task_identity
+):
+    recipe = parse_recipe(tiny_recipe(tmp_path))
+    own = ClientConfig(tmp_path / "client-0", epsilon=8.0, insecure_seed=1)
+    monkeypatch.setattr(client_module, "PrivacyEngine", FailsAfterCharging)
+    reply = confined_train_round(round_message(recipe), context(), recipe, own)
+    ledger = Ledger.load(tmp_path / "client-0" / "ledger.json")
+    assert ledger.total_steps == 3  # the failed step's charge is on disk too
+    m = reply.content["metrics"]
+    assert int(m["failed"]) == 1 and int(m["steps"]) == 3
+    assert reply.content["status"]["reason"] == CLIENT_FAILED  # the error's text stays here
+    assert "simulated failure" in capsys.readouterr().err
+    spent = get_accountant("rdp").epsilon(ledger.events, own.own_delta(int(m["num-examples"])))
+    assert float(m["epsilon"]) == pytest.approx(spent) and spent > 0
+    # the server takes it as the client's spend, a failure, and its spend as confirmed
+    strategy = LoraFedAvg(recipe)
+    strategy.sent = [7]
+    strategy.unconfirmed = {"node 7"}  # an earlier round's silence
+    report = RoundReport(1)
+    assert strategy._sort(report, [reply]) == []  # the reply of node 7's request
+    assert strategy.epsilon[0] == pytest.approx(spent) and not strategy.unconfirmed
+    assert report.failures == {"client 0": CLIENT_FAILED}
+    assert report.clients[0]["status"] == "failed"
+    # a request left unanswered: that client may have spent more than it last reported
+    strategy.sent = [7]
+    strategy._sort(RoundReport(2), [])
+    assert strategy.unconfirmed == {"client 0"}
