@@ -21,7 +21,7 @@ SLOW_SECONDS = 5.0
 
 
 def format_seconds(seconds: float) -> str:
-    """``3h05m``, ``4m10s`` or ``12s`` (as ``dptrain.steplog.format_seconds``)."""
+    """``3h05m``, ``4m10s`` or ``12s`` (also the training log's: ``dptrain.steplog``)."""
     if not math.isfinite(seconds):
         return "?"
     s = round(seconds)

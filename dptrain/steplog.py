@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from accountants.progress import format_seconds
+
 from .extras import require
 
 __all__ = [
@@ -63,18 +65,6 @@ def check_reporters(names: list[str]) -> None:
     for name in names:
         module, extra = _MODULES[name]
         require(module, extra, f"training.report_to: [{name}]")
-
-
-def format_seconds(seconds: float) -> str:
-    """``3h05m``, ``4m10s`` or ``12s``."""
-    if not math.isfinite(seconds):
-        return "?"
-    s = round(seconds)
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s}s"
 
 
 class StepLog:

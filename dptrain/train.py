@@ -244,8 +244,8 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
         plan = plan_privacy(recipe, records, restored_noise=restored)
     else:
         plan = plan_unit(recipe, unit, records, restored_noise=restored)
-    if resume and _is_complete(run, meta, plan):  # before the model, the checkpoint, the budget
-        ledger = Ledger.load(run.ledger)
+
+    def prepared(ledger: Ledger, checkpoint: dict[str, Any] | None, **kw: Any) -> Prepared:
         return Prepared(
             recipe,
             run,
@@ -255,13 +255,16 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
             public_texts,
             plan,
             ledger,
-            None,
+            checkpoint,
             resume,
             canaries,
             unit,
             withheld,
-            complete=True,
+            **kw,
         )
+
+    if resume and _is_complete(run, meta, plan):  # before the model, the checkpoint, the budget
+        return prepared(Ledger.load(run.ledger), None, complete=True)
     if recipe.privacy.delta is None and not resume:
         count = f"{records} training records" if unit is None else f"{unit.size} people"
         log(
@@ -294,21 +297,7 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
             f"warning: the budget fits {fits} more steps of {plan.steps - ledger.total_steps} "
             "planned; the run will stop there"
         )
-    return Prepared(
-        recipe,
-        run,
-        key,
-        train_texts,
-        val_texts,
-        public_texts,
-        plan,
-        ledger,
-        checkpoint,
-        resume,
-        canaries,
-        unit,
-        withheld,
-    )
+    return prepared(ledger, checkpoint)
 
 
 def _is_complete(run: RunDir, meta: dict[str, Any] | None, plan: RunPlan) -> bool:
