@@ -241,9 +241,14 @@ class GradCapture:
             # a recomputation (activation checkpointing) may run a segment more than once:
             # its calls replay the planned forward's calls of this module in order
             k %= self.plan.calls.get(id(module), 1)
-        leaves, spec = tree_flatten((args, kwargs))
+        key = (id(module), k)
+        plan = self.plan
+        if self._probe is not None or plan is None or key in plan.scopes:
+            leaves, spec = tree_flatten((args, kwargs))
+        else:  # only a planned re-run (``_record_local``) or a probe reads a call's inputs
+            leaves, spec = [], None
         name = self._scope_names.get(id(module), type(module).__name__)
-        call = _Call(module, name, (id(module), k), leaves, spec, len(self.uses))
+        call = _Call(module, name, key, leaves, spec, len(self.uses))
         if self._probe is not None:  # before the call can change its inputs in place
             call.prints = [sample_prints(x, self._probe.batch_size) for x in leaves]
             call.state = _tensor_attrs(module)
@@ -283,20 +288,12 @@ class GradCapture:
         return self._route(stack[-1], func, args, kwargs, touched)
 
     def _touched(self, args: tuple, kwargs: dict) -> list[nn.Parameter]:
+        """The trainable parameters among the arguments (also inside lists and tuples), each
+        once, in order of first appearance."""
         found: dict[int, nn.Parameter] = {}
-
-        def visit(v: Any) -> None:
-            if isinstance(v, Tensor):
-                if id(v) in self.params:
-                    found[id(v)] = v
-            elif isinstance(v, (list, tuple)):
-                for x in v:
-                    visit(x)
-
-        for v in args:
-            visit(v)
-        for v in kwargs.values():
-            visit(v)
+        _collect(args, self.params, found)
+        if kwargs:
+            _collect(kwargs.values(), self.params, found)
         return list(found.values())
 
     def _route(self, call: _Call, func: Any, args: tuple, kwargs: dict, touched: list) -> Any:
@@ -342,7 +339,7 @@ class GradCapture:
         return True
 
     def _fuse(self, call: _Call, d: Decision, func: Any, args: tuple, kwargs: dict) -> Tensor:
-        op = d.rule.parse(args, kwargs, set(self.params))
+        op = d.rule.parse(args, kwargs, self.params)
         if op is None:
             raise PlanMiss(f"'{call.name}' called {d.rule.name} differently than planned")
         d.rule.check(op)
@@ -428,7 +425,7 @@ class GradCapture:
         key = (call.key, call.ops)
         call.ops += 1
         rule = OPS.get(func)
-        op = rule.parse(args, kwargs, set(self.params)) if rule is not None else None
+        op = rule.parse(args, kwargs, self.params) if rule is not None else None
         rec = OpRecord(key, func, frozenset(id(p) for p in touched), rule if op else None)
         if op is not None:
             try:
@@ -953,6 +950,17 @@ class GradCapture:
 
     def _names(self, params: list[nn.Parameter]) -> str:
         return ", ".join(self.param_names.get(id(p), "?") for p in params)
+
+
+def _collect(values: Any, params: dict[int, nn.Parameter], found: dict[int, nn.Parameter]) -> None:
+    """Add to ``found`` the tensors among ``values`` (and inside their lists and tuples) whose
+    ids are keys of ``params``, depth first, the first time each is seen."""
+    for v in values:
+        if isinstance(v, Tensor):
+            if id(v) in params and id(v) not in found:
+                found[id(v)] = v
+        elif isinstance(v, (list, tuple)):
+            _collect(v, params, found)
 
 
 def _module_tracking(path: list[nn.Module], outputs: list | None) -> list[Any]:
