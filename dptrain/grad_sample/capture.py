@@ -799,10 +799,11 @@ class GradCapture:
         b = batch_len(batch)
         self.uses, self._locals, self._counts, self._unplanned = [], [], {}, set()
         self.batch_size, self.active = b, True
-        versions, saved = _snapshot_buffers(self.model)
-        attrs = _snapshot_attrs(self.model)
-        weights = {n: p._version for n, p in self.model.named_parameters()}
-        values = _param_state(self.model, self._rewritten)
+        tree = _tree(self.model)  # one walk before the step, one after
+        versions, saved = _snapshot_buffers(self.model, tree)
+        attrs = _snapshot_attrs(self.model, tree)
+        weights = {n: p._version for n, p in tree.params}
+        values = _param_state(self.model, self._rewritten, tree)
         try:
             with self._watch:  # writes through ``.data`` leave the version counters alone
                 losses = _per_sample_losses(loss_fn(self.model, batch), b)
@@ -811,8 +812,9 @@ class GradCapture:
                 losses.sum().backward()
                 self.in_backward = False
         finally:  # the model keeps no buffer value this step computed, whatever happens
-            changed = _restore_buffers(self.model, saved, versions)
-            _restore_attrs(self.model, attrs)  # e.g. RecurrentGemma's last recurrent state
+            tree = _tree(self.model)  # the forward pass may have added modules or tensors
+            changed = _restore_buffers(self.model, saved, versions, tree)
+            _restore_attrs(self.model, attrs, tree)  # e.g. RecurrentGemma's last recurrent state
             through_data = self._watch.moved()
         if changed:
             raise UnsupportedLayerError(
@@ -825,10 +827,10 @@ class GradCapture:
                 [n for n, _ in through_data],
                 f" through .data, in {', '.join(dict.fromkeys(w for _, w in through_data))}",
             )
-        rewritten = _param_state(self.model, self._rewritten)
+        rewritten = _param_state(self.model, self._rewritten, tree)
         moved = [
             n
-            for n, p in self.model.named_parameters()
+            for n, p in tree.params
             if weights.get(n) != p._version
             and (n not in values or not _same(values[n][1:], rewritten[n][1:]))
         ]
@@ -1112,10 +1114,56 @@ def _per_sample_losses(losses: Any, b: int) -> Tensor:
     return losses
 
 
-def _snapshot_buffers(model: nn.Module) -> tuple[dict[str, int], dict[str, Tensor]]:
+@dataclass
+class _Tree:
+    """One walk of a model: what ``modules()``, ``named_parameters()`` and ``named_buffers()``
+    yield (the same objects, names and order)."""
+
+    modules: list[nn.Module]
+    params: list[tuple[str, nn.Parameter]]
+    buffers: list[tuple[str, Tensor]]
+
+
+_BASE_WALK = (
+    nn.Module.modules,
+    nn.Module.named_parameters,
+    nn.Module.named_buffers,
+    nn.Module._named_members,
+)
+
+
+def _tree(model: nn.Module) -> _Tree:
+    """The model's modules, parameters and buffers from a single ``named_modules()`` walk,
+    each parameter and buffer under the name of its first owner (as ``torch``'s own walks
+    deduplicate them); a class that overrides one of those walks is asked each separately."""
+    cls = type(model)
+    if (cls.modules, cls.named_parameters, cls.named_buffers, cls._named_members) != _BASE_WALK:
+        return _Tree(
+            list(model.modules()), list(model.named_parameters()), list(model.named_buffers())
+        )
+    modules, params, buffers = [], [], []
+    seen_p: set[int] = set()
+    seen_b: set[int] = set()
+    for prefix, m in model.named_modules():
+        modules.append(m)
+        dot = prefix + "." if prefix else ""
+        for k, v in m._parameters.items():
+            if v is not None and id(v) not in seen_p:
+                seen_p.add(id(v))
+                params.append((dot + k, v))
+        for k, v in m._buffers.items():
+            if v is not None and id(v) not in seen_b:
+                seen_b.add(id(v))
+                buffers.append((dot + k, v))
+    return _Tree(modules, params, buffers)
+
+
+def _snapshot_buffers(
+    model: nn.Module, tree: _Tree | None = None
+) -> tuple[dict[str, int], dict[str, Tensor]]:
     """Every buffer's version counter and a copy of its values (one walk of the modules)."""
     versions, saved = {}, {}
-    for n, b in model.named_buffers():
+    for n, b in (tree or _tree(model)).buffers:
         if b is not None:
             versions[n], saved[n] = b._version, b.detach().clone()
     return versions, saved
@@ -1124,19 +1172,19 @@ def _snapshot_buffers(model: nn.Module) -> tuple[dict[str, int], dict[str, Tenso
 _Attrs = dict[int, tuple[nn.Module, dict[str, Any]]]
 
 
-def _snapshot_attrs(model: nn.Module) -> _Attrs:
+def _snapshot_attrs(model: nn.Module, tree: _Tree | None = None) -> _Attrs:
     """Every module's plain attributes (its ``__dict__``, copied: a C-level copy of the
     references; parameters and buffers live in ``_parameters`` / ``_buffers``)."""
-    return {id(m): (m, m.__dict__.copy()) for m in model.modules()}
+    return {id(m): (m, m.__dict__.copy()) for m in (tree or _tree(model)).modules}
 
 
-def _restore_attrs(model: nn.Module, saved: _Attrs) -> None:
+def _restore_attrs(model: nn.Module, saved: _Attrs, tree: _Tree | None = None) -> None:
     """Put back every plain tensor attribute a step set or replaced (a recurrent state of the
     last batch, as RecurrentGemma keeps: ``(B, ...)`` tensors computed from private records,
     outside the parameters, that a pickled or reused model object would carry); a new one is
     removed.  A module whose attributes are the same objects under the same names is skipped
     without looking at them.  (A tensor attribute changed in place is not seen.)"""
-    for m in model.modules():
+    for m in (tree or _tree(model)).modules:
         entry = saved.get(id(m))
         before = entry[1] if entry is not None else {}
         now = m.__dict__
@@ -1155,14 +1203,14 @@ _MISSING = object()
 
 
 def _restore_buffers(
-    model: nn.Module, saved: dict[str, Tensor], versions: dict[str, int]
+    model: nn.Module, saved: dict[str, Tensor], versions: dict[str, int], tree: _Tree | None = None
 ) -> list[str]:
     """Put back every buffer that changed since ``saved``; the names of those buffers.  Values
     are compared, not only version counters: kernels such as batch norm update running
     statistics in place without bumping them, and so does a write through ``.data``."""
     changed = []
     with torch.no_grad():
-        for n, b in model.named_buffers():
+        for n, b in (tree or _tree(model)).buffers:
             if b is None or n not in saved:
                 continue
             old = saved[n]
@@ -1178,7 +1226,7 @@ def _restore_buffers(
 
 
 def _param_state(
-    model: nn.Module, names: set[str] | None = None
+    model: nn.Module, names: set[str] | None = None, tree: _Tree | None = None
 ) -> dict[str, tuple[int, float, float]]:
     """The parameters' (all, or those in ``names``) version counters and value fingerprints
     (sum and norm in float64): a write through ``.data`` leaves the counter alone, not the
@@ -1187,7 +1235,7 @@ def _param_state(
         return {}  # nothing to fingerprint: no walk of the modules
     return {
         n: (p._version, *fingerprint(p))
-        for n, p in model.named_parameters()
+        for n, p in (tree or _tree(model)).params
         if names is None or n in names
     }
 

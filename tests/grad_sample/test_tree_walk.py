@@ -1,0 +1,47 @@
+"""The capture's single walk of a model (``_tree``) yields what torch's own walks yield."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dptrain.grad_sample.capture import _tree
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    shared = nn.Linear(3, 3)
+    m = nn.Sequential(nn.Embedding(5, 3), shared, nn.Sequential(shared, nn.LayerNorm(3)))
+    m.add_module("head", nn.Linear(3, 5, bias=False))
+    m.head.weight = m[0].weight  # tied: one parameter under two names
+    m.register_buffer("scale", torch.ones(3))
+    m[2].register_buffer("none", None)  # a None buffer is skipped by torch's walk
+    m[2][1].register_buffer("count", torch.zeros(()), persistent=False)
+    m.aliased = m.scale  # the same tensor as a plain attribute: not a buffer
+    return m
+
+
+def test_tree_matches_torch_walks() -> None:
+    m = _model()
+    t = _tree(m)
+    assert [id(x) for x in t.modules] == [id(x) for x in m.modules()]
+    assert [(n, id(p)) for n, p in t.params] == [(n, id(p)) for n, p in m.named_parameters()]
+    assert [(n, id(b)) for n, b in t.buffers] == [(n, id(b)) for n, b in m.named_buffers()]
+    assert len(t.params) == 5 and len(t.buffers) == 2  # the tied and shared ones once
+
+
+class _Renamed(nn.Module):
+    """A model whose class overrides a walk: the capture must ask it, not read the dicts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+
+    def named_parameters(self, *args, **kwargs):  # type: ignore[override]
+        for n, p in super().named_parameters(*args, **kwargs):
+            yield "renamed." + n, p
+
+
+def test_tree_asks_an_overriding_class() -> None:
+    m = _Renamed()
+    assert [n for n, _ in _tree(m).params] == ["renamed.lin.weight", "renamed.lin.bias"]
