@@ -272,8 +272,8 @@ class GradCapture:
     # -- the mode ------------------------------------------------------------------------------
 
     def _intercept(self, func: Any, args: tuple, kwargs: dict) -> Any:
-        stack = self._stack
-        if not stack or not self._recording:
+        stack = getattr(self._tls, "stack", None)  # (``_stack`` without creating it)
+        if not stack or not (self._probe is not None or self.active):  # ``_recording``
             return func(*args, **kwargs)
         if self._probe is not None:
             return self._probe_call(stack, func, args, kwargs)

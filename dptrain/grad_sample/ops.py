@@ -108,7 +108,8 @@ class OpRule:
     # -- parsing -------------------------------------------------------------------------------
 
     def bind(self, args: tuple, kwargs: dict) -> dict[str, Any] | None:
-        if len(args) > len(self.names) or set(kwargs) - set(self.names):
+        names = self.names
+        if len(args) > len(names) or any(k not in names for k in kwargs):
             return None
         bound = dict(self.defaults)
         bound.update(zip(self.names, args, strict=False))
