@@ -181,22 +181,22 @@ def test_a_full_disk_mid_write_loses_nothing_and_resumes_to_the_same_run(
     assert_same_as_uninterrupted(run, ref, log_every)
 
 
-def test_a_full_disk_before_the_first_checkpoint_says_to_start_anew(tmp_path, capsys, reference):
+def test_a_full_disk_before_the_first_checkpoint_says_to_start_anew(
+    tmp_path, capsys, monkeypatch, reference
+):
     """The key has drawn step 1's noise but no checkpoint holds it: a resume would start over
     with a used key (refused), so the error says to start a new run instead."""
     key, _ = reference
     path, run = fresh_run(tmp_path, key)
-    mp = pytest.MonkeyPatch()
-    try:
-        mp.setattr(accountants.ledger, "os", FullDisk("step-00000001.pt", 1))
+    with monkeypatch.context() as m:
+        m.setattr(accountants.ledger, "os", FullDisk("step-00000001.pt", 1))
         code = main(["train", str(path), "--no-progress"])
-    finally:
-        mp.undo()
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == USER_ERROR_EXIT
     assert "no checkpoint was written yet" in last and "--resume" not in last
     assert "start a new run in another output_dir" in last
-    assert main(["train", str(path), "--no-progress", "--resume", str(run.path)]) == 2
+    resume = ["train", str(path), "--no-progress", "--resume", str(run.path)]
+    assert main(resume) == USER_ERROR_EXIT
     assert "has already drawn coins and noise" in capsys.readouterr().err
 
 
