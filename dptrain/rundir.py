@@ -347,6 +347,10 @@ class CheckpointWriteError(CheckpointError):
             f"could not write {what} in {run.path} ({detail}). Nothing was lost: every write "
             "is atomic, and"
         )
+        full = getattr(err, "errno", None) in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
+        fix = (
+            "free disk space" if full else "remove the cause named above (a full disk, permissions)"
+        )
         self.run_dir = run.path
         self.command = "dptrain train RECIPE"
         # without a checkpoint a resume starts over from step 0: refused once the key drew noise
@@ -354,16 +358,14 @@ class CheckpointWriteError(CheckpointError):
         if kept:
             self.state = (
                 f"{head} the last checkpoint ({kept[-1].name}) and the ledger covering it are "
-                "intact. Fix: free disk space, then continue with"
+                f"intact. Fix: {fix}, then continue with"
             )
         elif self.resumable:
-            self.state = (
-                f"{head} no checkpoint was written yet. Fix: free disk space, then run again with"
-            )
+            self.state = f"{head} no checkpoint was written yet. Fix: {fix}, then run again with"
         else:
             self.state = (
                 f"{head} no checkpoint was written yet; the run key has drawn noise, so this run "
-                "cannot resume (starting over would repeat that noise). Fix: free disk space, "
+                f"cannot resume (starting over would repeat that noise). Fix: {fix}, "
                 f"then start a new run in another output_dir (or delete {run.path} first)"
             )
         super().__init__(self.state)
