@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from accountants.ledger import atomic_write
+from accountants.ledger import Ledger, atomic_write
 
 from .errors import UserError
 from .publication import MOVED_TO_PRIVATE, check_public
@@ -272,6 +272,16 @@ class RunDir:
 
     # -- checkpoints -----------------------------------------------------------------------
 
+    def save_ledger(self, ledger: Ledger) -> None:
+        """Write ``ledger.json`` atomically; a full disk is a :class:`CheckpointWriteError`
+        (the ledger on disk is then the previous one, which covers every saved checkpoint)."""
+        try:
+            ledger.save(self.ledger)
+        except OSError as err:
+            if err.errno not in DISK_FULL:
+                raise
+            raise CheckpointWriteError(self, "the ledger (ledger.json)", err) from err
+
     def checkpoint_files(self) -> list[Path]:
         if not self.checkpoints.exists():
             return []
@@ -285,7 +295,10 @@ class RunDir:
         except (OSError, RuntimeError) as err:
             if isinstance(err, RuntimeError) and not _is_write_failure(err):
                 raise
-            raise CheckpointWriteError(self, f"checkpoint step {step}", err) from err
+            # torch's zip writer reports the file's OSError (e.g. ENOSPC) as "unexpected pos":
+            # the OSError it swallowed says what happened
+            cause = err.__context__ if isinstance(err.__context__, OSError) else err
+            raise CheckpointWriteError(self, f"checkpoint step {step}", cause) from err
         for old in self.checkpoint_files()[:-keep]:
             old.unlink(missing_ok=True)
         return path
@@ -318,23 +331,62 @@ def _is_write_failure(err: RuntimeError) -> bool:
     return any(s in text for s in ("inline_container", "PytorchStreamWriter", "file write failed"))
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+"""The errnos of a write that failed for want of space (a full disk, a quota, a size limit)."""
+
+
 class CheckpointWriteError(CheckpointError):
     """A run-directory file could not be written (a full disk, a quota): what is on disk is
-    intact, and the message says how to resume."""
+    intact, and the one-line message says how to resume (``command``: the command that was
+    running, filled in by the command layer)."""
 
     def __init__(self, run: RunDir, what: str, err: BaseException) -> None:
         kept = run.checkpoint_files()
-        last = (
-            f"the last checkpoint ({kept[-1].name}) and the ledger covering it are intact"
-            if kept
-            else "no checkpoint was written yet"
+        detail = " ".join(f"{type(err).__name__}: {err}".split())  # one line
+        head = (
+            f"could not write {what} in {run.path} ({detail}). Nothing was lost: every write "
+            "is atomic, and"
         )
-        super().__init__(
-            f"could not write {what} in {run.path} ({type(err).__name__}: {err}). Nothing was "
-            f"lost: every write is atomic, and {last}. Fix: free disk space, then continue with "
-            f"`dptrain train RECIPE --resume {run.path}`"
+        full = getattr(err, "errno", None) in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
+        fix = (
+            "free disk space" if full else "remove the cause named above (a full disk, permissions)"
         )
         self.run_dir = run.path
+        self.command = "dptrain train RECIPE"
+        # without a checkpoint a resume starts over from step 0: refused once the key drew noise
+        self.resumable = bool(kept) or not _key_used(run)
+        if kept:
+            self.state = (
+                f"{head} the last checkpoint ({kept[-1].name}) and the ledger covering it are "
+                f"intact. Fix: {fix}, then continue with"
+            )
+        elif self.resumable:
+            self.state = f"{head} no checkpoint was written yet. Fix: {fix}, then run again with"
+        else:
+            self.state = (
+                f"{head} no checkpoint was written yet; the run key has drawn noise, so this run "
+                f"cannot resume (starting over would repeat that noise). Fix: {fix}, "
+                f"then start a new run in another output_dir (or delete {run.path} first)"
+            )
+        super().__init__(self.state)
+
+    def __str__(self) -> str:
+        if not self.resumable:
+            return self.state
+        return f"{self.state} `{self.command} --resume {self.run_dir}`"
+
+
+def _key_used(run: RunDir) -> bool:
+    """Whether the run's ``secret.key`` has drawn coins and noise (no file: an insecure seed,
+    which :meth:`dptrain.secret.RunKey.refuse_restart` never refuses)."""
+    from .secret import RunKey, RunKeyError
+
+    if not run.key.exists():
+        return False
+    try:
+        return RunKey.read(run.key).used
+    except RunKeyError:
+        return False  # the resume names what is wrong with the key
 
 
 def load_checkpoint_file(path: Path) -> dict[str, Any]:

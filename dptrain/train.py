@@ -36,7 +36,6 @@ delta includes the noise sampler's truncation term (:func:`dptrain.noise.truncat
 from __future__ import annotations
 
 import contextlib
-import errno
 import math
 import sys
 import time
@@ -67,6 +66,7 @@ from .policies import Policy, RunContext
 from .precision import Precision
 from .recipe import RESUMABLE_KEYS, Recipe, RecipeError, dump_recipe, resume_blockers
 from .rundir import (
+    DISK_FULL,
     PUBLIC_FILES,
     CheckpointError,
     CheckpointWriteError,
@@ -185,18 +185,15 @@ def _train(
     except KeyboardInterrupt:
         raise _interrupted(prep.run) from None
     except OSError as err:
-        if err.errno not in _DISK_FULL:
+        if err.errno not in DISK_FULL:
             raise
         raise CheckpointWriteError(prep.run, "the run directory's files", err) from err
     try:
         return finish(prep, built, meta, stats, stopped, seconds, counts, cross_check)
     except OSError as err:  # a full disk while writing the final model or run.json
-        if err.errno not in _DISK_FULL:
+        if err.errno not in DISK_FULL:
             raise
         raise CheckpointWriteError(prep.run, "the final model or run.json", err) from err
-
-
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _interrupted(run: RunDir) -> RunInterrupted:
@@ -283,6 +280,11 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
             f"calibrated noise multiplier {plan.noise_multiplier:.4f} for epsilon="
             f"{recipe.privacy.epsilon} at delta={plan.delta:.3g} over {plan.steps} steps "
             f"({plan.accountant})"
+        )
+    elif plan.noise_source == "restored":  # calibrated by the session that started the run
+        log(
+            f"restored noise multiplier {plan.noise_multiplier:.4f} (from run.json: the noise "
+            "this run was calibrated with; a resume keeps it)"
         )
     checkpoint = run.load_checkpoint(recipe.fingerprint()) if resume else None
     if resume and checkpoint is None:
@@ -569,7 +571,7 @@ def begin_meta(prep: Prepared, built: Built) -> tuple[dict[str, Any], dict[str, 
     if main:
         run.update_stats(**stats)
         run.write_meta(meta)
-        built.engine.ledger.save(run.ledger)
+        run.save_ledger(built.engine.ledger)
     return meta, stats
 
 
@@ -690,7 +692,7 @@ def loop(
                 metrics = built.task.evaluate(built.model, built.val_batches)
                 record.update({f"val_{k}": v for k, v in metrics.items()})
             if main and logging:
-                built.engine.ledger.save(run.ledger)  # the ledger covers what the log shows
+                run.save_ledger(built.engine.ledger)  # the ledger covers what the log shows
                 run.log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{report.loss:.3f}", eps=f"{eps:.3f}", B=report.batch_size)
@@ -723,7 +725,7 @@ def checkpoint(prep: Prepared, built: Built) -> None:
         return
     engine = built.engine
     # ledger first: the ledger on disk never covers fewer steps than a saved model
-    engine.ledger.save(prep.run.ledger)
+    prep.run.save_ledger(engine.ledger)
     prep.run.save_checkpoint(
         engine.steps_taken,
         {

@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         return _launch(args)
     from .. import distributed
     from ..recipe import load_recipe
+    from ..rundir import CheckpointWriteError
     from ..train import train
 
     recipe = load_recipe(args.recipe, args.set, command="train")
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = args.resume or args.output
     try:
         result = train(recipe, run_dir, resume=bool(args.resume), progress=not args.no_progress)
-    except RunInterrupted as err:
+    except (RunInterrupted, CheckpointWriteError) as err:  # the resume hint names the recipe
         err.command = f"dptrain train {args.recipe}"
         raise
     audit = recipe.audit
