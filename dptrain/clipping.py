@@ -137,6 +137,7 @@ def clip_and_sum(
     def add_sq(group: str, value: Tensor) -> None:
         sq[group] = sq[group] + value if group in sq else value
 
+    ghost_sq: dict[nn.Parameter, Tensor] = {}  # ghost norms^2, before the heavy samples' fix
     for p, items in parts.items():
         fs = [(_factors(u) or {}).get(role) for u, role in items]
         if segments is not None:
@@ -145,14 +146,8 @@ def clip_and_sum(
         if factorized and mode != "never" and (mode == "always" or prefer_ghost(fs)):
             n2, s = norm_sq_and_bound(fs)
             n2 = n2.clamp(min=0)
-            heavy = s > CANCELLATION * n2.sqrt()
-            if bool(heavy.any()):
-                index = heavy.nonzero().flatten()
-                g = sum(f.select(index).materialize() for f in fs)
-                heavy_grads[p] = (index, g)
-                n2 = n2.index_copy(0, index, _sq(g))
-            add_sq(group_of[p], n2)
-            ghosted[p] = (fs, heavy)
+            ghosted[p] = (fs, s > CANCELLATION * n2.sqrt())
+            ghost_sq[p] = n2
             continue
         total = recorded.direct.get(p)
         total = None if total is None else per_row(_dense(total))
@@ -166,7 +161,24 @@ def clip_and_sum(
             else:
                 total, owned = total + g, True
         materialized[p] = total
-        add_sq(group_of[p], _sq(total))
+
+    # which ghosted parameters have heavy samples: one read of all the flags (one host-device
+    # sync per chunk, not one per parameter); then their exact norms, and the squared norms
+    # summed per group in the parameters' order as before
+    flagged = torch.stack([h.any() for _, h in ghosted.values()]).tolist() if ghosted else []
+    heavy_of = {p: f for p, f in zip(ghosted, flagged, strict=True)}
+    for p in parts:
+        if p in materialized:
+            add_sq(group_of[p], _sq(materialized[p]))
+            continue
+        n2 = ghost_sq[p]
+        if heavy_of[p]:
+            fs, heavy = ghosted[p]
+            index = heavy.nonzero().flatten()
+            g = sum(f.select(index).materialize() for f in fs)
+            heavy_grads[p] = (index, g)
+            n2 = n2.index_copy(0, index, _sq(g))
+        add_sq(group_of[p], n2)
 
     device = next(iter(group_of)).device if group_of else torch.device("cpu")
     zero = torch.zeros(batch, device=device, dtype=NORM_DTYPE)
