@@ -351,10 +351,13 @@ class PrivacyEngine:
         # the decision reads only the released update, so it is post-processing.
         # A finite sum of squares means every entry is finite, so the entries are inspected only
         # when a group's norm is not finite (NaN, or squares of finite entries overflowing).
-        norms = {
-            g: float(torch.sqrt(sum(update[p].pow(2).sum() for p in ps)))
-            for g, ps in self.groups.items()
-        }
+        # (one host-device read of all the groups' norms)
+        groups = list(self.groups.items())
+        squares = [sum(update[p].pow(2).sum() for p in ps) for _, ps in groups]
+        dev = self.params[0].device if self.params else torch.device("cpu")
+        read = torch.stack([torch.as_tensor(x, device=dev).double() for x in squares])
+        read = read.sqrt().tolist()
+        norms = {g: float(v) for (g, _), v in zip(groups, read, strict=True)}
         applied = all(math.isfinite(v) for v in norms.values()) or bool(
             torch.stack([torch.isfinite(update[p]).all() for p in self.params]).all()
         )
