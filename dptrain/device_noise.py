@@ -305,14 +305,18 @@ class Backends:
     def prepare(self, device: torch.device) -> None:
         """Ready the device generator for draws on ``device`` if it is the one that draws
         there (forced, or ``auto`` on CUDA); nothing is drawn or recorded."""
-        if self.choice == CHACHA or (self.choice == AUTO and device.type == "cuda"):
+        if self._wanted(device) == CHACHA:
             self.normals.prepare(device)
+
+    def _wanted(self, device: torch.device | None) -> str:
+        """The backend this sampler's choice picks for a draw on ``device``."""
+        if self.choice != AUTO:
+            return self.choice
+        return CHACHA if device is not None and device.type == "cuda" else AES
 
     def use_device(self, step: int, device: torch.device | None) -> bool:
         """Fix (and record) the backend of a draw at ``step`` on ``device``; True for ChaCha."""
-        wanted = self.choice
-        if wanted == AUTO:
-            wanted = CHACHA if device is not None and device.type == "cuda" else AES
+        wanted = self._wanted(device)
         recorded = self.recorded(step)
         if recorded is not None and recorded != wanted:
             if self.choice != AUTO:

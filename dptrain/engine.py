@@ -126,6 +126,9 @@ class PrivacyEngine:
         self.names = {by_name[n]: n for ns in names.values() for n in ns}
         self.group_of = {p: g for g, ps in self.groups.items() for p in ps}
         self.params = [p for ps in self.groups.values() for p in ps]
+        prepare = getattr(self.noise, "prepare", None)  # (a test or audit noise may lack it)
+        if self.params and prepare is not None:  # the CUDA noise kernels: now, not in step 1
+            prepare(self.params[0].device)
         _check_optimizer(optimizer, self.params)
 
         self.capture = GradCapture(model)

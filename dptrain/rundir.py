@@ -347,7 +347,7 @@ class CheckpointWriteError(CheckpointError):
             f"could not write {what} in {run.path} ({detail}). Nothing was lost: every write "
             "is atomic, and"
         )
-        full = getattr(err, "errno", None) in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
+        full = getattr(err, "errno", None) in DISK_FULL
         fix = (
             "free disk space" if full else "remove the cause named above (a full disk, permissions)"
         )

@@ -471,7 +471,6 @@ def build(prep: Prepared) -> Built:
     val_ex = task.encode(prep.val_texts, tokenizer, d.max_length)
     optimizer = make_optimizer(recipe.training, [p for p in model.parameters() if p.requires_grad])
     noise = GaussianNoise(prep.key)
-    noise.prepare(device)  # the CUDA noise kernels are built here, not in the first step
     user_level = prep.unit is not None and prep.unit.user_level
     engine = PrivacyEngine(
         model,
