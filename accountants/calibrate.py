@@ -154,7 +154,8 @@ def _unreachable(
 
     RDP: its conversion never certifies less than ``conversion_floor(orders, delta)`` (the
     largest order's ``log1p(-1/a) - log(delta a) / (a - 1)``; 0.0035 at delta = 1e-5 with
-    orders up to 1024), whatever the noise, steps or sample rate; only a larger delta, another
+    orders up to 1024), whatever the noise, but for the KL shortcut to epsilon 0 (a curve under
+    about delta^2: few steps at a low sample rate); beyond it only a larger delta, another
     accountant or a larger target helps.  Just above the floor, epsilon(sigma) ~ floor + c
     steps q^2 / sigma^2, so there fewer steps or a lower sample rate help too."""
     head = (
@@ -171,13 +172,14 @@ def _unreachable(
         largest = ", the largest" if order == max(orders) else ""
         why = (
             f"the RDP-to-(epsilon, delta) conversion certifies no epsilon below {floor:.4g} at "
-            f"this delta however large the noise (a limit of its order list: the floor is set "
-            f"by order {order:g}{largest}), "
+            f"this delta however large the noise, but for epsilon 0 by the KL shortcut (a limit "
+            f"of its order list: the floor is set by order {order:g}{largest}), "
         )
         if target < floor:
             return (
-                f"{head}: {why}and the target is below it, which more noise, fewer steps or a "
-                f"lower sample rate do not change. Fix: use the 'pld' or 'prv' accountant "
+                f"{head}: {why}and the target is below it (only a curve small enough for the "
+                f"KL shortcut, epsilon 0, gets under it: few steps at a low sample rate). Fix: "
+                f"use the 'pld' or 'prv' accountant "
                 f"(their epsilon has no such floor), raise delta (the floor drops below "
                 f"{target:g} only for delta well above {need:.2g}), or raise the target epsilon"
             )

@@ -172,7 +172,7 @@ class PldAccountant(GriddedComposition):
             )
         self.value_discretization_interval = value_discretization_interval
         self.max_exact_mechanisms = check_max_exact(max_exact_mechanisms)
-        self._singles: OrderedDict[tuple, tuple[PLD, float]] = OrderedDict()  # and loss sd
+        self._singles: OrderedDict[tuple, list] = OrderedDict()  # [PLD, loss sd or None]
         self._steps: OrderedDict[tuple, PLD] = OrderedDict()
         self._prefixes: OrderedDict[tuple, PLD] = OrderedDict()
 
@@ -222,11 +222,15 @@ class PldAccountant(GriddedComposition):
                     sampling_prob=q,
                     neighboring_relation=_ADD_OR_REMOVE,
                 )
-            single = (one, _loss_sd(one))
+            single = [one, None]  # the loss spread: computed only for a maybe-slow composition
             _lru_put(self._singles, (q, sigma, h), single, _CACHE_SINGLES)
-        one, sd = single
+        one = single[0]
         bins = max(one._pmf_remove.size, one._pmf_add.size)
-        composed = min(bins * n, bins + COMPOSED_WIDTH * math.sqrt(n) * sd / h)
+        composed = bins * n
+        if composed * COMPOSE_SECONDS_PER_BIN >= progress.SLOW_SECONDS:
+            if single[1] is None:
+                single[1] = _loss_sd(one)
+            composed = min(composed, bins + COMPOSED_WIDTH * math.sqrt(n) * single[1] / h)
         what = (
             f"pld accountant: composing {n:,} steps of q={q:g} sigma={sigma:g} "
             f"(~{int(composed):,} bins)"
