@@ -90,7 +90,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 from flwr.common.constant import ErrorCode
 
-from accountants import Budget, BudgetExceeded, BudgetFilter, Ledger
+from accountants import Budget, BudgetExceeded, BudgetFilter, Event, Ledger
 
 from ..data import LMExamples, TextDataset, load_texts, tokenize
 from ..data.lm import eval_batches
@@ -486,7 +486,8 @@ def train_round(
         if reason is not None:
             return _decline(msg, public, spent, reason)
         noise: GaussianNoise | None = None
-        before = ledger.total_steps  # the engine appends to ``ledger`` itself
+        start = list(ledger.events)  # the round's start (the engine appends to ``ledger``)
+        pairs_bound: list[int] = []  # the pairs the whole round draws at most, once known
         try:
             key = state.key(own.insecure_seed)  # never leaves the client
             if not ledger.total_steps:
@@ -543,12 +544,13 @@ def train_round(
             else:
                 sampler = PoissonSampler(examples.ids, plan.sample_rate, key)
             per_step = _restore_engine(engine, sampler, noise, ledger, state.load_engine())
+            pairs_bound.append(noise.pairs + plan.local_steps * per_step)
             key.mark_used(state.key_path)  # before its first step draws coins and noise
             state.record_unit(own.unit)  # before its first step is charged to the ledger
             taken = _local_steps(engine, sampler, examples, plan.local_steps, state, per_step)
             eps = _claimed(plan, engine.epsilon(), engine.ledger)
         except Exception as err:  # the spend so far (the ledger on disk covers every charge)
-            raise _failed(msg, plan, public, filt, state, before, noise) from err
+            raise _failed(msg, plan, public, filt, state, start, noise, pairs_bound) from err
     public["delta"] = plan.delta + truncation_delta(eps, noise.pairs)
     if taken == 0:
         return _decline(msg, public, eps, f"budget: no local step fits epsilon={plan.epsilon:g}")
@@ -572,21 +574,33 @@ def _failed(
     public: dict[str, Any],
     filt: BudgetFilter,
     state: ClientState,
-    before: int,
+    start: list[Event],
     noise: GaussianNoise | None,
+    pairs_bound: list[int],
 ) -> ClientFailed:
-    """:class:`ClientFailed` with the spend of the ledger on disk (``before``: its steps when
-    the round began; the steps charged since are reported as the round's)."""
+    """:class:`ClientFailed` with a spend that does not depend on where the round failed: that
+    of the whole planned round (``start``, the ledger's events when it began, and
+    ``plan.local_steps`` planned steps; an adaptive policy's budget), at least the ledger on
+    disk (which covers every charge).  How many steps ran before the failure (an out-of-memory
+    error on a large Poisson batch) is a function of the private data: it is not sent."""
     ledger = state.ledger()
-    eps = _claimed(plan, filt.spent(ledger) if ledger.events else 0.0, ledger)
-    pairs = noise.pairs if noise is not None else 0
+    actual = _claimed(plan, filt.spent(ledger) if ledger.events else 0.0, ledger)
+    planned = plan.policy.planned_event(plan.sample_rate)
+    if plan.policy.adaptive or planned is None:
+        bound = plan.epsilon  # the filter's budget: certified whatever the round did
+    else:
+        bound = filt.spent(Ledger([*start, planned.with_steps(plan.local_steps)]))
+    eps = max(actual, bound)
+    pairs = max(pairs_bound or [0], default=0)
+    if noise is not None:
+        pairs = max(pairs, noise.pairs)
     metrics = {
         **public,
         "delta": public["delta"] + truncation_delta(eps, pairs),
         "declined": 0,
         "failed": 1,
         "epsilon": eps,
-        "steps": ledger.total_steps - before,
+        "steps": plan.local_steps,  # planned: the steps taken are not sent
     }
     return ClientFailed(_reply(msg, metrics, status=ConfigRecord({"reason": CLIENT_FAILED})))
 

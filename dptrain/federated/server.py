@@ -114,7 +114,7 @@ def _round_lines(report: RoundReport | None, strategy: LoraFedAvg, clients: int)
         elif entry is not None:
             why = entry["status"]  # declined, or failed after reporting its spend
             if why == "failed" and not client_dp:
-                why = f"failed after {entry['steps']} local step(s)"
+                why = f"failed (charged as all {entry['steps']} planned local steps)"
             lines.append(f"  {name}: {spend(entry, ', ')}{why}: {entry['reason']}")
         elif name in report.failures:
             last = strategy.epsilon.get(cid)

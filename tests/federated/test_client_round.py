@@ -124,3 +124,31 @@ def test_a_round_that_fails_after_charging_reports_the_clients_whole_spend(
     strategy.sent = [7]
     strategy._sort(RoundReport(2), [])
     assert strategy.unconfirmed == {"client 0"}
+
+
+def test_a_failed_rounds_reply_does_not_depend_on_where_it_failed(
+    tmp_path, monkeypatch, capsys, task_identity
+):
+    """The step at which a round fails can depend on the private data (an out-of-memory error
+    on a large Poisson batch): the reply charges the whole planned round, at every point."""
+    replies = []
+    for at in (1, 3):
+
+        class FailsAt(client_module.PrivacyEngine):
+            fail_at = at
+
+            def step(self, batch, **kwargs):
+                report = super().step(batch, **kwargs)
+                if self.steps_taken == self.fail_at:
+                    raise RuntimeError(f"simulated failure at step {self.fail_at}")
+                return report
+
+        recipe = parse_recipe(tiny_recipe(tmp_path / str(at)))
+        own = ClientConfig(tmp_path / str(at) / "client-0", epsilon=8.0, insecure_seed=1)
+        monkeypatch.setattr(client_module, "PrivacyEngine", FailsAt)
+        replies.append(confined_train_round(round_message(recipe), context(), recipe, own))
+        assert Ledger.load(own.state_dir / "ledger.json").total_steps == at
+    a, b = (r.content["metrics"] for r in replies)
+    assert int(a["steps"]) == int(b["steps"]) == 3  # the planned local steps
+    assert float(a["epsilon"]) == pytest.approx(float(b["epsilon"])) and float(a["epsilon"]) > 0
+    capsys.readouterr()
