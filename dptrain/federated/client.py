@@ -425,8 +425,9 @@ def _local_steps(
 
 class ClientFailed(Exception):
     """A round failed after the client's ledger was read: ``reply`` tells the server the
-    fixed reason :data:`CLIENT_FAILED` and the client's spend so far (its ledger's epsilon,
-    covering every step it charged before the failure), never the error's text."""
+    fixed reason :data:`CLIENT_FAILED` and the spend of the whole planned round (at least its
+    ledger's epsilon, covering every step it charged before the failure: :func:`_failed`),
+    never the error's text or the step it failed at."""
 
     def __init__(self, reply: Message) -> None:
         super().__init__(CLIENT_FAILED)
@@ -613,8 +614,8 @@ def confined_train_round(
     send the exception's text, which is not reviewed for privacy (a data error quotes a
     record's field, an out-of-memory error the size of a Poisson batch); the server learns
     only that the client failed, as it would from a client that went silent, and -- when the
-    client could read its ledger -- its spend so far (a failure after charging steps must not
-    leave the server with a smaller epsilon than the client spent)."""
+    client could read its ledger -- the spend of the whole planned round (a failure after
+    charging steps must not leave the server with a smaller epsilon than the client spent)."""
     try:
         return train_round(msg, context, recipe, own)
     except ClientFailed as failed:
