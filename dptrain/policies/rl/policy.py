@@ -287,6 +287,11 @@ class RLPolicy(Policy):
             centred[where] = total - torch.tensor(half, dtype=torch.float64, device="cpu")
         return centred
 
+    @property
+    def max_noised_counts(self) -> int:
+        """One noisy count per band on a count step (none without ``clip_fraction_noise``)."""
+        return 0 if self.count_std is None else len(self.bands)
+
     def release(self, sums: StepSums, plan: StepPlan, noise: NoiseFn) -> dict[nn.Parameter, Tensor]:
         """The DP-SGD release and, on count steps, the noisy fraction of samples within clip
         per band: ``(centred + N(0, count_std^2)) / E[B] + 1/2``.  ``centred`` is
