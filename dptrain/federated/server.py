@@ -141,16 +141,16 @@ def client_guarantee(recipe: FederatedRecipe, pairs_per_step: int) -> dict[str, 
     delta = p.delta
     if policy.adaptive:
         basis = "client filters"
-        why = "the noise is chosen during training (adaptive policy)"
+        why = "an adaptive policy: the noise is chosen during training"
     elif policy.noise_multiplier is None:
         basis, eps = "calibrated", float(p.epsilon)
-        why = f"each client's noise is calibrated for all {rounds} rounds' local steps"
+        why = "each client's noise calibrated for all of them at the recipe's (epsilon, delta)"
     elif t.sample_rate is not None and p.delta is not None and steps is not None:
         event = policy.planned_event(float(t.sample_rate))
         assert event is not None  # non-adaptive
         basis = "planned"
         eps = get_accountant(p.accountant).epsilon([event.with_steps(steps)], p.delta)
-        why = f"{steps} local steps at the recipe's noise multiplier and sample rate"
+        why = "at the recipe's noise multiplier and sample rate"
     else:
         basis = "client filters"
         why = "the noise is fixed and each client's sample rate or delta follows its N_k"
@@ -164,7 +164,7 @@ def client_guarantee(recipe: FederatedRecipe, pairs_per_step: int) -> dict[str, 
             "epsilon_budget_per_client); a client refuses a request for more"
         )
     else:
-        shown = f"{delta:.3g}" if delta is not None else "1/(10 N_k) for its N_k records"
+        shown = f"{delta:.3g}" if delta is not None else "1/(10 N_k) for its N_k records or people"
         trunc = f" + {eta:.3g}" if eta is not None else " + the noise sampler's truncation term"
         statement = (
             f"this run: ({eps:.4g}, {shown}{trunc}) for each record of each client (each "
