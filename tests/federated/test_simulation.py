@@ -310,6 +310,8 @@ def test_run_json_says_nothing_of_which_clients_replied(tmp_path):
     assert set(sa["client_epsilon"]) == {"0", "1"} and sa["client_epsilon_unconfirmed"] == []
     assert set(sb["client_epsilon"]) == {"0"} and len(sb["client_epsilon_unconfirmed"]) == 1
     assert all(v <= guarantee["epsilon"] for v in sa["client_epsilon"].values())
+    engine = torch.load(tmp_path / "clients" / "client-0" / "engine.pt", weights_only=True)
+    assert engine["engine"]["noise"]["pairs"] == guarantee["noise_pairs"]  # 1 step: the bound
 
 
 def test_client_guarantee_is_the_recipe_s_bound_or_none():
