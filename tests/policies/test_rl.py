@@ -226,7 +226,12 @@ def test_resume_continues_the_same_agent_and_the_report_names_the_adaptive_filte
     d = recipe(tmp_path, "split")
     share_key(full.run_dir, tmp_path / "split")  # the same secret coins and noise
     train(parse_recipe(d), progress=False, max_steps_this_session=3)
+    sigma_ref = RunDir(tmp_path / "split").read_meta()["calibrated_noise_multiplier"]
+    capsys.readouterr()
     train(parse_recipe(d), tmp_path / "split", resume=True, progress=False)
+    err = capsys.readouterr().err  # sigma_ref is restored, not calibrated again
+    assert "calibrated noise multiplier" not in err
+    assert f"restored noise multiplier {sigma_ref:.4f} (from run.json" in err
     (a_agent, a_model), (b_agent, b_model) = (
         _agent_state(full.run_dir),
         _agent_state(tmp_path / "split"),
