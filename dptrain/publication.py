@@ -15,7 +15,9 @@ safe only if it is
 Everything else that a run measures on private records without noise -- losses, batch sizes,
 timings (a function of the Poisson batch sizes and the records' lengths), validation
 metrics, truncated or non-finite counts, records per person, which audit canaries were
-trained on -- is a private diagnostic: it goes to ``private/stats.json`` or
+trained on, which federated clients replied, failed or timed out in which round (and so
+each client's reported spend: it can follow the client's data like a timing) -- is a
+private diagnostic: it goes to ``private/stats.json`` or
 ``private/metrics.jsonl`` (:mod:`dptrain.rundir`).  :meth:`dptrain.rundir.RunDir.write_meta`
 refuses any field this table does not classify, so a new field is a decision, not an
 accident.
@@ -87,19 +89,32 @@ PUBLIC_RUN_FIELDS: dict[str, Why] = {
     "min_clients": "recipe",
     "epsilon_budget_per_client": "recipe",
     "client_dp": "recipe",
-    "client_epsilon": "ledger",  # each client's own (reported) spend; not with client-level DP
-    "client_delta": "ledger",
-    "client_epsilon_unconfirmed": "ledger",  # whose last request got no reply with its spend
+    # every client's guarantee for the run: the recipe's calibration for its planned rounds
+    # (dptrain.federated.server.client_guarantee); never the clients' reported spends, which
+    # follow which clients replied when (MOVED_TO_PRIVATE)
+    "client_guarantee": "recipe",
     "client_dp_epsilon": "ledger",
     "client_dp_delta": "ledger",
 }
 """Every field ``run.json`` may hold, with the reason it is public (module docstring)."""
 
-MOVED_TO_PRIVATE = frozenset({"train_seconds", "canary_check", "person_level_group_privacy"})
+MOVED_TO_PRIVATE = frozenset(
+    {
+        "train_seconds",
+        "canary_check",
+        "person_level_group_privacy",
+        "client_epsilon",
+        "client_delta",
+        "client_epsilon_unconfirmed",
+    }
+)
 """Fields that ``run.json`` of earlier versions held and ``private/stats.json`` holds now:
 timings follow the Poisson batch sizes, the canary check counts the canaries the coins
-trained on, and the person-level group-privacy figure of a record-level run holds the data's
-number of people and largest records per person."""
+trained on, the person-level group-privacy figure of a record-level run holds the data's
+number of people and largest records per person, and a federated client's reported spend
+(and whether its last request got a reply with one) follows which rounds it answered --
+a failure or a time-out can follow its private data (an out-of-memory error on a large
+Poisson batch, a slow step on long records); run.json states ``client_guarantee``."""
 
 
 class UnclassifiedFieldError(RuntimeError):

@@ -42,7 +42,9 @@ def test_superlink_and_two_supernodes_on_loopback_complete_two_rounds(tmp_path):
             os.killpg(pgid, 0)
 
     meta = run.read_meta()
-    assert meta["status"] == "finished" and set(meta["client_epsilon"]) == {"0", "1"}
+    assert meta["status"] == "finished" and "client_epsilon" not in meta
+    assert set(run.read_stats()["client_epsilon"]) == {"0", "1"}  # reported spends: private
+    assert meta["client_guarantee"]["epsilon"] == 8.0
     rounds = run.read_metrics()
     assert [m["round"] for m in rounds] == [1, 2] and all(m["updates"] == 2 for m in rounds)
     for k, state in enumerate(states):  # each client kept its own ledger in its state-dir
