@@ -1,5 +1,5 @@
 """A static guard beside tests/engine/test_default_device.py: every tensor factory call in
-dptrain/ names its device, or sits in a function listed below as a deliberate CPU site.
+dptrain/, attacks/ and accountants/ names its device, or sits in a function listed below as a deliberate CPU site.
 
 The default-device test runs steps under ``torch.device("meta")``; code under
 ``torch._C.DisableTorchFunction()`` (the probe fingerprints of
@@ -16,7 +16,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGE = ROOT / "dptrain"
+PACKAGES = [ROOT / "dptrain", ROOT / "attacks", ROOT / "accountants"]
 
 FACTORIES = frozenset(
     {
@@ -53,6 +53,9 @@ ALLOWED = {
     "tensor's device; the sampler's are CPU-side",
     "dptrain/integrations/hf/data.py:PadCollator.__call__": "rows as the dataset gives them "
     "(as_tensor keeps a tensor's device); the HF Trainer moves batches",
+    "attacks/planted.py:FixedBatches.sample": "CPU-side sample indices of the planted-bug "
+    "benchmark's fixed batches",
+    "attacks/planted.py:run_one": "the planted-bug benchmark's data, made beside its CPU model",
 }
 
 
@@ -102,7 +105,7 @@ def findings(path: Path, root: Path = ROOT) -> list[tuple[int, str, str]]:
 
 
 def test_every_tensor_factory_names_its_device_or_is_a_listed_cpu_site():
-    found = [(p, *f) for p in sorted(PACKAGE.rglob("*.py")) for f in findings(p)]
+    found = [(p, *f) for pkg in PACKAGES for p in sorted(pkg.rglob("*.py")) for f in findings(p)]
     bad = [
         f"{site.split(':')[0]}:{line}: torch.{name}(...) in {site.split(':')[1]} has no "
         f"device=. Fix: pass the input's device (device=x.device for the tensor it meets, "
