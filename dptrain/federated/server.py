@@ -40,6 +40,7 @@ the adapters travel, and are checkpointed, as CPU tensors.
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,7 @@ def start_run(recipe: FederatedRecipe, run_dir: str | Path | None = None) -> Run
             "name": recipe.name,
             "kind": "federated",
             "fingerprint": recipe.fingerprint(),
+            "run_id": new_run_id(),
             "status": "running",
             "strategy": f.strategy,
             "clients": f.clients,
@@ -98,6 +100,15 @@ def start_run(recipe: FederatedRecipe, run_dir: str | Path | None = None) -> Run
         }
     )
     return run
+
+
+def new_run_id() -> str:
+    """A server run's public identity: 128 random bits from the operating system, hex.  Sent
+    with every request (``server-run``), so a client trains at most once per round of a
+    server run.  Not drawn from the run key: a reproducible run (``insecure_seed``) repeated
+    with the same clients is another server run, and its round 1 must not be taken for the
+    first run's."""
+    return secrets.token_hex(16)
 
 
 def server_key(recipe: FederatedRecipe, run: RunDir) -> RunKey:
@@ -231,7 +242,13 @@ def run_server(grid: Grid, recipe: FederatedRecipe, run: RunDir) -> dict[str, An
     """The ServerApp's work: rounds of :class:`LoraFedAvg`, a global evaluation after each,
     checkpoints and the final adapter; returns the run's metadata."""
     f = recipe.federated
-    strategy = LoraFedAvg(recipe, server_key(recipe, run))
+    run_id = run.read_meta().get("run_id")
+    if not isinstance(run_id, str) or not run_id:
+        raise RecipeError(
+            f"{run.meta} has no run_id: the clients could not tell this server run's rounds "
+            "from another's. Fix: start the run with dptrain.federated.server.start_run"
+        )
+    strategy = LoraFedAvg(recipe, server_key(recipe, run), run_id=run_id)
     with MODEL_LOCK:  # the global model, evaluated on the server's device
         model, tokenizer = build_model(recipe, strategy.device)
     initial = strategy.spec.init(lora_state(model), strategy.device)

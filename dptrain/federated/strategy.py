@@ -27,6 +27,7 @@ coins (node ``n`` joins round ``r`` iff ``PRF(k_coins, r, n) < p``) and the nois
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -73,8 +74,13 @@ class RoundReport:
 class LoraFedAvg(FedAvg):
     """FedAvg over LoRA adapters with the recipe's server step (see the module docstring)."""
 
-    def __init__(self, recipe: FederatedRecipe, key: RunKey | None = None) -> None:
+    def __init__(
+        self, recipe: FederatedRecipe, key: RunKey | None = None, *, run_id: str | None = None
+    ) -> None:
         f = recipe.federated
+        # the server run's public identity, sent with every request ("server-run"): a client
+        # trains at most once per (run, round); default: a fresh random one
+        self.run_id = run_id if run_id is not None else secrets.token_hex(16)
         super().__init__(min_train_nodes=f.min_clients, min_available_nodes=f.min_clients)
         self.spec = get_strategy(f.strategy)
         self.device = resolve_device(recipe.training.device)  # the server step's linear algebra
@@ -129,7 +135,7 @@ class LoraFedAvg(FedAvg):
         # a copy per round: Flower's FedAvg passes the same ConfigRecord every round, and the
         # in-process simulation hands clients the objects themselves (a late client would
         # read the next round's number)
-        config = ConfigRecord({**config, "server-round": server_round})
+        config = ConfigRecord({**config, "server-round": server_round, "server-run": self.run_id})
         content = RecordDict({"arrays": arrays, "config": config})
         self.messages = [
             Message(content, dst_node_id=n, message_type=MessageType.TRAIN, ttl=self.round_timeout)

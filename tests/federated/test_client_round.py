@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from accountants import Ledger, get_accountant
+from accountants import Event, Ledger, get_accountant
 from dptrain.federated import client as client_module
 from dptrain.federated.client import CLIENT_FAILED, confined_train_round
 from dptrain.federated.holder import ClientConfig
@@ -21,9 +21,12 @@ from dptrain.recipe import RecipeError, parse_recipe
 from .conftest import tiny_recipe
 
 
-def round_message(recipe: FederatedRecipe, node: int = 7) -> Message:
+def round_message(
+    recipe: FederatedRecipe, node: int = 7, server_round: int = 1, run: str = "run-a"
+) -> Message:
     arrays = ArrayRecord(lora_state(build_model(recipe)[0]))
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
+    config = ConfigRecord({"server-round": server_round, "server-run": run})
+    content = RecordDict({"arrays": arrays, "config": config})
     return Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
 
 
@@ -152,3 +155,55 @@ def test_a_failed_rounds_reply_does_not_depend_on_where_it_failed(
     assert int(a["steps"]) == int(b["steps"]) == 3  # the planned local steps
     assert float(a["epsilon"]) == pytest.approx(float(b["epsilon"])) and float(a["epsilon"]) > 0
     capsys.readouterr()
+
+
+def test_a_repeated_request_for_a_round_is_declined_and_a_new_server_runs_round_1_trains(
+    tmp_path, task_identity
+):
+    """A redelivered request (or a second node sharing the state) trains at most once per
+    (server run, round): the repeat is declined, charges nothing and draws nothing; round 1
+    of another server run trains."""
+    recipe = parse_recipe(tiny_recipe(tmp_path, training={"steps": 1}))
+    own = ClientConfig(tmp_path / "client-0", epsilon=8.0, insecure_seed=1)
+    ledger_path = own.state_dir / "ledger.json"
+    first = confined_train_round(round_message(recipe), context(), recipe, own)
+    assert int(first.content["metrics"]["declined"]) == 0
+    after_first = Ledger.load(ledger_path)
+    engine_state = (own.state_dir / "engine.pt").read_bytes()
+    again = confined_train_round(round_message(recipe), context(), recipe, own)
+    m = again.content["metrics"]
+    assert int(m["declined"]) == 1 and int(m["steps"]) == 0 and "arrays" not in again.content
+    reason = again.content["status"]["reason"]
+    assert "already trained in round 1 of server run run-a" in reason
+    assert float(m["epsilon"]) == pytest.approx(float(first.content["metrics"]["epsilon"]))
+    assert Ledger.load(ledger_path).to_dict() == after_first.to_dict()  # nothing charged
+    assert (own.state_dir / "engine.pt").read_bytes() == engine_state  # nothing drawn
+    # the record outlives the process: a fresh state object reads it from rounds.json
+    state = client_module.ClientState(own.state_dir)
+    assert state.repeated_round("run-a", 1) is not None and state.repeated_round("run-a", 2) is None
+    other = confined_train_round(round_message(recipe, run="run-b"), context(), recipe, own)
+    assert int(other.content["metrics"]["declined"]) == 0
+    assert Ledger.load(ledger_path).total_steps == 2 * after_first.total_steps
+
+
+def test_a_request_without_a_server_run_or_outside_the_rounds_is_declined(tmp_path, task_identity):
+    recipe = parse_recipe(tiny_recipe(tmp_path))  # 2 rounds
+    own = ClientConfig(tmp_path / "client-0", epsilon=8.0, insecure_seed=1)
+    beyond = confined_train_round(round_message(recipe, server_round=3), context(), recipe, own)
+    assert int(beyond.content["metrics"]["declined"]) == 1
+    assert "not one of the recipe's rounds 1..2" in beyond.content["status"]["reason"]
+    unnamed = round_message(recipe)
+    del unnamed.content["config"]["server-run"]
+    reply = confined_train_round(unnamed, context(), recipe, own)
+    assert "names no server run" in reply.content["status"]["reason"]
+    assert not (own.state_dir / "ledger.json").exists()
+
+
+def test_the_policy_plan_ends_with_this_server_runs_requests():
+    """The policy's step counter is the client's lifetime one: at round r of R the plan
+    ends T steps per round left after the steps already taken (RT in a first run)."""
+    ledger = Ledger()
+    assert client_module.plan_steps(ledger, 3, rounds=2, server_round=1) == 6
+    ledger.record(Event(sample_rate=0.1, noise_multiplier=1.0, steps=6))  # an earlier run
+    assert client_module.plan_steps(ledger, 3, rounds=2, server_round=1) == 12
+    assert client_module.plan_steps(ledger, 3, rounds=2, server_round=2) == 9
