@@ -138,6 +138,14 @@ def client_guarantee(recipe: FederatedRecipe, pairs_per_step: int) -> dict[str, 
       follows ``N_k``): no bound is a function of the recipe alone (epsilon null); each
       client's own budget filter caps its lifetime spend at its own budget.
 
+    One request per round per client holds when each client is one node with one state
+    directory: a client trains at most once per (server run, round) of its state
+    (:mod:`dptrain.federated.client`), so a redelivered request, or a second node on its
+    partition-id sharing its state directory, is declined; two nodes on one partition-id
+    with separate state directories holding the same records would train them twice per
+    round, as two clients (the server drops the second update and records it privately:
+    ``shared_partitions``; the simulation and the loopback deployment refuse such a set-up).
+
     ``eta = (1 + e^epsilon) pairs 2^-129`` is the noise sampler's truncation term
     (:func:`~dptrain.noise.truncation_delta`) for at most ``R T pairs_per_step`` pairs; null
     when ``T`` follows ``N_k`` (``training.epochs``).  Over its lifetime -- earlier and later
@@ -180,8 +188,10 @@ def client_guarantee(recipe: FederatedRecipe, pairs_per_step: int) -> dict[str, 
         statement = (
             f"this run: ({eps:.4g}, {shown}{trunc}) for each record of each client (each "
             f"person, for a client with its own privacy unit), whatever it replied: at most "
-            f"{rounds} requests of at most {t.steps or 'T'} local steps each, {why}; over its "
-            "lifetime each client's own budget filter also caps its spend"
+            f"{rounds} requests of at most {t.steps or 'T'} local steps each (one per round: "
+            f"each client trains once per round of this run), {why}; over its lifetime each "
+            "client's own budget filter also caps its spend. It assumes each client's records "
+            "are held by one node with one state directory"
         )
     return {
         "epsilon": eps,
@@ -310,6 +320,8 @@ def run_server(grid: Grid, recipe: FederatedRecipe, run: RunDir) -> dict[str, An
         client_delta={str(k): v for k, v in sorted(strategy.delta.items())},
         # whose spend may exceed client_epsilon: their last request got no reply reporting it
         client_epsilon_unconfirmed=sorted(strategy.unconfirmed),
+        # client -> rounds in which a second node answered for it (its update dropped)
+        shared_partitions={str(k): v for k, v in sorted(strategy.shared_partitions.items())},
     )
     meta = run.update_meta(
         status="finished",
@@ -358,6 +370,13 @@ def _print_summary(run: RunDir, meta: dict[str, Any], stats: dict[str, Any]) -> 
                 f"                    may have spent more (their last request got no reply "
                 f"with their spend): {', '.join(stats['client_epsilon_unconfirmed'])}"
             )
+    if stats.get("shared_partitions"):
+        lines.append(
+            "warning: two nodes answered for one partition-id in a round (private/stats.json "
+            "shared_partitions; the second reply was not aggregated): the client_guarantee "
+            "assumes one node with one state-dir per client. Fix: give each SuperNode its own "
+            "partition-id"
+        )
     lines += [
         f"final adapter       {run.final}",
         f"publishable         {', '.join(PUBLIC_FILES)}; everything else is private "
