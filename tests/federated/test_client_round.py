@@ -4,6 +4,7 @@ sets it up, and a round that fails after charging steps reports the client's spe
 from __future__ import annotations
 
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from accountants import Event, Ledger, get_accountant
@@ -15,7 +16,7 @@ from dptrain.federated.recipe import FederatedRecipe
 from dptrain.federated.strategy import LoraFedAvg, RoundReport
 from dptrain.models import build_model
 from dptrain.plan import check_run, plan_privacy, policy_setup_refusal
-from dptrain.policies import policy_spec
+from dptrain.policies import RunContext, policy_spec
 from dptrain.recipe import RecipeError, parse_recipe
 
 from .conftest import tiny_recipe
@@ -207,3 +208,43 @@ def test_the_policy_plan_ends_with_this_server_runs_requests():
     ledger.record(Event(sample_rate=0.1, noise_multiplier=1.0, steps=6))  # an earlier run
     assert client_module.plan_steps(ledger, 3, rounds=2, server_round=1) == 12
     assert client_module.plan_steps(ledger, 3, rounds=2, server_round=2) == 9
+
+
+def _paced_sigma(planned: int, ledger: Ledger, sigma_ref: float) -> float:
+    """The rl policy's on-pace sigma (action 0) at the ledger's step, for a plan ending at
+    lifetime step ``planned``."""
+    from dptrain.policies.base import StepContext
+    from dptrain.policies.rl import RLPolicy
+
+    policy = RLPolicy(clip=1.0, noise_multiplier=sigma_ref, rl={"every": 3})
+    policy.bind(["g"], sample_rate=0.1, expected_batch_size=4.0)
+    policy.attach(RunContext(torch.nn.Linear(1, 1), planned, public_batches=[{}]))
+    policy.driver = "env"  # no agent: the on-pace action
+    policy.plan(StepContext(ledger.total_steps, 8.0, 1e-5, ledger))
+    return policy._setting.sigma
+
+
+def test_the_rl_pacer_paces_the_budgets_rest_over_this_server_runs_requests():
+    """An earlier server run left 3 steps on the ledger (the client missed its round 2).
+    Round 1 of a new 2-round run paces what is left over the 6 steps this run can still ask
+    (a plan ending at 3 + 6): more noise than sigma_ref, and all 6 fit the budget.  The old
+    plan (rounds x T = 6, ending before the lifetime counter's 3 + 6) paced it over 3 steps
+    at about sigma_ref: the new run's round 2 would find nothing left."""
+    q, delta, eps = 0.1, 1e-5, 8.0
+    from dptrain.policies.rl import RLPolicy
+
+    sigma_ref = RLPolicy(clip=1.0, rl={"every": 3}).calibrate(
+        eps, delta, sample_rate=q, steps=6, accountant="rdp"
+    )
+    ledger = Ledger()
+    ledger.record(Event(sample_rate=q, noise_multiplier=sigma_ref, steps=3))
+    planned = client_module.plan_steps(ledger, 3, rounds=2, server_round=1)
+    assert planned == 9
+    paced = _paced_sigma(planned, ledger, sigma_ref)
+    rdp = get_accountant("rdp")
+    six = [*ledger.events, Event(sample_rate=q, noise_multiplier=paced, steps=6)]
+    assert paced > sigma_ref and rdp.adaptive_epsilon(six, delta) <= eps
+    old = _paced_sigma(6, ledger, sigma_ref)  # the old plan: this run's 6 steps as lifetime 6
+    assert old < paced  # the rest of the budget over 3 steps: about sigma_ref
+    too_many = [*ledger.events, Event(sample_rate=q, noise_multiplier=old, steps=6)]
+    assert rdp.adaptive_epsilon(too_many, delta) > eps
