@@ -49,7 +49,8 @@ would repeat noise: the key is marked used before its first step (:mod:`dptrain.
 the client refuses to train with a used key and an empty or missing ledger.  After a crash
 between the per-step ledger and the end-of-round engine state, the steps the engine state
 lacks are counted at the most noise pairs a step of this client draws (at least one pair
-per two trainable coordinates), an upper bound for the truncation term.
+per two trainable coordinates, plus the policy's noisy counts), an upper bound for the
+truncation term.
 
 A client's own privacy unit (``privacy-unit=FIELD`` in its settings): the client then
 protects each of its PEOPLE with all of their records, by user-level DP-SGD
@@ -417,9 +418,11 @@ def _noise_multiplier(policy: Policy) -> float:
 
 
 def _pairs_per_step(engine: PrivacyEngine) -> int:
-    """Gaussian pairs the parameters' noise of one release draws (one noise tensor per
-    trainable parameter)."""
-    return sum((p.numel() + 1) // 2 for p in engine.params)
+    """The most Gaussian pairs one release draws: the parameters' noise (one noise tensor per
+    trainable parameter) and the policy's noisy counts (the rl policy's, on a count step;
+    counted at every step, an upper bound that does not depend on where a round stops)."""
+    counts = engine.policy.max_noised_counts
+    return sum((p.numel() + 1) // 2 for p in engine.params) + (counts + 1) // 2
 
 
 def _restore_engine(
@@ -660,8 +663,11 @@ def _failed(
     """:class:`ClientFailed` with a spend that does not depend on where the round failed: that
     of the whole planned round (``start``, the ledger's events when it began, and
     ``plan.local_steps`` planned steps; an adaptive policy's budget), at least the ledger on
-    disk (which covers every charge).  How many steps ran before the failure (an out-of-memory
-    error on a large Poisson batch) is a function of the private data: it is not sent."""
+    disk (which covers every charge); its delta's truncation term counts the pairs of the
+    whole planned round (the pairs before it plus ``plan.local_steps`` times the most a step
+    draws, :func:`_pairs_per_step`), not those drawn before the failure.  How many steps ran
+    before the failure (an out-of-memory error on a large Poisson batch) is a function of the
+    private data: it is not sent."""
     ledger = state.ledger()
     actual = _claimed(plan, filt.spent(ledger) if ledger.events else 0.0, ledger)
     planned = plan.policy.planned_event(plan.sample_rate)

@@ -158,6 +158,43 @@ def test_a_failed_rounds_reply_does_not_depend_on_where_it_failed(
     capsys.readouterr()
 
 
+def test_a_failed_rl_rounds_reply_does_not_depend_on_where_it_failed(
+    tmp_path, monkeypatch, capsys, task_identity
+):
+    """As above with the rl policy, whose round ends with a count release (every = 3): the
+    reply's delta (its truncation term over the planned round's noise pairs, the counts'
+    included) is the same whether the round failed before or after that release."""
+    replies = []
+    for at in (1, 3):
+
+        class FailsAt(client_module.PrivacyEngine):
+            fail_at = at
+
+            def step(self, batch, **kwargs):
+                report = super().step(batch, **kwargs)
+                if self.steps_taken == self.fail_at:
+                    raise RuntimeError(f"simulated failure at step {self.fail_at}")
+                return report
+
+        (tmp_path / str(at)).mkdir()
+        public = public_file(tmp_path / str(at))
+        d = tiny_recipe(tmp_path / str(at), policy=RL, data={"public_path": str(public)})
+        recipe = parse_recipe(d)
+        # epsilon 60: the truncation term (1 + e^eps) pairs 2^-129 shows in the float delta
+        own = ClientConfig(tmp_path / str(at) / "client-0", epsilon=60.0, insecure_seed=1)
+        monkeypatch.setattr(client_module, "PrivacyEngine", FailsAt)
+        replies.append(confined_train_round(round_message(recipe), context(), recipe, own))
+        assert Ledger.load(own.state_dir / "ledger.json").total_steps == at
+    a, b = (r.content["metrics"] for r in replies)
+    assert int(a["failed"]) == int(b["failed"]) == 1
+    assert int(a["steps"]) == int(b["steps"]) == 3
+    assert float(a["epsilon"]) == float(b["epsilon"]) == 60.0  # adaptive: the filter's budget
+    term = float(a["delta"]) - own.own_delta(int(a["num-examples"]))
+    assert term > 1e-12  # the truncation term is in the reply ...
+    assert float(a["delta"]) == float(b["delta"])  # ... and the same bit for bit
+    capsys.readouterr()
+
+
 def test_a_repeated_request_for_a_round_is_declined_and_a_new_server_runs_round_1_trains(
     tmp_path, task_identity
 ):
