@@ -103,10 +103,10 @@ from flwr.common.constant import ErrorCode
 
 from accountants import Budget, BudgetExceeded, BudgetFilter, Event, Ledger
 
-from ..data import LMExamples, TextDataset, load_texts, tokenize
+from ..data import DataError, LMExamples, TextDataset, bundled_path, load_texts, tokenize
 from ..data.lm import eval_batches
 from ..data.people import People, person_ids, read_people, recipe_person_ids
-from ..data.splits import read_data, read_public
+from ..data.splits import load_public, read_data, read_public
 from ..engine import PrivacyEngine
 from ..hardware import resolve_device
 from ..models import build_model
@@ -510,10 +510,49 @@ def _public_texts(recipe: FederatedRecipe, data: TextDataset, key: RunKey) -> Te
     """The records the recipe declares public (``data.public_path``, read as ``dptrain train``
     reads it: :func:`~dptrain.data.splits.read_public`, records shared with the client's
     refused), or None.  A federated recipe cannot declare a share of a client's own records
-    public (:class:`~dptrain.federated.recipe.FederatedRecipe`)."""
+    public (:class:`~dptrain.federated.recipe.FederatedRecipe`).  The file is read once per
+    process (:func:`_cached_public`); the shared-records check and the keyed cap run every
+    round."""
     if recipe.data.public_path is None:
         return None
-    return read_public(recipe, data, key)[1]
+    return read_public(recipe, data, key, load=_cached_public)[1]
+
+
+_PUBLIC: dict[tuple, TextDataset] = {}  # data.public_path as read, by the file's identity
+_PUBLIC_KEPT = 4
+
+
+def _file_identity(path: str) -> tuple[tuple[str, int, int], ...]:
+    """``(path, mtime_ns, size)`` of a data path's file, or of every file under a directory
+    (a saved dataset); ``bundled:NAME[:SPLIT]`` is the bundled file.  OSError if absent."""
+    if path.startswith("bundled:"):
+        p = bundled_path(path.split(":")[1])
+    else:
+        p = Path(path).expanduser()
+    p = p.resolve(strict=True)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    return tuple((str(f), st.st_mtime_ns, st.st_size) for f in files for st in (f.stat(),))
+
+
+def _cached_public(recipe: FederatedRecipe) -> TextDataset:
+    """:func:`~dptrain.data.splits.load_public`, once per process for an unchanged file (the
+    same path, modification time and size) and the same loader settings: a client's rounds,
+    and a simulation's clients, read it once; a changed file is read again.  A copy of the
+    lists is returned, so no caller can change what the next round reads."""
+    d = recipe.data
+    try:
+        identity = _file_identity(str(d.public_path))
+    except (OSError, DataError):  # absent or unknown: the loader gives its error
+        return load_public(recipe)
+    key = (identity, d.public_path, d.text_field, d.format, d.text_records)
+    key += (recipe.task.model_dump_json(),)
+    public = _PUBLIC.get(key)
+    if public is None:
+        public = load_public(recipe)
+        while len(_PUBLIC) >= _PUBLIC_KEPT:
+            _PUBLIC.pop(next(iter(_PUBLIC)))
+        _PUBLIC[key] = public
+    return TextDataset(list(public.texts), list(public.ids))
 
 
 def train_round(

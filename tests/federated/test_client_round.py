@@ -8,6 +8,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from accountants import Event, Ledger, get_accountant
+from dptrain.data import TextDataset, loading
 from dptrain.federated import client as client_module
 from dptrain.federated.client import CLIENT_FAILED, confined_train_round
 from dptrain.federated.holder import ClientConfig
@@ -18,6 +19,7 @@ from dptrain.models import build_model
 from dptrain.plan import check_run, plan_privacy, policy_setup_refusal
 from dptrain.policies import RunContext, policy_spec
 from dptrain.recipe import RecipeError, parse_recipe
+from dptrain.secret import RunKey
 
 from .conftest import tiny_recipe
 
@@ -76,18 +78,42 @@ def test_a_policy_that_cannot_be_set_up_is_refused_before_any_round_with_trains_
 
 
 def test_a_federated_client_attaches_the_rl_policy_and_reports_its_certified_epsilon(
-    tmp_path, task_identity
+    tmp_path, monkeypatch, task_identity
 ):
-    d = tiny_recipe(tmp_path, policy=RL, data={"public_path": str(public_file(tmp_path))})
+    path = public_file(tmp_path)
+    d = tiny_recipe(tmp_path, policy=RL, data={"public_path": str(path)})
     recipe = parse_recipe(d)
     own = ClientConfig(tmp_path / "client-0", epsilon=8.0, insecure_seed=1)
-    reply = confined_train_round(round_message(recipe), context(), recipe, own)
+    reads: list[str] = []  # the public file's reads, through the loader every task uses
+    real = loading.load_texts
+
+    def counted(p, *args, **kw):
+        if str(p) == str(path):
+            reads.append(str(p))
+        return real(p, *args, **kw)
+
+    monkeypatch.setattr(loading, "load_texts", counted)
+    message = round_message(recipe)
+    reply = confined_train_round(message, context(), recipe, own)
     assert not reply.has_error(), "the rl policy failed inside the round"
     m = reply.content["metrics"]
     assert int(m["declined"]) == 0 and int(m["steps"]) == 3
     # adaptive: the filter's budget is the guarantee (as dptrain train's), not the odometer
     assert float(m["epsilon"]) == 8.0
     assert Ledger.load(tmp_path / "client-0" / "ledger.json").total_steps == 3
+    assert len(reads) == 1
+    # the next round uses the records read once by this process (the same values)
+    first = client_module._public_texts(recipe, TextDataset([], []), RunKey.from_insecure_seed(1))
+    message = round_message(recipe, server_round=2)  # round 1 again would be declined
+    reply = confined_train_round(message, context(), recipe, own)
+    assert not reply.has_error() and int(reply.content["metrics"]["steps"]) == 3
+    assert len(reads) == 1, "the second round read data.public_path again"
+    assert Ledger.load(tmp_path / "client-0" / "ledger.json").total_steps == 6
+    assert first == real(str(path))
+    # a changed file (size or modification time) is read again
+    path.write_text('{"text": "another public note"}\n')
+    again = client_module._public_texts(recipe, TextDataset([], []), RunKey.from_insecure_seed(1))
+    assert len(reads) == 2 and again is not None and again.texts == ["another public note"]
 
 
 class FailsAfterCharging(client_module.PrivacyEngine):
