@@ -40,6 +40,7 @@ the adapters travel, and are checkpointed, as CPU tensors.
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,7 @@ def start_run(recipe: FederatedRecipe, run_dir: str | Path | None = None) -> Run
             "name": recipe.name,
             "kind": "federated",
             "fingerprint": recipe.fingerprint(),
+            "run_id": new_run_id(),
             "status": "running",
             "strategy": f.strategy,
             "clients": f.clients,
@@ -98,6 +100,15 @@ def start_run(recipe: FederatedRecipe, run_dir: str | Path | None = None) -> Run
         }
     )
     return run
+
+
+def new_run_id() -> str:
+    """A server run's public identity: 128 random bits from the operating system, hex.  Sent
+    with every request (``server-run``), so a client trains at most once per round of a
+    server run.  Not drawn from the run key: a reproducible run (``insecure_seed``) repeated
+    with the same clients is another server run, and its round 1 must not be taken for the
+    first run's."""
+    return secrets.token_hex(16)
 
 
 def server_key(recipe: FederatedRecipe, run: RunDir) -> RunKey:
@@ -126,6 +137,14 @@ def client_guarantee(recipe: FederatedRecipe, pairs_per_step: int) -> dict[str, 
     - ``client filters`` (adaptive policies; a fixed noise whose ``q_k`` or ``delta_k``
       follows ``N_k``): no bound is a function of the recipe alone (epsilon null); each
       client's own budget filter caps its lifetime spend at its own budget.
+
+    One request per round per client holds when each client is one node with one state
+    directory: a client trains at most once per (server run, round) of its state
+    (:mod:`dptrain.federated.client`), so a redelivered request, or a second node on its
+    partition-id sharing its state directory, is declined; two nodes on one partition-id
+    with separate state directories holding the same records would train them twice per
+    round, as two clients (the server drops the second update and records it privately:
+    ``shared_partitions``; the simulation and the loopback deployment refuse such a set-up).
 
     ``eta = (1 + e^epsilon) pairs 2^-129`` is the noise sampler's truncation term
     (:func:`~dptrain.noise.truncation_delta`) for at most ``R T pairs_per_step`` pairs; null
@@ -169,8 +188,10 @@ def client_guarantee(recipe: FederatedRecipe, pairs_per_step: int) -> dict[str, 
         statement = (
             f"this run: ({eps:.4g}, {shown}{trunc}) for each record of each client (each "
             f"person, for a client with its own privacy unit), whatever it replied: at most "
-            f"{rounds} requests of at most {t.steps or 'T'} local steps each, {why}; over its "
-            "lifetime each client's own budget filter also caps its spend"
+            f"{rounds} requests of at most {t.steps or 'T'} local steps each (one per round: "
+            f"each client trains once per round of this run), {why}; over its lifetime each "
+            "client's own budget filter also caps its spend. It assumes each client's records "
+            "are held by one node with one state directory"
         )
     return {
         "epsilon": eps,
@@ -231,7 +252,13 @@ def run_server(grid: Grid, recipe: FederatedRecipe, run: RunDir) -> dict[str, An
     """The ServerApp's work: rounds of :class:`LoraFedAvg`, a global evaluation after each,
     checkpoints and the final adapter; returns the run's metadata."""
     f = recipe.federated
-    strategy = LoraFedAvg(recipe, server_key(recipe, run))
+    run_id = run.read_meta().get("run_id")
+    if not isinstance(run_id, str) or not run_id:
+        raise RecipeError(
+            f"{run.meta} has no run_id: the clients could not tell this server run's rounds "
+            "from another's. Fix: start the run with dptrain.federated.server.start_run"
+        )
+    strategy = LoraFedAvg(recipe, server_key(recipe, run), run_id=run_id)
     with MODEL_LOCK:  # the global model, evaluated on the server's device
         model, tokenizer = build_model(recipe, strategy.device)
     initial = strategy.spec.init(lora_state(model), strategy.device)
@@ -293,6 +320,8 @@ def run_server(grid: Grid, recipe: FederatedRecipe, run: RunDir) -> dict[str, An
         client_delta={str(k): v for k, v in sorted(strategy.delta.items())},
         # whose spend may exceed client_epsilon: their last request got no reply reporting it
         client_epsilon_unconfirmed=sorted(strategy.unconfirmed),
+        # client -> rounds in which a second node answered for it (its update dropped)
+        shared_partitions={str(k): v for k, v in sorted(strategy.shared_partitions.items())},
     )
     meta = run.update_meta(
         status="finished",
@@ -341,6 +370,13 @@ def _print_summary(run: RunDir, meta: dict[str, Any], stats: dict[str, Any]) -> 
                 f"                    may have spent more (their last request got no reply "
                 f"with their spend): {', '.join(stats['client_epsilon_unconfirmed'])}"
             )
+    if stats.get("shared_partitions"):
+        lines.append(
+            "warning: two nodes answered for one partition-id in a round (private/stats.json "
+            "shared_partitions; the second reply was not aggregated): the client_guarantee "
+            "assumes one node with one state-dir per client. Fix: give each SuperNode its own "
+            "partition-id"
+        )
     lines += [
         f"final adapter       {run.final}",
         f"publishable         {', '.join(PUBLIC_FILES)}; everything else is private "

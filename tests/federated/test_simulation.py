@@ -284,8 +284,8 @@ def r2_delta(run: RunDir, k: int) -> float:
 def test_run_json_says_nothing_of_which_clients_replied(tmp_path):
     """Two simulations that differ only in client 1 failing in round 1 (an out-of-memory
     error on a large Poisson batch, say: a function of its data) publish the same run.json,
-    but for the environment and the key's id; the clients' reported spends, which follow
-    who replied when, differ in private/stats.json only."""
+    but for the environment, the key's id and the run's id; the clients' reported spends,
+    which follow who replied when, differ in private/stats.json only."""
 
     def failing(msg, context, call_next):  # client 1 fails before it reads its ledger
         if int(context.node_config["partition-id"]) == 1:
@@ -301,7 +301,7 @@ def test_run_json_says_nothing_of_which_clients_replied(tmp_path):
         simulate(parse_recipe(d), mods=mods)
         runs.append(RunDir(tmp_path / name))
     (a, b), (sa, sb) = (r.read_meta() for r in runs), (r.read_stats() for r in runs)
-    same = {k for k, why in PUBLIC_RUN_FIELDS.items() if why not in ("environment", "key")}
+    same = {k for k, why in PUBLIC_RUN_FIELDS.items() if why not in ("environment", "key", "nonce")}
     assert {k: v for k, v in a.items() if k in same} == {k: v for k, v in b.items() if k in same}
     assert not {"client_epsilon", "client_delta", "client_epsilon_unconfirmed"} & set(a)
     guarantee = a["client_guarantee"]  # the recipe's calibration for 1 round of 1 step

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from accountants import Budget, Event, get_accountant
+from accountants import Budget, Event, Ledger, get_accountant
 from dptrain.batching import batch_slice
 from dptrain.cli import main
 from dptrain.engine import BudgetExceeded, PrivacyEngine
@@ -226,7 +226,12 @@ def test_resume_continues_the_same_agent_and_the_report_names_the_adaptive_filte
     d = recipe(tmp_path, "split")
     share_key(full.run_dir, tmp_path / "split")  # the same secret coins and noise
     train(parse_recipe(d), progress=False, max_steps_this_session=3)
+    sigma_ref = RunDir(tmp_path / "split").read_meta()["calibrated_noise_multiplier"]
+    capsys.readouterr()
     train(parse_recipe(d), tmp_path / "split", resume=True, progress=False)
+    err = capsys.readouterr().err  # sigma_ref is restored, not calibrated again
+    assert "calibrated noise multiplier" not in err
+    assert f"restored noise multiplier {sigma_ref:.4f} (from run.json" in err
     (a_agent, a_model), (b_agent, b_model) = (
         _agent_state(full.run_dir),
         _agent_state(tmp_path / "split"),
@@ -260,6 +265,41 @@ def test_resume_continues_the_same_agent_and_the_report_names_the_adaptive_filte
     assert shared["delta"] == pytest.approx(warm_meta["delta_total"] + meta["delta_total"])
     head = [line for line in capsys.readouterr().out.splitlines() if "privacy guarantee" in line]
     assert head and head[0].startswith("privacy guarantee   (16.0000,")
+
+
+def test_a_run_stopped_at_the_budget_is_refused_on_resume_before_the_model_loads(tmp_path, capsys):
+    """Unpaced low noise overspends: the filter stops the run.  A resume of the same plan would
+    take the refused step again: it is refused from run.json and ledger.json, with the static
+    policies' message, and neither the checkpoint nor the model is loaded."""
+    d = recipe(
+        tmp_path,
+        "spent",
+        model={"name": "tiny-gpt2:n_layer=1,n_embd=16,n_head=2"},
+        data={"max_length": 16, "max_validation_records": 4},
+        training={"steps": 40, "checkpoint_every": 40},
+        policy={"noise_multiplier": 0.6, "rl": {"every": 2, "batch_size": 8, "pacing": False}},
+        privacy={"epsilon": 2.0},
+    )
+    d["generation"] = {"samples": 0}
+    path = tmp_path / "spent.yaml"
+    path.write_text(yaml.safe_dump(d))
+    assert main(["train", str(path), "--no-progress"]) == 0
+    run = RunDir(tmp_path / "spent")
+    meta = run.read_meta()
+    assert meta["stopped_by_budget"] and meta["steps"] < 40
+    files = {f: f.read_bytes() for f in (run.path / "run.json", run.ledger)}
+    capsys.readouterr()
+    assert main(["train", str(path), "--resume", str(run.path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "privacy.epsilon: the budget (2.0," in err and "is already spent (epsilon" in err
+    assert f"the adaptive privacy filter refused step {meta['steps'] + 1}" in err
+    assert "loading model" not in err and "resumed" not in err
+    assert all(f.read_bytes() == b for f, b in files.items())
+    # another plan (more steps) is priced by the filter at its first step, as before
+    more = ["--set", "training.steps=41"]
+    assert main(["train", str(path), "--resume", str(run.path), "--no-progress", *more]) == 0
+    assert "loading model" in capsys.readouterr().err
+    assert Ledger.load(run.ledger).total_steps == meta["steps"]
 
 
 def test_recipe_errors_name_the_key_and_the_fix(tmp_path):
