@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import NoiseFn, Policy, RunContext, StepContext, StepPlan, StepSums
+from .base import FrozenPolicyError, NoiseFn, Policy, RunContext, StepContext, StepPlan, StepSums
 from .error_feedback import ErrorFeedbackOptions, ErrorFeedbackPolicy
 from .registry import (
     POLICIES,
@@ -25,6 +25,7 @@ register_policy("rl", make_rl_policy, options=RLOptions, adaptive=True, needs_pu
 __all__ = [
     "POLICIES",
     "ErrorFeedbackPolicy",
+    "FrozenPolicyError",
     "NoiseFn",
     "Policy",
     "PolicySpec",

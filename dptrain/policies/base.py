@@ -13,21 +13,72 @@ by at most ``C_g`` in L2; adding ``N(0, s_g^2 I)`` to each group is one Gaussian
 with noise multiplier ``sigma_eff = 1 / sqrt(sum_g (C_g / s_g)^2)``, Poisson-subsampled at
 the engine's sample rate.  Policies whose analysis differs (hidden state, adaptivity)
 override :meth:`Policy.event`.
+
+Frozen settings.  :meth:`Policy.bind` derives the plans from the policy's privacy settings
+(its :attr:`Policy.frozen_settings`: sigma, clip norms, ...), and the pre-run checks, the budget
+filter's forecasts and the federated planned-round charge read :meth:`Policy.planned_event` from
+the same settings; so once bound, assigning one raises :class:`FrozenPolicyError` (the bind's
+own assignments excepted), and a second bind is allowed only with the same groups and sampling
+constants (a no-op).  Every view of a run then reads one value.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from torch import Tensor, nn
 
 from accountants import Event, Ledger
 
 NoiseFn = Callable[[Tensor, float], Tensor]  # (like, std) -> N(0, std^2) shaped like `like`
+
+_Bind = TypeVar("_Bind", bound=Callable[..., None])
+
+
+class FrozenPolicyError(RuntimeError):
+    """A bound policy's privacy setting was assigned, or the policy was bound again with other
+    constants: its plans and its planned event would disagree (see the module docstring)."""
+
+
+def _freezing(bind: _Bind) -> _Bind:
+    """Wrap a ``bind`` so that, once the outermost bind returns, the policy's
+    :attr:`~Policy.frozen_settings` are frozen; its own assignments (at any depth of
+    ``super().bind``) pass, a bind that raises freezes nothing, and a second bind with the same
+    constants returns at once."""
+
+    @functools.wraps(bind)
+    def wrapper(
+        self: Policy, groups: Sequence[str], *, sample_rate: float, expected_batch_size: float
+    ) -> None:
+        groups = list(groups)
+        depth = self.__dict__.get("_binding", 0)
+        if depth == 0:
+            bound_to = self.__dict__.get("_bound_to")
+            asked = (tuple(groups), sample_rate, expected_batch_size)
+            if bound_to == asked:
+                return  # bound already to these constants: its plans stay as they are
+            if bound_to is not None:
+                raise FrozenPolicyError(
+                    f"policy '{self.name}' is bound to groups {list(bound_to[0])[:5]}, sample "
+                    f"rate {bound_to[1]!r}, E[B] {bound_to[2]!r}; binding it to groups "
+                    f"{list(groups)[:5]}, sample rate {sample_rate!r}, E[B] "
+                    f"{expected_batch_size!r} would charge the first engine's steps at the "
+                    "second's constants. Fix: build a new policy for each engine"
+                )
+        object.__setattr__(self, "_binding", depth + 1)
+        try:
+            bind(self, groups, sample_rate=sample_rate, expected_batch_size=expected_batch_size)
+        finally:
+            object.__setattr__(self, "_binding", depth)
+        if depth == 0:
+            object.__setattr__(self, "_bound_to", asked)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -127,11 +178,44 @@ class Policy(ABC):
     noise_multiplier: float | None = None
     # a run this policy's state starts from: {run, epsilon, delta} of its certified guarantee
     warm_start: dict[str, Any] | None = None
+    # the attributes bind() derives plans and events from: read-only once bound (subclasses
+    # add their own: ``frozen_settings = Policy.frozen_settings | {...}``)
+    frozen_settings: ClassVar[frozenset[str]] = frozenset(
+        {"noise_multiplier", "sample_rate", "expected_batch_size", "groups", "adaptive",
+         "accountants"}
+    )  # fmt: skip
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "bind" in cls.__dict__:  # every override freezes the settings when it returns
+            cls.bind = _freezing(cls.__dict__["bind"])  # type: ignore[method-assign]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if (
+            name in self.frozen_settings
+            and "_bound_to" in self.__dict__
+            and not self.__dict__.get("_binding", 0)
+        ):
+            raise FrozenPolicyError(
+                f"policy '{self.name}': {name} is frozen once the policy is bound (bind(), "
+                f"which the PrivacyEngine calls): the steps' plans were derived from "
+                f"{name}={getattr(self, name, None)!r}, and the pre-run budget checks, the "
+                f"budget filter's forecasts and reports would read {value!r}. Fix: set {name} "
+                "before the engine is built (before bind()), or build a new policy (and engine)"
+            )
+        super().__setattr__(name, value)
+
+    @property
+    def bound(self) -> bool:
+        """Whether :meth:`bind` has run (the frozen settings are then read-only)."""
+        return "_bound_to" in self.__dict__
+
+    @_freezing
     def bind(
         self, groups: Sequence[str], *, sample_rate: float, expected_batch_size: float
     ) -> None:
-        """Called once by the engine with the group names and the public sampling constants."""
+        """Called once by the engine with the group names and the public sampling constants;
+        freezes :attr:`frozen_settings` when it returns."""
         self.groups = list(groups)
         self.sample_rate = sample_rate
         self.expected_batch_size = expected_batch_size

@@ -65,6 +65,7 @@ class ErrorFeedbackPolicy(StaticPolicy):
     name = "error_feedback"
     needs_raw_sums = True
     accountants = ("rdp",)
+    frozen_settings = StaticPolicy.frozen_settings | {"error_clip"}
 
     def __init__(
         self,
@@ -112,8 +113,8 @@ class ErrorFeedbackPolicy(StaticPolicy):
             kind=ERROR_FEEDBACK,
             params={FEEDBACK: self.feedback},
         )
+        self.noise_multiplier = sigma  # refused once bound: then nothing changes
         self._calibrated = (self.clip, self.feedback, sigma)
-        self.noise_multiplier = sigma
         return sigma
 
     def bind(

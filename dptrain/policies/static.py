@@ -52,6 +52,7 @@ class StaticPolicy(Policy):
     """Fixed clip ``C`` (split evenly over groups) and fixed noise multiplier ``sigma``."""
 
     name = "static"
+    frozen_settings = Policy.frozen_settings | {"clip", "group_clip"}
 
     def __init__(
         self,

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class RLConfig(BaseModel):
-    """The agent's schedule, action bounds, reward and SAC settings (see :mod:`dptrain.policies.rl`)."""
+    """The agent's schedule, action bounds, reward and SAC settings (see :mod:`dptrain.policies.rl`).
+
+    Immutable: a policy reads it at every step and in its report, and derives its count noise
+    from it at bind, so a field changed later would make them disagree."""
 
     model_config = ConfigDict(extra="forbid")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(
+            f"RLConfig is immutable: rl.{name} cannot be set on a built config (an rl policy "
+            f"plans, counts and reports from it). Fix: give {name} when the config is built "
+            f"(RLConfig({name}=...), or the recipe's policy.rl.{name}), or build a copy with "
+            f"cfg.model_copy(update={{{name!r}: ...}}) before building the policy"
+        )
 
     every: int = Field(5, ge=1, description="private steps per agent decision (k)")
     # action bounds

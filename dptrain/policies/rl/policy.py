@@ -63,6 +63,8 @@ class RLPolicy(Policy):
     name = "rl"
     adaptive = True
     needs_public_data = True
+    # sigma_ref, the clip the agent scales, its (immutable) settings and what bind derives
+    frozen_settings = Policy.frozen_settings | {"clip", "cfg", "count_std", "bands", "band_of"}
 
     def __init__(
         self,
