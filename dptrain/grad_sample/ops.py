@@ -19,7 +19,10 @@ Rules in closed form (sums of outer products, so ghost norms apply, see :mod:`.o
 * ``conv1d``/``conv2d`` with ``groups=1`` and numeric padding: ``dW_b = sum_l g_bl u_bl^T`` over
   output positions ``l``, with ``u`` the unfolded input patches;
 * ``layer_norm``, ``rms_norm``, ``group_norm``: ``dw_b = sum g_b * n(a_b)``, ``db_b = sum g_b``
-  with ``n`` the function's own normalization.
+  with ``n`` the function's own normalization.  The input gradient of ``layer_norm`` and
+  ``group_norm`` is their aten backward with the statistics of their aten forward, the calls
+  autograd itself makes (:meth:`OpRule.saved_forward`); ``rms_norm`` is a composite whose
+  decomposition differs by device, so it keeps the inner graph of the generic path.
 
 Every other registered function (transposed and 3-d convolutions, grouped convolutions,
 ``instance_norm``, ``prelu``, ``embedding_bag`` on 2-d input) treats the samples of its batch
@@ -473,7 +476,7 @@ class LayerNorm(Norm):
         return _saved_norm_forward(self, call.as_called(x), a["weight"], a["bias"], a)
 
     def saved_input_grad(self, call: OpCall, saved: tuple, g: Tensor) -> Tensor:
-        x, (mean, rstd), w, b = saved
+        x, w, b, mean, rstd = _saved_inputs(call, call.as_called(call.input), saved)
         shape = call.args["normalized_shape"]
         shape = [shape] if isinstance(shape, int) else list(shape)
         return _LAYER_NORM_BACKWARD(g, x, shape, mean, rstd, w, b, [True, False, False])[0]
@@ -520,7 +523,7 @@ class GroupNorm(Norm):
         return _saved_norm_forward(self, x, a["weight"], a["bias"], a)
 
     def saved_input_grad(self, call: OpCall, saved: tuple, g: Tensor) -> Tensor:
-        x, (mean, rstd), w, _ = saved
+        x, w, _, mean, rstd = _saved_inputs(call, call.input, saved)
         n, c, groups = x.shape[0], x.shape[1], call.args["num_groups"]
         hxw = math.prod(x.shape[2:])
         mask = [True, False, False]
@@ -712,9 +715,10 @@ def _to_float32(t: Tensor | None, device_type: str) -> Tensor | None:
 
 def _autocast_casts(rule: Any, x: Tensor, w: Tensor | None, b: Tensor | None) -> bool | None:
     """Whether autocast, as set now for ``x``'s device, runs ``rule``'s function on float32
-    casts of its inputs (True: CUDA's float32 list holds the norms) or on the inputs as they
-    are (False: no autocast, or CPU autocast, which leaves norms alone); None when this cannot
-    be told (an unknown device type): the fused node then keeps the generic path.
+    casts of its inputs (True: CUDA autocast's float32 list names layer_norm and group_norm)
+    or on the inputs as they are (False: no autocast; CPU autocast leaves these norms alone, as
+    tested); None when this cannot be told (a device type autocast does not know, or a
+    reading that matches neither): the fused node then keeps the generic path.
 
     Not taken from a table: the first call for each device type, autocast type and argument
     types runs the function itself under the current autocast on tiny tensors of those types
@@ -765,7 +769,9 @@ def _saved_norm_forward(
     rule: Any, x: Tensor, w: Tensor | None, b: Tensor | None, args: dict
 ) -> tuple[Tensor, tuple] | None:
     """The norm's aten forward on ``x`` with autocast's casts (:func:`_autocast_casts`):
-    ``(y, (x, (mean, rstd), w, b))`` with the tensors as the kernel saw them."""
+    ``(y, (cast, mean, rstd))``.  The inputs are not kept: the call holds them, and their
+    float32 casts (exact from 16 bits) are made again in the backward, so the node holds two
+    statistics per normalized group (the inner graph held a float32 copy of ``x``)."""
     cast = _autocast_casts(rule, x, w, b)
     if cast is None:
         return None
@@ -773,7 +779,17 @@ def _saved_norm_forward(
         device = x.device.type
         x, w, b = (_to_float32(t, device) for t in (x, w, b))
     y, mean, rstd = rule.native(x, w, b, args)
-    return y, (x, (mean, rstd), w, b)
+    return y, (cast, mean, rstd)
+
+
+def _saved_inputs(call: OpCall, x: Tensor, saved: tuple) -> tuple:
+    """``(x, weight, bias, mean, rstd)`` as the forward's kernel saw them (cast again)."""
+    cast, mean, rstd = saved
+    w, b = call.args.get("weight"), call.args.get("bias")
+    if cast:
+        device = x.device.type
+        x, w, b = (_to_float32(t, device) for t in (x, w, b))
+    return x, w, b, mean, rstd
 
 
 OPS: dict[Any, OpRule] = {}

@@ -86,12 +86,14 @@ def test_saved_input_grads_are_autograds_bits(dtype, mixed):
         _check_call(func, x, args, g)
 
 
-@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
-def test_saved_input_grads_under_cpu_autocast(wdtype):
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        for func, x, args in _norm_calls(torch.bfloat16, wdtype):
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("same", [False, True])
+def test_saved_input_grads_under_cpu_autocast(amp, same):
+    """Inputs in the autocast type, weights in it or in float32."""
+    with torch.autocast("cpu", dtype=amp):
+        for func, x, args in _norm_calls(amp, amp if same else torch.float32):
             g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
-            _check_call(func, x, args, g.to(torch.bfloat16))
+            _check_call(func, x, args, g.to(amp))
 
 
 def _updates_equal(build, batch, loss, *, autocast: bool = False, checkpointing: bool = False):
