@@ -157,7 +157,7 @@ def score_examples(
             mean.append(loss)
             total.append(loss)
             mink.append(loss)
-            count.append(torch.ones(len(idx), dtype=torch.long))
+            count.append(torch.ones(len(idx), dtype=torch.long, device="cpu"))
             bar.update(len(idx))
             continue
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -170,7 +170,7 @@ def score_examples(
         count.append(n)
         worst = torch.sort(nll.masked_fill(~mask, -math.inf), dim=1, descending=True).values
         k = torch.ceil(min_k * n.double()).clamp(min=1).long()
-        keep = torch.arange(worst.shape[1])[None, :] < k[:, None]
+        keep = torch.arange(worst.shape[1], device="cpu")[None, :] < k[:, None]
         mink.append((torch.where(keep, worst, 0.0).sum(1) / k).masked_fill(none, math.nan))
         bar.update(len(idx))
     bar.close()

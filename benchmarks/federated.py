@@ -59,9 +59,9 @@ def read_run(out: Path) -> dict[str, Any]:
     return {
         "perplexity": stats["perplexity_after"],
         "curve": [stats["perplexity_before"]] + [m["val_perplexity"] for m in rounds],
-        # with client-level DP the per-client spend is private (private/stats.json)
-        "epsilon": meta.get("client_epsilon", stats.get("client_epsilon")),
-        "delta": meta.get("client_delta", stats.get("client_delta")),
+        # the clients' reported spends are private (private/stats.json; older runs: run.json)
+        "epsilon": stats.get("client_epsilon", meta.get("client_epsilon")),
+        "delta": stats.get("client_delta", meta.get("client_delta")),
         "wall_seconds": stats["train_seconds"],  # private: it follows the batch sizes
     }
 

@@ -93,7 +93,9 @@ class Reference:
     def clipped_fraction(self) -> float:
         """Share of (sample, group) pairs whose norm exceeds the group's threshold."""
         flags = [self.norms[g] > c for g, c in self.clip.items()]
-        allf = torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
+        if not flags:
+            return 0.0
+        allf = torch.cat(flags)
         return float(allf.double().mean()) if allf.numel() else 0.0
 
 

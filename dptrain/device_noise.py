@@ -362,7 +362,8 @@ class Backends:
 
     def standard(self, noise: Any, n: int) -> Any:
         """``n`` float64 standard normals of the device generator, as numpy (on the CPU)."""
-        return self.draw(noise, [torch.empty(n, dtype=torch.float64)], [1.0])[0].numpy()
+        cpu = torch.empty(n, dtype=torch.float64, device="cpu")  # not the default device
+        return self.draw(noise, [cpu], [1.0])[0].numpy()
 
     def describe(self) -> str:
         device = "ChaCha20 + float64 Box-Muller on the parameter's device, same tail"

@@ -8,8 +8,9 @@ exactly one Poisson sample of the whole dataset at rate ``q``.  Per step:
 1. rank 0 plans the step and checks the budget; the plan and the decision are broadcast;
 2. each rank clips its samples per group and sums them, and computes the policy's private
    counts of its samples (:meth:`dptrain.policies.Policy.private_counts`, e.g. the rl
-   policy's within-clip counts); sums and counts are all-reduced (SUM) in one collective, so
-   every rank holds ``sum_b clip(g_b)`` and the counts over the global batch;
+   policy's within-clip counts); sums and counts are all-reduced (SUM), one collective per
+   dtype (float64 for the counts and statistics, float32 for float32 sums), so every rank
+   holds ``sum_b clip(g_b)`` and the counts over the global batch;
 3. rank 0 alone runs the policy's release (adding the Gaussian noise exactly once) and
    broadcasts the update; every rank applies the same update, so parameters stay identical;
 4. every rank records the same event; rank 0 alone writes the ledger and checkpoints.
@@ -62,36 +63,56 @@ def shard(indices: Tensor) -> Tensor:
     return indices if w == 1 else indices[indices % w == rank()]
 
 
-def _flat(tensors: list[Tensor]) -> Tensor:
-    """One contiguous buffer in the widest floating dtype among ``tensors``."""
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    return torch.cat([t.reshape(-1).to(dtype) for t in tensors]).contiguous()
+def _wire_dtype(t: Tensor) -> torch.dtype:
+    """The dtype ``t`` travels in: float64 for float64 and non-floating tensors (integers sum
+    exactly below 2^53), float32 for the rest (half precision sums in float32)."""
+    return torch.float64 if t.dtype == torch.float64 or not t.is_floating_point() else torch.float32
 
 
-def _unflat(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
-    out, i = [], 0
-    for t in like:
-        out.append(flat[i : i + t.numel()].view_as(t).to(t.dtype))
-        i += t.numel()
+def _buffers(tensors: list[Tensor]) -> list[tuple[torch.dtype, list[int], Tensor]]:
+    """One contiguous buffer per wire dtype (float64 first), with the positions it holds."""
+    out = []
+    for dtype in (torch.float64, torch.float32):
+        where = [i for i, t in enumerate(tensors) if _wire_dtype(t) == dtype]
+        if where:
+            flat = torch.cat([tensors[i].reshape(-1).to(dtype) for i in where]).contiguous()
+            out.append((dtype, where, flat))
     return out
 
 
+def _unflat(
+    buffers: list[tuple[torch.dtype, list[int], Tensor]], like: list[Tensor]
+) -> list[Tensor]:
+    out: list[Tensor | None] = [None] * len(like)
+    for _, where, flat in buffers:
+        i = 0
+        for j in where:
+            t = like[j]
+            out[j] = flat[i : i + t.numel()].view_as(t).to(t.dtype)
+            i += t.numel()
+    return out  # type: ignore[return-value]
+
+
 def all_reduce_sum(tensors: list[Tensor]) -> list[Tensor]:
-    """Element-wise sums over ranks, in one collective."""
+    """Element-wise sums over ranks, one collective per wire dtype (a float32 tensor is
+    summed in float32, not widened to float64 because a float64 one is in the list)."""
     if world_size() == 1 or not tensors:
         return tensors
-    flat = _flat(tensors)
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    return _unflat(flat, tensors)
+    buffers = _buffers(tensors)
+    for _, _, flat in buffers:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    return _unflat(buffers, tensors)
 
 
 def broadcast_tensors(tensors: list[Tensor], src: int = 0) -> list[Tensor]:
-    """Rank ``src``'s tensors on every rank (shapes must agree)."""
+    """Rank ``src``'s tensors on every rank (shapes must agree), one collective per wire
+    dtype (exact: every dtype converts to its wire dtype and back unchanged)."""
     if world_size() == 1 or not tensors:
         return tensors
-    flat = _flat(tensors)
-    dist.broadcast(flat, src=src)
-    return _unflat(flat, tensors)
+    buffers = _buffers(tensors)
+    for _, _, flat in buffers:
+        dist.broadcast(flat, src=src)
+    return _unflat(buffers, tensors)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

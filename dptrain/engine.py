@@ -390,8 +390,8 @@ class PrivacyEngine:
 
     def _all_reduce(self, n, loss_sum, nonfinite, clipped, raw, counts):
         """Sum the clipped (and raw) sums, the policy's private counts and the batch statistics
-        over ranks, in one collective (float64 throughout when the counts or statistics are:
-        integer counts sum exactly)."""
+        over ranks (:func:`distributed.all_reduce_sum`: the counts and statistics in float64,
+        where integer counts sum exactly, the sums in their own dtype)."""
         device = self.params[0].device if self.params else None  # NCCL reduces GPU tensors
         stats = torch.tensor(
             [float(n), loss_sum, float(nonfinite)], dtype=torch.float64, device=device

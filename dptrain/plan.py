@@ -222,14 +222,43 @@ def check_run(
             "budget), lower the sample rate (training.batch_size), or raise privacy.epsilon."
         )
     if fits == 0:
-        spent = fil.spent(ledger)
-        raise RecipeError(
-            f"privacy.epsilon: the budget ({plan.budget.epsilon}, {plan.delta:.3g}) is already "
-            f"spent (epsilon {spent:.4f} after {ledger.total_steps} steps; one more step of "
-            f"q={plan.sample_rate:.4g}, sigma={event.noise_multiplier:.4g} would exceed it). Fix: "
-            "start a new run with fresh data or accept a larger epsilon in a new run."
+        raise budget_spent(
+            plan,
+            fil,
+            ledger,
+            f"one more step of q={plan.sample_rate:.4g}, sigma={event.noise_multiplier:.4g} "
+            "would exceed it",
         )
     return fits
+
+
+def budget_spent(plan: RunPlan, fil: BudgetFilter, ledger: Ledger, why: str) -> RecipeError:
+    """The refusal of a run whose budget is spent: ``fil``'s epsilon of ``ledger`` and ``why``
+    no further step fits (the planned event's cost, or the adaptive filter's refusal)."""
+    return RecipeError(
+        f"privacy.epsilon: the budget ({plan.budget.epsilon}, {plan.delta:.3g}) is already "
+        f"spent (epsilon {fil.spent(ledger):.4f} after {ledger.total_steps} steps; {why}). Fix: "
+        "start a new run with fresh data or accept a larger epsilon in a new run."
+    )
+
+
+def check_not_stopped(plan: RunPlan, ledger: Ledger, stopped_at: int | None) -> None:
+    """Refuse the resume of an adaptive run that an earlier session of the same plan stopped at
+    the budget, when ``ledger`` (the one on disk) ends where it stopped (``stopped_at``: the
+    steps of ``run.json``'s ``stopped_by_budget`` session with the same planned steps, else
+    None).  The policy's next step is then the one the filter refused: its plan is a function of
+    the checkpointed policy state, the ledger and the planned steps, and the filter's verdict of
+    the ledger and that step; so it is refused again, here before the checkpoint and the model
+    load (:func:`check_run` cannot price an adaptive step in advance)."""
+    if not plan.adaptive or stopped_at is None or ledger.total_steps != stopped_at:
+        return
+    fil = BudgetFilter(plan.budget, plan.accountant, adaptive=True)
+    raise budget_spent(
+        plan,
+        fil,
+        ledger,
+        f"the adaptive privacy filter refused step {stopped_at + 1}, the next step of this plan",
+    )
 
 
 def guarantee_numbers(plan: RunPlan, spent: float, noise_pairs: int) -> dict[str, Any]:

@@ -39,10 +39,11 @@ class Segments:
 
     @classmethod
     def from_ids(cls, segment_of_row: Tensor) -> Segments:
-        """From per-row segment ids ``0 .. P-1`` (every id in that range used at least once)."""
-        seg = torch.as_tensor(segment_of_row, dtype=torch.long).reshape(-1)
+        """From per-row segment ids ``0 .. P-1`` (every id in that range used at least once);
+        ``rows`` is made on the ids' device."""
+        seg = segment_of_row.reshape(-1).long()
         if seg.numel() == 0:
-            return cls(torch.zeros((0, 0), dtype=torch.long), seg)
+            return cls(torch.zeros((0, 0), dtype=torch.long, device=seg.device), seg)
         p = int(seg.max()) + 1
         counts = torch.bincount(seg, minlength=p)
         if bool((counts == 0).any()) or int(seg.min()) < 0:
@@ -50,8 +51,8 @@ class Segments:
         k = int(counts.max())
         order = torch.argsort(seg, stable=True)
         start = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(seg.numel()) - start[seg[order]]
-        rows = torch.full((p, k), -1, dtype=torch.long)
+        slot = torch.arange(seg.numel(), device=seg.device) - start[seg[order]]
+        rows = torch.full((p, k), -1, dtype=torch.long, device=seg.device)
         rows[seg[order], slot] = order
         return cls(rows, seg)
 

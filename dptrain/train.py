@@ -61,7 +61,7 @@ from .hardware import describe_device, module_device, resolve_device
 from .models import check_context
 from .noise import GaussianNoise
 from .optim import make_optimizer
-from .plan import RunPlan, check_run, guarantee_numbers, plan_privacy
+from .plan import RunPlan, check_not_stopped, check_run, guarantee_numbers, plan_privacy
 from .policies import Policy, RunContext
 from .precision import Precision
 from .recipe import RESUMABLE_KEYS, Recipe, RecipeError, dump_recipe, resume_blockers
@@ -286,6 +286,8 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
             f"restored noise multiplier {plan.noise_multiplier:.4f} (from run.json: the noise "
             "this run was calibrated with; a resume keeps it)"
         )
+    if resume and run.ledger.exists():  # cheap: run.json and ledger.json, before the checkpoint
+        check_not_stopped(plan, Ledger.load(run.ledger), _stopped_at(meta, plan))
     checkpoint = run.load_checkpoint(recipe.fingerprint()) if resume else None
     if resume and checkpoint is None:
         key.refuse_restart(run.key, f"{run.path} has no checkpoint left to resume from")
@@ -300,6 +302,20 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
             "planned; the run will stop there"
         )
     return prepared(ledger, checkpoint)
+
+
+def _stopped_at(meta: dict[str, Any] | None, plan: RunPlan) -> int | None:
+    """The steps of the last session if the budget filter stopped it while planning
+    ``plan.steps`` (``run.json``), else None (see :func:`dptrain.plan.check_not_stopped`)."""
+    steps = (meta or {}).get("steps")
+    if (
+        meta is not None
+        and meta.get("stopped_by_budget") is True
+        and meta.get("planned_steps") == plan.steps
+        and isinstance(steps, int)
+    ):
+        return steps
+    return None
 
 
 def _is_complete(run: RunDir, meta: dict[str, Any] | None, plan: RunPlan) -> bool:

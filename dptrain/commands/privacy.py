@@ -3,6 +3,7 @@
     dptrain epsilon --sample-rate 0.01 --noise-multiplier 1.0 --steps 1000 --delta 1e-5
     dptrain epsilon --sample-rate 0.01 --phase 1.0:500 --phase 2.0:500 --delta 1e-5 --json
     dptrain epsilon --run runs/my-run                # ledger.json, delta from run.json
+    dptrain epsilon --run runs/my-federated-run      # run.json client_guarantee (every client)
     dptrain calibrate --epsilon 8 --delta 1e-5 --sample-rate 0.01 --steps 1000 --accountant prv
 
 Each handler returns an exit code: 0 on success, 2 on bad input (with a message on stderr that
@@ -231,9 +232,21 @@ def _events_from_flags(args: argparse.Namespace) -> list[Event]:
     return [Event(args.sample_rate, args.noise_multiplier, args.steps)]
 
 
-def _read_run(
-    args: argparse.Namespace,
-) -> tuple[list[Event], float | None, str | None, bool, dict[str, Any]]:
+def _read_meta(run: Path) -> dict[str, Any]:
+    """``run.json`` of ``run`` ({} when it has none)."""
+    meta_path = run / "run.json"
+    if not meta_path.exists():
+        return {}
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _InputError(
+            f"--run {run}: {meta_path} is not valid JSON ({err}); repair it or pass --delta"
+        ) from None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _check_run_args(args: argparse.Namespace) -> None:
     run: Path = args.run
     if args.phase or args.noise_multiplier is not None or args.steps is not None:
         raise _InputError(
@@ -245,6 +258,96 @@ def _read_run(
             f"--run {run}: no such run directory. Fix: pass the output directory of a "
             "`dptrain train` run"
         )
+
+
+def _federated_guarantee(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
+    """The record-level guarantee a federated server run states for every client
+    (``client_guarantee`` of its run.json: a function of the recipe, at the recipe's
+    accountant and delta), or why there is none.  A federated run directory has no
+    record-level ledger (each client keeps its own, in its state directory): the flags that
+    would recompute one are refused."""
+    run = args.run
+    given = [
+        flag
+        for flag, value in (
+            ("--delta", args.delta),
+            ("--accountant", args.accountant),
+            ("--adaptive", args.adaptive or None),
+        )
+        if value is not None
+    ]
+    if given:
+        raise _InputError(
+            f"--run {run} is a federated server run: its guarantee for every client is "
+            "stated once, at the recipe's accountant and delta (run.json client_guarantee); "
+            f"drop {', '.join(given)}. For one client's lifetime spend, read its own ledger: "
+            "dptrain epsilon --run STATE_DIR/client-K --delta D"
+        )
+    g = meta.get("client_guarantee")
+    if not isinstance(g, dict):
+        raise _InputError(
+            f"--run {run}: a federated run whose run.json has no client_guarantee (it has "
+            "not started its first round, or an older dptrain wrote it): no bound to report. "
+            "Fix: rerun it with this dptrain, or read each client's own ledger"
+        )
+    eps = g.get("epsilon")
+    if not isinstance(eps, int | float) or isinstance(eps, bool):
+        raise _InputError(
+            f"--run {run}: this federated run states no record-level bound from its recipe "
+            f"alone (basis {g.get('basis')!r}): {g.get('statement')}. Each client's own "
+            "ledger holds its spend: dptrain epsilon --run STATE_DIR/client-K --delta D"
+        )
+    return g
+
+
+def _print_federated(args: argparse.Namespace, meta: dict[str, Any], g: dict[str, Any]) -> None:
+    """Print :func:`_federated_guarantee`'s bound (and, under client-level DP, the
+    client-level guarantee run.json states when the run finished)."""
+    eps, delta, term = float(g["epsilon"]), g.get("delta"), g.get("delta_noise_truncation")
+    seed = meta.get("insecure_seed")
+    client_level = None
+    if meta.get("client_dp") is not None and meta.get("client_dp_epsilon") is not None:
+        client_level = (float(meta["client_dp_epsilon"]), float(meta["client_dp_delta"]))
+    if args.json:
+        out: dict[str, Any] = {
+            "run": str(args.run),
+            "kind": "federated",
+            "unit": "each record of each client (each person, for a client with its own unit)",
+            "epsilon": _json_number(eps),
+            "delta": delta,  # null: each client's 1/(10 N_k)
+            "delta_noise_truncation": term,
+            "delta_total": delta + term if delta is not None and term is not None else None,
+            "noise_pairs": g.get("noise_pairs"),
+            "accountant": g.get("accountant"),
+            "basis": g.get("basis"),
+            "statement": g.get("statement"),
+            "insecure_seed": seed,
+            "guarantee": seed is None and math.isfinite(eps),
+        }
+        if client_level is not None:
+            out["client_dp_epsilon"], out["client_dp_delta"] = client_level
+        print(json.dumps(out))
+        return
+    shown_delta = f"{delta:g}" if delta is not None else "1/(10 N_k) of each client"
+    shown_term = f"{term:.2g}" if term is not None else "the noise sampler's truncation term"
+    rows = [
+        ("accountant", str(g.get("accountant"))),
+        ("run", f"{args.run} (federated: every client, this server run)"),
+        ("basis", str(g.get("basis"))),
+        ("delta", f"{shown_delta} + {shown_term} (noise truncation)"),
+        ("epsilon", f"{eps:.4f} (each record of each client)"),
+    ]
+    if client_level is not None:
+        rows.append(
+            ("client-level DP", f"epsilon {client_level[0]:.4f} at delta {client_level[1]:.3g}")
+        )
+    _print_table(rows)
+
+
+def _read_run(
+    args: argparse.Namespace,
+) -> tuple[list[Event], float | None, str | None, bool, dict[str, Any]]:
+    run: Path = args.run
     try:
         ledger = Ledger.load(run / "ledger.json")
     except LedgerError as err:
@@ -255,16 +358,8 @@ def _read_run(
     delta: float | None = None
     accountant = None
     adaptive = False  # a run whose noise was chosen from data reports the adaptive conversion
-    meta: dict[str, Any] = {}
-    meta_path = run / "run.json"
-    if meta_path.exists():
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise _InputError(
-                f"--run {run}: {meta_path} is not valid JSON ({err}); repair it or pass --delta"
-            ) from None
-        meta = meta if isinstance(meta, dict) else {}
+    meta = _read_meta(run)
+    if meta:
         accountant = meta.get("accountant")
         adaptive = meta.get("adaptive") is True
         value = meta.get("delta")
@@ -300,6 +395,12 @@ def run_epsilon(args: argparse.Namespace) -> int:
     try:
         run_accountant, meta, run_delta = None, {}, None
         if args.run is not None:
+            _check_run_args(args)
+            meta = _read_meta(args.run)
+            if meta.get("kind") == "federated":
+                _print_federated(args, meta, _federated_guarantee(args, meta))
+                _warn_insecure(args.run, meta.get("insecure_seed"))
+                return 0
             events, run_delta, run_accountant, run_adaptive, meta = _read_run(args)
             args.adaptive = args.adaptive or run_adaptive
             delta = args.delta if args.delta is not None else run_delta
@@ -381,13 +482,17 @@ def run_epsilon(args: argparse.Namespace) -> int:
             if not certified:
                 rows.append(("note", "the filter certifies its budget at the run's delta only"))
         _print_table(rows)
+    _warn_insecure(args.run, seed)
+    return 0
+
+
+def _warn_insecure(run: Path | None, seed: Any) -> None:
     if seed is not None:
         print(
-            f"warning: {args.run} used privacy.insecure_seed={seed}: NO privacy guarantee "
+            f"warning: {run} used privacy.insecure_seed={seed}: NO privacy guarantee "
             "against anyone who knows that seed",
             file=sys.stderr,
         )
-    return 0
 
 
 def run_calibrate(args: argparse.Namespace) -> int:

@@ -49,6 +49,7 @@ import numbers
 import re
 import warnings
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -106,6 +107,31 @@ class DataFileNotFoundError(DataError, FileNotFoundError):
 
 class NoFieldsError(DataError):
     """A field asked of a format that has none (plain text)."""
+
+
+def missing_field(
+    where: str,
+    name: str,
+    available: Iterable[Any] | None,
+    *,
+    key: str,
+    holds: str,
+    kind: str = "field",
+    other_fix: str = "",
+) -> DataError:
+    """The one wording of a record (or file) without the field or column a recipe key names:
+    ``{where}: no {kind} {name!r}; available {kind}s: ... Fix: set {key} in the recipe to the
+    {kind} that holds {holds}``, then ``other_fix`` (", or ...") when there is another way out;
+    ``available`` None: the names are not known here (no list)."""
+    names = (
+        ""
+        if available is None
+        else f"; available {kind}s: " + (", ".join(map(str, available)) or "(none)")
+    )
+    return DataError(
+        f"{where}: no {kind} {name!r}{names}. Fix: set {key} in the recipe to the {kind} that "
+        f"holds {holds}{other_fix}"
+    )
 
 
 _EXACT_INTEGERS = 2**53  # every integer up to this magnitude is exactly a float64
@@ -445,9 +471,13 @@ def _load_table(
         data = {n: ds[n] for n in names if n in wanted}
         where = [f"{p}: row {j + 1}" for j in range(ds.num_rows)]
     if text_field not in names:
-        raise DataError(
-            f"{p}: no column {text_field!r}; available columns: {', '.join(names)}. Fix: set "
-            "data.text_field in the recipe to the column that holds each record's text"
+        raise missing_field(
+            str(p),
+            text_field,
+            names,
+            key="data.text_field",
+            holds="each record's text",
+            kind="column",
         )
     texts: list[str] = []
     for i, value in enumerate(data[text_field]):
@@ -551,10 +581,8 @@ def _add_record(
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object per record, got {type(obj).__name__}")
     if text_field not in obj:
-        raise DataError(
-            f"{where}: no field {text_field!r}; available fields: "
-            f"{', '.join(map(str, obj)) or '(none)'}. Fix: set data.text_field in the recipe to "
-            "the field that holds each record's text"
+        raise missing_field(
+            where, text_field, obj, key="data.text_field", holds="each record's text"
         )
     value = obj[text_field]
     if not isinstance(value, str):
@@ -583,9 +611,13 @@ def _parse_csv(
     except csv.Error as e:
         raise DataError(f"{p}:1: malformed header row ({e})") from None
     if text_field not in header:
-        raise DataError(
-            f"{p}: no column {text_field!r}; available columns: {', '.join(header)}. Fix: set "
-            "data.text_field in the recipe to the column that holds each record's text"
+        raise missing_field(
+            str(p),
+            text_field,
+            header,
+            key="data.text_field",
+            holds="each record's text",
+            kind="column",
         )
     ti = header.index(text_field)
     ii = header.index(id_field) if id_field is not None and id_field in header else None

@@ -11,6 +11,7 @@ person.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import RecipeError
@@ -149,19 +150,30 @@ def read_data(
     return train, val
 
 
+def load_public(recipe: Recipe) -> TextDataset:
+    """The records of ``data.public_path``, read as the recipe's task reads its data."""
+    d = recipe.data
+    if d.public_path is None:
+        raise ValueError("load_public: the recipe has no data.public_path")
+    return task_for(recipe).load(d.public_path, d.text_field, d.format, text_records=d.text_records)
+
+
 def read_public(
-    recipe: Recipe, train: TextDataset, key: RunKey
+    recipe: Recipe,
+    train: TextDataset,
+    key: RunKey,
+    *,
+    load: Callable[[Recipe], TextDataset] = load_public,
 ) -> tuple[TextDataset, TextDataset | None]:
     """``(private, public)``: the split the recipe declares public (``data.public_fraction``:
     each training record is public by a per-record keyed decision, and removed from the
-    private records; or ``data.public_path``); the DP guarantee covers only the private records."""
+    private records; or ``data.public_path``, read by ``load``: a caller may cache the file);
+    the DP guarantee covers only the private records."""
     d = recipe.data
     if d.public_fraction is not None:
         train, public = split(train, d.public_fraction, key, "public")
     elif d.public_path is not None:
-        public = task_for(recipe).load(
-            d.public_path, d.text_field, d.format, text_records=d.text_records
-        )
+        public = load(recipe)
         shared = set(public.texts) & set(train.texts)
         if shared:
             raise RecipeError(

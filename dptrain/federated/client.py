@@ -5,9 +5,11 @@ directory -- ledger and run key --, budget ``(epsilon, delta)``, accountant and 
 multiplier) come from its node config or a local file, never from the server.  The server's recipe only *asks*: one ``train``
 message = one round on one client::
 
-    refuse a request that is weaker than the client's own settings: another accountant, a
+    refuse a request for a round it already trained in (its state's rounds.json: the server
+        run's id ``server-run`` and ``server-round``, which must lie in 1..rounds), and a
+        request that is weaker than the client's own settings: another accountant, a
         larger epsilon or delta, or a noise multiplier below the client's minimum
-        -> decline: reply {declined, reason, epsilon}, no adapter
+        -> decline: reply {declined, reason, epsilon}, no adapter, nothing charged
     check the budget: do the round's T local steps fit the client's own budget on its
         persisted ledger (BudgetFilter)?  no -> decline with the reason
     set up the policy as ``dptrain train`` does: its set-up check (public data), declining
@@ -29,6 +31,14 @@ key (``<state dir>/secret.key``, mode 0600), which never leaves the client.  The
 multiplier is calibrated for the requested ``rounds * T`` steps at the requested budget, and
 the budget filter refuses a round that would exceed the client's *own* budget over its whole
 ledger -- across rounds, restarts and server runs (a new server run does not reset it).
+The server's ``client_guarantee`` counts one request of at most ``T`` steps per round of
+its run: the client trains at most once per (server run, round), recorded in its state
+(``rounds.json``, atomically, before the round's first step), so a request Flower redelivers,
+or a second node on the same partition-id sharing the state directory, is declined.  Two
+nodes on one partition-id with *separate* state directories are two clients to this check;
+if they hold the same records each of those records is trained twice per round (the
+simulation and the loopback deployment start one node per partition-id and give each its
+own state directory; the server marks a round where two nodes answered for one client).
 What leaves the client is the trained adapter (post-processing of the noisy steps) and public
 metadata: ``N_k`` (also the FedAvg weight ``num-examples``), ``q_k``, ``sigma``, steps, epsilon
 and delta (with the noise sampler's truncation term).  Losses, timings and, under a person
@@ -39,7 +49,8 @@ would repeat noise: the key is marked used before its first step (:mod:`dptrain.
 the client refuses to train with a used key and an empty or missing ledger.  After a crash
 between the per-step ledger and the end-of-round engine state, the steps the engine state
 lacks are counted at the most noise pairs a step of this client draws (at least one pair
-per two trainable coordinates), an upper bound for the truncation term.
+per two trainable coordinates, plus the policy's noisy counts), an upper bound for the
+truncation term.
 
 A client's own privacy unit (``privacy-unit=FIELD`` in its settings): the client then
 protects each of its PEOPLE with all of their records, by user-level DP-SGD
@@ -92,10 +103,10 @@ from flwr.common.constant import ErrorCode
 
 from accountants import Budget, BudgetExceeded, BudgetFilter, Event, Ledger
 
-from ..data import LMExamples, TextDataset, load_texts, tokenize
+from ..data import DataError, LMExamples, TextDataset, bundled_path, load_texts, tokenize
 from ..data.lm import eval_batches
 from ..data.people import People, person_ids, read_people, recipe_person_ids
-from ..data.splits import read_data, read_public
+from ..data.splits import load_public, read_data, read_public
 from ..engine import PrivacyEngine
 from ..hardware import resolve_device
 from ..models import build_model
@@ -241,8 +252,10 @@ def plan_client(recipe: FederatedRecipe, client: int, own: ClientConfig) -> Clie
 
 class ClientState:
     """A client's state directory: ``secret.key`` (its run key, 0600; marked used before its
-    first step), ``ledger.json`` (authoritative, saved after every step) and ``engine.pt``
-    (policy state, noise position, the most pairs a step drew; saved when a round ends)."""
+    first step), ``ledger.json`` (authoritative, saved after every step), ``engine.pt``
+    (policy state, noise position, the most pairs a step drew; saved when a round ends) and
+    ``rounds.json`` (the rounds of each server run it trained in, written before a round's
+    first step: at most one training per round of a server run)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -250,6 +263,35 @@ class ClientState:
         self.engine_path = self.path / "engine.pt"
         self.key_path = self.path / KEY_FILE
         self.unit_path = self.path / "unit.json"
+        self.rounds_path = self.path / "rounds.json"
+
+    def _rounds(self) -> dict[str, list[int]]:
+        if not self.rounds_path.exists():
+            return {}
+        runs = json.loads(self.rounds_path.read_text())["runs"]
+        return {str(k): [int(r) for r in v] for k, v in runs.items()}
+
+    def repeated_round(self, run: str, server_round: int) -> str | None:
+        """Why the client must not train in round ``server_round`` of server run ``run``: it
+        already trained in it (None if not).  The server's ``client_guarantee`` counts one
+        request of at most ``T`` steps per round; a redelivered request, or a second node
+        sharing this state directory, would train twice."""
+        if server_round not in self._rounds().get(run, []):
+            return None
+        return (
+            f"refused: this client already trained in round {server_round} of server run "
+            f"{run} (a redelivered request, or a second node on its partition-id sharing its "
+            "state-dir); a second training would exceed the run's client_guarantee of one "
+            "request per round. Nothing was charged"
+        )
+
+    def record_round(self, run: str, server_round: int) -> None:
+        """Record, atomically, that the client trains in ``server_round`` of ``run`` (before
+        the round's first step is charged)."""
+        runs = self._rounds()
+        runs[run] = sorted({*runs.get(run, []), server_round})
+        text = json.dumps({"runs": runs}, sort_keys=True) + "\n"
+        atomic_write(self.rounds_path, lambda f: f.write(text))
 
     def changed_unit(self, unit: str) -> str | None:
         """Why the client must not train with privacy unit ``unit``: its ledger was spent
@@ -319,6 +361,27 @@ def _decline(msg: Message, public: dict[str, Any], epsilon: float, reason: str) 
     return _reply(msg, metrics, status=ConfigRecord({"reason": reason}))
 
 
+def _server_round(msg: Message, recipe: FederatedRecipe) -> tuple[str, int] | str:
+    """The request's (server run, round), or why the client refuses it: a round must name
+    its server run (``server-run``) and lie in ``1..federated.rounds``, the requests the
+    server's ``client_guarantee`` counts."""
+    config = msg.content["config"] if "config" in msg.content else None
+    run = config.get("server-run") if config is not None else None
+    rnd = config.get("server-round") if config is not None else None
+    if not isinstance(run, str) or not run:
+        return (
+            "refused: the request names no server run (config 'server-run'), so this client "
+            "cannot train at most once per round. Fix: run the server of this dptrain version"
+        )
+    rounds = recipe.federated.rounds
+    if isinstance(rnd, bool) or not isinstance(rnd, int) or not 1 <= rnd <= rounds:
+        return (
+            f"refused: the request's round {rnd!r} is not one of the recipe's rounds 1..{rounds} "
+            "that the run's client_guarantee counts"
+        )
+    return run, rnd
+
+
 def _over_budget(plan: ClientPlan, ledger: Ledger, filt: BudgetFilter, spent: float) -> str | None:
     """Why the round's local steps do not fit the budget (``spent``: the filter's epsilon of
     ``ledger``), or None if they do (:func:`~dptrain.plan.steps_that_fit`)."""
@@ -332,6 +395,13 @@ def _over_budget(plan: ClientPlan, ledger: Ledger, filt: BudgetFilter, spent: fl
         f"delta={plan.delta:.3g}; spent {spent:.4f} after {ledger.total_steps} steps, "
         f"{fits} more fit"
     )
+
+
+def plan_steps(ledger: Ledger, local_steps: int, rounds: int, server_round: int) -> int:
+    """The last lifetime step of this server run's plan: ``t + (R - r + 1) T`` for a ledger
+    of ``t`` steps at round ``r`` of ``R`` with ``T`` local steps per round (the policy's
+    step counter is the ledger's, across server runs)."""
+    return ledger.total_steps + (rounds - server_round + 1) * local_steps
 
 
 def _claimed(plan: ClientPlan, spent: float, ledger: Ledger) -> float:
@@ -348,9 +418,11 @@ def _noise_multiplier(policy: Policy) -> float:
 
 
 def _pairs_per_step(engine: PrivacyEngine) -> int:
-    """Gaussian pairs the parameters' noise of one release draws (one noise tensor per
-    trainable parameter)."""
-    return sum((p.numel() + 1) // 2 for p in engine.params)
+    """The most Gaussian pairs one release draws: the parameters' noise (one noise tensor per
+    trainable parameter) and the policy's noisy counts (the rl policy's, on a count step;
+    counted at every step, an upper bound that does not depend on where a round stops)."""
+    counts = engine.policy.max_noised_counts
+    return sum((p.numel() + 1) // 2 for p in engine.params) + (counts + 1) // 2
 
 
 def _restore_engine(
@@ -438,10 +510,49 @@ def _public_texts(recipe: FederatedRecipe, data: TextDataset, key: RunKey) -> Te
     """The records the recipe declares public (``data.public_path``, read as ``dptrain train``
     reads it: :func:`~dptrain.data.splits.read_public`, records shared with the client's
     refused), or None.  A federated recipe cannot declare a share of a client's own records
-    public (:class:`~dptrain.federated.recipe.FederatedRecipe`)."""
+    public (:class:`~dptrain.federated.recipe.FederatedRecipe`).  The file is read once per
+    process (:func:`_cached_public`); the shared-records check and the keyed cap run every
+    round."""
     if recipe.data.public_path is None:
         return None
-    return read_public(recipe, data, key)[1]
+    return read_public(recipe, data, key, load=_cached_public)[1]
+
+
+_PUBLIC: dict[tuple, TextDataset] = {}  # data.public_path as read, by the file's identity
+_PUBLIC_KEPT = 4
+
+
+def _file_identity(path: str) -> tuple[tuple[str, int, int], ...]:
+    """``(path, mtime_ns, size)`` of a data path's file, or of every file under a directory
+    (a saved dataset); ``bundled:NAME[:SPLIT]`` is the bundled file.  OSError if absent."""
+    if path.startswith("bundled:"):
+        p = bundled_path(path.split(":")[1])
+    else:
+        p = Path(path).expanduser()
+    p = p.resolve(strict=True)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    return tuple((str(f), st.st_mtime_ns, st.st_size) for f in files for st in (f.stat(),))
+
+
+def _cached_public(recipe: FederatedRecipe) -> TextDataset:
+    """:func:`~dptrain.data.splits.load_public`, once per process for an unchanged file (the
+    same path, modification time and size) and the same loader settings: a client's rounds,
+    and a simulation's clients, read it once; a changed file is read again.  A copy of the
+    lists is returned, so no caller can change what the next round reads."""
+    d = recipe.data
+    try:
+        identity = _file_identity(str(d.public_path))
+    except (OSError, DataError):  # absent or unknown: the loader gives its error
+        return load_public(recipe)
+    key = (identity, d.public_path, d.text_field, d.format, d.text_records)
+    key += (recipe.task.model_dump_json(),)
+    public = _PUBLIC.get(key)
+    if public is None:
+        public = load_public(recipe)
+        while len(_PUBLIC) >= _PUBLIC_KEPT:
+            _PUBLIC.pop(next(iter(_PUBLIC)))
+        _PUBLIC[key] = public
+    return TextDataset(list(public.texts), list(public.ids))
 
 
 def train_round(
@@ -474,12 +585,17 @@ def train_round(
         "delta": plan.delta,
         "noise-multiplier": _noise_multiplier(plan.policy),
     }
+    asked = _server_round(msg, recipe)
     with state.lock():
         ledger = state.ledger()
         filt = BudgetFilter(budget, own.accountant, adaptive=plan.policy.adaptive)
         spent = _claimed(plan, filt.spent(ledger) if ledger.events else 0.0, ledger)
+        if isinstance(asked, str):
+            return _decline(msg, public, spent, asked)
+        server_run, server_round = asked
         reason = (
-            refusal(plan.request, own, plan.units)
+            state.repeated_round(server_run, server_round)
+            or refusal(plan.request, own, plan.units)
             or state.changed_unit(own.unit)
             or state.lost_ledger()
             or _over_budget(plan, ledger, filt, spent)
@@ -535,8 +651,11 @@ def train_round(
                 public_ex = tokenize(public_texts, tokenizer, recipe.data.max_length)
                 public_batches = eval_batches(public_ex, recipe.training.physical_batch_size)
             # as dptrain train: attached once the engine is bound, before its state is restored;
-            # planned: the local steps the noise was calibrated for (rounds x steps)
-            planned = plan.local_steps * recipe.federated.rounds
+            # planned: the policy's step counter is the client's lifetime one (its ledger), so
+            # the plan ends where this server run's requests can end: the steps taken so far
+            # plus T for each round left, this one included (a pacer paces what is left of
+            # the budget over them; in a first run that trains every round: rounds x T)
+            planned = plan_steps(ledger, plan.local_steps, recipe.federated.rounds, server_round)
             plan.policy.attach(RunContext(model, planned, recipe.seed, public_batches))
             sampler: PoissonSampler | PersonSampler
             if plan.people is not None:  # the client's own unit: keyed coins over its people
@@ -548,6 +667,7 @@ def train_round(
             pairs_bound.append(noise.pairs + plan.local_steps * per_step)
             key.mark_used(state.key_path)  # before its first step draws coins and noise
             state.record_unit(own.unit)  # before its first step is charged to the ledger
+            state.record_round(server_run, server_round)  # likewise: once per round
             taken = _local_steps(engine, sampler, examples, plan.local_steps, state, per_step)
             eps = _claimed(plan, engine.epsilon(), engine.ledger)
         except Exception as err:  # the spend so far (the ledger on disk covers every charge)
@@ -582,8 +702,11 @@ def _failed(
     """:class:`ClientFailed` with a spend that does not depend on where the round failed: that
     of the whole planned round (``start``, the ledger's events when it began, and
     ``plan.local_steps`` planned steps; an adaptive policy's budget), at least the ledger on
-    disk (which covers every charge).  How many steps ran before the failure (an out-of-memory
-    error on a large Poisson batch) is a function of the private data: it is not sent."""
+    disk (which covers every charge); its delta's truncation term counts the pairs of the
+    whole planned round (the pairs before it plus ``plan.local_steps`` times the most a step
+    draws, :func:`_pairs_per_step`), not those drawn before the failure.  How many steps ran
+    before the failure (an out-of-memory error on a large Poisson batch) is a function of the
+    private data: it is not sent."""
     ledger = state.ledger()
     actual = _claimed(plan, filt.spent(ledger) if ledger.events else 0.0, ledger)
     planned = plan.policy.planned_event(plan.sample_rate)

@@ -30,7 +30,7 @@ from typing import IO, Any
 import tomli_w
 
 from ..recipe import dump_recipe
-from .holder import ClientConfig, simulated
+from .holder import ClientConfig, ClientConfigError, one_node_per_partition, simulated
 from .recipe import FederatedRecipe, client_state_root
 
 CONNECTION = "dptrain-loopback"
@@ -106,6 +106,7 @@ class LoopbackFederation:
     def __init__(self, clients: int, workdir: str | Path, configs: list[ClientConfig]) -> None:
         if len(configs) != clients:
             raise ValueError(f"{clients} clients need {clients} client configs")
+        one_node_per_partition(dict(enumerate(configs)), clients)
         self.clients = clients
         self.workdir = Path(workdir)
         self.configs = list(configs)
@@ -181,7 +182,14 @@ class LoopbackFederation:
         raise TimeoutError(f"flower-superlink did not start in {STARTUP_TIMEOUT:g} s")
 
     def start_client(self, k: int) -> None:
-        """Start (or restart) client ``k``'s SuperNode."""
+        """Start (or restart) client ``k``'s SuperNode; refused while one runs (two nodes on
+        partition-id ``k``: see :func:`~dptrain.federated.holder.one_node_per_partition`)."""
+        running = self.supernodes.get(k)
+        if running is not None and running.poll() is None:
+            raise ClientConfigError(
+                f"client {k}'s SuperNode is running: a second node on partition-id {k} would "
+                "train its records twice per round. Fix: stop_client(k) before restarting it"
+            )
         config = self.configs[k].node_config(k, self.clients)
         self.supernodes[k] = self._spawn(
             f"supernode-{k}",

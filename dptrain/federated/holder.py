@@ -205,6 +205,30 @@ def simulated(recipe: Any, client: int, state_root: str | Path) -> ClientConfig:
     )
 
 
+def one_node_per_partition(configs: Mapping[int, ClientConfig], clients: int) -> None:
+    """Refuse a set-up that gives two nodes one partition (or one state directory): each
+    partition-id ``0..clients-1`` at most once, each with its own state directory.  The
+    server's ``client_guarantee`` counts one request per round per client; two nodes on one
+    partition would train its records twice per round (and two partitions on one state
+    directory would mix two clients' ledgers)."""
+    outside = sorted(k for k in configs if not 0 <= k < clients)
+    if outside:
+        raise ClientConfigError(
+            f"client settings for partition-id(s) {outside}: the recipe has {clients} clients "
+            f"(0..{clients - 1}). Fix: one setting per partition-id in that range"
+        )
+    by_state: dict[Path, int] = {}
+    for k, own in sorted(configs.items()):
+        state = Path(own.state_dir).resolve()
+        if state in by_state:
+            raise ClientConfigError(
+                f"clients {by_state[state]} and {k} share the state-dir {own.state_dir}: one "
+                "state directory (ledger and key) is one client, trained at most once per "
+                "round. Fix: give each partition-id its own state-dir"
+            )
+        by_state[state] = k
+
+
 @dataclass(frozen=True)
 class Request:
     """What the server's recipe asks of a client for its records: a budget, an accountant and

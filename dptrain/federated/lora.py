@@ -65,7 +65,8 @@ def load_lora_state(model: nn.Module, state: State) -> None:
         )
     with torch.no_grad():
         for name, value in state.items():
-            params[name].copy_(torch.as_tensor(value).to(params[name].dtype))
+            p = params[name]
+            p.copy_(torch.as_tensor(value, dtype=p.dtype, device=p.device))
 
 
 def pairs(state: State) -> list[tuple[str, str]]:

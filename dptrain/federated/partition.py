@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..data import DataError, TextDataset, bundled_path
-from ..data.loading import NoFieldsError, canonical_id, load_field
+from ..data.loading import NoFieldsError, canonical_id, load_field, missing_field
 
 MAX_DRAWS = 100
 
@@ -39,9 +39,15 @@ def record_labels(
             by_id[rid] = label
     missing = [i for i in ids if i not in by_id]
     if missing:
-        raise DataError(
-            f"{path}: records {missing[:3]} have no field {field!r} (federated.partition.by; "
-            "missing, null or empty). Fix: give every record a label, or set federated.partition.by: null (an IID split)"
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise missing_field(
+            f"{path}: records {missing[:3]}{more} (the value is missing, null or empty)",
+            field,
+            None,
+            key="federated.partition.by",
+            holds="each record's label",
+            other_fix=", give every record a label, or set federated.partition.by: null (an IID "
+            "split)",
         )
     return [by_id[i] for i in ids]
 

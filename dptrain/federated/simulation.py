@@ -33,7 +33,7 @@ from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
 from flwr.simulation import run_simulation
 
 from .client import make_client_app
-from .holder import ClientConfig, simulated
+from .holder import ClientConfig, one_node_per_partition, simulated
 from .recipe import FederatedRecipe, client_state_root
 from .server import make_server_app, start_run
 
@@ -96,7 +96,9 @@ def simulate(
 ) -> dict[str, Any]:
     """Run ``recipe`` as an in-process Flower simulation; returns the run's metadata.
 
-    One node per client (``partition-id`` = client index); ``mods`` are Flower mods around
+    One node per client (``partition-id`` = client index, each with its own state directory:
+    a set-up that shares one is refused, :func:`~dptrain.federated.holder.one_node_per_partition`);
+    ``mods`` are Flower mods around
     every ClientApp call (tests use them to inject faults).  Clients run on up to
     ``federated.clients`` threads, so a client that hangs does not hold up the others.  Client ``k``'s
     own settings are ``clients[k]`` where given, else :func:`~dptrain.federated.holder.simulated`
@@ -104,13 +106,14 @@ def simulate(
     """
     run_path = recipe.run_dir(run_dir)
     state_root = client_state_root(recipe, run_path)  # checked before the run dir is made
-    run = start_run(recipe, run_path)
     f = recipe.federated
-    own = dict(clients or {})
+    own = {k: (clients or {}).get(k) or simulated(recipe, k, state_root) for k in range(f.clients)}
+    one_node_per_partition({**(clients or {}), **own}, f.clients)  # before the run dir is made
+    run = start_run(recipe, run_path)
 
     def config(context: Context) -> ClientConfig:
-        k = int(context.node_config["partition-id"])
-        return own[k] if k in own else simulated(recipe, k, state_root)
+        # Flower's Simulation Runtime starts one node per partition-id 0..clients-1
+        return own[int(context.node_config["partition-id"])]
 
     server_app = make_server_app(recipe, run)
     client_app = make_client_app(recipe, config, mods)

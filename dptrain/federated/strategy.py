@@ -27,6 +27,7 @@ coins (node ``n`` joins round ``r`` iff ``PRF(k_coins, r, n) < p``) and the nois
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -73,8 +74,13 @@ class RoundReport:
 class LoraFedAvg(FedAvg):
     """FedAvg over LoRA adapters with the recipe's server step (see the module docstring)."""
 
-    def __init__(self, recipe: FederatedRecipe, key: RunKey | None = None) -> None:
+    def __init__(
+        self, recipe: FederatedRecipe, key: RunKey | None = None, *, run_id: str | None = None
+    ) -> None:
         f = recipe.federated
+        # the server run's public identity, sent with every request ("server-run"): a client
+        # trains at most once per (run, round); default: a fresh random one
+        self.run_id = run_id if run_id is not None else secrets.token_hex(16)
         super().__init__(min_train_nodes=f.min_clients, min_available_nodes=f.min_clients)
         self.spec = get_strategy(f.strategy)
         self.device = resolve_device(recipe.training.device)  # the server step's linear algebra
@@ -99,6 +105,9 @@ class LoraFedAvg(FedAvg):
         # first reply, "node n"; cleared by the next reply that reports the spend
         self.unconfirmed: set[str] = set()
         self.reports: dict[int, RoundReport] = {}
+        # client id -> the rounds in which a second node answered for it (two nodes on one
+        # partition-id): private, like every reply (see _sort)
+        self.shared_partitions: dict[int, list[int]] = {}
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -129,7 +138,7 @@ class LoraFedAvg(FedAvg):
         # a copy per round: Flower's FedAvg passes the same ConfigRecord every round, and the
         # in-process simulation hands clients the objects themselves (a late client would
         # read the next round's number)
-        config = ConfigRecord({**config, "server-round": server_round})
+        config = ConfigRecord({**config, "server-round": server_round, "server-run": self.run_id})
         content = RecordDict({"arrays": arrays, "config": config})
         self.messages = [
             Message(content, dst_node_id=n, message_type=MessageType.TRAIN, ttl=self.round_timeout)
@@ -179,6 +188,7 @@ class LoraFedAvg(FedAvg):
         (one failure per sent node, whichever clock ran out first), never to the SuperLink.
         """
         updates, answered = [], set()
+        first: dict[int, int] = {}  # client id -> the node whose reply for it came first
         for msg in replies:
             node = self._sender(msg)
             if node is None:  # a SuperLink error about a request not of this round
@@ -192,6 +202,10 @@ class LoraFedAvg(FedAvg):
             m = msg.content["metrics"]
             cid = int(m["client"])
             self.node_client[node] = cid
+            if cid in first:  # a second reply for one client in one round
+                self._second_reply(report, cid, node, first[cid], m)
+                continue
+            first[cid] = node
             self.unconfirmed -= {f"client {cid}", f"node {node}"}  # its spend, reported
             # a client's spend only grows; a decline's delta lacks the noise sampler's
             # truncation term: never report less than an earlier reply did
@@ -217,6 +231,29 @@ class LoraFedAvg(FedAvg):
             report.failures[name] = f"no reply within {self.round_timeout:g} s"
             self.unconfirmed.add(name)
         return updates
+
+    def _second_reply(
+        self, report: RoundReport, cid: int, node: int, earlier: int, m: MetricRecord
+    ) -> None:
+        """A reply for client ``cid`` after one already came this round: its spend counts
+        (the largest reported), its update is dropped (one update per client per round: the
+        weights, and client-level DP's sensitivity ``C`` per client, assume it).  From the
+        same node it is a redelivered request (the client declines a repeat: one training per
+        round); from another node, two nodes share partition-id ``cid`` (recorded: if both
+        hold the same records, with separate state directories, those records were trained
+        twice this round, beyond the run's ``client_guarantee``)."""
+        self.epsilon[cid] = max(self.epsilon.get(cid, 0.0), float(m["epsilon"]))
+        if "delta" in m:
+            self.delta[cid] = max(self.delta.get(cid, 0.0), float(m["delta"]))
+        self.unconfirmed.discard(f"node {node}")
+        if node != earlier:
+            rounds = self.shared_partitions.setdefault(cid, [])
+            rounds.append(report.round)
+            report.failures[f"node {node}"] = (
+                f"answered for client {cid}, which node {earlier} answered for this round: two "
+                f"nodes share partition-id {cid}; its reply is not aggregated. Fix: give each "
+                "SuperNode its own partition-id"
+            )
 
     def _name(self, node: int) -> str:
         who = self.node_client.get(node)

@@ -1309,10 +1309,34 @@ def _buffer_versions(model: nn.Module) -> dict[str, int]:
     return {n: b._version for n, b in model.named_buffers() if b is not None}
 
 
+_VALUE_TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
+_FLAT_TOL = 3e-2  # the former flat tolerance of every 16-bit (and non-float) value
+
+
+def _value_tol(dtype: torch.dtype) -> float:
+    """The tolerance of :func:`_close` for values of ``dtype`` (a sample's loss, a layer's
+    output): ``|a - b| <= tol (1 + |b|)``.
+
+    A value is rounded to its type once per evaluation (``|error| <= eps / 2 |v|``), so two
+    evaluations of the same exact value differ by at most ``eps |v|``; different batched
+    products before it add rounding of the same order (measured for the whole gradient:
+    0.3-0.8 ``eps``, :func:`_grad_tol`; 0 for the losses of GPT-2 and Llama on the CPU).
+    16-bit types: ``8 eps`` (float16: 7.8e-3, was 3e-2 = 31 ``eps``), at most the former
+    flat 3e-2 (bfloat16 stays at 3e-2 = 3.8 ``eps``: no value is compared more loosely than
+    before).  float32 1e-4, float64 1e-8; non-float values keep 3e-2."""
+    if dtype in _VALUE_TOL:
+        return _VALUE_TOL[dtype]
+    if not dtype.is_floating_point:
+        return _FLAT_TOL
+    return min(_FLAT_TOL, 8 * torch.finfo(dtype).eps)
+
+
 def _close(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` matches ``b`` within :func:`_value_tol` of ``a``'s type, with the same
+    non-finite entries."""
     if a.shape != b.shape:
         return False
-    tol = {torch.float64: 1e-8, torch.float32: 1e-4}.get(a.dtype, 3e-2)
+    tol = _value_tol(a.dtype)
     a, b = a.detach().double(), b.detach().double()
     both = torch.isfinite(a) & torch.isfinite(b)
     if not torch.equal(torch.isfinite(a), torch.isfinite(b)):

@@ -176,6 +176,13 @@ class Policy(ABC):
         only) reads the sum as ``StepSums.counts``.  Private: release it only noised."""
         return None
 
+    @property
+    def max_noised_counts(self) -> int:
+        """The most values :meth:`release` noises in a step besides the parameters' noise
+        (the length of its noised :meth:`private_counts`; 0: none).  Bounds the noise pairs a
+        step draws, hence the sampler's truncation term, without running the step."""
+        return 0
+
     def release(self, sums: StepSums, plan: StepPlan, noise: NoiseFn) -> dict[nn.Parameter, Tensor]:
         """DP-SGD: ``(sum_b clip(g_b) + N(0, s_g^2 I)) / E[B]`` per parameter."""
         params = list(sums.clipped)

@@ -79,7 +79,8 @@ class ErrorFeedbackPolicy(StaticPolicy):
             raise ValueError(f"error_clip must be finite and >= 0, got {error_clip}")
         self.error_clip = float(error_clip)
         self.error: dict[str, Tensor] = {}  # E by parameter name, sum units
-        self._calibrated: tuple[float, float] | None = None  # (C1, rho) calibrate() used
+        # (C1, rho, sigma) of the last calibrate(): its assumption holds while sigma is in use
+        self._calibrated: tuple[float, float, float] | None = None
 
     @property
     def feedback(self) -> float:
@@ -102,8 +103,7 @@ class ErrorFeedbackPolicy(StaticPolicy):
         ``group_clip`` naming every group will set C1 to ``sqrt(sum_g C_g^2)``: bind then
         refuses a calibration made for another rho (see :meth:`bind`)."""
         check_accountant(self, accountant)
-        self._calibrated = (self.clip, self.feedback)
-        self.noise_multiplier = calibrate_noise(
+        sigma = calibrate_noise(
             target_epsilon,
             delta,
             sample_rate,
@@ -112,7 +112,9 @@ class ErrorFeedbackPolicy(StaticPolicy):
             kind=ERROR_FEEDBACK,
             params={FEEDBACK: self.feedback},
         )
-        return self.noise_multiplier
+        self._calibrated = (self.clip, self.feedback, sigma)
+        self.noise_multiplier = sigma
+        return sigma
 
     def bind(
         self, groups: Sequence[str], *, sample_rate: float, expected_batch_size: float
@@ -120,14 +122,15 @@ class ErrorFeedbackPolicy(StaticPolicy):
         """As the static policy; first refuses a sigma that :meth:`calibrate` found for another
         rho than the bound one (a ``group_clip`` naming every group replaces C1 = ``clip`` by
         ``sqrt(sum_g C_g^2)``): the steps would be charged correctly, at the bound rho, but
-        would miss the target epsilon."""
+        would miss the target epsilon.  A ``noise_multiplier`` set by hand after the
+        calibration is not refused: no target was computed for it, and every step is charged
+        as the event ``(q, sigma, rho)`` of the sigma and rho in use (:meth:`event`)."""
         clips = split_clip(groups, self.clip, self.group_clip)
         c1 = math.sqrt(sum(c**2 for c in clips.values())) if self.group_clip else self.clip
         rho = feedback_sensitivity(c1, self.error_clip)
-        if self._calibrated is not None and not math.isclose(
-            rho, self._calibrated[1], rel_tol=1e-9
-        ):
-            was_clip, was_rho = self._calibrated
+        calibrated = self._calibrated is not None and self.noise_multiplier == self._calibrated[2]
+        if calibrated and not math.isclose(rho, self._calibrated[1], rel_tol=1e-9):
+            was_clip, was_rho, _ = self._calibrated
             raise ValueError(
                 f"error_feedback: calibrate() found sigma={self.noise_multiplier!r} for C1 = "
                 f"clip = {was_clip!r} (rho = 2 C2 / C1 = {was_rho:.6g}), but group_clip names "

@@ -34,6 +34,7 @@ from ..data.loading import (
     canonical_id,
     content_ids,
     jsonl_objects,
+    missing_field,
     split,
 )
 from .schema import TaskSection
@@ -168,14 +169,18 @@ def _dataset(
 
 
 def _string(
-    obj: dict[str, Any], field: str, where: str, key: str, *, empty_ok: bool = False
+    obj: dict[str, Any],
+    field: str,
+    where: str,
+    key: str,
+    holds: str,
+    *,
+    empty_ok: bool = False,
 ) -> str:
-    """``obj[field]``, a string; ``key`` is the recipe key that names ``field``."""
+    """``obj[field]``, a string; ``key`` is the recipe key that names ``field``, ``holds``
+    what the field holds (for the error)."""
     if field not in obj:
-        raise DataError(
-            f"{where}: no field {field!r}; available fields: {', '.join(map(str, obj)) or '(none)'}"
-            f". Fix: set {key} in the recipe to the field that holds it"
-        )
+        raise missing_field(where, field, obj, key=key, holds=holds)
     value = obj[field]
     if not isinstance(value, str):
         raise DataError(f"{where}: field {field!r} is {type(value).__name__}, expected a string")
@@ -187,12 +192,19 @@ def _string(
 def _fields(obj: dict[str, Any], task: TaskSection, text_field: str, where: str) -> dict[str, Any]:
     if task.kind == "instruction":
         out = {
-            "prompt": _string(obj, task.prompt_field, where, "task.prompt_field"),
-            "response": _string(obj, task.response_field, where, "task.response_field"),
+            "prompt": _string(obj, task.prompt_field, where, "task.prompt_field", "the prompt"),
+            "response": _string(
+                obj, task.response_field, where, "task.response_field", "the response"
+            ),
         }
         if task.system_field is not None:
             out["system"] = _string(
-                obj, task.system_field, where, "task.system_field", empty_ok=True
+                obj,
+                task.system_field,
+                where,
+                "task.system_field",
+                "the system prompt",
+                empty_ok=True,
             )
         return out
     if task.kind == "chat":
@@ -207,16 +219,14 @@ def _fields(obj: dict[str, Any], task: TaskSection, text_field: str, where: str)
                 f"{where}: label field {task.label_field!r} is {label!r}, not one of task.labels "
                 f"({', '.join(task.labels or [])}). Fix: add it to task.labels or correct the record"
             )
-        return {"text": _string(obj, text_field, where, "data.text_field"), "label": label}
+        text = _string(obj, text_field, where, "data.text_field", "each record's text")
+        return {"text": text, "label": label}
     raise ValueError(f"task {task.kind} has no structured records")
 
 
 def _messages(obj: dict[str, Any], field: str, where: str) -> list[dict[str, str]]:
     if field not in obj:
-        raise DataError(
-            f"{where}: no field {field!r}; available fields: {', '.join(map(str, obj)) or '(none)'}"
-            ". Fix: set task.messages_field in the recipe to the field that holds the messages"
-        )
+        raise missing_field(where, field, obj, key="task.messages_field", holds="the messages")
     msgs = obj.get(field)
     if not isinstance(msgs, list) or not msgs:
         raise DataError(

@@ -5,7 +5,8 @@ that breaks on CUDA (two such calls, in the check's reference loop and the probe
 CUDA run until a lent H200 found them). Here the default device is ``meta`` while the model
 and batches stay on the CPU: any tensor made on the default device meets a CPU one and raises.
 Code under ``torch._C.DisableTorchFunction`` bypasses the default-device mode, so it is not
-covered here (``benchmarks/gpu_check.sh`` covers it on a GPU).
+covered here (``benchmarks/gpu_check.sh`` covers it on a GPU; tests/engine/test_factory_devices.py
+reads the source for factory calls without ``device=``, in every path).
 """
 
 from __future__ import annotations

@@ -74,9 +74,42 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         for sigma in SIGMAS:
             state, eps, events = _train(sigma)
             static[str(sigma)] = {"state": state, "eps": eps, "events": events}
-        torch.save({"static": static, "rl": _train_rl()}, f"{out}.{rank}")
+        torch.save(
+            {"static": static, "rl": _train_rl(), "dtypes": _reduce_dtypes(rank)}, f"{out}.{rank}"
+        )
     finally:
         dist.destroy_process_group()
+
+
+def _mixed(rank: int) -> list[torch.Tensor]:
+    """A float64 statistic needing float64 (1 + 2^-40 r), a float32 sum and a float32 update."""
+    return [
+        torch.tensor([1.0 + rank * 2.0**-40, 3.0], dtype=torch.float64),
+        torch.tensor([0.1 + rank, 3e-8 * (rank + 1), -7.25], dtype=torch.float32),
+        torch.tensor([[1 / 3 + rank]], dtype=torch.float32),
+    ]
+
+
+def _reduce_dtypes(rank: int) -> dict:
+    """all_reduce_sum and broadcast_tensors of :func:`_mixed` on this rank, and the dtypes of
+    the buffers the collectives were given."""
+    sent = []
+    real = dist.all_reduce
+
+    def recording(tensor, *args, **kwargs):
+        sent.append(str(tensor.dtype))
+        return real(tensor, *args, **kwargs)
+
+    dist.all_reduce = recording
+    try:
+        summed = distributed.all_reduce_sum(_mixed(rank))
+    finally:
+        dist.all_reduce = real
+    return {
+        "summed": summed,
+        "sent": sent,
+        "broadcast": distributed.broadcast_tensors(_mixed(rank)),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +270,19 @@ def test_rank_zero_owns_the_key_and_its_errors_reach_every_rank(tmp_path, case):
         assert got[0] == "key " + RunKey.read(saved).key_id
     else:
         assert got[0].startswith("error ") and "secret.key is missing" in got[0]
+
+
+def test_all_reduce_sends_each_dtype_in_its_own_buffer(two_ranks):
+    """float32 sums travel as float32 beside float64 statistics (no widening), and every value
+    is the rank sum in its own dtype: float64 keeps 2^-40, float32 the float32 sum bit for bit
+    (a 2-term sum rounds once either way); a broadcast gives rank 0's tensors exactly."""
+    a, b = _mixed(0), _mixed(1)
+    for r in two_ranks:
+        got = r["dtypes"]
+        assert got["sent"] == ["torch.float64", "torch.float32"]
+        assert [t.dtype for t in got["summed"]] == [t.dtype for t in a]
+        for x, y, s in zip(a, b, got["summed"], strict=True):
+            assert s.shape == x.shape and torch.equal(s, x + y)
+        assert got["summed"][0][0].item() == 2.0 + 2.0**-40
+        for x, s in zip(a, got["broadcast"], strict=True):
+            assert s.dtype == x.dtype and torch.equal(s, x)

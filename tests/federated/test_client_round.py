@@ -4,9 +4,11 @@ sets it up, and a round that fails after charging steps reports the client's spe
 from __future__ import annotations
 
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from accountants import Ledger, get_accountant
+from accountants import Event, Ledger, get_accountant
+from dptrain.data import TextDataset, loading
 from dptrain.federated import client as client_module
 from dptrain.federated.client import CLIENT_FAILED, confined_train_round
 from dptrain.federated.holder import ClientConfig
@@ -15,15 +17,19 @@ from dptrain.federated.recipe import FederatedRecipe
 from dptrain.federated.strategy import LoraFedAvg, RoundReport
 from dptrain.models import build_model
 from dptrain.plan import check_run, plan_privacy, policy_setup_refusal
-from dptrain.policies import policy_spec
+from dptrain.policies import RunContext, policy_spec
 from dptrain.recipe import RecipeError, parse_recipe
+from dptrain.secret import RunKey
 
 from .conftest import tiny_recipe
 
 
-def round_message(recipe: FederatedRecipe, node: int = 7) -> Message:
+def round_message(
+    recipe: FederatedRecipe, node: int = 7, server_round: int = 1, run: str = "run-a"
+) -> Message:
     arrays = ArrayRecord(lora_state(build_model(recipe)[0]))
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
+    config = ConfigRecord({"server-round": server_round, "server-run": run})
+    content = RecordDict({"arrays": arrays, "config": config})
     return Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
 
 
@@ -72,18 +78,42 @@ def test_a_policy_that_cannot_be_set_up_is_refused_before_any_round_with_trains_
 
 
 def test_a_federated_client_attaches_the_rl_policy_and_reports_its_certified_epsilon(
-    tmp_path, task_identity
+    tmp_path, monkeypatch, task_identity
 ):
-    d = tiny_recipe(tmp_path, policy=RL, data={"public_path": str(public_file(tmp_path))})
+    path = public_file(tmp_path)
+    d = tiny_recipe(tmp_path, policy=RL, data={"public_path": str(path)})
     recipe = parse_recipe(d)
     own = ClientConfig(tmp_path / "client-0", epsilon=8.0, insecure_seed=1)
-    reply = confined_train_round(round_message(recipe), context(), recipe, own)
+    reads: list[str] = []  # the public file's reads, through the loader every task uses
+    real = loading.load_texts
+
+    def counted(p, *args, **kw):
+        if str(p) == str(path):
+            reads.append(str(p))
+        return real(p, *args, **kw)
+
+    monkeypatch.setattr(loading, "load_texts", counted)
+    message = round_message(recipe)
+    reply = confined_train_round(message, context(), recipe, own)
     assert not reply.has_error(), "the rl policy failed inside the round"
     m = reply.content["metrics"]
     assert int(m["declined"]) == 0 and int(m["steps"]) == 3
     # adaptive: the filter's budget is the guarantee (as dptrain train's), not the odometer
     assert float(m["epsilon"]) == 8.0
     assert Ledger.load(tmp_path / "client-0" / "ledger.json").total_steps == 3
+    assert len(reads) == 1
+    # the next round uses the records read once by this process (the same values)
+    first = client_module._public_texts(recipe, TextDataset([], []), RunKey.from_insecure_seed(1))
+    message = round_message(recipe, server_round=2)  # round 1 again would be declined
+    reply = confined_train_round(message, context(), recipe, own)
+    assert not reply.has_error() and int(reply.content["metrics"]["steps"]) == 3
+    assert len(reads) == 1, "the second round read data.public_path again"
+    assert Ledger.load(tmp_path / "client-0" / "ledger.json").total_steps == 6
+    assert first == real(str(path))
+    # a changed file (size or modification time) is read again
+    path.write_text('{"text": "another public note"}\n')
+    again = client_module._public_texts(recipe, TextDataset([], []), RunKey.from_insecure_seed(1))
+    assert len(reads) == 2 and again is not None and again.texts == ["another public note"]
 
 
 class FailsAfterCharging(client_module.PrivacyEngine):
@@ -152,3 +182,132 @@ def test_a_failed_rounds_reply_does_not_depend_on_where_it_failed(
     assert int(a["steps"]) == int(b["steps"]) == 3  # the planned local steps
     assert float(a["epsilon"]) == pytest.approx(float(b["epsilon"])) and float(a["epsilon"]) > 0
     capsys.readouterr()
+
+
+def test_a_failed_rl_rounds_reply_does_not_depend_on_where_it_failed(
+    tmp_path, monkeypatch, capsys, task_identity
+):
+    """As above with the rl policy, whose round ends with a count release (every = 3): the
+    reply's delta (its truncation term over the planned round's noise pairs, the counts'
+    included) is the same whether the round failed before or after that release."""
+    replies = []
+    for at in (1, 3):
+
+        class FailsAt(client_module.PrivacyEngine):
+            fail_at = at
+
+            def step(self, batch, **kwargs):
+                report = super().step(batch, **kwargs)
+                if self.steps_taken == self.fail_at:
+                    raise RuntimeError(f"simulated failure at step {self.fail_at}")
+                return report
+
+        (tmp_path / str(at)).mkdir()
+        public = public_file(tmp_path / str(at))
+        d = tiny_recipe(tmp_path / str(at), policy=RL, data={"public_path": str(public)})
+        recipe = parse_recipe(d)
+        # epsilon 60: the truncation term (1 + e^eps) pairs 2^-129 shows in the float delta
+        own = ClientConfig(tmp_path / str(at) / "client-0", epsilon=60.0, insecure_seed=1)
+        monkeypatch.setattr(client_module, "PrivacyEngine", FailsAt)
+        replies.append(confined_train_round(round_message(recipe), context(), recipe, own))
+        assert Ledger.load(own.state_dir / "ledger.json").total_steps == at
+    a, b = (r.content["metrics"] for r in replies)
+    assert int(a["failed"]) == int(b["failed"]) == 1
+    assert int(a["steps"]) == int(b["steps"]) == 3
+    assert float(a["epsilon"]) == float(b["epsilon"]) == 60.0  # adaptive: the filter's budget
+    term = float(a["delta"]) - own.own_delta(int(a["num-examples"]))
+    assert term > 1e-12  # the truncation term is in the reply ...
+    assert float(a["delta"]) == float(b["delta"])  # ... and the same bit for bit
+    capsys.readouterr()
+
+
+def test_a_repeated_request_for_a_round_is_declined_and_a_new_server_runs_round_1_trains(
+    tmp_path, task_identity
+):
+    """A redelivered request (or a second node sharing the state) trains at most once per
+    (server run, round): the repeat is declined, charges nothing and draws nothing; round 1
+    of another server run trains."""
+    recipe = parse_recipe(tiny_recipe(tmp_path, training={"steps": 1}))
+    own = ClientConfig(tmp_path / "client-0", epsilon=8.0, insecure_seed=1)
+    ledger_path = own.state_dir / "ledger.json"
+    first = confined_train_round(round_message(recipe), context(), recipe, own)
+    assert int(first.content["metrics"]["declined"]) == 0
+    after_first = Ledger.load(ledger_path)
+    engine_state = (own.state_dir / "engine.pt").read_bytes()
+    again = confined_train_round(round_message(recipe), context(), recipe, own)
+    m = again.content["metrics"]
+    assert int(m["declined"]) == 1 and int(m["steps"]) == 0 and "arrays" not in again.content
+    reason = again.content["status"]["reason"]
+    assert "already trained in round 1 of server run run-a" in reason
+    assert float(m["epsilon"]) == pytest.approx(float(first.content["metrics"]["epsilon"]))
+    assert Ledger.load(ledger_path).to_dict() == after_first.to_dict()  # nothing charged
+    assert (own.state_dir / "engine.pt").read_bytes() == engine_state  # nothing drawn
+    # the record outlives the process: a fresh state object reads it from rounds.json
+    state = client_module.ClientState(own.state_dir)
+    assert state.repeated_round("run-a", 1) is not None and state.repeated_round("run-a", 2) is None
+    other = confined_train_round(round_message(recipe, run="run-b"), context(), recipe, own)
+    assert int(other.content["metrics"]["declined"]) == 0
+    assert Ledger.load(ledger_path).total_steps == 2 * after_first.total_steps
+
+
+def test_a_request_without_a_server_run_or_outside_the_rounds_is_declined(tmp_path, task_identity):
+    recipe = parse_recipe(tiny_recipe(tmp_path))  # 2 rounds
+    own = ClientConfig(tmp_path / "client-0", epsilon=8.0, insecure_seed=1)
+    beyond = confined_train_round(round_message(recipe, server_round=3), context(), recipe, own)
+    assert int(beyond.content["metrics"]["declined"]) == 1
+    assert "not one of the recipe's rounds 1..2" in beyond.content["status"]["reason"]
+    unnamed = round_message(recipe)
+    del unnamed.content["config"]["server-run"]
+    reply = confined_train_round(unnamed, context(), recipe, own)
+    assert "names no server run" in reply.content["status"]["reason"]
+    assert not (own.state_dir / "ledger.json").exists()
+
+
+def test_the_policy_plan_ends_with_this_server_runs_requests():
+    """The policy's step counter is the client's lifetime one: at round r of R the plan
+    ends T steps per round left after the steps already taken (RT in a first run)."""
+    ledger = Ledger()
+    assert client_module.plan_steps(ledger, 3, rounds=2, server_round=1) == 6
+    ledger.record(Event(sample_rate=0.1, noise_multiplier=1.0, steps=6))  # an earlier run
+    assert client_module.plan_steps(ledger, 3, rounds=2, server_round=1) == 12
+    assert client_module.plan_steps(ledger, 3, rounds=2, server_round=2) == 9
+
+
+def _paced_sigma(planned: int, ledger: Ledger, sigma_ref: float) -> float:
+    """The rl policy's on-pace sigma (action 0) at the ledger's step, for a plan ending at
+    lifetime step ``planned``."""
+    from dptrain.policies.base import StepContext
+    from dptrain.policies.rl import RLPolicy
+
+    policy = RLPolicy(clip=1.0, noise_multiplier=sigma_ref, rl={"every": 3})
+    policy.bind(["g"], sample_rate=0.1, expected_batch_size=4.0)
+    policy.attach(RunContext(torch.nn.Linear(1, 1), planned, public_batches=[{}]))
+    policy.driver = "env"  # no agent: the on-pace action
+    policy.plan(StepContext(ledger.total_steps, 8.0, 1e-5, ledger))
+    return policy._setting.sigma
+
+
+def test_the_rl_pacer_paces_the_budgets_rest_over_this_server_runs_requests():
+    """An earlier server run left 3 steps on the ledger (the client missed its round 2).
+    Round 1 of a new 2-round run paces what is left over the 6 steps this run can still ask
+    (a plan ending at 3 + 6): more noise than sigma_ref, and all 6 fit the budget.  The old
+    plan (rounds x T = 6, ending before the lifetime counter's 3 + 6) paced it over 3 steps
+    at about sigma_ref: the new run's round 2 would find nothing left."""
+    q, delta, eps = 0.1, 1e-5, 8.0
+    from dptrain.policies.rl import RLPolicy
+
+    sigma_ref = RLPolicy(clip=1.0, rl={"every": 3}).calibrate(
+        eps, delta, sample_rate=q, steps=6, accountant="rdp"
+    )
+    ledger = Ledger()
+    ledger.record(Event(sample_rate=q, noise_multiplier=sigma_ref, steps=3))
+    planned = client_module.plan_steps(ledger, 3, rounds=2, server_round=1)
+    assert planned == 9
+    paced = _paced_sigma(planned, ledger, sigma_ref)
+    rdp = get_accountant("rdp")
+    six = [*ledger.events, Event(sample_rate=q, noise_multiplier=paced, steps=6)]
+    assert paced > sigma_ref and rdp.adaptive_epsilon(six, delta) <= eps
+    old = _paced_sigma(6, ledger, sigma_ref)  # the old plan: this run's 6 steps as lifetime 6
+    assert old < paced  # the rest of the budget over 3 steps: about sigma_ref
+    too_many = [*ledger.events, Event(sample_rate=q, noise_multiplier=old, steps=6)]
+    assert rdp.adaptive_epsilon(too_many, delta) > eps

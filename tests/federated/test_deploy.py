@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tomllib
 
 import pytest
@@ -15,7 +16,7 @@ from accountants import Ledger
 from dptrain.cli import main
 from dptrain.federated import simulate
 from dptrain.federated.deploy import LoopbackFederation, write_app
-from dptrain.federated.holder import simulated
+from dptrain.federated.holder import ClientConfigError, simulated
 from dptrain.recipe import parse_recipe
 from dptrain.rundir import RunDir
 
@@ -42,7 +43,9 @@ def test_superlink_and_two_supernodes_on_loopback_complete_two_rounds(tmp_path):
             os.killpg(pgid, 0)
 
     meta = run.read_meta()
-    assert meta["status"] == "finished" and set(meta["client_epsilon"]) == {"0", "1"}
+    assert meta["status"] == "finished" and "client_epsilon" not in meta
+    assert set(run.read_stats()["client_epsilon"]) == {"0", "1"}  # reported spends: private
+    assert meta["client_guarantee"]["epsilon"] == 8.0
     rounds = run.read_metrics()
     assert [m["round"] for m in rounds] == [1, 2] and all(m["updates"] == 2 for m in rounds)
     for k, state in enumerate(states):  # each client kept its own ledger in its state-dir
@@ -68,3 +71,20 @@ def test_app_dir_is_a_valid_flower_app_carrying_the_recipe(tmp_path, capsys):
     settings = config["tool"]["flwr"]["app"]["config"]
     assert settings["output-dir"] == str((tmp_path / "run").resolve())
     assert parse_recipe(yaml.safe_load(settings["recipe"])) == parse_recipe(tiny_recipe(tmp_path))
+
+
+def test_a_second_supernode_on_a_running_partition_is_refused(tmp_path):
+    """start_client(k) while client k's SuperNode runs would put two nodes on partition-id
+    k (its records trained twice per round): refused; after stop_client(k) it may restart."""
+    recipe = parse_recipe(tiny_recipe(tmp_path, federated={"clients": 2, "min_clients": 1}))
+    configs = [simulated(recipe, k, tmp_path / "states") for k in range(2)]
+    federation = LoopbackFederation(2, tmp_path / "flower", configs)
+    try:  # a process standing in for client 0's SuperNode (no SuperLink is started)
+        sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+        federation.supernodes[0] = federation._spawn("supernode-0", sleeper)
+        with pytest.raises(ClientConfigError, match=r"client 0's SuperNode is running"):
+            federation.start_client(0)
+        federation.stop_client(0)
+        assert 0 not in federation.supernodes
+    finally:
+        federation.close()

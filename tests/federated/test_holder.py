@@ -166,3 +166,21 @@ def test_a_failing_clients_error_text_stays_on_the_client(tmp_path, capsys):
     for f in (tmp_path / "run").rglob("*"):
         assert not f.is_file() or b"4242" not in f.read_bytes(), f
     assert "4242.5" in captured.err  # the client's own log says what went wrong
+
+
+def test_a_set_up_with_two_nodes_on_one_partition_or_state_is_refused(tmp_path):
+    """The run's client_guarantee counts one request per round per client: the simulation
+    and the loopback deployment refuse settings that give two clients one state directory
+    (or a partition-id the recipe does not have), before any run directory exists."""
+    d = tiny_recipe(tmp_path)  # 3 clients
+    recipe = parse_recipe(d)
+    shared = ClientConfig(tmp_path / "clients" / "client-0", 8.0)  # client 0's default state
+    with pytest.raises(ClientConfigError, match=r"clients 0 and 2 share the state-dir"):
+        simulate(recipe, clients={2: shared})
+    with pytest.raises(ClientConfigError, match=r"partition-id\(s\) \[3\].*3 clients \(0..2\)"):
+        simulate(recipe, clients={3: ClientConfig(tmp_path / "elsewhere", 8.0)})
+    assert not RunDir(tmp_path / "run").exists()
+    from dptrain.federated.deploy import LoopbackFederation
+
+    with pytest.raises(ClientConfigError, match=r"clients 0 and 1 share the state-dir"):
+        LoopbackFederation(2, tmp_path / "flower", [shared, shared])

@@ -80,5 +80,9 @@ def test_numeric_labels_are_one_label_however_written_and_blank_ones_are_named(t
     )
     assert record_labels(str(f), "kind", ["a", "b", "c", "d"]) == ["1", "1", "1", "2"]
     f.write_text('{"id": "a", "text": "a", "kind": "x"}\n{"id": "b", "text": "b", "kind": " "}\n')
-    with pytest.raises(DataError, match=r"\['b'\] have no field 'kind'.*partition\.by: null"):
+    with pytest.raises(
+        DataError,
+        match=r"records \['b'\] \(the value is missing, null or empty\): no field 'kind'\. "
+        r"Fix: set federated\.partition\.by .*partition\.by: null",
+    ):
         record_labels(str(f), "kind", ["a", "b"])

@@ -4,11 +4,15 @@ does not answer in time)."""
 
 from __future__ import annotations
 
+import shutil
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from flwr.app import Error, Message
+from flwr.common.constant import ErrorCode
 
 from accountants import Event, Ledger, get_accountant
 from dptrain.cli import main
@@ -16,8 +20,10 @@ from dptrain.federated import client as client_module
 from dptrain.federated import simulate
 from dptrain.federated.client import CLIENT_FAILED
 from dptrain.federated.lora import lora_state
+from dptrain.federated.server import client_guarantee
 from dptrain.federated.strategy import LoraFedAvg
 from dptrain.models import build_model
+from dptrain.publication import PUBLIC_RUN_FIELDS
 from dptrain.recipe import RecipeError, parse_recipe
 from dptrain.rundir import RunDir
 
@@ -253,7 +259,7 @@ def test_crashed_and_silent_clients_do_not_stop_the_round_and_rejoin(tmp_path, m
     )
     assert "no reply" in r1["failures"]["node " + node_of(r1)]
     assert r2["aggregated"] and r2["updates"] == 4  # both rejoin in round 2
-    assert run.read_meta()["client_epsilon_unconfirmed"] == []  # round 2 reported every spend
+    assert run.read_stats()["client_epsilon_unconfirmed"] == []  # round 2 reported every spend
     steps = {k: ledger_of(tmp_path / "clients", k).total_steps for k in range(4)}
     # the crashed client's ledger holds exactly the 2 steps it took, then round 2's 3;
     # the late client trained round 1 after the server moved on: charged all the same
@@ -273,6 +279,54 @@ def node_of(r1: dict) -> str:
 
 def r2_delta(run: RunDir, k: int) -> float:
     return 1 / (10 * entry_size(run, k))
+
+
+def test_run_json_says_nothing_of_which_clients_replied(tmp_path):
+    """Two simulations that differ only in client 1 failing in round 1 (an out-of-memory
+    error on a large Poisson batch, say: a function of its data) publish the same run.json,
+    but for the environment, the key's id and the run's id; the clients' reported spends,
+    which follow who replied when, differ in private/stats.json only."""
+
+    def failing(msg, context, call_next):  # client 1 fails before it reads its ledger
+        if int(context.node_config["partition-id"]) == 1:
+            error = Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, CLIENT_FAILED)
+            return Message(error, reply_to=msg)
+        return call_next(msg, context)
+
+    federated = {"clients": 2, "min_clients": 1, "rounds": 1}
+    runs = []
+    for name, mods in (("healthy", []), ("failed", [failing])):
+        d = tiny_recipe(tmp_path, name, training={"steps": 1}, federated=federated)
+        shutil.rmtree(d["federated"]["state_dir"], ignore_errors=True)  # fresh clients
+        simulate(parse_recipe(d), mods=mods)
+        runs.append(RunDir(tmp_path / name))
+    (a, b), (sa, sb) = (r.read_meta() for r in runs), (r.read_stats() for r in runs)
+    same = {k for k, why in PUBLIC_RUN_FIELDS.items() if why not in ("environment", "key", "nonce")}
+    assert {k: v for k, v in a.items() if k in same} == {k: v for k, v in b.items() if k in same}
+    assert not {"client_epsilon", "client_delta", "client_epsilon_unconfirmed"} & set(a)
+    guarantee = a["client_guarantee"]  # the recipe's calibration for 1 round of 1 step
+    assert guarantee["epsilon"] == 8.0 and guarantee["basis"] == "calibrated"
+    assert guarantee["noise_pairs"] > 0 and 0 < guarantee["delta_noise_truncation"] < 1e-30
+    assert set(sa["client_epsilon"]) == {"0", "1"} and sa["client_epsilon_unconfirmed"] == []
+    assert set(sb["client_epsilon"]) == {"0"} and len(sb["client_epsilon_unconfirmed"]) == 1
+    assert all(v <= guarantee["epsilon"] for v in sa["client_epsilon"].values())
+    engine = torch.load(tmp_path / "clients" / "client-0" / "engine.pt", weights_only=True)
+    assert engine["engine"]["noise"]["pairs"] == guarantee["noise_pairs"]  # 1 step: the bound
+
+
+def test_client_guarantee_is_the_recipe_s_bound_or_none():
+    """Fixed noise at a fixed sample rate and delta: the planned composition of all rounds'
+    local steps; fixed noise at q = B / N_k: no bound from the recipe (the filters decide)."""
+    fixed = {"policy": {"noise_multiplier": 1.0}, "privacy": {"delta": 1e-4}}
+    d = tiny_recipe(Path("/tmp"), training={"sample_rate": 0.1}, **fixed)
+    del d["training"]["batch_size"]
+    g = client_guarantee(parse_recipe(d), pairs_per_step=10)
+    rdp = get_accountant("rdp").epsilon([Event(0.1, 1.0, 2 * 3)], 1e-4)
+    assert g["basis"] == "planned" and g["epsilon"] == pytest.approx(rdp)
+    assert g["noise_pairs"] == 2 * 3 * 10 and g["delta"] == 1e-4
+    g = client_guarantee(parse_recipe(tiny_recipe(Path("/tmp"), **fixed)), pairs_per_step=10)
+    assert g["basis"] == "client filters" and g["epsilon"] is None and g["noise_pairs"] is None
+    assert "caps its spend over its lifetime" in g["statement"]
 
 
 def test_federated_recipe_errors_are_clear(tmp_path, capsys):

@@ -275,6 +275,25 @@ def test_strategy_sorts_replies_and_respects_min_clients(tmp_path, task_identity
     assert s.epsilon[1] == 7.9 and s.reports[3].clients[1]["epsilon"] == 1.0 and not s.unconfirmed
 
 
+def test_a_second_reply_for_one_client_in_a_round_is_not_aggregated(tmp_path, task_identity):
+    """One update per client per round: a second node answering for the same partition-id is
+    recorded (privately) and dropped; its spend still counts."""
+    s = strategy_for(tmp_path, strategy="ffa_lora", clients=2, min_clients=1)
+    g0 = {k: v.float() for k, v in adapters(0).items()}
+    s.current, s.sent = g0, [11, 12]
+    b1, b3 = torch.ones(5, 3), 3 * torch.ones(5, 3)
+    second = update(12, 0, {B: b3, B2: b3}, n=10)
+    second.content["metrics"]["epsilon"] = 2.0
+    arrays, _ = s.aggregate_train(1, [update(11, 0, {B: b1, B2: b1}, n=10), second])
+    report = s.reports[1]
+    assert report.updates == 1 and report.clients[0]["epsilon"] == 1.0
+    torch.testing.assert_close(arrays.to_torch_state_dict()[B], b1)  # node 12's dropped
+    assert "two nodes share partition-id 0" in report.failures["node 12"]
+    assert s.shared_partitions == {0: [1]} and s.epsilon[0] == 2.0 and not s.unconfirmed
+    # a configure_train request names the server run and its round
+    assert len(s.run_id) == 32
+
+
 def test_superlink_errors_for_expired_requests_are_charged_to_their_nodes(tmp_path, task_identity):
     """The SuperLink answers a request whose TTL ran out (or whose node is gone) with its own
     error, from SUPERLINK_NODE_ID: it is the request's node that failed, once, never node 1."""

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dptrain.grad_sample import GradCapture, UnsupportedLayerError
-from dptrain.grad_sample.capture import _grad_tol, _precision
+from dptrain.grad_sample.capture import _grad_tol, _precision, _value_tol
 
 
 def _mse(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -160,3 +160,23 @@ def test_backward_coupling_of_the_last_rows_is_refused(b):
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), _LastTwoMean(), nn.Linear(5, 3))
     with pytest.raises(UnsupportedLayerError, match=r"only gradients differ.*Fix"):
         _probe(model, _mse, b)
+
+
+def _size_offset(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """A coupling in the loss values alone: 0.01 per other sample in the batch (no gradient)."""
+    return 0.1 * _mse(model, batch) + 0.01 * (batch[0].shape[0] - 1)
+
+
+def test_value_tolerance_follows_the_precision():
+    """8 eps in the 16-bit types, at most the former flat 3e-2 (bfloat16 keeps it); a float16
+    loss moved by 0.01 per sample that joins (up to 2e-2 of 1 + |loss| here) is refused now,
+    where the flat 3e-2 (31 float16 eps) passed it."""
+    assert _value_tol(torch.float16) == 8 * 2.0**-10
+    assert _value_tol(torch.bfloat16) == 3e-2 < 8 * 2.0**-7
+    assert _value_tol(torch.float32) == 1e-4 and _value_tol(torch.float64) == 1e-8
+    assert _value_tol(torch.int64) == 3e-2
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+    with pytest.raises(UnsupportedLayerError, match="loss changes when another sample joins"):
+        _probe(model, _size_offset, 3, torch.float16)
+    _probe(model, _mse, 3, torch.float16)  # independent samples pass

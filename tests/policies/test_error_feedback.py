@@ -203,6 +203,32 @@ def test_calibrate_before_bind_meets_the_target_or_is_refused(clip, group_clip, 
         assert rdp.epsilon([charged], delta) == pytest.approx(eps, rel=1e-3), policy.name
 
 
+def test_a_noise_multiplier_set_by_hand_after_calibrate_is_bound_and_charged_at_its_rho():
+    """calibrate() assumed C1 = clip; a sigma set by hand afterwards carries no such assumption:
+    bind accepts it and each step is charged at that sigma and the bound rho = 2 C2 / C1 (the
+    charge of a policy constructed with that C1 and sigma, the same epsilon)."""
+    from accountants import error_feedback_event, get_accountant
+
+    q, steps, delta, c2 = 0.05, 50, 1e-5, 0.05
+    policy = ErrorFeedbackPolicy(1.0, group_clip={"a": 0.3, "b": 0.4}, error_clip=c2)
+    sigma = policy.calibrate(4.0, delta, sample_rate=q, steps=steps, accountant="rdp")
+    policy.noise_multiplier = 1.3 * sigma  # by hand: the calibration no longer applies
+    policy.bind(["a", "b"], sample_rate=q, expected_batch_size=10.0)
+    charged = policy.event(policy.plan(None))
+    assert charged.noise_multiplier == pytest.approx(1.3 * sigma, rel=1e-12)
+    assert charged.param("feedback_sensitivity") == pytest.approx(2 * c2 / 0.5)  # C1 = 0.5
+    fresh = ErrorFeedbackPolicy(0.5, 1.3 * sigma, {"a": 0.3, "b": 0.4}, error_clip=c2)
+    fresh.bind(["a", "b"], sample_rate=q, expected_batch_size=10.0)
+    rdp = get_accountant("rdp")
+    eps = rdp.epsilon([charged.with_steps(steps)], delta)
+    assert eps == pytest.approx(
+        rdp.epsilon([fresh.event(fresh.plan(None)).with_steps(steps)], delta)
+    )
+    # never the calibration's smaller rho: that would under-report
+    low = error_feedback_event(q, 1.3 * sigma, 2 * c2 / 1.0, steps)
+    assert eps > rdp.epsilon([low], delta)
+
+
 def tiny_recipe(tmp_path: Path, name: str, **policy) -> dict:
     d = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
     d["lora"] = {"r": 2, "alpha": 4, "target_modules": ["c_attn"]}

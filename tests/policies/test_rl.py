@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from accountants import Budget, Event, get_accountant
+from accountants import Budget, Event, Ledger, get_accountant
 from dptrain.batching import batch_slice
 from dptrain.cli import main
 from dptrain.engine import BudgetExceeded, PrivacyEngine
@@ -226,7 +226,12 @@ def test_resume_continues_the_same_agent_and_the_report_names_the_adaptive_filte
     d = recipe(tmp_path, "split")
     share_key(full.run_dir, tmp_path / "split")  # the same secret coins and noise
     train(parse_recipe(d), progress=False, max_steps_this_session=3)
+    sigma_ref = RunDir(tmp_path / "split").read_meta()["calibrated_noise_multiplier"]
+    capsys.readouterr()
     train(parse_recipe(d), tmp_path / "split", resume=True, progress=False)
+    err = capsys.readouterr().err  # sigma_ref is restored, not calibrated again
+    assert "calibrated noise multiplier" not in err
+    assert f"restored noise multiplier {sigma_ref:.4f} (from run.json" in err
     (a_agent, a_model), (b_agent, b_model) = (
         _agent_state(full.run_dir),
         _agent_state(tmp_path / "split"),
@@ -260,6 +265,41 @@ def test_resume_continues_the_same_agent_and_the_report_names_the_adaptive_filte
     assert shared["delta"] == pytest.approx(warm_meta["delta_total"] + meta["delta_total"])
     head = [line for line in capsys.readouterr().out.splitlines() if "privacy guarantee" in line]
     assert head and head[0].startswith("privacy guarantee   (16.0000,")
+
+
+def test_a_run_stopped_at_the_budget_is_refused_on_resume_before_the_model_loads(tmp_path, capsys):
+    """Unpaced low noise overspends: the filter stops the run.  A resume of the same plan would
+    take the refused step again: it is refused from run.json and ledger.json, with the static
+    policies' message, and neither the checkpoint nor the model is loaded."""
+    d = recipe(
+        tmp_path,
+        "spent",
+        model={"name": "tiny-gpt2:n_layer=1,n_embd=16,n_head=2"},
+        data={"max_length": 16, "max_validation_records": 4},
+        training={"steps": 40, "checkpoint_every": 40},
+        policy={"noise_multiplier": 0.6, "rl": {"every": 2, "batch_size": 8, "pacing": False}},
+        privacy={"epsilon": 2.0},
+    )
+    d["generation"] = {"samples": 0}
+    path = tmp_path / "spent.yaml"
+    path.write_text(yaml.safe_dump(d))
+    assert main(["train", str(path), "--no-progress"]) == 0
+    run = RunDir(tmp_path / "spent")
+    meta = run.read_meta()
+    assert meta["stopped_by_budget"] and meta["steps"] < 40
+    files = {f: f.read_bytes() for f in (run.path / "run.json", run.ledger)}
+    capsys.readouterr()
+    assert main(["train", str(path), "--resume", str(run.path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "privacy.epsilon: the budget (2.0," in err and "is already spent (epsilon" in err
+    assert f"the adaptive privacy filter refused step {meta['steps'] + 1}" in err
+    assert "loading model" not in err and "resumed" not in err
+    assert all(f.read_bytes() == b for f, b in files.items())
+    # another plan (more steps) is priced by the filter at its first step, as before
+    more = ["--set", "training.steps=41"]
+    assert main(["train", str(path), "--resume", str(run.path), "--no-progress", *more]) == 0
+    assert "loading model" in capsys.readouterr().err
+    assert Ledger.load(run.ledger).total_steps == meta["steps"]
 
 
 def test_recipe_errors_name_the_key_and_the_fix(tmp_path):
@@ -412,3 +452,83 @@ def test_bad_clip_or_sigma_ref_is_refused_with_the_key_and_the_fix(kw, key):
     # sigma_ref = 0 (recipe-legal with epsilon .inf) used to end in a ZeroDivisionError mid-step
     with pytest.raises(RecipeError, match=rf"{key}.*Fix"):
         RLPolicy(**{"clip": 1.0, **kw})
+
+
+def _count_step_sums(run: Run, counts: torch.Tensor | None) -> tuple:
+    """The plan of a count step (every=2: step 2) and zero clipped sums with ``counts``."""
+    from dptrain.policies import StepSums
+
+    run.policy.driver = "env"  # no agent: the release is tested, not the decisions
+    ctx = run.engine.context()
+    ctx.step = 1
+    plan = run.policy.plan(ctx)
+    assert plan.count_std is not None
+    sums = StepSums(
+        clipped={p: torch.zeros_like(p) for p in run.engine.params},
+        raw=None,
+        group_of=run.engine.group_of,
+        expected_batch_size=run.engine.expected_batch_size,
+        counts=counts,
+    )
+    return plan, sums
+
+
+def test_counts_of_the_wrong_shape_are_refused_before_any_noise_is_drawn():
+    from tests._support import seeded_noise
+
+    noise = seeded_noise(5)
+    run = Run({}, eps=20.0, noise=noise)
+    nb = len(run.policy.bands)
+    plan, sums = _count_step_sums(run, torch.zeros(nb + 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match=rf"StepSums.counts has shape \({nb + 1},\)"):
+        run.policy.release(sums, plan, noise)
+    assert noise.pairs == 0 and noise.block == 0  # nothing drawn, the counter where it was
+    assert run.policy._state.released.steps == 0
+    plan, sums = _count_step_sums(run, torch.zeros(nb, dtype=torch.float64))
+    out = run.policy.release(sums, plan, noise)
+    params = sum((p.numel() + 1) // 2 for p in run.engine.params)
+    assert noise.pairs == params + (nb + 1) // 2  # the update's pairs, then the counts'
+    # the released energy per band, read in one transfer: bitwise the per-parameter sums
+    energy, expected = np.zeros(nb), np.zeros(nb)
+    for p, u in out.items():
+        energy[run.policy.band_of[run.engine.group_of[p]]] += float(u.double().pow(2).sum())
+    for g, d in run.policy._dims.items():
+        expected[run.policy.band_of[g]] += d * (plan.noise_std[g] / sums.expected_batch_size) ** 2
+    assert run.policy._state.released.energy_ratio.tolist() == (energy / expected).tolist()
+
+
+def test_private_counts_are_the_per_band_centred_counts_in_float64_on_the_cpu():
+    run = Run({}, eps=20.0)
+    plan, _ = _count_step_sums(run, None)
+    bands = run.policy.bands
+    flags = {
+        g: torch.tensor([True, False, True, True, i % 2 == 0])
+        for i, g in enumerate(run.policy.groups)
+    }
+    missing = bands[-1][0]
+    del flags[missing]  # a group with no samples here: its band counts the others
+    got = run.policy.private_counts(plan, flags)
+    want = []
+    for band in bands:
+        present = [flags[g] for g in band if g in flags]
+        inside = torch.stack(present).all(0) if present else None
+        want.append(0.0 if inside is None else float(inside.sum()) - inside.numel() / 2)
+    assert got.dtype == torch.float64 and got.device.type == "cpu"
+    assert got.tolist() == want
+
+
+def test_rl_steps_make_no_tensor_on_the_default_device():
+    """As tests/engine/test_default_device.py: the default device is meta, the model and the
+    batches on the CPU; two steps, the second releasing the noisy counts."""
+    run = Run({}, eps=20.0, steps=4)
+    run.policy.driver = "env"
+    batches = []
+    for t in range(2):
+        idx = run.sampler.sample(t).tolist() or [0]
+        batches.append({k: v[idx] for k, v in run.data.items()})
+    with torch.device("meta"):
+        for b in batches:
+            run.engine.step(b)
+    assert run.engine.steps_taken == 2
+    fraction = run.policy._state.released.fraction
+    assert fraction is not None and np.isfinite(fraction).all()

@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+import accountants
 import accountants.ledger
 from accountants import Ledger
 from dptrain.cli import main
@@ -282,20 +283,44 @@ def test_a_crash_after_a_checkpoint_and_before_the_resume_truncates_the_metrics(
     assert_same_as_uninterrupted(run, ref)
 
 
-def test_a_resume_says_the_noise_is_restored_not_calibrated(tmp_path, capsys, reference):
+def test_a_resume_restores_the_noise_and_never_calibrates(tmp_path, capsys, reference, monkeypatch):
+    """The resume takes run.json's sigma as is: no calibration runs (counted through
+    ``accountants.calibrate_noise``, which the static policy's ``calibrate`` calls), none is
+    logged, and the resumed steps are charged at that sigma."""
     key, _ = reference
     path, run = fresh_run(tmp_path, key)
     d = yaml.safe_load(path.read_text())
     d["policy"]["noise_multiplier"] = None  # calibrated for the budget
     path.write_text(yaml.safe_dump(d))
-    recipe = parse_recipe(d)
-    train(recipe, progress=False, cross_check=False, max_steps_this_session=1)
+    calls: list[tuple] = []
+    real = accountants.calibrate_noise
+
+    def counted(*args: Any, **kw: Any) -> float:
+        calls.append(args)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(accountants, "calibrate_noise", counted)
+    train(parse_recipe(d), progress=False, cross_check=False, max_steps_this_session=1)
     first = capsys.readouterr().err
     sigma = run.read_meta()["calibrated_noise_multiplier"]
-    assert f"calibrated noise multiplier {sigma:.4f}" in first
+    assert len(calls) == 1 and f"calibrated noise multiplier {sigma:.4f}" in first
     train(
-        recipe, run.path, resume=True, progress=False, cross_check=False, max_steps_this_session=1
+        parse_recipe(d),
+        run.path,
+        resume=True,
+        progress=False,
+        cross_check=False,
+        max_steps_this_session=1,
     )
     again = capsys.readouterr().err
+    assert len(calls) == 1, "the resume calibrated the noise again"
     assert "calibrated noise multiplier" not in again
+    assert not [line for line in again.splitlines() if line.startswith("calibrat")]
     assert f"restored noise multiplier {sigma:.4f} (from run.json" in again
+    events = Ledger.load(run.ledger).events
+    assert sum(e.steps for e in events) == 2
+    # both sessions charge one mechanism: sigma's noise std over the clip (sigma C / C, to
+    # the last bit of that division)
+    (charged,) = {e.noise_multiplier for e in events}
+    assert charged == pytest.approx(sigma, rel=1e-15)
+    assert run.read_meta()["calibrated_noise_multiplier"] == sigma

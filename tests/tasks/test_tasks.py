@@ -62,7 +62,12 @@ def test_structured_records_are_one_canonical_text_each(tmp_path: Path) -> None:
     ds = load_records(write_jsonl(tmp_path / "i.jsonl", rows), task)
     assert json.loads(ds.texts[0]) == {"prompt": "Say hi", "response": "hi"}
     assert ds.ids[0].startswith("text-") and ds.ids[1] == "r2"
-    with pytest.raises(DataError, match=r"no field 'answer'.*Fix: set task\.response_field"):
+    # the wording of data.text_field's (tests/data/test_loading.py): the same helper
+    one_wording = (
+        r"i\.jsonl:1: no field 'answer'; available fields: q, a\. Fix: set task\.response_field "
+        r"in the recipe to the field that holds the response$"
+    )
+    with pytest.raises(DataError, match=one_wording):
         load_records(
             str(tmp_path / "i.jsonl"),
             TaskSection(kind="instruction", prompt_field="q", response_field="answer"),

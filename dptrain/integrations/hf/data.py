@@ -186,7 +186,12 @@ class PadCollator:
                 out[k] = torch.stack(values)
                 continue
             width = max(v.shape[0] for v in values)
-            batch = torch.full((len(values), width), self.pad.get(k, 0), dtype=values[0].dtype)
+            batch = torch.full(
+                (len(values), width),
+                self.pad.get(k, 0),
+                dtype=values[0].dtype,
+                device=values[0].device,
+            )
             for i, v in enumerate(values):
                 batch[i, : v.shape[0]] = v
             out[k] = batch

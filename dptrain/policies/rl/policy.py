@@ -267,13 +267,30 @@ class RLPolicy(Policy):
         disjoint parts of the batch, so the engine's sum over ranks is the global batch's."""
         if not isinstance(plan, RLPlan) or plan.count_std is None:
             return None
+        # on the CPU (the engine's contract: it moves the counts for the all-reduce and back,
+        # and the release noises them there); the flags stay on their device, and their
+        # sums come to the host in one transfer (exact: integers below 2^53 in float64)
         centred = torch.zeros(len(self.bands), dtype=torch.float64, device="cpu")
+        counted, sums, half = [], [], []
         for b, band in enumerate(self.bands):
             flags = [within_clip[g] for g in band if g in within_clip]
             if flags:
-                inside = torch.stack(flags).all(0)
-                centred[b] = float(inside.sum()) - inside.numel() / 2
+                dev = flags[0].device
+                inside = torch.stack([f.to(dev) for f in flags]).all(0)
+                counted.append(b)
+                sums.append(inside.sum())
+                half.append(inside.numel() / 2)
+        if counted:
+            dev = sums[0].device
+            total = torch.stack([t.to(dev) for t in sums]).to(device="cpu", dtype=torch.float64)
+            where = torch.tensor(counted, dtype=torch.long, device="cpu")
+            centred[where] = total - torch.tensor(half, dtype=torch.float64, device="cpu")
         return centred
+
+    @property
+    def max_noised_counts(self) -> int:
+        """One noisy count per band on a count step (none without ``clip_fraction_noise``)."""
+        return 0 if self.count_std is None else len(self.bands)
 
     def release(self, sums: StepSums, plan: StepPlan, noise: NoiseFn) -> dict[nn.Parameter, Tensor]:
         """The DP-SGD release and, on count steps, the noisy fraction of samples within clip
@@ -284,19 +301,21 @@ class RLPolicy(Policy):
         engine runs the release on rank 0 alone).  Privacy contract unchanged by the ranks:
         adding or removing one sample, held by exactly one rank, moves each band's summed
         centred count by 1/2, the sensitivity :func:`.control.count_cost` charges."""
-        out = super().release(sums, plan, noise)
-        fraction = None
+        centred = None  # validated before any noise is drawn: a refusal draws nothing
         if isinstance(plan, RLPlan) and plan.count_std is not None:
             centred = sums.counts
             if centred is None:
                 centred = self.private_counts(plan, sums.within_clip)
-            centred = centred.to(device="cpu", dtype=torch.float64)
-            if centred.shape != (len(self.bands),):
+            if tuple(centred.shape) != (len(self.bands),):
                 raise ValueError(
                     f"StepSums.counts has shape {tuple(centred.shape)}, policy rl has "
                     f"{len(self.bands)} bands: pass the sum of its private_counts(plan, "
                     "within_clip) over the batch's parts, or leave counts None"
                 )
+            centred = centred.to(device="cpu", dtype=torch.float64)
+        out = super().release(sums, plan, noise)
+        fraction = None
+        if centred is not None:
             noisy = centred + noise(centred, plan.count_std).to(torch.float64)
             fraction = (noisy / sums.expected_batch_size + 0.5).numpy()
         self._record(out, plan, sums, fraction)  # released values only from here on
@@ -309,9 +328,13 @@ class RLPolicy(Policy):
                 self._dims[sums.group_of[p]] += t.numel()
         n = len(self.bands)
         energy, expected = np.zeros(n), np.zeros(n)
-        with torch.no_grad():
-            for p, u in out.items():
-                energy[self.band_of[sums.group_of[p]]] += float(u.double().pow(2).sum())
+        with torch.no_grad():  # every parameter's sum of squares in one host transfer
+            squares = [u.double().pow(2).sum() for u in out.values()]
+            if squares:
+                dev = squares[0].device
+                read = torch.stack([s.to(dev) for s in squares]).tolist()
+                for p, v in zip(out, read, strict=True):
+                    energy[self.band_of[sums.group_of[p]]] += v
         for g, d in self._dims.items():
             expected[self.band_of[g]] += d * (plan.noise_std[g] / sums.expected_batch_size) ** 2
         rel = self._state.released
