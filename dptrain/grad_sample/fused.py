@@ -5,8 +5,9 @@
   data inputs' gradients only, so autograd never forms the (discarded) ordinary parameter
   gradient; the parameters are inputs of the node (so that its output requires grad) but get
   ``None``.  The input gradient is the rule's closed form, or the aten backward of the
-  function's aten forward with the statistics that forward saved (norms), or, for the rest,
-  ``torch.autograd.grad`` of an inner graph of the function kept from the forward.
+  function's aten forward with the statistics that forward saved (norms; transposed
+  convolutions need none), or, for the rest, ``torch.autograd.grad`` of an inner graph of
+  the function kept from the forward.
 * :class:`Alias` stands for a parameter inside a module call whose per-sample gradients come
   from re-running that call per sample (:mod:`.local`): ``forward`` returns the parameter's
   value, ``backward`` discards the batch gradient.

@@ -27,7 +27,8 @@ Rules in closed form (sums of outer products, so ghost norms apply, see :mod:`.o
 Every other registered function (transposed and 3-d convolutions, grouped convolutions,
 ``instance_norm``, ``prelu``, ``embedding_bag`` on 2-d input) treats the samples of its batch
 independently, so its per-sample gradients are ``vmap`` over the samples of ``grad`` of the
-function itself: exact, with no rule to get wrong.
+function itself: exact, with no rule to get wrong.  (The input gradient of a transposed
+convolution is ``convolution_backward``, the call autograd makes.)
 """
 
 from __future__ import annotations
@@ -426,6 +427,33 @@ class ConvTranspose(OpRule):
     def accepts(self, args: dict[str, Any]) -> bool:
         return args["input"].dim() == self.dims + 2
 
+    def saved_forward(self, call: OpCall, x: Tensor) -> tuple[Tensor, tuple]:
+        return self.compute(call, x), ()  # the backward needs only the call's arguments
+
+    def saved_input_grad(self, call: OpCall, saved: tuple, g: Tensor) -> Tensor:
+        """``convolution_backward`` of the transposed convolution, the call autograd makes
+        (``conv_transpose{1,2,3}d`` is ``convolution(..., transposed=True)``), for the input
+        only; the input and weight in ``g``'s type are autocast's casts (these convolutions
+        run in the lower-precision type), no-ops without autocast."""
+        a, d = call.args, self.dims
+
+        def n(v: Any) -> list[int]:
+            return list(v) if isinstance(v, (tuple, list)) else [v] * d
+
+        return _CONV_BACKWARD(
+            g,
+            call.input.to(g.dtype),
+            a["weight"].to(g.dtype),
+            None,
+            n(a["stride"]),
+            n(a["padding"]),
+            n(a["dilation"]),
+            True,
+            n(a["output_padding"]),
+            a["groups"],
+            [True, False, False],
+        )[0]
+
 
 class Norm(OpRule):
     """Elementwise affine normalizations: ``y = w * n(a) + b`` per position, so
@@ -692,6 +720,7 @@ class Elementwise(OpRule):
         return {"weight": full.sum_to_size((b, *aligned[1:])).reshape(b, *w.shape)}
 
 
+_CONV_BACKWARD = torch.ops.aten.convolution_backward.default
 _LAYER_NORM_BACKWARD = torch.ops.aten.native_layer_norm_backward.default
 _GROUP_NORM_BACKWARD = torch.ops.aten.native_group_norm_backward.default
 

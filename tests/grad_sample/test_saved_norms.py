@@ -1,6 +1,8 @@
-"""Norms' input gradients from the aten backward with the forward's saved statistics: the same
-bits as the inner-graph path (``generic_input_grads``), for the rule alone and for the engine's
-clipped update, in float32, float64 and bfloat16, under CPU autocast and with checkpointing."""
+"""Norms' input gradients from the aten backward with the forward's saved statistics, and
+transposed convolutions' from ``convolution_backward``: the same bits as autograd through the
+function (the inner-graph path, ``generic_input_grads``), for the rule alone and for the
+engine's clipped update, in float32, float64 and bfloat16, under CPU autocast and with
+checkpointing."""
 
 from __future__ import annotations
 
@@ -96,6 +98,31 @@ def test_saved_input_grads_under_cpu_autocast(amp, same):
             _check_call(func, x, args, g.to(amp))
 
 
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_transposed_conv_input_grad_is_autograds_bits(dims, amp):
+    """``convolution_backward`` as autograd calls it: strides, padding, output padding,
+    dilation and groups; float32, float64, bfloat16, and float32 under CPU autocast."""
+    gen = torch.Generator().manual_seed(dims)
+    func = {1: torch.conv_transpose1d, 2: torch.conv_transpose2d, 3: torch.conv_transpose3d}
+    func = func[dims]
+    options = [(1, 0, 0, 1, 1), (2, 1, 1, 1, 1), (2, (1,) * dims, (1,) * dims, 2, 2)]
+    for dtype in [torch.float32] if amp else DTYPES:
+        for stride, pad, out_pad, dil, groups in options:
+            x = torch.randn(2, 4, *[4] * dims, generator=gen).to(dtype)
+            w = nn.Parameter(torch.randn(4, 6 // groups, *[3] * dims, generator=gen).to(dtype))
+            args = {"weight": w, "stride": stride, "padding": pad, "output_padding": out_pad}
+            args.update(groups=groups, dilation=dil)
+            amp_ctx = torch.autocast("cpu", dtype=amp) if amp else contextlib.nullcontext()
+            with amp_ctx:
+                xd = x.detach().requires_grad_(True)
+                y = func(xd, **args)
+                g = torch.randn(y.shape, generator=gen).to(y.dtype)
+                (ref,) = torch.autograd.grad(y, xd, g)
+                gx = _saved_input_grad(func, x, args, g)[1]
+            assert torch.equal(gx, ref) and gx.dtype == ref.dtype, (stride, pad, dil, groups)
+
+
 def _updates_equal(build, batch, loss, *, autocast: bool = False, checkpointing: bool = False):
     def run(generic: bool) -> dict[str, torch.Tensor]:
         model = build()
@@ -133,11 +160,18 @@ def test_engine_update_with_checkpointing_is_the_generic_paths_bits():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_group_norm_net_update_is_the_generic_paths_bits(dtype):
+def test_conv_net_update_is_the_generic_paths_bits(dtype):
+    """GroupNorm (saved statistics) and a transposed convolution (its input gradient)."""
+
     def build() -> nn.Module:
         torch.manual_seed(0)
         net = nn.Sequential(
-            nn.Conv1d(2, 4, 3), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(16, 3)
+            nn.Conv1d(2, 4, 3),
+            nn.GroupNorm(2, 4),
+            nn.Tanh(),
+            nn.ConvTranspose1d(4, 2, 3, stride=2),
+            nn.Flatten(),
+            nn.Linear(18, 3),
         )
         return net.to(dtype)
 
