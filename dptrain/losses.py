@@ -41,14 +41,35 @@ class TokenNLL:
 
 
 def token_nll(logits: Tensor, labels: Tensor) -> TokenNLL:
-    """Shifted next-token NLL; labels of -100 are ignored."""
-    logits = logits[:, :-1]
-    labels = labels[:, 1:]
+    """Shifted next-token NLL: position ``t``'s logits against label ``t + 1``; labels of -100
+    are ignored.
+
+    On the CPU, when every sequence's last logits are finite, the cross-entropy runs on all
+    ``T`` rows of the contiguous logits with the last row's label set to -100 (ignored: loss 0,
+    gradient 0), and its last column is dropped.  The cross-entropy and its backward act on
+    each row alone, so the losses and the logits' gradient are bit for bit those of the
+    sliced ``(B, T - 1, V)`` form, without its two ``B T V`` copies (the slice made contiguous
+    in the forward, the zero-filled slice gradient in the backward), each a fresh allocation
+    that the CPU page-faults in.  A non-finite last row would make its (ignored) gradient NaN
+    (softmax's backward multiplies ``exp(log p)`` by the row's zero gradient sum), so that case,
+    and other devices (where the copies are cheap and the finiteness test would wait for the
+    device), take the sliced form."""
     b, t, v = logits.shape
-    nll = F.cross_entropy(
-        logits.reshape(-1, v).float(), labels.reshape(-1), ignore_index=-100, reduction="none"
-    ).view(b, t)
-    return TokenNLL(nll, (labels != -100).to(nll.dtype))
+    targets = labels[:, 1:]
+    full = logits.device.type == "cpu" and t > 0 and bool(torch.isfinite(logits[:, -1]).all())
+    if full:
+        shifted = F.pad(targets, (0, 1), value=-100)
+        nll = F.cross_entropy(
+            logits.reshape(-1, v).float(), shifted.reshape(-1), ignore_index=-100, reduction="none"
+        ).view(b, t)[:, :-1]
+    else:
+        nll = F.cross_entropy(
+            logits[:, :-1].reshape(-1, v).float(),
+            targets.reshape(-1),
+            ignore_index=-100,
+            reduction="none",
+        ).view(b, t - 1)
+    return TokenNLL(nll, (targets != -100).to(nll.dtype))
 
 
 def classification_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:

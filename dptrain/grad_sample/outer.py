@@ -172,9 +172,19 @@ def inner(f: Outer, g: Outer) -> Tensor:
 
 
 def _gram_dot(left: Tensor, right: Tensor) -> Tensor:
-    """``sum_{t,s} left_bts right_bts`` per sample in float64 (a bool ``left``: a mask)."""
+    """``sum_{t,s} left_bts right_bts`` per sample in float64 (a bool ``left``: a mask).
+
+    The products are taken in float64 into one float64 copy of ``left`` (``right`` is cast
+    element by element inside the multiply, no second copy).  That is the product of the two
+    float64 casts: a product of two float32 (or float16, bfloat16) values is exact in float64,
+    so the reduced values are bit for bit those of ``(left.double() * right.double()).sum``.
+    Only for contiguous Gram matrices (bmm's and gather's outputs), where both products are
+    laid out alike and the float64 sum adds in the same order; a transposed one (an index
+    factor's Gram against a dense one) takes the two casts."""
     if left.dtype == torch.bool:
         return torch.where(left, right, 0.0).to(NORM_DTYPE).sum((1, 2))
+    if left.is_contiguous() and right.is_contiguous() and left.shape == right.shape:
+        return left.to(NORM_DTYPE, copy=True).mul_(right).sum((1, 2))
     return (left.to(NORM_DTYPE) * right.to(NORM_DTYPE)).sum((1, 2))
 
 

@@ -12,7 +12,14 @@ from torch import nn
 from dptrain.clipping import clip_and_sum
 from dptrain.engine import PrivacyEngine
 from dptrain.grad_sample import GradCapture, Outer
-from dptrain.grad_sample.outer import bound, inner, norm_sq, norm_sq_and_bound, prefer_ghost
+from dptrain.grad_sample.outer import (
+    _gram_dot,
+    bound,
+    inner,
+    norm_sq,
+    norm_sq_and_bound,
+    prefer_ghost,
+)
 from dptrain.losses import causal_lm_loss
 from dptrain.policies import StaticPolicy
 from tests._support import (
@@ -84,6 +91,22 @@ def test_norm_and_bound_in_one_pass(kinds, t, dtype):
     assert_close_rel(s, sum(bound(f) for f in fs), what="bound", rtol=1e-5)
     materialized = sum(f.materialize() for f in fs).flatten(1).double()
     assert bool((materialized.norm(dim=1) <= s * (1 + 1e-5)).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_dot_in_place_product_is_the_two_cast_product(dtype):
+    """The Gram sum multiplies into one float64 copy: bit for bit the product of two float64
+    casts (float32 products are exact in float64), transposed Gram matrices too, and neither
+    Gram matrix is changed (a float64 one is not the copy)."""
+    g = torch.Generator().manual_seed(5)
+    left = (1e3 * torch.randn(3, 9, 9, generator=g)).to(dtype)
+    right = torch.randn(3, 9, 9, generator=g).to(dtype)
+    keep_l, keep_r = left.clone(), right.clone()
+    for a, b in [(left, right), (left.transpose(1, 2), right), (left, right.transpose(1, 2))]:
+        want = (a.to(torch.float64) * b.to(torch.float64)).sum((1, 2))
+        got = _gram_dot(a, b)
+        assert torch.equal(got.view(torch.int64), want.view(torch.int64))
+    assert torch.equal(left, keep_l) and torch.equal(right, keep_r)
 
 
 def test_cost_rule_is_the_t2_vs_mn_trade_off():
