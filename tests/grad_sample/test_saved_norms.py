@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dptrain.check import engine_update
+from dptrain.check import EngineProbe, engine_update
 from dptrain.grad_sample.fused import generic_input_grads
 from dptrain.grad_sample.ops import OPS
 from dptrain.losses import causal_lm_loss
@@ -182,3 +182,47 @@ def test_conv_net_update_is_the_generic_paths_bits(dtype):
         return (model(b[0]).float() - b[1]).square().sum(1)
 
     _updates_equal(build, batch, loss)
+
+
+class _DirectUpstream(nn.Module):
+    """A layer norm, a transposed convolution and a group norm downstream of a parameter the
+    loss uses outside every module (differentiated directly: one vectorized backward over the
+    per-sample losses, ``is_grads_batched``, runs through their fused nodes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.randn(6, 6) * 0.5)
+        self.ln = nn.LayerNorm(6)
+        self.conv_t = nn.ConvTranspose1d(2, 2, 3, stride=2)
+        self.gn = nn.GroupNorm(1, 2)
+        self.head = nn.Linear(26, 2)
+
+    def forward(self, x):
+        return self.head(self.gn(self.conv_t(self.ln(x))).flatten(1))
+
+
+def _direct_loss(model, batch):
+    return (model(torch.matmul(batch[0], model.p)) - batch[1]).square().sum(1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batched_direct_backward_through_saved_nodes_is_the_generic_paths_bits(dtype):
+    gen = torch.Generator().manual_seed(0)
+    batch = (torch.randn(3, 2, 6, generator=gen).to(dtype), torch.randn(3, 2, generator=gen))
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return _DirectUpstream().to(dtype)
+
+    def loss(model, b):
+        return _direct_loss(model, b).float()
+
+    _updates_equal(build, (batch[0], batch[1].to(dtype)), loss)
+    model = build()
+    probe = EngineProbe(model, loss, 1e-2, "flat", 3.0)
+    try:
+        probe.step((batch[0], batch[1].to(dtype)))
+        plan = probe.engine.capture.plan
+        assert plan.direct and plan.direct_batched  # the vectorized backward was taken
+    finally:
+        probe.close()
