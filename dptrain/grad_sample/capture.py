@@ -1144,18 +1144,54 @@ def _tree(model: nn.Module) -> _Tree:
     modules, params, buffers = [], [], []
     seen_p: set[int] = set()
     seen_b: set[int] = set()
-    for prefix, m in model.named_modules():
+    walk = _named_modules(model)
+    for prefix, m in walk if walk is not None else model.named_modules():
         modules.append(m)
+        own_p, own_b = m._parameters, m._buffers
+        if not (own_p or own_b):  # most modules of a LoRA model: nothing to name
+            continue
         dot = prefix + "." if prefix else ""
-        for k, v in m._parameters.items():
+        for k, v in own_p.items():
             if v is not None and id(v) not in seen_p:
                 seen_p.add(id(v))
                 params.append((dot + k, v))
-        for k, v in m._buffers.items():
+        for k, v in own_b.items():
             if v is not None and id(v) not in seen_b:
                 seen_b.add(id(v))
                 buffers.append((dot + k, v))
     return _Tree(modules, params, buffers)
+
+
+def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """What ``model.named_modules()`` yields (the same pairs in the same order: preorder, each
+    module once, under its first name), from one loop instead of a generator per level; None
+    if a module's class overrides ``named_modules`` or its identity (``__eq__``, ``__hash__``):
+    then it must be asked."""
+    out = []
+    seen: set[int] = set()
+    plain = _PLAIN_WALK
+    stack = [("", model)]
+    while stack:
+        prefix, m = stack.pop()
+        cls = type(m)
+        ok = plain.get(cls)
+        if ok is None:
+            ok = plain[cls] = (cls.named_modules, cls.__eq__, cls.__hash__) == _BASE_IDENTITY
+        if not ok:
+            return None
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        out.append((prefix, m))
+        children = m._modules
+        if children:
+            dot = prefix + "." if prefix else ""
+            stack.extend([(dot + k, c) for k, c in reversed(children.items()) if c is not None])
+    return out
+
+
+_BASE_IDENTITY = (nn.Module.named_modules, object.__eq__, object.__hash__)
+_PLAIN_WALK: dict[type, bool] = {}  # module class -> walked as nn.Module.named_modules walks
 
 
 def _snapshot_buffers(

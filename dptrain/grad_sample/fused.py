@@ -4,7 +4,10 @@
   constants: its backward stores the output gradient in the :class:`~.ops.Use` and returns the
   data inputs' gradients only, so autograd never forms the (discarded) ordinary parameter
   gradient; the parameters are inputs of the node (so that its output requires grad) but get
-  ``None``.
+  ``None``.  The input gradient is the rule's closed form, or the aten backward of the
+  function's aten forward with the statistics that forward saved (norms; transposed
+  convolutions need none), or, for the rest, ``torch.autograd.grad`` of an inner graph of
+  the function kept from the forward.
 * :class:`Alias` stands for a parameter inside a module call whose per-sample gradients come
   from re-running that call per sample (:mod:`.local`): ``forward`` returns the parameter's
   value, ``backward`` discards the batch gradient.
@@ -16,6 +19,8 @@ a parameter any other way is seen by a hook on the parameter and the step is red
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,8 +38,12 @@ class Fused(torch.autograd.Function):
         ctx.capture, ctx.use, ctx.n = capture, use, len(params)
         ctx.version = x._version
         rule, call = use.rule, use.call
-        ctx.inner = None
+        ctx.inner = ctx.saved = None
         if x.requires_grad and not rule.closed_input_grad(call):
+            out = None if _GENERIC[0] else rule.saved_forward(call, x)
+            if out is not None:  # the aten forward, its statistics kept for the aten backward
+                y, ctx.saved = out
+                return y
             with torch.enable_grad():  # differentiate the function itself, w.r.t. x only
                 xd = x.detach().requires_grad_(True)
                 y = rule.compute(call, xd)
@@ -59,12 +68,32 @@ class Fused(torch.autograd.Function):
             )
         gx = None
         if ctx.needs_input_grad[2]:
-            if ctx.inner is not None:
+            if ctx.saved is not None:
+                gx = use.rule.saved_input_grad(use.call, ctx.saved, g)
+                gx = gx.reshape(x.shape).to(x.dtype)  # autograd's cast back from autocast's
+            elif ctx.inner is not None:
                 xd, y = ctx.inner
                 (gx,) = torch.autograd.grad(y, xd, g, retain_graph=ctx.capture.replaying)
             else:
                 gx = use.rule.input_grad(use, g).reshape(x.shape).to(x.dtype)
         return (None, None, gx, *([None] * ctx.n))
+
+
+_GENERIC = [False]  # True inside generic_input_grads()
+
+
+@contextlib.contextmanager
+def generic_input_grads() -> Iterator[None]:
+    """Fused nodes started inside differentiate their function with an inner graph (one nested
+    ``torch.autograd.grad`` per call) instead of calling the aten backward with the forward's
+    saved statistics (:meth:`~.ops.OpRule.saved_forward`): the reference the saved path is
+    tested and timed against; the results are the same bits."""
+    before = _GENERIC[0]
+    _GENERIC[0] = True
+    try:
+        yield
+    finally:
+        _GENERIC[0] = before
 
 
 class Alias(torch.autograd.Function):

@@ -19,16 +19,21 @@ Rules in closed form (sums of outer products, so ghost norms apply, see :mod:`.o
 * ``conv1d``/``conv2d`` with ``groups=1`` and numeric padding: ``dW_b = sum_l g_bl u_bl^T`` over
   output positions ``l``, with ``u`` the unfolded input patches;
 * ``layer_norm``, ``rms_norm``, ``group_norm``: ``dw_b = sum g_b * n(a_b)``, ``db_b = sum g_b``
-  with ``n`` the function's own normalization.
+  with ``n`` the function's own normalization.  The input gradient of ``layer_norm`` and
+  ``group_norm`` is their aten backward with the statistics of their aten forward, the calls
+  autograd itself makes (:meth:`OpRule.saved_forward`); ``rms_norm`` is a composite whose
+  decomposition differs by device, so it keeps the inner graph of the generic path.
 
 Every other registered function (transposed and 3-d convolutions, grouped convolutions,
 ``instance_norm``, ``prelu``, ``embedding_bag`` on 2-d input) treats the samples of its batch
 independently, so its per-sample gradients are ``vmap`` over the samples of ``grad`` of the
-function itself: exact, with no rule to get wrong.
+function itself: exact, with no rule to get wrong.  (The input gradient of a transposed
+convolution is ``convolution_backward``, the call autograd makes.)
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -158,6 +163,16 @@ class OpRule:
         return False
 
     def input_grad(self, use: Use, g: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def saved_forward(self, call: OpCall, x: Tensor) -> tuple[Tensor, tuple] | None:
+        """For a call without :meth:`closed_input_grad`: ``(output, saved)`` from the aten
+        forward that autograd records for this function, ``saved`` being what its aten backward
+        needs (:meth:`saved_input_grad`); None: the fused node differentiates :meth:`compute`."""
+        return None
+
+    def saved_input_grad(self, call: OpCall, saved: tuple, g: Tensor) -> Tensor:
+        """``dL/dx`` (as called, in the forward's compute type) from :meth:`saved_forward`."""
         raise NotImplementedError
 
     # -- per-sample gradients --------------------------------------------------------------------
@@ -412,6 +427,33 @@ class ConvTranspose(OpRule):
     def accepts(self, args: dict[str, Any]) -> bool:
         return args["input"].dim() == self.dims + 2
 
+    def saved_forward(self, call: OpCall, x: Tensor) -> tuple[Tensor, tuple]:
+        return self.compute(call, x), ()  # the backward needs only the call's arguments
+
+    def saved_input_grad(self, call: OpCall, saved: tuple, g: Tensor) -> Tensor:
+        """``convolution_backward`` of the transposed convolution, the call autograd makes
+        (``conv_transpose{1,2,3}d`` is ``convolution(..., transposed=True)``), for the input
+        only; the input and weight in ``g``'s type are autocast's casts (these convolutions
+        run in the lower-precision type), no-ops without autocast."""
+        a, d = call.args, self.dims
+
+        def n(v: Any) -> list[int]:
+            return list(v) if isinstance(v, (tuple, list)) else [v] * d
+
+        return _CONV_BACKWARD(
+            g,
+            call.input.to(g.dtype),
+            a["weight"].to(g.dtype),
+            None,
+            n(a["stride"]),
+            n(a["padding"]),
+            n(a["dilation"]),
+            True,
+            n(a["output_padding"]),
+            a["groups"],
+            [True, False, False],
+        )[0]
+
 
 class Norm(OpRule):
     """Elementwise affine normalizations: ``y = w * n(a) + b`` per position, so
@@ -439,6 +481,10 @@ class Norm(OpRule):
 
 
 class LayerNorm(Norm):
+    """``layer_norm`` is ``native_layer_norm`` (the aten composite), whose autograd node calls
+    ``native_layer_norm_backward`` with the mean and ``1/std`` of the forward: the fused node
+    does the same (:meth:`saved_forward`), so ``dL/dx`` is autograd's, bit for bit."""
+
     rowwise = True
     names = ("input", "normalized_shape", "weight", "bias", "eps")
     defaults: ClassVar[dict[str, Any]] = {"weight": None, "bias": None, "eps": 1e-5}
@@ -446,6 +492,22 @@ class LayerNorm(Norm):
     def normalized(self, call: OpCall) -> Tensor:
         a = call.args
         return F.layer_norm(call.input, a["normalized_shape"], eps=a["eps"])
+
+    def native(self, x: Tensor, w: Tensor | None, b: Tensor | None, args: dict) -> tuple:
+        return torch.native_layer_norm(x, args["normalized_shape"], w, b, args["eps"])
+
+    def probe_args(self) -> tuple[tuple[int, ...], tuple[int, ...], dict[str, Any]]:
+        return (2, 3, 4), (4,), {"normalized_shape": (4,), "eps": 1e-5}
+
+    def saved_forward(self, call: OpCall, x: Tensor) -> tuple[Tensor, tuple] | None:
+        a = call.args
+        return _saved_norm_forward(self, call.as_called(x), a["weight"], a["bias"], a)
+
+    def saved_input_grad(self, call: OpCall, saved: tuple, g: Tensor) -> Tensor:
+        x, w, b, mean, rstd = _saved_inputs(call, call.as_called(call.input), saved)
+        shape = call.args["normalized_shape"]
+        shape = [shape] if isinstance(shape, int) else list(shape)
+        return _LAYER_NORM_BACKWARD(g, x, shape, mean, rstd, w, b, [True, False, False])[0]
 
 
 class RMSNorm(Norm):
@@ -470,6 +532,30 @@ class GroupNorm(Norm):
 
     def normalized(self, call: OpCall) -> Tensor:
         return F.group_norm(call.input, call.args["num_groups"], eps=call.args["eps"])
+
+    def native(self, x: Tensor, w: Tensor | None, b: Tensor | None, args: dict) -> tuple:
+        n, c, groups = x.shape[0], x.shape[1], args["num_groups"]
+        return torch.native_group_norm(x, w, b, n, c, math.prod(x.shape[2:]), groups, args["eps"])
+
+    def probe_args(self) -> tuple[tuple[int, ...], tuple[int, ...], dict[str, Any]]:
+        return (2, 4, 3), (4,), {"num_groups": 2, "eps": 1e-5}
+
+    def saved_forward(self, call: OpCall, x: Tensor) -> tuple[Tensor, tuple] | None:
+        """``group_norm`` is ``native_group_norm`` (the aten composite), whose autograd node
+        calls ``native_group_norm_backward`` with the forward's statistics (see
+        :class:`LayerNorm`).  A call that ``F.group_norm`` refuses before (one value per
+        group) keeps the generic path, which raises its error."""
+        a = call.args
+        if x.shape[0] * x.shape[1] // a["num_groups"] * math.prod(x.shape[2:]) == 1:
+            return None
+        return _saved_norm_forward(self, x, a["weight"], a["bias"], a)
+
+    def saved_input_grad(self, call: OpCall, saved: tuple, g: Tensor) -> Tensor:
+        x, w, _, mean, rstd = _saved_inputs(call, call.input, saved)
+        n, c, groups = x.shape[0], x.shape[1], call.args["num_groups"]
+        hxw = math.prod(x.shape[2:])
+        mask = [True, False, False]
+        return _GROUP_NORM_BACKWARD(g, x, mean, rstd, w, n, c, hxw, groups, mask)[0]
 
     def per_sample(self, use: Use) -> dict[str, Tensor]:
         g = use.grad
@@ -632,6 +718,107 @@ class Elementwise(OpRule):
                 f"input of shape {tuple(full.shape)}. Fix: give the weight fewer axes than the input"
             )
         return {"weight": full.sum_to_size((b, *aligned[1:])).reshape(b, *w.shape)}
+
+
+_CONV_BACKWARD = torch.ops.aten.convolution_backward.default
+_LAYER_NORM_BACKWARD = torch.ops.aten.native_layer_norm_backward.default
+_GROUP_NORM_BACKWARD = torch.ops.aten.native_group_norm_backward.default
+
+# (rule, device type, autocast dtype, input and parameter dtypes) -> whether autocast casts the
+# call's inputs to float32 (or None: unknown), see _autocast_casts
+_AUTOCAST_CASTS: dict[tuple, bool | None] = {}
+
+
+def _to_float32(t: Tensor | None, device_type: str) -> Tensor | None:
+    """What autocast's float32 policy makes of an argument: a floating-point tensor on the
+    autocast device, other than float64, cast to float32; anything else unchanged."""
+    if (
+        isinstance(t, Tensor)
+        and t.is_floating_point()
+        and t.dtype not in (torch.float32, torch.float64)
+        and t.device.type == device_type
+    ):
+        return t.to(torch.float32)
+    return t
+
+
+def _autocast_casts(rule: Any, x: Tensor, w: Tensor | None, b: Tensor | None) -> bool | None:
+    """Whether autocast, as set now for ``x``'s device, runs ``rule``'s function on float32
+    casts of its inputs (True: CUDA autocast's float32 list names layer_norm and group_norm)
+    or on the inputs as they are (False: no autocast; CPU autocast leaves these norms alone, as
+    tested); None when this cannot be told (a device type autocast does not know, or a
+    reading that matches neither): the fused node then keeps the generic path.
+
+    Not taken from a table: the first call for each device type, autocast type and argument
+    types runs the function itself under the current autocast on tiny tensors of those types
+    (public values from a fixed-seed generator of their own) and keeps the reading whose
+    output, computed with autocast off, is the same in type and bits."""
+    device = x.device.type
+    try:
+        if not torch.is_autocast_enabled(device):
+            return False
+        key = (
+            rule.name,
+            device,
+            torch.get_autocast_dtype(device),
+            x.dtype,
+            None if w is None else w.dtype,
+            None if b is None else b.dtype,
+        )
+    except (RuntimeError, TypeError, AttributeError):
+        return None
+    if key not in _AUTOCAST_CASTS:
+        _AUTOCAST_CASTS[key] = _probe_autocast(rule, x, w, b)
+    return _AUTOCAST_CASTS[key]
+
+
+def _probe_autocast(rule: Any, x: Tensor, w: Tensor | None, b: Tensor | None) -> bool | None:
+    x_shape, p_shape, args = rule.probe_args()
+    gen = torch.Generator().manual_seed(0)
+
+    def tiny(like: Tensor | None, shape: tuple[int, ...]) -> Tensor | None:
+        if like is None:
+            return None
+        t = torch.randn(shape, generator=gen, dtype=torch.float64)
+        return t.to(device=like.device, dtype=like.dtype)
+
+    tx, tw, tb = tiny(x, x_shape), tiny(w, p_shape), tiny(b, p_shape)
+    real = rule.func(tx, **{"weight": tw, "bias": tb, **args})
+    device = x.device.type
+    with torch.autocast(device, enabled=False):
+        for cast in (True, False):
+            ins = [_to_float32(t, device) if cast else t for t in (tx, tw, tb)]
+            out = rule.native(*ins, args)[0]
+            if out.dtype == real.dtype and torch.equal(out, real):
+                return cast
+    return None
+
+
+def _saved_norm_forward(
+    rule: Any, x: Tensor, w: Tensor | None, b: Tensor | None, args: dict
+) -> tuple[Tensor, tuple] | None:
+    """The norm's aten forward on ``x`` with autocast's casts (:func:`_autocast_casts`):
+    ``(y, (cast, mean, rstd))``.  The inputs are not kept: the call holds them, and their
+    float32 casts (exact from 16 bits) are made again in the backward, so the node holds two
+    statistics per normalized group (the inner graph held a float32 copy of ``x``)."""
+    cast = _autocast_casts(rule, x, w, b)
+    if cast is None:
+        return None
+    if cast:
+        device = x.device.type
+        x, w, b = (_to_float32(t, device) for t in (x, w, b))
+    y, mean, rstd = rule.native(x, w, b, args)
+    return y, (cast, mean, rstd)
+
+
+def _saved_inputs(call: OpCall, x: Tensor, saved: tuple) -> tuple:
+    """``(x, weight, bias, mean, rstd)`` as the forward's kernel saw them (cast again)."""
+    cast, mean, rstd = saved
+    w, b = call.args.get("weight"), call.args.get("bias")
+    if cast:
+        device = x.device.type
+        x, w, b = (_to_float32(t, device) for t in (x, w, b))
+    return x, w, b, mean, rstd
 
 
 OPS: dict[Any, OpRule] = {}

@@ -45,3 +45,39 @@ class _Renamed(nn.Module):
 def test_tree_asks_an_overriding_class() -> None:
     m = _Renamed()
     assert [n for n, _ in _tree(m).params] == ["renamed.lin.weight", "renamed.lin.bias"]
+
+
+class _Hidden(nn.Module):
+    """A submodule whose class overrides ``named_modules`` (hides its children): torch's walks
+    recurse through it, so the capture's own loop must hand the walk back to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(2, 2)
+
+    def named_modules(self, memo=None, prefix="", remove_duplicate=True):  # type: ignore[override]
+        yield prefix, self
+
+
+def test_tree_asks_a_submodule_that_overrides_named_modules() -> None:
+    m = nn.Sequential(nn.Linear(2, 2), _Hidden())
+    t = _tree(m)
+    assert [id(x) for x in t.modules] == [id(x) for x in m.modules()]
+    assert [(n, id(p)) for n, p in t.params] == [(n, id(p)) for n, p in m.named_parameters()]
+    assert len(t.params) == 2  # the hidden Linear's parameters are not walked by torch either
+
+
+def test_tree_of_a_lora_model_matches_torch_walks() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from tests.engine.builders import CAUSAL_LMS, build_hf
+
+    cls, over = CAUSAL_LMS["llama"]
+    m = get_peft_model(build_hf(cls, over), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    m.base_model.model.model.layers[1].self_attn.q_proj = m.base_model.model.model.layers[
+        0
+    ].self_attn.q_proj  # shared
+    t = _tree(m)
+    assert [id(x) for x in t.modules] == [id(x) for x in m.modules()]
+    assert [(n, id(p)) for n, p in t.params] == [(n, id(p)) for n, p in m.named_parameters()]
+    assert [(n, id(b)) for n, b in t.buffers] == [(n, id(b)) for n, b in m.named_buffers()]
