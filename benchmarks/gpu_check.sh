@@ -95,6 +95,16 @@ for p in fp32 bf16; do
     meta "$RUNS/tiny-$p"
 done
 
+# the rl policy with the model on the device (its SAC agent stays on the CPU)
+part "rl policy on $DEVICE" 60 "${CLI[@]}" train $TINY --no-progress --output "$RUNS/rl" \
+    "${ON[@]}" --set training.steps=6 --set policy.name=rl --set data.public_fraction=0.1 \
+    --set policy.rl.every=2
+# the tests that need a GPU (skipped in CI): the saved-statistics norms' bits against the
+# inner-graph path under CUDA autocast, ghost norms against the loop, the device noise
+part "pytest on $DEVICE" 90 "$PY" -m pytest -q -p no:cacheprovider -rs \
+    tests/grad_sample/test_saved_norms.py tests/grad_sample/test_ghost.py \
+    tests/engine/test_device_noise.py tests/engine/test_randomness.py -k cuda
+
 # the end-to-end benchmark: recipe path vs bare engine vs non-private (vs Opacus)
 if [ "$BENCH" = 1 ]; then
     RP=("$PY" benchmarks/recipe_path.py --device "$DEVICE" --out "$OUT/recipe_path.json")
@@ -120,10 +130,6 @@ meta "$RUNS/cross"
 part "white-box audit on $DEVICE" 60 "${CLI[@]}" train $TINY --no-progress \
     --output "$RUNS/whitebox" "${ON[@]}" --set training.steps=4 --set audit.whitebox=true \
     --set audit.whitebox_canaries=300 --set audit.whitebox_simulations=4
-# the rl policy with the model on the device (its SAC agent stays on the CPU)
-part "rl policy on $DEVICE" 60 "${CLI[@]}" train $TINY --no-progress --output "$RUNS/rl" \
-    "${ON[@]}" --set training.steps=6 --set policy.name=rl --set data.public_fraction=0.1 \
-    --set policy.rl.every=2
 # the device noise generator (ChaCha20 + float64 Box-Muller in torch) on GPT-2 124M's 124.4 M
 # normals, eager and compiled: step time, compile + check, CPU-vs-device values, 4-sigma rate
 [ "${NOISE:-1}" = 1 ] && part "device noise gpt2-124m eager and compiled" 100 "$PY" benchmarks/device_noise.py \

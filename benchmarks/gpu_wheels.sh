@@ -13,7 +13,8 @@ PY=${PY:-/work/main/.venv/bin/python}
 WANT="gguf==0.19.0 dp-accounting==0.6.0 prv-accountant==0.2.0
 dm-tree==0.1.10 attrs==23.2.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
 typing-inspection==0.4.5 typing-extensions==4.16.0 cryptography==50.0.2 cffi==2.1.1
-pycparser==3.12 opacus==1.6.0 stable-baselines3==2.9.2 gymnasium==1.4.0 farama-notifications==0.0.6"
+pycparser==3.12 opacus==1.6.0 stable-baselines3==2.9.2 gymnasium==1.4.0 farama-notifications==0.0.6
+pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==25.0 pygments==2.21.0"
 # the Hugging Face layer (.whl/hf/): our transformers and peft with the hub stack they need;
 # gpu_check.sh uses it only if it imports there (else the image's own transformers and peft)
 HF="transformers==5.23.0 peft==0.21.2 huggingface-hub==2.4.0 tokenizers==0.23.3

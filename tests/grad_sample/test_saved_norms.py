@@ -226,3 +226,44 @@ def test_batched_direct_backward_through_saved_nodes_is_the_generic_paths_bits(d
         assert plan.direct and plan.direct_batched  # the vectorized backward was taken
     finally:
         probe.close()
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+@pytest.mark.parametrize("amp", [None, torch.bfloat16, torch.float16])
+def test_saved_input_grads_on_cuda(amp):
+    """The rules alone on the GPU, where autocast casts norms to float32 (the saved path
+    follows the casts it probes): autograd's output and input gradient, type and bits."""
+    dtype = amp or torch.float32
+    ctx = torch.autocast("cuda", dtype=amp) if amp else contextlib.nullcontext()
+    with ctx:
+        for func, x, args in _norm_calls(dtype, torch.float32):
+            x = x.cuda()
+            args = {
+                k: nn.Parameter(v.detach().cuda()) if isinstance(v, nn.Parameter) else v
+                for k, v in args.items()
+            }
+            g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).cuda()
+            _check_call(func, x, args, g.to(dtype))
+
+
+@CUDA
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("amp", [None, torch.bfloat16, torch.float16])
+def test_engine_update_on_cuda_is_the_generic_paths_bits(arch, amp):
+    """The engine's clipped update on the GPU (fp32, and under bf16 / fp16 autocast)."""
+
+    def run(generic: bool) -> dict[str, torch.Tensor]:
+        model = _hf(arch, torch.float32)().cuda()
+        batch = {k: v.cuda() for k, v in lm_batch(2, 0).items()}
+        ctx = generic_input_grads() if generic else contextlib.nullcontext()
+        cast = torch.autocast("cuda", dtype=amp) if amp else contextlib.nullcontext()
+        with ctx, cast:
+            return engine_update(model, batch, causal_lm_loss, clip=1e-2).update
+
+    new, old = run(False), run(True)
+    assert new.keys() == old.keys() and new
+    for name in new:
+        assert torch.equal(new[name], old[name]), name
