@@ -156,6 +156,22 @@ def test_a_round_that_fails_after_charging_reports_the_clients_whole_spend(
     assert strategy.unconfirmed == {"client 0"}
 
 
+_ENGINE = client_module.PrivacyEngine  # before any test patches it
+
+
+def _engine_failing_at(at: int) -> type:
+    """The client's engine class, raising right after its step number ``at``."""
+
+    class FailsAt(_ENGINE):
+        def step(self, batch, **kwargs):
+            report = super().step(batch, **kwargs)
+            if self.steps_taken == at:
+                raise RuntimeError(f"simulated failure at step {at}")
+            return report
+
+    return FailsAt
+
+
 def test_a_failed_rounds_reply_does_not_depend_on_where_it_failed(
     tmp_path, monkeypatch, capsys, task_identity
 ):
@@ -163,15 +179,7 @@ def test_a_failed_rounds_reply_does_not_depend_on_where_it_failed(
     on a large Poisson batch): the reply charges the whole planned round, at every point."""
     replies = []
     for at in (1, 3):
-
-        class FailsAt(client_module.PrivacyEngine):
-            fail_at = at
-
-            def step(self, batch, **kwargs):
-                report = super().step(batch, **kwargs)
-                if self.steps_taken == self.fail_at:
-                    raise RuntimeError(f"simulated failure at step {self.fail_at}")
-                return report
+        FailsAt = _engine_failing_at(at)
 
         recipe = parse_recipe(tiny_recipe(tmp_path / str(at)))
         own = ClientConfig(tmp_path / str(at) / "client-0", epsilon=8.0, insecure_seed=1)
@@ -192,15 +200,7 @@ def test_a_failed_rl_rounds_reply_does_not_depend_on_where_it_failed(
     included) is the same whether the round failed before or after that release."""
     replies = []
     for at in (1, 3):
-
-        class FailsAt(client_module.PrivacyEngine):
-            fail_at = at
-
-            def step(self, batch, **kwargs):
-                report = super().step(batch, **kwargs)
-                if self.steps_taken == self.fail_at:
-                    raise RuntimeError(f"simulated failure at step {self.fail_at}")
-                return report
+        FailsAt = _engine_failing_at(at)
 
         (tmp_path / str(at)).mkdir()
         public = public_file(tmp_path / str(at))
