@@ -361,12 +361,26 @@ def _draw_training(d: TrainingFigure, title: str, span: int) -> None:
 # -- a run directory -------------------------------------------------------------------------
 
 
-def _read_public_meta(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "run.json"
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file ({} when absent)."""
     if not path.exists():
         return {}
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    return meta if isinstance(meta, dict) else {}
+    value = json.loads(path.read_text(encoding="utf-8"))
+    return value if isinstance(value, dict) else {}
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl`` (a line cut by a crash is skipped, as by
+    :meth:`dptrain.rundir.RunDir.read_metrics`; read here without importing torch)."""
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
 
 
 def render_run(
@@ -380,35 +394,37 @@ def render_run(
     """Draw ``report/privacy.png`` of a run directory from its public files (``ledger.json``,
     ``run.json``; delta, accountant and adaptivity default to the run's) and, with
     ``private`` and a ``private/metrics.jsonl``, ``private/training.png``."""
-    from .rundir import RunDir
-
-    run = RunDir(run_dir)
-    meta = _read_public_meta(run.path)
-    ledger = Ledger.load(run.ledger)
+    run = Path(run_dir)
+    meta = _read_json(run / "run.json")  # public: a function of the recipe and the ledger
+    ledger = Ledger.load(run / "ledger.json")
     run_delta = meta.get("delta")
     delta = delta if delta is not None else run_delta
     if not isinstance(delta, float | int) or isinstance(delta, bool):
-        raise ValueError(f"{run.meta} has no delta: pass delta")
+        raise ValueError(f"{run / 'run.json'} has no delta: pass delta")
     name = accountant or meta.get("accountant") or "rdp"
     adaptive = bool(meta.get("adaptive")) if adaptive is None else adaptive
     budget = meta.get("epsilon_budget")
     if not isinstance(budget, int | float) or isinstance(budget, bool) or delta != run_delta:
         budget = None  # the budget holds at the run's delta
+    title = str(meta.get("name", ""))
+    if meta.get("insecure_seed") is not None:
+        title += " (insecure_seed: NO guarantee)"
     public = privacy_figure(
         ledger.events,
-        run.path / PRIVACY_FIGURE,
+        run / PRIVACY_FIGURE,
         delta=float(delta),
         accountant=name,
         adaptive=adaptive,
         budget=None if budget is None else float(budget),
-        title=str(meta.get("name", "")),
+        title=title,
     )
     training = None
-    if private and run.metrics.exists():
+    metrics = run / "private" / "metrics.jsonl"
+    if private and metrics.exists():
         training = training_figure(
-            run.read_metrics(),
-            run.path / TRAINING_FIGURE,
-            stats=run.read_stats(),
+            _read_metrics(metrics),
+            run / TRAINING_FIGURE,
+            stats=_read_json(run / "private" / "stats.json"),
             title=str(meta.get("name", "")),
         )
     return public, training
