@@ -3,7 +3,8 @@
 ``report/privacy.png`` (public) is a function of ``ledger.json`` and ``run.json`` only (the
 recipe's delta, accountant, budget and adaptivity; :mod:`dptrain.publication`): epsilon at
 delta of the ledger's first ``t`` steps, for at most :data:`POINTS` evenly spaced ``t`` and the
-last step, by the run's accountant (the adaptive conversion for a run whose policy chose its
+last step (fewer where the accountant is slow: about :data:`CURVE_SECONDS` per curve; the
+time a query takes is a function of the ledger and the machine), by the run's accountant (the adaptive conversion for a run whose policy chose its
 noise from data, where the certified guarantee is the filter's budget), with the other cheap
 accountants as thin cross-check lines; the budget as a horizontal line; and, for a ledger of
 more than one mechanism, the noise multiplier ``sigma_t`` and sample rate ``q_t`` per step.
@@ -36,6 +37,8 @@ from .extras import require
 
 __all__ = [
     "CROSS_CHECK_POINTS",
+    "CURVE_SECONDS",
+    "MIN_POINTS",
     "POINTS",
     "PRIVACY_FIGURE",
     "TRAINING_FIGURE",
@@ -51,6 +54,12 @@ __all__ = [
 
 POINTS = 60
 """Evenly spaced steps at which the run's accountant is queried (plus step 0 and the last)."""
+
+MIN_POINTS = 10
+"""At least this many steps are queried, however slow the accountant."""
+
+CURVE_SECONDS = 30.0
+"""About how long one accountant's curve may take: beyond, its steps are thinned."""
 
 CROSS_CHECK_POINTS = 12
 """Steps at which each cross-check accountant is queried."""
@@ -116,24 +125,35 @@ def epsilon_at(
 
 def _curve(
     events: Sequence[Event], steps: list[int], delta: float, accountant: str, adaptive: bool
-) -> np.ndarray:
-    """:func:`epsilon_at` of each prefix: the last and the middle one first (the middle one
-    times the rest, which :func:`accountants.progress.slow_step` announces if slow)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """The steps and :func:`epsilon_at` of their prefixes: the last and the middle one first;
+    the middle one times the rest, which are thinned (evenly, to at least
+    :data:`MIN_POINTS`) where they would take over :data:`CURVE_SECONDS`, and announced by
+    :func:`accountants.progress.slow_step` where slow."""
     acc = get_accountant(accountant)  # one instance: PRV keeps its grids per instance
-    out = np.full(len(steps), np.nan)
-    todo = list(range(len(steps) - 1))
-    first = [len(steps) - 1] + ([todo.pop(len(todo) // 2)] if todo else [])
+    eps = dict.fromkeys(steps, math.nan)
+    todo = steps[:-1]
+    first = [steps[-1]] + ([todo.pop(len(todo) // 2)] if todo else [])
     seconds = 0.0
-    for i in first:  # the last, then the middle one: it times each of the rest
+    for k in first:
         t0 = time.perf_counter()
-        out[i] = epsilon_at(prefix(events, steps[i]), delta, acc, adaptive)
+        eps[k] = epsilon_at(prefix(events, k), delta, acc, adaptive)
         seconds = time.perf_counter() - t0
+    if seconds * len(todo) > CURVE_SECONDS:
+        keep = max(MIN_POINTS, int(CURVE_SECONDS / seconds))
+        if keep < len(todo):
+            picked = np.unique(np.rint(np.linspace(0, len(todo) - 1, keep)).astype(int))
+            dropped = set(todo) - {todo[i] for i in picked}
+            todo = [todo[i] for i in picked]
+            for k in dropped:
+                del eps[k]
     expected = seconds * len(todo)
     what = f"the privacy figure: {accountant} epsilon at {len(todo)} more steps"
     with slow_step(what, expected if expected >= SLOW_SECONDS else 0.0):
-        for i in todo:
-            out[i] = epsilon_at(prefix(events, steps[i]), delta, acc, adaptive)
-    return out
+        for k in todo:
+            eps[k] = epsilon_at(prefix(events, k), delta, acc, adaptive)
+    shown = sorted(eps)
+    return np.array(shown), np.array([eps[k] for k in shown])
 
 
 @dataclass
@@ -170,9 +190,8 @@ def privacy_figure(
     Its inputs are public: the ledger, delta, the accountant, the budget, a title."""
     events = list(events)
     total = sum(e.steps for e in events)
-    steps = curve_steps(total)
-    eps = _curve(events, steps, delta, accountant, adaptive)
-    fig_data = PrivacyFigure(Path(path), np.array(steps), eps, accountant, delta, adaptive, budget)
+    steps, eps = _curve(events, curve_steps(total), delta, accountant, adaptive)
+    fig_data = PrivacyFigure(Path(path), steps, eps, accountant, delta, adaptive, budget)
     mechanisms = {e.key for e in events}
     if cross_check and not adaptive and total and len(mechanisms) <= MAX_CROSS_CHECK_MECHANISMS:
         # non-adaptive accountants are not valid for an adaptive run: no cross-check there
@@ -181,10 +200,9 @@ def privacy_figure(
             if name == accountant:
                 continue
             try:
-                cc = _curve(events, cc_steps, delta, name, False)
+                fig_data.cross_checks[name] = _curve(events, cc_steps, delta, name, False)
             except (ValueError, ArithmeticError):  # an event kind it cannot account, a floor
                 continue
-            fig_data.cross_checks[name] = (np.array(cc_steps), cc)
     if len(mechanisms) > 1:
         fig_data.edges = np.cumsum([0] + [e.steps for e in events])
         fig_data.noise_multiplier = np.array([e.noise_multiplier for e in events])

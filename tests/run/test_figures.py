@@ -95,6 +95,20 @@ def test_privacy_figure_plots_the_run_accountants_epsilon(tmp_path, capsys):
     decodes(training.path)
 
 
+def test_a_slow_accountant_s_curve_is_thinned(tmp_path, monkeypatch):
+    import dptrain.figures as figures
+
+    monkeypatch.setattr(figures, "CURVE_SECONDS", 1e-9)  # as if every query were slow
+    d = figures.privacy_figure(EVENTS, tmp_path / "p.png", delta=DELTA, accountant="rdp")
+    # the last and the middle one (they time the rest), MIN_POINTS of the rest from step 0
+    assert len(d.steps) == 2 + figures.MIN_POINTS and d.steps[0] == 0 and d.steps[-1] == 180
+    assert set(d.steps) <= set(curve_steps(180))
+    rdp = get_accountant("rdp")
+    assert d.epsilon.tolist() == [
+        rdp.epsilon(prefix(EVENTS, k), DELTA) if k else 0.0 for k in d.steps
+    ]
+
+
 def test_public_figure_reads_no_private_file(tmp_path):
     run = run_dir(tmp_path)
     public, _ = render_run(run.path)
