@@ -46,6 +46,7 @@ __all__ = [
     "TrainingFigure",
     "curve_steps",
     "epsilon_at",
+    "headline",
     "prefix",
     "privacy_figure",
     "render_run",
@@ -211,6 +212,24 @@ def privacy_figure(
     return fig_data
 
 
+def headline(d: PrivacyFigure) -> str:
+    """The figure's statement: the run's epsilon after its last step; for an adaptive run
+    the filter's budget (the certified guarantee) and the spend only as an odometer."""
+    last = float(d.epsilon[-1])
+    spent = f"{last:.4g}" if math.isfinite(last) else "∞ (no guarantee)"
+    at = f"at δ = {d.delta:.3g} after {d.steps[-1]} steps ({d.accountant})"
+    if not d.adaptive:
+        return f"ε = {spent} {at}"
+    if d.budget is not None:
+        return (
+            f"guarantee ε = {d.budget:g} (the privacy filter's budget) {at};\nspent so far {spent}"
+        )
+    return (
+        f"spent so far ε = {spent} {at}\n(an odometer: the filter certifies its budget at the "
+        "run's δ only)"
+    )
+
+
 def _draw_privacy(d: PrivacyFigure, title: str) -> None:
     plt = _pyplot()
     two = d.edges.size > 0
@@ -233,12 +252,12 @@ def _draw_privacy(d: PrivacyFigure, title: str) -> None:
     if d.budget is not None and math.isfinite(d.budget):
         what = "filter budget: the certified guarantee" if d.adaptive else "budget"
         ax.axhline(d.budget, color="C3", lw=1.2, ls=":", label=f"{what} ε = {d.budget:g}")
-    last = d.epsilon[-1]
-    shown = f"{last:.4g}" if math.isfinite(last) else "∞ (no guarantee)"
-    ax.set_title(
-        (f"{title}: " if title else "") + f"ε at δ = {d.delta:.3g} after {d.steps[-1]} steps: "
-        f"{shown}",
-        fontsize=10,
+    ax.set_title((f"{title}\n" if title else "") + headline(d), fontsize=10)
+    fig.supxlabel(
+        "Drawn from ledger.json and run.json only (public). δ is the accountant's; the run's\n"
+        "guarantee adds the noise sampler's truncation term (run.json delta_total).",
+        fontsize=7,
+        color="0.35",
     )
     ax.set_ylabel("ε spent")
     ax.set_ylim(bottom=0)

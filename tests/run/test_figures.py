@@ -20,6 +20,7 @@ from dptrain.commands.train import draw_figures
 from dptrain.figures import (
     POINTS,
     curve_steps,
+    headline,
     prefix,
     render_run,
     training_figure,
@@ -81,6 +82,7 @@ def test_privacy_figure_plots_the_run_accountants_epsilon(tmp_path, capsys):
     expected = [rdp.epsilon(prefix(EVENTS, k), DELTA) if k else 0.0 for k in public.steps]
     assert public.epsilon.tolist() == expected  # the accountant's values, unchanged
     assert np.all(np.diff(public.epsilon) > 0) and public.budget == 4.0
+    assert headline(public) == f"ε = {public.epsilon[-1]:.4g} at δ = 1e-05 after 180 steps (rdp)"
     # the last point is what `dptrain epsilon --run` reports for the run
     assert main(["epsilon", "--run", str(run.path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["epsilon"] == public.epsilon[-1]
@@ -132,6 +134,9 @@ def test_adaptive_run_plots_the_adaptive_conversion_against_the_filter_budget(tm
     assert public.cross_checks == {}  # non-adaptive accountants do not hold for this run
     assert public.budget == 4.0
     assert not (run.private / "training.png").exists()
+    # the certified guarantee is the budget: the spend is shown as an odometer only
+    assert headline(public).startswith("guarantee ε = 4 (the privacy filter's budget) at δ")
+    assert headline(public).endswith(f"spent so far {public.epsilon[-1]:.4g}")
 
 
 def test_training_figure_plots_the_metrics(tmp_path):
