@@ -265,11 +265,33 @@ class ClientState:
         self.unit_path = self.path / "unit.json"
         self.rounds_path = self.path / "rounds.json"
 
+    def _read_rounds(self) -> dict[str, Any]:
+        return json.loads(self.rounds_path.read_text()) if self.rounds_path.exists() else {}
+
     def _rounds(self) -> dict[str, list[int]]:
-        if not self.rounds_path.exists():
-            return {}
-        runs = json.loads(self.rounds_path.read_text())["runs"]
+        runs = self._read_rounds().get("runs", {})
         return {str(k): [int(r) for r in v] for k, v in runs.items()}
+
+    def changed_calibration(self, run: str, constants: dict[str, float] | None) -> str | None:
+        """Why the client must not train in server run ``run`` with the calibrated
+        ``constants`` (``q``, ``sigma``, ``delta``, ``T``): an earlier round of that run trained
+        with others (None if not, or if ``constants`` is None: the noise was not calibrated).
+        The run's ``client_guarantee`` (basis ``calibrated``) holds because all ``R T`` steps
+        share one calibration for ``R T`` steps; steps calibrated for another ``N_k`` (the
+        client's data changed mid-run) compose to more than the recipe's epsilon (the
+        conversion of a mixture of RDP curves is not bounded by their conversions)."""
+        if constants is None:
+            return None
+        first = self._read_rounds().get("calibrations", {}).get(run)
+        if first is None or first == constants:
+            return None
+        return (
+            f"refused: round constants {constants} differ from those of this client's earlier "
+            f"rounds of server run {run} ({first}): its number of records or people changed "
+            "during the run, and steps calibrated for two N_k exceed the run's "
+            "client_guarantee. Nothing was charged. Fix: keep the client's data fixed during a "
+            "server run (a changed data set trains in the next server run)"
+        )
 
     def repeated_round(self, run: str, server_round: int) -> str | None:
         """Why the client must not train in round ``server_round`` of server run ``run``: it
@@ -285,12 +307,19 @@ class ClientState:
             "request per round. Nothing was charged"
         )
 
-    def record_round(self, run: str, server_round: int) -> None:
+    def record_round(
+        self, run: str, server_round: int, constants: dict[str, float] | None = None
+    ) -> None:
         """Record, atomically, that the client trains in ``server_round`` of ``run`` (before
-        the round's first step is charged)."""
+        the round's first step is charged) and, for calibrated noise, the run's first round
+        constants (:meth:`changed_calibration`)."""
+        data = self._read_rounds()
         runs = self._rounds()
         runs[run] = sorted({*runs.get(run, []), server_round})
-        text = json.dumps({"runs": runs}, sort_keys=True) + "\n"
+        data["runs"] = runs
+        if constants is not None:
+            data.setdefault("calibrations", {}).setdefault(run, constants)
+        text = json.dumps(data, sort_keys=True) + "\n"
         atomic_write(self.rounds_path, lambda f: f.write(text))
 
     def changed_unit(self, unit: str) -> str | None:
@@ -395,6 +424,19 @@ def _over_budget(plan: ClientPlan, ledger: Ledger, filt: BudgetFilter, spent: fl
         f"delta={plan.delta:.3g}; spent {spent:.4f} after {ledger.total_steps} steps, "
         f"{fits} more fit"
     )
+
+
+def _calibration(recipe: FederatedRecipe, plan: ClientPlan) -> dict[str, float] | None:
+    """The constants a calibrated round's noise follows (``q``, ``sigma``, ``delta``, ``T``), or
+    None when the noise is not calibrated (a fixed noise multiplier, an adaptive policy)."""
+    if recipe.policy.noise_multiplier is not None or plan.policy.adaptive:
+        return None
+    return {
+        "sample_rate": float(plan.sample_rate),
+        "noise_multiplier": _noise_multiplier(plan.policy),
+        "delta": float(plan.request.delta),
+        "local_steps": float(plan.local_steps),
+    }
 
 
 def plan_steps(ledger: Ledger, local_steps: int, rounds: int, server_round: int) -> int:
@@ -593,8 +635,10 @@ def train_round(
         if isinstance(asked, str):
             return _decline(msg, public, spent, asked)
         server_run, server_round = asked
+        calibrated = _calibration(recipe, plan)
         reason = (
             state.repeated_round(server_run, server_round)
+            or state.changed_calibration(server_run, calibrated)
             or refusal(plan.request, own, plan.units)
             or state.changed_unit(own.unit)
             or state.lost_ledger()
@@ -667,7 +711,7 @@ def train_round(
             pairs_bound.append(noise.pairs + plan.local_steps * per_step)
             key.mark_used(state.key_path)  # before its first step draws coins and noise
             state.record_unit(own.unit)  # before its first step is charged to the ledger
-            state.record_round(server_run, server_round)  # likewise: once per round
+            state.record_round(server_run, server_round, calibrated)  # likewise: once per round
             taken = _local_steps(engine, sampler, examples, plan.local_steps, state, per_step)
             eps = _claimed(plan, engine.epsilon(), engine.ledger)
         except Exception as err:  # the spend so far (the ledger on disk covers every charge)

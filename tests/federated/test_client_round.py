@@ -311,3 +311,37 @@ def test_the_rl_pacer_paces_the_budgets_rest_over_this_server_runs_requests():
     assert old < paced  # the rest of the budget over 3 steps: about sigma_ref
     too_many = [*ledger.events, Event(sample_rate=q, noise_multiplier=old, steps=6)]
     assert rdp.adaptive_epsilon(too_many, delta) > eps
+
+
+def test_a_round_calibrated_for_another_n_k_than_its_runs_earlier_rounds_is_declined(
+    tmp_path, task_identity
+):
+    """A client whose records change during a server run would compose steps calibrated for
+    two N_k, beyond the run's client_guarantee ((8, 1e-5) with 1000 then 2000 records of 10
+    rounds of 100 steps: 8.05 under rdp): the later round is declined and charges nothing;
+    the next server run trains with the new calibration."""
+    data = tmp_path / "own.jsonl"
+
+    def write(n: int) -> None:
+        data.write_text("".join(f'{{"text": "note {i} of this client"}}\n' for i in range(n)))
+
+    write(40)
+    recipe = parse_recipe(tiny_recipe(tmp_path, training={"steps": 1}, privacy={"delta": 1e-3}))
+    own = ClientConfig(tmp_path / "client-0", epsilon=8.0, insecure_seed=1, data_path=str(data))
+    first = confined_train_round(round_message(recipe), context(), recipe, own)
+    assert int(first.content["metrics"]["declined"]) == 0
+    ledger_path = own.state_dir / "ledger.json"
+    after_first = Ledger.load(ledger_path).to_dict()
+    same = client_module.ClientState(own.state_dir)
+    write(80)  # N_k doubles: q_k halves, the calibrated sigma changes
+    second = confined_train_round(round_message(recipe, server_round=2), context(), recipe, own)
+    m = second.content["metrics"]
+    assert int(m["declined"]) == 1 and "arrays" not in second.content
+    assert "differ from those of this client's earlier rounds" in second.content["status"]["reason"]
+    assert Ledger.load(ledger_path).to_dict() == after_first  # nothing charged
+    assert same.repeated_round("run-a", 2) is None  # the declined round is not recorded
+    other = confined_train_round(round_message(recipe, run="run-b"), context(), recipe, own)
+    assert int(other.content["metrics"]["declined"]) == 0
+    write(40)  # back to the first calibration: run-a's constants again
+    third = confined_train_round(round_message(recipe, server_round=2), context(), recipe, own)
+    assert int(third.content["metrics"]["declined"]) == 0
