@@ -125,7 +125,8 @@ from .partition import partition
 from .recipe import FederatedRecipe
 
 MODEL_LOCK = threading.Lock()  # model construction seeds torch's global RNG
-_EXAMPLES: dict[tuple, LMExamples] = {}
+# (recipe, client, data path) -> (digest of the records as read, their tokenization)
+_EXAMPLES: dict[tuple, tuple[bytes, LMExamples]] = {}
 ClientConfigs = Callable[[Context], ClientConfig]
 
 
@@ -548,6 +549,35 @@ class ClientFailed(Exception):
         self.reply = reply
 
 
+def _records_digest(data: TextDataset) -> bytes:
+    """SHA-256 of the records' ids and texts in their order."""
+    h = hashlib.sha256()
+    for rid, text in zip(data.ids, data.texts, strict=True):
+        for part in (rid, text):
+            b = part.encode()
+            h.update(len(b).to_bytes(8, "little") + b)
+    return h.digest()
+
+
+def _examples(
+    recipe: FederatedRecipe, client: int, own: ClientConfig, data: TextDataset, tokenizer: Any
+) -> LMExamples:
+    """``data`` tokenized, once per process for the same records in the same order (a
+    simulation's clients and a client's rounds tokenize once).  Keyed by the records as read
+    this round, not by the file's path alone: the sampler's indices (a person's members) are
+    positions in ``data``, so rows of an earlier version of the file would put other records
+    at them -- under a person unit one person's records in several segments, each clipped at
+    ``C``."""
+    cache = (recipe.model_dump_json(), client, own.data_path)
+    digest = _records_digest(data)
+    hit = _EXAMPLES.get(cache)
+    if hit is not None and hit[0] == digest:
+        return hit[1]
+    examples = tokenize(data, tokenizer, recipe.data.max_length)
+    _EXAMPLES[cache] = (digest, examples)
+    return examples
+
+
 def _public_texts(recipe: FederatedRecipe, data: TextDataset, key: RunKey) -> TextDataset | None:
     """The records the recipe declares public (``data.public_path``, read as ``dptrain train``
     reads it: :func:`~dptrain.data.splits.read_public`, records shared with the client's
@@ -669,11 +699,7 @@ def train_round(
             load_lora_state(model, msg.content["arrays"].to_torch_state_dict())
             for name, p in model.named_parameters():
                 p.requires_grad_(strategy.trainable(name))
-            cache = (recipe.model_dump_json(), client, own.data_path)
-            examples = _EXAMPLES.get(cache) or tokenize(
-                plan.data, tokenizer, recipe.data.max_length
-            )
-            _EXAMPLES[cache] = examples  # a simulation's clients tokenize once, not every round
+            examples = _examples(recipe, client, own, plan.data, tokenizer)
             params = [p for p in model.parameters() if p.requires_grad]
             noise = GaussianNoise(key)
             engine = PrivacyEngine(
