@@ -6,8 +6,9 @@ multiplier) come from its node config or a local file, never from the server.  T
 message = one round on one client::
 
     refuse a request for a round it already trained in (its state's rounds.json: the server
-        run's id ``server-run`` and ``server-round``, which must lie in 1..rounds), and a
-        request that is weaker than the client's own settings: another accountant, a
+        run's id ``server-run`` and ``server-round``, which must lie in 1..rounds), a round
+        whose calibrated noise follows another ``N_k`` than the run's earlier rounds (the
+        client's data changed during the run), and a request that is weaker than the client's own settings: another accountant, a
         larger epsilon or delta, or a noise multiplier below the client's minimum
         -> decline: reply {declined, reason, epsilon}, no adapter, nothing charged
     check the budget: do the round's T local steps fit the client's own budget on its
