@@ -271,7 +271,7 @@ def _draw_privacy(d: PrivacyFigure, title: str) -> None:
         bx.grid(alpha=0.3)
         if np.unique(d.sample_rate).size > 1:
             qx = bx.twinx()
-            qx.stairs(d.sample_rate, d.edges, baseline=None, color="C1", lw=1.0)
+            qx.stairs(d.sample_rate, d.edges, baseline=None, color="C1", lw=1.0, ls="--")
             qx.set_ylabel("q per step", color="C1")
         bx.set_xlabel("step")
     else:
