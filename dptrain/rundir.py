@@ -15,12 +15,16 @@ Layout (``README.txt`` in the directory says the same: what may be published)::
     ledger.json          public. The privacy ledger, written before any model state it covers
     final/               public (the guarantee covers it). Adapter (peft) or model, loadable
                          with transformers / peft
+    report/privacy.png   public. Epsilon spent per step (and the noise per step), a function
+                         of ledger.json and run.json only (dptrain.figures)
     private/             PRIVATE (mode 0700). Un-noised statistics of private records:
       metrics.jsonl      one JSON object per logged step (loss, batch size, validation
                          perplexity, non-finite samples, ...)
       stats.json         validation perplexity before and after, the validation split's size,
                          truncated and non-finite sample counts, training time, records per
                          person, the canary check (read back on resume)
+      training.png       the training loss, validation metrics and policy diagnostics per
+                         step, drawn from metrics.jsonl and stats.json (dptrain.figures)
     checkpoints/step-00000100.pt   PRIVATE. Model/adapter, optimizer, engine (ledger, policy
                          state such as an error-feedback buffer, noise position)
     canaries.secret.json PRIVATE (with data.canaries). The audit canaries' secrets
@@ -72,7 +76,7 @@ def read_json(path: Path) -> Any:
         raise CheckpointError(f"{path} is not valid JSON ({err}); it may be corrupted") from None
 
 
-PUBLIC_FILES = ("recipe.yaml", "run.json", "ledger.json", "final/")
+PUBLIC_FILES = ("recipe.yaml", "run.json", "ledger.json", "final/", "report/privacy.png")
 """What a run directory may publish (see the module docstring); nothing else."""
 
 README = """dptrain run directory: what may be published
@@ -82,13 +86,15 @@ PUBLIC (free of private statistics, or covered by the run's (epsilon, delta) gua
   run.json              the plan, the noise, the guarantee: no statistic of private records
   ledger.json           the privacy ledger
   final/                the trained adapter or model (the guarantee covers it)
+  report/privacy.png    epsilon spent per step: drawn from ledger.json and run.json only
 
 PRIVATE (keep with the data; never publish):
   secret.key            the run key: whoever holds it can replay the coins and the noise
   private/              un-noised statistics of private records: metrics.jsonl (per-step
                         loss, batch size, time, validation perplexity), stats.json
                         (validation perplexities and size, truncated and non-finite counts,
-                        training time, records per person, the canary check)
+                        training time, records per person, the canary check), training.png
+                        (their plot)
   checkpoints/          resume state (optimizer, policy state, noise position)
   canaries.secret.json  the audit canaries' secrets (runs with data.canaries)
   audit/                attack reports on private records

@@ -4,6 +4,8 @@
     dptrain epsilon --sample-rate 0.01 --phase 1.0:500 --phase 2.0:500 --delta 1e-5 --json
     dptrain epsilon --run runs/my-run                # ledger.json, delta from run.json
     dptrain epsilon --run runs/my-federated-run      # run.json client_guarantee (every client)
+    dptrain epsilon --run runs/my-run --plot         # and (re)draw report/privacy.png (public)
+                                                     # and private/training.png (dptrain.figures)
     dptrain calibrate --epsilon 8 --delta 1e-5 --sample-rate 0.01 --steps 1000 --accountant prv
 
 Each handler returns an exit code: 0 on success, 2 on bad input (with a message on stderr that
@@ -166,6 +168,14 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="report epsilon valid under fully adaptive composition (rdp only; the default "
         "for --run of a run whose policy chose its noise from data)",
+    )
+    eps.add_argument(
+        "--plot",
+        action="store_true",
+        help="with --run: (re)draw RUN_DIR/report/privacy.png (public: epsilon per step from "
+        "the ledger, at this --delta and --accountant) and, where RUN_DIR/private/metrics.jsonl "
+        "exists, RUN_DIR/private/training.png (private: loss, validation, diagnostics); needs "
+        "matplotlib (dptrain[plots])",
     )
     eps.add_argument("--json", action="store_true", help="print one JSON object")
     eps.set_defaults(func=run_epsilon)
@@ -394,10 +404,24 @@ def run_epsilon(args: argparse.Namespace) -> int:
     """Handler of ``dptrain epsilon``."""
     try:
         run_accountant, meta, run_delta = None, {}, None
+        if args.plot and args.run is None:
+            raise _InputError(
+                "--plot draws a run's figures; add --run RUN_DIR (a `dptrain train` output)"
+            )
+        if args.plot:
+            from ..extras import require
+
+            require("matplotlib", "plots", "dptrain epsilon --plot")  # before any work
         if args.run is not None:
             _check_run_args(args)
             meta = _read_meta(args.run)
             if meta.get("kind") == "federated":
+                if args.plot:
+                    raise _InputError(
+                        f"--run {args.run} is a federated server run: it has no record-level "
+                        "ledger to plot. Fix: drop --plot, or plot a client's own ledger "
+                        "(dptrain epsilon --run STATE_DIR/client-K --delta D --plot)"
+                    )
                 _print_federated(args, meta, _federated_guarantee(args, meta))
                 _warn_insecure(args.run, meta.get("insecure_seed"))
                 return 0
@@ -444,6 +468,7 @@ def run_epsilon(args: argparse.Namespace) -> int:
     pairs = pairs if isinstance(pairs, int) and pairs >= 0 else 0
     term = truncation_delta(epsilon, pairs)
     seed = meta.get("insecure_seed")
+    figures = _plot(args, delta, name) if args.plot else {}
     if args.json:
         out = {
             "epsilon": _json_number(epsilon),
@@ -462,6 +487,8 @@ def run_epsilon(args: argparse.Namespace) -> int:
             out["guarantee"] = seed is None and certified and math.isfinite(epsilon)
             if args.adaptive:
                 out["epsilon_spent_adaptive"] = _json_number(spent)
+            if args.plot:
+                out["figures"] = figures
         print(json.dumps(out))
     else:
         rows = [("accountant", name + (" (adaptive)" if args.adaptive else ""))]
@@ -481,9 +508,24 @@ def run_epsilon(args: argparse.Namespace) -> int:
             rows.append(("spent so far", f"{spent:.4f} (an odometer reading, not a guarantee)"))
             if not certified:
                 rows.append(("note", "the filter certifies its budget at the run's delta only"))
+        rows += [(f"figure ({'PRIVATE' if k == 'private' else k})", f) for k, f in figures.items()]
         _print_table(rows)
     _warn_insecure(args.run, seed)
     return 0
+
+
+def _plot(args: argparse.Namespace, delta: float, accountant: str) -> dict[str, str]:
+    """Draw the run's figures (:func:`dptrain.figures.render_run`) at the reported ``delta``
+    and ``accountant``: ``{"public": path}``, and ``"private"`` where one was drawn."""
+    from ..figures import render_run
+
+    public, training = render_run(
+        args.run, delta=delta, accountant=accountant, adaptive=bool(args.adaptive)
+    )
+    paths = {"public": str(public.path)}
+    if training is not None:
+        paths["private"] = str(training.path)
+    return paths
 
 
 def _warn_insecure(run: Path | None, seed: Any) -> None:

@@ -65,12 +65,44 @@ def run(args: argparse.Namespace) -> int:
     audit = recipe.audit
     if result.already_complete:  # nothing was trained: an audit is `dptrain audit RUN_DIR`
         return 0
+    if distributed.is_main():
+        draw_figures(result.run_dir)
     if result.finished and distributed.is_main() and audit is not None:
         if audit.after_training or audit.whitebox:
             from attacks.audit import after_training
 
             after_training(result.run_dir, audit, progress=not args.no_progress)
     return 0
+
+
+def draw_figures(run_dir: str | os.PathLike[str]) -> None:
+    """The run's figures (:mod:`dptrain.figures`), if matplotlib is installed: one line says
+    where they are, or why there are none; a failure to draw never fails the run."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        print(
+            "figures             none (matplotlib is not installed: pip install "
+            "'dptrain[plots]', then `dptrain epsilon --run RUN_DIR --plot`)",
+            flush=True,
+        )
+        return
+    try:
+        from ..figures import render_run
+
+        public, training = render_run(run_dir)
+    except Exception as err:  # the run is complete: a figure is not worth failing it for
+        detail = " ".join(f"{type(err).__name__}: {err}".split())
+        print(
+            f"figures             not drawn ({detail}); redraw with "
+            f"`dptrain epsilon --run {run_dir} --plot`",
+            flush=True,
+        )
+        return
+    shown = f"{public.path} (public)"
+    if training is not None:
+        shown += f", {training.path} (PRIVATE)"
+    print(f"figures             {shown}", flush=True)
 
 
 def _launch(args: argparse.Namespace) -> int:

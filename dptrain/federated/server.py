@@ -381,7 +381,9 @@ def _print_summary(run: RunDir, meta: dict[str, Any], stats: dict[str, Any]) -> 
         )
     lines += [
         f"final adapter       {run.final}",
-        f"publishable         {', '.join(PUBLIC_FILES)}; everything else is private "
+        # no report/privacy.png: a server run has no record-level ledger to plot
+        f"publishable         {', '.join(f for f in PUBLIC_FILES if f != 'report/privacy.png')}; "
+        "everything else is private "
         f"(secret.key, private/, checkpoints/: {run.readme})",
     ]
     if meta.get("insecure_seed") is not None:

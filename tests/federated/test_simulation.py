@@ -69,6 +69,8 @@ def test_cli_runs_a_simulation_and_writes_a_run_dir(tmp_path, capsys, monkeypatc
     # each round's ledger is on disk before the round is shown or logged
     assert events == ["ledger 1", "print 1", "log 1", "ledger 2", "print 2", "log 2"]
     assert "before training: global validation perplexity" in out
+    # a server run has no record-level ledger, so no privacy figure to publish
+    assert "publishable         recipe.yaml, run.json, ledger.json, final/; everything" in out
     for r in (1, 2):
         assert f"round {r}/2: global validation perplexity" in out
     # under client-level DP the console shows the client-level guarantee, and says why the

@@ -78,6 +78,10 @@ def test_train_writes_a_complete_run_dir(tmp_path, capsys):
     for name in ("run.json", "ledger.json", "final/", "secret.key", "private/", "checkpoints/"):
         assert name in readme
     assert "publishable         recipe.yaml, run.json, ledger.json, final/" in out
+    # the figures (matplotlib is installed here): public from the ledger, private from metrics
+    assert f"figures             {run.path / 'report' / 'privacy.png'} (public), " in out
+    assert (run.path / "report" / "privacy.png").stat().st_size > 0
+    assert (run.private / "training.png").stat().st_size > 0
     assert RunKey.read(run.key).used  # marked before the first step drew from it
     ledger = Ledger.load(run.ledger)
     assert ledger.total_steps == 8
