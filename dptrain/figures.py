@@ -59,7 +59,7 @@ POINTS = 60
 MIN_POINTS = 10
 """At least this many steps are queried, however slow the accountant."""
 
-CURVE_SECONDS = 30.0
+CURVE_SECONDS = 10.0
 """About how long one accountant's curve may take: beyond, its steps are thinned."""
 
 CROSS_CHECK_POINTS = 12
