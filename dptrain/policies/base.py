@@ -19,7 +19,9 @@ Frozen settings.  :meth:`Policy.bind` derives the plans from the policy's privac
 filter's forecasts and the federated planned-round charge read :meth:`Policy.planned_event` from
 the same settings; so once bound, assigning one raises :class:`FrozenPolicyError` (the bind's
 own assignments excepted), and a second bind is allowed only with the same groups and sampling
-constants (a no-op).  Every view of a run then reads one value.
+constants (a no-op).  Every view of a run then reads one value.  The containers bind stores
+(the groups, per-group clips, the plans' maps) are immutable too (tuples, :class:`FrozenMap`),
+so that mutating one in place raises as well: assignment and mutation are both refused.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 from torch import Tensor, nn
 
@@ -43,6 +45,27 @@ _Bind = TypeVar("_Bind", bound=Callable[..., None])
 class FrozenPolicyError(RuntimeError):
     """A bound policy's privacy setting was assigned, or the policy was bound again with other
     constants: its plans and its planned event would disagree (see the module docstring)."""
+
+
+class FrozenMap(dict):  # type: ignore[type-arg]
+    """A dict that refuses in-place mutation (a bound policy's per-group settings and plans).
+
+    A dict subclass rather than ``types.MappingProxyType``: it stays JSON-able (``describe()``,
+    run.json), picklable and deep-copyable (a copy is a new FrozenMap of the same items), and
+    equal to a dict of the same items."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise FrozenPolicyError(
+            "a bound policy's per-group settings and plans are read-only: the steps are "
+            "planned and charged from them. Fix: give the values before the engine is built "
+            "(before bind()), or copy them (dict(...)) to change a copy"
+        )
+
+    __setitem__ = __delitem__ = __ior__ = _refuse
+    clear = pop = popitem = setdefault = update = _refuse
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (dict(self),))
 
 
 def _freezing(bind: _Bind) -> _Bind:
@@ -216,7 +239,7 @@ class Policy(ABC):
     ) -> None:
         """Called once by the engine with the group names and the public sampling constants;
         freezes :attr:`frozen_settings` when it returns."""
-        self.groups = list(groups)
+        self.groups = tuple(groups)  # immutable, like every container a bound policy keeps
         self.sample_rate = sample_rate
         self.expected_batch_size = expected_batch_size
 

@@ -4,8 +4,11 @@ round) all read one value."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import math
+import pickle
 
 import pytest
 import torch
@@ -162,3 +165,34 @@ def test_a_restored_sigma_is_set_before_bind_and_planned():
     _bound(plan.policy)
     assert plan.policy.planned_event(Q).noise_multiplier == 1.75
     assert plan.policy.plan(None).noise_multiplier == pytest.approx(1.75)
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_a_bound_policy_refuses_mutating_its_containers(index):
+    """Assignment and in-place mutation alike: group_clip, the groups, the plan's maps, rl's
+    bands and its config's lists."""
+    policy = _bound(_policies()[index])
+    before = (policy.planned_event(Q), policy.describe())
+    with pytest.raises(AttributeError):
+        policy.groups.append("c")
+    if policy.name == "rl":
+        with pytest.raises(AttributeError):
+            policy.cfg.net_arch.append(8)
+        with pytest.raises(AttributeError):
+            policy.bands[0].append("c")
+        with pytest.raises(FrozenPolicyError, match=r"read-only.*Fix: give the values before"):
+            policy.band_of["a"] = 1
+    else:
+        plan = policy.plan(None)
+        for mapping in (policy.group_clip, plan.clip, plan.noise_std):
+            with pytest.raises(FrozenPolicyError, match=r"read-only.*Fix: give the values before"):
+                mapping["a"] = 0.1
+            for mutate in (mapping.clear, lambda m=mapping: m.update(a=0.1)):
+                with pytest.raises(FrozenPolicyError):
+                    mutate()
+        if policy.name == "static":
+            assert policy.plan(None).clip == {"a": 0.6, "b": 0.8}
+        reported = policy.describe()
+        assert json.loads(json.dumps(reported)) == reported  # run.json still takes it
+        assert copy.deepcopy(plan) == plan and pickle.loads(pickle.dumps(plan)) == plan
+    assert (policy.planned_event(Q), policy.describe()) == before
