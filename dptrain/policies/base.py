@@ -104,6 +104,22 @@ def _freezing(bind: _Bind) -> _Bind:
     return wrapper  # type: ignore[return-value]
 
 
+_Calibrate = TypeVar("_Calibrate", bound=Callable[..., float])
+
+
+def _unbound_only(calibrate: _Calibrate) -> _Calibrate:
+    """Wrap a ``calibrate`` so that a bound policy refuses it before any work (a calibration
+    can take seconds, and its sigma could only be refused: noise_multiplier is frozen)."""
+
+    @functools.wraps(calibrate)
+    def wrapper(self: Policy, *args: Any, **kwargs: Any) -> float:
+        if self.bound:
+            raise self._frozen("noise_multiplier", "a sigma calibrated now")
+        return calibrate(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """Per-group clip thresholds ``C_g`` and noise standard deviations ``s_g`` (sum units)."""
@@ -212,6 +228,18 @@ class Policy(ABC):
         super().__init_subclass__(**kwargs)
         if "bind" in cls.__dict__:  # every override freezes the settings when it returns
             cls.bind = _freezing(cls.__dict__["bind"])  # type: ignore[method-assign]
+        if "calibrate" in cls.__dict__:  # and every calibrate refuses a bound policy at once
+            cls.calibrate = _unbound_only(cls.__dict__["calibrate"])  # type: ignore[method-assign]
+
+    def _frozen(self, name: str, value: str) -> FrozenPolicyError:
+        """The refusal of setting ``name`` (to ``value``, a repr) on a bound policy."""
+        return FrozenPolicyError(
+            f"policy '{self.name}': {name} is frozen once the policy is bound (bind(), "
+            f"which the PrivacyEngine calls): the steps' plans were derived from "
+            f"{name}={getattr(self, name, None)!r}, and the pre-run budget checks, the "
+            f"budget filter's forecasts and reports would read {value}. Fix: set {name} "
+            "before the engine is built (before bind()), or build a new policy (and engine)"
+        )
 
     def __setattr__(self, name: str, value: Any) -> None:
         if (
@@ -219,13 +247,7 @@ class Policy(ABC):
             and "_bound_to" in self.__dict__
             and not self.__dict__.get("_binding", 0)
         ):
-            raise FrozenPolicyError(
-                f"policy '{self.name}': {name} is frozen once the policy is bound (bind(), "
-                f"which the PrivacyEngine calls): the steps' plans were derived from "
-                f"{name}={getattr(self, name, None)!r}, and the pre-run budget checks, the "
-                f"budget filter's forecasts and reports would read {value!r}. Fix: set {name} "
-                "before the engine is built (before bind()), or build a new policy (and engine)"
-            )
+            raise self._frozen(name, repr(value))
         super().__setattr__(name, value)
 
     @property
@@ -246,6 +268,7 @@ class Policy(ABC):
     @abstractmethod
     def plan(self, context: StepContext) -> StepPlan: ...
 
+    @_unbound_only
     def calibrate(
         self,
         target_epsilon: float,
@@ -258,7 +281,8 @@ class Policy(ABC):
         """Set and return the smallest noise multiplier meeting (target_epsilon, delta) over
         ``steps`` steps at ``sample_rate`` (the argument order of
         :func:`accountants.calibrate_noise`); the default assumes one Poisson-subsampled Gaussian
-        event per step."""
+        event per step.  A bound policy refuses it (:class:`FrozenPolicyError`) before any work;
+        so do the overrides (wrapped by ``__init_subclass__``)."""
         from accountants import calibrate_noise
 
         self.noise_multiplier = calibrate_noise(

@@ -14,12 +14,20 @@ import pytest
 import torch
 from torch import nn
 
+import accountants
 from accountants import Budget
 from dptrain.engine import PrivacyEngine
 from dptrain.losses import mse_loss
 from dptrain.plan import plan_privacy
-from dptrain.policies import ErrorFeedbackPolicy, FrozenPolicyError, StaticPolicy, StepPlan
+from dptrain.policies import (
+    ErrorFeedbackPolicy,
+    FrozenPolicyError,
+    StaticPolicy,
+    StepPlan,
+    error_feedback,
+)
 from dptrain.policies.rl import RLPolicy
+from dptrain.policies.rl import policy as rl_policy
 from dptrain.policies.rl.options import RLConfig
 from dptrain.recipe import parse_recipe
 
@@ -196,3 +204,30 @@ def test_a_bound_policy_refuses_mutating_its_containers(index):
         assert json.loads(json.dumps(reported)) == reported  # run.json still takes it
         assert copy.deepcopy(plan) == plan and pickle.loads(pickle.dumps(plan)) == plan
     assert (policy.planned_event(Q), policy.describe()) == before
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_calibrate_on_a_bound_policy_is_refused_before_any_work(index, monkeypatch):
+    """No sigma is computed (error feedback's takes seconds): calibrate_noise, which static and
+    error feedback call, and rl's Pacer are never reached."""
+    calls: list[str] = []
+
+    def counted(real, name):
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(accountants, "calibrate_noise", counted(accountants.calibrate_noise, "s"))
+    monkeypatch.setattr(
+        error_feedback, "calibrate_noise", counted(error_feedback.calibrate_noise, "ef")
+    )
+    monkeypatch.setattr(rl_policy, "Pacer", counted(rl_policy.Pacer, "rl"))
+    fresh = _policies()[index]
+    fresh.calibrate(3.0, 1e-5, sample_rate=Q, steps=5, accountant="rdp")
+    assert len(calls) == 1  # the counters see an unbound policy's calibration
+    policy = _bound(_policies()[index])
+    with pytest.raises(FrozenPolicyError, match=r"noise_multiplier is frozen.*calibrated now"):
+        policy.calibrate(3.0, 1e-5, sample_rate=Q, steps=5, accountant="rdp")
+    assert len(calls) == 1 and policy.noise_multiplier == 1.2
