@@ -91,8 +91,18 @@ class StaticPolicy(Policy):
         std = self.noise_multiplier * self.clip if self.noise_multiplier else 0.0
         self._plan = StepPlan(clip=self._clip, noise_std=FrozenMap(dict.fromkeys(self.groups, std)))
 
+    @property
+    def charged_sigma(self) -> float:
+        """The sigma each step is charged at: once bound, the plan's ``sigma_eff = 1 /
+        sqrt(sum_g (C_g / (sigma C))^2)``, which rounds to within an ulp of ``noise_multiplier``
+        (1.2 over three groups gives 1.1999999999999997), as :meth:`event` charges it; before
+        bind (no groups yet), ``noise_multiplier``.  Forecasts read it, so that they equal the
+        charge bitwise."""
+        plan = self.__dict__.get("_plan") if self.bound else None
+        return self.noise_multiplier if plan is None else self.event(plan).noise_multiplier
+
     def planned_event(self, sample_rate: float) -> Event:
-        return Event(sample_rate=sample_rate, noise_multiplier=self.noise_multiplier)
+        return Event(sample_rate=sample_rate, noise_multiplier=self.charged_sigma)
 
     def plan(self, context: StepContext) -> StepPlan:
         return self._plan

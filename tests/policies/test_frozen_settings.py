@@ -5,7 +5,6 @@ round) all read one value."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import pickle
@@ -15,10 +14,10 @@ import torch
 from torch import nn
 
 import accountants
-from accountants import Budget
+from accountants import Budget, BudgetFilter, Ledger
 from dptrain.engine import PrivacyEngine
 from dptrain.losses import mse_loss
-from dptrain.plan import plan_privacy
+from dptrain.plan import plan_privacy, steps_that_fit
 from dptrain.policies import (
     ErrorFeedbackPolicy,
     FrozenPolicyError,
@@ -72,12 +71,21 @@ def test_a_bound_policy_refuses_every_privacy_setting_with_the_fix(index):
 
 @pytest.mark.parametrize("index", range(2))
 def test_the_planned_event_is_the_charge_of_every_step(index):
-    """Static and error feedback: the one event planned ahead is what each step is charged."""
-    policy = _bound(_policies()[index])
+    """Static and error feedback: the one event planned ahead is what each step is charged,
+    bitwise, also where the plan's sigma_eff = 1 / sqrt(sum_g (C_g / (sigma C))^2) rounds an
+    ulp below sigma (1.2 over three groups: 1.1999999999999997)."""
+    policy = _policies()[index]
+    policy.group_clip = {}
+    assert policy.planned_event(Q).noise_multiplier == 1.2  # before bind: no groups yet
+    policy.bind(["a", "b", "c"], sample_rate=Q, expected_batch_size=EB)
     planned, charged = policy.planned_event(Q), policy.event(policy.plan(None))
-    # the plan's sigma_eff = 1 / sqrt(sum_g (C_g / (sigma C))^2) rounds within an ulp of sigma
-    assert charged.noise_multiplier == pytest.approx(planned.noise_multiplier, rel=1e-15)
-    assert dataclasses.replace(charged, noise_multiplier=planned.noise_multiplier) == planned
+    assert charged.noise_multiplier == 1.1999999999999997 and policy.noise_multiplier == 1.2
+    assert planned == charged
+    assert planned.noise_multiplier == charged.noise_multiplier  # Event's == is exact here
+    # the pre-run fit check and the federated planned round read the same event
+    fil = BudgetFilter(Budget(3.0, 1e-5), "rdp")
+    event, fits = steps_that_fit(policy, Q, fil, Ledger(), 1000)
+    assert event == charged and fil.spent(Ledger([event.with_steps(fits)])) <= 3.0
 
 
 @pytest.mark.parametrize("index", range(3))
@@ -95,7 +103,7 @@ def test_settings_changed_before_bind_are_the_ones_planned(index):
         plan = policy.plan(None)
         assert plan.noise_multiplier == pytest.approx(sigma)
         assert policy.event(plan).noise_multiplier == pytest.approx(sigma, rel=1e-15)
-        assert policy.planned_event(Q).noise_multiplier == sigma
+        assert policy.planned_event(Q) == policy.event(plan)  # the charge, bitwise
         assert policy.describe()["noise_multiplier"] == sigma
 
 
