@@ -6,8 +6,9 @@ multiplier) come from its node config or a local file, never from the server.  T
 message = one round on one client::
 
     refuse a request for a round it already trained in (its state's rounds.json: the server
-        run's id ``server-run`` and ``server-round``, which must lie in 1..rounds), and a
-        request that is weaker than the client's own settings: another accountant, a
+        run's id ``server-run`` and ``server-round``, which must lie in 1..rounds), a round
+        whose calibrated noise follows another ``N_k`` than the run's earlier rounds (the
+        client's data changed during the run), and a request that is weaker than the client's own settings: another accountant, a
         larger epsilon or delta, or a noise multiplier below the client's minimum
         -> decline: reply {declined, reason, epsilon}, no adapter, nothing charged
     check the budget: do the round's T local steps fit the client's own budget on its
@@ -125,7 +126,8 @@ from .partition import partition
 from .recipe import FederatedRecipe
 
 MODEL_LOCK = threading.Lock()  # model construction seeds torch's global RNG
-_EXAMPLES: dict[tuple, LMExamples] = {}
+# (recipe, client, data path) -> (digest of the records as read, their tokenization)
+_EXAMPLES: dict[tuple, tuple[bytes, LMExamples]] = {}
 ClientConfigs = Callable[[Context], ClientConfig]
 
 
@@ -265,11 +267,33 @@ class ClientState:
         self.unit_path = self.path / "unit.json"
         self.rounds_path = self.path / "rounds.json"
 
+    def _read_rounds(self) -> dict[str, Any]:
+        return json.loads(self.rounds_path.read_text()) if self.rounds_path.exists() else {}
+
     def _rounds(self) -> dict[str, list[int]]:
-        if not self.rounds_path.exists():
-            return {}
-        runs = json.loads(self.rounds_path.read_text())["runs"]
+        runs = self._read_rounds().get("runs", {})
         return {str(k): [int(r) for r in v] for k, v in runs.items()}
+
+    def changed_calibration(self, run: str, constants: dict[str, float] | None) -> str | None:
+        """Why the client must not train in server run ``run`` with the calibrated
+        ``constants`` (``q``, ``sigma``, ``delta``, ``T``): an earlier round of that run trained
+        with others (None if not, or if ``constants`` is None: the noise was not calibrated).
+        The run's ``client_guarantee`` (basis ``calibrated``) holds because all ``R T`` steps
+        share one calibration for ``R T`` steps; steps calibrated for another ``N_k`` (the
+        client's data changed mid-run) compose to more than the recipe's epsilon (the
+        conversion of a mixture of RDP curves is not bounded by their conversions)."""
+        if constants is None:
+            return None
+        first = self._read_rounds().get("calibrations", {}).get(run)
+        if first is None or first == constants:
+            return None
+        return (
+            f"refused: round constants {constants} differ from those of this client's earlier "
+            f"rounds of server run {run} ({first}): its number of records or people changed "
+            "during the run, and steps calibrated for two N_k exceed the run's "
+            "client_guarantee. Nothing was charged. Fix: keep the client's data fixed during a "
+            "server run (a changed data set trains in the next server run)"
+        )
 
     def repeated_round(self, run: str, server_round: int) -> str | None:
         """Why the client must not train in round ``server_round`` of server run ``run``: it
@@ -285,12 +309,19 @@ class ClientState:
             "request per round. Nothing was charged"
         )
 
-    def record_round(self, run: str, server_round: int) -> None:
+    def record_round(
+        self, run: str, server_round: int, constants: dict[str, float] | None = None
+    ) -> None:
         """Record, atomically, that the client trains in ``server_round`` of ``run`` (before
-        the round's first step is charged)."""
+        the round's first step is charged) and, for calibrated noise, the run's first round
+        constants (:meth:`changed_calibration`)."""
+        data = self._read_rounds()
         runs = self._rounds()
         runs[run] = sorted({*runs.get(run, []), server_round})
-        text = json.dumps({"runs": runs}, sort_keys=True) + "\n"
+        data["runs"] = runs
+        if constants is not None:
+            data.setdefault("calibrations", {}).setdefault(run, constants)
+        text = json.dumps(data, sort_keys=True) + "\n"
         atomic_write(self.rounds_path, lambda f: f.write(text))
 
     def changed_unit(self, unit: str) -> str | None:
@@ -395,6 +426,19 @@ def _over_budget(plan: ClientPlan, ledger: Ledger, filt: BudgetFilter, spent: fl
         f"delta={plan.delta:.3g}; spent {spent:.4f} after {ledger.total_steps} steps, "
         f"{fits} more fit"
     )
+
+
+def _calibration(recipe: FederatedRecipe, plan: ClientPlan) -> dict[str, float] | None:
+    """The constants a calibrated round's noise follows (``q``, ``sigma``, ``delta``, ``T``), or
+    None when the noise is not calibrated (a fixed noise multiplier, an adaptive policy)."""
+    if recipe.policy.noise_multiplier is not None or plan.policy.adaptive:
+        return None
+    return {
+        "sample_rate": float(plan.sample_rate),
+        "noise_multiplier": _noise_multiplier(plan.policy),
+        "delta": float(plan.request.delta),
+        "local_steps": float(plan.local_steps),
+    }
 
 
 def plan_steps(ledger: Ledger, local_steps: int, rounds: int, server_round: int) -> int:
@@ -506,6 +550,35 @@ class ClientFailed(Exception):
         self.reply = reply
 
 
+def _records_digest(data: TextDataset) -> bytes:
+    """SHA-256 of the records' ids and texts in their order."""
+    h = hashlib.sha256()
+    for rid, text in zip(data.ids, data.texts, strict=True):
+        for part in (rid, text):
+            b = part.encode()
+            h.update(len(b).to_bytes(8, "little") + b)
+    return h.digest()
+
+
+def _examples(
+    recipe: FederatedRecipe, client: int, own: ClientConfig, data: TextDataset, tokenizer: Any
+) -> LMExamples:
+    """``data`` tokenized, once per process for the same records in the same order (a
+    simulation's clients and a client's rounds tokenize once).  Keyed by the records as read
+    this round, not by the file's path alone: the sampler's indices (a person's members) are
+    positions in ``data``, so rows of an earlier version of the file would put other records
+    at them -- under a person unit one person's records in several segments, each clipped at
+    ``C``."""
+    cache = (recipe.model_dump_json(), client, own.data_path)
+    digest = _records_digest(data)
+    hit = _EXAMPLES.get(cache)
+    if hit is not None and hit[0] == digest:
+        return hit[1]
+    examples = tokenize(data, tokenizer, recipe.data.max_length)
+    _EXAMPLES[cache] = (digest, examples)
+    return examples
+
+
 def _public_texts(recipe: FederatedRecipe, data: TextDataset, key: RunKey) -> TextDataset | None:
     """The records the recipe declares public (``data.public_path``, read as ``dptrain train``
     reads it: :func:`~dptrain.data.splits.read_public`, records shared with the client's
@@ -593,8 +666,10 @@ def train_round(
         if isinstance(asked, str):
             return _decline(msg, public, spent, asked)
         server_run, server_round = asked
+        calibrated = _calibration(recipe, plan)
         reason = (
             state.repeated_round(server_run, server_round)
+            or state.changed_calibration(server_run, calibrated)
             or refusal(plan.request, own, plan.units)
             or state.changed_unit(own.unit)
             or state.lost_ledger()
@@ -625,11 +700,7 @@ def train_round(
             load_lora_state(model, msg.content["arrays"].to_torch_state_dict())
             for name, p in model.named_parameters():
                 p.requires_grad_(strategy.trainable(name))
-            cache = (recipe.model_dump_json(), client, own.data_path)
-            examples = _EXAMPLES.get(cache) or tokenize(
-                plan.data, tokenizer, recipe.data.max_length
-            )
-            _EXAMPLES[cache] = examples  # a simulation's clients tokenize once, not every round
+            examples = _examples(recipe, client, own, plan.data, tokenizer)
             params = [p for p in model.parameters() if p.requires_grad]
             noise = GaussianNoise(key)
             engine = PrivacyEngine(
@@ -667,7 +738,7 @@ def train_round(
             pairs_bound.append(noise.pairs + plan.local_steps * per_step)
             key.mark_used(state.key_path)  # before its first step draws coins and noise
             state.record_unit(own.unit)  # before its first step is charged to the ledger
-            state.record_round(server_run, server_round)  # likewise: once per round
+            state.record_round(server_run, server_round, calibrated)  # likewise: once per round
             taken = _local_steps(engine, sampler, examples, plan.local_steps, state, per_step)
             eps = _claimed(plan, engine.epsilon(), engine.ledger)
         except Exception as err:  # the spend so far (the ledger on disk covers every charge)

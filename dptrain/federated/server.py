@@ -130,7 +130,9 @@ def client_guarantee(recipe: FederatedRecipe, pairs_per_step: int) -> dict[str, 
     - ``calibrated`` (non-adaptive, no fixed noise multiplier): each client calibrates its
       noise for ``R T`` steps at its ``q_k`` to meet the recipe's ``(epsilon, delta_k)`` with
       the recipe's accountant (a client refuses another accountant), so this run is
-      ``(epsilon, delta_k + eta)``-DP for each client, whatever ``N_k``; ``delta_k`` is
+      ``(epsilon, delta_k + eta)``-DP for each client, whatever ``N_k`` (one ``N_k`` for the
+      run: a client declines a round calibrated for another ``N_k`` than its earlier rounds
+      of the run, since steps of two calibrations compose to more); ``delta_k`` is
       ``privacy.delta``, or each client's ``1/(10 N_k)`` when it is unset (``delta`` null).
     - ``planned`` (fixed noise multiplier, ``training.sample_rate`` and ``privacy.delta``
       set): the accountant's epsilon of ``R T`` planned events at ``delta``.

@@ -311,3 +311,94 @@ def test_the_rl_pacer_paces_the_budgets_rest_over_this_server_runs_requests():
     assert old < paced  # the rest of the budget over 3 steps: about sigma_ref
     too_many = [*ledger.events, Event(sample_rate=q, noise_multiplier=old, steps=6)]
     assert rdp.adaptive_epsilon(too_many, delta) > eps
+
+
+def test_a_round_calibrated_for_another_n_k_than_its_runs_earlier_rounds_is_declined(
+    tmp_path, task_identity
+):
+    """A client whose records change during a server run would compose steps calibrated for
+    two N_k, beyond the run's client_guarantee ((8, 1e-5) with 1000 then 2000 records of 10
+    rounds of 100 steps: 8.05 under rdp): the later round is declined and charges nothing;
+    the next server run trains with the new calibration."""
+    data = tmp_path / "own.jsonl"
+
+    def write(n: int) -> None:
+        data.write_text("".join(f'{{"text": "note {i} of this client"}}\n' for i in range(n)))
+
+    write(40)
+    recipe = parse_recipe(tiny_recipe(tmp_path, training={"steps": 1}, privacy={"delta": 1e-3}))
+    own = ClientConfig(tmp_path / "client-0", epsilon=8.0, insecure_seed=1, data_path=str(data))
+    first = confined_train_round(round_message(recipe), context(), recipe, own)
+    assert int(first.content["metrics"]["declined"]) == 0
+    ledger_path = own.state_dir / "ledger.json"
+    after_first = Ledger.load(ledger_path).to_dict()
+    same = client_module.ClientState(own.state_dir)
+    write(80)  # N_k doubles: q_k halves, the calibrated sigma changes
+    second = confined_train_round(round_message(recipe, server_round=2), context(), recipe, own)
+    m = second.content["metrics"]
+    assert int(m["declined"]) == 1 and "arrays" not in second.content
+    assert "differ from those of this client's earlier rounds" in second.content["status"]["reason"]
+    assert Ledger.load(ledger_path).to_dict() == after_first  # nothing charged
+    assert same.repeated_round("run-a", 2) is None  # the declined round is not recorded
+    other = confined_train_round(round_message(recipe, run="run-b"), context(), recipe, own)
+    assert int(other.content["metrics"]["declined"]) == 0
+    write(40)  # back to the first calibration: run-a's constants again
+    third = confined_train_round(round_message(recipe, server_round=2), context(), recipe, own)
+    assert int(third.content["metrics"]["declined"]) == 0
+
+
+def test_a_person_units_segments_follow_its_current_file_after_the_file_changes(
+    tmp_path, monkeypatch, task_identity
+):
+    """A client process tokenizes its records once, but its people index the records as its
+    file holds them now: after the data holder reorders its file (same records, same people),
+    every segment of a step must still hold one person's records only (rows of the stale
+    tokenization at the new indices would put one person's records in several segments, each
+    clipped at C: a sensitivity beyond C)."""
+    import json
+
+    path = tmp_path / "mine.jsonl"
+    rows = [{"text": f"note {i} written for person {i % 3}", "who": f"p{i % 3}"} for i in range(12)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = parse_recipe(
+        tiny_recipe(tmp_path, training={"steps": 2, "batch_size": 2}, privacy={"delta": 1e-3})
+    )
+    own = ClientConfig(
+        tmp_path / "client-0", 8.0, insecure_seed=1, privacy_unit="who", data_path=str(path)
+    )
+    first = confined_train_round(round_message(recipe), context(), recipe, own)
+    assert int(first.content["metrics"]["declined"]) == 0
+    moved = [rows[1], rows[0], *rows[2:]]  # two records of two people change places
+    path.write_text("".join(json.dumps(r) + "\n" for r in moved))
+    tokenizer = build_model(recipe)[1]
+    from dptrain.data import tokenize
+
+    ex = tokenize(
+        TextDataset([r["text"] for r in rows], [str(i) for i in range(12)]), tokenizer, 32
+    )
+    person_of = {
+        tuple(ids[mask.bool()].tolist()): r["who"]
+        for ids, mask, r in zip(ex.input_ids, ex.attention_mask, rows, strict=True)
+    }
+    assert len(person_of) == len(rows)
+    seen: list[list[set[str]]] = []
+
+    class Recording(_ENGINE):
+        def step(self, batch, **kwargs):
+            segments = kwargs["segments"]
+            by_segment: dict[int, set[str]] = {}
+            for ids, mask, seg in zip(
+                batch["input_ids"], batch["attention_mask"], segments, strict=True
+            ):
+                row = tuple(ids[mask.bool()].tolist())
+                by_segment.setdefault(int(seg), set()).add(person_of[row])
+            seen.append(list(by_segment.values()))
+            return super().step(batch, **kwargs)
+
+    monkeypatch.setattr(client_module, "PrivacyEngine", Recording)
+    reply = confined_train_round(round_message(recipe, run="run-b"), context(), recipe, own)
+    assert int(reply.content["metrics"]["declined"]) == 0 and len(seen) == 2
+    assert any(seen), "no person was sampled: the test checks nothing"
+    for step in seen:
+        assert all(len(people) == 1 for people in step), step
+        assert len(step) == len({p for people in step for p in people})  # one segment each
