@@ -9,7 +9,9 @@ each audited record has as many "in" as "out" models (LiRA's online setting).  S
 records it did not train on, the sample rate is the run's (so a record is sampled as often as
 in the run), delta is the run's, there are no canaries, and ``steps`` may be lowered with
 ``shadow_steps`` (the noise is then calibrated to the same budget over fewer steps; a cheaper,
-less faithful imitation of the run).  Shadow models are audit artifacts, never released.
+less faithful imitation of the run).  A shadow whose plan is the run's (the same epsilon,
+delta, q, steps, accountant and policy: no ``shadow_steps``) takes the run's calibrated sigma
+from ``run.json`` instead of calibrating again (:class:`dptrain.plan.CalibratedNoise`).  Shadow models are audit artifacts, never released.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 
 from dptrain.data import TextDataset
 from dptrain.errors import InputError
+from dptrain.plan import CalibratedNoise
 from dptrain.recipe import Recipe, load_recipe, parse_recipe
 from dptrain.rundir import RunDir, read_json, write_json
 
@@ -137,6 +140,8 @@ def shadow_models(
     member = np.zeros((count, len(pool)), dtype=bool)
     member[order[:, : count // 2].T, np.arange(len(pool))[None, :]] = True
 
+    # the run's sigma, taken by a shadow whose plan is the run's (calibrated anew otherwise)
+    calibrated = CalibratedNoise.of_run(meta, recipe)
     shadows = []
     for k in range(count):
         path = root / f"shadow-{k:02d}"
@@ -162,7 +167,14 @@ def shadow_models(
                 f"({len(inside)} records, {srecipe.training.steps} steps) in {path}"
             )
             with contextlib.redirect_stdout(sys.stderr):
-                train(srecipe, path, resume=resume, progress=progress, cross_check=False)
+                train(
+                    srecipe,
+                    path,
+                    resume=resume,
+                    progress=progress,
+                    cross_check=False,
+                    calibrated=calibrated,
+                )
             shutil.rmtree(shadow_run.checkpoints, ignore_errors=True)
         shadows.append(Shadow(path, srecipe, {pool.ids[i] for i in inside}))
     return shadows

@@ -12,6 +12,8 @@ One path down from the recipe to the engine's release (nothing is read back up):
              | run.json's calibrated_noise_multiplier, on resume    ("restored")
              | policy.calibrate(epsilon, delta, sample_rate=q, steps=T, accountant)
                                                                     ("calibrated")
+             | a sigma calibrate() found for the same plan (an audit shadow model: its run's,
+               CalibratedNoise)                                      ("reused")
     RunPlan(q, delta, T, policy, accountant, budget = (epsilon, delta))
         -> check_run: public data present if the policy needs it; the budget not spent and
            at least one step of the planned event fitting it -- before the model loads
@@ -26,7 +28,7 @@ Who takes this path: :func:`dptrain.train.prepare` (on resume with ``restored_no
 checkpoint paced around another ``sigma_ref``), the federated client
 (:func:`dptrain.federated.client.plan_client`, calibrated for ``rounds x steps``; its engine's
 budget is the client's own), and audit shadow models (each a fresh :func:`dptrain.train.train`
-run).  The white-box audit reads ``(q, sigma)`` back from the ledger on purpose: it tests the
+run, which reuses its run's calibrated sigma when its plan is the run's: :class:`CalibratedNoise`).  The white-box audit reads ``(q, sigma)`` back from the ledger on purpose: it tests the
 released mechanism the claim was computed from.
 
 The resolved values are written once, to ``run.json`` (:meth:`RunPlan.meta`); ``recipe.yaml``
@@ -51,7 +53,56 @@ from .recipe import check_against_data
 if TYPE_CHECKING:
     from .recipe import Recipe
 
-NoiseSource = Literal["recipe", "calibrated", "restored"]
+NoiseSource = Literal["recipe", "calibrated", "restored", "reused"]
+
+
+@dataclass(frozen=True)
+class CalibratedNoise:
+    """A sigma that ``policy.calibrate`` found for one plan: the target epsilon, delta, sample
+    rate, steps, accountant and the recipe's policy section (its dump).  Calibration is a
+    deterministic function of these public values, so a plan equal in all of them may take
+    the sigma instead of calibrating again (:func:`plan_privacy`; the audit's shadow models
+    reuse their run's); a plan that differs in any calibrates as usual."""
+
+    sigma: float
+    epsilon: float
+    delta: float
+    sample_rate: float
+    steps: int
+    accountant: str
+    policy: dict[str, Any]
+
+    @classmethod
+    def of_run(cls, meta: dict[str, Any], recipe: Recipe) -> CalibratedNoise | None:
+        """The calibration a record-level run made, from its ``run.json`` (``meta``) and its
+        recipe; None if it made none (the recipe gave sigma, or the run is person-level)."""
+        sigma = meta.get("calibrated_noise_multiplier")
+        if sigma is None or recipe.policy.noise_multiplier is not None:
+            return None
+        if recipe.data.privacy_unit is not None:  # plan_unit: a person-level calibration
+            return None
+        return cls(
+            float(sigma),
+            float(meta["epsilon_budget"]),
+            float(meta["delta"]),
+            float(meta["sample_rate"]),
+            int(meta["planned_steps"]),
+            str(meta["accountant"]),
+            recipe.policy.model_dump(mode="json"),
+        )
+
+    def matches(
+        self, recipe: Recipe, *, delta: float, sample_rate: float, steps: int, accountant: str
+    ) -> bool:
+        """Whether a plan of ``recipe`` with these resolved values calibrates to this sigma."""
+        return (
+            self.epsilon == recipe.privacy.epsilon
+            and self.delta == delta
+            and self.sample_rate == sample_rate
+            and self.steps == steps
+            and self.accountant == accountant
+            and self.policy == recipe.policy.model_dump(mode="json")
+        )
 
 
 @dataclass
@@ -105,19 +156,30 @@ def plan_privacy(
     repeats: int = 1,
     restored_noise: float | None = None,
     unit: str = "records",
+    calibrated: CalibratedNoise | None = None,
 ) -> RunPlan:
     """Resolve ``q``, delta, steps and the policy's noise for ``dataset_size`` training records.
     ``repeats``: the run's steps are taken this many times (a federated client's rounds of
     ``steps`` local steps), and the noise is calibrated for all of them; ``restored_noise``:
     the noise a resumed run was calibrated with (used when the recipe gives none); ``unit``:
     what ``dataset_size`` counts (records, or people for user-level DP,
-    :mod:`dptrain.user_level`)."""
+    :mod:`dptrain.user_level`); ``calibrated``: a sigma calibrated for a plan, taken instead of
+    calibrating when this plan equals it (:meth:`CalibratedNoise.matches`)."""
     q, delta, steps = check_against_data(recipe, dataset_size, unit)
     policy = policy_from_recipe(recipe.policy)
     accountant = recipe.privacy.accountant
     source: NoiseSource = "recipe"
     if policy.noise_multiplier is None and restored_noise is not None:
         policy.noise_multiplier, source = float(restored_noise), "restored"
+    elif (
+        policy.noise_multiplier is None
+        and calibrated is not None
+        and unit == "records"
+        and calibrated.matches(
+            recipe, delta=delta, sample_rate=q, steps=steps * repeats, accountant=accountant
+        )
+    ):
+        policy.noise_multiplier, source = calibrated.sigma, "reused"
     elif policy.noise_multiplier is None:
         policy.calibrate(
             recipe.privacy.epsilon,

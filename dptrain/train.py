@@ -61,7 +61,14 @@ from .hardware import describe_device, module_device, resolve_device
 from .models import check_context
 from .noise import GaussianNoise
 from .optim import make_optimizer
-from .plan import RunPlan, check_not_stopped, check_run, guarantee_numbers, plan_privacy
+from .plan import (
+    CalibratedNoise,
+    RunPlan,
+    check_not_stopped,
+    check_run,
+    guarantee_numbers,
+    plan_privacy,
+)
 from .policies import Policy, RunContext
 from .precision import Precision
 from .recipe import RESUMABLE_KEYS, Recipe, RecipeError, dump_recipe, resume_blockers
@@ -151,18 +158,23 @@ def train(
     progress: bool = True,
     max_steps_this_session: int | None = None,
     cross_check: bool = True,
+    calibrated: CalibratedNoise | None = None,
 ) -> RunResult:
     """Run (or resume) a recipe; see the module docstring.  Under torchrun (``WORLD_SIZE`` > 1)
     every rank runs this; rank 0 alone writes the run directory (see dptrain.distributed).
     ``cross_check=False`` skips the other accountants' epsilon in run.json (for audit shadow
-    models, which are never released)."""
+    models, which are never released); ``calibrated``: a sigma calibrated for a plan, taken
+    instead of calibrating when the run's plan equals it (audit shadow models pass their
+    run's, :class:`dptrain.plan.CalibratedNoise`)."""
     distributed.init_from_env(recipe.training.device)
     run = RunDir(recipe.run_dir(run_dir))
     # rank 0 writes the directory, so it alone holds the lock (a resume of a directory that
     # does not exist is left to prepare's error rather than creating it)
     locked = distributed.is_main() and (run.path.exists() or not resume)
     with run.exclusive() if locked else contextlib.nullcontext():
-        return _train(recipe, run_dir, resume, progress, max_steps_this_session, cross_check)
+        return _train(
+            recipe, run_dir, resume, progress, max_steps_this_session, cross_check, calibrated
+        )
 
 
 def _train(
@@ -172,8 +184,9 @@ def _train(
     progress: bool,
     max_steps_this_session: int | None,
     cross_check: bool,
+    calibrated: CalibratedNoise | None = None,
 ) -> RunResult:
-    prep = prepare(recipe, run_dir, resume=resume)
+    prep = prepare(recipe, run_dir, resume=resume, calibrated=calibrated)
     if prep.complete:
         return _already_complete(prep)
     distributed.barrier()  # every rank has validated the run directory before rank 0 writes
@@ -216,8 +229,15 @@ def _interrupted(run: RunDir) -> RunInterrupted:
 # -- prepare: everything checked before the model loads -----------------------------------
 
 
-def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool = False) -> Prepared:
-    """Validate the run directory, read the key and the data, resolve and check the plan."""
+def prepare(
+    recipe: Recipe,
+    run_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    calibrated: CalibratedNoise | None = None,
+) -> Prepared:
+    """Validate the run directory, read the key and the data, resolve and check the plan
+    (``calibrated``: see :func:`train`)."""
     run = RunDir(recipe.run_dir(run_dir))
     meta = _check_run_dir(run, recipe, resume)
     key = _run_key(recipe, run, resume)
@@ -238,7 +258,7 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
         recipe_person_ids(recipe, recipe.data.person_field)
     records = len(train_texts) + withheld
     if unit is None:
-        plan = plan_privacy(recipe, records, restored_noise=restored)
+        plan = plan_privacy(recipe, records, restored_noise=restored, calibrated=calibrated)
     else:
         plan = plan_unit(recipe, unit, records, restored_noise=restored)
 
@@ -280,6 +300,12 @@ def prepare(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool =
             f"calibrated noise multiplier {plan.noise_multiplier:.4f} for epsilon="
             f"{recipe.privacy.epsilon} at delta={plan.delta:.3g} over {plan.steps} steps "
             f"({plan.accountant})"
+        )
+    elif plan.noise_source == "reused":  # calibrated for the same plan (an audit shadow's run)
+        log(
+            f"reused noise multiplier {plan.noise_multiplier:.4f} (calibrated for the same "
+            f"epsilon={recipe.privacy.epsilon}, delta={plan.delta:.3g}, q, {plan.steps} steps, "
+            f"{plan.accountant} and policy)"
         )
     elif plan.noise_source == "restored":  # calibrated by the session that started the run
         log(

@@ -19,7 +19,9 @@ Frozen settings.  :meth:`Policy.bind` derives the plans from the policy's privac
 filter's forecasts and the federated planned-round charge read :meth:`Policy.planned_event` from
 the same settings; so once bound, assigning one raises :class:`FrozenPolicyError` (the bind's
 own assignments excepted), and a second bind is allowed only with the same groups and sampling
-constants (a no-op).  Every view of a run then reads one value.
+constants (a no-op).  Every view of a run then reads one value.  The containers bind stores
+(the groups, per-group clips, the plans' maps) are immutable too (tuples, :class:`FrozenMap`),
+so that mutating one in place raises as well: assignment and mutation are both refused.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 from torch import Tensor, nn
 
@@ -43,6 +45,27 @@ _Bind = TypeVar("_Bind", bound=Callable[..., None])
 class FrozenPolicyError(RuntimeError):
     """A bound policy's privacy setting was assigned, or the policy was bound again with other
     constants: its plans and its planned event would disagree (see the module docstring)."""
+
+
+class FrozenMap(dict):  # type: ignore[type-arg]
+    """A dict that refuses in-place mutation (a bound policy's per-group settings and plans).
+
+    A dict subclass rather than ``types.MappingProxyType``: it stays JSON-able (``describe()``,
+    run.json), picklable and deep-copyable (a copy is a new FrozenMap of the same items), and
+    equal to a dict of the same items."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise FrozenPolicyError(
+            "a bound policy's per-group settings and plans are read-only: the steps are "
+            "planned and charged from them. Fix: give the values before the engine is built "
+            "(before bind()), or copy them (dict(...)) to change a copy"
+        )
+
+    __setitem__ = __delitem__ = __ior__ = _refuse
+    clear = pop = popitem = setdefault = update = _refuse
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (dict(self),))
 
 
 def _freezing(bind: _Bind) -> _Bind:
@@ -77,6 +100,22 @@ def _freezing(bind: _Bind) -> _Bind:
             object.__setattr__(self, "_binding", depth)
         if depth == 0:
             object.__setattr__(self, "_bound_to", asked)
+
+    return wrapper  # type: ignore[return-value]
+
+
+_Calibrate = TypeVar("_Calibrate", bound=Callable[..., float])
+
+
+def _unbound_only(calibrate: _Calibrate) -> _Calibrate:
+    """Wrap a ``calibrate`` so that a bound policy refuses it before any work (a calibration
+    can take seconds, and its sigma could only be refused: noise_multiplier is frozen)."""
+
+    @functools.wraps(calibrate)
+    def wrapper(self: Policy, *args: Any, **kwargs: Any) -> float:
+        if self.bound:
+            raise self._frozen("noise_multiplier", "a sigma calibrated now")
+        return calibrate(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
 
@@ -189,6 +228,18 @@ class Policy(ABC):
         super().__init_subclass__(**kwargs)
         if "bind" in cls.__dict__:  # every override freezes the settings when it returns
             cls.bind = _freezing(cls.__dict__["bind"])  # type: ignore[method-assign]
+        if "calibrate" in cls.__dict__:  # and every calibrate refuses a bound policy at once
+            cls.calibrate = _unbound_only(cls.__dict__["calibrate"])  # type: ignore[method-assign]
+
+    def _frozen(self, name: str, value: str) -> FrozenPolicyError:
+        """The refusal of setting ``name`` (to ``value``, a repr) on a bound policy."""
+        return FrozenPolicyError(
+            f"policy '{self.name}': {name} is frozen once the policy is bound (bind(), "
+            f"which the PrivacyEngine calls): the steps' plans were derived from "
+            f"{name}={getattr(self, name, None)!r}, and the pre-run budget checks, the "
+            f"budget filter's forecasts and reports would read {value}. Fix: set {name} "
+            "before the engine is built (before bind()), or build a new policy (and engine)"
+        )
 
     def __setattr__(self, name: str, value: Any) -> None:
         if (
@@ -196,13 +247,7 @@ class Policy(ABC):
             and "_bound_to" in self.__dict__
             and not self.__dict__.get("_binding", 0)
         ):
-            raise FrozenPolicyError(
-                f"policy '{self.name}': {name} is frozen once the policy is bound (bind(), "
-                f"which the PrivacyEngine calls): the steps' plans were derived from "
-                f"{name}={getattr(self, name, None)!r}, and the pre-run budget checks, the "
-                f"budget filter's forecasts and reports would read {value!r}. Fix: set {name} "
-                "before the engine is built (before bind()), or build a new policy (and engine)"
-            )
+            raise self._frozen(name, repr(value))
         super().__setattr__(name, value)
 
     @property
@@ -216,13 +261,14 @@ class Policy(ABC):
     ) -> None:
         """Called once by the engine with the group names and the public sampling constants;
         freezes :attr:`frozen_settings` when it returns."""
-        self.groups = list(groups)
+        self.groups = tuple(groups)  # immutable, like every container a bound policy keeps
         self.sample_rate = sample_rate
         self.expected_batch_size = expected_batch_size
 
     @abstractmethod
     def plan(self, context: StepContext) -> StepPlan: ...
 
+    @_unbound_only
     def calibrate(
         self,
         target_epsilon: float,
@@ -235,7 +281,8 @@ class Policy(ABC):
         """Set and return the smallest noise multiplier meeting (target_epsilon, delta) over
         ``steps`` steps at ``sample_rate`` (the argument order of
         :func:`accountants.calibrate_noise`); the default assumes one Poisson-subsampled Gaussian
-        event per step."""
+        event per step.  A bound policy refuses it (:class:`FrozenPolicyError`) before any work;
+        so do the overrides (wrapped by ``__init_subclass__``)."""
         from accountants import calibrate_noise
 
         self.noise_multiplier = calibrate_noise(

@@ -143,7 +143,7 @@ class ErrorFeedbackPolicy(StaticPolicy):
         super().bind(groups, sample_rate=sample_rate, expected_batch_size=expected_batch_size)
 
     def planned_event(self, sample_rate: float) -> Event:
-        return error_feedback_event(sample_rate, self.noise_multiplier, self.feedback)
+        return error_feedback_event(sample_rate, self.charged_sigma, self.feedback)
 
     def event(self, plan: StepPlan) -> Event:
         return error_feedback_event(self.sample_rate, plan.noise_multiplier, self.feedback)

@@ -18,7 +18,7 @@ from typing import Any
 
 from accountants import Event
 
-from .base import Policy, StepContext, StepPlan
+from .base import FrozenMap, Policy, StepContext, StepPlan
 
 
 def split_clip(
@@ -72,7 +72,10 @@ class StaticPolicy(Policy):
         self, groups: Sequence[str], *, sample_rate: float, expected_batch_size: float
     ) -> None:
         super().bind(groups, sample_rate=sample_rate, expected_batch_size=expected_batch_size)
-        self._clip = split_clip(self.groups, self.clip, self.group_clip)
+        # immutable from here: the plan's maps are these, and a mutation would change the clip
+        # of every later step but not the forecasts (planned_event) nor describe()
+        self.group_clip = FrozenMap(self.group_clip)
+        self._clip = FrozenMap(split_clip(self.groups, self.clip, self.group_clip))
         if self.group_clip:
             self.clip = math.sqrt(sum(c**2 for c in self._clip.values()))
         if self.noise_multiplier is None:
@@ -86,10 +89,20 @@ class StaticPolicy(Policy):
             )
         # sigma = 0: no noise (even with clip = inf, where sigma * C would be nan)
         std = self.noise_multiplier * self.clip if self.noise_multiplier else 0.0
-        self._plan = StepPlan(clip=self._clip, noise_std=dict.fromkeys(self.groups, std))
+        self._plan = StepPlan(clip=self._clip, noise_std=FrozenMap(dict.fromkeys(self.groups, std)))
+
+    @property
+    def charged_sigma(self) -> float:
+        """The sigma each step is charged at: once bound, the plan's ``sigma_eff = 1 /
+        sqrt(sum_g (C_g / (sigma C))^2)``, which rounds to within an ulp of ``noise_multiplier``
+        (1.2 over three groups gives 1.1999999999999997), as :meth:`event` charges it; before
+        bind (no groups yet), ``noise_multiplier``.  Forecasts read it, so that they equal the
+        charge bitwise."""
+        plan = self.__dict__.get("_plan") if self.bound else None
+        return self.noise_multiplier if plan is None else self.event(plan).noise_multiplier
 
     def planned_event(self, sample_rate: float) -> Event:
-        return Event(sample_rate=sample_rate, noise_multiplier=self.noise_multiplier)
+        return Event(sample_rate=sample_rate, noise_multiplier=self.charged_sigma)
 
     def plan(self, context: StepContext) -> StepPlan:
         return self._plan
@@ -99,5 +112,5 @@ class StaticPolicy(Policy):
             "name": self.name,
             "clip": self.clip,
             "noise_multiplier": self.noise_multiplier,
-            "group_clip": self._clip if len(self._clip) > 1 else None,
+            "group_clip": dict(self._clip) if len(self._clip) > 1 else None,
         }

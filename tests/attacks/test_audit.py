@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
+import accountants
 from accountants import Event, Ledger
 from attacks.audit import after_training, audit_run
 from attacks.report import verdict
 from dptrain.cli import main
-from dptrain.recipe import parse_recipe
+from dptrain.plan import CalibratedNoise, plan_privacy
+from dptrain.recipe import load_recipe, parse_recipe
 from dptrain.rundir import RunDir
 from dptrain.train import train
 
@@ -190,3 +192,43 @@ def test_cli(non_private, tmp_path, capsys):
     assert "not a run directory" in capsys.readouterr().err
     assert main(["audit", str(non_private), "--shadows", "3"]) == 2
     assert "--shadows" in capsys.readouterr().err
+
+
+def test_shadows_with_the_runs_plan_reuse_its_calibrated_sigma(tmp_path, capsys, monkeypatch):
+    """Counted through ``accountants.calibrate_noise`` (the static policy's calibrate): the run
+    calibrates once; its shadow models, whose plan is the run's (epsilon, delta, q, steps,
+    accountant, policy), take that sigma from run.json; a plan differing in one value (the
+    steps, as ``shadow_steps`` would) calibrates."""
+    calls: list[tuple] = []
+    real = accountants.calibrate_noise
+
+    def counted(*args, **kw):
+        calls.append(args)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(accountants, "calibrate_noise", counted)
+    out = tmp_path / "cal"
+    d = tiny_recipe(
+        out, private=True, canaries={1: 8}, steps=2, after_training=True, shadows=2,
+        members=8, non_members=8, population=8, exposure_canaries=2,
+    ).model_dump()  # fmt: skip
+    d["policy"]["noise_multiplier"] = None  # calibrated for epsilon 1
+    recipe = parse_recipe(d)
+    result = train(recipe, progress=False)
+    meta = RunDir(result.run_dir).read_meta()
+    sigma = meta["calibrated_noise_multiplier"]
+    assert len(calls) == 1 and f"calibrated noise multiplier {sigma:.4f}" in capsys.readouterr().err
+    after_training(result.run_dir, recipe.audit, progress=False)
+    err = capsys.readouterr().err
+    assert len(calls) == 1 and "calibrated noise multiplier" not in err
+    assert err.count(f"reused noise multiplier {sigma:.4f}") == 2
+    shadow_dir = out / "audit" / "shadows" / "shadow-00"
+    assert RunDir(shadow_dir).read_meta()["calibrated_noise_multiplier"] == sigma
+    shadow = load_recipe(shadow_dir / "recipe.yaml")
+    known = CalibratedNoise.of_run(meta, recipe)
+    assert plan_privacy(shadow, 100, calibrated=known).noise_multiplier == sigma
+    other = parse_recipe(
+        {**shadow.model_dump(), "training": {**shadow.training.model_dump(), "steps": 3}}
+    )
+    plan = plan_privacy(other, 100, calibrated=known)
+    assert plan.noise_source == "calibrated" and len(calls) == 2 and plan.noise_multiplier > sigma

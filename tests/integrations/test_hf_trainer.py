@@ -506,3 +506,27 @@ def test_logged_loss_is_the_trainers_mean_whatever_the_accumulation(tmp_path) ->
                 dict(trainer.model.named_parameters())[name].detach(), p.detach(), rtol=1e-10,
                 atol=1e-12,
             )  # fmt: skip
+
+
+def test_a_resume_of_a_run_stopped_at_the_budget_is_refused_before_the_checkpoint_loads(
+    records, tmp_path
+) -> None:
+    """The Trainer runs static and error_feedback only (no adaptive policy): the planned event
+    prices the next step, so the run plan refuses the resume (``dptrain train``'s message)
+    before an engine is built or the checkpoint's weights are loaded."""
+    q, sigma, delta = 6 / N, 0.8, 1e-3
+    eps2 = get_accountant("rdp").epsilon([Event(q, sigma, 2)], delta)  # 2 of the 10 steps fit
+    privacy = PrivacyArguments(
+        epsilon=eps2 * 1.0001, delta=delta, noise_multiplier=sigma, clip=1.0, insecure_seed=1
+    )
+    args = _args(
+        tmp_path, max_steps=10, gradient_accumulation_steps=1, per_device_train_batch_size=6
+    )
+    DPTrainer(_model(), args, train_dataset=records, privacy=privacy).train()
+    fresh = _model(seed=5)
+    before = {n: p.detach().clone() for n, p in fresh.named_parameters()}
+    again = DPTrainer(fresh, args, train_dataset=records, privacy=privacy)
+    with pytest.raises(dptrain.errors.RecipeError, match=r"already spent .*after 2 steps"):
+        again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert again.engine is None
+    assert all(torch.equal(p, before[n]) for n, p in fresh.named_parameters())

@@ -4,19 +4,29 @@ round) all read one value."""
 
 from __future__ import annotations
 
-import dataclasses
+import copy
+import json
 import math
+import pickle
 
 import pytest
 import torch
 from torch import nn
 
-from accountants import Budget
+import accountants
+from accountants import Budget, BudgetFilter, Ledger
 from dptrain.engine import PrivacyEngine
 from dptrain.losses import mse_loss
-from dptrain.plan import plan_privacy
-from dptrain.policies import ErrorFeedbackPolicy, FrozenPolicyError, StaticPolicy, StepPlan
+from dptrain.plan import plan_privacy, steps_that_fit
+from dptrain.policies import (
+    ErrorFeedbackPolicy,
+    FrozenPolicyError,
+    StaticPolicy,
+    StepPlan,
+    error_feedback,
+)
 from dptrain.policies.rl import RLPolicy
+from dptrain.policies.rl import policy as rl_policy
 from dptrain.policies.rl.options import RLConfig
 from dptrain.recipe import parse_recipe
 
@@ -61,12 +71,21 @@ def test_a_bound_policy_refuses_every_privacy_setting_with_the_fix(index):
 
 @pytest.mark.parametrize("index", range(2))
 def test_the_planned_event_is_the_charge_of_every_step(index):
-    """Static and error feedback: the one event planned ahead is what each step is charged."""
-    policy = _bound(_policies()[index])
+    """Static and error feedback: the one event planned ahead is what each step is charged,
+    bitwise, also where the plan's sigma_eff = 1 / sqrt(sum_g (C_g / (sigma C))^2) rounds an
+    ulp below sigma (1.2 over three groups: 1.1999999999999997)."""
+    policy = _policies()[index]
+    policy.group_clip = {}
+    assert policy.planned_event(Q).noise_multiplier == 1.2  # before bind: no groups yet
+    policy.bind(["a", "b", "c"], sample_rate=Q, expected_batch_size=EB)
     planned, charged = policy.planned_event(Q), policy.event(policy.plan(None))
-    # the plan's sigma_eff = 1 / sqrt(sum_g (C_g / (sigma C))^2) rounds within an ulp of sigma
-    assert charged.noise_multiplier == pytest.approx(planned.noise_multiplier, rel=1e-15)
-    assert dataclasses.replace(charged, noise_multiplier=planned.noise_multiplier) == planned
+    assert charged.noise_multiplier == 1.1999999999999997 and policy.noise_multiplier == 1.2
+    assert planned == charged
+    assert planned.noise_multiplier == charged.noise_multiplier  # Event's == is exact here
+    # the pre-run fit check and the federated planned round read the same event
+    fil = BudgetFilter(Budget(3.0, 1e-5), "rdp")
+    event, fits = steps_that_fit(policy, Q, fil, Ledger(), 1000)
+    assert event == charged and fil.spent(Ledger([event.with_steps(fits)])) <= 3.0
 
 
 @pytest.mark.parametrize("index", range(3))
@@ -84,7 +103,7 @@ def test_settings_changed_before_bind_are_the_ones_planned(index):
         plan = policy.plan(None)
         assert plan.noise_multiplier == pytest.approx(sigma)
         assert policy.event(plan).noise_multiplier == pytest.approx(sigma, rel=1e-15)
-        assert policy.planned_event(Q).noise_multiplier == sigma
+        assert policy.planned_event(Q) == policy.event(plan)  # the charge, bitwise
         assert policy.describe()["noise_multiplier"] == sigma
 
 
@@ -162,3 +181,61 @@ def test_a_restored_sigma_is_set_before_bind_and_planned():
     _bound(plan.policy)
     assert plan.policy.planned_event(Q).noise_multiplier == 1.75
     assert plan.policy.plan(None).noise_multiplier == pytest.approx(1.75)
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_a_bound_policy_refuses_mutating_its_containers(index):
+    """Assignment and in-place mutation alike: group_clip, the groups, the plan's maps, rl's
+    bands and its config's lists."""
+    policy = _bound(_policies()[index])
+    before = (policy.planned_event(Q), policy.describe())
+    with pytest.raises(AttributeError):
+        policy.groups.append("c")
+    if policy.name == "rl":
+        with pytest.raises(AttributeError):
+            policy.cfg.net_arch.append(8)
+        with pytest.raises(AttributeError):
+            policy.bands[0].append("c")
+        with pytest.raises(FrozenPolicyError, match=r"read-only.*Fix: give the values before"):
+            policy.band_of["a"] = 1
+    else:
+        plan = policy.plan(None)
+        for mapping in (policy.group_clip, plan.clip, plan.noise_std):
+            with pytest.raises(FrozenPolicyError, match=r"read-only.*Fix: give the values before"):
+                mapping["a"] = 0.1
+            for mutate in (mapping.clear, lambda m=mapping: m.update(a=0.1)):
+                with pytest.raises(FrozenPolicyError):
+                    mutate()
+        if policy.name == "static":
+            assert policy.plan(None).clip == {"a": 0.6, "b": 0.8}
+        reported = policy.describe()
+        assert json.loads(json.dumps(reported)) == reported  # run.json still takes it
+        assert copy.deepcopy(plan) == plan and pickle.loads(pickle.dumps(plan)) == plan
+    assert (policy.planned_event(Q), policy.describe()) == before
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_calibrate_on_a_bound_policy_is_refused_before_any_work(index, monkeypatch):
+    """No sigma is computed (error feedback's takes seconds): calibrate_noise, which static and
+    error feedback call, and rl's Pacer are never reached."""
+    calls: list[str] = []
+
+    def counted(real, name):
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(accountants, "calibrate_noise", counted(accountants.calibrate_noise, "s"))
+    monkeypatch.setattr(
+        error_feedback, "calibrate_noise", counted(error_feedback.calibrate_noise, "ef")
+    )
+    monkeypatch.setattr(rl_policy, "Pacer", counted(rl_policy.Pacer, "rl"))
+    fresh = _policies()[index]
+    fresh.calibrate(3.0, 1e-5, sample_rate=Q, steps=5, accountant="rdp")
+    assert len(calls) == 1  # the counters see an unbound policy's calibration
+    policy = _bound(_policies()[index])
+    with pytest.raises(FrozenPolicyError, match=r"noise_multiplier is frozen.*calibrated now"):
+        policy.calibrate(3.0, 1e-5, sample_rate=Q, steps=5, accountant="rdp")
+    assert len(calls) == 1 and policy.noise_multiplier == 1.2

@@ -52,7 +52,8 @@ class RLConfig(BaseModel):
     # SAC
     gamma: float = Field(0.9, ge=0, le=1)
     learning_rate: float = Field(3e-4, gt=0)
-    net_arch: list[int] = Field(default_factory=lambda: [32, 32], min_length=1)
+    # a tuple: the config is immutable, its containers included (a recipe's list validates)
+    net_arch: tuple[int, ...] = Field((32, 32), min_length=1)
     batch_size: int = Field(32, ge=1)
     gradient_steps: int = Field(8, ge=0, description="SAC updates per update round")
     learn_every: int = Field(

@@ -19,7 +19,7 @@ from accountants.rdp import RdpAccountant
 
 from ...errors import RecipeError
 from ...losses import perplexity
-from ..base import NoiseFn, Policy, RunContext, StepContext, StepPlan, StepSums
+from ..base import FrozenMap, NoiseFn, Policy, RunContext, StepContext, StepPlan, StepSums
 from ..registry import check_accountant
 from . import warm
 from .control import (
@@ -138,8 +138,9 @@ class RLPolicy(Policy):
                 "set noise_multiplier (sigma_ref), or call calibrate() with a target epsilon, "
                 "before binding"
             )
-        self.bands = bands_of(self.groups, self.cfg.bands)
-        self.band_of = {g: b for b, band in enumerate(self.bands) for g in band}
+        # immutable (tuples, a FrozenMap): the plans, count releases and reports read them
+        self.bands = tuple(tuple(band) for band in bands_of(self.groups, self.cfg.bands))
+        self.band_of = FrozenMap((g, b) for b, band in enumerate(self.bands) for g in band)
         frac = self.cfg.clip_fraction_noise
         self.count_std = None if frac is None else frac * expected_batch_size
         self._state.released = Released.empty(len(self.bands))
