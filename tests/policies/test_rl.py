@@ -532,3 +532,26 @@ def test_rl_steps_make_no_tensor_on_the_default_device():
     assert run.engine.steps_taken == 2
     fraction = run.policy._state.released.fraction
     assert fraction is not None and np.isfinite(fraction).all()
+
+
+def test_a_warm_start_from_a_warm_started_run_composes_the_whole_chain(tmp_path):
+    """Run B's agent started from run A's, so run C warm-started from B holds a function of
+    A's and B's released outputs: records in all three are covered only by eps_A + eps_B +
+    eps_C.  The source's composed claim (its shared_with_warm_start) is what C composes with,
+    not B's own epsilon; a source that states no certified epsilon is refused."""
+    from dptrain.policies.rl import warm
+
+    run = RunDir(tmp_path / "b")
+    run.path.mkdir()
+    ledger = Ledger()
+    ledger.record(Event(0.1, 1.0))
+    run.save_ledger(ledger)
+    own = {"epsilon": 8.0, "delta_total": 1e-5}
+    run.write_meta({**own, "shared_with_warm_start": {"run": "a", "epsilon": 16.0, "delta": 2e-5}})
+    info = warm.source_info(str(run.path))
+    assert (info["epsilon"], info["delta"]) == (16.0, 2e-5)
+    run.write_meta(own)  # B was not warm-started: its own claim
+    assert (warm.source_info(str(run.path))["epsilon"]) == 8.0
+    run.write_meta({"status": "running"})  # no session of B ended: nothing certified
+    with pytest.raises(RecipeError, match=r"init_from.*no certified"):
+        warm.source_info(str(run.path))

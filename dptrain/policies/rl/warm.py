@@ -49,10 +49,23 @@ def source_info(run_dir: str) -> dict[str, Any]:
 
     src = RunDir(run_dir)
     meta = src.read_meta()
+    # A source that was itself warm-started has an agent that is a function of its own source's
+    # released outputs too: records in every run of the chain are covered only by the
+    # composition of all of them, which the source states as shared_with_warm_start (an upper
+    # bound for records in fewer of the runs).  Its own epsilon alone would drop the earlier runs.
+    claim = meta.get("shared_with_warm_start") or meta
+    eps = claim.get("epsilon")
+    delta = claim.get("delta_total", claim.get("delta"))
+    if not isinstance(eps, int | float) or not isinstance(delta, int | float):
+        raise RecipeError(
+            f"policy.rl.init_from: {run_dir} states no certified (epsilon, delta) in run.json "
+            "(it never reached the end of a session): a warm start composes with that "
+            "guarantee. Fix: resume it until it finishes or pauses, or point at a finished run."
+        )
     return {
         "run": str(src.path),
-        "epsilon": meta.get("epsilon"),  # the run's certified epsilon (its filter's budget)
-        "delta": meta.get("delta_total", meta.get("delta")),
+        "epsilon": float(eps),  # certified there (its filter's budget), composed over its chain
+        "delta": float(delta),
         "ledger": Ledger.load(src.ledger).to_dict(),
     }
 
