@@ -24,6 +24,41 @@ def check_source(run_dir: str) -> None:
             f"policy.rl.init_from: {run_dir} is not a run directory (no run.json). Fix: point "
             "it at the output directory of an earlier rl run."
         )
+    carved = carved_public_source(run_dir)
+    if carved is not None:
+        raise RecipeError(
+            f"policy.rl.init_from: the agent of {carved} learnt from the loss on a public split "
+            "that data.public_fraction carved out of its data file by its own secret key: those "
+            "records were read without noise, and in this run they may be private training "
+            "records, which the warm-started agent would then leak unaccounted. Fix: warm-start "
+            "from a run whose public data is a separate file (data.public_path), or train the "
+            "agent from scratch (drop policy.rl.init_from)."
+        )
+
+
+def carved_public_source(run_dir: str, depth: int = 0) -> str | None:
+    """The run of the warm-start chain from ``run_dir`` (it, its own ``rl.init_from``, ...)
+    whose recipe set ``data.public_fraction``, or None.  Such a run's agent is a function of
+    un-noised records chosen by its key from its data file, which other runs of the same file
+    hold as private records.  An unreadable recipe counts as one (it cannot be checked)."""
+    import yaml
+
+    from ...rundir import RunDir
+
+    run = RunDir(run_dir)
+    try:
+        recipe = yaml.safe_load(run.recipe.read_text())
+        data = recipe.get("data") or {}
+        init = ((recipe.get("policy") or {}).get("rl") or {}).get("init_from")
+    except (OSError, AttributeError, yaml.YAMLError):
+        return str(run.path)
+    if data.get("public_fraction") is not None:
+        return str(run.path)
+    if init is None:
+        return None
+    if depth >= 32:  # no run that long a chain is checked: refuse rather than guess
+        return str(run.path)
+    return carved_public_source(str(init), depth + 1)
 
 
 def load_agent(agent: Any, run_dir: str) -> None:
