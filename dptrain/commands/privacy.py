@@ -502,6 +502,10 @@ def run_epsilon(args: argparse.Namespace) -> int:
         per_unit = unit_claim(meta, epsilon, delta + term) if args.run is not None else None
     except _InputError as err:
         return _fail("epsilon", str(err))
+    # a warm-started rl run: records shared with the source are covered only by the
+    # composition of both guarantees (run.json's claim, stated at the run's delta)
+    shared = meta.get("shared_with_warm_start") if args.run is not None else None
+    shared = shared if isinstance(shared, dict) else None
     if args.json:
         out = {
             "epsilon": _json_number(epsilon),
@@ -520,6 +524,8 @@ def run_epsilon(args: argparse.Namespace) -> int:
             out["guarantee"] = seed is None and certified and math.isfinite(epsilon)
             if args.adaptive:
                 out["epsilon_spent_adaptive"] = _json_number(spent)
+            if shared is not None:
+                out["shared_with_warm_start"] = shared
             out["privacy_unit"] = "record" if per_unit is None else per_unit["unit"]
             if per_unit is not None:  # the run's headline is per person
                 out["per_unit"] = {**per_unit, "epsilon": _json_number(per_unit["epsilon"])}
@@ -541,6 +547,14 @@ def run_epsilon(args: argparse.Namespace) -> int:
         if per_unit is not None and per_unit["strategy"] == "example":
             label += " per record"
         rows.append((label, f"{epsilon:.4f}"))
+        if shared is not None:
+            rows.append(
+                (
+                    "shared records",
+                    f"({shared.get('epsilon')}, {shared.get('delta')})-DP for records shared "
+                    f"with {shared.get('run')} (the agent was warm-started from it: run.json)",
+                )
+            )
         if per_unit is not None:
             how = (
                 f"group privacy over {per_unit['group_size']} records"

@@ -128,6 +128,19 @@ def test_epsilon_of_a_person_level_run_reports_the_guarantee_per_person(tmp_path
     assert out["privacy_unit"] == "record" and "per_unit" not in out
 
 
+def test_epsilon_of_a_warm_started_run_states_the_shared_guarantee(tmp_path, capsys) -> None:
+    """A warm-started rl run's records shared with its source are covered only by both runs'
+    composition (run.json's shared_with_warm_start): the command states it beside its own."""
+    Ledger([Event(0.01, 1.0, 30)]).save(tmp_path / "ledger.json")
+    shared = {"run": "runs/a", "epsilon": 16.0, "delta": 2e-5}
+    meta = {"delta": 1e-5, "adaptive": True, "epsilon_budget": 8.0}
+    (tmp_path / "run.json").write_text(json.dumps({**meta, "shared_with_warm_start": shared}))
+    out = run_json(capsys, "epsilon", "--run", str(tmp_path))
+    assert out["epsilon"] == 8.0 and out["shared_with_warm_start"] == shared
+    code, text, _ = run(capsys, "epsilon", "--run", str(tmp_path))
+    assert code == 0 and "(16.0, 2e-05)-DP for records shared with runs/a" in text
+
+
 def test_epsilon_of_many_mechanisms_says_it_is_gridded(tmp_path, capsys) -> None:
     """A ledger of 80 distinct mechanisms (more than PLD's 64 exact ones) composes on the
     public grid, and the report says so."""
