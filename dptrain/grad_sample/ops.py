@@ -792,7 +792,7 @@ def _probe_autocast(rule: Any, x: Tensor, w: Tensor | None, b: Tensor | None) ->
     def tiny(like: Tensor | None, shape: tuple[int, ...]) -> Tensor | None:
         if like is None:
             return None
-        t = torch.randn(shape, generator=gen, dtype=torch.float64)
+        t = torch.randn(shape, generator=gen, dtype=torch.float64, device="cpu")  # gen: CPU
         return t.to(device=like.device, dtype=like.dtype)
 
     tx, tw, tb = tiny(x, x_shape), tiny(w, p_shape), tiny(b, p_shape)
