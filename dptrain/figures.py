@@ -455,6 +455,10 @@ def render_run(
     title = str(meta.get("name", ""))
     if meta.get("insecure_seed") is not None:
         title += " (insecure_seed: NO guarantee)"
+    unit = meta.get("privacy_unit")
+    if isinstance(unit, dict) and unit.get("strategy") == "example":  # the ledger is per record
+        k = unit.get("group_size")
+        title += f" (ε per record; per {unit.get('unit', 'person')}: {k}ε, group privacy over {k})"
     public = privacy_figure(
         ledger.events,
         run / PRIVACY_FIGURE,

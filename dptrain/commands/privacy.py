@@ -385,6 +385,35 @@ def _read_run(
     return ledger.events, delta, accountant, adaptive, meta
 
 
+def unit_claim(meta: dict[str, Any], epsilon: float, delta: float) -> dict[str, Any] | None:
+    """The guarantee per privacy unit of a person-level run (``run.json``'s ``privacy_unit``)
+    from the ledger's ``(epsilon, delta)``; None for a record-level run.  Strategy ``user``:
+    the ledger is over people, so the same numbers; ``example``: the ledger is per record, and a
+    person of at most ``k`` records gets group privacy ``(k eps, delta sum_(i<k) e^(i eps))``
+    (as :func:`dptrain.user_level.group_privacy`), ``k`` times the ledger's epsilon."""
+    unit = meta.get("privacy_unit")
+    if not isinstance(unit, dict):
+        return None
+    name, strategy, k = unit.get("unit", "person"), unit.get("strategy"), unit.get("group_size")
+    if strategy == "user":
+        return {"unit": name, "strategy": strategy, "epsilon": epsilon, "delta": delta}
+    if strategy != "example" or not isinstance(k, int) or k < 1:
+        raise _InputError(
+            f"run.json's privacy_unit {unit!r} names no strategy and group size this version "
+            "can account; read run.json's person_level instead"
+        )
+    if not math.isfinite(epsilon) or k * epsilon > 700:
+        return {"unit": name, "strategy": strategy, "epsilon": math.inf, "delta": 1.0}
+    factor = float(k) if epsilon == 0 else math.expm1(k * epsilon) / math.expm1(epsilon)
+    return {
+        "unit": name,
+        "strategy": strategy,
+        "group_size": k,
+        "epsilon": k * epsilon,
+        "delta": min(1.0, delta * factor),
+    }
+
+
 def _describe(e: Event) -> str:
     kind = (
         ""
@@ -469,6 +498,14 @@ def run_epsilon(args: argparse.Namespace) -> int:
     term = truncation_delta(epsilon, pairs)
     seed = meta.get("insecure_seed")
     figures = _plot(args, delta, name) if args.plot else {}
+    try:  # a person-level run: the ledger's epsilon is per record for strategy example
+        per_unit = unit_claim(meta, epsilon, delta + term) if args.run is not None else None
+    except _InputError as err:
+        return _fail("epsilon", str(err))
+    # a warm-started rl run: records shared with the source are covered only by the
+    # composition of both guarantees (run.json's claim, stated at the run's delta)
+    shared = meta.get("shared_with_warm_start") if args.run is not None else None
+    shared = shared if isinstance(shared, dict) else None
     if args.json:
         out = {
             "epsilon": _json_number(epsilon),
@@ -487,6 +524,12 @@ def run_epsilon(args: argparse.Namespace) -> int:
             out["guarantee"] = seed is None and certified and math.isfinite(epsilon)
             if args.adaptive:
                 out["epsilon_spent_adaptive"] = _json_number(spent)
+            if shared is not None:
+                out["shared_with_warm_start"] = shared
+            out["privacy_unit"] = "record" if per_unit is None else per_unit["unit"]
+            if per_unit is not None:  # the run's headline is per person
+                out["per_unit"] = {**per_unit, "epsilon": _json_number(per_unit["epsilon"])}
+                out["epsilon_unit"] = "record" if per_unit["strategy"] == "example" else "person"
             if args.plot:
                 out["figures"] = figures
         print(json.dumps(out))
@@ -501,7 +544,30 @@ def run_epsilon(args: argparse.Namespace) -> int:
         else:
             rows.append(("delta", f"{delta:g}"))
         label = "epsilon (filter budget)" if args.adaptive and certified else "epsilon"
+        if per_unit is not None and per_unit["strategy"] == "example":
+            label += " per record"
         rows.append((label, f"{epsilon:.4f}"))
+        if shared is not None:
+            rows.append(
+                (
+                    "shared records",
+                    f"({shared.get('epsilon')}, {shared.get('delta')})-DP for records shared "
+                    f"with {shared.get('run')} (the agent was warm-started from it: run.json)",
+                )
+            )
+        if per_unit is not None:
+            how = (
+                f"group privacy over {per_unit['group_size']} records"
+                if per_unit["strategy"] == "example"
+                else "user-level sampling and clipping"
+            )
+            rows.append(
+                (
+                    f"per {per_unit['unit']}",
+                    f"({per_unit['epsilon']:.4f}, {per_unit['delta']:.3g})-DP over all of their "
+                    f"records ({how}): the run's guarantee",
+                )
+            )
         if getattr(accountant, "grid_level", None) is not None and events:
             rows.append(("composition", composition(accountant, events)))
         if args.adaptive and args.run is not None:

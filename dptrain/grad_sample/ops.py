@@ -534,7 +534,10 @@ class GroupNorm(Norm):
         return F.group_norm(call.input, call.args["num_groups"], eps=call.args["eps"])
 
     def native(self, x: Tensor, w: Tensor | None, b: Tensor | None, args: dict) -> tuple:
+        """``native_group_norm`` as ``group_norm`` calls it, on an input in the row-major
+        layout (:func:`_row_major`; its kernels read raw memory in the layout they assume)."""
         n, c, groups = x.shape[0], x.shape[1], args["num_groups"]
+        w, b = (t if t is None else t.contiguous() for t in (w, b))
         return torch.native_group_norm(x, w, b, n, c, math.prod(x.shape[2:]), groups, args["eps"])
 
     def probe_args(self) -> tuple[tuple[int, ...], tuple[int, ...], dict[str, Any]]:
@@ -544,17 +547,27 @@ class GroupNorm(Norm):
         """``group_norm`` is ``native_group_norm`` (the aten composite), whose autograd node
         calls ``native_group_norm_backward`` with the forward's statistics (see
         :class:`LayerNorm`).  A call that ``F.group_norm`` refuses before (one value per
-        group) keeps the generic path, which raises its error."""
+        group) keeps the generic path, which raises its error; so does an input not stored
+        row-major (channels-last, transposed, expanded: ``group_norm`` and autograd's formula
+        pick a memory format per device, see :func:`_row_major`) or on another device than the
+        CPU or CUDA."""
         a = call.args
         if x.shape[0] * x.shape[1] // a["num_groups"] * math.prod(x.shape[2:]) == 1:
+            return None
+        if x.device.type not in ("cpu", "cuda") or not _row_major(x):
             return None
         return _saved_norm_forward(self, x, a["weight"], a["bias"], a)
 
     def saved_input_grad(self, call: OpCall, saved: tuple, g: Tensor) -> Tensor:
+        """Autograd's formula: ``dY`` made row-major like the (row-major) input, since the
+        kernel reads ``dY`` as raw row-major memory (an expanded or transposed ``dY``, e.g. the
+        gradient of a sum, would otherwise be read out of its bounds)."""
         x, w, _, mean, rstd = _saved_inputs(call, call.input, saved)
         n, c, groups = x.shape[0], x.shape[1], call.args["num_groups"]
         hxw = math.prod(x.shape[2:])
         mask = [True, False, False]
+        w = w if w is None else w.contiguous()
+        g = g.contiguous()
         return _GROUP_NORM_BACKWARD(g, x, mean, rstd, w, n, c, hxw, groups, mask)[0]
 
     def per_sample(self, use: Use) -> dict[str, Tensor]:
@@ -779,7 +792,7 @@ def _probe_autocast(rule: Any, x: Tensor, w: Tensor | None, b: Tensor | None) ->
     def tiny(like: Tensor | None, shape: tuple[int, ...]) -> Tensor | None:
         if like is None:
             return None
-        t = torch.randn(shape, generator=gen, dtype=torch.float64)
+        t = torch.randn(shape, generator=gen, dtype=torch.float64, device="cpu")  # gen: CPU
         return t.to(device=like.device, dtype=like.dtype)
 
     tx, tw, tb = tiny(x, x_shape), tiny(w, p_shape), tiny(b, p_shape)
@@ -792,6 +805,18 @@ def _probe_autocast(rule: Any, x: Tensor, w: Tensor | None, b: Tensor | None) ->
             if out.dtype == real.dtype and torch.equal(out, real):
                 return cast
     return None
+
+
+def _row_major(t: Tensor) -> bool:
+    """Whether ``t`` has exactly the strides of a fresh row-major tensor of its shape (size-1
+    axes included, which ``is_contiguous`` ignores): then every memory-format heuristic of
+    torch (``suggest_memory_format``) reads it as row-major, and ``contiguous()`` is a no-op."""
+    stride, expect = t.stride(), 1
+    for i in reversed(range(t.dim())):
+        if stride[i] != expect:
+            return False
+        expect *= t.shape[i]
+    return True
 
 
 def _saved_norm_forward(

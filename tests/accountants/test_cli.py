@@ -96,6 +96,51 @@ def test_epsilon_of_a_run(tmp_path, capsys) -> None:
     assert out["epsilon"] == get_accountant("rdp").epsilon(ledger.events, DELTA)
 
 
+def test_epsilon_of_a_person_level_run_reports_the_guarantee_per_person(tmp_path, capsys) -> None:
+    """Strategy example: the ledger is per record, and the run's guarantee is per patient by
+    group privacy over k records, k times the ledger's epsilon; it was reported as the bare
+    per-record epsilon (marked a guarantee).  Strategy user: the ledger is over people."""
+    import math
+
+    ledger = Ledger([Event(0.01, 1.0, 300)])
+    ledger.save(tmp_path / "ledger.json")
+    unit = {"unit": "patient", "field": "patient_id", "strategy": "example", "group_size": 8}
+    (tmp_path / "run.json").write_text(
+        json.dumps({"delta": 1e-8, "accountant": "rdp", "privacy_unit": unit})
+    )
+    out = run_json(capsys, "epsilon", "--run", str(tmp_path))
+    eps = get_accountant("rdp").epsilon(ledger.events, 1e-8)
+    assert out["epsilon"] == eps and out["epsilon_unit"] == "record"
+    person = out["per_unit"]
+    assert person["unit"] == "patient" and person["epsilon"] == pytest.approx(8 * eps)
+    assert person["delta"] == pytest.approx(
+        out["delta_total"] * math.expm1(8 * eps) / math.expm1(eps)
+    )
+    code, text, _ = run(capsys, "epsilon", "--run", str(tmp_path))
+    assert code == 0 and "epsilon per record" in text and f"({8 * eps:.4f}," in text
+    (tmp_path / "run.json").write_text(
+        json.dumps({"delta": 1e-8, "privacy_unit": {**unit, "strategy": "user", "group_size": 1}})
+    )
+    out = run_json(capsys, "epsilon", "--run", str(tmp_path))
+    assert out["per_unit"]["epsilon"] == out["epsilon"] and out["epsilon_unit"] == "person"
+    (tmp_path / "run.json").write_text(json.dumps({"delta": 1e-8}))  # a record-level run
+    out = run_json(capsys, "epsilon", "--run", str(tmp_path))
+    assert out["privacy_unit"] == "record" and "per_unit" not in out
+
+
+def test_epsilon_of_a_warm_started_run_states_the_shared_guarantee(tmp_path, capsys) -> None:
+    """A warm-started rl run's records shared with its source are covered only by both runs'
+    composition (run.json's shared_with_warm_start): the command states it beside its own."""
+    Ledger([Event(0.01, 1.0, 30)]).save(tmp_path / "ledger.json")
+    shared = {"run": "runs/a", "epsilon": 16.0, "delta": 2e-5}
+    meta = {"delta": 1e-5, "adaptive": True, "epsilon_budget": 8.0}
+    (tmp_path / "run.json").write_text(json.dumps({**meta, "shared_with_warm_start": shared}))
+    out = run_json(capsys, "epsilon", "--run", str(tmp_path))
+    assert out["epsilon"] == 8.0 and out["shared_with_warm_start"] == shared
+    code, text, _ = run(capsys, "epsilon", "--run", str(tmp_path))
+    assert code == 0 and "(16.0, 2e-05)-DP for records shared with runs/a" in text
+
+
 def test_epsilon_of_many_mechanisms_says_it_is_gridded(tmp_path, capsys) -> None:
     """A ledger of 80 distinct mechanisms (more than PLD's 64 exact ones) composes on the
     public grid, and the report says so."""

@@ -267,3 +267,62 @@ def test_engine_update_on_cuda_is_the_generic_paths_bits(arch, amp):
     assert new.keys() == old.keys() and new
     for name in new:
         assert torch.equal(new[name], old[name]), name
+
+
+def test_group_norm_output_gradient_in_any_layout_is_autograds_bits():
+    """The kernel reads ``dY`` as raw row-major memory: an expanded ``dY`` (the gradient of a
+    sum) was read out of its bounds, a transposed or channels-last one in the wrong order."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, 5, 4, generator=gen)
+    args = {"num_groups": 2, "weight": nn.Parameter(torch.randn(6, generator=gen))}
+    for g in [
+        torch.randn(1, 6, 5, 4, generator=gen).expand(3, 6, 5, 4),
+        torch.randn(3, 6, 4, 5, generator=gen).transpose(2, 3),
+        torch.randn(3, 6, 5, 4, generator=gen).to(memory_format=torch.channels_last),
+    ]:
+        _check_call(F.group_norm, x, args, g)
+
+
+def test_group_norm_input_not_row_major_keeps_the_generic_path():
+    """``group_norm`` makes such an input contiguous in a per-device memory format (and
+    ``native_group_norm`` refuses it or reads it raw): the inner graph differentiates it."""
+    gen = torch.Generator().manual_seed(0)
+    rule = OPS[F.group_norm]
+    w = nn.Parameter(torch.randn(6, generator=gen))
+    for x in [
+        torch.randn(3, 6, 5, 4, generator=gen).to(memory_format=torch.channels_last),
+        torch.randn(3, 4, 6, generator=gen).transpose(1, 2),
+        torch.randn(1, 6, 5, generator=gen).expand(3, 6, 5),
+        torch.randn(3, 6, 10, generator=gen)[:, :, ::2],
+    ]:
+        call = rule.parse((x,), {"num_groups": 3, "weight": w}, {id(w)})
+        assert call is not None and rule.saved_forward(call, x) is None
+
+
+class _ChannelsLastGroupNorm(nn.Module):
+    def __init__(self, channels_last: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.gn = nn.GroupNorm(2, 4)
+        self.channels_last = channels_last
+
+    def forward(self, x):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.gn(self.conv(x))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_summed_or_channels_last_update_is_the_generic_paths_bits(channels_last):
+    """Each sample's loss sums a second call's output (whose ``dY`` is expanded), in a
+    row-major and a channels-last model."""
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return _ChannelsLastGroupNorm(channels_last)
+
+    def loss(model, b):
+        return model(b).square().sum((1, 2, 3)) + model(b).sum((1, 2, 3))
+
+    batch = torch.randn(3, 2, 6, 6, generator=torch.Generator().manual_seed(0))
+    _updates_equal(build, batch, loss)

@@ -208,8 +208,17 @@ def _agent_state(run_dir: Path) -> dict:
     return state["engine"]["policy"]["agent"], state["model"]
 
 
+# public records from a separate file: a warm start from a run whose public split was carved
+# out of its data file by its key is refused (warm.check_source)
+PUBLIC_FILE = {
+    "path": "bundled:clinic_notes:train",
+    "public_path": "bundled:clinic_notes:validation",
+    "public_fraction": None,
+}
+
+
 def test_resume_continues_the_same_agent_and_the_report_names_the_adaptive_filter(tmp_path, capsys):
-    full = train(parse_recipe(recipe(tmp_path, "full")), progress=False)
+    full = train(parse_recipe(recipe(tmp_path, "full", data=PUBLIC_FILE)), progress=False)
     out = capsys.readouterr().out
     assert "adaptive composition" in out and "records declared public" in out
     meta = RunDir(full.run_dir).read_meta()
@@ -223,7 +232,7 @@ def test_resume_continues_the_same_agent_and_the_report_names_the_adaptive_filte
     report = json.loads(capsys.readouterr().out)
     assert report["adaptive"] and report["epsilon"] == pytest.approx(meta["epsilon"])
 
-    d = recipe(tmp_path, "split")
+    d = recipe(tmp_path, "split", data=PUBLIC_FILE)
     share_key(full.run_dir, tmp_path / "split")  # the same secret coins and noise
     train(parse_recipe(d), progress=False, max_steps_this_session=3)
     sigma_ref = RunDir(tmp_path / "split").read_meta()["calibrated_noise_multiplier"]
@@ -245,7 +254,12 @@ def test_resume_continues_the_same_agent_and_the_report_names_the_adaptive_filte
         assert torch.equal(v, b_model[k]), k
 
     # warm start: a new run's agent starts as the finished run's agent
-    warm = recipe(tmp_path, "warm", policy={"rl": {"every": 2, "init_from": str(full.run_dir)}})
+    warm = recipe(
+        tmp_path,
+        "warm",
+        data=PUBLIC_FILE,
+        policy={"rl": {"every": 2, "init_from": str(full.run_dir)}},
+    )
     prep = prepare(parse_recipe(warm))
     policy = prep.policy
     policy.bind(list("abcde"), sample_rate=0.1, expected_batch_size=8)
@@ -532,3 +546,53 @@ def test_rl_steps_make_no_tensor_on_the_default_device():
     assert run.engine.steps_taken == 2
     fraction = run.policy._state.released.fraction
     assert fraction is not None and np.isfinite(fraction).all()
+
+
+def test_a_warm_start_from_a_warm_started_run_composes_the_whole_chain(tmp_path):
+    """Run B's agent started from run A's, so run C warm-started from B holds a function of
+    A's and B's released outputs: records in all three are covered only by eps_A + eps_B +
+    eps_C.  The source's composed claim (its shared_with_warm_start) is what C composes with,
+    not B's own epsilon; a source that states no certified epsilon is refused."""
+    from dptrain.policies.rl import warm
+
+    run = RunDir(tmp_path / "b")
+    run.path.mkdir()
+    ledger = Ledger()
+    ledger.record(Event(0.1, 1.0))
+    run.save_ledger(ledger)
+    own = {"epsilon": 8.0, "delta_total": 1e-5}
+    run.write_meta({**own, "shared_with_warm_start": {"run": "a", "epsilon": 16.0, "delta": 2e-5}})
+    info = warm.source_info(str(run.path))
+    assert (info["epsilon"], info["delta"]) == (16.0, 2e-5)
+    run.write_meta(own)  # B was not warm-started: its own claim
+    assert (warm.source_info(str(run.path))["epsilon"]) == 8.0
+    run.write_meta({"status": "running"})  # no session of B ended: nothing certified
+    with pytest.raises(RecipeError, match=r"init_from.*no certified"):
+        warm.source_info(str(run.path))
+
+
+def test_a_warm_start_from_a_run_with_a_carved_public_split_is_refused(tmp_path):
+    """A run's public_fraction split is chosen from its data file by its secret key and read
+    without noise by its agent (the reward's public loss); another run of the same file holds
+    most of those records as private, so its warm-started agent would carry them unaccounted.
+    Refused for the source and for any run up its init_from chain; a public file is fine."""
+    from dptrain.policies.rl import warm
+
+    def run_dir(name: str, data: dict, init_from: str | None = None) -> str:
+        d = recipe(tmp_path, name, data=data, policy={"rl": {"init_from": init_from}})
+        run = RunDir(tmp_path / name)
+        run.path.mkdir()
+        run.recipe.write_text(yaml.safe_dump(d))
+        run.write_meta({"epsilon": 8.0, "delta_total": 1e-5})
+        return str(run.path)
+
+    carved = run_dir("a", {})  # the helper's recipe: data.public_fraction 0.05
+    separate = run_dir("b", PUBLIC_FILE)
+    chained = run_dir("c", PUBLIC_FILE, init_from=carved)
+    assert warm.carved_public_source(separate) is None
+    assert warm.carved_public_source(carved) == carved
+    assert warm.carved_public_source(chained) == carved
+    warm.check_source(separate)
+    for source in (carved, chained):
+        with pytest.raises(RecipeError, match=r"init_from.*public_fraction.*data\.public_path"):
+            warm.check_source(source)

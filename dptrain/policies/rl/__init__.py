@@ -75,7 +75,9 @@ loss and the released update it observes are on the run's device.  ``rl.init_fro
 starts from that run's agent (networks, optimizers, buffer); the agent is a function of the
 source run's released outputs, so for records private to both runs the headline is the
 composition of both certified guarantees, ``(eps_1 + eps_2, delta_1 + delta_2)`` (basic
-composition, valid under adaptivity).
+composition, valid under adaptivity; a warm-started source brings its own composed claim).  A
+source with a ``data.public_fraction`` split anywhere up its chain is refused: its agent read
+those records, chosen by its key, without noise (:func:`.warm.check_source`).
 """
 
 from __future__ import annotations
