@@ -258,7 +258,8 @@ class PrvAccountant(GriddedComposition):
                 max_self_compositions=buckets,
                 eps_max=half_width,
             )
-        _recentre(acc, prvs)
+        with np.errstate(over="ignore"):  # the library's cdf: exp(t) -> inf, cdf -> 1
+            _recentre(acc, prvs)
         self._cache[key] = acc
         while len(self._cache) > _CACHE_SIZE:
             self._cache.popitem(last=False)

@@ -134,6 +134,17 @@ class CheckResult:
         return "\n".join(lines)
 
 
+def _engine_attached(model: nn.Module) -> bool:
+    """Whether a :class:`~dptrain.PrivacyEngine`'s capture hooks are on ``model``."""
+    from .grad_sample.capture import GradCapture
+
+    return any(
+        isinstance(getattr(hook, "__self__", None), GradCapture)
+        for m in model.modules()
+        for hook in m._forward_pre_hooks.values()
+    )
+
+
 def check_model(
     model: nn.Module,
     loss_fn: LossFn,
@@ -150,6 +161,11 @@ def check_model(
     ``engine_kwargs`` go to :class:`~dptrain.PrivacyEngine` (``max_physical_batch_size`` ...)."""
     if not batches:
         raise ValueError("check_model needs at least one batch of records")
+    if _engine_attached(model):
+        raise InputError(
+            "check_model: the model is attached to a PrivacyEngine (its hooks are on the "
+            "model). Fix: call check_model before creating the engine, or engine.detach() first"
+        )
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     tol = TOLERANCE.get(dtype, 1e-4) if tolerance is None else tolerance
     result = CheckResult(str(dtype).removeprefix("torch."), tol, [batch_len(b) for b in batches])

@@ -72,6 +72,9 @@ second each, so it is drawn only as the run's accountant."""
 MAX_CROSS_CHECK_MECHANISMS = 64
 """Ledgers of more distinct mechanisms get no cross-check lines (PLD would grid them)."""
 
+_CROSS_CHECK_COLORS = {"rdp": "C2", "pld": "C4", "prv": "C5"}
+"""One colour per cross-check accountant, none the budget line's red (C3)."""
+
 PRIVACY_FIGURE = Path("report") / "privacy.png"
 TRAINING_FIGURE = Path("private") / "training.png"
 
@@ -232,6 +235,8 @@ def headline(d: PrivacyFigure) -> str:
 
 def _draw_privacy(d: PrivacyFigure, title: str) -> None:
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     two = d.edges.size > 0
     fig, axes = plt.subplots(
         2 if two else 1,
@@ -246,9 +251,11 @@ def _draw_privacy(d: PrivacyFigure, title: str) -> None:
     label = f"{d.accountant}" + (" (adaptive conversion: spent so far)" if d.adaptive else "")
     finite = np.isfinite(d.epsilon)
     ax.plot(d.steps[finite], d.epsilon[finite], lw=2.2, color="C0", label=label)
-    for i, (name, (s, e)) in enumerate(d.cross_checks.items()):
+    for name, (s, e) in d.cross_checks.items():
         ok = np.isfinite(e)
-        ax.plot(s[ok], e[ok], lw=0.9, ls="--", color=f"C{i + 2}", label=f"{name} (cross-check)")
+        # one colour per accountant, never the budget's red (C3)
+        color = _CROSS_CHECK_COLORS.get(name, "C7")
+        ax.plot(s[ok], e[ok], lw=0.9, ls="--", color=color, label=f"{name} (cross-check)")
     if d.budget is not None and math.isfinite(d.budget):
         what = "filter budget: the certified guarantee" if d.adaptive else "budget"
         ax.axhline(d.budget, color="C3", lw=1.2, ls=":", label=f"{what} ε = {d.budget:g}")
@@ -263,6 +270,8 @@ def _draw_privacy(d: PrivacyFigure, title: str) -> None:
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
+    # steps are whole numbers: no 0.25-step ticks on a short run
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if two:
         bx = axes[1, 0]
         sigma = np.where(np.isfinite(d.noise_multiplier), d.noise_multiplier, np.nan)

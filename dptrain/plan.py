@@ -384,7 +384,7 @@ def file_level(recipe: Recipe, eps: float, delta: float) -> dict[str, Any]:
     if v > 0:
         reasons.append(
             f"a record of the file is held out for validation with probability {v:.3g}: the "
-            "published files do not depend on it, as long as private/ (its perplexity) stays "
+            "published files do not depend on it, as long as private/ (its validation metrics) stays "
             "private"
         )
     if d.max_records is None:

@@ -203,6 +203,8 @@ def _train(
         raise CheckpointWriteError(prep.run, "the run directory's files", err) from err
     try:
         return finish(prep, built, meta, stats, stopped, seconds, counts, cross_check)
+    except KeyboardInterrupt:  # during the final evaluation, samples or figures
+        raise _interrupted(prep.run) from None
     except OSError as err:  # a full disk while writing the final model or run.json
         if err.errno not in DISK_FULL:
             raise

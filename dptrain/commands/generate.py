@@ -49,6 +49,13 @@ def run(args: argparse.Namespace) -> int:
     from ..tasks.generation import canary_check, complete, load_run, secrets_in
 
     _, task, model, tok = load_run(args.run_dir)
+    manifest = read_manifest(args.run_dir)
+    if args.canary_check and manifest is None:
+        raise InputError(
+            f"--canary-check: {args.run_dir} has no canaries (no canaries.secret.json: it was "
+            "trained without data.canaries). Fix: drop --canary-check, or train a run with "
+            "--set 'data.canaries={}'"
+        )
     prompts = [p for p in (args.prompt or [""]) for _ in range(args.samples)]
     out: dict = {
         "samples": complete(
@@ -63,7 +70,6 @@ def run(args: argparse.Namespace) -> int:
         )
     }
     texts = [s["text"] for s in out["samples"]]
-    manifest = read_manifest(args.run_dir)
     if manifest is not None:
         out["canary_secrets_in_samples"] = secrets_in(texts, manifest)
         if args.canary_check:

@@ -381,8 +381,9 @@ def _print_summary(run: RunDir, meta: dict[str, Any], stats: dict[str, Any]) -> 
         )
     lines += [
         f"final adapter       {run.final}",
-        # no report/privacy.png: a server run has no record-level ledger to plot
-        f"publishable         {', '.join(f for f in PUBLIC_FILES if f != 'report/privacy.png')}; "
+        # no report/privacy.png: a server run has no record-level ledger to plot; its
+        # ledger.json (client-level DP events) exists only with federated.client_dp
+        f"publishable         {', '.join(_public_files(run))}; "
         "everything else is private "
         f"(secret.key, private/, checkpoints/: {run.readme})",
     ]
@@ -403,3 +404,13 @@ def make_server_app(recipe: FederatedRecipe, run: RunDir) -> ServerApp:
         run_server(grid, recipe, run)
 
     return app
+
+
+def _public_files(run: RunDir) -> list[str]:
+    """The public files a server run has: no record-level figure, ledger.json only when it
+    was written (client-level DP)."""
+    return [
+        f
+        for f in PUBLIC_FILES
+        if f != "report/privacy.png" and (f != "ledger.json" or run.ledger.exists())
+    ]

@@ -64,6 +64,15 @@ _ACCEPTED = (
 )
 
 
+def _did_you_mean(name: str) -> str:
+    """`` (did you mean 'tiny-gpt2'?)`` for a near miss of a built-in spec, else ``""``."""
+    import difflib
+
+    known = [*TINY_DEFAULTS, "smollm2-135m"]
+    close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     """``cache_dir``, else ``$DPTRAIN_CACHE``, else ``~/.cache/dptrain``."""
     if cache_dir is not None:
@@ -108,7 +117,7 @@ def load_model_and_tokenizer(
         elif "/" in spec or spec.startswith((".", "~")):
             raise ModelSpecError(f"no such model directory: {path}; {_ACCEPTED}")
         else:
-            raise ModelSpecError(f"unknown model spec {spec!r}; {_ACCEPTED}")
+            raise ModelSpecError(f"unknown model spec {spec!r}{_did_you_mean(family)}; {_ACCEPTED}")
     _ensure_pad_token(model, tok)
     return model, tok
 

@@ -151,3 +151,12 @@ def test_pld_never_below_the_exact_gaussian_at_tiny_delta(delta):
     except DeltaBelowFloorError:
         assert delta < 1e-10
     assert PldAccountant().delta(events, exact) >= delta
+
+
+def test_prv_prints_no_library_overflow_warning() -> None:
+    """A small sigma (as `dptrain calibrate --accountant prv` probes) overflows exp(t) in
+    prv-accountant's cdf (harmless: the cdf is then 1); the user sees no RuntimeWarning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        eps = PrvAccountant().epsilon([Event(0.01, 0.15, 1000)], 1e-5)
+    assert 470 < eps < 480

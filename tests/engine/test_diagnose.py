@@ -78,6 +78,23 @@ def test_a_layer_that_mixes_samples_is_named_as_refused():
     assert "REFUSED" in result.render()
 
 
+def test_a_model_with_an_engine_attached_is_refused_naming_detach():
+    import dptrain
+    from dptrain.errors import InputError
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    policy = dptrain.StaticPolicy(clip=1.0, noise_multiplier=1.0)
+    engine = dptrain.PrivacyEngine(
+        model, opt, policy=policy, sample_rate=0.5, dataset_size=8, loss_fn=_loss
+    )
+    engine.step(_batches((3,))[0])
+    with pytest.raises(InputError, match=r"engine\.detach\(\)"):
+        check_model(model, _loss, _batches())
+    engine.detach()
+    assert check_model(model, _loss, _batches()).exact
+
+
 def test_cli_checks_a_recipe_and_exits_zero_when_exact(capsys):
     code = main(["check", "recipes/tiny.yaml", "--records", "4", "--batch-size", "2", "--json"])
     out = json.loads(capsys.readouterr().out)

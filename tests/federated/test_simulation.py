@@ -351,3 +351,13 @@ def test_federated_recipe_errors_are_clear(tmp_path, capsys):
     assert "dptrain federated" in capsys.readouterr().err
     assert main(["federated", str(ROOT / "recipes" / "tiny.yaml")]) == 2
     assert "dptrain train" in capsys.readouterr().err
+
+
+def test_a_server_run_lists_ledger_json_as_public_only_when_it_has_one(tmp_path):
+    """Without client_dp a server run writes no ledger.json: its summary must not list one."""
+    from dptrain.federated.server import _public_files
+
+    run = RunDir(tmp_path)
+    assert _public_files(run) == ["recipe.yaml", "run.json", "final/"]
+    run.ledger.write_text("{}")  # client-level DP: the server's ledger
+    assert _public_files(run) == ["recipe.yaml", "run.json", "ledger.json", "final/"]

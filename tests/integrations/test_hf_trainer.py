@@ -94,6 +94,10 @@ def test_ledger_has_every_planned_step_and_epsilon_is_logged(run) -> None:
     report = json.loads((out / "privacy.json").read_text())
     assert report["steps"] == 3 and report["epsilon"] == pytest.approx(run.epsilon())
     assert "INSECURE" in report["randomness"]
+    # no split of train_dataset: the file-level guarantee is the record-level one
+    level = report["file_level"]
+    assert (level["epsilon"], level["delta"]) == (report["epsilon"], report["delta_total"])
+    assert level["validation_probability"] == 0.0 and "validation split" not in level["why"]
     assert (out / "checkpoint-2" / PRIVACY_STATE).exists()
     assert dptrain.Ledger.load(out / "ledger.json").total_steps == 3
 

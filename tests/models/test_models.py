@@ -136,7 +136,9 @@ def test_local_hf_directory_roundtrip(tmp_path: Path) -> None:
             "HuggingFaceTB/SmolLM2-135M",
             "looks like a Hugging Face Hub id.*not reachable.*local directory",
         ),
-        ("gpt-5", "unknown model spec 'gpt-5'.*smollm2-135m.*tiny-gpt2.*config.json"),
+        ("gpt-5", "unknown model spec 'gpt-5'; accepted.*smollm2-135m.*tiny-gpt2.*config.json"),
+        ("tiny-gtp2", r"unknown model spec 'tiny-gtp2' \(did you mean 'tiny-gpt2'\?\)"),
+        ("smolm2-135m:x=1", r"did you mean 'smollm2-135m'\?"),
         ("./no/such/dir", "no such model directory"),
     ],
 )

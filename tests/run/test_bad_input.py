@@ -373,6 +373,42 @@ def test_ctrl_c_names_the_run_directory_and_marks_the_run(tmp_path, capsys):
     assert "dropped" not in json.dumps(meta)
 
 
+def test_ctrl_c_after_the_last_step_still_names_the_resume(tmp_path, capsys):
+    """Ctrl-C while the final model, the samples or the figures are written (after the last
+    step) is an interruption like any other: run.json says so and the resume command is given
+    (the resume redoes the end of the run)."""
+    import json
+    import os
+    import signal
+    import threading
+    import time
+
+    path = recipe(
+        tmp_path,
+        data={"max_records": 64, "max_validation_records": 8},
+        training={"steps": 1, "checkpoint_every": 1, "batch_size": 4},
+        policy={"noise_multiplier": 1.0},
+        privacy={"epsilon": float("inf")},
+    )
+    d = yaml.safe_load(path.read_text())
+    d["generation"] = {"samples": 32, "max_new_tokens": 64}
+    path.write_text(yaml.safe_dump(d))
+    final = tmp_path / "run" / "final"
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not final.exists():
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    assert main(["train", str(path), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert f"--resume {tmp_path / 'run'}" in err
+    meta = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert meta["status"] == "interrupted"
+
+
 def test_audit_of_a_federated_run_says_what_to_audit(tmp_path, capsys):
     run = tmp_path / "fed"
     run.mkdir()

@@ -69,6 +69,22 @@ def test_instruction_run_with_canaries_then_generate(tmp_path: Path, capsys) -> 
     assert got["canary_secrets_in_samples"] >= 0 and got["canary_check"]["trained"] >= 1
 
 
+def test_canary_check_of_a_run_without_canaries_says_so(tmp_path: Path, capsys) -> None:
+    d = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+    d["data"].update(max_records=32, max_validation_records=4)
+    d["training"].update(steps=1, batch_size=4)
+    d["generation"] = {"samples": 0}
+    d["output_dir"] = str(tmp_path / "run")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(d))
+    assert main(["train", str(recipe), "--no-progress"]) == 0
+    capsys.readouterr()
+    argv = ["generate", str(tmp_path / "run"), "--max-new-tokens", "2", "--canary-check"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "has no canaries" in err and "drop --canary-check" in err
+
+
 def test_canary_check_finds_a_memorized_secret() -> None:
     """A model trained without privacy on one canary completes its prefix with the secret;
     the never-trained canary is not produced."""

@@ -571,6 +571,18 @@ class DPTrainer(Trainer):
             "noise_generator": self.noise.description,
             **guarantee_numbers(self.plan, self.engine.epsilon(), self.noise.pairs),
         }
+        # DPTrainer splits nothing off train_dataset (no validation or public split, no
+        # max_records): a record added to it is a training record, so the file-level
+        # guarantee is the record-level one (the recipe's default validation_fraction, which
+        # the plan reads, would describe a split this trainer never makes)
+        report["file_level"] = {
+            "epsilon": report["epsilon"],
+            "delta": report["delta_total"],
+            "public_probability": 0.0,
+            "validation_probability": 0.0,
+            "why": "DPTrainer trains on the whole train_dataset (no validation or public "
+            "split): a record added to it is a training record",
+        }
         write_json(out / PRIVACY_FILE, report)
         return report
 
