@@ -438,7 +438,9 @@ def render_run(
     private: bool = True,
 ) -> tuple[PrivacyFigure, TrainingFigure | None]:
     """Draw ``report/privacy.png`` of a run directory from its public files (``ledger.json``,
-    ``run.json``; delta, accountant and adaptivity default to the run's) and, with
+    ``run.json``; delta, accountant and adaptivity default to the run's; another choice draws
+    ``report/privacy-<accountant>-delta<delta>[-adaptive].png`` instead, leaving the run's own
+    figure as it is) and, with
     ``private`` and a ``private/metrics.jsonl``, ``private/training.png``."""
     run = Path(run_dir)
     meta = _read_json(run / "run.json")  # public: a function of the recipe and the ledger
@@ -459,9 +461,21 @@ def render_run(
     if isinstance(unit, dict) and unit.get("strategy") == "example":  # the ledger is per record
         k = unit.get("group_size")
         title += f" (ε per record; per {unit.get('unit', 'person')}: {k}ε, group privacy over {k})"
+    # the run's own figure only at the run's delta, accountant and adaptivity: another view
+    # goes beside it, so report/privacy.png always states the run's guarantee
+    own = (
+        delta == run_delta
+        and name == (meta.get("accountant") or "rdp")
+        and adaptive == bool(meta.get("adaptive"))
+    )
+    where = PRIVACY_FIGURE
+    if not own:
+        where = where.with_name(
+            f"privacy-{name}-delta{float(delta):g}{'-adaptive' if adaptive else ''}.png"
+        )
     public = privacy_figure(
         ledger.events,
-        run / PRIVACY_FIGURE,
+        run / where,
         delta=float(delta),
         accountant=name,
         adaptive=adaptive,

@@ -162,6 +162,14 @@ def test_epsilon_plot_flag(tmp_path, capsys):
         "private": str(run.private / "training.png"),
     }
     decodes(Path(out["figures"]["public"]))
+    own = Path(out["figures"]["public"]).read_bytes()
+    # another delta or accountant draws beside the run's figure, which keeps its guarantee
+    args = ["epsilon", "--run", str(run.path), "--plot", "--json", "--delta", "1e-6"]
+    assert main([*args, "--accountant", "pld"]) == 0
+    other = Path(json.loads(capsys.readouterr().out)["figures"]["public"])
+    assert other == run.path / "report" / "privacy-pld-delta1e-06.png"
+    decodes(other)
+    assert (run.path / "report" / "privacy.png").read_bytes() == own
     assert main(["epsilon", "--steps", "3", "--delta", "1e-5", "--plot"]) == 2
     assert "add --run RUN_DIR" in capsys.readouterr().err
 
