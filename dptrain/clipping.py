@@ -166,7 +166,7 @@ def clip_and_sum(
     # sync per chunk, not one per parameter); then their exact norms, and the squared norms
     # summed per group in the parameters' order as before
     flagged = torch.stack([h.any() for _, h in ghosted.values()]).tolist() if ghosted else []
-    heavy_of = {p: f for p, f in zip(ghosted, flagged, strict=True)}
+    heavy_of = dict(zip(ghosted, flagged, strict=True))
     for p in parts:
         if p in materialized:
             add_sq(group_of[p], _sq(materialized[p]))

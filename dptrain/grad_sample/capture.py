@@ -570,6 +570,7 @@ class GradCapture:
         not ``autograd.grad``: reentrant checkpointing supports only the former."""
         params = list(self.params.values())
         b = batch_len(batch)
+        weights = _probe_weights(b)  # one draw for the three passes (each slices it)
         kept = [p.grad for p in params]
         whole: float | None = None
         ok = bool(params)
@@ -591,7 +592,7 @@ class GradCapture:
                 if not ok or not l_part.requires_grad:
                     ok = False
                     continue
-                w = _probe_weights(b).to(l_part.device, l_part.dtype)[lo:hi]
+                w = weights.to(l_part.device, l_part.dtype)[lo:hi]
                 w = w.flip(0) if flip else w
                 self.replaying = True  # the parameter hooks of a step ignore these passes
                 try:
