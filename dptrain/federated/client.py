@@ -111,7 +111,7 @@ from ..data.splits import load_public, read_data, read_public
 from ..engine import PrivacyEngine
 from ..hardware import resolve_device
 from ..models import build_model
-from ..noise import GaussianNoise, truncation_delta
+from ..noise import GaussianNoise, pairs_for, truncation_delta
 from ..optim import make_optimizer
 from ..plan import plan_privacy, policy_setup_refusal, steps_that_fit
 from ..policies import Policy, RunContext
@@ -466,7 +466,7 @@ def _pairs_per_step(engine: PrivacyEngine) -> int:
     trainable parameter) and the policy's noisy counts (the rl policy's, on a count step;
     counted at every step, an upper bound that does not depend on where a round stops)."""
     counts = engine.policy.max_noised_counts
-    return sum((p.numel() + 1) // 2 for p in engine.params) + (counts + 1) // 2
+    return pairs_for(engine.params) + (counts + 1) // 2
 
 
 def _restore_engine(
