@@ -270,8 +270,8 @@ class ClientState:
     def _read_rounds(self) -> dict[str, Any]:
         return json.loads(self.rounds_path.read_text()) if self.rounds_path.exists() else {}
 
-    def _rounds(self) -> dict[str, list[int]]:
-        runs = self._read_rounds().get("runs", {})
+    def _rounds(self, data: dict[str, Any] | None = None) -> dict[str, list[int]]:
+        runs = (self._read_rounds() if data is None else data).get("runs", {})
         return {str(k): [int(r) for r in v] for k, v in runs.items()}
 
     def changed_calibration(self, run: str, constants: dict[str, float] | None) -> str | None:
@@ -316,7 +316,7 @@ class ClientState:
         the round's first step is charged) and, for calibrated noise, the run's first round
         constants (:meth:`changed_calibration`)."""
         data = self._read_rounds()
-        runs = self._rounds()
+        runs = self._rounds(data)
         runs[run] = sorted({*runs.get(run, []), server_round})
         data["runs"] = runs
         if constants is not None:
