@@ -242,11 +242,9 @@ class Policy(ABC):
         )
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if (
-            name in self.frozen_settings
-            and "_bound_to" in self.__dict__
-            and not self.__dict__.get("_binding", 0)
-        ):
+        # ``_bound_to`` is set only when the outermost bind returns, so bind's own assignments
+        # (at any depth of ``super().bind``) pass without a check of their own
+        if name in self.frozen_settings and "_bound_to" in self.__dict__:
             raise self._frozen(name, repr(value))
         super().__setattr__(name, value)
 
