@@ -48,6 +48,7 @@ import math
 import os
 import threading
 from bisect import bisect_right
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any
@@ -99,6 +100,12 @@ def noise_pool(workers: int) -> ThreadPoolExecutor:
             torch.set_num_threads(workers)  # the process-wide count the initializers lowered
             _POOLS[workers] = pool
         return pool
+
+
+def pairs_for(tensors: Iterable[Tensor]) -> int:
+    """The Gaussian pairs one draw of noise shaped like ``tensors`` takes:
+    ``sum_i ceil(n_i / 2)`` (one noise tensor per tensor, an odd ``n_i`` drops a normal)."""
+    return sum((t.numel() + 1) // 2 for t in tensors)
 
 
 def truncation_delta(epsilon: float, pairs: int) -> float:

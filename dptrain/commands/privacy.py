@@ -390,7 +390,7 @@ def unit_claim(meta: dict[str, Any], epsilon: float, delta: float) -> dict[str, 
     from the ledger's ``(epsilon, delta)``; None for a record-level run.  Strategy ``user``:
     the ledger is over people, so the same numbers; ``example``: the ledger is per record, and a
     person of at most ``k`` records gets group privacy ``(k eps, delta sum_(i<k) e^(i eps))``
-    (as :func:`dptrain.user_level.group_privacy`), ``k`` times the ledger's epsilon."""
+    (:func:`dptrain.user_level.group_privacy`), ``k`` times the ledger's epsilon."""
     unit = meta.get("privacy_unit")
     if not isinstance(unit, dict):
         return None
@@ -404,13 +404,15 @@ def unit_claim(meta: dict[str, Any], epsilon: float, delta: float) -> dict[str, 
         )
     if not math.isfinite(epsilon) or k * epsilon > 700:
         return {"unit": name, "strategy": strategy, "epsilon": math.inf, "delta": 1.0}
-    factor = float(k) if epsilon == 0 else math.expm1(k * epsilon) / math.expm1(epsilon)
+    from ..user_level import group_privacy  # imports torch: only for a person-level run
+
+    group_eps, group_delta = group_privacy(epsilon, delta, k)
     return {
         "unit": name,
         "strategy": strategy,
         "group_size": k,
-        "epsilon": k * epsilon,
-        "delta": min(1.0, delta * factor),
+        "epsilon": group_eps,
+        "delta": group_delta,
     }
 
 

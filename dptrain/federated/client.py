@@ -111,7 +111,7 @@ from ..data.splits import load_public, read_data, read_public
 from ..engine import PrivacyEngine
 from ..hardware import resolve_device
 from ..models import build_model
-from ..noise import GaussianNoise, truncation_delta
+from ..noise import GaussianNoise, pairs_for, truncation_delta
 from ..optim import make_optimizer
 from ..plan import plan_privacy, policy_setup_refusal, steps_that_fit
 from ..policies import Policy, RunContext
@@ -270,8 +270,8 @@ class ClientState:
     def _read_rounds(self) -> dict[str, Any]:
         return json.loads(self.rounds_path.read_text()) if self.rounds_path.exists() else {}
 
-    def _rounds(self) -> dict[str, list[int]]:
-        runs = self._read_rounds().get("runs", {})
+    def _rounds(self, data: dict[str, Any] | None = None) -> dict[str, list[int]]:
+        runs = (self._read_rounds() if data is None else data).get("runs", {})
         return {str(k): [int(r) for r in v] for k, v in runs.items()}
 
     def changed_calibration(self, run: str, constants: dict[str, float] | None) -> str | None:
@@ -316,7 +316,7 @@ class ClientState:
         the round's first step is charged) and, for calibrated noise, the run's first round
         constants (:meth:`changed_calibration`)."""
         data = self._read_rounds()
-        runs = self._rounds()
+        runs = self._rounds(data)
         runs[run] = sorted({*runs.get(run, []), server_round})
         data["runs"] = runs
         if constants is not None:
@@ -466,7 +466,7 @@ def _pairs_per_step(engine: PrivacyEngine) -> int:
     trainable parameter) and the policy's noisy counts (the rl policy's, on a count step;
     counted at every step, an upper bound that does not depend on where a round stops)."""
     counts = engine.policy.max_noised_counts
-    return sum((p.numel() + 1) // 2 for p in engine.params) + (counts + 1) // 2
+    return pairs_for(engine.params) + (counts + 1) // 2
 
 
 def _restore_engine(

@@ -54,7 +54,7 @@ from ..data import tokenize
 from ..data.lm import eval_batches
 from ..losses import perplexity
 from ..models import build_model
-from ..noise import truncation_delta
+from ..noise import pairs_for, truncation_delta
 from ..policies import policy_from_recipe
 from ..recipe import RecipeError, dump_recipe
 from ..rundir import PUBLIC_FILES, RunDir, atomic_write, save_final, versions
@@ -266,9 +266,7 @@ def run_server(grid: Grid, recipe: FederatedRecipe, run: RunDir) -> dict[str, An
     initial = strategy.spec.init(lora_state(model), strategy.device)
     # the most noise pairs a client's local step draws: one per two trainable coordinates
     # (each client trains the same adapters of the same model)
-    pairs = sum(
-        (p.numel() + 1) // 2 for n, p in model.named_parameters() if strategy.spec.trainable(n)
-    )
+    pairs = pairs_for(p for n, p in model.named_parameters() if strategy.spec.trainable(n))
     run.update_meta(client_guarantee=client_guarantee(recipe, pairs))  # before any round
     val = tokenize(validation_dataset(recipe), tokenizer, recipe.data.max_length)
     batches = eval_batches(val, recipe.training.physical_batch_size)
