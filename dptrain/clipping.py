@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .grad_sample import Outer, Recorded, Use
-from .grad_sample.outer import NORM_DTYPE, norm_sq_and_bound, prefer_ghost
+from .grad_sample.outer import NORM_DTYPE, ghost_error, norm_sq_and_bound, prefer_ghost
 from .segments import Segments, group_outer, group_rows
 
 GhostMode = Literal["auto", "always", "never"]
@@ -104,6 +104,55 @@ def _sq(t: Tensor, chunk: int | None = None) -> Tensor:
     )
 
 
+def _up(t: Tensor) -> Tensor:
+    """The next float64 value above ``t`` (``t`` a round-to-nearest result: the exact value
+    lies within half a unit of it, so below this one)."""
+    return torch.nextafter(t, torch.full_like(t, float("inf")))
+
+
+def _sq_up(t: Tensor) -> Tensor:
+    """An upper bound on ``||t_b||^2`` (the exact square norm of the very tensor that is
+    added): :func:`_sq`'s float64 reduction of ``k`` squares errs by at most ``gamma_{k+2}``
+    relatively (Higham 3.1; the norm squared back adds two roundings)."""
+    k = t[0].numel() if t.dim() else 1
+    return _up(_sq(t) * (1 + 4 * (k + 3) * 2.0**-53))
+
+
+def clip_coef(
+    norm: Tensor | float, clip: float | Tensor, dtype: torch.dtype, *, eps: float = 1e-6
+) -> Tensor:
+    """``min(1, clip / (norm + eps))`` as a value of ``dtype`` that never exceeds it: computed
+    in float64, stepped three float64 units down (the sum and the quotient each round by at
+    most one unit, relatively ``2^-53``), then rounded toward zero into ``dtype`` (the dtype it
+    multiplies in, so the multiply's own cast cannot round it up).  With ``norm`` an upper
+    bound on the norm, ``coef * norm <= clip``.  A non-finite ``norm`` gives 0 (the sample
+    contributes nothing: ``min(1, C / nan)`` would let it in unclipped).  Shared by the
+    per-sample clip, DiceSGD's C2 clip and the federated server clip."""
+    norm = torch.as_tensor(norm, dtype=NORM_DTYPE)
+    clip = torch.as_tensor(clip, dtype=NORM_DTYPE, device=norm.device)
+    k = clip / (norm + eps)
+    zero = torch.zeros_like(k)
+    for _ in range(3):
+        k = torch.nextafter(k, zero)
+    k = torch.where(torch.isfinite(norm), k.clamp(max=1.0), zero)
+    out = k.to(dtype)
+    if dtype == NORM_DTYPE:
+        return out
+    return torch.where(out.to(NORM_DTYPE) > k, torch.nextafter(out, torch.zeros_like(out)), out)
+
+
+def _acc(factors: list[Outer]) -> torch.dtype:
+    """The dtype the book-keeping sum of these factors multiplies its coefficients in."""
+    return _promote([f.accumulation_dtype for f in factors])
+
+
+def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
+    acc = torch.float32
+    for d in dtypes:
+        acc = torch.promote_types(acc, d)
+    return acc
+
+
 @torch.no_grad()
 def clip_and_sum(
     recorded: Recorded,
@@ -134,8 +183,8 @@ def clip_and_sum(
     materialized: dict[nn.Parameter, Tensor] = {}
     heavy_grads: dict[nn.Parameter, tuple[Tensor, Tensor]] = {}  # index, (k, *shape)
 
-    def add_sq(group: str, value: Tensor) -> None:
-        sq[group] = sq[group] + value if group in sq else value
+    def add_sq(group: str, value: Tensor) -> None:  # upper bounds stay upper bounds
+        sq[group] = _up(sq[group] + value) if group in sq else value
 
     ghost_sq: dict[nn.Parameter, Tensor] = {}  # ghost norms^2, before the heavy samples' fix
     for p, items in parts.items():
@@ -147,7 +196,7 @@ def clip_and_sum(
             n2, s = norm_sq_and_bound(fs)
             n2 = n2.clamp(min=0)
             ghosted[p] = (fs, s > CANCELLATION * n2.sqrt())
-            ghost_sq[p] = n2
+            ghost_sq[p] = _up(n2 + _up(ghost_error(fs) * s * s))  # certified upper bound
             continue
         total = recorded.direct.get(p)
         total = None if total is None else per_row(_dense(total))
@@ -169,7 +218,7 @@ def clip_and_sum(
     heavy_of = dict(zip(ghosted, flagged, strict=True))
     for p in parts:
         if p in materialized:
-            add_sq(group_of[p], _sq(materialized[p]))
+            add_sq(group_of[p], _sq_up(materialized[p]))
             continue
         n2 = ghost_sq[p]
         if heavy_of[p]:
@@ -177,24 +226,27 @@ def clip_and_sum(
             index = heavy.nonzero().flatten()
             g = sum(f.select(index).materialize() for f in fs)
             heavy_grads[p] = (index, g)
-            n2 = n2.index_copy(0, index, _sq(g))
+            n2 = n2.index_copy(0, index, _sq_up(g))
         add_sq(group_of[p], n2)
 
     device = next(iter(group_of)).device if group_of else torch.device("cpu")
     zero = torch.zeros(batch, device=device, dtype=NORM_DTYPE)
-    norms = {g: sq[g].sqrt() if g in sq else zero for g in clip}
+    norms = {g: _up(sq[g].sqrt()) if g in sq else zero for g in clip}
     finite = torch.ones(batch, dtype=torch.bool, device=device)
     for nrm in norms.values():
         finite &= torch.isfinite(nrm)
     nonfinite = int((~finite).sum())
-    coef = {}
-    for g, c in clip.items():
-        k = (
-            torch.ones_like(norms[g])
-            if c == float("inf")
-            else (c / (norms[g] + 1e-6)).clamp(max=1.0)
-        )
-        coef[g] = torch.where(finite, k, torch.zeros_like(k))
+    nan = torch.tensor(float("nan"), dtype=NORM_DTYPE, device=device)
+    coefs: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    def coef(group: str, dtype: torch.dtype) -> Tensor:
+        """The group's coefficients rounded toward zero into the dtype they multiply in; 0 for
+        a sample with a non-finite norm in any group."""
+        if (group, dtype) not in coefs:
+            coefs[group, dtype] = clip_coef(
+                torch.where(finite, norms[group], nan), clip[group], dtype
+            )
+        return coefs[group, dtype]
 
     if nonfinite:  # zero the offending samples so that 0 * nan does not poison the sums
         ghosted = {p: ([f.keep(finite) for f in fs], h) for p, (fs, h) in ghosted.items()}
@@ -205,17 +257,17 @@ def clip_and_sum(
     raws: dict[nn.Parameter, Tensor] | None = {} if raw else None
     ones = finite.to(torch.float32)
     for p, (fs, heavy) in ghosted.items():
-        c = coef[group_of[p]]
+        c = coef(group_of[p], _acc(fs))
         light = torch.where(heavy, torch.zeros_like(c), c)
         sums[p] = sum_over(fs, light)
         if p in heavy_grads:
             index, g = heavy_grads[p]
-            sums[p] = sums[p] + torch.einsum("b,b...->...", c[index].to(g.dtype), g)
+            sums[p] = sums[p] + torch.einsum("b,b...->...", coef(group_of[p], g.dtype)[index], g)
         if raws is not None:
             raws[p] = sum_over(fs, ones)
     for p, gs in materialized.items():
         acc = torch.promote_types(gs.dtype, torch.float32)  # half-precision rows: sum in fp32
-        sums[p] = torch.einsum("b,b...->...", coef[group_of[p]].to(acc), gs.to(acc))
+        sums[p] = torch.einsum("b,b...->...", coef(group_of[p], acc), gs.to(acc))
         if raws is not None:
             raws[p] = gs.to(acc).sum(0)
     return ClippedSums(sums=sums, norms=norms, nonfinite=nonfinite, raw=raws, ghosted=len(ghosted))
