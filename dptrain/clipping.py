@@ -29,6 +29,7 @@ and clipped another to a quarter of its due).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -118,6 +119,21 @@ def _sq_up(t: Tensor) -> Tensor:
     return _up(_sq(t) * (1 + 4 * (k + 3) * 2.0**-53))
 
 
+def norm_bound(tensors: Iterable[Tensor]) -> Tensor:
+    """A float64 upper bound (0-dim) on the L2 norm of ``tensors`` taken together: squares
+    summed in float64, the reduction's error (``gamma_{k+2}`` relatively for ``k`` entries in
+    all) added, the square root rounded up.  With :func:`clip_coef`, a whole-vector clip (DiceSGD's
+    C2, the federated server's C) that cannot exceed its threshold."""
+    total, k = None, 0
+    for t in tensors:
+        v = torch.linalg.vector_norm(t, dtype=NORM_DTYPE).pow(2)
+        total = v if total is None else total + v
+        k += t.numel() + 3
+    if total is None:
+        return torch.zeros((), dtype=NORM_DTYPE)
+    return _up(_up(total * (1 + 4 * (k + 1) * 2.0**-53)).sqrt())
+
+
 def clip_coef(
     norm: Tensor | float, clip: float | Tensor, dtype: torch.dtype, *, eps: float = 1e-6
 ) -> Tensor:
@@ -134,7 +150,7 @@ def clip_coef(
     zero = torch.zeros_like(k)
     for _ in range(3):
         k = torch.nextafter(k, zero)
-    k = torch.where(torch.isfinite(norm), k.clamp(max=1.0), zero)
+    k = torch.where(torch.isfinite(norm), k.nan_to_num(nan=0.0).clamp(max=1.0), zero)  # 0/0: C = 0
     out = k.to(dtype)
     if dtype == NORM_DTYPE:
         return out
