@@ -12,18 +12,31 @@ whichever :func:`~dptrain.grad_sample.outer.prefer_ghost` finds cheaper (``ghost
 Ghosted parameters get their clipped sum as one contraction ``L^T diag(c) R`` (book-keeping: no
 second backward pass).  A sample whose gradient is not finite contributes nothing.
 
-Numerical bound.  Ghost norms are Gram sums: dot products in the factors' precision (float32
-at least), reduced in float64.  They cancel when a sample's tokens nearly cancel, and a norm
-computed too small would scale that sample above the clip.  So a sample with
-``S_b > 64 ||G_b||`` (``S_b = sum_t ||L_bt|| ||R_bt||`` bounds ``||G_b||``) is materialized and
-clipped by the norm of the very tensor that is added; for every other sample the relative error
-of its norm and of its share of the book-keeping contraction is at most ``64 gamma``, with
-``gamma`` the relative rounding of one float32 dot product of the layer's width (about
-``sqrt(d) 2^-24`` in practice).  Materialized gradients are clipped by their own norm.  A
-sample's clipped contribution to a group therefore exceeds ``C_g`` by a factor of at most about
-``1 + 64 sqrt(d) 2^-24`` (below 1e-4 for d <= 4096); the tests check ``C (1 + 1e-4)`` on crafted
-samples that cancel (the former float32 ghost norm let such a sample reach ``C (1 + 4e-4)``
-and clipped another to a quarter of its due).
+Numerical bound.  Ghost norms are Gram sums computed in float64 throughout (factors cast to
+float64 a few samples at a time; :data:`~.grad_sample.outer.NORM_DTYPE`).  With float32 Gram
+entries the error of a squared norm was about ``gamma S_b^2`` (``S_b = sum_t ||L_bt|| ||R_bt||``
+bounds ``||G_b||``, ``gamma ~ width 2^-24``): relatively ``gamma r^2`` with ``r = S_b /
+||G_b||``, so a sample whose tokens partly cancel got a norm too small and a contribution above
+the clip (crafted: ``C (1 + 1.2e-3)``).  In float64 the error is at most ``eta S^2``, ``eta`` of
+:func:`~.grad_sample.outer.ghost_error` (about ``(width + T^2) 2^-52``, stated and derived
+there; ``S`` over all uses of the parameter), and the norm clipped by is the certified upper
+bound ``sqrt(n2 + eta S^2)``, rounded up; a materialized gradient's is its float64 norm plus
+that reduction's error bound (:func:`_sq_up`); group sums and square roots are rounded up.  The
+coefficient ``min(1, C / (N + 1e-6))`` is computed in float64 and rounded toward zero into the
+dtype it multiplies in (:func:`clip_coef`, shared with DiceSGD's C2 clip and the federated
+server clip), so ``coef * N <= C`` exactly.  The bound over-clips by a relative ``eta r^2 / 2``:
+below ``1e-6`` even for a GPT-2 LM head over 1024 tokens at ``r = 64`` (a float32 certificate
+over-clipped it by 60%).
+
+The book-keeping contraction ``L^T diag(c) R`` is still a float32 sum (for float32 and
+half-precision factors): its rounding is at most ``gamma_{BT} sum_b c_b S_b`` in all (the
+worst case over every summation order; float32 ``gamma``).  So a sample with ``S_b > 64 ||G_b||`` is materialized and
+clipped by the norm of the very tensor that is added; for the others that rounding is at most
+``64 gamma_T`` relatively in the worst case, and about ``2^-24 r / width`` in practice (random
+signs), as for any float32 sum of clipped gradients (the tests see ``C (1 + 3e-8)`` at most on
+crafted samples of ratio 4 to 200, widths 64 to 8192, float32 and bfloat16 factors).  A
+sample's clipped contribution thus exceeds ``C_g`` only by the rounding of float32 sums, never by
+an error in its norm.
 """
 
 from __future__ import annotations
