@@ -143,7 +143,7 @@ def norm_bound(tensors: Iterable[Tensor]) -> Tensor:
         total = v if total is None else total + v
         k += t.numel() + 3
     if total is None:
-        return torch.zeros((), dtype=NORM_DTYPE)
+        return torch.zeros((), dtype=NORM_DTYPE, device="cpu")
     return _up(_up(total * (1 + 4 * (k + 1) * 2.0**-53)).sqrt())
 
 
@@ -157,8 +157,12 @@ def clip_coef(
     bound on the norm, ``coef * norm <= clip``.  A non-finite ``norm`` gives 0 (the sample
     contributes nothing: ``min(1, C / nan)`` would let it in unclipped).  Shared by the
     per-sample clip, DiceSGD's C2 clip and the federated server clip."""
-    norm = torch.as_tensor(norm, dtype=NORM_DTYPE)
-    clip = torch.as_tensor(clip, dtype=NORM_DTYPE, device=norm.device)
+    if isinstance(norm, Tensor):  # (as_tensor would move it to a default device)
+        norm = norm.to(NORM_DTYPE)
+    else:
+        norm = torch.tensor(norm, dtype=NORM_DTYPE, device="cpu")
+    if isinstance(clip, Tensor):
+        clip = clip.to(device=norm.device, dtype=NORM_DTYPE)
     k = clip / (norm + eps)
     zero = torch.zeros_like(k)
     for _ in range(3):
