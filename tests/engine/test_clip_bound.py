@@ -124,7 +124,7 @@ def _ce_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torc
 
 def test_gpt2_lm_head_is_not_over_clipped():
     """Linear 64 -> 50257 over 128 tokens, softmax-CE output gradients: the certified bound
-    costs < 1e-4 of the clipped norm (a float32 certificate cost 60% here), within C."""
+    costs < 1e-6 of the clipped norm (8e-8 seen; a float32 certificate cost 60% here), within C."""
     torch.manual_seed(0)
     b, t, h, v = 3, 128, 64, 50257
     head = nn.Linear(h, v, bias=False)
@@ -142,7 +142,7 @@ def test_gpt2_lm_head_is_not_over_clipped():
             batch = (hidden[i : i + 1], targets[i : i + 1])
             got, result = _clipped_norm(head, batch, clip, ghost, loss=_ce_loss)
             assert got <= clip * (1 + SLACK)
-            assert got / float(want[i]) == pytest.approx(1.0, abs=1e-4), (ghost, i)
+            assert got / float(want[i]) == pytest.approx(1.0, abs=1e-6), (ghost, i)
             assert float(result.norms["all"][0]) == pytest.approx(float(norms[i]), rel=1e-5)
 
 
