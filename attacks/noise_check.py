@@ -19,11 +19,14 @@ tests, each one-sided in the direction that over-reports privacy:
   (a counter that does not advance, a resume that redraws old steps) gives ``|c|`` near 1.
   Two-sided on ``max |c|`` over pairs of the kept steps (the first ``keep``, then every
   ``stride``-th so that at most ``keep`` are kept), Bonferroni over the pairs.
+* **tensors**: the same cosine test between the parameter tensors of one step, at equal
+  offsets (``blocks``, one row per tensor): a sampler that restarts its counter for every
+  tensor repeats values there.  Bonferroni over all pairs of all steps.
 
 Each test runs at ``alpha / m`` (``m`` tests: Bonferroni), so a correct engine is flagged with
 probability at most ``alpha``.  None of the tests needs the clip, the sampling or the
 canaries: they are about the noise alone.  They do not see noise that is correct on the
-audited coordinates but wrong elsewhere, nor a dependence between parameters of one step.
+audited coordinates but wrong elsewhere, nor dependence other than a repeat (a cosine).
 
 :func:`replay_across_runs` tests the other way noise can be replayed: two runs of one
 recipe getting the same key (a key derived from the public recipe seed).  It makes two keys
@@ -62,8 +65,15 @@ class NoiseCheck:
         self.kept_steps: list[int] = []
         self.steps = 0
         self.width: int | None = None
+        self.across = 0.0  # max |cosine| between two tensors' blocks of one step
+        self.across_at: tuple[int, int, int] | None = None  # (step, tensor, tensor)
+        self.across_pairs = 0
+        self.block_width = 0
 
-    def update(self, x: np.ndarray) -> None:
+    def update(self, x: np.ndarray, blocks: np.ndarray | None = None) -> None:
+        """One step's values ``x`` and, optionally, ``blocks`` (tensors x offsets)."""
+        if blocks is not None and len(blocks) >= 2:
+            self._update_blocks(np.asarray(blocks, dtype=np.float64))
         x = np.asarray(x, dtype=np.float64).ravel()
         if self.width is None:
             self.width = len(x)
@@ -82,6 +92,33 @@ class NoiseCheck:
                 self.kept.append((u / n).astype(np.float64))
                 self.kept_steps.append(self.steps)
         self.steps += 1
+
+    def _update_blocks(self, b: np.ndarray) -> None:
+        if not np.isfinite(b).all():
+            raise ValueError(f"step {self.steps}'s noise blocks are not finite")
+        n = np.linalg.norm(b, axis=1, keepdims=True)
+        u = b / np.where(n > 0, n, 1.0)
+        c = np.abs(u @ u.T)
+        np.fill_diagonal(c, 0.0)
+        i, j = np.unravel_index(int(np.argmax(c)), c.shape)
+        if c[i, j] > self.across:
+            self.across, self.across_at = float(c[i, j]), (self.steps, int(i), int(j))
+        self.across_pairs += len(b) * (len(b) - 1) // 2
+        self.block_width = b.shape[1]
+
+    def _tensors(self) -> dict[str, Any] | None:
+        if not self.across_pairs:
+            return None
+        half = (self.block_width - 1) / 2
+        tail = 2 * float(stats.beta.sf((1 + self.across) / 2, half, half))
+        return {
+            "test": "max |cosine| between parameter tensors' noise at equal offsets",
+            "pairs": self.across_pairs,
+            "offsets": self.block_width,
+            "max_abs_cosine": self.across,
+            "at": list(self.across_at) if self.across_at else None,  # (step, tensor, tensor)
+            "p_value": min(1.0, tail * self.across_pairs),
+        }
 
     def _scale(self) -> dict[str, Any]:
         n, q = self.count, self.square_sum
@@ -146,6 +183,9 @@ class NoiseCheck:
         fresh = self._freshness()
         if fresh is not None:
             tests["freshness"] = fresh
+        across = self._tensors()
+        if across is not None:
+            tests["tensors"] = across
         alpha = (1 - confidence) / len(tests)
         failed = [name for name, t in tests.items() if t["p_value"] < alpha]
         return {

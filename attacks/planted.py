@@ -12,6 +12,8 @@ Poisson-subsampled Gaussian steps (q, sigma) while training does something less 
 * ``truncated``: Gaussian noise redrawn beyond 3 std (a truncated normal; the accountant
   assumes the full tails).
 * ``replayed``: every step draws step 0's noise (a counter that never advances).
+* ``per-tensor``: every parameter tensor draws from the start of its step's stream (a counter
+  without the tensor's place): equal noise at equal offsets.
 
 The last three are audited canary-only (``records=0``): the noise check
 (:mod:`attacks.noise_check`) reads the coordinates no canary touches.
@@ -41,8 +43,11 @@ from dptrain.noise import GaussianNoise
 from dptrain.policies import StaticPolicy, StepPlan
 from dptrain.secret import RunKey
 
-BUGS = ("none", "noise/2", "noise/4", "unclipped", "shuffle", "noise*0.9", "truncated", "replayed")
-NOISE_BUGS = ("noise*0.9", "truncated", "replayed")  # audited canary-only by default
+BUGS = (
+    "none", "noise/2", "noise/4", "unclipped", "shuffle",
+    "noise*0.9", "truncated", "replayed", "per-tensor",
+)  # fmt: skip
+NOISE_BUGS = ("noise*0.9", "truncated", "replayed", "per-tensor")  # audited canary-only
 
 
 class ScaledNoise:
@@ -89,6 +94,20 @@ class ReplayedNoise:
         return self.noise(like, std)
 
 
+class PerTensorNoise:
+    """The run's noise, but each tensor's draw starts at its step's first block."""
+
+    def __init__(self, noise: GaussianNoise) -> None:
+        self.noise, self.step = noise, 0
+
+    def begin_step(self, step: int) -> None:
+        self.step = step
+
+    def __call__(self, like: Tensor, std: float) -> Tensor:
+        self.noise.begin_step(self.step)
+        return self.noise(like, std)
+
+
 def planted_noise(bug: str, noise: GaussianNoise) -> Any:
     """The engine's noise for ``bug`` (the honest sampler when the bug is elsewhere)."""
     factor = {"noise/2": 0.5, "noise/4": 0.25, "noise*0.9": 0.9}.get(bug)
@@ -98,6 +117,8 @@ def planted_noise(bug: str, noise: GaussianNoise) -> Any:
         return TruncatedNoise(noise)
     if bug == "replayed":
         return ReplayedNoise(noise)
+    if bug == "per-tensor":
+        return PerTensorNoise(noise)
     return noise
 
 

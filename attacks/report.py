@@ -295,6 +295,8 @@ def whitebox_verdict(w: dict[str, Any]) -> tuple[str, list[str]]:
         names = {
             "scale": "its variance is below the claimed",
             "freshness": "two steps' noise is the same draw (replayed)",
+            "tensors": "two parameter tensors get the same noise (a counter without the "
+            "tensor's place)",
         }
         why = "; ".join(names.get(k, f"too few values beyond {k[5:]} std") for k in noise["failed"])
         bugs.append(

@@ -223,6 +223,45 @@ class Canaries:
                 out[g] = torch.from_numpy(np.sort(rng.choice(f, size=k, replace=False)))
         return out
 
+    def common_offsets(self, count: int = 256) -> tuple[list[nn.Parameter], Tensor]:
+        """Offsets free of canaries in every parameter tensor of at least 1024 elements, the
+        same in each (at most ``count``, the smallest): a sampler that draws one tensor's
+        noise again for the next (a counter without the tensor's place) repeats values at
+        equal offsets.  Returns the tensors and the offsets (empty if fewer than 16)."""
+        params = [p for ps in self.groups.values() for p in ps if p.numel() >= 1024]
+        if len(params) < 2:
+            return [], torch.zeros(0, dtype=torch.long)
+        width = min(p.numel() for p in params)
+        used = np.zeros(width, dtype=bool)
+        for g, ps in self.groups.items():
+            idx = self.index[g].numpy().ravel()
+            start = 0
+            for p in ps:
+                local = idx[(idx >= start) & (idx < start + p.numel())] - start
+                used[local[local < width]] = True
+                start += p.numel()
+        offsets = np.flatnonzero(~used)[:count]
+        if len(offsets) < 16:
+            return [], torch.zeros(0, dtype=torch.long)
+        return params, torch.from_numpy(offsets)
+
+    def blocks(
+        self,
+        update: dict[nn.Parameter, Tensor],
+        params: list[nn.Parameter],
+        offsets: Tensor,
+        noise_std: dict[str, float],
+    ) -> np.ndarray:
+        """``(len(params), len(offsets))``: each tensor's released values at ``offsets``,
+        divided by its group's noise std."""
+        group_of = {p: g for g, ps in self.groups.items() for p in ps}
+        rows = []
+        for p in params:
+            flat = update[p].detach().reshape(-1)
+            v = flat[offsets.to(flat.device)].to("cpu", torch.float64).numpy()
+            rows.append(v / noise_std[group_of[p]])
+        return np.stack(rows)
+
     def noise_values(
         self,
         update: dict[nn.Parameter, Tensor],
@@ -456,6 +495,7 @@ def whitebox_audit(
     # the noise check on coordinates that carry noise alone: no records, no canary there
     free = cs.free_coordinates(noise_values, _child(rng)) if records is None else {}
     noise = NoiseCheck(steps)
+    tensors, offsets = cs.common_offsets() if free else ([], None)
     order: np.ndarray | None = None  # one fixed shuffle: the sketch spans every group
 
     def hook(step: int, update: dict[nn.Parameter, Tensor]) -> None:
@@ -472,7 +512,10 @@ def whitebox_audit(
         if free:
             x = cs.noise_values(sums, free, claim.noise_std)
             order = np.random.default_rng(len(x)).permutation(len(x)) if order is None else order
-            noise.update(x[order])
+            block = None
+            if tensors:
+                block = cs.blocks(sums, tensors, offsets, claim.noise_std)
+            noise.update(x[order], block)
         released += 1
 
     engine.add_release_hook(hook)

@@ -115,8 +115,8 @@ SETUPS: dict[str, dict] = {
     "subsampled-16k": {"q": 0.5, "steps": 64, "canaries": 16000, "width": 256,
                        "bugs": ("none", "noise/2")},
     # canary-only (no records): the noise check reads the coordinates no canary touches
-    "noise": {"q": 0.5, "steps": 64, "canaries": 256, "width": 128,
-              "bugs": ("none", "noise*0.9", "truncated", "replayed")},
+    "noise": {"q": 0.5, "steps": 64, "canaries": 256, "width": 128, "records": 0,
+              "bugs": ("none", "noise*0.9", "truncated", "replayed", "per-tensor")},
 }  # fmt: skip
 
 
@@ -132,7 +132,10 @@ def planted_cell(setup: str, eps: float, seeds: int, canaries: int | None = None
     for bug in cfg["bugs"]:
         rows = []
         for seed in range(seeds):
-            r = run_one(bug, epsilon=eps, q=q, steps=steps, canaries=m, seed=seed, width=width)
+            r = run_one(
+                bug, epsilon=eps, q=q, steps=steps, canaries=m, seed=seed, width=width,
+                records=cfg.get("records"),
+            )  # fmt: skip
             rows.append(r)
             runs.append({"setup": setup} | {k: v for k, v in r.items() if k != "clip"})
         b = [r["bounds"] for r in rows]

@@ -62,6 +62,19 @@ def test_tails_are_tested_only_where_enough_values_are_expected():
     assert tails == {2.0, 3.0}  # N P(|z| > 4) = 0.6 < 25
 
 
+def test_equal_noise_in_two_tensors_of_a_step_fails_the_tensor_test():
+    rng = np.random.default_rng(3)
+    check = NoiseCheck(10)
+    for t in range(10):
+        row = rng.standard_normal(128)
+        third = row if t == 7 else rng.standard_normal(128)  # step 7: tensor 2 repeats tensor 0
+        blocks = np.stack([row, rng.standard_normal(128), third])
+        check.update(rng.standard_normal(4096), blocks)
+    res = check.result(0.95)
+    assert res["failed"] == ["tensors"] and res["tests"]["tensors"]["at"] == [7, 0, 2]
+    assert res["tests"]["tensors"]["pairs"] == 30
+
+
 def test_bad_input_is_refused():
     check = NoiseCheck(3)
     check.update(np.zeros(10) + 1)
@@ -73,7 +86,15 @@ def test_bad_input_is_refused():
 
 
 @pytest.mark.parametrize(
-    "bug,records", [("none", 0), ("noise*0.9", 0), ("truncated", 0), ("replayed", 0), ("none", 32)]
+    "bug,records",
+    [
+        ("none", 0),
+        ("noise*0.9", 0),
+        ("truncated", 0),
+        ("replayed", 0),
+        ("per-tensor", 0),
+        ("none", 32),
+    ],
 )
 def test_real_engine_noise_bugs_are_caught_and_a_correct_run_is_not(bug, records, one_thread):
     """Canary-only runs of the MLP through the real engine (40 steps, q = 1/2, 64 canaries,
@@ -88,8 +109,15 @@ def test_real_engine_noise_bugs_are_caught_and_a_correct_run_is_not(bug, records
     assert noise["applicable"] and noise["steps"] == 40
     assert noise["flagged"] is (bug != "none") and r["privacy_bug_suspected"] is (bug != "none")
     assert r["false_alarm_at_most"] == pytest.approx(0.055)
-    expected = {"none": set(), "noise*0.9": {"scale"}, "truncated": {"scale", "tail_3"}}
-    assert expected.get(bug, {"freshness"}) <= set(noise["failed"])
+    expected = {
+        "none": set(),
+        "noise*0.9": {"scale"},
+        "truncated": {"scale", "tail_3"},
+        "replayed": {"freshness"},
+        "per-tensor": {"tensors"},
+    }
+    assert expected[bug] <= set(noise["failed"])
+    assert noise["tests"]["tensors"]["pairs"] == 40  # the two weight matrices, every step
     if bug == "noise*0.9":
         assert noise["tests"]["scale"]["variance_ratio"] == pytest.approx(0.81, abs=0.01)
     level, words = whitebox_verdict(r)
