@@ -217,7 +217,7 @@ def replay_across_runs(make_key: Callable[[], Any], seed: int, *, n: int = 4096)
         key = make_key()
         noise = GaussianNoise(key)
         noise.begin_step(0)
-        x = noise(torch.zeros(n, dtype=torch.float64), 1.0).numpy()
+        x = noise(torch.zeros(n, dtype=torch.float64, device="cpu"), 1.0).numpy()
         coins = PoissonSampler([str(i) for i in range(n)], 0.5, key).mask(0)
         draws.append((key, x, coins))
     (k1, x1, c1), (k2, x2, c2) = draws

@@ -230,7 +230,7 @@ class Canaries:
         equal offsets.  Returns the tensors and the offsets (empty if fewer than 16)."""
         params = [p for ps in self.groups.values() for p in ps if p.numel() >= 1024]
         if len(params) < 2:
-            return [], torch.zeros(0, dtype=torch.long)
+            return [], torch.zeros(0, dtype=torch.long, device="cpu")
         width = min(p.numel() for p in params)
         used = np.zeros(width, dtype=bool)
         for g, ps in self.groups.items():
@@ -242,7 +242,7 @@ class Canaries:
                 start += p.numel()
         offsets = np.flatnonzero(~used)[:count]
         if len(offsets) < 16:
-            return [], torch.zeros(0, dtype=torch.long)
+            return [], torch.zeros(0, dtype=torch.long, device="cpu")
         return params, torch.from_numpy(offsets)
 
     def blocks(
