@@ -521,7 +521,7 @@ def false_alarm(summary: dict[str, Any]) -> dict[str, Any]:
     """How often the report's verdict flags a CORRECT run: each lower bound is a test at the
     audit's confidence (one-run: rigorous; Clopper-Pearson: Bonferroni over its attacks, and
     nominal, as records of one run are not independent trials; the white-box audit: its
-    bound plus its sampling check, :func:`attacks.whitebox.false_alarm`).  They are stated
+    bound plus its sampling, noise and key replay checks, :func:`attacks.whitebox.false_alarm`).  They are stated
     per test, not Bonferroni-corrected across tests, and "likely privacy bug" is any of them,
     so by the union bound their rates add."""
     alpha = 1 - float(summary["confidence"])

@@ -14,7 +14,10 @@ an attacker who knows the template finds it with one guess (in general with abou
 Exactly, by enumerating ``R`` (:func:`exposure_exact`), when ``|R|`` is small.  Otherwise by the
 paper's extrapolation (:func:`exposure_extrapolated`): fit a skew-normal distribution to the
 log-perplexities of a uniform sample of candidates and read the rank fraction off its CDF,
-``exposure ~ -log2 F(logppl(s))`` (capped at ``log2 |R|``).
+``exposure ~ -log2 F(logppl(s))`` (capped at ``log2 |R|``).  The fit must agree with the
+sample it was fitted to: where ``c`` sampled candidates (mid-rank count) score at or below the
+secret and ``P(Binomial(n, F) >= floor(c)) < 10^-3`` (a fit degenerate on tied values, say),
+the sample's own mid-rank fraction ``c / n`` is used instead.
 
 Ties: a candidate with exactly the secret's log-perplexity counts half (the secret's mid-rank
 in its tie block), so a model that scores every candidate alike gives ``rank = (|R| + 1) / 2``,
@@ -33,6 +36,8 @@ from scipy import stats
 from .inputs import finite_scores
 
 __all__ = ["exposure_exact", "exposure_extrapolated", "random_exposure"]
+
+FIT_DISAGREES = 1e-3  # P(so many samples at or below the secret | the fit) that rejects a fit
 
 random_exposure = 1 / math.log(2)
 """Expected exposure of a secret the model knows nothing about (bits)."""
@@ -62,15 +67,18 @@ def exposure_extrapolated(
     x = finite_scores(sample_logppl, "sampled log-perplexities", ndim=1)
     if len(x) < 8:
         raise ValueError("the skew-normal extrapolation needs at least 8 sampled candidates")
+    below = float(np.sum(x < secret_logppl) + 0.5 * np.sum(x == secret_logppl))
     log_f = math.nan
     if np.ptp(x) > 0:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             shape, loc, scale = stats.skewnorm.fit(x)
         log_f = float(stats.skewnorm.logcdf(secret_logppl, shape, loc, scale))
-    if math.isnan(log_f):  # no spread to fit: the sample's own mid-rank fraction
-        frac = (np.sum(x < secret_logppl) + 0.5 * np.sum(x == secret_logppl)) / len(x)
-        log_f = math.log(frac) if frac > 0 else -math.inf
+        k = math.floor(below)
+        if k >= 1 and stats.binom.sf(k - 1, len(x), math.exp(log_f)) < FIT_DISAGREES:
+            log_f = math.nan  # the fit contradicts its own sample
+    if math.isnan(log_f):  # no spread to fit, or a bad fit: the sample's mid-rank fraction
+        log_f = math.log(below / len(x)) if below > 0 else -math.inf
     bits = -log_f / math.log(2)
     return float(min(max(bits, 0.0), math.log2(space_size)))
 

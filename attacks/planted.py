@@ -8,6 +8,15 @@ Poisson-subsampled Gaussian steps (q, sigma) while training does something less 
   charges the clipped plan.
 * ``shuffle``: fixed-size batches of ``floor(q N)`` records from a shuffle per epoch instead
   of Poisson sampling (every record at most once per epoch).
+* ``noise*0.9``: noise of 0.9 of the recorded std, too little for a one-run bound to see.
+* ``truncated``: Gaussian noise redrawn beyond 3 std (a truncated normal; the accountant
+  assumes the full tails).
+* ``replayed``: every step draws step 0's noise (a counter that never advances).
+* ``per-tensor``: every parameter tensor draws from the start of its step's stream (a counter
+  without the tensor's place): equal noise at equal offsets.
+
+The last three are audited canary-only (``records=0``): the noise check
+(:mod:`attacks.noise_check`) reads the coordinates no canary touches.
 
 The audited model is a two-layer MLP (64 -> ``width`` -> 64; width 128: 16.6k parameters, two
 groups of 8.3k, so each of ``m <= 8256`` canaries gets its own coordinates; width 256: up to
@@ -34,7 +43,11 @@ from dptrain.noise import GaussianNoise
 from dptrain.policies import StaticPolicy, StepPlan
 from dptrain.secret import RunKey
 
-BUGS = ("none", "noise/2", "noise/4", "unclipped", "shuffle")
+BUGS = (
+    "none", "noise/2", "noise/4", "unclipped", "shuffle",
+    "noise*0.9", "truncated", "replayed", "per-tensor",
+)  # fmt: skip
+NOISE_BUGS = ("noise*0.9", "truncated", "replayed", "per-tensor")  # audited canary-only
 
 
 class ScaledNoise:
@@ -43,8 +56,70 @@ class ScaledNoise:
     def __init__(self, noise: GaussianNoise, factor: float) -> None:
         self.noise, self.factor = noise, factor
 
+    def begin_step(self, step: int) -> None:
+        self.noise.begin_step(step)
+
     def __call__(self, like: Tensor, std: float) -> Tensor:
         return self.noise(like, std * self.factor)
+
+
+class TruncatedNoise:
+    """Gaussian noise whose values beyond ``k`` std are redrawn (a truncated normal)."""
+
+    def __init__(self, noise: GaussianNoise, k: float = 3.0) -> None:
+        self.noise, self.k = noise, k
+
+    def begin_step(self, step: int) -> None:
+        self.noise.begin_step(step)
+
+    def __call__(self, like: Tensor, std: float) -> Tensor:
+        z = self.noise(like, 1.0)
+        while True:
+            out = z.abs() > self.k
+            if not out.any():
+                return z * std
+            z[out] = self.noise(z[out], 1.0)
+
+
+class ReplayedNoise:
+    """The run's noise, but every step positioned at step 0's draws."""
+
+    def __init__(self, noise: GaussianNoise) -> None:
+        self.noise = noise
+
+    def begin_step(self, step: int) -> None:
+        self.noise.begin_step(0)
+
+    def __call__(self, like: Tensor, std: float) -> Tensor:
+        return self.noise(like, std)
+
+
+class PerTensorNoise:
+    """The run's noise, but each tensor's draw starts at its step's first block."""
+
+    def __init__(self, noise: GaussianNoise) -> None:
+        self.noise, self.step = noise, 0
+
+    def begin_step(self, step: int) -> None:
+        self.step = step
+
+    def __call__(self, like: Tensor, std: float) -> Tensor:
+        self.noise.begin_step(self.step)
+        return self.noise(like, std)
+
+
+def planted_noise(bug: str, noise: GaussianNoise) -> Any:
+    """The engine's noise for ``bug`` (the honest sampler when the bug is elsewhere)."""
+    factor = {"noise/2": 0.5, "noise/4": 0.25, "noise*0.9": 0.9}.get(bug)
+    if factor:
+        return ScaledNoise(noise, factor)
+    if bug == "truncated":
+        return TruncatedNoise(noise)
+    if bug == "replayed":
+        return ReplayedNoise(noise)
+    if bug == "per-tensor":
+        return PerTensorNoise(noise)
+    return noise
 
 
 class UnclippedGroup(StaticPolicy):
@@ -100,13 +175,17 @@ def run_one(
     seed: int,
     delta: float = 1e-5,
     confidence: float = 0.95,
-    records: int = 32,
+    records: int | None = None,
     accountant: str = "rdp",
     width: int = 128,
 ) -> dict[str, Any]:
-    """One white-box audit of a (possibly broken) run; the claim is always the honest plan."""
+    """One white-box audit of a (possibly broken) run; the claim is always the honest plan.
+    ``records``: regression records beside the canaries (default 32, and 0 for the noise
+    bugs: a canary-only run, where the noise check applies)."""
     if bug not in BUGS:
         raise ValueError(f"unknown bug {bug!r}: choose one of {', '.join(BUGS)}")
+    if records is None:
+        records = 0 if bug in NOISE_BUGS else 32
     sigma = noise_for(epsilon, delta, q, steps, accountant)
     model = mlp(seed, width)
     gen = torch.Generator().manual_seed(seed)
@@ -115,7 +194,6 @@ def run_one(
         clip=1.0, noise_multiplier=sigma
     )
     noise = GaussianNoise(RunKey.from_insecure_seed(seed + 1))  # a benchmark: reproducible
-    factor = {"noise/2": 0.5, "noise/4": 0.25}.get(bug)
     engine = PrivacyEngine(
         model,
         torch.optim.SGD(model.parameters(), lr=0.05),
@@ -125,7 +203,7 @@ def run_one(
         loss_fn=mse_loss,
         grouping="per_layer",
         accountant=accountant,
-        noise=ScaledNoise(noise, factor) if factor else noise,
+        noise=planted_noise(bug, noise),
     )
     claim = getattr(policy, "honest", None)
     result = audit(
@@ -136,7 +214,7 @@ def run_one(
         confidence=confidence,
         rng=np.random.default_rng([seed, 0x5EC2E7]),
         claim=claim,
-        records=lambda idx: (x[idx], y[idx]),
+        records=(lambda idx: (x[idx], y[idx])) if records else None,
         n_records=records,
         sampler=(lambda n, q_, rng: FixedBatches(n, q_, rng)) if bug == "shuffle" else None,
         coins=RunKey.from_insecure_seed(seed + 2),

@@ -154,6 +154,8 @@ def _verdict(s: dict[str, Any]) -> tuple[str, list[str]]:
 _TEST_NAMES = {
     "ledger_bound": "the f-DP test of the ledger's curve",
     "sampling_check": "the sampling check",
+    "noise_check": "the noise check",
+    "key_replay": "the key replay check",
     "one_run": "the one-run bound",
     "clopper_pearson": "the Clopper-Pearson bound (nominal)",
     "whitebox": "the white-box audit",
@@ -229,6 +231,46 @@ def whitebox_verdict(w: dict[str, Any]) -> tuple[str, list[str]]:
         )
     elif samp:
         words.append(f"Sampling check not applicable: {samp['reason']}.")
+    noise = w.get("noise") or {}
+    if noise.get("applicable"):
+        t = noise["tests"]
+        fresh = t.get("freshness")
+        words.append(
+            f"Noise check ({noise['values_per_step']:,} canary-free coordinates x "
+            f"{noise['steps']} steps, each test at p < {noise['alpha_per_test']:.2g}): variance "
+            f"{t['scale']['variance_ratio']:.4f} of the claimed (p = {t['scale']['p_value']:.3g}); "
+            + ", ".join(
+                f"|z| > {v['k']:g}: {v['count']:,} vs {v['expected']:,.1f} expected"
+                for k, v in t.items()
+                if k.startswith("tail_")
+            )
+            + (
+                f"; largest |cosine| between two steps' noise {fresh['max_abs_cosine']:.3f} "
+                f"(p = {fresh['p_value']:.3g})"
+                if fresh
+                else ""
+            )
+            + "."
+        )
+    elif noise:
+        words.append(f"Noise check not applicable: {noise['reason']}.")
+    replay = w.get("key_replay") or {}
+    if replay:
+        words.append(
+            "Key replay check: two new runs of this recipe "
+            + (
+                "draw the SAME noise and coins."
+                if replay["replayed"]
+                else f"draw different noise (cosine {replay['noise_cosine']:.3f}) and coins "
+                f"({replay['coin_agreement']:.1%} agree)."
+            )
+            + (
+                ""
+                if replay["secure_keys"]
+                else " The run uses privacy.insecure_seed: its randomness is public by design, "
+                "and it has NO privacy guarantee against anyone who knows the seed."
+            )
+        )
     bugs = []
     if w.get("bound_rejects_claim", w["privacy_bug_suspected"]):
         bugs.append(
@@ -248,6 +290,28 @@ def whitebox_verdict(w: dict[str, Any]) -> tuple[str, list[str]]:
             "accountant's subsampling analysis does not apply, so the claimed "
             f"({_eps(claim)}, {delta:.3g})-DP is not shown. Do not release this model; check "
             "the sampler (it must be Poisson, as dptrain.sampling.PoissonSampler)."
+        )
+    if noise.get("flagged"):
+        names = {
+            "scale": "its variance is below the claimed",
+            "freshness": "two steps' noise is the same draw (replayed)",
+            "tensors": "two parameter tensors get the same noise (a counter without the "
+            "tensor's place)",
+        }
+        why = "; ".join(names.get(k, f"too few values beyond {k[5:]} std") for k in noise["failed"])
+        bugs.append(
+            f"LIKELY PRIVACY BUG (white-box audit): the released noise is not the claimed "
+            f"Gaussian. At {noise['confidence']:.2%} confidence, on coordinates that carry "
+            f"noise alone: {why}. The accountant assumes fresh, full-tailed N(0, (sigma C)^2) "
+            f"noise every step, so the claimed ({_eps(claim)}, {delta:.3g})-DP is not shown. "
+            "Do not release this model; check the noise sampler and its counter."
+        )
+    if replay.get("flagged"):
+        bugs.append(
+            "LIKELY PRIVACY BUG (white-box audit): two new runs of this recipe draw the same "
+            "noise or coins, so the run's randomness follows from public inputs (the recipe) "
+            "and hides nothing from anyone who reruns it. Check how the run key is made "
+            "(dptrain.train.run_key_for must draw from the OS CSPRNG)."
         )
     alarm = [false_alarm_sentence(w["false_alarm"])] if "false_alarm" in w else []
     if bugs:
@@ -281,6 +345,14 @@ def _whitebox_table(w: dict[str, Any]) -> str:
             f"{' — NOT POISSON' if samp['flagged'] else ''}</td>"
             f"<td>shuffler: Z ≈ {samp['shuffler_shift']:.1f}</td><td>correct run: Z ~ N(0, 1)</td></tr>"
         )
+    noise = w.get("noise") or {}
+    for name, t in (noise.get("tests") or {}).items():
+        failed = " — FAILED" if name in noise["failed"] else ""
+        rows += (
+            f"<tr><td>noise check: {html.escape(t['test'])}</td>"
+            f"<td>p = {t['p_value']:.3g}{failed}</td>"
+            f"<td>flagged below {noise['alpha_per_test']:.2g}</td><td>—</td></tr>"
+        )
     return (
         f"<table><tr><th>bound at {w['confidence']:.0%} confidence</th><th>ε ≥</th>"
         f"<th>ceiling ({w['canaries']} canaries)</th><th>perfect attacker (median)</th></tr>"
@@ -309,7 +381,9 @@ def whitebox_section(w: dict[str, Any]) -> str:
         "correct run with these canaries. The sampling check tests what the bounds cannot see: "
         "under Poisson sampling a member's inclusions are independent across steps, so its "
         "projections are uncorrelated; a sampler that takes each record once per epoch makes "
-        "them negatively correlated within an epoch.</p>"
+        "them negatively correlated within an epoch. The noise check reads coordinates no canary "
+        "touches, which in a canary-only audit carry noise alone: their variance, their tails "
+        "and their freshness across steps must be those of the claimed Gaussian.</p>"
     )
 
 

@@ -29,9 +29,9 @@ sampler pulls it down.  **Verdict**: flag "not Poisson sampling" when ``p = Phi(
 alpha``, a false alarm of probability ``alpha`` (simulated in ``tests/attacks/test_sampling.py``,
 from 8 members up).  The audit's verdict is "likely bug" when the bound rejects the claim (a
 false alarm of at most ``1 - confidence``) *or* this check fires, so the check gets a share of
-that budget, ``alpha = SHARE (1 - confidence)`` (:func:`level`): a correct run is flagged with
-probability at most ``(1 + SHARE) (1 - confidence)`` (5.25% at 95%), the check's own false alarm
-being 0.25%.  The test needs no knowledge of ``mu`` or of the noise scale, so noise or clipping
+that budget, ``alpha = SHARE (1 - confidence)`` (:func:`level`), as the noise check
+(:mod:`attacks.noise_check`): a correct run is flagged with probability at most
+``(1 + 2 SHARE) (1 - confidence)`` (5.5% at 95%), each check's own false alarm being 0.25%.  The test needs no knowledge of ``mu`` or of the noise scale, so noise or clipping
 bugs do not make it fire.
 
 **Validity.**  The rows must be independent across members and their steps independent under

@@ -45,7 +45,15 @@ bottom ones (fixed plans, Bonferroni), then
 steps a member's projections are uncorrelated under Poisson sampling and negatively correlated
 when records are taken once per epoch, a departure no one-run bound can see (it lies in the
 curve's tails).  "Likely privacy bug" when the ledger bound rejects the claim or this check
-fires (at a twentieth of the false-alarm budget: together at most 1.05 (1 - confidence)).
+fires (at a twentieth of the false-alarm budget).
+
+``noise`` (:mod:`attacks.noise_check`): is the noise the claimed Gaussian, fresh every step?
+In a canary-only audit the coordinates no canary touches carry noise alone; their variance,
+tails and cosines across steps are tested (also at a twentieth of the budget), which catches
+noise too small by 10%, truncated tails and replayed draws that no one-run bound sees.
+"Likely privacy bug" when any of the three fires: at most ``1.1 (1 - confidence)`` for a
+correct run (union bound).  :func:`audit_configuration` adds the key replay check
+(:func:`attacks.noise_check.replay_across_runs`, at ``1e-9``).
 
 ``ceiling``: each bound when every guess is right.  ``perfect``: the same bounds for an auditor
 of the exact claimed mechanism (simulated: the scores above without background), medians over
@@ -77,7 +85,8 @@ from .bounds import (
     ledger_tradeoff,
     one_run_audit,
 )
-from .sampling import InclusionCheck, level
+from .noise_check import NoiseCheck, replay_across_runs, replay_verdict
+from .sampling import SHARE, InclusionCheck, level
 
 __all__ = [
     "Canaries",
@@ -196,6 +205,77 @@ class Canaries:
             picked = flat[self._index_on(g, flat.device)].to("cpu", torch.float64)
             out[g] = (picked * self.value[g]).sum(1).numpy()
         return out
+
+    def free_coordinates(self, count: int, rng: np.random.Generator) -> dict[str, Tensor]:
+        """Up to ``count`` coordinates, spread over the groups by size, that no canary
+        touches: in a canary-only run they carry noise alone (:mod:`attacks.noise_check`)."""
+        free = {}
+        for g, ps in self.groups.items():
+            n = sum(p.numel() for p in ps)
+            used = np.zeros(n, dtype=bool)
+            used[self.index[g].numpy().ravel()] = True
+            free[g] = np.flatnonzero(~used)
+        total = sum(len(f) for f in free.values())
+        out = {}
+        for g, f in free.items():
+            k = min(len(f), math.ceil(count * len(f) / total)) if total else 0
+            if k:
+                out[g] = torch.from_numpy(np.sort(rng.choice(f, size=k, replace=False)))
+        return out
+
+    def common_offsets(self, count: int = 256) -> tuple[list[nn.Parameter], Tensor]:
+        """Offsets free of canaries in every parameter tensor of at least 1024 elements, the
+        same in each (at most ``count``, the smallest): a sampler that draws one tensor's
+        noise again for the next (a counter without the tensor's place) repeats values at
+        equal offsets.  Returns the tensors and the offsets (empty if fewer than 16)."""
+        params = [p for ps in self.groups.values() for p in ps if p.numel() >= 1024]
+        if len(params) < 2:
+            return [], torch.zeros(0, dtype=torch.long, device="cpu")
+        width = min(p.numel() for p in params)
+        used = np.zeros(width, dtype=bool)
+        for g, ps in self.groups.items():
+            idx = self.index[g].numpy().ravel()
+            start = 0
+            for p in ps:
+                local = idx[(idx >= start) & (idx < start + p.numel())] - start
+                used[local[local < width]] = True
+                start += p.numel()
+        offsets = np.flatnonzero(~used)[:count]
+        if len(offsets) < 16:
+            return [], torch.zeros(0, dtype=torch.long, device="cpu")
+        return params, torch.from_numpy(offsets)
+
+    def blocks(
+        self,
+        update: dict[nn.Parameter, Tensor],
+        params: list[nn.Parameter],
+        offsets: Tensor,
+        noise_std: dict[str, float],
+    ) -> np.ndarray:
+        """``(len(params), len(offsets))``: each tensor's released values at ``offsets``,
+        divided by its group's noise std."""
+        group_of = {p: g for g, ps in self.groups.items() for p in ps}
+        rows = []
+        for p in params:
+            flat = update[p].detach().reshape(-1)
+            v = flat[offsets.to(flat.device)].to("cpu", torch.float64).numpy()
+            rows.append(v / noise_std[group_of[p]])
+        return np.stack(rows)
+
+    def noise_values(
+        self,
+        update: dict[nn.Parameter, Tensor],
+        free: dict[str, Tensor],
+        noise_std: dict[str, float],
+    ) -> np.ndarray:
+        """``D[j] / s_g`` at the free coordinates ``j`` of every group ``g`` with noise."""
+        parts = []
+        for g, idx in free.items():
+            if noise_std[g] > 0:
+                flat = torch.cat([update[p].detach().reshape(-1) for p in self.groups[g]])
+                picked = flat[idx.to(flat.device)].to("cpu", torch.float64).numpy()
+                parts.append(picked / noise_std[g])
+        return np.concatenate(parts) if parts else np.zeros(0)
 
     def whiten(
         self,
@@ -361,20 +441,23 @@ def whitebox_audit(
     scale: float = 100.0,
     support: int = 16,
     simulations: int = 32,
+    noise_values: int = 2**16,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``steps`` steps through ``engine`` with ``canaries`` white-box canaries (and,
-    if given, ``n_records`` records: ``records(indices)`` is a batch of them) and audit the
-    released updates; see the module docstring.  ``claim`` is the plan the run claims
-    (default: the engine's next plan); ``sampler(N, q, rng)`` replaces the Poisson sampler
-    (planted bugs only); ``coins`` is the Poisson sampler's :class:`~dptrain.secret.RunKey`
-    (default: a fresh secret key; an insecure seed makes a benchmark reproducible).  The engine must have no budget filter and a fixed plan.
+        if given, ``n_records`` records: ``records(indices)`` is a batch of them) and audit the
+        released updates; see the module docstring.  ``claim`` is the plan the run claims
+        (default: the engine's next plan); ``sampler(N, q, rng)`` replaces the Poisson sampler
+        (planted bugs only); ``coins`` is the Poisson sampler's :class:`~dptrain.secret.RunKey`
+        (default: a fresh secret key; an insecure seed makes a benchmark reproducible).  The engine
+    must have no budget filter and a fixed plan.  Without ``records``, ``noise_values``
+    canary-free coordinates per step feed the noise check (:mod:`attacks.noise_check`).
 
-    ``delta`` is the accountant's (the claimed epsilon is the accountant's at it); the
-    ``(eps, delta)`` bounds (``fdp``, ``one_run``, their ceilings and ``perfect``) are tested at
-    ``delta_total``, the delta the guarantee is stated at (default ``delta`` + the engine's noise
-    sampler truncation term, :func:`dptrain.plan.guarantee_numbers`): a bound at a smaller delta
-    tests more than the run claims.  The ``ledger`` bound is delta-free (trade-off curves)."""
+        ``delta`` is the accountant's (the claimed epsilon is the accountant's at it); the
+        ``(eps, delta)`` bounds (``fdp``, ``one_run``, their ceilings and ``perfect``) are tested at
+        ``delta_total``, the delta the guarantee is stated at (default ``delta`` + the engine's noise
+        sampler truncation term, :func:`dptrain.plan.guarantee_numbers`): a bound at a smaller delta
+        tests more than the run claims.  The ``ledger`` bound is delta-free (trade-off curves)."""
     from dptrain.sampling import PoissonSampler
 
     t0 = time.perf_counter()
@@ -409,9 +492,14 @@ def whitebox_audit(
     apart = [g for g in cs.groups if g in cs.disjoint]
     check = InclusionCheck(int(member.sum()), q, steps)
     control = InclusionCheck(int((~member).sum()), q, steps)
+    # the noise check on coordinates that carry noise alone: no records, no canary there
+    free = cs.free_coordinates(noise_values, _child(rng)) if records is None else {}
+    noise = NoiseCheck(steps)
+    tensors, offsets = cs.common_offsets() if free else ([], None)
+    order: np.ndarray | None = None  # one fixed shuffle: the sketch spans every group
 
     def hook(step: int, update: dict[nn.Parameter, Tensor]) -> None:
-        nonlocal score, plain, released
+        nonlocal score, plain, released, order
         sums = {p: u * engine.expected_batch_size for p, u in update.items()}
         dots = cs.dots(sums)
         z = cs.whiten(dots, claim.noise_std, sigma=sigma)
@@ -421,6 +509,13 @@ def whitebox_audit(
             z_apart = cs.whiten(dots, claim.noise_std, apart)
             check.update(z_apart[member])
             control.update(z_apart[~member])
+        if free:
+            x = cs.noise_values(sums, free, claim.noise_std)
+            order = np.random.default_rng(len(x)).permutation(len(x)) if order is None else order
+            block = None
+            if tensors:
+                block = cs.blocks(sums, tensors, offsets, claim.noise_std)
+            noise.update(x[order], block)
         released += 1
 
     engine.add_release_hook(hook)
@@ -467,6 +562,16 @@ def whitebox_audit(
             "reason": f"no parameter group has {canaries} coordinates, so the canaries are not "
             "orthogonal anywhere. Fix: fewer canaries (audit.whitebox_canaries)",
         }
+    if free:
+        noise_result = noise.result(level(confidence))
+    else:
+        noise_result = {
+            "applicable": False,
+            "flagged": False,
+            "reason": "records in the batch: no coordinate carries noise alone"
+            if records is not None
+            else "every coordinate carries a canary. Fix: fewer canaries or a larger model",
+        }
     rejects = bool(found["ledger"]["rejects_claim"][0])
 
     out: dict[str, Any] = {
@@ -491,10 +596,11 @@ def whitebox_audit(
         "plain_sum_fdp_epsilon": float(plain_fdp["epsilon"][0]),
         "ceiling": ceiling,
         "sampling": sampling,
+        "noise": noise_result,
         "bound_rejects_claim": rejects,
-        "privacy_bug_suspected": rejects or sampling["flagged"],
-        "false_alarm": false_alarm(confidence, sampling),
-        "false_alarm_at_most": false_alarm(confidence, sampling)["at_most"],
+        "privacy_bug_suspected": rejects or sampling["flagged"] or noise_result["flagged"],
+        "false_alarm": false_alarm(confidence, sampling, noise_result),
+        "false_alarm_at_most": false_alarm(confidence, sampling, noise_result)["at_most"],
         "seconds": {"training": round(train_seconds, 2)},
     }
     if perfect is not None:
@@ -511,26 +617,57 @@ def whitebox_audit(
     return out
 
 
-def false_alarm(confidence: float, sampling: dict[str, Any]) -> dict[str, Any]:
+def false_alarm(
+    confidence: float, sampling: dict[str, Any], noise: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """How often a CORRECT run is flagged: the ledger bound's test rejects a true claim with
-    probability at most ``1 - confidence``, the sampling check (where it applies) fires on a
-    Poisson sampler with probability at most a twentieth of that (:data:`attacks.sampling.
-    SHARE`, its own ``confidence``); "likely privacy bug"
-    is either, so by the union bound the rates add."""
+    probability at most ``1 - confidence``; the sampling check and the noise check (where they
+    apply) fire on a correct engine with probability at most a twentieth of that each
+    (:data:`attacks.sampling.SHARE`, their own ``confidence``); "likely privacy bug" is any of
+    them, so by the union bound the rates add: at most ``(1 + 2 SHARE) (1 - confidence)``."""
     tests = {"ledger_bound": 1 - confidence}
     if sampling.get("applicable"):
         tests["sampling_check"] = 1 - float(sampling["confidence"])
+    if noise is not None and noise.get("applicable"):
+        tests["noise_check"] = 1 - float(noise["confidence"])
     return {
         "confidence": confidence,
         "per_test": tests,
         "at_most": sum(tests.values()),
         "combination": "union bound: the verdict flags a run when any test fires, so the "
-        "false-alarm rates of the tests add (the sampling check runs at a twentieth of the "
-        "bound's rate)",
+        f"false-alarm rates of the tests add (the sampling and noise checks run at {SHARE:g} "
+        "of the bound's rate each)",
     }
 
 
+def _child(rng: np.random.Generator) -> np.random.Generator:
+    """An independent generator that leaves ``rng``'s own stream where it is."""
+    try:
+        return rng.spawn(1)[0]
+    except (TypeError, ValueError):  # a bit generator without a seed sequence
+        return np.random.default_rng()
+
+
 # -- a finished run's own configuration ---------------------------------------------------------
+
+KEY_REPLAY_ALPHA = 1e-9  # replayed keys give cosine 1: a tiny level costs no power
+
+
+def key_replay(recipe: Any) -> dict[str, Any]:
+    """Do two new runs of ``recipe`` draw the same noise or coins?  Keys from
+    :func:`dptrain.train.run_key_for` in two fresh directories (never written)."""
+    import tempfile
+    from pathlib import Path
+
+    from dptrain.rundir import RunDir
+    from dptrain.train import run_key_for
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = iter(("a", "b"))
+        r = replay_across_runs(
+            lambda: run_key_for(recipe, RunDir(Path(tmp) / next(dirs)), False), recipe.seed
+        )
+    return replay_verdict(r, KEY_REPLAY_ALPHA)
 
 
 def audit_configuration(
@@ -540,7 +677,8 @@ def audit_configuration(
     fresh engine with the run's model (its starting point, on ``training.device``), grouping,
     clip, sampling rate, noise, accountant and number of steps, trained on canaries only (the
     records' gradients would only add background to the canaries' projections), with fresh OS
-    randomness.
+    randomness.  It also makes two keys the way ``dptrain train`` makes a new run's and checks
+    that they differ (:func:`attacks.noise_check.replay_across_runs`).
     Writes ``audit/whitebox.json`` and ``audit/whitebox.html``; returns the result."""
     from accountants import Ledger
     from dptrain.hardware import resolve_device
@@ -600,6 +738,11 @@ def audit_configuration(
         simulations=opts.whitebox_simulations,
         log=log,
     )
+    result["key_replay"] = key_replay(recipe)
+    result["privacy_bug_suspected"] |= result["key_replay"]["flagged"]
+    result["false_alarm"]["per_test"]["key_replay"] = KEY_REPLAY_ALPHA
+    result["false_alarm"]["at_most"] += KEY_REPLAY_ALPHA
+    result["false_alarm_at_most"] = result["false_alarm"]["at_most"]
     result["run_dir"] = str(run.path)
     result["run_epsilon"] = meta.get("epsilon")
     engine.detach()

@@ -114,6 +114,9 @@ SETUPS: dict[str, dict] = {
     # the subsampled setup with twice the canaries: half noise at epsilon 8 (4/5 with 8000)
     "subsampled-16k": {"q": 0.5, "steps": 64, "canaries": 16000, "width": 256,
                        "bugs": ("none", "noise/2")},
+    # canary-only (no records): the noise check reads the coordinates no canary touches
+    "noise": {"q": 0.5, "steps": 64, "canaries": 256, "width": 128, "records": 0,
+              "bugs": ("none", "noise*0.9", "truncated", "replayed", "per-tensor")},
 }  # fmt: skip
 
 
@@ -129,7 +132,10 @@ def planted_cell(setup: str, eps: float, seeds: int, canaries: int | None = None
     for bug in cfg["bugs"]:
         rows = []
         for seed in range(seeds):
-            r = run_one(bug, epsilon=eps, q=q, steps=steps, canaries=m, seed=seed, width=width)
+            r = run_one(
+                bug, epsilon=eps, q=q, steps=steps, canaries=m, seed=seed, width=width,
+                records=cfg.get("records"),
+            )  # fmt: skip
             rows.append(r)
             runs.append({"setup": setup} | {k: v for k, v in r.items() if k != "clip"})
         b = [r["bounds"] for r in rows]
@@ -147,6 +153,7 @@ def planted_cell(setup: str, eps: float, seeds: int, canaries: int | None = None
             "flagged": sum(r["privacy_bug_suspected"] for r in rows),
             "flagged_by_bound": sum(r["bound_rejects_claim"] for r in rows),
             "flagged_by_sampling": sum(x["flagged"] for x in samp),
+            "flagged_by_noise": sum(r["noise"]["flagged"] for r in rows),
             "seeds": seeds,
             **{
                 f"{k}_mean": float(np.mean([x[k]["epsilon"] for x in b]))
@@ -176,7 +183,8 @@ def planted_cell(setup: str, eps: float, seeds: int, canaries: int | None = None
         sz = cell.get("sampling", {})
         print(
             f"{setup:10s} eps {eps:g} {bug:9s} flagged {cell['flagged']}/{seeds} (bound "
-            f"{cell['flagged_by_bound']}, sampling {cell['flagged_by_sampling']})  ledger "
+            f"{cell['flagged_by_bound']}, sampling {cell['flagged_by_sampling']}, noise "
+            f"{cell['flagged_by_noise']})  ledger "
             f"{cell['ledger_mean']:5.2f} fdp {cell['fdp_mean']:5.2f} steinke "
             f"{cell['one_run_mean']:5.2f}  perfect ledger {ref['ledger']:5.2f}  ceiling fdp "
             f"{cell['ceiling']['fdp']:5.2f}  sampling z "
@@ -200,7 +208,7 @@ def planted_table() -> str:
         key=lambda c: (order[c["setup"]], c["epsilon"], SETUPS[c["setup"]]["bugs"].index(c["bug"]))
     )
     lines = [
-        "| setup | claimed eps | bug | flagged (bound / sampling) | eps >= ledger curve | "
+        "| setup | claimed eps | bug | flagged (bound / sampling / noise) | eps >= ledger curve | "
         "eps >= f-DP Gaussian | eps >= Steinke | ceiling (ledger / f-DP / Steinke) | "
         "sampling Z (min..max) | perfect attacker (ratio) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -215,7 +223,8 @@ def planted_table() -> str:
                        if r["ledger"] and r["fdp"] else f"{p['ledger']:.2f} / {p['fdp']:.2f}")  # fmt: skip
         lines.append(
             f"| {c['setup']} | {c['epsilon']:g} | {c['bug']} | **{c['flagged']}/{c['seeds']}** "
-            f"({c['flagged_by_bound']} / {c['flagged_by_sampling']}) | {c['ledger_mean']:.2f} "
+            f"({c['flagged_by_bound']} / {c['flagged_by_sampling']} / "
+            f"{c.get('flagged_by_noise', 'n/a')}) | {c['ledger_mean']:.2f} "
             f"(min {c['ledger_min']:.2f}) | {c['fdp_mean']:.2f} | {c['one_run_mean']:.2f} | "
             f"{ce['ledger']:.1f} / {ce['fdp']:.1f} / {ce['one_run']:.1f} | "
             + (f"{sz['z_min']:.1f}..{sz['z_max']:.1f}" if sz else "n/a (q = 1)")

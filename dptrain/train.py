@@ -242,7 +242,7 @@ def prepare(
     (``calibrated``: see :func:`train`)."""
     run = RunDir(recipe.run_dir(run_dir))
     meta = _check_run_dir(run, recipe, resume)
-    key = _run_key(recipe, run, resume)
+    key = run_key_for(recipe, run, resume)
     canaries = (
         make_canaries(recipe.data.canaries, key, person_level=recipe.data.privacy_unit is not None)
         if recipe.data.canaries
@@ -409,7 +409,7 @@ def _check_run_dir(run: RunDir, recipe: Recipe, resume: bool) -> dict[str, Any] 
     return None
 
 
-def _run_key(recipe: Recipe, run: RunDir, resume: bool) -> RunKey:
+def run_key_for(recipe: Recipe, run: RunDir, resume: bool) -> RunKey:
     """The run's key: from ``privacy.insecure_seed``, or rank 0 reads ``secret.key`` (on
     ``--resume``, or left by a run that never took a step: a used key is refused) or draws a
     fresh one from the OS CSPRNG; the other ranks receive it over the process group."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import quiet_library_bars
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -59,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from dptrain.recipe import AuditSection, RecipeError, load_recipe
     from dptrain.rundir import RunDir
 
+    if args.no_progress:
+        quiet_library_bars()
     run_dir = RunDir(args.run_dir)
     if run_dir.exists() and run_dir.read_meta().get("privacy_unit", "record") != "record":
         return _by_person(args, run_dir)

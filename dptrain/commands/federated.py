@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from . import add_overrides
+from . import add_overrides, quiet_library_bars
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,9 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.set, command="federated")
     if not args.verbose:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # a "loading weights" bar per client and round
+        quiet_library_bars()  # a "loading weights" bar per client and round
         logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's convergence notes
     if args.app_dir:
         from ..federated.deploy import write_app

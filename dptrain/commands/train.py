@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..errors import InputError, RunInterrupted
-from . import add_overrides
+from . import add_overrides, quiet_library_bars
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     from ..rundir import CheckpointWriteError
     from ..train import train
 
+    if args.no_progress:
+        quiet_library_bars()
     recipe = load_recipe(args.recipe, args.set, command="train")
     from ..steplog import check_reporters
 

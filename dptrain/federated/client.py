@@ -47,7 +47,9 @@ unit, the record count stay on the client, and so does the text of any error it 
 (:func:`confined_train_round`: the server reads a fixed reason, never an exception's message).  Step ``t`` of the client's lifetime (its
 ledger's step count) draws coins and noise at counter ``t``, so a lost ledger with a kept key
 would repeat noise: the key is marked used before its first step (:mod:`dptrain.secret`) and
-the client refuses to train with a used key and an empty or missing ledger.  After a crash
+the client refuses to train with a used key and an empty or missing ledger, with a ledger of
+fewer steps than its engine state recorded (a copy restored from an older backup), or with a
+ledger but no ``rounds.json``.  After a crash
 between the per-step ledger and the end-of-round engine state, the steps the engine state
 lacks are counted at the most noise pairs a step of this client draws (at least one pair
 per two trainable coordinates, plus the policy's noisy counts), an upper bound for the
@@ -374,6 +376,38 @@ class ClientState:
             )
         return None
 
+    def lost_rounds(self) -> str | None:
+        """Why training must not continue: the client has charged steps (its ledger exists)
+        but ``rounds.json``, written before every round's first step, is gone -- the rounds
+        it trained in are unknown, so a repeated request would train twice."""
+        if self.ledger_path.exists() and not self.rounds_path.exists():
+            return (
+                f"{self.rounds_path} is missing although this client has trained before: the "
+                "rounds it trained in are unknown, and training a round twice would exceed the "
+                "run's client_guarantee. Fix: restore rounds.json from the backup that holds "
+                "its ledger.json (a new state-dir starts a new budget only for new data)"
+            )
+        return None
+
+    def rolled_back(self, ledger: Ledger) -> str | None:
+        """Why training must not continue: ``ledger`` has fewer steps than the engine state
+        saved at the end of the client's last round -- the ledger was restored from an older
+        copy, so steps it lacks were spent and their counters would draw the same noise again
+        (two releases with one noise reveal their difference)."""
+        saved = self.load_engine()
+        if saved is None:
+            return None
+        taken = int(saved["engine"]["steps_taken"])
+        if ledger.total_steps >= taken:
+            return None
+        return (
+            f"{self.ledger_path} holds {ledger.total_steps} steps, but this client's state "
+            f"({self.engine_path}) recorded {taken} at the end of its last round: the ledger "
+            "was rolled back, and continuing would charge too little and repeat the noise of "
+            "the steps it lacks. Fix: restore the ledger.json saved with engine.pt (the "
+            "newest copy)"
+        )
+
     def load_engine(self) -> dict[str, Any] | None:
         if not self.engine_path.exists():
             return None
@@ -673,6 +707,8 @@ def train_round(
             or refusal(plan.request, own, plan.units)
             or state.changed_unit(own.unit)
             or state.lost_ledger()
+            or state.lost_rounds()
+            or state.rolled_back(ledger)
             or _over_budget(plan, ledger, filt, spent)
         )
         if reason is not None:

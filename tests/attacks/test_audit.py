@@ -147,23 +147,24 @@ def test_dp_run_audited_after_training_stays_below_its_epsilon(tmp_path, capsys)
     page = (out / "audit" / "report.html").read_text()
     assert "class='box ok'" in page
     # how often a correct run is flagged, next to the verdict: each test at 0.999, the rates
-    # add (the white-box audit's bound and its sampling check, at a twentieth of it)
+    # add (the white-box audit's bound, its sampling and noise checks at a twentieth of it
+    # each, and its key replay check at 1e-9)
     fa = s["false_alarm"]
     assert fa["per_test"] == pytest.approx(
-        {"one_run": 1e-3, "clopper_pearson": 1e-3, "whitebox": 1.05e-3}
+        {"one_run": 1e-3, "clopper_pearson": 1e-3, "whitebox": 1.1e-3 + 1e-9}
     )
-    assert fa["at_most"] == pytest.approx(3.05e-3) and "union bound" in fa["combination"]
+    assert fa["at_most"] == pytest.approx(3.1e-3 + 1e-9) and "union bound" in fa["combination"]
     level, words = verdict(s)
     assert level == "ok" and words[1].startswith(
         "False alarms: at 99.9% confidence a correct run is flagged with probability at most "
-        "0.305% (0.1% for the one-run bound + 0.1% for the Clopper-Pearson bound (nominal) + "
-        "0.105% for the white-box audit; each test is stated at that confidence, not corrected "
+        "0.31% (0.1% for the one-run bound + 0.1% for the Clopper-Pearson bound (nominal) + "
+        "0.11% for the white-box audit; each test is stated at that confidence, not corrected "
         "for the others; a flag from any of them is the verdict, so their rates add)"
     )
     assert sum(w.startswith("False alarms") for w in words) == 1  # not the white-box's too
-    assert "probability at most 0.305%" in page
+    assert "probability at most 0.31%" in page
     assert s["whitebox"]["false_alarm"]["per_test"] == pytest.approx(
-        {"ledger_bound": 1e-3, "sampling_check": 5e-5}
+        {"ledger_bound": 1e-3, "sampling_check": 5e-5, "noise_check": 5e-5, "key_replay": 1e-9}
     )
     # the white-box audit of the same configuration, beside the others
     w = s["whitebox"]

@@ -116,3 +116,8 @@ def test_exposure_ties_and_bad_inputs():
     assert exposure_extrapolated(7.0, flat, space) == pytest.approx(1.0)
     assert exposure_extrapolated(6.0, flat, space) == pytest.approx(math.log2(space))
     assert exposure_extrapolated(8.0, flat, space) == 0.0
+    # tied values with a little spread: the skew-normal fit degenerates (it put 20 bits on a
+    # secret tied with 7 of 8 samples); a fit its own sample contradicts gives way to the
+    # mid-rank fraction 3.5 / 8
+    tied = np.r_[np.full(7, 7.0), 7.5]
+    assert exposure_extrapolated(7.0, tied, 10**6) == pytest.approx(-math.log2(3.5 / 8))

@@ -184,7 +184,8 @@ def test_train_with_audit_whitebox_writes_the_report(tmp_path, capsys):
     assert "white-box audit" in stdout and "consistent with the ledger" in stdout
     assert (
         "False alarms: at 95% confidence a correct run is flagged with probability at most "
-        "5.25% (5% for the f-DP test of the ledger's curve + 0.25% for the sampling check;"
+        "5.5% (5% for the f-DP test of the ledger's curve + 0.25% for the sampling check + "
+        "0.25% for the noise check + 1e-07% for the key replay check;"
     ) in stdout
     w = json.loads((out / "audit" / "whitebox.json").read_text())
     meta = json.loads((out / "run.json").read_text())
@@ -198,3 +199,10 @@ def test_train_with_audit_whitebox_writes_the_report(tmp_path, capsys):
     assert "White-box audit" in page and "class='box ok'" in page and "ceiling" in page
     assert "sampling check" in page
     assert math.isfinite(w["ceiling"]["fdp"])
+    # canary-only: the noise check reads the coordinates no canary touches, and passes; two
+    # new runs of the recipe get different keys
+    noise = w["noise"]
+    assert noise["applicable"] and not noise["flagged"] and noise["values_per_step"] == 2**16
+    assert set(noise["tests"]) >= {"scale", "tail_2", "tail_3", "freshness"}
+    assert w["key_replay"]["secure_keys"] and not w["key_replay"]["replayed"]
+    assert "noise check" in page and "Key replay check: two new runs" in page

@@ -245,7 +245,7 @@ def _key_worker(rank: int, world: int, port: int, run_dir: str, resume: bool, ou
     try:
         recipe = load_recipe(ROOT / "recipes" / "tiny.yaml")
         try:
-            key = train._run_key(recipe, RunDir(run_dir), resume)
+            key = train.run_key_for(recipe, RunDir(run_dir), resume)
             Path(f"{out}.{rank}").write_text("key " + key.key_id)
         except CheckpointError as err:
             Path(f"{out}.{rank}").write_text("error " + str(err))

@@ -250,6 +250,47 @@ def test_a_repeated_request_for_a_round_is_declined_and_a_new_server_runs_round_
     assert Ledger.load(ledger_path).total_steps == 2 * after_first.total_steps
 
 
+def test_a_rolled_back_ledger_or_a_lost_rounds_file_is_declined(tmp_path, task_identity):
+    """The client's state must be the one its last round left: a ledger.json restored from an
+    older copy (fewer steps than engine.pt recorded: the lacking steps' counters would draw
+    their noise again) or a missing rounds.json (a round could train twice) is declined,
+    charging and drawing nothing."""
+    recipe = parse_recipe(tiny_recipe(tmp_path, training={"steps": 2}))
+    own = ClientConfig(tmp_path / "client-0", epsilon=8.0, insecure_seed=1)
+    ledger_path = own.state_dir / "ledger.json"
+    rounds_path = own.state_dir / "rounds.json"
+    older = None
+    for rnd in (1, 2):
+        if rnd == 2:
+            older = ledger_path.read_text()  # the backup of round 1's ledger
+        reply = confined_train_round(
+            round_message(recipe, server_round=rnd), context(), recipe, own
+        )
+        assert int(reply.content["metrics"]["declined"]) == 0
+    newest = ledger_path.read_text()
+    engine_state = (own.state_dir / "engine.pt").read_bytes()
+    ledger_path.write_text(older)  # restored from the older backup
+    other_run = round_message(recipe, run="run-b")
+    reply = confined_train_round(other_run, context(), recipe, own)
+    m = reply.content["metrics"]
+    assert int(m["declined"]) == 1 and "arrays" not in reply.content
+    assert "the ledger was rolled back" in reply.content["status"]["reason"]
+    assert (
+        ledger_path.read_text() == older
+        and (own.state_dir / "engine.pt").read_bytes() == engine_state
+    )
+    ledger_path.write_text(newest)
+    rounds = rounds_path.read_text()
+    rounds_path.unlink()
+    reply = confined_train_round(other_run, context(), recipe, own)
+    assert int(reply.content["metrics"]["declined"]) == 1
+    assert "rounds.json is missing" in reply.content["status"]["reason"]
+    assert ledger_path.read_text() == newest and not rounds_path.exists()
+    rounds_path.write_text(rounds)  # both restored: the state checks pass, the budget decides
+    reply = confined_train_round(other_run, context(), recipe, own)
+    assert reply.content["status"]["reason"].startswith("budget: 2 more local steps")
+
+
 def test_a_request_without_a_server_run_or_outside_the_rounds_is_declined(tmp_path, task_identity):
     recipe = parse_recipe(tiny_recipe(tmp_path))  # 2 rounds
     own = ClientConfig(tmp_path / "client-0", epsilon=8.0, insecure_seed=1)

@@ -52,3 +52,37 @@ def test_help_bad_argument_and_user_error_exit_codes(command, tmp_path, capsys, 
     if command != "calibrate":
         assert MISSING in lines[0] and ("Fix:" in lines[0] or "not found" in lines[0]), err
     assert not list(Path(tmp_path).iterdir())  # a refused command writes nothing
+
+
+@pytest.mark.parametrize("command", ["train", "audit"])
+def test_no_progress_silences_library_bars(command, tmp_path, monkeypatch):
+    """``--no-progress`` turns off transformers' and huggingface_hub's own bars (a "loading
+    weights" bar per model load) before anything loads, so the command prints only its lines."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.chdir(tmp_path)
+    try:
+        hf_logging.enable_progress_bar()
+        enable_progress_bars()
+        assert main([command, *CASES[command]]) == USER_ERROR_EXIT  # bars stay as they were
+        assert hf_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()
+        assert main([command, *CASES[command], "--no-progress"]) == USER_ERROR_EXIT
+        assert not hf_logging.is_progress_bar_enabled() and are_progress_bars_disabled()
+    finally:
+        hf_logging.enable_progress_bar()
+        enable_progress_bars()
+
+
+def test_python_dash_m_runs_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "dptrain", "epsilon", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        check=False,
+    )
+    assert done.returncode == 0 and done.stdout.startswith("usage: dptrain epsilon")
