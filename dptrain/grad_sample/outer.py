@@ -156,6 +156,30 @@ def _wide(t: Tensor) -> Tensor:
     return t if is_index(t) else t.to(NORM_DTYPE)
 
 
+def gram64(x: Tensor, y: Tensor) -> Tensor:
+    """:func:`gram` in float64: index factors as one-hot rows (a bool mask, or the gathered
+    values, exact), dense ones cast to float64 a slice of the width at a time, so that one
+    sample's float64 copy of a wide factor (an LM head's ``T x V`` output gradient) is bounded
+    by :data:`GRAM_CHUNK` elements too; the slices' products are summed in float64 (any order
+    is covered by :func:`ghost_error`)."""
+    if is_index(x) or is_index(y):
+        out = gram(x, y)
+        return out if out.dtype == torch.bool else out.to(NORM_DTYPE)
+    width = x.shape[-1]
+    step = max(1, GRAM_CHUNK // max(x.shape[0] * (x.shape[1] + y.shape[1]), 1))
+    if step >= width:
+        xw = _wide(x)
+        return torch.bmm(xw, xw.transpose(1, 2) if y is x else _wide(y).transpose(1, 2))
+    out: Tensor | None = None
+    for i in range(0, width, step):
+        xs = x[..., i : i + step].to(NORM_DTYPE)
+        ys = xs if y is x else y[..., i : i + step].to(NORM_DTYPE)
+        part = torch.bmm(xs, ys.transpose(1, 2))
+        out = part if out is None else out.add_(part)
+    assert out is not None
+    return out
+
+
 def gram(x: Tensor, y: Tensor) -> Tensor:
     """``(B, Tx, Ty)`` of dot products ``x_bt . y_bs``; index factors act as one-hot rows."""
     xi, yi = is_index(x), is_index(y)
@@ -178,9 +202,10 @@ def _part(f: Outer, rows: slice) -> Outer:
 
 def _by_rows(fn, factors: list[Outer]):  # type: ignore[no-untyped-def]
     """``fn(*factors)`` a few samples at a time, so that its float64 copies (the factors' and
-    the Gram matrices') stay within :data:`GRAM_CHUNK` elements; results concatenated."""
-    per = sum(f.length * (_width(f.left) + _width(f.right)) for f in factors)
-    per += 2 * factors[0].length * factors[-1].length
+    the Gram matrices') stay within :data:`GRAM_CHUNK` elements; results concatenated.  (A
+    single sample's wide factor is cast a slice at a time by :func:`gram64`.)"""
+    per = 2 * factors[0].length * factors[-1].length  # the two Gram matrices
+    per += sum(_width(f.left) + _width(f.right) for f in factors if f.length == 1)  # cast whole
     rows, batch = max(1, GRAM_CHUNK // max(per, 1)), factors[0].batch
     if rows >= batch:
         return fn(*factors)
@@ -202,10 +227,10 @@ def inner(f: Outer, g: Outer) -> Tensor:
 
 def _inner(f: Outer, g: Outer) -> Tensor:
     assert f.right is not None and g.right is not None
-    fl, gl, fr, gr = _wide(f.left), _wide(g.left), _wide(f.right), _wide(g.right)
-    if f.length == 1 and g.length == 1 and not (is_index(fl) or is_index(gl)):
+    if f.length == 1 and g.length == 1 and not (is_index(f.left) or is_index(g.left)):
+        fl, gl, fr, gr = _wide(f.left), _wide(g.left), _wide(f.right), _wide(g.right)
         return (fl[:, 0] * gl[:, 0]).sum(1) * (fr[:, 0] * gr[:, 0]).sum(1)
-    return _gram_dot(gram(fl, gl), gram(fr, gr))
+    return _gram_dot(gram64(f.left, g.left), gram64(f.right, g.right))
 
 
 def _gram_dot(left: Tensor, right: Tensor) -> Tensor:
@@ -242,8 +267,7 @@ def _self_term(f: Outer) -> tuple[Tensor, Tensor]:
 
 def _self_term_rows(f: Outer) -> tuple[Tensor, Tensor]:
     assert f.right is not None
-    fl, fr = _wide(f.left), _wide(f.right)
-    left, right = gram(fl, fl), gram(fr, fr)
+    left, right = gram64(f.left, f.left), gram64(f.right, f.right)
 
     def norms(g: Tensor) -> Tensor:
         if g.dtype == torch.bool:  # one-hot rows: norm 1
