@@ -210,3 +210,22 @@ def test_ghost_norm_errors_are_within_the_certified_bound(dtype):
             exact = sum(wide(f).materialize() for f in fs).flatten(1).pow(2).sum(1)
             worst = max(worst, float(((n2 - exact).abs() / (s * s)).max() / ghost_error(fs)))
     assert worst < 0.5
+
+
+def test_float64_copies_in_chunks_give_the_same_norms(monkeypatch):
+    """Chunked over samples and sliced over the width (a tiny GRAM_CHUNK): the same norms and
+    bounds up to float64 reassociation, within the certified bound."""
+    from dptrain.grad_sample import Outer
+    from dptrain.grad_sample import outer as O
+
+    g = torch.Generator().manual_seed(2)
+    fs = [
+        Outer(torch.randint(0, 300, (5, 7), generator=g), torch.randn(5, 7, 16, generator=g), 300),
+        Outer(torch.randn(5, 7, 300, generator=g), torch.randn(5, 7, 16, generator=g), 300),
+    ]
+    whole = O.norm_sq_and_bound(fs)
+    monkeypatch.setattr(O, "GRAM_CHUNK", 64)
+    parts = O.norm_sq_and_bound(fs)
+    eta = O.ghost_error(fs)
+    assert bool(((whole[0] - parts[0]).abs() <= eta * whole[1] ** 2).all())
+    assert torch.allclose(whole[1], parts[1], rtol=1e-12)
