@@ -12,23 +12,37 @@ whichever :func:`~dptrain.grad_sample.outer.prefer_ghost` finds cheaper (``ghost
 Ghosted parameters get their clipped sum as one contraction ``L^T diag(c) R`` (book-keeping: no
 second backward pass).  A sample whose gradient is not finite contributes nothing.
 
-Numerical bound.  Ghost norms are Gram sums: dot products in the factors' precision (float32
-at least), reduced in float64.  They cancel when a sample's tokens nearly cancel, and a norm
-computed too small would scale that sample above the clip.  So a sample with
-``S_b > 64 ||G_b||`` (``S_b = sum_t ||L_bt|| ||R_bt||`` bounds ``||G_b||``) is materialized and
-clipped by the norm of the very tensor that is added; for every other sample the relative error
-of its norm and of its share of the book-keeping contraction is at most ``64 gamma``, with
-``gamma`` the relative rounding of one float32 dot product of the layer's width (about
-``sqrt(d) 2^-24`` in practice).  Materialized gradients are clipped by their own norm.  A
-sample's clipped contribution to a group therefore exceeds ``C_g`` by a factor of at most about
-``1 + 64 sqrt(d) 2^-24`` (below 1e-4 for d <= 4096); the tests check ``C (1 + 1e-4)`` on crafted
-samples that cancel (the former float32 ghost norm let such a sample reach ``C (1 + 4e-4)``
-and clipped another to a quarter of its due).
+Numerical bound.  Ghost norms are Gram sums computed in float64 throughout (factors cast to
+float64 a few samples at a time; :data:`~.grad_sample.outer.NORM_DTYPE`).  With float32 Gram
+entries the error of a squared norm was about ``gamma S_b^2`` (``S_b = sum_t ||L_bt|| ||R_bt||``
+bounds ``||G_b||``, ``gamma ~ width 2^-24``): relatively ``gamma r^2`` with ``r = S_b /
+||G_b||``, so a sample whose tokens partly cancel got a norm too small and a contribution above
+the clip (crafted: ``C (1 + 1.2e-3)``).  In float64 the error is at most ``eta S^2``, ``eta`` of
+:func:`~.grad_sample.outer.ghost_error` (about ``(width + T^2) 2^-52``, stated and derived
+there; ``S`` over all uses of the parameter), and the norm clipped by is the certified upper
+bound ``sqrt(n2 + eta S^2)``, rounded up; a materialized gradient's is its float64 norm plus
+that reduction's error bound (:func:`_sq_up`); group sums and square roots are rounded up.  The
+coefficient ``min(1, C / (N + 1e-6))`` is computed in float64 and rounded toward zero into the
+dtype it multiplies in (:func:`clip_coef`, shared with DiceSGD's C2 clip and the federated
+server clip), so ``coef * N <= C`` exactly.  The bound over-clips by a relative ``eta r^2 / 2``:
+below ``1e-6`` even for a GPT-2 LM head over 1024 tokens at ``r = 64`` (a float32 certificate
+over-clipped it by 60%).
+
+The book-keeping contraction ``L^T diag(c) R`` is still a float32 sum (for float32 and
+half-precision factors): its rounding is at most ``gamma_{BT} sum_b c_b S_b`` in all (the
+worst case over every summation order; float32 ``gamma``).  So a sample with ``S_b > 64 ||G_b||`` is materialized and
+clipped by the norm of the very tensor that is added; for the others that rounding is at most
+``64 gamma_T`` relatively in the worst case, and about ``2^-24 r / width`` in practice (random
+signs), as for any float32 sum of clipped gradients (the tests see ``C (1 + 3e-8)`` at most on
+crafted samples of ratio 4 to 200, widths 64 to 8192, float32 and bfloat16 factors).  A
+sample's clipped contribution thus exceeds ``C_g`` only by the rounding of float32 sums, never by
+an error in its norm.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from .grad_sample import Outer, Recorded, Use
-from .grad_sample.outer import NORM_DTYPE, norm_sq_and_bound, prefer_ghost
+from .grad_sample.outer import NORM_DTYPE, ghost_error, norm_sq_and_bound, prefer_ghost
 from .segments import Segments, group_outer, group_rows
 
 GhostMode = Literal["auto", "always", "never"]
@@ -104,6 +118,74 @@ def _sq(t: Tensor, chunk: int | None = None) -> Tensor:
     )
 
 
+def _up(t: Tensor) -> Tensor:
+    """The next float64 value above ``t`` (``t`` a round-to-nearest result: the exact value
+    lies within half a unit of it, so below this one)."""
+    return torch.nextafter(t, torch.full_like(t, float("inf")))
+
+
+def _sq_up(t: Tensor) -> Tensor:
+    """An upper bound on ``||t_b||^2`` (the exact square norm of the very tensor that is
+    added): :func:`_sq`'s float64 reduction of ``k`` squares errs by at most ``gamma_{k+2}``
+    relatively (Higham 3.1; the norm squared back adds two roundings)."""
+    k = t[0].numel() if t.dim() else 1
+    return _up(_sq(t) * (1 + 4 * (k + 3) * 2.0**-53))
+
+
+def norm_bound(tensors: Iterable[Tensor]) -> Tensor:
+    """A float64 upper bound (0-dim) on the L2 norm of ``tensors`` taken together: squares
+    summed in float64, the reduction's error (``gamma_{k+2}`` relatively for ``k`` entries in
+    all) added, the square root rounded up.  With :func:`clip_coef`, a whole-vector clip (DiceSGD's
+    C2, the federated server's C) that cannot exceed its threshold."""
+    total, k = None, 0
+    for t in tensors:
+        v = torch.linalg.vector_norm(t, dtype=NORM_DTYPE).pow(2)
+        total = v if total is None else total + v
+        k += t.numel() + 3
+    if total is None:
+        return torch.zeros((), dtype=NORM_DTYPE, device="cpu")
+    return _up(_up(total * (1 + 4 * (k + 1) * 2.0**-53)).sqrt())
+
+
+def clip_coef(
+    norm: Tensor | float, clip: float | Tensor, dtype: torch.dtype, *, eps: float = 1e-6
+) -> Tensor:
+    """``min(1, clip / (norm + eps))`` as a value of ``dtype`` that never exceeds it: computed
+    in float64, stepped three float64 units down (the sum and the quotient each round by at
+    most one unit, relatively ``2^-53``), then rounded toward zero into ``dtype`` (the dtype it
+    multiplies in, so the multiply's own cast cannot round it up).  With ``norm`` an upper
+    bound on the norm, ``coef * norm <= clip``.  A non-finite ``norm`` gives 0 (the sample
+    contributes nothing: ``min(1, C / nan)`` would let it in unclipped).  Shared by the
+    per-sample clip, DiceSGD's C2 clip and the federated server clip."""
+    if isinstance(norm, Tensor):  # (as_tensor would move it to a default device)
+        norm = norm.to(NORM_DTYPE)
+    else:
+        norm = torch.tensor(norm, dtype=NORM_DTYPE, device="cpu")
+    if isinstance(clip, Tensor):
+        clip = clip.to(device=norm.device, dtype=NORM_DTYPE)
+    k = clip / (norm + eps)
+    zero = torch.zeros_like(k)
+    for _ in range(3):
+        k = torch.nextafter(k, zero)
+    k = torch.where(torch.isfinite(norm), k.nan_to_num(nan=0.0).clamp(max=1.0), zero)  # 0/0: C = 0
+    out = k.to(dtype)
+    if dtype == NORM_DTYPE:
+        return out
+    return torch.where(out.to(NORM_DTYPE) > k, torch.nextafter(out, torch.zeros_like(out)), out)
+
+
+def _acc(factors: list[Outer]) -> torch.dtype:
+    """The dtype the book-keeping sum of these factors multiplies its coefficients in."""
+    return _promote([f.accumulation_dtype for f in factors])
+
+
+def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
+    acc = torch.float32
+    for d in dtypes:
+        acc = torch.promote_types(acc, d)
+    return acc
+
+
 @torch.no_grad()
 def clip_and_sum(
     recorded: Recorded,
@@ -134,8 +216,8 @@ def clip_and_sum(
     materialized: dict[nn.Parameter, Tensor] = {}
     heavy_grads: dict[nn.Parameter, tuple[Tensor, Tensor]] = {}  # index, (k, *shape)
 
-    def add_sq(group: str, value: Tensor) -> None:
-        sq[group] = sq[group] + value if group in sq else value
+    def add_sq(group: str, value: Tensor) -> None:  # upper bounds stay upper bounds
+        sq[group] = _up(sq[group] + value) if group in sq else value
 
     ghost_sq: dict[nn.Parameter, Tensor] = {}  # ghost norms^2, before the heavy samples' fix
     for p, items in parts.items():
@@ -147,7 +229,7 @@ def clip_and_sum(
             n2, s = norm_sq_and_bound(fs)
             n2 = n2.clamp(min=0)
             ghosted[p] = (fs, s > CANCELLATION * n2.sqrt())
-            ghost_sq[p] = n2
+            ghost_sq[p] = _up(n2 + _up(ghost_error(fs) * s * s))  # certified upper bound
             continue
         total = recorded.direct.get(p)
         total = None if total is None else per_row(_dense(total))
@@ -169,7 +251,7 @@ def clip_and_sum(
     heavy_of = dict(zip(ghosted, flagged, strict=True))
     for p in parts:
         if p in materialized:
-            add_sq(group_of[p], _sq(materialized[p]))
+            add_sq(group_of[p], _sq_up(materialized[p]))
             continue
         n2 = ghost_sq[p]
         if heavy_of[p]:
@@ -177,24 +259,27 @@ def clip_and_sum(
             index = heavy.nonzero().flatten()
             g = sum(f.select(index).materialize() for f in fs)
             heavy_grads[p] = (index, g)
-            n2 = n2.index_copy(0, index, _sq(g))
+            n2 = n2.index_copy(0, index, _sq_up(g))
         add_sq(group_of[p], n2)
 
     device = next(iter(group_of)).device if group_of else torch.device("cpu")
     zero = torch.zeros(batch, device=device, dtype=NORM_DTYPE)
-    norms = {g: sq[g].sqrt() if g in sq else zero for g in clip}
+    norms = {g: _up(sq[g].sqrt()) if g in sq else zero for g in clip}
     finite = torch.ones(batch, dtype=torch.bool, device=device)
     for nrm in norms.values():
         finite &= torch.isfinite(nrm)
     nonfinite = int((~finite).sum())
-    coef = {}
-    for g, c in clip.items():
-        k = (
-            torch.ones_like(norms[g])
-            if c == float("inf")
-            else (c / (norms[g] + 1e-6)).clamp(max=1.0)
-        )
-        coef[g] = torch.where(finite, k, torch.zeros_like(k))
+    nan = torch.tensor(float("nan"), dtype=NORM_DTYPE, device=device)
+    coefs: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    def coef(group: str, dtype: torch.dtype) -> Tensor:
+        """The group's coefficients rounded toward zero into the dtype they multiply in; 0 for
+        a sample with a non-finite norm in any group."""
+        if (group, dtype) not in coefs:
+            coefs[group, dtype] = clip_coef(
+                torch.where(finite, norms[group], nan), clip[group], dtype
+            )
+        return coefs[group, dtype]
 
     if nonfinite:  # zero the offending samples so that 0 * nan does not poison the sums
         ghosted = {p: ([f.keep(finite) for f in fs], h) for p, (fs, h) in ghosted.items()}
@@ -205,17 +290,17 @@ def clip_and_sum(
     raws: dict[nn.Parameter, Tensor] | None = {} if raw else None
     ones = finite.to(torch.float32)
     for p, (fs, heavy) in ghosted.items():
-        c = coef[group_of[p]]
+        c = coef(group_of[p], _acc(fs))
         light = torch.where(heavy, torch.zeros_like(c), c)
         sums[p] = sum_over(fs, light)
         if p in heavy_grads:
             index, g = heavy_grads[p]
-            sums[p] = sums[p] + torch.einsum("b,b...->...", c[index].to(g.dtype), g)
+            sums[p] = sums[p] + torch.einsum("b,b...->...", coef(group_of[p], g.dtype)[index], g)
         if raws is not None:
             raws[p] = sum_over(fs, ones)
     for p, gs in materialized.items():
         acc = torch.promote_types(gs.dtype, torch.float32)  # half-precision rows: sum in fp32
-        sums[p] = torch.einsum("b,b...->...", coef[group_of[p]].to(acc), gs.to(acc))
+        sums[p] = torch.einsum("b,b...->...", coef(group_of[p], acc), gs.to(acc))
         if raws is not None:
             raws[p] = gs.to(acc).sum(0)
     return ClippedSums(sums=sums, norms=norms, nonfinite=nonfinite, raw=raws, ghosted=len(ghosted))

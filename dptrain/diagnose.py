@@ -37,7 +37,8 @@ from .groups import layer_of
 from .losses import LossFn
 
 # relative tolerance on the whole update, by the dtype the engine runs in (the loop is float64):
-# a few units of roundoff of that dtype, the tolerances of the exactness matrix
+# a few units of roundoff of that dtype, the tolerances of the exactness matrix (the engine's
+# certified clip coefficient is below the loop's by far less than these: see dptrain.check)
 TOLERANCE = {
     torch.float64: 1e-8,
     torch.float32: 1e-4,

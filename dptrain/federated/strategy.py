@@ -26,7 +26,6 @@ coins (node ``n`` joins round ``r`` iff ``PRF(k_coins, r, n) < p``) and the nois
 
 from __future__ import annotations
 
-import math
 import secrets
 import time
 from collections.abc import Iterable
@@ -43,6 +42,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from accountants import Event, Ledger, get_accountant
 
+from ..clipping import clip_coef, norm_bound
 from ..hardware import resolve_device
 from ..noise import GaussianNoise, truncation_delta
 from ..secret import RunKey, below
@@ -306,12 +306,13 @@ class LoraFedAvg(FedAvg):
         for content in updates:
             u = content["arrays"].to_torch_state_dict()
             delta = {k: u[k].to(self.current[k].dtype) - self.current[k] for k in keys}
-            norm = math.sqrt(sum(float(d.pow(2).sum()) for d in delta.values()))
-            if not math.isfinite(norm):  # min(1, C / nan) is 1: it would enter unclipped
+            norm = norm_bound(delta.values())  # float64, rounded up
+            if not torch.isfinite(norm):  # min(1, C / nan) is 1: it would enter unclipped
                 continue  # dropped: contributes 0, within C like any clipped update
-            scale = min(1.0, c / norm) if norm > 0 else 1.0
+            # min(1, C / norm) rounded toward zero into each delta's dtype, so ||scale d|| <= C
+            scales = {d.dtype: clip_coef(norm, c, d.dtype, eps=0.0) for d in delta.values()}
             for k in keys:
-                total[k] += scale * delta[k]
+                total[k] += scales[delta[k].dtype].to(delta[k].device) * delta[k]
         denom = self.client_dp.sample_rate * self.expected_clients
         self.noise.begin_step(self.rounds_released)  # round r's noise: counter (r, block)
         self.rounds_released += 1

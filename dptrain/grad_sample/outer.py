@@ -66,23 +66,30 @@ class Outer:
     def shape(self) -> tuple[int, ...]:
         return self.shape_ or self.matrix_shape
 
-    def _factors(self) -> tuple[Tensor, Tensor | None]:
-        """Both factors in one accumulation dtype: float32 at least (half-precision activations
-        and output gradients, e.g. under autocast, are summed in float32)."""
+    @property
+    def accumulation_dtype(self) -> torch.dtype:
+        """The dtype of :meth:`materialize` and :meth:`weighted_sum`: the factors' dtypes
+        promoted, float32 at least (half-precision activations and output gradients, e.g.
+        under autocast, are summed in float32)."""
         dtypes = [t.dtype for t in (self.left, self.right) if t is not None and not is_index(t)]
         acc = dtypes[0]
         for d in dtypes[1:]:
             acc = torch.promote_types(acc, d)
         if acc in (torch.float16, torch.bfloat16):
             acc = torch.float32
+        return acc
+
+    def _factors(self) -> tuple[Tensor, Tensor | None]:
+        """Both factors in the accumulation dtype."""
+        acc = self.accumulation_dtype
         cast = lambda t: t if t is None or is_index(t) else t.to(acc)  # noqa: E731
         return cast(self.left), cast(self.right)
 
     def materialize(self) -> Tensor:
         """Per-sample gradients, (B, *shape)."""
         left, right = self._factors()
-        if right is None:
-            out = left.sum(1)
+        if right is None:  # summed over tokens in float64, one rounding into left's dtype
+            out = left.sum(1, dtype=NORM_DTYPE).to(left.dtype)
         elif is_index(left):
             b, t, n = right.shape
             out = right.new_zeros(b, self.m, n)
@@ -94,8 +101,9 @@ class Outer:
     def weighted_sum(self, coef: Tensor) -> Tensor:
         """``sum_b coef_b G_b`` as one contraction over batch and sequence."""
         left, right = self._factors()
-        if right is None:
-            return (coef.to(left.dtype) @ left.sum(1)).reshape(self.shape)
+        if right is None:  # float64 sums, one rounding into left's dtype
+            out = coef.to(NORM_DTYPE) @ left.sum(1, dtype=NORM_DTYPE)
+            return out.to(left.dtype).reshape(self.shape)
         n = right.shape[-1]
         if is_index(left):
             r = (right * coef.to(right.dtype)[:, None, None]).reshape(-1, n)
@@ -124,24 +132,52 @@ class Outer:
 
 
 NORM_DTYPE = torch.float64
-"""Norms are reduced in float64.  Gram entries are dot products in the factors' precision
-(float32 at least); the cancellation that makes them inaccurate for a sample whose tokens nearly
-cancel is caught by :func:`bound` (see :mod:`dptrain.clipping`)."""
+"""Ghost norms are computed in float64 throughout: the factors are cast to float64 (a few
+samples at a time, :data:`GRAM_CHUNK`) before their Gram matrices are formed, so every Gram entry
+is a float64 dot product of exactly represented float32 (bfloat16, float16) values, and the Gram
+sums are float64 too.  A float32 Gram entry has an error of about ``gamma ||L_t|| ||L_s||``
+(``gamma ~ width 2^-24``), and the norm, a difference of such terms for a sample whose tokens
+cancel, an error of about ``gamma S_b^2`` (relative ``gamma (S_b / ||G_b||)^2``): too large to
+clip by.  In float64 the same error is ``eta S_b^2`` with ``eta`` of :func:`ghost_error`, about
+``(width + T^2) 2^-52``, and :mod:`dptrain.clipping` clips by the certified upper bound
+``sqrt(n2 + eta S^2)``."""
+
+GRAM_CHUNK = 2**22
+"""Elements of the float64 copies (factors and Gram matrices) one ghost-norm pass may make: the
+batch is taken a few samples at a time (at least one), so the float64 copy of a big factor (an LM
+head's output gradient, ``B T V``) stays bounded."""
+
+_U = 2.0**-53  # unit roundoff of float64
 
 
-def _acc(t: Tensor) -> Tensor:
-    """Index factors as they are; half-precision values in float32."""
-    if is_index(t) or t.dtype not in (torch.float16, torch.bfloat16):
-        return t
-    return t.float()
+def _wide(t: Tensor) -> Tensor:
+    """Index factors as they are (exact); values in float64 (exact: every float32, bfloat16 and
+    float16 value is a float64 value)."""
+    return t if is_index(t) else t.to(NORM_DTYPE)
 
 
-def _pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    x, y = _acc(x), _acc(y)
-    if is_index(x) or is_index(y) or x.dtype == y.dtype:
-        return x, y
-    dt = torch.promote_types(x.dtype, y.dtype)
-    return x.to(dt), y.to(dt)
+def gram64(x: Tensor, y: Tensor) -> Tensor:
+    """:func:`gram` in float64: index factors as one-hot rows (a bool mask, or the gathered
+    values, exact), dense ones cast to float64 a slice of the width at a time, so that one
+    sample's float64 copy of a wide factor (an LM head's ``T x V`` output gradient) is bounded
+    by :data:`GRAM_CHUNK` elements too; the slices' products are summed in float64 (any order
+    is covered by :func:`ghost_error`)."""
+    if is_index(x) or is_index(y):
+        out = gram(x, y)
+        return out if out.dtype == torch.bool else out.to(NORM_DTYPE)
+    width = x.shape[-1]
+    step = max(1, GRAM_CHUNK // max(x.shape[0] * (x.shape[1] + y.shape[1]), 1))
+    if step >= width:
+        xw = _wide(x)
+        return torch.bmm(xw, xw.transpose(1, 2) if y is x else _wide(y).transpose(1, 2))
+    out: Tensor | None = None
+    for i in range(0, width, step):
+        xs = x[..., i : i + step].to(NORM_DTYPE)
+        ys = xs if y is x else y[..., i : i + step].to(NORM_DTYPE)
+        part = torch.bmm(xs, ys.transpose(1, 2))
+        out = part if out is None else out.add_(part)
+    assert out is not None
+    return out
 
 
 def gram(x: Tensor, y: Tensor) -> Tensor:
@@ -156,35 +192,52 @@ def gram(x: Tensor, y: Tensor) -> Tensor:
     return torch.bmm(x, y.transpose(1, 2))
 
 
+def _width(t: Tensor | None) -> int:
+    return 0 if t is None or is_index(t) else t.shape[-1]
+
+
+def _part(f: Outer, rows: slice) -> Outer:
+    return Outer(f.left[rows], None if f.right is None else f.right[rows], f.m, f.shape_)
+
+
+def _by_rows(fn, factors: list[Outer]):  # type: ignore[no-untyped-def]
+    """``fn(*factors)`` a few samples at a time, so that its float64 copies (the factors' and
+    the Gram matrices') stay within :data:`GRAM_CHUNK` elements; results concatenated.  (A
+    single sample's wide factor is cast a slice at a time by :func:`gram64`.)"""
+    per = 2 * factors[0].length * factors[-1].length  # the two Gram matrices
+    per += sum(_width(f.left) + _width(f.right) for f in factors if f.length == 1)  # cast whole
+    rows, batch = max(1, GRAM_CHUNK // max(per, 1)), factors[0].batch
+    if rows >= batch:
+        return fn(*factors)
+    parts = [fn(*[_part(f, slice(i, i + rows)) for f in factors]) for i in range(0, batch, rows)]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(col) for col in zip(*parts, strict=True))
+    return torch.cat(parts)
+
+
 def inner(f: Outer, g: Outer) -> Tensor:
-    """``<G_b, G'_b>`` for every sample, from factors only (float64, shape (B,))."""
+    """``<G_b, G'_b>`` for every sample, from factors only (float64, shape (B,)); every product
+    and sum in float64 (error bound: :func:`ghost_error`)."""
     if f.right is None or g.right is None:
         if f.right is not None or g.right is not None or is_index(f.left) or is_index(g.left):
             raise ValueError("inner product of a vector and a matrix gradient")
-        return (f.left.sum(1).to(NORM_DTYPE) * g.left.sum(1).to(NORM_DTYPE)).sum(1)
-    fl, gl = _pair(f.left, g.left)
-    fr, gr = _pair(f.right, g.right)
-    if f.length == 1 and g.length == 1 and not (is_index(fl) or is_index(gl)):
-        return (fl[:, 0] * gl[:, 0]).sum(1).to(NORM_DTYPE) * (fr[:, 0] * gr[:, 0]).sum(1).to(
-            NORM_DTYPE
-        )
-    return _gram_dot(gram(fl, gl), gram(fr, gr))
+        return (f.left.sum(1, dtype=NORM_DTYPE) * g.left.sum(1, dtype=NORM_DTYPE)).sum(1)
+    return _by_rows(_inner, [f, g])
+
+
+def _inner(f: Outer, g: Outer) -> Tensor:
+    assert f.right is not None and g.right is not None
+    if f.length == 1 and g.length == 1 and not (is_index(f.left) or is_index(g.left)):
+        fl, gl, fr, gr = _wide(f.left), _wide(g.left), _wide(f.right), _wide(g.right)
+        return (fl[:, 0] * gl[:, 0]).sum(1) * (fr[:, 0] * gr[:, 0]).sum(1)
+    return _gram_dot(gram64(f.left, g.left), gram64(f.right, g.right))
 
 
 def _gram_dot(left: Tensor, right: Tensor) -> Tensor:
-    """``sum_{t,s} left_bts right_bts`` per sample in float64 (a bool ``left``: a mask).
-
-    The products are taken in float64 into one float64 copy of ``left`` (``right`` is cast
-    element by element inside the multiply, no second copy).  That is the product of the two
-    float64 casts: a product of two float32 (or float16, bfloat16) values is exact in float64,
-    so the reduced values are bit for bit those of ``(left.double() * right.double()).sum``.
-    Only for contiguous Gram matrices (bmm's and gather's outputs), where both products are
-    laid out alike and the float64 sum adds in the same order; a transposed one (an index
-    factor's Gram against a dense one) takes the two casts."""
+    """``sum_{t,s} left_bts right_bts`` per sample in float64 (a bool ``left``: a mask).  The
+    ghost norms pass float64 Gram matrices; others are cast (exactly) first."""
     if left.dtype == torch.bool:
         return torch.where(left, right, 0.0).to(NORM_DTYPE).sum((1, 2))
-    if left.is_contiguous() and right.is_contiguous() and left.shape == right.shape:
-        return left.to(NORM_DTYPE, copy=True).mul_(right).sum((1, 2))
     return (left.to(NORM_DTYPE) * right.to(NORM_DTYPE)).sum((1, 2))
 
 
@@ -193,28 +246,33 @@ def bound(f: Outer) -> Tensor:
     inequality.  ``S_b / ||G_b||`` measures how much a sample's tokens cancel."""
     left = torch.ones(f.left.shape[:2], dtype=NORM_DTYPE, device=f.left.device)
     if not is_index(f.left):
-        left = torch.linalg.vector_norm(_acc(f.left), dim=-1).to(NORM_DTYPE)
+        left = torch.linalg.vector_norm(f.left, dim=-1, dtype=NORM_DTYPE)
     if f.right is None:
         return left.sum(1)
-    return (left * torch.linalg.vector_norm(_acc(f.right), dim=-1).to(NORM_DTYPE)).sum(1)
+    return (left * torch.linalg.vector_norm(f.right, dim=-1, dtype=NORM_DTYPE)).sum(1)
 
 
 def _self_term(f: Outer) -> tuple[Tensor, Tensor]:
     """``(inner(f, f), bound(f))``, the bound's token norms read off the diagonals of the two
-    Gram matrices the inner product forms anyway (``||L_bt||^2 = (L L^T)_btt``): the same
-    inner product, and no second pass over the factors (the largest, the LM head's output
-    gradient, is ``B T V``).  The diagonal entries are float32 dot products (relative
-    rounding ``gamma``, as the norms they replace); the bound only selects the samples that
-    :mod:`dptrain.clipping` materializes, with a margin of 64."""
+    float64 Gram matrices the inner product forms anyway (``||L_bt||^2 = (L L^T)_btt``): the
+    same inner product, and no second pass over the factors (the largest, the LM head's output
+    gradient, is ``B T V``).  The diagonal entries are float64 dot products (relative rounding
+    ``width 2^-53``): the bound selects the samples that :mod:`dptrain.clipping` materializes,
+    with a margin of 64, and scales the certified error ``eta S^2`` (:func:`ghost_error`, which
+    allows for that rounding)."""
     if f.right is None or f.length == 1:
         return inner(f, f), bound(f)
-    fl, fr = _pair(f.left, f.left)[0], _pair(f.right, f.right)[0]
-    left, right = gram(fl, fl), gram(fr, fr)
+    return _by_rows(_self_term_rows, [f])
+
+
+def _self_term_rows(f: Outer) -> tuple[Tensor, Tensor]:
+    assert f.right is not None
+    left, right = gram64(f.left, f.left), gram64(f.right, f.right)
 
     def norms(g: Tensor) -> Tensor:
         if g.dtype == torch.bool:  # one-hot rows: norm 1
             return torch.ones(g.shape[:2], dtype=NORM_DTYPE, device=g.device)
-        return g.diagonal(dim1=1, dim2=2).to(NORM_DTYPE).clamp(min=0).sqrt()
+        return g.diagonal(dim1=1, dim2=2).clamp(min=0).sqrt()
 
     return _gram_dot(left, right), (norms(left) * norms(right)).sum(1)
 
@@ -229,6 +287,48 @@ def norm_sq_and_bound(factors: list[Outer]) -> tuple[Tensor, Tensor]:
         for g in factors[:i]:
             total = total + 2 * inner(f, g)
     return total, s
+
+
+def ghost_error(factors: list[Outer]) -> float:
+    """``eta`` with ``|norm_sq(factors)_b - ||G_b||^2| <= eta S_b^2``, ``S_b = sum_i bound(G_i)_b``
+    summed over all uses of the parameter (cross terms included), whatever the summation order
+    of the float64 dot products and reductions (BLAS blocking, FMA).
+
+    With ``u = 2^-53`` and ``gamma_k = k u / (1 - k u)`` (Higham, *Accuracy and Stability of
+    Numerical Algorithms*, 3.1 and Lemma 3.3: a k-term float64 dot product errs by at most
+    ``gamma_k`` times the sum of the absolute products, and ``(1 + gamma_j)(1 + gamma_k) <= 1 +
+    gamma_{j+k}``), write ``l_t = ||L_t||``, ``r_t = ||R_t||`` for use ``f`` and primes for use
+    ``g``.  The inputs are exact in float64 (casts of float32/bfloat16/float16 values; index
+    factors give exact one-hot Gram entries, width 0), so a left Gram entry of width ``m`` is
+    ``a_ts (1 + .) `` with ``|A_ts - a_ts| <= gamma_m l_t l'_s`` and ``|a_ts| <= l_t l'_s``
+    (Cauchy-Schwarz), the right one likewise with ``n``.  Hence ``|A_ts B_ts - a_ts b_ts| <=
+    ((1 + gamma_m)(1 + gamma_n) - 1) l_t l'_s r_t r'_s``; rounding the products and summing the
+    ``T T'`` of them multiplies the sum of their absolute values, at most ``(1 + gamma_{m+n})
+    S S'``, by ``1 + gamma_{T T'}``.  So ``|inner(f, g) - <G, G'>| <= gamma_{m + n + T T'} S
+    S'``.  A vector parameter's ``sum_t L_t`` is summed in float64 (``||V - v|| <= gamma_T S``),
+    then dotted: ``gamma_{m + T + T'} S S'``.  Summing the ``K = k (k + 1) / 2`` terms of ``k``
+    uses (cross terms doubled, exactly) adds ``gamma_K (sum_i S_i)^2``.  With ``w`` the largest
+    ``m + n + T T'`` over pairs, the error is at most ``gamma_{w + K} (sum_i S_i)^2 <= 2 u (w + K)
+    (sum S_i)^2`` (``(w + K) u <= 1/2``); the factor 2 more returned covers the rounding of the
+    computed ``S`` itself (float64 norms read off the Gram diagonals, relative ``gamma_{m+n}``).
+
+    For a GPT-2 LM head (``m = 50257``, ``n = 768``, ``T = 1024``) ``eta ~ 4.9e-10`` (the
+    ``T^2`` reduction dominates): a sample with ``S_b <= 64 ||G_b||`` (all others are
+    materialized) has its clipping norm over-estimated by at most ``eta 64^2 / 2 ~ 1e-6``,
+    relatively, and by ``eta T / 2 ~ 2.5e-7`` when its tokens add like random vectors
+    (``S_b / ||G_b|| ~ sqrt(T)``); at ``T = 128``, ``eta ~ 3e-11``."""
+    k = len(factors)
+    worst = 0
+    for i, f in enumerate(factors):
+        for g in factors[: i + 1]:
+            if f.right is None or g.right is None:
+                w = f.m + f.length + g.length
+            else:
+                left = 0 if is_index(f.left) or is_index(g.left) else _width(f.left)
+                right = 0 if is_index(f.right) or is_index(g.right) else _width(f.right)
+                w = left + right + f.length * g.length
+            worst = max(worst, w)
+    return 4 * _U * (worst + k * (k + 1) // 2 + 2)
 
 
 def norm_sq(factors: list[Outer]) -> Tensor:

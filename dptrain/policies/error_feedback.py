@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from accountants import ERROR_FEEDBACK, Event, calibrate_noise, error_feedback_event
 from accountants.error_feedback import FEEDBACK, feedback_sensitivity
 
+from ..clipping import clip_coef, norm_bound
 from ..errors import InputError
 from .base import NoiseFn, StepPlan, StepSums
 from .registry import check_accountant
@@ -160,11 +161,13 @@ class ErrorFeedbackPolicy(StaticPolicy):
                 f"the error state has parameters the model lacks ({sorted(unknown)[:3]}): it "
                 "comes from another model or LoRA configuration"
             )
-        norm = math.sqrt(sum(float(e.to(torch.float64).pow(2).sum()) for e in error.values()))
-        scale = min(1.0, self.error_clip / (norm + 1e-6))
+        # ||F|| <= C2: a certified upper bound on ||E||, and the coefficient rounded toward
+        # zero into each buffer's dtype (a Python float would be rounded to nearest, maybe up)
+        norm = norm_bound(error.values())
+        scales = {e.dtype: clip_coef(norm, self.error_clip, e.dtype) for e in error.values()}
         out = {}
         for p, clipped in sums.clipped.items():
-            fed = error[p] * scale
+            fed = error[p] * scales[error[p].dtype].to(error[p].device)
             released = clipped.to(fed.dtype) + fed  # at least float32, so that ||F|| <= C2
             out[p] = (released + noise(released, plan.noise_std[sums.group_of[p]])) / (
                 sums.expected_batch_size

@@ -361,3 +361,34 @@ def test_client_level_dp_drops_a_non_finite_update_instead_of_adding_it(tmp_path
     assert all(torch.isfinite(v).all() for v in new.values())
     for k, v in new.items():
         assert torch.allclose(v * 2, honest[k], atol=1e-6)  # p K = 2: only the honest update
+
+
+class _NoNoise:
+    """The strategy's noise with sigma -> 0 exactly, so that the clipped sum itself is read."""
+
+    pairs = 0
+
+    def begin_step(self, step: int) -> None:
+        pass
+
+    def __call__(self, t: torch.Tensor, std: float) -> torch.Tensor:
+        return torch.zeros_like(t)
+
+
+def test_client_level_dp_clip_never_exceeds_c_in_float32(tmp_path, task_identity):
+    """An update of norm 1024 (one entry, exactly representable) clipped at C = 0.1: the float32
+    coefficient of C / 1024 rounded to nearest is above it (float32(0.1) > 0.1), so the clipped
+    update would exceed C; rounded toward zero it stays within C, and loses < 1e-7 of it."""
+    dp = {"clip": 0.1, "noise_multiplier": 1e-9, "sample_rate": 1.0, "delta": 1e-3}
+    s = strategy_for(tmp_path, strategy="dp_lora", clients=2, min_clients=1, client_dp=dp)
+    g0 = {k: torch.zeros_like(v).float() for k, v in adapters(0).items()}
+    s.current, s.sent = g0, [1]
+    s.noise = _NoNoise()
+    big = {k: torch.zeros_like(v) for k, v in g0.items()}
+    big[B][0, 0] = 1024.0
+    assert float(torch.tensor(0.1 / 1024, dtype=torch.float64).float()) * 1024 > 0.1
+    arrays, _ = s.aggregate_train(1, [update(1, 0, big, 5)])
+    new = arrays.to_torch_state_dict()
+    norm = math.sqrt(sum(float((v.double() * 2).pow(2).sum()) for v in new.values()))  # p K = 2
+    assert norm <= 0.1
+    assert norm == pytest.approx(0.1, rel=1e-7)

@@ -138,6 +138,27 @@ def test_nonfinite_sample_does_not_poison_the_error():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_fed_back_error_never_exceeds_c2_in_float32():
+    """||F|| <= C2 exactly: an error buffer of norm 1024 (one exactly representable entry) fed
+    back at C2 = 0.1; C2 / (1024 + 1e-6) rounded to nearest in float32 is above the quotient
+    (float32(0.1) > 0.1 by 1.5e-8, relatively, against the 1e-6's 1e-9), so F would exceed
+    C2; rounded toward zero it does not.  No data gradient (zero inputs), E[B] = 1, lr 1: the
+    update is -F."""
+    c2 = 0.1
+    model = nn.Linear(4, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    policy = ErrorFeedbackPolicy(0.5, 0.0, error_clip=c2)
+    engine = engine_for(model, policy, n=1, loss=lambda m, b: m(b).squeeze(-1))
+    e = torch.zeros(1, 4)
+    e[0, 2] = 1024.0
+    policy.error = {"weight": e}
+    assert float(torch.tensor(c2 / (1024 + 1e-6), dtype=torch.float64).float()) * 1024 > c2
+    engine.step(torch.zeros(1, 4))
+    fed = float(model.weight.detach().double().norm())
+    assert fed <= c2
+    assert fed == pytest.approx(c2, rel=1e-7)
+
+
 def test_error_state_is_keyed_by_name_and_checked_on_load():
     model = lora_gpt2()
     policy = ErrorFeedbackPolicy(0.05, 0.0, error_clip=0.01)
