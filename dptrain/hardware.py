@@ -71,11 +71,29 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return torch.device("cuda", index)
 
 
+FULL_RATE_FLOAT64 = {(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)}
+"""CUDA compute capabilities whose float64 runs at half the float32 rate or better (P100, V100,
+A100, H100/H200, B200); the others run it at 1/32-1/64."""
+
+
+def float64_note(major: int, minor: int) -> str:
+    """What a GPU of compute capability ``major.minor`` should say about float64: the ghost
+    norms' Gram matrices are float64 (the certified clip bound, :mod:`dptrain.clipping`)."""
+    if (major, minor) in FULL_RATE_FLOAT64:
+        return ""
+    return (
+        "; float64 at 1/32-1/64 of its float32 rate: ghost norms (float64 Grams, for a certified "
+        "clip) cost more here than on datacenter GPUs"
+    )
+
+
 def describe_device(device: torch.device) -> str:
-    """``cuda:0 (NVIDIA H200, 139.8 GiB)`` or ``cpu (2 threads)``: what the run says it uses."""
+    """``cuda:0 (NVIDIA H200, 139.8 GiB)`` or ``cpu (2 threads)``: what the run says it uses
+    (and, for a GPU with slow float64, :func:`float64_note`)."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return f"{device} ({props.name}, {props.total_memory / 2**30:.1f} GiB)"
+        note = float64_note(props.major, props.minor)
+        return f"{device} ({props.name}, {props.total_memory / 2**30:.1f} GiB{note})"
     return f"{device} ({torch.get_num_threads()} threads)"
 
 

@@ -186,3 +186,14 @@ def test_resumed_segments_of_old_runs_and_recomputed_steps():
     assert resumed_segments({"devices": seen}, two)["devices"] == [seen[0], two]
     same = {**seen[0], "from_step": 4}  # nothing changed: the first segment goes on
     assert resumed_segments({"devices": seen}, same)["devices"] == seen[:1]
+
+
+def test_a_gpu_with_slow_float64_says_the_ghost_norms_cost_more_there():
+    from dptrain.hardware import float64_note
+
+    for full in ((8, 0), (9, 0), (7, 0)):  # A100, H100/H200, V100
+        assert float64_note(*full) == ""
+    for slow in ((8, 9), (8, 6), (7, 5), (12, 0)):  # L4/L40S/RTX 4090, A10/RTX 3090, T4, RTX 50xx
+        assert "float64 at 1/32-1/64" in float64_note(*slow) and "ghost norms" in float64_note(
+            *slow
+        )
