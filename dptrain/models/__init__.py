@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -155,7 +156,7 @@ def build_model(
         torch.manual_seed(recipe.seed)
         model, tok = load_model_and_tokenizer(recipe.model.name, dtype=dtype)
         if recipe.lora is not None:
-            from peft import LoraConfig, get_peft_model
+            from peft import LoraConfig
 
             cfg = LoraConfig(
                 r=recipe.lora.r,
@@ -163,7 +164,7 @@ def build_model(
                 lora_dropout=recipe.lora.dropout,
                 target_modules=list(recipe.lora.target_modules),
             )
-            model = get_peft_model(model, cfg)
+            model = wrap_lora(model, cfg)
     model.to(dtype)  # adapters are created in torch's default dtype; keep one dtype throughout
     if recipe.training.gradient_checkpointing:
         enable_checkpointing(model)
@@ -202,3 +203,16 @@ def check_context(model: torch.nn.Module, max_length: int) -> None:
             f"data.max_length: {max_length} tokens exceeds the model's context of {ctx} tokens. "
             f"Fix: set data.max_length to at most {ctx} (longer records are truncated)."
         )
+
+
+def wrap_lora(model: Any, config: Any) -> Any:
+    """``peft.get_peft_model(model, config)`` without peft's own deprecation notice (it reads
+    transformers' ``is_gradient_checkpointing``, deprecated in favour of
+    ``is_activation_checkpointing``): a line the user cannot act on."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+        )
+        return get_peft_model(model, config)

@@ -73,7 +73,9 @@ def build_classifier(recipe: Recipe) -> tuple[nn.Module, Any]:
         getattr(model, prefix).load_state_dict(getattr(lm, prefix).state_dict())
         del lm
         if recipe.lora is not None:
-            from peft import LoraConfig, TaskType, get_peft_model
+            from peft import LoraConfig, TaskType
+
+            from ..models import wrap_lora
 
             cfg = LoraConfig(
                 task_type=TaskType.SEQ_CLS,
@@ -82,7 +84,7 @@ def build_classifier(recipe: Recipe) -> tuple[nn.Module, Any]:
                 lora_dropout=recipe.lora.dropout,
                 target_modules=list(recipe.lora.target_modules),
             )
-            model = get_peft_model(model, cfg)
+            model = wrap_lora(model, cfg)
     model.to(dtype)
     if recipe.training.gradient_checkpointing:  # the transformer's blocks; the head is not
         from ..models import enable_checkpointing

@@ -350,3 +350,19 @@ def test_interrupted_conversion_leaves_no_cache(
     monkeypatch.setattr(S, "_installed_gguf", lambda: None)
     M.load_model_and_tokenizer("smollm2-135m", cache_dir=tmp_path)  # a retry succeeds
     assert S._is_complete(tmp_path / "models" / M.SMOLLM2)
+
+
+def test_lora_wrapping_prints_no_library_deprecation() -> None:
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` when it wraps a model:
+    a FutureWarning the user cannot act on, silenced by :func:`dptrain.models.wrap_lora`."""
+    import warnings
+
+    from peft import LoraConfig
+
+    from dptrain.models import load_model_and_tokenizer, wrap_lora
+
+    model, _ = load_model_and_tokenizer("tiny-llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrapped = wrap_lora(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert any("lora_A" in n for n, _ in wrapped.named_parameters())
