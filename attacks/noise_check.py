@@ -17,8 +17,9 @@ tests, each one-sided in the direction that over-reports privacy:
   is independent give cosines ``c`` with ``(1 + c) / 2 ~ Beta((K-1)/2, (K-1)/2)`` exactly
   (``K`` = ``sketch``: the direction of a standard normal vector is uniform); replayed noise
   (a counter that does not advance, a resume that redraws old steps) gives ``|c|`` near 1.
-  Two-sided on ``max |c|`` over pairs of the kept steps (the first ``keep``, then every
-  ``stride``-th so that at most ``keep`` are kept), Bonferroni over the pairs.
+  Two-sided on ``max |c|`` over pairs of the kept steps (every ``stride``-th from step 0,
+  ``stride = ceil(steps / keep)``: at most ``keep``), Bonferroni over the pairs; a replay
+  between two steps that are not both kept goes unseen.
 * **tensors**: the same cosine test between the parameter tensors of one step, at equal
   offsets (``blocks``, one row per tensor): a sampler that restarts its counter for every
   tensor repeats values there.  Bonferroni over all pairs of all steps.
