@@ -130,6 +130,9 @@ meta "$RUNS/cross"
 part "white-box audit on $DEVICE" 60 "${CLI[@]}" train $TINY --no-progress \
     --output "$RUNS/whitebox" "${ON[@]}" --set training.steps=4 --set audit.whitebox=true \
     --set audit.whitebox_canaries=300 --set audit.whitebox_simulations=4
+# the ghost norms' float64 Grams against float32 on this GPU (the certified clip's cost here)
+part "float64 vs float32 Gram" 40 "$PY" benchmarks/gram_rate.py --device "$DEVICE" \
+    --out "$OUT/gram_rate.json"
 # the device noise generator (ChaCha20 + float64 Box-Muller in torch) on GPT-2 124M's 124.4 M
 # normals, eager and compiled: step time, compile + check, CPU-vs-device values, 4-sigma rate
 [ "${NOISE:-1}" = 1 ] && part "device noise gpt2-124m eager and compiled" 100 "$PY" benchmarks/device_noise.py \
