@@ -194,27 +194,37 @@ class Canaries:
                 start += p.numel()
         return out
 
-    def dots(self, update: dict[nn.Parameter, Tensor]) -> dict[str, np.ndarray]:
-        """``<D|g, v_ig>`` per group ``g``, shape (m,), for a released sum ``D``: the canaries'
-        coordinates are gathered where ``D`` lives and only they come to the CPU, where the
-        products are summed in float64 (casting after the gather: the same numbers as
-        casting all of ``D`` first)."""
+    def flatten(self, update: dict[nn.Parameter, Tensor]) -> dict[str, Tensor]:
+        """Each group's part of a released sum ``D`` as one flat tensor, where ``D`` lives."""
+        return {
+            g: torch.cat([update[p].detach().reshape(-1) for p in ps])
+            for g, ps in self.groups.items()
+        }
+
+    def dots(
+        self, update: dict[nn.Parameter, Tensor], flat: dict[str, Tensor] | None = None
+    ) -> dict[str, np.ndarray]:
+        """``<D|g, v_ig>`` per group ``g``, shape (m,), for a released sum ``D`` (``flat``: its
+        :meth:`flatten`, if made already): the canaries' coordinates are gathered where ``D``
+        lives and only they come to the CPU, where the products are summed in float64
+        (casting after the gather: the same numbers as casting all of ``D`` first)."""
+        flat = flat if flat is not None else self.flatten(update)
         out = {}
-        for g, ps in self.groups.items():
-            flat = torch.cat([update[p].detach().reshape(-1) for p in ps])
-            picked = flat[self._index_on(g, flat.device)].to("cpu", torch.float64)
+        for g, f in flat.items():
+            picked = f[self._index_on(g, f.device)].to("cpu", torch.float64)
             out[g] = (picked * self.value[g]).sum(1).numpy()
         return out
+
+    def _used(self, g: str) -> np.ndarray:
+        """Which of group ``g``'s flat coordinates some canary touches."""
+        used = np.zeros(sum(p.numel() for p in self.groups[g]), dtype=bool)
+        used[self.index[g].numpy().ravel()] = True
+        return used
 
     def free_coordinates(self, count: int, rng: np.random.Generator) -> dict[str, Tensor]:
         """Up to ``count`` coordinates, spread over the groups by size, that no canary
         touches: in a canary-only run they carry noise alone (:mod:`attacks.noise_check`)."""
-        free = {}
-        for g, ps in self.groups.items():
-            n = sum(p.numel() for p in ps)
-            used = np.zeros(n, dtype=bool)
-            used[self.index[g].numpy().ravel()] = True
-            free[g] = np.flatnonzero(~used)
+        free = {g: np.flatnonzero(~self._used(g)) for g in self.groups}
         total = sum(len(f) for f in free.values())
         out = {}
         for g, f in free.items():
@@ -234,11 +244,10 @@ class Canaries:
         width = min(p.numel() for p in params)
         used = np.zeros(width, dtype=bool)
         for g, ps in self.groups.items():
-            idx = self.index[g].numpy().ravel()
-            start = 0
-            for p in ps:
-                local = idx[(idx >= start) & (idx < start + p.numel())] - start
-                used[local[local < width]] = True
+            group_used, start = self._used(g), 0
+            for p in ps:  # the tensor's own offsets below ``width``
+                n = min(p.numel(), width)
+                used[:n] |= group_used[start : start + n]
                 start += p.numel()
         offsets = np.flatnonzero(~used)[:count]
         if len(offsets) < 16:
@@ -263,17 +272,14 @@ class Canaries:
         return np.stack(rows)
 
     def noise_values(
-        self,
-        update: dict[nn.Parameter, Tensor],
-        free: dict[str, Tensor],
-        noise_std: dict[str, float],
+        self, flat: dict[str, Tensor], free: dict[str, Tensor], noise_std: dict[str, float]
     ) -> np.ndarray:
-        """``D[j] / s_g`` at the free coordinates ``j`` of every group ``g`` with noise."""
+        """``D[j] / s_g`` at the free coordinates ``j`` of every group ``g`` with noise
+        (``flat``: :meth:`flatten` of the released sum ``D``)."""
         parts = []
         for g, idx in free.items():
             if noise_std[g] > 0:
-                flat = torch.cat([update[p].detach().reshape(-1) for p in self.groups[g]])
-                picked = flat[idx.to(flat.device)].to("cpu", torch.float64).numpy()
+                picked = flat[g][idx.to(flat[g].device)].to("cpu", torch.float64).numpy()
                 parts.append(picked / noise_std[g])
         return np.concatenate(parts) if parts else np.zeros(0)
 
@@ -445,19 +451,19 @@ def whitebox_audit(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``steps`` steps through ``engine`` with ``canaries`` white-box canaries (and,
-        if given, ``n_records`` records: ``records(indices)`` is a batch of them) and audit the
-        released updates; see the module docstring.  ``claim`` is the plan the run claims
-        (default: the engine's next plan); ``sampler(N, q, rng)`` replaces the Poisson sampler
-        (planted bugs only); ``coins`` is the Poisson sampler's :class:`~dptrain.secret.RunKey`
-        (default: a fresh secret key; an insecure seed makes a benchmark reproducible).  The engine
+    if given, ``n_records`` records: ``records(indices)`` is a batch of them) and audit the
+    released updates; see the module docstring.  ``claim`` is the plan the run claims
+    (default: the engine's next plan); ``sampler(N, q, rng)`` replaces the Poisson sampler
+    (planted bugs only); ``coins`` is the Poisson sampler's :class:`~dptrain.secret.RunKey`
+    (default: a fresh secret key; an insecure seed makes a benchmark reproducible).  The engine
     must have no budget filter and a fixed plan.  Without ``records``, ``noise_values``
     canary-free coordinates per step feed the noise check (:mod:`attacks.noise_check`).
 
-        ``delta`` is the accountant's (the claimed epsilon is the accountant's at it); the
-        ``(eps, delta)`` bounds (``fdp``, ``one_run``, their ceilings and ``perfect``) are tested at
-        ``delta_total``, the delta the guarantee is stated at (default ``delta`` + the engine's noise
-        sampler truncation term, :func:`dptrain.plan.guarantee_numbers`): a bound at a smaller delta
-        tests more than the run claims.  The ``ledger`` bound is delta-free (trade-off curves)."""
+    ``delta`` is the accountant's (the claimed epsilon is the accountant's at it); the
+    ``(eps, delta)`` bounds (``fdp``, ``one_run``, their ceilings and ``perfect``) are tested at
+    ``delta_total``, the delta the guarantee is stated at (default ``delta`` + the engine's noise
+    sampler truncation term, :func:`dptrain.plan.guarantee_numbers`): a bound at a smaller delta
+    tests more than the run claims.  The ``ledger`` bound is delta-free (trade-off curves)."""
     from dptrain.sampling import PoissonSampler
 
     t0 = time.perf_counter()
@@ -496,12 +502,15 @@ def whitebox_audit(
     free = cs.free_coordinates(noise_values, _child(rng)) if records is None else {}
     noise = NoiseCheck(steps)
     tensors, offsets = cs.common_offsets() if free else ([], None)
-    order: np.ndarray | None = None  # one fixed shuffle: the sketch spans every group
+    # one fixed shuffle of the free values, so that the freshness sketch spans every group
+    width = sum(len(idx) for g, idx in free.items() if claim.noise_std[g] > 0)
+    order = np.random.default_rng(width).permutation(width)
 
     def hook(step: int, update: dict[nn.Parameter, Tensor]) -> None:
-        nonlocal score, plain, released, order
+        nonlocal score, plain, released
         sums = {p: u * engine.expected_batch_size for p, u in update.items()}
-        dots = cs.dots(sums)
+        flat = cs.flatten(sums)
+        dots = cs.dots(sums, flat)
         z = cs.whiten(dots, claim.noise_std, sigma=sigma)
         score += log_likelihood_ratio(z, q, mu)
         plain += z
@@ -510,12 +519,8 @@ def whitebox_audit(
             check.update(z_apart[member])
             control.update(z_apart[~member])
         if free:
-            x = cs.noise_values(sums, free, claim.noise_std)
-            order = np.random.default_rng(len(x)).permutation(len(x)) if order is None else order
-            block = None
-            if tensors:
-                block = cs.blocks(sums, tensors, offsets, claim.noise_std)
-            noise.update(x[order], block)
+            block = cs.blocks(sums, tensors, offsets, claim.noise_std) if tensors else None
+            noise.update(cs.noise_values(flat, free, claim.noise_std)[order], block)
         released += 1
 
     engine.add_release_hook(hook)
@@ -599,8 +604,8 @@ def whitebox_audit(
         "noise": noise_result,
         "bound_rejects_claim": rejects,
         "privacy_bug_suspected": rejects or sampling["flagged"] or noise_result["flagged"],
-        "false_alarm": false_alarm(confidence, sampling, noise_result),
-        "false_alarm_at_most": false_alarm(confidence, sampling, noise_result)["at_most"],
+        "false_alarm": (alarm := false_alarm(confidence, sampling, noise_result)),
+        "false_alarm_at_most": alarm["at_most"],
         "seconds": {"training": round(train_seconds, 2)},
     }
     if perfect is not None:
@@ -618,18 +623,24 @@ def whitebox_audit(
 
 
 def false_alarm(
-    confidence: float, sampling: dict[str, Any], noise: dict[str, Any] | None = None
+    confidence: float,
+    sampling: dict[str, Any],
+    noise: dict[str, Any] | None = None,
+    key_replay: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """How often a CORRECT run is flagged: the ledger bound's test rejects a true claim with
     probability at most ``1 - confidence``; the sampling check and the noise check (where they
     apply) fire on a correct engine with probability at most a twentieth of that each
     (:data:`attacks.sampling.SHARE`, their own ``confidence``); "likely privacy bug" is any of
-    them, so by the union bound the rates add: at most ``(1 + 2 SHARE) (1 - confidence)``."""
+    them, so by the union bound the rates add: at most ``(1 + 2 SHARE) (1 - confidence)``, plus
+    the key replay check's level where it ran (:func:`key_replay`)."""
     tests = {"ledger_bound": 1 - confidence}
     if sampling.get("applicable"):
         tests["sampling_check"] = 1 - float(sampling["confidence"])
     if noise is not None and noise.get("applicable"):
         tests["noise_check"] = 1 - float(noise["confidence"])
+    if key_replay is not None:
+        tests["key_replay"] = float(key_replay["alpha"])
     return {
         "confidence": confidence,
         "per_test": tests,
@@ -738,11 +749,10 @@ def audit_configuration(
         simulations=opts.whitebox_simulations,
         log=log,
     )
-    result["key_replay"] = key_replay(recipe)
-    result["privacy_bug_suspected"] |= result["key_replay"]["flagged"]
-    result["false_alarm"]["per_test"]["key_replay"] = KEY_REPLAY_ALPHA
-    result["false_alarm"]["at_most"] += KEY_REPLAY_ALPHA
-    result["false_alarm_at_most"] = result["false_alarm"]["at_most"]
+    replay = result["key_replay"] = key_replay(recipe)
+    result["privacy_bug_suspected"] |= replay["flagged"]
+    alarm = false_alarm(opts.confidence, result["sampling"], result["noise"], replay)
+    result["false_alarm"], result["false_alarm_at_most"] = alarm, alarm["at_most"]
     result["run_dir"] = str(run.path)
     result["run_epsilon"] = meta.get("epsilon")
     engine.detach()
