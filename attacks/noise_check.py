@@ -50,6 +50,13 @@ MIN_EXPECTED = 25.0  # a tail is tested when N P(|x| > k) reaches this many expe
 _BLOCK = 1024  # rows of the pairwise cosine matrix computed at once
 
 
+def cosine_tail(c: float, k: int) -> float:
+    """``P(|cos| >= c)`` for two independent isotropic vectors of ``k`` coordinates:
+    ``(1 + cos) / 2 ~ Beta((k - 1) / 2, (k - 1) / 2)``, two-sided."""
+    half = (k - 1) / 2
+    return 2 * float(stats.beta.sf((1 + abs(c)) / 2, half, half))
+
+
 class NoiseCheck:
     """Streaming tests of the module docstring: :meth:`update` with each step's standardized
     values ``x`` (same coordinates every step, in order), then :meth:`result`."""
@@ -110,8 +117,7 @@ class NoiseCheck:
     def _tensors(self) -> dict[str, Any] | None:
         if not self.across_pairs:
             return None
-        half = (self.block_width - 1) / 2
-        tail = 2 * float(stats.beta.sf((1 + self.across) / 2, half, half))
+        tail = cosine_tail(self.across, self.block_width)
         return {
             "test": "max |cosine| between parameter tensors' noise at equal offsets",
             "pairs": self.across_pairs,
@@ -161,8 +167,7 @@ class NoiseCheck:
             if c[i, j] > worst:
                 worst, pair = float(c[i, j]), (a + int(i), int(j))
         pairs = s * (s - 1) // 2
-        half = (k - 1) / 2
-        tail = 2 * float(stats.beta.sf((1 + worst) / 2, half, half))  # P(|c| >= worst), one pair
+        tail = cosine_tail(worst, k)  # one pair
         return {
             "test": "max |cosine| between steps' noise (replayed noise)",
             "steps_kept": s,
@@ -205,32 +210,37 @@ class NoiseCheck:
 def replay_across_runs(make_key: Callable[[], Any], seed: int, *, n: int = 4096) -> dict[str, Any]:
     """Two keys made by ``make_key`` (the way ``dptrain train`` makes one for a new run, with
     torch and numpy seeded by the recipe's public ``seed`` before each, as a run does) and
-    their step-0 noise (``n`` values) and Poisson coins (``n`` records at q = 1/2)."""
+    their step-0 noise (``n`` values) and Poisson coins (``n`` records at q = 1/2).  The
+    process's torch and numpy generators are restored afterwards."""
     import torch
 
     from dptrain.noise import GaussianNoise
     from dptrain.sampling import PoissonSampler
 
     draws = []
-    for _ in range(2):
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        key = make_key()
-        noise = GaussianNoise(key)
-        noise.begin_step(0)
-        x = noise(torch.zeros(n, dtype=torch.float64, device="cpu"), 1.0).numpy()
-        coins = PoissonSampler([str(i) for i in range(n)], 0.5, key).mask(0)
-        draws.append((key, x, coins))
+    saved = torch.get_rng_state(), np.random.get_state()
+    try:
+        for _ in range(2):
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            key = make_key()
+            noise = GaussianNoise(key)
+            noise.begin_step(0)
+            x = noise(torch.zeros(n, dtype=torch.float64, device="cpu"), 1.0).numpy()
+            coins = PoissonSampler([str(i) for i in range(n)], 0.5, key).mask(0)
+            draws.append((key, x, coins))
+    finally:
+        torch.set_rng_state(saved[0])
+        np.random.set_state(saved[1])
     (k1, x1, c1), (k2, x2, c2) = draws
     cosine = float(x1 @ x2 / (np.linalg.norm(x1) * np.linalg.norm(x2)))
     agree = int((c1 == c2).sum())
-    half = (n - 1) / 2
     return {
         "test": "two new runs of one recipe draw different noise and coins",
         "secure_keys": bool(k1.secure and k2.secure),
         "same_key": k1.key_id == k2.key_id,
         "noise_cosine": cosine,
-        "noise_p_value": 2 * float(stats.beta.sf((1 + abs(cosine)) / 2, half, half)),
+        "noise_p_value": cosine_tail(cosine, n),
         "coin_agreement": agree / n,
         "coin_p_value": 2
         * float(min(stats.binom.sf(agree - 1, n, 0.5), stats.binom.cdf(agree, n, 0.5))),

@@ -15,7 +15,7 @@ Poisson-subsampled Gaussian steps (q, sigma) while training does something less 
 * ``per-tensor``: every parameter tensor draws from the start of its step's stream (a counter
   without the tensor's place): equal noise at equal offsets.
 
-The last three are audited canary-only (``records=0``): the noise check
+The last four are audited canary-only (``records=0``): the noise check
 (:mod:`attacks.noise_check`) reads the coordinates no canary touches.
 
 The audited model is a two-layer MLP (64 -> ``width`` -> 64; width 128: 16.6k parameters, two
