@@ -268,6 +268,7 @@ class ClientState:
         self.key_path = self.path / KEY_FILE
         self.unit_path = self.path / "unit.json"
         self.rounds_path = self.path / "rounds.json"
+        self._engine: tuple[dict[str, Any] | None] | None = None  # engine.pt as last read
 
     def _read_rounds(self) -> dict[str, Any]:
         return json.loads(self.rounds_path.read_text()) if self.rounds_path.exists() else {}
@@ -409,12 +410,18 @@ class ClientState:
         )
 
     def load_engine(self) -> dict[str, Any] | None:
-        if not self.engine_path.exists():
-            return None
-        return torch.load(self.engine_path, map_location="cpu", weights_only=True)
+        """``engine.pt`` (None if absent), read once per state object: the round's check
+        (:meth:`rolled_back`) and its restore share one read until :meth:`save_engine`."""
+        if self._engine is None:
+            saved = None
+            if self.engine_path.exists():
+                saved = torch.load(self.engine_path, map_location="cpu", weights_only=True)
+            self._engine = (saved,)
+        return self._engine[0]
 
     def save_engine(self, state: dict[str, Any]) -> None:
         atomic_write(self.engine_path, lambda f: torch.save(state, f), binary=True)
+        self._engine = None
 
 
 def _reply(msg: Message, metrics: dict[str, Any], **records: Any) -> Message:
