@@ -41,6 +41,7 @@ an error in its norm.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -176,14 +177,7 @@ def clip_coef(
 
 def _acc(factors: list[Outer]) -> torch.dtype:
     """The dtype the book-keeping sum of these factors multiplies its coefficients in."""
-    return _promote([f.accumulation_dtype for f in factors])
-
-
-def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
-    acc = torch.float32
-    for d in dtypes:
-        acc = torch.promote_types(acc, d)
-    return acc
+    return functools.reduce(torch.promote_types, [f.accumulation_dtype for f in factors])
 
 
 @torch.no_grad()
