@@ -107,7 +107,9 @@ def test_pld_certificate_sound_on_small_ledgers(
     ledger = Ledger(prefix)
     if acc.epsilon(ledger.events, DELTA) > budget:
         return
-    bounds: dict[int, float] = {}
+    # each certificate's composition, keyed by id with the certificate kept alive: a renewed
+    # certificate could otherwise reuse a freed one's id and be checked against its bound
+    bounds: dict[int, tuple[object, float]] = {}
     covered = 0
     for t in range(200):
         event = Event(0.2, sigmas[t % len(sigmas)])
@@ -123,9 +125,10 @@ def test_pld_certificate_sound_on_small_ledgers(
             continue
         covered += 1
         if id(cert) not in bounds:
-            bounds[id(cert)] = acc.epsilon(cert.certified_events(), DELTA)
-            assert bounds[id(cert)] <= budget * (1 - fil.margin)
-        assert current <= bounds[id(cert)] * (1 + fil.margin)
+            bounds[id(cert)] = (cert, acc.epsilon(cert.certified_events(), DELTA))
+            assert bounds[id(cert)][1] <= budget * (1 - fil.margin)
+        assert bounds[id(cert)][0] is cert
+        assert current <= bounds[id(cert)][1] * (1 + fil.margin)
     else:
         raise AssertionError("the budget never bound")
     assert covered > 0
