@@ -372,60 +372,85 @@ def exact_float32_matmul(device: torch.device) -> bool:
     return not (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
 
 
+_HALVES = (torch.float32, torch.bfloat16, torch.float16)  # exact in float32
+_TINY = 2.0**-126  # the smallest normal float32: below it, flush-to-zero may lose a value
+
+
 def try_float32(factors: list[Outer]) -> bool:
     """Whether :func:`norm_sq_and_error32` applies and pays: matrix uses over more than one
-    token, at least :data:`FLOAT32_GRAM_COST` Gram multiply-adds per sample, IEEE float32
-    matmuls on their device."""
-    if not factors[0].batch or any(f.right is None or f.length == 1 for f in factors):
+    token with float32/bfloat16/float16 (or index) factors, widths below ``2^20``, at least
+    :data:`FLOAT32_GRAM_COST` Gram multiply-adds per sample, IEEE float32 matmuls on their
+    device."""
+    if not factors[0].batch:
         return False
+    for f in factors:
+        if f.right is None or f.length == 1:
+            return False
+        for t in (f.left, f.right):
+            if not is_index(t) and (t.dtype not in _HALVES or t.shape[-1] >= 2**20):
+                return False
     return ghost_cost(factors) >= FLOAT32_GRAM_COST and exact_float32_matmul(factors[0].left.device)
 
 
-def _gram32(x: Tensor, y: Tensor) -> tuple[Tensor, float]:
-    """``(gram, gamma)``: :func:`gram` with dense factors in float32 (cast exactly a slice at a
-    time), and ``gamma`` with ``|gram_ts - x_t . y_s| <= gamma ||x_t|| ||y_s||`` (``gamma_w``
-    of the width ``w``; 0 for index factors, whose entries are exact)."""
+_Rounding = tuple[float, float, float]  # (gamma, c1, c0) of a float32 Gram's entries
+
+
+def _gram32(x: Tensor, y: Tensor) -> tuple[Tensor, _Rounding]:
+    """``(gram, (gamma, c1, c0))``: :func:`gram` with dense factors in float32 (cast exactly, a
+    slice at a time), whose entries err by at most
+
+        |gram_ts - x_t . y_s| <= gamma ||x_t|| ||y_s|| + c1 (||x_t|| + ||y_s||) + c0
+
+    for any summation order: ``gamma = gamma_w`` of the width ``w`` (Higham 3.1) for the
+    rounding of normal numbers; ``c1 = sqrt(w) 2^-126`` for operands flushed to zero (a lost
+    ``x_ti y_si`` is below ``2^-126 |y_si|``, and ``sum_i |y_si| <= sqrt(w) ||y_s||``);
+    ``c0 = (2 w + 1) 2^-126`` for flushed products, sums and the Gram's own cast; the last two
+    amplified by the later roundings, ``1 + 2 gamma``.  Index factors give exact entries: all 0."""
     if is_index(x) or is_index(y):
-        return gram(x, y), 0.0
+        return gram(x, y), (0.0, 0.0, 0.0)
     w = x.shape[-1]
-    return _gram_in(x, y, torch.float32), w * _U32 / (1 - w * _U32)
+    gamma = w * _U32 / (1 - w * _U32)
+    grow = 1 + 2 * gamma
+    return _gram_in(x, y, torch.float32), (gamma, grow * w**0.5 * _TINY, grow * (2 * w + 1) * _TINY)
 
 
-def _token_norms(g: Tensor, gamma: float) -> Tensor:
-    """Upper bounds on the token norms ``||x_t||`` from a float32 self Gram's diagonal
-    (``G_tt >= (1 - gamma) ||x_t||^2``), in float64, lifted over the division's and square
-    root's rounding; one-hot rows (a bool Gram) have norm 1."""
+def _token_norms(g: Tensor, rounding: _Rounding) -> Tensor:
+    """Upper bounds on the token norms ``l_t = ||x_t||`` from a float32 self Gram's diagonal, in
+    float64: ``G_tt >= (1 - gamma) l^2 - 2 c1 l - c0`` gives ``l <= (c1 + sqrt(c1^2 + (1 - gamma)
+    (G_tt + c0))) / (1 - gamma)``, lifted over its own rounding; one-hot rows (a bool Gram) have
+    norm 1."""
     if g.dtype == torch.bool:
         return torch.ones(g.shape[:2], dtype=NORM_DTYPE, device=g.device)
+    gamma, c1, c0 = rounding
     diag = g.diagonal(dim1=1, dim2=2).to(NORM_DTYPE).clamp(min=0)
-    return (diag / (1 - gamma)).sqrt() * (1 + 8 * _U)
+    return (c1 + (c1 * c1 + (1 - gamma) * (diag + c0)).sqrt()) / (1 - gamma) * (1 + 16 * _U)
 
 
-def _weighted(u: Tensor, g: Tensor, v: Tensor) -> Tensor:
-    """``sum_{t,s} u_bt |g_bts| v_bs`` in float64."""
-    a = g.to(NORM_DTYPE).abs() if g.dtype != torch.bool else g.to(NORM_DTYPE)
-    return (torch.bmm(a, v.unsqueeze(-1)).squeeze(-1) * u).sum(1)
+def _entry_error(rounding: _Rounding, u: Tensor, v: Tensor) -> Tensor | float:
+    """:func:`_gram32`'s bound on every entry's error, ``(B, T, T')`` in float64 (0: exact)."""
+    gamma, c1, c0 = rounding
+    if not gamma:
+        return 0.0
+    return gamma * u.unsqueeze(2) * v.unsqueeze(1) + c1 * (u.unsqueeze(2) + v.unsqueeze(1)) + c0
 
 
 def _pair32(f: Outer, g: Outer, norms: dict[int, tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """``(inner, err)`` of uses ``f`` and ``g`` from float32 Grams ``A ~ L L'^T`` (gamma_m)
-    and ``B ~ R R'^T`` (gamma_n), multiplied and summed in float64 (products of float32 values
-    are exact there).  With token-norm bounds ``l, r`` (``f``) and ``l', r'`` (``g``) and
-    ``S = sum_t l_t r_t``: ``|A - a|_ts <= gamma_m l_t l'_s`` and ``|a_ts| <= |A_ts| + gamma_m l_t
-    l'_s`` give ``|sum A B - sum a b| <= gamma_m l^T |B| l' + gamma_n r^T |A| r' + gamma_m
-    gamma_n S S'``, ``err`` (the float64 sum's own rounding is :func:`ghost_error`'s)."""
+    """``(inner, err)`` of uses ``f`` and ``g`` from float32 Grams ``A ~ a = L L'^T`` and ``B ~
+    b = R R'^T``, multiplied and summed in float64 (products of float32 values are exact
+    there).  With entry errors ``|A - a| <= E_A``, ``|B - b| <= E_B`` (:func:`_entry_error`, from
+    the token-norm bounds ``l, r`` of ``f`` and ``l', r'`` of ``g``), ``|AB - ab| <= E_A |B| + |A|
+    E_B + E_A E_B`` entrywise (as ``|a| <= |A| + E_A``): ``err`` is its sum, ``~ gamma_m l^T |B|
+    l' + gamma_n r^T |A| r'`` (the float64 sum's own rounding is :func:`ghost_error`'s)."""
     assert f.right is not None and g.right is not None
+    a, ra = _gram32(f.left, f.left if f is g else g.left)
+    b, rb = _gram32(f.right, f.right if f is g else g.right)
     if f is g:
-        a, gm = _gram32(f.left, f.left)
-        b, gn = _gram32(f.right, f.right)
-        norms[id(f)] = (_token_norms(a, gm), _token_norms(b, gn))
-    else:
-        a, gm = _gram32(f.left, g.left)
-        b, gn = _gram32(f.right, g.right)
+        norms[id(f)] = (_token_norms(a, ra), _token_norms(b, rb))
     (lf, rf), (lg, rg) = norms[id(f)], norms[id(g)]
     value = _gram_dot(a, b)
-    err = gm * _weighted(lf, b, lg) + gn * _weighted(rf, a, rg)
-    err = err + gm * gn * (lf * rf).sum(1) * (lg * rg).sum(1)
+    ea, eb = _entry_error(ra, lf, lg), _entry_error(rb, rf, rg)  # in place below: 3 temporaries
+    err = (b.to(NORM_DTYPE).abs_().add_(eb).mul_(ea)).sum((1, 2))
+    err = err + a.to(NORM_DTYPE).abs_().mul_(eb).sum((1, 2))
     # the bound's own float64 evaluation: (T T' + 8) roundings of non-negative terms at most
     return value, err * (1 + 4 * (f.length * g.length + 8) * _U)
 

@@ -66,17 +66,17 @@ def test_the_float32_error_bound_holds(dtype):
         assert abs(float(n2[0]) - true**2) <= float(err[0]), (d, ratio)
 
 
-def _worst_case_gram(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """A float32 Gram as bad as the rounding model allows: every entry ``x_t . y_s`` lowered by
-    ``gamma_w ||x_t|| ||y_s||`` (computed exactly in float64)."""
+def _worst_case_gram(x: torch.Tensor, y: torch.Tensor):
+    """A float32 Gram as bad as the rounding of normal numbers allows: every entry ``x_t . y_s``
+    lowered by ``gamma_w ||x_t|| ||y_s||`` (computed exactly in float64)."""
     if O.is_index(x) or O.is_index(y):
-        return O.gram(x, y), 0.0
+        return O.gram(x, y), (0.0, 0.0, 0.0)
     w = x.shape[-1]
     gamma = w * 2.0**-24 / (1 - w * 2.0**-24)
     xd, yd = x.double(), y.double()
     exact = torch.bmm(xd, yd.transpose(1, 2))
     drop = gamma * xd.norm(dim=-1).unsqueeze(2) * yd.norm(dim=-1).unsqueeze(1)
-    return exact - drop, gamma
+    return exact - drop, (gamma, 0.0, 0.0)
 
 
 @pytest.mark.parametrize("shrink", [1.0, 0.5])
@@ -243,6 +243,26 @@ def test_reduced_precision_float32_matmuls_use_float64(float32_everywhere):
     finally:
         torch.backends.mkldnn.matmul.fp32_precision = before
     assert O.exact_float32_matmul(torch.device("cpu"))
+
+
+def test_flushed_subnormals_are_covered(float32_everywhere):
+    """Factors of 1e-30 (products below float32's normal range, flushed to zero with
+    ``set_flush_denormal``): the bound still holds, from its absolute terms."""
+    g = torch.Generator().manual_seed(5)
+    fs = [Outer(torch.randn(2, 6, 40, generator=g) * 1e-30, torch.randn(2, 6, 30, generator=g), 40)]
+    flush = torch.set_flush_denormal(True)
+    try:
+        n2, err, _ = O.norm_sq_and_error32(fs)
+    finally:
+        torch.set_flush_denormal(False)
+    assert bool(((n2 - _exact(fs)).abs() <= err).all())
+    assert flush or bool((err > 0).all())
+
+
+def test_float64_factors_are_not_rounded_to_float32():
+    """A float64 model's factors would lose bits in float32 Grams: they keep the float64 ones."""
+    big = [Outer(torch.randn(1, 128, 256).double(), torch.randn(1, 128, 1024).double(), 256)]
+    assert not O.try_float32(big)
 
 
 def test_small_layers_keep_float64_grams():
