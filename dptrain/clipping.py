@@ -24,12 +24,16 @@ come from one of two certified computations (:func:`_ghost_norms`):
   ``sqrt(n2 + eta S^2)`` and over-clips by a relative ``eta r^2 / 2``, below ``1e-6`` even for a
   GPT-2 LM head over 1024 tokens at ``r = 64``;
 * float32 Grams with their a-posteriori error ``err`` (:func:`~.grad_sample.outer.
-  norm_sq_and_error32`: the rounding weighted by the other Gram, not ``gamma S^2``), for the
-  parameters with at least :data:`~.grad_sample.outer.FLOAT32_GRAM_COST` Gram multiply-adds per
-  sample on IEEE float32 matmuls; the norm is ``sqrt(n2 + err)``, accepted where ``err <=``
-  :data:`~.grad_sample.outer.FLOAT32_SLACK` ``n2`` (an over-clip of at most ``2^-7``, 0.8%; 0.05%
-  on the 4-layer GPT-2 of the benchmarks), the other samples redone in float64.  Twice as fast
-  on a CPU; on GPUs with slow float64 (1/32-1/64 rate) far more.
+  norm_sq_and_error32`: the rounding weighted by the other Gram, not ``gamma S^2``); the norm
+  is ``sqrt(n2 + err)``, accepted where ``err <=`` :data:`~.grad_sample.outer.FLOAT32_SLACK`
+  ``n2`` (an over-clip of at most ``2^-7``, 0.8%; 0.05% on the 4-layer GPT-2 of the
+  benchmarks), the other samples redone in float64.  Only with a public bound ``max_length`` on
+  every use's length (the recipe path passes ``data.max_length``), and only for the parameters
+  :func:`~.grad_sample.outer.float32_for_run` picks from public values: wide enough to pay,
+  and ghosted at every length up to the bound.  The path of a sample is thus fixed for the run
+  but for its own loose or cancelling norms, never chosen by the other samples of the batch:
+  the float32 path's over-clip is per sample (up to 0.8%), so a path that followed the padded
+  length would let one added long sequence move every other sample's coefficient.
 
 A materialized gradient's norm is its float64 norm plus that reduction's error bound
 (:func:`_sq_up`); group sums and square roots are rounded up.  The coefficient ``min(1, C / (N +
@@ -63,11 +67,11 @@ from .grad_sample import Outer, Recorded, Use
 from .grad_sample.outer import (
     FLOAT32_SLACK,
     NORM_DTYPE,
+    float32_for_run,
     ghost_error,
     norm_sq_and_bound,
     norm_sq_and_error32,
     prefer_ghost,
-    try_float32,
 )
 from .segments import Segments, group_outer, group_rows
 
@@ -213,39 +217,26 @@ def _certified32(factors: list[Outer]) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _ghost_norms(
-    params: dict[nn.Parameter, list[Outer]],
+    params: dict[nn.Parameter, list[Outer]], max_length: int | None, always: bool
 ) -> tuple[dict[nn.Parameter, Tensor], dict[nn.Parameter, Tensor], int]:
     """Per ghosted parameter, a certified upper bound on every sample's squared norm and the
     samples whose tokens cancel beyond :data:`CANCELLATION` (to be materialized); and how many
     (parameter, sample) norms were redone in float64.
 
-    Float64 Grams (:func:`_certified64`) unless :func:`try_float32`; then float32 Grams and
-    their certified error, on the first sample (a pilot: when its bound is looser than
-    :data:`FLOAT32_SLACK`, as for long sequences of wide layers, the parameter's other samples'
-    are likely to be too, and the whole batch goes to float64 at once) and then on the rest,
-    whose loose samples are redone in float64.  Two reads of flags (pilots, loose samples) for
-    all parameters together, not one per parameter."""
+    Float32 Grams and their certified error (:func:`_certified32`) for the parameters
+    :func:`float32_for_run` picks (never without a public ``max_length``), float64 Grams
+    (:func:`_certified64`) for the others; a float32 sample whose bound is looser than
+    :data:`FLOAT32_SLACK` is redone in float64.  So a sample's path depends on public values
+    and on that sample alone, never on the other samples of its batch.  One read of the loose
+    flags for all parameters together, not one per parameter."""
     upper: dict[nn.Parameter, Tensor] = {}
     heavy: dict[nn.Parameter, Tensor] = {}
-    pilots: dict[nn.Parameter, tuple[Tensor, Tensor, Tensor]] = {}
-    for p, fs in params.items():
-        if try_float32(fs):
-            pilots[p] = _certified32([f.rows(slice(0, 1)) for f in fs])
-        else:
-            upper[p], heavy[p] = _certified64(fs)
-    flags = torch.stack([loose[0] for _, _, loose in pilots.values()]).tolist() if pilots else []
     loose: dict[nn.Parameter, Tensor] = {}
-    for (p, pilot), pilot_loose in zip(pilots.items(), flags, strict=True):
-        fs = params[p]
-        if pilot_loose:
-            upper[p], heavy[p] = _certified64(fs)
-        elif fs[0].batch == 1:
-            upper[p], heavy[p], loose[p] = pilot
+    for p, fs in params.items():
+        if max_length is not None and float32_for_run(fs, max_length, always):
+            upper[p], heavy[p], loose[p] = _certified32(fs)
         else:
-            rest = _certified32([f.rows(slice(1, None)) for f in fs])
-            upper[p], heavy[p], loose[p] = (
-                torch.cat(pair) for pair in zip(pilot, rest, strict=True)
-            )
+            upper[p], heavy[p] = _certified64(fs)
     refined = 0
     flags = torch.stack([m.any() for m in loose.values()]).tolist() if loose else []
     for (p, mask), any_loose in zip(loose.items(), flags, strict=True):
@@ -272,12 +263,15 @@ def clip_and_sum(
     ghost: bool | str = "auto",
     raw: bool = False,
     segments: Segments | None = None,
+    max_length: int | None = None,
 ) -> ClippedSums:
     """Clip every sample's gradient per group at ``clip[group]`` and sum over samples.
 
     With ``segments`` (:mod:`dptrain.segments`) a sample is a segment (a person): the rows of
     one segment are summed before the clip, ghost norms taking the Gram matrix over all of the
-    segment's tokens; ``norms`` and ``nonfinite`` then count segments."""
+    segment's tokens; ``norms`` and ``nonfinite`` then count segments.  ``max_length``: a public
+    bound on every use's length, which lets wide parameters take float32 Grams
+    (:func:`_ghost_norms`; not with segments, whose lengths it does not bound)."""
     mode = ghost_mode(ghost)
     batch = recorded.batch_size if segments is None else segments.count
     per_row = (lambda t: t) if segments is None else (lambda t: group_rows(t, segments))
@@ -317,7 +311,8 @@ def clip_and_sum(
                 total, owned = total + g, True
         materialized[p] = total
 
-    ghost_sq, heavies, refined = _ghost_norms(ghost_fs)
+    public_length = max_length if segments is None else None  # a person's rows: not bounded
+    ghost_sq, heavies, refined = _ghost_norms(ghost_fs, public_length, mode == "always")
     ghosted = {p: (fs, heavies[p]) for p, fs in ghost_fs.items()}
 
     # which ghosted parameters have heavy samples: one read of all the flags (one host-device

@@ -376,20 +376,46 @@ _HALVES = (torch.float32, torch.bfloat16, torch.float16)  # exact in float32
 _TINY = 2.0**-126  # the smallest normal float32: below it, flush-to-zero may lose a value
 
 
-def try_float32(factors: list[Outer]) -> bool:
-    """Whether :func:`norm_sq_and_error32` applies and pays: matrix uses over more than one
-    token with float32/bfloat16/float16 (or index) factors, widths below ``2^20``, at least
-    :data:`FLOAT32_GRAM_COST` Gram multiply-adds per sample, IEEE float32 matmuls on their
-    device."""
-    if not factors[0].batch:
+def float32_for_run(factors: list[Outer], max_length: int, always: bool) -> bool:
+    """Whether one parameter's ghost norms take float32 Grams (:func:`norm_sq_and_error32`) in
+    every batch of a run whose uses have at most ``max_length`` positions each.
+
+    A function of public values only (the uses' count, widths and dtypes, ``max_length``, the
+    ghost mode, the device's matmul setting), never of a batch's padded length: the float32
+    path over-clips a sample by its own certified slack (up to :data:`FLOAT32_SLACK`), the
+    float64 and materialized paths by ~1e-9, so a path chosen by the batch would let one added
+    sample move the other samples' coefficients (``tests/engine/test_neighbours.py``).
+
+    Float32 when the uses are matrices with float32/bfloat16/float16 (or index) factors of
+    widths below ``2^20``, with at least :data:`FLOAT32_GRAM_COST` Gram multiply-adds per
+    sample at length ``max_length``, on IEEE float32 matmuls, and (unless ``always``) ghosted
+    by :func:`prefer_ghost` at *every* length up to ``max_length``.  That last holds when
+    ``L c_u < 2 m n`` for every use ``u`` with ``c_u = (u + 1) d_u + sum_{i >= u} d_i`` (``d_i``
+    the widths summed in :func:`ghost_cost`): from ``T_i T_j <= L (T_i + T_j) / 2``,
+    ``ghost_cost <= (L / 2) sum_u c_u T_u < m n sum_u T_u``.  A use longer than ``max_length``
+    raises: the bound would not hold."""
+    for f in factors:
+        if f.length > max_length:
+            raise ValueError(
+                f"a use of a parameter spans {f.length} positions, more than max_length = "
+                f"{max_length}: pass the longest sequence any batch can have (the recipe's "
+                "data.max_length), or max_length=None (float64 Grams throughout)"
+            )
+    if not factors[0].batch or any(f.right is None for f in factors):
         return False
     for f in factors:
-        if f.right is None or f.length == 1:
-            return False
         for t in (f.left, f.right):
+            assert t is not None
             if not is_index(t) and (t.dtype not in _HALVES or t.shape[-1] >= 2**20):
                 return False
-    return ghost_cost(factors) >= FLOAT32_GRAM_COST and exact_float32_matmul(factors[0].left.device)
+    widths = [_dim(f.left) + _dim(f.right) for f in factors if f.right is not None]
+    m, n = factors[0].matrix_shape
+    if not always:
+        for u, d in enumerate(widths):
+            if max_length * ((u + 1) * d + sum(widths[u:])) >= 2 * m * n:
+                return False
+    cost = max_length * max_length * sum((u + 1) * d for u, d in enumerate(widths))
+    return cost >= FLOAT32_GRAM_COST and exact_float32_matmul(factors[0].left.device)
 
 
 _Rounding = tuple[float, float, float]  # (gamma, c1, c0) of a float32 Gram's entries
@@ -478,7 +504,7 @@ def norm_sq_and_error32(factors: list[Outer]) -> tuple[Tensor, Tensor, Tensor]:
     Twice as fast as the float64 Grams on a CPU, 32-64 times on GPUs with slow float64; the
     price is ``err``, ``(gamma_m + gamma_n) 2^-24``-sized terms weighted by the Grams: 2e-4 to
     2e-2 of ``n2`` for transformer block linears of width 256 to 3072
-    (:data:`FLOAT32_SLACK` decides).  Requires :func:`try_float32`."""
+    (:data:`FLOAT32_SLACK` decides).  Used where :func:`float32_for_run`."""
     n2, err, s = _by_rows(_norm32_rows, factors)
     err = err + ghost_error(factors) * s * s
     return n2, torch.nextafter(err, torch.full_like(err, float("inf"))), s

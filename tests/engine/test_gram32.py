@@ -5,6 +5,8 @@ overflowing samples and non-IEEE float32 matmuls fall back to the float64 Grams.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -14,13 +16,18 @@ from dptrain.clipping import clip_and_sum
 from dptrain.grad_sample import GradCapture, Outer
 from dptrain.grad_sample import outer as O
 
+from . import test_clip_bound
 from .test_clip_bound import SLACK, _cancelling_loss, _clipped_norm, _crafted
 
 
 @pytest.fixture
 def float32_everywhere(monkeypatch):
-    """Every ghosted parameter tries float32 Grams, however small."""
+    """Every ghosted parameter tries float32 Grams, however small (a public length bound for
+    every ``clip_and_sum`` call that passes none)."""
     monkeypatch.setattr(O, "FLOAT32_GRAM_COST", 0)
+    bounded = functools.partial(clip_and_sum, max_length=1 << 16)
+    monkeypatch.setattr(test_clip_bound, "clip_and_sum", bounded)
+    monkeypatch.setitem(globals(), "clip_and_sum", bounded)
 
 
 def _exact(fs: list[Outer]) -> torch.Tensor:
@@ -182,10 +189,12 @@ def test_tied_model_norms_are_certified_and_tight(float32_everywhere):
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
 
 
-def test_loose_samples_and_pilots_fall_back_to_float64(float32_everywhere, monkeypatch):
-    """A batch whose first sample is benign and second crafted to cancel: only the second is
-    redone in float64 (its norm then equals the float64 path's exactly); with the crafted one
-    first (the pilot), the whole parameter goes to float64 and nothing is redone."""
+def test_loose_samples_fall_back_to_float64_whatever_their_neighbours(
+    float32_everywhere, monkeypatch
+):
+    """A benign and a crafted cancelling sample: only the crafted one is redone in float64 (its
+    norm then equals the float64 path's exactly), in either order, and each sample's norm is
+    the same bits in both orders: a sample's path is its own, not its batch's."""
     d = 768
     x, r, _, _ = _crafted(d, 50.0, torch.float32, seed=1)
     g = torch.Generator().manual_seed(3)
@@ -202,14 +211,13 @@ def test_loose_samples_and_pilots_fall_back_to_float64(float32_everywhere, monke
             cap.detach()
 
     mixed = run((torch.cat([xb, x]), torch.cat([rb, r])))
-    assert mixed.refined == 1
-    pilot_loose = run((torch.cat([x, xb]), torch.cat([r, rb])))
-    assert pilot_loose.refined == 0
+    swapped = run((torch.cat([x, xb]), torch.cat([r, rb])))
+    assert mixed.refined == 1 and swapped.refined == 1
+    assert torch.equal(mixed.norms["all"], swapped.norms["all"].flip(0))
     monkeypatch.setattr(O, "FLOAT32_GRAM_COST", 1 << 62)
     reference = run((torch.cat([xb, x]), torch.cat([rb, r])))
     assert float(mixed.norms["all"][1]) == float(reference.norms["all"][1])
     assert float(mixed.norms["all"][0]) > float(reference.norms["all"][0])  # float32 bound
-    assert torch.equal(pilot_loose.norms["all"], reference.norms["all"].flip(0))
 
 
 def test_a_float32_overflow_is_redone_in_float64(float32_everywhere):
@@ -235,11 +243,13 @@ def test_reduced_precision_float32_matmuls_use_float64(float32_everywhere):
     """With bfloat16 passes allowed for float32 matmuls (``fp32_precision = "bf16"``), whose
     rounding the float32 bound does not cover, the Grams are float64."""
     f = [Outer(torch.randn(2, 8, 32), torch.randn(2, 8, 32), 32)]
-    assert O.exact_float32_matmul(torch.device("cpu")) and O.try_float32(f)
+    assert O.exact_float32_matmul(torch.device("cpu")) and O.float32_for_run(f, 8, always=False)
     before = torch.backends.mkldnn.matmul.fp32_precision
     try:
         torch.backends.mkldnn.matmul.fp32_precision = "bf16"
-        assert not O.exact_float32_matmul(torch.device("cpu")) and not O.try_float32(f)
+        assert not O.exact_float32_matmul(torch.device("cpu")) and not O.float32_for_run(
+            f, 8, always=False
+        )
     finally:
         torch.backends.mkldnn.matmul.fp32_precision = before
     assert O.exact_float32_matmul(torch.device("cpu"))
@@ -262,13 +272,57 @@ def test_flushed_subnormals_are_covered(float32_everywhere):
 def test_float64_factors_are_not_rounded_to_float32():
     """A float64 model's factors would lose bits in float32 Grams: they keep the float64 ones."""
     big = [Outer(torch.randn(1, 128, 256).double(), torch.randn(1, 128, 1024).double(), 256)]
-    assert not O.try_float32(big)
+    assert not O.float32_for_run(big, 128, always=False)
 
 
 def test_small_layers_keep_float64_grams():
-    """Below FLOAT32_GRAM_COST multiply-adds per sample the Grams stay float64 (exact to 1e-9);
-    a transformer block linear of width 256 over 128 tokens tries float32."""
+    """Below FLOAT32_GRAM_COST multiply-adds per sample at the public bound the Grams stay
+    float64 (exact to 1e-9); a transformer block linear of width 256 over 128 tokens takes
+    float32, decided by the bound, not by the batch's length (also at 16 tokens)."""
     small = [Outer(torch.randn(2, 16, 64), torch.randn(2, 16, 64), 64)]
     large = [Outer(torch.randn(1, 128, 256), torch.randn(1, 128, 1024), 256)]
-    assert not O.try_float32(small) and O.try_float32(large)
-    assert not O.try_float32([Outer(torch.randn(0, 128, 256), torch.randn(0, 128, 1024), 256)])
+    short = [Outer(torch.randn(1, 16, 256), torch.randn(1, 16, 1024), 256)]
+    assert not O.float32_for_run(small, 16, always=False)
+    assert O.float32_for_run(large, 128, always=False)
+    assert O.float32_for_run(short, 128, always=False)
+    assert not O.float32_for_run(short, 16, always=False)  # cheap at that bound
+    empty = [Outer(torch.randn(0, 128, 256), torch.randn(0, 128, 1024), 256)]
+    assert not O.float32_for_run(empty, 128, always=False)
+
+
+def test_a_use_longer_than_the_bound_is_refused():
+    """The decision rests on every use being at most max_length long: a longer one raises,
+    naming the fix, rather than taking a path that the bound does not cover."""
+    f = [Outer(torch.randn(1, 129, 256), torch.randn(1, 129, 1024), 256)]
+    with pytest.raises(ValueError, match="max_length"):
+        O.float32_for_run(f, 128, always=False)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_chosen_at_the_bound_means_ghosted_at_every_shorter_length(seed, monkeypatch):
+    """float32_for_run (auto) implies prefer_ghost for any use lengths up to the bound, for
+    random use structures (1-3 uses, index and dense factors, widths 1 to 4096): the parameter
+    never leaves the float32 path because a batch is shorter."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rint(lo, hi):
+        return int(torch.randint(lo, hi, (1,), generator=g))
+
+    m, n, bound = rint(1, 4096), rint(1, 4096), rint(1, 512)
+
+    kinds = [rint(0, 3) == 0 for _ in range(rint(1, 4))]  # True: an index left factor
+
+    def factors(lengths):
+        out = []
+        for index, length in zip(kinds, lengths, strict=True):
+            left = torch.zeros(1, length, dtype=torch.long) if index else torch.zeros(1, length, m)
+            out.append(Outer(left, torch.zeros(1, length, n), m))
+        return out
+
+    at_bound = factors([bound] * len(kinds))
+    monkeypatch.setattr(O, "FLOAT32_GRAM_COST", 0)
+    chosen = O.float32_for_run(at_bound, bound, always=False)
+    if chosen:
+        for _ in range(20):
+            lengths = [rint(1, bound + 1) for _ in kinds]
+            assert O.prefer_ghost(factors(lengths))
