@@ -26,8 +26,8 @@ come from one of two certified computations (:func:`_ghost_norms`):
 * float32 Grams with their a-posteriori error ``err`` (:func:`~.grad_sample.outer.
   norm_sq_and_error32`: the rounding weighted by the other Gram, not ``gamma S^2``); the norm
   is ``sqrt(n2 + err)``, accepted where ``err <=`` :data:`~.grad_sample.outer.FLOAT32_SLACK`
-  ``n2`` (an over-clip of at most ``2^-7``, 0.8%; 0.05% on the 4-layer GPT-2 of the
-  benchmarks), the other samples redone in float64.  Only with a public bound ``max_length`` on
+  ``n2`` (an over-clip of at most ``2^-7``, 0.8%; 0.01-0.5% on the layers of the
+  benchmarks' 4-layer GPT-2), the other samples redone in float64.  Only with a public bound ``max_length`` on
   every use's length (the recipe path passes ``data.max_length``), and only for the parameters
   :func:`~.grad_sample.outer.float32_for_run` picks from public values: wide enough to pay,
   and ghosted at every length up to the bound.  The path of a sample is thus fixed for the run
@@ -206,11 +206,11 @@ def _certified64(factors: list[Outer]) -> tuple[Tensor, Tensor]:
     return _up(n2 + _up(ghost_error(factors) * s * s)), s > CANCELLATION * n2.sqrt()
 
 
-def _certified32(factors: list[Outer]) -> tuple[Tensor, Tensor, Tensor]:
+def _certified32(factors: list[Outer], length: int) -> tuple[Tensor, Tensor, Tensor]:
     """``(upper, heavy, loose)`` from float32 Grams (:func:`norm_sq_and_error32`): ``upper =
     n2 + err``; ``loose``: samples whose certified error is above ``FLOAT32_SLACK n2`` or not
     finite (a float32 Gram may overflow where a float64 one does not)."""
-    n2, err, s = norm_sq_and_error32(factors)
+    n2, err, s = norm_sq_and_error32(factors, length)
     n2 = n2.clamp(min=0)
     loose = ~(torch.isfinite(n2) & torch.isfinite(err) & (err <= FLOAT32_SLACK * n2))
     return _up(n2 + err), torch.isfinite(s) & (s > CANCELLATION * n2.sqrt()), loose
@@ -234,7 +234,7 @@ def _ghost_norms(
     loose: dict[nn.Parameter, Tensor] = {}
     for p, fs in params.items():
         if max_length is not None and float32_for_run(fs, max_length, always):
-            upper[p], heavy[p], loose[p] = _certified32(fs)
+            upper[p], heavy[p], loose[p] = _certified32(fs, max_length)
         else:
             upper[p], heavy[p] = _certified64(fs)
     refined = 0

@@ -80,7 +80,7 @@ class PrivacyEngine:
     batches passed to :meth:`step` (see :class:`dptrain.PoissonSampler`).  ``max_length``, a
     public bound on the tokens of every sample (``dptrain train`` passes ``data.max_length``),
     lets wide layers' ghost norms use float32 Grams with a certified error
-    (:mod:`dptrain.clipping`); a batch longer than it is refused.
+    (:mod:`dptrain.clipping`); a ghosted layer applied at more positions than that is refused.
     """
 
     def __init__(

@@ -78,9 +78,9 @@ A100, H100/H200, B200); the others run it at 1/32-1/64."""
 
 def float64_note(major: int, minor: int) -> str:
     """What a GPU of compute capability ``major.minor`` should say about float64: the ghost
-    norms' Gram matrices are float32 with a certified error where that error is small, float64
-    elsewhere (small layers, long sequences of wide ones, cancelling samples; the certified clip
-    bound, :mod:`dptrain.clipping`)."""
+    norms' Gram matrices are float32 with a certified error for the wide layers of runs with a
+    public length bound (``dptrain train``), float64 elsewhere and for the samples float32
+    cannot certify (the certified clip bound, :mod:`dptrain.clipping`)."""
     if (major, minor) in FULL_RATE_FLOAT64:
         return ""
     return (

@@ -22,6 +22,7 @@ Cost per sample: ghost norms of uses ``i, j`` take ``T_i T_j (m + n)`` multiply-
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -299,7 +300,7 @@ def norm_sq_and_bound(factors: list[Outer]) -> tuple[Tensor, Tensor]:
     return total, s
 
 
-def ghost_error(factors: list[Outer]) -> float:
+def ghost_error(factors: list[Outer], length: int | None = None) -> float:
     """``eta`` with ``|norm_sq(factors)_b - ||G_b||^2| <= eta S_b^2``, ``S_b = sum_i bound(G_i)_b``
     summed over all uses of the parameter (cross terms included), whatever the summation order
     of the float64 dot products and reductions (BLAS blocking, FMA).
@@ -326,17 +327,22 @@ def ghost_error(factors: list[Outer]) -> float:
     ``T^2`` reduction dominates): a sample with ``S_b <= 64 ||G_b||`` (all others are
     materialized) has its clipping norm over-estimated by at most ``eta 64^2 / 2 ~ 1e-6``,
     relatively, and by ``eta T / 2 ~ 2.5e-7`` when its tokens add like random vectors
-    (``S_b / ||G_b|| ~ sqrt(T)``); at ``T = 128``, ``eta ~ 3e-11``."""
+    (``S_b / ||G_b|| ~ sqrt(T)``); at ``T = 128``, ``eta ~ 3e-11``.
+
+    ``length``: a bound on every use's length to state ``eta`` for instead of the uses' own
+    (``eta`` grows with it, so it stays a bound), which makes it the same for every batch."""
     k = len(factors)
     worst = 0
     for i, f in enumerate(factors):
         for g in factors[: i + 1]:
+            tf, tg = (f.length, g.length) if length is None else (length, length)
+            tf, tg = max(tf, f.length), max(tg, g.length)
             if f.right is None or g.right is None:
-                w = f.m + f.length + g.length
+                w = f.m + tf + tg
             else:
                 left = 0 if is_index(f.left) or is_index(g.left) else _width(f.left)
                 right = 0 if is_index(f.right) or is_index(g.right) else _width(f.right)
-                w = left + right + f.length * g.length
+                w = left + right + tf * tg
             worst = max(worst, w)
     return 4 * _U * (worst + k * (k + 1) // 2 + 2)
 
@@ -460,7 +466,9 @@ def _entry_error(rounding: _Rounding, u: Tensor, v: Tensor) -> Tensor | float:
     return gamma * u.unsqueeze(2) * v.unsqueeze(1) + c1 * (u.unsqueeze(2) + v.unsqueeze(1)) + c0
 
 
-def _pair32(f: Outer, g: Outer, norms: dict[int, tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+def _pair32(
+    f: Outer, g: Outer, norms: dict[int, tuple[Tensor, Tensor]], length: int
+) -> tuple[Tensor, Tensor]:
     """``(inner, err)`` of uses ``f`` and ``g`` from float32 Grams ``A ~ a = L L'^T`` and ``B ~
     b = R R'^T``, multiplied and summed in float64 (products of float32 values are exact
     there).  With entry errors ``|A - a| <= E_A``, ``|B - b| <= E_B`` (:func:`_entry_error`, from
@@ -478,35 +486,41 @@ def _pair32(f: Outer, g: Outer, norms: dict[int, tuple[Tensor, Tensor]]) -> tupl
     err = (b.to(NORM_DTYPE).abs_().add_(eb).mul_(ea)).sum((1, 2))
     err = err + a.to(NORM_DTYPE).abs_().mul_(eb).sum((1, 2))
     # the bound's own float64 evaluation: (T T' + 8) roundings of non-negative terms at most
-    return value, err * (1 + 4 * (f.length * g.length + 8) * _U)
+    pairs = max(length * length, f.length * g.length)  # stated at the public bound
+    return value, err * (1 + 4 * (pairs + 8) * _U)
 
 
-def _norm32_rows(*factors: Outer) -> tuple[Tensor, Tensor, Tensor]:
+def _norm32_rows(*factors: Outer, length: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`norm_sq_and_error32` for a few samples: each use's self term (which gives its
     token norms), then its cross terms with the uses before it (doubled, exactly)."""
     norms: dict[int, tuple[Tensor, Tensor]] = {}
-    total, err = _pair32(factors[0], factors[0], norms)
+    total, err = _pair32(factors[0], factors[0], norms, length)
     for i, f in enumerate(factors):
         if i:
-            v, e = _pair32(f, f, norms)
+            v, e = _pair32(f, f, norms, length)
             total, err = total + v, err + e
         for g in factors[:i]:
-            v, e = _pair32(f, g, norms)
+            v, e = _pair32(f, g, norms, length)
             total, err = total + 2 * v, err + 2 * e
     s = sum((norms[id(f)][0] * norms[id(f)][1]).sum(1) for f in factors)
     return total, err, s
 
 
-def norm_sq_and_error32(factors: list[Outer]) -> tuple[Tensor, Tensor, Tensor]:
+def norm_sq_and_error32(
+    factors: list[Outer], length: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(n2, err, S)`` of one parameter's uses from float32 Gram matrices: ``|n2_b - ||G_b||^2|
     <= err_b`` (certified, every summation order: :func:`_pair32` for each pair of uses plus
     :func:`ghost_error`'s ``eta S^2`` for the float64 sums) and ``S_b >= sum_i bound(G_i)_b``.
     Twice as fast as the float64 Grams on a CPU, 32-64 times on GPUs with slow float64; the
     price is ``err``, ``(gamma_m + gamma_n) 2^-24``-sized terms weighted by the Grams: 2e-4 to
     2e-2 of ``n2`` for transformer block linears of width 256 to 3072
-    (:data:`FLOAT32_SLACK` decides).  Used where :func:`float32_for_run`."""
-    n2, err, s = _by_rows(_norm32_rows, factors)
-    err = err + ghost_error(factors) * s * s
+    (:data:`FLOAT32_SLACK` decides).  Used where :func:`float32_for_run`.  ``length``: the
+    public bound the length-dependent terms are stated at (the uses' own lengths if None), so
+    that a sample's ``err`` does not follow its batch's padded length beyond rounding."""
+    rows = functools.partial(_norm32_rows, length=length or 0)
+    n2, err, s = _by_rows(rows, factors)
+    err = err + ghost_error(factors, length) * s * s
     return n2, torch.nextafter(err, torch.full_like(err, float("inf"))), s
 
 

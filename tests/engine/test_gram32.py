@@ -326,3 +326,52 @@ def test_chosen_at_the_bound_means_ghosted_at_every_shorter_length(seed, monkeyp
         for _ in range(20):
             lengths = [rint(1, bound + 1) for _ in kinds]
             assert O.prefer_ghost(factors(lengths))
+
+
+def test_the_engine_refuses_a_batch_longer_than_its_bound():
+    """``PrivacyEngine(max_length=L)`` states a public bound; a batch of a ghosted wide layer
+    over more than ``L`` positions raises before any update, naming the fix."""
+    from dptrain import PrivacyEngine, StaticPolicy
+
+    model = nn.Linear(256, 1024, bias=False)
+    engine = PrivacyEngine(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        policy=StaticPolicy(clip=1.0, noise_multiplier=0.0),
+        sample_rate=0.5,
+        dataset_size=8,
+        loss_fn=lambda m, batch: m(batch).pow(2).sum((1, 2)),
+        ghost="always",
+        max_length=16,
+    )
+    before = model.weight.detach().clone()
+    engine.step(torch.randn(3, 16, 256))  # at the bound: fine
+    assert not torch.equal(model.weight, before)
+    with pytest.raises(ValueError, match="max_length"):
+        engine.step(torch.randn(3, 17, 256))
+    with pytest.raises(ValueError, match="positive"):
+        PrivacyEngine(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            policy=StaticPolicy(clip=1.0, noise_multiplier=0.0),
+            sample_rate=0.5,
+            dataset_size=8,
+            max_length=0,
+        )
+
+
+def test_a_samples_certified_norm_does_not_follow_its_padding():
+    """One sample padded to 12 or to 180 positions (activations on the padding, zero output
+    gradients, as a right-padded batch gives): with the bound stated at the public length, its
+    n2 and err agree to rounding, so whether it is accepted in float32 does not follow the
+    batch's padded length."""
+    g = torch.Generator().manual_seed(11)
+    x, r = torch.randn(1, 180, 256, generator=g), torch.randn(1, 180, 1024, generator=g)
+    r[:, 12:] = 0
+    short = [Outer(x[:, :12], r[:, :12], 256)]
+    padded = [Outer(x, r, 256)]
+    n2s, errs, _ = O.norm_sq_and_error32(short, 256)
+    n2p, errp, _ = O.norm_sq_and_error32(padded, 256)
+    assert float(((n2s - n2p) / n2s).abs()) < 1e-6  # float32 Grams: their own rounding
+    assert float(((errs - errp) / errs).abs()) < 1e-6
+    assert float(errs / n2s) < O.FLOAT32_SLACK
