@@ -79,7 +79,10 @@ class PrivacyEngine:
     """Private training of ``model`` with ``optimizer`` under a clipping and noise ``policy``.
 
     ``sample_rate`` and ``dataset_size`` must describe the Poisson sampling that produces the
-    batches passed to :meth:`step` (see :class:`dptrain.PoissonSampler`).
+    batches passed to :meth:`step` (see :class:`dptrain.PoissonSampler`).  ``max_length``, a
+    public bound on the tokens of every sample (``dptrain train`` passes ``data.max_length``),
+    lets wide layers' ghost norms use float32 Grams with a certified error
+    (:mod:`dptrain.clipping`); a ghosted layer applied at more positions than that is refused.
     """
 
     def __init__(
@@ -99,6 +102,7 @@ class PrivacyEngine:
         noise: GaussianNoise | None = None,
         ghost: bool | str = "auto",
         precision: Precision | None = None,
+        max_length: int | None = None,
     ) -> None:
         if dataset_size <= 0:
             raise ValueError(
@@ -119,6 +123,9 @@ class PrivacyEngine:
         self.max_physical_batch_size = max_physical_batch_size
         self.noise = noise if noise is not None else GaussianNoise()  # a fresh secret key
         self.ghost = ghost_mode(ghost)  # per-sample norms: "auto" (by cost), "always", "never"
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be a positive number of tokens, got {max_length}")
+        self.max_length = max_length  # public bound on tokens per sample: float32 Gram norms
         self.precision = precision if precision is not None else Precision()
 
         names = group_parameters(model, grouping)
@@ -282,6 +289,7 @@ class PrivacyEngine:
                 ghost=self.ghost,
                 raw=self.policy.needs_raw_sums,
                 segments=seg,
+                max_length=self.max_length,
             )
             for p, s in result.sums.items():
                 clipped[p] = clipped[p] + s if p in clipped else s

@@ -530,6 +530,7 @@ def build(prep: Prepared) -> Built:
         max_physical_batch_size=recipe.training.physical_batch_size,
         noise=noise,
         precision=precision,
+        max_length=d.max_length,  # public; every encoded example is cut to it
     )
     public_batches = None
     if prep.public_texts is not None:

@@ -764,6 +764,7 @@ def train_round(
                 max_physical_batch_size=recipe.training.physical_batch_size,
                 noise=noise,
                 precision=Precision(recipe.training.precision, recipe.training.loss_scale),
+                max_length=recipe.data.max_length,
             )
             public_batches = None
             if public_texts is not None:
