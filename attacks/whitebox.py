@@ -732,6 +732,7 @@ def audit_configuration(
         grouping=recipe.policy.grouping,
         accountant=meta.get("guarantee_accountant") or recipe.privacy.accountant,
         noise=GaussianNoise(),  # a fresh secret key
+        max_length=recipe.data.max_length,  # the run's engine: the same norm paths
     )
     steps = int(meta["steps"])
     if log:

@@ -398,6 +398,7 @@ def run_setup(name: str, args: argparse.Namespace, accountant: str) -> dict[str,
             max_physical_batch_size=recipe.training.physical_batch_size,
             noise=dptrain.GaussianNoise(),
             precision=Precision(recipe.training.precision, recipe.training.loss_scale),
+            max_length=recipe.data.max_length,  # as `dptrain train` passes it
         )
         contenders["engine"] = blockwise(engine.step)
         m_plain, _ = build_model(recipe, device)

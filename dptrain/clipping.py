@@ -12,21 +12,34 @@ whichever :func:`~dptrain.grad_sample.outer.prefer_ghost` finds cheaper (``ghost
 Ghosted parameters get their clipped sum as one contraction ``L^T diag(c) R`` (book-keeping: no
 second backward pass).  A sample whose gradient is not finite contributes nothing.
 
-Numerical bound.  Ghost norms are Gram sums computed in float64 throughout (factors cast to
-float64 a few samples at a time; :data:`~.grad_sample.outer.NORM_DTYPE`).  With float32 Gram
-entries the error of a squared norm was about ``gamma S_b^2`` (``S_b = sum_t ||L_bt|| ||R_bt||``
-bounds ``||G_b||``, ``gamma ~ width 2^-24``): relatively ``gamma r^2`` with ``r = S_b /
-||G_b||``, so a sample whose tokens partly cancel got a norm too small and a contribution above
-the clip (crafted: ``C (1 + 1.2e-3)``).  In float64 the error is at most ``eta S^2``, ``eta`` of
-:func:`~.grad_sample.outer.ghost_error` (about ``(width + T^2) 2^-52``, stated and derived
-there; ``S`` over all uses of the parameter), and the norm clipped by is the certified upper
-bound ``sqrt(n2 + eta S^2)``, rounded up; a materialized gradient's is its float64 norm plus
-that reduction's error bound (:func:`_sq_up`); group sums and square roots are rounded up.  The
-coefficient ``min(1, C / (N + 1e-6))`` is computed in float64 and rounded toward zero into the
-dtype it multiplies in (:func:`clip_coef`, shared with DiceSGD's C2 clip and the federated
-server clip), so ``coef * N <= C`` exactly.  The bound over-clips by a relative ``eta r^2 / 2``:
-below ``1e-6`` even for a GPT-2 LM head over 1024 tokens at ``r = 64`` (a float32 certificate
-over-clipped it by 60%).
+Numerical bound.  Every norm clipped by is a certified upper bound on the exact norm of the
+factors' gradient.  With float32 Gram entries the error of a squared ghost norm is up to
+``gamma S_b^2`` (``S_b = sum_t ||L_bt|| ||R_bt||`` bounds ``||G_b||``, ``gamma ~ width 2^-24``):
+relatively ``gamma r^2`` with ``r = S_b / ||G_b||``, so a sample whose tokens partly cancel got a
+norm too small and a contribution above the clip (crafted: ``C (1 + 1.2e-3)``).  So the norms
+come from one of two certified computations (:func:`_ghost_norms`):
+
+* float64 Grams (factors cast a few samples at a time): error at most ``eta S^2``, ``eta`` of
+  :func:`~.grad_sample.outer.ghost_error` (about ``(width + T^2) 2^-52``); the norm is
+  ``sqrt(n2 + eta S^2)`` and over-clips by a relative ``eta r^2 / 2``, below ``1e-6`` even for a
+  GPT-2 LM head over 1024 tokens at ``r = 64``;
+* float32 Grams with their a-posteriori error ``err`` (:func:`~.grad_sample.outer.
+  norm_sq_and_error32`: the rounding weighted by the other Gram, not ``gamma S^2``); the norm
+  is ``sqrt(n2 + err)``, accepted where ``err <=`` :data:`~.grad_sample.outer.FLOAT32_SLACK`
+  ``n2`` (an over-clip of at most ``2^-7``, 0.8%; 0.01-0.5% on the layers of the
+  benchmarks' 4-layer GPT-2), the other samples redone in float64.  Only with a public bound ``max_length`` on
+  every use's length (the recipe path passes ``data.max_length``), and only for the parameters
+  :func:`~.grad_sample.outer.float32_for_run` picks from public values: wide enough to pay,
+  and ghosted at every length up to the bound.  The path of a sample is thus fixed for the run
+  but for its own loose or cancelling norms, never chosen by the other samples of the batch:
+  the float32 path's over-clip is per sample (up to 0.8%), so a path that followed the padded
+  length would let one added long sequence move every other sample's coefficient.
+
+A materialized gradient's norm is its float64 norm plus that reduction's error bound
+(:func:`_sq_up`); group sums and square roots are rounded up.  The coefficient ``min(1, C / (N +
+1e-6))`` is computed in float64 and rounded toward zero into the dtype it multiplies in
+(:func:`clip_coef`, shared with DiceSGD's C2 clip and the federated server clip), so ``coef * N
+<= C`` exactly.
 
 The book-keeping contraction ``L^T diag(c) R`` is still a float32 sum (for float32 and
 half-precision factors): its rounding is at most ``gamma_{BT} sum_b c_b S_b`` in all (the
@@ -51,7 +64,15 @@ import torch
 from torch import Tensor, nn
 
 from .grad_sample import Outer, Recorded, Use
-from .grad_sample.outer import NORM_DTYPE, ghost_error, norm_sq_and_bound, prefer_ghost
+from .grad_sample.outer import (
+    FLOAT32_SLACK,
+    NORM_DTYPE,
+    float32_for_run,
+    ghost_error,
+    norm_sq_and_bound,
+    norm_sq_and_error32,
+    prefer_ghost,
+)
 from .segments import Segments, group_outer, group_rows
 
 GhostMode = Literal["auto", "always", "never"]
@@ -67,6 +88,7 @@ class ClippedSums:
     nonfinite: int  # samples dropped for a non-finite gradient
     raw: dict[nn.Parameter, Tensor] | None = None  # sum_b grad_b[p] over finite samples
     ghosted: int = 0  # parameters whose norms were ghost norms
+    refined: int = 0  # (parameter, sample) ghost norms redone in float64 (float32 bound too loose)
 
 
 def ghost_mode(ghost: bool | str) -> GhostMode:
@@ -175,6 +197,58 @@ def clip_coef(
     return torch.where(out.to(NORM_DTYPE) > k, torch.nextafter(out, torch.zeros_like(out)), out)
 
 
+def _certified64(factors: list[Outer]) -> tuple[Tensor, Tensor]:
+    """``(upper, heavy)``: the certified upper bound ``n2 + eta S^2`` on every sample's squared
+    ghost norm from float64 Grams, and the samples whose tokens cancel beyond
+    :data:`CANCELLATION` (to be materialized)."""
+    n2, s = norm_sq_and_bound(factors)
+    n2 = n2.clamp(min=0)
+    return _up(n2 + _up(ghost_error(factors) * s * s)), s > CANCELLATION * n2.sqrt()
+
+
+def _certified32(factors: list[Outer], length: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(upper, heavy, loose)`` from float32 Grams (:func:`norm_sq_and_error32`): ``upper =
+    n2 + err``; ``loose``: samples whose certified error is above ``FLOAT32_SLACK n2`` or not
+    finite (a float32 Gram may overflow where a float64 one does not)."""
+    n2, err, s = norm_sq_and_error32(factors, length)
+    n2 = n2.clamp(min=0)
+    loose = ~(torch.isfinite(n2) & torch.isfinite(err) & (err <= FLOAT32_SLACK * n2))
+    return _up(n2 + err), torch.isfinite(s) & (s > CANCELLATION * n2.sqrt()), loose
+
+
+def _ghost_norms(
+    params: dict[nn.Parameter, list[Outer]], max_length: int | None, always: bool
+) -> tuple[dict[nn.Parameter, Tensor], dict[nn.Parameter, Tensor], int]:
+    """Per ghosted parameter, a certified upper bound on every sample's squared norm and the
+    samples whose tokens cancel beyond :data:`CANCELLATION` (to be materialized); and how many
+    (parameter, sample) norms were redone in float64.
+
+    Float32 Grams and their certified error (:func:`_certified32`) for the parameters
+    :func:`float32_for_run` picks (never without a public ``max_length``), float64 Grams
+    (:func:`_certified64`) for the others; a float32 sample whose bound is looser than
+    :data:`FLOAT32_SLACK` is redone in float64.  So a sample's path depends on public values
+    and on that sample alone, never on the other samples of its batch.  One read of the loose
+    flags for all parameters together, not one per parameter."""
+    upper: dict[nn.Parameter, Tensor] = {}
+    heavy: dict[nn.Parameter, Tensor] = {}
+    loose: dict[nn.Parameter, Tensor] = {}
+    for p, fs in params.items():
+        if max_length is not None and float32_for_run(fs, max_length, always):
+            upper[p], heavy[p], loose[p] = _certified32(fs, max_length)
+        else:
+            upper[p], heavy[p] = _certified64(fs)
+    refined = 0
+    flags = torch.stack([m.any() for m in loose.values()]).tolist() if loose else []
+    for (p, mask), any_loose in zip(loose.items(), flags, strict=True):
+        if any_loose:
+            index = mask.nonzero().flatten()
+            redone, heavy_redone = _certified64([f.select(index) for f in params[p]])
+            upper[p] = upper[p].index_copy(0, index, redone)
+            heavy[p] = heavy[p].index_copy(0, index, heavy_redone)
+            refined += len(index)
+    return {p: upper[p] for p in params}, {p: heavy[p] for p in params}, refined
+
+
 def _acc(factors: list[Outer]) -> torch.dtype:
     """The dtype the book-keeping sum of these factors multiplies its coefficients in."""
     return functools.reduce(torch.promote_types, [f.accumulation_dtype for f in factors])
@@ -189,12 +263,15 @@ def clip_and_sum(
     ghost: bool | str = "auto",
     raw: bool = False,
     segments: Segments | None = None,
+    max_length: int | None = None,
 ) -> ClippedSums:
     """Clip every sample's gradient per group at ``clip[group]`` and sum over samples.
 
     With ``segments`` (:mod:`dptrain.segments`) a sample is a segment (a person): the rows of
     one segment are summed before the clip, ghost norms taking the Gram matrix over all of the
-    segment's tokens; ``norms`` and ``nonfinite`` then count segments."""
+    segment's tokens; ``norms`` and ``nonfinite`` then count segments.  ``max_length``: a public
+    bound on every use's length, which lets wide parameters take float32 Grams
+    (:func:`_ghost_norms`; not with segments, whose lengths it does not bound)."""
     mode = ghost_mode(ghost)
     batch = recorded.batch_size if segments is None else segments.count
     per_row = (lambda t: t) if segments is None else (lambda t: group_rows(t, segments))
@@ -206,24 +283,20 @@ def clip_and_sum(
         parts.setdefault(p, [])
 
     sq: dict[str, Tensor] = {}
-    ghosted: dict[nn.Parameter, tuple[list[Outer], Tensor]] = {}  # factors, heavy-sample mask
     materialized: dict[nn.Parameter, Tensor] = {}
     heavy_grads: dict[nn.Parameter, tuple[Tensor, Tensor]] = {}  # index, (k, *shape)
 
     def add_sq(group: str, value: Tensor) -> None:  # upper bounds stay upper bounds
         sq[group] = _up(sq[group] + value) if group in sq else value
 
-    ghost_sq: dict[nn.Parameter, Tensor] = {}  # ghost norms^2, before the heavy samples' fix
+    ghost_fs: dict[nn.Parameter, list[Outer]] = {}
     for p, items in parts.items():
         fs = [(_factors(u) or {}).get(role) for u, role in items]
         if segments is not None:
             fs = [None if f is None else group_outer(f, segments) for f in fs]
         factorized = items and all(f is not None for f in fs) and p not in recorded.direct
         if factorized and mode != "never" and (mode == "always" or prefer_ghost(fs)):
-            n2, s = norm_sq_and_bound(fs)
-            n2 = n2.clamp(min=0)
-            ghosted[p] = (fs, s > CANCELLATION * n2.sqrt())
-            ghost_sq[p] = _up(n2 + _up(ghost_error(fs) * s * s))  # certified upper bound
+            ghost_fs[p] = fs
             continue
         total = recorded.direct.get(p)
         total = None if total is None else per_row(_dense(total))
@@ -237,6 +310,10 @@ def clip_and_sum(
             else:
                 total, owned = total + g, True
         materialized[p] = total
+
+    public_length = max_length if segments is None else None  # a person's rows: not bounded
+    ghost_sq, heavies, refined = _ghost_norms(ghost_fs, public_length, mode == "always")
+    ghosted = {p: (fs, heavies[p]) for p, fs in ghost_fs.items()}
 
     # which ghosted parameters have heavy samples: one read of all the flags (one host-device
     # sync per chunk, not one per parameter); then their exact norms, and the squared norms
@@ -297,7 +374,14 @@ def clip_and_sum(
         sums[p] = torch.einsum("b,b...->...", coef(group_of[p], acc), gs.to(acc))
         if raws is not None:
             raws[p] = gs.to(acc).sum(0)
-    return ClippedSums(sums=sums, norms=norms, nonfinite=nonfinite, raw=raws, ghosted=len(ghosted))
+    return ClippedSums(
+        sums=sums,
+        norms=norms,
+        nonfinite=nonfinite,
+        raw=raws,
+        ghosted=len(ghosted),
+        refined=refined,
+    )
 
 
 def sum_over(factors: list[Outer], coef: Tensor) -> Tensor:

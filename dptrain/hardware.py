@@ -78,12 +78,14 @@ A100, H100/H200, B200); the others run it at 1/32-1/64."""
 
 def float64_note(major: int, minor: int) -> str:
     """What a GPU of compute capability ``major.minor`` should say about float64: the ghost
-    norms' Gram matrices are float64 (the certified clip bound, :mod:`dptrain.clipping`)."""
+    norms' Gram matrices are float32 with a certified error for the wide layers of runs with a
+    public length bound (``dptrain train``), float64 elsewhere and for the samples float32
+    cannot certify (the certified clip bound, :mod:`dptrain.clipping`)."""
     if (major, minor) in FULL_RATE_FLOAT64:
         return ""
     return (
-        "; float64 at 1/32-1/64 of its float32 rate: ghost norms (float64 Grams, for a certified "
-        "clip) cost more here than on datacenter GPUs"
+        "; float64 at 1/32-1/64 of its float32 rate: ghost norms that float32 cannot certify "
+        "(float64 Grams) cost more here than on datacenter GPUs"
     )
 
 

@@ -370,8 +370,9 @@ class Recipe(Section):
     name: str = "run"
     seed: int = Field(
         0,
-        description="non-private randomness only (initialization, dropout, the rl agent, audit "
-        "shadow splits); coins, noise, splits and canaries come from the run key",
+        description="non-private randomness only (initialization, the rl agent, audit shadow "
+        "splits); coins, noise, splits, canaries and the model's dropout in a private step "
+        "come from the run key",
     )
     output_dir: str | None = None
     model: ModelSection
@@ -409,6 +410,24 @@ class Recipe(Section):
             raise ValueError(
                 "privacy.epsilon: .inf (no budget) cannot calibrate the noise. Set "
                 "policy.noise_multiplier (0 for a non-private baseline), or give a finite epsilon"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _unit_without_a_record_count(self) -> Recipe:
+        """``data.max_records`` keeps a count of records by keyed hash, not of people: an added
+        person with ``m`` records can push up to ``m`` records of other people out, and a
+        person's records can be cut in part, so the person-level guarantee would not hold for
+        a person added to the file (and the file-level figure, a 2-record group bound, is a
+        record's).  (A federated recipe refuses ``data.privacy_unit`` on its own.)"""
+        d = self.data
+        if self.command == "train" and d.privacy_unit is not None and d.max_records is not None:
+            raise ValueError(
+                "data.max_records with data.privacy_unit: the cap keeps a count of records, not "
+                "of people, so one added person with m records can push records of up to m other "
+                "people out (and cut a person's records in part): the person-level guarantee "
+                "would not hold for the data file. Fix: delete data.max_records (use a smaller data file), and bound each "
+                "person's records with data.privacy_unit.max_records_per_person"
             )
         return self
 

@@ -42,7 +42,9 @@ simulation and the loopback deployment start one node per partition-id and give 
 own state directory; the server marks a round where two nodes answered for one client).
 What leaves the client is the trained adapter (post-processing of the noisy steps) and public
 metadata: ``N_k`` (also the FedAvg weight ``num-examples``), ``q_k``, ``sigma``, steps, epsilon
-and delta (with the noise sampler's truncation term).  Losses, timings and, under a person
+and delta (with the noise sampler's truncation term), and ``insecure-seed`` (1 when the client's
+coins and noise follow from its own ``insecure-seed``: the server's summary then warns that
+its ``client_guarantee`` does not hold for that client).  Losses, timings and, under a person
 unit, the record count stay on the client, and so does the text of any error it raises
 (:func:`confined_train_round`: the server reads a fixed reason, never an exception's message).  Step ``t`` of the client's lifetime (its
 ledger's step count) draws coins and noise at counter ``t``, so a lost ledger with a kept key
@@ -698,6 +700,9 @@ def train_round(
         "sample-rate": plan.sample_rate,
         "delta": plan.delta,
         "noise-multiplier": _noise_multiplier(plan.policy),
+        # 1: this client's coins and noise follow from its insecure-seed, not a secret key: no
+        # guarantee for its records, which the server's report must say (a setting, not data)
+        "insecure-seed": int(own.insecure_seed is not None),
     }
     asked = _server_round(msg, recipe)
     with state.lock():
@@ -759,6 +764,7 @@ def train_round(
                 max_physical_batch_size=recipe.training.physical_batch_size,
                 noise=noise,
                 precision=Precision(recipe.training.precision, recipe.training.loss_scale),
+                max_length=recipe.data.max_length,
             )
             public_batches = None
             if public_texts is not None:

@@ -322,6 +322,8 @@ def run_server(grid: Grid, recipe: FederatedRecipe, run: RunDir) -> dict[str, An
         client_epsilon_unconfirmed=sorted(strategy.unconfirmed),
         # client -> rounds in which a second node answered for it (its update dropped)
         shared_partitions={str(k): v for k, v in sorted(strategy.shared_partitions.items())},
+        # clients that trained with their own insecure-seed: no guarantee for their records
+        insecure_clients=sorted(strategy.insecure_clients),
     )
     meta = run.update_meta(
         status="finished",
@@ -385,6 +387,14 @@ def _print_summary(run: RunDir, meta: dict[str, Any], stats: dict[str, Any]) -> 
         "everything else is private "
         f"(secret.key, private/, checkpoints/: {run.readme})",
     ]
+    if stats.get("insecure_clients"):
+        lines.append(
+            "warning: client(s) "
+            + ", ".join(str(c) for c in stats["insecure_clients"])
+            + " replied that their coins and noise follow from an insecure-seed in their own "
+            "settings: NO privacy guarantee for their records against anyone who knows that "
+            "seed; the client_guarantee above does not hold for them"
+        )
     if meta.get("insecure_seed") is not None:
         lines.append(
             f"warning: privacy.insecure_seed={meta['insecure_seed']}: NO privacy guarantee "

@@ -108,6 +108,9 @@ class LoraFedAvg(FedAvg):
         # client id -> the rounds in which a second node answered for it (two nodes on one
         # partition-id): private, like every reply (see _sort)
         self.shared_partitions: dict[int, list[int]] = {}
+        # clients whose replies said their randomness follows from an insecure-seed (their own
+        # node config): the client_guarantee does not hold for their records
+        self.insecure_clients: set[int] = set()
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -205,6 +208,8 @@ class LoraFedAvg(FedAvg):
             if cid in first:  # a second reply for one client in one round
                 self._second_reply(report, cid, node, first[cid], m)
                 continue
+            if int(m.get("insecure-seed", 0)):
+                self.insecure_clients.add(cid)
             first[cid] = node
             self.unconfirmed -= {f"client {cid}", f"node {node}"}  # its spend, reported
             # a client's spend only grows; a decline's delta lacks the noise sampler's

@@ -22,6 +22,7 @@ Cost per sample: ghost norms of uses ``i, j`` take ``T_i T_j (m + n)`` multiply-
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -125,6 +126,12 @@ class Outer:
 
         return Outer(zero(self.left), zero(self.right), self.m, self.shape_)
 
+    def rows(self, rows: slice) -> Outer:
+        """The factors of the samples in ``rows`` (views)."""
+        return Outer(
+            self.left[rows], None if self.right is None else self.right[rows], self.m, self.shape_
+        )
+
     def select(self, index: Tensor) -> Outer:
         """The factors of the samples at ``index``."""
         right = None if self.right is None else self.right[index]
@@ -132,10 +139,11 @@ class Outer:
 
 
 NORM_DTYPE = torch.float64
-"""Ghost norms are computed in float64 throughout: the factors are cast to float64 (a few
+"""Ghost norms are certified in float64: :func:`inner` casts the factors to float64 (a few
 samples at a time, :data:`GRAM_CHUNK`) before their Gram matrices are formed, so every Gram entry
 is a float64 dot product of exactly represented float32 (bfloat16, float16) values, and the Gram
-sums are float64 too.  A float32 Gram entry has an error of about ``gamma ||L_t|| ||L_s||``
+sums are float64 too (:func:`norm_sq_and_error32` forms float32 Grams instead and certifies
+their rounding a posteriori).  A float32 Gram entry has an error of about ``gamma ||L_t|| ||L_s||``
 (``gamma ~ width 2^-24``), and the norm, a difference of such terms for a sample whose tokens
 cancel, an error of about ``gamma S_b^2`` (relative ``gamma (S_b / ||G_b||)^2``): too large to
 clip by.  In float64 the same error is ``eta S_b^2`` with ``eta`` of :func:`ghost_error`, about
@@ -165,15 +173,22 @@ def gram64(x: Tensor, y: Tensor) -> Tensor:
     if is_index(x) or is_index(y):
         out = gram(x, y)
         return out if out.dtype == torch.bool else out.to(NORM_DTYPE)
+    return _gram_in(x, y, NORM_DTYPE)
+
+
+def _gram_in(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x y^T`` per sample with both cast to ``dtype`` (exactly: a widening cast) a slice of the
+    width at a time (:data:`GRAM_CHUNK` elements), the slices' products summed in ``dtype``; no
+    copy at all for factors already in ``dtype``."""
     width = x.shape[-1]
     step = max(1, GRAM_CHUNK // max(x.shape[0] * (x.shape[1] + y.shape[1]), 1))
-    if step >= width:
-        xw = _wide(x)
-        return torch.bmm(xw, xw.transpose(1, 2) if y is x else _wide(y).transpose(1, 2))
+    if step >= width or (x.dtype == dtype and y.dtype == dtype):
+        xw = x.to(dtype)
+        return torch.bmm(xw, xw.transpose(1, 2) if y is x else y.to(dtype).transpose(1, 2))
     out: Tensor | None = None
     for i in range(0, width, step):
-        xs = x[..., i : i + step].to(NORM_DTYPE)
-        ys = xs if y is x else y[..., i : i + step].to(NORM_DTYPE)
+        xs = x[..., i : i + step].to(dtype)
+        ys = xs if y is x else y[..., i : i + step].to(dtype)
         part = torch.bmm(xs, ys.transpose(1, 2))
         out = part if out is None else out.add_(part)
     assert out is not None
@@ -196,10 +211,6 @@ def _width(t: Tensor | None) -> int:
     return 0 if t is None or is_index(t) else t.shape[-1]
 
 
-def _part(f: Outer, rows: slice) -> Outer:
-    return Outer(f.left[rows], None if f.right is None else f.right[rows], f.m, f.shape_)
-
-
 def _by_rows(fn, factors: list[Outer]):  # type: ignore[no-untyped-def]
     """``fn(*factors)`` a few samples at a time, so that its float64 copies (the factors' and
     the Gram matrices') stay within :data:`GRAM_CHUNK` elements; results concatenated.  (A
@@ -209,7 +220,7 @@ def _by_rows(fn, factors: list[Outer]):  # type: ignore[no-untyped-def]
     rows, batch = max(1, GRAM_CHUNK // max(per, 1)), factors[0].batch
     if rows >= batch:
         return fn(*factors)
-    parts = [fn(*[_part(f, slice(i, i + rows)) for f in factors]) for i in range(0, batch, rows)]
+    parts = [fn(*[f.rows(slice(i, i + rows)) for f in factors]) for i in range(0, batch, rows)]
     if isinstance(parts[0], tuple):
         return tuple(torch.cat(col) for col in zip(*parts, strict=True))
     return torch.cat(parts)
@@ -289,7 +300,7 @@ def norm_sq_and_bound(factors: list[Outer]) -> tuple[Tensor, Tensor]:
     return total, s
 
 
-def ghost_error(factors: list[Outer]) -> float:
+def ghost_error(factors: list[Outer], length: int | None = None) -> float:
     """``eta`` with ``|norm_sq(factors)_b - ||G_b||^2| <= eta S_b^2``, ``S_b = sum_i bound(G_i)_b``
     summed over all uses of the parameter (cross terms included), whatever the summation order
     of the float64 dot products and reductions (BLAS blocking, FMA).
@@ -316,19 +327,201 @@ def ghost_error(factors: list[Outer]) -> float:
     ``T^2`` reduction dominates): a sample with ``S_b <= 64 ||G_b||`` (all others are
     materialized) has its clipping norm over-estimated by at most ``eta 64^2 / 2 ~ 1e-6``,
     relatively, and by ``eta T / 2 ~ 2.5e-7`` when its tokens add like random vectors
-    (``S_b / ||G_b|| ~ sqrt(T)``); at ``T = 128``, ``eta ~ 3e-11``."""
+    (``S_b / ||G_b|| ~ sqrt(T)``); at ``T = 128``, ``eta ~ 3e-11``.
+
+    ``length``: a bound on every use's length to state ``eta`` for instead of the uses' own
+    (``eta`` grows with it, so it stays a bound), which makes it the same for every batch."""
     k = len(factors)
     worst = 0
     for i, f in enumerate(factors):
         for g in factors[: i + 1]:
+            tf, tg = (f.length, g.length) if length is None else (length, length)
+            tf, tg = max(tf, f.length), max(tg, g.length)
             if f.right is None or g.right is None:
-                w = f.m + f.length + g.length
+                w = f.m + tf + tg
             else:
                 left = 0 if is_index(f.left) or is_index(g.left) else _width(f.left)
                 right = 0 if is_index(f.right) or is_index(g.right) else _width(f.right)
-                w = left + right + f.length * g.length
+                w = left + right + tf * tg
             worst = max(worst, w)
     return 4 * _U * (worst + k * (k + 1) // 2 + 2)
+
+
+FLOAT32_SLACK = 2.0**-6
+"""The largest certified relative error ``err / n2`` of a float32 ghost norm that the clip
+accepts (its norm is then over-estimated by at most ``2^-7``, 0.8%: the sample is clipped at
+most that much harder, never less); samples above it are recomputed in float64."""
+
+FLOAT32_GRAM_COST = 2**22
+"""Gram multiply-adds per sample (:func:`ghost_cost`) from which a parameter's ghost norms are
+tried in float32: below it the float64 Grams cost little (a layer of width 256 over 128
+tokens is at it) and keep the clip exact to ``1e-9``."""
+
+_U32 = 2.0**-24  # unit roundoff of float32
+
+
+def exact_float32_matmul(device: torch.device) -> bool:
+    """Whether float32 ``bmm`` on ``device`` is IEEE float32 arithmetic (no TF32 or bfloat16
+    passes, which :func:`norm_sq_and_error32`'s bound does not cover): CPU and CUDA with
+    torch's float32 matmul precision at ``"highest"``/``"ieee"``."""
+    if device.type not in ("cpu", "cuda"):
+        return False
+    try:
+        if torch.get_float32_matmul_precision() != "highest":
+            return False
+    except RuntimeError:  # legacy and new precision settings mixed: torch refuses to say
+        return False
+    backend = torch.backends.cuda.matmul if device.type == "cuda" else torch.backends.mkldnn.matmul
+    for setting in (backend, torch.backends):
+        if getattr(setting, "fp32_precision", "none") not in ("none", "ieee"):
+            return False
+    return not (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+
+
+_HALVES = (torch.float32, torch.bfloat16, torch.float16)  # exact in float32
+_TINY = 2.0**-126  # the smallest normal float32: below it, flush-to-zero may lose a value
+
+
+def float32_for_run(factors: list[Outer], max_length: int, always: bool) -> bool:
+    """Whether one parameter's ghost norms take float32 Grams (:func:`norm_sq_and_error32`) in
+    every batch of a run whose uses have at most ``max_length`` positions each.
+
+    A function of public values only (the uses' count, widths and dtypes, ``max_length``, the
+    ghost mode, the device's matmul setting), never of a batch's padded length: the float32
+    path over-clips a sample by its own certified slack (up to :data:`FLOAT32_SLACK`), the
+    float64 and materialized paths by ~1e-9, so a path chosen by the batch would let one added
+    sample move the other samples' coefficients (``tests/engine/test_neighbours.py``).
+
+    Float32 when the uses are matrices with float32/bfloat16/float16 (or index) factors of
+    widths below ``2^20``, with at least :data:`FLOAT32_GRAM_COST` Gram multiply-adds per
+    sample at length ``max_length``, on IEEE float32 matmuls, and (unless ``always``) ghosted
+    by :func:`prefer_ghost` at *every* length up to ``max_length``.  That last holds when
+    ``L c_u < 2 m n`` for every use ``u`` with ``c_u = (u + 1) d_u + sum_{i >= u} d_i`` (``d_i``
+    the widths summed in :func:`ghost_cost`): from ``T_i T_j <= L (T_i + T_j) / 2``,
+    ``ghost_cost <= (L / 2) sum_u c_u T_u < m n sum_u T_u``.  A use longer than ``max_length``
+    raises: the bound would not hold."""
+    for f in factors:
+        if f.length > max_length:
+            raise ValueError(
+                f"a use of a parameter spans {f.length} positions, more than max_length = "
+                f"{max_length}: pass the longest sequence any batch can have (the recipe's "
+                "data.max_length), or max_length=None (float64 Grams throughout)"
+            )
+    if not factors[0].batch or any(f.right is None for f in factors):
+        return False
+    for f in factors:
+        for t in (f.left, f.right):
+            assert t is not None
+            if not is_index(t) and (t.dtype not in _HALVES or t.shape[-1] >= 2**20):
+                return False
+    widths = [_dim(f.left) + _dim(f.right) for f in factors if f.right is not None]
+    m, n = factors[0].matrix_shape
+    if not always:
+        for u, d in enumerate(widths):
+            if max_length * ((u + 1) * d + sum(widths[u:])) >= 2 * m * n:
+                return False
+    cost = max_length * max_length * sum((u + 1) * d for u, d in enumerate(widths))
+    return cost >= FLOAT32_GRAM_COST and exact_float32_matmul(factors[0].left.device)
+
+
+_Rounding = tuple[float, float, float]  # (gamma, c1, c0) of a float32 Gram's entries
+
+
+def _gram32(x: Tensor, y: Tensor) -> tuple[Tensor, _Rounding]:
+    """``(gram, (gamma, c1, c0))``: :func:`gram` with dense factors in float32 (cast exactly, a
+    slice at a time), whose entries err by at most
+
+        |gram_ts - x_t . y_s| <= gamma ||x_t|| ||y_s|| + c1 (||x_t|| + ||y_s||) + c0
+
+    for any summation order: ``gamma = gamma_w`` of the width ``w`` (Higham 3.1) for the
+    rounding of normal numbers; ``c1 = sqrt(w) 2^-126`` for operands flushed to zero (a lost
+    ``x_ti y_si`` is below ``2^-126 |y_si|``, and ``sum_i |y_si| <= sqrt(w) ||y_s||``);
+    ``c0 = (2 w + 1) 2^-126`` for flushed products, sums and the Gram's own cast; the last two
+    amplified by the later roundings, ``1 + 2 gamma``.  Index factors give exact entries: all 0."""
+    if is_index(x) or is_index(y):
+        return gram(x, y), (0.0, 0.0, 0.0)
+    w = x.shape[-1]
+    gamma = w * _U32 / (1 - w * _U32)
+    grow = 1 + 2 * gamma
+    return _gram_in(x, y, torch.float32), (gamma, grow * w**0.5 * _TINY, grow * (2 * w + 1) * _TINY)
+
+
+def _token_norms(g: Tensor, rounding: _Rounding) -> Tensor:
+    """Upper bounds on the token norms ``l_t = ||x_t||`` from a float32 self Gram's diagonal, in
+    float64: ``G_tt >= (1 - gamma) l^2 - 2 c1 l - c0`` gives ``l <= (c1 + sqrt(c1^2 + (1 - gamma)
+    (G_tt + c0))) / (1 - gamma)``, lifted over its own rounding; one-hot rows (a bool Gram) have
+    norm 1."""
+    if g.dtype == torch.bool:
+        return torch.ones(g.shape[:2], dtype=NORM_DTYPE, device=g.device)
+    gamma, c1, c0 = rounding
+    diag = g.diagonal(dim1=1, dim2=2).to(NORM_DTYPE).clamp(min=0)
+    return (c1 + (c1 * c1 + (1 - gamma) * (diag + c0)).sqrt()) / (1 - gamma) * (1 + 16 * _U)
+
+
+def _entry_error(rounding: _Rounding, u: Tensor, v: Tensor) -> Tensor | float:
+    """:func:`_gram32`'s bound on every entry's error, ``(B, T, T')`` in float64 (0: exact)."""
+    gamma, c1, c0 = rounding
+    if not gamma:
+        return 0.0
+    return gamma * u.unsqueeze(2) * v.unsqueeze(1) + c1 * (u.unsqueeze(2) + v.unsqueeze(1)) + c0
+
+
+def _pair32(
+    f: Outer, g: Outer, norms: dict[int, tuple[Tensor, Tensor]], length: int
+) -> tuple[Tensor, Tensor]:
+    """``(inner, err)`` of uses ``f`` and ``g`` from float32 Grams ``A ~ a = L L'^T`` and ``B ~
+    b = R R'^T``, multiplied and summed in float64 (products of float32 values are exact
+    there).  With entry errors ``|A - a| <= E_A``, ``|B - b| <= E_B`` (:func:`_entry_error`, from
+    the token-norm bounds ``l, r`` of ``f`` and ``l', r'`` of ``g``), ``|AB - ab| <= E_A |B| + |A|
+    E_B + E_A E_B`` entrywise (as ``|a| <= |A| + E_A``): ``err`` is its sum, ``~ gamma_m l^T |B|
+    l' + gamma_n r^T |A| r'`` (the float64 sum's own rounding is :func:`ghost_error`'s)."""
+    assert f.right is not None and g.right is not None
+    a, ra = _gram32(f.left, f.left if f is g else g.left)
+    b, rb = _gram32(f.right, f.right if f is g else g.right)
+    if f is g:
+        norms[id(f)] = (_token_norms(a, ra), _token_norms(b, rb))
+    (lf, rf), (lg, rg) = norms[id(f)], norms[id(g)]
+    value = _gram_dot(a, b)
+    ea, eb = _entry_error(ra, lf, lg), _entry_error(rb, rf, rg)  # in place below: 3 temporaries
+    err = (b.to(NORM_DTYPE).abs_().add_(eb).mul_(ea)).sum((1, 2))
+    err = err + a.to(NORM_DTYPE).abs_().mul_(eb).sum((1, 2))
+    # the bound's own float64 evaluation: (T T' + 8) roundings of non-negative terms at most
+    pairs = max(length * length, f.length * g.length)  # stated at the public bound
+    return value, err * (1 + 4 * (pairs + 8) * _U)
+
+
+def _norm32_rows(*factors: Outer, length: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`norm_sq_and_error32` for a few samples: each use's self term (which gives its
+    token norms), then its cross terms with the uses before it (doubled, exactly)."""
+    norms: dict[int, tuple[Tensor, Tensor]] = {}
+    total, err = _pair32(factors[0], factors[0], norms, length)
+    for i, f in enumerate(factors):
+        if i:
+            v, e = _pair32(f, f, norms, length)
+            total, err = total + v, err + e
+        for g in factors[:i]:
+            v, e = _pair32(f, g, norms, length)
+            total, err = total + 2 * v, err + 2 * e
+    s = sum((norms[id(f)][0] * norms[id(f)][1]).sum(1) for f in factors)
+    return total, err, s
+
+
+def norm_sq_and_error32(
+    factors: list[Outer], length: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(n2, err, S)`` of one parameter's uses from float32 Gram matrices: ``|n2_b - ||G_b||^2|
+    <= err_b`` (certified, every summation order: :func:`_pair32` for each pair of uses plus
+    :func:`ghost_error`'s ``eta S^2`` for the float64 sums) and ``S_b >= sum_i bound(G_i)_b``.
+    Twice as fast as the float64 Grams on a CPU, 32-64 times on GPUs with slow float64; the
+    price is ``err``, ``(gamma_m + gamma_n) 2^-24``-sized terms weighted by the Grams: 2e-4 to
+    2e-2 of ``n2`` for transformer block linears of width 256 to 3072
+    (:data:`FLOAT32_SLACK` decides).  Used where :func:`float32_for_run`.  ``length``: the
+    public bound the length-dependent terms are stated at (the uses' own lengths if None), so
+    that a sample's ``err`` does not follow its batch's padded length beyond rounding."""
+    rows = functools.partial(_norm32_rows, length=length or 0)
+    n2, err, s = _by_rows(rows, factors)
+    err = err + ghost_error(factors, length) * s * s
+    return n2, torch.nextafter(err, torch.full_like(err, float("inf"))), s
 
 
 def norm_sq(factors: list[Outer]) -> Tensor:

@@ -304,6 +304,19 @@ def test_a_request_without_a_server_run_or_outside_the_rounds_is_declined(tmp_pa
     assert not (own.state_dir / "ledger.json").exists()
 
 
+def test_a_clients_reply_says_whether_its_randomness_follows_from_an_insecure_seed(
+    tmp_path, task_identity
+):
+    """A client's own insecure-seed voids the guarantee for its records: every reply says so,
+    so that the server's report can (a declined request before any key is read suffices)."""
+    recipe = parse_recipe(tiny_recipe(tmp_path))  # 2 rounds
+    for seed, flag in ((1, 1), (None, 0)):
+        own = ClientConfig(tmp_path / f"client-{seed}", epsilon=8.0, insecure_seed=seed)
+        msg = round_message(recipe, server_round=3)
+        reply = confined_train_round(msg, context(), recipe, own)
+        assert int(reply.content["metrics"]["insecure-seed"]) == flag
+
+
 def test_the_policy_plan_ends_with_this_server_runs_requests():
     """The policy's step counter is the client's lifetime one: at round r of R the plan
     ends T steps per round left after the steps already taken (RT in a first run)."""

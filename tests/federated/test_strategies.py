@@ -275,6 +275,36 @@ def test_strategy_sorts_replies_and_respects_min_clients(tmp_path, task_identity
     assert s.epsilon[1] == 7.9 and s.reports[3].clients[1]["epsilon"] == 1.0 and not s.unconfirmed
 
 
+def test_clients_with_an_insecure_seed_are_recorded_and_named_in_the_summary(
+    tmp_path, task_identity, capsys
+):
+    """A client that reports an insecure-seed has no guarantee: the strategy records it and
+    the server's summary warns that the client_guarantee does not hold for it."""
+    from dptrain.federated import server as server_module
+
+    s = strategy_for(tmp_path, strategy="ffa_lora", clients=2, min_clients=1)
+    s.current = {k: v.float() for k, v in adapters(0).items()}
+    s.sent = [11, 12]
+    b1 = torch.ones(5, 3)
+    insecure = update(12, 1, {B: b1, B2: b1}, n=10)
+    insecure.content["metrics"]["insecure-seed"] = 1
+    s.aggregate_train(1, [update(11, 0, {B: b1, B2: b1}, n=10), insecure])
+    assert s.insecure_clients == {1}
+
+    class Run:
+        path = final = readme = tmp_path
+        ledger = tmp_path / "absent.json"
+
+    meta = {"client_guarantee": {"statement": "(1, 1e-5)", "accountant": "rdp"}}
+    meta |= {"strategy": "ffa_lora", "clients": 2, "rounds": 1, "accountant": "rdp"}
+    stats = {"perplexity_before": 1.0, "perplexity_after": 1.0, "client_epsilon": {}}
+    server_module._print_summary(Run(), meta, {**stats, "insecure_clients": [1]})
+    out = capsys.readouterr().out
+    assert "client(s) 1 replied" in out and "does not hold for them" in out
+    server_module._print_summary(Run(), meta, {**stats, "insecure_clients": []})
+    assert "insecure-seed" not in capsys.readouterr().out
+
+
 def test_a_second_reply_for_one_client_in_a_round_is_not_aggregated(tmp_path, task_identity):
     """One update per client per round: a second node answering for the same partition-id is
     recorded (privately) and dropped; its spend still counts."""

@@ -72,6 +72,17 @@ def _recipe(tmp_path: Path, data: dict, name: str = "r", **sections) -> dict:
 # -- recipe validation ----------------------------------------------------------------------
 
 
+def test_a_record_count_cap_is_refused_under_a_person_unit(tmp_path):
+    """data.max_records keeps records by count: an added person could swap records of other
+    people out, so no person-level guarantee holds for the file; refused, naming the fix."""
+    path = _people_file(tmp_path)
+    unit = {"path": path.as_posix(), "privacy_unit": {"field": "patient_id"}}
+    with pytest.raises(RecipeError, match=r"data.max_records with data.privacy_unit.*Fix"):
+        parse_recipe(_recipe(tmp_path, {**unit, "max_records": 50}))
+    assert parse_recipe(_recipe(tmp_path, unit)).data.max_records is None
+    assert parse_recipe(_recipe(tmp_path, {"path": path.as_posix(), "max_records": 50}))
+
+
 def test_recipe_validation(tmp_path):
     path = str(_people_file(tmp_path))
     ok = parse_recipe(_recipe(tmp_path, {"path": path, "privacy_unit": {"field": "patient_id"}}))
