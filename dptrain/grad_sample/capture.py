@@ -131,6 +131,7 @@ class _Call:
     aliased: bool = False
     prints: list[dict[int, Tensor]] | None = None  # probes: the inputs' sample fingerprints
     state: dict[str, int] | None = None  # probes: ids of the module's tensor attributes
+    held: list[Any] | None = None  # probes: the tensors held by its non-tensor arguments
 
 
 class _Mode(TorchFunctionMode):
@@ -180,6 +181,7 @@ class GradCapture:
         self._modules = [m for _, m in model.named_modules()]
         self._rewritten: set[str] = set()  # parameters the forward writes without changing
         self._rng: Tensor | None = None  # while probing: the CPU generator's state at the start
+        self._failed_at: str | None = None  # the layer where the last probe forward raised
         self._mode = _Mode(self)
         self._watch = DataWatch(model)
         self._handles: list[Any] = []
@@ -252,6 +254,7 @@ class GradCapture:
         if self._probe is not None:  # before the call can change its inputs in place
             call.prints = [sample_prints(x, self._probe.batch_size) for x in leaves]
             call.state = _tensor_attrs(module)
+            call.held = _held_state(leaves)
         stack.append(call)
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -276,7 +279,12 @@ class GradCapture:
         if not stack or not (self._probe is not None or self.active):  # ``_recording``
             return func(*args, **kwargs)
         if self._probe is not None:
-            return self._probe_call(stack, func, args, kwargs)
+            try:
+                return self._probe_call(stack, func, args, kwargs)
+            except Exception:
+                if self._failed_at is None:  # the innermost layer, before hooks unwind it
+                    self._failed_at = self._where()
+                raise
         if _is_meta(func):
             return func(*args, **kwargs)
         touched = self._touched(args, kwargs)
@@ -465,7 +473,10 @@ class GradCapture:
             or not replays_exactly(call.module)
             # a forward that keeps tensors on its module (a recurrent state of the last batch)
             # cannot be re-run on one sample after the batch's call
-            or (call.state is not None and _tensor_attrs(call.module) != call.state),
+            or (call.state is not None and _tensor_attrs(call.module) != call.state)
+            # nor one that updates an object it was handed (transformers' key/value or Mamba
+            # cache, ``past_key_values``): a re-run would read, and extend, the updated state
+            or (call.held is not None and _held_state(call.leaves) != call.held),
             call.prints or [],
             [sample_prints(x, self._probe.batch_size) for x in outs],
         )
@@ -487,6 +498,7 @@ class GradCapture:
         attrs = _snapshot_attrs(self.model)
         weights = _param_state(self.model)
         self._probe, self._counts = log, {}
+        self._failed_at = None
         self._stack.clear()
         self._stack.append(_Call(None, "the loss function", ROOT, [], None, 0))
         self._tls.entered = True
@@ -584,7 +596,12 @@ class GradCapture:
             ):
                 part = batch if event is None else batch_slice(batch, lo, hi)
                 part = batch_flip(part) if flip else part
-                _, l_part = self._probe_forward(loss_fn, part, expand, graph=True)
+                try:
+                    _, l_part = self._probe_forward(loss_fn, part, expand, graph=True)
+                except (RuntimeError, IndexError, ValueError) as err:
+                    if event is None or isinstance(err, UnsupportedLayerError):
+                        raise
+                    raise _size_error(b, hi - lo, event, self._failed_at, err) from err
                 mine = losses[lo:hi].flip(0) if flip else losses[lo:hi]
                 if event is not None and not _close(l_part.detach(), mine):
                     where = self._locate_mixing(loss_fn, batch, part, lo, hi - lo, expand, flip)
@@ -628,7 +645,16 @@ class GradCapture:
                 # every probe draws the same (CPU) random numbers: a model that draws them beyond
                 # dropout sees the same values for the same samples, so its batch axes can align
                 self._rng = torch.get_rng_state()
-                big, l_big = self._probe_forward(loss_fn, bigger)
+                try:
+                    big, l_big = self._probe_forward(loss_fn, bigger)
+                except (RuntimeError, IndexError, ValueError) as err:
+                    if isinstance(err, UnsupportedLayerError):
+                        raise
+                    where = self._failed_at
+                    self._probe_forward(loss_fn, batch)  # its own error if it fails too
+                    raise _size_error(
+                        b, b + 1, "a copy of its first sample joins", where, err
+                    ) from err
                 expand = frozenset(
                     k
                     for k, r in big.ops.items()
@@ -1019,6 +1045,25 @@ def _mixing_error(event: str, where: str) -> UnsupportedLayerError:
     )
 
 
+def _size_error(
+    b: int, n: int, event: str, where: str | None, err: BaseException
+) -> UnsupportedLayerError:
+    """The model runs on the batch (``b`` samples) but raises on another batch of the same
+    samples (``n`` of them): its computation depends on how many samples the batch has (a layer
+    applied across the batch axis, a shape or a state sized to the batch), so a sample's loss is
+    not its own and the per-example loop could not run it either.  The message quotes the
+    exception's first line (shapes, not values) and the layer where it was raised."""
+    at = f"layer {where}" if where and where != "the loss function" else "the loss function"
+    return UnsupportedLayerError(
+        f"the model runs on a batch of {b} samples but fails when {event} ({n} samples): "
+        f"{at} raised {type(err).__name__}: {_first_line(err)}. Its computation depends on "
+        "the batch size (e.g. a layer applied across the batch axis, or a shape or state "
+        "sized to the batch), so a sample's loss is not its own and per-sample gradients do "
+        "not exist. Fix: make every layer act on each sample alone, with the batch on its "
+        "own axis (never a feature axis of a layer), and nothing sized to the batch"
+    )
+
+
 def _probe_weights(b: int) -> Tensor:
     """The residual check's weights (:meth:`GradCapture._check_parts`): ``b`` draws, uniform on
     [0.5, 1.5], from a fixed-seed CPU generator of their own (public, the same for every probe;
@@ -1290,11 +1335,58 @@ def _moved_error(names: list[str], how: str = "") -> UnsupportedLayerError:
     )
 
 
-def _tensor_attrs(module: nn.Module | None) -> dict[str, int]:
-    """Ids of the plain tensor attributes of ``module`` (not parameters or buffers)."""
+def _tensor_attrs(module: nn.Module | None) -> dict[str, int | None]:
+    """Ids of the plain tensor attributes of ``module`` and of its submodules, and of their
+    parameters: a call that changes one (keeps a state, or swaps a parameter for a merged
+    tensor and back, as peft's LoRA on ``nn.MultiheadAttention`` does) cannot be re-run."""
     if module is None:
         return {}
-    return {k: id(v) for k, v in vars(module).items() if isinstance(v, Tensor)}
+    out: dict[str, int | None] = {}
+    for prefix, m in module.named_modules(remove_duplicate=False):
+        for k, v in vars(m).items():
+            if isinstance(v, Tensor):
+                out[f"{prefix}.{k}"] = id(v)
+        for k, v in m._parameters.items():
+            out[f"{prefix}.{k}:param"] = None if v is None else id(v)
+    return out
+
+
+_PLAIN = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device, type)
+
+
+def _held_state(leaves: list[Any], depth: int = 4) -> list[Any]:
+    """What the non-tensor arguments of a call hold: every tensor reachable through their
+    attributes, lists and dicts (to ``depth`` levels) as (id, version, shape), with the
+    attribute names and container lengths, so that an object the call updates (a cache that
+    appends keys, a state set from ``None``) compares unequal before and after it."""
+    out: list[Any] = []
+    seen: set[int] = set()
+
+    def walk(obj: Any, d: int) -> None:
+        if isinstance(obj, Tensor):
+            out.append((id(obj), obj._version, tuple(obj.shape)))
+            return
+        if d == 0 or isinstance(obj, (_PLAIN, nn.Module)) or callable(obj) or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, (list, tuple)):
+            out.append(len(obj))
+            for v in obj:
+                walk(v, d - 1)
+        elif isinstance(obj, dict):
+            out.append(len(obj))
+            for k, v in obj.items():
+                out.append(k if isinstance(k, (str, int)) else None)
+                walk(v, d - 1)
+        elif hasattr(obj, "__dict__"):
+            for k, v in vars(obj).items():
+                out.append(k)
+                walk(v, d - 1)
+
+    for leaf in leaves:
+        if not isinstance(leaf, Tensor):
+            walk(leaf, depth)
+    return out
 
 
 def _owners(model: nn.Module, buffers: list[str]) -> str:
