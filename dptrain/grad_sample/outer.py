@@ -335,8 +335,7 @@ def ghost_error(factors: list[Outer], length: int | None = None) -> float:
     worst = 0
     for i, f in enumerate(factors):
         for g in factors[: i + 1]:
-            tf, tg = (f.length, g.length) if length is None else (length, length)
-            tf, tg = max(tf, f.length), max(tg, g.length)
+            tf, tg = max(f.length, length or 0), max(g.length, length or 0)
             if f.right is None or g.right is None:
                 w = f.m + tf + tg
             else:
@@ -420,8 +419,9 @@ def float32_for_run(factors: list[Outer], max_length: int, always: bool) -> bool
         for u, d in enumerate(widths):
             if max_length * ((u + 1) * d + sum(widths[u:])) >= 2 * m * n:
                 return False
-    cost = max_length * max_length * sum((u + 1) * d for u, d in enumerate(widths))
-    return cost >= FLOAT32_GRAM_COST and exact_float32_matmul(factors[0].left.device)
+    return ghost_cost(factors, max_length) >= FLOAT32_GRAM_COST and exact_float32_matmul(
+        factors[0].left.device
+    )
 
 
 _Rounding = tuple[float, float, float]  # (gamma, c1, c0) of a float32 Gram's entries
@@ -539,13 +539,15 @@ def _dim(t: Tensor) -> int:
     return 1 if is_index(t) else t.shape[-1]
 
 
-def ghost_cost(factors: list[Outer]) -> int:
-    """Multiply-adds per sample of :func:`norm_sq` (Gram matrices of left and right factors)."""
+def ghost_cost(factors: list[Outer], length: int | None = None) -> int:
+    """Multiply-adds per sample of :func:`norm_sq` (Gram matrices of left and right factors);
+    with ``length``, as if every use had that many positions."""
     cost = 0
     for i, f in enumerate(factors):
         for g in factors[: i + 1]:
             per_pair = _dim(f.left) + (0 if f.right is None else _dim(f.right))
-            cost += f.length * g.length * per_pair
+            pairs = f.length * g.length if length is None else length * length
+            cost += pairs * per_pair
     return cost
 
 
