@@ -451,6 +451,10 @@ class GradCapture:
         out = func(*args, **kwargs)
         if key in log.expand and isinstance(out, Tensor) and out.shape[:1] == (1,):
             out = out.expand(log.batch_size, *out.shape[1:])
+            if log.taps is not None and out.is_floating_point():
+                tap = torch.zeros(out.shape, dtype=out.dtype, device=out.device)
+                log.taps.append(tap.requires_grad_())
+                out = out + tap
         return out
 
     def _where(self) -> str:
@@ -489,9 +493,11 @@ class GradCapture:
         expand: frozenset = frozenset(),
         outputs: list | None = None,
         graph: bool = False,
+        taps: list[Tensor] | None = None,
     ) -> tuple[ProbeLog, Tensor]:
-        """One recorded forward of ``batch``; the per-sample losses, detached unless ``graph``."""
-        log = ProbeLog(batch_len(batch), expand=expand)
+        """One recorded forward of ``batch``; the per-sample losses, detached unless ``graph``.
+        ``taps``: a list to collect the broadcast outputs' addends in (:meth:`_rows_own`)."""
+        log = ProbeLog(batch_len(batch), expand=expand, taps=taps)
         if self._rng is not None:
             torch.set_rng_state(self._rng)
         versions, saved = _snapshot_buffers(self.model)
@@ -539,6 +545,55 @@ class GradCapture:
         # checked by value at every step, the others by their version counters
         self._rewritten |= {n for n, v in after.items() if v[0] != weights[n][0]}
         return log, losses if graph else losses.detach()
+
+    def _rows_own(self, loss_fn: Callable, batch: Any, expand: frozenset) -> bool:
+        """Whether broadcasting the uses ``expand`` (a ``(1, ...)`` input taken as shared by the
+        batch, its output expanded to ``B`` rows, row ``b`` credited to sample ``b``) is sound:
+        row ``b`` of each broadcast output must reach sample ``b``'s loss only.  Equal losses do
+        not show it: a ``(1, ...)`` input may be one sample's rows (``nn.AdaptiveLogSoftmaxWith
+        Loss`` runs a tail cluster on the rows whose targets fall in it, one row at B = 3 and at
+        B + 1), and a later ``gather`` with a ``(1, 1)`` index reads row 0 of the broadcast
+        output only, so that sample's gradient went to sample 0.
+
+        One forward with a zero ``(B, ...)`` addend on each broadcast output, two backward
+        passes: of ``sum_j l_j`` and of ``sum_j w_j l_j`` (``w`` of :func:`_probe_weights`).
+        With every row its own sample's, the second addend gradient is the first's with row
+        ``b`` scaled by ``w_b`` (within :func:`_grad_tol` of its norm); a row reaching other
+        samples' losses mixes their weights.  A failed backward counts as unsound (the uses are
+        then not broadcast, which is exact)."""
+        if not expand:
+            return True
+        params = list(self.params.values())
+        kept = [p.grad for p in params]
+        taps: list[Tensor] = []
+        grads: list[list[Tensor | None]] = []
+        try:
+            _, losses = self._probe_forward(loss_fn, batch, expand, graph=True, taps=taps)
+            if not taps or not losses.requires_grad:
+                return True
+            w = _probe_weights(batch_len(batch)).to(losses.device, losses.dtype)
+            for weights in (torch.ones_like(w), w):
+                for t in taps:
+                    t.grad = None
+                self.replaying = True  # the parameter hooks of a step ignore these passes
+                try:
+                    (losses * weights).sum().backward(retain_graph=True)
+                except RuntimeError:
+                    return False
+                finally:
+                    self.replaying = False
+                grads.append([t.grad for t in taps])
+        finally:
+            for p, g in zip(params, kept, strict=True):
+                p.grad = g
+        tol = _grad_tol(params)
+        for g1, gw in zip(*grads, strict=True):
+            if g1 is None or gw is None:
+                continue  # this output reaches no loss
+            scaled = g1 * w.view(-1, *([1] * (g1.dim() - 1)))
+            if not float((gw - scaled).norm()) <= tol * float(gw.norm()):
+                return False  # also non-finite: not broadcast
+        return True
 
     def _check_parts(
         self, loss_fn: Callable, batch: Any, expand: frozenset, losses: Tensor
@@ -664,6 +719,7 @@ class GradCapture:
                     small, l_small = self._probe_forward(loss_fn, batch, expand)
                     random = big.random or small.random
                     ok = random or _close(l_small, l_big[:b])
+                    ok = ok and self._rows_own(loss_fn, batch, expand)
                 except (RuntimeError, IndexError):  # broadcast, a shared tensor broke the
                     # forward (DeBERTa's relative embeddings, repeated per sample afterwards; a
                     # loss that calls the model on one sample at a time indexes a broadcast mask)
@@ -678,7 +734,8 @@ class GradCapture:
                         expand = frozenset()
                         notes.append(
                             "uses shared by the batch (leading axis 1) are not broadcast: the "
-                            "model's output changed (or failed) when they were"
+                            "model's output changed (or failed) when they were, or a row of "
+                            "theirs reached another sample's loss"
                         )
                 if not ok:
                     where = self._locate_mixing(loss_fn, batch, bigger, 0, b)

@@ -88,6 +88,9 @@ class ProbeLog:
     mixing: list[str] = field(default_factory=list)
     random: bool = False  # random numbers other than dropout were drawn
     expand: frozenset[OpKey] = frozenset()  # shared-input uses broadcast to the batch here
+    # with a list: each broadcast output gets a zero (B, ...) addend that requires grad, its
+    # gradient the rows' (:meth:`GradCapture._rows_own`)
+    taps: list[Tensor] | None = None
 
 
 @dataclass
