@@ -176,6 +176,9 @@ class GradCapture:
         self._counts: dict[int, int] = {}
         self._probe: ProbeLog | None = None
         self._unplanned: set[str] = set()
+        # parameters a step saw get a gradient the plan did not route (a use invisible to the
+        # probe): differentiated directly from the next plan on
+        self._force_direct: set[int] = set()
         self._tls = threading.local()
         self._all_names = {id(m): n or "<model>" for n, m in model.named_modules()}
         self._modules = [m for _, m in model.named_modules()]
@@ -214,6 +217,7 @@ class GradCapture:
                 return
             if plan is None or pid not in plan.direct:
                 self._unplanned.add(self.param_names[pid])
+                self._force_direct.add(pid)
 
         return hook
 
@@ -757,6 +761,7 @@ class GradCapture:
             checkable=not random,
             modes=self.modes(),
             order=list(self.params),
+            force_direct=frozenset(self._force_direct),
         )
         return self.plan
 
