@@ -443,7 +443,11 @@ class GradCapture:
             try:
                 rule.check(op)
             except UnsupportedLayerError as err:
-                raise UnsupportedLayerError(f"layer '{call.name}': {err}") from None
+                # the model's own forward code (a functional call) has no name: say its class
+                where = f"'{call.name}'"
+                if not call.name and call.module is not None:
+                    where = f"'<model>' ({type(call.module).__name__})"
+                raise UnsupportedLayerError(f"layer {where}: {err}") from None
             x = op.input
             rec.input_shape = tuple(x.shape)
             n, b = x.shape[0], log.batch_size
@@ -1203,12 +1207,14 @@ _WIDE_TOL = {torch.float64: 1e-6, torch.float32: 1e-4}
 def _backward_mixing_error() -> UnsupportedLayerError:
     return UnsupportedLayerError(
         "the samples' gradients change when the batch is split into its first sample and the "
-        "others, although no sample's loss does: the backward pass mixes the samples of a batch "
-        "(a batch statistic added with its value cancelled, `x + (m - m.detach())`, or an "
-        "autograd.Function whose backward couples samples), so per-sample gradients do not "
-        "exist. No layer can be named: every layer's output values are the same in both "
-        "batches, only gradients differ. Fix: make every layer's backward, and the loss's, act "
-        "on each sample alone"
+        "others, although every sample's loss stays within rounding of its value: the "
+        "backward pass mixes the samples of a batch (a batch statistic added with its value "
+        "cancelled, `x + (m - m.detach())`; an autograd.Function whose backward couples "
+        "samples; or a small term computed from the whole batch added to every sample's loss, "
+        "such as a mixture-of-experts router's load-balancing `aux_loss`), so per-sample "
+        "gradients do not exist. No layer can be named: only gradients differ beyond rounding. "
+        "Fix: make every layer's backward, and the loss's, act on each sample alone (leave "
+        "batch-level terms such as `aux_loss` out of loss_fn)"
     )
 
 
