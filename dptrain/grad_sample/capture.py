@@ -437,7 +437,14 @@ class GradCapture:
         key = (call.key, call.ops)
         call.ops += 1
         rule = OPS.get(func)
-        op = rule.parse(args, kwargs, self.params) if rule is not None else None
+        # inside torch.vmap / torch.func (the model's own) the data is a functorch wrapper: a
+        # rule's per-sample rows would be the transform's, not the batch's; differentiated
+        # directly (or by re-running the module) instead
+        transformed = _transformed(args, kwargs)
+        if transformed:
+            for c in stack:  # nor re-run: the per-sample alias cannot enter the transform
+                c.random = True
+        op = rule.parse(args, kwargs, self.params) if rule and not transformed else None
         rec = OpRecord(key, func, frozenset(id(p) for p in touched), rule if op else None)
         if op is not None:
             try:
@@ -1045,6 +1052,13 @@ class GradCapture:
 
     def _names(self, params: list[nn.Parameter]) -> str:
         return ", ".join(self.param_names.get(id(p), "?") for p in params)
+
+
+def _transformed(args: tuple, kwargs: dict) -> bool:
+    """Whether a tensor among the arguments is a functorch wrapper (a call inside the model's
+    own ``torch.vmap``, ``torch.func.grad``...)."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(isinstance(v, Tensor) and wrapped(v) for v in tree_flatten((args, kwargs))[0])
 
 
 def _collect(values: Any, params: dict[int, nn.Parameter], found: dict[int, nn.Parameter]) -> None:
