@@ -1,0 +1,80 @@
+"""Red-team cases, round 3 (``builders_redteam``), each with the clip binding (half the median
+per-sample norm) and with a clip so large that clipping is the identity: a per-sample gradient
+given to the wrong sample sums to the right update and shows only when clipping binds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dptrain import UnsupportedLayerError
+from dptrain.check import ExactnessCheck
+
+from .builders import lm_batch
+from .builders_redteam import (
+    HF_NEW,
+    PEFT_NEW,
+    REDTEAM_CASES,
+    hf_new_case,
+    mixtral_aux_case,
+)
+from .harness import EXPECTED_BATCH_SIZE, REFUSE_CLIP
+
+CLIPS = {"": "auto", " clip-identity": 1e6}
+
+
+def _clips(case):
+    return {"": "auto"} if case.refuse is not None else CLIPS
+
+
+@pytest.mark.parametrize(
+    "name,clip",
+    [(n, c) for n, case in REDTEAM_CASES.items() for c in _clips(case)],
+)
+def test_redteam_layer(exact, name, clip):
+    exact("red team (redteam)", name + clip, REDTEAM_CASES[name], clip=CLIPS[clip])
+
+
+@pytest.mark.parametrize("name,clip", [(n, c) for n in PEFT_NEW for c in CLIPS])
+def test_redteam_peft(exact, name, clip):
+    exact("red team (redteam)", name + clip, PEFT_NEW[name], clip=CLIPS[clip])
+
+
+@pytest.mark.parametrize("arch,clip", [(a, c) for a in HF_NEW for c in CLIPS])
+def test_redteam_hf(exact, arch, clip):
+    exact("red team (redteam)", arch + clip, hf_new_case(arch), clip=CLIPS[clip])
+
+
+def test_redteam_moe_aux_loss_refused():
+    """The router's load-balancing loss of the whole batch added to each sample's loss: the
+    losses move by 8e-6 when a sample joins (within the value tolerance), the gradients by far
+    more.  The refusal used to say that no sample's loss changes; it now names the term."""
+    case = mixtral_aux_case()
+    torch.manual_seed(0)
+    check = ExactnessCheck(case.build(), case.loss, REFUSE_CLIP, "flat", EXPECTED_BATCH_SIZE)
+    try:
+        with pytest.raises(UnsupportedLayerError, match=r"within rounding.*aux_loss.*Fix"):
+            check.engine_step(case.batch(3, 0))
+    finally:
+        check.close()
+
+
+def test_redteam_nan_loss_is_not_called_random():
+    """The yardstick's determinism check compared NaN losses with ``torch.equal`` and called a
+    deterministic model with a NaN sample random (advising to turn dropout off)."""
+    case = hf_new_case("mistral-window-2")
+    batch = lm_batch(3, 0)  # right padding beyond the window of 2: a NaN row in eager attention
+    with pytest.raises(ValueError, match=r"losses of samples \[1\] .* are NaN"):
+        ExactnessCheck(case.build(), case.loss, 1.0).reference(batch)
+
+
+def test_redteam_functional_max_norm_names_the_model():
+    """``F.embedding(..., max_norm=1)`` in the root module's own forward: the refusal said
+    "layer ''"; it names the model's class now."""
+    case = REDTEAM_CASES["refuse-functional-embedding-max-norm"]
+    check = ExactnessCheck(case.build(), case.loss, REFUSE_CLIP, "flat", EXPECTED_BATCH_SIZE)
+    try:
+        with pytest.raises(UnsupportedLayerError, match=r"layer '<model>' \(FunctionalMaxNorm\)"):
+            check.engine_step(case.batch(3, 0))
+    finally:
+        check.close()
