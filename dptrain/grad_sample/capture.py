@@ -707,6 +707,7 @@ class GradCapture:
         ``unique`` or a norm of the largest sample is blind to a duplicate, not to a removal),
         and that the gradients of those two parts add up to the batch's (:meth:`_check_parts`:
         a coupling only the backward pass sees); plan every use."""
+        _refuse_kernel_dropout(self.model)
         b = batch_len(batch)
         bigger = batch_cat(batch, batch_slice(batch, 0, 1))
         notes: list[str] = []
@@ -1052,6 +1053,23 @@ class GradCapture:
 
     def _names(self, params: list[nn.Parameter]) -> str:
         return ", ".join(self.param_names.get(id(p), "?") for p in params)
+
+
+def _refuse_kernel_dropout(model: nn.Module) -> None:
+    """Refuse a recurrent layer (``nn.LSTM``/``GRU``/``RNN``, ``num_layers > 1``) with
+    ``dropout > 0`` in train mode: its masks are drawn inside the fused kernel, where the
+    probes cannot switch them off (two probes draw different masks, which looked like samples
+    mixing) and no per-sample re-run can replay them."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.RNNBase) and m.training and m.dropout > 0 and m.num_layers > 1:
+            raise UnsupportedLayerError(
+                f"layer '{name or '<model>'}' ({type(m).__name__}) applies dropout = {m.dropout} "
+                "between its layers in train mode; its masks are drawn inside the recurrent "
+                "kernel, where dptrain can neither see them nor give each sample's gradient "
+                "the mask its forward pass used. Fix: build it with dropout=0 (stack "
+                "single-layer recurrent layers with nn.Dropout between them if you need it), "
+                "or put that layer in eval mode"
+            )
 
 
 def _transformed(args: tuple, kwargs: dict) -> bool:
