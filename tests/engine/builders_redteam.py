@@ -5,13 +5,17 @@ with a clip so large that clipping is the identity (``test_exact_redteam.py``)."
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations
+from torch.overrides import TorchFunctionMode
 
+from dptrain.batching import batch_len, batch_slice
+from dptrain.check import Reference, clipped_update, group_clips
 from dptrain.losses import causal_lm_loss, mse_loss
 
 from . import builders as B
@@ -812,3 +816,129 @@ def ptuning_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 PEFT_NEW["peft-p-tuning-gpt2"] = Case(_ptuning_gpt2, B.lm_batch, ptuning_loss)
+
+
+# -- dropout in train mode: the loop replays the batch's masks ---------------------------------
+
+_DROPOUT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout}
+
+
+class _RecordMasks(TorchFunctionMode):
+    """Every dropout call's mask (``out != 0``; float64 activations are never exactly 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.masks: list[Tensor] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func in _DROPOUT:
+            self.masks.append(out != 0)
+        return out
+
+
+class _ReplayMasks(TorchFunctionMode):
+    """Dropout calls of a batch of one, sample ``b``, with the recorded masks' row ``b``."""
+
+    def __init__(self, masks: list[Tensor], b: int) -> None:
+        super().__init__()
+        self.masks, self.b, self.k = masks, b, 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func not in _DROPOUT:
+            return func(*args, **kwargs)
+        x = args[0]
+        p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+        training = kwargs.get("training", args[2] if len(args) > 2 else True)
+        if not training or p == 0:
+            return func(*args, **kwargs)
+        mask = self.masks[self.k][self.b : self.b + 1]
+        self.k += 1
+        return x * mask.to(x.dtype) / (1 - p)
+
+
+def dropout_reference(
+    model: nn.Module, loss: Any, batch: Any, seed: int, clip: float, expected: float
+) -> tuple[Reference, int]:
+    """The per-example loop of a model with dropout in train mode: one forward of the batch
+    from ``torch.manual_seed(seed)`` records every dropout mask (the engine's step, started
+    from the same seed, draws the same: its probes fork the generator), then each sample
+    alone replays its rows of them.  Returns the clipped update and the number of dropout
+    calls."""
+    ref = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    with _RecordMasks() as rec:
+        loss(ref, batch)
+    named = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
+    grads: dict[str, list[Tensor]] = {n: [] for n, _ in named}
+    for b in range(batch_len(batch)):
+        ref.zero_grad()
+        with _ReplayMasks(rec.masks, b):
+            loss(ref, batch_slice(batch, b, b + 1)).sum().backward()
+        for n, p in named:
+            grads[n].append(p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+    groups, clips = group_clips(ref, clip)
+    stacked = {n: torch.stack(v) for n, v in grads.items()}
+    return clipped_update(stacked, groups, clips, expected), len(rec.masks)
+
+
+class DropoutMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.drop, self.b = nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)
+        self.g = nn.Parameter(torch.randn(8))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(self.drop(torch.tanh(self.a(x))) * self.g)
+
+
+class StackedLSTM(nn.Module):
+    """Two single-layer LSTMs with ``nn.Dropout`` between them (what the refusal of
+    ``LSTM(num_layers=2, dropout=p)`` advises)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.drop = nn.LSTM(4, 5, batch_first=True), nn.Dropout(0.5)
+        self.l2, self.head = nn.LSTM(5, 5, batch_first=True), nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.l1(x)
+        h, _ = self.l2(self.drop(h))
+        return self.head(h[:, -1])
+
+
+def _lora_dropout() -> nn.Module:
+    import peft
+
+    model = _seeded(Mixer)()
+    torch.manual_seed(1)
+    cfg = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["fc", "head"], lora_dropout=0.5, init_lora_weights=False
+    )
+    return peft.get_peft_model(model, cfg).double().train()
+
+
+def _gpt2_dropout() -> nn.Module:
+    import transformers
+
+    cls, over = B.CAUSAL_LMS["gpt2"]
+    cfg = B.hf_config(cls, over)
+    cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.2
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).double().train()
+
+
+DROPOUT_CASES: dict[str, Case] = {
+    "dropout-mlp": Case(_seeded(DropoutMLP), regression((4,), 3), mse_loss),
+    "dropout-stacked-lstm": Case(_seeded(StackedLSTM), regression((5, 4), 3), mse_loss),
+    "peft-lora-dropout-0.5": Case(_lora_dropout, seq_tokens(5), seq_ce_loss),
+    "gpt2-dropout-0.2": Case(_gpt2_dropout, B.lm_batch, causal_lm_loss),
+}
+
+REDTEAM_CASES["refuse-lstm-dropout-between-layers"] = Case(
+    _seeded(lambda: B.Recurrent("LSTM", True, "out", num_layers=2, dropout=0.5)),
+    regression((5, 4), 3),
+    mse_loss,
+    refuse="rnn",
+)

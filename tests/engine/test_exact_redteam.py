@@ -8,13 +8,15 @@ import pytest
 import torch
 
 from dptrain import UnsupportedLayerError
-from dptrain.check import ExactnessCheck
+from dptrain.check import EngineProbe, ExactnessCheck, compare
 
 from .builders import lm_batch
 from .builders_redteam import (
+    DROPOUT_CASES,
     HF_NEW,
     PEFT_NEW,
     REDTEAM_CASES,
+    dropout_reference,
     hf_new_case,
     mixtral_aux_case,
 )
@@ -75,6 +77,46 @@ def test_redteam_functional_max_norm_names_the_model():
     check = ExactnessCheck(case.build(), case.loss, REFUSE_CLIP, "flat", EXPECTED_BATCH_SIZE)
     try:
         with pytest.raises(UnsupportedLayerError, match=r"layer '<model>' \(FunctionalMaxNorm\)"):
+            check.engine_step(case.batch(3, 0))
+    finally:
+        check.close()
+
+
+@pytest.mark.parametrize("clip", ["binding", "identity"])
+@pytest.mark.parametrize("name", list(DROPOUT_CASES))
+def test_redteam_dropout_replayed(name, clip):
+    """Dropout in train mode (the yardstick refuses random models): the engine's step from a
+    seed against the loop replaying the masks the same seed draws for the batch.  Exact: each
+    sample's gradient is taken with the mask its own forward used (no re-run redraws one)."""
+    case = DROPOUT_CASES[name]
+    torch.manual_seed(0)
+    model = case.build()
+    batch = case.batch(3, 0)
+    seed = 5
+    if clip == "binding":
+        free, _ = dropout_reference(model, case.loss, batch, seed, 1e12, EXPECTED_BATCH_SIZE)
+        c = 0.5 * float(torch.cat(list(free.norms.values())).median())
+    else:
+        c = 1e6
+    ref, calls = dropout_reference(model, case.loss, batch, seed, c, EXPECTED_BATCH_SIZE)
+    assert calls > 0
+    probe = EngineProbe(model, case.loss, c, "flat", EXPECTED_BATCH_SIZE)
+    try:
+        torch.manual_seed(seed)
+        got = probe.step(batch)
+    finally:
+        probe.close()
+    cmp = compare(got.update, ref.update)
+    assert cmp.ok(1e-5), cmp.summary()
+
+
+def test_redteam_rnn_dropout_refusal_names_dropout():
+    """``LSTM(num_layers=2, dropout=0.5)`` in train mode was refused as a layer that mixes
+    samples (advising LayerNorm); the cause is its kernel's dropout masks."""
+    case = REDTEAM_CASES["refuse-lstm-dropout-between-layers"]
+    check = ExactnessCheck(case.build(), case.loss, REFUSE_CLIP, "flat", EXPECTED_BATCH_SIZE)
+    try:
+        with pytest.raises(UnsupportedLayerError, match=r"'rnn' \(LSTM\) applies dropout.*Fix"):
             check.engine_step(case.batch(3, 0))
     finally:
         check.close()
