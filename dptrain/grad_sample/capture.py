@@ -184,6 +184,8 @@ class GradCapture:
         self._modules = [m for _, m in model.named_modules()]
         self._rewritten: set[str] = set()  # parameters the forward writes without changing
         self._rng: Tensor | None = None  # while probing: the CPU generator's state at the start
+        # while probing (from run()): Python's and NumPy's global generator states at the start
+        self._host_rng: tuple | None = None
         self._failed_at: str | None = None  # the layer where the last probe forward raised
         self._mode = _Mode(self)
         self._watch = DataWatch(model)
@@ -515,6 +517,8 @@ class GradCapture:
         log = ProbeLog(batch_len(batch), expand=expand, taps=taps)
         if self._rng is not None:
             torch.set_rng_state(self._rng)
+        if self._host_rng is not None:  # every probe draws the same host random numbers too
+            _set_host_rng(self._host_rng)
         versions, saved = _snapshot_buffers(self.model)
         attrs = _snapshot_attrs(self.model)
         weights = _param_state(self.model)
@@ -537,6 +541,12 @@ class GradCapture:
             self._stack.clear()
             self._tls.entered = False
             self._tls.modules = []
+        if self._host_rng is not None and _host_rng() != self._host_rng:
+            # NumPy's or Python's generator drawn (wav2vec2's SpecAugment masks): random, and
+            # no module call is re-run per sample (a re-run would draw other numbers)
+            log.random = True
+            for rec in log.scopes.values():
+                rec.random = True
         if log.mixing:
             raise UnsupportedLayerError(
                 f"{log.mixing[0]} mixes the samples of a batch, so per-sample gradients do not "
@@ -875,7 +885,12 @@ class GradCapture:
         strays from the plan."""
         for attempt in range(2):
             if self.needs_probe(batch_len(batch)) or attempt:
-                self.probe(loss_fn, batch)
+                self._host_rng = _host_rng()
+                try:
+                    self.probe(loss_fn, batch)
+                finally:  # the step draws what it would have drawn without the probes
+                    _set_host_rng(self._host_rng)
+                    self._host_rng = None
             try:
                 return self._run_once(loss_fn, batch)
             except PlanMiss as miss:
@@ -1053,6 +1068,29 @@ class GradCapture:
 
     def _names(self, params: list[nn.Parameter]) -> str:
         return ", ".join(self.param_names.get(id(p), "?") for p in params)
+
+
+def _host_rng() -> tuple:
+    """The states of Python's and NumPy's global generators (NumPy's as a comparable tuple)."""
+    import random
+
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy comes with torch
+        return (random.getstate(), None)
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return (random.getstate(), (kind, keys.tobytes(), pos, has_gauss, gauss))
+
+
+def _set_host_rng(state: tuple) -> None:
+    import random
+
+    random.setstate(state[0])
+    if state[1] is not None:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = state[1]
+        np.random.set_state((kind, np.frombuffer(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
 
 def _refuse_kernel_dropout(model: nn.Module) -> None:

@@ -942,3 +942,53 @@ REDTEAM_CASES["refuse-lstm-dropout-between-layers"] = Case(
     mse_loss,
     refuse="rnn",
 )
+
+
+# -- NumPy's generator in the forward pass: wav2vec2's SpecAugment time masks ------------------
+
+
+def wav2vec2_masked() -> tuple[Any, Any, Any]:
+    """wav2vec2 for classification with ``mask_time_prob = 0.5`` in train mode: its time masks
+    come from ``np.random`` (``_compute_mask_indices``), which no torch hook sees."""
+    from .builders_adversary import MORE_HF
+
+    cls, over, batch, loss = MORE_HF["wav2vec2-cls"]
+    over = {**over, "mask_time_prob": 0.5, "mask_time_length": 2, "mask_time_min_masks": 1}
+    return (lambda: B.build_hf(cls, over)), batch, loss
+
+
+def numpy_mask_reference(
+    model: nn.Module, loss: Any, batch: Any, seed: int, clip: float, expected: float
+) -> tuple[Reference, int]:
+    """The loop for :func:`wav2vec2_masked`: the batch's masks drawn from
+    ``np.random.seed(seed)`` are recorded, and each sample alone gets its row of them."""
+    import numpy as np
+    from transformers.models.wav2vec2 import modeling_wav2vec2 as mw
+
+    ref, orig, masks = copy.deepcopy(model), mw._compute_mask_indices, []
+
+    def recording(*a: Any, **k: Any) -> Any:
+        masks.append(orig(*a, **k))
+        return masks[-1]
+
+    np.random.seed(seed)
+    mw._compute_mask_indices = recording
+    try:
+        loss(ref, batch)
+    finally:
+        mw._compute_mask_indices = orig
+    named = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
+    grads: dict[str, list[Tensor]] = {n: [] for n, _ in named}
+    for b in range(batch_len(batch)):
+        calls = iter(masks)
+        mw._compute_mask_indices = lambda *a, b=b, calls=calls, **k: next(calls)[b : b + 1]
+        try:
+            ref.zero_grad()
+            loss(ref, batch_slice(batch, b, b + 1)).sum().backward()
+        finally:
+            mw._compute_mask_indices = orig
+        for n, p in named:
+            grads[n].append(p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+    groups, clips = group_clips(ref, clip)
+    stacked = {n: torch.stack(v) for n, v in grads.items()}
+    return clipped_update(stacked, groups, clips, expected), len(masks)

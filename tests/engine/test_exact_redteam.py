@@ -19,6 +19,8 @@ from .builders_redteam import (
     dropout_reference,
     hf_new_case,
     mixtral_aux_case,
+    numpy_mask_reference,
+    wav2vec2_masked,
 )
 from .harness import EXPECTED_BATCH_SIZE, REFUSE_CLIP
 
@@ -120,3 +122,30 @@ def test_redteam_rnn_dropout_refusal_names_dropout():
             check.engine_step(case.batch(3, 0))
     finally:
         check.close()
+
+
+@pytest.mark.parametrize("clip", ["binding", "identity"])
+def test_redteam_numpy_random_masks_replayed(clip):
+    """wav2vec2's SpecAugment draws its time masks from NumPy: the probes drew different masks
+    and refused the model as mixing samples (naming its feature projection). The probes now
+    draw the same NumPy/Python numbers, restore the generators for the step, and re-run no
+    module; the step is exact against the loop replaying the batch's masks."""
+    import numpy as np
+
+    build, batch_fn, loss = wav2vec2_masked()
+    model, batch, seed = build(), batch_fn(3, 0), 7
+    if clip == "binding":
+        free, _ = numpy_mask_reference(model, loss, batch, seed, 1e12, EXPECTED_BATCH_SIZE)
+        c = 0.5 * float(torch.cat(list(free.norms.values())).median())
+    else:
+        c = 1e6
+    ref, calls = numpy_mask_reference(model, loss, batch, seed, c, EXPECTED_BATCH_SIZE)
+    assert calls > 0
+    probe = EngineProbe(model, loss, c, "flat", EXPECTED_BATCH_SIZE)
+    try:
+        np.random.seed(seed)
+        got = probe.step(batch)
+    finally:
+        probe.close()
+    cmp = compare(got.update, ref.update)
+    assert cmp.ok(1e-5), cmp.summary()
