@@ -48,6 +48,21 @@ class Bag(nn.Module):
         return self.head(torch.tanh(out))
 
 
+class FlatIds(nn.Module):
+    """An embedding of the flattened (B*T,) ids (the sample-major rows path), a position table
+    tiled to (B*T, d)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(11, 6), nn.Linear(6, 11)
+        self.pos = nn.Parameter(torch.randn(5, 6))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        b, t = ids.shape
+        h = self.emb(ids.reshape(-1)) + self.pos.repeat(b, 1)
+        return self.head(torch.tanh(h)).view(b, t, -1)
+
+
 class FunctionalMaxNorm(nn.Module):
     """``F.embedding(ids, w, max_norm=1)`` in forward code: renormalizes rows of ``w`` in
     place (no ``nn.Embedding`` module to recognize)."""
@@ -443,6 +458,7 @@ REDTEAM_CASES: dict[str, Case] = {
     "embeddingbag-mean-padding-idx": Case(
         _seeded(lambda: Bag("mean", padding_idx=0)), B.ids_regression(5, 3, vocab=4), mse_loss
     ),
+    "embedding-flat-ids": Case(_seeded(FlatIds), seq_tokens(5), seq_ce_loss),
     "refuse-functional-embedding-max-norm": Case(
         _seeded(FunctionalMaxNorm), seq_tokens(5), seq_ce_loss, refuse=""
     ),  # refuse="": the model itself, named by its class
@@ -599,6 +615,45 @@ def last_token_cls_batch(b: int, seed: int) -> dict[str, Tensor]:
     return B.cls_batch(b, seed)
 
 
+_BART_LIKE = {
+    "head_dim": None,
+    "num_key_value_heads": None,
+    "d_model": 16,
+    "encoder_layers": 1,
+    "decoder_layers": 1,
+    "encoder_attention_heads": 2,
+    "decoder_attention_heads": 2,
+    "encoder_ffn_dim": 32,
+    "decoder_ffn_dim": 32,
+    "forced_eos_token_id": None,
+}
+
+
+def eos_cls_batch(b: int, seed: int) -> dict[str, Tensor]:
+    """One eos (id 2) per row, at its last real token: BART and T5 classification heads pool
+    the hidden state of each row's last eos (boolean-mask indexing over the whole batch)."""
+    batch = B.cls_batch(b, seed)
+    last = batch["attention_mask"].sum(1) - 1
+    batch["input_ids"][torch.arange(b), last] = 2
+    return batch
+
+
+def token_cls_batch(b: int, seed: int) -> dict[str, Tensor]:
+    batch = B.lm_batch(b, seed)
+    labels = torch.randint(0, 3, batch["input_ids"].shape, generator=B._gen(seed + 1))
+    batch["labels"] = labels.masked_fill(batch["attention_mask"] == 0, -100)
+    return batch
+
+
+def token_cls_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    nll = F.cross_entropy(
+        out.logits.transpose(1, 2), batch["labels"], ignore_index=-100, reduction="none"
+    )
+    mask = (batch["labels"] != -100).to(nll.dtype)
+    return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
 HF_NEW: dict[str, tuple[str, dict[str, Any], Any, Any]] = {
     "llama-seq-cls-last-token": (
         "LlamaForSequenceClassification",
@@ -658,6 +713,54 @@ HF_NEW: dict[str, tuple[str, dict[str, Any], Any, Any]] = {
             "decoder_start_token_id": 0,
             "forced_eos_token_id": None,
         },
+        B.seq2seq_batch,
+        B.seq2seq_loss,
+    ),
+    "bart-seq-cls-eos-pool": (
+        "BartForSequenceClassification",
+        {**_BART_LIKE, "num_labels": 3, "decoder_start_token_id": 2},
+        eos_cls_batch,
+        B.classification_loss,
+    ),
+    "t5-seq-cls-eos-pool": (
+        "T5ForSequenceClassification",
+        {
+            "head_dim": None,
+            "num_key_value_heads": None,
+            "d_model": 16,
+            "d_kv": 8,
+            "d_ff": 32,
+            "num_layers": 1,
+            "num_heads": 2,
+            "relative_attention_num_buckets": 8,
+            "decoder_start_token_id": 0,
+            "num_labels": 3,
+        },
+        eos_cls_batch,
+        B.classification_loss,
+    ),
+    "gemma2-seq-cls": (
+        "Gemma2ForSequenceClassification",
+        {"num_labels": 3, "sliding_window": 4},
+        B.cls_batch,
+        B.classification_loss,
+    ),
+    "deberta-v2-token-cls": (
+        "DebertaV2ForTokenClassification",
+        {
+            "head_dim": None,
+            "num_key_value_heads": None,
+            "num_labels": 3,
+            "relative_attention": True,
+            "position_buckets": 4,
+            "pos_att_type": ["c2p", "p2c"],
+        },
+        token_cls_batch,
+        token_cls_loss,
+    ),
+    "marian": (
+        "MarianMTModel",
+        {**_BART_LIKE, "decoder_start_token_id": 0, "decoder_vocab_size": B.VOCAB},
         B.seq2seq_batch,
         B.seq2seq_loss,
     ),
