@@ -1095,3 +1095,50 @@ def numpy_mask_reference(
     groups, clips = group_clips(ref, clip)
     stacked = {n: torch.stack(v) for n, v in grads.items()}
     return clipped_update(stacked, groups, clips, expected), len(masks)
+
+
+# -- unpadded token rows (varlen): a gather the rows path takes for a flattened view -----------
+
+
+class Unpadded(nn.Module):
+    """Padding removed before a Linear, ``lin(h[mask])`` on (N, d), scattered back: the rows
+    are sample-major but not in blocks of ``N / B``.  When ``N % B == 0`` and sample 0 has
+    ``N / B`` tokens, the ``B + 1`` probe (its copy of sample 0 appended) repeats the rows in
+    order and ends with sample 0's, so the fingerprint test of the rows path passes and the
+    step splits the rows in equal blocks: sample 2 is credited with sample 1's last token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.lin, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask = x[..., 0] > -9  # padding: feature 0 set to -10
+        h = torch.tanh(self.inp(x))
+        out = h.new_zeros(h.shape)
+        out[mask] = self.lin(h[mask])
+        return self.head(torch.tanh(out).sum(1))
+
+
+def varlen_batch(lengths: dict[int, list[int]]) -> Any:
+    def make(b: int, seed: int) -> tuple[Tensor, Tensor]:
+        g = B._gen(seed)
+        x = torch.randn(b, 6, 4, generator=g, dtype=torch.float64)
+        for i, n in enumerate(lengths[seed][:b]):
+            x[i, n:, 0] = -10.0
+        return x, torch.randn(b, 3, generator=g, dtype=torch.float64)
+
+    return make
+
+
+# (case, run_case kwargs): the probe batch ragged ([4, 5, 3]: 12 tokens, sample 0 has 12 / 3);
+# the probe batch uniform ([4, 4, 4], rows truly in blocks) and the next one ragged
+VARLEN_CASES: dict[str, tuple[Case, dict[str, Any]]] = {
+    "varlen-rows-ragged-probe": (
+        Case(_seeded(Unpadded), varlen_batch({0: [4, 5, 3]}), mse_loss),
+        {"sizes": (3,)},
+    ),
+    "varlen-rows-uniform-then-ragged": (
+        Case(_seeded(Unpadded), varlen_batch({0: [4, 4, 4], 1: [4, 2, 6]}), mse_loss),
+        {"sizes": (3, 3)},
+    ),
+}
