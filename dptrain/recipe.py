@@ -370,8 +370,9 @@ class Recipe(Section):
     name: str = "run"
     seed: int = Field(
         0,
-        description="non-private randomness only (initialization, dropout, the rl agent, audit "
-        "shadow splits); coins, noise, splits and canaries come from the run key",
+        description="non-private randomness only (initialization, the rl agent, audit shadow "
+        "splits); coins, noise, splits, canaries and the model's dropout in a private step "
+        "come from the run key",
     )
     output_dir: str | None = None
     model: ModelSection

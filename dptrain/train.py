@@ -29,7 +29,8 @@ uninterrupted one would and an adversary holding the recipe and ``run.json`` can
 The key is marked used in ``secret.key`` before the first step draws from it, and a run never
 starts over from step 0 with a used key (that would repeat its noise; see
 :mod:`dptrain.secret`).
-``recipe.seed`` drives the non-private randomness (initialization, dropout).  The reported
+``recipe.seed`` drives the non-private randomness (initialization); a step's dropout is
+keyed by the run key (:func:`dptrain.engine.keyed_rng`).  The reported
 delta includes the noise sampler's truncation term (:func:`dptrain.noise.truncation_delta`).
 """
 
