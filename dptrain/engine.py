@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from accountants import Budget, BudgetExceeded, BudgetFilter, Event, Ledger, get_accountant
 from accountants.budget import ledger_epsilon
 
-from . import distributed
+from . import distributed, rng
 from .batching import batch_len, batch_slice
 from .clipping import clip_and_sum, ghost_mode
 from .grad_sample import GradCapture, Recorded
@@ -464,22 +464,15 @@ def keyed_rng(key: Any, step: int, device: torch.device) -> Iterator[None]:
     distributed whatever the batch, so the release is a mixture of Gaussian mechanisms of
     sensitivity C (joint convexity) and the ledger's event holds.  Seeded per (step, rank),
     so a resumed run draws the same masks, and restored afterwards, so the public stream
-    never depends on the private batch sizes.  Without a key (a caller's own noise
+    never depends on the private batch sizes.  The lock of :func:`dptrain.rng.seeded` is
+    held throughout, so threads of one process (in-process federated clients) cannot move
+    each other's streams.  Without a key (a caller's own noise
     function) the generators are left as they are."""
     if key is None or not hasattr(key, "prf"):
         yield
         return
     word = key.prf("model-rng").at(int(step), np.array([distributed.rank()], dtype=np.uint64))
-    seed = int(word[0, 0]) >> 1  # 63 bits: every torch generator takes it
-    cuda = device.type == "cuda"
-    index = (
-        (device.index if device.index is not None else torch.cuda.current_device()) if cuda else 0
-    )
-    with torch.random.fork_rng(devices=[index] if cuda else []):
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            with torch.cuda.device(index):
-                torch.cuda.manual_seed(seed)  # this device's generator only
+    with rng.seeded(int(word[0, 0]) >> 1, device):  # 63 bits: every torch generator takes it
         yield
 
 

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from accountants import Ledger, UnsupportedEventError, get_accountant
 from accountants.grid import composition
 
-from . import distributed
+from . import distributed, rng
 from .data import TextDataset
 from .data.canaries import Canary, check_canaries_fit, left_out, make_canaries, write_manifest
 from .data.lm import eval_batches
@@ -472,7 +472,8 @@ def _recipe_diff(run: RunDir, recipe: Recipe) -> str:
 
 def start(prep: Prepared) -> None:
     """Rank 0 opens the run directory: the key first, then the recipe as the user wrote it."""
-    torch.manual_seed(prep.recipe.seed)
+    with rng.GLOBAL_RNG:  # the public stream of what follows (not privacy randomness)
+        torch.manual_seed(prep.recipe.seed)
     if not distributed.is_main():
         return
     run, recipe = prep.run, prep.recipe
