@@ -40,7 +40,7 @@ from accountants.budget import ledger_epsilon
 
 from . import distributed, rng
 from .batching import batch_len, batch_slice
-from .clipping import clip_and_sum, ghost_mode
+from .clipping import Float32Decisions, clip_and_sum, ghost_mode
 from .grad_sample import GradCapture, Recorded
 from .groups import group_parameters
 from .hardware import module_device, to_device
@@ -126,6 +126,9 @@ class PrivacyEngine:
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be a positive number of tokens, got {max_length}")
         self.max_length = max_length  # public bound on tokens per sample: float32 Gram norms
+        # per parameter, the use structure its float32 decision was made on (clip_and_sum's
+        # decided): a later batch with another is refused where float32 Grams are involved
+        self._float32_decisions: Float32Decisions = {}
         self.precision = precision if precision is not None else Precision()
 
         names = group_parameters(model, grouping)
@@ -290,6 +293,8 @@ class PrivacyEngine:
                 raw=self.policy.needs_raw_sums,
                 segments=seg,
                 max_length=self.max_length,
+                decided=self._float32_decisions,
+                names=self.names,
             )
             for p, s in result.sums.items():
                 clipped[p] = clipped[p] + s if p in clipped else s
