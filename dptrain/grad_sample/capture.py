@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from .. import rng
 from ..batching import batch_cat, batch_flip, batch_len, batch_slice
 from .fused import Alias, Fused
 from .local import LocalCall, LocalRule, replays_exactly
@@ -722,7 +723,7 @@ class GradCapture:
         bigger = batch_cat(batch, batch_slice(batch, 0, 1))
         notes: list[str] = []
         try:
-            with torch.random.fork_rng(devices=[]):
+            with rng.GLOBAL_RNG, torch.random.fork_rng(devices=[]):
                 # every probe draws the same (CPU) random numbers: a model that draws them beyond
                 # dropout sees the same values for the same samples, so its batch axes can align
                 self._rng = torch.get_rng_state()
@@ -885,12 +886,13 @@ class GradCapture:
         strays from the plan."""
         for attempt in range(2):
             if self.needs_probe(batch_len(batch)) or attempt:
-                self._host_rng = _host_rng()
-                try:
-                    self.probe(loss_fn, batch)
-                finally:  # the step draws what it would have drawn without the probes
-                    _set_host_rng(self._host_rng)
-                    self._host_rng = None
+                with rng.GLOBAL_RNG:  # NumPy's and Python's generators forked like torch's
+                    self._host_rng = _host_rng()
+                    try:
+                        self.probe(loss_fn, batch)
+                    finally:  # the step draws what it would have drawn without the probes
+                        _set_host_rng(self._host_rng)
+                        self._host_rng = None
             try:
                 return self._run_once(loss_fn, batch)
             except PlanMiss as miss:
