@@ -1167,13 +1167,13 @@ def _buffers_error(
     embedding recomputing its frequencies from the sequence length: transformers' dynamic
     rope beyond ``max_position_embeddings``, longrope beyond its original length) get what
     was observed and the plausible causes."""
-    when = "during a private step" if during_step else "by the forward pass"
+    names, owners = ", ".join(changed[:4]), _owners(model, changed)
     head = (
-        f"the buffers {', '.join(changed[:4])} of {_owners(model, changed)} are updated {when} "
-        "(put back)"
+        f"the buffers {names} were updated during a private step (now restored; {owners})"
+        if during_step
+        else f"the forward pass updates the buffers {names} of {owners} (put back)"
     )
-    owners = {n.rpartition(".")[0] for n in changed}
-    if any(_is_norm(model.get_submodule(o)) for o in owners):
+    if any(_is_norm(model.get_submodule(n.rpartition(".")[0])) for n in changed):
         return UnsupportedLayerError(
             f"{head}, from the data (e.g. BatchNorm's running statistics in train mode): they "
             "would be computed from private records without noise and saved with the model. "

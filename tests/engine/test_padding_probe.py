@@ -165,7 +165,7 @@ def test_dptrain_train_refuses_longrope_beyond_its_original_length(tmp_path: Pat
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     d = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
     d["model"]["name"] = str(tmp_path / "phi3")
-    d["data"].update(path=str(data), max_records=None, max_validation_records=4)
+    d["data"].update(path=str(data), max_records=None, validation_fraction=0.25)
     d["training"].update(steps=1, batch_size=8, physical_batch_size=8)
     d["output_dir"] = str(tmp_path / "run")
     recipe = tmp_path / "r.yaml"
