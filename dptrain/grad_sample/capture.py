@@ -1148,14 +1148,15 @@ def _padding_error(length: int, observed: str) -> UnsupportedLayerError:
         f"{observed} when the same samples are padded further, to max_length = {length} "
         "positions (the added positions masked out, as the collator pads): the model's "
         "outputs depend on the batch's padded length (e.g. dynamic rope scaling beyond "
-        "max_position_embeddings, which recomputes the rotary frequencies from the longest "
-        "sequence of the batch; or a layer that reads the padding positions), so one long "
+        "max_position_embeddings, or longrope beyond original_max_position_embeddings, which "
+        "recompute the rotary frequencies from the longest sequence of the batch; or a layer "
+        "that reads the padding positions), so one long "
         "record changes the gradients of the other samples of its batch and neighbouring "
         "datasets differ by more than one clipped gradient. Fix: lower data.max_length to "
         "at most the length the model does not rescale at (max_position_embeddings for "
-        "dynamic rope), use a rope type that does not follow the length (rope_scaling "
-        "default, linear or yarn), or make every output at a real position independent of "
-        "the padding"
+        "dynamic rope, original_max_position_embeddings for longrope), use a rope type "
+        "that does not follow the length (rope_scaling default, linear or yarn), or make "
+        "every output at a real position independent of the padding"
     )
 
 
