@@ -130,7 +130,10 @@ def pad_batch(
     if length is None:
         length = int(mask.sum(1).max()) if mask.numel() else 0
     if length < width and bool(mask[:, length:].any()):
-        raise ValueError(f"cannot pad a batch with {width} real positions to {length}")
+        raise ValueError(
+            f"a sample of the batch has more than {length} tokens: it cannot be padded to "
+            f"{length} positions (max_length bounds every sample's tokens)"
+        )
     fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
     out = {}
     for k, v in batch.items():
