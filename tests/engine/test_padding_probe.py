@@ -103,6 +103,21 @@ def test_a_layer_reading_the_padding_is_refused_by_its_losses() -> None:
     engine(PadMean().double(), max_length=24, with_pad=False).step(batch([5, 9, 7]))  # unseen
 
 
+class PadMeanGrad(PadMean):
+    """The same mean added with its value cancelled: the losses do not follow the padding,
+    the gradients do."""
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        h = self.emb(input_ids)
+        m = h.mean(1, keepdim=True)
+        return self.head(torch.tanh(h + (m - m.detach())))
+
+
+def test_a_gradient_following_the_padding_is_refused_by_the_residual() -> None:
+    with pytest.raises(UnsupportedLayerError, match=r"gradients change .*padded length"):
+        engine(PadMeanGrad().double(), max_length=24).step(batch([5, 9, 7]))
+
+
 @pytest.mark.parametrize(
     "over, max_length",
     [(DYNAMIC, 16), ({}, 48), (LONGROPE, 16)],
