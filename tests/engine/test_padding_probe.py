@@ -161,13 +161,12 @@ def test_pad_batch_pads_and_trims_as_the_collator() -> None:
         pad_batch(b, 4, 7)
 
 
-def test_dptrain_train_refuses_longrope_beyond_its_original_length(tmp_path: Path, capsys):
-    """Through ``dptrain train``: a local Phi3 with longrope switching at 16 positions, records
-    of at most 12 tokens and data.max_length 48 (within max_position_embeddings = 64, so the
-    context check passes): the engine gets the examples' pad and refuses at the first step."""
-    from dptrain.cli import main
+@pytest.fixture
+def phi3_recipe(tmp_path: Path) -> Path:
+    """A recipe on a local Phi3 whose longrope switches at 16 positions, records of at most 12
+    tokens, data.max_length 48 (within max_position_embeddings = 64: the context check
+    passes)."""
     from dptrain.models.tiny import build_tiny_tokenizer
-    from dptrain.rundir import RunDir
 
     tok = build_tiny_tokenizer(512)
     over = {**LONGROPE, "vocab_size": len(tok), "pad_token_id": tok.eos_token_id}
@@ -185,8 +184,30 @@ def test_dptrain_train_refuses_longrope_beyond_its_original_length(tmp_path: Pat
     d["output_dir"] = str(tmp_path / "run")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(d))
-    assert main(["train", str(recipe), "--no-progress"]) == 2
+    return recipe
+
+
+def test_dptrain_train_refuses_longrope_beyond_its_original_length(phi3_recipe, capsys):
+    """Through ``dptrain train``: the engine gets the examples' pad and refuses at the first
+    step, before anything is released."""
+    from dptrain.cli import main
+    from dptrain.rundir import RunDir
+
+    assert main(["train", str(phi3_recipe), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "padded length" in err and "max_length = 48" in err and "BatchNorm" not in err
-    run = RunDir(tmp_path / "run")
+    run = RunDir(phi3_recipe.parent / "run")
     assert not run.final.exists() and not any(run.checkpoints.glob("*"))  # no step was taken
+
+
+def test_dptrain_check_runs_the_padding_probe(phi3_recipe, capsys):
+    """``dptrain check`` refuses what ``dptrain train`` would (its own engine has no
+    max_length); within the original length it passes."""
+    from dptrain.cli import main
+
+    argv = ["check", str(phi3_recipe), "--records", "4", "--batch-size", "2", "--json"]
+    assert main(argv) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert "padded length" in out["refusal"] and not out["exact"]
+    assert main([*argv, "--set", "data.max_length=16"]) == 0
+    assert json.loads(capsys.readouterr().out)["exact"]
