@@ -153,7 +153,14 @@ def audit_people(
         "attacks": {k: {m: v for m, v in a.items() if m != "scores"} for k, a in attacks.items()},
         "clopper_pearson": bound,
         "canary_people": _canary_people(
-            run.path, target, base, score, delta, confidence, unit["unit"]
+            run.path,
+            target,
+            base,
+            score,
+            delta,
+            confidence,
+            unit["unit"],
+            unit.get("max_records_per_person") if unit["strategy"] == "example" else None,
         ),
     }
     bounds = {"clopper_pearson": bound["epsilon"] if bound else 0.0}
@@ -186,10 +193,13 @@ def _canary_people(
     delta: float,
     confidence: float,
     unit: str,
+    cap: int | None = None,
 ) -> dict[str, Any] | None:
     """Canary people: the loss drop of each (its repetitions are identical records, so one
     text scores them all) by repetition count, and the one-run bound over the canary people
-    with an inclusion coin (every one; the single ones in a manifest without ``person_level``)."""
+    with an inclusion coin (every one; the single ones in a manifest without ``person_level``).
+    ``cap``: strategy ``example``'s records kept per person, which caps a canary person like
+    any other, so the counts are the copies trained on, ``min(repetitions, cap)``."""
     manifest = read_manifest(run_dir)
     if manifest is None:
         return None
@@ -204,14 +214,16 @@ def _canary_people(
             "canary sentence"
         )
     reps = np.array([c.repetitions for c in cs])
+    trained = reps if cap is None else np.minimum(reps, cap)
     included = np.array([c.included for c in cs])
     out: dict[str, Any] = {
         "drop_by_repetitions": {
-            str(k): float(drop[(reps == k) & included].mean())
-            for k in sorted(set(reps.tolist()))
-            if ((reps == k) & included).any()
+            str(k): float(drop[(trained == k) & included].mean())
+            for k in sorted(set(trained.tolist()))
+            if ((trained == k) & included).any()
         },
         "drop_not_inserted": float(drop[~included].mean()) if (~included).any() else None,
+        **({"repetitions_capped_at": cap} if cap is not None else {}),
     }
     coined = np.ones(len(cs), bool) if manifest.person_level else reps == 1
     if coined.sum() >= 2:

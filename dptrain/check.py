@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import rng
 from .batching import batch_len, batch_slice
 from .groups import group_parameters, layer_of
 from .losses import LossFn
@@ -348,11 +349,12 @@ def compare(
 def _check_deterministic(model: nn.Module, batch: Any, loss_fn: LossFn) -> None:
     """Two evaluations of the losses must agree: a random model (dropout in train mode) cannot
     be compared with anything."""
-    state = torch.random.get_rng_state()
-    try:
-        first, second = loss_fn(model, batch), loss_fn(model, batch)
-    finally:
-        torch.random.set_rng_state(state)
+    with rng.GLOBAL_RNG:
+        state = torch.random.get_rng_state()
+        try:
+            first, second = loss_fn(model, batch), loss_fn(model, batch)
+        finally:
+            torch.random.set_rng_state(state)
     if not torch.equal(first, second):
         raise ValueError(
             "the model's losses differ between two evaluations of the same batch (dropout or "

@@ -30,7 +30,9 @@ come from one of two certified computations (:func:`_ghost_norms`):
   benchmarks' 4-layer GPT-2), the other samples redone in float64.  Only with a public bound ``max_length`` on
   every use's length (the recipe path passes ``data.max_length``), and only for the parameters
   :func:`~.grad_sample.outer.float32_for_run` picks from public values: wide enough to pay,
-  and ghosted at every length up to the bound.  The path of a sample is thus fixed for the run
+  and ghosted at every length up to the bound, for the use structure of the parameter's first
+  batch (a later batch with another structure is refused: ``clip_and_sum``'s ``decided``).
+  The path of a sample is thus fixed for the run
   but for its own loose or cancelling norms, never chosen by the other samples of the batch:
   the float32 path's over-clip is per sample (up to 0.8%), so a path that followed the padded
   length would let one added long sequence move every other sample's coefficient.
@@ -72,10 +74,16 @@ from .grad_sample.outer import (
     norm_sq_and_bound,
     norm_sq_and_error32,
     prefer_ghost,
+    use_structure,
 )
 from .segments import Segments, group_outer, group_rows
 
 GhostMode = Literal["auto", "always", "never"]
+Float32Decisions = dict[nn.Parameter, list]
+"""A run's float32 Gram decisions (:func:`clip_and_sum`'s ``decided``, kept by the caller from
+step to step): per parameter, ``[structure, chosen]``: the :func:`~.grad_sample.outer.
+use_structure` of its uses in the first batch that showed it, and whether float32 Grams were
+ever taken for it."""
 CANCELLATION = 64.0  # S_b / ||G_b|| above which a ghosted sample is materialized
 
 
@@ -216,8 +224,56 @@ def _certified32(factors: list[Outer], length: int) -> tuple[Tensor, Tensor, Ten
     return _up(n2 + err), torch.isfinite(s) & (s > CANCELLATION * n2.sqrt()), loose
 
 
+class UseStructureChanged(ValueError):
+    """A batch's use structure of a parameter differs from the one its float32 decision was
+    made on (:func:`clip_and_sum`'s ``decided``)."""
+
+
+def _describe(structure: tuple | None) -> str:
+    """A :func:`~.grad_sample.outer.use_structure` in words."""
+    if structure is None:
+        return "per-sample gradients (no factors)"
+
+    def kind(k: tuple | None) -> str:
+        return "-" if k is None else "index" if k == ("index",) else f"{k[0]} width {k[1]}"
+
+    uses = structure[1]
+    each = "; ".join(f"{kind(a)} x {kind(b)}" for a, b, _ in uses)
+    return f"{len(uses)} use{'s' if len(uses) != 1 else ''} ({each})"
+
+
+def _changed(name: str, first: tuple | None, now: tuple | None) -> UseStructureChanged:
+    return UseStructureChanged(
+        f"parameter {name}: this batch has {_describe(now)}, the run's first batch "
+        f"{_describe(first)}, and its ghost norms take float32 Grams, decided once per run for one use structure: their "
+        "proof (the parameter ghosted at every length up to max_length, so no batch moves a "
+        "sample's path) holds for that structure only. Fix: keep the model's uses of a "
+        "parameter the same in every step (e.g. apply a layer a fixed number of times), or "
+        "pass max_length=None (float64 Grams throughout)"
+    )
+
+
+def _same_structure(
+    decided: Float32Decisions, p: nn.Parameter, fs: list[Outer] | None, name: str
+) -> bool:
+    """Whether ``p``'s use structure in this batch (``fs`` None: not factorized) is the one
+    first recorded for it (recorded here at its first batch); another raises if float32
+    Grams were taken for ``p`` before, whichever path this batch would take."""
+    now = None if fs is None else use_structure(fs)
+    first = decided.setdefault(p, [now, False])
+    if now == first[0]:
+        return True
+    if first[1]:
+        raise _changed(name, first[0], now)
+    return False
+
+
 def _ghost_norms(
-    params: dict[nn.Parameter, list[Outer]], max_length: int | None, always: bool
+    params: dict[nn.Parameter, list[Outer]],
+    max_length: int | None,
+    always: bool,
+    decided: Float32Decisions | None = None,
+    changed: dict[nn.Parameter, str] | None = None,
 ) -> tuple[dict[nn.Parameter, Tensor], dict[nn.Parameter, Tensor], int]:
     """Per ghosted parameter, a certified upper bound on every sample's squared norm and the
     samples whose tokens cancel beyond :data:`CANCELLATION` (to be materialized); and how many
@@ -228,12 +284,20 @@ def _ghost_norms(
     (:func:`_certified64`) for the others; a float32 sample whose bound is looser than
     :data:`FLOAT32_SLACK` is redone in float64.  So a sample's path depends on public values
     and on that sample alone, never on the other samples of its batch.  One read of the loose
-    flags for all parameters together, not one per parameter."""
+    flags for all parameters together, not one per parameter.  ``decided``: the run's
+    decisions (float32 taken is recorded); ``changed``: the parameters (by name) whose use
+    structure differs from the one first recorded for them, for which float32 Grams raise
+    :class:`UseStructureChanged`."""
     upper: dict[nn.Parameter, Tensor] = {}
     heavy: dict[nn.Parameter, Tensor] = {}
     loose: dict[nn.Parameter, Tensor] = {}
     for p, fs in params.items():
         if max_length is not None and float32_for_run(fs, max_length, always):
+            if changed and p in changed:
+                assert decided is not None
+                raise _changed(changed[p], decided[p][0], use_structure(fs))
+            if decided is not None:
+                decided[p][1] = True
             upper[p], heavy[p], loose[p] = _certified32(fs, max_length)
         else:
             upper[p], heavy[p] = _certified64(fs)
@@ -264,6 +328,8 @@ def clip_and_sum(
     raw: bool = False,
     segments: Segments | None = None,
     max_length: int | None = None,
+    decided: Float32Decisions | None = None,
+    names: dict[nn.Parameter, str] | None = None,
 ) -> ClippedSums:
     """Clip every sample's gradient per group at ``clip[group]`` and sum over samples.
 
@@ -271,7 +337,15 @@ def clip_and_sum(
     one segment are summed before the clip, ghost norms taking the Gram matrix over all of the
     segment's tokens; ``norms`` and ``nonfinite`` then count segments.  ``max_length``: a public
     bound on every use's length, which lets wide parameters take float32 Grams
-    (:func:`_ghost_norms`; not with segments, whose lengths it does not bound)."""
+    (:func:`_ghost_norms`; not with segments, whose lengths it does not bound).
+
+    ``decided`` (:data:`Float32Decisions`, the caller's, kept across the run's steps and
+    chunks; :class:`~dptrain.engine.PrivacyEngine` keeps one): the float32 decision is made
+    from a parameter's use structure, and its proof holds for that structure only, so the
+    structure of each parameter's first batch is recorded and a batch with another raises
+    :class:`UseStructureChanged` where float32 Grams were or would be taken for it (a refusal,
+    not a fallback: which path a sample takes must not follow the batch).  ``names``: the
+    parameters' names for that message.  Without ``decided`` each call decides alone."""
     mode = ghost_mode(ghost)
     batch = recorded.batch_size if segments is None else segments.count
     per_row = (lambda t: t) if segments is None else (lambda t: group_rows(t, segments))
@@ -289,12 +363,21 @@ def clip_and_sum(
     def add_sq(group: str, value: Tensor) -> None:  # upper bounds stay upper bounds
         sq[group] = _up(sq[group] + value) if group in sq else value
 
+    public_length = max_length if segments is None else None  # a person's rows: not bounded
+    guard = decided if public_length is not None else None  # float32 only with a bound
+    changed: dict[nn.Parameter, str] = {}  # use structure not the first batch's: no float32
     ghost_fs: dict[nn.Parameter, list[Outer]] = {}
     for p, items in parts.items():
         fs = [(_factors(u) or {}).get(role) for u, role in items]
         if segments is not None:
             fs = [None if f is None else group_outer(f, segments) for f in fs]
         factorized = items and all(f is not None for f in fs) and p not in recorded.direct
+        # (a parameter with no use here, only given per-sample gradients -- the engine's
+        # injected samples -- is materialized exactly whatever its uses: nothing to compare)
+        if guard is not None and items:
+            name = (names or {}).get(p, f"of shape {tuple(p.shape)}")
+            if not _same_structure(guard, p, fs if factorized else None, name):
+                changed[p] = name
         if factorized and mode != "never" and (mode == "always" or prefer_ghost(fs)):
             ghost_fs[p] = fs
             continue
@@ -311,8 +394,9 @@ def clip_and_sum(
                 total, owned = total + g, True
         materialized[p] = total
 
-    public_length = max_length if segments is None else None  # a person's rows: not bounded
-    ghost_sq, heavies, refined = _ghost_norms(ghost_fs, public_length, mode == "always")
+    ghost_sq, heavies, refined = _ghost_norms(
+        ghost_fs, public_length, mode == "always", guard, changed
+    )
     ghosted = {p: (fs, heavies[p]) for p, fs in ghost_fs.items()}
 
     # which ghosted parameters have heavy samples: one read of all the flags (one host-device

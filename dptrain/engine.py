@@ -24,21 +24,23 @@ per-sample gradients before they are clipped (:mod:`dptrain.precision` states th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from accountants import Budget, BudgetExceeded, BudgetFilter, Event, Ledger, get_accountant
 from accountants.budget import ledger_epsilon
 
-from . import distributed
+from . import distributed, rng
 from .batching import batch_len, batch_slice
-from .clipping import clip_and_sum, ghost_mode
+from .clipping import Float32Decisions, clip_and_sum, ghost_mode
 from .grad_sample import GradCapture, Recorded
 from .groups import group_parameters
 from .hardware import module_device, to_device
@@ -136,6 +138,9 @@ class PrivacyEngine:
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be a positive number of tokens, got {max_length}")
         self.max_length = max_length  # public bound on tokens per sample: float32 Gram norms
+        # per parameter, the use structure its float32 decision was made on (clip_and_sum's
+        # decided): a later batch with another is refused where float32 Grams are involved
+        self._float32_decisions: Float32Decisions = {}
         self.precision = precision if precision is not None else Precision()
 
         names = group_parameters(model, grouping)
@@ -307,6 +312,8 @@ class PrivacyEngine:
                 raw=self.policy.needs_raw_sums,
                 segments=seg,
                 max_length=self.max_length,
+                decided=self._float32_decisions,
+                names=self.names,
             )
             for p, s in result.sums.items():
                 clipped[p] = clipped[p] + s if p in clipped else s
@@ -322,15 +329,16 @@ class PrivacyEngine:
         else:
             chunks = self._person_chunks(batch, segments)
         rows = 0
-        for chunk, seg in chunks:
-            with self.precision.autocast(device):
-                recorded, losses = self.capture.run(loss_fn, chunk)
-            add(unscale(recorded, scale), seg)  # unscaled before clipping: sensitivity C
-            losses = losses.detach() / scale
-            finite = torch.isfinite(losses)
-            loss_sum += float(losses[finite].sum())
-            rows += int(finite.sum())
-            self.optimizer.zero_grad(set_to_none=True)
+        with keyed_rng(getattr(self.noise, "key", None), self.steps_taken, device):
+            for chunk, seg in chunks:
+                with self.precision.autocast(device):
+                    recorded, losses = self.capture.run(loss_fn, chunk)
+                add(unscale(recorded, scale), seg)  # unscaled before clipping: sensitivity C
+                losses = losses.detach() / scale
+                finite = torch.isfinite(losses)
+                loss_sum += float(losses[finite].sum())
+                rows += int(finite.sum())
+                self.optimizer.zero_grad(set_to_none=True)
         if injected:  # extra samples with given per-sample gradients, through the same clipping
             m = _check_injected(injected, self.group_of)
             add(Recorded([], {p: g.to(p.device, p.dtype) for p, g in injected.items()}, m))
@@ -463,6 +471,33 @@ class PrivacyEngine:
     def detach(self) -> None:
         """Remove the hooks; the model is an ordinary module again."""
         self.capture.detach()
+
+
+@contextlib.contextmanager
+def keyed_rng(key: Any, step: int, device: torch.device) -> Iterator[None]:
+    """Torch's generators (the CPU's and ``device``'s) seeded from the run key for step
+    ``step``'s forward and backward passes, and restored afterwards.
+
+    Why.  Dropout (and any other random draw of the model's forward pass) reads torch's
+    global generator, which ``recipe.seed`` (public) seeds.  Its masks are laid out by the
+    batch's shape, so adding a record (one more row, or a longer padded length) moves the
+    masks every *other* record of the batch gets, and later steps' masks follow the earlier
+    batch sizes: with the seed known, the released sum then moves by far more than the one
+    record's clipped gradient.  Masks drawn from a secret, per-step seed are independent of
+    the data and unknown to the adversary; every record's masks are then identically
+    distributed whatever the batch, so the release is a mixture of Gaussian mechanisms of
+    sensitivity C (joint convexity) and the ledger's event holds.  Seeded per (step, rank),
+    so a resumed run draws the same masks, and restored afterwards, so the public stream
+    never depends on the private batch sizes.  The lock of :func:`dptrain.rng.seeded` is
+    held throughout, so threads of one process (in-process federated clients) cannot move
+    each other's streams.  Without a key (a caller's own noise
+    function) the generators are left as they are."""
+    if key is None or not hasattr(key, "prf"):
+        yield
+        return
+    word = key.prf("model-rng").at(int(step), np.array([distributed.rank()], dtype=np.uint64))
+    with rng.seeded(int(word[0, 0]) >> 1, device):  # 63 bits: every torch generator takes it
+        yield
 
 
 def _check_injected(injected: dict[nn.Parameter, Tensor], group_of: dict) -> int:

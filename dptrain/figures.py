@@ -460,7 +460,12 @@ def render_run(
     unit = meta.get("privacy_unit")
     if isinstance(unit, dict) and unit.get("strategy") == "example":  # the ledger is per record
         k = unit.get("group_size")
-        title += f" (ε per record; per {unit.get('unit', 'person')}: {k}ε, group privacy over {k})"
+        if unit.get("max_records_per_person") == k:  # k public: the recipe's cap
+            title += (
+                f" (ε per record; per {unit.get('unit', 'person')}: {k}ε, group privacy over {k})"
+            )
+        else:  # an older uncapped run: k was the data's largest count (dptrain epsilon refuses)
+            title += " (ε per record; no per-person claim: its group size was a data statistic)"
     # the run's own figure only at the run's delta, accountant and adaptivity: another view
     # goes beside it, so report/privacy.png always states the run's guarantee
     own = (

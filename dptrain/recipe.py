@@ -134,9 +134,26 @@ class PrivacyUnitSection(Section):
     max_records_per_person: int | None = Field(
         None,
         ge=1,
-        description="records of a sampled person used per step (user) or kept at all (example), "
-        "chosen by the run key; default: all of them",
+        description="records of a sampled person used per step (user; default: all of them) "
+        "or kept at all (example: required), chosen by the run key",
     )
+
+    @model_validator(mode="after")
+    def _example_needs_a_cap(self) -> PrivacyUnitSection:
+        """Strategy ``example`` calibrates its noise to group privacy over ``k`` records per
+        person, and publishes ``k`` (run.json's ``group_size``, and through the noise).  ``k``
+        must therefore be public: the recipe's cap.  Without one it would be the training
+        data's largest records-per-person count, a statistic of one person's data."""
+        if self.strategy == "example" and self.max_records_per_person is None:
+            raise ValueError(
+                "strategy example needs data.privacy_unit.max_records_per_person: a public cap "
+                "on records per person (records beyond it are dropped, chosen by the run key), "
+                "which sets the group size k of the accounting. Without it k would be the "
+                "data's largest number of records of one person, a private statistic that the "
+                "noise and run.json would publish. Fix: set max_records_per_person (e.g. 8), "
+                "or use strategy user (its guarantee does not grow with a person's records)"
+            )
+        return self
 
 
 class DataSection(Section):
@@ -370,8 +387,9 @@ class Recipe(Section):
     name: str = "run"
     seed: int = Field(
         0,
-        description="non-private randomness only (initialization, dropout, the rl agent, audit "
-        "shadow splits); coins, noise, splits and canaries come from the run key",
+        description="non-private randomness only (initialization, the rl agent, audit shadow "
+        "splits); coins, noise, splits, canaries and the model's dropout in a private step "
+        "come from the run key",
     )
     output_dir: str | None = None
     model: ModelSection

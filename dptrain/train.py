@@ -29,7 +29,8 @@ uninterrupted one would and an adversary holding the recipe and ``run.json`` can
 The key is marked used in ``secret.key`` before the first step draws from it, and a run never
 starts over from step 0 with a used key (that would repeat its noise; see
 :mod:`dptrain.secret`).
-``recipe.seed`` drives the non-private randomness (initialization, dropout).  The reported
+``recipe.seed`` drives the non-private randomness (initialization); a step's dropout is
+keyed by the run key (:func:`dptrain.engine.keyed_rng`).  The reported
 delta includes the noise sampler's truncation term (:func:`dptrain.noise.truncation_delta`).
 """
 
@@ -49,7 +50,7 @@ from tqdm.auto import tqdm
 from accountants import Ledger, UnsupportedEventError, get_accountant
 from accountants.grid import composition
 
-from . import distributed
+from . import distributed, rng
 from .data import TextDataset
 from .data.canaries import Canary, check_canaries_fit, left_out, make_canaries, write_manifest
 from .data.lm import eval_batches
@@ -471,7 +472,8 @@ def _recipe_diff(run: RunDir, recipe: Recipe) -> str:
 
 def start(prep: Prepared) -> None:
     """Rank 0 opens the run directory: the key first, then the recipe as the user wrote it."""
-    torch.manual_seed(prep.recipe.seed)
+    with rng.GLOBAL_RNG:  # the public stream of what follows (not privacy randomness)
+        torch.manual_seed(prep.recipe.seed)
     if not distributed.is_main():
         return
     run, recipe = prep.run, prep.recipe

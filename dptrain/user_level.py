@@ -25,7 +25,8 @@ Neighbouring datasets differ by adding or removing one person and every record o
 ``example``: example-level sampling with user-level accounting.
     Each person keeps at most ``m`` records (the ``m`` with the lowest keyed hashes, fixed for
     the run); ordinary record-level DP-SGD runs on them, and a person is a group of at most
-    ``k`` records (``k = m``, or the data's largest count without a cap).  Group privacy for
+    ``k = m`` records (the cap is required: ``k`` is published, so it must be the recipe's
+    value, not the data's largest count, a statistic of one person).  Group privacy for
     ``(eps', delta')``-DP over ``k`` add/remove steps gives ``(k eps', delta' sum_{i<k}
     e^{i eps'})``-DP; so the run's record-level budget is ``eps' = eps / k`` at
     ``delta' = delta (e^{eps'} - 1) / (e^{eps} - 1)``, and the noise is calibrated to it.
@@ -183,7 +184,7 @@ class UnitPlan:
     strategy: str  # "user" | "example"
     people: People
     cap: int | None
-    group_size: int  # k: records per person the accounting allows for ("example")
+    group_size: int  # k: records per person the accounting allows for ("example": the cap)
     person_delta: float  # the person-level delta target
     person_epsilon_budget: float
     records_before_cap: int
@@ -228,8 +229,8 @@ class UnitPlan:
 
     def meta(self) -> dict[str, Any]:
         """The unit's public description (``run.json``): the recipe's settings, the public
-        ``N`` people and the group size ``k`` of the accounting (the cap, or without one the
-        data's largest count, which the noise of strategy ``example`` is calibrated to)."""
+        ``N`` people and the group size ``k`` of the accounting (strategy ``example``: the
+        recipe's cap, which its noise is calibrated to; 1 for ``user``)."""
         return {
             "unit": self.name,
             "field": self.field,
@@ -291,25 +292,31 @@ def resolve_unit(
     n = len(people) + withheld_people
     delta = recipe.privacy.delta if recipe.privacy.delta is not None else default_delta(n)
     before = len(train)
-    if unit.strategy == "example" and unit.max_records_per_person is not None:
-        train = cap_records(train, people, unit.max_records_per_person, key)
-        people = read_people(train, persons)
-    # k: the cap (public), or without one the training data's largest count (treated as
-    # public, like N: the issue's "group privacy at the corpus's maximum"); the canaries'
-    # repetition counts (the recipe's, public) count whether or not their coins included
-    # them, so k reveals no canary's coin
     canaries = recipe.data.canaries
     reps = canaries.repetitions if canaries is not None else {}
-    k = unit.max_records_per_person or max(
-        people.max_records, max((r for r, c in reps.items() if c), default=0)
-    )
+    k = 1
+    if unit.strategy == "example":
+        # k: the recipe's cap, public (the recipe refuses strategy example without one: the
+        # data's largest count would be a private statistic).  Every person keeps at most
+        # k records, chosen by the run key; a canary person (data.canaries: its repetitions
+        # are its records, inserted before this) is capped like any other, so a canary
+        # repeated more than k times trains on k of its copies and k covers it; whether its
+        # coin included it does not move k
+        k = unit.max_records_per_person
+        if k is None:  # PrivacyUnitSection refuses it; a constructed recipe may not have
+            raise RecipeError(
+                "data.privacy_unit: strategy example needs max_records_per_person (a public "
+                "cap on records per person), or use strategy user"
+            )
+        train = cap_records(train, people, k, key)
+        people = read_people(train, persons)
     return (
         UnitPlan(
             unit.field,
             unit.strategy,
             people,
             unit.max_records_per_person,
-            k if unit.strategy == "example" else 1,
+            k,
             delta,
             recipe.privacy.epsilon,
             before,

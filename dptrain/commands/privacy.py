@@ -402,6 +402,18 @@ def unit_claim(meta: dict[str, Any], epsilon: float, delta: float) -> dict[str, 
             f"run.json's privacy_unit {unit!r} names no strategy and group size this version "
             "can account; read run.json's person_level instead"
         )
+    if unit.get("max_records_per_person") != k:
+        # an uncapped run of an older version: k was the data's largest count of records of
+        # one person, a private statistic the run published (and calibrated to), so no
+        # per-person claim follows from the ledger
+        raise _InputError(
+            f"run.json's privacy_unit has strategy example with group size {k} but "
+            f"max_records_per_person {unit.get('max_records_per_person')!r}: the group size "
+            "was the training data's largest number of records of one person, a private "
+            "statistic, so the run has no per-person guarantee this version can state. Fix: "
+            "train again with data.privacy_unit.max_records_per_person (a public cap), or "
+            "strategy user"
+        )
     if not math.isfinite(epsilon) or k * epsilon > 700:
         return {"unit": name, "strategy": strategy, "epsilon": math.inf, "delta": 1.0}
     from ..user_level import group_privacy  # imports torch: only for a person-level run

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from .. import rng
 from ..batching import batch_cat, batch_flip, batch_len, batch_slice
 from .fused import Alias, Fused
 from .local import LocalCall, LocalRule, replays_exactly
@@ -721,7 +722,7 @@ class GradCapture:
         bigger = batch_cat(batch, batch_slice(batch, 0, 1))
         notes: list[str] = []
         try:
-            with torch.random.fork_rng(devices=[]):
+            with rng.GLOBAL_RNG, torch.random.fork_rng(devices=[]):
                 # every probe draws the same (CPU) random numbers: a model that draws them beyond
                 # dropout sees the same values for the same samples, so its batch axes can align
                 self._rng = torch.get_rng_state()

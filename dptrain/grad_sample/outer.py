@@ -424,6 +424,26 @@ def float32_for_run(factors: list[Outer], max_length: int, always: bool) -> bool
     )
 
 
+def use_structure(factors: list[Outer]) -> tuple:
+    """The public values of one parameter's uses that :func:`float32_for_run` decides on,
+    less their lengths (bounded by ``max_length``) and the batch size: per use, each factor's
+    kind (index, or dtype and width), the matrix shape; and the device.  The decision, and its
+    proof (ghosted at every length up to the bound), hold for this structure only: the run
+    keeps the structure of its first decision and refuses a batch with another where float32
+    Grams are involved (:func:`dptrain.clipping.clip_and_sum`'s ``decided``).  A few attribute
+    reads per use: compared per parameter per step at no measurable cost."""
+
+    def kind(t: Tensor | None) -> tuple | None:
+        if t is None:
+            return None
+        return ("index",) if is_index(t) else (t.dtype, t.shape[-1])
+
+    return (
+        factors[0].left.device if factors else None,
+        tuple((kind(f.left), kind(f.right), f.m) for f in factors),
+    )
+
+
 _Rounding = tuple[float, float, float]  # (gamma, c1, c0) of a float32 Gram's entries
 
 

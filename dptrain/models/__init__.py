@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .. import rng
 from ..errors import ModelSpecError
 from .files import _load_gguf, _load_hf_dir
 from .smollm2 import (
@@ -152,8 +153,7 @@ def build_model(
     ``training.gradient_checkpointing`` the model recomputes activations in the backward pass
     (non-reentrant checkpointing: the engine is exact with it)."""
     dtype = getattr(torch, recipe.model.dtype)
-    with torch.random.fork_rng():
-        torch.manual_seed(recipe.seed)
+    with rng.seeded(recipe.seed):
         model, tok = load_model_and_tokenizer(recipe.model.name, dtype=dtype)
         if recipe.lora is not None:
             from peft import LoraConfig

@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import torch
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -18,6 +17,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from .. import rng
 from ..errors import ModelSpecError
 
 _EOT = "<|endoftext|>"
@@ -131,8 +131,7 @@ def _load_tiny(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
             kwargs["intermediate_size"] = 2 * int(overrides["hidden_size"])
         config = LlamaConfig(vocab_size=vocab, **special, **kwargs)
     tok.model_max_length = int(getattr(config, "n_positions", 0) or config.max_position_embeddings)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with rng.seeded(seed):
         model = AutoModelForCausalLM.from_config(config)
     model.eval()
     return model, tok

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import rng
 from ..data.lm import pad_token_id
 from .examples import TaskExamples, pad_rows
 from .records import decode_record
@@ -61,8 +62,7 @@ def build_classifier(recipe: Recipe) -> tuple[nn.Module, Any]:
 
     labels = recipe.task.labels or []
     dtype = getattr(torch, recipe.model.dtype)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.seed)
+    with rng.seeded(recipe.seed):
         lm, tok = load_model_and_tokenizer(recipe.model.name, dtype=dtype)
         config = lm.config
         config.num_labels = len(labels)

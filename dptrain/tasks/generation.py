@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .. import rng
+
 if TYPE_CHECKING:
     from ..data.canaries import Manifest
     from ..recipe import Recipe
@@ -72,8 +74,7 @@ def generate(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its padding advice: the mask is passed
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with rng.seeded(seed):
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start : start + batch_size]
                 width = max(len(p) for p in chunk)

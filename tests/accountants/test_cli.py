@@ -105,6 +105,7 @@ def test_epsilon_of_a_person_level_run_reports_the_guarantee_per_person(tmp_path
     ledger = Ledger([Event(0.01, 1.0, 300)])
     ledger.save(tmp_path / "ledger.json")
     unit = {"unit": "patient", "field": "patient_id", "strategy": "example", "group_size": 8}
+    unit["max_records_per_person"] = 8  # k is the recipe's cap, public
     (tmp_path / "run.json").write_text(
         json.dumps({"delta": 1e-8, "accountant": "rdp", "privacy_unit": unit})
     )
@@ -126,6 +127,19 @@ def test_epsilon_of_a_person_level_run_reports_the_guarantee_per_person(tmp_path
     (tmp_path / "run.json").write_text(json.dumps({"delta": 1e-8}))  # a record-level run
     out = run_json(capsys, "epsilon", "--run", str(tmp_path))
     assert out["privacy_unit"] == "record" and "per_unit" not in out
+
+
+def test_epsilon_refuses_an_uncapped_example_run_of_an_older_version(tmp_path, capsys) -> None:
+    """Older versions ran strategy example without a cap, k the training data's largest
+    count of records of one person: a private statistic the run published and calibrated
+    to, so no per-person claim follows; refused, naming the fix (recipes now require it)."""
+    Ledger([Event(0.01, 1.0, 300)]).save(tmp_path / "ledger.json")
+    unit = {"unit": "patient", "field": "patient_id", "strategy": "example", "group_size": 28}
+    for cap in ({"max_records_per_person": None}, {}, {"max_records_per_person": 30}):
+        meta = {"delta": 1e-8, "accountant": "rdp", "privacy_unit": {**unit, **cap}}
+        (tmp_path / "run.json").write_text(json.dumps(meta))
+        code, _, err = run(capsys, "epsilon", "--run", str(tmp_path))
+        assert code != 0 and "a private statistic" in err and "max_records_per_person" in err
 
 
 def test_epsilon_of_a_warm_started_run_states_the_shared_guarantee(tmp_path, capsys) -> None:

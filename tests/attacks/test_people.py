@@ -112,3 +112,35 @@ def test_person_scores_do_not_rank_record_counts():
     assert abs(roc_of(mean[held], is_member[held]).auc - 0.5) < 0.1
     first = owner == 201
     assert mean[201] == pytest.approx(np.nanmean(values[first]))
+
+
+def test_canary_drops_are_counted_by_the_copies_an_example_run_trained_on(tmp_path):
+    """Strategy example caps a canary person like any other: one repeated 16 times with a cap
+    of 4 trained on 4 copies, so its drop is reported under 4 (with the cap), not 16."""
+    from types import SimpleNamespace
+
+    from attacks.people import _canary_people
+    from dptrain.data.canaries import Canary, write_manifest
+    from dptrain.recipe import CanarySection
+
+    config = CanarySection(secret_digits=2, repetitions={1: 2, 4: 1, 16: 1})
+    canaries = [
+        Canary(0, "A b", "11", 1, True),
+        Canary(1, "C d", "22", 1, False),
+        Canary(2, "E f", "33", 4, True),
+        Canary(3, "G h", "44", 16, True),
+    ]
+    write_manifest(tmp_path, config, canaries=canaries, person_level=True)
+    drops = {"base": np.full(4, 10.0), "target": np.array([9.0, 10.0, 7.0, 5.0])}
+
+    def score(model, texts, ids):
+        return SimpleNamespace(sum_nll=drops[model])
+
+    args = (tmp_path, "target", "base", score, 1e-5, 0.95, "patient")
+    plain = _canary_people(*args)
+    assert plain["drop_by_repetitions"] == {"1": 1.0, "4": 3.0, "16": 5.0}
+    assert "repetitions_capped_at" not in plain
+    capped = _canary_people(*args, 4)
+    assert capped["drop_by_repetitions"] == {"1": 1.0, "4": 4.0}  # (3 + 5) / 2
+    assert capped["repetitions_capped_at"] == 4
+    assert capped["one_run"]["canaries"] == plain["one_run"]["canaries"] == 4

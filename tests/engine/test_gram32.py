@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dptrain.clipping import clip_and_sum
-from dptrain.grad_sample import GradCapture, Outer
+from dptrain.grad_sample import GradCapture, Outer, Recorded
 from dptrain.grad_sample import outer as O
 
 from . import test_clip_bound
@@ -375,3 +375,126 @@ def test_a_samples_certified_norm_does_not_follow_its_padding():
     assert float(((n2s - n2p) / n2s).abs()) < 1e-6  # float32 Grams: their own rounding
     assert float(((errs - errp) / errs).abs()) < 1e-6
     assert float(errs / n2s) < O.FLOAT32_SLACK
+
+
+class _Repeated(nn.Module):
+    """One Linear applied ``k`` times, ``k`` a public argument of the call: ``k`` uses of its
+    weight (cross terms between them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(32, 32, bias=False)
+
+    def forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        for _ in range(k):
+            x = self.lin(x)
+        return x
+
+
+def _repeated_engine(uses: list[int]):
+    from dptrain import PrivacyEngine, StaticPolicy
+
+    torch.manual_seed(0)
+    model = _Repeated()
+    engine = PrivacyEngine(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        policy=StaticPolicy(clip=1.0, noise_multiplier=0.0),
+        sample_rate=0.5,
+        dataset_size=8,
+        loss_fn=lambda m, batch: m(batch, uses[0]).pow(2).sum((1, 2)),
+        ghost="always",
+        max_length=16,
+    )
+    return model, engine
+
+
+def test_a_changed_use_structure_is_refused_on_the_float32_path(monkeypatch):
+    """The float32 decision and its proof hold for the use structure it was made on: a
+    weight used 2 times in the run's first batch and 3 times in a later one is refused
+    (before any update or ledger entry), naming the parameter and both structures; the same
+    structure at other lengths and batch sizes is unaffected."""
+    from dptrain import clipping
+
+    monkeypatch.setattr(O, "FLOAT32_GRAM_COST", 0)
+    taken: list[int] = []
+    real = clipping._certified32
+    monkeypatch.setattr(
+        clipping, "_certified32", lambda fs, n: taken.append(len(fs)) or real(fs, n)
+    )
+    uses = [2]
+    model, engine = _repeated_engine(uses)
+    for rows, length in [(3, 16), (2, 5), (4, 16)]:  # stable: float32 every step
+        engine.step(torch.randn(rows, length, 32))
+    assert taken == [2, 2, 2] and engine.ledger.total_steps == 3
+    before = model.lin.weight.detach().clone()
+    uses[0] = 3
+    with pytest.raises(clipping.UseStructureChanged, match=r"lin\.weight.*3 uses.*2 uses"):
+        engine.step(torch.randn(3, 16, 32))
+    assert torch.equal(model.lin.weight, before) and engine.ledger.total_steps == 3
+    uses[0] = 2  # back to the run's structure: fine again
+    engine.step(torch.randn(3, 16, 32))
+    assert taken == [2, 2, 2, 2] and engine.ledger.total_steps == 4
+
+
+def test_the_guard_covers_a_path_change_either_way_and_skips_injected_samples(monkeypatch):
+    """Refused as well: a parameter first seen on float64 (here materialized) whose later
+    batch, with another structure, would take float32; and a float32 parameter whose later
+    batch would be materialized.  Samples given as per-sample gradients (the engine's
+    injected ones) have no uses to compare: they pass."""
+    from dptrain import clipping
+
+    monkeypatch.setattr(O, "FLOAT32_GRAM_COST", 0)
+    model = _Repeated()
+    group, clip = {model.lin.weight: "all"}, {"all": 1.0}
+
+    def recorded(k):
+        cap = GradCapture(model)
+        cap.attach()
+        try:
+            x = torch.randn(2, 8, 32)
+            return cap.run(lambda m, b: m(b, k).pow(2).sum((1, 2)), x)[0]
+        finally:
+            cap.detach()
+
+    def clip_sum(rec, ghost, decided):
+        return clip_and_sum(rec, group, clip, ghost=ghost, max_length=16, decided=decided)
+
+    decided: dict = {}
+    clip_sum(recorded(1), "never", decided)  # materialized: recorded, float32 not taken
+    clip_sum(recorded(1), "always", decided)  # same structure: float32 is fine
+    with pytest.raises(clipping.UseStructureChanged):
+        clip_sum(recorded(2), "always", decided)
+    decided = {}
+    clip_sum(recorded(1), "never", decided)
+    clip_sum(recorded(2), "never", decided)  # float64 both times: as before, no refusal
+    with pytest.raises(clipping.UseStructureChanged):
+        clip_sum(recorded(3), "always", decided)
+    decided = {}
+    clip_sum(recorded(2), "always", decided)
+    with pytest.raises(clipping.UseStructureChanged, match="float32"):
+        clip_sum(recorded(3), "never", decided)  # float32 before: no path change either
+    injected = Recorded([], {model.lin.weight: torch.randn(3, 32, 32)}, 3)
+    assert clip_sum(injected, "always", decided).sums[model.lin.weight].shape == (32, 32)
+    # without a run's decisions each call decides alone (as before)
+    clip_and_sum(recorded(3), group, clip, ghost="always", max_length=16)
+
+
+def test_the_use_structure_is_cheap_and_ignores_lengths_and_batch():
+    """What the guard compares: dtypes, widths and counts of the uses, not their lengths or
+    the batch size; a few microseconds per parameter."""
+    import timeit
+
+    def fs(batch, length, k=2, dtype=torch.float32):
+        return [
+            Outer(torch.randn(batch, length, 64).to(dtype), torch.randn(batch, length, 32), 64)
+        ] * k
+
+    assert O.use_structure(fs(3, 16)) == O.use_structure(fs(1, 5))
+    assert O.use_structure(fs(3, 16)) != O.use_structure(fs(3, 16, k=3))
+    assert O.use_structure(fs(3, 16)) != O.use_structure(fs(3, 16, dtype=torch.bfloat16))
+    index = [Outer(torch.zeros(2, 4, dtype=torch.long), torch.randn(2, 4, 32), 100)]
+    assert O.use_structure(index)[1] == ((("index",), (torch.float32, 32), 100),)
+    f, first = fs(3, 16), O.use_structure(fs(3, 16))
+    seconds = min(timeit.repeat(lambda: O.use_structure(f) == first, number=1000, repeat=3)) / 1000
+    assert seconds < 1e-4

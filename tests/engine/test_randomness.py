@@ -427,3 +427,96 @@ def test_coin_rate_is_q_and_records_and_steps_are_independent():
     both = masks[:, 0::2] & masks[:, 1::2]  # neighbouring records are independent
     assert _binomial_ok(int(both.sum()), both.size, 0.01)
     assert not np.array_equal(masks[0], masks[1])  # steps are independent
+
+
+def test_dropout_masks_come_from_the_run_key_not_the_public_seed():
+    """The model's own random draws (dropout) in a step follow from (key, step) only: the
+    public seed (torch's global generator) changes nothing, and the step leaves that generator
+    as it found it, so neither depends on the private batch's shape."""
+    from dptrain.engine import PrivacyEngine
+    from dptrain.losses import mse_loss
+    from dptrain.policies import StaticPolicy
+
+    def step(public_seed: int, key: RunKey, at: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(6, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 2)
+        )
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        engine = PrivacyEngine(
+            model,
+            opt,
+            policy=StaticPolicy(clip=100.0, noise_multiplier=1e-6),
+            sample_rate=0.5,
+            dataset_size=8,
+            loss_fn=mse_loss,
+            noise=GaussianNoise(key),
+        )
+        engine.steps_taken = at
+        x = torch.arange(24.0).reshape(4, 6) / 10
+        y = torch.ones(4, 2)
+        torch.manual_seed(public_seed)
+        before = torch.get_rng_state()
+        engine.step((x, y))
+        after = torch.get_rng_state()
+        assert torch.equal(before, after)  # the public stream did not move
+        return [p.detach().clone() for p in model.parameters()], after
+
+    a, _ = step(1, KEY)
+    b, _ = step(2, KEY)
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    other, _ = step(1, RunKey.from_insecure_seed(1))  # another key: other masks
+    assert not all(torch.equal(u, v) for u, v in zip(a, other, strict=True))
+    later, _ = step(1, KEY, at=1)  # another step: other masks
+    assert not all(torch.equal(u, v) for u, v in zip(a, later, strict=True))
+
+
+def test_keyed_steps_and_seeded_builds_in_threads_do_not_move_each_others_streams():
+    """Torch's generators are one per process: a keyed step in one thread (an in-process
+    federated client) and a model built from the public seed in another must each see their
+    own stream, whatever the thread timing (:mod:`dptrain.rng` holds one lock for both)."""
+    import threading
+
+    from dptrain import rng
+    from dptrain.engine import PrivacyEngine
+    from dptrain.losses import mse_loss
+    from dptrain.policies import StaticPolicy
+
+    def draws() -> torch.Tensor:
+        with rng.seeded(7):
+            a = torch.randn(128)
+            torch.nn.functional.dropout(torch.ones(1 << 16), 0.5)  # a long draw: threads switch
+            return torch.cat([a, torch.randn(128)])
+
+    expected = draws()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 64), torch.nn.Dropout(0.5), torch.nn.Linear(64, 2)
+    )
+    engine = PrivacyEngine(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        policy=StaticPolicy(clip=1.0, noise_multiplier=1.0),
+        sample_rate=0.5,
+        dataset_size=64,
+        loss_fn=mse_loss,
+        noise=GaussianNoise(KEY),
+    )
+    x, y = torch.randn(32, 6), torch.ones(32, 2)
+    stop, bad = threading.Event(), []
+
+    def steps() -> None:
+        while not stop.is_set():
+            engine.step((x, y))
+
+    def builds() -> None:
+        try:
+            bad.extend(i for i in range(200) if not torch.equal(draws(), expected))
+        finally:
+            stop.set()
+
+    threads = [threading.Thread(target=steps), threading.Thread(target=builds)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not bad and engine.steps_taken > 0

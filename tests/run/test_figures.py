@@ -186,3 +186,24 @@ def test_train_draws_figures_and_never_fails_on_them(tmp_path, capsys):
     line = capsys.readouterr().out.strip()
     assert "not drawn (LedgerNotFoundError" in line and "--plot" in line
     assert "\n" not in line
+
+
+def test_an_example_strategy_title_states_group_privacy_only_at_a_public_cap(tmp_path, monkeypatch):
+    """Strategy example: the title gives the per-person k eps when k is the recipe's cap; an
+    uncapped run of an older version (k the data's largest count, a private statistic) gets no
+    per-person claim, as `dptrain epsilon --run` refuses one."""
+    import dptrain.figures as figures
+
+    titles: list[str] = []
+    real = figures.privacy_figure
+    monkeypatch.setattr(
+        figures, "privacy_figure", lambda *a, **kw: titles.append(kw["title"]) or real(*a, **kw)
+    )
+    unit = {"unit": "patient", "field": "patient_id", "strategy": "example", "group_size": 8}
+    for i, cap in enumerate((8, None)):
+        run = run_dir(tmp_path, name=f"r{i}")
+        meta = run.read_meta() | {"privacy_unit": unit | {"max_records_per_person": cap}}
+        run.write_meta(meta)
+        render_run(run.path, private=False)
+    assert "per patient: 8ε, group privacy over 8" in titles[0]
+    assert "no per-person claim" in titles[1] and "8ε" not in titles[1]

@@ -405,27 +405,68 @@ def test_group_privacy_and_the_example_strategy_budget(tmp_path):
     assert "for each patient, over all of their records" in guarantee["statement"]
 
 
-def test_the_example_strategy_group_size_reveals_no_canary_coin(tmp_path):
-    """Without a cap, k is the largest count of records per person; a canary person's coin
-    (every canary has one under a person unit) must not move it: the recipe's repetition
-    counts, public, count whether or not the canary was included."""
+def test_the_example_strategy_without_a_cap_is_refused_at_validation(tmp_path):
+    """Without max_records_per_person, k would be the training data's largest number of
+    records of one person: a private statistic the noise is calibrated to and run.json
+    publishes (group_size).  The recipe is refused, naming the fix."""
     path = str(_people_file(tmp_path))
     unit = {"field": "patient_id", "strategy": "example"}
+    with pytest.raises(
+        RecipeError,
+        match=r"strategy example needs data\.privacy_unit\."
+        r"max_records_per_person: a public cap.*or use strategy user",
+    ):
+        parse_recipe(_recipe(tmp_path, {"path": path, "privacy_unit": unit}))
+    for fine in ({"strategy": "user"}, {"strategy": "example", "max_records_per_person": 9}):
+        parse_recipe(_recipe(tmp_path, {"path": path, "privacy_unit": {**unit, **fine}}))
+
+
+def test_the_example_strategy_caps_canary_people_like_others_and_k_shows_no_coin(tmp_path):
+    """Canary ``i`` is a person whose repetitions are its records; under strategy example it
+    is capped like any person (the run key keeps ``m`` of its copies), so ``k`` is the cap
+    whatever the canaries' repetition counts, and its coin (every canary has one under a
+    person unit) moves neither ``k`` nor the public record count."""
+    from dptrain.data.canaries import left_out, make_canaries
+
+    path = str(_people_file(tmp_path))
+    unit = {"field": "patient_id", "strategy": "example", "max_records_per_person": 4}
     canaries = {"secret_digits": 2, "repetitions": {1: 2, 12: 1}}
     recipe = parse_recipe(
         _recipe(tmp_path, {"path": path, "privacy_unit": unit, "canaries": canaries})
     )
-    sizes, coins = set(), set()
+    sizes, coins, publics = set(), set(), set()
     for seed in range(2):  # key 0 includes the 12-record canary, key 1 does not
         key = RunKey.from_insecure_seed(seed)
-        train, _, _ = split_data(recipe, key)
-        coins.add(any(rid.startswith("canary-00002-") for rid in train.ids))
-        plan, _ = resolve_unit(recipe, train, key)
+        drawn = make_canaries(recipe.data.canaries, key, person_level=True)
+        train, _, _ = split_data(recipe, key, canaries=drawn)
+        included = any(rid.startswith("canary-00002-") for rid in train.ids)
+        coins.add(included)
+        withheld, withheld_people = left_out(drawn, 4)
+        plan, capped = resolve_unit(recipe, train, key, withheld_people=withheld_people)
         assert plan.meta()["canaries"]["people"] == 3
         assert plan.meta()["canaries"]["unit"] == "patient"
+        assert plan.people.max_records <= 4
+        big = [rid for rid in capped.ids if rid.startswith("canary-00002-")]
+        assert len(big) == (4 if included else 0)  # 4 of its 12 copies, by the run key
         sizes.add(plan.group_size)
+        real = sum(not rid.startswith("canary-") for rid in capped.ids)
+        publics.add(len(capped) + withheld - real)  # the canaries' share of the public count
     assert coins == {True, False}
-    assert sizes == {12}  # the real people have at most 9 records
+    assert sizes == {4}
+    assert publics == {1 + 1 + 4}  # every canary counted at its capped size, in or out
+
+
+def test_a_constructed_uncapped_example_unit_is_refused_by_resolve_unit(tmp_path):
+    """A recipe built past validation (model_copy) still cannot reach the uncapped path."""
+    path = str(_people_file(tmp_path))
+    unit = {"field": "patient_id", "strategy": "example", "max_records_per_person": 3}
+    recipe = parse_recipe(_recipe(tmp_path, {"path": path, "privacy_unit": unit}))
+    uncapped = recipe.data.privacy_unit.model_copy(update={"max_records_per_person": None})
+    recipe = recipe.model_copy(
+        update={"data": recipe.data.model_copy(update={"privacy_unit": uncapped})}
+    )
+    with pytest.raises(RecipeError, match="strategy example needs max_records_per_person"):
+        resolve_unit(recipe, load_texts(path), RunKey.from_insecure_seed(0))
 
 
 def test_person_epsilon_by_group_privacy_is_valid_and_grows_with_k():
@@ -605,6 +646,8 @@ def test_public_sizes_count_every_canary_so_no_coin_shows(tmp_path, unit):
     data: dict = {"path": str(_people_file(tmp_path, 80))}
     if unit is not None:
         data["privacy_unit"] = {"field": "patient_id", "strategy": unit}
+    if unit == "example":  # a cap below the 3-record canaries: they are capped like others
+        data["privacy_unit"]["max_records_per_person"] = 2
     data["canaries"] = {"repetitions": {1: 6, 3: 4}}
     for seed in range(20):  # a key whose coins leave canaries out (half of them on average)
         recipe = parse_recipe(
@@ -630,7 +673,9 @@ def test_public_sizes_count_every_canary_so_no_coin_shows(tmp_path, unit):
         stats = prep.unit.stats(len(real))["records_per_person"]
         assert stats["max"] == max(real_counts)
         assert stats["mean"] == pytest.approx(sum(real_counts) / len(real_counts))
-    else:
+    if unit == "example":  # q over records: every canary at its capped size, in or out
+        assert prep.plan.dataset_size == len(real) + 6 * 1 + 4 * 2
+    if unit is None:
         assert prep.plan.dataset_size == records
     assert prep.plan.sample_rate == pytest.approx(
         recipe.training.batch_size / prep.plan.dataset_size

@@ -37,6 +37,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from ... import rng
 from .options import RLConfig
 
 AGENT_DEVICE = torch.device("cpu")  # see the module docstring: not the run's device
@@ -93,7 +94,7 @@ class SacAgent:
 
     @contextmanager
     def _own_rng(self) -> Iterator[None]:
-        with torch.random.fork_rng(devices=[]):
+        with rng.GLOBAL_RNG, torch.random.fork_rng(devices=[]):
             saved = np.random.get_state()
             torch.set_rng_state(self._torch_rng)
             np.random.set_state(self._numpy_rng)
