@@ -717,7 +717,10 @@ class GradCapture:
         reversed and ``batch[:1]`` (that none changes when samples leave: a batch maximum, a
         ``unique`` or a norm of the largest sample is blind to a duplicate, not to a removal),
         and that the gradients of those two parts add up to the batch's (:meth:`_check_parts`:
-        a coupling only the backward pass sees); plan every use."""
+        a coupling only the backward pass sees); with :attr:`padding`, that two samples' losses
+        and gradient do not move when they are padded further, up to the public length bound
+        (:meth:`_check_padding`: none of the others changes the padded length); plan every
+        use."""
         b = batch_len(batch)
         bigger = batch_cat(batch, batch_slice(batch, 0, 1))
         notes: list[str] = []
