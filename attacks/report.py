@@ -271,7 +271,47 @@ def whitebox_verdict(w: dict[str, Any]) -> tuple[str, list[str]]:
                 "and it has NO privacy guarantee against anyone who knows the seed."
             )
         )
+    check = w.get("engine_check") or {}
+    if check.get("refusal"):
+        words.append(
+            f"Engine check not applicable: the engine refuses its batches ({check['refusal']})."
+        )
+    elif check:
+        words.append(
+            f"Engine check (deterministic; the run's model at its starting point, its first "
+            f"{check['records']} records, {check['dtype']}): the engine's clipped update differs "
+            f"from the explicit per-example loop's by {check['total_error']:.1e} (relative; "
+            f"tolerance {check['tolerance']:.0e})"
+            + (
+                f", and {check['neighbour_tests']} neighbour tests (a batch's sum against the "
+                f"sum without its longest or shortest record plus that record's, collated alone) "
+                f"by at most {check['neighbour_error']:.1e}."
+                if check["neighbour_tests"]
+                else "."
+            )
+        )
     bugs = []
+    if check.get("flagged"):
+        bugs.append(
+            "LIKELY PRIVACY BUG (white-box audit): the engine's per-sample clipped gradients on "
+            "this run's model are not the mechanism's: "
+            + (
+                f"the clipped update is off by {check['total_error']:.1e} against the explicit "
+                f"per-example loop (worst layer {check['worst_layer']}); "
+                if check["total_error"] > check["tolerance"]
+                else ""
+            )
+            + (
+                f"removing one record changes the others' clipped gradients (neighbour error "
+                f"{check['neighbour_error']:.1e}), so one record moves the release by more than "
+                "the clip; "
+                if check["neighbour_error"] > check["tolerance"]
+                else ""
+            )
+            + f"the tolerance is {check['tolerance']:.0e}. The canaries above inject their "
+            "gradients and cannot see this. Do not release this model; run `dptrain check` on "
+            "the recipe for the layer at fault."
+        )
     if w.get("bound_rejects_claim", w["privacy_bug_suspected"]):
         bugs.append(
             f"LIKELY PRIVACY BUG (white-box audit): at {conf:.0%} confidence the released updates "

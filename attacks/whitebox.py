@@ -681,6 +681,33 @@ def key_replay(recipe: Any) -> dict[str, Any]:
     return replay_verdict(r, KEY_REPLAY_ALPHA)
 
 
+def engine_check(recipe: Any, records: int = 8, batch_size: int = 4) -> dict[str, Any]:
+    """The per-sample half of the mechanism, which canaries with chosen gradients bypass: the
+    engine's noise-free clipped update on the run's model (its starting point) and its first
+    ``records`` records against the explicit per-example loop, and the neighbour tests
+    ``S(I) = S(I - y) + S(y)`` on batches collated as training collates them
+    (:func:`dptrain.diagnose.check_recipe`).  Deterministic: a correct engine is within the
+    tolerance whatever the draw, so it adds nothing to the false-alarm rate.  ``flagged``: not
+    exact; a refusal (the check's batches cannot be compared) is reported, not flagged."""
+    from dptrain.diagnose import check_recipe
+
+    c = check_recipe(recipe, records=records, batch_size=batch_size)
+    worst = max(c.layers, key=lambda r: r.error, default=None)
+    return {
+        "records": sum(c.batches),
+        "batches": c.batches,
+        "dtype": c.dtype,
+        "tolerance": c.tolerance,
+        "total_error": c.total_error,
+        "worst_layer": None if worst is None else worst.layer,
+        "neighbour_tests": len(c.neighbours),
+        "neighbour_error": c.neighbour_error,
+        "refusal": c.refusal,
+        "exact": c.exact,
+        "flagged": c.refusal is None and not c.exact,
+    }
+
+
 def audit_configuration(
     run_dir: Any, options: Any = None, *, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
@@ -689,7 +716,8 @@ def audit_configuration(
     clip, sampling rate, noise, accountant and number of steps, trained on canaries only (the
     records' gradients would only add background to the canaries' projections), with fresh OS
     randomness.  It also makes two keys the way ``dptrain train`` makes a new run's and checks
-    that they differ (:func:`attacks.noise_check.replay_across_runs`).
+    that they differ (:func:`attacks.noise_check.replay_across_runs`), and checks the engine's
+    per-sample clipped gradients on the run's model (:func:`engine_check`).
     Writes ``audit/whitebox.json`` and ``audit/whitebox.html``; returns the result."""
     from accountants import Ledger
     from dptrain.hardware import resolve_device
@@ -752,6 +780,10 @@ def audit_configuration(
     )
     replay = result["key_replay"] = key_replay(recipe)
     result["privacy_bug_suspected"] |= replay["flagged"]
+    if log:
+        log("white-box audit: the engine on the run's model against the per-example loop")
+    check = result["engine_check"] = engine_check(recipe)
+    result["privacy_bug_suspected"] |= check["flagged"]
     alarm = false_alarm(opts.confidence, result["sampling"], result["noise"], replay)
     result["false_alarm"], result["false_alarm_at_most"] = alarm, alarm["at_most"]
     result["run_dir"] = str(run.path)

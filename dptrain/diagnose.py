@@ -10,6 +10,17 @@ the rule the engine planned (fused closed form, re-run per sample, or the slow p
 backward), the largest relative error over the batches, and the verdict; or the engine's
 refusal (a layer that mixes samples) with its fix.
 
+**Neighbours.**  Given how batches are formed (``collate(indices)``: the records padded into
+a batch as the training loop does), the check also tests the contract itself: for a batch
+``I`` and its longest and shortest record ``y``, the engine's noise-free clipped sums must
+satisfy ``S(I) = S(I - {y}) + S({y})``, with ``{y}`` collated alone at its own length.  The
+loop above cannot see a model whose samples depend on the batch's padded length (its batch
+of one keeps the padding; so do the engine's probes): dynamic rope scaling past
+``max_position_embeddings``, left padding with absolute positions, a mean over padded
+positions.  Removing the record that sets the padded length changes the others' clipped
+gradients there, so the difference of the sums is no longer one record's clipped gradient
+and the sensitivity the accountant assumes does not hold.
+
 The numbers are functions of the records used, without noise: they are for the user who owns
 those records, not for publication.
 """
@@ -17,13 +28,13 @@ those records, not for publication.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
@@ -78,6 +89,17 @@ class LayerResult:
 
 
 @dataclass
+class NeighbourResult:
+    """One neighbour test: batch ``batch`` without its ``which`` record (``longest`` or
+    ``shortest``), ``error = ||S(I) - S(I - y) - S(y)|| / (||S(I)|| + ||S(I - y)||)``."""
+
+    batch: int
+    which: str
+    record: int  # the record's index among the checked ones
+    error: float
+
+
+@dataclass
 class CheckResult:
     """The whole check: per-layer rows, the whole-update error, or the engine's refusal."""
 
@@ -88,10 +110,20 @@ class CheckResult:
     total_error: float = math.nan  # worst over batches of ||u_engine - u_loop|| / ||u_loop||
     clipped_fraction: float = math.nan  # of (sample, group) pairs in the first batch
     refusal: str | None = None
+    neighbours: list[NeighbourResult] = field(default_factory=list)
+
+    @property
+    def neighbour_error(self) -> float:
+        """The worst neighbour test's error (0 when none ran)."""
+        return max((n.error for n in self.neighbours), default=0.0)
 
     @property
     def exact(self) -> bool:
-        return self.refusal is None and self.total_error <= self.tolerance
+        return (
+            self.refusal is None
+            and self.total_error <= self.tolerance
+            and self.neighbour_error <= self.tolerance
+        )
 
     @property
     def slow(self) -> list[str]:
@@ -122,6 +154,22 @@ class CheckResult:
             f"whole update: relative error {self.total_error:.1e} "
             f"({self.clipped_fraction:.0%} of the first batch's samples clipped)"
         )
+        if self.neighbours:
+            worst = max(self.neighbours, key=lambda n: n.error)
+            ok = worst.error <= self.tolerance
+            lines.append(
+                f"neighbours: a batch's sum without its longest / shortest record plus that "
+                f"record's alone: worst error {worst.error:.1e} over {len(self.neighbours)} "
+                f"tests{'' if ok else f' (batch {worst.batch}, its {worst.which} record)'}  "
+                f"{'ok' if ok else 'WRONG'}"
+            )
+            if not ok:
+                lines.append(
+                    "  a sample's clipped gradient depends on the other records of its batch "
+                    "(e.g. on the batch's padded length: dynamic rope scaling, left padding, a "
+                    "mean over padded positions): adding or removing one record moves the "
+                    "others' gradients, so the sensitivity the accountant assumes does not hold"
+                )
         if self.slow:
             lines.append(
                 f"slow path (one backward per sample, exact): {len(self.slow)} layers, e.g. "
@@ -153,15 +201,21 @@ def check_model(
     *,
     grouping: str = "flat",
     tolerance: float | None = None,
+    collate: Callable[[Sequence[int]], Any] | None = None,
     **engine_kwargs: Any,
 ) -> CheckResult:
     """Check the engine on ``model`` (left with its weights and buffers as they were).
 
     ``loss_fn(model, batch)`` returns one loss per sample; ``batches`` are what the engine's
-    ``step`` would get.  ``tolerance`` defaults to :data:`TOLERANCE` of the model's dtype;
+    ``step`` would get, or, with ``collate``, lists of record indices that ``collate(indices)``
+    turns into such batches (as the training loop forms them); the neighbour tests then run
+    too (see the module's docstring).  ``tolerance`` defaults to :data:`TOLERANCE` of the model's dtype;
     ``engine_kwargs`` go to :class:`~dptrain.PrivacyEngine` (``max_physical_batch_size`` ...)."""
     if not batches:
         raise ValueError("check_model needs at least one batch of records")
+    index_batches = [list(i) for i in batches] if collate is not None else []
+    if collate is not None:
+        batches = [collate(i) for i in index_batches]
     if _engine_attached(model):
         raise InputError(
             "check_model: the model is attached to a PrivacyEngine (its hooks are on the "
@@ -198,6 +252,8 @@ def check_model(
                 )
                 for layer, e in cmp.by_layer().items():
                     worst[layer] = max(worst.get(layer, 0.0), e)
+            if collate is not None:
+                result.neighbours = _neighbour_tests(check, collate, index_batches)
             rules = check.probe.engine.capture.describe() if check.probe is not None else {}
         finally:
             check.close()
@@ -213,6 +269,52 @@ def check_model(
         LayerResult(k, ", ".join(sorted(how[k])), worst.get(k, math.inf), sizes[k]) for k in sizes
     ]
     return result
+
+
+def _neighbour_tests(
+    check: ExactnessCheck, collate: Callable[[Sequence[int]], Any], index_batches: list[list[int]]
+) -> list[NeighbourResult]:
+    """For each batch of two or more records, its longest and shortest record ``y`` (by the
+    size of ``y`` collated alone): the error of ``S(I) = S(I - y) + S(y)`` in the engine's
+    noise-free clipped sums (the check's engine: its clip, expected batch size 1)."""
+
+    def clipped_sum(indices: list[int]) -> Tensor | None:
+        update = check.engine_step(collate(indices)).update
+        if not update:  # not applied: a non-finite sum
+            return None
+        return torch.cat([update[n].double().reshape(-1).cpu() for n in sorted(update)])
+
+    out: list[NeighbourResult] = []
+    for k, indices in enumerate(index_batches):
+        if len(indices) < 2:
+            continue
+        sizes = {i: _numel(collate([i])) for i in indices}
+        ends = {"longest": max(indices, key=sizes.__getitem__)}
+        shortest = min(indices, key=sizes.__getitem__)
+        if shortest != ends["longest"]:
+            ends["shortest"] = shortest
+        whole = clipped_sum(indices)
+        for which, y in ends.items():
+            rest = clipped_sum([i for i in indices if i != y])
+            alone = clipped_sum([y])
+            if whole is None or rest is None or alone is None:
+                error = math.inf
+            else:
+                scale = float(whole.norm() + rest.norm())
+                error = float((whole - rest - alone).norm()) / scale if scale > 0 else 0.0
+            out.append(NeighbourResult(k, which, y, error))
+    return out
+
+
+def _numel(batch: Any) -> int:
+    """The number of elements of a batch's tensors (a padded record's footprint)."""
+    if isinstance(batch, Tensor):
+        return batch.numel()
+    if isinstance(batch, dict):
+        return sum(_numel(v) for v in batch.values())
+    if isinstance(batch, (tuple, list)):
+        return sum(_numel(v) for v in batch)
+    return 0
 
 
 def _refusal(
@@ -250,23 +352,26 @@ def check_recipe(recipe: Any, *, records: int = 8, batch_size: int = 4) -> Check
     check_context(model, d.max_length)
     head = TextDataset(texts.texts[:records], texts.ids[:records])
     ex = task.encode(head, tokenizer, d.max_length)
-    batches = [
-        to_device(ex.batch(list(range(i, min(i + batch_size, len(ex))))), device)
-        for i in range(0, len(ex), batch_size)
-    ]
+    batches = [list(range(i, min(i + batch_size, len(ex)))) for i in range(0, len(ex), batch_size)]
     autocast = precision.autocast_dtype
+
+    def collate(indices: Sequence[int]) -> Any:
+        return to_device(ex.batch(list(indices)), device)
+
     result = check_model(
         model,
         task.loss_fn,
         batches,
+        collate=collate,
         grouping=recipe.policy.grouping,
         tolerance=TOLERANCE[autocast] if autocast is not None else None,
         max_physical_batch_size=recipe.training.physical_batch_size,
         precision=precision,
     )
-    if result.refusal is None:
+    if result.refusal is None:  # the train engine's probe up to max_length (the neighbour
+        # tests above see the padded length only where these records' lengths straddle a bound)
         result.refusal = padding_refusal(
-            model, task.loss_fn, batches[0], ex.pad, d.max_length, precision
+            model, task.loss_fn, collate(batches[0]), ex.pad, d.max_length, precision
         )
     return result
 

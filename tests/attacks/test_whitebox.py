@@ -206,3 +206,48 @@ def test_train_with_audit_whitebox_writes_the_report(tmp_path, capsys):
     assert set(noise["tests"]) >= {"scale", "tail_2", "tail_3", "freshness"}
     assert w["key_replay"]["secure_keys"] and not w["key_replay"]["replayed"]
     assert "noise check" in page and "Key replay check: two new runs" in page
+    check = w["engine_check"]  # the run's model against the per-example loop, and neighbours
+    assert check["exact"] and not check["flagged"] and check["neighbour_tests"] > 0
+    assert "Engine check (deterministic" in page
+
+
+def test_engine_check_flags_a_planted_per_sample_bug_the_canaries_cannot_see(monkeypatch):
+    """Canaries inject their gradients, so a wrong per-sample rule is invisible to them; the
+    audit's engine check runs the run's own model against the per-example loop and flags it."""
+    from attacks.report import whitebox_verdict
+    from attacks.whitebox import engine_check
+    from dptrain.grad_sample import ops
+    from dptrain.grad_sample.outer import Outer
+    from dptrain.recipe import load_recipe
+
+    recipe = load_recipe("recipes/tiny.yaml", [], command="train")
+    honest = engine_check(recipe, records=4, batch_size=2)
+    assert honest["exact"] and not honest["flagged"] and honest["neighbour_tests"] >= 2
+    assert honest["total_error"] < honest["tolerance"]
+
+    rule = ops.AddMM.outer  # GPT-2's Conv1D layers
+
+    def doubled_bias(self, use):
+        out = rule(self, use)
+        if "bias" in out:
+            b = out["bias"]
+            out["bias"] = Outer(2 * b.left, b.right, b.m, b.shape_)
+        return out
+
+    monkeypatch.setattr(ops.AddMM, "outer", doubled_bias)
+    planted = engine_check(recipe, records=4, batch_size=2)
+    assert planted["flagged"] and planted["total_error"] > 1e-3 and planted["worst_layer"]
+    w = {  # the rest of a clean white-box result: only the engine check fires
+        "bounds": {"ledger": {"epsilon": 0.0, "noise_factor": 1.0}, "fdp": {"epsilon": 0.0},
+                   "one_run": {"epsilon": 0.0}},
+        "ceiling": {"ledger": 1.0, "fdp": 1.0, "one_run": 1.0}, "confidence": 0.95,
+        "claimed_epsilon": 8.0, "delta": 1e-5, "sample_rate": 0.01, "noise_multiplier": 1.0,
+        "steps": 10, "groups": 1, "canaries": 100, "members": 50, "accountant": "rdp",
+        "privacy_bug_suspected": True, "bound_rejects_claim": False, "engine_check": planted,
+    }  # fmt: skip
+    level, words = whitebox_verdict(w)
+    assert level == "bug" and words[0].startswith(
+        "LIKELY PRIVACY BUG (white-box audit): the engine's"
+    )
+    assert "per-example loop" in words[0] and "dptrain check" in words[0]
+    assert sum(x.startswith("LIKELY PRIVACY BUG") for x in words) == 1

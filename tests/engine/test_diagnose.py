@@ -103,6 +103,7 @@ def test_cli_checks_a_recipe_and_exits_zero_when_exact(capsys):
     rules = {r["layer"]: r["rule"] for r in out["layers"]}
     assert rules["transformer.h.0.attn.c_attn"] == "addmm"
     assert all(r["error"] <= out["tolerance"] for r in out["layers"])
+    assert out["neighbours"] and all(n["error"] <= out["tolerance"] for n in out["neighbours"])
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -116,3 +117,76 @@ def test_cli_checks_a_recipe_under_its_autocast_precision(capsys, precision):
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["exact"], out
     assert out["tolerance"] == {"bf16": 2e-2, "fp16": 5e-3}[precision]
+
+
+class _PaddedMean(nn.Module):
+    """Token embeddings averaged over every position of the batch, padding included (or, with
+    ``own=True``, over the sample's own tokens only): with padding counted, each sample's
+    output follows the batch's padded length, which no batch of one sliced from the batch and
+    no engine probe changes."""
+
+    def __init__(self, own: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.own = own
+        self.emb = nn.Embedding(11, 6, dtype=torch.float64)
+        self.head = nn.Linear(6, 3, dtype=torch.float64)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids) * mask.unsqueeze(-1)
+        width = (
+            mask.sum(1, keepdim=True) if self.own else mask.new_full((len(ids), 1), ids.shape[1])
+        )
+        return self.head(h.sum(1) / width)
+
+
+def _records(n: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    lengths = torch.tensor([2, 7, 3, 5, 2, 4][:n])
+    ids = torch.randint(1, 11, (n, 7), generator=g)
+    mask = (torch.arange(7) < lengths[:, None]).long()
+    return ids * mask, mask, torch.randint(0, 3, (n,), generator=g)
+
+
+def _collate(records):
+    ids, mask, y = records
+
+    def collate(indices):
+        idx = torch.as_tensor(list(indices))
+        width = int(mask[idx].sum(1).max())
+        return ids[idx, :width], mask[idx, :width], y[idx]
+
+    return collate
+
+
+def _padded_loss(model, batch):
+    ids, mask, y = batch
+    return F.cross_entropy(model(ids, mask), y, reduction="none")
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_neighbours_catch_a_model_that_follows_the_padded_length(own):
+    """The loop and the engine agree on both models (each sample's batch of one keeps the
+    padding); only the neighbour test, which collates the longest record out of its batch and
+    alone, sees that with the padded mean a sample's gradient follows the others' lengths."""
+    result = check_model(
+        _PaddedMean(own), _padded_loss, [[0, 1, 2], [3, 4, 5]], collate=_collate(_records())
+    )
+    assert result.total_error < 1e-10  # exact against the loop either way
+    assert [(n.batch, n.which) for n in result.neighbours] == [
+        (0, "longest"),
+        (0, "shortest"),
+        (1, "longest"),
+        (1, "shortest"),
+    ]
+    assert [n.record for n in result.neighbours] == [1, 0, 3, 4]
+    if own:
+        assert result.exact and result.neighbour_error < 1e-12
+        assert "neighbours:" in result.render() and "WRONG" not in result.render()
+    else:
+        assert not result.exact
+        # without its longest record the others move; the shortest, alone at its own length,
+        # is not the record it was inside the padded batch
+        assert all(n.error > 1e-3 for n in result.neighbours)
+        text = result.render()
+        assert "WRONG" in text and "padded length" in text and "NOT EXACT" in text
