@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -354,13 +354,54 @@ def check_recipe(recipe: Any, *, records: int = 8, batch_size: int = 4) -> Check
     ex = task.encode(head, tokenizer, d.max_length)
     batches = [list(range(i, min(i + batch_size, len(ex)))) for i in range(0, len(ex), batch_size)]
     autocast = precision.autocast_dtype
-    return check_model(
+
+    def collate(indices: Sequence[int]) -> Any:
+        return to_device(ex.batch(list(indices)), device)
+
+    result = check_model(
         model,
         task.loss_fn,
         batches,
-        collate=lambda indices: to_device(ex.batch(list(indices)), device),
+        collate=collate,
         grouping=recipe.policy.grouping,
         tolerance=TOLERANCE[autocast] if autocast is not None else None,
         max_physical_batch_size=recipe.training.physical_batch_size,
         precision=precision,
     )
+    if result.refusal is None:  # the train engine's probe up to max_length (the neighbour
+        # tests above see the padded length only where these records' lengths straddle a bound)
+        result.refusal = padding_refusal(
+            model, task.loss_fn, collate(batches[0]), ex.pad, d.max_length, precision
+        )
+    return result
+
+
+def padding_refusal(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    pad: Any,
+    max_length: int,
+    precision: Any = None,
+) -> str | None:
+    """The refusal of ``dptrain train``'s padding probe (``PrivacyEngine(max_length=L,
+    pad=...)``: outputs that follow the batch's padded length), or None.  The check's own
+    engine gets no ``max_length`` (its float32 Grams would be outside the check's tolerances),
+    so this runs the probe alone, on the first batch, under the run's precision; the model is
+    left as it was (the probe restores what it changes)."""
+    from .grad_sample import GradCapture
+    from .hardware import module_device
+
+    device = module_device(model)
+    autocast = precision.autocast(device) if precision is not None else nullcontext()
+    capture = GradCapture(model)
+    capture.attach()
+    capture.padding = (pad, max_length)
+    try:
+        with no_dropout(), autocast:
+            capture.probe(loss_fn, batch)
+    except UnsupportedLayerError as err:
+        return str(err)
+    finally:
+        capture.detach()
+    return None

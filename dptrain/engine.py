@@ -83,6 +83,17 @@ class PrivacyEngine:
     public bound on the tokens of every sample (``dptrain train`` passes ``data.max_length``),
     lets wide layers' ghost norms use float32 Grams with a certified error
     (:mod:`dptrain.clipping`); a ghosted layer applied at more positions than that is refused.
+
+    ``pad`` (with ``max_length``): the collator's padding, ``pad(batch, n)`` the batch's
+    samples padded to ``n`` positions as every batch is padded (``n=None``: to their longest;
+    ``dptrain train`` passes its examples' :meth:`~dptrain.data.lm.LMExamples.pad`).  The
+    probe then checks that no sample's loss or gradient changes when its batch is padded
+    further, up to ``max_length`` (:meth:`~dptrain.grad_sample.GradCapture._check_padding`):
+    a batch is padded to its longest record, so a model whose outputs follow the padded
+    length (dynamic rope scaling beyond ``max_position_embeddings``) lets one record change
+    every other sample's gradient in its batch, and is refused.  Without ``pad`` (or without
+    ``max_length``) that is not checked: the batch's padding is the caller's to keep public
+    (pad every batch to one length) or harmless.
     """
 
     def __init__(
@@ -103,6 +114,7 @@ class PrivacyEngine:
         ghost: bool | str = "auto",
         precision: Precision | None = None,
         max_length: int | None = None,
+        pad: Callable[[Any, int | None], Any] | None = None,
     ) -> None:
         if dataset_size <= 0:
             raise ValueError(
@@ -145,6 +157,13 @@ class PrivacyEngine:
 
         self.capture = GradCapture(model)
         self.capture.attach()
+        if pad is not None:
+            if max_length is None:
+                raise ValueError(
+                    "pad needs max_length: the padding probe pads the probe batch up to the "
+                    "public bound on a sample's tokens"
+                )
+            self.capture.padding = (pad, max_length)
         policy.bind(
             list(self.groups), sample_rate=sample_rate, expected_batch_size=self.expected_batch_size
         )

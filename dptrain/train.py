@@ -532,6 +532,7 @@ def build(prep: Prepared) -> Built:
         noise=noise,
         precision=precision,
         max_length=d.max_length,  # public; every encoded example is cut to it
+        pad=train_ex.pad,  # the probe pads up to max_length: outputs must not follow padding
     )
     public_batches = None
     if prep.public_texts is not None:

@@ -26,7 +26,14 @@ from torch.utils.data import Dataset
 from dptrain.data.loading import TextDataset
 from dptrain.errors import UserError
 
-__all__ = ["IGNORE_INDEX", "LMExamples", "SequenceTooLongError", "pad_token_id", "tokenize"]
+__all__ = [
+    "IGNORE_INDEX",
+    "LMExamples",
+    "SequenceTooLongError",
+    "pad_batch",
+    "pad_token_id",
+    "tokenize",
+]
 
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
@@ -93,6 +100,11 @@ class LMExamples(Dataset):
         labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
+    def pad(self, batch: dict[str, torch.Tensor], length: int | None) -> dict[str, torch.Tensor]:
+        """``batch`` (from :meth:`batch`) padded as :meth:`batch` pads, to ``length`` positions
+        (None: trimmed to its longest sequence): :func:`pad_batch` with this pad id."""
+        return pad_batch(batch, length, self.pad_token_id)
+
     def stats(self) -> dict[str, float]:
         """Number of examples, token counts and truncations."""
         n = len(self)
@@ -103,6 +115,39 @@ class LMExamples(Dataset):
             "max_length": int(self.lengths.max()) if n else 0,
             "truncated": self.num_truncated,
         }
+
+
+def pad_batch(
+    batch: dict[str, torch.Tensor], length: int | None, pad_id: int
+) -> dict[str, torch.Tensor]:
+    """The samples of a right-padded batch (``input_ids``, ``attention_mask`` and, per token
+    or per sample, ``labels``) padded to ``length`` positions, or with ``length=None`` trimmed
+    to its longest sequence: the collator's padding (``pad_id``, mask 0, ``IGNORE_INDEX``) on
+    the positions added.  The engine's padding probe calls it (``PrivacyEngine(pad=...)``):
+    a sample's loss must not depend on how far its batch is padded."""
+    mask = batch["attention_mask"]
+    width = mask.shape[1]
+    if length is None:
+        length = int(mask.sum(1).max()) if mask.numel() else 0
+    if length < width and bool(mask[:, length:].any()):
+        raise ValueError(
+            f"a sample of the batch has more than {length} tokens: it cannot be padded to "
+            f"{length} positions (max_length bounds every sample's tokens)"
+        )
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    out = {}
+    for k, v in batch.items():
+        if k in ("input_ids", "attention_mask") or (k == "labels" and v.dim() == 2):
+            if length <= width:
+                out[k] = v[:, :length]
+            else:
+                extra = v.new_full((v.shape[0], length - width), fill[k])
+                out[k] = torch.cat([v, extra], 1)
+        elif v.dim() >= 2 and v.shape[1] == width:
+            raise ValueError(f"pad_batch does not know how to pad the per-token field {k!r}")
+        else:
+            out[k] = v
+    return out
 
 
 def pad_token_id(tokenizer: Any) -> int:

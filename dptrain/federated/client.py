@@ -765,6 +765,7 @@ def train_round(
                 noise=noise,
                 precision=Precision(recipe.training.precision, recipe.training.loss_scale),
                 max_length=recipe.data.max_length,
+                pad=examples.pad,  # as dptrain train: outputs must not follow the padding
             )
             public_batches = None
             if public_texts is not None:

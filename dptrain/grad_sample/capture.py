@@ -27,6 +27,7 @@ import operator
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -188,6 +189,10 @@ class GradCapture:
         # while probing (from run()): Python's and NumPy's global generator states at the start
         self._host_rng: tuple | None = None
         self._failed_at: str | None = None  # the layer where the last probe forward raised
+        # (pad, L): ``pad(batch, n)`` pads the batch's samples to ``n`` positions (None: to
+        # their longest), L the public bound on a sample's positions; the padding probe
+        # (:meth:`_check_padding`) runs only with it (``PrivacyEngine(max_length=L, pad=pad)``)
+        self.padding: tuple[Callable[[Any, int | None], Any], int] | None = None
         self._mode = _Mode(self)
         self._watch = DataWatch(model)
         self._handles: list[Any] = []
@@ -511,16 +516,19 @@ class GradCapture:
         expand: frozenset = frozenset(),
         outputs: list | None = None,
         graph: bool = False,
+        state_error: Callable[[list[str]], UnsupportedLayerError] | None = None,
         taps: list[Tensor] | None = None,
     ) -> tuple[ProbeLog, Tensor]:
         """One recorded forward of ``batch``; the per-sample losses, detached unless ``graph``.
-        ``taps``: a list to collect the broadcast outputs' addends in (:meth:`_rows_own`)."""
+        Buffers the forward changed are put back and refused, by ``state_error(names)`` where
+        given (the padding probe), else by :func:`_buffers_error`.  ``taps``: a list to collect
+        the broadcast outputs' addends in (:meth:`_rows_own`)."""
         log = ProbeLog(batch_len(batch), expand=expand, taps=taps)
         if self._rng is not None:
             torch.set_rng_state(self._rng)
         if self._host_rng is not None:  # every probe draws the same host random numbers too
             _set_host_rng(self._host_rng)
-        versions, saved = _snapshot_buffers(self.model)
+        saved = _snapshot_buffers(self.model)
         attrs = _snapshot_attrs(self.model)
         weights = _param_state(self.model)
         self._probe, self._counts = log, {}
@@ -536,7 +544,7 @@ class GradCapture:
         finally:
             for h in hooks:
                 h.remove()
-            changed = _restore_buffers(self.model, saved, versions)  # a probe changes no state
+            changed = _restore_buffers(self.model, saved)  # a probe changes no state
             _restore_attrs(self.model, attrs)
             self._probe = None
             self._stack.clear()
@@ -556,13 +564,7 @@ class GradCapture:
                 "statistics (model.eval() on those layers; statistics from pre-training)"
             )
         if changed:
-            raise UnsupportedLayerError(
-                f"the forward pass updates the buffers {', '.join(changed[:4])} of "
-                f"{_owners(self.model, changed)} from the data "
-                "(e.g. BatchNorm's running statistics in train mode): they would be computed "
-                "from private records without noise and saved with the model. Fix: use "
-                "GroupNorm or LayerNorm, or put those layers in eval mode with frozen statistics"
-            )
+            raise (state_error or partial(_buffers_error, self.model))(changed)
         after = _param_state(self.model)
         moved = [n for n, v in after.items() if not _same(weights[n][1:], v[1:])]
         if moved:
@@ -711,13 +713,94 @@ class GradCapture:
         if left > _grad_tol(params) * whole:
             raise _backward_mixing_error()
 
+    def _check_padding(self, loss_fn: Callable, batch: Any) -> None:
+        """The padding probe (with :attr:`padding` ``= (pad, L)``): the first two samples of
+        ``batch``, padded to their longest sequence and padded further to ``L`` positions by
+        the caller's collator (``pad``), must have the same losses (:func:`_close`) and the same
+        gradient: with the fixed weights ``w`` of :func:`_probe_weights`, the residual
+        ``grad sum_j w_j l_j(tight) - grad sum_j w_j l_j(padded)`` at most ``tol G``, as in
+        :meth:`_check_parts`.  Neither forward may change a buffer.
+
+        The other probes keep the batch's padded length, so they cannot see a model whose
+        output at the real positions depends on it: transformers' dynamic rope scaling
+        recomputes the rotary frequencies from the padded length once it exceeds
+        ``max_position_embeddings``, so one long record changes the gradient of every other
+        sample padded to it in its batch, and neighbouring datasets differ by more than one
+        clipped gradient.  Every padded length a batch can have lies between a sample's own
+        and ``L`` (the collator pads to the batch's longest record, at most ``L``): a model
+        that gives the same outputs at both ends is checked at the ends only (a dependence
+        that vanishes at ``L`` but not between, e.g. only above some length below ``L``, is
+        seen only where that length lies between the probe's two).  Cost: two forwards and two
+        backward passes of two samples, one of them ``L`` positions long."""
+        pad, length = self.padding
+        part = batch_slice(batch, 0, min(batch_len(batch), 2))
+        tight, wide = pad(part, None), pad(part, length)
+
+        def state(changed: list[str]) -> UnsupportedLayerError:
+            return _padding_error(
+                length,
+                f"the forward pass updates the buffers {', '.join(changed[:4])} of "
+                f"{_owners(self.model, changed)} (put back)",
+            )
+
+        params = list(self.params.values())
+        weights = _probe_weights(batch_len(part))
+        kept = [p.grad for p in params]
+        whole: float | None = None
+        ok = bool(params)
+        try:
+            for p in params:
+                p.grad = None
+            l_tight: Tensor | None = None
+            for sign, x in ((1.0, tight), (-1.0, wide)):
+                try:
+                    _, l_x = self._probe_forward(loss_fn, x, graph=True, state_error=state)
+                except (RuntimeError, IndexError, ValueError) as err:
+                    if isinstance(err, UnsupportedLayerError) or sign > 0:
+                        raise
+                    at = self._failed_at
+                    at = f"layer {at}" if at and at != "the loss function" else "the loss function"
+                    raise _padding_error(
+                        length, f"{at} raises {type(err).__name__}: {_first_line(err)}"
+                    ) from err
+                if l_tight is None:
+                    l_tight = l_x.detach()
+                elif not _close(l_x.detach(), l_tight):
+                    worst = float((l_x.detach() - l_tight).abs().max())
+                    raise _padding_error(length, f"a sample's loss changes (by up to {worst:.3g})")
+                if not ok or not l_x.requires_grad:
+                    ok = False
+                    continue
+                w = weights.to(l_x.device, l_x.dtype)
+                self.replaying = True  # the parameter hooks of a step ignore these passes
+                try:
+                    (l_x * w * sign).sum().backward()
+                except RuntimeError:
+                    ok = False
+                finally:
+                    self.replaying = False
+                del l_x
+                if ok and sign > 0:
+                    whole = _grad_norm(params)
+            left = _grad_norm(params) if ok else None
+        finally:
+            for p, g in zip(params, kept, strict=True):
+                p.grad = g
+        if whole is not None and left is not None and left > _grad_tol(params) * whole:
+            raise _padding_error(
+                length, f"the samples' gradients change (residual {left / whole:.3g} of the norm)"
+            )
+
     def probe(self, loss_fn: Callable, batch: Any) -> Plan:
         """Probe ``batch`` and it plus a copy of its first sample (for the batch axes, and that
         no sample's loss changes when a sample joins), then, for ``B >= 2``, ``batch[1:]``
         reversed and ``batch[:1]`` (that none changes when samples leave: a batch maximum, a
         ``unique`` or a norm of the largest sample is blind to a duplicate, not to a removal),
         and that the gradients of those two parts add up to the batch's (:meth:`_check_parts`:
-        a coupling only the backward pass sees); plan every use."""
+        a coupling only the backward pass sees); with :attr:`padding`, that two samples' losses
+        and gradient do not move when they are padded further, up to the public length bound
+        (:meth:`_check_padding`: none of the others changes the padded length); plan every
+        use."""
         _refuse_kernel_dropout(self.model)
         b = batch_len(batch)
         bigger = batch_cat(batch, batch_slice(batch, 0, 1))
@@ -769,6 +852,8 @@ class GradCapture:
                     raise _mixing_error("another sample joins its batch", where)
                 if b >= 2 and not random:
                     self._check_parts(loss_fn, batch, expand, l_small)
+                if self.padding is not None and not random:
+                    self._check_padding(loss_fn, batch)
         finally:
             self._rng = None
         if random:
@@ -918,7 +1003,7 @@ class GradCapture:
         self.uses, self._locals, self._counts, self._unplanned = [], [], {}, set()
         self.batch_size, self.active = b, True
         tree = _tree(self.model)  # one walk before the step, one after
-        versions, saved = _snapshot_buffers(self.model, tree)
+        saved = _snapshot_buffers(self.model, tree)
         attrs = _snapshot_attrs(self.model, tree)
         weights = {n: p._version for n, p in tree.params}
         values = _param_state(self.model, self._rewritten, tree)
@@ -931,15 +1016,11 @@ class GradCapture:
                 self.in_backward = False
         finally:  # the model keeps no buffer value this step computed, whatever happens
             tree = _tree(self.model)  # the forward pass may have added modules or tensors
-            changed = _restore_buffers(self.model, saved, versions, tree)
+            changed = _restore_buffers(self.model, saved, tree)
             _restore_attrs(self.model, attrs, tree)  # e.g. RecurrentGemma's last recurrent state
             through_data = self._watch.moved()
         if changed:
-            raise UnsupportedLayerError(
-                f"the buffers {', '.join(changed[:4])} were updated during a private step (now "
-                f"restored; {_owners(self.model, changed)}): they would hold statistics of private records without noise. Fix: "
-                "freeze them (eval mode) or use layers without running statistics"
-            )
+            raise _buffers_error(self.model, changed, during_step=True)
         if through_data:
             raise _moved_error(
                 [n for n, _ in through_data],
@@ -1202,6 +1283,64 @@ def _size_error(
     )
 
 
+def _padding_error(length: int, observed: str) -> UnsupportedLayerError:
+    """The padding probe's refusal (:meth:`GradCapture._check_padding`): what it observed."""
+    return UnsupportedLayerError(
+        f"{observed} when the same samples are padded further, to max_length = {length} "
+        "positions (the added positions masked out, as the collator pads): the model's "
+        "outputs depend on the batch's padded length (e.g. dynamic rope scaling beyond "
+        "max_position_embeddings, or longrope beyond original_max_position_embeddings, which "
+        "recompute the rotary frequencies from the longest sequence of the batch; or a layer "
+        "that reads the padding positions), so one long "
+        "record changes the gradients of the other samples of its batch and neighbouring "
+        "datasets differ by more than one clipped gradient. Fix: lower data.max_length to "
+        "at most the length the model does not rescale at (max_position_embeddings for "
+        "dynamic rope, original_max_position_embeddings for longrope), use a rope type "
+        "that does not follow the length (rope_scaling default, linear or yarn), or make "
+        "every output at a real position independent of the padding"
+    )
+
+
+def _buffers_error(
+    model: nn.Module, changed: list[str], during_step: bool = False
+) -> UnsupportedLayerError:
+    """Refuse a forward that changed the buffers ``changed`` (put back).  Running statistics
+    of a norm layer (BatchNorm in train mode) get the norm layers' fix; other owners (a rotary
+    embedding recomputing its frequencies from the sequence length: transformers' dynamic
+    rope beyond ``max_position_embeddings``, longrope beyond its original length) get what
+    was observed and the plausible causes."""
+    names, owners = ", ".join(changed[:4]), _owners(model, changed)
+    head = (
+        f"the buffers {names} were updated during a private step (now restored; {owners})"
+        if during_step
+        else f"the forward pass updates the buffers {names} of {owners} (put back)"
+    )
+    if any(_is_norm(model.get_submodule(n.rpartition(".")[0])) for n in changed):
+        return UnsupportedLayerError(
+            f"{head}, from the data (e.g. BatchNorm's running statistics in train mode): they "
+            "would be computed from private records without noise and saved with the model. "
+            "Fix: use GroupNorm or LayerNorm, or put those layers in eval mode with frozen "
+            "statistics"
+        )
+    return UnsupportedLayerError(
+        f"{head}: the forward pass computes a state from the batch and keeps it in the model "
+        "(from private records, without noise), so later batches see it. Plausible causes: "
+        "a rotary embedding that recomputes its frequencies from the sequence length "
+        "(transformers' dynamic rope scaling beyond max_position_embeddings, longrope beyond "
+        "original_max_position_embeddings), a cache or counter kept in a buffer, running "
+        "statistics. Fix: keep every sequence within the length the layer does not rescale "
+        "at (data.max_length <= max_position_embeddings, or original_max_position_embeddings "
+        "for longrope), use a rope type that does not follow the length, or compute that "
+        "value from public constants instead of storing it"
+    )
+
+
+def _is_norm(m: nn.Module) -> bool:
+    """A layer that keeps running statistics: torch's norm base class, or a class named
+    like one (``...Norm...``)."""
+    return isinstance(m, nn.modules.batchnorm._NormBase) or "norm" in type(m).__name__.lower()
+
+
 def _probe_weights(b: int) -> Tensor:
     """The residual check's weights (:meth:`GradCapture._check_parts`): ``b`` draws, uniform on
     [0.5, 1.5], from a fixed-seed CPU generator of their own (public, the same for every probe;
@@ -1380,15 +1519,9 @@ _BASE_IDENTITY = (nn.Module.named_modules, object.__eq__, object.__hash__)
 _PLAIN_WALK: dict[type, bool] = {}  # module class -> walked as nn.Module.named_modules walks
 
 
-def _snapshot_buffers(
-    model: nn.Module, tree: _Tree | None = None
-) -> tuple[dict[str, int], dict[str, Tensor]]:
-    """Every buffer's version counter and a copy of its values (one walk of the modules)."""
-    versions, saved = {}, {}
-    for n, b in (tree or _tree(model)).buffers:
-        if b is not None:
-            versions[n], saved[n] = b._version, b.detach().clone()
-    return versions, saved
+def _snapshot_buffers(model: nn.Module, tree: _Tree | None = None) -> dict[str, Tensor]:
+    """A copy of every buffer's values (one walk of the modules)."""
+    return {n: b.detach().clone() for n, b in (tree or _tree(model)).buffers if b is not None}
 
 
 _Attrs = dict[int, tuple[nn.Module, dict[str, Any]]]
@@ -1425,11 +1558,14 @@ _MISSING = object()
 
 
 def _restore_buffers(
-    model: nn.Module, saved: dict[str, Tensor], versions: dict[str, int], tree: _Tree | None = None
+    model: nn.Module, saved: dict[str, Tensor], tree: _Tree | None = None
 ) -> list[str]:
     """Put back every buffer that changed since ``saved``; the names of those buffers.  Values
-    are compared, not only version counters: kernels such as batch norm update running
-    statistics in place without bumping them, and so does a write through ``.data``."""
+    are compared, not version counters: kernels such as batch norm update running statistics
+    in place without bumping them, and so does a write through ``.data``; a buffer written
+    with the values it had (a bumped counter: longrope copies its short-factor frequencies
+    into ``inv_freq`` on every call within ``original_max_position_embeddings``) keeps no
+    state of the batch and is not a change."""
     changed = []
     with torch.no_grad():
         for n, b in (tree or _tree(model)).buffers:
@@ -1437,7 +1573,7 @@ def _restore_buffers(
                 continue
             old = saved[n]
             same = b.shape == old.shape and bool(((b == old) | (b != b) & (old != old)).all())
-            if versions.get(n) != b._version or not same:
+            if not same:
                 changed.append(n)
                 if b.shape == old.shape:
                     b.copy_(old)

@@ -131,7 +131,8 @@ def encode_chat(ds: Any, tokenizer: Any, max_length: int, mode: str) -> TaskExam
             empty += 1
         rows.append(ids)
         targets.append([t if keep else IGNORE_INDEX for t, keep in zip(ids, trained, strict=True)])
-    input_ids, mask, labels = pad_rows(rows, targets, pad_token_id(tokenizer))
+    pad = pad_token_id(tokenizer)
+    input_ids, mask, labels = pad_rows(rows, targets, pad)
     if truncated:
         log.warning(
             "truncated %d of %d records to max_length=%d tokens%s",
@@ -143,4 +144,4 @@ def encode_chat(ds: Any, tokenizer: Any, max_length: int, mode: str) -> TaskExam
             else "",
         )
     assert labels is not None
-    return TaskExamples(input_ids, mask, labels, list(ds.ids), truncated, max_length)
+    return TaskExamples(input_ids, mask, labels, list(ds.ids), truncated, max_length, pad)

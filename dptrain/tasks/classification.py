@@ -46,9 +46,10 @@ def encode_classification(
             ids, truncated = ids[:max_length], truncated + 1
         rows.append(ids or [pad_token_id(tokenizer)])
         classes.append(index[fields["label"]])
-    input_ids, mask, _ = pad_rows(rows, None, pad_token_id(tokenizer))
+    pad = pad_token_id(tokenizer)
+    input_ids, mask, _ = pad_rows(rows, None, pad)
     target = torch.tensor(classes, dtype=torch.long)
-    return TaskExamples(input_ids, mask, target, list(ds.ids), truncated, max_length)
+    return TaskExamples(input_ids, mask, target, list(ds.ids), truncated, max_length, pad)
 
 
 def build_classifier(recipe: Recipe) -> tuple[nn.Module, Any]:

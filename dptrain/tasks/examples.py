@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data.lm import IGNORE_INDEX
+from ..data.lm import IGNORE_INDEX, pad_batch
 
 
 @dataclass(eq=False)
@@ -23,6 +23,7 @@ class TaskExamples:
     ids: list[str] = field(default_factory=list)
     num_truncated: int = 0
     max_length: int | None = None
+    pad_token_id: int = 0  # the id on padding positions (what pad_rows was given)
 
     def __post_init__(self) -> None:
         self.lengths = self.attention_mask.sum(dim=1)
@@ -43,6 +44,11 @@ class TaskExamples:
             "attention_mask": self.attention_mask[idx, :width],
             "labels": labels[:, :width] if labels.dim() == 2 else labels,
         }
+
+    def pad(self, batch: dict[str, torch.Tensor], length: int | None) -> dict[str, torch.Tensor]:
+        """``batch`` (from :meth:`batch`) padded as :meth:`batch` pads, to ``length`` positions
+        (None: trimmed to its longest sequence): :func:`~dptrain.data.lm.pad_batch`."""
+        return pad_batch(batch, length, self.pad_token_id)
 
 
 def pad_rows(
