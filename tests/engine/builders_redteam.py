@@ -927,16 +927,25 @@ _DROPOUT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout}
 
 
 class _RecordMasks(TorchFunctionMode):
-    """Every dropout call's mask (``out != 0``; float64 activations are never exactly 0)."""
+    """Every dropout call's mask: the call drawn again, from the generator state it started
+    from, on ones of the input's shape (``out != 0`` would not do: an input entry may be 0,
+    GPT-2's attention output row of a query whose only weight was dropped)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.masks: list[Tensor] = []
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        if func in _DROPOUT:
-            self.masks.append(out != 0)
+        kwargs = kwargs or {}
+        if func not in _DROPOUT:
+            return func(*args, **kwargs)
+        before = torch.get_rng_state()
+        out = func(*args, **kwargs)
+        after = torch.get_rng_state()
+        torch.set_rng_state(before)
+        with torch.no_grad():
+            self.masks.append(func(torch.ones_like(args[0]), *args[1:], **kwargs) != 0)
+        torch.set_rng_state(after)
         return out
 
 
@@ -962,16 +971,14 @@ class _ReplayMasks(TorchFunctionMode):
 
 
 def dropout_reference(
-    model: nn.Module, loss: Any, batch: Any, seed: int, clip: float, expected: float
+    model: nn.Module, loss: Any, batch: Any, seeding: Any, clip: float, expected: float
 ) -> tuple[Reference, int]:
     """The per-example loop of a model with dropout in train mode: one forward of the batch
-    from ``torch.manual_seed(seed)`` records every dropout mask (the engine's step, started
-    from the same seed, draws the same: its probes fork the generator), then each sample
-    alone replays its rows of them.  Returns the clipped update and the number of dropout
-    calls."""
+    inside ``seeding()`` (the generator state the engine's step forward starts from: its
+    probes fork the generator) records every dropout mask, then each sample alone replays its
+    rows of them.  Returns the clipped update and the number of dropout calls."""
     ref = copy.deepcopy(model)
-    torch.manual_seed(seed)
-    with _RecordMasks() as rec:
+    with seeding(), _RecordMasks() as rec:
         loss(ref, batch)
     named = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
     grads: dict[str, list[Tensor]] = {n: [] for n, _ in named}

@@ -4,11 +4,15 @@ given to the wrong sample sums to the right update and shows only when clipping 
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import pytest
 import torch
 
 from dptrain import UnsupportedLayerError
 from dptrain.check import EngineProbe, ExactnessCheck, compare
+from dptrain.engine import keyed_rng
 
 from .builders import lm_batch
 from .builders_redteam import (
@@ -88,27 +92,43 @@ def test_redteam_functional_max_norm_names_the_model():
 @pytest.mark.parametrize("clip", ["binding", "identity"])
 @pytest.mark.parametrize("name", list(DROPOUT_CASES))
 def test_redteam_dropout_replayed(name, clip):
-    """Dropout in train mode (the yardstick refuses random models): the engine's step from a
-    seed against the loop replaying the masks the same seed draws for the batch.  Exact: each
-    sample's gradient is taken with the mask its own forward used (no re-run redraws one)."""
+    """Dropout in train mode (the yardstick refuses random models): the engine's step against
+    the loop replaying the masks the step's generator state draws for the batch (the engine
+    seeds torch's generators from its run key for each step, :func:`dptrain.engine.keyed_rng`).
+    Exact: each sample's gradient is taken with the mask its own forward used (no re-run
+    redraws one)."""
     case = DROPOUT_CASES[name]
     torch.manual_seed(0)
     model = case.build()
     batch = case.batch(3, 0)
-    seed = 5
+
+    def run(c: float) -> tuple:
+        clean = copy.deepcopy(model)  # before the engine's hooks (they cannot be copied)
+        probe = EngineProbe(model, case.loss, c, "flat", EXPECTED_BATCH_SIZE)
+        engine = probe.engine
+        key = getattr(engine.noise, "key", None)
+
+        @contextlib.contextmanager
+        def seeding():
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(5)  # the generator without a key
+                with keyed_rng(key, engine.steps_taken, torch.device("cpu")):
+                    yield
+
+        ref, calls = dropout_reference(clean, case.loss, batch, seeding, c, EXPECTED_BATCH_SIZE)
+        try:
+            torch.manual_seed(5)
+            got = probe.step(batch)
+        finally:
+            probe.close()
+        return ref, calls, got
+
+    c = 1e6
     if clip == "binding":
-        free, _ = dropout_reference(model, case.loss, batch, seed, 1e12, EXPECTED_BATCH_SIZE)
+        free, _, _ = run(1e12)
         c = 0.5 * float(torch.cat(list(free.norms.values())).median())
-    else:
-        c = 1e6
-    ref, calls = dropout_reference(model, case.loss, batch, seed, c, EXPECTED_BATCH_SIZE)
+    ref, calls, got = run(c)
     assert calls > 0
-    probe = EngineProbe(model, case.loss, c, "flat", EXPECTED_BATCH_SIZE)
-    try:
-        torch.manual_seed(seed)
-        got = probe.step(batch)
-    finally:
-        probe.close()
     cmp = compare(got.update, ref.update)
     assert cmp.ok(1e-5), cmp.summary()
 
