@@ -1315,6 +1315,16 @@ def _buffers_error(
         if during_step
         else f"the forward pass updates the buffers {names} of {owners} (put back)"
     )
+    owner_classes = {type(model.get_submodule(n.rpartition(".")[0])).__name__ for n in changed}
+    if "_SpectralNorm" in owner_classes:  # torch.nn.utils.parametrizations.spectral_norm
+        return UnsupportedLayerError(
+            f"{head}: spectral_norm's power iteration updates _u and _v at every forward pass "
+            "in train mode (from the weight, not the data), so the probes, and a per-sample "
+            "loop, each advance it and no sample's gradient is its own function of the batch. "
+            "Fix: put the spectral-normed layers in eval mode for private training (the "
+            "stored vectors are used as they are; run power iterations first, in train mode "
+            "under torch.no_grad(), on public or random inputs)"
+        )
     if any(_is_norm(model.get_submodule(n.rpartition(".")[0])) for n in changed):
         return UnsupportedLayerError(
             f"{head}, from the data (e.g. BatchNorm's running statistics in train mode): they "
