@@ -573,7 +573,7 @@ REDTEAM_CASES: dict[str, Case] = {
         regression((4,), 3),
         mse_loss,
         refuse="lin.parametrizations.weight.0",
-    ),  # named as the buffers' owner; its fix ("use GroupNorm or LayerNorm") does not fit
+    ),  # named as the buffers' owner
 }
 
 

@@ -196,3 +196,15 @@ def test_redteam_varlen_rows_unclipped(exact, name):
     sum is not)."""
     case, kwargs = VARLEN_CASES[name]
     exact("red team (redteam)", f"{name} clip-identity", case, clip=1e6, **kwargs)
+
+
+def test_redteam_spectral_norm_train_refusal_fits():
+    """Spectral norm in train mode was refused as a norm layer's running statistics of the
+    data (fix: GroupNorm or LayerNorm); its buffers follow the weight, and eval mode is the fix."""
+    case = REDTEAM_CASES["refuse-spectral-norm-train"]
+    check = ExactnessCheck(case.build(), case.loss, REFUSE_CLIP, "flat", EXPECTED_BATCH_SIZE)
+    try:
+        with pytest.raises(UnsupportedLayerError, match=r"power iteration.*Fix: put the spectral"):
+            check.engine_step(case.batch(3, 0))
+    finally:
+        check.close()
