@@ -355,6 +355,18 @@ def _check_deterministic(model: nn.Module, batch: Any, loss_fn: LossFn) -> None:
             first, second = loss_fn(model, batch), loss_fn(model, batch)
         finally:
             torch.random.set_rng_state(state)
+    if torch.equal(first.isnan(), second.isnan()) and torch.equal(
+        first.nan_to_num(), second.nan_to_num()
+    ):
+        if first.isnan().any():  # NaN != NaN: not a random model, one without a loss to check
+            bad = first.isnan().nonzero().flatten().tolist()
+            raise ValueError(
+                f"the losses of samples {bad[:8]} of the batch are NaN (the same in both "
+                "evaluations), so the loop has no gradient to compare the engine with. Fix: "
+                "check those samples (a fully masked attention row, e.g. padding beyond a "
+                "sliding window, is NaN in eager attention)"
+            )
+        return
     if not torch.equal(first, second):
         raise ValueError(
             "the model's losses differ between two evaluations of the same batch (dropout or "

@@ -178,11 +178,16 @@ class GradCapture:
         self._counts: dict[int, int] = {}
         self._probe: ProbeLog | None = None
         self._unplanned: set[str] = set()
+        # parameters a step saw get a gradient the plan did not route (a use invisible to the
+        # probe): differentiated directly from the next plan on
+        self._force_direct: set[int] = set()
         self._tls = threading.local()
         self._all_names = {id(m): n or "<model>" for n, m in model.named_modules()}
         self._modules = [m for _, m in model.named_modules()]
         self._rewritten: set[str] = set()  # parameters the forward writes without changing
         self._rng: Tensor | None = None  # while probing: the CPU generator's state at the start
+        # while probing (from run()): Python's and NumPy's global generator states at the start
+        self._host_rng: tuple | None = None
         self._failed_at: str | None = None  # the layer where the last probe forward raised
         # (pad, L): ``pad(batch, n)`` pads the batch's samples to ``n`` positions (None: to
         # their longest), L the public bound on a sample's positions; the padding probe
@@ -220,6 +225,7 @@ class GradCapture:
                 return
             if plan is None or pid not in plan.direct:
                 self._unplanned.add(self.param_names[pid])
+                self._force_direct.add(pid)
 
         return hook
 
@@ -439,13 +445,24 @@ class GradCapture:
         key = (call.key, call.ops)
         call.ops += 1
         rule = OPS.get(func)
-        op = rule.parse(args, kwargs, self.params) if rule is not None else None
+        # inside torch.vmap / torch.func (the model's own) the data is a functorch wrapper: a
+        # rule's per-sample rows would be the transform's, not the batch's; differentiated
+        # directly (or by re-running the module) instead
+        transformed = _transformed(args, kwargs)
+        if transformed:
+            for c in stack:  # nor re-run: the per-sample alias cannot enter the transform
+                c.random = True
+        op = rule.parse(args, kwargs, self.params) if rule and not transformed else None
         rec = OpRecord(key, func, frozenset(id(p) for p in touched), rule if op else None)
         if op is not None:
             try:
                 rule.check(op)
             except UnsupportedLayerError as err:
-                raise UnsupportedLayerError(f"layer '{call.name}': {err}") from None
+                # the model's own forward code (a functional call) has no name: say its class
+                where = f"'{call.name}'"
+                if not call.name and call.module is not None:
+                    where = f"'<model>' ({type(call.module).__name__})"
+                raise UnsupportedLayerError(f"layer {where}: {err}") from None
             x = op.input
             rec.input_shape = tuple(x.shape)
             n, b = x.shape[0], log.batch_size
@@ -457,6 +474,10 @@ class GradCapture:
         out = func(*args, **kwargs)
         if key in log.expand and isinstance(out, Tensor) and out.shape[:1] == (1,):
             out = out.expand(log.batch_size, *out.shape[1:])
+            if log.taps is not None and out.is_floating_point():
+                tap = torch.zeros(out.shape, dtype=out.dtype, device=out.device)
+                log.taps.append(tap.requires_grad_())
+                out = out + tap
         return out
 
     def _where(self) -> str:
@@ -496,13 +517,17 @@ class GradCapture:
         outputs: list | None = None,
         graph: bool = False,
         state_error: Callable[[list[str]], UnsupportedLayerError] | None = None,
+        taps: list[Tensor] | None = None,
     ) -> tuple[ProbeLog, Tensor]:
         """One recorded forward of ``batch``; the per-sample losses, detached unless ``graph``.
         Buffers the forward changed are put back and refused, by ``state_error(names)`` where
-        given (the padding probe), else by :func:`_buffers_error`."""
-        log = ProbeLog(batch_len(batch), expand=expand)
+        given (the padding probe), else by :func:`_buffers_error`.  ``taps``: a list to collect
+        the broadcast outputs' addends in (:meth:`_rows_own`)."""
+        log = ProbeLog(batch_len(batch), expand=expand, taps=taps)
         if self._rng is not None:
             torch.set_rng_state(self._rng)
+        if self._host_rng is not None:  # every probe draws the same host random numbers too
+            _set_host_rng(self._host_rng)
         saved = _snapshot_buffers(self.model)
         attrs = _snapshot_attrs(self.model)
         weights = _param_state(self.model)
@@ -525,6 +550,12 @@ class GradCapture:
             self._stack.clear()
             self._tls.entered = False
             self._tls.modules = []
+        if self._host_rng is not None and _host_rng() != self._host_rng:
+            # NumPy's or Python's generator drawn (wav2vec2's SpecAugment masks): random, and
+            # no module call is re-run per sample (a re-run would draw other numbers)
+            log.random = True
+            for rec in log.scopes.values():
+                rec.random = True
         if log.mixing:
             raise UnsupportedLayerError(
                 f"{log.mixing[0]} mixes the samples of a batch, so per-sample gradients do not "
@@ -542,6 +573,55 @@ class GradCapture:
         # checked by value at every step, the others by their version counters
         self._rewritten |= {n for n, v in after.items() if v[0] != weights[n][0]}
         return log, losses if graph else losses.detach()
+
+    def _rows_own(self, loss_fn: Callable, batch: Any, expand: frozenset) -> bool:
+        """Whether broadcasting the uses ``expand`` (a ``(1, ...)`` input taken as shared by the
+        batch, its output expanded to ``B`` rows, row ``b`` credited to sample ``b``) is sound:
+        row ``b`` of each broadcast output must reach sample ``b``'s loss only.  Equal losses do
+        not show it: a ``(1, ...)`` input may be one sample's rows (``nn.AdaptiveLogSoftmaxWith
+        Loss`` runs a tail cluster on the rows whose targets fall in it, one row at B = 3 and at
+        B + 1), and a later ``gather`` with a ``(1, 1)`` index reads row 0 of the broadcast
+        output only, so that sample's gradient went to sample 0.
+
+        One forward with a zero ``(B, ...)`` addend on each broadcast output, two backward
+        passes: of ``sum_j l_j`` and of ``sum_j w_j l_j`` (``w`` of :func:`_probe_weights`).
+        With every row its own sample's, the second addend gradient is the first's with row
+        ``b`` scaled by ``w_b`` (within :func:`_grad_tol` of its norm); a row reaching other
+        samples' losses mixes their weights.  A failed backward counts as unsound (the uses are
+        then not broadcast, which is exact)."""
+        if not expand:
+            return True
+        params = list(self.params.values())
+        kept = [p.grad for p in params]
+        taps: list[Tensor] = []
+        grads: list[list[Tensor | None]] = []
+        try:
+            _, losses = self._probe_forward(loss_fn, batch, expand, graph=True, taps=taps)
+            if not taps or not losses.requires_grad:
+                return True
+            w = _probe_weights(batch_len(batch)).to(losses.device, losses.dtype)
+            for weights in (torch.ones_like(w), w):
+                for t in taps:
+                    t.grad = None
+                self.replaying = True  # the parameter hooks of a step ignore these passes
+                try:
+                    (losses * weights).sum().backward(retain_graph=True)
+                except RuntimeError:
+                    return False
+                finally:
+                    self.replaying = False
+                grads.append([t.grad for t in taps])
+        finally:
+            for p, g in zip(params, kept, strict=True):
+                p.grad = g
+        tol = _grad_tol(params)
+        for g1, gw in zip(*grads, strict=True):
+            if g1 is None or gw is None:
+                continue  # this output reaches no loss
+            scaled = g1 * w.view(-1, *([1] * (g1.dim() - 1)))
+            if not float((gw - scaled).norm()) <= tol * float(gw.norm()):
+                return False  # also non-finite: not broadcast
+        return True
 
     def _check_parts(
         self, loss_fn: Callable, batch: Any, expand: frozenset, losses: Tensor
@@ -721,6 +801,7 @@ class GradCapture:
         and gradient do not move when they are padded further, up to the public length bound
         (:meth:`_check_padding`: none of the others changes the padded length); plan every
         use."""
+        _refuse_kernel_dropout(self.model)
         b = batch_len(batch)
         bigger = batch_cat(batch, batch_slice(batch, 0, 1))
         notes: list[str] = []
@@ -748,6 +829,7 @@ class GradCapture:
                     small, l_small = self._probe_forward(loss_fn, batch, expand)
                     random = big.random or small.random
                     ok = random or _close(l_small, l_big[:b])
+                    ok = ok and self._rows_own(loss_fn, batch, expand)
                 except (RuntimeError, IndexError):  # broadcast, a shared tensor broke the
                     # forward (DeBERTa's relative embeddings, repeated per sample afterwards; a
                     # loss that calls the model on one sample at a time indexes a broadcast mask)
@@ -762,7 +844,8 @@ class GradCapture:
                         expand = frozenset()
                         notes.append(
                             "uses shared by the batch (leading axis 1) are not broadcast: the "
-                            "model's output changed (or failed) when they were"
+                            "model's output changed (or failed) when they were, or a row of "
+                            "theirs reached another sample's loss"
                         )
                 if not ok:
                     where = self._locate_mixing(loss_fn, batch, bigger, 0, b)
@@ -786,6 +869,7 @@ class GradCapture:
             checkable=not random,
             modes=self.modes(),
             order=list(self.params),
+            force_direct=frozenset(self._force_direct),
         )
         return self.plan
 
@@ -887,7 +971,13 @@ class GradCapture:
         strays from the plan."""
         for attempt in range(2):
             if self.needs_probe(batch_len(batch)) or attempt:
-                self.probe(loss_fn, batch)
+                with rng.GLOBAL_RNG:  # NumPy's and Python's generators forked like torch's
+                    self._host_rng = _host_rng()
+                    try:
+                        self.probe(loss_fn, batch)
+                    finally:  # the step draws what it would have drawn without the probes
+                        _set_host_rng(self._host_rng)
+                        self._host_rng = None
             try:
                 return self._run_once(loss_fn, batch)
             except PlanMiss as miss:
@@ -1063,6 +1153,53 @@ class GradCapture:
         return ", ".join(self.param_names.get(id(p), "?") for p in params)
 
 
+def _host_rng() -> tuple:
+    """The states of Python's and NumPy's global generators (NumPy's as a comparable tuple)."""
+    import random
+
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy comes with torch
+        return (random.getstate(), None)
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return (random.getstate(), (kind, keys.tobytes(), pos, has_gauss, gauss))
+
+
+def _set_host_rng(state: tuple) -> None:
+    import random
+
+    random.setstate(state[0])
+    if state[1] is not None:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = state[1]
+        np.random.set_state((kind, np.frombuffer(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+def _refuse_kernel_dropout(model: nn.Module) -> None:
+    """Refuse a recurrent layer (``nn.LSTM``/``GRU``/``RNN``, ``num_layers > 1``) with
+    ``dropout > 0`` in train mode: its masks are drawn inside the fused kernel, where the
+    probes cannot switch them off (two probes draw different masks, which looked like samples
+    mixing) and no per-sample re-run can replay them."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.RNNBase) and m.training and m.dropout > 0 and m.num_layers > 1:
+            raise UnsupportedLayerError(
+                f"layer '{name or '<model>'}' ({type(m).__name__}) applies dropout = {m.dropout} "
+                "between its layers in train mode; its masks are drawn inside the recurrent "
+                "kernel, where dptrain can neither see them nor give each sample's gradient "
+                "the mask its forward pass used. Fix: build it with dropout=0 (stack "
+                "single-layer recurrent layers with nn.Dropout between them if you need it), "
+                "or put that layer in eval mode"
+            )
+
+
+def _transformed(args: tuple, kwargs: dict) -> bool:
+    """Whether a tensor among the arguments is a functorch wrapper (a call inside the model's
+    own ``torch.vmap``, ``torch.func.grad``...)."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(isinstance(v, Tensor) and wrapped(v) for v in tree_flatten((args, kwargs))[0])
+
+
 def _collect(values: Any, params: dict[int, nn.Parameter], found: dict[int, nn.Parameter]) -> None:
     """Add to ``found`` the tensors among ``values`` (and inside their lists and tuples) whose
     ids are keys of ``params``, depth first, the first time each is seen."""
@@ -1178,6 +1315,16 @@ def _buffers_error(
         if during_step
         else f"the forward pass updates the buffers {names} of {owners} (put back)"
     )
+    owner_classes = {type(model.get_submodule(n.rpartition(".")[0])).__name__ for n in changed}
+    if "_SpectralNorm" in owner_classes:  # torch.nn.utils.parametrizations.spectral_norm
+        return UnsupportedLayerError(
+            f"{head}: spectral_norm's power iteration updates _u and _v at every forward pass "
+            "in train mode (from the weight, not the data), so the probes, and a per-sample "
+            "loop, each advance it and no sample's gradient is its own function of the batch. "
+            "Fix: put the spectral-normed layers in eval mode for private training (the "
+            "stored vectors are used as they are; run power iterations first, in train mode "
+            "under torch.no_grad(), on public or random inputs)"
+        )
     if any(_is_norm(model.get_submodule(n.rpartition(".")[0])) for n in changed):
         return UnsupportedLayerError(
             f"{head}, from the data (e.g. BatchNorm's running statistics in train mode): they "
@@ -1281,12 +1428,14 @@ _WIDE_TOL = {torch.float64: 1e-6, torch.float32: 1e-4}
 def _backward_mixing_error() -> UnsupportedLayerError:
     return UnsupportedLayerError(
         "the samples' gradients change when the batch is split into its first sample and the "
-        "others, although no sample's loss does: the backward pass mixes the samples of a batch "
-        "(a batch statistic added with its value cancelled, `x + (m - m.detach())`, or an "
-        "autograd.Function whose backward couples samples), so per-sample gradients do not "
-        "exist. No layer can be named: every layer's output values are the same in both "
-        "batches, only gradients differ. Fix: make every layer's backward, and the loss's, act "
-        "on each sample alone"
+        "others, although every sample's loss stays within rounding of its value: the "
+        "backward pass mixes the samples of a batch (a batch statistic added with its value "
+        "cancelled, `x + (m - m.detach())`; an autograd.Function whose backward couples "
+        "samples; or a small term computed from the whole batch added to every sample's loss, "
+        "such as a mixture-of-experts router's load-balancing `aux_loss`), so per-sample "
+        "gradients do not exist. No layer can be named: only gradients differ beyond rounding. "
+        "Fix: make every layer's backward, and the loss's, act on each sample alone (leave "
+        "batch-level terms such as `aux_loss` out of loss_fn)"
     )
 
 

@@ -43,13 +43,13 @@ class Fused(torch.autograd.Function):
             out = None if _GENERIC[0] else rule.saved_forward(call, x)
             if out is not None:  # the aten forward, its statistics kept for the aten backward
                 y, ctx.saved = out
-                return y
+                return _own(y)
             with torch.enable_grad():  # differentiate the function itself, w.r.t. x only
                 xd = x.detach().requires_grad_(True)
                 y = rule.compute(call, xd)
             ctx.inner = (xd, y)
             return y.detach()
-        return rule.compute(call, x)
+        return _own(rule.compute(call, x))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -77,6 +77,13 @@ class Fused(torch.autograd.Function):
             else:
                 gx = use.rule.input_grad(use, g).reshape(x.shape).to(x.dtype)
         return (None, None, gx, *([None] * ctx.n))
+
+
+def _own(y: Tensor) -> Tensor:
+    """``y`` as a tensor of its own: ``F.linear`` on a non-contiguous 3-d input returns a view
+    of its 2-d product, and autograd forbids modifying a custom Function's view output in place
+    (wav2vec2 writes its mask embedding into the feature projection's output)."""
+    return y.clone() if y._base is not None else y
 
 
 _GENERIC = [False]  # True inside generic_input_grads()

@@ -324,7 +324,8 @@ class Embedding(OpRule):
         return {"weight": Outer(ids, g, use.params["weight"].shape[0])}
 
     def compute(self, call: OpCall, x: Tensor) -> Tensor:
-        return F.embedding(x, call.args["weight"], call.args["padding_idx"])
+        # as called: a flattened (B*C, T) call (multiple choice) gets its (B*C, T, d) output
+        return F.embedding(call.as_called(x), call.args["weight"], call.args["padding_idx"])
 
     def closed_input_grad(self, call: OpCall) -> bool:
         return True  # integer indices: no input gradient

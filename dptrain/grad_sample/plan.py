@@ -88,6 +88,9 @@ class ProbeLog:
     mixing: list[str] = field(default_factory=list)
     random: bool = False  # random numbers other than dropout were drawn
     expand: frozenset[OpKey] = frozenset()  # shared-input uses broadcast to the batch here
+    # with a list: each broadcast output gets a zero (B, ...) addend that requires grad, its
+    # gradient the rows' (:meth:`GradCapture._rows_own`)
+    taps: list[Tensor] | None = None
 
 
 @dataclass
@@ -188,17 +191,21 @@ def build_plan(
     checkable: bool = True,
     modes: tuple[bool, ...] = (),
     order: list[int] | None = None,
+    force_direct: frozenset[int] = frozenset(),
 ) -> Plan:
     """Decide every use seen in the probe at the step's batch size (``small``).  ``modes``:
     the modules' ``training`` flags during the probe (a change means probing again);
-    ``order``: the ids of the trainable parameters in model order."""
+    ``order``: the ids of the trainable parameters in model order; ``force_direct``: the ids
+    of parameters to differentiate directly, every use of theirs (a step saw them get a
+    gradient through a use no probe could see: an ``autograd.Function`` applied to the
+    parameter itself, which no torch function mode intercepts)."""
     b = small.batch_size
     ops: dict[OpKey, Decision] = {}
     pending: dict[ScopeKey, list[OpRecord]] = {}
     for key, rec in small.ops.items():
         other = big.ops.get(key)
         same = other is not None and other.func is rec.func and other.touched == rec.touched
-        if same and rec.rule is not None and key[0] != ROOT:
+        if same and rec.rule is not None and key[0] != ROOT and not rec.touched & force_direct:
             if rec.rows is not None and other.rows is not None:
                 if _sample_major(rec, other, b):
                     ops[key] = Decision("fuse", rec.touched, rec.func, rec.rule, rows=True)
@@ -213,7 +220,7 @@ def build_plan(
                     continue
         pending.setdefault(key[0], []).append(rec)
 
-    direct: set[int] = set()
+    direct: set[int] = set(force_direct)
     local: dict[ScopeKey, tuple[set[int], tuple]] = {}
     for scope, recs in pending.items():
         touched = set().union(*(r.touched for r in recs))
