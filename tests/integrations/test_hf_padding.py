@@ -202,3 +202,23 @@ def test_lm_examples_default_to_their_own_bound_and_other_collators_warn(tmp_pat
             privacy=PrivacyArguments(**PRIVACY),
         )
     assert own.max_length == 8 and own.pad is None and "padding probe is off" in caplog.text
+
+
+def test_the_engines_length_fixes_name_the_trainers_setting() -> None:
+    """A use longer than the bound inside the model (past the batch check) or a changed use
+    structure: the engine's fix names its own argument, the trainer's PrivacyArguments."""
+    from dptrain.clipping import UseStructureChanged, _changed
+    from dptrain.grad_sample.outer import Outer, float32_for_run
+    from dptrain.integrations.hf.trainer import in_trainer_terms
+
+    with pytest.raises(ValueError) as err:
+        float32_for_run([Outer(torch.randn(1, 9, 4), torch.randn(1, 9, 4), 4)], 8, always=True)
+    renamed = in_trainer_terms(err.value)
+    assert type(renamed) is ValueError and "data.max_length" not in str(renamed)
+    assert "pass the longest sequence any batch can have (PrivacyArguments.max_length)" in str(
+        renamed
+    ) and "or PrivacyArguments(max_length=None)" in str(renamed)
+    changed = in_trainer_terms(_changed("w", None, None))
+    assert isinstance(changed, UseStructureChanged)
+    assert "set PrivacyArguments(max_length=None)" in str(changed)
+    assert in_trainer_terms(ValueError("something else")) is None

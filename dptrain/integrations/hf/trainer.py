@@ -529,14 +529,11 @@ class DPTrainer(Trainer):
                 self.stopped_by_budget = str(err)
                 self.control.should_training_stop = True
                 return torch.zeros((), device=self.args.device)
-            except UnsupportedLayerError as err:
-                text = str(err)
-                if "data.max_length" not in text:
+            except (UnsupportedLayerError, ValueError) as err:
+                renamed = in_trainer_terms(err)
+                if renamed is None:
                     raise
-                # the engine names the recipe's key; a Trainer run sets PrivacyArguments'
-                raise UnsupportedLayerError(
-                    text.replace("data.max_length", "PrivacyArguments.max_length")
-                ) from err
+                raise renamed from err
         self.last_report = report
         counted = self.losses.add(report)
         return torch.tensor(report.loss if counted else 0.0, device=self.args.device)
@@ -652,6 +649,31 @@ class DPTrainer(Trainer):
     def epsilon(self) -> float:
         """Epsilon spent so far at the plan's delta (0 before the first step)."""
         return self.engine.epsilon() if self.engine is not None else 0.0
+
+
+_RENAMES = (  # the engine's words for the length bound -> a Trainer run's setting
+    ("the recipe's data.max_length", "PrivacyArguments.max_length"),
+    ("data.max_length", "PrivacyArguments.max_length"),
+    ("pass max_length=None", "set PrivacyArguments(max_length=None)"),
+    ("or max_length=None", "or PrivacyArguments(max_length=None)"),
+)
+
+
+def in_trainer_terms(err: Exception) -> Exception | None:
+    """``err`` of the engine with its fix in DPTrainer's terms (the engine names the recipe's
+    ``data.max_length`` and its own ``max_length`` argument; a Trainer run sets
+    ``PrivacyArguments.max_length``), of the same type where it takes a message (else a
+    :class:`DPTrainerError`); None where nothing is renamed."""
+    text = str(err)
+    new = text
+    for old, word in _RENAMES:
+        new = new.replace(old, word)
+    if new == text:
+        return None
+    try:
+        return type(err)(new)
+    except TypeError:
+        return DPTrainerError(new)
 
 
 def _read_privacy_state(folder: Path) -> dict[str, Any]:
