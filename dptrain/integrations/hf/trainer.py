@@ -33,6 +33,10 @@ What changes against the Trainer (everything else -- the optimizer and scheduler
     the key      ``output_dir/ledger.json`` is first written when the run starts; a new run
                  refuses a ``secret.key`` that a started run has used
     the end      ``output_dir/privacy.json``: the plan and the (epsilon, delta) guarantee
+    the length   ``PrivacyArguments.max_length`` (public) reaches the engine as in ``dptrain
+                 train``: float32 Grams for wide ghost norms, and the padding probe with the
+                 collator's padding (:class:`~.data.BatchPadder`); a batch wider than it is
+                 refused before its step (:func:`~.data.check_length`)
 
 The run key is ``key_dir/secret.key`` (default ``output_dir``), as in ``dptrain train``.
 """
