@@ -28,6 +28,7 @@ from dptrain.errors import UserError
 
 __all__ = [
     "IGNORE_INDEX",
+    "PAD_FILL",
     "LMExamples",
     "SequenceTooLongError",
     "pad_batch",
@@ -117,36 +118,63 @@ class LMExamples(Dataset):
         }
 
 
+PAD_FILL = {"attention_mask": 0, "labels": IGNORE_INDEX, "token_type_ids": 0}
+"""What a collator pads each per-token field with (``input_ids``: the pad id): the Hugging
+Face tokenizers' and collators' values (``DataCollatorForLanguageModeling``,
+``DataCollatorWithPadding``)."""
+
+
 def pad_batch(
-    batch: dict[str, torch.Tensor], length: int | None, pad_id: int
+    batch: dict[str, torch.Tensor],
+    length: int | None,
+    pad_id: int,
+    *,
+    side: Literal["right", "left"] = "right",
+    fill: dict[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The samples of a right-padded batch (``input_ids``, ``attention_mask`` and, per token
-    or per sample, ``labels``) padded to ``length`` positions, or with ``length=None`` trimmed
-    to its longest sequence: the collator's padding (``pad_id``, mask 0, ``IGNORE_INDEX``) on
-    the positions added.  The engine's padding probe calls it (``PrivacyEngine(pad=...)``):
-    a sample's loss must not depend on how far its batch is padded."""
+    """The samples of a padded batch (``input_ids``, ``attention_mask`` and, per token or per
+    sample, ``labels``, per token ``token_type_ids``) padded to ``length`` positions, or with
+    ``length=None`` trimmed to the extent of their attended positions: the collator's padding
+    (``pad_id``, mask 0, ``IGNORE_INDEX``, type 0, or ``fill[key]``) on the positions added,
+    on the right or (``side="left"``, a tokenizer with ``padding_side="left"``) on the left.
+    Another per-token field (``position_ids``, ...) raises: how a collator pads it is not
+    known.  The engine's padding probe calls it (``PrivacyEngine(pad=...)``): a sample's loss
+    must not depend on how far its batch is padded."""
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
     mask = batch["attention_mask"]
     width = mask.shape[1]
+    cols = mask.ne(0).any(0).nonzero().flatten()
+    if side == "right":
+        used = int(cols[-1]) + 1 if cols.numel() else 0
+    else:
+        used = width - int(cols[0]) if cols.numel() else 0
     if length is None:
-        length = int(mask.sum(1).max()) if mask.numel() else 0
-    if length < width and bool(mask[:, length:].any()):
+        length = used
+    if length < used:
         raise ValueError(
             f"a sample of the batch has more than {length} tokens: it cannot be padded to "
             f"{length} positions (max_length bounds every sample's tokens)"
         )
-    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    values = {"input_ids": pad_id, **PAD_FILL, **(fill or {})}
     out = {}
     for k, v in batch.items():
-        if k in ("input_ids", "attention_mask") or (k == "labels" and v.dim() == 2):
-            if length <= width:
-                out[k] = v[:, :length]
-            else:
-                extra = v.new_full((v.shape[0], length - width), fill[k])
-                out[k] = torch.cat([v, extra], 1)
-        elif v.dim() >= 2 and v.shape[1] == width:
-            raise ValueError(f"pad_batch does not know how to pad the per-token field {k!r}")
-        else:
+        per_token = v.dim() >= 2 and v.shape[1] == width
+        if k == "labels" and v.dim() < 2:
+            per_token = False  # one label per sample
+        if not per_token:
             out[k] = v
+            continue
+        if k not in values:
+            raise ValueError(
+                f"pad_batch does not know how to pad the per-token field {k!r} (it pads "
+                f"{', '.join(sorted(values))}): pass its padding value in fill"
+            )
+        if length <= width:
+            out[k] = v[:, :length] if side == "right" else v[:, width - length :]
+        else:
+            extra = v.new_full((v.shape[0], length - width, *v.shape[2:]), values[k])
+            out[k] = torch.cat([v, extra] if side == "right" else [extra, v], 1)
     return out
 
 

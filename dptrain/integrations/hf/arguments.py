@@ -50,7 +50,27 @@ class PrivacyArguments:
     ``epoch``); the console, your own callbacks and the log history get everything.
     ``public_eval``: ``eval_dataset`` is public data, so its ``eval_*`` metrics go to the
     integrations too (by default they are withheld: an evaluation set drawn from the private
-    data is used without noise).  See :mod:`dptrain.integrations.hf.logs`."""
+    data is used without noise).  See :mod:`dptrain.integrations.hf.logs`.
+
+    ``max_length``: a public bound on every record's tokens (what ``dptrain train`` takes from
+    ``data.max_length``).  It lets the engine take float32 Gram matrices, with a certified
+    error, for the ghost norms of wide layers (much faster than float64; see
+    :mod:`dptrain.clipping`), and turns on the padding probe: on the first step, before
+    anything is released, two samples padded further, up to ``max_length``, must keep their
+    losses and gradient (a model whose outputs follow the batch's padded length -- dynamic
+    rope beyond ``max_position_embeddings``, left padding with absolute positions, a mean
+    over padded positions -- lets one record move the others' gradients, and is refused).
+    DPTrainer does not truncate: truncate in your own tokenization
+    (``tokenizer(..., truncation=True, max_length=L)``); a batch with a longer record, or
+    padded beyond ``L``, is refused with an error before its step is released or charged.
+    The probe pads as the Hugging Face collators do (:class:`~.data.BatchPadder`: the
+    ``processing_class`` tokenizer's pad id and ``padding_side``); pass ``DPTrainer(pad=f)``
+    for another collator.  Default None: float64 Grams and no padding probe, except for a
+    :class:`dptrain.data.LMExamples` train_dataset, whose own ``max_length`` (every record
+    was cut to it by :func:`dptrain.data.lm.tokenize`, a public setting) is used.  No other
+    default is derived: a tokenizer's ``model_max_length`` bounds records only where your
+    tokenization truncates to it, which DPTrainer cannot see, and the records' longest length
+    is private."""
 
     epsilon: float = 8.0
     delta: float | None = None
@@ -68,6 +88,7 @@ class PrivacyArguments:
     ghost: bool | str = "auto"
     report_private_metrics: bool = False
     public_eval: bool = False
+    max_length: int | None = None
 
 
 # name -> (is it set in a way that breaks the guarantee?, why, fix)
@@ -192,6 +213,15 @@ def refusals(args: Any, privacy: PrivacyArguments, *, custom_loss: bool) -> list
             "gradients through DDP/DataParallel, outside the engine. Fix: train on one device "
             "(CUDA_VISIBLE_DEVICES=0), or use `dptrain train --nproc N`, which all-reduces "
             "the clipped sums and adds the noise once"
+        )
+    if privacy.max_length is not None and (
+        isinstance(privacy.max_length, bool)
+        or not isinstance(privacy.max_length, int)
+        or privacy.max_length < 1
+    ):
+        out.append(
+            f"PrivacyArguments.max_length: {privacy.max_length!r} is not a positive number of "
+            "tokens. Fix: the public bound your tokenization truncates every record to, or None"
         )
     if privacy.policy not in ("static", "error_feedback"):
         out.append(

@@ -196,3 +196,95 @@ class PadCollator:
                 batch[i, : v.shape[0]] = v
             out[k] = batch
         return out
+
+
+class BatchPadder:
+    """The padding probe's ``pad(batch, n)`` for a DPTrainer batch (``PrivacyEngine(pad=...)``):
+    the collated dict padded as a Hugging Face collator pads it -- ``input_ids`` with the
+    tokenizer's pad id, ``attention_mask`` 0, per-token ``labels`` -100, ``token_type_ids`` 0
+    (:func:`dptrain.data.lm.pad_batch`), on the tokenizer's ``padding_side``.
+
+    It refuses, rather than guess, a batch it cannot pad as the collator does: one without an
+    ``attention_mask`` (the added positions could not be masked out), one with another
+    per-token field (``position_ids``: a collator numbers padded positions its own way), and
+    one padded on the other side than ``padding_side``.  The probe runs on the first step's
+    batch, before anything is released or charged."""
+
+    def __init__(self, pad_token_id: int, side: str = "right") -> None:
+        if side not in ("right", "left"):
+            raise DPTrainerError(f"padding_side: expected 'right' or 'left', got {side!r}")
+        self.pad_token_id = int(pad_token_id)
+        self.side = side
+
+    def __call__(self, batch: dict[str, Any], length: int | None) -> dict[str, Any]:
+        from ...data.lm import PAD_FILL, pad_batch
+
+        mask = batch.get("attention_mask")
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            raise DPTrainerError(
+                "PrivacyArguments.max_length: the padding probe pads the first batch up to "
+                "max_length with masked positions, but the batch has no (B, T) attention_mask. "
+                "Fix: let the data collator return attention_mask, or pass DPTrainer(pad=f) "
+                "with f(batch, n) padding the batch to n positions as your collator does"
+            )
+        width, known = mask.shape[1], {"input_ids", *PAD_FILL}
+        unknown = [
+            k
+            for k, v in batch.items()
+            if k not in known
+            and isinstance(v, torch.Tensor)
+            and v.dim() >= 2
+            and v.shape[1] == width
+        ]
+        if unknown:
+            raise DPTrainerError(
+                f"PrivacyArguments.max_length: the padding probe cannot pad the per-token "
+                f"field(s) {', '.join(unknown)} of the batch as your collator would (it pads "
+                "input_ids, attention_mask, labels and token_type_ids; position_ids, say, "
+                "depend on how the collator numbers padded positions), and will not guess. "
+                "Fix: drop them from the collated batch (the model numbers positions itself), "
+                "or pass DPTrainer(pad=f) with f(batch, n) padding the batch to n positions as "
+                "your collator does"
+            )
+        real = mask.ne(0)
+        has = real.any(1)
+        first, last = real[:, 0], real[:, -1]
+        other = (~first & last & has) if self.side == "right" else (first & ~last & has)
+        if bool(other.any()):
+            seen = "left" if self.side == "right" else "right"
+            raise DPTrainerError(
+                f"the data collator pads on the {seen}, but the tokenizer's padding_side is "
+                f"'{self.side}': the padding probe would pad the batch on the wrong side. Fix: "
+                f"set tokenizer.padding_side = '{seen}' (or make the collator pad on the "
+                f"{self.side}), or pass DPTrainer(pad=f) padding as your collator does"
+            )
+        return pad_batch(batch, length, self.pad_token_id, side=self.side)  # type: ignore[arg-type]
+
+
+def check_length(batch: dict[str, Any], max_length: int, step: int) -> None:
+    """Refuse a batch wider than ``max_length`` positions (``PrivacyArguments.max_length``, a
+    public bound on every record's tokens), naming the fix: a record longer than the bound, or
+    a collator that pads beyond it."""
+    mask = batch.get("attention_mask")
+    ref = mask if isinstance(mask, torch.Tensor) else batch.get("input_ids")
+    if not isinstance(ref, torch.Tensor) or ref.dim() < 2 or ref.shape[1] <= max_length:
+        return
+    width = ref.shape[1]
+    longest = int(mask.ne(0).sum(1).max()) if isinstance(mask, torch.Tensor) else width
+    fix = (
+        "Fix: truncate every record when tokenizing (tokenizer(..., truncation=True, "
+        f"max_length={max_length})) and let the collator pad to the batch's longest record, "
+        "or raise PrivacyArguments.max_length (a public bound: never set it from the data)"
+    )
+    if longest > max_length:
+        raise DPTrainerError(
+            f"PrivacyArguments.max_length = {max_length}: a record of step {step}'s batch has "
+            f"{longest} tokens. max_length bounds every record's tokens, and DPTrainer does not "
+            f"truncate (nothing was released or charged for this step). {fix}"
+        )
+    raise DPTrainerError(
+        f"PrivacyArguments.max_length = {max_length}: the data collator padded step {step}'s "
+        f"batch to {width} positions (its records fit in {max_length}). Fix: pad to the "
+        "longest record (padding=True, not padding='max_length' beyond the bound), or raise "
+        "PrivacyArguments.max_length to the collator's padded length"
+    )

@@ -4,7 +4,9 @@ The engine back-propagates ``sum_b loss_b``, so each ``loss_b`` must depend on s
 alone; ``Trainer.compute_loss`` returns a batch mean (over tokens, across samples), which is
 used for evaluation only.
 
-    causal LM:       loss_b = mean over b's labelled tokens of CE(logits_t, label_{t+1})
+    causal LM:       loss_b = mean over b's labelled tokens of CE(logits_t, label_{t+1}), for
+                     attended t (a left-padded sequence's first token, predicted from a
+                     padding position, is not counted: its padded length would decide)
     classification:  loss_b = CE(logits_b, label_b)  (regression, ``num_labels == 1``:
                      (logit_b - label_b)^2)
 
@@ -40,12 +42,16 @@ def causal_lm_loss(label_smoothing: float = 0.0) -> LossFn:
         out = model(**_model_inputs(batch))
         logits = out.logits if hasattr(out, "logits") else out
         labels = batch.get("labels")
+        mask = batch.get("attention_mask")
         if labels is None:
             labels = batch["input_ids"]
-            mask = batch.get("attention_mask")
             if mask is not None:
                 labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
         logits, labels = logits[:, :-1], labels[:, 1:]
+        if mask is not None and mask.shape[-1] == labels.shape[-1] + 1:
+            # a target predicted from a padding position (a left-padded sequence's first
+            # token) is no target: it would count only when the batch pads this sample
+            labels = labels.masked_fill(mask[:, :-1] == 0, IGNORE_INDEX)
         b, t, v = logits.shape
         nll = F.cross_entropy(
             _upcast(logits.reshape(-1, v)),

@@ -33,6 +33,10 @@ What changes against the Trainer (everything else -- the optimizer and scheduler
     the key      ``output_dir/ledger.json`` is first written when the run starts; a new run
                  refuses a ``secret.key`` that a started run has used
     the end      ``output_dir/privacy.json``: the plan and the (epsilon, delta) guarantee
+    the length   ``PrivacyArguments.max_length`` (public) reaches the engine as in ``dptrain
+                 train``: float32 Grams for wide ghost norms, and the padding probe with the
+                 collator's padding (:class:`~.data.BatchPadder`); a batch wider than it is
+                 refused before its step (:func:`~.data.check_length`)
 
 The run key is ``key_dir/secret.key`` (default ``output_dir``), as in ``dptrain train``.
 """
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +57,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_l
 from accountants import BudgetExceeded, Ledger
 from accountants.ledger import atomic_write
 
-from ...data.lm import LMExamples
+from ...data.lm import LMExamples, pad_token_id
 from ...engine import PrivacyEngine, StepReport
+from ...grad_sample import UnsupportedLayerError
 from ...losses import LossFn
 from ...noise import GaussianNoise
 from ...plan import RunPlan, check_run, guarantee_numbers, plan_privacy
@@ -66,10 +72,12 @@ from .arguments import DPTrainerError, PrivacyArguments, TrainingValues, refusal
 from .data import (
     PIECE_KEY,
     STEP_KEY,
+    BatchPadder,
     PadCollator,
     PoissonBatches,
     StepCollator,
     StepRecords,
+    check_length,
     record_ids,
 )
 from .logs import is_integration, public_logs
@@ -206,7 +214,12 @@ class DPTrainer(Trainer):
     ``privacy``: the budget, policy, clip, noise and key (:class:`PrivacyArguments`);
     ``loss_fn(model, batch) -> (B,)`` per-sample losses (default: by the model's head,
     :func:`dptrain.integrations.hf.losses.default_loss`).  Settings that would break the
-    guarantee raise :class:`DPTrainerError` listing each with its fix."""
+    guarantee raise :class:`DPTrainerError` listing each with its fix.
+
+    ``pad(batch, n)`` (with ``PrivacyArguments.max_length``): the collator's padding for the
+    engine's padding probe, the batch's samples padded to ``n`` positions (None: to their
+    longest) as the collator pads; default :class:`~.data.BatchPadder` of the
+    ``processing_class`` tokenizer (or of :class:`~.data.PadCollator`)."""
 
     def __init__(
         self,
@@ -215,6 +228,7 @@ class DPTrainer(Trainer):
         *,
         privacy: PrivacyArguments | None = None,
         loss_fn: LossFn | None = None,
+        pad: Callable[[Any, int | None], Any] | None = None,
         **kwargs: Any,
     ) -> None:
         if kwargs.get("model_init") is not None:
@@ -246,6 +260,47 @@ class DPTrainer(Trainer):
         self._ledger_saved_at: int | None = None  # engine steps covered by ledger.json
         self.losses = LossMeans()
         self.add_callback(PrivacyCallback(self))
+        self.max_length, self.pad = self._length_and_pad(pad)
+
+    def _length_and_pad(self, pad: Callable | None) -> tuple[int | None, Callable | None]:
+        """The public length bound (``PrivacyArguments.max_length``, else an
+        :class:`LMExamples` train_dataset's own) and the padding probe's ``pad``: the caller's,
+        else the collator's (:class:`PadCollator`: right, its pad id) or the
+        ``processing_class`` tokenizer's (its pad id, else EOS, and ``padding_side``)."""
+        length = self.privacy.max_length
+        ds = self.train_dataset
+        if length is None and isinstance(ds, LMExamples) and ds.max_length is not None:
+            length = int(ds.max_length)  # tokenize() cut every record to it: public
+        if length is None:
+            if pad is not None:
+                raise DPTrainerError(
+                    "pad: the padding probe pads up to the public bound on a record's tokens. "
+                    "Fix: set PrivacyArguments(max_length=L) too"
+                )
+            return None, None
+        if pad is not None:
+            return length, pad
+        collate = self.data_collator
+        if isinstance(collate, PadCollator):
+            return length, BatchPadder(collate.pad["input_ids"], "right")
+        tok = self.processing_class
+        tok = getattr(tok, "tokenizer", tok)  # a processor's tokenizer
+        pad_id = None
+        if tok is not None and hasattr(tok, "padding_side"):
+            try:
+                pad_id = pad_token_id(tok)
+            except ValueError:
+                pad_id = None
+        if pad_id is None:
+            log.warning(
+                "PrivacyArguments.max_length = %d: no tokenizer (processing_class) with a pad "
+                "token, so the padding probe is off (a model whose outputs follow the "
+                "batch's padded length is not refused). Fix: pass processing_class=tokenizer, "
+                "or DPTrainer(pad=f) padding as your collator does",
+                length,
+            )
+            return length, None
+        return length, BatchPadder(pad_id, str(tok.padding_side))
 
     # -- refusals ------------------------------------------------------------------------
 
@@ -441,6 +496,8 @@ class DPTrainer(Trainer):
             max_physical_batch_size=v.physical_batch_size,
             noise=self.noise,
             ghost=self.privacy.ghost,
+            max_length=self.max_length,  # public: float32 Grams for wide layers' ghost norms
+            pad=self.pad,  # the padding probe: outputs must not follow the padded length
         )
         plan.policy.attach(RunContext(self.model, plan.steps, int(self.args.seed), None))
         if self._resume_state is not None:
@@ -466,6 +523,8 @@ class DPTrainer(Trainer):
         if piece < self.values.pieces - 1:  # a marker: the virtual batch comes at its end
             return torch.zeros((), device=self.args.device)
         model.train()
+        if inputs and self.max_length is not None:
+            check_length(inputs, self.max_length, step)
         batch = self._prepare_input(inputs) if inputs else None
         with self.compute_loss_context_manager():
             try:
@@ -474,6 +533,11 @@ class DPTrainer(Trainer):
                 self.stopped_by_budget = str(err)
                 self.control.should_training_stop = True
                 return torch.zeros((), device=self.args.device)
+            except (UnsupportedLayerError, ValueError) as err:
+                renamed = in_trainer_terms(err)
+                if renamed is None:
+                    raise
+                raise renamed from err
         self.last_report = report
         counted = self.losses.add(report)
         return torch.tensor(report.loss if counted else 0.0, device=self.args.device)
@@ -589,6 +653,31 @@ class DPTrainer(Trainer):
     def epsilon(self) -> float:
         """Epsilon spent so far at the plan's delta (0 before the first step)."""
         return self.engine.epsilon() if self.engine is not None else 0.0
+
+
+_RENAMES = (  # the engine's words for the length bound -> a Trainer run's setting
+    ("the recipe's data.max_length", "PrivacyArguments.max_length"),
+    ("data.max_length", "PrivacyArguments.max_length"),
+    ("pass max_length=None", "set PrivacyArguments(max_length=None)"),
+    ("or max_length=None", "or PrivacyArguments(max_length=None)"),
+)
+
+
+def in_trainer_terms(err: Exception) -> Exception | None:
+    """``err`` of the engine with its fix in DPTrainer's terms (the engine names the recipe's
+    ``data.max_length`` and its own ``max_length`` argument; a Trainer run sets
+    ``PrivacyArguments.max_length``), of the same type where it takes a message (else a
+    :class:`DPTrainerError`); None where nothing is renamed."""
+    text = str(err)
+    new = text
+    for old, word in _RENAMES:
+        new = new.replace(old, word)
+    if new == text:
+        return None
+    try:
+        return type(err)(new)
+    except TypeError:
+        return DPTrainerError(new)
 
 
 def _read_privacy_state(folder: Path) -> dict[str, Any]:
