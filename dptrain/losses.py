@@ -12,13 +12,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 LossFn = Callable[[nn.Module, Any], Tensor]  # (model, batch) -> per-sample losses, shape (B,)
+IGNORE_INDEX = -100  # a label that is no target
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Mean next-token negative log-likelihood of each sequence over its labelled tokens."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    """Mean next-token negative log-likelihood of each sequence over its labelled tokens
+    predicted from attended positions: with left padding a sequence's first token would be a
+    target predicted from a padding position, counted only when the batch pads that sample,
+    so its loss would follow the batch's padded length.  Right padding: unchanged."""
+    mask = batch.get("attention_mask")
+    out = model(input_ids=batch["input_ids"], attention_mask=mask)
     logits = out.logits if hasattr(out, "logits") else out
-    return token_nll(logits, batch["labels"]).mean_per_sample
+    labels = batch["labels"]
+    if mask is not None and mask.shape == labels.shape and labels.shape[-1] > 1:
+        unattended = torch.zeros_like(labels, dtype=torch.bool)
+        unattended[:, 1:] = mask[:, :-1] == 0  # label t + 1 is predicted from position t
+        labels = labels.masked_fill(unattended, IGNORE_INDEX)
+    return token_nll(logits, labels).mean_per_sample
 
 
 class TokenNLL:

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from dptrain.data.loading import TextDataset
 from dptrain.errors import UserError
+from dptrain.losses import IGNORE_INDEX
 
 __all__ = [
     "IGNORE_INDEX",
@@ -36,7 +37,6 @@ __all__ = [
     "tokenize",
 ]
 
-IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
 
 

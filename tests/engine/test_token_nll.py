@@ -98,3 +98,41 @@ def test_engine_update_bit_for_bit():
         updates.append([[_bits(u[p]) for p in engine.params] for u in seen])
     for a, c in zip(*updates, strict=True):
         assert all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
+
+
+def test_left_padding_counts_no_target_predicted_from_a_pad():
+    """A left-padded sequence's first token is predicted from a padding position: counted, its
+    loss would follow the batch's padded length.  With rotary positions (relative) each
+    sample's loss in a left-padded batch is then its loss alone; right padding is unchanged."""
+    from tests._support import tiny_llama
+
+    model = tiny_llama(seed=5)
+    g = torch.Generator().manual_seed(6)
+    lengths = [3, 7, 5]
+    rows = [torch.randint(1, 61, (n,), generator=g) for n in lengths]
+
+    def batch(side: str) -> dict[str, torch.Tensor]:
+        width = max(lengths)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            at = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+            ids[i, at], mask[i, at] = r, 1
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": ids.masked_fill(mask == 0, -100),
+        }
+
+    with torch.no_grad():
+        alone = torch.cat(
+            [causal_lm_loss(model, {"input_ids": r[None], "labels": r[None]}) for r in rows]
+        )
+        left = causal_lm_loss(model, batch("left"))
+        right = causal_lm_loss(model, batch("right"))
+        b = batch("left")
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        counted = token_nll(out, b["labels"]).mean_per_sample  # the pad-predicted target kept
+    torch.testing.assert_close(left, alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(right, alone, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(counted[[0, 2]], alone[[0, 2]])  # the padded samples

@@ -19,10 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...losses import LossFn
+from ...losses import IGNORE_INDEX, LossFn
 from .arguments import DPTrainerError
-
-IGNORE_INDEX = -100
 
 
 def _upcast(t: Tensor) -> Tensor:
