@@ -51,6 +51,7 @@ from .plan import (
     ScopeKey,
     ScopeRecord,
     build_plan,
+    row_counts,
     sample_axis,
     sample_prints,
 )
@@ -173,6 +174,7 @@ class GradCapture:
         self.replaying = False  # extra backward passes: fused nodes record nothing
         self.in_backward = False
         self.batch_size = 0
+        self._row_counts: dict = {}  # the step's batch sizes (plan.row_counts)
         self.uses: list[Use] = []
         self._locals: list[tuple[Use, int, int]] = []
         self._counts: dict[int, int] = {}
@@ -364,9 +366,14 @@ class GradCapture:
             raise PlanMiss(f"'{call.name}' called {d.rule.name} differently than planned")
         d.rule.check(op)
         x = op.input
-        if d.rows:  # a (B*T, ...) input, sample-major (observed in the probes)
-            if x.shape[0] % self.batch_size:
-                raise PlanMiss(f"'{call.name}': {x.shape[0]} rows for {self.batch_size} samples")
+        if d.rows:  # a (B*T, ...) input, sample-major (observed in the probes), T the size of
+            # the batch's tensors it was then, now too (rows gathered without padding re-plan)
+            per_sample = self._row_counts.get(d.rows_from) if d.rows_from else None
+            if per_sample is None or x.shape[0] != self.batch_size * per_sample:
+                raise PlanMiss(
+                    f"'{call.name}': {x.shape[0]} rows for {self.batch_size} samples of "
+                    f"{per_sample} each"
+                )
             op.view_shape = tuple(x.shape)
             x = x.reshape(self.batch_size, -1, *x.shape[1:])
         elif d.expand:
@@ -523,7 +530,8 @@ class GradCapture:
         Buffers the forward changed are put back and refused, by ``state_error(names)`` where
         given (the padding probe), else by :func:`_buffers_error`.  ``taps``: a list to collect
         the broadcast outputs' addends in (:meth:`_rows_own`)."""
-        log = ProbeLog(batch_len(batch), expand=expand, taps=taps)
+        b = batch_len(batch)
+        log = ProbeLog(b, row_counts(tree_flatten(batch)[0], b), expand=expand, taps=taps)
         if self._rng is not None:
             torch.set_rng_state(self._rng)
         if self._host_rng is not None:  # every probe draws the same host random numbers too
@@ -1002,6 +1010,7 @@ class GradCapture:
         b = batch_len(batch)
         self.uses, self._locals, self._counts, self._unplanned = [], [], {}, set()
         self.batch_size, self.active = b, True
+        self._row_counts = row_counts(tree_flatten(batch)[0], b)
         tree = _tree(self.model)  # one walk before the step, one after
         saved = _snapshot_buffers(self.model, tree)
         attrs = _snapshot_attrs(self.model, tree)

@@ -80,9 +80,28 @@ class ScopeRecord:
     out_samples: list[dict[int, Tensor]] = field(default_factory=list)
 
 
+RowCount = tuple[int, int]
+"""``(leaf, k)``: the product of dimensions ``1..k`` of the batch's ``leaf``-th tensor (a
+candidate number of rows per sample of a flattened input, :func:`row_counts`)."""
+
+
+def row_counts(leaves: list[Any], b: int) -> dict[RowCount, int]:
+    """Every product of a batch-first tensor's leading non-batch dimensions, by ``(leaf, k)``:
+    ``T`` of an ``(B, T)`` ``input_ids``, ``C`` and ``C T`` of a ``(B, C, T)`` one."""
+    out: dict[RowCount, int] = {}
+    for i, x in enumerate(leaves):
+        if isinstance(x, Tensor) and x.dim() >= 2 and x.shape[0] == b:
+            n = 1
+            for k in range(1, x.dim()):
+                n *= int(x.shape[k])
+                out[(i, k)] = n
+    return out
+
+
 @dataclass
 class ProbeLog:
     batch_size: int
+    row_counts: dict[RowCount, int] = field(default_factory=dict)  # of the probe's batch
     ops: dict[OpKey, OpRecord] = field(default_factory=dict)
     scopes: dict[ScopeKey, ScopeRecord] = field(default_factory=dict)
     mixing: list[str] = field(default_factory=list)
@@ -101,6 +120,7 @@ class Decision:
     rule: OpRule | None = None
     expand: bool = False  # a shared (1, ...) input broadcast to the batch (verified neutral)
     rows: bool = False  # a (B*T, ...) input whose rows are sample-major (observed)
+    rows_from: RowCount | None = None  # which of the batch's sizes T is, at every step
 
 
 @dataclass
@@ -207,8 +227,11 @@ def build_plan(
         same = other is not None and other.func is rec.func and other.touched == rec.touched
         if same and rec.rule is not None and key[0] != ROOT and not rec.touched & force_direct:
             if rec.rows is not None and other.rows is not None:
-                if _sample_major(rec, other, b):
-                    ops[key] = Decision("fuse", rec.touched, rec.func, rec.rule, rows=True)
+                source = _rows_source(small, big, rec.input_shape[0] // b)
+                if source is not None and _sample_major(rec, other, b):
+                    ops[key] = Decision(
+                        "fuse", rec.touched, rec.func, rec.rule, rows=True, rows_from=source
+                    )
                     continue
             else:
                 axis = batch_axis(rec.input_shape, other.input_shape, b)
@@ -275,6 +298,18 @@ def build_plan(
         modes=modes,
         direct_order=direct_order,
     )
+
+
+def _rows_source(small: ProbeLog, big: ProbeLog, per_sample: int) -> RowCount | None:
+    """The batch's size that a flattened input's rows per sample equal in both probes (the
+    first, by leaf and dimension), or None.  Fingerprints alone would also take rows gathered
+    without padding (``h[mask]``) whenever the first sample holds the mean count, or a plan
+    made on a batch with no padding; rows tied to a size of the batch's own tensors are
+    checked again at every step (``GradCapture._fuse``), so a ragged gather re-plans."""
+    for where, n in small.row_counts.items():
+        if n == per_sample and big.row_counts.get(where) == n:
+            return where
+    return None
 
 
 def _sample_major(small: OpRecord, big: OpRecord, b: int) -> bool:

@@ -172,20 +172,14 @@ def test_redteam_numpy_random_masks_replayed(clip):
     assert cmp.ok(1e-5), cmp.summary()
 
 
-_VARLEN_WHY = (
-    "silently wrong (4.9e-02 clipped, exact unclipped): the rows path of the fused rules takes a "
-    "(N, d) input for sample-major blocks of N / B rows when N % B == 0 and the B + 1 probe's "
-    "rows repeat the B probe's and end with sample 0's, which a gather of unpadded tokens (or "
-    "an MoE expert's routed tokens, with nn.Linear experts) also satisfies; and a plan made on "
-    "a batch whose rows are blocks is reused on the next batch, whose rows need not be. A sound "
-    "rule needs structural evidence at every step (the input a row-major view of a tensor "
-    "whose leading axis is the batch, or a row-preserving op of such), not fingerprints"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=_VARLEN_WHY)
 @pytest.mark.parametrize("name", list(VARLEN_CASES))
 def test_redteam_varlen_rows(exact, name):
+    """Rows gathered without padding (``lin(h[mask])``) were silently wrong (4.9e-02): the rows
+    path took an (N, d) input for sample-major blocks whenever N % B == 0 and the B + 1
+    probe's rows extended the B probe's, which a gather meets when sample 0 holds the mean
+    count, and a plan made on a batch without padding was reused on a ragged one.  Rows per
+    sample must now equal a size of the batch's own tensors (T of input_ids) in the probes and
+    at every step: the ragged gather is differentiated directly, exact."""
     case, kwargs = VARLEN_CASES[name]
     exact("red team (redteam)", name, case, **kwargs)
 
