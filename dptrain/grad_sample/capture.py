@@ -23,9 +23,10 @@ every trainable parameter is accounted for exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -674,12 +675,9 @@ class GradCapture:
         params = list(self.params.values())
         b = batch_len(batch)
         weights = _probe_weights(b)  # one draw for the three passes (each slices it)
-        kept = [p.grad for p in params]
         whole: float | None = None
         ok = bool(params)
-        try:
-            for p in params:
-                p.grad = None
+        with _grads_set_aside(params):
             for lo, hi, flip, event in (
                 (0, b, False, None),
                 (1, b, True, "the first sample leaves its batch (the others in reverse order)"),
@@ -702,24 +700,27 @@ class GradCapture:
                     continue
                 w = weights.to(l_part.device, l_part.dtype)[lo:hi]
                 w = w.flip(0) if flip else w
-                self.replaying = True  # the parameter hooks of a step ignore these passes
-                try:
-                    (l_part * (w if event is None else -w)).sum().backward()
-                except RuntimeError:
-                    ok = False
-                finally:
-                    self.replaying = False
+                ok = self._accumulate(l_part, w if event is None else -w)
                 del l_part
                 if ok and event is None:
                     whole = _grad_norm(params)
             left = _grad_norm(params) if ok else None
-        finally:
-            for p, g in zip(params, kept, strict=True):
-                p.grad = g
         if whole is None or left is None:  # not comparable: no graph, a failed backward, NaN
             return
         if left > _grad_tol(params) * whole:
             raise _backward_mixing_error()
+
+    def _accumulate(self, losses: Tensor, weights: Tensor) -> bool:
+        """``grad sum_j weights_j losses_j`` added into the parameters' ``.grad`` by a
+        backward pass that the step's parameter hooks ignore; False if it fails."""
+        self.replaying = True
+        try:
+            (losses * weights).sum().backward()
+        except RuntimeError:
+            return False
+        finally:
+            self.replaying = False
+        return True
 
     def _check_padding(self, loss_fn: Callable, batch: Any) -> None:
         """The padding probe (with :attr:`padding` ``= (pad, L)``): the first two samples of
@@ -753,12 +754,9 @@ class GradCapture:
 
         params = list(self.params.values())
         weights = _probe_weights(batch_len(part))
-        kept = [p.grad for p in params]
         whole: float | None = None
         ok = bool(params)
-        try:
-            for p in params:
-                p.grad = None
+        with _grads_set_aside(params):
             l_tight: Tensor | None = None
             for sign, x in ((1.0, tight), (-1.0, wide)):
                 try:
@@ -779,21 +777,11 @@ class GradCapture:
                 if not ok or not l_x.requires_grad:
                     ok = False
                     continue
-                w = weights.to(l_x.device, l_x.dtype)
-                self.replaying = True  # the parameter hooks of a step ignore these passes
-                try:
-                    (l_x * w * sign).sum().backward()
-                except RuntimeError:
-                    ok = False
-                finally:
-                    self.replaying = False
+                ok = self._accumulate(l_x, weights.to(l_x.device, l_x.dtype) * sign)
                 del l_x
                 if ok and sign > 0:
                     whole = _grad_norm(params)
             left = _grad_norm(params) if ok else None
-        finally:
-            for p, g in zip(params, kept, strict=True):
-                p.grad = g
         if whole is not None and left is not None and left > _grad_tol(params) * whole:
             raise _padding_error(
                 length, f"the samples' gradients change (residual {left / whole:.3g} of the norm)"
@@ -1358,6 +1346,19 @@ def _is_norm(m: nn.Module) -> bool:
     """A layer that keeps running statistics: torch's norm base class, or a class named
     like one (``...Norm...``)."""
     return isinstance(m, nn.modules.batchnorm._NormBase) or "norm" in type(m).__name__.lower()
+
+
+@contextlib.contextmanager
+def _grads_set_aside(params: list[nn.Parameter]) -> Iterator[None]:
+    """The parameters' ``.grad`` set aside (None inside the block) and put back after it."""
+    kept = [p.grad for p in params]
+    try:
+        for p in params:
+            p.grad = None
+        yield
+    finally:
+        for p, g in zip(params, kept, strict=True):
+            p.grad = g
 
 
 def _probe_weights(b: int) -> Tensor:
