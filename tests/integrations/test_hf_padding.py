@@ -222,3 +222,18 @@ def test_the_engines_length_fixes_name_the_trainers_setting() -> None:
     assert isinstance(changed, UseStructureChanged)
     assert "set PrivacyArguments(max_length=None)" in str(changed)
     assert in_trainer_terms(ValueError("something else")) is None
+
+
+def test_records_that_contribute_nothing_are_named_once_with_their_likely_causes(
+    tmp_path, caplog
+) -> None:
+    """Left padding under eager attention: a fully masked row turns to NaN, the sample counts as
+    non-finite and contributes nothing; the trainer says so once, with the fixes."""
+    model = tiny_llama(VOCAB, layers=1)
+    model.config._attn_implementation = "eager"
+    run = _trainer(tmp_path / "eager", model, side="left", max_length=16)
+    with caplog.at_level(logging.WARNING, logger="dptrain.integrations.hf.trainer"):
+        run.train()
+    said = [r.message for r in caplog.records if "non-finite loss or gradient" in r.message]
+    assert len(said) == 1 and "attn_implementation='sdpa'" in said[0]  # once, for two steps
+    assert run.engine.ledger.total_steps == 2  # charged all the same

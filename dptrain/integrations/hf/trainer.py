@@ -256,6 +256,7 @@ class DPTrainer(Trainer):
         self.sampler: PoissonSampler | None = None
         self.stopped_by_budget: str | None = None
         self.last_report: StepReport | None = None
+        self._warned_nonfinite = False  # the non-finite records warning, once per trainer
         self._resume_state: dict[str, Any] | None = None
         self._ledger_saved_at: int | None = None  # engine steps covered by ledger.json
         self.losses = LossMeans()
@@ -539,6 +540,18 @@ class DPTrainer(Trainer):
                     raise
                 raise renamed from err
         self.last_report = report
+        if report.nonfinite and not self._warned_nonfinite:
+            self._warned_nonfinite = True  # once: a statistic of private records, for their owner
+            log.warning(
+                "private step %d: %d of its %d records had a non-finite loss or gradient and "
+                "contributed nothing (the step is charged all the same). Common causes: left "
+                "padding under eager attention, whose fully masked rows turn to NaN (fix: "
+                "attn_implementation='sdpa', or pad on the right), fp16 overflow (a smaller "
+                "loss scale), or a diverging model (a lower learning rate)",
+                step,
+                report.nonfinite,
+                report.batch_size,
+            )
         counted = self.losses.add(report)
         return torch.tensor(report.loss if counted else 0.0, device=self.args.device)
 
