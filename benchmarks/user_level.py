@@ -96,13 +96,14 @@ def run_one(d: dict[str, Any], out: Path) -> dict[str, Any]:
     import shutil
 
     from dptrain.recipe import parse_recipe
+    from dptrain.rundir import RunDir
     from dptrain.train import train
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     result = train(parse_recipe(d), out, progress=False, cross_check=False)
     meta = json.loads((out / "run.json").read_text())
-    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in RunDir(out).read_metrics() if "seconds" in r]  # private/metrics.jsonl
     return {
         "seconds_per_step_median": statistics.median(r["seconds"] for r in steps),
         "perplexity_before": result.perplexity_before,
