@@ -1514,15 +1514,11 @@ def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
     then it must be asked."""
     out = []
     seen: set[int] = set()
-    plain = _PLAIN_WALK
     stack = [("", model)]
     while stack:
         prefix, m = stack.pop()
-        cls = type(m)
-        ok = plain.get(cls)
-        if ok is None:
-            ok = plain[cls] = (cls.named_modules, cls.__eq__, cls.__hash__) == _BASE_IDENTITY
-        if not ok:
+        cls = type(m)  # read every walk: a class patched after a step is seen at the next
+        if (cls.named_modules, cls.__eq__, cls.__hash__) != _BASE_IDENTITY:
             return None
         if id(m) in seen:
             continue
@@ -1536,7 +1532,6 @@ def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
 
 
 _BASE_IDENTITY = (nn.Module.named_modules, object.__eq__, object.__hash__)
-_PLAIN_WALK: dict[type, bool] = {}  # module class -> walked as nn.Module.named_modules walks
 
 
 def _snapshot_buffers(model: nn.Module, tree: _Tree | None = None) -> dict[str, Tensor]:

@@ -81,3 +81,21 @@ def test_tree_of_a_lora_model_matches_torch_walks() -> None:
     assert [id(x) for x in t.modules] == [id(x) for x in m.modules()]
     assert [(n, id(p)) for n, p in t.params] == [(n, id(p)) for n, p in m.named_parameters()]
     assert [(n, id(b)) for n, b in t.buffers] == [(n, id(b)) for n, b in m.named_buffers()]
+
+
+def test_a_class_patched_after_a_walk_is_asked_at_the_next() -> None:
+    """Nothing about a module class is remembered between walks: a class whose
+    ``named_modules`` is patched after a first walk (a library's wrapper installed later) is
+    asked from the next walk on."""
+
+    class Late(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(2, 2)
+
+    m = nn.Sequential(nn.Linear(2, 2), Late())
+    assert len(_tree(m).params) == 4
+    Late.named_modules = _Hidden.named_modules  # hides its inner Linear from torch's walks
+    t = _tree(m)
+    assert [id(x) for x in t.modules] == [id(x) for x in m.modules()]
+    assert len(t.params) == 2 == len(list(m.named_parameters()))
