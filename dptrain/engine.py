@@ -475,11 +475,12 @@ class PrivacyEngine:
 
 @contextlib.contextmanager
 def keyed_rng(key: Any, step: int, device: torch.device) -> Iterator[None]:
-    """Torch's generators (the CPU's and ``device``'s) seeded from the run key for step
-    ``step``'s forward and backward passes, and restored afterwards.
+    """Torch's generators (the CPU's and ``device``'s), NumPy's and Python's, seeded from the
+    run key for step ``step``'s forward and backward passes, and restored afterwards.
 
-    Why.  Dropout (and any other random draw of the model's forward pass) reads torch's
-    global generator, which ``recipe.seed`` (public) seeds.  Its masks are laid out by the
+    Why.  Dropout (and any other random draw of the model's forward pass: torch's, NumPy's or
+    Python's global generators) reads a process-wide generator that ``recipe.seed`` (public)
+    or the user's own script seeds.  Its masks are laid out by the
     batch's shape, so adding a record (one more row, or a longer padded length) moves the
     masks every *other* record of the batch gets, and later steps' masks follow the earlier
     batch sizes: with the seed known, the released sum then moves by far more than the one
@@ -496,7 +497,7 @@ def keyed_rng(key: Any, step: int, device: torch.device) -> Iterator[None]:
         yield
         return
     word = key.prf("model-rng").at(int(step), np.array([distributed.rank()], dtype=np.uint64))
-    with rng.seeded(int(word[0, 0]) >> 1, device):  # 63 bits: every torch generator takes it
+    with rng.seeded(int(word[0, 0]) >> 1, device, host=True):  # 63 bits: every generator takes it
         yield
 
 

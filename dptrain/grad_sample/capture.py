@@ -536,7 +536,7 @@ class GradCapture:
         if self._rng is not None:
             torch.set_rng_state(self._rng)
         if self._host_rng is not None:  # every probe draws the same host random numbers too
-            _set_host_rng(self._host_rng)
+            rng.set_host_state(self._host_rng)
         saved = _snapshot_buffers(self.model)
         attrs = _snapshot_attrs(self.model)
         weights = _param_state(self.model)
@@ -559,7 +559,7 @@ class GradCapture:
             self._stack.clear()
             self._tls.entered = False
             self._tls.modules = []
-        if self._host_rng is not None and _host_rng() != self._host_rng:
+        if self._host_rng is not None and rng.host_state() != self._host_rng:
             # NumPy's or Python's generator drawn (wav2vec2's SpecAugment masks): random, and
             # no module call is re-run per sample (a re-run would draw other numbers)
             log.random = True
@@ -968,11 +968,11 @@ class GradCapture:
         for attempt in range(2):
             if self.needs_probe(batch_len(batch)) or attempt:
                 with rng.GLOBAL_RNG:  # NumPy's and Python's generators forked like torch's
-                    self._host_rng = _host_rng()
+                    self._host_rng = rng.host_state()
                     try:
                         self.probe(loss_fn, batch)
                     finally:  # the step draws what it would have drawn without the probes
-                        _set_host_rng(self._host_rng)
+                        rng.set_host_state(self._host_rng)
                         self._host_rng = None
             try:
                 return self._run_once(loss_fn, batch)
@@ -1148,29 +1148,6 @@ class GradCapture:
 
     def _names(self, params: list[nn.Parameter]) -> str:
         return ", ".join(self.param_names.get(id(p), "?") for p in params)
-
-
-def _host_rng() -> tuple:
-    """The states of Python's and NumPy's global generators (NumPy's as a comparable tuple)."""
-    import random
-
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy comes with torch
-        return (random.getstate(), None)
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return (random.getstate(), (kind, keys.tobytes(), pos, has_gauss, gauss))
-
-
-def _set_host_rng(state: tuple) -> None:
-    import random
-
-    random.setstate(state[0])
-    if state[1] is not None:
-        import numpy as np
-
-        kind, keys, pos, has_gauss, gauss = state[1]
-        np.random.set_state((kind, np.frombuffer(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
 
 def _refuse_kernel_dropout(model: nn.Module) -> None:

@@ -1068,7 +1068,7 @@ def wav2vec2_masked() -> tuple[Any, Any, Any]:
 
 
 def numpy_mask_reference(
-    model: nn.Module, loss: Any, batch: Any, seed: int, clip: float, expected: float
+    model: nn.Module, loss: Any, batch: Any, seed: int | list[int], clip: float, expected: float
 ) -> tuple[Reference, int]:
     """The loop for :func:`wav2vec2_masked`: the batch's masks drawn from
     ``np.random.seed(seed)`` are recorded, and each sample alone gets its row of them."""

@@ -150,11 +150,17 @@ def test_redteam_numpy_random_masks_replayed(clip):
     """wav2vec2's SpecAugment draws its time masks from NumPy: the probes drew different masks
     and refused the model as mixing samples (naming its feature projection). The probes now
     draw the same NumPy/Python numbers, restore the generators for the step, and re-run no
-    module; the step is exact against the loop replaying the batch's masks."""
+    module; the step (its NumPy stream keyed like torch's) is exact against the loop
+    replaying the masks drawn from that stream."""
     import numpy as np
 
+    from dptrain.noise import GaussianNoise
+    from dptrain.secret import RunKey
+
     build, batch_fn, loss = wav2vec2_masked()
-    model, batch, seed = build(), batch_fn(3, 0), 7
+    key = RunKey.from_insecure_seed(7)  # a private step draws NumPy's numbers from its key
+    word = int(key.prf("model-rng").at(0, np.array([0], dtype=np.uint64))[0, 0]) >> 1
+    model, batch, seed = build(), batch_fn(3, 0), [word & 0xFFFFFFFF, word >> 32]
     if clip == "binding":
         free, _ = numpy_mask_reference(model, loss, batch, seed, 1e12, EXPECTED_BATCH_SIZE)
         c = 0.5 * float(torch.cat(list(free.norms.values())).median())
@@ -162,9 +168,9 @@ def test_redteam_numpy_random_masks_replayed(clip):
         c = 1e6
     ref, calls = numpy_mask_reference(model, loss, batch, seed, c, EXPECTED_BATCH_SIZE)
     assert calls > 0
-    probe = EngineProbe(model, loss, c, "flat", EXPECTED_BATCH_SIZE)
+    probe = EngineProbe(model, loss, c, "flat", EXPECTED_BATCH_SIZE, noise=GaussianNoise(key))
     try:
-        np.random.seed(seed)
+        np.random.seed(0)  # the user's own seed has no say in the step's masks
         got = probe.step(batch)
     finally:
         probe.close()

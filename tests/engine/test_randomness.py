@@ -520,3 +520,49 @@ def test_keyed_steps_and_seeded_builds_in_threads_do_not_move_each_others_stream
     for t in threads:
         t.join(timeout=120)
     assert not bad and engine.steps_taken > 0
+
+
+def test_numpy_and_python_draws_of_a_step_come_from_the_run_key():
+    """A model drawing its masks from NumPy's or Python's global generator (wav2vec2's
+    SpecAugment draws from NumPy) gets them from (key, step) in a private step, whatever the
+    user's own seeds, which the step leaves as it found them."""
+    import random
+
+    from dptrain.engine import PrivacyEngine
+    from dptrain.losses import mse_loss
+    from dptrain.policies import StaticPolicy
+
+    class HostMasked(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = torch.nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            keep = np.random.rand(*x.shape) < 0.5  # a mask laid out by the batch's shape
+            scale = random.random() + 0.5
+            return self.lin(x * torch.as_tensor(keep, dtype=x.dtype) * scale)
+
+    def step(user_seed: int, key: RunKey) -> list[torch.Tensor]:
+        model = HostMasked()
+        engine = PrivacyEngine(
+            model,
+            torch.optim.SGD(model.parameters(), lr=1.0),
+            policy=StaticPolicy(clip=100.0, noise_multiplier=1e-6),
+            sample_rate=0.5,
+            dataset_size=8,
+            loss_fn=mse_loss,
+            noise=GaussianNoise(key),
+        )
+        np.random.seed(user_seed)
+        random.seed(user_seed)
+        before = (np.random.get_state()[1].copy(), random.getstate())
+        engine.step((torch.arange(24.0).reshape(4, 6) / 10, torch.ones(4, 2)))
+        assert np.array_equal(np.random.get_state()[1], before[0])  # left as it was
+        assert random.getstate() == before[1]
+        return [p.detach().clone() for p in model.parameters()]
+
+    a, b = step(1, KEY), step(2, KEY)
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))  # the user's seed: no say
+    other = step(1, RunKey.from_insecure_seed(1))
+    assert not all(torch.equal(u, v) for u, v in zip(a, other, strict=True))
