@@ -17,18 +17,23 @@ IGNORE_INDEX = -100  # a label that is no target
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Mean next-token negative log-likelihood of each sequence over its labelled tokens
-    predicted from attended positions: with left padding a sequence's first token would be a
-    target predicted from a padding position, counted only when the batch pads that sample,
-    so its loss would follow the batch's padded length.  Right padding: unchanged."""
+    predicted from attended positions (:func:`attended_targets`)."""
     mask = batch.get("attention_mask")
     out = model(input_ids=batch["input_ids"], attention_mask=mask)
     logits = out.logits if hasattr(out, "logits") else out
-    labels = batch["labels"]
-    if mask is not None and mask.shape == labels.shape and labels.shape[-1] > 1:
-        unattended = torch.zeros_like(labels, dtype=torch.bool)
-        unattended[:, 1:] = mask[:, :-1] == 0  # label t + 1 is predicted from position t
-        labels = labels.masked_fill(unattended, IGNORE_INDEX)
-    return token_nll(logits, labels).mean_per_sample
+    return token_nll(logits, attended_targets(batch["labels"], mask)).mean_per_sample
+
+
+def attended_targets(labels: Tensor, mask: Tensor | None) -> Tensor:
+    """``labels`` (unshifted, ``(B, T)``) without the targets predicted from a padding
+    position: label ``t + 1`` is predicted from position ``t``, so it is ignored where
+    ``mask[t] == 0`` (a left-padded sequence's first token; right padding's are ignored
+    already).  Counted, such a target would follow how far the batch pads its sample."""
+    if mask is None or mask.shape != labels.shape:
+        return labels
+    out = labels.clone()
+    out[:, 1:].masked_fill_(mask[:, :-1] == 0, IGNORE_INDEX)
+    return out
 
 
 class TokenNLL:

@@ -32,6 +32,7 @@ __all__ = [
     "PAD_FILL",
     "LMExamples",
     "SequenceTooLongError",
+    "UnpaddableFields",
     "pad_batch",
     "pad_token_id",
     "tokenize",
@@ -124,6 +125,17 @@ Face tokenizers' and collators' values (``DataCollatorForLanguageModeling``,
 ``DataCollatorWithPadding``)."""
 
 
+class UnpaddableFields(ValueError):
+    """Per-token fields :func:`pad_batch` does not know how a collator pads (``fields``)."""
+
+    def __init__(self, fields: list[str], known: list[str]) -> None:
+        self.fields = fields
+        super().__init__(
+            f"pad_batch does not know how to pad the per-token field(s) {', '.join(fields)} "
+            f"(it pads {', '.join(known)}): pass their padding values in fill"
+        )
+
+
 def pad_batch(
     batch: dict[str, torch.Tensor],
     length: int | None,
@@ -157,19 +169,15 @@ def pad_batch(
             f"{length} positions (max_length bounds every sample's tokens)"
         )
     values = {"input_ids": pad_id, **PAD_FILL, **(fill or {})}
+    per_token = {k for k, v in batch.items() if v.dim() >= 2 and v.shape[1] == width}
+    unknown = sorted(per_token - values.keys())
+    if unknown:
+        raise UnpaddableFields(unknown, sorted(values))
     out = {}
     for k, v in batch.items():
-        per_token = v.dim() >= 2 and v.shape[1] == width
-        if k == "labels" and v.dim() < 2:
-            per_token = False  # one label per sample
-        if not per_token:
+        if k not in per_token:  # per sample (a class label), left as it is
             out[k] = v
             continue
-        if k not in values:
-            raise ValueError(
-                f"pad_batch does not know how to pad the per-token field {k!r} (it pads "
-                f"{', '.join(sorted(values))}): pass its padding value in fill"
-            )
         if length <= width:
             out[k] = v[:, :length] if side == "right" else v[:, width - length :]
         else:

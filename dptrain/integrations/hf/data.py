@@ -217,7 +217,7 @@ class BatchPadder:
         self.side = side
 
     def __call__(self, batch: dict[str, Any], length: int | None) -> dict[str, Any]:
-        from ...data.lm import PAD_FILL, pad_batch
+        from ...data.lm import UnpaddableFields, pad_batch
 
         mask = batch.get("attention_mask")
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
@@ -226,25 +226,6 @@ class BatchPadder:
                 "max_length with masked positions, but the batch has no (B, T) attention_mask. "
                 "Fix: let the data collator return attention_mask, or pass DPTrainer(pad=f) "
                 "with f(batch, n) padding the batch to n positions as your collator does"
-            )
-        width, known = mask.shape[1], {"input_ids", *PAD_FILL}
-        unknown = [
-            k
-            for k, v in batch.items()
-            if k not in known
-            and isinstance(v, torch.Tensor)
-            and v.dim() >= 2
-            and v.shape[1] == width
-        ]
-        if unknown:
-            raise DPTrainerError(
-                f"PrivacyArguments.max_length: the padding probe cannot pad the per-token "
-                f"field(s) {', '.join(unknown)} of the batch as your collator would (it pads "
-                "input_ids, attention_mask, labels and token_type_ids; position_ids, say, "
-                "depend on how the collator numbers padded positions), and will not guess. "
-                "Fix: drop them from the collated batch (the model numbers positions itself), "
-                "or pass DPTrainer(pad=f) with f(batch, n) padding the batch to n positions as "
-                "your collator does"
             )
         real = mask.ne(0)
         has = real.any(1)
@@ -258,7 +239,18 @@ class BatchPadder:
                 f"set tokenizer.padding_side = '{seen}' (or make the collator pad on the "
                 f"{self.side}), or pass DPTrainer(pad=f) padding as your collator does"
             )
-        return pad_batch(batch, length, self.pad_token_id, side=self.side)  # type: ignore[arg-type]
+        try:
+            return pad_batch(batch, length, self.pad_token_id, side=self.side)  # type: ignore[arg-type]
+        except UnpaddableFields as err:
+            raise DPTrainerError(
+                f"PrivacyArguments.max_length: the padding probe cannot pad the per-token "
+                f"field(s) {', '.join(err.fields)} of the batch as your collator would (it pads "
+                "input_ids, attention_mask, labels and token_type_ids; position_ids, say, "
+                "depend on how the collator numbers padded positions), and will not guess. "
+                "Fix: drop them from the collated batch (the model numbers positions itself), "
+                "or pass DPTrainer(pad=f) with f(batch, n) padding the batch to n positions as "
+                "your collator does"
+            ) from None
 
 
 def check_length(batch: dict[str, Any], max_length: int, step: int) -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...losses import IGNORE_INDEX, LossFn
+from ...losses import IGNORE_INDEX, LossFn, attended_targets
 from .arguments import DPTrainerError
 
 
@@ -45,11 +45,8 @@ def causal_lm_loss(label_smoothing: float = 0.0) -> LossFn:
             labels = batch["input_ids"]
             if mask is not None:
                 labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
+        labels = attended_targets(labels, mask)  # none predicted from a padding position
         logits, labels = logits[:, :-1], labels[:, 1:]
-        if mask is not None and mask.shape[-1] == labels.shape[-1] + 1:
-            # a target predicted from a padding position (a left-padded sequence's first
-            # token) is no target: it would count only when the batch pads this sample
-            labels = labels.masked_fill(mask[:, :-1] == 0, IGNORE_INDEX)
         b, t, v = logits.shape
         nll = F.cross_entropy(
             _upcast(logits.reshape(-1, v)),
